@@ -1,0 +1,113 @@
+//! One client connection: its login (`handshake`, `auth`), the settings that follow it
+//! (`params`), and the session loop that relays its messages (`session`).
+
+pub mod auth;
+pub mod handshake;
+pub mod params;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+use crate::net::Stream;
+use crate::protocol::{sqlstate, ErrorResponse};
+use crate::proxy::Shared;
+
+/// Identifies a client connection inside pgshield.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+impl ClientId {
+    fn next() -> ClientId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ClientId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+/// Counts client connections against `listen.max_client_connections`.
+#[derive(Debug)]
+pub struct ClientSlots {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One taken slot; dropping it frees the slot.
+pub struct ClientSlot(Arc<ClientSlots>);
+
+impl ClientSlots {
+    pub fn new(max: usize) -> Arc<ClientSlots> {
+        Arc::new(ClientSlots {
+            open: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    pub fn try_take(self: &Arc<Self>) -> Option<ClientSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ClientSlot(Arc::clone(self)))
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one accepted connection from login to goodbye. `slot` is `None` when the client
+/// limit is reached: such a client is told so after its startup packet.
+pub async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: Option<ClientSlot>,
+) {
+    let id = ClientId::next();
+    let mut stream = Stream::from_tcp(tcp);
+    let mut buf = BytesMut::new();
+    let login_timeout = shared.config.listen.client_login_timeout;
+    let login = handshake::login(&shared, &mut stream, &mut buf, peer, slot.is_some());
+    let refusal = match tokio::time::timeout(login_timeout, login).await {
+        Ok(Ok(login)) => {
+            session::Session::new(shared, id, stream, login, buf)
+                .run()
+                .await;
+            return;
+        }
+        Ok(Err(refusal)) => refusal.error,
+        Err(_) => {
+            tracing::info!(client = %id, %peer, "login not completed within client_login_timeout");
+            Some(ErrorResponse::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "startup and authentication not completed within {} (listen.client_login_timeout)",
+                    humantime::format_duration(login_timeout)
+                ),
+            ))
+        }
+    };
+    if let Some(error) = refusal {
+        let mut out = BytesMut::new();
+        error.encode(&mut out);
+        // Best effort, never waiting on a client that does not read.
+        stream.try_write_now(&out);
+    }
+}

@@ -1,0 +1,229 @@
+//! Session settings that follow the client: what it asked for at startup (including
+//! `options=-c name=value`), and the statement that applies them to a backend.
+//!
+//! Settings are applied with `set_config(name, value, false)`, which parses the value the
+//! way a startup parameter is parsed (so `search_path=a,b` means two schemas), and every
+//! name and value is quoted with `postgres_protocol::escape`.
+
+use postgres_protocol::escape::escape_literal;
+
+use crate::protocol::startup::StartupMessage;
+use crate::protocol::{sqlstate, ErrorResponse};
+use crate::server::Server;
+
+/// Startup keys that are not settings.
+const NOT_SETTINGS: [&str; 3] = ["user", "database", "options"];
+
+/// The settings a client asked for, in order (a later value for a name wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientSettings(Vec<(String, String)>);
+
+impl ClientSettings {
+    /// Collects settings from a StartupMessage. Refuses what pgshield cannot honour.
+    pub fn from_startup(msg: &StartupMessage) -> Result<ClientSettings, ErrorResponse> {
+        let mut settings = ClientSettings::default();
+        for (name, value) in &msg.params {
+            if name.starts_with("_pq_.") || NOT_SETTINGS.contains(&name.as_str()) {
+                continue;
+            }
+            if name == "replication" {
+                if matches!(
+                    value.to_ascii_lowercase().as_str(),
+                    "false" | "off" | "no" | "0"
+                ) {
+                    continue;
+                }
+                return Err(ErrorResponse::fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "pgshield does not support replication connections; connect to the server directly",
+                ));
+            }
+            settings.set(name, value);
+        }
+        if let Some(options) = msg.get("options") {
+            for (name, value) in parse_options(options).map_err(|reason| {
+                ErrorResponse::fatal(
+                    sqlstate::INVALID_PARAMETER_VALUE,
+                    format!("invalid command-line argument in options: {reason}"),
+                )
+                .with_hint("pgshield accepts options of the form -c name=value or --name=value")
+            })? {
+                settings.set(&name, &value);
+            }
+        }
+        Ok(settings)
+    }
+
+    fn set(&mut self, name: &str, value: &str) {
+        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.0.push((name.to_owned(), value.to_owned()));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The settings that `server` does not have yet: not applied by pgshield, and (for
+    /// reported parameters) not already the value the server reported.
+    pub fn missing_on<'a>(
+        &'a self,
+        server: &'a Server,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.iter().filter(move |(name, value)| {
+            let applied = server
+                .applied()
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            applied != Some(value) && server.params().get(name) != Some(value)
+        })
+    }
+}
+
+/// One statement that applies `settings` (none if empty).
+pub fn apply_statement<'a>(settings: impl Iterator<Item = (&'a str, &'a str)>) -> Option<String> {
+    let calls: Vec<String> = settings
+        .map(|(name, value)| {
+            format!(
+                "pg_catalog.set_config({}, {}, false)",
+                escape_literal(name),
+                escape_literal(value)
+            )
+        })
+        .collect();
+    (!calls.is_empty()).then(|| format!("SELECT {}", calls.join(", ")))
+}
+
+/// Splits an `options` string as PostgreSQL does (whitespace separates, backslash escapes)
+/// and reads `-c name=value`, `-cname=value` and `--name=value` switches.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let words = split_words(options);
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let assignment = if word == "-c" {
+            words.next().ok_or("-c needs name=value")?
+        } else if let Some(rest) = word.strip_prefix("--") {
+            rest.to_owned()
+        } else if let Some(rest) = word.strip_prefix("-c") {
+            rest.to_owned()
+        } else {
+            return Err(format!("\"{word}\" is not supported"));
+        };
+        let (name, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| format!("\"{assignment}\" lacks a value (use name=value)"))?;
+        if name.is_empty() {
+            return Err(format!("\"{assignment}\" has no name"));
+        }
+        // PostgreSQL accepts dashes for underscores in long option names.
+        out.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(out)
+}
+
+fn split_words(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                }
+            }
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> StartupMessage {
+        StartupMessage {
+            minor_version: 0,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn options_are_split_like_postgres() {
+        assert_eq!(
+            parse_options(
+                r"-c statement_timeout=5s --search-path=a,b -cwork_mem=64MB -c x=with\ space"
+            )
+            .unwrap(),
+            vec![
+                ("statement_timeout".into(), "5s".into()),
+                ("search_path".into(), "a,b".into()),
+                ("work_mem".into(), "64MB".into()),
+                ("x".into(), "with space".into()),
+            ]
+        );
+        assert!(parse_options("-B 100").is_err());
+        assert!(parse_options("-c").is_err());
+        assert!(parse_options("-c novalue").is_err());
+        assert_eq!(parse_options("   ").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn settings_come_from_startup_and_options_with_options_winning() {
+        let s = ClientSettings::from_startup(&startup(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("application_name", "app"),
+            ("search_path", "x"),
+            ("options", "-c search_path=y"),
+            ("_pq_.something", "1"),
+            ("replication", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![("application_name", "app"), ("search_path", "y")]
+        );
+    }
+
+    #[test]
+    fn replication_connections_are_refused() {
+        let err =
+            ClientSettings::from_startup(&startup(&[("user", "u"), ("replication", "database")]))
+                .unwrap_err();
+        assert_eq!(err.code, sqlstate::FEATURE_NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn apply_statement_quotes_names_and_values() {
+        let sql =
+            apply_statement([("application_name", "it's"), ("search_path", "a,b")].into_iter())
+                .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false), \
+             pg_catalog.set_config('search_path', 'a,b', false)"
+        );
+        assert_eq!(apply_statement(std::iter::empty()), None);
+    }
+}

@@ -1,0 +1,606 @@
+//! Typed configuration: a TOML file plus `PGSHIELD__SECTION__KEY` environment overrides.
+//!
+//! Everything is validated once, at load, with errors that name the offending key, so the
+//! rest of pgshield can trust what it is given. Secrets are wrapped in [`Secret`], which
+//! never prints its value (not in `Debug`, not in `check-config`, not in logs).
+//!
+//! The key names are a contract with operators (their files and env overrides must keep
+//! working): add keys, never rename them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::protocol::scram::ScramVerifier;
+
+/// Prefix of environment overrides: `PGSHIELD__POOL__MAX_SIZE=50` sets `pool.max_size`.
+pub const ENV_PREFIX: &str = "PGSHIELD";
+/// Separator between the prefix, sections and keys of an environment override.
+pub const ENV_SEPARATOR: &str = "__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    Load {
+        path: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("configuration: {0}")]
+    Parse(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration. See `config/pgshield.toml` for every key, documented.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    #[serde(default)]
+    pub users: BTreeMap<String, UserConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Address clients connect to, `host:port` (an IP address; port 0 picks a free one).
+    pub addr: String,
+    /// Client connections accepted at once; the next one gets `53300` at startup.
+    pub max_client_connections: usize,
+    /// Time a new connection has to finish its startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:6432".into(),
+            max_client_connections: 10_000,
+            client_login_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// When a client holds a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// The client holds one backend for its whole connection.
+    Session,
+    /// The client holds a backend only for the length of a transaction.
+    Transaction,
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Backends per (database, user) pool, never exceeded.
+    pub max_size: usize,
+    /// Backends each pool keeps open even when no client needs them (opened at start).
+    pub min_idle: usize,
+    /// How long a client waits in the queue for a backend before it gets `53300`.
+    /// `0s` waits without limit.
+    #[serde(with = "humantime_serde")]
+    pub borrow_timeout: Duration,
+    /// Limit for opening and authenticating one backend connection.
+    #[serde(with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// A backend older than this is closed when it is next idle. `0s`: no limit.
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// A backend idle in the pool longer than this is closed. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// A client that sends nothing for this long (and has nothing running) is closed. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_client_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long clients may finish the transaction they are in.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            mode: PoolMode::Session,
+            max_size: 20,
+            min_idle: 0,
+            borrow_timeout: Duration::from_secs(120),
+            server_connect_timeout: Duration::from_secs(15),
+            server_lifetime: Duration::from_secs(3600),
+            server_idle_timeout: Duration::from_secs(600),
+            idle_client_timeout: Duration::from_secs(1800),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Name of the database on the server; defaults to the table's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbname: Option<String>,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// How a client proves who it is to pgshield.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    /// No password asked: for local development only.
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    #[serde(default = "default_auth")]
+    pub auth: AuthMethod,
+    /// Plaintext password, a `SCRAM-SHA-256$…` verifier, or an `md5…` hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// User pgshield logs in to the backend as; defaults to the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_user: Option<String>,
+    /// Password for the backend; defaults to `password` when that is plaintext or md5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_password: Option<Secret>,
+}
+
+fn default_auth() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `pgshield=debug`, …); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A secret string: readable by pgshield, never printed.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("********")
+    }
+}
+
+/// What a configured `password` string turned out to be.
+#[derive(Debug, Clone)]
+pub enum StoredPassword {
+    Plain(Secret),
+    /// `md5` followed by 32 hex digits: md5(password || user).
+    Md5Hash(Secret),
+    Scram(ScramVerifier),
+}
+
+impl StoredPassword {
+    /// Classifies a password string as PostgreSQL does for `rolpassword`.
+    pub fn classify(value: &Secret) -> Result<Self, String> {
+        let s = value.expose();
+        if s.starts_with("SCRAM-SHA-256$") {
+            return ScramVerifier::parse(s)
+                .map(StoredPassword::Scram)
+                .map_err(|e| format!("not a valid SCRAM-SHA-256 verifier: {e}"));
+        }
+        if s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(StoredPassword::Md5Hash(value.clone()));
+        }
+        Ok(StoredPassword::Plain(value.clone()))
+    }
+}
+
+impl Config {
+    /// Loads a configuration: the file at `path` (if given), then environment overrides.
+    /// With no file, the environment alone must describe databases and users.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: Option<BTreeMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Load {
+                    path: path.display().to_string(),
+                    source: config::ConfigError::Message("file not found".into()),
+                });
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator(ENV_SEPARATOR)
+            .separator(ENV_SEPARATOR)
+            .try_parsing(true);
+        if let Some(env) = env {
+            env_source = env_source.source(Some(env.into_iter().collect()));
+        }
+        let raw = builder
+            .add_source(env_source)
+            .build()
+            .map_err(|e| match path {
+                Some(p) => ConfigError::Load {
+                    path: p.display().to_string(),
+                    source: e,
+                },
+                None => ConfigError::Parse(e),
+            })?;
+        let config: Config = raw.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document (no environment), for tests and `pgshield dev`.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?;
+        let config: Config = raw.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything a running proxy relies on; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.listen.max_client_connections == 0 {
+            return Err(invalid(
+                "listen.max_client_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.listen.client_login_timeout.is_zero() {
+            return Err(invalid(
+                "listen.client_login_timeout",
+                "must be more than 0s",
+            ));
+        }
+        let pool = &self.pool;
+        if pool.mode == PoolMode::Transaction {
+            return Err(invalid(
+                "pool.mode",
+                "\"transaction\" is not supported yet in this version of pgshield; use \"session\"",
+            ));
+        }
+        if pool.max_size == 0 {
+            return Err(invalid("pool.max_size", "must be at least 1"));
+        }
+        if pool.min_idle > pool.max_size {
+            return Err(invalid(
+                "pool.min_idle",
+                format!(
+                    "{} is more than pool.max_size ({})",
+                    pool.min_idle, pool.max_size
+                ),
+            ));
+        }
+        if pool.server_connect_timeout.is_zero() {
+            return Err(invalid(
+                "pool.server_connect_timeout",
+                "must be more than 0s",
+            ));
+        }
+        if self.databases.is_empty() {
+            return Err(invalid(
+                "databases",
+                "no database configured: add a [databases.NAME] table with at least `host`",
+            ));
+        }
+        for (name, db) in &self.databases {
+            let key = |k: &str| format!("databases.{name}.{k}");
+            if name.is_empty() || name.len() > 63 {
+                return Err(invalid(
+                    format!("databases.{name}"),
+                    "name must be 1 to 63 bytes",
+                ));
+            }
+            if db.host.trim().is_empty() {
+                return Err(invalid(key("host"), "must not be empty"));
+            }
+            if db.port == 0 {
+                return Err(invalid(key("port"), "must not be 0"));
+            }
+            if db.dbname.as_deref() == Some("") {
+                return Err(invalid(key("dbname"), "must not be empty"));
+            }
+        }
+        if self.users.is_empty() {
+            return Err(invalid(
+                "users",
+                "no user configured: add a [users.NAME] table with `auth` and `password`",
+            ));
+        }
+        for (name, user) in &self.users {
+            self.validate_user(name, user)?;
+        }
+        Ok(())
+    }
+
+    fn validate_user(&self, name: &str, user: &UserConfig) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("users.{name}.{k}");
+        if name.is_empty() || name.len() > 63 {
+            return Err(invalid(
+                format!("users.{name}"),
+                "name must be 1 to 63 bytes",
+            ));
+        }
+        let stored = match &user.password {
+            Some(p) if p.expose().is_empty() => {
+                return Err(invalid(key("password"), "must not be empty"))
+            }
+            Some(p) => Some(StoredPassword::classify(p).map_err(|e| invalid(key("password"), e))?),
+            None => None,
+        };
+        match (user.auth, &stored) {
+            (AuthMethod::Trust, _) => {}
+            (_, None) => {
+                return Err(invalid(
+                    key("password"),
+                    format!("required for auth = \"{}\"", auth_name(user.auth)),
+                ))
+            }
+            (AuthMethod::ScramSha256, Some(StoredPassword::Md5Hash(_))) => {
+                return Err(invalid(
+                    key("password"),
+                    "an md5 hash cannot verify scram-sha-256 logins: give the plaintext or a SCRAM-SHA-256 verifier",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(p) = &user.server_password {
+            if p.expose().is_empty() {
+                return Err(invalid(key("server_password"), "must not be empty"));
+            }
+            if let StoredPassword::Scram(_) =
+                StoredPassword::classify(p).map_err(|e| invalid(key("server_password"), e))?
+            {
+                return Err(invalid(
+                    key("server_password"),
+                    "must be the plaintext password (or an md5 hash for md5 servers), not a SCRAM verifier",
+                ));
+            }
+        }
+        if user.server_user.as_deref() == Some("") {
+            return Err(invalid(key("server_user"), "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address (validated at load).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.addr.parse().map_err(|_| {
+            invalid(
+                "listen.addr",
+                format!(
+                    "`{}` is not an IP address and port such as 127.0.0.1:6432 or [::1]:6432",
+                    self.listen.addr
+                ),
+            )
+        })
+    }
+
+    /// The effective configuration as TOML, secrets masked (for `check-config`).
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+pub fn auth_name(method: AuthMethod) -> &'static str {
+    match method {
+        AuthMethod::ScramSha256 => "scram-sha-256",
+        AuthMethod::Md5 => "md5",
+        AuthMethod::Trust => "trust",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [databases.app]
+        host = "127.0.0.1"
+        [users.app]
+        password = "secret"
+    "#;
+
+    #[test]
+    fn defaults_fill_everything_not_given() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.listen.addr, "127.0.0.1:6432");
+        assert_eq!(c.pool.max_size, 20);
+        assert_eq!(c.pool.borrow_timeout, Duration::from_secs(120));
+        assert_eq!(c.pool.idle_client_timeout, Duration::from_secs(1800));
+        assert_eq!(c.databases["app"].port, 5432);
+        assert_eq!(c.users["app"].auth, AuthMethod::ScramSha256);
+    }
+
+    #[test]
+    fn durations_are_written_like_120s() {
+        let c = Config::from_toml(&format!("[pool]\nborrow_timeout = \"1m 30s\"\n{MINIMAL}"))
+            .expect("valid");
+        assert_eq!(c.pool.borrow_timeout, Duration::from_secs(90));
+        let err = Config::from_toml(&format!("[pool]\nborrow_timeout = 5\n{MINIMAL}"))
+            .expect_err("a bare number is not a duration");
+        assert!(err.to_string().contains("pool.borrow_timeout"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = BTreeMap::from([
+            ("PGSHIELD__POOL__MAX_SIZE".to_string(), "50".to_string()),
+            (
+                "PGSHIELD__USERS__APP__PASSWORD".to_string(),
+                "12345".to_string(),
+            ),
+            (
+                "PGSHIELD__DATABASES__OTHER__HOST".to_string(),
+                "db.internal".to_string(),
+            ),
+        ]);
+        let dir = std::env::temp_dir().join(format!("pgshield-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pgshield.toml");
+        std::fs::write(&file, MINIMAL).unwrap();
+        let c = Config::load_with_env(Some(&file), Some(env)).expect("valid");
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(c.pool.max_size, 50);
+        assert_eq!(c.users["app"].password.as_ref().unwrap().expose(), "12345");
+        assert_eq!(c.databases["other"].host, "db.internal");
+    }
+
+    #[test]
+    fn env_alone_can_configure_a_sidecar() {
+        let env = BTreeMap::from([
+            (
+                "PGSHIELD__LISTEN__ADDR".to_string(),
+                "0.0.0.0:6432".to_string(),
+            ),
+            (
+                "PGSHIELD__DATABASES__APP__HOST".to_string(),
+                "postgres".to_string(),
+            ),
+            (
+                "PGSHIELD__USERS__APP__PASSWORD".to_string(),
+                "pw".to_string(),
+            ),
+        ]);
+        let c = Config::load_with_env(None, Some(env)).expect("valid");
+        assert_eq!(c.listen.addr, "0.0.0.0:6432");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[pool]\nmax_size = 0\n", "pool.max_size"),
+            ("[pool]\nmin_idle = 30\n", "pool.min_idle"),
+            ("[listen]\naddr = \"localhost\"\n", "listen.addr"),
+            ("[databases.x]\nhost = \"\"\n", "databases.x.host"),
+            ("[users.bob]\nauth = \"md5\"\n", "users.bob.password"),
+            (
+                "[users.bob]\npassword = \"SCRAM-SHA-256$x\"\n",
+                "users.bob.password",
+            ),
+            (
+                "[users.bob]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n",
+                "users.bob.password",
+            ),
+        ];
+        for (extra, key) in cases {
+            let err = Config::from_toml(&format!("{extra}{MINIMAL}")).expect_err(extra);
+            assert!(err.to_string().contains(key), "{extra}: {err}");
+        }
+        let err = Config::from_toml(&format!("[pool]\nmax_sise = 3\n{MINIMAL}")).expect_err("typo");
+        assert!(err.to_string().contains("max_sise"), "{err}");
+    }
+
+    #[test]
+    fn masked_output_never_contains_secrets() {
+        let c = Config::from_toml(&format!(
+            "{MINIMAL}\n[users.ops]\npassword = \"hunter2\"\nserver_password = \"backend-pw\"\n"
+        ))
+        .expect("valid");
+        let shown = c.to_masked_toml();
+        assert!(
+            !shown.contains("secret")
+                && !shown.contains("hunter2")
+                && !shown.contains("backend-pw")
+        );
+        assert!(shown.contains("********"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn stored_passwords_are_classified_like_rolpassword() {
+        let v = postgres_protocol::password::scram_sha_256(b"pw");
+        assert!(matches!(
+            StoredPassword::classify(&Secret::new(v)),
+            Ok(StoredPassword::Scram(_))
+        ));
+        let m = postgres_protocol::password::md5(b"pw", "bob");
+        assert!(matches!(
+            StoredPassword::classify(&Secret::new(m)),
+            Ok(StoredPassword::Md5Hash(_))
+        ));
+        assert!(matches!(
+            StoredPassword::classify(&Secret::new("md5 is a fine password")),
+            Ok(StoredPassword::Plain(_))
+        ));
+    }
+}

@@ -1,0 +1,17 @@
+//! pgshield: a PostgreSQL connection proxy that lends many clients a bounded pool of
+//! backend connections, queueing them instead of letting the database fall over.
+//!
+//! Start with `docs/ARCHITECTURE.md` for the map of these modules.
+
+pub mod client;
+pub mod config;
+pub mod net;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;
+pub mod server;
+pub mod shutdown;
+
+pub use config::Config;
+pub use proxy::Proxy;
+pub mod devdb;

@@ -1,0 +1,252 @@
+//! The `pgshield` command: `run` (the default), `check-config`, `dev`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use pgshield::config::{
+    AuthMethod, Config, DatabaseConfig, ListenConfig, LogConfig, PoolConfig, PoolMode, Secret,
+    UserConfig,
+};
+use pgshield::devdb::{DevDb, DevDbOptions};
+use pgshield::shutdown::Shutdown;
+use pgshield::Proxy;
+
+/// Where `run` looks for a configuration file when none is given.
+const DEFAULT_CONFIG: &str = "/etc/pgshield/pgshield.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "pgshield",
+    version,
+    about = "A PostgreSQL connection proxy: many clients, a bounded pool of backends, queueing instead of falling over."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default command).
+    Run(RunArgs),
+    /// Validate a configuration and print the effective settings, secrets masked.
+    CheckConfig {
+        /// The file to check (environment overrides apply, as at run time).
+        file: Option<PathBuf>,
+    },
+    /// Start a throwaway PostgreSQL from this machine's server binaries and front it.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML). Default: $PGSHIELD_CONFIG, else /etc/pgshield/pgshield.toml
+    /// if it exists, else the environment alone (PGSHIELD__SECTION__KEY=value).
+    #[arg(short, long, env = "PGSHIELD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Address pgshield listens on.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    listen: String,
+    /// Backends per pool.
+    #[arg(long, default_value_t = 10)]
+    pool_size: usize,
+    /// The throwaway server's max_connections.
+    #[arg(long, default_value_t = 20)]
+    max_connections: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(args),
+        Some(Command::CheckConfig { file }) => check_config(file.as_deref()),
+        Some(Command::Dev(args)) => dev(args),
+    }
+}
+
+fn config_path(given: Option<PathBuf>) -> Option<PathBuf> {
+    given.or_else(|| {
+        Path::new(DEFAULT_CONFIG)
+            .exists()
+            .then(|| PathBuf::from(DEFAULT_CONFIG))
+    })
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let path = config_path(args.config);
+    let config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgshield: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config.log.level);
+    serve(config, |_| {})
+}
+
+fn check_config(file: Option<&Path>) -> ExitCode {
+    match Config::load(file) {
+        Ok(config) => {
+            let source = file.map_or("environment".to_owned(), |f| f.display().to_string());
+            println!("# {source}: valid. Effective configuration (secrets masked):\n");
+            print!("{}", config.to_masked_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgshield: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dev(args: DevArgs) -> ExitCode {
+    init_logging("info");
+    let db = match DevDb::start(&DevDbOptions {
+        max_connections: args.max_connections,
+        ..DevDbOptions::default()
+    }) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("pgshield dev: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = Config {
+        listen: ListenConfig {
+            addr: args.listen,
+            ..ListenConfig::default()
+        },
+        pool: PoolConfig {
+            mode: PoolMode::Session,
+            max_size: args.pool_size,
+            shutdown_timeout: std::time::Duration::from_secs(5),
+            ..PoolConfig::default()
+        },
+        databases: BTreeMap::from([(
+            "postgres".to_owned(),
+            DatabaseConfig {
+                host: db.host().to_owned(),
+                port: db.port(),
+                dbname: None,
+            },
+        )]),
+        users: BTreeMap::from([(
+            "postgres".to_owned(),
+            UserConfig {
+                auth: AuthMethod::ScramSha256,
+                password: Some(Secret::new(db.password())),
+                server_user: None,
+                server_password: None,
+            },
+        )]),
+        log: LogConfig::default(),
+    };
+    let password = db.password().to_owned();
+    let (direct_port, version, dir) = (
+        db.port(),
+        db.version().to_owned(),
+        db.dir().display().to_string(),
+    );
+    let code = serve(config, move |addr| {
+        println!();
+        println!(
+            "  pgshield dev: PostgreSQL {version} (throwaway, in {dir}) on 127.0.0.1:{direct_port}"
+        );
+        println!(
+            "  pgshield is listening on {addr}, pool of {} backends",
+            args.pool_size
+        );
+        println!();
+        println!("  Through pgshield:  psql \"postgresql://postgres:{password}@{addr}/postgres\"");
+        println!("  Directly:          psql \"postgresql://postgres:{password}@127.0.0.1:{direct_port}/postgres\"");
+        println!();
+        println!("  Ctrl-C stops both and removes everything.");
+        println!();
+    });
+    drop(db);
+    code
+}
+
+/// Binds and serves until a signal, then drains; `on_ready` gets the bound address.
+fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCode {
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgshield: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let proxy = match Proxy::bind(config).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("pgshield: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        on_ready(proxy.local_addr());
+        tokio::spawn(watch_signals(proxy.shutdown_handle()));
+        proxy.run().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one forces it.
+async fn watch_signals(shutdown: Shutdown) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully (signal again to force)"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully (signal again to force)"),
+    }
+    shutdown.begin();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: closing every client now");
+    shutdown.force();
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Every client and backend is a file descriptor: take all the system allows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

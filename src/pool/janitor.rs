@@ -1,0 +1,88 @@
+//! Periodic upkeep of one pool: close idle backends that died, grew too old or sat idle
+//! too long (never going under `min_idle`), and open backends up to `min_idle`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{PoolError, Timeouts};
+use tokio_util::sync::CancellationToken;
+
+use super::Pool;
+
+const TICK: Duration = Duration::from_secs(1);
+/// How often a pool that cannot reach its server says so.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+pub(super) async fn run(pool: Arc<Pool>, stop: CancellationToken) {
+    let mut last_warning: Option<Instant> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        evict(&pool);
+        if let Err(e) = fill_to_min_idle(&pool).await {
+            if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                tracing::warn!(pool = %pool.name, error = %e, "cannot open min_idle backends");
+                last_warning = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Closes idle backends that must go, and surplus ones idle past `server_idle_timeout`.
+fn evict(pool: &Pool) {
+    let manager = pool.inner.manager();
+    let idle_timeout = pool.settings.server_idle_timeout;
+    let mut closable = pool
+        .inner
+        .status()
+        .size
+        .saturating_sub(pool.settings.min_idle);
+    let removed = pool.inner.retain(|server, _| {
+        if manager.unfit(server).is_some() {
+            closable = closable.saturating_sub(1);
+            return false;
+        }
+        if closable > 0 && idle_timeout.is_some_and(|t| server.idle_for() >= t) {
+            closable -= 1;
+            return false;
+        }
+        true
+    });
+    if !removed.removed.is_empty() {
+        tracing::debug!(pool = %pool.name, closed = removed.removed.len(), "closed idle backends");
+    }
+}
+
+/// Opens backends until the pool has `min_idle` open. Borrows without waiting, so it
+/// never takes a place in the queue from a client.
+async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::ServerError>> {
+    let want = pool.settings.min_idle;
+    if want == 0 || pool.inner.status().size >= want {
+        return Ok(());
+    }
+    let no_wait = Timeouts {
+        wait: Some(Duration::ZERO),
+        create: None,
+        recycle: None,
+    };
+    let mut held = Vec::with_capacity(want);
+    let mut result = Ok(());
+    while held.len() < want {
+        match pool.inner.timeout_get(&no_wait).await {
+            Ok(obj) => held.push(obj),
+            Err(PoolError::Timeout(_)) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    for mut obj in held {
+        obj.mark_idle_now();
+    }
+    result
+}

@@ -1,0 +1,361 @@
+//! Pools of backend connections, one per (database, user), on deadpool.
+//!
+//! The rest of pgshield sees only this module's small interface: [`Pool::borrow`] gives a
+//! [`Backend`] guard or a [`BorrowError`] (after `borrow_timeout`, clients waiting FIFO);
+//! [`Backend::release`] hands it back, [`Backend::discard`] closes it. A guard dropped
+//! without either is closed, never reused: a backend in an unknown state is worthless.
+//! If fairness or direct hand-off ever need a custom pool, only this module changes.
+//!
+//! Each pool has a janitor (`janitor.rs`) that closes dead, old and long-idle backends and
+//! keeps `min_idle` open.
+
+mod janitor;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool::managed::{
+    self, Manager, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult,
+};
+use deadpool::Runtime;
+
+use crate::config::{Config, StoredPassword};
+use crate::protocol::{sqlstate, ErrorResponse};
+use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
+
+/// The knobs of one pool, taken from `[pool]`.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_size: usize,
+    pub min_idle: usize,
+    /// `None`: wait without limit.
+    pub borrow_timeout: Option<Duration>,
+    pub server_connect_timeout: Duration,
+    pub server_lifetime: Option<Duration>,
+    pub server_idle_timeout: Option<Duration>,
+}
+
+impl PoolSettings {
+    pub fn from_config(config: &Config) -> PoolSettings {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        PoolSettings {
+            max_size: config.pool.max_size,
+            min_idle: config.pool.min_idle,
+            borrow_timeout: nonzero(config.pool.borrow_timeout),
+            server_connect_timeout: config.pool.server_connect_timeout,
+            server_lifetime: nonzero(config.pool.server_lifetime),
+            server_idle_timeout: nonzero(config.pool.server_idle_timeout),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BorrowError {
+    #[error(
+        "no server connection became free in pool {pool} within borrow_timeout ({}); all {max_size} are in use",
+        humantime::format_duration(*.timeout)
+    )]
+    Timeout {
+        pool: String,
+        timeout: Duration,
+        max_size: usize,
+    },
+    #[error("{0}")]
+    Server(String, #[source] ServerError),
+    #[error("pool {0} is closed: pgshield is shutting down")]
+    Closed(String),
+}
+
+impl BorrowError {
+    /// The ErrorResponse the waiting client gets (its connection stays usable).
+    pub fn to_client_error(&self) -> ErrorResponse {
+        match self {
+            BorrowError::Timeout { .. } => {
+                ErrorResponse::error(sqlstate::TOO_MANY_CONNECTIONS, self.to_string()).with_hint(
+                    "raise pool.max_size or pool.borrow_timeout, or shorten transactions",
+                )
+            }
+            BorrowError::Server(pool, e) => e.to_client_error(pool),
+            BorrowError::Closed(_) => {
+                ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string())
+            }
+        }
+    }
+}
+
+/// Opens and checks backends for one pool.
+pub struct ServerManager {
+    target: ServerTarget,
+    settings: PoolSettings,
+    /// Parameters of the newest backend, as it reported them at login: what a new client
+    /// is told at its own login (PgBouncer's "welcome message").
+    welcome: Mutex<Option<Arc<ServerParams>>>,
+}
+
+impl Manager for ServerManager {
+    type Type = Server;
+    type Error = ServerError;
+
+    async fn create(&self) -> Result<Server, ServerError> {
+        let server = connect(&self.target, self.settings.server_connect_timeout).await?;
+        tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %self.target.addr(), "opened backend");
+        *lock(&self.welcome) = Some(Arc::new(server.params().clone()));
+        Ok(server)
+    }
+
+    async fn recycle(&self, server: &mut Server, _: &Metrics) -> RecycleResult<ServerError> {
+        if let Some(reason) = self.unfit(server) {
+            tracing::debug!(server = %server.id(), reason, "closing backend instead of lending it");
+            return Err(RecycleError::message(reason));
+        }
+        Ok(())
+    }
+}
+
+impl ServerManager {
+    /// Why an idle backend must not be lent again, if it must not.
+    fn unfit(&self, server: &Server) -> Option<&'static str> {
+        if server.is_broken() {
+            Some("broken")
+        } else if self
+            .settings
+            .server_lifetime
+            .is_some_and(|l| server.age() >= l)
+        {
+            Some("server_lifetime reached")
+        } else if server.peer_closed_or_spoke() {
+            Some("closed by the server while idle")
+        } else {
+            None
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One pool: backends for one (database, user).
+pub struct Pool {
+    name: String,
+    inner: managed::Pool<ServerManager>,
+    settings: PoolSettings,
+}
+
+/// A snapshot of a pool's occupancy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    /// Backends open (idle or lent).
+    pub open: usize,
+    /// Backends idle in the pool.
+    pub idle: usize,
+    /// Clients queued for a backend.
+    pub waiting: usize,
+}
+
+impl Pool {
+    pub fn new(name: String, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
+        let manager = ServerManager {
+            target,
+            settings: settings.clone(),
+            welcome: Mutex::new(None),
+        };
+        let inner = managed::Pool::builder(manager)
+            .max_size(settings.max_size)
+            // The most recently returned backend goes out first, so surplus backends
+            // really sit idle and server_idle_timeout can close them.
+            .queue_mode(QueueMode::Lifo)
+            .wait_timeout(settings.borrow_timeout)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .expect("a runtime is given");
+        Arc::new(Pool {
+            name,
+            inner,
+            settings,
+        })
+    }
+
+    /// `database/user`, as shown in messages and logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Lends a backend, waiting in FIFO order up to `borrow_timeout`.
+    pub async fn borrow(&self) -> Result<Backend, BorrowError> {
+        match self.inner.get().await {
+            Ok(obj) => Ok(Backend {
+                obj: Some(obj),
+                lifetime: self.settings.server_lifetime,
+            }),
+            Err(e) => Err(self.borrow_error(e)),
+        }
+    }
+
+    fn borrow_error(&self, e: PoolError<ServerError>) -> BorrowError {
+        match e {
+            PoolError::Timeout(_) => BorrowError::Timeout {
+                pool: self.name.clone(),
+                timeout: self.settings.borrow_timeout.unwrap_or_default(),
+                max_size: self.settings.max_size,
+            },
+            PoolError::Backend(e) => {
+                tracing::warn!(pool = %self.name, error = %e, "cannot open a backend");
+                BorrowError::Server(self.name.clone(), e)
+            }
+            PoolError::Closed => BorrowError::Closed(self.name.clone()),
+            other => {
+                BorrowError::Server(self.name.clone(), ServerError::Protocol(other.to_string()))
+            }
+        }
+    }
+
+    /// The parameters a new client is told at login. Opens a backend the first time.
+    pub async fn welcome_params(&self) -> Result<Arc<ServerParams>, BorrowError> {
+        if let Some(params) = lock(&self.inner.manager().welcome).clone() {
+            return Ok(params);
+        }
+        self.borrow().await?.release();
+        lock(&self.inner.manager().welcome)
+            .clone()
+            .ok_or_else(|| BorrowError::Closed(self.name.clone()))
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let s = self.inner.status();
+        PoolStatus {
+            max_size: s.max_size,
+            open: s.size,
+            idle: s.available,
+            waiting: s.waiting,
+        }
+    }
+
+    /// Closes idle backends and refuses new borrows; lent backends close on return.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+/// A lent backend. Give it back with [`Backend::release`] or close it with
+/// [`Backend::discard`]; dropping it closes it.
+pub struct Backend {
+    obj: Option<Object<ServerManager>>,
+    lifetime: Option<Duration>,
+}
+
+impl Backend {
+    pub fn server(&mut self) -> &mut Server {
+        self.obj
+            .as_mut()
+            .expect("a backend guard holds a server until consumed")
+    }
+
+    pub fn server_ref(&self) -> &Server {
+        self.obj
+            .as_ref()
+            .expect("a backend guard holds a server until consumed")
+    }
+
+    /// Returns the backend to its pool if it is at rest and young enough; closes it
+    /// otherwise.
+    pub fn release(mut self) {
+        let Some(mut obj) = self.obj.take() else {
+            return;
+        };
+        let expired = self.lifetime.is_some_and(|l| obj.age() >= l);
+        if obj.is_reusable() && !expired {
+            obj.mark_idle_now();
+            drop(obj);
+        } else {
+            tracing::debug!(server = %obj.id(), expired, "closing backend on release");
+            drop(Object::take(obj));
+        }
+    }
+
+    /// Closes the backend; its slot in the pool frees at once.
+    pub fn discard(mut self) {
+        if let Some(obj) = self.obj.take() {
+            drop(Object::take(obj));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take() {
+            drop(Object::take(obj));
+        }
+    }
+}
+
+/// All pools, keyed by (database, user) as clients name them.
+pub struct Pools {
+    pools: HashMap<(String, String), Arc<Pool>>,
+}
+
+impl Pools {
+    /// One pool for every configured database and user.
+    pub fn from_config(config: &Config) -> Pools {
+        let settings = PoolSettings::from_config(config);
+        let mut pools = HashMap::new();
+        for (db_name, db) in &config.databases {
+            for (user_name, user) in &config.users {
+                let target = ServerTarget {
+                    host: db.host.clone(),
+                    port: db.port,
+                    database: db.dbname.clone().unwrap_or_else(|| db_name.clone()),
+                    user: user
+                        .server_user
+                        .clone()
+                        .unwrap_or_else(|| user_name.clone()),
+                    password: backend_password(user),
+                };
+                let name = format!("{db_name}/{user_name}");
+                pools.insert(
+                    (db_name.clone(), user_name.clone()),
+                    Pool::new(name, target, settings.clone()),
+                );
+            }
+        }
+        Pools { pools }
+    }
+
+    pub fn get(&self, database: &str, user: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(&(database.to_owned(), user.to_owned()))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values()
+    }
+
+    /// Starts each pool's janitor; they stop when `stop` is cancelled.
+    pub fn spawn_janitors(&self, stop: tokio_util::sync::CancellationToken) {
+        for pool in self.pools.values() {
+            tokio::spawn(janitor::run(Arc::clone(pool), stop.clone()));
+        }
+    }
+
+    pub fn close_all(&self) {
+        for pool in self.pools.values() {
+            pool.close();
+        }
+    }
+}
+
+/// The credential pgshield presents to the backend for a user: `server_password`, or
+/// else the user's own password when it is plaintext or an md5 hash.
+fn backend_password(user: &crate::config::UserConfig) -> Option<BackendPassword> {
+    let secret = user.server_password.as_ref().or(user.password.as_ref())?;
+    match StoredPassword::classify(secret).ok()? {
+        StoredPassword::Plain(s) => Some(BackendPassword::Plain(s)),
+        StoredPassword::Md5Hash(s) => Some(BackendPassword::Md5Hash(s)),
+        StoredPassword::Scram(_) => None,
+    }
+}

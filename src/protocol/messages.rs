@@ -1,0 +1,272 @@
+//! Backend messages pgshield writes itself (to clients), and the ErrorResponse it parses
+//! from backends. Client-to-server messages are written with `postgres_protocol`.
+
+use bytes::{BufMut, BytesMut};
+
+use super::frame::take_cstr;
+
+/// Writes one tagged message: the tag, a length patched in afterwards, and the body.
+pub fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
+
+pub fn authentication_ok(buf: &mut BytesMut) {
+    put_message(buf, b'R', |b| b.put_i32(0));
+}
+
+pub fn authentication_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    put_message(buf, b'R', |b| {
+        b.put_i32(5);
+        b.put_slice(&salt);
+    });
+}
+
+pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    put_message(buf, b'R', |b| {
+        b.put_i32(10);
+        for m in mechanisms {
+            put_cstr(b, m);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    put_message(buf, b'R', |b| {
+        b.put_i32(11);
+        b.put_slice(data);
+    });
+}
+
+pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    put_message(buf, b'R', |b| {
+        b.put_i32(12);
+        b.put_slice(data);
+    });
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    put_message(buf, b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, process_id: i32, secret_key: i32) {
+    put_message(buf, b'K', |b| {
+        b.put_i32(process_id);
+        b.put_i32(secret_key);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    put_message(buf, b'Z', |b| b.put_u8(status));
+}
+
+/// NegotiateProtocolVersion: we speak 3.0 and none of the `_pq_.` options asked for.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unrecognized: &[&str]) {
+    put_message(buf, b'v', |b| {
+        b.put_i32(PROTOCOL_3_MAJOR | newest_minor);
+        b.put_i32(unrecognized.len() as i32);
+        for opt in unrecognized {
+            put_cstr(b, opt);
+        }
+    });
+}
+
+const PROTOCOL_3_MAJOR: i32 = 3 << 16;
+
+/// Severity of an ErrorResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+    Panic,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+            Severity::Panic => "PANIC",
+        }
+    }
+
+    /// Whether the sender closes the connection after this error.
+    pub fn is_fatal(self) -> bool {
+        matches!(self, Severity::Fatal | Severity::Panic)
+    }
+}
+
+/// An ErrorResponse, either one pgshield reports or one parsed from a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub severity: Severity,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl ErrorResponse {
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, code, message)
+    }
+
+    pub fn fatal(code: &str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Fatal, code, message)
+    }
+
+    fn new(severity: Severity, code: &str, message: impl Into<String>) -> Self {
+        ErrorResponse {
+            severity,
+            code: code.to_owned(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The same error, now FATAL (the connection is about to close).
+    pub fn into_fatal(mut self) -> Self {
+        self.severity = Severity::Fatal;
+        self
+    }
+
+    /// Appends the ErrorResponse ('E') to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        put_message(buf, b'E', |b| {
+            for (field, value) in [
+                (b'S', Some(self.severity.as_str())),
+                (b'V', Some(self.severity.as_str())),
+                (b'C', Some(self.code.as_str())),
+                (b'M', Some(self.message.as_str())),
+                (b'D', self.detail.as_deref()),
+                (b'H', self.hint.as_deref()),
+            ] {
+                if let Some(v) = value {
+                    b.put_u8(field);
+                    put_cstr(b, v);
+                }
+            }
+            b.put_u8(0);
+        });
+    }
+
+    /// Parses the body of an ErrorResponse sent by a backend.
+    pub fn parse(mut body: &[u8]) -> Option<ErrorResponse> {
+        let mut err = ErrorResponse::error("XX000", "");
+        let mut saw_code = false;
+        loop {
+            let (&field, rest) = body.split_first()?;
+            body = rest;
+            if field == 0 {
+                return saw_code.then_some(err);
+            }
+            let value = take_cstr(&mut body)?;
+            match field {
+                b'V' => {
+                    err.severity = match value {
+                        "FATAL" => Severity::Fatal,
+                        "PANIC" => Severity::Panic,
+                        _ => Severity::Error,
+                    }
+                }
+                b'C' => {
+                    err.code = value.to_owned();
+                    saw_code = true;
+                }
+                b'M' => err.message = value.to_owned(),
+                b'D' => err.detail = Some(value.to_owned()),
+                b'H' => err.hint = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.severity.as_str(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::message::backend::Message;
+
+    #[test]
+    fn errors_round_trip_through_a_real_parser() {
+        let mut buf = BytesMut::new();
+        ErrorResponse::fatal("53300", "sorry, too many clients already")
+            .with_hint("raise max_client_connections")
+            .encode(&mut buf);
+        let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut buf) else {
+            panic!("not an ErrorResponse");
+        };
+        use fallible_iterator::FallibleIterator;
+        let fields: Vec<(u8, String)> = body
+            .fields()
+            .map(|f| {
+                Ok((
+                    f.type_(),
+                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                ))
+            })
+            .collect()
+            .unwrap();
+        assert!(fields.contains(&(b'C', "53300".into())));
+        assert!(fields.contains(&(b'S', "FATAL".into())));
+        assert!(fields.contains(&(b'H', "raise max_client_connections".into())));
+    }
+
+    #[test]
+    fn parse_reads_back_what_encode_wrote() {
+        let original =
+            ErrorResponse::error("28P01", "password authentication failed for user \"x\"")
+                .with_detail("d");
+        let mut buf = BytesMut::new();
+        original.encode(&mut buf);
+        assert_eq!(ErrorResponse::parse(&buf[5..]), Some(original));
+        assert_eq!(ErrorResponse::parse(b"Mno code\0\0"), None);
+        assert_eq!(ErrorResponse::parse(b"Cabc"), None);
+    }
+
+    #[test]
+    fn ready_for_query_and_parameter_status_layouts() {
+        let mut buf = BytesMut::new();
+        ready_for_query(&mut buf, b'I');
+        assert_eq!(&buf[..], b"Z\0\0\0\x05I");
+        buf.clear();
+        parameter_status(&mut buf, "a", "b");
+        assert_eq!(&buf[..], b"S\0\0\0\x08a\0b\0");
+    }
+}

@@ -1,0 +1,314 @@
+//! The server side of SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it.
+//!
+//! A login costs two HMACs and a hash against a stored verifier: the expensive PBKDF2 ran
+//! once, when the verifier was made (at config load for plaintext passwords), never per
+//! login. Unknown users go through the same exchange against a made-up verifier, so a
+//! client cannot tell "no such user" from "wrong password".
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub const MECHANISM: &str = "SCRAM-SHA-256";
+const NONCE_RAW_LEN: usize = 18;
+
+/// A `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` verifier, as in `pg_authid`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub stored_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramVerifier(********)")
+    }
+}
+
+impl ScramVerifier {
+    pub fn parse(s: &str) -> Result<Self, &'static str> {
+        let rest = s
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or("missing SCRAM-SHA-256$ prefix")?;
+        let (params, keys) = rest.split_once('$').ok_or("missing '$' before the keys")?;
+        let (iterations, salt) = params
+            .split_once(':')
+            .ok_or("missing ':' after the iteration count")?;
+        let (stored, server) = keys.split_once(':').ok_or("missing ':' between the keys")?;
+        let iterations: u32 = iterations
+            .parse()
+            .map_err(|_| "iteration count is not a number")?;
+        if iterations == 0 {
+            return Err("iteration count must be positive");
+        }
+        let salt = B64.decode(salt).map_err(|_| "salt is not base64")?;
+        let key = |k: &str| -> Result<[u8; 32], &'static str> {
+            B64.decode(k)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or("keys must be 32 bytes of base64")
+        };
+        Ok(ScramVerifier {
+            iterations,
+            salt,
+            stored_key: key(stored)?,
+            server_key: key(server)?,
+        })
+    }
+
+    /// Derives a verifier from a plaintext password (PBKDF2: run once, at load).
+    pub fn from_password(password: &str) -> Self {
+        let text = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        Self::parse(&text).expect("postgres-protocol produces valid verifiers")
+    }
+
+    /// A stand-in for a user that does not exist: a salt that is stable per name (as
+    /// PostgreSQL's mock authentication) and keys nobody can match.
+    pub fn mock(user: &str, mock_secret: &[u8; 32]) -> Self {
+        let mut mac = Hmac::<Sha256>::new_from_slice(mock_secret).expect("any key length");
+        mac.update(user.as_bytes());
+        let salt = mac.finalize().into_bytes()[..16].to_vec();
+        let mut stored_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut stored_key);
+        ScramVerifier {
+            iterations: 4096,
+            salt,
+            stored_key,
+            server_key: [0u8; 32],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScramError {
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    #[error("channel binding is not supported on this connection")]
+    ChannelBindingUnsupported,
+    #[error("client uses an authorization identity, which is not supported")]
+    AuthzidUnsupported,
+    #[error("password does not match")]
+    WrongProof,
+}
+
+/// State between the server-first and client-final messages.
+pub struct ScramExchange<'v> {
+    verifier: &'v ScramVerifier,
+    gs2_header: String,
+    client_first_bare: String,
+    server_first: String,
+    nonce: String,
+}
+
+/// What a successful exchange yields.
+pub struct ScramSuccess {
+    /// `v=…`, sent to the client in AuthenticationSASLFinal.
+    pub server_final: Vec<u8>,
+    /// The client key recovered from the proof (for passing authentication through).
+    pub client_key: [u8; 32],
+}
+
+impl<'v> ScramExchange<'v> {
+    /// Takes the client-first-message, returns the exchange and the server-first-message.
+    pub fn start(
+        verifier: &'v ScramVerifier,
+        client_first: &[u8],
+    ) -> Result<(Self, Vec<u8>), ScramError> {
+        let msg =
+            std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (gs2_header, bare) = split_gs2_header(msg)?;
+        let client_nonce = bare
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("no client nonce"))?;
+        if client_nonce.is_empty()
+            || !client_nonce
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
+            return Err(ScramError::Malformed("client nonce is not printable"));
+        }
+        if !bare.starts_with("n=") {
+            return Err(ScramError::Malformed("expected n= attribute"));
+        }
+        let mut raw = [0u8; NONCE_RAW_LEN];
+        rand::rng().fill_bytes(&mut raw);
+        let nonce = format!("{client_nonce}{}", B64.encode(raw));
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&verifier.salt),
+            verifier.iterations
+        );
+        let exchange = ScramExchange {
+            verifier,
+            gs2_header: gs2_header.to_owned(),
+            client_first_bare: bare.to_owned(),
+            server_first: server_first.clone(),
+            nonce,
+        };
+        Ok((exchange, server_first.into_bytes()))
+    }
+
+    /// Checks the client-final-message's proof; on success returns the server-final-message.
+    pub fn finish(self, client_final: &[u8]) -> Result<ScramSuccess, ScramError> {
+        let msg =
+            std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("no proof"))?;
+        let mut attrs = without_proof.split(',');
+        let binding = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("c="))
+            .ok_or(ScramError::Malformed("expected c= attribute"))?;
+        if B64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+            return Err(ScramError::Malformed(
+                "channel binding data does not match the header",
+            ));
+        }
+        let nonce = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("expected r= attribute"))?;
+        if nonce != self.nonce {
+            return Err(ScramError::Malformed("nonce does not match"));
+        }
+        let proof: [u8; 32] = B64
+            .decode(proof)
+            .ok()
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ScramError::Malformed("proof is not 32 bytes of base64"))?;
+
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
+        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for (k, (p, s)) in client_key
+            .iter_mut()
+            .zip(proof.iter().zip(client_signature.iter()))
+        {
+            *k = p ^ s;
+        }
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        if !bool::from(stored.ct_eq(&self.verifier.stored_key)) {
+            return Err(ScramError::WrongProof);
+        }
+        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        Ok(ScramSuccess {
+            server_final: format!("v={}", B64.encode(server_signature)).into_bytes(),
+            client_key,
+        })
+    }
+}
+
+/// Splits `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
+fn split_gs2_header(msg: &str) -> Result<(&str, &str), ScramError> {
+    let (flag, rest) = msg
+        .split_once(',')
+        .ok_or(ScramError::Malformed("no GS2 header"))?;
+    match flag {
+        "n" | "y" => {}
+        f if f.starts_with("p=") => return Err(ScramError::ChannelBindingUnsupported),
+        _ => return Err(ScramError::Malformed("unknown channel binding flag")),
+    }
+    let (authzid, bare) = rest
+        .split_once(',')
+        .ok_or(ScramError::Malformed("no GS2 header"))?;
+    if !authzid.is_empty() {
+        return Err(ScramError::AuthzidUnsupported);
+    }
+    let header_len = flag.len() + authzid.len() + 2;
+    Ok((&msg[..header_len], bare))
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    /// Runs a full exchange with postgres-protocol's client (what tokio-postgres uses).
+    fn login(verifier: &ScramVerifier, password: &str) -> Result<(), ScramError> {
+        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested());
+        let (exchange, server_first) = ScramExchange::start(verifier, client.message())?;
+        client
+            .update(&server_first)
+            .expect("client accepts server-first");
+        let success = exchange.finish(client.message())?;
+        client
+            .finish(&success.server_final)
+            .expect("client verifies the server signature");
+        Ok(())
+    }
+
+    #[test]
+    fn the_right_password_logs_in_and_the_server_proves_itself() {
+        let v = ScramVerifier::from_password("s3cret");
+        assert_eq!(login(&v, "s3cret"), Ok(()));
+    }
+
+    #[test]
+    fn a_wrong_password_is_refused() {
+        let v = ScramVerifier::from_password("s3cret");
+        assert_eq!(login(&v, "guess"), Err(ScramError::WrongProof));
+    }
+
+    #[test]
+    fn a_mock_verifier_refuses_every_password_with_a_stable_salt() {
+        let secret = [7u8; 32];
+        let a = ScramVerifier::mock("nobody", &secret);
+        let b = ScramVerifier::mock("nobody", &secret);
+        assert_eq!(a.salt, b.salt);
+        assert_ne!(a.salt, ScramVerifier::mock("other", &secret).salt);
+        assert_eq!(login(&a, ""), Err(ScramError::WrongProof));
+    }
+
+    #[test]
+    fn verifiers_parse_as_postgres_stores_them() {
+        let text = postgres_protocol::password::scram_sha_256(b"pw");
+        let v = ScramVerifier::parse(&text).unwrap();
+        assert_eq!(v.iterations, 4096);
+        assert_eq!(login(&v, "pw"), Ok(()));
+        for bad in [
+            "SCRAM-SHA-256$",
+            "SCRAM-SHA-256$0:AAAA$AAAA:AAAA",
+            "md5abc",
+            "SCRAM-SHA-256$4096:%%$a:b",
+        ] {
+            assert!(ScramVerifier::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn malformed_client_messages_are_refused() {
+        let v = ScramVerifier::from_password("pw");
+        for first in [
+            &b""[..],
+            b"n,,",
+            b"x,,n=,r=abc",
+            b"n,a=admin,n=,r=abc",
+            b"n,,n=,r=",
+            b"\xff",
+        ] {
+            assert!(ScramExchange::start(&v, first).is_err(), "{first:?}");
+        }
+        assert_eq!(
+            ScramExchange::start(&v, b"p=tls-server-end-point,,n=,r=abc").err(),
+            Some(ScramError::ChannelBindingUnsupported)
+        );
+        let (ex, _) = ScramExchange::start(&v, b"n,,n=,r=abc").unwrap();
+        assert!(ex.finish(b"c=biws,r=wrongnonce,p=AAAA").is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! The listener and the state every session shares: accept connections, hand each to its
+//! own task, and on shutdown drain them (see `shutdown.rs`) before closing the pools.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::auth::UserDirectory;
+use crate::client::{self, ClientSlots};
+use crate::config::{Config, ConfigError};
+use crate::pool::Pools;
+use crate::shutdown::Shutdown;
+
+/// How long forced-out sessions get to close after `shutdown_timeout`.
+const FORCED_GRACE: Duration = Duration::from_secs(5);
+
+/// What every session can see.
+pub struct Shared {
+    pub config: Config,
+    pub users: UserDirectory,
+    pub pools: Pools,
+    pub shutdown: Shutdown,
+    pub clients: Arc<ClientSlots>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running, proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Proxy {
+    /// Validates the configuration, derives verifiers, builds the pools and binds.
+    pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        config.validate()?;
+        let addr = config.listen_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            users: UserDirectory::from_config(&config),
+            pools: Pools::from_config(&config),
+            clients: ClientSlots::new(config.listen.max_client_connections),
+            shutdown: Shutdown::new(),
+            config,
+        });
+        Ok(Proxy {
+            shared,
+            listener,
+            local_addr,
+        })
+    }
+
+    /// The address clients connect to (useful when `listen.addr` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that starts (or forces) shutdown from elsewhere: signals, tests.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shared.shutdown.clone()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves clients until shutdown, then drains them and closes every backend.
+    pub async fn run(self) {
+        let Proxy {
+            shared, listener, ..
+        } = self;
+        let janitors = CancellationToken::new();
+        shared.pools.spawn_janitors(janitors.clone());
+        let sessions = TaskTracker::new();
+        let shutdown = shared.shutdown.clone();
+        tracing::info!(
+            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            mode = %shared.config.pool.mode,
+            pools = shared.pools.iter().count(),
+            "pgshield is listening"
+        );
+        loop {
+            tokio::select! {
+                _ = shutdown.draining() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let slot = shared.clients.try_take();
+                        sessions.spawn(client::serve(Arc::clone(&shared), tcp, peer, slot));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        drop(listener);
+        sessions.close();
+        let timeout = shared.config.pool.shutdown_timeout;
+        tracing::info!(
+            clients = shared.clients.open(),
+            timeout = %humantime::format_duration(timeout),
+            "shutting down: stopped listening; clients in a transaction may finish it"
+        );
+        tokio::select! {
+            _ = sessions.wait() => {}
+            _ = shutdown.forced() => {}
+            _ = tokio::time::sleep(timeout) => {
+                tracing::warn!(clients = shared.clients.open(), "shutdown_timeout reached: closing remaining clients");
+            }
+        }
+        shutdown.force();
+        if tokio::time::timeout(FORCED_GRACE, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some sessions did not close in time");
+        }
+        janitors.cancel();
+        shared.pools.close_all();
+        tracing::info!("pgshield stopped");
+    }
+}

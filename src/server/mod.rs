@@ -1,0 +1,314 @@
+//! One backend connection: opening and authenticating it (`connect`), what it still owes
+//! (`state`), the parameters it reported, and the queries pgshield runs on it by itself
+//! (parameter sync, reset) whose replies no client sees.
+//!
+//! A `Server` never decides when it is lent or returned: that is the pool's and the
+//! session's business. It only knows its own state, and says so honestly: a backend that
+//! errored at the protocol level or was lost is marked broken and is never reused.
+
+pub mod connect;
+pub mod state;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+pub use connect::{connect, BackendPassword, ServerError, ServerTarget};
+use state::{ReplyTracker, TxStatus};
+
+use crate::net::Stream;
+use crate::protocol::frame::{read_message, take_cstr, ReadError};
+use crate::protocol::ErrorResponse;
+
+/// Largest message accepted in reply to pgshield's own queries.
+const MAX_INTERNAL_REPLY: usize = 1 << 20;
+/// A Terminate message: sent when a backend is closed on purpose.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// Identifies a backend connection inside pgshield (not the Postgres PID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerId(pub u64);
+
+impl ServerId {
+    fn next() -> ServerId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ServerId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for ServerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// `(name, value)` pairs a backend reported with ParameterStatus. Names compare
+/// case-insensitively, as PostgreSQL's do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerParams(Vec<(String, String)>);
+
+impl ServerParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self
+            .0
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some(entry) => value.clone_into(&mut entry.1),
+            None => self.0.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// Parses a ParameterStatus body into (name, value).
+pub fn parse_parameter_status(mut body: &[u8]) -> Option<(&str, &str)> {
+    let name = take_cstr(&mut body)?;
+    let value = take_cstr(&mut body)?;
+    Some((name, value))
+}
+
+/// What one of pgshield's own queries produced.
+#[derive(Debug, Default)]
+pub struct InternalReply {
+    /// ParameterStatus changes the query caused, in order.
+    pub param_changes: Vec<(String, String)>,
+    /// The error the server reported, if any (the backend is still usable unless FATAL).
+    pub error: Option<ErrorResponse>,
+}
+
+pub struct Server {
+    pub(crate) stream: Stream,
+    /// Bytes read from the backend and not yet processed.
+    pub(crate) read_buf: BytesMut,
+    pub(crate) replies: ReplyTracker,
+    id: ServerId,
+    process_id: i32,
+    secret_key: i32,
+    params: ServerParams,
+    /// Client settings applied to this backend by pgshield, as (name, value) given.
+    applied: Vec<(String, String)>,
+    broken: bool,
+    created: Instant,
+    idle_since: Instant,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("id", &self.id)
+            .field("pid", &self.process_id)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    fn new(stream: Stream) -> Server {
+        let now = Instant::now();
+        Server {
+            stream,
+            read_buf: BytesMut::new(),
+            replies: ReplyTracker::default(),
+            id: ServerId::next(),
+            process_id: 0,
+            secret_key: 0,
+            params: ServerParams::default(),
+            applied: Vec::new(),
+            broken: false,
+            created: now,
+            idle_since: now,
+        }
+    }
+
+    pub fn id(&self) -> ServerId {
+        self.id
+    }
+
+    /// The backend's PostgreSQL process id (from BackendKeyData).
+    pub fn process_id(&self) -> i32 {
+        self.process_id
+    }
+
+    pub fn secret_key(&self) -> i32 {
+        self.secret_key
+    }
+
+    pub fn params(&self) -> &ServerParams {
+        &self.params
+    }
+
+    /// Records a ParameterStatus the backend sent.
+    pub fn note_param(&mut self, name: &str, value: &str) {
+        self.params.set(name, value);
+    }
+
+    pub fn applied(&self) -> &[(String, String)] {
+        &self.applied
+    }
+
+    pub fn note_applied(&mut self, name: &str, value: &str) {
+        match self
+            .applied
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some(entry) => value.clone_into(&mut entry.1),
+            None => self.applied.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// Never lend this backend again.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        self.idle_since.elapsed()
+    }
+
+    pub fn mark_idle_now(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
+    /// True if the backend is at rest and can go back to the pool as it is.
+    pub fn is_reusable(&self) -> bool {
+        !self.broken && self.replies.is_idle() && self.read_buf.is_empty()
+    }
+
+    /// Whether an idle backend has closed its end or sent something unasked (a FATAL).
+    pub fn peer_closed_or_spoke(&self) -> bool {
+        self.stream.peer_closed_or_spoke()
+    }
+
+    /// Runs `sql` as a simple query whose replies nobody else sees. Must be called at a
+    /// boundary (nothing owed). The caller bounds it with a timeout.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<InternalReply, ServerError> {
+        if !self.replies.at_boundary() || !self.read_buf.is_empty() {
+            self.broken = true;
+            return Err(ServerError::Protocol(
+                "internal query on a busy backend".into(),
+            ));
+        }
+        let mut out = BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut out).map_err(ServerError::Io)?;
+        if let Err(e) = self.stream.write_all(&out).await {
+            self.broken = true;
+            return Err(ServerError::Io(e));
+        }
+        self.replies.sent(b'Q');
+        let mut reply = InternalReply::default();
+        loop {
+            let (tag, body) = match read_message(
+                &mut self.stream,
+                &mut self.read_buf,
+                MAX_INTERNAL_REPLY,
+            )
+            .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(ServerError::from_read(e));
+                }
+            };
+            match tag {
+                b'Z' => {
+                    let status = body.first().copied().and_then(TxStatus::from_byte);
+                    match status {
+                        Some(s) if self.replies.ready(s) => break,
+                        _ => {
+                            self.broken = true;
+                            return Err(ServerError::Protocol("unexpected ReadyForQuery".into()));
+                        }
+                    }
+                }
+                b'S' => {
+                    if let Some((name, value)) = parse_parameter_status(&body) {
+                        self.params.set(name, value);
+                        reply
+                            .param_changes
+                            .push((name.to_owned(), value.to_owned()));
+                    }
+                }
+                b'E' => {
+                    let err = ErrorResponse::parse(&body).unwrap_or_else(|| {
+                        ErrorResponse::error("XX000", "unparseable error from the server")
+                    });
+                    if err.severity.is_fatal() {
+                        self.broken = true;
+                    }
+                    reply.error = Some(err);
+                }
+                // Rows, completions and notices of our own queries are nobody's business.
+                b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => {}
+                other => {
+                    self.broken = true;
+                    return Err(ServerError::Protocol(format!(
+                        "unexpected message type '{}' in reply to an internal query",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Returns the backend to a clean session: ROLLBACK if a transaction is open, then
+    /// DISCARD ALL. Any failure means the backend must be closed instead.
+    pub async fn reset(&mut self) -> Result<(), ServerError> {
+        if self.replies.tx_status() != TxStatus::Idle {
+            self.run_internal_ok("ROLLBACK").await?;
+        }
+        self.run_internal_ok("DISCARD ALL").await?;
+        self.applied.clear();
+        Ok(())
+    }
+
+    async fn run_internal_ok(&mut self, sql: &str) -> Result<(), ServerError> {
+        match self.run_internal(sql).await?.error {
+            None => Ok(()),
+            Some(err) => {
+                self.broken = true;
+                Err(ServerError::Query(err))
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Say goodbye so the server does not log an unexpected EOF; never wait for it.
+        self.stream.try_write_now(&TERMINATE);
+    }
+}
+
+impl ServerError {
+    fn from_read(e: ReadError) -> ServerError {
+        match e {
+            ReadError::Io(e) => ServerError::Io(e),
+            ReadError::Closed => ServerError::Closed,
+            ReadError::Frame(f) => ServerError::Protocol(f.to_string()),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Client login: each auth method, wrong passwords, unknown users and databases, and
+//! startup packets a driver would never send.
+
+mod common;
+
+use common::{raw, sqlstate, TestProxy};
+
+/// Users for these tests. Each test uses its own role names, so the roles never clash.
+async fn proxy_with_users(roles: &[(&str, &str)], users_toml: &str) -> TestProxy {
+    for (role, password) in roles {
+        common::create_role(role, password).await;
+    }
+    TestProxy::start(&format!("[pool]\nmax_size = 2\n\n{users_toml}")).await
+}
+
+#[tokio::test]
+async fn scram_user_with_the_right_password_logs_in() {
+    let proxy = proxy_with_users(
+        &[("auth_scram", "pw-scram")],
+        "[users.auth_scram]\npassword = \"pw-scram\"\n",
+    )
+    .await;
+    let conn = proxy
+        .connect("auth_scram", "pw-scram")
+        .await
+        .expect("login");
+    let user: String = conn
+        .client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "auth_scram");
+}
+
+#[tokio::test]
+async fn md5_user_with_the_right_password_logs_in() {
+    let proxy = proxy_with_users(
+        &[("auth_md5", "pw-md5")],
+        "[users.auth_md5]\nauth = \"md5\"\npassword = \"pw-md5\"\n",
+    )
+    .await;
+    let conn = proxy.connect("auth_md5", "pw-md5").await.expect("login");
+    conn.client.simple_query("SELECT 1").await.expect("query");
+}
+
+#[tokio::test]
+async fn a_scram_verifier_in_config_needs_no_plaintext_for_clients() {
+    let verifier = postgres_protocol::password::scram_sha_256(b"pw-verifier");
+    let proxy = proxy_with_users(
+        &[("auth_verifier", "pw-verifier")],
+        &format!(
+            "[users.auth_verifier]\npassword = \"{verifier}\"\nserver_password = \"pw-verifier\"\n"
+        ),
+    )
+    .await;
+    proxy
+        .connect("auth_verifier", "pw-verifier")
+        .await
+        .expect("login");
+    let err = proxy
+        .connect("auth_verifier", "wrong")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), Some("28P01"));
+}
+
+#[tokio::test]
+async fn wrong_passwords_get_28p01_for_every_method() {
+    let proxy = proxy_with_users(
+        &[("auth_wrong_s", "right"), ("auth_wrong_m", "right")],
+        "[users.auth_wrong_s]\npassword = \"right\"\n[users.auth_wrong_m]\nauth = \"md5\"\npassword = \"right\"\n",
+    )
+    .await;
+    for user in ["auth_wrong_s", "auth_wrong_m"] {
+        let err = proxy.connect(user, "wrong").await.err().expect("refused");
+        assert_eq!(sqlstate(&err), Some("28P01"), "{user}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_user_is_refused_exactly_like_a_wrong_password() {
+    let proxy = proxy_with_users(
+        &[("auth_known", "pw")],
+        "[users.auth_known]\npassword = \"pw\"\n",
+    )
+    .await;
+    let unknown = proxy
+        .connect("auth_nobody", "pw")
+        .await
+        .err()
+        .expect("refused");
+    let wrong = proxy
+        .connect("auth_known", "nope")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&unknown), Some("28P01"));
+    let (unknown, wrong) = (unknown.as_db_error().unwrap(), wrong.as_db_error().unwrap());
+    assert_eq!(
+        unknown.message().replace("auth_nobody", "X"),
+        wrong.message().replace("auth_known", "X")
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_database_gets_3d000() {
+    let proxy =
+        proxy_with_users(&[("auth_db", "pw")], "[users.auth_db]\npassword = \"pw\"\n").await;
+    let mut config = proxy.config("auth_db", "pw");
+    config.dbname("no_such_db");
+    let err = common::connect(&config).await.err().expect("refused");
+    assert_eq!(sqlstate(&err), Some("3D000"), "{err}");
+}
+
+#[tokio::test]
+async fn a_trust_user_needs_no_password() {
+    let proxy = proxy_with_users(
+        &[("auth_trust", "backend-pw")],
+        "[users.auth_trust]\nauth = \"trust\"\nserver_password = \"backend-pw\"\n",
+    )
+    .await;
+    let conn = proxy
+        .connect("auth_trust", "anything")
+        .await
+        .expect("login");
+    conn.client.simple_query("SELECT 1").await.expect("query");
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_startup_packets_are_refused_and_others_carry_on() {
+    let proxy = proxy_with_users(
+        &[("auth_fuzz", "pw")],
+        "[users.auth_fuzz]\npassword = \"pw\"\n",
+    )
+    .await;
+    let good = proxy.connect("auth_fuzz", "pw").await.expect("login");
+
+    // A length far over PostgreSQL's 10,000-byte limit: refused before anything is read.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &[0x00, 0x10, 0x00, 0x00, 0, 3, 0, 0]).await;
+    let (tag, body) = raw::read_message(&mut s)
+        .await
+        .expect("an error, not a dropped socket");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "08P01"));
+    assert!(raw::closed(&mut s).await);
+
+    // A length below the minimum.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &[0, 0, 0, 2]).await;
+    let (tag, body) = raw::read_message(&mut s).await.expect("an error");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "08P01"));
+
+    // A parameter list without its terminator.
+    let mut packet = raw::startup(&[("user", "auth_fuzz")]);
+    packet.pop();
+    let len = (packet.len() as i32).to_be_bytes();
+    packet[..4].copy_from_slice(&len);
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &packet).await;
+    let (tag, body) = raw::read_message(&mut s).await.expect("an error");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "08P01"));
+
+    // No user name.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::startup(&[("database", "app")])).await;
+    let (_, body) = raw::read_message(&mut s).await.expect("an error");
+    assert_eq!(raw::error_code(&body), "28000");
+
+    // A protocol version from another era.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::request(2 << 16, b"user\0x\0\0")).await;
+    let (_, body) = raw::read_message(&mut s).await.expect("an error");
+    assert_eq!(raw::error_code(&body), "0A000");
+
+    // Garbage after connecting, then a hang-up.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
+    drop(s);
+
+    // The client that logged in before is unaffected, and new ones still get in.
+    let one: i32 = good.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    proxy
+        .connect("auth_fuzz", "pw")
+        .await
+        .expect("new login after the garbage");
+}
+
+#[tokio::test]
+async fn ssl_and_gss_requests_are_declined_and_the_login_continues() {
+    let proxy = proxy_with_users(
+        &[("auth_ssl", "pw")],
+        "[users.auth_ssl]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::request(80_877_104, b"")).await;
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut answer)
+        .await
+        .unwrap();
+    assert_eq!(&answer, b"N");
+    raw::send(&mut s, &raw::request(80_877_103, b"")).await;
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut answer)
+        .await
+        .unwrap();
+    assert_eq!(&answer, b"N");
+    raw::send(
+        &mut s,
+        &raw::startup(&[("user", "auth_ssl"), ("database", "app")]),
+    )
+    .await;
+    let (tag, body) = raw::read_message(&mut s).await.expect("AuthenticationOk");
+    assert_eq!((tag, &body[..]), (b'R', &[0u8, 0, 0, 0][..]));
+    let mut saw = Vec::new();
+    while let Some((tag, _)) = raw::read_message(&mut s).await {
+        saw.push(tag);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert!(saw.contains(&b'S') && saw.contains(&b'K'), "{saw:?}");
+}
+
+#[tokio::test]
+async fn a_newer_minor_protocol_version_is_negotiated_down_to_3_0() {
+    let proxy = proxy_with_users(
+        &[("auth_v32", "pw")],
+        "[users.auth_v32]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(
+        &mut s,
+        &raw::request(
+            (3 << 16) | 2,
+            b"user\0auth_v32\0database\0app\0_pq_.compression\0on\0\0",
+        ),
+    )
+    .await;
+    let (tag, body) = raw::read_message(&mut s)
+        .await
+        .expect("NegotiateProtocolVersion");
+    assert_eq!(tag, b'v');
+    assert_eq!(&body[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(&body[8..], b"_pq_.compression\0");
+    let (tag, _) = raw::read_message(&mut s).await.expect("AuthenticationOk");
+    assert_eq!(tag, b'R');
+}
+
+#[tokio::test]
+async fn a_cancel_request_is_accepted_and_closed_cleanly() {
+    let proxy = proxy_with_users(
+        &[("auth_cancel", "pw")],
+        "[users.auth_cancel]\npassword = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::request(80_877_102, &[0, 0, 0, 1, 0, 0, 0, 2])).await;
+    assert!(raw::closed(&mut s).await);
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_client_login_timeout() {
+    common::create_role("auth_silent", "pw").await;
+    let proxy = TestProxy::start(
+        "[listen]\nclient_login_timeout = \"1s\"\n[users.auth_silent]\npassword = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::connect(proxy.addr).await;
+    let started = std::time::Instant::now();
+    assert!(raw::closed(&mut s).await, "closed within 10 s");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+}

@@ -1,0 +1,264 @@
+//! Shared harness for the integration tests: one real PostgreSQL per test binary (started
+//! by `pgshield::devdb`, `max_connections = 20`, scram-sha-256), proxies started in-process
+//! on free ports, and small helpers for raw protocol bytes.
+//!
+//! Tests isolate themselves by role: each creates its own login role, so its pool and
+//! its rows in `pg_stat_activity` are its own even while other tests run.
+
+#![allow(dead_code)] // each test binary uses a part of this
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pgshield::devdb::{DevDb, DevDbOptions};
+use pgshield::proxy::Shared;
+use pgshield::shutdown::Shutdown;
+use pgshield::{Config, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+static CLUSTER: OnceLock<DevDb> = OnceLock::new();
+
+/// The test binary's PostgreSQL, started on first use and stopped when the process ends.
+pub fn cluster() -> &'static DevDb {
+    CLUSTER.get_or_init(|| {
+        raise_fd_limit();
+        DevDb::start(&DevDbOptions {
+            max_connections: 20,
+            settings: vec![],
+        })
+        .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"))
+    })
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// tokio-postgres settings for a direct connection to the cluster.
+pub fn direct_config(user: &str, password: &str) -> tokio_postgres::Config {
+    let db = cluster();
+    let mut c = tokio_postgres::Config::new();
+    c.host(db.host())
+        .port(db.port())
+        .user(user)
+        .password(password)
+        .dbname("postgres");
+    c.connect_timeout(Duration::from_secs(10));
+    c
+}
+
+/// A superuser connection straight to the cluster (for setup and for watching).
+pub async fn admin() -> Client {
+    let db = cluster();
+    connect(&direct_config(db.superuser(), db.password()))
+        .await
+        .expect("superuser connects directly")
+        .client
+}
+
+/// Creates (or recreates) a login role with a password.
+pub async fn create_role(name: &str, password: &str) {
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            // The lock serialises concurrent GRANTs on the same schema.
+            "BEGIN; SELECT pg_advisory_xact_lock(4242); \
+             DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN PASSWORD '{password}'; \
+             GRANT CREATE ON SCHEMA public TO {name}; COMMIT;"
+        ))
+        .await
+        .expect("create role");
+}
+
+/// Backends of `role` in `pg_stat_activity`.
+pub async fn backends_of(admin: &Client, role: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// A client connection plus what its server sent unasked (notices, notifications).
+pub struct Conn {
+    pub client: Client,
+    pub messages: mpsc::UnboundedReceiver<AsyncMessage>,
+    /// Resolves when the connection ends, with the error that ended it.
+    pub done: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Conn, tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, messages) = mpsc::unbounded_channel();
+    let done = tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = stream.next().await {
+            let _ = tx.send(message?);
+        }
+        Ok(())
+    });
+    Ok(Conn {
+        client,
+        messages,
+        done,
+    })
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
+    e.as_db_error().map(|d| d.code().code())
+}
+
+/// A pgshield running inside the test process on a free port, fronting the cluster as
+/// database `app`. Dropping it shuts it down.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub shared: Arc<Shared>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Starts a proxy; `sections` is TOML for `[pool]`, `[users.*]` and the like (a
+    /// `[listen]` table in it gets the free-port address added).
+    pub async fn start(sections: &str) -> TestProxy {
+        let db = cluster();
+        let listen = "[listen]\naddr = \"127.0.0.1:0\"\n";
+        let sections = if sections.contains("[listen]\n") {
+            sections.replace("[listen]\n", listen)
+        } else {
+            format!("{listen}\n{sections}")
+        };
+        let toml = format!(
+            "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n{sections}",
+            db.port()
+        );
+        let config =
+            Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let proxy = Proxy::bind(config).await.expect("proxy binds");
+        let addr = proxy.local_addr();
+        let shutdown = proxy.shutdown_handle();
+        let shared = Arc::clone(proxy.shared());
+        let task = tokio::spawn(proxy.run());
+        TestProxy {
+            addr,
+            shutdown,
+            shared,
+            task: Some(task),
+        }
+    }
+
+    /// tokio-postgres settings for a client of this proxy.
+    pub fn config(&self, user: &str, password: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(self.addr.ip().to_string())
+            .port(self.addr.port())
+            .user(user)
+            .password(password)
+            .dbname("app");
+        c.connect_timeout(Duration::from_secs(30));
+        c
+    }
+
+    pub async fn connect(&self, user: &str, password: &str) -> Result<Conn, tokio_postgres::Error> {
+        connect(&self.config(user, password)).await
+    }
+
+    /// Starts a graceful shutdown and waits for the proxy to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.begin();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.force();
+    }
+}
+
+/// Raw protocol helpers, for what a well-behaved driver would never send.
+pub mod raw {
+    use super::*;
+
+    /// A StartupMessage for protocol 3.0 with the given parameters.
+    pub fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = (3i32 << 16).to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    /// An untagged packet: length, then a request code, then `rest`.
+    pub fn request(code: i32, rest: &[u8]) -> Vec<u8> {
+        let mut packet = ((rest.len() + 8) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&code.to_be_bytes());
+        packet.extend_from_slice(rest);
+        packet
+    }
+
+    pub async fn connect(addr: SocketAddr) -> TcpStream {
+        TcpStream::connect(addr).await.expect("raw connect")
+    }
+
+    pub async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+        stream.write_all(bytes).await.expect("raw send");
+    }
+
+    /// Reads one tagged message; `None` when the proxy closed the connection.
+    pub async fn read_message(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut header))
+            .await
+            .expect("the proxy answers within 10 s")
+            .ok()?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        stream.read_exact(&mut body).await.ok()?;
+        Some((header[0], body))
+    }
+
+    /// The SQLSTATE (`C` field) of an ErrorResponse body.
+    pub fn error_code(body: &[u8]) -> String {
+        let mut fields = body.split(|&b| b == 0);
+        fields
+            .find_map(|f| f.strip_prefix(b"C"))
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// True once the proxy has closed the connection (reads EOF within 10 s).
+    pub async fn closed(stream: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
