@@ -1,0 +1,290 @@
+//! The pool: clients queue for a bounded number of backends, time out with 53300 and can
+//! retry, backends are opened at start (`min_idle`), closed when idle or old, and clients
+//! are limited and timed out.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{backends_of, sqlstate, TestProxy};
+
+async fn proxy(role: &str, pool: &str) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!(
+        "[pool]\nmode = \"session\"\n{pool}\n[users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_waits_for_the_only_backend_then_proceeds() {
+    let proxy = proxy("pool_wait", "max_size = 1\nborrow_timeout = \"30s\"\n").await;
+    let first = proxy.connect("pool_wait", "pw").await.expect("login");
+    let first_pid: i32 = first
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // Logging in needs no backend; the first query waits for one.
+    let second = proxy
+        .connect("pool_wait", "pw")
+        .await
+        .expect("login while the pool is busy");
+    let waiting = tokio::spawn(async move {
+        let pid: i32 = second
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(pid)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second client must wait while the first holds the backend"
+    );
+    assert_eq!(
+        proxy
+            .shared
+            .pools
+            .get("app", "pool_wait")
+            .unwrap()
+            .status()
+            .waiting,
+        1
+    );
+
+    drop(first);
+    let second_pid = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("proceeds once the backend is free")
+        .unwrap()
+        .expect("query succeeds");
+    assert_eq!(second_pid, first_pid, "it got the same (only) backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn borrow_times_out_with_53300_and_the_client_can_retry() {
+    let proxy = proxy("pool_timeout", "max_size = 1\nborrow_timeout = \"1s\"\n").await;
+    let holder = proxy.connect("pool_timeout", "pw").await.expect("login");
+    holder.client.simple_query("SELECT 1").await.unwrap();
+
+    let waiter = proxy.connect("pool_timeout", "pw").await.expect("login");
+    let started = Instant::now();
+    let err = waiter
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("times out");
+    let waited = started.elapsed();
+    assert_eq!(sqlstate(&err), Some("53300"), "{err}");
+    let message = err.as_db_error().unwrap().message();
+    assert!(
+        message.contains("app/pool_timeout") && message.contains("1s"),
+        "{message}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    // The extended protocol gets the same error, and the connection stays in step.
+    let err = waiter
+        .client
+        .query("SELECT $1::int", &[&1i32])
+        .await
+        .expect_err("times out");
+    assert_eq!(sqlstate(&err), Some("53300"));
+
+    drop(holder);
+    let one: i32 = tokio::time::timeout(
+        Duration::from_secs(10),
+        waiter.client.query_one("SELECT 1", &[]),
+    )
+    .await
+    .expect("retry answered")
+    .expect("retry on the same connection succeeds")
+    .get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn min_idle_backends_are_opened_at_start_and_kept() {
+    let proxy = proxy(
+        "pool_min",
+        "max_size = 4\nmin_idle = 2\nserver_idle_timeout = \"1s\"\n",
+    )
+    .await;
+    let admin = common::admin().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backends_of(&admin, "pool_min").await == 2
+        })
+        .await,
+        "two backends open before any client"
+    );
+    // Idle timeouts never take the pool below min_idle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(backends_of(&admin, "pool_min").await, 2);
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn idle_backends_are_closed_after_server_idle_timeout() {
+    let proxy = proxy("pool_idle", "max_size = 3\nserver_idle_timeout = \"1s\"\n").await;
+    let admin = common::admin().await;
+    let clients =
+        futures_util::future::join_all((0..3).map(|_| proxy.connect("pool_idle", "pw"))).await;
+    for c in &clients {
+        c.as_ref()
+            .expect("login")
+            .client
+            .simple_query("SELECT 1")
+            .await
+            .unwrap();
+    }
+    assert_eq!(backends_of(&admin, "pool_idle").await, 3);
+    drop(clients);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backends_of(&admin, "pool_idle").await == 0
+        })
+        .await,
+        "idle backends closed"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_past_server_lifetime_is_closed_instead_of_reused() {
+    let proxy = proxy("pool_life", "max_size = 1\nserver_lifetime = \"1s\"\n").await;
+    let first = proxy.connect("pool_life", "pw").await.expect("login");
+    let old: i32 = first
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = proxy.connect("pool_life", "pw").await.expect("login");
+    let new: i32 = second
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(new, old, "an expired backend is not lent again");
+}
+
+#[tokio::test]
+async fn max_client_connections_refuses_the_next_client_with_53300() {
+    common::create_role("pool_maxcl", "pw").await;
+    let proxy = TestProxy::start(
+        "[listen]\nmax_client_connections = 2\n[pool]\nmax_size = 1\n[users.pool_maxcl]\npassword = \"pw\"\n",
+    )
+    .await;
+    let a = proxy.connect("pool_maxcl", "pw").await.expect("first");
+    let b = proxy.connect("pool_maxcl", "pw").await.expect("second");
+    let err = proxy
+        .connect("pool_maxcl", "pw")
+        .await
+        .err()
+        .expect("third is refused");
+    assert_eq!(sqlstate(&err), Some("53300"), "{err}");
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        "sorry, too many clients already"
+    );
+    drop(a);
+    // The slot frees when a client leaves.
+    let mut admitted = false;
+    for _ in 0..50 {
+        if proxy.connect("pool_maxcl", "pw").await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "a client is admitted once another left");
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_client_idle_past_idle_client_timeout_is_closed_with_57p05() {
+    let proxy = proxy(
+        "pool_idlecl",
+        "max_size = 1\nidle_client_timeout = \"1s\"\n",
+    )
+    .await;
+    let admin = common::admin().await;
+    let conn = proxy.connect("pool_idlecl", "pw").await.expect("login");
+    conn.client.simple_query("SELECT 1").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn.done)
+        .await
+        .expect("closed within 10 s")
+        .unwrap();
+    let err = ended.expect_err("the proxy ended the connection with an error");
+    assert_eq!(sqlstate(&err), Some("57P05"), "{err}");
+    // Its backend went back to the pool (reset), ready for others.
+    assert_eq!(backends_of(&admin, "pool_idlecl").await, 1);
+    let next = proxy.connect("pool_idlecl", "pw").await.expect("login");
+    next.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("the backend is reusable");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_gives_08006_and_the_client_stays_connected() {
+    common::create_role("pool_down", "pw").await;
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = pgshield::Config::from_toml(&format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[pool]\nserver_connect_timeout = \"2s\"\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {port}\n[users.pool_down]\npassword = \"pw\"\n"
+    ))
+    .unwrap();
+    let proxy = pgshield::Proxy::bind(config).await.unwrap();
+    let addr = proxy.local_addr();
+    let shutdown = proxy.shutdown_handle();
+    tokio::spawn(proxy.run());
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(addr.port())
+        .user("pool_down")
+        .password("pw")
+        .dbname("app");
+    // The login needs the server's parameters, so it is refused with 08006.
+    let err = common::connect(&config).await.err().expect("refused");
+    assert_eq!(sqlstate(&err), Some("08006"), "{err}");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("app/pool_down"));
+    shutdown.force();
+}

@@ -1,0 +1,362 @@
+//! Session mode relays everything a driver does, unmodified: simple and extended queries,
+//! COPY both ways, large results, errors inside transactions, notices, LISTEN/NOTIFY,
+//! pipelining, and the client's startup settings.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{sqlstate, Conn, TestProxy};
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::AsyncMessage;
+
+async fn proxy(role: &str) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!(
+        "[pool]\nmode = \"session\"\nmax_size = 3\n\n[users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn copy_in_and_out_of_10_mb_passes_through_intact() {
+    let proxy = proxy("sess_copy").await;
+    let conn = proxy.connect("sess_copy", "pw").await.expect("login");
+    let c = &conn.client;
+    c.batch_execute("CREATE TABLE copy_data (id int, payload text)")
+        .await
+        .unwrap();
+
+    let line = "x".repeat(1000);
+    let mut data = String::with_capacity(10 * 1024 * 1024 + 20_000);
+    let mut id = 0;
+    while data.len() < 10 * 1024 * 1024 {
+        data.push_str(&format!("{id}\t{line}\n"));
+        id += 1;
+    }
+    let sink = c
+        .copy_in("COPY copy_data FROM STDIN")
+        .await
+        .expect("COPY IN starts");
+    futures_util::pin_mut!(sink);
+    // Send it in 64 KiB pieces, as drivers stream files.
+    for chunk in data.as_bytes().chunks(64 * 1024) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .expect("chunk");
+    }
+    let rows = sink.finish().await.expect("COPY IN completes");
+    assert_eq!(rows, id as u64);
+
+    let out = c
+        .copy_out("COPY copy_data TO STDOUT")
+        .await
+        .expect("COPY OUT starts");
+    let received: Vec<bytes::Bytes> = out.try_collect().await.expect("COPY OUT completes");
+    let received: Vec<u8> = received.concat();
+    assert_eq!(received.len(), data.len());
+    assert!(
+        received == data.as_bytes(),
+        "COPY OUT returns what COPY IN sent"
+    );
+}
+
+#[tokio::test]
+async fn a_100k_row_result_arrives_whole_and_in_order() {
+    let proxy = proxy("sess_rows").await;
+    let conn = proxy.connect("sess_rows", "pw").await.expect("login");
+    let rows = conn
+        .client
+        .query(
+            "SELECT g, repeat('y', 50) FROM generate_series(1, 100000) g",
+            &[],
+        )
+        .await
+        .expect("query");
+    assert_eq!(rows.len(), 100_000);
+    for (i, row) in rows.iter().enumerate().step_by(9_999) {
+        assert_eq!(row.get::<_, i32>(0), i as i32 + 1);
+    }
+    assert_eq!(rows[99_999].get::<_, i32>(0), 100_000);
+}
+
+#[tokio::test]
+async fn a_single_20_mb_value_streams_through() {
+    let proxy = proxy("sess_big").await;
+    let conn = proxy.connect("sess_big", "pw").await.expect("login");
+    let row = conn
+        .client
+        .query_one("SELECT repeat('z', 20000000) AS v", &[])
+        .await
+        .expect("query");
+    let v: &str = row.get(0);
+    assert_eq!(v.len(), 20_000_000);
+    assert!(v.bytes().all(|b| b == b'z'));
+}
+
+#[tokio::test]
+async fn an_error_mid_transaction_then_rollback_leaves_the_session_usable() {
+    let proxy = proxy("sess_err").await;
+    let conn = proxy.connect("sess_err", "pw").await.expect("login");
+    let c = &conn.client;
+    c.batch_execute("BEGIN").await.unwrap();
+    let err = c
+        .query_one("SELECT 1/0", &[])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(sqlstate(&err), Some("22012"));
+    let err = c
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("transaction is aborted");
+    assert_eq!(sqlstate(&err), Some("25P02"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn notices_reach_the_client() {
+    let proxy = proxy("sess_notice").await;
+    let mut conn = proxy.connect("sess_notice", "pw").await.expect("login");
+    conn.client
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$")
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(5), conn.messages.recv())
+        .await
+        .expect("a notice within 5 s")
+        .expect("connection alive");
+    let AsyncMessage::Notice(notice) = message else {
+        panic!("expected a notice, got {message:?}");
+    };
+    assert_eq!(notice.message(), "hello from the server");
+}
+
+#[tokio::test]
+async fn listen_and_notify_work_in_session_mode() {
+    let proxy = proxy("sess_listen").await;
+    let mut listener = proxy.connect("sess_listen", "pw").await.expect("login");
+    let notifier = proxy.connect("sess_listen", "pw").await.expect("login");
+    listener
+        .client
+        .batch_execute("LISTEN pgshield_test")
+        .await
+        .unwrap();
+    notifier
+        .client
+        .batch_execute("NOTIFY pgshield_test, 'the payload'")
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match listener.messages.recv().await {
+                Some(AsyncMessage::Notification(n)) => return n,
+                Some(_) => continue,
+                None => panic!("listener connection ended"),
+            }
+        }
+    })
+    .await
+    .expect("notification within 5 s");
+    assert_eq!(message.channel(), "pgshield_test");
+    assert_eq!(message.payload(), "the payload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_pipelined_queries_return_in_order() {
+    let proxy = proxy("sess_pipe").await;
+    let conn = proxy.connect("sess_pipe", "pw").await.expect("login");
+    let statement = conn
+        .client
+        .prepare("SELECT $1::int * 2")
+        .await
+        .expect("prepare");
+    // tokio-postgres sends every query before awaiting any reply: one long pipeline.
+    let queries = (0..1000i32).map(|i| {
+        let client = &conn.client;
+        let statement = &statement;
+        async move { (i, client.query_one(statement, &[&i]).await) }
+    });
+    let results = futures_util::future::join_all(queries).await;
+    for (i, row) in results {
+        let doubled: i32 = row.expect("query").get(0);
+        assert_eq!(doubled, i * 2);
+    }
+}
+
+#[tokio::test]
+async fn startup_settings_and_options_reach_the_backend() {
+    let proxy = proxy("sess_params").await;
+    let mut config = proxy.config("sess_params", "pw");
+    config
+        .application_name("pgshield-test-app")
+        .options("-c statement_timeout=4321 -c search_path=custom,public");
+    let conn = common::connect(&config).await.expect("login");
+    let show = |name: &'static str| {
+        let client = &conn.client;
+        async move {
+            let row = client
+                .query_one("SELECT current_setting($1)", &[&name])
+                .await
+                .expect("setting");
+            row.get::<_, String>(0)
+        }
+    };
+    assert_eq!(show("application_name").await, "pgshield-test-app");
+    assert_eq!(show("statement_timeout").await, "4321ms");
+    assert_eq!(show("search_path").await.replace(' ', ""), "custom,public");
+}
+
+#[tokio::test]
+async fn an_invalid_startup_setting_is_refused_like_postgres_refuses_it() {
+    let proxy = proxy("sess_badparam").await;
+    let mut config = proxy.config("sess_badparam", "pw");
+    config.options("-c statement_timeout=not-a-number");
+    let conn = common::connect(&config)
+        .await
+        .expect("login (checked at first query)");
+    let err = conn
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err), Some("22023"), "{err}");
+}
+
+#[tokio::test]
+async fn prepared_statements_and_the_extended_protocol_work() {
+    let proxy = proxy("sess_ext").await;
+    let conn = proxy.connect("sess_ext", "pw").await.expect("login");
+    let c = &conn.client;
+    let statement = c
+        .prepare("SELECT $1::text || $2::text")
+        .await
+        .expect("prepare");
+    for i in 0..50 {
+        let row = c
+            .query_one(&statement, &[&format!("a{i}"), &"b"])
+            .await
+            .expect("execute");
+        assert_eq!(row.get::<_, String>(0), format!("a{i}b"));
+    }
+    // A portal fetched in pieces (Execute with a row limit, then more Executes).
+    let tx_conn = proxy.connect("sess_ext", "pw").await.expect("login");
+    let mut client = tx_conn.client;
+    let tx = client.transaction().await.unwrap();
+    let portal = tx
+        .bind("SELECT g FROM generate_series(1, 25) g", &[])
+        .await
+        .unwrap();
+    let mut seen = 0;
+    loop {
+        let rows = tx.query_portal(&portal, 10).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen += rows.len();
+    }
+    assert_eq!(seen, 25);
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_keeps_its_backend_and_state_for_its_whole_life() {
+    let proxy = proxy("sess_sticky").await;
+    let conn = proxy.connect("sess_sticky", "pw").await.expect("login");
+    let c = &conn.client;
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (42); SET work_mem = '7MB'",
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        let again: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(again, pid);
+    }
+    let x: i32 = c.query_one("SELECT x FROM mine", &[]).await.unwrap().get(0);
+    assert_eq!(x, 42);
+    let mem: String = c
+        .query_one("SELECT current_setting('work_mem')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mem, "7MB");
+}
+
+#[tokio::test]
+async fn the_next_client_gets_a_clean_backend() {
+    common::create_role("sess_reset", "pw").await;
+    let proxy =
+        TestProxy::start("[pool]\nmax_size = 1\n\n[users.sess_reset]\npassword = \"pw\"\n").await;
+    let first = proxy.connect("sess_reset", "pw").await.expect("login");
+    let pid: i32 = first
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    first
+        .client
+        .batch_execute("CREATE TEMP TABLE leftover (x int); SET work_mem = '9MB'; BEGIN; SELECT 1")
+        .await
+        .unwrap();
+    drop(first); // leaves mid-transaction
+    let second: Conn = proxy.connect("sess_reset", "pw").await.expect("login");
+    let row = second
+        .client
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('work_mem'), to_regclass('pg_temp.leftover') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), pid, "the only backend was reused");
+    assert_eq!(row.get::<_, String>(1), "4MB", "SET was discarded");
+    assert!(row.get::<_, bool>(2), "temp table was discarded");
+}
+
+#[tokio::test]
+async fn a_terminated_backend_errors_its_client_and_the_pool_refills() {
+    let proxy = proxy("sess_kill").await;
+    let admin = common::admin().await;
+    let victim = proxy.connect("sess_kill", "pw").await.expect("login");
+    let pid: i32 = victim
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        victim.client.simple_query("SELECT 1"),
+    )
+    .await
+    .expect("an answer within 5 s")
+    .expect_err("the session is gone");
+    assert!(
+        victim.client.is_closed() || sqlstate(&err).is_some(),
+        "the client sees an error: {err}"
+    );
+    let next = proxy.connect("sess_kill", "pw").await.expect("login");
+    let new_pid: i32 = next
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(new_pid, pid);
+}
