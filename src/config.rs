@@ -571,6 +571,26 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid_and_states_the_defaults() {
+        let c = Config::from_toml(include_str!("../config/pgshield.toml"))
+            .expect("config/pgshield.toml is valid");
+        let (doc, default) = (&c.pool, PoolConfig::default());
+        assert_eq!(doc.mode, default.mode);
+        assert_eq!(doc.max_size, default.max_size);
+        assert_eq!(doc.min_idle, default.min_idle);
+        assert_eq!(doc.borrow_timeout, default.borrow_timeout);
+        assert_eq!(doc.server_connect_timeout, default.server_connect_timeout);
+        assert_eq!(doc.server_lifetime, default.server_lifetime);
+        assert_eq!(doc.server_idle_timeout, default.server_idle_timeout);
+        assert_eq!(doc.idle_client_timeout, default.idle_client_timeout);
+        assert_eq!(doc.shutdown_timeout, default.shutdown_timeout);
+        let (doc, default) = (&c.listen, ListenConfig::default());
+        assert_eq!(doc.addr, default.addr);
+        assert_eq!(doc.max_client_connections, default.max_client_connections);
+        assert_eq!(doc.client_login_timeout, default.client_login_timeout);
+    }
+
+    #[test]
     fn masked_output_never_contains_secrets() {
         let c = Config::from_toml(&format!(
             "{MINIMAL}\n[users.ops]\npassword = \"hunter2\"\nserver_password = \"backend-pw\"\n"

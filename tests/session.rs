@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{sqlstate, Conn, TestProxy};
+use common::{raw, sqlstate, Conn, TestProxy};
 use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::AsyncMessage;
 
@@ -359,4 +359,44 @@ async fn a_terminated_backend_errors_its_client_and_the_pool_refills() {
         .unwrap()
         .get(0);
     assert_ne!(new_pid, pid);
+}
+
+#[tokio::test]
+async fn a_statement_sent_just_before_the_client_leaves_is_still_executed() {
+    common::create_role("sess_last", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.sess_last]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute("CREATE TABLE last_words (x int); GRANT INSERT ON last_words TO sess_last")
+        .await
+        .unwrap();
+    for (i, goodbye) in [&raw::TERMINATE[..], &[][..]].into_iter().enumerate() {
+        let mut s = raw::login_trusted(proxy.addr, "sess_last").await;
+        // Hold the backend first (a client that hangs up while still queued gave up on its
+        // statement, and pgshield does not run it behind its back).
+        raw::send(&mut s, &raw::query("SELECT 1")).await;
+        while raw::read_message(&mut s).await.expect("reply").0 != b'Z' {}
+        // The statement and the goodbye (Terminate, or just a hang-up) in one write,
+        // without waiting for the reply: PostgreSQL would run it, so must pgshield.
+        let mut bytes = raw::query(&format!("INSERT INTO last_words VALUES ({i})"));
+        bytes.extend_from_slice(goodbye);
+        raw::send(&mut s, &bytes).await;
+        drop(s);
+    }
+    let mut rows = 0;
+    for _ in 0..100 {
+        rows = admin
+            .query_one("SELECT count(*) FROM last_words", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if rows == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows, 2, "both statements ran");
 }

@@ -152,10 +152,11 @@ impl Session {
                 return end;
             }
             let quiet = self.is_quiet();
+            let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
                 biased;
                 _ = shutdown.forced() => return End::ForcedShutdown,
-                _ = shutdown.draining(), if quiet => return End::Shutdown,
+                _ = shutdown.draining(), if between_transactions => return End::Shutdown,
                 _ = &mut idle_timer, if idle_timeout.is_some() => {
                     let timeout = idle_timeout.unwrap_or_default();
                     if quiet && self.last_client_activity.elapsed() >= timeout {
@@ -192,6 +193,13 @@ impl Session {
             && self.client_msg.left == 0
             && self.server_msg.left == 0
             && self.server_out.is_empty()
+    }
+
+    /// The client is not inside a transaction block.
+    fn outside_transaction(&self) -> bool {
+        self.backend
+            .as_ref()
+            .is_none_or(|b| b.server_ref().replies.tx_status() == TxStatus::Idle)
     }
 
     /// Writes what is pending on both sides, then reads from whichever side has data.
@@ -384,7 +392,8 @@ impl Session {
 
     /// Borrows a backend for this client, watching the client while it waits, and brings
     /// the backend's settings in line with the client's. `Ok(Err(_))`: the client gets
-    /// that error and stays connected.
+    /// that error and stays connected. A client that hangs up while queued leaves the queue
+    /// and its statements are not run: it gave up on them (and may retry elsewhere).
     async fn acquire_backend(&mut self) -> Result<Result<(), ErrorResponse>, End> {
         let shutdown = self.shared.shutdown.clone();
         if shutdown.is_draining() {
@@ -483,14 +492,18 @@ impl Session {
         }
         // Release before the last write: a slow client must not hold a backend.
         if let Some(backend) = self.backend.take() {
-            let torn =
-                self.client_msg.left > 0 || !self.server_out.is_empty() || self.server_msg.left > 0;
-            let keep = !torn
-                && !matches!(
-                    end,
-                    End::ForcedShutdown | End::ServerLost(_) | End::ServerProtocol(_)
-                );
-            return_backend(backend, keep).await;
+            let torn = self.client_msg.left > 0 || self.server_msg.left > 0;
+            let server_failed = matches!(
+                end,
+                End::ForcedShutdown | End::ServerLost(_) | End::ServerProtocol(_)
+            );
+            if server_failed || torn {
+                backend.discard();
+            } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
+                return_backend(backend).await;
+            } else {
+                hand_over_and_close(backend, std::mem::take(&mut self.server_out)).await;
+            }
         }
         if let Some(error) = farewell {
             error.encode(&mut self.client_out);
@@ -537,9 +550,9 @@ enum SettingsError {
 }
 
 /// Resets a backend the client left at a boundary and returns it; closes it otherwise.
-async fn return_backend(mut backend: Backend, keep: bool) {
+async fn return_backend(mut backend: Backend) {
     let server = backend.server();
-    if !keep || !server.replies.at_boundary() || !server.read_buf.is_empty() || server.is_broken() {
+    if !server.replies.at_boundary() || !server.read_buf.is_empty() || server.is_broken() {
         backend.discard();
         return;
     }
@@ -551,6 +564,17 @@ async fn return_backend(mut backend: Backend, keep: bool) {
         }
         Err(_) => backend.discard(),
     }
+}
+
+/// The client left with work queued or running: deliver what it sent, as PostgreSQL would
+/// have received it, then Terminate and close (nobody is left to read the replies).
+async fn hand_over_and_close(mut backend: Backend, mut pending: BytesMut) {
+    use tokio::io::AsyncWriteExt;
+    pending.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+    let server = backend.server();
+    server.mark_broken();
+    let _ = tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.stream.write_all(&pending)).await;
+    backend.discard();
 }
 
 /// Makes sure a read has room to land.

@@ -212,6 +212,32 @@ pub mod raw {
         packet
     }
 
+    /// A simple Query message.
+    pub fn query(sql: &str) -> Vec<u8> {
+        let mut msg = vec![b'Q'];
+        msg.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+        msg.extend_from_slice(sql.as_bytes());
+        msg.push(0);
+        msg
+    }
+
+    /// Terminate.
+    pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+    /// Logs in as a trust user and reads up to the first ReadyForQuery.
+    pub async fn login_trusted(addr: SocketAddr, user: &str) -> TcpStream {
+        let mut s = connect(addr).await;
+        send(&mut s, &startup(&[("user", user), ("database", "app")])).await;
+        loop {
+            match read_message(&mut s).await {
+                Some((b'Z', _)) => return s,
+                Some((b'E', body)) => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+                Some(_) => continue,
+                None => panic!("closed during login"),
+            }
+        }
+    }
+
     /// An untagged packet: length, then a request code, then `rest`.
     pub fn request(code: i32, rest: &[u8]) -> Vec<u8> {
         let mut packet = ((rest.len() + 8) as i32).to_be_bytes().to_vec();
