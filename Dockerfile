@@ -1,0 +1,22 @@
+# pgshield as a small container: build with the Rust image, run on Debian slim as a
+# non-root user. Configure by mounting a file at /etc/pgshield/pgshield.toml, or by
+# environment alone (PGSHIELD__SECTION__KEY=value); see README "Running as a sidecar".
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin pgshield \
+ && strip target/release/pgshield
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgshield \
+ && mkdir -p /etc/pgshield
+COPY --from=build /src/target/release/pgshield /usr/local/bin/pgshield
+COPY config/pgshield.toml /etc/pgshield/pgshield.example.toml
+USER pgshield
+# Inside a container, listen on every interface (override with -e PGSHIELD__LISTEN__ADDR=…).
+ENV PGSHIELD__LISTEN__ADDR=0.0.0.0:6432
+EXPOSE 6432
+ENTRYPOINT ["/usr/local/bin/pgshield"]
+CMD ["run"]
