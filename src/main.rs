@@ -12,6 +12,7 @@ use pgshield::config::{
 use pgshield::devdb::{DevDb, DevDbOptions};
 use pgshield::shutdown::Shutdown;
 use pgshield::Proxy;
+use tokio::signal::unix::Signal;
 
 /// Where `run` looks for a configuration file when none is given.
 const DEFAULT_CONFIG: &str = "/etc/pgshield/pgshield.toml";
@@ -191,6 +192,15 @@ fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCod
         }
     };
     runtime.block_on(async {
+        // Handlers first: once the port is open, a SIGTERM must mean "drain", not "die".
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(term), Ok(int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            eprintln!("pgshield: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
         let proxy = match Proxy::bind(config).await {
             Ok(p) => p,
             Err(e) => {
@@ -199,22 +209,14 @@ fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCod
             }
         };
         on_ready(proxy.local_addr());
-        tokio::spawn(watch_signals(proxy.shutdown_handle()));
+        tokio::spawn(watch_signals(proxy.shutdown_handle(), term, int));
         proxy.run().await;
         ExitCode::SUCCESS
     })
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one forces it.
-async fn watch_signals(shutdown: Shutdown) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn watch_signals(shutdown: Shutdown, mut term: Signal, mut int: Signal) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully (signal again to force)"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully (signal again to force)"),

@@ -84,8 +84,16 @@ pub async fn serve(
     let mut stream = Stream::from_tcp(tcp);
     let mut buf = BytesMut::new();
     let login_timeout = shared.config.listen.client_login_timeout;
+    let shutdown = shared.shutdown.clone();
     let login = handshake::login(&shared, &mut stream, &mut buf, peer, slot.is_some());
-    let refusal = match tokio::time::timeout(login_timeout, login).await {
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(login_timeout, login) => outcome,
+        // A login in progress must not hold up a shutdown.
+        _ = shutdown.draining() => Ok(Err(handshake::Refusal {
+            error: Some(ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, "pgshield is shutting down")),
+        })),
+    };
+    let refusal = match outcome {
         Ok(Ok(login)) => {
             session::Session::new(shared, id, stream, login, buf)
                 .run()

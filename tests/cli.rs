@@ -1,0 +1,265 @@
+//! The `pgshield` command line: `check-config` (masked output, errors that name the key,
+//! environment overrides) and `dev` (a throwaway PostgreSQL, fronted, cleaned up on Ctrl-C).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgshield");
+
+/// A config with everything `check-config` needs; tests append to it.
+const MINIMAL: &str = "[databases.app]\nhost = \"127.0.0.1\"\n\n[users.app]\npassword = \"pw\"\n";
+
+/// A temp directory holding one config file, removed on drop.
+struct ConfigFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pgshield-cli-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temp dir for the config");
+        let path = dir.join("pgshield.toml");
+        std::fs::write(&path, text).expect("write the config file");
+        ConfigFile { dir, path }
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The binary with none of the caller's `PGSHIELD*` variables; killed if dropped early.
+fn pgshield() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PGSHIELD") {
+            command.env_remove(name);
+        }
+    }
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    command
+}
+
+/// Runs `pgshield check-config FILE` (with extra environment) and collects its output.
+async fn check_config(file: &Path, env: &[(&str, &str)]) -> Output {
+    let mut command = pgshield();
+    command.arg("check-config").arg(file);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("check-config finishes within 30 s")
+        .expect("run pgshield check-config")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_config_with_secrets_masked() {
+    let file = ConfigFile::new(&format!(
+        "{MINIMAL}\n[users.ops]\npassword = \"hunter2-secret\"\nserver_password = \"backend-secret-pw\"\n"
+    ));
+    let out = check_config(&file.path, &[]).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("********"), "{stdout}");
+    assert!(stdout.contains("max_size"), "{stdout}");
+    assert!(stdout.contains("[users.ops]"), "{stdout}");
+    for secret in ["hunter2-secret", "backend-secret-pw"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} shown:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_names_the_bad_key() {
+    for (extra, key) in [
+        ("[pool]\nmax_size = 0\n", "pool.max_size"),
+        ("[pool]\nmax_sise = 3\n", "max_sise"),
+    ] {
+        let file = ConfigFile::new(&format!("{extra}\n{MINIMAL}"));
+        let out = check_config(&file.path, &[]).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{extra}: status {:?}\nstderr:\n{stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains(key),
+            "{extra}: stderr does not name {key}:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn env_overrides_apply() {
+    let file = ConfigFile::new(MINIMAL);
+    let out = check_config(&file.path, &[("PGSHIELD__POOL__MAX_SIZE", "77")]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "status {:?}\nstderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.lines().any(|l| l.trim() == "max_size = 77"),
+        "no `max_size = 77` in:\n{stdout}"
+    );
+}
+
+/// A running `pgshield dev`: killed by PID (and reaped) on drop unless it has exited.
+struct Dev {
+    child: Child,
+    exited: bool,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if !self.exited {
+            // kill_on_drop is set as well; this makes it explicit and immediate.
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+/// The text between the first pair of double quotes in `line`.
+fn quoted(line: &str) -> Option<&str> {
+    let start = line.find('"')? + 1;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_starts_postgres_fronts_it_and_cleans_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port();
+    let mut child = pgshield()
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pgshield dev");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut dev = Dev {
+        child,
+        exited: false,
+    };
+    let pid = Pid::from_raw(i32::try_from(dev.child.id().expect("running")).expect("pid"));
+
+    // Read the banner up to the line with the URL through pgshield.
+    let mut lines = BufReader::new(stdout).lines();
+    let mut banner = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read dev's stdout") {
+            let last = line.contains("Through pgshield:");
+            banner.push(line);
+            if last {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(read, Ok(true)),
+        "no `Through pgshield:` line within 60 s (timed out: {}); stdout so far:\n{}",
+        read.is_err(),
+        banner.join("\n")
+    );
+    let banner_text = banner.join("\n");
+    let url = banner
+        .iter()
+        .find(|l| l.contains("Through pgshield:"))
+        .and_then(|l| quoted(l))
+        .unwrap_or_else(|| panic!("no quoted URL in:\n{banner_text}"))
+        .to_owned();
+    assert!(url.starts_with("postgresql://"), "{url}");
+    assert!(url.contains(&format!("127.0.0.1:{port}")), "{url}");
+    let dir = banner
+        .iter()
+        .find_map(|l| {
+            let start = l.find("(throwaway, in ")? + "(throwaway, in ".len();
+            let len = l[start..].find(')')?;
+            Some(PathBuf::from(&l[start..start + len]))
+        })
+        .unwrap_or_else(|| panic!("no `(throwaway, in DIR)` in:\n{banner_text}"));
+    assert!(
+        dir.is_dir(),
+        "{} should exist while dev runs",
+        dir.display()
+    );
+
+    // Keep reading stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let mut config = url
+        .parse::<tokio_postgres::Config>()
+        .unwrap_or_else(|e| panic!("{url} is not a connection URL: {e}"));
+    config.connect_timeout(Duration::from_secs(10));
+    let conn = tokio::time::timeout(Duration::from_secs(20), common::connect(&config))
+        .await
+        .expect("login through pgshield dev within 20 s")
+        .expect("login through pgshield dev");
+    let one: i32 = conn
+        .client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("SELECT 1 through pgshield dev")
+        .get(0);
+    assert_eq!(one, 1);
+    let max: String = conn
+        .client
+        .query_one("SELECT current_setting('max_connections')", &[])
+        .await
+        .expect("read max_connections")
+        .get(0);
+    assert_eq!(max, "20");
+
+    // Ctrl-C: pgshield stops, then the server, and the directory goes.
+    kill(pid, Signal::SIGINT).expect("send SIGINT to pgshield dev");
+    let status = tokio::time::timeout(Duration::from_secs(20), dev.child.wait())
+        .await
+        .expect("pgshield dev exits within 20 s of SIGINT")
+        .expect("wait for pgshield dev");
+    dev.exited = true;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(
+        !dir.exists(),
+        "{} still exists after pgshield dev exited",
+        dir.display()
+    );
+}
