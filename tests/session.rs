@@ -400,3 +400,95 @@ async fn a_statement_sent_just_before_the_client_leaves_is_still_executed() {
     }
     assert_eq!(rows, 2, "both statements ran");
 }
+
+/// The only backend's PID as seen by a new client of a one-backend pool.
+async fn next_clients_pid(proxy: &TestProxy, role: &str) -> i32 {
+    let conn = proxy.connect(role, "pw").await.expect("login");
+    conn.client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("query")
+        .get(0)
+}
+
+#[tokio::test]
+async fn an_extended_protocol_copy_in_leaves_the_backend_clean_for_the_next_client() {
+    // tokio-postgres sends Bind, Execute, Sync, the data, CopyDone, Sync: PostgreSQL
+    // ignores the first Sync, so only one ReadyForQuery comes for two Syncs.
+    common::create_role("sess_copyext", "pw").await;
+    let proxy =
+        TestProxy::start("[pool]\nmax_size = 1\n[users.sess_copyext]\npassword = \"pw\"\n").await;
+    let pid = next_clients_pid(&proxy, "sess_copyext").await;
+    {
+        let conn = proxy.connect("sess_copyext", "pw").await.expect("login");
+        conn.client
+            .batch_execute("CREATE TABLE copy_ext (x int)")
+            .await
+            .unwrap();
+        let sink = conn
+            .client
+            .copy_in("COPY copy_ext FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+            .await
+            .unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 3);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        next_clients_pid(&proxy, "sess_copyext").await,
+        pid,
+        "the backend was reset and returned, not closed as if it still owed a reply"
+    );
+}
+
+#[tokio::test]
+async fn messages_skipped_after_an_extended_error_are_not_waited_for() {
+    // Parse fails; PostgreSQL discards the Query sent before the Sync and answers only
+    // the Sync.
+    common::create_role("sess_skip", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.sess_skip]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let pid = next_clients_pid(&proxy, "sess_skip").await;
+    let mut s = raw::login_trusted(proxy.addr, "sess_skip").await;
+    let mut bytes = vec![b'P'];
+    let body = b"\0SELEKT nonsense\0\0\0";
+    bytes.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes.extend_from_slice(&raw::query("SELECT 1"));
+    bytes.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+    raw::send(&mut s, &bytes).await;
+    let mut tags = Vec::new();
+    while let Some((tag, _)) = raw::read_message(&mut s).await {
+        tags.push(tag);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(tags, vec![b'E', b'Z']);
+    raw::send(&mut s, &raw::TERMINATE).await;
+    assert!(raw::closed(&mut s).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        next_clients_pid(&proxy, "sess_skip").await,
+        pid,
+        "the backend was returned"
+    );
+}
+
+#[tokio::test]
+async fn a_value_larger_than_256_mib_streams_through() {
+    let proxy = proxy("sess_huge").await;
+    let conn = proxy.connect("sess_huge", "pw").await.expect("login");
+    let len: i64 = 270_000_000;
+    let row = conn
+        .client
+        .query_one("SELECT repeat('h', $1::int)", &[&(len as i32)])
+        .await
+        .expect("a 270 MB row");
+    assert_eq!(row.get::<_, &str>(0).len() as i64, len);
+}

@@ -103,7 +103,7 @@ pub struct Session {
     skip_until_sync: bool,
     /// The backend sent a FATAL error (the client has it; no need to add ours).
     server_sent_fatal: bool,
-    last_client_activity: Instant,
+    last_activity: Instant,
 }
 
 impl Session {
@@ -129,7 +129,7 @@ impl Session {
             server_msg: Passing::default(),
             skip_until_sync: false,
             server_sent_fatal: false,
-            last_client_activity: Instant::now(),
+            last_activity: Instant::now(),
         }
     }
 
@@ -139,7 +139,7 @@ impl Session {
     }
 
     async fn relay(&mut self) -> End {
-        let idle_timeout =
+        let mut idle_timeout =
             Some(self.shared.config.pool.idle_client_timeout).filter(|t| !t.is_zero());
         let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle_timer);
@@ -159,23 +159,27 @@ impl Session {
                 _ = shutdown.draining(), if between_transactions => return End::Shutdown,
                 _ = &mut idle_timer, if idle_timeout.is_some() => {
                     let timeout = idle_timeout.unwrap_or_default();
-                    if quiet && self.last_client_activity.elapsed() >= timeout {
+                    if quiet && self.last_activity.elapsed() >= timeout {
                         return End::IdleTimeout;
                     }
-                    let since = if quiet { self.last_client_activity } else { Instant::now() };
-                    idle_timer.as_mut().reset((since + timeout).into());
+                    // Idle means no bytes either way while nothing runs.
+                    let since = if quiet { self.last_activity } else { Instant::now() };
+                    match since.checked_add(timeout) {
+                        Some(deadline) => idle_timer.as_mut().reset(deadline.into()),
+                        None => idle_timeout = None,
+                    }
                     continue;
                 }
                 event = poll_fn(|cx| self.poll_io(cx, true)) => event,
             };
             match event {
-                Event::ClientData => self.last_client_activity = Instant::now(),
+                Event::ClientData => self.last_activity = Instant::now(),
                 Event::ClientEof => return End::ClientGone,
                 Event::ClientError(e) => {
                     tracing::debug!(client = %self.id, error = %e, "client i/o error");
                     return End::ClientGone;
                 }
-                Event::ServerData => {}
+                Event::ServerData => self.last_activity = Instant::now(),
                 Event::ServerEof => return End::ServerLost(None),
                 Event::ServerError(e) => return End::ServerLost(Some(e)),
             }
@@ -254,7 +258,8 @@ impl Session {
                 self.client_msg.left -= n;
                 continue;
             }
-            let header = match peek_header(&self.client_in, DEFAULT_MAX_MESSAGE_SIZE) {
+            // Every client message streams through: PostgreSQL enforces its own limits.
+            let header = match peek_header(&self.client_in) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::ClientProtocol(e.to_string())),
@@ -334,7 +339,7 @@ impl Session {
                 self.server_msg.left -= n;
                 continue;
             }
-            let header = match peek_header(&server.read_buf, DEFAULT_MAX_MESSAGE_SIZE) {
+            let header = match peek_header(&server.read_buf) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -343,11 +348,20 @@ impl Session {
                 }
             };
             if !matches!(header.tag, b'Z' | b'S' | b'E') {
+                // Rows, COPY data and the rest stream through: only the tag matters.
+                if server.replies.received(header.tag, None).is_err() {
+                    server.mark_broken();
+                    return Err(End::ServerProtocol(out_of_step(header.tag)));
+                }
                 self.server_msg = Passing {
                     left: header.len,
                     forward: true,
                 };
                 continue;
+            }
+            if let Err(e) = header.check_size(DEFAULT_MAX_MESSAGE_SIZE) {
+                server.mark_broken();
+                return Err(End::ServerProtocol(e.to_string()));
             }
             if server.read_buf.len() < header.len {
                 let missing = header.len - server.read_buf.len();
@@ -360,32 +374,26 @@ impl Session {
                 .extend_from_slice(&server.read_buf[..header.len]);
             server.read_buf.advance(header.len);
             let body = &self.client_out[start + HEADER_LEN..];
+            if server
+                .replies
+                .received(header.tag, body.first().copied())
+                .is_err()
+            {
+                server.mark_broken();
+                return Err(End::ServerProtocol(out_of_step(header.tag)));
+            }
             match header.tag {
-                b'Z' => {
-                    let in_step = body
-                        .first()
-                        .copied()
-                        .and_then(TxStatus::from_byte)
-                        .is_some_and(|status| server.replies.ready(status));
-                    if !in_step {
-                        server.mark_broken();
-                        return Err(End::ServerProtocol(
-                            "unexpected ReadyForQuery from the server".into(),
-                        ));
-                    }
-                }
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(body) {
                         self.client_view.set(name, value);
                         server.note_param(name, value);
                     }
                 }
-                _ => {
-                    if ErrorResponse::parse(body).is_some_and(|e| e.severity.is_fatal()) {
-                        server.mark_broken();
-                        self.server_sent_fatal = true;
-                    }
+                b'E' if ErrorResponse::parse(body).is_some_and(|e| e.severity.is_fatal()) => {
+                    server.mark_broken();
+                    self.server_sent_fatal = true;
                 }
+                _ => {}
             }
         }
     }
@@ -416,7 +424,7 @@ impl Session {
                     }
                 },
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead)) => match event {
-                    Event::ClientData => self.last_client_activity = Instant::now(),
+                    Event::ClientData => self.last_activity = Instant::now(),
                     _ => return Err(End::ClientGone),
                 },
             }
@@ -491,13 +499,19 @@ impl Session {
             other => tracing::debug!(client = %self.id, reason = ?other, "session ended"),
         }
         // Release before the last write: a slow client must not hold a backend.
-        if let Some(backend) = self.backend.take() {
-            let torn = self.client_msg.left > 0 || self.server_msg.left > 0;
+        let mid_message_to_client = self.server_msg.left > 0;
+        if let Some(mut backend) = self.backend.take() {
+            let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
             let server_failed = matches!(
                 end,
                 End::ForcedShutdown | End::ServerLost(_) | End::ServerProtocol(_)
             );
-            if server_failed || torn {
+            if mid_message_to_server || (server_failed && !self.server_out.is_empty()) {
+                // The server may hold part of a message: a Terminate now would be read as
+                // the rest of it. Just close.
+                backend.server().skip_terminate();
+                backend.discard();
+            } else if server_failed || mid_message_to_client {
                 backend.discard();
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
                 return_backend(backend).await;
@@ -505,7 +519,8 @@ impl Session {
                 hand_over_and_close(backend, std::mem::take(&mut self.server_out)).await;
             }
         }
-        if let Some(error) = farewell {
+        // A farewell inside a half-passed message would be read as part of it.
+        if let Some(error) = farewell.filter(|_| !mid_message_to_client) {
             error.encode(&mut self.client_out);
         }
         if !self.client_out.is_empty() && !matches!(end, End::ClientGone) {
@@ -573,8 +588,17 @@ async fn hand_over_and_close(mut backend: Backend, mut pending: BytesMut) {
     pending.extend_from_slice(&[b'X', 0, 0, 0, 4]);
     let server = backend.server();
     server.mark_broken();
+    // Sent with the rest, or (on a timeout) perhaps cut mid-message: no second Terminate.
+    server.skip_terminate();
     let _ = tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.stream.write_all(&pending)).await;
     backend.discard();
+}
+
+fn out_of_step(tag: u8) -> String {
+    format!(
+        "the server sent a '{}' message that nothing the client sent asked for",
+        char::from(tag)
+    )
 }
 
 /// Makes sure a read has room to land.

@@ -30,8 +30,10 @@ pub enum FrameError {
     TooLarge { tag: u8, len: usize, max: usize },
 }
 
-/// Reads the header at the start of `buf`, if five bytes are there.
-pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<Header>, FrameError> {
+/// Reads the header at the start of `buf`, if five bytes are there. Checks only that the
+/// length is possible: a message that is streamed through is never held whole, so only
+/// the caller knows whether its size matters (see [`Header::check_size`]).
+pub fn peek_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -40,15 +42,24 @@ pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<Header>, FrameEr
     if raw < 4 {
         return Err(FrameError::BadLength { tag, len: raw });
     }
-    let len = raw as usize + 1;
-    if len > max_len {
-        return Err(FrameError::TooLarge {
-            tag,
-            len,
-            max: max_len,
-        });
+    Ok(Some(Header {
+        tag,
+        len: raw as usize + 1,
+    }))
+}
+
+impl Header {
+    /// Refuses a message too large to be held whole.
+    pub fn check_size(&self, max_len: usize) -> Result<(), FrameError> {
+        if self.len > max_len {
+            return Err(FrameError::TooLarge {
+                tag: self.tag,
+                len: self.len,
+                max: max_len,
+            });
+        }
+        Ok(())
     }
-    Ok(Some(Header { tag, len }))
 }
 
 /// Splits one whole message off the front of `buf`, if it is all there.
@@ -57,7 +68,11 @@ pub fn split_message(
     buf: &mut BytesMut,
     max_len: usize,
 ) -> Result<Option<(u8, BytesMut)>, FrameError> {
-    match peek_header(buf, max_len)? {
+    let header = peek_header(buf)?;
+    if let Some(h) = &header {
+        h.check_size(max_len)?;
+    }
+    match header {
         Some(h) if buf.len() >= h.len => {
             let mut msg = buf.split_to(h.len);
             msg.advance(HEADER_LEN);
@@ -113,9 +128,9 @@ mod tests {
 
     #[test]
     fn header_needs_five_bytes() {
-        assert_eq!(peek_header(b"Q\0\0", 100), Ok(None));
+        assert_eq!(peek_header(b"Q\0\0"), Ok(None));
         assert_eq!(
-            peek_header(b"Q\0\0\0\x05x", 100),
+            peek_header(b"Q\0\0\0\x05x"),
             Ok(Some(Header { tag: b'Q', len: 6 }))
         );
     }
@@ -123,11 +138,11 @@ mod tests {
     #[test]
     fn lengths_below_four_are_refused() {
         assert_eq!(
-            peek_header(b"Q\0\0\0\x03", 100),
+            peek_header(b"Q\0\0\0\x03"),
             Err(FrameError::BadLength { tag: b'Q', len: 3 })
         );
         assert!(matches!(
-            peek_header(b"Q\xff\xff\xff\xff", 100),
+            peek_header(b"Q\xff\xff\xff\xff"),
             Err(FrameError::BadLength { .. })
         ));
     }

@@ -3,8 +3,6 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::frame::take_cstr;
-
 /// Writes one tagged message: the tag, a length patched in afterwards, and the body.
 pub fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
@@ -174,7 +172,8 @@ impl ErrorResponse {
         });
     }
 
-    /// Parses the body of an ErrorResponse sent by a backend.
+    /// Parses the body of an ErrorResponse sent by a backend. Texts need not be UTF-8
+    /// (the server writes them in the client's encoding).
     pub fn parse(mut body: &[u8]) -> Option<ErrorResponse> {
         let mut err = ErrorResponse::error("XX000", "");
         let mut saw_code = false;
@@ -184,7 +183,10 @@ impl ErrorResponse {
             if field == 0 {
                 return saw_code.then_some(err);
             }
-            let value = take_cstr(&mut body)?;
+            let end = body.iter().position(|&b| b == 0)?;
+            let value = String::from_utf8_lossy(&body[..end]);
+            let value = value.as_ref();
+            body = &body[end + 1..];
             match field {
                 b'V' => {
                     err.severity = match value {
@@ -258,6 +260,8 @@ mod tests {
         assert_eq!(ErrorResponse::parse(&buf[5..]), Some(original));
         assert_eq!(ErrorResponse::parse(b"Mno code\0\0"), None);
         assert_eq!(ErrorResponse::parse(b"Cabc"), None);
+        let latin1 = ErrorResponse::parse(b"VFATAL\0C57P01\0Mterminaci\xf3n\0\0").expect("parses");
+        assert!(latin1.severity.is_fatal());
     }
 
     #[test]

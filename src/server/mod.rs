@@ -101,6 +101,8 @@ pub struct Server {
     /// Client settings applied to this backend by pgshield, as (name, value) given.
     applied: Vec<(String, String)>,
     broken: bool,
+    /// Closing sends no Terminate (the server's input may be mid-message, or it has one).
+    no_terminate: bool,
     created: Instant,
     idle_since: Instant,
 }
@@ -128,6 +130,7 @@ impl Server {
             params: ServerParams::default(),
             applied: Vec::new(),
             broken: false,
+            no_terminate: false,
             created: now,
             idle_since: now,
         }
@@ -179,6 +182,13 @@ impl Server {
         self.broken
     }
 
+    /// Close without a Terminate: the server's input may end mid-message, where a
+    /// Terminate would be read as the rest of that message.
+    pub fn skip_terminate(&mut self) {
+        self.broken = true;
+        self.no_terminate = true;
+    }
+
     pub fn age(&self) -> Duration {
         self.created.elapsed()
     }
@@ -217,6 +227,13 @@ impl Server {
             return Err(ServerError::Io(e));
         }
         self.replies.sent(b'Q');
+        let out_of_step = |server: &mut Server, tag: u8| {
+            server.broken = true;
+            ServerError::Protocol(format!(
+                "unexpected message type '{}' in reply to an internal query",
+                char::from(tag)
+            ))
+        };
         let mut reply = InternalReply::default();
         loop {
             let (tag, body) = match read_message(
@@ -232,17 +249,11 @@ impl Server {
                     return Err(ServerError::from_read(e));
                 }
             };
+            if self.replies.received(tag, body.first().copied()).is_err() {
+                return Err(out_of_step(self, tag));
+            }
             match tag {
-                b'Z' => {
-                    let status = body.first().copied().and_then(TxStatus::from_byte);
-                    match status {
-                        Some(s) if self.replies.ready(s) => break,
-                        _ => {
-                            self.broken = true;
-                            return Err(ServerError::Protocol("unexpected ReadyForQuery".into()));
-                        }
-                    }
-                }
+                b'Z' => break,
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
                         self.params.set(name, value);
@@ -262,13 +273,7 @@ impl Server {
                 }
                 // Rows, completions and notices of our own queries are nobody's business.
                 b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => {}
-                other => {
-                    self.broken = true;
-                    return Err(ServerError::Protocol(format!(
-                        "unexpected message type '{}' in reply to an internal query",
-                        char::from(other)
-                    )));
-                }
+                other => return Err(out_of_step(self, other)),
             }
         }
         Ok(reply)
@@ -299,7 +304,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Say goodbye so the server does not log an unexpected EOF; never wait for it.
-        self.stream.try_write_now(&TERMINATE);
+        if !self.no_terminate {
+            self.stream.try_write_now(&TERMINATE);
+        }
     }
 }
 

@@ -1,13 +1,21 @@
-//! What a backend still owes: the bookkeeping that decides when a backend is idle.
+//! What a backend still owes: the queue of replies its client's messages will produce,
+//! and the rules PostgreSQL uses to skip some of them. It decides when a backend is idle.
 //!
-//! Every Query, FunctionCall and Sync the client sends is answered by exactly one
-//! ReadyForQuery (after an error in the extended protocol Postgres skips to the next Sync,
-//! which keeps the count exact). Extended-protocol messages sent since the last Sync are
-//! work in progress even before they are answered. A backend is idle only when nothing is
-//! owed, no extended batch is open, and its last ReadyForQuery said `I`.
+//! Each message the client sends that the server answers is queued in order; each reply
+//! from the server completes the entry at the front. Three PostgreSQL rules make the count
+//! differ from "one ReadyForQuery per Sync":
+//! - after an ErrorResponse in the extended protocol the server discards every message
+//!   until the next Sync (which it answers);
+//! - during COPY FROM STDIN it ignores Sync and Flush (and consumes anything else but
+//!   CopyData, CopyDone and CopyFail), until the client's CopyDone or CopyFail;
+//! - an ErrorResponse inside a simple Query or FunctionCall ends it with ReadyForQuery.
 //!
-//! Transaction pooling will grow this into a queue of expected replies (to swallow the
-//! replies of injected messages); the counting rule stays the same.
+//! A backend is idle when nothing is queued, no extended-protocol batch is open (messages
+//! sent since the last Sync run in one implicit transaction), and its last ReadyForQuery
+//! said `I`. The session (and later transaction pooling) asks only `at_boundary` and
+//! `is_idle`; everything else stays in here, unit-tested without a database.
+
+use std::collections::VecDeque;
 
 /// Transaction status from the last ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +36,67 @@ impl TxStatus {
     }
 }
 
+/// A client message whose reply is still to come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owed {
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+    /// CopyDone or CopyFail: answers nothing itself, but marks where a COPY FROM STDIN
+    /// ends in the client's stream.
+    CopyEnd,
+}
+
+impl Owed {
+    fn from_tag(tag: u8) -> Option<Owed> {
+        Some(match tag {
+            b'P' => Owed::Parse,
+            b'B' => Owed::Bind,
+            b'D' => Owed::Describe,
+            b'E' => Owed::Execute,
+            b'C' => Owed::Close,
+            b'S' => Owed::Sync,
+            b'Q' => Owed::Query,
+            b'F' => Owed::FunctionCall,
+            b'c' | b'f' => Owed::CopyEnd,
+            _ => return None,
+        })
+    }
+
+    /// Answered by ReadyForQuery.
+    fn ends_with_ready(self) -> bool {
+        matches!(self, Owed::Sync | Owed::Query | Owed::FunctionCall)
+    }
+}
+
+/// The server answered something nobody asked for: the backend is out of step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfStep;
+
 #[derive(Debug, Clone)]
 pub struct ReplyTracker {
-    ready_owed: u32,
+    owed: VecDeque<Owed>,
+    /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
+    /// The server is discarding the client's messages until a Sync (after an error).
+    skipping_to_sync: bool,
+    /// The server is in COPY FROM STDIN and the client has not ended it yet.
+    client_copying: bool,
     tx: TxStatus,
 }
 
 impl Default for ReplyTracker {
     fn default() -> Self {
         ReplyTracker {
-            ready_owed: 0,
+            owed: VecDeque::new(),
             extended_open: false,
+            skipping_to_sync: false,
+            client_copying: false,
             tx: TxStatus::Idle,
         }
     }
@@ -48,31 +105,132 @@ impl Default for ReplyTracker {
 impl ReplyTracker {
     /// Notes a message sent to the backend.
     pub fn sent(&mut self, tag: u8) {
-        match tag {
-            b'Q' | b'F' => self.ready_owed += 1,
-            b'S' => {
-                self.ready_owed += 1;
-                self.extended_open = false;
+        if self.client_copying {
+            // The server ignores or consumes all of it; only the end of the data matters.
+            if matches!(tag, b'c' | b'f') {
+                self.client_copying = false;
             }
+            return;
+        }
+        if self.skipping_to_sync {
+            if tag != b'S' {
+                return;
+            }
+            self.skipping_to_sync = false;
+        }
+        match tag {
             b'P' | b'B' | b'D' | b'E' | b'C' => self.extended_open = true,
+            b'S' => self.extended_open = false,
             _ => {}
+        }
+        if let Some(owed) = Owed::from_tag(tag) {
+            self.owed.push_back(owed);
         }
     }
 
-    /// Notes a ReadyForQuery from the backend. Returns false if none was owed
-    /// (the backend is out of step with us and must not be reused).
-    pub fn ready(&mut self, status: TxStatus) -> bool {
-        self.tx = status;
-        if self.ready_owed == 0 {
-            return false;
+    /// Notes a message from the backend. `status` is the first body byte (ReadyForQuery's
+    /// transaction status). Async messages (notices, notifications, parameter changes)
+    /// and rows change nothing.
+    pub fn received(&mut self, tag: u8, status: Option<u8>) -> Result<(), OutOfStep> {
+        match tag {
+            b'1' => self.complete(Owed::Parse),
+            b'2' => self.complete(Owed::Bind),
+            b'3' => self.complete(Owed::Close),
+            // RowDescription or NoData end a Describe; inside a Query they describe rows.
+            b'T' | b'n' => {
+                if self.front() == Some(Owed::Describe) {
+                    self.owed.pop_front();
+                }
+                Ok(())
+            }
+            // CommandComplete, EmptyQueryResponse, PortalSuspended end an Execute; a Query
+            // goes on until its ReadyForQuery.
+            b'C' | b'I' | b's' => {
+                if self.front() == Some(Owed::Execute) {
+                    self.owed.pop_front();
+                }
+                Ok(())
+            }
+            b'G' => {
+                self.copy_in_started();
+                Ok(())
+            }
+            b'E' => {
+                self.error();
+                Ok(())
+            }
+            b'Z' => self.ready(status.and_then(TxStatus::from_byte).ok_or(OutOfStep)?),
+            _ => Ok(()),
         }
-        self.ready_owed -= 1;
-        true
+    }
+
+    /// The entry the next reply belongs to (CopyEnd markers answer nothing: skipped).
+    fn front(&mut self) -> Option<Owed> {
+        while self.owed.front() == Some(&Owed::CopyEnd) {
+            self.owed.pop_front();
+        }
+        self.owed.front().copied()
+    }
+
+    fn complete(&mut self, expected: Owed) -> Result<(), OutOfStep> {
+        if self.front() != Some(expected) {
+            return Err(OutOfStep);
+        }
+        self.owed.pop_front();
+        Ok(())
+    }
+
+    /// CopyInResponse: what the client sent between the COPY and its CopyDone/CopyFail is
+    /// ignored or consumed by the server; drop it from what is owed.
+    fn copy_in_started(&mut self) {
+        if self.front().is_none() {
+            return;
+        }
+        match self.owed.iter().position(|o| *o == Owed::CopyEnd) {
+            Some(end) => {
+                self.owed.drain(1..=end);
+            }
+            None => {
+                self.owed.truncate(1);
+                self.client_copying = true;
+            }
+        }
+    }
+
+    /// ErrorResponse. Inside a simple Query or FunctionCall, its ReadyForQuery still
+    /// comes. In the extended protocol the server skips to the next Sync.
+    fn error(&mut self) {
+        match self.front() {
+            // Nothing outstanding: an asynchronous error (e.g. FATAL on termination).
+            None => {}
+            Some(Owed::Query | Owed::FunctionCall) => {}
+            Some(_) => match self.owed.iter().position(|o| *o == Owed::Sync) {
+                Some(sync) => {
+                    self.owed.drain(..sync);
+                }
+                None => {
+                    self.owed.clear();
+                    self.skipping_to_sync = true;
+                }
+            },
+        }
+    }
+
+    fn ready(&mut self, status: TxStatus) -> Result<(), OutOfStep> {
+        self.tx = status;
+        let Some(at) = self.owed.iter().position(|o| o.ends_with_ready()) else {
+            return Err(OutOfStep);
+        };
+        self.owed.drain(..=at);
+        Ok(())
     }
 
     /// Nothing owed and no extended batch open: a safe point to run our own queries.
     pub fn at_boundary(&self) -> bool {
-        self.ready_owed == 0 && !self.extended_open
+        self.owed.is_empty()
+            && !self.extended_open
+            && !self.skipping_to_sync
+            && !self.client_copying
     }
 
     /// At a boundary and outside any transaction block.
@@ -89,59 +247,201 @@ impl ReplyTracker {
 mod tests {
     use super::*;
 
+    /// Feeds client messages (upper-case tags, 'c'/'f'/'d'/'H') and server replies.
+    fn client(t: &mut ReplyTracker, tags: &str) {
+        for tag in tags.bytes() {
+            t.sent(tag);
+        }
+    }
+
+    fn server(t: &mut ReplyTracker, tags: &str) -> Result<(), OutOfStep> {
+        for tag in tags.bytes() {
+            t.received(tag, Some(b'I'))?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_simple_query_is_owed_until_its_ready_for_query() {
         let mut t = ReplyTracker::default();
         assert!(t.is_idle());
-        t.sent(b'Q');
+        client(&mut t, "Q");
+        server(&mut t, "TDDC").unwrap();
         assert!(!t.at_boundary());
-        assert!(t.ready(TxStatus::Idle));
+        server(&mut t, "Z").unwrap();
         assert!(t.is_idle());
     }
 
     #[test]
-    fn pipelined_syncs_are_each_answered() {
+    fn a_multi_statement_query_with_an_error_still_ends_with_one_ready() {
         let mut t = ReplyTracker::default();
-        for _ in 0..3 {
-            t.sent(b'P');
-            t.sent(b'B');
-            t.sent(b'E');
-            t.sent(b'S');
-        }
-        assert!(t.ready(TxStatus::Idle));
-        assert!(t.ready(TxStatus::Idle));
+        client(&mut t, "Q");
+        server(&mut t, "CE").unwrap();
         assert!(!t.at_boundary());
-        assert!(t.ready(TxStatus::Idle));
+        server(&mut t, "Z").unwrap();
         assert!(t.is_idle());
     }
 
     #[test]
-    fn an_extended_batch_without_sync_is_work_in_progress() {
+    fn pipelined_extended_batches_are_each_answered() {
         let mut t = ReplyTracker::default();
-        t.sent(b'P');
-        t.sent(b'D');
-        t.sent(b'H');
-        assert!(!t.at_boundary(), "Flush does not close the batch");
-        t.sent(b'S');
-        assert!(t.ready(TxStatus::Idle));
+        client(&mut t, "PBDES");
+        client(&mut t, "BES");
+        client(&mut t, "BES");
+        server(&mut t, "12TDCZ").unwrap();
+        server(&mut t, "2DCZ").unwrap();
+        assert!(!t.at_boundary());
+        server(&mut t, "2DCZ").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn an_extended_batch_without_sync_is_work_in_progress_even_when_answered() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PDH");
+        server(&mut t, "1tT").unwrap();
+        assert!(
+            !t.at_boundary(),
+            "no Sync yet: the implicit transaction is open"
+        );
+        client(&mut t, "S");
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn after_an_extended_error_everything_until_sync_is_skipped() {
+        // Parse fails; the Bind, Execute and even a simple Query before the Sync are
+        // discarded by the server, which answers only the Sync.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PBEQS");
+        server(&mut t, "E").unwrap();
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn an_error_before_the_client_sent_its_sync_skips_what_follows_too() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PH");
+        server(&mut t, "E").unwrap();
+        client(&mut t, "BEQ");
+        assert!(!t.at_boundary());
+        client(&mut t, "S");
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn an_error_at_sync_time_is_answered_by_that_sync() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2C").unwrap();
+        server(&mut t, "E").unwrap(); // e.g. a deferred constraint failing at commit
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn extended_copy_in_ignores_the_sync_sent_before_the_data() {
+        // tokio-postgres and libpq: Bind, Execute, Sync, then CopyData…, CopyDone, Sync.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dddc");
+        client(&mut t, "S");
+        server(&mut t, "C").unwrap();
+        assert!(!t.at_boundary());
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle(), "{t:?}");
+    }
+
+    #[test]
+    fn copy_in_data_sent_before_the_copy_in_response_is_understood_too() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BESddcS");
+        server(&mut t, "2GCZ").unwrap();
+        assert!(t.is_idle(), "{t:?}");
+    }
+
+    #[test]
+    fn simple_copy_in_ignores_syncs_and_flushes_inside_the_data() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "G").unwrap();
+        client(&mut t, "dHdSdc");
+        server(&mut t, "CZ").unwrap();
+        assert!(t.is_idle(), "{t:?}");
+    }
+
+    #[test]
+    fn a_failed_extended_copy_in_skips_to_the_sync_after_the_data() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dd");
+        server(&mut t, "E").unwrap(); // bad data
+        client(&mut t, "dc");
+        assert!(!t.at_boundary());
+        client(&mut t, "S");
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle(), "{t:?}");
+    }
+
+    #[test]
+    fn copy_fail_ends_the_copy_like_copy_done() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "G").unwrap();
+        client(&mut t, "df");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn copy_out_needs_nothing_special() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "HdddcCZ").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn a_function_call_is_answered_by_ready_for_query_even_after_an_error() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "F");
+        server(&mut t, "EZ").unwrap();
         assert!(t.is_idle());
     }
 
     #[test]
     fn an_open_transaction_is_a_boundary_but_not_idle() {
         let mut t = ReplyTracker::default();
-        t.sent(b'Q');
-        assert!(t.ready(TxStatus::InTransaction));
+        client(&mut t, "Q");
+        t.received(b'Z', Some(b'T')).unwrap();
         assert!(t.at_boundary());
         assert!(!t.is_idle());
-        t.sent(b'Q');
-        assert!(t.ready(TxStatus::Failed));
+        client(&mut t, "Q");
+        t.received(b'Z', Some(b'E')).unwrap();
         assert_eq!(t.tx_status(), TxStatus::Failed);
     }
 
     #[test]
-    fn an_unexpected_ready_for_query_is_reported() {
+    fn an_asynchronous_error_changes_nothing() {
         let mut t = ReplyTracker::default();
-        assert!(!t.ready(TxStatus::Idle));
+        server(&mut t, "E").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn replies_nobody_asked_for_are_out_of_step() {
+        let mut t = ReplyTracker::default();
+        assert_eq!(server(&mut t, "Z"), Err(OutOfStep));
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        assert_eq!(server(&mut t, "1"), Err(OutOfStep));
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        assert_eq!(t.received(b'Z', Some(b'?')), Err(OutOfStep));
     }
 }
