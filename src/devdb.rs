@@ -25,6 +25,9 @@ pub struct DevDbOptions {
     pub max_connections: u32,
     /// Extra `postgresql.conf` settings, as `name = value` pairs.
     pub settings: Vec<(String, String)>,
+    /// `pg_hba.conf` lines placed before the defaults (local trust, host scram-sha-256),
+    /// e.g. `host all legacy_user 127.0.0.1/32 md5`.
+    pub hba: Vec<String>,
 }
 
 impl Default for DevDbOptions {
@@ -32,6 +35,7 @@ impl Default for DevDbOptions {
         DevDbOptions {
             max_connections: 20,
             settings: Vec::new(),
+            hba: Vec::new(),
         }
     }
 }
@@ -176,6 +180,14 @@ impl DevDb {
             .arg(format!("--pwfile={}", pwfile.display()));
         run(&mut initdb, "initdb")?;
         let _ = std::fs::remove_file(&pwfile);
+        if !options.hba.is_empty() {
+            let hba = self.data_dir().join("pg_hba.conf");
+            let defaults = std::fs::read_to_string(&hba).map_err(io_err("read pg_hba.conf"))?;
+            let mut text = options.hba.join("\n");
+            text.push('\n');
+            text.push_str(&defaults);
+            std::fs::write(&hba, text).map_err(io_err("write pg_hba.conf"))?;
+        }
         self.version = std::fs::read_to_string(self.data_dir().join("PG_VERSION"))
             .map(|v| v.trim().to_owned())
             .unwrap_or_default();

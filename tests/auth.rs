@@ -274,3 +274,110 @@ async fn a_silent_client_is_closed_after_client_login_timeout() {
     assert!(raw::closed(&mut s).await, "closed within 10 s");
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
 }
+
+/// Runs `SELECT current_user` through a fresh proxy for one user section.
+async fn logs_in_to_the_server(
+    users_toml: &str,
+    user: &str,
+    password: &str,
+) -> Result<String, String> {
+    let proxy = TestProxy::start(&format!("[pool]\nmax_size = 1\n\n{users_toml}")).await;
+    let conn = proxy
+        .connect(user, password)
+        .await
+        .map_err(|e| e.to_string())?;
+    let row = conn
+        .client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn pgshield_logs_in_to_md5_servers() {
+    common::create_md5_role("be_md5", "pw-md5").await;
+    let users = "[users.be_md5]\nauth = \"md5\"\npassword = \"pw-md5\"\n";
+    assert_eq!(
+        logs_in_to_the_server(users, "be_md5", "pw-md5")
+            .await
+            .as_deref(),
+        Ok("be_md5")
+    );
+}
+
+#[tokio::test]
+async fn an_md5_hash_in_config_serves_both_clients_and_an_md5_server() {
+    common::create_md5_role("be_md5hash", "pw-hash").await;
+    let hash = postgres_protocol::password::md5(b"pw-hash", "be_md5hash");
+    let users = format!("[users.be_md5hash]\nauth = \"md5\"\npassword = \"{hash}\"\n");
+    assert_eq!(
+        logs_in_to_the_server(&users, "be_md5hash", "pw-hash")
+            .await
+            .as_deref(),
+        Ok("be_md5hash")
+    );
+}
+
+#[tokio::test]
+async fn pgshield_logs_in_to_servers_that_ask_for_a_cleartext_password() {
+    common::create_role("be_password", "pw-clear").await;
+    let users = "[users.be_password]\npassword = \"pw-clear\"\n";
+    assert_eq!(
+        logs_in_to_the_server(users, "be_password", "pw-clear")
+            .await
+            .as_deref(),
+        Ok("be_password")
+    );
+}
+
+#[tokio::test]
+async fn pgshield_logs_in_to_trusting_servers_without_any_password() {
+    common::create_role("be_trust", "unused").await;
+    let users = "[users.be_trust]\nauth = \"trust\"\n";
+    assert_eq!(
+        logs_in_to_the_server(users, "be_trust", "")
+            .await
+            .as_deref(),
+        Ok("be_trust")
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_server_password_is_reported_with_the_servers_code() {
+    common::create_role("be_wrong", "right").await;
+    let proxy =
+        TestProxy::start("[users.be_wrong]\npassword = \"right\"\nserver_password = \"wrong\"\n")
+            .await;
+    // The first login needs a backend (to learn the server's parameters): it is refused
+    // with the server's own 28P01, and the message says it was pgshield's login.
+    let err = proxy
+        .connect("be_wrong", "right")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
+    let message = err.as_db_error().unwrap().message();
+    assert!(
+        message.contains("pgshield could not log in to the server for pool app/be_wrong"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_user_with_only_a_verifier_gets_a_clear_error_from_a_scram_server() {
+    common::create_role("be_verifier_only", "pw").await;
+    let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+    let proxy = TestProxy::start(&format!(
+        "[users.be_verifier_only]\npassword = \"{verifier}\"\n"
+    ))
+    .await;
+    let err = proxy
+        .connect("be_verifier_only", "pw")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), Some("08006"), "{err}");
+    let message = err.as_db_error().unwrap().message();
+    assert!(message.contains("server_password"), "{message}");
+}

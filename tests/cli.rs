@@ -263,3 +263,23 @@ async fn dev_starts_postgres_fronts_it_and_cleans_up() {
         dir.display()
     );
 }
+
+#[tokio::test]
+async fn dev_without_server_binaries_says_how_to_get_them() {
+    let mut command = pgshield();
+    command
+        .arg("dev")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env("PGSHIELD_PG_BINDIR", "/nonexistent/pgshield-test");
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("dev gives up within 30 s")
+        .expect("run pgshield dev");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("server binaries") && stderr.contains("apt-get install -y postgresql"),
+        "{stderr}"
+    );
+}

@@ -304,6 +304,15 @@ impl Pools {
     /// One pool for every configured database and user.
     pub fn from_config(config: &Config) -> Pools {
         let settings = PoolSettings::from_config(config);
+        for (name, user) in &config.users {
+            if backend_password(user).is_none() {
+                tracing::warn!(
+                    user = %name,
+                    "no password pgshield can log in to the server with (none, or only a SCRAM \
+                     verifier): only servers that trust pgshield will accept it; set server_password"
+                );
+            }
+        }
         let mut pools = HashMap::new();
         for (db_name, db) in &config.databases {
             for (user_name, user) in &config.users {

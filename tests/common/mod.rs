@@ -31,6 +31,13 @@ pub fn cluster() -> &'static DevDb {
         DevDb::start(&DevDbOptions {
             max_connections: 20,
             settings: vec![],
+            // Roles whose names say how the server checks them, for backend auth tests.
+            hba: vec![
+                "host all be_md5 127.0.0.1/32 md5".into(),
+                "host all be_md5hash 127.0.0.1/32 md5".into(),
+                "host all be_password 127.0.0.1/32 password".into(),
+                "host all be_trust 127.0.0.1/32 trust".into(),
+            ],
         })
         .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"))
     })
@@ -79,6 +86,18 @@ pub async fn create_role(name: &str, password: &str) {
         ))
         .await
         .expect("create role");
+}
+
+/// Creates (or recreates) a login role whose password is stored as an md5 hash.
+pub async fn create_md5_role(name: &str, password: &str) {
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(4242); SET LOCAL password_encryption = 'md5'; \
+             DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN PASSWORD '{password}'; COMMIT;"
+        ))
+        .await
+        .expect("create md5 role");
 }
 
 /// Backends of `role` in `pg_stat_activity`.
