@@ -5,7 +5,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -26,14 +25,7 @@ struct ConfigFile {
 
 impl ConfigFile {
     fn new(text: &str) -> ConfigFile {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pgshield-cli-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create a temp dir for the config");
+        let dir = common::unique_temp_dir("cli");
         let path = dir.join("pgshield.toml");
         std::fs::write(&path, text).expect("write the config file");
         ConfigFile { dir, path }
@@ -163,10 +155,7 @@ fn quoted(line: &str) -> Option<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_starts_postgres_fronts_it_and_cleans_up() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port();
+    let port = common::free_port();
     let mut child = pgshield()
         .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::piped())

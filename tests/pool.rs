@@ -254,14 +254,9 @@ async fn a_client_idle_past_idle_client_timeout_is_closed_with_57p05() {
 }
 
 #[tokio::test]
-async fn an_unreachable_server_gives_08006_and_the_client_stays_connected() {
+async fn an_unreachable_server_refuses_the_first_login_with_08006() {
     common::create_role("pool_down", "pw").await;
-    // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port(); // nothing listens there
     let config = pgshield::Config::from_toml(&format!(
         "[listen]\naddr = \"127.0.0.1:0\"\n[pool]\nserver_connect_timeout = \"2s\"\n\
          [databases.app]\nhost = \"127.0.0.1\"\nport = {port}\n[users.pool_down]\npassword = \"pw\"\n"

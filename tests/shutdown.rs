@@ -6,7 +6,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::sqlstate;
@@ -17,27 +16,6 @@ use nix::unistd::Pid;
 const READY_LIMIT: Duration = Duration::from_secs(10);
 /// How long to wait for anything the proxy is supposed to do "now".
 const PROMPTLY: Duration = Duration::from_secs(10);
-
-/// A fresh, empty directory under the system temp dir (removed by [`Pgshield`]'s drop).
-fn unique_temp_dir(tag: &str) -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "pgshield-test-{tag}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create a temp dir for the config");
-    dir
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
-}
 
 /// The `pgshield` binary running as a subprocess with its own config file. Dropping it
 /// kills the process (if still running), reaps it and removes its directory; if the test
@@ -53,11 +31,11 @@ impl Pgshield {
     /// Starts the binary in front of the harness cluster, with one user `role`, and waits
     /// until its port accepts connections.
     async fn start(role: &str, password: &str) -> Pgshield {
-        let dir = unique_temp_dir(role);
+        let dir = common::unique_temp_dir(role);
         let mut last_log = String::new();
         // A free port can be taken by someone else before the child binds it: retry.
         for _ in 0..3 {
-            let port = free_port();
+            let port = common::free_port();
             let config = format!(
                 "[listen]\naddr = \"127.0.0.1:{port}\"\n\n\
                  [pool]\nmode = \"session\"\nmax_size = 2\nshutdown_timeout = \"20s\"\n\n\

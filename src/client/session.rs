@@ -82,6 +82,23 @@ struct Passing {
     forward: bool,
 }
 
+impl Passing {
+    /// Moves what has arrived of the message from `from` to `to` (or drops it).
+    /// Returns false when nothing of it has arrived yet.
+    fn pass(&mut self, from: &mut BytesMut, to: &mut BytesMut) -> bool {
+        let n = self.left.min(from.len());
+        if n == 0 {
+            return false;
+        }
+        if self.forward {
+            to.extend_from_slice(&from[..n]);
+        }
+        from.advance(n);
+        self.left -= n;
+        true
+    }
+}
+
 pub struct Session {
     shared: Arc<Shared>,
     id: ClientId,
@@ -247,15 +264,12 @@ impl Session {
     async fn process_client_input(&mut self) -> Result<(), End> {
         loop {
             if self.client_msg.left > 0 {
-                let n = self.client_msg.left.min(self.client_in.len());
-                if n == 0 {
+                if !self
+                    .client_msg
+                    .pass(&mut self.client_in, &mut self.server_out)
+                {
                     return Ok(());
                 }
-                if self.client_msg.forward {
-                    self.server_out.extend_from_slice(&self.client_in[..n]);
-                }
-                self.client_in.advance(n);
-                self.client_msg.left -= n;
                 continue;
             }
             // Every client message streams through: PostgreSQL enforces its own limits.
@@ -330,13 +344,12 @@ impl Session {
         let server = backend.server();
         loop {
             if self.server_msg.left > 0 {
-                let n = self.server_msg.left.min(server.read_buf.len());
-                if n == 0 {
+                if !self
+                    .server_msg
+                    .pass(&mut server.read_buf, &mut self.client_out)
+                {
                     return Ok(());
                 }
-                self.client_out.extend_from_slice(&server.read_buf[..n]);
-                server.read_buf.advance(n);
-                self.server_msg.left -= n;
                 continue;
             }
             let header = match peek_header(&server.read_buf) {
