@@ -121,7 +121,8 @@ pub struct PoolConfig {
     /// A backend idle in the pool longer than this is closed. `0s`: never.
     #[serde(with = "humantime_serde")]
     pub server_idle_timeout: Duration,
-    /// A client that sends nothing for this long (and has nothing running) is closed. `0s`: never.
+    /// A client with no bytes either way for this long, while no statement of its runs,
+    /// is closed with 57P05. `0s`: never.
     #[serde(with = "humantime_serde")]
     pub idle_client_timeout: Duration,
     /// On SIGTERM/SIGINT, how long clients may finish the transaction they are in.

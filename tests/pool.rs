@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{backends_of, sqlstate, TestProxy};
+use common::{backends_of, raw, sqlstate, TestProxy};
 
 async fn proxy(role: &str, pool: &str) -> TestProxy {
     common::create_role(role, "pw").await;
@@ -282,4 +282,50 @@ async fn an_unreachable_server_refuses_the_first_login_with_08006() {
         .message()
         .contains("app/pool_down"));
     shutdown.force();
+}
+
+#[tokio::test]
+async fn a_client_stalled_mid_message_or_mid_batch_is_still_idle() {
+    common::create_role("pool_stall", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 2\nidle_client_timeout = \"1s\"\n\
+         [users.pool_stall]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let half_a_query = {
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&100i32.to_be_bytes());
+        q.extend_from_slice(b"SELECT 1 ");
+        q
+    };
+    let unsynced_batch = {
+        // Parse "SELECT 1", Bind, Execute: and then neither Sync nor Flush.
+        let mut b = vec![b'P'];
+        let body = b"\0SELECT 1\0\0\0";
+        b.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        b.extend_from_slice(body);
+        b.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+        b
+    };
+    for (what, bytes) in [
+        ("half a query", half_a_query),
+        ("an unsynced batch", unsynced_batch),
+    ] {
+        let mut s = raw::login_trusted(proxy.addr, "pool_stall").await;
+        raw::send(&mut s, &bytes).await;
+        let started = Instant::now();
+        let mut code = String::new();
+        while let Some((tag, body)) = raw::read_message(&mut s).await {
+            if tag == b'E' {
+                code = raw::error_code(&body);
+            }
+        }
+        assert_eq!(code, "57P05", "{what}: closed by idle_client_timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -67,10 +67,10 @@ enum End {
 
 /// What happened on the sockets.
 enum Event {
-    ClientData,
+    /// Bytes arrived from the client, the backend, or both.
+    Data,
     ClientEof,
     ClientError(io::Error),
-    ServerData,
     ServerEof,
     ServerError(io::Error),
 }
@@ -176,11 +176,12 @@ impl Session {
                 _ = shutdown.draining(), if between_transactions => return End::Shutdown,
                 _ = &mut idle_timer, if idle_timeout.is_some() => {
                     let timeout = idle_timeout.unwrap_or_default();
-                    if quiet && self.last_activity.elapsed() >= timeout {
+                    let server_busy = self.server_busy();
+                    if !server_busy && self.last_activity.elapsed() >= timeout {
                         return End::IdleTimeout;
                     }
-                    // Idle means no bytes either way while nothing runs.
-                    let since = if quiet { self.last_activity } else { Instant::now() };
+                    // Idle: no bytes either way while the server is not working for us.
+                    let since = if server_busy { Instant::now() } else { self.last_activity };
                     match since.checked_add(timeout) {
                         Some(deadline) => idle_timer.as_mut().reset(deadline.into()),
                         None => idle_timeout = None,
@@ -190,13 +191,12 @@ impl Session {
                 event = poll_fn(|cx| self.poll_io(cx, true)) => event,
             };
             match event {
-                Event::ClientData => self.last_activity = Instant::now(),
+                Event::Data => self.last_activity = Instant::now(),
                 Event::ClientEof => return End::ClientGone,
                 Event::ClientError(e) => {
                     tracing::debug!(client = %self.id, error = %e, "client i/o error");
                     return End::ClientGone;
                 }
-                Event::ServerData => self.last_activity = Instant::now(),
                 Event::ServerEof => return End::ServerLost(None),
                 Event::ServerError(e) => return End::ServerLost(Some(e)),
             }
@@ -214,6 +214,20 @@ impl Session {
             && self.client_msg.left == 0
             && self.server_msg.left == 0
             && self.server_out.is_empty()
+    }
+
+    /// The server is working on something the client waits for (a statement runs, or its
+    /// replies are on their way). A client that stalls mid-message, mid-COPY, or with an
+    /// unsynced batch is not waited for: the server is waiting for it.
+    fn server_busy(&self) -> bool {
+        let Some(backend) = self.backend.as_ref() else {
+            return false;
+        };
+        let server = backend.server_ref();
+        self.client_msg.left == 0
+            && (!self.server_out.is_empty()
+                || self.server_msg.left > 0
+                || server.replies.awaiting_ready())
     }
 
     /// The client is not inside a transaction block.
@@ -235,11 +249,13 @@ impl Session {
                 return Poll::Ready(Event::ServerError(e));
             }
         }
+        // Poll both reads every time, so a busy side cannot starve the other.
+        let mut data = false;
         if read_client && self.server_out.len() < HIGH_WATER {
             reserve_for_read(&mut self.client_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
-                Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                Poll::Ready(Ok(_)) => data = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
                 Poll::Pending => {}
             }
@@ -250,13 +266,17 @@ impl Session {
                 reserve_for_read(&mut server.read_buf);
                 match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.read_buf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerEof),
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
+                    Poll::Ready(Ok(_)) => data = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerError(e)),
                     Poll::Pending => {}
                 }
             }
         }
-        Poll::Pending
+        if data {
+            Poll::Ready(Event::Data)
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Frames what the client sent and passes it to the backend, borrowing one first if
@@ -437,7 +457,7 @@ impl Session {
                     }
                 },
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead)) => match event {
-                    Event::ClientData => self.last_activity = Instant::now(),
+                    Event::Data => self.last_activity = Instant::now(),
                     _ => return Err(End::ClientGone),
                 },
             }

@@ -233,6 +233,12 @@ impl ReplyTracker {
             && !self.client_copying
     }
 
+    /// The client is owed a ReadyForQuery for something the server can finish without
+    /// more input from the client (not during the client's COPY data).
+    pub fn awaiting_ready(&self) -> bool {
+        !self.client_copying && self.owed.iter().any(|o| o.ends_with_ready())
+    }
+
     /// At a boundary and outside any transaction block.
     pub fn is_idle(&self) -> bool {
         self.at_boundary() && self.tx == TxStatus::Idle
@@ -424,6 +430,27 @@ mod tests {
         client(&mut t, "Q");
         t.received(b'Z', Some(b'E')).unwrap();
         assert_eq!(t.tx_status(), TxStatus::Failed);
+    }
+
+    #[test]
+    fn the_server_is_awaited_only_for_what_it_can_finish_alone() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PBE");
+        assert!(
+            !t.awaiting_ready(),
+            "an unsynced batch waits for the client"
+        );
+        client(&mut t, "S");
+        assert!(t.awaiting_ready());
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "G").unwrap();
+        assert!(
+            !t.awaiting_ready(),
+            "COPY FROM STDIN waits for the client's data"
+        );
+        client(&mut t, "c");
+        assert!(t.awaiting_ready());
     }
 
     #[test]
