@@ -492,3 +492,68 @@ async fn a_value_larger_than_256_mib_streams_through() {
         .expect("a 270 MB row");
     assert_eq!(row.get::<_, &str>(0).len() as i64, len);
 }
+
+#[tokio::test]
+async fn a_copy_that_fails_before_or_while_reading_its_data_leaves_the_session_usable() {
+    // libpq and tokio-postgres send Parse, Bind, Execute, Sync before the COPY data. If the
+    // COPY fails before reading anything (COPY into a view), PostgreSQL answers that Sync
+    // as well as the one after the data; if it fails on the data, that first Sync was
+    // consumed. pgshield cannot tell these apart, and must pass both through unharmed.
+    common::create_role("sess_copyfail", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.sess_copyfail]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE copy_fail (x int); CREATE VIEW copy_fail_v AS SELECT * FROM copy_fail; \
+             GRANT ALL ON copy_fail, copy_fail_v TO sess_copyfail",
+        )
+        .await
+        .unwrap();
+    let mut s = raw::login_trusted(proxy.addr, "sess_copyfail").await;
+    let data = raw::message(b'd', b"not-a-number\n");
+    let cases = [
+        ("COPY copy_fail_v FROM STDIN", "12GEZ", "42809", "Z"),
+        ("COPY copy_fail FROM STDIN", "12G", "22P02", "EZ"),
+    ];
+    for (sql, first, code, second) in cases {
+        let mut bytes = raw::parse_bind_execute(sql);
+        bytes.extend_from_slice(&raw::SYNC);
+        raw::send(&mut s, &bytes).await;
+        let mut tags = String::new();
+        while !tags.ends_with(if first.ends_with('Z') { 'Z' } else { 'G' }) {
+            let (tag, body) = raw::read_message(&mut s).await.expect("reply");
+            tags.push(char::from(tag));
+            if tag == b'E' {
+                assert_eq!(raw::error_code(&body), code, "{sql}");
+            }
+        }
+        assert_eq!(tags, first, "{sql}");
+        let mut rest = data.clone();
+        rest.extend_from_slice(&raw::COPY_DONE);
+        rest.extend_from_slice(&raw::SYNC);
+        raw::send(&mut s, &rest).await;
+        let (tags, codes) = raw::until_ready(&mut s).await;
+        assert_eq!(tags, second, "{sql}");
+        if second.starts_with('E') {
+            assert_eq!(codes, vec![code.to_owned()], "{sql}");
+        }
+        raw::send(&mut s, &raw::query("SELECT 1")).await;
+        let (tags, codes) = raw::until_ready(&mut s).await;
+        assert_eq!(
+            (tags.as_str(), codes.len()),
+            ("TDCZ", 0),
+            "{sql}: the session goes on"
+        );
+    }
+    raw::send(&mut s, &raw::TERMINATE).await;
+    drop(s);
+    // That backend could not be judged any more, so it is closed; the pool makes another.
+    let next = proxy.connect("sess_copyfail", "pw").await.expect("login");
+    next.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("a fresh backend serves");
+}

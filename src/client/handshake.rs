@@ -23,8 +23,6 @@ use crate::server::ServerParams;
 
 /// A logged-in client, ready for its session.
 pub struct Login {
-    pub user: String,
-    pub database: String,
     pub pool: Arc<Pool>,
     pub settings: ClientSettings,
     /// The ParameterStatus values the client was told.
@@ -121,8 +119,6 @@ pub async fn login(
         .map_err(|_| Refusal { error: None })?;
     tracing::debug!(%peer, user, database, "client logged in");
     Ok(Login {
-        user,
-        database,
         pool,
         settings,
         client_view,

@@ -539,12 +539,12 @@ impl Session {
                 end,
                 End::ForcedShutdown | End::ServerLost(_) | End::ServerProtocol(_)
             );
-            if mid_message_to_server || (server_failed && !self.server_out.is_empty()) {
-                // The server may hold part of a message: a Terminate now would be read as
-                // the rest of it. Just close.
-                backend.server().skip_terminate();
-                backend.discard();
-            } else if server_failed || mid_message_to_client {
+            if server_failed || mid_message_to_server || mid_message_to_client {
+                if mid_message_to_server || !self.server_out.is_empty() {
+                    // The server may hold part of a message: a Terminate now would be read
+                    // as the rest of it. Just close.
+                    backend.server().skip_terminate();
+                }
                 backend.discard();
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
                 return_backend(backend).await;

@@ -12,7 +12,13 @@
 //!
 //! A backend is idle when nothing is queued, no extended-protocol batch is open (messages
 //! sent since the last Sync run in one implicit transaction), and its last ReadyForQuery
-//! said `I`. The session (and later transaction pooling) asks only `at_boundary` and
+//! said `I`.
+//!
+//! One case cannot be judged from outside: when a COPY FROM STDIN whose client had already
+//! queued a Sync (or anything else) behind it fails, whether the server consumed those
+//! messages depends on when the error struck. The tracker then stops judging that backend
+//! ("unsure"): no reply is out of step any more, and it is never idle again, so it is
+//! closed rather than reused. The session (and later transaction pooling) asks only `at_boundary` and
 //! `is_idle`; everything else stays in here, unit-tested without a database.
 
 use std::collections::VecDeque;
@@ -87,6 +93,11 @@ pub struct ReplyTracker {
     skipping_to_sync: bool,
     /// The server is in COPY FROM STDIN and the client has not ended it yet.
     client_copying: bool,
+    /// The server is in COPY FROM STDIN, and messages were dropped from `owed` that it
+    /// consumes only if the COPY gets as far as reading them.
+    copy_swallowed_messages: bool,
+    /// The replies can no longer be matched with certainty (see the module doc).
+    unsure: bool,
     tx: TxStatus,
 }
 
@@ -97,6 +108,8 @@ impl Default for ReplyTracker {
             extended_open: false,
             skipping_to_sync: false,
             client_copying: false,
+            copy_swallowed_messages: false,
+            unsure: false,
             tx: TxStatus::Idle,
         }
     }
@@ -106,9 +119,13 @@ impl ReplyTracker {
     /// Notes a message sent to the backend.
     pub fn sent(&mut self, tag: u8) {
         if self.client_copying {
-            // The server ignores or consumes all of it; only the end of the data matters.
-            if matches!(tag, b'c' | b'f') {
-                self.client_copying = false;
+            match tag {
+                b'c' | b'f' => self.client_copying = false,
+                b'd' | b'H' => {}
+                // Ignored by the COPY if it reads that far, answered if it fails first.
+                b'S' => self.copy_swallowed_messages = true,
+                // A statement inside COPY data: the server errors, then runs what follows.
+                _ => self.unsure = true,
             }
             return;
         }
@@ -132,6 +149,12 @@ impl ReplyTracker {
     /// transaction status). Async messages (notices, notifications, parameter changes)
     /// and rows change nothing.
     pub fn received(&mut self, tag: u8, status: Option<u8>) -> Result<(), OutOfStep> {
+        if self.unsure {
+            if tag == b'Z' {
+                self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
+            }
+            return Ok(());
+        }
         match tag {
             b'1' => self.complete(Owed::Parse),
             b'2' => self.complete(Owed::Bind),
@@ -146,6 +169,10 @@ impl ReplyTracker {
             // CommandComplete, EmptyQueryResponse, PortalSuspended end an Execute; a Query
             // goes on until its ReadyForQuery.
             b'C' | b'I' | b's' => {
+                if tag == b'C' {
+                    // A COPY FROM STDIN completes only after reading all its input.
+                    self.copy_swallowed_messages = false;
+                }
                 if self.front() == Some(Owed::Execute) {
                     self.owed.pop_front();
                 }
@@ -181,25 +208,43 @@ impl ReplyTracker {
     }
 
     /// CopyInResponse: what the client sent between the COPY and its CopyDone/CopyFail is
-    /// ignored or consumed by the server; drop it from what is owed.
+    /// ignored (Sync, Flush) or consumed by the server if the COPY reads that far; drop it
+    /// from what is owed, remembering that it was there.
     fn copy_in_started(&mut self) {
         if self.front().is_none() {
             return;
         }
-        match self.owed.iter().position(|o| *o == Owed::CopyEnd) {
-            Some(end) => {
-                self.owed.drain(1..=end);
-            }
+        let end = self.owed.iter().position(|o| *o == Owed::CopyEnd);
+        let swallowed: Vec<Owed> = match end {
+            Some(end) => self
+                .owed
+                .drain(1..=end)
+                .filter(|o| *o != Owed::CopyEnd)
+                .collect(),
             None => {
-                self.owed.truncate(1);
                 self.client_copying = true;
+                self.owed.drain(1..).collect()
             }
+        };
+        if swallowed.iter().any(|o| *o != Owed::Sync) {
+            // Statements pipelined behind a COPY: the server errors on the first and runs
+            // the rest; there is no telling how. Stop judging.
+            self.unsure = true;
         }
+        self.copy_swallowed_messages = !swallowed.is_empty();
     }
 
     /// ErrorResponse. Inside a simple Query or FunctionCall, its ReadyForQuery still
     /// comes. In the extended protocol the server skips to the next Sync.
     fn error(&mut self) {
+        // An error ends any COPY; what the client sends next is no longer COPY data.
+        self.client_copying = false;
+        if std::mem::take(&mut self.copy_swallowed_messages) {
+            // The COPY failed, perhaps before reading the Sync queued behind it, which the
+            // server would then answer after all.
+            self.unsure = true;
+            return;
+        }
         match self.front() {
             // Nothing outstanding: an asynchronous error (e.g. FATAL on termination).
             None => {}
@@ -218,6 +263,8 @@ impl ReplyTracker {
 
     fn ready(&mut self, status: TxStatus) -> Result<(), OutOfStep> {
         self.tx = status;
+        self.client_copying = false;
+        self.copy_swallowed_messages = false;
         let Some(at) = self.owed.iter().position(|o| o.ends_with_ready()) else {
             return Err(OutOfStep);
         };
@@ -231,12 +278,18 @@ impl ReplyTracker {
             && !self.extended_open
             && !self.skipping_to_sync
             && !self.client_copying
+            && !self.unsure
+    }
+
+    /// The replies can no longer be matched with certainty: the backend must not be reused.
+    pub fn is_unsure(&self) -> bool {
+        self.unsure
     }
 
     /// The client is owed a ReadyForQuery for something the server can finish without
     /// more input from the client (not during the client's COPY data).
     pub fn awaiting_ready(&self) -> bool {
-        !self.client_copying && self.owed.iter().any(|o| o.ends_with_ready())
+        !self.unsure && !self.client_copying && self.owed.iter().any(|o| o.ends_with_ready())
     }
 
     /// At a boundary and outside any transaction block.
@@ -381,16 +434,70 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_extended_copy_in_skips_to_the_sync_after_the_data() {
+    fn a_failed_simple_copy_in_ends_with_its_ready_for_query() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "G").unwrap();
+        client(&mut t, "dd");
+        server(&mut t, "EZ").unwrap(); // bad data
+        assert!(t.is_idle(), "{t:?}");
+        // The protocol lets the client drop the rest of its COPY data after the error.
+        client(&mut t, "Q");
+        server(&mut t, "TDCZ").unwrap();
+        assert!(t.is_idle(), "{t:?}");
+    }
+
+    #[test]
+    fn a_failed_extended_copy_in_cannot_be_judged_and_is_never_reused() {
+        // Whether the Sync sent before the data is answered depends on whether the COPY
+        // failed before reading it (COPY into a view) or after (bad data): both are fine.
+        for replies in ["ZZ", "Z"] {
+            let mut t = ReplyTracker::default();
+            client(&mut t, "BES");
+            server(&mut t, "2G").unwrap();
+            client(&mut t, "dd");
+            server(&mut t, "E").unwrap();
+            client(&mut t, "dcS");
+            server(&mut t, replies).unwrap();
+            assert!(!t.at_boundary(), "{replies}: {t:?}");
+            assert!(t.is_unsure());
+            client(&mut t, "Q");
+            server(&mut t, "TDCZ").unwrap();
+            assert!(!t.is_idle());
+        }
+    }
+
+    #[test]
+    fn a_sync_inside_copy_data_of_a_failed_copy_cannot_be_judged() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "G").unwrap();
+        client(&mut t, "dS");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.is_unsure());
+    }
+
+    #[test]
+    fn statements_pipelined_behind_a_copy_cannot_be_judged() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "QQQ");
+        server(&mut t, "G").unwrap();
+        client(&mut t, "c");
+        server(&mut t, "EZTDCZ").unwrap();
+        assert!(t.is_unsure());
+        assert!(!t.at_boundary());
+    }
+
+    #[test]
+    fn a_successful_extended_copy_in_stays_certain() {
         let mut t = ReplyTracker::default();
         client(&mut t, "BES");
         server(&mut t, "2G").unwrap();
-        client(&mut t, "dd");
-        server(&mut t, "E").unwrap(); // bad data
-        client(&mut t, "dc");
-        assert!(!t.at_boundary());
-        client(&mut t, "S");
+        client(&mut t, "dcS");
+        server(&mut t, "C").unwrap();
+        server(&mut t, "E").unwrap(); // e.g. a deferred error at Sync, after the COPY
         server(&mut t, "Z").unwrap();
+        assert!(!t.is_unsure());
         assert!(t.is_idle(), "{t:?}");
     }
 

@@ -264,6 +264,48 @@ pub mod raw {
 
     /// Terminate.
     pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+    /// Sync.
+    pub const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
+    /// CopyDone.
+    pub const COPY_DONE: [u8; 5] = [b'c', 0, 0, 0, 4];
+
+    /// A tagged message with the given body.
+    pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut msg = vec![tag];
+        msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(body);
+        msg
+    }
+
+    /// Parse (unnamed statement, no parameter types), Bind (unnamed portal, no
+    /// parameters), Execute (all rows): the extended protocol's run of one statement.
+    pub fn parse_bind_execute(sql: &str) -> Vec<u8> {
+        let mut parse = vec![0];
+        parse.extend_from_slice(sql.as_bytes());
+        parse.extend_from_slice(&[0, 0, 0]);
+        let mut bytes = message(b'P', &parse);
+        bytes.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+        bytes.extend(message(b'E', &[0, 0, 0, 0, 0]));
+        bytes
+    }
+
+    /// Reads messages up to and including the next ReadyForQuery; returns their tags and
+    /// the SQLSTATEs of any errors.
+    pub async fn until_ready(stream: &mut TcpStream) -> (String, Vec<String>) {
+        let (mut tags, mut codes) = (String::new(), Vec::new());
+        loop {
+            let (tag, body) = read_message(stream)
+                .await
+                .expect("the connection stays open");
+            tags.push(char::from(tag));
+            if tag == b'E' {
+                codes.push(error_code(&body));
+            }
+            if tag == b'Z' {
+                return (tags, codes);
+            }
+        }
+    }
 
     /// Logs in as a trust user and reads up to the first ReadyForQuery.
     pub async fn login_trusted(addr: SocketAddr, user: &str) -> TcpStream {
