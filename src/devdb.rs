@@ -132,6 +132,9 @@ impl DevDb {
                 .to_lowercase()
         ));
         std::fs::create_dir(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        // The superuser's password passes through here: nobody else may look in.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io_err(format!("restrict {}", dir.display())))?;
         let mut db = DevDb {
             dir,
             bindir,
@@ -192,12 +195,18 @@ impl DevDb {
             .map(|v| v.trim().to_owned())
             .unwrap_or_default();
 
-        // A free port can be taken by someone else before the server binds it: retry.
+        // A free port can be taken by someone else before the server binds it: retry, with
+        // a `keep` file telling the supervisor of a failed attempt to leave the cluster be.
+        let keep = self.dir.join("keep");
+        std::fs::write(&keep, b"").map_err(io_err("write keep marker"))?;
         let mut last_error = None;
         for _ in 0..3 {
             self.port = free_port().map_err(io_err("find a free port"))?;
             match self.launch(owner, options) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    std::fs::remove_file(&keep).map_err(io_err("remove keep marker"))?;
+                    return Ok(());
+                }
                 Err(e) => {
                     self.stop_server();
                     last_error = Some(e);
@@ -237,14 +246,18 @@ impl DevDb {
             postgres_args.push(format!("{name}={value}"));
         }
         // The supervisor: start the server, wait for our pipe to close, stop it, clean up.
+        // It ends when the server ends (so a server that dies at startup is seen at once),
+        // and removes the directory unless a `keep` file says a retry will reuse it.
         let script = r#"
             dir="$1"; shift
-            "$@" </dev/null >>"$dir/postgres.log" 2>&1 &
+            exec 3<&0
+            "$@" </dev/null 3<&- >>"$dir/postgres.log" 2>&1 &
             server=$!
-            read -r _ignored || true
-            kill -INT "$server" 2>/dev/null
+            ( read -r _ignored <&3 || true; kill -INT "$server" 2>/dev/null ) &
+            watcher=$!
             wait "$server"
-            rm -rf "$dir"
+            kill "$watcher" 2>/dev/null
+            [ -e "$dir/keep" ] || rm -rf "$dir"
         "#;
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
