@@ -572,6 +572,20 @@ mod tests {
     }
 
     #[test]
+    fn transaction_mode_is_refused_until_it_is_built() {
+        let err = Config::from_toml(&format!("[pool]\nmode = \"transaction\"\n{MINIMAL}"))
+            .expect_err("not supported yet");
+        let text = err.to_string();
+        assert!(
+            text.contains("pool.mode") && text.contains("not supported yet"),
+            "{text}"
+        );
+        let err = Config::from_toml(&format!("[pool]\nmode = \"statement\"\n{MINIMAL}"))
+            .expect_err("not a mode");
+        assert!(err.to_string().contains("statement"), "{err}");
+    }
+
+    #[test]
     fn the_documented_example_is_valid_and_states_the_defaults() {
         let c = Config::from_toml(include_str!("../config/pgshield.toml"))
             .expect("config/pgshield.toml is valid");
