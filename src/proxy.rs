@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::auth::UserDirectory;
+use crate::client::cancel::Cancels;
 use crate::client::{self, ClientSlots};
 use crate::config::{Config, ConfigError};
 use crate::pool::Pools;
@@ -25,6 +26,7 @@ pub struct Shared {
     pub pools: Pools,
     pub shutdown: Shutdown,
     pub clients: Arc<ClientSlots>,
+    pub cancels: Arc<Cancels>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,7 @@ impl Proxy {
             pools: Pools::from_config(&config),
             clients: ClientSlots::new(config.listen.max_client_connections),
             shutdown: Shutdown::new(),
+            cancels: Cancels::new(),
             config,
         });
         Ok(Proxy {

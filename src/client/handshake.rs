@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use rand::Rng;
 use tokio::io::AsyncWriteExt;
 
 use super::auth::{self, AuthError};
+use super::cancel::Registration;
 use super::params::ClientSettings;
 use crate::net::Stream;
 use crate::pool::Pool;
@@ -24,6 +24,8 @@ use crate::server::ServerParams;
 /// A logged-in client, ready for its session.
 pub struct Login {
     pub pool: Arc<Pool>,
+    /// The client's cancel key, and where its cancels go.
+    pub cancel: Registration,
     pub settings: ClientSettings,
     /// The ParameterStatus values the client was told.
     pub client_view: ServerParams,
@@ -49,7 +51,7 @@ pub async fn login(
     peer: SocketAddr,
     admitted: bool,
 ) -> Result<Login, Refusal> {
-    let startup = read_startup(stream, buf).await?;
+    let startup = read_startup(shared, stream, buf).await?;
     let user = startup.get("user").unwrap_or_default().to_owned();
     if user.is_empty() {
         return Err(ErrorResponse::fatal(
@@ -107,11 +109,8 @@ pub async fn login(
         client_view.set(name, value);
         messages::parameter_status(&mut out, name, value);
     }
-    let (process_id, secret_key) = {
-        let mut rng = rand::rng();
-        (rng.random(), rng.random())
-    };
-    messages::backend_key_data(&mut out, process_id, secret_key);
+    let cancel = shared.cancels.register();
+    messages::backend_key_data(&mut out, cancel.key().process_id, cancel.key().secret_key);
     messages::ready_for_query(&mut out, b'I');
     stream
         .write_all(&out)
@@ -120,13 +119,18 @@ pub async fn login(
     tracing::debug!(%peer, user, database, "client logged in");
     Ok(Login {
         pool,
+        cancel,
         settings,
         client_view,
     })
 }
 
 /// Reads startup packets until a StartupMessage, answering SSL and GSS requests with `N`.
-async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<StartupMessage, Refusal> {
+async fn read_startup(
+    shared: &Shared,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<StartupMessage, Refusal> {
     let mut answered_ssl = false;
     let mut answered_gss = false;
     loop {
@@ -149,8 +153,11 @@ async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<Startup
                 )
                 .into())
             }
-            StartupPacket::Cancel { .. } => {
-                tracing::debug!("cancel request ignored: not supported yet in this version");
+            StartupPacket::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                shared.cancels.cancel(process_id, &secret_key).await;
                 return Err(Refusal { error: None });
             }
             StartupPacket::UnsupportedVersion { major, minor } => {

@@ -2,6 +2,7 @@
 //! (`params`), and the session loop that relays its messages (`session`).
 
 pub mod auth;
+pub mod cancel;
 pub mod handshake;
 pub mod params;
 pub mod session;

@@ -23,6 +23,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
 
+use super::cancel::Registration;
 use super::handshake::Login;
 use super::params::{self, ClientSettings};
 use super::ClientId;
@@ -105,6 +106,8 @@ pub struct Session {
     client: Stream,
     pool: Arc<Pool>,
     settings: ClientSettings,
+    /// The client's cancel key; points at the backend it holds.
+    cancel: Registration,
     /// The ParameterStatus values the client has been told.
     client_view: ServerParams,
     backend: Option<Backend>,
@@ -137,6 +140,7 @@ impl Session {
             client,
             pool: login.pool,
             settings: login.settings,
+            cancel: login.cancel,
             client_view: login.client_view,
             backend: None,
             client_in: leftover,
@@ -464,6 +468,7 @@ impl Session {
         };
         match self.apply_settings(&mut backend).await {
             Ok(()) => {
+                self.cancel.attach(backend.server_ref());
                 self.backend = Some(backend);
                 Ok(Ok(()))
             }
@@ -533,6 +538,8 @@ impl Session {
         }
         // Release before the last write: a slow client must not hold a backend.
         let mid_message_to_client = self.server_msg.left > 0;
+        // From here no cancel reaches the backend; one sent before has marked it.
+        self.cancel.detach();
         if let Some(mut backend) = self.backend.take() {
             let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
             let server_failed = matches!(
@@ -600,7 +607,9 @@ enum SettingsError {
 /// Resets a backend the client left at a boundary and returns it; closes it otherwise.
 async fn return_backend(mut backend: Backend) {
     let server = backend.server();
-    if !server.replies.at_boundary() || !server.read_buf.is_empty() || server.is_broken() {
+    let unfit = !server.replies.at_boundary() || !server.read_buf.is_empty() || server.is_broken();
+    // A cancel sent to it may still land: never reuse it (not even for our reset).
+    if unfit || server.cancel_was_sent() {
         backend.discard();
         return;
     }

@@ -118,6 +118,8 @@ impl ServerManager {
     fn unfit(&self, server: &Server) -> Option<&'static str> {
         if server.is_broken() {
             Some("broken")
+        } else if !server.is_reusable() {
+            Some("not at rest (a cancel was sent to it, or replies are owed)")
         } else if self
             .settings
             .server_lifetime

@@ -119,7 +119,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
             addr: target.addr(),
             source,
         })?;
-    let mut server = Server::new(Stream::from_tcp(tcp));
+    let mut server = Server::new(Stream::from_tcp(tcp), &target.host, target.port);
     let mut out = BytesMut::new();
     frontend::startup_message(
         [

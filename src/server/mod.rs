@@ -9,7 +9,8 @@
 pub mod connect;
 pub mod state;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -94,6 +95,12 @@ pub struct Server {
     /// Bytes read from the backend and not yet processed.
     pub(crate) read_buf: BytesMut,
     pub(crate) replies: ReplyTracker,
+    /// Where this backend's server is (cancel requests go there).
+    host: String,
+    port: u16,
+    /// Set when a client's cancel request was sent to this backend: it is not reused, so a
+    /// cancel that lands late can never hit another client.
+    cancel_sent: Arc<AtomicBool>,
     id: ServerId,
     process_id: i32,
     secret_key: i32,
@@ -118,10 +125,13 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    fn new(stream: Stream) -> Server {
+    fn new(stream: Stream, host: &str, port: u16) -> Server {
         let now = Instant::now();
         Server {
             stream,
+            host: host.to_owned(),
+            port,
+            cancel_sent: Arc::default(),
             read_buf: BytesMut::new(),
             replies: ReplyTracker::default(),
             id: ServerId::next(),
@@ -203,7 +213,25 @@ impl Server {
 
     /// True if the backend is at rest and can go back to the pool as it is.
     pub fn is_reusable(&self) -> bool {
-        !self.broken && self.replies.is_idle() && self.read_buf.is_empty()
+        !self.broken
+            && !self.cancel_sent.load(Ordering::Acquire)
+            && self.replies.is_idle()
+            && self.read_buf.is_empty()
+    }
+
+    /// The server's host and port.
+    pub fn addr(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    /// A client's cancel request was sent to this backend (it must not be reused).
+    pub fn cancel_was_sent(&self) -> bool {
+        self.cancel_sent.load(Ordering::Acquire)
+    }
+
+    /// The flag a cancel request sets when it is sent to this backend.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel_sent)
     }
 
     /// Whether an idle backend has closed its end or sent something unasked (a FATAL).

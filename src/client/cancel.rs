@@ -1,0 +1,222 @@
+//! Cancel requests. Each client gets a BackendKeyData issued by pgshield (random and
+//! unguessable); a CancelRequest carrying it is sent, over a fresh connection, to the
+//! server of the backend that client holds at that moment, with that backend's real key.
+//! A client holding no backend has nothing to cancel; a wrong key does nothing.
+//!
+//! The race older poolers lose: a cancel meant for client A, delivered just after A let go
+//! of its backend, would cancel whatever the next client runs there. Here the backend is
+//! marked the moment a cancel is attributed to it (under the same lock the session takes to
+//! let go of it), and a marked backend is closed instead of reused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rand::Rng;
+use subtle::ConstantTimeEq;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::server::Server;
+
+/// How long forwarding one cancel may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The key a client was given in BackendKeyData.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// Where a cancel for a client goes right now: its backend's server and real key.
+#[derive(Debug, Clone)]
+struct CancelTarget {
+    host: String,
+    port: u16,
+    process_id: i32,
+    secret_key: i32,
+    /// Set when a cancel is attributed to this backend; the backend is then not reused.
+    sent: Arc<AtomicBool>,
+}
+
+type Slot = Arc<Mutex<Option<CancelTarget>>>;
+
+/// Every logged-in client's cancel key, process-wide.
+#[derive(Default)]
+pub struct Cancels {
+    clients: Mutex<HashMap<i32, (i32, Slot)>>,
+}
+
+/// A client's registration; dropping it forgets the key.
+pub struct Registration {
+    cancels: Arc<Cancels>,
+    key: CancelKey,
+    slot: Slot,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Cancels {
+    pub fn new() -> Arc<Cancels> {
+        Arc::new(Cancels::default())
+    }
+
+    /// Issues a fresh, unused key for a new client.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let mut rng = rand::rng();
+        let mut clients = lock(&self.clients);
+        let process_id = loop {
+            let candidate = rng.random_range(1..i32::MAX);
+            if !clients.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        let key = CancelKey {
+            process_id,
+            secret_key: rng.random(),
+        };
+        let slot = Slot::default();
+        clients.insert(process_id, (key.secret_key, Arc::clone(&slot)));
+        Registration {
+            cancels: Arc::clone(self),
+            key,
+            slot,
+        }
+    }
+
+    /// Handles a CancelRequest: forwards it to the backend the keyed client holds, if the
+    /// key is right and it holds one. Never tells the requester anything (as PostgreSQL).
+    pub async fn cancel(&self, process_id: i32, secret_key: &[u8]) {
+        let Some(target) = self.attribute(process_id, secret_key) else {
+            tracing::debug!(
+                process_id,
+                "cancel request matched no client holding a backend"
+            );
+            return;
+        };
+        let mut packet = BytesMut::with_capacity(16);
+        postgres_protocol::message::frontend::cancel_request(
+            target.process_id,
+            target.secret_key,
+            &mut packet,
+        );
+        let send = async {
+            let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            stream.write_all(&packet).await?;
+            stream.shutdown().await
+        };
+        match tokio::time::timeout(CANCEL_TIMEOUT, send).await {
+            Ok(Ok(())) => tracing::debug!(server_pid = target.process_id, "cancel forwarded"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot forward a cancel request"),
+            Err(_) => tracing::warn!("forwarding a cancel request timed out"),
+        }
+    }
+
+    /// Finds the backend a cancel is for and marks it, under the client's lock.
+    fn attribute(&self, process_id: i32, secret_key: &[u8]) -> Option<CancelTarget> {
+        let slot = {
+            let clients = lock(&self.clients);
+            let (expected, slot) = clients.get(&process_id)?;
+            if !bool::from(expected.to_be_bytes().as_slice().ct_eq(secret_key)) {
+                return None;
+            }
+            Arc::clone(slot)
+        };
+        let slot = lock(&slot);
+        let target = slot.as_ref()?;
+        target.sent.store(true, Ordering::Release);
+        Some(target.clone())
+    }
+}
+
+impl Registration {
+    pub fn key(&self) -> CancelKey {
+        self.key
+    }
+
+    /// From now on, cancels for this client go to `server`.
+    pub fn attach(&self, server: &Server) {
+        let (host, port) = server.addr();
+        *lock(&self.slot) = Some(CancelTarget {
+            host: host.to_owned(),
+            port,
+            process_id: server.process_id(),
+            secret_key: server.secret_key(),
+            sent: server.cancel_flag(),
+        });
+    }
+
+    /// This client no longer holds a backend. Call before the backend is released: a
+    /// cancel attributed until now has marked it.
+    pub fn detach(&self) {
+        *lock(&self.slot) = None;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.cancels.clients).remove(&self.key.process_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> CancelTarget {
+        CancelTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            process_id: 42,
+            secret_key: 7,
+            sent: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn keys_are_unique_and_forgotten_when_the_client_leaves() {
+        let cancels = Cancels::new();
+        let a = cancels.register();
+        let b = cancels.register();
+        assert_ne!(a.key().process_id, b.key().process_id);
+        assert_eq!(lock(&cancels.clients).len(), 2);
+        drop(a);
+        assert_eq!(lock(&cancels.clients).len(), 1);
+    }
+
+    #[test]
+    fn only_the_right_key_reaches_a_held_backend_and_marks_it() {
+        let cancels = Cancels::new();
+        let reg = cancels.register();
+        let key = reg.key();
+        let secret = key.secret_key.to_be_bytes();
+        assert!(
+            cancels.attribute(key.process_id, &secret).is_none(),
+            "holds nothing"
+        );
+        let t = target();
+        let sent = Arc::clone(&t.sent);
+        *lock(&reg.slot) = Some(t);
+        let wrong = key.secret_key.wrapping_add(1).to_be_bytes();
+        assert!(cancels.attribute(key.process_id, &wrong).is_none());
+        assert!(cancels.attribute(key.process_id, &secret[..3]).is_none());
+        assert!(!sent.load(Ordering::Acquire));
+        assert_eq!(
+            cancels
+                .attribute(key.process_id, &secret)
+                .map(|t| t.process_id),
+            Some(42)
+        );
+        assert!(sent.load(Ordering::Acquire), "the backend is marked");
+        reg.detach();
+        assert!(
+            cancels.attribute(key.process_id, &secret).is_none(),
+            "let go: nothing to cancel"
+        );
+    }
+}

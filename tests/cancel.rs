@@ -1,0 +1,190 @@
+//! Cancel requests: a client's cancel reaches the query it is running, and nothing else;
+//! a backend that was sent a cancel is never lent to another client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{raw, sqlstate, TestProxy};
+use tokio_postgres::NoTls;
+
+async fn proxy(role: &str, max_size: usize) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!(
+        "[pool]\nmax_size = {max_size}\n[users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_query_returns_57014_and_the_connection_stays_usable() {
+    let proxy = proxy("cancel_run", 2).await;
+    let conn = proxy.connect("cancel_run", "pw").await.expect("login");
+    backend_pid(&conn.client).await;
+    let token = conn.client.cancel_token();
+    let client = conn.client;
+    let sleeping = tokio::spawn(async move {
+        let result = client.simple_query("SELECT pg_sleep(10)").await.map(|_| ());
+        (client, result)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelled_at = Instant::now();
+    token
+        .cancel_query(NoTls)
+        .await
+        .expect("the cancel request is accepted");
+    let (client, result) = tokio::time::timeout(Duration::from_secs(5), sleeping)
+        .await
+        .expect("the query ends")
+        .unwrap();
+    let err = result.expect_err("cancelled");
+    assert_eq!(sqlstate(&err), Some("57014"), "{err}");
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        cancelled_at.elapsed()
+    );
+    let one: i32 = client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("still usable")
+        .get(0);
+    assert_eq!(one, 1);
+}
+
+/// Logs in with the raw protocol and returns the connection and its BackendKeyData.
+async fn raw_login(proxy: &TestProxy, user: &str) -> (tokio::net::TcpStream, i32, Vec<u8>) {
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(
+        &mut s,
+        &raw::startup(&[("user", user), ("database", "app")]),
+    )
+    .await;
+    let mut key = None;
+    loop {
+        match raw::read_message(&mut s).await.expect("login") {
+            (b'K', body) => {
+                key = Some((
+                    i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    body[4..8].to_vec(),
+                ))
+            }
+            (b'Z', _) => break,
+            (b'E', body) => panic!("refused: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+    let (pid, secret) = key.expect("BackendKeyData");
+    (s, pid, secret)
+}
+
+async fn send_cancel(proxy: &TestProxy, pid: i32, secret: &[u8]) {
+    let mut rest = pid.to_be_bytes().to_vec();
+    rest.extend_from_slice(secret);
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::request(80_877_102, &rest)).await;
+    assert!(
+        raw::closed(&mut s).await,
+        "the proxy closes a cancel connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_cancels_nothing_and_the_right_one_does() {
+    common::create_role("cancel_key", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 2\n[users.cancel_key]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let (mut s, pid, secret) = raw_login(&proxy, "cancel_key").await;
+
+    // Nothing held yet: a cancel with the right key is a no-op.
+    send_cancel(&proxy, pid, &secret).await;
+
+    raw::send(&mut s, &raw::query("SELECT pg_sleep(1.5)")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut wrong = secret.clone();
+    wrong[0] ^= 0xff;
+    send_cancel(&proxy, pid, &wrong).await;
+    send_cancel(&proxy, pid ^ 0x55, &secret).await;
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert!(
+        codes.is_empty(),
+        "wrong keys cancelled the query: {codes:?} ({tags})"
+    );
+
+    raw::send(&mut s, &raw::query("SELECT pg_sleep(10)")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_cancel(&proxy, pid, &secret).await;
+    let (_, codes) = raw::until_ready(&mut s).await;
+    assert_eq!(codes, vec!["57014".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_reaches_another_clients_query() {
+    let proxy = proxy("cancel_other", 2).await;
+    let a = proxy.connect("cancel_other", "pw").await.expect("login");
+    let b = proxy.connect("cancel_other", "pw").await.expect("login");
+    assert_ne!(backend_pid(&a.client).await, backend_pid(&b.client).await);
+    let b_client = b.client;
+    let b_query = tokio::spawn(async move {
+        b_client
+            .simple_query("SELECT pg_sleep(1)")
+            .await
+            .map(|_| ())
+    });
+    let a_token = a.client.cancel_token();
+    let a_client = a.client;
+    let a_query = tokio::spawn(async move {
+        a_client
+            .simple_query("SELECT pg_sleep(10)")
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a_token.cancel_query(NoTls).await.unwrap();
+    let a_result = tokio::time::timeout(Duration::from_secs(5), a_query)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sqlstate(&a_result.expect_err("A is cancelled")),
+        Some("57014")
+    );
+    let b_result = tokio::time::timeout(Duration::from_secs(5), b_query)
+        .await
+        .unwrap()
+        .unwrap();
+    b_result.expect("B's query is not touched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_was_sent_a_cancel_is_never_lent_again() {
+    // With one backend: if it were reused, a cancel still on its way could hit the next
+    // client. It is closed instead, and the next client gets a fresh one.
+    let proxy = proxy("cancel_stale", 1).await;
+    let a = proxy.connect("cancel_stale", "pw").await.expect("login");
+    let pid = backend_pid(&a.client).await;
+    a.client.cancel_token().cancel_query(NoTls).await.unwrap(); // lands while A is idle
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = proxy.connect("cancel_stale", "pw").await.expect("login");
+    assert_ne!(
+        backend_pid(&b.client).await,
+        pid,
+        "the cancelled backend was not reused"
+    );
+    let slept = b.client.simple_query("SELECT pg_sleep(0.5)").await;
+    assert!(
+        slept.is_ok(),
+        "the next client's query is not cancelled: {slept:?}"
+    );
+}
