@@ -15,3 +15,4 @@ pub mod shutdown;
 pub use config::Config;
 pub use proxy::Proxy;
 pub mod devdb;
+pub mod prepared;

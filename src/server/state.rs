@@ -23,6 +23,10 @@
 
 use std::collections::VecDeque;
 
+use bytes::BytesMut;
+
+pub use crate::prepared::Undo;
+
 /// Transaction status from the last ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxStatus {
@@ -56,6 +60,8 @@ enum Owed {
     /// CopyDone or CopyFail: answers nothing itself, but marks where a COPY FROM STDIN
     /// ends in the client's stream.
     CopyEnd,
+    /// A reply pgshield gives the client itself, in this place.
+    Fake(Fake),
 }
 
 impl Owed {
@@ -80,13 +86,50 @@ impl Owed {
     }
 }
 
+/// A reply pgshield writes to the client in place of the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fake {
+    ParseComplete,
+    CloseComplete,
+}
+
+impl Fake {
+    fn write(self, out: &mut BytesMut) {
+        let tag = match self {
+            Fake::ParseComplete => b'1',
+            Fake::CloseComplete => b'3',
+        };
+        out.extend_from_slice(&[tag, 0, 0, 0, 4]);
+    }
+}
+
+/// What becomes of a reply from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// It goes to the client.
+    Forward,
+    /// It answers a message pgshield injected: the client never sees it.
+    Swallow,
+}
+
+#[derive(Debug)]
+struct Entry {
+    owed: Owed,
+    /// Injected by pgshield: its replies (errors excepted) are swallowed.
+    hidden: bool,
+    /// What to take back if the server never acts on this message.
+    undo: Option<Undo>,
+}
+
 /// The server answered something nobody asked for: the backend is out of step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutOfStep;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ReplyTracker {
-    owed: VecDeque<Owed>,
+    owed: VecDeque<Entry>,
+    /// Messages the server will never act on (skipped after an error), to be taken back.
+    undone: Vec<Undo>,
     /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
     /// The server is discarding the client's messages until a Sync (after an error).
@@ -105,6 +148,7 @@ impl Default for ReplyTracker {
     fn default() -> Self {
         ReplyTracker {
             owed: VecDeque::new(),
+            undone: Vec::new(),
             extended_open: false,
             skipping_to_sync: false,
             client_copying: false,
@@ -116,8 +160,14 @@ impl Default for ReplyTracker {
 }
 
 impl ReplyTracker {
-    /// Notes a message sent to the backend.
+    /// Notes a client message passed to the backend.
     pub fn sent(&mut self, tag: u8) {
+        self.sent_with(tag, false, None);
+    }
+
+    /// Notes a message sent to the backend: `hidden` if pgshield injected it (its replies
+    /// are swallowed), with what to take back if the server never acts on it.
+    pub fn sent_with(&mut self, tag: u8, hidden: bool, undo: Option<Undo>) {
         if self.client_copying {
             match tag {
                 b'c' | b'f' => self.client_copying = false,
@@ -127,10 +177,12 @@ impl ReplyTracker {
                 // A statement inside COPY data: the server errors, then runs what follows.
                 _ => self.unsure = true,
             }
+            self.undone.extend(undo);
             return;
         }
         if self.skipping_to_sync {
             if tag != b'S' {
+                self.undone.extend(undo);
                 return;
             }
             self.skipping_to_sync = false;
@@ -140,20 +192,60 @@ impl ReplyTracker {
             b'S' => self.extended_open = false,
             _ => {}
         }
-        if let Some(owed) = Owed::from_tag(tag) {
-            self.owed.push_back(owed);
+        match Owed::from_tag(tag) {
+            Some(owed) => self.owed.push_back(Entry { owed, hidden, undo }),
+            None => self.undone.extend(undo),
         }
     }
 
-    /// Notes a message from the backend. `status` is the first body byte (ReadyForQuery's
-    /// transaction status). Async messages (notices, notifications, parameter changes)
-    /// and rows change nothing.
-    pub fn received(&mut self, tag: u8, status: Option<u8>) -> Result<(), OutOfStep> {
+    /// Notes a reply pgshield gives the client itself for an extended-protocol message
+    /// it did not pass on; it is written in its place among the server's replies.
+    pub fn fake(&mut self, fake: Fake, undo: Option<Undo>) {
+        if self.client_copying || self.skipping_to_sync {
+            // The server would not have answered this message: neither do we.
+            if self.client_copying {
+                self.unsure = true;
+            }
+            self.undone.extend(undo);
+            return;
+        }
+        self.extended_open = true;
+        self.owed.push_back(Entry {
+            owed: Owed::Fake(fake),
+            hidden: false,
+            undo,
+        });
+    }
+
+    /// Writes the fake replies now due (those before any reply still owed by the server).
+    /// Call whenever no server message is half-passed to the client.
+    pub fn write_due_fakes(&mut self, out: &mut BytesMut) {
+        while let Some(Entry {
+            owed: Owed::Fake(fake),
+            ..
+        }) = self.owed.front()
+        {
+            fake.write(out);
+            self.owed.pop_front();
+        }
+    }
+
+    /// What the server will never act on, to be taken back (in the order it was sent).
+    pub fn take_undone(&mut self) -> Vec<Undo> {
+        std::mem::take(&mut self.undone)
+    }
+
+    /// Notes a message from the backend and says whether the client gets it. `status`
+    /// is the first body byte (ReadyForQuery's transaction status). Async messages
+    /// (notices, notifications, parameter changes) and rows change nothing. Due fake
+    /// replies must have been written first ([`ReplyTracker::write_due_fakes`]).
+    pub fn received(&mut self, tag: u8, status: Option<u8>) -> Result<Disposition, OutOfStep> {
+        use Disposition::Forward;
         if self.unsure {
             if tag == b'Z' {
                 self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
             }
-            return Ok(());
+            return Ok(Forward);
         }
         match tag {
             b'1' => self.complete(Owed::Parse),
@@ -162,9 +254,9 @@ impl ReplyTracker {
             // RowDescription or NoData end a Describe; inside a Query they describe rows.
             b'T' | b'n' => {
                 if self.front() == Some(Owed::Describe) {
-                    self.owed.pop_front();
+                    return self.complete(Owed::Describe);
                 }
-                Ok(())
+                Ok(Forward)
             }
             // CommandComplete, EmptyQueryResponse, PortalSuspended end an Execute; a Query
             // goes on until its ReadyForQuery.
@@ -174,37 +266,53 @@ impl ReplyTracker {
                     self.copy_swallowed_messages = false;
                 }
                 if self.front() == Some(Owed::Execute) {
-                    self.owed.pop_front();
+                    return self.complete(Owed::Execute);
                 }
-                Ok(())
+                Ok(Forward)
             }
             b'G' => {
                 self.copy_in_started();
-                Ok(())
+                Ok(Forward)
             }
             b'E' => {
+                // Errors always reach the client, even those of injected messages: they
+                // say why what the client asked for could not happen.
                 self.error();
-                Ok(())
+                Ok(Forward)
             }
-            b'Z' => self.ready(status.and_then(TxStatus::from_byte).ok_or(OutOfStep)?),
-            _ => Ok(()),
+            b'Z' => {
+                self.ready(status.and_then(TxStatus::from_byte).ok_or(OutOfStep)?)?;
+                Ok(Forward)
+            }
+            _ => Ok(Forward),
         }
     }
 
     /// The entry the next reply belongs to (CopyEnd markers answer nothing: skipped).
     fn front(&mut self) -> Option<Owed> {
-        while self.owed.front() == Some(&Owed::CopyEnd) {
+        while self.owed.front().is_some_and(|e| e.owed == Owed::CopyEnd) {
             self.owed.pop_front();
         }
-        self.owed.front().copied()
+        self.owed.front().map(|e| e.owed)
     }
 
-    fn complete(&mut self, expected: Owed) -> Result<(), OutOfStep> {
+    fn complete(&mut self, expected: Owed) -> Result<Disposition, OutOfStep> {
         if self.front() != Some(expected) {
             return Err(OutOfStep);
         }
-        self.owed.pop_front();
-        Ok(())
+        let entry = self.owed.pop_front().ok_or(OutOfStep)?;
+        Ok(if entry.hidden {
+            Disposition::Swallow
+        } else {
+            Disposition::Forward
+        })
+    }
+
+    /// Drops entries the server will never answer, keeping what they would take back.
+    fn abandon(&mut self, range: std::ops::Range<usize>) {
+        for entry in self.owed.drain(range) {
+            self.undone.extend(entry.undo);
+        }
     }
 
     /// CopyInResponse: what the client sent between the COPY and its CopyDone/CopyFail is
@@ -214,18 +322,21 @@ impl ReplyTracker {
         if self.front().is_none() {
             return;
         }
-        let end = self.owed.iter().position(|o| *o == Owed::CopyEnd);
-        let swallowed: Vec<Owed> = match end {
-            Some(end) => self
-                .owed
-                .drain(1..=end)
-                .filter(|o| *o != Owed::CopyEnd)
-                .collect(),
+        let end = self.owed.iter().position(|e| e.owed == Owed::CopyEnd);
+        let upto = match end {
+            Some(end) => end + 1,
             None => {
                 self.client_copying = true;
-                self.owed.drain(1..).collect()
+                self.owed.len()
             }
         };
+        let swallowed: Vec<Owed> = self
+            .owed
+            .range(1..upto)
+            .map(|e| e.owed)
+            .filter(|o| *o != Owed::CopyEnd)
+            .collect();
+        self.abandon(1..upto);
         if swallowed.iter().any(|o| *o != Owed::Sync) {
             // Statements pipelined behind a COPY: the server errors on the first and runs
             // the rest; there is no telling how. Stop judging.
@@ -235,7 +346,8 @@ impl ReplyTracker {
     }
 
     /// ErrorResponse. Inside a simple Query or FunctionCall, its ReadyForQuery still
-    /// comes. In the extended protocol the server skips to the next Sync.
+    /// comes. In the extended protocol the server skips to the next Sync: everything
+    /// before it is never acted on (the failed message included).
     fn error(&mut self) {
         // An error ends any COPY; what the client sends next is no longer COPY data.
         self.client_copying = false;
@@ -249,12 +361,10 @@ impl ReplyTracker {
             // Nothing outstanding: an asynchronous error (e.g. FATAL on termination).
             None => {}
             Some(Owed::Query | Owed::FunctionCall) => {}
-            Some(_) => match self.owed.iter().position(|o| *o == Owed::Sync) {
-                Some(sync) => {
-                    self.owed.drain(..sync);
-                }
+            Some(_) => match self.owed.iter().position(|e| e.owed == Owed::Sync) {
+                Some(sync) => self.abandon(0..sync),
                 None => {
-                    self.owed.clear();
+                    self.abandon(0..self.owed.len());
                     self.skipping_to_sync = true;
                 }
             },
@@ -265,7 +375,7 @@ impl ReplyTracker {
         self.tx = status;
         self.client_copying = false;
         self.copy_swallowed_messages = false;
-        let Some(at) = self.owed.iter().position(|o| o.ends_with_ready()) else {
+        let Some(at) = self.owed.iter().position(|e| e.owed.ends_with_ready()) else {
             return Err(OutOfStep);
         };
         self.owed.drain(..=at);
@@ -289,7 +399,7 @@ impl ReplyTracker {
     /// The client is owed a ReadyForQuery for something the server can finish without
     /// more input from the client (not during the client's COPY data).
     pub fn awaiting_ready(&self) -> bool {
-        !self.unsure && !self.client_copying && self.owed.iter().any(|o| o.ends_with_ready())
+        !self.unsure && !self.client_copying && self.owed.iter().any(|e| e.owed.ends_with_ready())
     }
 
     /// At a boundary and outside any transaction block.
@@ -558,6 +668,69 @@ mod tests {
         );
         client(&mut t, "c");
         assert!(t.awaiting_ready());
+    }
+
+    fn parse_undo() -> Option<Undo> {
+        let registry = crate::prepared::Registry::default();
+        Some(Undo::Parse {
+            client_name: Some("s0".into()),
+            statement: registry.intern("SELECT 1", &[]),
+            on_server: true,
+        })
+    }
+
+    #[test]
+    fn replies_to_injected_messages_are_swallowed_but_errors_are_not() {
+        let mut t = ReplyTracker::default();
+        t.sent_with(b'P', true, None);
+        client(&mut t, "BES");
+        assert_eq!(t.received(b'1', None), Ok(Disposition::Swallow));
+        assert_eq!(t.received(b'2', None), Ok(Disposition::Forward));
+        server(&mut t, "DCZ").unwrap();
+        assert!(t.is_idle());
+        t.sent_with(b'P', true, None);
+        client(&mut t, "BES");
+        assert_eq!(t.received(b'E', None), Ok(Disposition::Forward));
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn fake_replies_are_written_in_their_place_among_the_servers() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "B");
+        t.fake(Fake::ParseComplete, None);
+        client(&mut t, "S");
+        let mut out = BytesMut::new();
+        t.write_due_fakes(&mut out);
+        assert!(out.is_empty(), "the Bind's reply comes first");
+        server(&mut t, "2").unwrap();
+        t.write_due_fakes(&mut out);
+        assert_eq!(&out[..], b"1\0\0\0\x04");
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn what_the_server_skips_after_an_error_is_taken_back() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "B");
+        t.sent_with(b'P', false, parse_undo());
+        t.fake(Fake::ParseComplete, parse_undo());
+        client(&mut t, "S");
+        server(&mut t, "E").unwrap(); // the Bind fails: the rest is skipped
+        assert_eq!(t.take_undone().len(), 2);
+        let mut out = BytesMut::new();
+        t.write_due_fakes(&mut out);
+        assert!(out.is_empty(), "no fake reply for a skipped message");
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
+        // While the server skips to Sync, new messages are taken back at once.
+        client(&mut t, "P");
+        server(&mut t, "E").unwrap();
+        t.sent_with(b'P', false, parse_undo());
+        t.fake(Fake::ParseComplete, parse_undo());
+        assert_eq!(t.take_undone().len(), 2);
     }
 
     #[test]

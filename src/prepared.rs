@@ -1,0 +1,827 @@
+//! Named prepared statements across backends, for transaction pooling.
+//!
+//! A client prepares statements by its own names; its next transaction may run on another
+//! backend. So pgshield keeps each client's names (name → statement), gives every distinct
+//! statement (query text and parameter types) one proxy-wide name shared by all clients,
+//! and prepares it on whichever backend the client holds, the first time that backend
+//! needs it (a Parse injected before the Bind or Describe, its reply swallowed). Each
+//! backend remembers, in a bounded LRU, what it has prepared; the least recently used is
+//! closed when it is full.
+//!
+//! Postgres's answers are kept: closing a statement answers CloseComplete whether or not
+//! it existed; re-preparing a name the client already has fails with 42P05 (the server
+//! itself says so: the Parse is sent under the existing statement's name); binding a name
+//! the client never prepared fails with 26000 (the Bind goes through unchanged). Two
+//! clients using the same name for different queries each get their own.
+//!
+//! The unnamed statement lives on the backend until the next unnamed Parse or simple
+//! Query. Each backend records whose unnamed statement it holds; a client binding the
+//! unnamed statement on a backend that holds someone else's gets its own re-parsed first
+//! (or, if it has none, the backend's is closed so the server answers 26000).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::protocol::frame::take_cstr;
+use crate::protocol::messages::put_message;
+
+/// The prefix of the names pgshield prepares statements under on backends.
+const NAME_PREFIX: &str = "pgshield_";
+
+/// One distinct statement: query text and parameter types, under its proxy-wide name.
+#[derive(Debug)]
+pub struct Statement {
+    name: Arc<str>,
+    query: String,
+    param_types: Vec<u32>,
+}
+
+impl Statement {
+    /// The name it is prepared under on backends.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub fn query(&self) -> &str {
+        &self.query
+    }
+
+    /// Writes a Parse preparing it under `name` (its own name, or "" for unnamed).
+    fn write_parse(&self, name: &str, out: &mut BytesMut) {
+        put_message(out, b'P', |b| {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_slice(self.query.as_bytes());
+            b.put_u8(0);
+            b.put_i16(self.param_types.len() as i16);
+            for oid in &self.param_types {
+                b.put_u32(*oid);
+            }
+        });
+    }
+}
+
+/// Gives equal statements one shared name, process-wide.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    by_text: HashMap<(String, Vec<u32>), Weak<Statement>>,
+    next_id: u64,
+    /// Purge dead entries when the map grows past this.
+    purge_at: usize,
+}
+
+impl Registry {
+    /// The statement for this text and these types, shared with every client using it.
+    pub fn intern(&self, query: &str, param_types: &[u32]) -> Arc<Statement> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (query.to_owned(), param_types.to_vec());
+        if let Some(statement) = inner.by_text.get(&key).and_then(Weak::upgrade) {
+            return statement;
+        }
+        inner.next_id += 1;
+        let statement = Arc::new(Statement {
+            name: format!("{NAME_PREFIX}{}", inner.next_id).into(),
+            query: key.0.clone(),
+            param_types: key.1.clone(),
+        });
+        inner.by_text.insert(key, Arc::downgrade(&statement));
+        if inner.by_text.len() > inner.purge_at {
+            inner.by_text.retain(|_, weak| weak.strong_count() > 0);
+            inner.purge_at = (inner.by_text.len() * 2).max(1024);
+        }
+        statement
+    }
+}
+
+/// What to take back when the server never acted on a message.
+#[derive(Debug)]
+pub enum Undo {
+    /// A Parse (the client's, or pgshield's own when `client_name` is None) did not happen.
+    Parse {
+        client_name: Option<Arc<str>>,
+        statement: Arc<Statement>,
+        /// It went to the server (rather than being answered by pgshield).
+        on_server: bool,
+    },
+    /// A client's Close did not happen: the name still means the statement.
+    Close {
+        client_name: Arc<str>,
+        statement: Arc<Statement>,
+    },
+    /// A Parse of the unnamed statement did not happen (or failed).
+    UnnamedParse,
+}
+
+/// One client's statements, by its own names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    named: HashMap<Arc<str>, Arc<Statement>>,
+    unnamed: Option<Arc<Statement>>,
+}
+
+/// What one backend has prepared under proxy-wide names (bounded, least recently used
+/// first out), and whose unnamed statement it holds.
+#[derive(Debug)]
+pub struct ServerStatements {
+    names: HashMap<Arc<str>, u64>,
+    clock: u64,
+    capacity: usize,
+    unnamed: Option<Arc<Statement>>,
+}
+
+impl ServerStatements {
+    pub fn new(capacity: usize) -> ServerStatements {
+        ServerStatements {
+            names: HashMap::new(),
+            clock: 0,
+            capacity: capacity.max(1),
+            unnamed: None,
+        }
+    }
+
+    fn has(&mut self, name: &Arc<str>) -> bool {
+        self.clock += 1;
+        match self.names.get_mut(name) {
+            Some(stamp) => {
+                *stamp = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement as prepared; returns the name to close first if full.
+    fn add(&mut self, name: Arc<str>) -> Option<Arc<str>> {
+        let evicted = if self.names.len() >= self.capacity {
+            let oldest = self
+                .names
+                .iter()
+                .min_by_key(|(_, stamp)| **stamp)
+                .map(|(n, _)| Arc::clone(n));
+            if let Some(name) = &oldest {
+                self.names.remove(name);
+            }
+            oldest
+        } else {
+            None
+        };
+        self.clock += 1;
+        self.names.insert(name, self.clock);
+        evicted
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.names.remove(name);
+    }
+
+    /// The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.names.clear();
+        self.unnamed = None;
+    }
+
+    /// A simple Query destroys the unnamed statement.
+    pub fn forget_unnamed(&mut self) {
+        self.unnamed = None;
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// What pgshield does with one client message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// Pass it on unchanged.
+    PassOn,
+    /// Write `head` in place of the message's first `consumed` bytes, then pass on the
+    /// rest unchanged (the rest may still be arriving).
+    Rewrite { head: BytesMut, consumed: usize },
+    /// Answer it with a fake reply (already queued); the message goes nowhere.
+    Answered,
+    /// Not enough of the message has arrived to decide.
+    NeedMore,
+}
+
+/// A message pgshield sends on its own before the client's (its replies swallowed), for
+/// the tracker to note in order.
+#[derive(Debug)]
+pub struct Injected {
+    pub tag: u8,
+    pub undo: Option<Undo>,
+}
+
+/// The result of translating one client message: messages to send first (already
+/// written to `out`), and what to do with the client's message.
+#[derive(Debug)]
+pub struct Translated {
+    pub injected: Vec<Injected>,
+    pub translation: Translation,
+    /// For the client's own message when it is sent: what to take back if not acted on.
+    pub undo: Option<Undo>,
+    /// Instead of sending: a fake reply to queue.
+    pub fake: Option<crate::server::state::Fake>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed {0} message")]
+pub struct Malformed(&'static str);
+
+impl ClientStatements {
+    /// Translates a client message for the backend's statements. `msg` holds the message
+    /// from its tag on (whole, or at least its first part for Bind); `len` is its full
+    /// length. Injected messages are written to `out`; the caller then writes the
+    /// client's message (or its rewritten head) after them.
+    pub fn translate(
+        &mut self,
+        registry: &Registry,
+        server: &mut ServerStatements,
+        msg: &[u8],
+        len: usize,
+        out: &mut BytesMut,
+    ) -> Result<Translated, Malformed> {
+        let mut t = Translated {
+            injected: Vec::new(),
+            translation: Translation::PassOn,
+            undo: None,
+            fake: None,
+        };
+        let tag = msg[0];
+        // Parse, Describe and Close are short: wait for them whole. Bind can carry huge
+        // parameters: only its two names are needed.
+        if tag != b'B' && msg.len() < len {
+            t.translation = Translation::NeedMore;
+            return Ok(t);
+        }
+        let mut body = &msg[5..];
+        match tag {
+            b'P' => {
+                let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                if body.len() < 2 {
+                    return Err(Malformed("Parse"));
+                }
+                let count = body.get_i16();
+                if count < 0 || body.len() != count as usize * 4 {
+                    return Err(Malformed("Parse"));
+                }
+                let types: Vec<u32> = (0..count).map(|_| body.get_u32()).collect();
+                self.parse(registry, server, (name, query, &types), len, out, &mut t);
+            }
+            b'B' => {
+                let Some((portal, statement, consumed)) = bind_names(msg, len)? else {
+                    t.translation = Translation::NeedMore;
+                    return Ok(t);
+                };
+                if let Some(proxy_name) = self.use_statement(server, statement, out, &mut t) {
+                    let mut head = BytesMut::with_capacity(consumed + proxy_name.len());
+                    let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
+                    head.put_u8(b'B');
+                    head.put_i32((new_len - 1) as i32);
+                    head.put_slice(portal.as_bytes());
+                    head.put_u8(0);
+                    head.put_slice(proxy_name.as_bytes());
+                    head.put_u8(0);
+                    t.translation = Translation::Rewrite { head, consumed };
+                }
+            }
+            b'D' | b'C' => {
+                let (&kind, mut rest) = body.split_first().ok_or(Malformed("Describe/Close"))?;
+                let name = take_cstr(&mut rest).ok_or(Malformed("Describe/Close"))?;
+                if !rest.is_empty() || !matches!(kind, b'S' | b'P') {
+                    return Err(Malformed("Describe/Close"));
+                }
+                if kind == b'S' && tag == b'D' {
+                    if let Some(proxy_name) = self.use_statement(server, name, out, &mut t) {
+                        let mut head = BytesMut::new();
+                        put_message(&mut head, b'D', |b| {
+                            b.put_u8(b'S');
+                            b.put_slice(proxy_name.as_bytes());
+                            b.put_u8(0);
+                        });
+                        t.translation = Translation::Rewrite {
+                            head,
+                            consumed: len,
+                        };
+                    }
+                } else if kind == b'S' {
+                    self.close(name, &mut t);
+                }
+            }
+            b'Q' => server.forget_unnamed(),
+            _ => {}
+        }
+        Ok(t)
+    }
+
+    fn parse(
+        &mut self,
+        registry: &Registry,
+        server: &mut ServerStatements,
+        (name, query, types): (&str, &str, &[u32]),
+        len: usize,
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) {
+        let statement = registry.intern(query, types);
+        if name.is_empty() {
+            // Passed on as it is; it replaces the backend's unnamed statement.
+            self.unnamed = Some(Arc::clone(&statement));
+            server.unnamed = Some(statement);
+            t.undo = Some(Undo::UnnamedParse);
+            return;
+        }
+        if let Some(existing) = self.named.get(name).cloned() {
+            // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
+            // again under the name it already has there.
+            self.ensure_prepared(server, &existing, out, t);
+            let mut head = BytesMut::new();
+            statement.write_parse(existing.name(), &mut head);
+            t.translation = Translation::Rewrite {
+                head,
+                consumed: len,
+            };
+            return;
+        }
+        let client_name: Arc<str> = name.into();
+        self.named
+            .insert(Arc::clone(&client_name), Arc::clone(&statement));
+        if server.has(statement.name()) {
+            t.translation = Translation::Answered;
+            t.fake = Some(crate::server::state::Fake::ParseComplete);
+            t.undo = Some(Undo::Parse {
+                client_name: Some(client_name),
+                statement,
+                on_server: false,
+            });
+            return;
+        }
+        if let Some(evicted) = server.add(Arc::clone(statement.name())) {
+            close_on_server(&evicted, out, t);
+        }
+        let mut head = BytesMut::new();
+        statement.write_parse(statement.name(), &mut head);
+        t.translation = Translation::Rewrite {
+            head,
+            consumed: len,
+        };
+        t.undo = Some(Undo::Parse {
+            client_name: Some(client_name),
+            statement,
+            on_server: true,
+        });
+    }
+
+    /// Makes a statement the client names usable on this backend. Returns the name to use
+    /// on the server, or None to pass the message on unchanged.
+    fn use_statement(
+        &mut self,
+        server: &mut ServerStatements,
+        name: &str,
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) -> Option<Arc<str>> {
+        if name.is_empty() {
+            match &self.unnamed {
+                Some(mine)
+                    if server
+                        .unnamed
+                        .as_ref()
+                        .is_some_and(|s| Arc::ptr_eq(s, mine)) => {}
+                Some(mine) => {
+                    mine.write_parse("", out);
+                    t.injected.push(Injected {
+                        tag: b'P',
+                        undo: Some(Undo::UnnamedParse),
+                    });
+                    server.unnamed = Some(Arc::clone(mine));
+                }
+                None => {
+                    // Whatever this backend holds is not the client's: drop it, so the
+                    // server answers "unnamed prepared statement does not exist".
+                    put_message(out, b'C', |b| b.put_slice(b"S\0"));
+                    t.injected.push(Injected {
+                        tag: b'C',
+                        undo: None,
+                    });
+                    server.unnamed = None;
+                }
+            }
+            return None;
+        }
+        let statement = self.named.get(name).cloned()?;
+        self.ensure_prepared(server, &statement, out, t);
+        Some(Arc::clone(statement.name()))
+    }
+
+    fn ensure_prepared(
+        &mut self,
+        server: &mut ServerStatements,
+        statement: &Arc<Statement>,
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) {
+        if server.has(statement.name()) {
+            return;
+        }
+        if let Some(evicted) = server.add(Arc::clone(statement.name())) {
+            close_on_server(&evicted, out, t);
+        }
+        statement.write_parse(statement.name(), out);
+        t.injected.push(Injected {
+            tag: b'P',
+            undo: Some(Undo::Parse {
+                client_name: None,
+                statement: Arc::clone(statement),
+                on_server: true,
+            }),
+        });
+    }
+
+    fn close(&mut self, name: &str, t: &mut Translated) {
+        t.translation = Translation::Answered;
+        t.fake = Some(crate::server::state::Fake::CloseComplete);
+        if name.is_empty() {
+            self.unnamed = None;
+            return;
+        }
+        if let Some((client_name, statement)) = self.named.remove_entry(name) {
+            t.undo = Some(Undo::Close {
+                client_name,
+                statement,
+            });
+        }
+    }
+
+    /// Takes back what the server never acted on.
+    pub fn undo(&mut self, server: &mut ServerStatements, undo: Undo) {
+        match undo {
+            Undo::Parse {
+                client_name,
+                statement,
+                on_server,
+            } => {
+                if on_server {
+                    server.forget(statement.name());
+                }
+                if let Some(name) = client_name {
+                    if self
+                        .named
+                        .get(&name)
+                        .is_some_and(|s| Arc::ptr_eq(s, &statement))
+                    {
+                        self.named.remove(&name);
+                    }
+                }
+            }
+            Undo::Close {
+                client_name,
+                statement,
+            } => {
+                self.named.insert(client_name, statement);
+            }
+            Undo::UnnamedParse => {
+                self.unnamed = None;
+                server.unnamed = None;
+            }
+        }
+    }
+
+    /// How many named statements the client has.
+    pub fn len(&self) -> usize {
+        self.named.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+}
+
+/// Injects a Close of a statement evicted from a full backend.
+fn close_on_server(name: &str, out: &mut BytesMut, t: &mut Translated) {
+    put_message(out, b'C', |b| {
+        b.put_u8(b'S');
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+    });
+    t.injected.push(Injected {
+        tag: b'C',
+        undo: None,
+    });
+}
+
+/// The portal and statement names at the start of a Bind, and where they end; None if
+/// they have not all arrived yet.
+fn bind_names(msg: &[u8], len: usize) -> Result<Option<(&str, &str, usize)>, Malformed> {
+    let available = &msg[5..msg.len().min(len)];
+    let Some(first) = available.iter().position(|&b| b == 0) else {
+        return if msg.len() >= len {
+            Err(Malformed("Bind"))
+        } else {
+            Ok(None)
+        };
+    };
+    let Some(second) = available[first + 1..].iter().position(|&b| b == 0) else {
+        return if msg.len() >= len {
+            Err(Malformed("Bind"))
+        } else {
+            Ok(None)
+        };
+    };
+    let portal = std::str::from_utf8(&available[..first]).map_err(|_| Malformed("Bind"))?;
+    let statement = std::str::from_utf8(&available[first + 1..first + 1 + second])
+        .map_err(|_| Malformed("Bind"))?;
+    Ok(Some((portal, statement, 5 + first + 1 + second + 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_msg(name: &str, query: &str) -> BytesMut {
+        let mut m = BytesMut::new();
+        put_message(&mut m, b'P', |b| {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_slice(query.as_bytes());
+            b.put_u8(0);
+            b.put_i16(0);
+        });
+        m
+    }
+
+    fn bind_msg(statement: &str, params: &[u8]) -> BytesMut {
+        let mut m = BytesMut::new();
+        put_message(&mut m, b'B', |b| {
+            b.put_u8(0);
+            b.put_slice(statement.as_bytes());
+            b.put_u8(0);
+            b.put_slice(params);
+        });
+        m
+    }
+
+    fn small(tag: u8, kind: u8, name: &str) -> BytesMut {
+        let mut m = BytesMut::new();
+        put_message(&mut m, tag, |b| {
+            b.put_u8(kind);
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+        });
+        m
+    }
+
+    fn run(
+        c: &mut ClientStatements,
+        r: &Registry,
+        s: &mut ServerStatements,
+        msg: &[u8],
+    ) -> (Translated, BytesMut) {
+        let mut out = BytesMut::new();
+        let t = c
+            .translate(r, s, msg, msg.len(), &mut out)
+            .expect("well formed");
+        (t, out)
+    }
+
+    #[test]
+    fn a_new_statement_is_prepared_under_its_shared_name() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        let (t, out) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 1"));
+        assert!(out.is_empty());
+        let Translation::Rewrite { head, .. } = t.translation else {
+            panic!("{t:?}")
+        };
+        assert!(head.windows(10).any(|w| w == b"pgshield_1"), "{head:?}");
+        assert!(matches!(
+            t.undo,
+            Some(Undo::Parse {
+                on_server: true,
+                ..
+            })
+        ));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn the_same_statement_on_a_backend_that_has_it_is_answered_by_pgshield() {
+        let (r, mut s) = (Registry::default(), ServerStatements::new(10));
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        run(&mut a, &r, &mut s, &parse_msg("a_name", "SELECT 1"));
+        let (t, out) = run(&mut b, &r, &mut s, &parse_msg("b_name", "SELECT 1"));
+        assert_eq!(t.translation, Translation::Answered);
+        assert_eq!(t.fake, Some(crate::server::state::Fake::ParseComplete));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_bind_on_another_backend_prepares_the_statement_first() {
+        let r = Registry::default();
+        let (mut s1, mut s2) = (ServerStatements::new(10), ServerStatements::new(10));
+        let mut c = ClientStatements::default();
+        run(&mut c, &r, &mut s1, &parse_msg("s0", "SELECT $1"));
+        let bind = bind_msg("s0", b"\0\0\0\0\0\0");
+        let mut out = BytesMut::new();
+        let t = c
+            .translate(&r, &mut s2, &bind, bind.len(), &mut out)
+            .unwrap();
+        assert_eq!(t.injected.len(), 1, "a hidden Parse");
+        assert_eq!(out[0], b'P');
+        let Translation::Rewrite { head, consumed } = t.translation else {
+            panic!()
+        };
+        assert_eq!(consumed, 5 + 1 + 3);
+        // The rewritten Bind's length covers the new name plus the untouched rest.
+        let new_len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize + 1;
+        assert_eq!(new_len, head.len() + (bind.len() - consumed));
+        // Used again there: nothing injected.
+        let t = c
+            .translate(&r, &mut s2, &bind, bind.len(), &mut BytesMut::new())
+            .unwrap();
+        assert!(t.injected.is_empty());
+    }
+
+    #[test]
+    fn two_clients_with_one_name_for_different_queries_get_their_own() {
+        let (r, mut s) = (Registry::default(), ServerStatements::new(10));
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        run(&mut a, &r, &mut s, &parse_msg("s0", "SELECT 'a'"));
+        run(&mut b, &r, &mut s, &parse_msg("s0", "SELECT 'b'"));
+        let name = |c: &mut ClientStatements| {
+            let bind = bind_msg("s0", b"\0\0\0\0\0\0");
+            let t = c
+                .translate(
+                    &r,
+                    &mut ServerStatements::new(10),
+                    &bind,
+                    bind.len(),
+                    &mut BytesMut::new(),
+                )
+                .unwrap();
+            let Translation::Rewrite { head, .. } = t.translation else {
+                panic!()
+            };
+            head
+        };
+        assert_ne!(name(&mut a), name(&mut b));
+    }
+
+    #[test]
+    fn an_unknown_name_passes_through_for_the_server_to_refuse() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        let (t, out) = run(&mut c, &r, &mut s, &bind_msg("nope", b"\0\0\0\0\0\0"));
+        assert_eq!(t.translation, Translation::PassOn);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn close_is_answered_by_pgshield_and_forgets_the_name() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 1"));
+        let (t, _) = run(&mut c, &r, &mut s, &small(b'C', b'S', "s0"));
+        assert_eq!(t.fake, Some(crate::server::state::Fake::CloseComplete));
+        assert!(c.is_empty());
+        // Closing what does not exist is fine, as in PostgreSQL.
+        let (t, _) = run(&mut c, &r, &mut s, &small(b'C', b'S', "s0"));
+        assert_eq!(t.translation, Translation::Answered);
+        // And the name can be prepared again.
+        let (t, _) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 2"));
+        assert!(matches!(t.translation, Translation::Rewrite { .. }));
+    }
+
+    #[test]
+    fn re_preparing_a_name_goes_to_the_server_under_the_existing_name_to_be_refused() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 1"));
+        let (t, _) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 2"));
+        let Translation::Rewrite { head, .. } = t.translation else {
+            panic!()
+        };
+        assert!(head.windows(11).any(|w| w == b"pgshield_1\0"));
+        assert!(t.undo.is_none(), "nothing to take back when it fails");
+    }
+
+    #[test]
+    fn a_full_backend_closes_its_least_recently_used_statement() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(2),
+            ClientStatements::default(),
+        );
+        run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
+        run(&mut c, &r, &mut s, &parse_msg("b", "SELECT 'b'"));
+        run(&mut c, &r, &mut s, &bind_msg("a", b"\0\0\0\0\0\0")); // a is fresher than b
+        let (t, out) = run(&mut c, &r, &mut s, &parse_msg("c", "SELECT 'c'"));
+        assert_eq!(out[0], b'C');
+        assert!(
+            out.windows(11).any(|w| w == b"pgshield_2\0"),
+            "b is closed: {out:?}"
+        );
+        assert!(matches!(t.injected[..], [Injected { tag: b'C', .. }]));
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn undo_takes_back_a_parse_the_server_never_ran() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        let (t, _) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELEKT"));
+        c.undo(&mut s, t.undo.expect("undo"));
+        assert!(c.is_empty() && s.is_empty());
+    }
+
+    #[test]
+    fn the_unnamed_statement_follows_its_client() {
+        let r = Registry::default();
+        let (mut s1, mut s2) = (ServerStatements::new(10), ServerStatements::new(10));
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        run(&mut a, &r, &mut s1, &parse_msg("", "SELECT 'a'"));
+        // On the same backend: as it is.
+        let (t, out) = run(&mut a, &r, &mut s1, &bind_msg("", b"\0\0\0\0\0\0"));
+        assert_eq!((t.translation, out.len()), (Translation::PassOn, 0));
+        // On another backend: parsed there first.
+        let (_, out) = run(&mut a, &r, &mut s2, &bind_msg("", b"\0\0\0\0\0\0"));
+        assert_eq!(out[0], b'P');
+        // A client without one, on a backend holding another's: that one is closed first.
+        let (t, out) = run(&mut b, &r, &mut s1, &bind_msg("", b"\0\0\0\0\0\0"));
+        assert_eq!((out[0], t.translation), (b'C', Translation::PassOn));
+        // A simple Query destroys the backend's unnamed statement.
+        run(&mut a, &r, &mut s1, &[b'Q', 0, 0, 0, 5, 0]);
+        let (_, out) = run(&mut a, &r, &mut s1, &bind_msg("", b"\0\0\0\0\0\0"));
+        assert_eq!(out[0], b'P');
+    }
+
+    #[test]
+    fn a_bind_needs_only_its_names_to_have_arrived() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT $1"));
+        let bind = bind_msg("s0", &[7u8; 1000]);
+        let t = c
+            .translate(&r, &mut s, &bind[..7], bind.len(), &mut BytesMut::new())
+            .unwrap();
+        assert_eq!(t.translation, Translation::NeedMore);
+        let t = c
+            .translate(&r, &mut s, &bind[..20], bind.len(), &mut BytesMut::new())
+            .unwrap();
+        assert!(matches!(
+            t.translation,
+            Translation::Rewrite { consumed: 9, .. }
+        ));
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        for msg in [
+            &b"P\0\0\0\x06s0"[..],
+            b"B\0\0\0\x06\0x",
+            b"D\0\0\0\x06Xa\0",
+            b"C\0\0\0\x05S",
+        ] {
+            assert!(
+                c.translate(&r, &mut s, msg, msg.len(), &mut BytesMut::new())
+                    .is_err(),
+                "{msg:?}"
+            );
+        }
+    }
+}
