@@ -128,12 +128,35 @@ pub struct PoolConfig {
     /// On SIGTERM/SIGINT, how long clients may finish the transaction they are in.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Statements each backend keeps prepared for clients in transaction mode (least
+    /// recently used closed first).
+    pub max_prepared_statements: usize,
+    /// Transaction mode: what happens when a client creates state that cannot follow it
+    /// to another backend (LISTEN, temp tables, session advisory locks, …).
+    pub on_session_state: OnSessionState,
+    /// Transaction mode: a client idle inside a transaction this long is closed and its
+    /// backend rolled back and returned. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
+    /// A statement running longer than this is cancelled (57014). `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+}
+
+/// What transaction mode does with session state that cannot follow a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSessionState {
+    /// Keep the client on its backend until it disconnects (as RDS Proxy).
+    Pin,
+    /// Refuse the statement with 0A000, naming the feature.
+    Reject,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            mode: PoolMode::Session,
+            mode: PoolMode::Transaction,
             max_size: 20,
             min_idle: 0,
             borrow_timeout: Duration::from_secs(120),
@@ -142,6 +165,10 @@ impl Default for PoolConfig {
             server_idle_timeout: Duration::from_secs(600),
             idle_client_timeout: Duration::from_secs(1800),
             shutdown_timeout: Duration::from_secs(30),
+            max_prepared_statements: 1000,
+            on_session_state: OnSessionState::Pin,
+            idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
         }
     }
 }
@@ -333,12 +360,6 @@ impl Config {
             ));
         }
         let pool = &self.pool;
-        if pool.mode == PoolMode::Transaction {
-            return Err(invalid(
-                "pool.mode",
-                "\"transaction\" is not supported yet in this version of pgshield; use \"session\"",
-            ));
-        }
         if pool.max_size == 0 {
             return Err(invalid("pool.max_size", "must be at least 1"));
         }
@@ -349,6 +370,12 @@ impl Config {
                     "{} is more than pool.max_size ({})",
                     pool.min_idle, pool.max_size
                 ),
+            ));
+        }
+        if pool.max_prepared_statements == 0 {
+            return Err(invalid(
+                "pool.max_prepared_statements",
+                "must be at least 1",
             ));
         }
         if pool.server_connect_timeout.is_zero() {
@@ -572,13 +599,10 @@ mod tests {
     }
 
     #[test]
-    fn transaction_mode_is_refused_until_it_is_built() {
-        let err = Config::from_toml(&format!("[pool]\nmode = \"transaction\"\n{MINIMAL}"))
-            .expect_err("not supported yet");
-        let text = err.to_string();
-        assert!(
-            text.contains("pool.mode") && text.contains("not supported yet"),
-            "{text}"
+    fn transaction_mode_is_the_default_and_statement_mode_does_not_exist() {
+        assert_eq!(
+            Config::from_toml(MINIMAL).unwrap().pool.mode,
+            PoolMode::Transaction
         );
         let err = Config::from_toml(&format!("[pool]\nmode = \"statement\"\n{MINIMAL}"))
             .expect_err("not a mode");
@@ -599,6 +623,13 @@ mod tests {
         assert_eq!(doc.server_idle_timeout, default.server_idle_timeout);
         assert_eq!(doc.idle_client_timeout, default.idle_client_timeout);
         assert_eq!(doc.shutdown_timeout, default.shutdown_timeout);
+        assert_eq!(doc.max_prepared_statements, default.max_prepared_statements);
+        assert_eq!(doc.on_session_state, default.on_session_state);
+        assert_eq!(
+            doc.idle_transaction_timeout,
+            default.idle_transaction_timeout
+        );
+        assert_eq!(doc.query_timeout, default.query_timeout);
         let (doc, default) = (&c.listen, ListenConfig::default());
         assert_eq!(doc.addr, default.addr);
         assert_eq!(doc.max_client_connections, default.max_client_connections);

@@ -333,6 +333,11 @@ impl DevDb {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// The directory of the server binaries (pgbench and psql usually live there too).
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use pgshield::config::{
-    AuthMethod, Config, DatabaseConfig, ListenConfig, LogConfig, PoolConfig, PoolMode, Secret,
-    UserConfig,
+    AuthMethod, Config, DatabaseConfig, ListenConfig, LogConfig, PoolConfig, Secret, UserConfig,
 };
 use pgshield::devdb::{DevDb, DevDbOptions};
 use pgshield::shutdown::Shutdown;
@@ -128,7 +127,6 @@ fn dev(args: DevArgs) -> ExitCode {
             ..ListenConfig::default()
         },
         pool: PoolConfig {
-            mode: PoolMode::Session,
             max_size: args.pool_size,
             shutdown_timeout: std::time::Duration::from_secs(5),
             ..PoolConfig::default()
@@ -164,7 +162,7 @@ fn dev(args: DevArgs) -> ExitCode {
             "  pgshield dev: PostgreSQL {version} (throwaway, in {dir}) on 127.0.0.1:{direct_port}"
         );
         println!(
-            "  pgshield is listening on {addr}, pool of {} backends",
+            "  pgshield is listening on {addr}: transaction pooling, {} backends per pool",
             args.pool_size
         );
         println!();

@@ -20,15 +20,32 @@
 //! (or, if it has none, the backend's is closed so the server answers 26000).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use postgres_protocol::escape::escape_literal;
+
+use crate::client::sql::{self, Effects, PinReason};
 use crate::protocol::frame::take_cstr;
 use crate::protocol::messages::put_message;
 
 /// The prefix of the names pgshield prepares statements under on backends.
-const NAME_PREFIX: &str = "pgshield_";
+pub const NAME_PREFIX: &str = "pgshield_";
+/// A statement that fails, when run, the way pgshield refuses state that would pin a
+/// client (`pool.on_session_state = "reject"`).
+pub fn refusal_statement(reason: PinReason) -> String {
+    let message = format!(
+        "pgshield: {} would tie this client to one server connection, which pool.on_session_state = \"reject\" does not allow",
+        reason.feature()
+    );
+    format!(
+        "DO $pgshield$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
+         HINT = 'Use session mode, or pool.on_session_state = \"pin\".'; END $pgshield$",
+        escape_literal(&message)
+    )
+}
 
 /// One distinct statement: query text and parameter types, under its proxy-wide name.
 #[derive(Debug)]
@@ -36,9 +53,22 @@ pub struct Statement {
     name: Arc<str>,
     query: String,
     param_types: Vec<u32>,
+    /// What running it does to the session (classified once).
+    effects: Effects,
+    /// A server has accepted it (answered its Parse with ParseComplete).
+    valid: AtomicBool,
 }
 
 impl Statement {
+    /// A server accepted it: later Parses of it can be answered without a backend.
+    pub fn mark_valid(&self) {
+        self.valid.store(true, Ordering::Release);
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+
     /// The name it is prepared under on backends.
     pub fn name(&self) -> &Arc<str> {
         &self.name
@@ -46,6 +76,10 @@ impl Statement {
 
     pub fn query(&self) -> &str {
         &self.query
+    }
+
+    pub fn effects(&self) -> &Effects {
+        &self.effects
     }
 
     /// Writes a Parse preparing it under `name` (its own name, or "" for unnamed).
@@ -90,6 +124,8 @@ impl Registry {
             name: format!("{NAME_PREFIX}{}", inner.next_id).into(),
             query: key.0.clone(),
             param_types: key.1.clone(),
+            effects: sql::classify(query),
+            valid: AtomicBool::new(false),
         });
         inner.by_text.insert(key, Arc::downgrade(&statement));
         if inner.by_text.len() > inner.purge_at {
@@ -181,6 +217,14 @@ impl ServerStatements {
         self.names.remove(name);
     }
 
+    /// The server dropped one statement (a client's DEALLOCATE of a name of ours).
+    pub fn dropped(&mut self, name: &str) {
+        self.forget(name);
+        if self.unnamed.as_ref().is_some_and(|s| &**s.name() == name) {
+            self.unnamed = None;
+        }
+    }
+
     /// The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.names.clear();
@@ -211,6 +255,8 @@ pub enum Translation {
     Rewrite { head: BytesMut, consumed: usize },
     /// Answer it with a fake reply (already queued); the message goes nowhere.
     Answered,
+    /// Write `head` in its place; the whole message is dropped.
+    Replace { head: BytesMut },
     /// Not enough of the message has arrived to decide.
     NeedMore,
 }
@@ -233,13 +279,80 @@ pub struct Translated {
     pub undo: Option<Undo>,
     /// Instead of sending: a fake reply to queue.
     pub fake: Option<crate::server::state::Fake>,
+    /// The client's statement a Bind runs (its effects are the client's session's).
+    pub bound: Option<Arc<Statement>>,
+    /// The portal a Bind creates.
+    pub portal: Option<String>,
+}
+
+impl Translated {
+    /// Nothing injected; the message passes on unchanged.
+    fn pass_on() -> Translated {
+        Translated {
+            injected: Vec::new(),
+            translation: Translation::PassOn,
+            undo: None,
+            fake: None,
+            bound: None,
+            portal: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed {0} message")]
 pub struct Malformed(&'static str);
 
+impl Undo {
+    /// The message this undo belongs to did happen: a parsed statement is valid.
+    pub fn succeeded(&self) {
+        if let Undo::Parse { statement, .. } = self {
+            statement.mark_valid();
+        }
+    }
+}
+
 impl ClientStatements {
+    /// Answers, without any backend, a whole Parse of a statement some server already
+    /// accepted, or a Close of a statement: the client's names change, and the reply to
+    /// write is returned. None: a backend is needed.
+    pub fn answer_without_backend(
+        &mut self,
+        registry: &Registry,
+        msg: &[u8],
+    ) -> Result<Option<crate::server::state::Fake>, Malformed> {
+        use crate::server::state::Fake;
+        let mut body = &msg[5..];
+        match msg[0] {
+            b'P' => {
+                let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let types = parse_types(body)?;
+                if self.named.contains_key(name) {
+                    return Ok(None); // the server is to refuse it
+                }
+                let statement = registry.intern(query, &types);
+                if !statement.is_valid() {
+                    return Ok(None);
+                }
+                if name.is_empty() {
+                    self.unnamed = Some(statement);
+                } else {
+                    self.named.insert(name.into(), statement);
+                }
+                Ok(Some(Fake::ParseComplete))
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                let mut rest = &body[1..];
+                let name = take_cstr(&mut rest).ok_or(Malformed("Close"))?;
+                let mut ignored = Translated::pass_on();
+                self.close(name, &mut ignored);
+                Ok(Some(Fake::CloseComplete))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Translates a client message for the backend's statements. `msg` holds the message
     /// from its tag on (whole, or at least its first part for Bind); `len` is its full
     /// length. Injected messages are written to `out`; the caller then writes the
@@ -252,12 +365,7 @@ impl ClientStatements {
         len: usize,
         out: &mut BytesMut,
     ) -> Result<Translated, Malformed> {
-        let mut t = Translated {
-            injected: Vec::new(),
-            translation: Translation::PassOn,
-            undo: None,
-            fake: None,
-        };
+        let mut t = Translated::pass_on();
         let tag = msg[0];
         // Parse, Describe and Close are short: wait for them whole. Bind can carry huge
         // parameters: only its two names are needed.
@@ -270,20 +378,19 @@ impl ClientStatements {
             b'P' => {
                 let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
                 let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
-                if body.len() < 2 {
-                    return Err(Malformed("Parse"));
-                }
-                let count = body.get_i16();
-                if count < 0 || body.len() != count as usize * 4 {
-                    return Err(Malformed("Parse"));
-                }
-                let types: Vec<u32> = (0..count).map(|_| body.get_u32()).collect();
+                let types = parse_types(body)?;
                 self.parse(registry, server, (name, query, &types), len, out, &mut t);
             }
             b'B' => {
                 let Some((portal, statement, consumed)) = bind_names(msg, len)? else {
                     t.translation = Translation::NeedMore;
                     return Ok(t);
+                };
+                t.portal = Some(portal.to_owned());
+                t.bound = if statement.is_empty() {
+                    self.unnamed.clone()
+                } else {
+                    self.named.get(statement).cloned()
                 };
                 if let Some(proxy_name) = self.use_statement(server, statement, out, &mut t) {
                     let mut head = BytesMut::with_capacity(consumed + proxy_name.len());
@@ -465,6 +572,30 @@ impl ClientStatements {
         }
     }
 
+    /// A Bind that runs `refusal` (a statement that fails the way pgshield refuses state
+    /// that would pin) in `portal`, in place of the client's; injects its Parse if needed.
+    pub fn refusal_bind(
+        &mut self,
+        server: &mut ServerStatements,
+        refusal: &Arc<Statement>,
+        portal: &str,
+        out: &mut BytesMut,
+    ) -> (BytesMut, Vec<Injected>) {
+        let mut t = Translated::pass_on();
+        self.ensure_prepared(server, refusal, out, &mut t);
+        let mut head = BytesMut::new();
+        put_message(&mut head, b'B', |b| {
+            b.put_slice(portal.as_bytes());
+            b.put_u8(0);
+            b.put_slice(refusal.name().as_bytes());
+            b.put_u8(0);
+            b.put_i16(0);
+            b.put_i16(0);
+            b.put_i16(0);
+        });
+        (head, t.injected)
+    }
+
     /// Takes back what the server never acted on.
     pub fn undo(&mut self, server: &mut ServerStatements, undo: Undo) {
         match undo {
@@ -499,6 +630,12 @@ impl ClientStatements {
         }
     }
 
+    /// The client's statements are all gone (DEALLOCATE ALL, DISCARD ALL).
+    pub fn clear(&mut self) {
+        self.named.clear();
+        self.unnamed = None;
+    }
+
     /// How many named statements the client has.
     pub fn len(&self) -> usize {
         self.named.len()
@@ -507,6 +644,18 @@ impl ClientStatements {
     pub fn is_empty(&self) -> bool {
         self.named.is_empty()
     }
+}
+
+/// The parameter types at the end of a Parse.
+fn parse_types(mut body: &[u8]) -> Result<Vec<u32>, Malformed> {
+    if body.len() < 2 {
+        return Err(Malformed("Parse"));
+    }
+    let count = body.get_i16();
+    if count < 0 || body.len() != count as usize * 4 {
+        return Err(Malformed("Parse"));
+    }
+    Ok((0..count).map(|_| body.get_u32()).collect())
 }
 
 /// Injects a Close of a statement evicted from a full backend.
@@ -802,6 +951,39 @@ mod tests {
             t.translation,
             Translation::Rewrite { consumed: 9, .. }
         ));
+    }
+
+    #[test]
+    fn only_statements_a_server_accepted_are_answered_without_a_backend() {
+        let (r, mut s, mut a) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        let parse = parse_msg("s0", "SELECT 1");
+        let mut b = ClientStatements::default();
+        assert_eq!(
+            b.answer_without_backend(&r, &parse),
+            Ok(None),
+            "never accepted yet"
+        );
+        let (t, _) = run(&mut a, &r, &mut s, &parse);
+        t.undo.expect("undo").succeeded(); // the server's ParseComplete
+        assert_eq!(
+            b.answer_without_backend(&r, &parse),
+            Ok(Some(crate::server::state::Fake::ParseComplete))
+        );
+        assert_eq!(b.len(), 1);
+        assert_eq!(
+            b.answer_without_backend(&r, &parse),
+            Ok(None),
+            "a re-prepared name goes to a server"
+        );
+        assert_eq!(
+            b.answer_without_backend(&r, &small(b'C', b'S', "s0")),
+            Ok(Some(crate::server::state::Fake::CloseComplete))
+        );
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -11,9 +11,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::auth::UserDirectory;
 use crate::client::cancel::Cancels;
+use crate::client::sql::PinReason;
 use crate::client::{self, ClientSlots};
 use crate::config::{Config, ConfigError};
 use crate::pool::Pools;
+use crate::prepared::Registry;
 use crate::shutdown::Shutdown;
 
 /// How long forced-out sessions get to close after `shutdown_timeout`.
@@ -27,6 +29,32 @@ pub struct Shared {
     pub shutdown: Shutdown,
     pub clients: Arc<ClientSlots>,
     pub cancels: Arc<Cancels>,
+    /// Prepared statements by text, shared by all clients (transaction mode).
+    pub statements: Registry,
+    /// Clients pinned to their backend, by reason, since start.
+    pub pins: PinCounts,
+}
+
+/// How many clients were pinned, by reason.
+#[derive(Default)]
+pub struct PinCounts([std::sync::atomic::AtomicU64; PinReason::ALL.len()]);
+
+impl PinCounts {
+    pub fn add(&self, reason: PinReason) {
+        let i = PinReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: PinReason) -> u64 {
+        let i = PinReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.0[i].load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +93,8 @@ impl Proxy {
             clients: ClientSlots::new(config.listen.max_client_connections),
             shutdown: Shutdown::new(),
             cancels: Cancels::new(),
+            statements: Registry::default(),
+            pins: PinCounts::default(),
             config,
         });
         Ok(Proxy {

@@ -10,8 +10,9 @@ use tokio_postgres::NoTls;
 
 async fn proxy(role: &str, max_size: usize) -> TestProxy {
     common::create_role(role, "pw").await;
+    // Session mode: these tests look at which backend a client holds.
     TestProxy::start(&format!(
-        "[pool]\nmax_size = {max_size}\n[users.{role}]\npassword = \"pw\"\n"
+        "[pool]\nmode = \"session\"\nmax_size = {max_size}\n[users.{role}]\npassword = \"pw\"\n"
     ))
     .await
 }
@@ -101,7 +102,7 @@ async fn send_cancel(proxy: &TestProxy, pid: i32, secret: &[u8]) {
 async fn a_wrong_key_cancels_nothing_and_the_right_one_does() {
     common::create_role("cancel_key", "pw").await;
     let proxy = TestProxy::start(
-        "[pool]\nmax_size = 2\n[users.cancel_key]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+        "[pool]\nmode = \"session\"\nmax_size = 2\n[users.cancel_key]\nauth = \"trust\"\nserver_password = \"pw\"\n",
     )
     .await;
     let (mut s, pid, secret) = raw_login(&proxy, "cancel_key").await;

@@ -6,6 +6,7 @@ pub mod cancel;
 pub mod handshake;
 pub mod params;
 pub mod session;
+pub mod sql;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -5,7 +5,7 @@
 //! way a startup parameter is parsed (so `search_path=a,b` means two schemas), and every
 //! name and value is quoted with `postgres_protocol::escape`.
 
-use postgres_protocol::escape::escape_literal;
+use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{sqlstate, ErrorResponse};
@@ -85,10 +85,46 @@ impl ClientSettings {
             applied != Some(value) && server.params().get(name) != Some(value)
         })
     }
+
+    /// Settings `server` carries for someone else (pgshield applied them, or another
+    /// client set them) that this client does not want.
+    pub fn extra_on<'a>(&'a self, server: &'a Server) -> impl Iterator<Item = &'a str> + 'a {
+        server
+            .applied()
+            .iter()
+            .filter(|(name, _)| self.get(name).is_none())
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Forgets a setting (the server no longer has it).
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    /// Records a setting the client changed during its session.
+    pub fn record(&mut self, name: &str, value: &str) {
+        self.set(name, value);
+    }
 }
 
-/// One statement that applies `settings` (none if empty).
-pub fn apply_statement<'a>(settings: impl Iterator<Item = (&'a str, &'a str)>) -> Option<String> {
+/// Parameters the server reports with ParameterStatus that a client may also set: when
+/// one changes during a session, the change follows the client to other backends.
+pub const SETTABLE_REPORTED: [&str; 8] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+    "search_path",
+];
+
+/// One statement that applies `settings` and resets `resets` (none if both are empty).
+pub fn apply_statement<'a>(
+    settings: impl Iterator<Item = (&'a str, &'a str)>,
+    resets: impl Iterator<Item = &'a str>,
+) -> Option<String> {
     let calls: Vec<String> = settings
         .map(|(name, value)| {
             format!(
@@ -98,7 +134,19 @@ pub fn apply_statement<'a>(settings: impl Iterator<Item = (&'a str, &'a str)>) -
             )
         })
         .collect();
-    (!calls.is_empty()).then(|| format!("SELECT {}", calls.join(", ")))
+    let mut sql = if calls.is_empty() {
+        String::new()
+    } else {
+        format!("SELECT {}", calls.join(", "))
+    };
+    for name in resets {
+        if !sql.is_empty() {
+            sql.push_str("; ");
+        }
+        sql.push_str("RESET ");
+        sql.push_str(&escape_identifier(name));
+    }
+    (!sql.is_empty()).then_some(sql)
 }
 
 /// Splits an `options` string as PostgreSQL does (whitespace separates, backslash escapes)
@@ -216,14 +264,23 @@ mod tests {
 
     #[test]
     fn apply_statement_quotes_names_and_values() {
-        let sql =
-            apply_statement([("application_name", "it's"), ("search_path", "a,b")].into_iter())
-                .unwrap();
+        let sql = apply_statement(
+            [("application_name", "it's"), ("search_path", "a,b")].into_iter(),
+            std::iter::empty(),
+        )
+        .unwrap();
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config('application_name', 'it''s', false), \
              pg_catalog.set_config('search_path', 'a,b', false)"
         );
-        assert_eq!(apply_statement(std::iter::empty()), None);
+        assert_eq!(
+            apply_statement(std::iter::empty(), std::iter::empty()),
+            None
+        );
+        assert_eq!(
+            apply_statement(std::iter::empty(), ["work_mem", "my.\"odd"].into_iter()).unwrap(),
+            "RESET \"work_mem\"; RESET \"my.\"\"odd\""
+        );
     }
 }

@@ -12,6 +12,7 @@
 //! leaves; then the backend is reset (ROLLBACK if needed, DISCARD ALL) and returned, or
 //! closed if it was left mid-reply.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -27,13 +28,19 @@ use super::cancel::Registration;
 use super::handshake::Login;
 use super::params::{self, ClientSettings};
 use super::ClientId;
+use crate::config::PoolMode;
 use crate::net::Stream;
 use crate::pool::{Backend, Pool};
-use crate::protocol::frame::{peek_header, DEFAULT_MAX_MESSAGE_SIZE, HEADER_LEN};
+use postgres_protocol::escape::escape_literal;
+
+use crate::client::sql::{self, Effects, PinReason};
+use crate::config::OnSessionState;
+use crate::prepared::{ClientStatements, Translation, NAME_PREFIX};
+use crate::protocol::frame::{peek_header, Header, DEFAULT_MAX_MESSAGE_SIZE, HEADER_LEN};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
-use crate::server::state::TxStatus;
-use crate::server::{parse_parameter_status, ServerError, ServerParams};
+use crate::server::state::{Disposition, Hide, TxStatus};
+use crate::server::{parse_parameter_status, Server, ServerError, ServerParams};
 
 /// Stop reading from one side while this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -41,6 +48,8 @@ const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// While queued for a backend, read at most this much ahead from the client.
 const QUEUED_READ_LIMIT: usize = 1024 * 1024;
+/// A Bind's portal and statement names must arrive within this many bytes.
+const MAX_BIND_NAMES: usize = 64 * 1024;
 /// Limit for pgshield's own queries on a backend (settings, reset).
 const INTERNAL_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a departing client gets to take its last bytes.
@@ -62,6 +71,7 @@ enum End {
     /// Close the client with this error (e.g. a startup setting the server refused).
     Fatal(ErrorResponse),
     IdleTimeout,
+    IdleInTransaction,
     Shutdown,
     ForcedShutdown,
 }
@@ -74,6 +84,49 @@ enum Event {
     ClientError(io::Error),
     ServerEof,
     ServerError(io::Error),
+}
+
+/// The session's time limits (None: no limit).
+struct Limits {
+    idle_client: Option<Duration>,
+    idle_transaction: Option<Duration>,
+    query: Option<Duration>,
+}
+
+impl Limits {
+    fn from_config(pool: &crate::config::PoolConfig) -> Limits {
+        let limit = |d: Duration| (!d.is_zero()).then_some(d);
+        Limits {
+            idle_client: limit(pool.idle_client_timeout),
+            idle_transaction: limit(pool.idle_transaction_timeout),
+            query: limit(pool.query_timeout),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.idle_client.is_some() || self.idle_transaction.is_some() || self.query.is_some()
+    }
+}
+
+/// Settings a client's statements may have changed (transaction mode).
+#[derive(Debug, Default)]
+struct Dirty {
+    names: Vec<String>,
+    /// RESET ALL, DISCARD ALL: every setting pgshield knows of.
+    all: bool,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.names.is_empty() && !self.all
+    }
+}
+
+/// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became.
+#[derive(Debug)]
+struct Readback {
+    names: Vec<String>,
+    values: Option<Vec<Option<String>>>,
 }
 
 /// The rest of a message being passed along (or dropped) in pieces.
@@ -106,6 +159,20 @@ pub struct Session {
     client: Stream,
     pool: Arc<Pool>,
     settings: ClientSettings,
+    /// When the client holds a backend.
+    mode: PoolMode,
+    /// The client's prepared statements, by its own names (transaction mode).
+    statements: ClientStatements,
+    /// Transaction mode: why the client keeps its backend until it leaves, if it does.
+    pinned: Option<PinReason>,
+    /// Settings the client may have changed since they were last read back.
+    dirty: Dirty,
+    /// Read-backs sent and not yet answered, oldest first.
+    readbacks: VecDeque<Readback>,
+    /// Since when the server has been working for the client (for query_timeout).
+    busy_since: Option<Instant>,
+    /// query_timeout already cancelled the statement running now.
+    statement_cancelled: bool,
     /// The client's cancel key; points at the backend it holds.
     cancel: Registration,
     /// The ParameterStatus values the client has been told.
@@ -135,11 +202,18 @@ impl Session {
         leftover: BytesMut,
     ) -> Session {
         Session {
+            mode: login.pool.mode(),
             shared,
             id,
             client,
             pool: login.pool,
             settings: login.settings,
+            statements: ClientStatements::default(),
+            pinned: None,
+            dirty: Dirty::default(),
+            readbacks: VecDeque::new(),
+            busy_since: None,
+            statement_cancelled: false,
             cancel: login.cancel,
             client_view: login.client_view,
             backend: None,
@@ -160,10 +234,11 @@ impl Session {
     }
 
     async fn relay(&mut self) -> End {
-        let mut idle_timeout =
-            Some(self.shared.config.pool.idle_client_timeout).filter(|t| !t.is_zero());
-        let idle_timer = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
-        tokio::pin!(idle_timer);
+        let limits = Limits::from_config(&self.shared.config.pool);
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut timer_armed = false;
+        let mut timer_state = None;
         let shutdown = self.shared.shutdown.clone();
         loop {
             if let Err(end) = self.process_client_input().await {
@@ -172,23 +247,50 @@ impl Session {
             if let Err(end) = self.process_server_input() {
                 return end;
             }
+            if self.server_msg.left == 0 {
+                if let Some(backend) = self.backend.as_mut() {
+                    backend
+                        .server()
+                        .replies
+                        .write_due_fakes(&mut self.client_out);
+                }
+            }
+            if self.mode == PoolMode::Transaction {
+                self.release_if_done();
+            }
+            // The limits run on one timer, re-aimed when the session changes state.
+            if limits.any() {
+                let state = (self.server_busy(), self.outside_transaction());
+                if state.0 && self.busy_since.is_none() {
+                    self.busy_since = Some(Instant::now());
+                    self.statement_cancelled = false;
+                } else if !state.0 {
+                    self.busy_since = None;
+                }
+                if timer_state != Some(state) {
+                    timer_state = Some(state);
+                    let next = self.next_deadline(&limits, Instant::now());
+                    timer_armed = next.is_some();
+                    if let Some(at) = next {
+                        timer.as_mut().reset(at.into());
+                    }
+                }
+            }
             let quiet = self.is_quiet();
             let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
                 biased;
                 _ = shutdown.forced() => return End::ForcedShutdown,
                 _ = shutdown.draining(), if between_transactions => return End::Shutdown,
-                _ = &mut idle_timer, if idle_timeout.is_some() => {
-                    let timeout = idle_timeout.unwrap_or_default();
-                    let server_busy = self.server_busy();
-                    if !server_busy && self.last_activity.elapsed() >= timeout {
-                        return End::IdleTimeout;
+                _ = &mut timer, if timer_armed => {
+                    let now = Instant::now();
+                    if let Err(end) = self.enforce_limits(&limits, now) {
+                        return end;
                     }
-                    // Idle: no bytes either way while the server is not working for us.
-                    let since = if server_busy { Instant::now() } else { self.last_activity };
-                    match since.checked_add(timeout) {
-                        Some(deadline) => idle_timer.as_mut().reset(deadline.into()),
-                        None => idle_timeout = None,
+                    let next = self.next_deadline(&limits, now);
+                    timer_armed = next.is_some();
+                    if let Some(at) = next {
+                        timer.as_mut().reset(at.into());
                     }
                     continue;
                 }
@@ -228,10 +330,70 @@ impl Session {
             return false;
         };
         let server = backend.server_ref();
-        self.client_msg.left == 0
-            && (!self.server_out.is_empty()
-                || self.server_msg.left > 0
-                || server.replies.awaiting_ready())
+        // (Bytes still queued for the server do not count: they are written while the
+        // session waits, with no event to mark the change.)
+        self.client_msg.left == 0 && (self.server_msg.left > 0 || server.replies.awaiting_ready())
+    }
+
+    /// The next moment one of the session's limits must be looked at, if any.
+    fn next_deadline(&self, limits: &Limits, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        };
+        if self.server_busy() {
+            if let (Some(limit), Some(since)) = (limits.query, self.busy_since) {
+                if !self.statement_cancelled {
+                    consider(since.checked_add(limit));
+                }
+            }
+        } else {
+            if !self.outside_transaction() {
+                consider(
+                    limits
+                        .idle_transaction
+                        .and_then(|l| self.last_activity.checked_add(l)),
+                );
+            }
+            consider(
+                limits
+                    .idle_client
+                    .and_then(|l| self.last_activity.checked_add(l)),
+            );
+        }
+        // Never in the past: a deadline already passed is looked at right away.
+        next.map(|at| at.max(now))
+    }
+
+    /// Applies the limits now: ends an idle session, or cancels an overlong statement.
+    fn enforce_limits(&mut self, limits: &Limits, now: Instant) -> Result<(), End> {
+        let idle_for = now.saturating_duration_since(self.last_activity);
+        if self.server_busy() {
+            let running_for = self.busy_since.map(|s| now.saturating_duration_since(s));
+            if let (Some(limit), Some(running)) = (limits.query, running_for) {
+                if running >= limit && !self.statement_cancelled {
+                    self.statement_cancelled = true;
+                    tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");
+                    let (shared, key) = (Arc::clone(&self.shared), self.cancel.key());
+                    tokio::spawn(async move {
+                        shared
+                            .cancels
+                            .cancel(key.process_id, &key.secret_key.to_be_bytes())
+                            .await;
+                    });
+                }
+            }
+            return Ok(());
+        }
+        if !self.outside_transaction() && limits.idle_transaction.is_some_and(|l| idle_for >= l) {
+            return Err(End::IdleInTransaction);
+        }
+        if limits.idle_client.is_some_and(|l| idle_for >= l) {
+            return Err(End::IdleTimeout);
+        }
+        Ok(())
     }
 
     /// The client is not inside a transaction block.
@@ -324,6 +486,42 @@ impl Session {
                 continue;
             }
             if self.backend.is_none() {
+                // Between transactions a Sync has nothing to sync, and a Flush nothing to
+                // flush: answered without borrowing a backend.
+                if self.mode == PoolMode::Transaction && matches!(header.tag, b'S' | b'H') {
+                    if header.tag == b'S' {
+                        messages::ready_for_query(&mut self.client_out, b'I');
+                    }
+                    self.client_msg = Passing {
+                        left: header.len,
+                        forward: false,
+                    };
+                    continue;
+                }
+                // Messages read whole in transaction mode are read whole before borrowing.
+                if self.mode == PoolMode::Transaction
+                    && matches!(header.tag, b'Q' | b'P' | b'D' | b'C')
+                    && !self.whole_message_arrived(header)?
+                {
+                    return Ok(());
+                }
+                // A Parse of a statement a server already accepted, or a Close, changes only
+                // the client's names: answered without a backend (a client preparing
+                // synchronously must not wait on one that others are holding).
+                if self.mode == PoolMode::Transaction && matches!(header.tag, b'P' | b'C') {
+                    let answer = self
+                        .statements
+                        .answer_without_backend(
+                            &self.shared.statements,
+                            &self.client_in[..header.len],
+                        )
+                        .map_err(|e| End::ClientProtocol(e.to_string()))?;
+                    if let Some(fake) = answer {
+                        fake.write(&mut self.client_out);
+                        self.client_in.advance(header.len);
+                        continue;
+                    }
+                }
                 // PostgreSQL ignores COPY messages outside COPY; so do we, without a backend.
                 if matches!(header.tag, b'd' | b'c' | b'f') {
                     self.client_msg = Passing {
@@ -341,14 +539,182 @@ impl Session {
                     continue;
                 }
             }
-            if let Some(backend) = self.backend.as_mut() {
-                backend.server().replies.sent(header.tag);
+            if !self.start_passing(header)? {
+                return Ok(());
             }
+        }
+    }
+
+    /// Whether all of a client message that must be read whole has arrived (room is made
+    /// for the rest if not). Refuses one too large to hold.
+    fn whole_message_arrived(&mut self, header: Header) -> Result<bool, End> {
+        header
+            .check_size(DEFAULT_MAX_MESSAGE_SIZE)
+            .map_err(|e| End::ClientProtocol(e.to_string()))?;
+        if self.client_in.len() >= header.len {
+            return Ok(true);
+        }
+        let missing = header.len - self.client_in.len();
+        self.client_in.reserve(missing);
+        Ok(false)
+    }
+
+    /// Starts passing one client message to the backend the client holds. In transaction
+    /// mode statement names are translated first (see `prepared.rs`): that may need more
+    /// of the message (false), inject messages before it, rewrite its head, or answer it.
+    fn start_passing(&mut self, header: Header) -> Result<bool, End> {
+        let translated = self.mode == PoolMode::Transaction
+            && matches!(header.tag, b'P' | b'B' | b'D' | b'C' | b'Q');
+        if translated && header.tag != b'B' && !self.whole_message_arrived(header)? {
+            return Ok(false);
+        }
+        let Some(backend) = self.backend.as_mut() else {
+            return Ok(true);
+        };
+        let server = backend.server();
+        if !translated {
+            server.replies.sent(header.tag);
             self.client_msg = Passing {
                 left: header.len,
                 forward: true,
             };
+            return Ok(true);
         }
+        let available = self.client_in.len().min(header.len);
+        let translated = self
+            .statements
+            .translate(
+                &self.shared.statements,
+                &mut server.statements,
+                &self.client_in[..available],
+                header.len,
+                &mut self.server_out,
+            )
+            .map_err(|e| End::ClientProtocol(e.to_string()))?;
+        if translated.translation == Translation::NeedMore {
+            // Only a Bind whose two names have not all arrived gets here.
+            if available >= MAX_BIND_NAMES {
+                return Err(End::ClientProtocol("Bind names longer than 64 KiB".into()));
+            }
+            return Ok(false);
+        }
+        for injected in translated.injected {
+            server
+                .replies
+                .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
+        }
+        // What the statement does to the session.
+        let effects = match (header.tag, &translated.bound) {
+            (b'Q', _) => {
+                let mut body = &self.client_in[HEADER_LEN..header.len];
+                let query = crate::protocol::frame::take_cstr(&mut body)
+                    .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
+                Some(sql::classify(query))
+            }
+            (b'B', Some(statement)) => Some(statement.effects().clone()),
+            _ => None,
+        };
+        let mut translation = translated.translation;
+        if let Some(effects) = effects.filter(|e| !e.is_empty()) {
+            if let Some(reason) = note_effects(
+                &effects,
+                &mut self.statements,
+                server,
+                &mut self.dirty,
+                self.pinned.is_some(),
+            ) {
+                match self.pool.on_session_state() {
+                    OnSessionState::Pin => {
+                        self.pinned = Some(reason);
+                        self.shared.pins.add(reason);
+                        tracing::info!(
+                            client = %self.id,
+                            pool = %self.pool.name(),
+                            reason = reason.name(),
+                            "client pinned to its backend until it disconnects: {}",
+                            reason.feature()
+                        );
+                    }
+                    // A refused Bind runs the stand-in prepared for it; a refused Query is
+                    // replaced by one that fails the same way, on the server.
+                    OnSessionState::Reject if header.tag == b'Q' => {
+                        let mut head = BytesMut::new();
+                        postgres_protocol::message::frontend::query(
+                            &crate::prepared::refusal_statement(reason),
+                            &mut head,
+                        )
+                        .map_err(|e| End::ClientProtocol(e.to_string()))?;
+                        translation = Translation::Rewrite {
+                            head,
+                            consumed: header.len,
+                        };
+                    }
+                    // A refused statement is not run: its Bind is replaced by one running a
+                    // statement that fails with 0A000, in the same portal.
+                    OnSessionState::Reject => {
+                        let refusal = self
+                            .shared
+                            .statements
+                            .intern(&crate::prepared::refusal_statement(reason), &[]);
+                        let portal = translated.portal.as_deref().unwrap_or_default();
+                        let (head, injected) = self.statements.refusal_bind(
+                            &mut server.statements,
+                            &refusal,
+                            portal,
+                            &mut self.server_out,
+                        );
+                        for injected in injected {
+                            server
+                                .replies
+                                .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
+                        }
+                        translation = Translation::Replace { head };
+                    }
+                }
+            }
+        }
+        match translation {
+            Translation::PassOn => {
+                server
+                    .replies
+                    .sent_with(header.tag, Hide::No, translated.undo);
+                self.client_msg = Passing {
+                    left: header.len,
+                    forward: true,
+                };
+            }
+            Translation::Rewrite { head, consumed } => {
+                self.server_out.extend_from_slice(&head);
+                self.client_in.advance(consumed);
+                server
+                    .replies
+                    .sent_with(header.tag, Hide::No, translated.undo);
+                self.client_msg = Passing {
+                    left: header.len - consumed,
+                    forward: true,
+                };
+            }
+            Translation::Replace { head } => {
+                self.server_out.extend_from_slice(&head);
+                server.replies.sent_with(header.tag, Hide::No, None);
+                self.client_msg = Passing {
+                    left: header.len,
+                    forward: false,
+                };
+            }
+            Translation::Answered => {
+                if let Some(fake) = translated.fake {
+                    server.replies.fake(fake, translated.undo);
+                }
+                self.client_in.advance(header.len);
+            }
+            Translation::NeedMore => unreachable!("handled above"),
+        }
+        // Messages the server will skip (after an error it reported) are taken back now.
+        for undo in server.replies.take_undone().into_iter().rev() {
+            self.statements.undo(&mut server.statements, undo);
+        }
+        Ok(true)
     }
 
     /// Answers a message that could not get a backend, as PostgreSQL answers a failed one.
@@ -376,6 +742,8 @@ impl Session {
                 }
                 continue;
             }
+            // Between two server messages: replies pgshield gives itself go out in order.
+            server.replies.write_due_fakes(&mut self.client_out);
             let header = match peek_header(&server.read_buf) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
@@ -384,26 +752,61 @@ impl Session {
                     return Err(End::ServerProtocol(e.to_string()));
                 }
             };
-            if !matches!(header.tag, b'Z' | b'S' | b'E') {
-                // Rows, COPY data and the rest stream through: only the tag matters.
-                if server.replies.received(header.tag, None).is_err() {
+            let readback = server.replies.answering_hidden_query();
+            let whole =
+                matches!(header.tag, b'Z' | b'S' | b'E') || (readback && header.tag == b'D');
+            if whole {
+                if let Err(e) = header.check_size(DEFAULT_MAX_MESSAGE_SIZE) {
+                    server.mark_broken();
+                    return Err(End::ServerProtocol(e.to_string()));
+                }
+                if server.read_buf.len() < header.len {
+                    let missing = header.len - server.read_buf.len();
+                    server.read_buf.reserve(missing);
+                    return Ok(());
+                }
+            }
+            let status = (header.len > HEADER_LEN && server.read_buf.len() > HEADER_LEN)
+                .then(|| server.read_buf[HEADER_LEN]);
+            let disposition = match server.replies.received(header.tag, status) {
+                Ok(d) => d,
+                Err(_) => {
                     server.mark_broken();
                     return Err(End::ServerProtocol(out_of_step(header.tag)));
                 }
-                self.server_msg = Passing {
-                    left: header.len,
-                    forward: true,
-                };
+            };
+            for undo in server.replies.take_undone().into_iter().rev() {
+                self.statements.undo(&mut server.statements, undo);
+            }
+            let forward = disposition == Disposition::Forward;
+            if readback && !forward {
+                if header.tag == b'D' {
+                    if let Some(front) = self.readbacks.front_mut() {
+                        front.values = parse_data_row(&server.read_buf[HEADER_LEN..header.len]);
+                    }
+                }
+                if header.tag == b'Z' {
+                    if let Some(done) = self.readbacks.pop_front() {
+                        apply_readback(done, &mut self.settings, server);
+                    }
+                }
+                if whole {
+                    server.read_buf.advance(header.len);
+                } else {
+                    self.server_msg = Passing {
+                        left: header.len,
+                        forward: false,
+                    };
+                }
                 continue;
             }
-            if let Err(e) = header.check_size(DEFAULT_MAX_MESSAGE_SIZE) {
-                server.mark_broken();
-                return Err(End::ServerProtocol(e.to_string()));
-            }
-            if server.read_buf.len() < header.len {
-                let missing = header.len - server.read_buf.len();
-                server.read_buf.reserve(missing);
-                return Ok(());
+            if !whole {
+                // Rows, COPY data and the rest stream through: only the tag matters.
+                self.server_msg = Passing {
+                    left: header.len,
+                    forward,
+                };
+                continue;
             }
             // Pass it on, then look at the copy (the backend's buffer is free again).
             let start = self.client_out.len();
@@ -411,27 +814,81 @@ impl Session {
                 .extend_from_slice(&server.read_buf[..header.len]);
             server.read_buf.advance(header.len);
             let body = &self.client_out[start + HEADER_LEN..];
-            if server
-                .replies
-                .received(header.tag, body.first().copied())
-                .is_err()
-            {
-                server.mark_broken();
-                return Err(End::ServerProtocol(out_of_step(header.tag)));
-            }
             match header.tag {
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(body) {
                         self.client_view.set(name, value);
                         server.note_param(name, value);
+                        if params::SETTABLE_REPORTED
+                            .iter()
+                            .any(|p| p.eq_ignore_ascii_case(name))
+                        {
+                            // The client changed it (SET, RESET, a function): it follows.
+                            self.settings.record(name, value);
+                            server.note_applied(name, value);
+                        }
                     }
                 }
                 b'E' if ErrorResponse::parse(body).is_some_and(|e| e.severity.is_fatal()) => {
                     server.mark_broken();
                     self.server_sent_fatal = true;
                 }
+                // query_timeout counts per statement: the next one starts now.
+                b'Z' => self.busy_since = None,
                 _ => {}
             }
+        }
+    }
+
+    /// Transaction mode: once the backend is idle and nothing is half-passed either way,
+    /// it goes back to the pool (before the client's replies are written). If the client's
+    /// statements may have changed settings, they are read back first: the transaction
+    /// has ended, so what the server says is what follows the client.
+    fn release_if_done(&mut self) {
+        if self.pinned.is_some() {
+            return;
+        }
+        let Some(backend) = self.backend.as_mut() else {
+            return;
+        };
+        let server = backend.server();
+        let done = server.replies.is_idle()
+            && server.read_buf.is_empty()
+            && self.server_out.is_empty()
+            && self.client_msg.left == 0
+            && self.server_msg.left == 0;
+        if !done {
+            return;
+        }
+        if !self.dirty.is_empty() {
+            let mut names = std::mem::take(&mut self.dirty.names);
+            if std::mem::take(&mut self.dirty.all) {
+                names.extend(self.settings.iter().map(|(k, _)| k.to_ascii_lowercase()));
+                names.extend(server.applied().iter().map(|(k, _)| k.to_ascii_lowercase()));
+            }
+            names.sort();
+            names.dedup();
+            if !names.is_empty() {
+                let columns: Vec<String> = names
+                    .iter()
+                    .map(|n| format!("pg_catalog.current_setting({}, true)", escape_literal(n)))
+                    .collect();
+                let sql = format!("SELECT {}", columns.join(", "));
+                if postgres_protocol::message::frontend::query(&sql, &mut self.server_out).is_ok() {
+                    server.replies.sent_with(b'Q', Hide::All, None);
+                    server.statements.forget_unnamed();
+                    self.readbacks.push_back(Readback {
+                        names,
+                        values: None,
+                    });
+                    return;
+                }
+            }
+        }
+        self.cancel.detach();
+        if let Some(backend) = self.backend.take() {
+            // Closed instead if a cancel was sent to it or it is otherwise unfit.
+            backend.release();
         }
     }
 
@@ -483,8 +940,9 @@ impl Session {
         }
     }
 
-    /// Applies the client's settings the backend lacks, in one round trip whose replies the
-    /// client never sees; passes on the ParameterStatus changes it has not seen.
+    /// Applies the client's settings the backend lacks and resets those it carries for
+    /// others, in one round trip whose replies the client never sees; passes on the
+    /// ParameterStatus changes it has not seen.
     async fn apply_settings(&mut self, backend: &mut Backend) -> Result<(), SettingsError> {
         let server = backend.server();
         let missing: Vec<(String, String)> = self
@@ -492,9 +950,11 @@ impl Session {
             .missing_on(server)
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let Some(sql) =
-            params::apply_statement(missing.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        else {
+        let extra: Vec<String> = self.settings.extra_on(server).map(str::to_owned).collect();
+        let Some(sql) = params::apply_statement(
+            missing.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            extra.iter().map(String::as_str),
+        ) else {
             return Ok(());
         };
         let reply =
@@ -510,6 +970,9 @@ impl Session {
             };
         if let Some(error) = reply.error {
             return Err(SettingsError::Refused(error));
+        }
+        for name in &extra {
+            server.forget_applied(name);
         }
         for (name, value) in &missing {
             server.note_applied(name, value);
@@ -554,7 +1017,15 @@ impl Session {
                 }
                 backend.discard();
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
-                return_backend(backend).await;
+                // Transaction mode without pinned state: only an open transaction needs
+                // ending; the backend keeps its prepared statements for others. Otherwise
+                // the whole session is reset, or (after LOAD) the backend closed.
+                let cleanup = match (self.mode, self.pinned) {
+                    (PoolMode::Transaction, None) => Cleanup::Rollback,
+                    (_, Some(PinReason::Load)) => Cleanup::Close,
+                    _ => Cleanup::Reset,
+                };
+                return_backend(backend, cleanup).await;
             } else {
                 hand_over_and_close(backend, std::mem::take(&mut self.server_out)).await;
             }
@@ -586,6 +1057,13 @@ impl Session {
                 ),
             )),
             End::Fatal(e) => Some(e.clone()),
+            End::IdleInTransaction => Some(ErrorResponse::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                format!(
+                    "terminating connection: idle in a transaction for more than {} (pool.idle_transaction_timeout)",
+                    humantime::format_duration(self.shared.config.pool.idle_transaction_timeout)
+                ),
+            )),
             End::IdleTimeout => Some(ErrorResponse::fatal(
                 sqlstate::IDLE_SESSION_TIMEOUT,
                 format!(
@@ -605,15 +1083,28 @@ enum SettingsError {
 }
 
 /// Resets a backend the client left at a boundary and returns it; closes it otherwise.
-async fn return_backend(mut backend: Backend) {
+/// How a departing client's backend is made fit for the next.
+enum Cleanup {
+    Rollback,
+    Reset,
+    Close,
+}
+
+async fn return_backend(mut backend: Backend, cleanup: Cleanup) {
     let server = backend.server();
     let unfit = !server.replies.at_boundary() || !server.read_buf.is_empty() || server.is_broken();
     // A cancel sent to it may still land: never reuse it (not even for our reset).
-    if unfit || server.cancel_was_sent() {
+    if unfit || server.cancel_was_sent() || matches!(cleanup, Cleanup::Close) {
         backend.discard();
         return;
     }
-    match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.reset()).await {
+    let work = async {
+        match cleanup {
+            Cleanup::Rollback => server.rollback().await,
+            _ => server.reset().await,
+        }
+    };
+    match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, work).await {
         Ok(Ok(())) => backend.release(),
         Ok(Err(e)) => {
             tracing::debug!(server = %server.id(), error = %e, "reset failed; closing backend");
@@ -634,6 +1125,82 @@ async fn hand_over_and_close(mut backend: Backend, mut pending: BytesMut) {
     server.skip_terminate();
     let _ = tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.stream.write_all(&pending)).await;
     backend.discard();
+}
+
+/// Notes what a client's statement does to its session (transaction mode): statements
+/// the server drops, settings to read back. Returns why it would pin, if it would (and
+/// the client is not pinned already).
+fn note_effects(
+    effects: &Effects,
+    statements: &mut ClientStatements,
+    server: &mut Server,
+    dirty: &mut Dirty,
+    pinned: bool,
+) -> Option<PinReason> {
+    if effects.drops_all_statements {
+        server.statements.clear();
+        statements.clear();
+    }
+    if let Some(name) = effects.drops_statement.as_deref() {
+        if name.starts_with(NAME_PREFIX) {
+            server.statements.dropped(name);
+        }
+    }
+    if pinned {
+        return None;
+    }
+    if effects.pin.is_some() {
+        return effects.pin;
+    }
+    dirty.all |= effects.all_settings;
+    dirty.names.extend(effects.settings.iter().cloned());
+    None
+}
+
+/// The column values of a DataRow (None for NULL); None if malformed.
+fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let count = body.get_i16();
+    let mut values = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return None;
+        }
+        values.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        body.advance(len);
+    }
+    Some(values)
+}
+
+/// What the server said the client's settings are now: they follow the client.
+fn apply_readback(readback: Readback, settings: &mut ClientSettings, server: &mut Server) {
+    let Some(values) = readback.values.filter(|v| v.len() == readback.names.len()) else {
+        tracing::debug!(names = ?readback.names, "settings read-back failed; not followed");
+        return;
+    };
+    for (name, value) in readback.names.iter().zip(values) {
+        match value {
+            Some(value) => {
+                settings.record(name, &value);
+                server.note_applied(name, &value);
+            }
+            None => {
+                settings.remove(name);
+                server.forget_applied(name);
+            }
+        }
+    }
 }
 
 fn out_of_step(tag: u8) -> String {

@@ -21,6 +21,7 @@ use deadpool::managed::{
 use deadpool::Runtime;
 
 use crate::config::{Config, StoredPassword};
+use crate::prepared::ServerStatements;
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
 
@@ -34,6 +35,9 @@ pub struct PoolSettings {
     pub server_connect_timeout: Duration,
     pub server_lifetime: Option<Duration>,
     pub server_idle_timeout: Option<Duration>,
+    pub max_prepared_statements: usize,
+    pub mode: crate::config::PoolMode,
+    pub on_session_state: crate::config::OnSessionState,
 }
 
 impl PoolSettings {
@@ -46,6 +50,9 @@ impl PoolSettings {
             server_connect_timeout: config.pool.server_connect_timeout,
             server_lifetime: nonzero(config.pool.server_lifetime),
             server_idle_timeout: nonzero(config.pool.server_idle_timeout),
+            max_prepared_statements: config.pool.max_prepared_statements,
+            mode: config.pool.mode,
+            on_session_state: config.pool.on_session_state,
         }
     }
 }
@@ -98,7 +105,8 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Server, ServerError> {
-        let server = connect(&self.target, self.settings.server_connect_timeout).await?;
+        let mut server = connect(&self.target, self.settings.server_connect_timeout).await?;
+        server.statements = ServerStatements::new(self.settings.max_prepared_statements);
         tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %self.target.addr(), "opened backend");
         *lock(&self.welcome) = Some(Arc::new(server.params().clone()));
         Ok(server)
@@ -178,6 +186,16 @@ impl Pool {
             inner,
             settings,
         })
+    }
+
+    /// What transaction mode does with state that cannot follow a client.
+    pub fn on_session_state(&self) -> crate::config::OnSessionState {
+        self.settings.on_session_state
+    }
+
+    /// When a client of this pool holds a backend.
+    pub fn mode(&self) -> crate::config::PoolMode {
+        self.settings.mode
     }
 
     /// `database/user`, as shown in messages and logs.

@@ -19,5 +19,7 @@ pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const ADMIN_SHUTDOWN: &str = "57P01";
 /// `idle_session_timeout`: the client sent nothing for `idle_client_timeout`.
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+/// `idle_in_transaction_session_timeout`: idle inside a transaction too long.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 /// `invalid_parameter_value`: e.g. an `options` string pgshield cannot apply.
 pub const INVALID_PARAMETER_VALUE: &str = "22023";

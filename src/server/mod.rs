@@ -20,6 +20,7 @@ pub use connect::{connect, BackendPassword, ServerError, ServerTarget};
 use state::{ReplyTracker, TxStatus};
 
 use crate::net::Stream;
+use crate::prepared::ServerStatements;
 use crate::protocol::frame::{read_message, take_cstr, ReadError};
 use crate::protocol::ErrorResponse;
 
@@ -95,6 +96,8 @@ pub struct Server {
     /// Bytes read from the backend and not yet processed.
     pub(crate) read_buf: BytesMut,
     pub(crate) replies: ReplyTracker,
+    /// The statements pgshield has prepared here for clients (transaction mode).
+    pub(crate) statements: ServerStatements,
     /// Where this backend's server is (cancel requests go there).
     host: String,
     port: u16,
@@ -134,6 +137,7 @@ impl Server {
             cancel_sent: Arc::default(),
             read_buf: BytesMut::new(),
             replies: ReplyTracker::default(),
+            statements: ServerStatements::new(1),
             id: ServerId::next(),
             process_id: 0,
             secret_key: 0,
@@ -170,6 +174,11 @@ impl Server {
 
     pub fn applied(&self) -> &[(String, String)] {
         &self.applied
+    }
+
+    /// The server's setting `name` is back to its default (RESET).
+    pub fn forget_applied(&mut self, name: &str) {
+        self.applied.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     pub fn note_applied(&mut self, name: &str, value: &str) {
@@ -310,11 +319,18 @@ impl Server {
     /// Returns the backend to a clean session: ROLLBACK if a transaction is open, then
     /// DISCARD ALL. Any failure means the backend must be closed instead.
     pub async fn reset(&mut self) -> Result<(), ServerError> {
+        self.rollback().await?;
+        self.run_internal_ok("DISCARD ALL").await?;
+        self.applied.clear();
+        self.statements.clear();
+        Ok(())
+    }
+
+    /// Ends a transaction a departing client left open, if it did.
+    pub async fn rollback(&mut self) -> Result<(), ServerError> {
         if self.replies.tx_status() != TxStatus::Idle {
             self.run_internal_ok("ROLLBACK").await?;
         }
-        self.run_internal_ok("DISCARD ALL").await?;
-        self.applied.clear();
         Ok(())
     }
 

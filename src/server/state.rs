@@ -94,7 +94,7 @@ pub enum Fake {
 }
 
 impl Fake {
-    fn write(self, out: &mut BytesMut) {
+    pub fn write(self, out: &mut BytesMut) {
         let tag = match self {
             Fake::ParseComplete => b'1',
             Fake::CloseComplete => b'3',
@@ -112,11 +112,22 @@ pub enum Disposition {
     Swallow,
 }
 
+/// Whether the client sees the replies to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hide {
+    /// A client message: its replies go to the client.
+    No,
+    /// Injected for the client (a Parse it needs): replies swallowed, errors passed on,
+    /// since they say why what the client asked for failed.
+    KeepErrors,
+    /// pgshield's own business (reading settings back): nothing reaches the client.
+    All,
+}
+
 #[derive(Debug)]
 struct Entry {
     owed: Owed,
-    /// Injected by pgshield: its replies (errors excepted) are swallowed.
-    hidden: bool,
+    hide: Hide,
     /// What to take back if the server never acts on this message.
     undo: Option<Undo>,
 }
@@ -162,12 +173,12 @@ impl Default for ReplyTracker {
 impl ReplyTracker {
     /// Notes a client message passed to the backend.
     pub fn sent(&mut self, tag: u8) {
-        self.sent_with(tag, false, None);
+        self.sent_with(tag, Hide::No, None);
     }
 
-    /// Notes a message sent to the backend: `hidden` if pgshield injected it (its replies
-    /// are swallowed), with what to take back if the server never acts on it.
-    pub fn sent_with(&mut self, tag: u8, hidden: bool, undo: Option<Undo>) {
+    /// Notes a message sent to the backend: how its replies are hidden from the client,
+    /// and what to take back if the server never acts on it.
+    pub fn sent_with(&mut self, tag: u8, hide: Hide, undo: Option<Undo>) {
         if self.client_copying {
             match tag {
                 b'c' | b'f' => self.client_copying = false,
@@ -193,7 +204,7 @@ impl ReplyTracker {
             _ => {}
         }
         match Owed::from_tag(tag) {
-            Some(owed) => self.owed.push_back(Entry { owed, hidden, undo }),
+            Some(owed) => self.owed.push_back(Entry { owed, hide, undo }),
             None => self.undone.extend(undo),
         }
     }
@@ -212,7 +223,7 @@ impl ReplyTracker {
         self.extended_open = true;
         self.owed.push_back(Entry {
             owed: Owed::Fake(fake),
-            hidden: false,
+            hide: Hide::No,
             undo,
         });
     }
@@ -241,6 +252,19 @@ impl ReplyTracker {
     /// replies must have been written first ([`ReplyTracker::write_due_fakes`]).
     pub fn received(&mut self, tag: u8, status: Option<u8>) -> Result<Disposition, OutOfStep> {
         use Disposition::Forward;
+        if self.answering_hidden_query() {
+            if tag == b'Z' {
+                self.ready(status.and_then(TxStatus::from_byte).ok_or(OutOfStep)?)?;
+            } else if tag == b'E' {
+                self.error();
+            }
+            // Async messages (notices, parameter changes) are still the client's.
+            return Ok(if matches!(tag, b'N' | b'A' | b'S') {
+                Forward
+            } else {
+                Disposition::Swallow
+            });
+        }
         if self.unsure {
             if tag == b'Z' {
                 self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
@@ -301,11 +325,21 @@ impl ReplyTracker {
             return Err(OutOfStep);
         }
         let entry = self.owed.pop_front().ok_or(OutOfStep)?;
-        Ok(if entry.hidden {
-            Disposition::Swallow
-        } else {
+        if let Some(undo) = &entry.undo {
+            undo.succeeded();
+        }
+        Ok(if entry.hide == Hide::No {
             Disposition::Forward
+        } else {
+            Disposition::Swallow
         })
+    }
+
+    /// The replies now arriving answer pgshield's own hidden Query.
+    pub fn answering_hidden_query(&self) -> bool {
+        self.owed
+            .front()
+            .is_some_and(|e| e.owed == Owed::Query && e.hide == Hide::All)
     }
 
     /// Drops entries the server will never answer, keeping what they would take back.
@@ -682,13 +716,13 @@ mod tests {
     #[test]
     fn replies_to_injected_messages_are_swallowed_but_errors_are_not() {
         let mut t = ReplyTracker::default();
-        t.sent_with(b'P', true, None);
+        t.sent_with(b'P', Hide::KeepErrors, None);
         client(&mut t, "BES");
         assert_eq!(t.received(b'1', None), Ok(Disposition::Swallow));
         assert_eq!(t.received(b'2', None), Ok(Disposition::Forward));
         server(&mut t, "DCZ").unwrap();
         assert!(t.is_idle());
-        t.sent_with(b'P', true, None);
+        t.sent_with(b'P', Hide::KeepErrors, None);
         client(&mut t, "BES");
         assert_eq!(t.received(b'E', None), Ok(Disposition::Forward));
         server(&mut t, "Z").unwrap();
@@ -715,7 +749,7 @@ mod tests {
     fn what_the_server_skips_after_an_error_is_taken_back() {
         let mut t = ReplyTracker::default();
         client(&mut t, "B");
-        t.sent_with(b'P', false, parse_undo());
+        t.sent_with(b'P', Hide::No, parse_undo());
         t.fake(Fake::ParseComplete, parse_undo());
         client(&mut t, "S");
         server(&mut t, "E").unwrap(); // the Bind fails: the rest is skipped
@@ -728,7 +762,7 @@ mod tests {
         // While the server skips to Sync, new messages are taken back at once.
         client(&mut t, "P");
         server(&mut t, "E").unwrap();
-        t.sent_with(b'P', false, parse_undo());
+        t.sent_with(b'P', Hide::No, parse_undo());
         t.fake(Fake::ParseComplete, parse_undo());
         assert_eq!(t.take_undone().len(), 2);
     }

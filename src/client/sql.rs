@@ -1,0 +1,632 @@
+//! Just enough SQL to know what a statement does to the session: a lexer that skips
+//! comments, strings, quoted identifiers and dollar quotes, and a classifier that looks at
+//! each statement's first words and at the functions it calls. No parser: what it cannot
+//! classify with confidence pins the client, so nothing breaks.
+
+/// Why a client must keep its backend for the rest of its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PinReason {
+    Listen,
+    TempTable,
+    AdvisoryLock,
+    SqlPrepare,
+    CursorWithHold,
+    SetRole,
+    SessionAuthorization,
+    Load,
+    /// A statement the classifier cannot vouch for.
+    Unclassified,
+}
+
+impl PinReason {
+    pub const ALL: [PinReason; 9] = [
+        PinReason::Listen,
+        PinReason::TempTable,
+        PinReason::AdvisoryLock,
+        PinReason::SqlPrepare,
+        PinReason::CursorWithHold,
+        PinReason::SetRole,
+        PinReason::SessionAuthorization,
+        PinReason::Load,
+        PinReason::Unclassified,
+    ];
+
+    /// A short name, as in logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            PinReason::Listen => "listen",
+            PinReason::TempTable => "temp_table",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::SqlPrepare => "sql_prepare",
+            PinReason::CursorWithHold => "cursor_with_hold",
+            PinReason::SetRole => "set_role",
+            PinReason::SessionAuthorization => "session_authorization",
+            PinReason::Load => "load",
+            PinReason::Unclassified => "unclassified",
+        }
+    }
+
+    /// What the client did, for an error message.
+    pub fn feature(self) -> &'static str {
+        match self {
+            PinReason::Listen => "LISTEN",
+            PinReason::TempTable => "temporary tables",
+            PinReason::AdvisoryLock => "session-level advisory locks",
+            PinReason::SqlPrepare => "SQL PREPARE",
+            PinReason::CursorWithHold => "cursors WITH HOLD",
+            PinReason::SetRole => "SET ROLE",
+            PinReason::SessionAuthorization => "SET SESSION AUTHORIZATION",
+            PinReason::Load => "LOAD",
+            PinReason::Unclassified => "a statement pgshield cannot classify",
+        }
+    }
+}
+
+/// What a statement (or a string of them) does to the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Settings it may change (lower-case names); `all_settings` if RESET ALL or similar.
+    pub settings: Vec<String>,
+    pub all_settings: bool,
+    /// It drops every prepared statement (DISCARD ALL, DEALLOCATE ALL).
+    pub drops_all_statements: bool,
+    /// It drops one statement by name (DEALLOCATE name).
+    pub drops_statement: Option<String>,
+    /// It keeps state on the backend that cannot follow the client.
+    pub pin: Option<PinReason>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        *self == Effects::default()
+    }
+
+    fn pin(&mut self, reason: PinReason) {
+        self.pin.get_or_insert(reason);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    /// A keyword or unquoted identifier, lower-cased.
+    Word(String),
+    /// A quoted identifier, as written inside the quotes.
+    Quoted(String),
+    /// A string constant's content.
+    Str(String),
+    Number,
+    /// A positional parameter, `$n`.
+    Param(usize),
+    Punct(char),
+    Semicolon,
+}
+
+/// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
+/// quote (PostgreSQL would reject it anyway; pgshield will not guess).
+fn tokens(sql: &str) -> Option<Vec<Token>> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0c => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0;
+                loop {
+                    if i + 1 >= b.len() {
+                        return None;
+                    }
+                    if b[i] == b'/' && b[i + 1] == b'*' {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b[i + 1] == b'/' {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'\'' => {
+                let (s, end) = quoted(b, i, b'\'', false)?;
+                out.push(Token::Str(s));
+                i = end;
+            }
+            b'e' | b'E' if b.get(i + 1) == Some(&b'\'') => {
+                let (s, end) = quoted(b, i + 1, b'\'', true)?;
+                out.push(Token::Str(s));
+                i = end;
+            }
+            b'"' => {
+                let (s, end) = quoted(b, i, b'"', false)?;
+                out.push(Token::Quoted(s));
+                i = end;
+            }
+            b'$' => {
+                // $tag$ ... $tag$ (a positional parameter $1 is a Number).
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&x| x == b'$')
+                    .map(|p| i + 1 + p);
+                let tag_ok = |end: usize| {
+                    b[i + 1..end]
+                        .iter()
+                        .all(|x| x.is_ascii_alphanumeric() || *x == b'_')
+                        && !b.get(i + 1).is_some_and(u8::is_ascii_digit)
+                };
+                match tag_end {
+                    Some(end) if tag_ok(end) => {
+                        let tag = &b[i..=end];
+                        let body_start = end + 1;
+                        let close = b[body_start..].windows(tag.len()).position(|w| w == tag)?;
+                        let content = &sql[body_start..body_start + close];
+                        out.push(Token::Str(content.to_owned()));
+                        i = body_start + close + tag.len();
+                    }
+                    _ => {
+                        i += 1;
+                        let start = i;
+                        while i < b.len() && b[i].is_ascii_digit() {
+                            i += 1;
+                        }
+                        out.push(Token::Param(sql[start..i].parse().unwrap_or(0)));
+                    }
+                }
+            }
+            b';' => {
+                out.push(Token::Semicolon);
+                i += 1;
+            }
+            c if c.is_ascii_digit() => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
+                {
+                    i += 1;
+                }
+                out.push(Token::Number);
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                out.push(Token::Word(sql[start..i].to_ascii_lowercase()));
+            }
+            _ => {
+                // Multi-byte punctuation is irrelevant here; step over one character.
+                let ch = sql[i..].chars().next()?;
+                out.push(Token::Punct(ch));
+                i += ch.len_utf8();
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Reads a quoted run starting at `start` (the opening quote); doubled quotes stand for
+/// one, and with `backslashes` a backslash escapes the next byte.
+fn quoted(b: &[u8], start: usize, quote: u8, backslashes: bool) -> Option<(String, usize)> {
+    let mut s = Vec::new();
+    let mut i = start + 1;
+    loop {
+        let c = *b.get(i)?;
+        if backslashes && c == b'\\' {
+            s.push(*b.get(i + 1)?);
+            i += 2;
+        } else if c == quote {
+            if b.get(i + 1) == Some(&quote) {
+                s.push(quote);
+                i += 2;
+            } else {
+                return Some((String::from_utf8_lossy(&s).into_owned(), i + 1));
+            }
+        } else {
+            s.push(c);
+            i += 1;
+        }
+    }
+}
+
+/// Functions whose call keeps session state (session-level advisory locks).
+const ADVISORY_LOCKS: [&str; 4] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// First words of statements that change nothing beyond their transaction.
+const PLAIN: &[&str] = &[
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "with",
+    "values",
+    "table",
+    "copy",
+    "explain",
+    "show",
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+    "lock",
+    "truncate",
+    "vacuum",
+    "analyze",
+    "analyse",
+    "cluster",
+    "reindex",
+    "checkpoint",
+    "notify",
+    "unlisten",
+    "grant",
+    "revoke",
+    "comment",
+    "security",
+    "alter",
+    "drop",
+    "refresh",
+    "import",
+    "fetch",
+    "move",
+    "close",
+    "call",
+    "execute",
+    "create",
+    "declare",
+    "reassign",
+    "discard",
+    "deallocate",
+    "prepare",
+    "set",
+    "reset",
+    "listen",
+    "load",
+];
+
+/// Classifies a string of SQL statements.
+pub fn classify(sql: &str) -> Effects {
+    let mut effects = Effects::default();
+    let Some(tokens) = tokens(sql) else {
+        effects.pin(PinReason::Unclassified);
+        return effects;
+    };
+    for statement in tokens.split(|t| *t == Token::Semicolon) {
+        if !statement.is_empty() {
+            classify_statement(statement, &mut effects);
+        }
+    }
+    effects
+}
+
+fn word(t: Option<&Token>) -> Option<&str> {
+    match t {
+        Some(Token::Word(w)) => Some(w.as_str()),
+        _ => None,
+    }
+}
+
+fn classify_statement(t: &[Token], e: &mut Effects) {
+    let first = t
+        .iter()
+        .find(|x| **x != Token::Punct('('))
+        .and_then(|x| word(Some(x)));
+    let words: Vec<&str> = t.iter().filter_map(|x| word(Some(x))).collect();
+    // Function calls anywhere: session advisory locks, set_config.
+    for (i, tok) in t.iter().enumerate() {
+        let Some(name) = word(Some(tok)) else {
+            continue;
+        };
+        if t.get(i + 1) != Some(&Token::Punct('(')) {
+            continue;
+        }
+        if ADVISORY_LOCKS.contains(&name) {
+            e.pin(PinReason::AdvisoryLock);
+        }
+        if name == "set_config" {
+            set_config_call(&t[i + 2..], e);
+        }
+    }
+    let Some(first) = first else {
+        if !t.iter().all(|x| *x == Token::Punct('(')) {
+            e.pin(PinReason::Unclassified);
+        }
+        return;
+    };
+    if !PLAIN.contains(&first) {
+        e.pin(PinReason::Unclassified);
+        return;
+    }
+    match first {
+        "set" => set_statement(&t[1..], e),
+        "reset" => match word(t.get(1)) {
+            Some("all") => e.all_settings = true,
+            Some("role") => e.pin(PinReason::SetRole),
+            Some("session") => e.pin(PinReason::SessionAuthorization),
+            _ => setting_name(&t[1..], e),
+        },
+        "listen" => e.pin(PinReason::Listen),
+        "load" => e.pin(PinReason::Load),
+        "prepare" if word(t.get(1)) != Some("transaction") => e.pin(PinReason::SqlPrepare),
+        "declare" if contains_seq(&words, &["with", "hold"]) => e.pin(PinReason::CursorWithHold),
+        "create" if is_temp_create(&words) => e.pin(PinReason::TempTable),
+        "select"
+            if contains_seq(&words, &["into", "temp"])
+                || contains_seq(&words, &["into", "temporary"]) =>
+        {
+            e.pin(PinReason::TempTable)
+        }
+        "discard" => match word(t.get(1)) {
+            Some("all") => {
+                e.all_settings = true;
+                e.drops_all_statements = true;
+            }
+            Some("plans" | "sequences" | "temp" | "temporary") => {}
+            _ => e.pin(PinReason::Unclassified),
+        },
+        "deallocate" => {
+            let rest = if word(t.get(1)) == Some("prepare") {
+                &t[2..]
+            } else {
+                &t[1..]
+            };
+            match rest.first() {
+                Some(Token::Word(w)) if w == "all" => e.drops_all_statements = true,
+                Some(Token::Word(name) | Token::Quoted(name)) => {
+                    e.drops_statement = Some(name.clone())
+                }
+                _ => e.pin(PinReason::Unclassified),
+            }
+        }
+        _ => {}
+    }
+}
+
+fn contains_seq(words: &[&str], seq: &[&str]) -> bool {
+    words.windows(seq.len()).any(|w| w == seq)
+}
+
+/// CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY …, or CREATE … TABLE pg_temp.…
+fn is_temp_create(words: &[&str]) -> bool {
+    let after_create = &words[1..];
+    let head: Vec<&str> = after_create
+        .iter()
+        .copied()
+        .skip_while(|w| matches!(*w, "or" | "replace" | "global" | "local"))
+        .take(1)
+        .collect();
+    matches!(head.first(), Some(&"temp") | Some(&"temporary")) || words.contains(&"pg_temp")
+}
+
+/// SET [SESSION | LOCAL] …
+fn set_statement(t: &[Token], e: &mut Effects) {
+    let (t, local) = match word(t.first()) {
+        Some("local") => (&t[1..], true),
+        Some("session") => (&t[1..], false),
+        _ => (t, false),
+    };
+    match word(t.first()) {
+        Some("role") => return e.pin(PinReason::SetRole),
+        Some("session") if word(t.get(1)) == Some("authorization") => {
+            return e.pin(PinReason::SessionAuthorization)
+        }
+        Some("authorization") => return e.pin(PinReason::SessionAuthorization),
+        // Only for the current transaction.
+        Some("transaction" | "constraints") => return,
+        _ => {}
+    }
+    if local {
+        return;
+    }
+    match (word(t.first()), word(t.get(1))) {
+        (Some("time"), Some("zone")) => e.settings.push("timezone".into()),
+        (Some("schema"), _) => e.settings.push("search_path".into()),
+        (Some("names"), _) => e.settings.push("client_encoding".into()),
+        (Some("xml"), Some("option")) => e.settings.push("xmloption".into()),
+        (Some("session"), Some("characteristics")) => {
+            for name in [
+                "default_transaction_isolation",
+                "default_transaction_read_only",
+                "default_transaction_deferrable",
+            ] {
+                e.settings.push(name.into());
+            }
+        }
+        _ => setting_name(t, e),
+    }
+}
+
+/// A (possibly dotted) setting name at the start of `t`.
+fn setting_name(t: &[Token], e: &mut Effects) {
+    let mut name = String::new();
+    let mut i = 0;
+    loop {
+        match t.get(i) {
+            Some(Token::Word(w) | Token::Quoted(w)) => name.push_str(w),
+            _ => return e.pin(PinReason::Unclassified),
+        }
+        if t.get(i + 1) == Some(&Token::Punct('.')) {
+            name.push('.');
+            i += 2;
+        } else {
+            break;
+        }
+    }
+    e.settings.push(name.to_ascii_lowercase());
+}
+
+/// set_config('name', value, is_local): with a literal name and a literal `false` it sets
+/// that setting for the session; a literal `true` only for the transaction; anything else
+/// cannot be vouched for.
+fn set_config_call(args: &[Token], e: &mut Effects) {
+    let Some(Token::Str(name)) = args.first() else {
+        return e.pin(PinReason::Unclassified);
+    };
+    // Find the third argument: after the second top-level comma.
+    let mut depth = 0;
+    let mut commas = 0;
+    let mut third = None;
+    for (i, tok) in args.iter().enumerate() {
+        match tok {
+            Token::Punct('(') => depth += 1,
+            Token::Punct(')') if depth == 0 => break,
+            Token::Punct(')') => depth -= 1,
+            Token::Punct(',') if depth == 0 => {
+                commas += 1;
+                if commas == 2 {
+                    third = args.get(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    match third {
+        Some(Token::Word(w)) if w == "true" => {}
+        Some(Token::Word(w)) if w == "false" => e.settings.push(name.to_ascii_lowercase()),
+        _ => e.pin(PinReason::Unclassified),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(sql: &str) -> Option<PinReason> {
+        classify(sql).pin
+    }
+
+    fn settings(sql: &str) -> Vec<String> {
+        let e = classify(sql);
+        assert_eq!(e.pin, None, "{sql}");
+        e.settings
+    }
+
+    #[test]
+    fn plain_statements_change_nothing() {
+        for sql in [
+            "SELECT 1",
+            "select * from t where x = 'SET ROLE' -- LISTEN x\n",
+            "INSERT INTO t VALUES ($1, $$pg_advisory_lock(1)$$)",
+            "/* LISTEN */ UPDATE t SET a = 1",
+            "BEGIN; SELECT pg_advisory_xact_lock(1); COMMIT",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "SET LOCAL search_path = x",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SELECT set_config('search_path', 'x', true)",
+            "CREATE TABLE t (x int)",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "PREPARE TRANSACTION 'x'",
+            "DISCARD PLANS",
+            "  ",
+            "",
+        ] {
+            assert!(classify(sql).is_empty(), "{sql}: {:?}", classify(sql));
+        }
+    }
+
+    #[test]
+    fn session_settings_are_noticed() {
+        assert_eq!(settings("SET search_path = a, b"), ["search_path"]);
+        assert_eq!(
+            settings("set SESSION statement_timeout TO '5s'"),
+            ["statement_timeout"]
+        );
+        assert_eq!(settings("SET myapp.user_id = 42"), ["myapp.user_id"]);
+        assert_eq!(settings("SET \"Work_Mem\" = '64MB'"), ["work_mem"]);
+        assert_eq!(settings("SET TIME ZONE 'UTC'"), ["timezone"]);
+        assert_eq!(settings("SET SCHEMA 'x'"), ["search_path"]);
+        assert_eq!(settings("RESET work_mem"), ["work_mem"]);
+        assert_eq!(
+            settings("SELECT pg_catalog.set_config('work_mem', '8MB', false)"),
+            ["work_mem"]
+        );
+        assert_eq!(
+            settings("SELECT set_config('a.b', f(x, y), false), 1"),
+            ["a.b"]
+        );
+        assert!(classify("RESET ALL").all_settings);
+        let discard = classify("DISCARD ALL");
+        assert!(discard.all_settings && discard.drops_all_statements);
+        assert!(classify("DEALLOCATE ALL").drops_all_statements);
+        assert_eq!(
+            classify("DEALLOCATE PREPARE p1").drops_statement.as_deref(),
+            Some("p1")
+        );
+    }
+
+    #[test]
+    fn state_that_cannot_follow_pins() {
+        let cases = [
+            ("LISTEN chan", PinReason::Listen),
+            ("CREATE TEMP TABLE t (x int)", PinReason::TempTable),
+            (
+                "create local temporary table t (x int)",
+                PinReason::TempTable,
+            ),
+            ("CREATE TABLE pg_temp.t (x int)", PinReason::TempTable),
+            ("SELECT 1 INTO TEMP t", PinReason::TempTable),
+            ("SELECT pg_advisory_lock(1)", PinReason::AdvisoryLock),
+            (
+                "select pg_try_advisory_lock_shared(1, 2)",
+                PinReason::AdvisoryLock,
+            ),
+            ("PREPARE p AS SELECT 1", PinReason::SqlPrepare),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                PinReason::CursorWithHold,
+            ),
+            ("SET ROLE admin", PinReason::SetRole),
+            ("SET SESSION ROLE admin", PinReason::SetRole),
+            ("RESET ROLE", PinReason::SetRole),
+            (
+                "SET SESSION AUTHORIZATION bob",
+                PinReason::SessionAuthorization,
+            ),
+            ("LOAD 'auto_explain'", PinReason::Load),
+            ("DO $$ BEGIN PERFORM 1; END $$", PinReason::Unclassified),
+            (
+                "SELECT set_config(name, 'x', false) FROM t",
+                PinReason::Unclassified,
+            ),
+            ("SELECT set_config('x', 'y', $1)", PinReason::Unclassified),
+            ("FROBNICATE everything", PinReason::Unclassified),
+            ("SELECT 'unterminated", PinReason::Unclassified),
+            ("SELECT 1; LISTEN x; SELECT 2", PinReason::Listen),
+        ];
+        for (sql, reason) in cases {
+            assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
+    fn the_lexer_skips_what_hides_keywords() {
+        assert!(classify("SELECT $tag$ LISTEN x; $tag$").is_empty());
+        assert!(classify("SELECT E'it\\'s; LISTEN'").is_empty());
+        assert!(classify("SELECT \"LISTEN\" FROM t").is_empty());
+        assert!(classify("SELECT 1 /* nested /* LISTEN */ still */").is_empty());
+        assert_eq!(
+            pin("SELECT 1 /* unterminated"),
+            Some(PinReason::Unclassified)
+        );
+    }
+}

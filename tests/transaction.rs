@@ -1,0 +1,589 @@
+//! Transaction pooling: many clients share few backends one transaction at a time, and
+//! what drivers do keeps working. Pools here are tiny (1 to 3 backends) so that
+//! transactions really hop between backends; tests assert that they do.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{raw, sqlstate, TestProxy};
+use tokio_postgres::NoTls;
+
+async fn proxy(role: &str, pool: &str) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!(
+        "[pool]\nmode = \"transaction\"\n{pool}\n[users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await
+}
+
+async fn pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+/// Another client that, every other call, holds one backend in an open transaction: with
+/// two backends, the observed client's transactions then alternate between them.
+struct Hopper {
+    other: tokio_postgres::Client,
+    holding: bool,
+}
+
+impl Hopper {
+    async fn hop(&mut self) {
+        let sql = if self.holding {
+            "COMMIT"
+        } else {
+            "BEGIN; SELECT 1"
+        };
+        self.other.batch_execute(sql).await.expect("hopper");
+        self.holding = !self.holding;
+    }
+}
+
+async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
+    client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await
+        .expect("setting")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_50_clients_across_2_backends() {
+    let proxy = Arc::new(proxy("tx_prep", "max_size = 2").await);
+    let tasks: Vec<_> = (0..50)
+        .map(|c| {
+            let proxy = Arc::clone(&proxy);
+            tokio::spawn(async move {
+                let conn = proxy.connect("tx_prep", "pw").await.expect("login");
+                let statement = conn
+                    .client
+                    .prepare("SELECT $1::int * 10 + $2::int, pg_backend_pid()")
+                    .await
+                    .expect("prepare");
+                let mut pids = HashSet::new();
+                for i in 0..100 {
+                    let row = conn
+                        .client
+                        .query_one(&statement, &[&c, &i])
+                        .await
+                        .expect("execute");
+                    assert_eq!(
+                        row.get::<_, i32>(0),
+                        c * 10 + i,
+                        "client {c}, transaction {i}"
+                    );
+                    pids.insert(row.get::<_, i32>(1));
+                }
+                pids.len()
+            })
+        })
+        .collect();
+    let mut hopped = 0;
+    for task in tasks {
+        if task.await.expect("client") > 1 {
+            hopped += 1;
+        }
+    }
+    assert!(
+        hopped > 0,
+        "no client's transactions ran on more than one backend"
+    );
+    let admin = common::admin().await;
+    assert!(common::backends_of(&admin, "tx_prep").await <= 2);
+}
+
+/// Parse, Bind, Execute, Sync of a named statement on a raw connection; the row's text.
+async fn run_named(s: &mut tokio::net::TcpStream, name: &str) -> Result<String, String> {
+    let mut bind = vec![0];
+    bind.extend_from_slice(name.as_bytes());
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+    let mut bytes = raw::message(b'B', &bind);
+    bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(s, &bytes).await;
+    let mut value = Err("no row".to_owned());
+    loop {
+        let (tag, body) = raw::read_message(s).await.expect("reply");
+        match tag {
+            b'D' => value = Ok(String::from_utf8_lossy(&body[6..]).into_owned()),
+            b'E' => value = Err(raw::error_code(&body)),
+            b'Z' => return value,
+            _ => {}
+        }
+    }
+}
+
+async fn parse_named(s: &mut tokio::net::TcpStream, name: &str, sql: &str) -> String {
+    let mut body = name.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    let mut bytes = raw::message(b'P', &body);
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(s, &bytes).await;
+    let (tags, codes) = raw::until_ready(s).await;
+    codes.into_iter().next().unwrap_or(tags)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_naming_s0_differently_get_their_own_and_close_then_reparse_works() {
+    common::create_role("tx_names", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.tx_names]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_names").await;
+    let mut b = raw::login_trusted(proxy.addr, "tx_names").await;
+    assert_eq!(parse_named(&mut a, "s0", "SELECT 'from a'").await, "1Z");
+    assert_eq!(parse_named(&mut b, "s0", "SELECT 'from b'").await, "1Z");
+    for _ in 0..3 {
+        assert_eq!(run_named(&mut a, "s0").await.as_deref(), Ok("from a"));
+        assert_eq!(run_named(&mut b, "s0").await.as_deref(), Ok("from b"));
+    }
+    // PostgreSQL's own answers: re-preparing a name fails, an unknown name fails.
+    assert_eq!(parse_named(&mut a, "s0", "SELECT 'again'").await, "42P05");
+    assert_eq!(run_named(&mut a, "nope").await, Err("26000".into()));
+    // Close, then the name can be prepared again, for a new query.
+    let mut close = raw::message(b'C', b"Ss0\0");
+    close.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &close).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "3Z");
+    assert_eq!(run_named(&mut a, "s0").await, Err("26000".into()));
+    assert_eq!(parse_named(&mut a, "s0", "SELECT 'a again'").await, "1Z");
+    assert_eq!(run_named(&mut a, "s0").await.as_deref(), Ok("a again"));
+    assert_eq!(run_named(&mut b, "s0").await.as_deref(), Ok("from b"));
+}
+
+/// Runs pgbench (from the server's binaries) against the proxy; returns its output.
+async fn pgbench(proxy: &TestProxy, args: &[&str]) -> String {
+    let db = common::cluster();
+    let out = tokio::process::Command::new(db.bindir().join("pgbench"))
+        .args(args)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.addr.port().to_string(),
+            "-U",
+            "tx_bench",
+            "app",
+        ])
+        .env("PGPASSWORD", "pw")
+        .output()
+        .await
+        .expect("run pgbench");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_every_protocol_mode_through_transaction_pooling_without_failures() {
+    common::create_role("tx_bench", "pw").await;
+    let db = common::cluster();
+    let init = tokio::process::Command::new(db.bindir().join("pgbench"))
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &db.port().to_string(),
+            "-U",
+            "tx_bench",
+            "postgres",
+        ])
+        .env("PGPASSWORD", "pw")
+        .output()
+        .await
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy =
+        TestProxy::start("[pool]\nmax_size = 3\n[users.tx_bench]\npassword = \"pw\"\n").await;
+    for mode in ["simple", "extended", "prepared"] {
+        for script in [&["-S"][..], &[][..]] {
+            let mut args = vec!["-n", "-M", mode, "-c", "8", "-j", "2", "-T", "2"];
+            args.extend_from_slice(script);
+            let out = pgbench(&proxy, &args).await;
+            assert!(
+                out.contains("number of failed transactions: 0"),
+                "{mode} {script:?}:\n{out}"
+            );
+            assert!(!out.contains("aborted"), "{mode} {script:?}:\n{out}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_hold_in_every_transaction_on_every_backend() {
+    let proxy = proxy("tx_startup", "max_size = 2").await;
+    let mut config = proxy.config("tx_startup", "pw");
+    config
+        .application_name("tx-app")
+        .options("-c statement_timeout=4321 -c TimeZone=Asia/Tokyo");
+    let conn = common::connect(&config).await.expect("login");
+    let other = proxy.connect("tx_startup", "pw").await.expect("login");
+    let observer = proxy.connect("tx_startup", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let mut pids = HashSet::new();
+    for _ in 0..20 {
+        hopper.hop().await;
+        pids.insert(pid(&conn.client).await);
+        assert_eq!(setting(&conn.client, "application_name").await, "tx-app");
+        assert_eq!(setting(&conn.client, "statement_timeout").await, "4321ms");
+        assert_eq!(setting(&conn.client, "TimeZone").await, "Asia/Tokyo");
+    }
+    hopper.hop().await; // let go
+    for _ in 0..4 {
+        assert_ne!(
+            setting(&observer.client, "statement_timeout").await,
+            "4321ms"
+        );
+        assert_ne!(
+            setting(&observer.client, "application_name").await,
+            "tx-app"
+        );
+    }
+    assert_eq!(pids.len(), 2, "transactions ran on both backends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_sets_follow_the_client_without_pinning_and_rolled_back_ones_do_not() {
+    let proxy = proxy("tx_set", "max_size = 2").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS tx_set_schema")
+        .await
+        .unwrap();
+    let conn = proxy.connect("tx_set", "pw").await.expect("login");
+    let other = proxy.connect("tx_set", "pw").await.expect("login");
+    let observer = proxy.connect("tx_set", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let c = &conn.client;
+    c.batch_execute("SET search_path = tx_set_schema, public")
+        .await
+        .unwrap();
+    c.batch_execute("SET statement_timeout = '7s'")
+        .await
+        .unwrap();
+    c.batch_execute("SET LOCAL work_mem = '5MB'").await.unwrap(); // transaction-only: nothing
+    c.batch_execute("BEGIN; SET statement_timeout = '99s'; ROLLBACK")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET work_mem = '6MB'").await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let mut pids = HashSet::new();
+    for _ in 0..20 {
+        hopper.hop().await;
+        pids.insert(pid(c).await);
+        assert_eq!(setting(c, "search_path").await, "tx_set_schema, public");
+        assert_eq!(setting(c, "statement_timeout").await, "7s");
+        assert_eq!(setting(c, "work_mem").await, "4MB", "rolled back");
+    }
+    assert_eq!(pids.len(), 2, "the client was not pinned");
+    if hopper.holding {
+        hopper.hop().await;
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            setting(&observer.client, "statement_timeout").await,
+            "0",
+            "never another client's"
+        );
+        assert_eq!(
+            setting(&observer.client, "search_path").await,
+            "\"$user\", public"
+        );
+    }
+    c.batch_execute("RESET statement_timeout").await.unwrap();
+    for _ in 0..4 {
+        hopper.hop().await;
+        assert_eq!(setting(c, "statement_timeout").await, "0");
+    }
+    assert_eq!(
+        proxy
+            .shared
+            .pins
+            .get(pgshield::client::sql::PinReason::Unclassified),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
+    use pgshield::client::sql::PinReason;
+    let proxy = proxy("tx_pin", "max_size = 3").await;
+    common::admin()
+        .await
+        .batch_execute("GRANT pg_read_all_stats TO tx_pin")
+        .await
+        .unwrap();
+    let pinning = [
+        ("LISTEN tx_pin_channel", PinReason::Listen),
+        ("CREATE TEMP TABLE tx_pin_t (x int)", PinReason::TempTable),
+        ("SELECT pg_advisory_lock(42)", PinReason::AdvisoryLock),
+        ("PREPARE tx_pin_p AS SELECT 1", PinReason::SqlPrepare),
+        (
+            "BEGIN; DECLARE tx_pin_c CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+            PinReason::CursorWithHold,
+        ),
+        ("SET ROLE tx_pin", PinReason::SetRole),
+        ("DO $$ BEGIN PERFORM 1; END $$", PinReason::Unclassified),
+    ];
+    for (sql, reason) in pinning {
+        let before = proxy.shared.pins.get(reason);
+        let conn = proxy.connect("tx_pin", "pw").await.expect("login");
+        let busy = proxy.connect("tx_pin", "pw").await.expect("login");
+        conn.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let pinned_pid = pid(&conn.client).await;
+        for _ in 0..5 {
+            busy.client.simple_query("SELECT 1").await.unwrap();
+            assert_eq!(pid(&conn.client).await, pinned_pid, "{sql} pins");
+        }
+        assert_eq!(
+            proxy.shared.pins.get(reason),
+            before + 1,
+            "{sql} counted as {reason:?}"
+        );
+    }
+    // None of these pin.
+    let conn = proxy.connect("tx_pin", "pw").await.expect("login");
+    let other = proxy.connect("tx_pin", "pw").await.expect("login");
+    for sql in [
+        "SET statement_timeout = '1min'",
+        "BEGIN; SET LOCAL work_mem = '8MB'; COMMIT",
+        "BEGIN; SELECT pg_advisory_xact_lock(7); COMMIT",
+        "SELECT 1",
+        "CREATE TABLE IF NOT EXISTS tx_pin_plain (x int); INSERT INTO tx_pin_plain VALUES (1)",
+    ] {
+        conn.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let mut pids = HashSet::new();
+    for _ in 0..10 {
+        let (a, _) = tokio::join!(
+            pid(&conn.client),
+            other.client.simple_query("SELECT pg_sleep(0.01)")
+        );
+        pids.insert(a);
+    }
+    assert!(pids.len() > 1, "plain statements must not pin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_mode_refuses_session_state_with_0a000_and_the_connection_stays_usable() {
+    let proxy = proxy("tx_reject", "max_size = 2\non_session_state = \"reject\"").await;
+    let conn = proxy.connect("tx_reject", "pw").await.expect("login");
+    for sql in [
+        "LISTEN tx_reject_channel",
+        "CREATE TEMP TABLE tx_reject_t (x int)",
+        "SELECT pg_advisory_lock(1)",
+        "PREPARE tx_reject_p AS SELECT 1",
+        "SET ROLE tx_reject",
+    ] {
+        let err = conn.client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), Some("0A000"), "{sql}: {err}");
+        let one: i32 = conn
+            .client
+            .query_one("SELECT 1", &[])
+            .await
+            .expect("usable")
+            .get(0);
+        assert_eq!(one, 1);
+    }
+    // Through the extended protocol too.
+    let err = conn
+        .client
+        .query("SELECT pg_advisory_lock($1)", &[&5i64])
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err), Some("0A000"), "{err}");
+    conn.client.simple_query("SELECT 1").await.expect("usable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_the_clients_query_within_a_second_and_nobody_elses() {
+    let proxy = proxy("tx_cancel", "max_size = 2").await;
+    let a = proxy.connect("tx_cancel", "pw").await.expect("login");
+    let b = proxy.connect("tx_cancel", "pw").await.expect("login");
+    // Between transactions a client holds nothing: a cancel then does nothing.
+    a.client.cancel_token().cancel_query(NoTls).await.unwrap();
+    let token = a.client.cancel_token();
+    let a_client = a.client;
+    let b_client = b.client;
+    let a_query = tokio::spawn(async move {
+        let r = a_client
+            .simple_query("SELECT pg_sleep(10)")
+            .await
+            .map(|_| ());
+        (a_client, r)
+    });
+    let b_query = tokio::spawn(async move {
+        b_client
+            .simple_query("SELECT pg_sleep(1)")
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    token.cancel_query(NoTls).await.unwrap();
+    let (a_client, result) = tokio::time::timeout(Duration::from_secs(5), a_query)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sqlstate(&result.expect_err("cancelled")), Some("57014"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    a_client.simple_query("SELECT 1").await.expect("usable");
+    tokio::time::timeout(Duration::from_secs(5), b_query)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the other client's query is not cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_pipelined_queries_return_in_order() {
+    let proxy = proxy("tx_pipe", "max_size = 2").await;
+    let conn = proxy.connect("tx_pipe", "pw").await.expect("login");
+    let statement = conn.client.prepare("SELECT $1::int + 1").await.unwrap();
+    let results = futures_util::future::join_all((0..1000i32).map(|i| {
+        let (client, statement) = (&conn.client, &statement);
+        async move { (i, client.query_one(statement, &[&i]).await) }
+    }))
+    .await;
+    for (i, row) in results {
+        assert_eq!(row.expect("query").get::<_, i32>(0), i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn between_transactions_a_client_holds_nothing_but_a_failed_transaction_keeps_its_backend() {
+    let proxy = proxy("tx_hold", "max_size = 1\nborrow_timeout = \"1s\"").await;
+    let a = proxy.connect("tx_hold", "pw").await.expect("login");
+    let b = proxy.connect("tx_hold", "pw").await.expect("login");
+    a.client.simple_query("SELECT 1").await.unwrap();
+    b.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("the only backend is free between transactions");
+    a.client.batch_execute("BEGIN").await.unwrap();
+    assert!(a.client.simple_query("SELECT 1/0").await.is_err());
+    let err = b
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("a failed transaction keeps its backend");
+    assert_eq!(sqlstate(&err), Some("53300"));
+    a.client.batch_execute("ROLLBACK").await.unwrap();
+    b.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("free again after ROLLBACK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_mid_transaction_affects_only_its_client() {
+    let proxy = proxy("tx_kill", "max_size = 2").await;
+    let admin = common::admin().await;
+    let a = proxy.connect("tx_kill", "pw").await.expect("login");
+    let b = proxy.connect("tx_kill", "pw").await.expect("login");
+    a.client.batch_execute("BEGIN").await.unwrap();
+    let victim = pid(&a.client).await;
+    b.client.batch_execute("BEGIN").await.unwrap();
+    admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&victim])
+        .await
+        .unwrap();
+    assert!(
+        a.client.simple_query("SELECT 1").await.is_err(),
+        "the victim's client gets an error"
+    );
+    b.client
+        .batch_execute("SELECT 1; COMMIT")
+        .await
+        .expect("the other client carries on");
+    let c = proxy.connect("tx_kill", "pw").await.expect("login");
+    c.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("the pool refills");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transaction_timeout_ends_the_client_and_frees_its_backend() {
+    let proxy = proxy("tx_idle", "max_size = 1\nidle_transaction_timeout = \"1s\"").await;
+    let a = proxy.connect("tx_idle", "pw").await.expect("login");
+    a.client
+        .batch_execute("BEGIN; CREATE TABLE tx_idle_t (x int)")
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), a.done)
+        .await
+        .expect("closed")
+        .unwrap();
+    assert_eq!(
+        sqlstate(&ended.expect_err("closed with an error")),
+        Some("25P03")
+    );
+    let b = proxy.connect("tx_idle", "pw").await.expect("login");
+    let exists: bool = b
+        .client
+        .query_one("SELECT to_regclass('tx_idle_t') IS NOT NULL", &[])
+        .await
+        .expect("the backend was rolled back and returned")
+        .get(0);
+    assert!(!exists, "the abandoned transaction was rolled back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_a_statement_that_runs_too_long() {
+    let proxy = proxy("tx_qt", "max_size = 1\nquery_timeout = \"1s\"").await;
+    let conn = proxy.connect("tx_qt", "pw").await.expect("login");
+    let started = Instant::now();
+    let err = conn
+        .client
+        .simple_query("SELECT pg_sleep(10)")
+        .await
+        .expect_err("cancelled");
+    assert_eq!(sqlstate(&err), Some("57014"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    conn.client
+        .simple_query("SELECT pg_sleep(0.2)")
+        .await
+        .expect("short statements run");
+}
