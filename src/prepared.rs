@@ -136,6 +136,15 @@ impl Registry {
     }
 }
 
+/// Prepared statements a client's Query drops on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatementDrop {
+    /// DISCARD ALL.
+    All,
+    /// DEALLOCATE of one of pgshield's names.
+    One(Arc<str>),
+}
+
 /// What to take back when the server never acted on a message.
 #[derive(Debug)]
 pub enum Undo {
@@ -153,6 +162,9 @@ pub enum Undo {
     },
     /// A Parse of the unnamed statement did not happen (or failed).
     UnnamedParse,
+    /// pgshield's Close of a statement evicted from a full backend did not happen: the
+    /// backend still has it.
+    Evicted(Arc<str>),
 }
 
 /// One client's statements, by its own names.
@@ -528,7 +540,13 @@ impl ClientStatements {
             }
             return None;
         }
-        let statement = self.named.get(name).cloned()?;
+        let Some(statement) = self.named.get(name).cloned() else {
+            // Not the client's: the server answers "does not exist", unless the name is
+            // one of pgshield's own, which a client must never reach.
+            return name
+                .starts_with(NAME_PREFIX)
+                .then(|| format!("{NAME_PREFIX}!{name}").into());
+        };
         self.ensure_prepared(server, &statement, out, t);
         Some(Arc::clone(statement.name()))
     }
@@ -627,6 +645,10 @@ impl ClientStatements {
                 self.unnamed = None;
                 server.unnamed = None;
             }
+            Undo::Evicted(name) => {
+                server.clock += 1;
+                server.names.insert(name, server.clock);
+            }
         }
     }
 
@@ -634,6 +656,11 @@ impl ClientStatements {
     pub fn clear(&mut self) {
         self.named.clear();
         self.unnamed = None;
+    }
+
+    /// Forgets one of the client's statements (its DEALLOCATE); false if it had none.
+    pub fn forget(&mut self, name: &str) -> bool {
+        self.named.remove(name).is_some()
     }
 
     /// How many named statements the client has.
@@ -659,7 +686,7 @@ fn parse_types(mut body: &[u8]) -> Result<Vec<u32>, Malformed> {
 }
 
 /// Injects a Close of a statement evicted from a full backend.
-fn close_on_server(name: &str, out: &mut BytesMut, t: &mut Translated) {
+fn close_on_server(name: &Arc<str>, out: &mut BytesMut, t: &mut Translated) {
     put_message(out, b'C', |b| {
         b.put_u8(b'S');
         b.put_slice(name.as_bytes());
@@ -667,7 +694,7 @@ fn close_on_server(name: &str, out: &mut BytesMut, t: &mut Translated) {
     });
     t.injected.push(Injected {
         tag: b'C',
-        undo: None,
+        undo: Some(Undo::Evicted(Arc::clone(name))),
     });
 }
 
@@ -841,6 +868,21 @@ mod tests {
         let (t, out) = run(&mut c, &r, &mut s, &bind_msg("nope", b"\0\0\0\0\0\0"));
         assert_eq!(t.translation, Translation::PassOn);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_client_cannot_reach_pgshields_own_statement_names() {
+        let (r, mut s) = (Registry::default(), ServerStatements::new(10));
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        run(&mut a, &r, &mut s, &parse_msg("s0", "SELECT 'a secret'"));
+        let (t, _) = run(&mut b, &r, &mut s, &bind_msg("pgshield_1", b"\0\0\0\0\0\0"));
+        let Translation::Rewrite { head, .. } = t.translation else {
+            panic!("{t:?}")
+        };
+        assert!(
+            head.windows(20).any(|w| w == b"pgshield_!pgshield_1"),
+            "{head:?}"
+        );
     }
 
     #[test]

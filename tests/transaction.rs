@@ -351,15 +351,22 @@ async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
         ),
         ("SET ROLE tx_pin", PinReason::SetRole),
         ("DO $$ BEGIN PERFORM 1; END $$", PinReason::Unclassified),
+        // Refused by PostgreSQL for a non-superuser; pinned all the same (pgshield pins on
+        // what a statement may do, not on whether it succeeded).
+        (
+            "SET SESSION AUTHORIZATION tx_pin",
+            PinReason::SessionAuthorization,
+        ),
+        ("LOAD 'auto_explain'", PinReason::Load),
     ];
     for (sql, reason) in pinning {
         let before = proxy.shared.pins.get(reason);
         let conn = proxy.connect("tx_pin", "pw").await.expect("login");
         let busy = proxy.connect("tx_pin", "pw").await.expect("login");
-        conn.client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let may_fail = matches!(reason, PinReason::SessionAuthorization | PinReason::Load);
+        if let Err(e) = conn.client.batch_execute(sql).await {
+            assert!(may_fail, "{sql}: {e}");
+        }
         let pinned_pid = pid(&conn.client).await;
         for _ in 0..5 {
             busy.client.simple_query("SELECT 1").await.unwrap();
@@ -586,4 +593,185 @@ async fn query_timeout_cancels_a_statement_that_runs_too_long() {
         .simple_query("SELECT pg_sleep(0.2)")
         .await
         .expect("short statements run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_describe_and_function_calls_work_in_transaction_mode() {
+    use futures_util::{SinkExt, TryStreamExt};
+    let proxy = proxy("tx_copy", "max_size = 2").await;
+    let conn = proxy.connect("tx_copy", "pw").await.expect("login");
+    let c = &conn.client;
+    c.batch_execute("CREATE TABLE tx_copy_t (id int, v text)")
+        .await
+        .unwrap();
+    let data: String = (0..20_000).map(|i| format!("{i}\tvalue {i}\n")).collect();
+    let sink = c
+        .copy_in("COPY tx_copy_t FROM STDIN")
+        .await
+        .expect("COPY IN");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(sink.finish().await.expect("COPY IN completes"), 20_000);
+    let out: Vec<bytes::Bytes> = c
+        .copy_out("COPY tx_copy_t TO STDOUT")
+        .await
+        .expect("COPY OUT")
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(out.concat(), data.as_bytes());
+    // Describe (prepare asks for parameter and column types), then use it.
+    let statement = c
+        .prepare("SELECT v FROM tx_copy_t WHERE id = $1")
+        .await
+        .unwrap();
+    assert_eq!(statement.params().len(), 1);
+    assert_eq!(statement.columns()[0].name(), "v");
+    let row = c.query_one(&statement, &[&7i32]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "value 7");
+    // The backend is released after all that (nothing owed, no pin).
+    let other = proxy.connect("tx_copy", "pw").await.expect("login");
+    other.client.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_keeps_the_backend_until_the_batch_is_synced() {
+    // asyncpg's pattern: Parse, Describe, Flush; read the descriptions; then Bind,
+    // Execute, Sync. The unnamed statement must still be there: same backend.
+    common::create_role("tx_flush", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 2\nborrow_timeout = \"1s\"\n[users.tx_flush]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_flush").await;
+    let mut first = raw::message(b'P', b"\0SELECT pg_backend_pid(), $1::int\0\0\0");
+    first.extend(raw::message(b'D', b"S\0"));
+    first.extend(raw::message(b'H', b""));
+    raw::send(&mut s, &first).await;
+    let mut tags = String::new();
+    while tags.len() < 3 {
+        let (tag, _) = raw::read_message(&mut s).await.expect("reply");
+        tags.push(char::from(tag));
+    }
+    assert_eq!(tags, "1tT");
+    // Meanwhile another client runs: it must not get the backend holding our batch.
+    let mut other = raw::login_trusted(proxy.addr, "tx_flush").await;
+    raw::send(&mut other, &raw::query("SELECT pg_backend_pid()")).await;
+    let (tags, codes) = raw::until_ready(&mut other).await;
+    assert_eq!((tags.as_str(), codes.len()), ("TDCZ", 0));
+    let mut second = raw::message(b'B', b"\0\0\0\0\0\x01\0\0\0\x0242\0\0");
+    second.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+    second.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &second).await;
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert_eq!((tags.as_str(), codes), ("2DCZ", vec![]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_set_of_a_server_wide_setting_harms_no_one() {
+    // shared_buffers cannot be changed in a session: the SET fails, and the setting must
+    // not be taken for one the client changed (it would poison the backend for others).
+    let proxy = proxy("tx_badset", "max_size = 1").await;
+    let a = proxy.connect("tx_badset", "pw").await.expect("login");
+    let err = a
+        .client
+        .batch_execute("SET shared_buffers = '1GB'")
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err), Some("55P02"));
+    a.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("the client carries on");
+    let c = proxy.connect("tx_badset", "pw").await.expect("login");
+    for _ in 0..3 {
+        c.client
+            .simple_query("SELECT 1")
+            .await
+            .expect("others carry on");
+        a.client
+            .simple_query("SELECT 1")
+            .await
+            .expect("the client carries on");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_survives_another_clients_settings_on_its_backend() {
+    common::create_role("tx_unnamed", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.tx_unnamed]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let login = |app: &'static str| {
+        let addr = proxy.addr;
+        async move {
+            let mut s = raw::connect(addr).await;
+            raw::send(
+                &mut s,
+                &raw::startup(&[
+                    ("user", "tx_unnamed"),
+                    ("database", "app"),
+                    ("application_name", app),
+                ]),
+            )
+            .await;
+            raw::until_ready(&mut s).await;
+            s
+        }
+    };
+    let mut a = login("client-a").await;
+    let mut c = login("client-c").await;
+    // A prepares the unnamed statement and lets go of the backend.
+    let mut parse = raw::message(b'P', b"\0SELECT 'a unnamed'\0\0\0");
+    parse.extend(raw::message(b'D', b"S\0"));
+    parse.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &parse).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "1tTZ");
+    // C uses that backend: its settings are applied there (a simple Query, which destroys
+    // the server's unnamed statement).
+    raw::send(&mut c, &raw::query("SELECT 1")).await;
+    raw::until_ready(&mut c).await;
+    // A's unnamed statement is still A's.
+    assert_eq!(run_named(&mut a, "").await.as_deref(), Ok("a unnamed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
+    common::create_role("tx_dealloc", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.tx_dealloc]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_dealloc").await;
+    let mut other = raw::login_trusted(proxy.addr, "tx_dealloc").await;
+    assert_eq!(parse_named(&mut s, "a5", "SELECT 'five'").await, "1Z");
+    assert_eq!(
+        parse_named(&mut other, "mine", "SELECT 'other'").await,
+        "1Z"
+    );
+    // As ActiveRecord does when its statement cache evicts, inside a transaction too.
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &raw::query("DEALLOCATE a5")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".to_owned(), vec![]));
+    raw::send(&mut s, &raw::query("COMMIT")).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+    assert_eq!(run_named(&mut s, "a5").await, Err("26000".into()));
+    assert_eq!(parse_named(&mut s, "a5", "SELECT 'five again'").await, "1Z");
+    raw::send(&mut s, &raw::query("DEALLOCATE ALL")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".to_owned(), vec![]));
+    assert_eq!(run_named(&mut s, "a5").await, Err("26000".into()));
+    // Another client's statements on the same backend were not touched.
+    assert_eq!(run_named(&mut other, "mine").await.as_deref(), Ok("other"));
+    // A DISCARD ALL that fails (inside a transaction) drops nothing.
+    assert_eq!(parse_named(&mut s, "b1", "SELECT 'b'").await, "1Z");
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &raw::query("DISCARD ALL")).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, vec!["25001".to_owned()]);
+    raw::send(&mut s, &raw::query("ROLLBACK")).await;
+    raw::until_ready(&mut s).await;
+    assert_eq!(run_named(&mut s, "b1").await.as_deref(), Ok("b"));
+    assert_eq!(run_named(&mut other, "mine").await.as_deref(), Ok("other"));
 }

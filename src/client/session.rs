@@ -35,7 +35,7 @@ use postgres_protocol::escape::escape_literal;
 
 use crate::client::sql::{self, Effects, PinReason};
 use crate::config::OnSessionState;
-use crate::prepared::{ClientStatements, Translation, NAME_PREFIX};
+use crate::prepared::{ClientStatements, StatementDrop, Translation, NAME_PREFIX};
 use crate::protocol::frame::{peek_header, Header, DEFAULT_MAX_MESSAGE_SIZE, HEADER_LEN};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
@@ -485,6 +485,14 @@ impl Session {
                 };
                 continue;
             }
+            if self.mode == PoolMode::Transaction && header.tag == b'Q' {
+                if !self.whole_message_arrived(header)? {
+                    return Ok(());
+                }
+                if self.answer_deallocate(header)? {
+                    continue;
+                }
+            }
             if self.backend.is_none() {
                 // Between transactions a Sync has nothing to sync, and a Flush nothing to
                 // flush: answered without borrowing a backend.
@@ -545,6 +553,58 @@ impl Session {
         }
     }
 
+    /// Answers a client's `DEALLOCATE name` of one of its own prepared statements, or
+    /// `DEALLOCATE ALL`, from its names alone (transaction mode): on the server the name
+    /// does not exist (or would drop every client's statements). Only when nothing is
+    /// pending, so the ReadyForQuery's status is known. Returns false to pass it on.
+    fn answer_deallocate(&mut self, header: Header) -> Result<bool, End> {
+        let mut body = &self.client_in[HEADER_LEN..header.len];
+        let query = crate::protocol::frame::take_cstr(&mut body)
+            .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
+        let starts_with_deallocate = query
+            .trim_start()
+            .get(..10)
+            .is_some_and(|w| w.eq_ignore_ascii_case("deallocate"));
+        if !starts_with_deallocate {
+            return Ok(false);
+        }
+        let effects = sql::classify(query);
+        let Some(target) = effects
+            .deallocate
+            .clone()
+            .filter(|_| effects.statements == 1)
+        else {
+            return Ok(false);
+        };
+        let status = match self.backend.as_ref() {
+            None => b'I',
+            Some(backend) => {
+                let replies = &backend.server_ref().replies;
+                let nothing_pending = replies.at_boundary()
+                    && self.server_out.is_empty()
+                    && self.client_msg.left == 0
+                    && self.server_msg.left == 0;
+                match replies.tx_status() {
+                    TxStatus::Idle if nothing_pending => b'I',
+                    TxStatus::InTransaction if nothing_pending => b'T',
+                    _ => return Ok(false),
+                }
+            }
+        };
+        let tag = match target {
+            None => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            Some(name) if self.statements.forget(&name) => "DEALLOCATE",
+            Some(_) => return Ok(false),
+        };
+        messages::command_complete(&mut self.client_out, tag);
+        messages::ready_for_query(&mut self.client_out, status);
+        self.client_in.advance(header.len);
+        Ok(true)
+    }
+
     /// Whether all of a client message that must be read whole has arrived (room is made
     /// for the rest if not). Refuses one too large to hold.
     fn whole_message_arrived(&mut self, header: Header) -> Result<bool, End> {
@@ -567,6 +627,17 @@ impl Session {
             && matches!(header.tag, b'P' | b'B' | b'D' | b'C' | b'Q');
         if translated && header.tag != b'B' && !self.whole_message_arrived(header)? {
             return Ok(false);
+        }
+        if self.mode == PoolMode::Transaction && header.tag == b'F' {
+            // A fastpath call (large objects, say) may do anything to the session.
+            let reason = PinReason::Unclassified;
+            pin(
+                &mut self.pinned,
+                &self.shared,
+                self.id,
+                self.pool.name(),
+                reason,
+            );
         }
         let Some(backend) = self.backend.as_mut() else {
             return Ok(true);
@@ -615,26 +686,27 @@ impl Session {
             _ => None,
         };
         let mut translation = translated.translation;
+        let mut drops = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
-            if let Some(reason) = note_effects(
-                &effects,
-                &mut self.statements,
-                server,
-                &mut self.dirty,
-                self.pinned.is_some(),
-            ) {
+            match header.tag {
+                b'Q' => drops = statement_drop(&effects),
+                // Through the extended protocol: the statements go, and so does the
+                // backend once this transaction is over (its state is no longer known).
+                _ if statement_drop(&effects).is_some() => {
+                    self.statements.clear();
+                    server.mark_broken();
+                }
+                _ => {}
+            }
+            if let Some(reason) = note_effects(&effects, &mut self.dirty, self.pinned.is_some()) {
                 match self.pool.on_session_state() {
-                    OnSessionState::Pin => {
-                        self.pinned = Some(reason);
-                        self.shared.pins.add(reason);
-                        tracing::info!(
-                            client = %self.id,
-                            pool = %self.pool.name(),
-                            reason = reason.name(),
-                            "client pinned to its backend until it disconnects: {}",
-                            reason.feature()
-                        );
-                    }
+                    OnSessionState::Pin => pin(
+                        &mut self.pinned,
+                        &self.shared,
+                        self.id,
+                        self.pool.name(),
+                        reason,
+                    ),
                     // A refused Bind runs the stand-in prepared for it; a refused Query is
                     // replaced by one that fails the same way, on the server.
                     OnSessionState::Reject if header.tag == b'Q' => {
@@ -674,6 +746,15 @@ impl Session {
             }
         }
         match translation {
+            Translation::PassOn if drops.is_some() => {
+                server
+                    .replies
+                    .sent_dropping(drops.unwrap_or(StatementDrop::All));
+                self.client_msg = Passing {
+                    left: header.len,
+                    forward: true,
+                };
+            }
             Translation::PassOn => {
                 server
                     .replies
@@ -778,6 +859,18 @@ impl Session {
             for undo in server.replies.take_undone().into_iter().rev() {
                 self.statements.undo(&mut server.statements, undo);
             }
+            for (drop, happened) in server.replies.take_drops() {
+                match (drop, happened) {
+                    (StatementDrop::All, true) => {
+                        server.statements.clear();
+                        self.statements.clear();
+                    }
+                    (StatementDrop::One(name), true) => server.statements.dropped(&name),
+                    // It may or may not have happened: that backend's statements are
+                    // unknown now; it is closed once this client lets go of it.
+                    (_, false) => server.mark_broken(),
+                }
+            }
             let forward = disposition == Disposition::Forward;
             if readback && !forward {
                 if header.tag == b'D' {
@@ -817,8 +910,24 @@ impl Session {
             match header.tag {
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(body) {
+                        let changed = self.client_view.get(name) != Some(value);
                         self.client_view.set(name, value);
                         server.note_param(name, value);
+                        // Who the session is cannot follow the client: what the server
+                        // reports catches what statements did not show (a function, say).
+                        if changed
+                            && self.mode == PoolMode::Transaction
+                            && (name == "session_authorization" || name == "is_superuser")
+                        {
+                            let reason = PinReason::SessionAuthorization;
+                            pin(
+                                &mut self.pinned,
+                                &self.shared,
+                                self.id,
+                                self.pool.name(),
+                                reason,
+                            );
+                        }
                         if params::SETTABLE_REPORTED
                             .iter()
                             .any(|p| p.eq_ignore_ascii_case(name))
@@ -869,9 +978,17 @@ impl Session {
             names.sort();
             names.dedup();
             if !names.is_empty() {
+                // Only what this session set counts (a SET the server refused, or of a
+                // setting a session cannot change, leaves the default: nothing to follow).
                 let columns: Vec<String> = names
                     .iter()
-                    .map(|n| format!("pg_catalog.current_setting({}, true)", escape_literal(n)))
+                    .map(|n| {
+                        format!(
+                            "(SELECT pg_catalog.current_setting(s.name) FROM pg_catalog.pg_settings s \
+                             WHERE pg_catalog.lower(s.name) = {} AND s.source = 'session')",
+                            escape_literal(n)
+                        )
+                    })
                     .collect();
                 let sql = format!("SELECT {}", columns.join(", "));
                 if postgres_protocol::message::frontend::query(&sql, &mut self.server_out).is_ok() {
@@ -930,7 +1047,8 @@ impl Session {
                 Ok(Ok(()))
             }
             Err(SettingsError::Refused(error)) => {
-                backend.release();
+                // Whatever made the server refuse may be the backend's: do not lend it again.
+                backend.discard();
                 Err(End::Fatal(error.into_fatal()))
             }
             Err(SettingsError::Server(e)) => {
@@ -1127,25 +1245,33 @@ async fn hand_over_and_close(mut backend: Backend, mut pending: BytesMut) {
     backend.discard();
 }
 
-/// Notes what a client's statement does to its session (transaction mode): statements
-/// the server drops, settings to read back. Returns why it would pin, if it would (and
-/// the client is not pinned already).
-fn note_effects(
-    effects: &Effects,
-    statements: &mut ClientStatements,
-    server: &mut Server,
-    dirty: &mut Dirty,
-    pinned: bool,
-) -> Option<PinReason> {
-    if effects.drops_all_statements {
-        server.statements.clear();
-        statements.clear();
+/// Keeps a client on its backend until it disconnects (once; counted and logged).
+fn pin(
+    pinned: &mut Option<PinReason>,
+    shared: &Shared,
+    client: ClientId,
+    pool: &str,
+    reason: PinReason,
+) {
+    if pinned.is_some() {
+        return;
     }
-    if let Some(name) = effects.drops_statement.as_deref() {
-        if name.starts_with(NAME_PREFIX) {
-            server.statements.dropped(name);
-        }
-    }
+    *pinned = Some(reason);
+    shared.pins.add(reason);
+    tracing::info!(
+        %client,
+        pool,
+        reason = reason.name(),
+        "client pinned to its backend until it disconnects: {}",
+        reason.feature()
+    );
+}
+
+/// Notes what a client's statement does to its session (transaction mode): settings to
+/// read back. Returns why it would pin, if it would (and the client is not pinned
+/// already). Dropped statements are forgotten once the drop has happened (see
+/// `statement_drop`).
+fn note_effects(effects: &Effects, dirty: &mut Dirty, pinned: bool) -> Option<PinReason> {
     if pinned {
         return None;
     }
@@ -1155,6 +1281,21 @@ fn note_effects(
     dirty.all |= effects.all_settings;
     dirty.names.extend(effects.settings.iter().cloned());
     None
+}
+
+/// The prepared statements a client's Query drops on the server, if any: DISCARD ALL, or a
+/// DEALLOCATE of one of pgshield's own names (which the client may not have meant, but
+/// which happens all the same).
+fn statement_drop(effects: &Effects) -> Option<StatementDrop> {
+    if effects.drops_all_statements {
+        return Some(StatementDrop::All);
+    }
+    match &effects.deallocate {
+        Some(Some(name)) if name.starts_with(NAME_PREFIX) => {
+            Some(StatementDrop::One(name.as_str().into()))
+        }
+        _ => None,
+    }
 }
 
 /// The column values of a DataRow (None for NULL); None if malformed.
@@ -1186,7 +1327,9 @@ fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
 /// What the server said the client's settings are now: they follow the client.
 fn apply_readback(readback: Readback, settings: &mut ClientSettings, server: &mut Server) {
     let Some(values) = readback.values.filter(|v| v.len() == readback.names.len()) else {
-        tracing::debug!(names = ?readback.names, "settings read-back failed; not followed");
+        // The backend may carry settings nobody tracks now: it must not serve anyone else.
+        tracing::info!(names = ?readback.names, "settings read-back failed; closing that backend");
+        server.mark_broken();
         return;
     };
     for (name, value) in readback.names.iter().zip(values) {

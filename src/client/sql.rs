@@ -68,17 +68,24 @@ pub struct Effects {
     /// Settings it may change (lower-case names); `all_settings` if RESET ALL or similar.
     pub settings: Vec<String>,
     pub all_settings: bool,
-    /// It drops every prepared statement (DISCARD ALL, DEALLOCATE ALL).
+    /// It drops every prepared statement (DISCARD ALL).
     pub drops_all_statements: bool,
-    /// It drops one statement by name (DEALLOCATE name).
-    pub drops_statement: Option<String>,
+    /// DEALLOCATE: `None` for ALL, or the name.
+    pub deallocate: Option<Option<String>>,
     /// It keeps state on the backend that cannot follow the client.
     pub pin: Option<PinReason>,
+    /// How many statements the text holds.
+    pub statements: usize,
 }
 
 impl Effects {
+    /// Nothing to note (however many statements).
     pub fn is_empty(&self) -> bool {
-        *self == Effects::default()
+        self.settings.is_empty()
+            && !self.all_settings
+            && !self.drops_all_statements
+            && self.deallocate.is_none()
+            && self.pin.is_none()
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -313,6 +320,7 @@ pub fn classify(sql: &str) -> Effects {
     };
     for statement in tokens.split(|t| *t == Token::Semicolon) {
         if !statement.is_empty() {
+            effects.statements += 1;
             classify_statement(statement, &mut effects);
         }
     }
@@ -332,11 +340,16 @@ fn classify_statement(t: &[Token], e: &mut Effects) {
         .find(|x| **x != Token::Punct('('))
         .and_then(|x| word(Some(x)));
     let words: Vec<&str> = t.iter().filter_map(|x| word(Some(x))).collect();
-    // Function calls anywhere: session advisory locks, set_config.
+    // Anywhere in any statement (a WITH, an EXPLAIN ANALYZE, a subquery): function calls
+    // that keep session state, and temporary relations.
     for (i, tok) in t.iter().enumerate() {
-        let Some(name) = word(Some(tok)) else {
-            continue;
+        let name = match tok {
+            Token::Word(w) | Token::Quoted(w) => w.as_str(),
+            _ => continue,
         };
+        if name == "pg_temp" || name.starts_with("pg_temp_") {
+            e.pin(PinReason::TempTable);
+        }
         if t.get(i + 1) != Some(&Token::Punct('(')) {
             continue;
         }
@@ -346,6 +359,9 @@ fn classify_statement(t: &[Token], e: &mut Effects) {
         if name == "set_config" {
             set_config_call(&t[i + 2..], e);
         }
+    }
+    if creates_temporary(&words) {
+        e.pin(PinReason::TempTable);
     }
     let Some(first) = first else {
         if !t.iter().all(|x| *x == Token::Punct('(')) {
@@ -369,13 +385,6 @@ fn classify_statement(t: &[Token], e: &mut Effects) {
         "load" => e.pin(PinReason::Load),
         "prepare" if word(t.get(1)) != Some("transaction") => e.pin(PinReason::SqlPrepare),
         "declare" if contains_seq(&words, &["with", "hold"]) => e.pin(PinReason::CursorWithHold),
-        "create" if is_temp_create(&words) => e.pin(PinReason::TempTable),
-        "select"
-            if contains_seq(&words, &["into", "temp"])
-                || contains_seq(&words, &["into", "temporary"]) =>
-        {
-            e.pin(PinReason::TempTable)
-        }
         "discard" => match word(t.get(1)) {
             Some("all") => {
                 e.all_settings = true;
@@ -391,9 +400,9 @@ fn classify_statement(t: &[Token], e: &mut Effects) {
                 &t[1..]
             };
             match rest.first() {
-                Some(Token::Word(w)) if w == "all" => e.drops_all_statements = true,
+                Some(Token::Word(w)) if w == "all" => e.deallocate = Some(None),
                 Some(Token::Word(name) | Token::Quoted(name)) => {
-                    e.drops_statement = Some(name.clone())
+                    e.deallocate = Some(Some(name.clone()))
                 }
                 _ => e.pin(PinReason::Unclassified),
             }
@@ -406,16 +415,13 @@ fn contains_seq(words: &[&str], seq: &[&str]) -> bool {
     words.windows(seq.len()).any(|w| w == seq)
 }
 
-/// CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY …, or CREATE … TABLE pg_temp.…
-fn is_temp_create(words: &[&str]) -> bool {
-    let after_create = &words[1..];
-    let head: Vec<&str> = after_create
-        .iter()
-        .copied()
-        .skip_while(|w| matches!(*w, "or" | "replace" | "global" | "local"))
-        .take(1)
-        .collect();
-    matches!(head.first(), Some(&"temp") | Some(&"temporary")) || words.contains(&"pg_temp")
+/// TEMP or TEMPORARY where it makes a temporary relation: after CREATE (OR REPLACE,
+/// GLOBAL, LOCAL) or INTO, in any statement.
+fn creates_temporary(words: &[&str]) -> bool {
+    words.windows(2).any(|w| {
+        matches!(w[1], "temp" | "temporary")
+            && matches!(w[0], "create" | "into" | "global" | "local" | "replace")
+    })
 }
 
 /// SET [SESSION | LOCAL] …
@@ -525,6 +531,7 @@ mod tests {
     fn plain_statements_change_nothing() {
         for sql in [
             "SELECT 1",
+            "SELECT 1; SELECT 2",
             "select * from t where x = 'SET ROLE' -- LISTEN x\n",
             "INSERT INTO t VALUES ($1, $$pg_advisory_lock(1)$$)",
             "/* LISTEN */ UPDATE t SET a = 1",
@@ -567,11 +574,12 @@ mod tests {
         assert!(classify("RESET ALL").all_settings);
         let discard = classify("DISCARD ALL");
         assert!(discard.all_settings && discard.drops_all_statements);
-        assert!(classify("DEALLOCATE ALL").drops_all_statements);
+        assert_eq!(classify("DEALLOCATE ALL").deallocate, Some(None));
         assert_eq!(
-            classify("DEALLOCATE PREPARE p1").drops_statement.as_deref(),
-            Some("p1")
+            classify("DEALLOCATE PREPARE p1").deallocate,
+            Some(Some("p1".into()))
         );
+        assert_eq!(classify("SELECT 1; SELECT 2").statements, 2);
     }
 
     #[test]
@@ -612,6 +620,24 @@ mod tests {
             ("FROBNICATE everything", PinReason::Unclassified),
             ("SELECT 'unterminated", PinReason::Unclassified),
             ("SELECT 1; LISTEN x; SELECT 2", PinReason::Listen),
+            (
+                "WITH x AS (SELECT 1) SELECT * INTO TEMP t FROM x",
+                PinReason::TempTable,
+            ),
+            (
+                "EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1",
+                PinReason::TempTable,
+            ),
+            (
+                "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+                PinReason::TempTable,
+            ),
+            ("INSERT INTO \"pg_temp\".t VALUES (1)", PinReason::TempTable),
+            ("SELECT \"pg_advisory_lock\"(1)", PinReason::AdvisoryLock),
+            (
+                "SELECT pg_catalog.pg_advisory_lock(1)",
+                PinReason::AdvisoryLock,
+            ),
         ];
         for (sql, reason) in cases {
             assert_eq!(pin(sql), Some(reason), "{sql}");

@@ -67,6 +67,10 @@ pub fn backend_key_data(buf: &mut BytesMut, process_id: i32, secret_key: i32) {
     });
 }
 
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    put_message(buf, b'C', |b| put_cstr(b, tag));
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     put_message(buf, b'Z', |b| b.put_u8(status));
 }

@@ -264,6 +264,8 @@ impl Server {
             return Err(ServerError::Io(e));
         }
         self.replies.sent(b'Q');
+        // A simple Query destroys the server's unnamed statement.
+        self.statements.forget_unnamed();
         let out_of_step = |server: &mut Server, tag: u8| {
             server.broken = true;
             ServerError::Protocol(format!(

@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-pub use crate::prepared::Undo;
+pub use crate::prepared::{StatementDrop, Undo};
 
 /// Transaction status from the last ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,10 @@ pub enum Hide {
 #[derive(Debug)]
 struct Entry {
     owed: Owed,
+    /// An ErrorResponse came inside it (simple Query or FunctionCall).
+    failed: bool,
+    /// A Query that drops prepared statements: what the session forgets once it succeeded.
+    drops: Option<StatementDrop>,
     hide: Hide,
     /// What to take back if the server never acts on this message.
     undo: Option<Undo>,
@@ -141,6 +145,8 @@ pub struct ReplyTracker {
     owed: VecDeque<Entry>,
     /// Messages the server will never act on (skipped after an error), to be taken back.
     undone: Vec<Undo>,
+    /// Statement drops whose Query has finished (see `sent_dropping`).
+    drops: Vec<(StatementDrop, bool)>,
     /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
     /// The server is discarding the client's messages until a Sync (after an error).
@@ -160,6 +166,7 @@ impl Default for ReplyTracker {
         ReplyTracker {
             owed: VecDeque::new(),
             undone: Vec::new(),
+            drops: Vec::new(),
             extended_open: false,
             skipping_to_sync: false,
             client_copying: false,
@@ -204,9 +211,31 @@ impl ReplyTracker {
             _ => {}
         }
         match Owed::from_tag(tag) {
-            Some(owed) => self.owed.push_back(Entry { owed, hide, undo }),
+            Some(owed) => self.owed.push_back(Entry {
+                owed,
+                failed: false,
+                drops: None,
+                hide,
+                undo,
+            }),
             None => self.undone.extend(undo),
         }
+    }
+
+    /// Notes a client's simple Query that drops prepared statements (DISCARD ALL, or a
+    /// DEALLOCATE of one of pgshield's names): once it has run without error, the drop
+    /// is handed back by [`ReplyTracker::take_drops`].
+    pub fn sent_dropping(&mut self, drops: StatementDrop) {
+        self.sent(b'Q');
+        if let Some(entry) = self.owed.back_mut().filter(|e| e.owed == Owed::Query) {
+            entry.drops = Some(drops);
+        }
+    }
+
+    /// Drops of statements that happened (`true`) or may have (`false`, after an error),
+    /// in order.
+    pub fn take_drops(&mut self) -> Vec<(StatementDrop, bool)> {
+        std::mem::take(&mut self.drops)
     }
 
     /// Notes a reply pgshield gives the client itself for an extended-protocol message
@@ -223,6 +252,8 @@ impl ReplyTracker {
         self.extended_open = true;
         self.owed.push_back(Entry {
             owed: Owed::Fake(fake),
+            failed: false,
+            drops: None,
             hide: Hide::No,
             undo,
         });
@@ -353,10 +384,17 @@ impl ReplyTracker {
     /// ignored (Sync, Flush) or consumed by the server if the COPY reads that far; drop it
     /// from what is owed, remembering that it was there.
     fn copy_in_started(&mut self) {
-        if self.front().is_none() {
+        let Some(command) = self.front() else {
             return;
-        }
+        };
         let end = self.owed.iter().position(|e| e.owed == Owed::CopyEnd);
+        let synced_after_data =
+            end.is_some_and(|end| self.owed.iter().skip(end + 1).any(|e| e.owed == Owed::Sync));
+        if command == Owed::Execute && !synced_after_data {
+            // The Sync sent ahead of the data is ignored: the batch stays open until the
+            // client's next Sync, after its CopyDone.
+            self.extended_open = true;
+        }
         let upto = match end {
             Some(end) => end + 1,
             None => {
@@ -394,7 +432,11 @@ impl ReplyTracker {
         match self.front() {
             // Nothing outstanding: an asynchronous error (e.g. FATAL on termination).
             None => {}
-            Some(Owed::Query | Owed::FunctionCall) => {}
+            Some(Owed::Query | Owed::FunctionCall) => {
+                if let Some(entry) = self.owed.front_mut() {
+                    entry.failed = true;
+                }
+            }
             Some(_) => match self.owed.iter().position(|e| e.owed == Owed::Sync) {
                 Some(sync) => self.abandon(0..sync),
                 None => {
@@ -412,7 +454,11 @@ impl ReplyTracker {
         let Some(at) = self.owed.iter().position(|e| e.owed.ends_with_ready()) else {
             return Err(OutOfStep);
         };
-        self.owed.drain(..=at);
+        for entry in self.owed.drain(..=at) {
+            if let Some(drops) = entry.drops {
+                self.drops.push((drops, !entry.failed));
+            }
+        }
         Ok(())
     }
 
@@ -557,6 +603,22 @@ mod tests {
         assert!(!t.at_boundary());
         server(&mut t, "Z").unwrap();
         assert!(t.is_idle(), "{t:?}");
+    }
+
+    #[test]
+    fn an_extended_copy_in_stays_open_until_the_sync_after_its_data() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dc");
+        server(&mut t, "C").unwrap();
+        assert!(
+            !t.at_boundary(),
+            "the server still waits for a Sync: its transaction is open"
+        );
+        client(&mut t, "S");
+        server(&mut t, "Z").unwrap();
+        assert!(t.is_idle());
     }
 
     #[test]
