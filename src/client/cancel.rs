@@ -31,18 +31,35 @@ pub struct CancelKey {
     pub secret_key: i32,
 }
 
-/// Where a cancel for a client goes right now: its backend's server and real key.
-#[derive(Debug, Clone)]
-struct CancelTarget {
+/// Where a cancel for a backend goes: its server and real key. Made once per backend.
+#[derive(Debug)]
+pub struct CancelTarget {
     host: String,
     port: u16,
     process_id: i32,
     secret_key: i32,
     /// Set when a cancel is attributed to this backend; the backend is then not reused.
-    sent: Arc<AtomicBool>,
+    sent: AtomicBool,
 }
 
-type Slot = Arc<Mutex<Option<CancelTarget>>>;
+impl CancelTarget {
+    pub fn new(host: &str, port: u16, process_id: i32, secret_key: i32) -> CancelTarget {
+        CancelTarget {
+            host: host.to_owned(),
+            port,
+            process_id,
+            secret_key,
+            sent: AtomicBool::new(false),
+        }
+    }
+
+    /// A client's cancel request was sent to this backend.
+    pub fn was_sent(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+}
+
+type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;
 
 /// Every logged-in client's cancel key, process-wide.
 #[derive(Default)]
@@ -118,7 +135,7 @@ impl Cancels {
     }
 
     /// Finds the backend a cancel is for and marks it, under the client's lock.
-    fn attribute(&self, process_id: i32, secret_key: &[u8]) -> Option<CancelTarget> {
+    fn attribute(&self, process_id: i32, secret_key: &[u8]) -> Option<Arc<CancelTarget>> {
         let slot = {
             let clients = lock(&self.clients);
             let (expected, slot) = clients.get(&process_id)?;
@@ -130,7 +147,7 @@ impl Cancels {
         let slot = lock(&slot);
         let target = slot.as_ref()?;
         target.sent.store(true, Ordering::Release);
-        Some(target.clone())
+        Some(Arc::clone(target))
     }
 }
 
@@ -141,14 +158,7 @@ impl Registration {
 
     /// From now on, cancels for this client go to `server`.
     pub fn attach(&self, server: &Server) {
-        let (host, port) = server.addr();
-        *lock(&self.slot) = Some(CancelTarget {
-            host: host.to_owned(),
-            port,
-            process_id: server.process_id(),
-            secret_key: server.secret_key(),
-            sent: server.cancel_flag(),
-        });
+        *lock(&self.slot) = Some(server.cancel_target());
     }
 
     /// This client no longer holds a backend. Call before the backend is released: a
@@ -168,14 +178,8 @@ impl Drop for Registration {
 mod tests {
     use super::*;
 
-    fn target() -> CancelTarget {
-        CancelTarget {
-            host: "127.0.0.1".into(),
-            port: 1,
-            process_id: 42,
-            secret_key: 7,
-            sent: Arc::default(),
-        }
+    fn target() -> Arc<CancelTarget> {
+        Arc::new(CancelTarget::new("127.0.0.1", 1, 42, 7))
     }
 
     #[test]
@@ -200,19 +204,18 @@ mod tests {
             "holds nothing"
         );
         let t = target();
-        let sent = Arc::clone(&t.sent);
-        *lock(&reg.slot) = Some(t);
+        *lock(&reg.slot) = Some(Arc::clone(&t));
         let wrong = key.secret_key.wrapping_add(1).to_be_bytes();
         assert!(cancels.attribute(key.process_id, &wrong).is_none());
         assert!(cancels.attribute(key.process_id, &secret[..3]).is_none());
-        assert!(!sent.load(Ordering::Acquire));
+        assert!(!t.was_sent());
         assert_eq!(
             cancels
                 .attribute(key.process_id, &secret)
                 .map(|t| t.process_id),
             Some(42)
         );
-        assert!(sent.load(Ordering::Acquire), "the backend is marked");
+        assert!(t.was_sent(), "the backend is marked");
         reg.detach();
         assert!(
             cancels.attribute(key.process_id, &secret).is_none(),

@@ -239,7 +239,15 @@ impl Session {
         tokio::pin!(timer);
         let mut timer_armed = false;
         let mut timer_state = None;
+        // Made once: each is registered once and then only polled (they are shared by every
+        // session, so making them anew on every turn would contend on their lock).
         let shutdown = self.shared.shutdown.clone();
+        let forced = shutdown.forced();
+        let draining = shutdown.draining();
+        tokio::pin!(forced, draining);
+        // Re-aim the timer whenever the session changes state only when a limit with a
+        // short deadline can apply; the idle limit alone is looked at when the timer fires.
+        let reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
         loop {
             if let Err(end) = self.process_client_input().await {
                 return end;
@@ -267,7 +275,7 @@ impl Session {
                 } else if !state.0 {
                     self.busy_since = None;
                 }
-                if timer_state != Some(state) {
+                if timer_state.is_none() || (reaim_on_change && timer_state != Some(state)) {
                     timer_state = Some(state);
                     let next = self.next_deadline(&limits, Instant::now());
                     timer_armed = next.is_some();
@@ -280,8 +288,8 @@ impl Session {
             let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
                 biased;
-                _ = shutdown.forced() => return End::ForcedShutdown,
-                _ = shutdown.draining(), if between_transactions => return End::Shutdown,
+                _ = &mut forced => return End::ForcedShutdown,
+                _ = &mut draining, if between_transactions => return End::Shutdown,
                 _ = &mut timer, if timer_armed => {
                     let now = Instant::now();
                     if let Err(end) = self.enforce_limits(&limits, now) {
@@ -349,6 +357,8 @@ impl Session {
                     consider(since.checked_add(limit));
                 }
             }
+            // Idle limits do not run while the server works; look again later.
+            consider(limits.idle_client.and_then(|l| now.checked_add(l)));
         } else {
             if !self.outside_transaction() {
                 consider(

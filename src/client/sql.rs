@@ -3,6 +3,8 @@
 //! each statement's first words and at the functions it calls. No parser: what it cannot
 //! classify with confidence pins the client, so nothing breaks.
 
+use std::borrow::Cow;
+
 /// Why a client must keep its backend for the rest of its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PinReason {
@@ -93,26 +95,27 @@ impl Effects {
     }
 }
 
+/// A token of SQL text, borrowed from it (the lexer allocates only for the token list).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Token {
-    /// A keyword or unquoted identifier, lower-cased.
-    Word(String),
-    /// A quoted identifier, as written inside the quotes.
-    Quoted(String),
+enum Token<'a> {
+    /// A keyword or unquoted identifier, as written (compare case-insensitively).
+    Word(&'a str),
+    /// A quoted identifier's name (case-sensitive).
+    Quoted(Cow<'a, str>),
     /// A string constant's content.
-    Str(String),
+    Str(Cow<'a, str>),
     Number,
     /// A positional parameter, `$n`.
-    Param(usize),
+    Param,
     Punct(char),
     Semicolon,
 }
 
 /// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
 /// quote (PostgreSQL would reject it anyway; pgshield will not guess).
-fn tokens(sql: &str) -> Option<Vec<Token>> {
+fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
     let b = sql.as_bytes();
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(16);
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -144,22 +147,22 @@ fn tokens(sql: &str) -> Option<Vec<Token>> {
                 }
             }
             b'\'' => {
-                let (s, end) = quoted(b, i, b'\'', false)?;
+                let (s, end) = quoted(sql, i, b'\'', false)?;
                 out.push(Token::Str(s));
                 i = end;
             }
             b'e' | b'E' if b.get(i + 1) == Some(&b'\'') => {
-                let (s, end) = quoted(b, i + 1, b'\'', true)?;
+                let (s, end) = quoted(sql, i + 1, b'\'', true)?;
                 out.push(Token::Str(s));
                 i = end;
             }
             b'"' => {
-                let (s, end) = quoted(b, i, b'"', false)?;
+                let (s, end) = quoted(sql, i, b'"', false)?;
                 out.push(Token::Quoted(s));
                 i = end;
             }
             b'$' => {
-                // $tag$ ... $tag$ (a positional parameter $1 is a Number).
+                // $tag$ ... $tag$ (a positional parameter $1 is a Param).
                 let tag_end = b[i + 1..]
                     .iter()
                     .position(|&x| x == b'$')
@@ -175,17 +178,17 @@ fn tokens(sql: &str) -> Option<Vec<Token>> {
                         let tag = &b[i..=end];
                         let body_start = end + 1;
                         let close = b[body_start..].windows(tag.len()).position(|w| w == tag)?;
-                        let content = &sql[body_start..body_start + close];
-                        out.push(Token::Str(content.to_owned()));
+                        out.push(Token::Str(Cow::Borrowed(
+                            &sql[body_start..body_start + close],
+                        )));
                         i = body_start + close + tag.len();
                     }
                     _ => {
                         i += 1;
-                        let start = i;
                         while i < b.len() && b[i].is_ascii_digit() {
                             i += 1;
                         }
-                        out.push(Token::Param(sql[start..i].parse().unwrap_or(0)));
+                        out.push(Token::Param);
                     }
                 }
             }
@@ -210,7 +213,7 @@ fn tokens(sql: &str) -> Option<Vec<Token>> {
                 {
                     i += 1;
                 }
-                out.push(Token::Word(sql[start..i].to_ascii_lowercase()));
+                out.push(Token::Word(&sql[start..i]));
             }
             _ => {
                 // Multi-byte punctuation is irrelevant here; step over one character.
@@ -224,24 +227,35 @@ fn tokens(sql: &str) -> Option<Vec<Token>> {
 }
 
 /// Reads a quoted run starting at `start` (the opening quote); doubled quotes stand for
-/// one, and with `backslashes` a backslash escapes the next byte.
-fn quoted(b: &[u8], start: usize, quote: u8, backslashes: bool) -> Option<(String, usize)> {
-    let mut s = Vec::new();
+/// one, and with `backslashes` a backslash escapes the next byte. Borrows when it can.
+fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<'_, str>, usize)> {
+    let b = sql.as_bytes();
     let mut i = start + 1;
+    let mut owned: Option<Vec<u8>> = None;
     loop {
         let c = *b.get(i)?;
-        if backslashes && c == b'\\' {
-            s.push(*b.get(i + 1)?);
-            i += 2;
-        } else if c == quote {
-            if b.get(i + 1) == Some(&quote) {
-                s.push(quote);
-                i += 2;
-            } else {
-                return Some((String::from_utf8_lossy(&s).into_owned(), i + 1));
-            }
+        let escaped = if backslashes && c == b'\\' {
+            Some((*b.get(i + 1)?, 2))
+        } else if c == quote && b.get(i + 1) == Some(&quote) {
+            Some((quote, 2))
         } else {
-            s.push(c);
+            None
+        };
+        if let Some((byte, width)) = escaped {
+            owned
+                .get_or_insert_with(|| b[start + 1..i].to_vec())
+                .push(byte);
+            i += width;
+        } else if c == quote {
+            let text = match owned {
+                Some(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
+                None => Cow::Borrowed(&sql[start + 1..i]),
+            };
+            return Some((text, i + 1));
+        } else {
+            if let Some(bytes) = owned.as_mut() {
+                bytes.push(c);
+            }
             i += 1;
         }
     }
@@ -255,7 +269,8 @@ const ADVISORY_LOCKS: [&str; 4] = [
     "pg_try_advisory_lock_shared",
 ];
 
-/// First words of statements that change nothing beyond their transaction.
+/// First words of statements that change nothing beyond their transaction, or that the
+/// classifier looks at more closely.
 const PLAIN: &[&str] = &[
     "select",
     "insert",
@@ -327,83 +342,115 @@ pub fn classify(sql: &str) -> Effects {
     effects
 }
 
-fn word(t: Option<&Token>) -> Option<&str> {
+/// The token as an unquoted word, as written.
+fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {
     match t {
-        Some(Token::Word(w)) => Some(w.as_str()),
+        Some(Token::Word(w)) => Some(w),
         _ => None,
     }
 }
 
-fn classify_statement(t: &[Token], e: &mut Effects) {
-    let first = t
-        .iter()
-        .find(|x| **x != Token::Punct('('))
-        .and_then(|x| word(Some(x)));
-    let words: Vec<&str> = t.iter().filter_map(|x| word(Some(x))).collect();
+/// The token is the unquoted word `keyword` (case-insensitively).
+fn is(t: Option<&Token<'_>>, keyword: &str) -> bool {
+    word(t).is_some_and(|w| w.eq_ignore_ascii_case(keyword))
+}
+
+/// A name a function call or relation may go by: an unquoted word (any case) or a quoted
+/// identifier (exactly), compared with a lower-case `name`.
+fn names(t: &Token<'_>, name: &str) -> bool {
+    match t {
+        Token::Word(w) => w.eq_ignore_ascii_case(name),
+        Token::Quoted(q) => q == name,
+        _ => false,
+    }
+}
+
+fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     // Anywhere in any statement (a WITH, an EXPLAIN ANALYZE, a subquery): function calls
     // that keep session state, and temporary relations.
     for (i, tok) in t.iter().enumerate() {
-        let name = match tok {
-            Token::Word(w) | Token::Quoted(w) => w.as_str(),
-            _ => continue,
-        };
-        if name == "pg_temp" || name.starts_with("pg_temp_") {
+        if names(tok, "pg_temp")
+            || matches!(tok, Token::Word(w) if w.len() > 8 && w[..8].eq_ignore_ascii_case("pg_temp_"))
+        {
+            e.pin(PinReason::TempTable);
+        }
+        if matches!(tok, Token::Word(w) if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
+            && i > 0
+            && ["create", "into", "global", "local", "replace"]
+                .iter()
+                .any(|k| is(t.get(i - 1), k))
+        {
             e.pin(PinReason::TempTable);
         }
         if t.get(i + 1) != Some(&Token::Punct('(')) {
             continue;
         }
-        if ADVISORY_LOCKS.contains(&name) {
+        if ADVISORY_LOCKS.iter().any(|f| names(tok, f)) {
             e.pin(PinReason::AdvisoryLock);
         }
-        if name == "set_config" {
+        if names(tok, "set_config") {
             set_config_call(&t[i + 2..], e);
         }
     }
-    if creates_temporary(&words) {
-        e.pin(PinReason::TempTable);
-    }
-    let Some(first) = first else {
-        if !t.iter().all(|x| *x == Token::Punct('(')) {
-            e.pin(PinReason::Unclassified);
-        }
+    let Some(first_at) = t.iter().position(|x| *x != Token::Punct('(')) else {
         return;
     };
-    if !PLAIN.contains(&first) {
+    let Some(first) = word(t.get(first_at)) else {
         e.pin(PinReason::Unclassified);
         return;
-    }
+    };
+    let Some(first) = PLAIN
+        .iter()
+        .copied()
+        .find(|p| p.eq_ignore_ascii_case(first))
+    else {
+        e.pin(PinReason::Unclassified);
+        return;
+    };
+    let t = &t[first_at..];
     match first {
         "set" => set_statement(&t[1..], e),
-        "reset" => match word(t.get(1)) {
-            Some("all") => e.all_settings = true,
-            Some("role") => e.pin(PinReason::SetRole),
-            Some("session") => e.pin(PinReason::SessionAuthorization),
-            _ => setting_name(&t[1..], e),
-        },
+        "reset" => {
+            if is(t.get(1), "all") {
+                e.all_settings = true;
+            } else if is(t.get(1), "role") {
+                e.pin(PinReason::SetRole);
+            } else if is(t.get(1), "session") {
+                e.pin(PinReason::SessionAuthorization);
+            } else {
+                setting_name(&t[1..], e);
+            }
+        }
         "listen" => e.pin(PinReason::Listen),
         "load" => e.pin(PinReason::Load),
-        "prepare" if word(t.get(1)) != Some("transaction") => e.pin(PinReason::SqlPrepare),
-        "declare" if contains_seq(&words, &["with", "hold"]) => e.pin(PinReason::CursorWithHold),
-        "discard" => match word(t.get(1)) {
-            Some("all") => {
+        "prepare" if !is(t.get(1), "transaction") => e.pin(PinReason::SqlPrepare),
+        "declare"
+            if t.windows(2)
+                .any(|w| is(w.first(), "with") && is(w.get(1), "hold")) =>
+        {
+            e.pin(PinReason::CursorWithHold)
+        }
+        "discard" => {
+            if is(t.get(1), "all") {
                 e.all_settings = true;
                 e.drops_all_statements = true;
+            } else if !["plans", "sequences", "temp", "temporary"]
+                .iter()
+                .any(|k| is(t.get(1), k))
+            {
+                e.pin(PinReason::Unclassified);
             }
-            Some("plans" | "sequences" | "temp" | "temporary") => {}
-            _ => e.pin(PinReason::Unclassified),
-        },
+        }
         "deallocate" => {
-            let rest = if word(t.get(1)) == Some("prepare") {
+            let rest = if is(t.get(1), "prepare") {
                 &t[2..]
             } else {
                 &t[1..]
             };
             match rest.first() {
-                Some(Token::Word(w)) if w == "all" => e.deallocate = Some(None),
-                Some(Token::Word(name) | Token::Quoted(name)) => {
-                    e.deallocate = Some(Some(name.clone()))
-                }
+                Some(tok) if is(Some(tok), "all") => e.deallocate = Some(None),
+                Some(Token::Word(name)) => e.deallocate = Some(Some(name.to_ascii_lowercase())),
+                Some(Token::Quoted(name)) => e.deallocate = Some(Some(name.to_string())),
                 _ => e.pin(PinReason::Unclassified),
             }
         }
@@ -411,64 +458,58 @@ fn classify_statement(t: &[Token], e: &mut Effects) {
     }
 }
 
-fn contains_seq(words: &[&str], seq: &[&str]) -> bool {
-    words.windows(seq.len()).any(|w| w == seq)
-}
-
-/// TEMP or TEMPORARY where it makes a temporary relation: after CREATE (OR REPLACE,
-/// GLOBAL, LOCAL) or INTO, in any statement.
-fn creates_temporary(words: &[&str]) -> bool {
-    words.windows(2).any(|w| {
-        matches!(w[1], "temp" | "temporary")
-            && matches!(w[0], "create" | "into" | "global" | "local" | "replace")
-    })
-}
-
 /// SET [SESSION | LOCAL] …
-fn set_statement(t: &[Token], e: &mut Effects) {
-    let (t, local) = match word(t.first()) {
-        Some("local") => (&t[1..], true),
-        Some("session") => (&t[1..], false),
-        _ => (t, false),
+fn set_statement(t: &[Token<'_>], e: &mut Effects) {
+    let (t, local) = if is(t.first(), "local") {
+        (&t[1..], true)
+    } else if is(t.first(), "session")
+        && !is(t.get(1), "authorization")
+        && !is(t.get(1), "characteristics")
+    {
+        (&t[1..], false)
+    } else {
+        (t, false)
     };
-    match word(t.first()) {
-        Some("role") => return e.pin(PinReason::SetRole),
-        Some("session") if word(t.get(1)) == Some("authorization") => {
-            return e.pin(PinReason::SessionAuthorization)
-        }
-        Some("authorization") => return e.pin(PinReason::SessionAuthorization),
-        // Only for the current transaction.
-        Some("transaction" | "constraints") => return,
-        _ => {}
+    if is(t.first(), "role") {
+        return e.pin(PinReason::SetRole);
     }
-    if local {
+    if (is(t.first(), "session") && is(t.get(1), "authorization")) || is(t.first(), "authorization")
+    {
+        return e.pin(PinReason::SessionAuthorization);
+    }
+    // Only for the current transaction.
+    if is(t.first(), "transaction") || is(t.first(), "constraints") || local {
         return;
     }
-    match (word(t.first()), word(t.get(1))) {
-        (Some("time"), Some("zone")) => e.settings.push("timezone".into()),
-        (Some("schema"), _) => e.settings.push("search_path".into()),
-        (Some("names"), _) => e.settings.push("client_encoding".into()),
-        (Some("xml"), Some("option")) => e.settings.push("xmloption".into()),
-        (Some("session"), Some("characteristics")) => {
-            for name in [
-                "default_transaction_isolation",
-                "default_transaction_read_only",
-                "default_transaction_deferrable",
-            ] {
-                e.settings.push(name.into());
-            }
+    if is(t.first(), "time") && is(t.get(1), "zone") {
+        e.settings.push("timezone".into());
+    } else if is(t.first(), "schema") {
+        e.settings.push("search_path".into());
+    } else if is(t.first(), "names") {
+        e.settings.push("client_encoding".into());
+    } else if is(t.first(), "xml") && is(t.get(1), "option") {
+        e.settings.push("xmloption".into());
+    } else if is(t.first(), "session") && is(t.get(1), "characteristics") {
+        for name in [
+            "default_transaction_isolation",
+            "default_transaction_read_only",
+            "default_transaction_deferrable",
+        ] {
+            e.settings.push(name.into());
         }
-        _ => setting_name(t, e),
+    } else {
+        setting_name(t, e);
     }
 }
 
 /// A (possibly dotted) setting name at the start of `t`.
-fn setting_name(t: &[Token], e: &mut Effects) {
+fn setting_name(t: &[Token<'_>], e: &mut Effects) {
     let mut name = String::new();
     let mut i = 0;
     loop {
         match t.get(i) {
-            Some(Token::Word(w) | Token::Quoted(w)) => name.push_str(w),
+            Some(Token::Word(w)) => name.push_str(w),
+            Some(Token::Quoted(q)) => name.push_str(q),
             _ => return e.pin(PinReason::Unclassified),
         }
         if t.get(i + 1) == Some(&Token::Punct('.')) {
@@ -484,7 +525,7 @@ fn setting_name(t: &[Token], e: &mut Effects) {
 /// set_config('name', value, is_local): with a literal name and a literal `false` it sets
 /// that setting for the session; a literal `true` only for the transaction; anything else
 /// cannot be vouched for.
-fn set_config_call(args: &[Token], e: &mut Effects) {
+fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     let Some(Token::Str(name)) = args.first() else {
         return e.pin(PinReason::Unclassified);
     };
@@ -506,10 +547,13 @@ fn set_config_call(args: &[Token], e: &mut Effects) {
             _ => {}
         }
     }
-    match third {
-        Some(Token::Word(w)) if w == "true" => {}
-        Some(Token::Word(w)) if w == "false" => e.settings.push(name.to_ascii_lowercase()),
-        _ => e.pin(PinReason::Unclassified),
+    if is(third, "true") {
+        return;
+    }
+    if is(third, "false") {
+        e.settings.push(name.to_ascii_lowercase());
+    } else {
+        e.pin(PinReason::Unclassified);
     }
 }
 

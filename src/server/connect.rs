@@ -139,10 +139,12 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
                     server.note_param(name, value);
                 }
             }
-            b'K' if body.len() >= 8 => {
-                server.process_id = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                server.secret_key = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-            }
+            b'K' if body.len() >= 8 => server.set_key(
+                &target.host,
+                target.port,
+                i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+            ),
             b'Z' => return Ok(server),
             b'N' => {}
             b'E' => return Err(refused(&body)),

@@ -9,7 +9,7 @@
 pub mod connect;
 pub mod state;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 pub use connect::{connect, BackendPassword, ServerError, ServerTarget};
 use state::{ReplyTracker, TxStatus};
 
+use crate::client::cancel::CancelTarget;
 use crate::net::Stream;
 use crate::prepared::ServerStatements;
 use crate::protocol::frame::{read_message, take_cstr, ReadError};
@@ -98,12 +99,9 @@ pub struct Server {
     pub(crate) replies: ReplyTracker,
     /// The statements pgshield has prepared here for clients (transaction mode).
     pub(crate) statements: ServerStatements,
-    /// Where this backend's server is (cancel requests go there).
-    host: String,
-    port: u16,
-    /// Set when a client's cancel request was sent to this backend: it is not reused, so a
-    /// cancel that lands late can never hit another client.
-    cancel_sent: Arc<AtomicBool>,
+    /// Where cancel requests for this backend go, and whether one was sent: then it is
+    /// not reused, so a cancel that lands late can never hit another client.
+    cancel: Arc<CancelTarget>,
     id: ServerId,
     process_id: i32,
     secret_key: i32,
@@ -132,9 +130,7 @@ impl Server {
         let now = Instant::now();
         Server {
             stream,
-            host: host.to_owned(),
-            port,
-            cancel_sent: Arc::default(),
+            cancel: Arc::new(CancelTarget::new(host, port, 0, 0)),
             read_buf: BytesMut::new(),
             replies: ReplyTracker::default(),
             statements: ServerStatements::new(1),
@@ -223,24 +219,26 @@ impl Server {
     /// True if the backend is at rest and can go back to the pool as it is.
     pub fn is_reusable(&self) -> bool {
         !self.broken
-            && !self.cancel_sent.load(Ordering::Acquire)
+            && !self.cancel.was_sent()
             && self.replies.is_idle()
             && self.read_buf.is_empty()
     }
 
-    /// The server's host and port.
-    pub fn addr(&self) -> (&str, u16) {
-        (&self.host, self.port)
-    }
-
     /// A client's cancel request was sent to this backend (it must not be reused).
     pub fn cancel_was_sent(&self) -> bool {
-        self.cancel_sent.load(Ordering::Acquire)
+        self.cancel.was_sent()
     }
 
-    /// The flag a cancel request sets when it is sent to this backend.
-    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.cancel_sent)
+    /// Where a client's cancel for this backend goes.
+    pub fn cancel_target(&self) -> Arc<CancelTarget> {
+        Arc::clone(&self.cancel)
+    }
+
+    /// Records the BackendKeyData the server sent at login.
+    pub(super) fn set_key(&mut self, host: &str, port: u16, process_id: i32, secret_key: i32) {
+        self.process_id = process_id;
+        self.secret_key = secret_key;
+        self.cancel = Arc::new(CancelTarget::new(host, port, process_id, secret_key));
     }
 
     /// Whether an idle backend has closed its end or sent something unasked (a FATAL).
