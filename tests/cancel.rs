@@ -174,8 +174,21 @@ async fn a_backend_that_was_sent_a_cancel_is_never_lent_again() {
     let proxy = proxy("cancel_stale", 1).await;
     let a = proxy.connect("cancel_stale", "pw").await.expect("login");
     let pid = backend_pid(&a.client).await;
-    a.client.cancel_token().cancel_query(NoTls).await.unwrap(); // lands while A is idle
-    drop(a);
+    let token = a.client.cancel_token();
+    let client = a.client;
+    let sleeping = tokio::spawn(async move {
+        let result = client.simple_query("SELECT pg_sleep(10)").await.map(|_| ());
+        (client, result)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    // The 57014 shows the cancel reached A's backend (so it was attributed to it).
+    let (client, result) = tokio::time::timeout(Duration::from_secs(5), sleeping)
+        .await
+        .expect("cancelled in time")
+        .unwrap();
+    assert_eq!(sqlstate(&result.expect_err("cancelled")), Some("57014"));
+    drop(client);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let b = proxy.connect("cancel_stale", "pw").await.expect("login");
     assert_ne!(
