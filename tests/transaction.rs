@@ -775,3 +775,47 @@ async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     assert_eq!(run_named(&mut s, "b1").await.as_deref(), Ok("b"));
     assert_eq!(run_named(&mut other, "mine").await.as_deref(), Ok("other"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_session_user_the_server_reports_pins_the_client() {
+    use pgshield::client::sql::PinReason;
+    // set_config on session_authorization looks like a plain setting to the classifier;
+    // the server's ParameterStatus tells otherwise. Needs a superuser: the cluster's own.
+    common::create_role("tx_psa", "pw").await;
+    let db = common::cluster();
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 2\n[users.postgres]\npassword = \"{}\"\n",
+        db.password()
+    ))
+    .await;
+    let conn = proxy
+        .connect("postgres", db.password())
+        .await
+        .expect("login");
+    let other = proxy
+        .connect("postgres", db.password())
+        .await
+        .expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let before = proxy.shared.pins.get(PinReason::SessionAuthorization);
+    conn.client
+        .batch_execute("SELECT set_config('session_authorization', 'tx_psa', false)")
+        .await
+        .unwrap();
+    let pinned = pid(&conn.client).await;
+    for _ in 0..4 {
+        hopper.hop().await;
+        assert_eq!(pid(&conn.client).await, pinned, "pinned to its backend");
+        assert_eq!(
+            setting(&conn.client, "session_authorization").await,
+            "tx_psa"
+        );
+    }
+    assert_eq!(
+        proxy.shared.pins.get(PinReason::SessionAuthorization),
+        before + 1
+    );
+}
