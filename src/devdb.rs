@@ -369,17 +369,6 @@ impl DevDb {
         &self.version
     }
 
-    /// A libpq connection string for the superuser.
-    pub fn connection_string(&self, dbname: &str) -> String {
-        format!(
-            "host={} port={} user={} password={} dbname={dbname}",
-            self.host(),
-            self.port,
-            self.superuser(),
-            self.password
-        )
-    }
-
     /// Stops the server and removes its directory. Idempotent.
     pub fn stop(&mut self) {
         self.stop_server();

@@ -74,10 +74,6 @@ impl Statement {
         &self.name
     }
 
-    pub fn query(&self) -> &str {
-        &self.query
-    }
-
     pub fn effects(&self) -> &Effects {
         &self.effects
     }
@@ -938,6 +934,31 @@ mod tests {
         );
         assert!(matches!(t.injected[..], [Injected { tag: b'C', .. }]));
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn an_eviction_close_the_server_skipped_is_taken_back() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(1),
+            ClientStatements::default(),
+        );
+        run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
+        let (mut t, _) = run(&mut c, &r, &mut s, &parse_msg("b", "SELECT 'b'"));
+        let close = t
+            .injected
+            .pop()
+            .and_then(|i| i.undo)
+            .expect("the eviction Close's undo");
+        // The server skipped the Close (an earlier error): pgshield_1 is still there, and
+        // so is pgshield_2 unless its own Parse is taken back too.
+        c.undo(&mut s, t.undo.take().expect("the Parse's undo"));
+        c.undo(&mut s, close);
+        let (t, out) = run(&mut c, &r, &mut s, &bind_msg("a", b"\0\0\0\0\0\0"));
+        assert!(
+            t.injected.is_empty() && out.is_empty(),
+            "pgshield_1 known to be there"
+        );
     }
 
     #[test]

@@ -34,10 +34,6 @@ impl Shutdown {
         self.draining.is_cancelled()
     }
 
-    pub fn is_forced(&self) -> bool {
-        self.forced.is_cancelled()
-    }
-
     pub async fn draining(&self) {
         self.draining.cancelled().await
     }

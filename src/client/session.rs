@@ -4,13 +4,17 @@
 //! pending writes at once, so replies flow as the server produces them (Flush works,
 //! pipelines of any depth work, and neither side can deadlock the other by filling a
 //! socket buffer). Messages are framed but not decoded, except the few whose content
-//! matters (ReadyForQuery, ParameterStatus, ErrorResponse); everything else, however
-//! large, streams through in pieces.
+//! matters (ReadyForQuery, ParameterStatus, ErrorResponse; in transaction mode also the
+//! client's Query, Parse, Bind, Describe and Close, and the rows of pgshield's own settings
+//! read-back); everything else, however large, streams through in pieces.
 //!
 //! When the client holds a backend is the pool mode's business. In session mode it
 //! borrows on its first message that needs the database and keeps the backend until it
 //! leaves; then the backend is reset (ROLLBACK if needed, DISCARD ALL) and returned, or
-//! closed if it was left mid-reply.
+//! closed if it was left mid-reply. In transaction mode it borrows on the first message
+//! of a transaction and gives the backend back as soon as it is idle (`release_if_done`);
+//! statement names are translated by `prepared.rs`, and what statements do to the session
+//! (settings to follow, state that pins) is learnt from `sql.rs` and from the server.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;

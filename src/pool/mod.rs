@@ -203,10 +203,6 @@ impl Pool {
         &self.name
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
-    }
-
     /// Lends a backend, waiting in FIFO order up to `borrow_timeout`.
     pub async fn borrow(&self) -> Result<Backend, BorrowError> {
         match self.inner.get().await {
