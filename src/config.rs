@@ -57,6 +57,25 @@ pub struct Config {
     pub users: BTreeMap<String, UserConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Threads relaying clients: 0 means one per core; 1 runs everything on one thread.
+    pub workers: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of threads `workers` means on this machine.
+    pub fn threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -347,6 +366,9 @@ impl Config {
     /// Checks everything a running proxy relies on; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        if self.runtime.workers > 1024 {
+            return Err(invalid("runtime.workers", "must be at most 1024"));
+        }
         if self.listen.max_client_connections == 0 {
             return Err(invalid(
                 "listen.max_client_connections",
@@ -634,6 +656,7 @@ mod tests {
         assert_eq!(doc.addr, default.addr);
         assert_eq!(doc.max_client_connections, default.max_client_connections);
         assert_eq!(doc.client_login_timeout, default.client_login_timeout);
+        assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
     }
 
     #[test]

@@ -149,6 +149,7 @@ fn dev(args: DevArgs) -> ExitCode {
             },
         )]),
         log: LogConfig::default(),
+        runtime: Default::default(),
     };
     let password = db.password().to_owned();
     let (direct_port, version, dir) = (
@@ -179,10 +180,15 @@ fn dev(args: DevArgs) -> ExitCode {
 /// Binds and serves until a signal, then drains; `on_ready` gets the bound address.
 fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCode {
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match config.runtime.threads() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgshield: cannot start the runtime: {e}");

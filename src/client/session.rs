@@ -45,6 +45,7 @@ use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
 use crate::server::state::{Disposition, Hide, TxStatus};
 use crate::server::{parse_parameter_status, Server, ServerError, ServerParams};
+use crate::shutdown::{Stage, Watch};
 
 /// Stop reading from one side while this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -88,9 +89,14 @@ enum Event {
     ClientError(io::Error),
     ServerEof,
     ServerError(io::Error),
+    /// pgshield is draining and the client is between transactions.
+    Drain,
+    /// pgshield is closing every client now.
+    Forced,
 }
 
 /// The session's time limits (None: no limit).
+#[derive(Debug, Clone, Copy)]
 struct Limits {
     idle_client: Option<Duration>,
     idle_transaction: Option<Duration>,
@@ -109,6 +115,11 @@ impl Limits {
 
     fn any(&self) -> bool {
         self.idle_client.is_some() || self.idle_transaction.is_some() || self.query.is_some()
+    }
+
+    /// Whether a limit counts from the client's last activity (which is then recorded).
+    fn watch_activity(&self) -> bool {
+        self.idle_client.is_some() || self.idle_transaction.is_some()
     }
 }
 
@@ -194,7 +205,10 @@ pub struct Session {
     skip_until_sync: bool,
     /// The backend sent a FATAL error (the client has it; no need to add ours).
     server_sent_fatal: bool,
+    /// When the client last sent or was sent something (kept only if a limit needs it).
     last_activity: Instant,
+    limits: Limits,
+    shutdown: Watch,
 }
 
 impl Session {
@@ -207,6 +221,8 @@ impl Session {
     ) -> Session {
         Session {
             mode: login.pool.mode(),
+            limits: Limits::from_config(&shared.config.pool),
+            shutdown: shared.shutdown.watch(),
             shared,
             id,
             client,
@@ -238,17 +254,11 @@ impl Session {
     }
 
     async fn relay(&mut self) -> End {
-        let limits = Limits::from_config(&self.shared.config.pool);
+        let limits = self.limits;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_armed = false;
         let mut timer_state = None;
-        // Made once: each is registered once and then only polled (they are shared by every
-        // session, so making them anew on every turn would contend on their lock).
-        let shutdown = self.shared.shutdown.clone();
-        let forced = shutdown.forced();
-        let draining = shutdown.draining();
-        tokio::pin!(forced, draining);
         // Re-aim the timer whenever the session changes state only when a limit with a
         // short deadline can apply; the idle limit alone is looked at when the timer fires.
         let reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
@@ -292,8 +302,6 @@ impl Session {
             let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
                 biased;
-                _ = &mut forced => return End::ForcedShutdown,
-                _ = &mut draining, if between_transactions => return End::Shutdown,
                 _ = &mut timer, if timer_armed => {
                     let now = Instant::now();
                     if let Err(end) = self.enforce_limits(&limits, now) {
@@ -306,10 +314,12 @@ impl Session {
                     }
                     continue;
                 }
-                event = poll_fn(|cx| self.poll_io(cx, true)) => event,
+                event = poll_fn(|cx| self.poll_io(cx, true, between_transactions)) => event,
             };
             match event {
-                Event::Data => self.last_activity = Instant::now(),
+                Event::Data => self.note_activity(),
+                Event::Drain => return End::Shutdown,
+                Event::Forced => return End::ForcedShutdown,
                 Event::ClientEof => return End::ClientGone,
                 Event::ClientError(e) => {
                     tracing::debug!(client = %self.id, error = %e, "client i/o error");
@@ -417,8 +427,20 @@ impl Session {
             .is_none_or(|b| b.server_ref().replies.tx_status() == TxStatus::Idle)
     }
 
-    /// Writes what is pending on both sides, then reads from whichever side has data.
-    fn poll_io(&mut self, cx: &mut Context<'_>, read_client: bool) -> Poll<Event> {
+    fn note_activity(&mut self) {
+        if self.limits.watch_activity() {
+            self.last_activity = Instant::now();
+        }
+    }
+
+    /// Looks at the shutdown stage, writes what is pending on both sides, then reads from
+    /// whichever side has data. `drain`: the client may be closed if pgshield is draining.
+    fn poll_io(&mut self, cx: &mut Context<'_>, read_client: bool, drain: bool) -> Poll<Event> {
+        match self.shutdown.poll_stage(cx) {
+            Stage::Forced => return Poll::Ready(Event::Forced),
+            Stage::Draining if drain => return Poll::Ready(Event::Drain),
+            _ => {}
+        }
         if let Poll::Ready(Err(e)) = poll_drain(cx, &mut self.client, &mut self.client_out) {
             return Poll::Ready(Event::ClientError(e));
         }
@@ -1028,8 +1050,7 @@ impl Session {
     /// that error and stays connected. A client that hangs up while queued leaves the queue
     /// and its statements are not run: it gave up on them (and may retry elsewhere).
     async fn acquire_backend(&mut self) -> Result<Result<(), ErrorResponse>, End> {
-        let shutdown = self.shared.shutdown.clone();
-        if shutdown.is_draining() {
+        if self.shared.shutdown.is_draining() {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
@@ -1039,7 +1060,6 @@ impl Session {
             let read_ahead = self.client_in.len() < QUEUED_READ_LIMIT;
             tokio::select! {
                 biased;
-                _ = shutdown.forced() => return Err(End::ForcedShutdown),
                 result = &mut borrow => match result {
                     Ok(backend) => break backend,
                     Err(crate::pool::BorrowError::Closed(_)) => return Err(End::Shutdown),
@@ -1048,8 +1068,9 @@ impl Session {
                         return Ok(Err(e.to_client_error()));
                     }
                 },
-                event = poll_fn(|cx| self.poll_io(cx, read_ahead)) => match event {
-                    Event::Data => self.last_activity = Instant::now(),
+                event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
+                    Event::Data => self.note_activity(),
+                    Event::Forced => return Err(End::ForcedShutdown),
                     _ => return Err(End::ClientGone),
                 },
             }
