@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
@@ -59,6 +59,70 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// TLS between clients and pgshield.
+    pub client: ClientTlsConfig,
+    /// TLS between pgshield and the servers.
+    pub server: ServerTlsConfig,
+}
+
+/// Whether clients may or must use TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered `N`.
+    #[default]
+    Disable,
+    /// TLS when the client asks for it, plaintext otherwise (same as `prefer`).
+    Allow,
+    /// TLS when the client asks for it, plaintext otherwise.
+    Prefer,
+    /// Plaintext clients are refused with `28000`.
+    Require,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    pub mode: ClientTlsMode,
+    /// PEM certificate chain pgshield presents (reloaded when the file changes).
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    pub ca: Option<PathBuf>,
+}
+
+/// How pgshield secures and checks its connections to the servers, as libpq's sslmode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// Plaintext.
+    Disable,
+    /// TLS if the server offers it, plaintext if not; the certificate is not checked.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by a trusted CA (any host name).
+    VerifyCa,
+    /// TLS with a trusted certificate issued for the host pgshield connects to.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    pub mode: ServerTlsMode,
+    /// PEM CA bundle trusted for `verify-ca` / `verify-full` (an RDS bundle works);
+    /// the system's roots when unset.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -369,6 +433,13 @@ impl Config {
         if self.runtime.workers > 1024 {
             return Err(invalid("runtime.workers", "must be at most 1024"));
         }
+        let tls = &self.tls.client;
+        if tls.mode != ClientTlsMode::Disable && (tls.cert.is_none() || tls.key.is_none()) {
+            return Err(invalid(
+                "tls.client",
+                "cert and key are needed unless mode = \"disable\"",
+            ));
+        }
         if self.listen.max_client_connections == 0 {
             return Err(invalid(
                 "listen.max_client_connections",
@@ -657,6 +728,8 @@ mod tests {
         assert_eq!(doc.max_client_connections, default.max_client_connections);
         assert_eq!(doc.client_login_timeout, default.client_login_timeout);
         assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
+        assert_eq!(c.tls.client.mode, ClientTlsMode::default());
+        assert_eq!(c.tls.server.mode, ServerTlsMode::default());
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct DevDbOptions {
     /// `pg_hba.conf` lines placed before the defaults (local trust, host scram-sha-256),
     /// e.g. `host all legacy_user 127.0.0.1/32 md5`.
     pub hba: Vec<String>,
+    /// Files written into the data directory, readable by the server's user alone, e.g.
+    /// a TLS certificate and key named by `settings` (`ssl_cert_file = 'server.crt'`).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for DevDbOptions {
@@ -36,6 +39,7 @@ impl Default for DevDbOptions {
             max_connections: 20,
             settings: Vec::new(),
             hba: Vec::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -190,6 +194,16 @@ impl DevDb {
             text.push('\n');
             text.push_str(&defaults);
             std::fs::write(&hba, text).map_err(io_err("write pg_hba.conf"))?;
+        }
+        for (name, contents) in &options.files {
+            let path = self.data_dir().join(name);
+            std::fs::write(&path, contents).map_err(io_err(format!("write {name}")))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(io_err(format!("restrict {name}")))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(io_err(format!("chown {name} to postgres")))?;
+            }
         }
         self.version = std::fs::read_to_string(self.data_dir().join("PG_VERSION"))
             .map(|v| v.trim().to_owned())

@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 
 pub use config::Config;
 pub use proxy::Proxy;

@@ -3,12 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use pgshield::config::{
     AuthMethod, Config, DatabaseConfig, ListenConfig, LogConfig, PoolConfig, Secret, UserConfig,
 };
 use pgshield::devdb::{DevDb, DevDbOptions};
+use pgshield::proxy::Shared;
 use pgshield::shutdown::Shutdown;
 use pgshield::Proxy;
 use tokio::signal::unix::Signal;
@@ -95,7 +97,16 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn check_config(file: Option<&Path>) -> ExitCode {
-    match Config::load(file) {
+    let loaded = Config::load(file)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            // The TLS files are read as at start, so a bad path or PEM shows up here.
+            pgshield::tls::ClientTls::new(&config.tls.client)
+                .and_then(|_| pgshield::tls::ServerTls::new(&config.tls.server))
+                .map_err(|e| format!("TLS: {e}"))?;
+            Ok(config)
+        });
+    match loaded {
         Ok(config) => {
             let source = file.map_or("environment".to_owned(), |f| f.display().to_string());
             println!("# {source}: valid. Effective configuration (secrets masked):\n");
@@ -150,6 +161,7 @@ fn dev(args: DevArgs) -> ExitCode {
         )]),
         log: LogConfig::default(),
         runtime: Default::default(),
+        tls: Default::default(),
     };
     let password = db.password().to_owned();
     let (direct_port, version, dir) = (
@@ -198,9 +210,10 @@ fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCod
     runtime.block_on(async {
         // Handlers first: once the port is open, a SIGTERM must mean "drain", not "die".
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(term), Ok(int)) = (
+        let (Ok(term), Ok(int), Ok(hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             eprintln!("pgshield: cannot install signal handlers");
             return ExitCode::FAILURE;
@@ -214,9 +227,24 @@ fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCod
         };
         on_ready(proxy.local_addr());
         tokio::spawn(watch_signals(proxy.shutdown_handle(), term, int));
+        tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
         proxy.run().await;
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP reads the client TLS certificate and key again (clients keep their sessions).
+async fn reload_on_hangup(shared: Arc<Shared>, mut hup: Signal) {
+    while hup.recv().await.is_some() {
+        match &shared.client_tls {
+            Some(tls) => {
+                if let Err(e) = tls.reload() {
+                    tracing::warn!(error = %e, "SIGHUP: cannot reload the TLS certificate; the previous one stays");
+                }
+            }
+            None => tracing::info!("SIGHUP: nothing to reload"),
+        }
+    }
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one forces it.

@@ -1,16 +1,29 @@
-//! The byte streams pgshield speaks over, on both sides. One enum so that TLS can join as a
-//! variant without making the relay generic.
+//! The byte streams pgshield speaks over, on both sides: plain TCP, or TLS over it (as the
+//! TLS server towards clients, as the TLS client towards backends). One enum, so the relay
+//! is not generic.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsStream;
 
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only while a TCP stream is being upgraded to TLS (and after a failed upgrade):
+    /// every read and write fails.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "connection is being upgraded to TLS",
+    )
 }
 
 impl Stream {
@@ -26,11 +39,50 @@ impl Stream {
         Stream::Tcp(tcp)
     }
 
+    /// Takes the TCP stream out to wrap it in TLS, leaving `Detached`; `None` if the
+    /// stream is not plain TCP.
+    pub fn take_tcp(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, Stream::Detached) {
+            Stream::Tcp(tcp) => Some(tcp),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The TCP connection underneath.
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(tcp) => Some(tcp),
+            Stream::Tls(tls) => Some(tls.get_ref().0),
+            Stream::Detached => None,
+        }
+    }
+
+    /// The certificate a backend presented over TLS.
+    pub fn peer_server_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Tls(tls) => match tls.as_ref() {
+                TlsStream::Client(c) => c.get_ref().1.peer_certificates()?.first(),
+                TlsStream::Server(_) => None,
+            }
+            .map(|c| c.as_ref()),
+            _ => None,
+        }
+    }
+
     /// True when the peer has closed the connection or sent bytes nobody asked for
     /// (on an idle backend that means a FATAL, e.g. after `pg_terminate_backend`).
-    /// Never blocks.
+    /// Never blocks. A byte it finds is consumed: the connection is not used again.
     pub fn peer_closed_or_spoke(&self) -> bool {
-        let Stream::Tcp(tcp) = self;
+        let Some(tcp) = self.tcp() else {
+            return true;
+        };
         let mut probe = [0u8; 1];
         match tcp.try_read(&mut probe) {
             Ok(_) => true,
@@ -39,10 +91,18 @@ impl Stream {
         }
     }
 
-    /// Best-effort write that never waits (used from `Drop`).
+    /// Best-effort write that never waits (used from `Drop`); plain TCP only, since a TLS
+    /// record cannot be written without waiting.
     pub fn try_write_now(&self, bytes: &[u8]) {
-        let Stream::Tcp(tcp) = self;
-        let _ = tcp.try_write(bytes);
+        if let Stream::Tcp(tcp) = self {
+            let _ = tcp.try_write(bytes);
+        }
+    }
+
+    /// Writes all of `bytes` and flushes (TLS may hold written data until flushed).
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all(bytes).await?;
+        self.flush().await
     }
 }
 
@@ -54,6 +114,8 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }
@@ -66,18 +128,24 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
 }

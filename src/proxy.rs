@@ -17,6 +17,7 @@ use crate::config::{Config, ConfigError};
 use crate::pool::Pools;
 use crate::prepared::Registry;
 use crate::shutdown::Shutdown;
+use crate::tls::{ClientTls, ServerTls, TlsError};
 
 /// How long forced-out sessions get to close after `shutdown_timeout`.
 const FORCED_GRACE: Duration = Duration::from_secs(5);
@@ -33,6 +34,8 @@ pub struct Shared {
     pub statements: Registry,
     /// Clients pinned to their backend, by reason, since start.
     pub pins: PinCounts,
+    /// Client-facing TLS, when `tls.client.mode` is not `disable`.
+    pub client_tls: Option<Arc<ClientTls>>,
 }
 
 /// How many clients were pinned, by reason.
@@ -61,6 +64,8 @@ impl PinCounts {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -80,6 +85,8 @@ impl Proxy {
     /// Validates the configuration, derives verifiers, builds the pools and binds.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         config.validate()?;
+        let client_tls = ClientTls::new(&config.tls.client)?.map(Arc::new);
+        let server_tls = Arc::new(ServerTls::new(&config.tls.server)?);
         let addr = config.listen_addr()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -89,12 +96,13 @@ impl Proxy {
             .map_err(|source| StartError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             users: UserDirectory::from_config(&config),
-            pools: Pools::from_config(&config),
+            pools: Pools::from_config(&config, &server_tls),
             clients: ClientSlots::new(config.listen.max_client_connections),
             shutdown: Shutdown::new(),
             cancels: Cancels::new(),
             statements: Registry::default(),
             pins: PinCounts::default(),
+            client_tls,
             config,
         });
         Ok(Proxy {

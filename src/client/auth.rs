@@ -10,12 +10,11 @@ use bytes::{Buf, BytesMut};
 use md5::{Digest, Md5};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
-use tokio::io::AsyncWriteExt;
 
 use crate::config::{AuthMethod, Config, StoredPassword};
 use crate::net::Stream;
 use crate::protocol::frame::{read_message, take_cstr, ReadError};
-use crate::protocol::scram::{ScramExchange, ScramVerifier, MECHANISM};
+use crate::protocol::scram::{Channel, ScramExchange, ScramVerifier, MECHANISM, MECHANISM_PLUS};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 
 /// Largest password or SASL message a client may send.
@@ -117,19 +116,22 @@ impl From<ReadError> for AuthError {
 
 /// Runs the authentication exchange for `user`. On success nothing has been sent yet for
 /// the login's outcome (the caller sends AuthenticationOk with the rest of the welcome).
+/// `end_point`: the TLS connection's channel binding data, which makes SCRAM-SHA-256-PLUS
+/// available.
 pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
     directory: &UserDirectory,
+    end_point: Option<&[u8]>,
 ) -> Result<(), AuthError> {
     match directory.lookup(user) {
         Some(ClientAuth::Trust) => Ok(()),
-        Some(ClientAuth::Scram(verifier)) => scram(stream, buf, user, verifier).await,
+        Some(ClientAuth::Scram(verifier)) => scram(stream, buf, user, verifier, end_point).await,
         Some(ClientAuth::Md5(hash)) => md5(stream, buf, user, hash).await,
         None => {
             let mock = ScramVerifier::mock(user, &directory.mock_secret);
-            scram(stream, buf, user, &mock).await
+            scram(stream, buf, user, &mock, end_point).await
         }
     }
 }
@@ -139,19 +141,29 @@ async fn scram(
     buf: &mut BytesMut,
     user: &str,
     verifier: &ScramVerifier,
+    end_point: Option<&[u8]>,
 ) -> Result<(), AuthError> {
     let mut out = BytesMut::new();
-    messages::authentication_sasl(&mut out, &[MECHANISM]);
+    match end_point {
+        Some(_) => messages::authentication_sasl(&mut out, &[MECHANISM_PLUS, MECHANISM]),
+        None => messages::authentication_sasl(&mut out, &[MECHANISM]),
+    }
     send(stream, &mut out).await?;
 
     let body = read_password_message(stream, buf).await?;
     let (mechanism, client_first) = parse_sasl_initial_response(&body)?;
-    if mechanism != MECHANISM {
-        return Err(AuthError::Protocol(
-            "client selected an invalid SASL authentication mechanism".into(),
-        ));
-    }
-    let (exchange, server_first) = ScramExchange::start(verifier, client_first)
+    let channel = match (mechanism, end_point) {
+        (MECHANISM, _) => Channel::Unbound {
+            could_bind: end_point.is_some(),
+        },
+        (MECHANISM_PLUS, Some(data)) => Channel::Bound(data),
+        _ => {
+            return Err(AuthError::Protocol(
+                "client selected an invalid SASL authentication mechanism".into(),
+            ))
+        }
+    };
+    let (exchange, server_first) = ScramExchange::start(verifier, client_first, channel)
         .map_err(|e| AuthError::Protocol(e.to_string()))?;
     messages::authentication_sasl_continue(&mut out, &server_first);
     send(stream, &mut out).await?;
@@ -197,7 +209,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), AuthError> {
-    stream.write_all(out).await?;
+    stream.send(out).await?;
     out.clear();
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! A client's login: startup packet (SSL/GSS requests answered `N`), protocol version,
-//! client limit, authentication, database, then the welcome (AuthenticationOk,
-//! ParameterStatus, BackendKeyData, ReadyForQuery).
+//! A client's login: startup packet (SSLRequest or direct TLS start TLS when client TLS
+//! is on; GSS requests are answered `N`), protocol version, client limit, authentication,
+//! database, then the welcome (AuthenticationOk, ParameterStatus, BackendKeyData,
+//! ReadyForQuery).
 //!
 //! Everything here runs under `listen.client_login_timeout`, enforced by the caller.
 //! Refusals are ErrorResponses with the SQLSTATE PostgreSQL would use.
@@ -9,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 
 use super::auth::{self, AuthError};
 use super::cancel::Registration;
@@ -20,6 +20,7 @@ use crate::protocol::startup::{self, StartupMessage, StartupPacket, StartupReadE
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
 use crate::server::ServerParams;
+use crate::tls::{ClientTls, Material, ALPN_POSTGRESQL};
 
 /// A logged-in client, ready for its session.
 pub struct Login {
@@ -51,7 +52,7 @@ pub async fn login(
     peer: SocketAddr,
     admitted: bool,
 ) -> Result<Login, Refusal> {
-    let startup = read_startup(shared, stream, buf).await?;
+    let (startup, tls) = read_startup(shared, stream, buf).await?;
     let user = startup.get("user").unwrap_or_default().to_owned();
     if user.is_empty() {
         return Err(ErrorResponse::fatal(
@@ -78,7 +79,8 @@ pub async fn login(
     let settings = ClientSettings::from_startup(&startup)?;
     negotiate_version(stream, &startup).await?;
 
-    if let Err(e) = auth::authenticate(stream, buf, &user, &shared.users).await {
+    let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
+    if let Err(e) = auth::authenticate(stream, buf, &user, &shared.users, end_point).await {
         match &e {
             AuthError::Failed(_) => tracing::info!(%peer, user, database, "authentication failed"),
             AuthError::Closed => tracing::debug!(%peer, user, "client left during authentication"),
@@ -113,7 +115,7 @@ pub async fn login(
     messages::backend_key_data(&mut out, cancel.key().process_id, cancel.key().secret_key);
     messages::ready_for_query(&mut out, b'I');
     stream
-        .write_all(&out)
+        .send(&out)
         .await
         .map_err(|_| Refusal { error: None })?;
     tracing::debug!(%peer, user, database, "client logged in");
@@ -125,14 +127,25 @@ pub async fn login(
     })
 }
 
-/// Reads startup packets until a StartupMessage, answering SSL and GSS requests with `N`.
+/// Reads startup packets until a StartupMessage: SSLRequest starts TLS when client TLS
+/// is on (`N` otherwise), as does a TLS ClientHello sent straight away (PostgreSQL 17's
+/// direct TLS, which must name ALPN `postgresql`); GSSENCRequest is answered `N`.
+/// Returns the TLS material the connection was secured with, if it was.
 async fn read_startup(
     shared: &Shared,
     stream: &mut Stream,
     buf: &mut BytesMut,
-) -> Result<StartupMessage, Refusal> {
+) -> Result<(StartupMessage, Option<Arc<Material>>), Refusal> {
+    let tls = shared.client_tls.as_deref();
     let mut answered_ssl = false;
     let mut answered_gss = false;
+    let mut secured = None;
+    if let Some(tls) = tls {
+        if starts_with_tls_record(stream).await {
+            secured = Some(accept_tls(tls, stream, true).await?);
+            answered_ssl = true;
+        }
+    }
     loop {
         let packet = match startup::read(stream, buf).await {
             Ok(p) => p,
@@ -169,9 +182,19 @@ async fn read_startup(
                 )
                 .into())
             }
-            StartupPacket::Startup(msg) => return Ok(msg),
+            StartupPacket::Startup(msg) => {
+                if tls.is_some_and(ClientTls::required) && !stream.is_tls() {
+                    return Err(ErrorResponse::fatal(
+                        sqlstate::INVALID_AUTHORIZATION,
+                        "pgshield accepts only TLS connections (tls.client.mode = require)",
+                    )
+                    .with_hint("connect with sslmode=require (or stronger)")
+                    .into());
+                }
+                return Ok((msg, secured));
+            }
         }
-        // Not encrypting (yet): say so and wait for the real startup packet.
+        // Bytes sent before the answer would be read as if they had come encrypted.
         if !buf.is_empty() {
             return Err(ErrorResponse::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
@@ -179,10 +202,60 @@ async fn read_startup(
             )
             .into());
         }
-        stream
-            .write_all(b"N")
-            .await
-            .map_err(|_| Refusal { error: None })?;
+        match tls {
+            Some(tls) if answered_ssl && !stream.is_tls() => {
+                stream
+                    .send(b"S")
+                    .await
+                    .map_err(|_| Refusal { error: None })?;
+                secured = Some(accept_tls(tls, stream, false).await?);
+            }
+            // Not encrypting: say so and wait for the real startup packet.
+            _ => stream
+                .send(b"N")
+                .await
+                .map_err(|_| Refusal { error: None })?,
+        }
+    }
+}
+
+/// Whether the client's first byte opens a TLS handshake record (direct TLS).
+async fn starts_with_tls_record(stream: &Stream) -> bool {
+    const HANDSHAKE_RECORD: u8 = 0x16;
+    let Stream::Tcp(tcp) = stream else {
+        return false;
+    };
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == HANDSHAKE_RECORD)
+}
+
+/// Runs the TLS handshake with the client; `direct`: without SSLRequest, so ALPN
+/// `postgresql` is required (as PostgreSQL requires it).
+async fn accept_tls(
+    tls: &ClientTls,
+    stream: &mut Stream,
+    direct: bool,
+) -> Result<Arc<Material>, Refusal> {
+    let Some(tcp) = stream.take_tcp() else {
+        return Err(Refusal { error: None });
+    };
+    let material = tls.current();
+    let accepted = tokio_rustls::TlsAcceptor::from(Arc::clone(&material.config))
+        .accept(tcp)
+        .await;
+    match accepted {
+        Ok(tls_stream) => {
+            if direct && tls_stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+                tracing::info!("direct TLS without ALPN \"postgresql\" refused");
+                return Err(Refusal { error: None });
+            }
+            *stream = Stream::Tls(Box::new(tls_stream.into()));
+            Ok(material)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "client TLS handshake failed");
+            Err(Refusal { error: None })
+        }
     }
 }
 
@@ -199,8 +272,5 @@ async fn negotiate_version(stream: &mut Stream, startup: &StartupMessage) -> Res
     }
     let mut out = BytesMut::new();
     messages::negotiate_protocol_version(&mut out, 0, &unrecognized);
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|_| Refusal { error: None })
+    stream.send(&out).await.map_err(|_| Refusal { error: None })
 }

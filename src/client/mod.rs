@@ -13,11 +13,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::net::Stream;
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::proxy::Shared;
+
+/// How long a refused TLS client gets to take its error.
+const TLS_FAREWELL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Identifies a client connection inside pgshield.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,7 +121,16 @@ pub async fn serve(
     if let Some(error) = refusal {
         let mut out = BytesMut::new();
         error.encode(&mut out);
-        // Best effort, never waiting on a client that does not read.
-        stream.try_write_now(&out);
+        if stream.is_tls() {
+            // A TLS record cannot be written without waiting: wait a little.
+            let farewell = async {
+                stream.send(&out).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(TLS_FAREWELL_TIMEOUT, farewell).await;
+        } else {
+            // Best effort, never waiting on a client that does not read.
+            stream.try_write_now(&out);
+        }
     }
 }

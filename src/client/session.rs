@@ -1190,7 +1190,7 @@ impl Session {
         if !self.client_out.is_empty() && !matches!(end, End::ClientGone) {
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
                 use tokio::io::AsyncWriteExt;
-                let _ = self.client.write_all(&self.client_out).await;
+                let _ = self.client.send(&self.client_out).await;
                 let _ = self.client.shutdown().await;
             })
             .await;
@@ -1270,13 +1270,12 @@ async fn return_backend(mut backend: Backend, cleanup: Cleanup) {
 /// The client left with work queued or running: deliver what it sent, as PostgreSQL would
 /// have received it, then Terminate and close (nobody is left to read the replies).
 async fn hand_over_and_close(mut backend: Backend, mut pending: BytesMut) {
-    use tokio::io::AsyncWriteExt;
     pending.extend_from_slice(&[b'X', 0, 0, 0, 4]);
     let server = backend.server();
     server.mark_broken();
     // Sent with the rest, or (on a timeout) perhaps cut mid-message: no second Terminate.
     server.skip_terminate();
-    let _ = tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.stream.write_all(&pending)).await;
+    let _ = tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.stream.send(&pending)).await;
     backend.discard();
 }
 

@@ -24,6 +24,7 @@ use crate::config::{Config, StoredPassword};
 use crate::prepared::ServerStatements;
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
+use crate::tls::ServerTls;
 
 /// The knobs of one pool, taken from `[pool]`.
 #[derive(Debug, Clone)]
@@ -318,7 +319,7 @@ pub struct Pools {
 
 impl Pools {
     /// One pool for every configured database and user.
-    pub fn from_config(config: &Config) -> Pools {
+    pub fn from_config(config: &Config, tls: &Arc<ServerTls>) -> Pools {
         let settings = PoolSettings::from_config(config);
         for (name, user) in &config.users {
             if backend_password(user).is_none() {
@@ -341,6 +342,7 @@ impl Pools {
                         .clone()
                         .unwrap_or_else(|| user_name.clone()),
                     password: backend_password(user),
+                    tls: Arc::clone(tls),
                 };
                 let name = format!("{db_name}/{user_name}");
                 pools.insert(

@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// With `tls-server-end-point` channel binding (over TLS only).
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 const NONCE_RAW_LEN: usize = 18;
 
 /// A `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` verifier, as in `pg_authid`.
@@ -88,18 +90,26 @@ impl ScramVerifier {
 pub enum ScramError {
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("channel binding is not supported on this connection")]
-    ChannelBindingUnsupported,
     #[error("client uses an authorization identity, which is not supported")]
     AuthzidUnsupported,
     #[error("password does not match")]
     WrongProof,
 }
 
+/// The mechanism the client chose, with what the server knows of the channel.
+#[derive(Debug, Clone, Copy)]
+pub enum Channel<'a> {
+    /// SCRAM-SHA-256; `could_bind`: the server offered SCRAM-SHA-256-PLUS too.
+    Unbound { could_bind: bool },
+    /// SCRAM-SHA-256-PLUS, with the `tls-server-end-point` data of this connection.
+    Bound(&'a [u8]),
+}
+
 /// State between the server-first and client-final messages.
 pub struct ScramExchange<'v> {
     verifier: &'v ScramVerifier,
-    gs2_header: String,
+    /// What the client-final-message's `c=` must carry, decoded.
+    expected_binding: Vec<u8>,
     client_first_bare: String,
     server_first: String,
     nonce: String,
@@ -118,10 +128,41 @@ impl<'v> ScramExchange<'v> {
     pub fn start(
         verifier: &'v ScramVerifier,
         client_first: &[u8],
+        channel: Channel<'_>,
     ) -> Result<(Self, Vec<u8>), ScramError> {
         let msg =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (gs2_header, bare) = split_gs2_header(msg)?;
+        let flag = &gs2_header[..gs2_header.find(',').unwrap_or(0)];
+        let mut expected_binding = gs2_header.as_bytes().to_vec();
+        // PostgreSQL's rules: the flag must agree with the mechanism, and "y" (client could
+        // bind but thinks the server cannot) is a downgrade when the server offered binding.
+        match (channel, flag) {
+            (Channel::Bound(data), "p=tls-server-end-point") => {
+                expected_binding.extend_from_slice(data)
+            }
+            (Channel::Bound(_), f) if f.starts_with("p=") => {
+                return Err(ScramError::Malformed(
+                    "unsupported channel binding type (only tls-server-end-point)",
+                ))
+            }
+            (Channel::Bound(_), _) => {
+                return Err(ScramError::Malformed(
+                    "SCRAM-SHA-256-PLUS selected without channel binding data",
+                ))
+            }
+            (Channel::Unbound { .. }, f) if f.starts_with("p=") => {
+                return Err(ScramError::Malformed(
+                    "channel binding data sent with SCRAM-SHA-256 (select SCRAM-SHA-256-PLUS)",
+                ))
+            }
+            (Channel::Unbound { could_bind: true }, "y") => {
+                return Err(ScramError::Malformed(
+                    "channel binding negotiation error: the client thinks the server cannot bind, but it can",
+                ))
+            }
+            (Channel::Unbound { .. }, _) => {}
+        }
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -146,7 +187,7 @@ impl<'v> ScramExchange<'v> {
         );
         let exchange = ScramExchange {
             verifier,
-            gs2_header: gs2_header.to_owned(),
+            expected_binding,
             client_first_bare: bare.to_owned(),
             server_first: server_first.clone(),
             nonce,
@@ -166,7 +207,7 @@ impl<'v> ScramExchange<'v> {
             .next()
             .and_then(|a| a.strip_prefix("c="))
             .ok_or(ScramError::Malformed("expected c= attribute"))?;
-        if B64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+        if B64.decode(binding).ok().as_deref() != Some(self.expected_binding.as_slice()) {
             return Err(ScramError::Malformed(
                 "channel binding data does not match the header",
             ));
@@ -215,7 +256,7 @@ fn split_gs2_header(msg: &str) -> Result<(&str, &str), ScramError> {
         .ok_or(ScramError::Malformed("no GS2 header"))?;
     match flag {
         "n" | "y" => {}
-        f if f.starts_with("p=") => return Err(ScramError::ChannelBindingUnsupported),
+        f if f.starts_with("p=") => {}
         _ => return Err(ScramError::Malformed("unknown channel binding flag")),
     }
     let (authzid, bare) = rest
@@ -241,8 +282,22 @@ mod tests {
 
     /// Runs a full exchange with postgres-protocol's client (what tokio-postgres uses).
     fn login(verifier: &ScramVerifier, password: &str) -> Result<(), ScramError> {
-        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested());
-        let (exchange, server_first) = ScramExchange::start(verifier, client.message())?;
+        login_with(
+            verifier,
+            password,
+            ChannelBinding::unrequested(),
+            Channel::Unbound { could_bind: false },
+        )
+    }
+
+    fn login_with(
+        verifier: &ScramVerifier,
+        password: &str,
+        binding: ChannelBinding,
+        channel: Channel<'_>,
+    ) -> Result<(), ScramError> {
+        let mut client = ScramSha256::new(password.as_bytes(), binding);
+        let (exchange, server_first) = ScramExchange::start(verifier, client.message(), channel)?;
         client
             .update(&server_first)
             .expect("client accepts server-first");
@@ -292,6 +347,30 @@ mod tests {
     }
 
     #[test]
+    fn channel_binding_follows_postgres_rules() {
+        let v = ScramVerifier::from_password("pw");
+        let data = [9u8; 32];
+        let bound = Channel::Bound(&data);
+        let cb = |d: &[u8]| ChannelBinding::tls_server_end_point(d.to_vec());
+        assert_eq!(login_with(&v, "pw", cb(&data), bound), Ok(()));
+        // Data from another certificate (a man in the middle) does not match.
+        assert!(matches!(
+            login_with(&v, "pw", cb(&[8u8; 32]), bound),
+            Err(ScramError::Malformed(_))
+        ));
+        // PLUS chosen without binding, and binding sent without PLUS, are refused.
+        assert!(login_with(&v, "pw", ChannelBinding::unsupported(), bound).is_err());
+        let could_bind = Channel::Unbound { could_bind: true };
+        assert!(login_with(&v, "pw", cb(&data), could_bind).is_err());
+        // "y" when the server offered binding: a downgrade.
+        assert!(login_with(&v, "pw", ChannelBinding::unrequested(), could_bind).is_err());
+        assert_eq!(
+            login_with(&v, "pw", ChannelBinding::unsupported(), could_bind),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn malformed_client_messages_are_refused() {
         let v = ScramVerifier::from_password("pw");
         for first in [
@@ -302,13 +381,15 @@ mod tests {
             b"n,,n=,r=",
             b"\xff",
         ] {
-            assert!(ScramExchange::start(&v, first).is_err(), "{first:?}");
+            let unbound = Channel::Unbound { could_bind: false };
+            assert!(
+                ScramExchange::start(&v, first, unbound).is_err(),
+                "{first:?}"
+            );
         }
-        assert_eq!(
-            ScramExchange::start(&v, b"p=tls-server-end-point,,n=,r=abc").err(),
-            Some(ScramError::ChannelBindingUnsupported)
-        );
-        let (ex, _) = ScramExchange::start(&v, b"n,,n=,r=abc").unwrap();
+        let unbound = Channel::Unbound { could_bind: false };
+        assert!(ScramExchange::start(&v, b"p=tls-server-end-point,,n=,r=abc", unbound).is_err());
+        let (ex, _) = ScramExchange::start(&v, b"n,,n=,r=abc", unbound).unwrap();
         assert!(ex.finish(b"c=biws,r=wrongnonce,p=AAAA").is_err());
     }
 }

@@ -8,15 +8,19 @@ use bytes::BytesMut;
 use md5::{Digest, Md5};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::{parse_parameter_status, Server, ServerError as Error};
-use crate::config::Secret;
+use crate::config::{Secret, ServerTlsMode};
 use crate::net::Stream;
 use crate::protocol::frame::read_message;
+use crate::protocol::scram::{MECHANISM, MECHANISM_PLUS};
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorResponse;
+use crate::tls::ServerTls;
 
 /// Largest message accepted while logging in to a backend.
 const MAX_LOGIN_MESSAGE: usize = 64 * 1024;
@@ -29,6 +33,7 @@ pub struct ServerTarget {
     pub database: String,
     pub user: String,
     pub password: Option<BackendPassword>,
+    pub tls: Arc<ServerTls>,
 }
 
 impl ServerTarget {
@@ -78,6 +83,12 @@ pub enum ServerError {
     Query(ErrorResponse),
     #[error("the server closed the connection")]
     Closed,
+    #[error("TLS to {addr} failed (tls.server.mode = {mode}): {reason}")]
+    Tls {
+        addr: String,
+        mode: &'static str,
+        reason: String,
+    },
     #[error("i/o error on the server connection: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -101,6 +112,54 @@ impl ServerError {
     }
 }
 
+/// Asks the server for TLS (SSLRequest) unless `tls.server.mode` is `disable`, and runs
+/// the handshake and the certificate checks the mode asks for.
+async fn negotiate_tls(target: &ServerTarget, mut stream: Stream) -> Result<Stream, Error> {
+    let mode = target.tls.mode();
+    if mode == ServerTlsMode::Disable {
+        return Ok(stream);
+    }
+    let failed = |reason: String| Error::Tls {
+        addr: target.addr(),
+        mode: mode_name(mode),
+        reason,
+    };
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    stream.send(&request).await.map_err(Error::Io)?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.map_err(Error::Io)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if mode == ServerTlsMode::Prefer => return Ok(stream),
+        b'N' => return Err(failed("the server does not accept TLS connections".into())),
+        // An old server may answer with an ErrorResponse.
+        other => {
+            return Err(Error::Protocol(format!(
+                "unexpected answer '{}' to SSLRequest",
+                char::from(other)
+            )))
+        }
+    }
+    let Some(tcp) = stream.take_tcp() else {
+        return Err(Error::Protocol("TLS requested twice".into()));
+    };
+    match target.tls.handshake(tcp, &target.host).await {
+        Ok(tls) => Ok(Stream::Tls(Box::new(tls.into()))),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+fn mode_name(mode: ServerTlsMode) -> &'static str {
+    match mode {
+        ServerTlsMode::Disable => "disable",
+        ServerTlsMode::Prefer => "prefer",
+        ServerTlsMode::Require => "require",
+        ServerTlsMode::VerifyCa => "verify-ca",
+        ServerTlsMode::VerifyFull => "verify-full",
+    }
+}
+
 /// Opens, authenticates and readies one backend connection within `timeout`.
 pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server, Error> {
     match tokio::time::timeout(timeout, connect_inner(target)).await {
@@ -119,7 +178,8 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
             addr: target.addr(),
             source,
         })?;
-    let mut server = Server::new(Stream::from_tcp(tcp), &target.host, target.port);
+    let stream = negotiate_tls(target, Stream::from_tcp(tcp)).await?;
+    let mut server = Server::new(stream, &target.host, target.port);
     let mut out = BytesMut::new();
     frontend::startup_message(
         [
@@ -196,25 +256,31 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                 frontend::password_message(response.as_bytes(), &mut out).map_err(Error::Io)?;
             }
             10 => {
-                let offers_scram = data
-                    .split(|&b| b == 0)
-                    .any(|m| m == crate::protocol::scram::MECHANISM.as_bytes());
-                if !offers_scram {
-                    return Err(Error::UnsupportedAuth(
-                        "SASL without SCRAM-SHA-256 (channel binding needs TLS)".into(),
-                    ));
-                }
+                let offers = |name: &str| data.split(|&b| b == 0).any(|m| m == name.as_bytes());
+                // Over TLS, bind the exchange to the server's certificate when it can.
+                let end_point = server
+                    .stream
+                    .peer_server_certificate()
+                    .and_then(crate::tls::server_end_point);
+                let (mechanism, binding) =
+                    match end_point {
+                        Some(data) if offers(MECHANISM_PLUS) => {
+                            (MECHANISM_PLUS, ChannelBinding::tls_server_end_point(data))
+                        }
+                        _ if !offers(MECHANISM) => return Err(Error::UnsupportedAuth(
+                            "SASL without SCRAM-SHA-256, and no channel binding pgshield can use"
+                                .into(),
+                        )),
+                        // "y": pgshield could bind, the server did not offer it.
+                        Some(_) => (MECHANISM, ChannelBinding::unrequested()),
+                        None => (MECHANISM, ChannelBinding::unsupported()),
+                    };
                 let Some(BackendPassword::Plain(pw)) = &target.password else {
                     return Err(no_password("SCRAM-SHA-256", "plaintext password", target));
                 };
-                let client =
-                    ScramSha256::new(pw.expose().as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(
-                    crate::protocol::scram::MECHANISM,
-                    client.message(),
-                    &mut out,
-                )
-                .map_err(Error::Io)?;
+                let client = ScramSha256::new(pw.expose().as_bytes(), binding);
+                frontend::sasl_initial_response(mechanism, client.message(), &mut out)
+                    .map_err(Error::Io)?;
                 scram = Some(client);
             }
             11 => {
@@ -264,7 +330,7 @@ fn md5_from_hash(stored: &str, salt: [u8; 4]) -> String {
 }
 
 async fn send(server: &mut Server, out: &mut BytesMut) -> Result<(), Error> {
-    server.stream.write_all(out).await.map_err(Error::Io)?;
+    server.stream.send(out).await.map_err(Error::Io)?;
     out.clear();
     Ok(())
 }

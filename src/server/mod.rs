@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 
 pub use connect::{connect, BackendPassword, ServerError, ServerTarget};
 use state::{ReplyTracker, TxStatus};
@@ -257,7 +256,7 @@ impl Server {
         }
         let mut out = BytesMut::new();
         postgres_protocol::message::frontend::query(sql, &mut out).map_err(ServerError::Io)?;
-        if let Err(e) = self.stream.write_all(&out).await {
+        if let Err(e) = self.stream.send(&out).await {
             self.broken = true;
             return Err(ServerError::Io(e));
         }

@@ -16,7 +16,7 @@ use pgshield::devdb::{DevDb, DevDbOptions};
 use pgshield::proxy::Shared;
 use pgshield::shutdown::Shutdown;
 use pgshield::{Config, Proxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,9 +28,20 @@ static CLUSTER: OnceLock<DevDb> = OnceLock::new();
 pub fn cluster() -> &'static DevDb {
     CLUSTER.get_or_init(|| {
         raise_fd_limit();
+        let (cert, key) = pki().issue("127.0.0.1");
         DevDb::start(&DevDbOptions {
             max_connections: 20,
-            settings: vec![],
+            // TLS on, with a certificate from the test CA, for backend TLS tests; plaintext
+            // stays allowed.
+            settings: vec![
+                ("ssl".into(), "on".into()),
+                ("ssl_cert_file".into(), "server.crt".into()),
+                ("ssl_key_file".into(), "server.key".into()),
+            ],
+            files: vec![
+                ("server.crt".into(), cert.into_bytes()),
+                ("server.key".into(), key.into_bytes()),
+            ],
             // Roles whose names say how the server checks them, for backend auth tests.
             hba: vec![
                 "host all be_md5 127.0.0.1/32 md5".into(),
@@ -41,6 +52,50 @@ pub fn cluster() -> &'static DevDb {
         })
         .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"))
     })
+}
+
+/// A certificate authority made for this test process.
+pub struct TestPki {
+    pub ca_pem: String,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+static PKI: OnceLock<TestPki> = OnceLock::new();
+
+pub fn pki() -> &'static TestPki {
+    PKI.get_or_init(|| TestPki::new("pgshield test CA"))
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca_cert = params.self_signed(&ca_key).expect("CA certificate");
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            ca_cert,
+            ca_key,
+        }
+    }
+
+    /// A certificate and key (PEM) for `name` (a host name or an IP address).
+    pub fn issue(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec![name.to_owned()]).expect("certificate params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params
+            .signed_by(&key, &self.ca_cert, &self.ca_key)
+            .expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 fn raise_fd_limit() {
@@ -291,7 +346,7 @@ pub mod raw {
 
     /// Reads messages up to and including the next ReadyForQuery; returns their tags and
     /// the SQLSTATEs of any errors.
-    pub async fn until_ready(stream: &mut TcpStream) -> (String, Vec<String>) {
+    pub async fn until_ready<S: AsyncRead + Unpin>(stream: &mut S) -> (String, Vec<String>) {
         let (mut tags, mut codes) = (String::new(), Vec::new());
         loop {
             let (tag, body) = read_message(stream)
@@ -333,12 +388,13 @@ pub mod raw {
         TcpStream::connect(addr).await.expect("raw connect")
     }
 
-    pub async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    pub async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
         stream.write_all(bytes).await.expect("raw send");
+        stream.flush().await.expect("raw flush");
     }
 
     /// Reads one tagged message; `None` when the proxy closed the connection.
-    pub async fn read_message(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    pub async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Option<(u8, Vec<u8>)> {
         let mut header = [0u8; 5];
         tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut header))
             .await

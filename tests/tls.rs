@@ -1,0 +1,496 @@
+//! TLS on both sides: psql (libpq) clients with sslmode require / verify-full, plaintext
+//! refused in `require` mode, direct TLS with ALPN, client certificates, a certificate
+//! replaced on disk, and backends checked with verify-ca / verify-full against the
+//! harness cluster (which runs with ssl = on and a certificate from the test CA).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{pki, raw, TestPki, TestProxy};
+use tokio::net::TcpStream;
+
+/// A directory holding PEM files for one test.
+struct Files(PathBuf);
+
+impl Files {
+    fn new(tag: &str) -> Files {
+        Files(common::unique_temp_dir(tag))
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("write PEM");
+        // libpq refuses a private key others can read.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        path
+    }
+
+    /// A certificate and key from `ca` for 127.0.0.1, and `ca`'s own certificate.
+    fn server_cert(&self, ca: &TestPki) -> (PathBuf, PathBuf, PathBuf) {
+        let (cert, key) = ca.issue("127.0.0.1");
+        (
+            self.write("server.crt", &cert),
+            self.write("server.key", &key),
+            self.write("ca.crt", &ca.ca_pem),
+        )
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The role `role` (password "pw"), a certificate for pgshield from the test CA, and a
+/// proxy with client TLS in `mode`; `user` is the role's `[users.*]` body, `extra` more
+/// `[tls.client]` keys. Returns the files (the test CA is `ca.crt`) and the proxy.
+async fn client_tls_proxy(role: &str, mode: &str, extra: &str, user: &str) -> (Files, TestProxy) {
+    common::create_role(role, "pw").await;
+    let files = Files::new(role);
+    let (cert, key, _) = files.server_cert(pki());
+    let proxy = TestProxy::start(&format!(
+        "{}{extra}[users.{role}]\n{user}\n",
+        client_tls(mode, &cert, &key)
+    ))
+    .await;
+    (files, proxy)
+}
+
+const PASSWORD: &str = "password = \"pw\"";
+const TRUST: &str = "auth = \"trust\"\nserver_password = \"pw\"";
+
+fn client_tls(mode: &str, cert: &Path, key: &Path) -> String {
+    format!(
+        "[tls.client]\nmode = \"{mode}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// Runs `psql` with a libpq connection string and `-c` commands: Ok(stdout) or Err(stderr).
+async fn psql(conninfo: String, password: &str, commands: &[&str]) -> Result<String, String> {
+    let bin = common::cluster().bindir().join("psql");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg(conninfo)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    cmd.env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10");
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("psql task")
+        .expect("psql runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn conninfo(proxy: &TestProxy, user: &str, extra: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={user} dbname=app {extra}",
+        proxy.addr.port()
+    )
+}
+
+#[tokio::test]
+async fn psql_connects_with_require_and_verify_full_and_plaintext_still_works_in_prefer() {
+    let (files, proxy) = client_tls_proxy("tls_psql", "prefer", "", PASSWORD).await;
+    let ca = files.0.join("ca.crt");
+    for sslmode in [
+        "sslmode=require".to_owned(),
+        format!("sslmode=verify-full sslrootcert={}", ca.display()),
+    ] {
+        let out = psql(
+            conninfo(&proxy, "tls_psql", &sslmode),
+            "pw",
+            &["\\conninfo", "SELECT 'ok'"],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{sslmode}: {e}"));
+        assert!(out.contains("SSL connection"), "{sslmode}: {out}");
+        assert!(out.contains("TLSv1.3"), "{sslmode}: {out}");
+        assert!(out.trim_end().ends_with("ok"), "{sslmode}: {out}");
+    }
+    let out = psql(
+        conninfo(&proxy, "tls_psql", "sslmode=disable"),
+        "pw",
+        &["\\conninfo", "SELECT 'plain'"],
+    )
+    .await
+    .expect("plaintext in prefer mode");
+    assert!(!out.contains("SSL connection"), "{out}");
+    // A client that trusts another CA does not accept pgshield's certificate.
+    let other = TestPki::new("another CA");
+    let other_ca = files.write("other-ca.crt", &other.ca_pem);
+    let err = psql(
+        conninfo(
+            &proxy,
+            "tls_psql",
+            &format!("sslmode=verify-full sslrootcert={}", other_ca.display()),
+        ),
+        "pw",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("an untrusted certificate");
+    assert!(err.contains("certificate verify failed"), "{err}");
+}
+
+#[tokio::test]
+async fn scram_channel_binding_works_through_pgshield_and_is_required_when_asked() {
+    let (files, proxy) = client_tls_proxy("tls_cb", "prefer", "", PASSWORD).await;
+    let ca = files.0.join("ca.crt");
+    let verify = format!("sslmode=verify-full sslrootcert={}", ca.display());
+    let out = psql(
+        conninfo(
+            &proxy,
+            "tls_cb",
+            &format!("{verify} channel_binding=require"),
+        ),
+        "pw",
+        &["SELECT 'bound'"],
+    )
+    .await
+    .expect("SCRAM-SHA-256-PLUS over TLS");
+    assert_eq!(out.trim(), "bound");
+    let err = psql(
+        conninfo(
+            &proxy,
+            "tls_cb",
+            &format!("{verify} channel_binding=require"),
+        ),
+        "wrong",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("a wrong password still fails");
+    assert!(err.contains("password authentication failed"), "{err}");
+    // Without TLS there is nothing to bind to: libpq refuses to go on.
+    let err = psql(
+        conninfo(&proxy, "tls_cb", "sslmode=disable channel_binding=require"),
+        "pw",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("no binding without TLS");
+    assert!(err.contains("channel binding"), "{err}");
+}
+
+#[tokio::test]
+async fn require_mode_refuses_plaintext_with_28000_and_serves_tls() {
+    let (_files, proxy) = client_tls_proxy("tls_require", "require", "", PASSWORD).await;
+    let mut plain = raw::connect(proxy.addr).await;
+    raw::send(
+        &mut plain,
+        &raw::startup(&[("user", "tls_require"), ("database", "app")]),
+    )
+    .await;
+    let (tag, body) = raw::read_message(&mut plain).await.expect("an error");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_code(&body), "28000");
+    assert!(String::from_utf8_lossy(&body).contains("only TLS"));
+    assert!(raw::closed(&mut plain).await);
+
+    let err = psql(
+        conninfo(&proxy, "tls_require", "sslmode=disable"),
+        "pw",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("plaintext refused");
+    assert!(err.contains("only TLS"), "{err}");
+    let out = psql(
+        conninfo(&proxy, "tls_require", "sslmode=require"),
+        "pw",
+        &["SELECT 40 + 2"],
+    )
+    .await
+    .expect("TLS accepted");
+    assert_eq!(out.trim(), "42");
+}
+
+/// A rustls client trusting `ca`, offering `alpn`.
+fn tls_connector(ca: &TestPki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = ca.ca_pem.as_bytes();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(pem) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Direct TLS (PostgreSQL 17's sslnegotiation=direct): the ClientHello comes first.
+async fn direct_tls(
+    proxy: &TestProxy,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = raw::connect(proxy.addr).await;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    tls_connector(pki(), alpn).connect(name, tcp).await
+}
+
+#[tokio::test]
+async fn direct_tls_works_with_alpn_postgresql_and_only_with_it() {
+    let (_files, proxy) = client_tls_proxy("tls_direct", "require", "", TRUST).await;
+    let mut tls = direct_tls(&proxy, &[b"postgresql"])
+        .await
+        .expect("handshake");
+    raw::send(
+        &mut tls,
+        &raw::startup(&[("user", "tls_direct"), ("database", "app")]),
+    )
+    .await;
+    let (tags, errors) = raw::until_ready(&mut tls).await;
+    assert!(
+        errors.is_empty() && tags.starts_with('R'),
+        "{tags} {errors:?}"
+    );
+    raw::send(&mut tls, &raw::query("SELECT 1")).await;
+    let (tags, errors) = raw::until_ready(&mut tls).await;
+    assert_eq!((tags.as_str(), errors.len()), ("TDCZ", 0));
+
+    // Without ALPN the handshake may finish, but pgshield then closes the connection.
+    if let Ok(mut tls) = direct_tls(&proxy, &[]).await {
+        raw::send(
+            &mut tls,
+            &raw::startup(&[("user", "tls_direct"), ("database", "app")]),
+        )
+        .await;
+        assert!(raw::read_message(&mut tls).await.is_none(), "closed");
+    }
+    // Another protocol is refused during the handshake.
+    assert!(direct_tls(&proxy, &[b"http/1.1"]).await.is_err());
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let clients = TestPki::new("client CA");
+    let files = Files::new("tls_mtls_client");
+    let client_ca = files.write("client-ca.crt", &clients.ca_pem);
+    let (client_cert, client_key) = clients.issue("tls_mtls");
+    let client_cert = files.write("client.crt", &client_cert);
+    let client_key = files.write("client.key", &client_key);
+    let ca_line = format!("ca = \"{}\"\n", client_ca.display());
+    let (server_files, proxy) = client_tls_proxy("tls_mtls", "require", &ca_line, PASSWORD).await;
+    let ca = server_files.0.join("ca.crt");
+    let verify = format!("sslmode=verify-full sslrootcert={}", ca.display());
+    let out = psql(
+        conninfo(
+            &proxy,
+            "tls_mtls",
+            &format!(
+                "{verify} sslcert={} sslkey={}",
+                client_cert.display(),
+                client_key.display()
+            ),
+        ),
+        "pw",
+        &["SELECT 'with a certificate'"],
+    )
+    .await
+    .expect("a client certificate from the client CA");
+    assert_eq!(out.trim(), "with a certificate");
+    // libpq reads ~/.postgresql/postgresql.crt when sslcert is not given: point it nowhere.
+    let missing = files.0.join("none.crt");
+    psql(
+        conninfo(
+            &proxy,
+            "tls_mtls",
+            &format!("{verify} sslcert={}", missing.display()),
+        ),
+        "pw",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("no client certificate");
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_on_disk_is_served_to_the_next_client_without_a_restart() {
+    let (files, proxy) = client_tls_proxy("tls_swap", "require", "", TRUST).await;
+    let ca_a = files.0.join("ca.crt");
+    let verify_with = |ca: &Path| format!("sslmode=verify-full sslrootcert={}", ca.display());
+    psql(
+        conninfo(&proxy, "tls_swap", &verify_with(&ca_a)),
+        "",
+        &["SELECT 1"],
+    )
+    .await
+    .expect("the first certificate");
+    // A client connected before the swap keeps its session.
+    let mut before = direct_tls(&proxy, &[b"postgresql"]).await.expect("TLS");
+    raw::send(
+        &mut before,
+        &raw::startup(&[("user", "tls_swap"), ("database", "app")]),
+    )
+    .await;
+    raw::until_ready(&mut before).await;
+
+    let other = TestPki::new("rotated CA");
+    let (new_cert, new_key) = other.issue("127.0.0.1");
+    files.write("server.key", &new_key);
+    files.write("server.crt", &new_cert);
+    let ca_b = files.write("ca-b.crt", &other.ca_pem);
+    psql(
+        conninfo(&proxy, "tls_swap", &verify_with(&ca_b)),
+        "",
+        &["SELECT 1"],
+    )
+    .await
+    .expect("the new certificate is served");
+    let err = psql(
+        conninfo(&proxy, "tls_swap", &verify_with(&ca_a)),
+        "",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("the old certificate is gone");
+    assert!(err.contains("certificate verify failed"), "{err}");
+
+    raw::send(&mut before, &raw::query("SELECT 1")).await;
+    let (tags, errors) = raw::until_ready(&mut before).await;
+    assert_eq!((tags.as_str(), errors.len()), ("TDCZ", 0));
+}
+
+/// Whether the backend serving `conn` is connected over TLS, by the server's own account.
+async fn backend_uses_tls(conn: &common::Conn) -> bool {
+    conn.client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
+fn server_tls(mode: &str, ca: Option<&Path>) -> String {
+    let ca = ca
+        .map(|p| format!("ca = \"{}\"\n", p.display()))
+        .unwrap_or_default();
+    format!("[tls.server]\nmode = \"{mode}\"\n{ca}")
+}
+
+#[tokio::test]
+async fn backends_checked_against_the_right_ca_use_tls_and_disable_stays_plaintext() {
+    common::create_role("tls_backend", "pw").await;
+    let files = Files::new("tls-backend");
+    let ca = files.write("ca.crt", &pki().ca_pem);
+    for (mode, encrypted) in [
+        ("verify-full", true),
+        ("verify-ca", true),
+        ("require", true),
+        ("prefer", true),
+        ("disable", false),
+    ] {
+        let proxy = TestProxy::start(&format!(
+            "{}[users.tls_backend]\npassword = \"pw\"\n",
+            server_tls(mode, Some(&ca))
+        ))
+        .await;
+        let conn = proxy
+            .connect("tls_backend", "pw")
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(backend_uses_tls(&conn).await, encrypted, "{mode}");
+        drop(conn);
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_fails_verification_is_never_used_and_the_error_says_why() {
+    common::create_role("tls_wrong_ca", "pw").await;
+    let files = Files::new("tls-wrong-ca");
+    let other = TestPki::new("not the server's CA");
+    let wrong = files.write("wrong-ca.crt", &other.ca_pem);
+    for mode in ["verify-full", "verify-ca"] {
+        let proxy = TestProxy::start(&format!(
+            "{}[users.tls_wrong_ca]\npassword = \"pw\"\n",
+            server_tls(mode, Some(&wrong))
+        ))
+        .await;
+        let err = match proxy.connect("tls_wrong_ca", "pw").await {
+            Ok(_) => panic!("{mode}: served by an unverified backend"),
+            Err(e) => e,
+        };
+        let message = err
+            .as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_else(|| err.to_string());
+        assert!(
+            message.contains(&format!("tls.server.mode = {mode}"))
+                && message.contains("UnknownIssuer"),
+            "{mode}: {message}"
+        );
+        proxy.stop().await;
+    }
+    let admin = common::admin().await;
+    assert_eq!(common::backends_of(&admin, "tls_wrong_ca").await, 0);
+}
+
+#[tokio::test]
+async fn verify_ca_accepts_any_host_name_and_verify_full_does_not() {
+    common::create_role("tls_names", "pw").await;
+    let files = Files::new("tls-names");
+    let ca = files.write("ca.crt", &pki().ca_pem);
+    // The cluster's certificate names 127.0.0.1, not localhost.
+    let by_name = format!(
+        "[databases.by_name]\nhost = \"localhost\"\nport = {}\ndbname = \"postgres\"\n",
+        common::cluster().port()
+    );
+    let config = |mode: &str| {
+        let mut c = proxy_config(&by_name, mode, &ca);
+        c.push_str("[users.tls_names]\npassword = \"pw\"\n");
+        c
+    };
+    let by_name_conf = |proxy: &TestProxy| {
+        let mut c = proxy.config("tls_names", "pw");
+        c.dbname("by_name");
+        c
+    };
+    let proxy = TestProxy::start(&config("verify-ca")).await;
+    let conn = common::connect(&by_name_conf(&proxy))
+        .await
+        .expect("verify-ca does not look at the name");
+    assert!(backend_uses_tls(&conn).await);
+    drop(conn);
+    proxy.stop().await;
+
+    let proxy = TestProxy::start(&config("verify-full")).await;
+    let err = match common::connect(&by_name_conf(&proxy)).await {
+        Ok(_) => panic!("verify-full accepted a certificate for another name"),
+        Err(e) => e,
+    };
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_else(|| err.to_string());
+    assert!(message.contains("not valid for name"), "{message}");
+    // The same server by the name in its certificate passes.
+    proxy
+        .connect("tls_names", "pw")
+        .await
+        .expect("verify-full with the certificate's name");
+    proxy.stop().await;
+}
+
+fn proxy_config(extra: &str, mode: &str, ca: &Path) -> String {
+    format!("{extra}{}", server_tls(mode, Some(ca)))
+}
