@@ -152,6 +152,9 @@ pub struct ListenConfig {
     /// Time a new connection has to finish its startup and authentication.
     #[serde(with = "humantime_serde")]
     pub client_login_timeout: Duration,
+    /// Largest message a client may send, in bytes (its length field is checked before
+    /// anything is read); a longer one gets `08P01` and that client is closed.
+    pub max_message_size: usize,
 }
 
 impl Default for ListenConfig {
@@ -160,6 +163,7 @@ impl Default for ListenConfig {
             addr: "127.0.0.1:6432".into(),
             max_client_connections: 10_000,
             client_login_timeout: Duration::from_secs(60),
+            max_message_size: crate::protocol::frame::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -430,6 +434,12 @@ impl Config {
     /// Checks everything a running proxy relies on; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        if !(1024..=1 << 30).contains(&self.listen.max_message_size) {
+            return Err(invalid(
+                "listen.max_message_size",
+                "must be between 1024 bytes and 1 GiB (PostgreSQL's own limit)",
+            ));
+        }
         if self.runtime.workers > 1024 {
             return Err(invalid("runtime.workers", "must be at most 1024"));
         }
@@ -727,6 +737,7 @@ mod tests {
         assert_eq!(doc.addr, default.addr);
         assert_eq!(doc.max_client_connections, default.max_client_connections);
         assert_eq!(doc.client_login_timeout, default.client_login_timeout);
+        assert_eq!(doc.max_message_size, default.max_message_size);
         assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
         assert_eq!(c.tls.client.mode, ClientTlsMode::default());
         assert_eq!(c.tls.server.mode, ServerTlsMode::default());

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::auth::UserDirectory;
 use crate::client::cancel::Cancels;
 use crate::client::sql::PinReason;
+use crate::client::throttle::LoginThrottle;
 use crate::client::{self, ClientSlots};
 use crate::config::{Config, ConfigError};
 use crate::pool::Pools;
@@ -36,6 +37,8 @@ pub struct Shared {
     pub pins: PinCounts,
     /// Client-facing TLS, when `tls.client.mode` is not `disable`.
     pub client_tls: Option<Arc<ClientTls>>,
+    /// Failed logins by address, to slow down guessing.
+    pub login_throttle: LoginThrottle,
 }
 
 /// How many clients were pinned, by reason.
@@ -103,6 +106,7 @@ impl Proxy {
             statements: Registry::default(),
             pins: PinCounts::default(),
             client_tls,
+            login_throttle: LoginThrottle::default(),
             config,
         });
         Ok(Proxy {

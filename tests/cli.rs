@@ -272,3 +272,99 @@ async fn dev_without_server_binaries_says_how_to_get_them() {
         "{stderr}"
     );
 }
+
+/// Collects everything a child writes to one pipe.
+fn collect(
+    pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut text = String::new();
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_the_logs_even_at_trace_level() {
+    const CLIENT_SECRET: &str = "ClientSecret-8d2f";
+    const SERVER_SECRET: &str = "ServerSecret-51ac";
+    const WRONG_GUESS: &str = "WrongGuess-77f1";
+    common::create_role("cli_secret", SERVER_SECRET).await;
+    let port = common::free_port();
+    let file = ConfigFile::new(&format!(
+        "[listen]\naddr = \"127.0.0.1:{port}\"\n[databases.app]\nhost = \"127.0.0.1\"\nport = {}\n\
+         dbname = \"postgres\"\n[users.cli_secret]\npassword = \"{CLIENT_SECRET}\"\n\
+         server_password = \"{SERVER_SECRET}\"\n[log]\nlevel = \"trace\"\n",
+        common::cluster().port()
+    ));
+    let mut child = pgshield()
+        .args(["run", "--config"])
+        .arg(&file.path)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgshield run");
+    let stdout = collect(child.stdout.take().expect("stdout"));
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    let pid = Pid::from_raw(i32::try_from(child.id().expect("running")).expect("pid"));
+
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("cli_secret")
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(5));
+    let mut logged_in = None;
+    for _ in 0..100 {
+        match common::connect(config.clone().password(CLIENT_SECRET)).await {
+            Ok(conn) => {
+                logged_in = Some(conn);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let conn = logged_in.expect("pgshield run accepts the right password");
+    conn.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("a query runs");
+    common::connect(config.clone().password(WRONG_GUESS))
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    // SIGHUP is a reload (nothing to reload here), not the end of the process.
+    kill(pid, Signal::SIGHUP).expect("send SIGHUP");
+    conn.client
+        .simple_query("SELECT 2")
+        .await
+        .expect("still serving after SIGHUP");
+    drop(conn);
+    kill(pid, Signal::SIGTERM).expect("send SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within 20 s of SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let logs = format!(
+        "{}{}",
+        stdout.await.expect("stdout"),
+        stderr.await.expect("stderr")
+    );
+    assert!(
+        logs.contains("authentication failed") && logs.contains("TRACE"),
+        "the logs were captured at trace level:\n{logs}"
+    );
+    for secret in [CLIENT_SECRET, SERVER_SECRET, WRONG_GUESS] {
+        assert!(
+            !logs.contains(secret),
+            "{secret} appears in the logs:\n{logs}"
+        );
+    }
+}

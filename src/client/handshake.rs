@@ -82,7 +82,12 @@ pub async fn login(
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
     if let Err(e) = auth::authenticate(stream, buf, &user, &shared.users, end_point).await {
         match &e {
-            AuthError::Failed(_) => tracing::info!(%peer, user, database, "authentication failed"),
+            AuthError::Failed(_) => {
+                let delay = shared.login_throttle.failed(peer.ip());
+                tracing::info!(%peer, user, database, delay_ms = delay.as_millis() as u64, "authentication failed");
+                // Repeated failures from one address are answered ever more slowly.
+                tokio::time::sleep(delay).await;
+            }
             AuthError::Closed => tracing::debug!(%peer, user, "client left during authentication"),
             other => tracing::info!(%peer, user, error = %other, "authentication aborted"),
         }
@@ -90,6 +95,7 @@ pub async fn login(
             error: e.to_client_error(),
         });
     }
+    shared.login_throttle.succeeded(peer.ip());
     let Some(pool) = shared.pools.get(&database, &user).cloned() else {
         return Err(ErrorResponse::fatal(
             sqlstate::INVALID_CATALOG_NAME,

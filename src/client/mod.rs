@@ -7,6 +7,7 @@ pub mod handshake;
 pub mod params;
 pub mod session;
 pub mod sql;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -494,12 +494,16 @@ impl Session {
                 }
                 continue;
             }
-            // Every client message streams through: PostgreSQL enforces its own limits.
+            // Messages stream through (only some are read whole), but none may claim more
+            // than listen.max_message_size.
             let header = match peek_header(&self.client_in) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::ClientProtocol(e.to_string())),
             };
+            header
+                .check_size(self.shared.config.listen.max_message_size)
+                .map_err(|e| End::ClientProtocol(e.to_string()))?;
             match header.tag {
                 b'X' => return Err(End::Terminated),
                 b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c'
@@ -642,11 +646,8 @@ impl Session {
     }
 
     /// Whether all of a client message that must be read whole has arrived (room is made
-    /// for the rest if not). Refuses one too large to hold.
+    /// for the rest if not; its size was checked against listen.max_message_size).
     fn whole_message_arrived(&mut self, header: Header) -> Result<bool, End> {
-        header
-            .check_size(DEFAULT_MAX_MESSAGE_SIZE)
-            .map_err(|e| End::ClientProtocol(e.to_string()))?;
         if self.client_in.len() >= header.len {
             return Ok(true);
         }
