@@ -301,6 +301,23 @@ pub struct UserConfig {
     /// Password for the backend; defaults to `password` when that is plaintext or md5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_password: Option<Secret>,
+    /// A file holding `password` (read at load; one trailing newline is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// A file holding `server_password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_password_file: Option<PathBuf>,
+    /// A shell command whose output is the backend password (an RDS IAM token, a Vault
+    /// lease…), run when a backend connection is opened; its answer is reused for
+    /// `server_password_ttl`, and asked again at once if the server refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_password_command: Option<String>,
+    #[serde(default = "default_password_ttl", with = "humantime_serde")]
+    pub server_password_ttl: Duration,
+}
+
+fn default_password_ttl() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_auth() -> AuthMethod {
@@ -416,7 +433,8 @@ impl Config {
                 },
                 None => ConfigError::Parse(e),
             })?;
-        let config: Config = raw.try_deserialize()?;
+        let mut config: Config = raw.try_deserialize()?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
     }
@@ -426,9 +444,45 @@ impl Config {
         let raw = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()?;
-        let config: Config = raw.try_deserialize()?;
+        let mut config: Config = raw.try_deserialize()?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads `password_file` and `server_password_file` into the secrets they hold.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        for (name, user) in &mut self.users {
+            for (file_key, file, secret_key, secret) in [
+                (
+                    "password_file",
+                    &user.password_file,
+                    "password",
+                    &mut user.password,
+                ),
+                (
+                    "server_password_file",
+                    &user.server_password_file,
+                    "server_password",
+                    &mut user.server_password,
+                ),
+            ] {
+                let Some(path) = file else { continue };
+                let key = format!("users.{name}.{file_key}");
+                if secret.is_some() {
+                    return Err(invalid(
+                        key,
+                        format!("give {secret_key} or {file_key}, not both"),
+                    ));
+                }
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                let text = text.strip_suffix('\r').unwrap_or(text);
+                *secret = Some(Secret::new(text));
+            }
+        }
+        Ok(())
     }
 
     /// Checks everything a running proxy relies on; the error names the key.
@@ -570,6 +624,18 @@ impl Config {
         if user.server_user.as_deref() == Some("") {
             return Err(invalid(key("server_user"), "must not be empty"));
         }
+        match &user.server_password_command {
+            Some(_) if user.server_password.is_some() => {
+                return Err(invalid(
+                    key("server_password_command"),
+                    "give server_password or server_password_command, not both",
+                ))
+            }
+            Some(c) if c.trim().is_empty() => {
+                return Err(invalid(key("server_password_command"), "must not be empty"))
+            }
+            _ => {}
+        }
         Ok(())
     }
 
@@ -692,6 +758,20 @@ mod tests {
                 "[users.bob]\npassword = \"md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n",
                 "users.bob.password",
             ),
+            (
+                "[users.bob]\npassword = \"x\"\npassword_file = \"/etc/hostname\"\n",
+                "users.bob.password_file",
+            ),
+            (
+                "[users.bob]\npassword_file = \"/nonexistent/pw\"\n",
+                "users.bob.password_file",
+            ),
+            (
+                "[users.bob]\npassword = \"x\"\nserver_password = \"y\"\nserver_password_command = \"echo y\"\n",
+                "users.bob.server_password_command",
+            ),
+            ("[listen]\nmax_message_size = 10\n", "listen.max_message_size"),
+            ("[tls.client]\nmode = \"require\"\n", "tls.client"),
         ];
         for (extra, key) in cases {
             let err = Config::from_toml(&format!("{extra}{MINIMAL}")).expect_err(extra);
@@ -733,6 +813,11 @@ mod tests {
             default.idle_transaction_timeout
         );
         assert_eq!(doc.query_timeout, default.query_timeout);
+        assert_eq!(
+            c.users["app"].server_password_ttl,
+            default_password_ttl(),
+            "users.app.server_password_ttl"
+        );
         let (doc, default) = (&c.listen, ListenConfig::default());
         assert_eq!(doc.addr, default.addr);
         assert_eq!(doc.max_client_connections, default.max_client_connections);

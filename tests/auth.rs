@@ -381,3 +381,70 @@ async fn a_user_with_only_a_verifier_gets_a_clear_error_from_a_scram_server() {
     let message = err.as_db_error().unwrap().message();
     assert!(message.contains("server_password"), "{message}");
 }
+
+#[tokio::test]
+async fn passwords_can_come_from_files() {
+    common::create_role("auth_files", "from-a-file").await;
+    let dir = common::unique_temp_dir("auth-files");
+    std::fs::write(dir.join("client"), "from-a-file\n").expect("write");
+    std::fs::write(dir.join("server"), "from-a-file").expect("write");
+    let proxy = TestProxy::start(&format!(
+        "[users.auth_files]\npassword_file = \"{}\"\nserver_password_file = \"{}\"\n",
+        dir.join("client").display(),
+        dir.join("server").display()
+    ))
+    .await;
+    let conn = proxy
+        .connect("auth_files", "from-a-file")
+        .await
+        .expect("the password from the file");
+    conn.client.simple_query("SELECT 1").await.expect("query");
+    assert!(proxy.connect("auth_files", "from-a-fil").await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_rotating_server_password_command_keeps_new_backends_working() {
+    common::create_role("auth_rotate", "token-1").await;
+    let dir = common::unique_temp_dir("auth-rotate");
+    let token = dir.join("token");
+    std::fs::write(&token, "token-1\n").expect("write");
+    // The answer is cached for an hour: the rotation is noticed because the server
+    // refuses the old token.
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 1\n[users.auth_rotate]\nauth = \"trust\"\n\
+         server_password_command = \"cat '{}'\"\nserver_password_ttl = \"1h\"\n",
+        token.display()
+    ))
+    .await;
+    let conn = proxy.connect("auth_rotate", "").await.expect("login");
+    let pid_of = |row: tokio_postgres::Row| row.get::<_, i32>(0);
+    let first = pid_of(
+        conn.client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("first backend"),
+    );
+    let admin = common::admin().await;
+    admin
+        .batch_execute("ALTER ROLE auth_rotate PASSWORD 'token-2'")
+        .await
+        .expect("rotate");
+    std::fs::write(&token, "token-2\n").expect("write");
+    // The idle backend goes away; the next transaction needs a new one.
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .expect("terminate");
+    while common::backends_of(&admin, "auth_rotate").await > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let second = pid_of(
+        conn.client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("a new backend with the rotated token"),
+    );
+    assert_ne!(first, second);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,6 +23,7 @@ use deadpool::Runtime;
 use crate::config::{Config, StoredPassword};
 use crate::prepared::ServerStatements;
 use crate::protocol::{sqlstate, ErrorResponse};
+use crate::server::password::PasswordCommand;
 use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
 use crate::tls::ServerTls;
 
@@ -330,6 +331,12 @@ impl Pools {
                 );
             }
         }
+        // One credential per user, shared by its pools (so a command runs once for all).
+        let passwords: HashMap<&String, Option<BackendPassword>> = config
+            .users
+            .iter()
+            .map(|(name, user)| (name, backend_password(user)))
+            .collect();
         let mut pools = HashMap::new();
         for (db_name, db) in &config.databases {
             for (user_name, user) in &config.users {
@@ -341,7 +348,7 @@ impl Pools {
                         .server_user
                         .clone()
                         .unwrap_or_else(|| user_name.clone()),
-                    password: backend_password(user),
+                    password: passwords.get(user_name).cloned().flatten(),
                     tls: Arc::clone(tls),
                 };
                 let name = format!("{db_name}/{user_name}");
@@ -376,9 +383,15 @@ impl Pools {
     }
 }
 
-/// The credential pgshield presents to the backend for a user: `server_password`, or
-/// else the user's own password when it is plaintext or an md5 hash.
+/// The credential pgshield presents to the backend for a user: `server_password_command`,
+/// `server_password`, or else the user's own password when it is plaintext or an md5 hash.
 fn backend_password(user: &crate::config::UserConfig) -> Option<BackendPassword> {
+    if let Some(command) = &user.server_password_command {
+        return Some(BackendPassword::Command(Arc::new(PasswordCommand::new(
+            command.clone(),
+            user.server_password_ttl,
+        ))));
+    }
     let secret = user.server_password.as_ref().or(user.password.as_ref())?;
     match StoredPassword::classify(secret).ok()? {
         StoredPassword::Plain(s) => Some(BackendPassword::Plain(s)),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use super::password::PasswordCommand;
 use super::{parse_parameter_status, Server, ServerError as Error};
 use crate::config::{Secret, ServerTlsMode};
 use crate::net::Stream;
@@ -52,6 +53,8 @@ pub enum BackendPassword {
     Plain(Secret),
     /// md5(password || user), as `md5` + 32 hex digits: enough for md5 servers only.
     Md5Hash(Secret),
+    /// The output of `server_password_command`.
+    Command(Arc<PasswordCommand>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,8 @@ pub enum ServerError {
         mode: &'static str,
         reason: String,
     },
+    #[error("server_password_command: {0}")]
+    PasswordCommand(String),
     #[error("i/o error on the server connection: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -162,7 +167,27 @@ fn mode_name(mode: ServerTlsMode) -> &'static str {
 
 /// Opens, authenticates and readies one backend connection within `timeout`.
 pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server, Error> {
-    match tokio::time::timeout(timeout, connect_inner(target)).await {
+    let attempt = async {
+        let Some(BackendPassword::Command(command)) = &target.password else {
+            return connect_inner(target).await;
+        };
+        // A password from a command is asked for now, and asked again (once) if the
+        // server refuses it: it may have rotated since it was cached.
+        for retry in [false, true] {
+            let secret = command.password().await.map_err(Error::PasswordCommand)?;
+            let mut resolved = target.clone();
+            resolved.password = Some(BackendPassword::Plain(secret.clone()));
+            match connect_inner(&resolved).await {
+                Err(Error::Refused(e)) if !retry && e.code == sqlstate::INVALID_PASSWORD => {
+                    tracing::info!(addr = %target.addr(), "the server refused the password from server_password_command; asking it again");
+                    command.forget(&secret).await;
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the second attempt returns")
+    };
+    match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(Error::Timeout {
             addr: target.addr(),
@@ -251,7 +276,10 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                         )
                     }
                     Some(BackendPassword::Md5Hash(hash)) => md5_from_hash(hash.expose(), salt),
-                    None => return Err(no_password("md5", "password", target)),
+                    // `connect` resolves commands before logging in.
+                    None | Some(BackendPassword::Command(_)) => {
+                        return Err(no_password("md5", "password", target))
+                    }
                 };
                 frontend::password_message(response.as_bytes(), &mut out).map_err(Error::Io)?;
             }

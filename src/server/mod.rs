@@ -7,6 +7,7 @@
 //! errored at the protocol level or was lost is marked broken and is never reused.
 
 pub mod connect;
+pub mod password;
 pub mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
