@@ -121,7 +121,12 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
 pub struct ClientTls {
     settings: ClientTlsConfig,
     current: RwLock<Loaded>,
+    /// When reading changed files last failed (they may have been half written): no
+    /// new attempt before [`RELOAD_RETRY`] has passed.
+    failed_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+const RELOAD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Loaded {
     material: Arc<Material>,
@@ -146,6 +151,7 @@ impl ClientTls {
         Ok(Some(ClientTls {
             settings: settings.clone(),
             current: RwLock::new(loaded),
+            failed_at: std::sync::Mutex::new(None),
         }))
     }
 
@@ -163,12 +169,17 @@ impl ClientTls {
                 return Arc::clone(&current.material);
             }
         }
-        if let Err(e) = self.reload() {
-            tracing::warn!(error = %e, "TLS certificate files changed but cannot be loaded; still serving the previous ones");
-            // Do not try again on every handshake until the files change again.
-            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-            current.stamp = stamp;
+        let mut failed_at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if failed_at.is_none_or(|at| at.elapsed() >= RELOAD_RETRY) {
+            match self.reload() {
+                Ok(()) => *failed_at = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS certificate files changed but cannot be loaded (yet); still serving the previous ones");
+                    *failed_at = Some(std::time::Instant::now());
+                }
+            }
         }
+        drop(failed_at);
         let current = self.current.read().unwrap_or_else(|p| p.into_inner());
         Arc::clone(&current.material)
     }
@@ -253,6 +264,14 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     pub fn new(settings: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
+        if settings.ca.is_some()
+            && matches!(
+                settings.mode,
+                ServerTlsMode::Prefer | ServerTlsMode::Require
+            )
+        {
+            tracing::warn!("tls.server.ca is used only by verify-ca and verify-full: with this mode server certificates are not checked");
+        }
         let provider = provider();
         let roots = || match &settings.ca {
             Some(ca) => load_roots("server CA", ca),

@@ -265,15 +265,16 @@ async fn direct_tls_works_with_alpn_postgresql_and_only_with_it() {
     let (tags, errors) = raw::until_ready(&mut tls).await;
     assert_eq!((tags.as_str(), errors.len()), ("TDCZ", 0));
 
-    // Without ALPN the handshake may finish, but pgshield then closes the connection.
-    if let Ok(mut tls) = direct_tls(&proxy, &[]).await {
-        raw::send(
-            &mut tls,
-            &raw::startup(&[("user", "tls_direct"), ("database", "app")]),
-        )
-        .await;
-        assert!(raw::read_message(&mut tls).await.is_none(), "closed");
-    }
+    // Without ALPN the handshake finishes (rustls cannot refuse it), then pgshield closes.
+    let mut tls = direct_tls(&proxy, &[])
+        .await
+        .expect("a handshake without ALPN completes");
+    raw::send(
+        &mut tls,
+        &raw::startup(&[("user", "tls_direct"), ("database", "app")]),
+    )
+    .await;
+    assert!(raw::read_message(&mut tls).await.is_none(), "closed");
     // Another protocol is refused during the handshake.
     assert!(direct_tls(&proxy, &[b"http/1.1"]).await.is_err());
 }
@@ -319,6 +320,32 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     )
     .await
     .expect_err("no client certificate");
+    // A certificate from another CA is refused too.
+    let strangers = TestPki::new("a stranger's CA");
+    let (cert, key) = strangers.issue("tls_mtls");
+    let (cert, key) = (
+        files.write("stranger.crt", &cert),
+        files.write("stranger.key", &key),
+    );
+    let err = psql(
+        conninfo(
+            &proxy,
+            "tls_mtls",
+            &format!(
+                "{verify} sslcert={} sslkey={}",
+                cert.display(),
+                key.display()
+            ),
+        ),
+        "pw",
+        &["SELECT 1"],
+    )
+    .await
+    .expect_err("a certificate from another CA");
+    assert!(
+        err.contains("certificate") || err.contains("SSL"),
+        "refused in the handshake: {err}"
+    );
 }
 
 #[tokio::test]
@@ -439,10 +466,15 @@ async fn a_backend_that_fails_verification_is_never_used_and_the_error_says_why(
                 && message.contains("UnknownIssuer"),
             "{mode}: {message}"
         );
+        // Checked while the proxy runs: no backend was left open for that role.
+        let admin = common::admin().await;
+        assert_eq!(
+            common::backends_of(&admin, "tls_wrong_ca").await,
+            0,
+            "{mode}"
+        );
         proxy.stop().await;
     }
-    let admin = common::admin().await;
-    assert_eq!(common::backends_of(&admin, "tls_wrong_ca").await, 0);
 }
 
 #[tokio::test]

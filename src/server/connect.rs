@@ -196,14 +196,27 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
     }
 }
 
-async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
+async fn open_tcp(target: &ServerTarget) -> Result<Stream, Error> {
     let tcp = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|source| Error::Connect {
             addr: target.addr(),
             source,
         })?;
-    let stream = negotiate_tls(target, Stream::from_tcp(tcp)).await?;
+    Ok(Stream::from_tcp(tcp))
+}
+
+async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
+    let stream = match negotiate_tls(target, open_tcp(target).await?).await {
+        // As libpq's prefer: a server whose TLS fails is tried again in plaintext.
+        Err(e @ (Error::Tls { .. } | Error::Protocol(_)))
+            if target.tls.mode() == ServerTlsMode::Prefer =>
+        {
+            tracing::warn!(addr = %target.addr(), error = %e, "TLS to the server failed; tls.server.mode = prefer: trying without TLS");
+            open_tcp(target).await?
+        }
+        other => other?,
+    };
     let mut server = Server::new(stream, &target.host, target.port);
     let mut out = BytesMut::new();
     frontend::startup_message(

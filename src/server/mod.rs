@@ -348,11 +348,31 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Say goodbye so the server does not log an unexpected EOF; never wait for it.
-        if !self.no_terminate {
-            self.stream.try_write_now(&TERMINATE);
+        if self.no_terminate {
+            return;
         }
+        if !self.stream.is_tls() {
+            self.stream.try_write_now(&TERMINATE);
+            return;
+        }
+        // A TLS record cannot be written without waiting: a task does it (and sends
+        // close_notify), briefly, if there is a runtime to run it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut stream = std::mem::replace(&mut self.stream, Stream::Detached);
+        runtime.spawn(async move {
+            let goodbye = async {
+                stream.send(&TERMINATE).await?;
+                tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+            };
+            let _ = tokio::time::timeout(TLS_GOODBYE_TIMEOUT, goodbye).await;
+        });
     }
 }
+
+/// How long a closing TLS backend gets to take its Terminate.
+const TLS_GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl ServerError {
     fn from_read(e: ReadError) -> ServerError {
