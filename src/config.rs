@@ -61,6 +61,52 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub tls: TlsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// The query PgBouncer users know as auth_query: columns (name, secret[, expired]).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, rolpassword, \
+    rolvaliduntil IS NOT NULL AND rolvaliduntil < now() \
+    FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin";
+
+/// Users not in `[users]` looked up in the database, as PgBouncer's auth_query.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Look users up with `query`, run as `user`.
+    pub enabled: bool,
+    /// Returns one row for a user who may log in: (name, SCRAM verifier or md5 hash
+    /// [, expired boolean]). `$1` is the user name, as a quoted literal.
+    pub query: String,
+    /// The user pgshield runs the query as (it logs in with `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// The database the query runs in (on the client's database's server); default:
+    /// the database the client asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbname: Option<String>,
+    /// How long an answer (including "no such user") is reused.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            query: DEFAULT_AUTH_QUERY.to_owned(),
+            user: None,
+            password: None,
+            password_file: None,
+            dbname: None,
+            cache_ttl: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -316,6 +362,15 @@ pub struct UserConfig {
     pub server_password_ttl: Duration,
 }
 
+/// A secret kept in a file: its text without one trailing newline.
+fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    Ok(Secret::new(text))
+}
+
 fn default_password_ttl() -> Duration {
     Duration::from_secs(600)
 }
@@ -452,6 +507,15 @@ impl Config {
 
     /// Reads `password_file` and `server_password_file` into the secrets they hold.
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.auth.password_file {
+            if self.auth.password.is_some() {
+                return Err(invalid(
+                    "auth.password_file",
+                    "give password or password_file, not both",
+                ));
+            }
+            self.auth.password = Some(read_secret_file("auth.password_file", path)?);
+        }
         for (name, user) in &mut self.users {
             for (file_key, file, secret_key, secret) in [
                 (
@@ -475,11 +539,7 @@ impl Config {
                         format!("give {secret_key} or {file_key}, not both"),
                     ));
                 }
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| invalid(&key, format!("cannot read {}: {e}", path.display())))?;
-                let text = text.strip_suffix('\n').unwrap_or(&text);
-                let text = text.strip_suffix('\r').unwrap_or(text);
-                *secret = Some(Secret::new(text));
+                *secret = Some(read_secret_file(&key, path)?);
             }
         }
         Ok(())
@@ -565,11 +625,22 @@ impl Config {
                 return Err(invalid(key("dbname"), "must not be empty"));
             }
         }
-        if self.users.is_empty() {
+        if self.users.is_empty() && !self.auth.enabled {
             return Err(invalid(
                 "users",
-                "no user configured: add a [users.NAME] table with `auth` and `password`",
+                "no user configured: add a [users.NAME] table with `auth` and `password`, or enable [auth]",
             ));
+        }
+        if self.auth.enabled {
+            if self.auth.user.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid("auth.user", "needed when auth.enabled = true"));
+            }
+            if !self.auth.query.contains("$1") {
+                return Err(invalid("auth.query", "must use $1 (the user name)"));
+            }
+            if self.auth.cache_ttl.is_zero() {
+                return Err(invalid("auth.cache_ttl", "must be more than 0s"));
+            }
         }
         for (name, user) in &self.users {
             self.validate_user(name, user)?;
@@ -825,6 +896,11 @@ mod tests {
         assert_eq!(doc.max_message_size, default.max_message_size);
         assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
         assert_eq!(c.tls.client.mode, ClientTlsMode::default());
+        let (doc, default) = (&c.auth, AuthConfig::default());
+        assert_eq!(
+            (doc.enabled, &doc.query, doc.cache_ttl),
+            (default.enabled, &default.query, default.cache_ttl)
+        );
         assert_eq!(c.tls.server.mode, ServerTlsMode::default());
     }
 

@@ -166,6 +166,7 @@ fn dev(args: DevArgs) -> ExitCode {
         log: LogConfig::default(),
         runtime: Default::default(),
         tls: Default::default(),
+        auth: Default::default(),
     };
     let password = db.password().to_owned();
     let (direct_port, version, dir) = (

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::auth::UserDirectory;
+use crate::client::auth_query::AuthQuery;
 use crate::client::cancel::Cancels;
 use crate::client::sql::PinReason;
 use crate::client::throttle::LoginThrottle;
@@ -39,6 +40,8 @@ pub struct Shared {
     pub client_tls: Option<Arc<ClientTls>>,
     /// Failed logins by address, to slow down guessing.
     pub login_throttle: LoginThrottle,
+    /// Users looked up in the database (`[auth]`), if enabled.
+    pub auth_query: Option<AuthQuery>,
 }
 
 /// How many clients were pinned, by reason.
@@ -107,6 +110,7 @@ impl Proxy {
             pins: PinCounts::default(),
             client_tls,
             login_throttle: LoginThrottle::default(),
+            auth_query: AuthQuery::from_config(&config, &server_tls),
             config,
         });
         Ok(Proxy {
@@ -142,7 +146,7 @@ impl Proxy {
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             mode = %shared.config.pool.mode,
-            pools = shared.pools.iter().count(),
+            pools = shared.pools.all().len(),
             "pgshield is listening"
         );
         loop {

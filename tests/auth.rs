@@ -365,8 +365,10 @@ async fn a_wrong_server_password_is_reported_with_the_servers_code() {
 }
 
 #[tokio::test]
-async fn a_user_with_only_a_verifier_gets_a_clear_error_from_a_scram_server() {
+async fn a_verifier_the_server_does_not_hold_gets_a_clear_error_not_a_wrong_password() {
     common::create_role("be_verifier_only", "pw").await;
+    // The same password, but another salt: the keys of the client's login do not fit
+    // the server's verifier.
     let verifier = postgres_protocol::password::scram_sha_256(b"pw");
     let proxy = TestProxy::start(&format!(
         "[users.be_verifier_only]\npassword = \"{verifier}\"\n"
@@ -447,4 +449,35 @@ async fn a_rotating_server_password_command_keeps_new_backends_working() {
     );
     assert_ne!(first, second);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_servers_own_verifier_in_config_is_enough_to_log_in_both_ways() {
+    common::create_role("auth_passthrough", "pw-pass").await;
+    let verifier: String = common::admin()
+        .await
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'auth_passthrough'",
+            &[],
+        )
+        .await
+        .expect("verifier")
+        .get(0);
+    // No server_password: pgshield logs in to the server with the keys of the client's
+    // own SCRAM login.
+    let proxy = TestProxy::start(&format!(
+        "[users.auth_passthrough]\npassword = \"{verifier}\"\n"
+    ))
+    .await;
+    let conn = proxy
+        .connect("auth_passthrough", "pw-pass")
+        .await
+        .expect("login and passthrough to the server");
+    let user: String = conn
+        .client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(user, "auth_passthrough");
 }

@@ -72,6 +72,18 @@ impl UserDirectory {
     pub fn lookup(&self, user: &str) -> Option<&ClientAuth> {
         self.users.get(user)
     }
+
+    /// Makes the made-up verifier unknown users are walked through.
+    pub fn mock(&self, user: &str) -> ClientAuth {
+        ClientAuth::Scram(ScramVerifier::mock(user, &self.mock_secret))
+    }
+}
+
+/// What a successful login proved.
+#[derive(Debug, Default)]
+pub struct Proof {
+    /// The client key a SCRAM login revealed (for logging in to the server in its name).
+    pub client_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,20 +130,23 @@ impl From<ReadError> for AuthError {
 /// the login's outcome (the caller sends AuthenticationOk with the rest of the welcome).
 /// `end_point`: the TLS connection's channel binding data, which makes SCRAM-SHA-256-PLUS
 /// available.
+/// `auth` is how `user` proves who they are (a mock verifier for unknown users, so they
+/// fail like a wrong password).
 pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     user: &str,
-    directory: &UserDirectory,
+    auth: &ClientAuth,
     end_point: Option<&[u8]>,
-) -> Result<(), AuthError> {
-    match directory.lookup(user) {
-        Some(ClientAuth::Trust) => Ok(()),
-        Some(ClientAuth::Scram(verifier)) => scram(stream, buf, user, verifier, end_point).await,
-        Some(ClientAuth::Md5(hash)) => md5(stream, buf, user, hash).await,
-        None => {
-            let mock = ScramVerifier::mock(user, &directory.mock_secret);
-            scram(stream, buf, user, &mock, end_point).await
+) -> Result<Proof, AuthError> {
+    match auth {
+        ClientAuth::Trust => Ok(Proof::default()),
+        ClientAuth::Scram(verifier) => Ok(Proof {
+            client_key: Some(scram(stream, buf, user, verifier, end_point).await?),
+        }),
+        ClientAuth::Md5(hash) => {
+            md5(stream, buf, user, hash).await?;
+            Ok(Proof::default())
         }
     }
 }
@@ -142,7 +157,7 @@ async fn scram(
     user: &str,
     verifier: &ScramVerifier,
     end_point: Option<&[u8]>,
-) -> Result<(), AuthError> {
+) -> Result<[u8; 32], AuthError> {
     let mut out = BytesMut::new();
     match end_point {
         Some(_) => messages::authentication_sasl(&mut out, &[MECHANISM_PLUS, MECHANISM]),
@@ -174,7 +189,8 @@ async fn scram(
         other => AuthError::Protocol(other.to_string()),
     })?;
     messages::authentication_sasl_final(&mut out, &success.server_final);
-    send(stream, &mut out).await
+    send(stream, &mut out).await?;
+    Ok(success.client_key)
 }
 
 async fn md5(

@@ -11,15 +11,16 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::auth::{self, AuthError};
+use super::auth::{self, AuthError, ClientAuth, Proof};
 use super::cancel::Registration;
 use super::params::ClientSettings;
+use crate::config::Secret;
 use crate::net::Stream;
 use crate::pool::Pool;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket, StartupReadError};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
-use crate::server::ServerParams;
+use crate::server::{BackendPassword, ServerParams};
 use crate::tls::{ClientTls, Material, ALPN_POSTGRESQL};
 
 /// A logged-in client, ready for its session.
@@ -79,24 +80,63 @@ pub async fn login(
     let settings = ClientSettings::from_startup(&startup)?;
     negotiate_version(stream, &startup).await?;
 
-    let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
-    if let Err(e) = auth::authenticate(stream, buf, &user, &shared.users, end_point).await {
-        match &e {
-            AuthError::Failed(_) => {
-                let delay = shared.login_throttle.failed(peer.ip());
-                tracing::info!(%peer, user, database, delay_ms = delay.as_millis() as u64, "authentication failed");
-                // Repeated failures from one address are answered ever more slowly.
-                tokio::time::sleep(delay).await;
+    // Configured users first; then, with [auth], the database's own roles.
+    let configured = shared.users.lookup(&user).cloned();
+    let found = match (&configured, &shared.auth_query) {
+        (None, Some(query)) => match query.lookup(&database, &user).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(%peer, user, database, error = %e, "auth.query lookup failed");
+                return Err(ErrorResponse::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgshield cannot check passwords right now (its auth.query lookup failed)",
+                )
+                .into());
             }
-            AuthError::Closed => tracing::debug!(%peer, user, "client left during authentication"),
-            other => tracing::info!(%peer, user, error = %other, "authentication aborted"),
+        },
+        _ => None,
+    };
+    let auth = configured
+        .clone()
+        .or_else(|| found.clone())
+        .unwrap_or_else(|| shared.users.mock(&user));
+    let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
+    let proof = match auth::authenticate(stream, buf, &user, &auth, end_point).await {
+        Ok(proof) => proof,
+        Err(e) => {
+            match &e {
+                AuthError::Failed(_) => {
+                    let delay = shared.login_throttle.failed(peer.ip());
+                    tracing::info!(%peer, user, database, delay_ms = delay.as_millis() as u64, "authentication failed");
+                    // Repeated failures from one address are answered ever more slowly.
+                    tokio::time::sleep(delay).await;
+                }
+                AuthError::Closed => {
+                    tracing::debug!(%peer, user, "client left during authentication")
+                }
+                other => tracing::info!(%peer, user, error = %other, "authentication aborted"),
+            }
+            return Err(Refusal {
+                error: e.to_client_error(),
+            });
         }
-        return Err(Refusal {
-            error: e.to_client_error(),
-        });
-    }
+    };
     shared.login_throttle.succeeded(peer.ip());
-    let Some(pool) = shared.pools.get(&database, &user).cloned() else {
+    let pool = match (configured, found) {
+        (Some(configured), _) => {
+            let pool = shared.pools.get(&database, &user);
+            // A configured SCRAM verifier without server_password: passthrough too.
+            if let (Some(pool), Some(password)) = (&pool, passthrough(&configured, &proof)) {
+                pool.use_login_credential(password);
+            }
+            pool
+        }
+        // Found by [auth]: the server is logged in to with what this login proved.
+        (None, Some(found)) => passthrough(&found, &proof)
+            .and_then(|password| shared.pools.for_found_user(&database, &user, password)),
+        (None, None) => None,
+    };
+    let Some(pool) = pool else {
         return Err(ErrorResponse::fatal(
             sqlstate::INVALID_CATALOG_NAME,
             format!("database \"{database}\" does not exist"),
@@ -262,6 +302,19 @@ async fn accept_tls(
             tracing::info!(error = %e, "client TLS handshake failed");
             Err(Refusal { error: None })
         }
+    }
+}
+
+/// The credential for the server that a login proved: the SCRAM keys it revealed, or
+/// the user's md5 hash.
+fn passthrough(found: &ClientAuth, proof: &Proof) -> Option<BackendPassword> {
+    match found {
+        ClientAuth::Scram(verifier) => Some(BackendPassword::ScramKeys {
+            client_key: proof.client_key?,
+            server_key: verifier.server_key,
+        }),
+        ClientAuth::Md5(hash) => Some(BackendPassword::Md5Hash(Secret::new(format!("md5{hash}")))),
+        ClientAuth::Trust => None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! (`params`), and the session loop that relays its messages (`session`).
 
 pub mod auth;
+pub mod auth_query;
 pub mod cancel;
 pub mod handshake;
 pub mod params;

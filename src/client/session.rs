@@ -912,7 +912,8 @@ impl Session {
             if readback && !forward {
                 if header.tag == b'D' {
                     if let Some(front) = self.readbacks.front_mut() {
-                        front.values = parse_data_row(&server.read_buf[HEADER_LEN..header.len]);
+                        front.values =
+                            crate::server::parse_data_row(&server.read_buf[HEADER_LEN..header.len]);
                     }
                 }
                 if header.tag == b'Z' {
@@ -1331,32 +1332,6 @@ fn statement_drop(effects: &Effects) -> Option<StatementDrop> {
         }
         _ => None,
     }
-}
-
-/// The column values of a DataRow (None for NULL); None if malformed.
-fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
-    if body.len() < 2 {
-        return None;
-    }
-    let count = body.get_i16();
-    let mut values = Vec::with_capacity(count.max(0) as usize);
-    for _ in 0..count {
-        if body.len() < 4 {
-            return None;
-        }
-        let len = body.get_i32();
-        if len < 0 {
-            values.push(None);
-            continue;
-        }
-        let len = len as usize;
-        if body.len() < len {
-            return None;
-        }
-        values.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
-        body.advance(len);
-    }
-    Some(values)
 }
 
 /// What the server said the client's settings are now: they follow the client.

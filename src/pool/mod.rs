@@ -95,7 +95,9 @@ impl BorrowError {
 
 /// Opens and checks backends for one pool.
 pub struct ServerManager {
-    target: ServerTarget,
+    /// Where and as whom; behind a lock because a passthrough user's credential is
+    /// replaced by the one from its latest login.
+    target: Mutex<ServerTarget>,
     settings: PoolSettings,
     /// Parameters of the newest backend, as it reported them at login: what a new client
     /// is told at its own login (PgBouncer's "welcome message").
@@ -107,9 +109,10 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Server, ServerError> {
-        let mut server = connect(&self.target, self.settings.server_connect_timeout).await?;
+        let target = lock(&self.target).clone();
+        let mut server = connect(&target, self.settings.server_connect_timeout).await?;
         server.statements = ServerStatements::new(self.settings.max_prepared_statements);
-        tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %self.target.addr(), "opened backend");
+        tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %target.addr(), "opened backend");
         *lock(&self.welcome) = Some(Arc::new(server.params().clone()));
         Ok(server)
     }
@@ -170,7 +173,7 @@ pub struct PoolStatus {
 impl Pool {
     pub fn new(name: String, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
         let manager = ServerManager {
-            target,
+            target: Mutex::new(target),
             settings: settings.clone(),
             welcome: Mutex::new(None),
         };
@@ -198,6 +201,18 @@ impl Pool {
     /// When a client of this pool holds a backend.
     pub fn mode(&self) -> crate::config::PoolMode {
         self.settings.mode
+    }
+
+    /// For a user with no server credential of its own (a SCRAM verifier only, or found
+    /// by `[auth]`): the server is logged in to with what its latest login proved.
+    pub fn use_login_credential(&self, password: BackendPassword) {
+        let mut target = lock(&self.inner.manager().target);
+        if matches!(
+            target.password,
+            None | Some(BackendPassword::ScramKeys { .. })
+        ) {
+            target.password = Some(password);
+        }
     }
 
     /// `database/user`, as shown in messages and logs.
@@ -316,6 +331,14 @@ impl Drop for Backend {
 /// All pools, keyed by (database, user) as clients name them.
 pub struct Pools {
     pools: HashMap<(String, String), Arc<Pool>>,
+    /// Pools of users found by `[auth]` (made at their first login).
+    dynamic: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// What a dynamic pool is made from.
+    databases: std::collections::BTreeMap<String, crate::config::DatabaseConfig>,
+    settings: PoolSettings,
+    tls: Arc<ServerTls>,
+    /// Stops the janitors of all pools, dynamic ones too.
+    janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
 }
 
 impl Pools {
@@ -327,7 +350,8 @@ impl Pools {
                 tracing::warn!(
                     user = %name,
                     "no password pgshield can log in to the server with (none, or only a SCRAM \
-                     verifier): only servers that trust pgshield will accept it; set server_password"
+                     verifier): it logs in with the keys of the user's own SCRAM logins \
+                     (passthrough), or to servers that trust it"
                 );
             }
         }
@@ -358,26 +382,74 @@ impl Pools {
                 );
             }
         }
-        Pools { pools }
+        Pools {
+            pools,
+            dynamic: Mutex::new(HashMap::new()),
+            databases: config.databases.clone(),
+            settings,
+            tls: Arc::clone(tls),
+            janitor_stop: std::sync::OnceLock::new(),
+        }
     }
 
-    pub fn get(&self, database: &str, user: &str) -> Option<&Arc<Pool>> {
-        self.pools.get(&(database.to_owned(), user.to_owned()))
+    /// The pool of a configured user, or of a user `[auth]` found that has logged in.
+    pub fn get(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
+        let key = (database.to_owned(), user.to_owned());
+        match self.pools.get(&key) {
+            Some(pool) => Some(Arc::clone(pool)),
+            None => lock(&self.dynamic).get(&key).cloned(),
+        }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.pools.values()
+    /// The pool of a user found by `[auth]`, made at its first login, logging in to the
+    /// server with `password` (the credential from its latest login replaces older ones).
+    /// None if the database is not configured.
+    pub fn for_found_user(
+        &self,
+        database: &str,
+        user: &str,
+        password: BackendPassword,
+    ) -> Option<Arc<Pool>> {
+        let db = self.databases.get(database)?;
+        let key = (database.to_owned(), user.to_owned());
+        let mut dynamic = lock(&self.dynamic);
+        if let Some(pool) = dynamic.get(&key) {
+            pool.use_login_credential(password);
+            return Some(Arc::clone(pool));
+        }
+        let target = ServerTarget {
+            host: db.host.clone(),
+            port: db.port,
+            database: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
+            user: user.to_owned(),
+            password: Some(password),
+            tls: Arc::clone(&self.tls),
+        };
+        let pool = Pool::new(format!("{database}/{user}"), target, self.settings.clone());
+        if let Some(stop) = self.janitor_stop.get() {
+            tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));
+        }
+        dynamic.insert(key, Arc::clone(&pool));
+        Some(pool)
+    }
+
+    /// Every pool: configured ones and those made for users `[auth]` found.
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut all: Vec<Arc<Pool>> = self.pools.values().cloned().collect();
+        all.extend(lock(&self.dynamic).values().cloned());
+        all
     }
 
     /// Starts each pool's janitor; they stop when `stop` is cancelled.
     pub fn spawn_janitors(&self, stop: tokio_util::sync::CancellationToken) {
-        for pool in self.pools.values() {
-            tokio::spawn(janitor::run(Arc::clone(pool), stop.clone()));
+        for pool in self.all() {
+            tokio::spawn(janitor::run(pool, stop.clone()));
         }
+        let _ = self.janitor_stop.set(stop);
     }
 
     pub fn close_all(&self) {
-        for pool in self.pools.values() {
+        for pool in self.all() {
             pool.close();
         }
     }

@@ -1,4 +1,5 @@
-//! The server side of SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it.
+//! SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it: the server side, and a
+//! client side that logs in from keys rather than a password (passthrough).
 //!
 //! A login costs two HMACs and a hash against a stored verifier: the expensive PBKDF2 ran
 //! once, when the verifier was made (at config load for plaintext passwords), never per
@@ -249,6 +250,102 @@ impl<'v> ScramExchange<'v> {
     }
 }
 
+/// The client side of SCRAM-SHA-256 from keys instead of a password: how pgshield logs in
+/// to a server as a user whose password it never saw (passthrough). The client key was
+/// recovered from that user's own successful login to pgshield; the server key comes
+/// from the same verifier and proves the server knows it too.
+pub struct ScramKeyClient {
+    client_key: [u8; 32],
+    server_key: [u8; 32],
+    /// The GS2 header followed by the channel binding data (what `c=` carries).
+    binding: Vec<u8>,
+    header_len: usize,
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Option<String>,
+}
+
+impl ScramKeyClient {
+    /// `binding`: the GS2 header to send (`n,,`, `y,,`, `p=tls-server-end-point,,`) and
+    /// the channel binding data that goes with it (empty unless `p=`).
+    pub fn new(
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+        gs2_header: &str,
+        cb_data: &[u8],
+    ) -> ScramKeyClient {
+        let mut raw = [0u8; NONCE_RAW_LEN];
+        rand::rng().fill_bytes(&mut raw);
+        let nonce = B64.encode(raw);
+        let mut binding = gs2_header.as_bytes().to_vec();
+        binding.extend_from_slice(cb_data);
+        ScramKeyClient {
+            client_key,
+            server_key,
+            header_len: gs2_header.len(),
+            binding,
+            // PostgreSQL takes the user from the startup packet, not from n=.
+            client_first_bare: format!("n=,r={nonce}"),
+            nonce,
+            auth_message: None,
+        }
+    }
+
+    /// The client-first-message.
+    pub fn first(&self) -> Vec<u8> {
+        let mut msg = self.binding[..self.header_len].to_vec();
+        msg.extend_from_slice(self.client_first_bare.as_bytes());
+        msg
+    }
+
+    /// Takes the server-first-message, returns the client-final-message.
+    pub fn server_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, ScramError> {
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let nonce = msg
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("no server nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Malformed(
+                "the server's nonce does not extend ours",
+            ));
+        }
+        let without_proof = format!("c={},r={nonce}", B64.encode(&self.binding));
+        let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let stored_key: [u8; 32] = Sha256::digest(self.client_key).into();
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = self
+            .client_key
+            .iter()
+            .zip(signature.iter())
+            .map(|(k, s)| k ^ s)
+            .collect();
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
+    }
+
+    /// Checks the server-final-message: the server proves it holds the same verifier.
+    pub fn server_final(&self, msg: &[u8]) -> Result<(), ScramError> {
+        let auth_message = self
+            .auth_message
+            .as_ref()
+            .ok_or(ScramError::Malformed("server-final before server-first"))?;
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let signature = msg
+            .strip_prefix("v=")
+            .and_then(|v| B64.decode(v).ok())
+            .ok_or(ScramError::Malformed("expected v= attribute"))?;
+        let expected = hmac(&self.server_key, auth_message.as_bytes());
+        if bool::from(expected.as_slice().ct_eq(&signature)) {
+            Ok(())
+        } else {
+            Err(ScramError::Malformed(
+                "the server's signature does not verify",
+            ))
+        }
+    }
+}
+
 /// Splits `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
 fn split_gs2_header(msg: &str) -> Result<(&str, &str), ScramError> {
     let (flag, rest) = msg
@@ -344,6 +441,38 @@ mod tests {
         ] {
             assert!(ScramVerifier::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_recovered_client_key_logs_in_without_the_password() {
+        let v = ScramVerifier::from_password("pw");
+        // The key a real client's login reveals.
+        let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+        let unbound = Channel::Unbound { could_bind: false };
+        let (exchange, server_first) = ScramExchange::start(&v, client.message(), unbound).unwrap();
+        client.update(&server_first).unwrap();
+        let key = exchange.finish(client.message()).unwrap().client_key;
+        // pgshield logs in with it, with and without channel binding.
+        let data = [b','; 32];
+        for (header, cb, channel) in [
+            ("n,,", &[][..], Channel::Unbound { could_bind: false }),
+            ("p=tls-server-end-point,,", &data[..], Channel::Bound(&data)),
+        ] {
+            let mut keys = ScramKeyClient::new(key, v.server_key, header, cb);
+            let (exchange, server_first) =
+                ScramExchange::start(&v, &keys.first(), channel).unwrap();
+            let last = keys.server_first(&server_first).unwrap();
+            let success = exchange.finish(&last).expect("the key proves the user");
+            keys.server_final(&success.server_final)
+                .expect("the server proves itself");
+            assert!(keys.server_final(b"v=AAAA").is_err());
+        }
+        // A wrong key does not.
+        let mut keys = ScramKeyClient::new([1; 32], v.server_key, "n,,", &[]);
+        let unbound = Channel::Unbound { could_bind: false };
+        let (exchange, server_first) = ScramExchange::start(&v, &keys.first(), unbound).unwrap();
+        let last = keys.server_first(&server_first).unwrap();
+        assert_eq!(exchange.finish(&last).err(), Some(ScramError::WrongProof));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::{parse_parameter_status, Server, ServerError as Error};
 use crate::config::{Secret, ServerTlsMode};
 use crate::net::Stream;
 use crate::protocol::frame::read_message;
-use crate::protocol::scram::{MECHANISM, MECHANISM_PLUS};
+use crate::protocol::scram::{ScramKeyClient, MECHANISM, MECHANISM_PLUS};
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorResponse;
 use crate::tls::ServerTls;
@@ -47,14 +47,30 @@ impl ServerTarget {
     }
 }
 
-/// What pgshield can prove to a backend with.
-#[derive(Debug, Clone)]
+/// What pgshield can prove to a backend with. Its Debug shows no secret.
+#[derive(Clone)]
 pub enum BackendPassword {
     Plain(Secret),
     /// md5(password || user), as `md5` + 32 hex digits: enough for md5 servers only.
     Md5Hash(Secret),
     /// The output of `server_password_command`.
     Command(Arc<PasswordCommand>),
+    /// SCRAM keys recovered from the user's own login (passthrough: no password at all).
+    ScramKeys {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+}
+
+impl std::fmt::Debug for BackendPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendPassword::Plain(_) => "Plain(********)",
+            BackendPassword::Md5Hash(_) => "Md5Hash(********)",
+            BackendPassword::Command(_) => "Command",
+            BackendPassword::ScramKeys { .. } => "ScramKeys(********)",
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +108,12 @@ pub enum ServerError {
         mode: &'static str,
         reason: String,
     },
+    #[error(
+        "the server refused the SCRAM keys of the user's own login (passthrough): the verifier \
+         pgshield checks the client against must be the server's own (pg_authid.rolpassword), \
+         or set server_password"
+    )]
+    PassthroughRefused,
     #[error("server_password_command: {0}")]
     PasswordCommand(String),
     #[error("i/o error on the server connection: {0}")]
@@ -168,8 +190,17 @@ fn mode_name(mode: ServerTlsMode) -> &'static str {
 /// Opens, authenticates and readies one backend connection within `timeout`.
 pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server, Error> {
     let attempt = async {
-        let Some(BackendPassword::Command(command)) = &target.password else {
-            return connect_inner(target).await;
+        let command = match &target.password {
+            Some(BackendPassword::Command(command)) => command,
+            Some(BackendPassword::ScramKeys { .. }) => {
+                return match connect_inner(target).await {
+                    Err(Error::Refused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
+                        Err(Error::PassthroughRefused)
+                    }
+                    other => other,
+                }
+            }
+            _ => return connect_inner(target).await,
         };
         // A password from a command is asked for now, and asked again (once) if the
         // server refuses it: it may have rotated since it was cached.
@@ -253,7 +284,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
 
 async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), Error> {
     let mut out = BytesMut::new();
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Sasl> = None;
     loop {
         let (tag, body) = next_message(server).await?;
         match tag {
@@ -289,8 +320,10 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                         )
                     }
                     Some(BackendPassword::Md5Hash(hash)) => md5_from_hash(hash.expose(), salt),
-                    // `connect` resolves commands before logging in.
-                    None | Some(BackendPassword::Command(_)) => {
+                    // `connect` resolves commands before logging in; SCRAM keys cannot
+                    // answer md5.
+                    None
+                    | Some(BackendPassword::Command(_) | BackendPassword::ScramKeys { .. }) => {
                         return Err(no_password("md5", "password", target))
                     }
                 };
@@ -303,24 +336,37 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                     .stream
                     .peer_server_certificate()
                     .and_then(crate::tls::server_end_point);
-                let (mechanism, binding) =
-                    match end_point {
-                        Some(data) if offers(MECHANISM_PLUS) => {
-                            (MECHANISM_PLUS, ChannelBinding::tls_server_end_point(data))
-                        }
-                        _ if !offers(MECHANISM) => return Err(Error::UnsupportedAuth(
+                let (mechanism, binding) = match end_point {
+                    Some(data) if offers(MECHANISM_PLUS) => (MECHANISM_PLUS, Binding::Bound(data)),
+                    _ if !offers(MECHANISM) => {
+                        return Err(Error::UnsupportedAuth(
                             "SASL without SCRAM-SHA-256, and no channel binding pgshield can use"
                                 .into(),
-                        )),
-                        // "y": pgshield could bind, the server did not offer it.
-                        Some(_) => (MECHANISM, ChannelBinding::unrequested()),
-                        None => (MECHANISM, ChannelBinding::unsupported()),
-                    };
-                let Some(BackendPassword::Plain(pw)) = &target.password else {
-                    return Err(no_password("SCRAM-SHA-256", "plaintext password", target));
+                        ))
+                    }
+                    // "y": pgshield could bind, the server did not offer it.
+                    Some(_) => (MECHANISM, Binding::Unrequested),
+                    None => (MECHANISM, Binding::Unsupported),
                 };
-                let client = ScramSha256::new(pw.expose().as_bytes(), binding);
-                frontend::sasl_initial_response(mechanism, client.message(), &mut out)
+                let client = match &target.password {
+                    Some(BackendPassword::Plain(pw)) => Sasl::Password(ScramSha256::new(
+                        pw.expose().as_bytes(),
+                        binding.for_password(),
+                    )),
+                    Some(BackendPassword::ScramKeys {
+                        client_key,
+                        server_key,
+                    }) => {
+                        let (header, cb): (&str, &[u8]) = match &binding {
+                            Binding::Bound(data) => ("p=tls-server-end-point,,", data),
+                            Binding::Unrequested => ("y,,", &[]),
+                            Binding::Unsupported => ("n,,", &[]),
+                        };
+                        Sasl::Keys(ScramKeyClient::new(*client_key, *server_key, header, cb))
+                    }
+                    _ => return Err(no_password("SCRAM-SHA-256", "plaintext password", target)),
+                };
+                frontend::sasl_initial_response(mechanism, &client.first(), &mut out)
                     .map_err(Error::Io)?;
                 scram = Some(client);
             }
@@ -328,10 +374,10 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                 let client = scram
                     .as_mut()
                     .ok_or_else(|| Error::Protocol("SASL continue without SASL start".into()))?;
-                client
+                let response = client
                     .update(data)
                     .map_err(|e| Error::Protocol(format!("SCRAM: {e}")))?;
-                frontend::sasl_response(client.message(), &mut out).map_err(Error::Io)?;
+                frontend::sasl_response(&response, &mut out).map_err(Error::Io)?;
             }
             12 => {
                 let client = scram
@@ -353,6 +399,56 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
             }
         }
         send(server, &mut out).await?;
+    }
+}
+
+/// The channel binding pgshield uses with a server.
+enum Binding {
+    Bound(Vec<u8>),
+    /// pgshield could bind; the server did not offer it ("y").
+    Unrequested,
+    Unsupported,
+}
+
+impl Binding {
+    fn for_password(&self) -> ChannelBinding {
+        match self {
+            Binding::Bound(data) => ChannelBinding::tls_server_end_point(data.clone()),
+            Binding::Unrequested => ChannelBinding::unrequested(),
+            Binding::Unsupported => ChannelBinding::unsupported(),
+        }
+    }
+}
+
+/// A SCRAM exchange with a server: from a password, or from keys (passthrough).
+enum Sasl {
+    Password(ScramSha256),
+    Keys(ScramKeyClient),
+}
+
+impl Sasl {
+    fn first(&self) -> Vec<u8> {
+        match self {
+            Sasl::Password(c) => c.message().to_vec(),
+            Sasl::Keys(c) => c.first(),
+        }
+    }
+
+    fn update(&mut self, server_first: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Sasl::Password(c) => {
+                c.update(server_first).map_err(|e| e.to_string())?;
+                Ok(c.message().to_vec())
+            }
+            Sasl::Keys(c) => c.server_first(server_first).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn finish(&mut self, server_final: &[u8]) -> Result<(), String> {
+        match self {
+            Sasl::Password(c) => c.finish(server_final).map_err(|e| e.to_string()),
+            Sasl::Keys(c) => c.server_final(server_final).map_err(|e| e.to_string()),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 
 pub use connect::{connect, BackendPassword, ServerError, ServerTarget};
 use state::{ReplyTracker, TxStatus};
@@ -90,7 +90,12 @@ pub struct InternalReply {
     pub param_changes: Vec<(String, String)>,
     /// The error the server reported, if any (the backend is still usable unless FATAL).
     pub error: Option<ErrorResponse>,
+    /// The first rows returned (text format), up to [`MAX_INTERNAL_ROWS`].
+    pub rows: Vec<Vec<Option<String>>>,
 }
+
+/// Rows of an internal query's reply that are kept.
+pub const MAX_INTERNAL_ROWS: usize = 16;
 
 pub struct Server {
     pub(crate) stream: Stream,
@@ -308,7 +313,12 @@ impl Server {
                     }
                     reply.error = Some(err);
                 }
-                // Rows, completions and notices of our own queries are nobody's business.
+                b'D' if reply.rows.len() < MAX_INTERNAL_ROWS => {
+                    if let Some(row) = parse_data_row(&body) {
+                        reply.rows.push(row);
+                    }
+                }
+                // Completions and notices of our own queries are nobody's business.
                 b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => {}
                 other => return Err(out_of_step(self, other)),
             }
@@ -373,6 +383,32 @@ impl Drop for Server {
 
 /// How long a closing TLS backend gets to take its Terminate.
 const TLS_GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The column values of a DataRow (None for NULL); None if malformed.
+pub fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let count = body.get_i16();
+    let mut values = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return None;
+        }
+        values.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        body.advance(len);
+    }
+    Some(values)
+}
 
 impl ServerError {
     fn from_read(e: ReadError) -> ServerError {

@@ -1,0 +1,196 @@
+//! `[auth]`: users that are not in `[users]` are looked up in the database, as PgBouncer's
+//! auth_query does. pgshield logs in as `auth.user`, runs `auth.query` with the user name,
+//! and reads the row: (name, SCRAM verifier or md5 hash [, expired]). No row, a NULL
+//! secret or `expired = true` means the user cannot log in (the client gets the same
+//! 28P01 as for a wrong password). Answers, "no such user" included, are reused for
+//! `auth.cache_ttl`; concurrent logins of one user wait for one lookup, and at most
+//! [`MAX_LOOKUPS`] run at once.
+//!
+//! After a SCRAM login against a verifier found here, pgshield logs in to the server as
+//! that user with the client key the login revealed (see `ScramKeyClient`): no password
+//! is stored anywhere. An md5 hash found here logs in to md5 servers the same way.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres_protocol::escape::escape_literal;
+
+use super::auth::ClientAuth;
+use crate::config::{AuthConfig, Config, StoredPassword};
+use crate::server::{connect, BackendPassword, ServerTarget};
+use crate::tls::ServerTls;
+
+/// Lookups running at once, whatever the number of clients logging in.
+const MAX_LOOKUPS: usize = 4;
+/// Users remembered at most (probing for names cannot grow memory without bound).
+const MAX_CACHED: usize = 100_000;
+/// The longest one lookup query may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Slot = Arc<tokio::sync::Mutex<Option<(Option<ClientAuth>, Instant)>>>;
+
+pub struct AuthQuery {
+    query: String,
+    ttl: Duration,
+    connect_timeout: Duration,
+    /// Where the query runs for each configured database.
+    targets: HashMap<String, ServerTarget>,
+    cache: Mutex<HashMap<(String, String), Slot>>,
+    running: tokio::sync::Semaphore,
+}
+
+impl AuthQuery {
+    /// `None` unless `[auth] enabled = true`.
+    pub fn from_config(config: &Config, tls: &Arc<ServerTls>) -> Option<AuthQuery> {
+        let auth: &AuthConfig = &config.auth;
+        if !auth.enabled {
+            return None;
+        }
+        let password =
+            auth.password
+                .as_ref()
+                .and_then(|p| match StoredPassword::classify(p).ok()? {
+                    StoredPassword::Plain(s) => Some(BackendPassword::Plain(s)),
+                    StoredPassword::Md5Hash(s) => Some(BackendPassword::Md5Hash(s)),
+                    StoredPassword::Scram(_) => None,
+                });
+        let targets = config
+            .databases
+            .iter()
+            .map(|(name, db)| {
+                let target = ServerTarget {
+                    host: db.host.clone(),
+                    port: db.port,
+                    database: auth
+                        .dbname
+                        .clone()
+                        .or_else(|| db.dbname.clone())
+                        .unwrap_or_else(|| name.clone()),
+                    user: auth.user.clone().unwrap_or_default(),
+                    password: password.clone(),
+                    tls: Arc::clone(tls),
+                };
+                (name.clone(), target)
+            })
+            .collect();
+        Some(AuthQuery {
+            query: auth.query.clone(),
+            ttl: auth.cache_ttl,
+            connect_timeout: config.pool.server_connect_timeout,
+            targets,
+            cache: Mutex::new(HashMap::new()),
+            running: tokio::sync::Semaphore::new(MAX_LOOKUPS),
+        })
+    }
+
+    /// How `user` proves who they are when connecting to `database`: `Ok(None)` if they
+    /// cannot log in; `Err` if the lookup itself failed (the server is down, say).
+    pub async fn lookup(&self, database: &str, user: &str) -> Result<Option<ClientAuth>, String> {
+        let Some(target) = self.targets.get(database) else {
+            return Ok(None);
+        };
+        let slot = self.slot(database, user);
+        let mut slot = slot.lock().await;
+        if let Some((auth, at)) = slot.as_ref() {
+            if at.elapsed() < self.ttl {
+                return Ok(auth.clone());
+            }
+        }
+        let _turn = self
+            .running
+            .acquire()
+            .await
+            .map_err(|_| "pgshield is shutting down".to_owned())?;
+        let auth = self.fetch(target, user).await?;
+        *slot = Some((auth.clone(), Instant::now()));
+        Ok(auth)
+    }
+
+    fn slot(&self, database: &str, user: &str) -> Slot {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (database.to_owned(), user.to_owned());
+        if cache.len() >= MAX_CACHED && !cache.contains_key(&key) {
+            // Drop answers nobody is waiting on; if all are in use, start afresh.
+            cache.retain(|_, slot| Arc::strong_count(slot) > 1);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        Arc::clone(cache.entry(key).or_default())
+    }
+
+    async fn fetch(&self, target: &ServerTarget, user: &str) -> Result<Option<ClientAuth>, String> {
+        let mut server = connect(target, self.connect_timeout)
+            .await
+            .map_err(|e| format!("as auth.user \"{}\": {e}", target.user))?;
+        let sql = self.query.replace("$1", &escape_literal(user));
+        let reply = match tokio::time::timeout(QUERY_TIMEOUT, server.run_internal(&sql)).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("auth.query took more than {QUERY_TIMEOUT:?}")),
+        };
+        if let Some(e) = reply.error {
+            return Err(format!("auth.query failed: {} ({})", e.message, e.code));
+        }
+        Ok(reply.rows.first().and_then(|row| read_row(row, user)))
+    }
+}
+
+/// The verifier in a row of (name, secret [, expired]), or (secret).
+fn read_row(row: &[Option<String>], user: &str) -> Option<ClientAuth> {
+    let (secret, expired) = match row {
+        [secret] => (secret.as_deref(), false),
+        [_, secret, rest @ ..] => (
+            secret.as_deref(),
+            rest.first().is_some_and(|e| e.as_deref() == Some("t")),
+        ),
+        [] => return None,
+    };
+    if expired {
+        tracing::info!(user, "the password found by auth.query has expired");
+        return None;
+    }
+    match StoredPassword::classify(&crate::config::Secret::new(secret?)) {
+        Ok(StoredPassword::Scram(v)) => Some(ClientAuth::Scram(v)),
+        Ok(StoredPassword::Md5Hash(h)) => Some(ClientAuth::Md5(h.expose()[3..].to_owned())),
+        _ => {
+            tracing::warn!(
+                user,
+                "auth.query returned a secret that is neither a SCRAM verifier nor an md5 hash"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_read_as_pgbouncer_and_pgshield_lay_them_out() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+        let s = |v: &str| Some(v.to_owned());
+        assert!(matches!(
+            read_row(&[s("u"), s(&verifier)], "u"),
+            Some(ClientAuth::Scram(_))
+        ));
+        assert!(matches!(
+            read_row(&[s(&verifier)], "u"),
+            Some(ClientAuth::Scram(_))
+        ));
+        assert!(
+            read_row(&[s("u"), s(&verifier), s("t")], "u").is_none(),
+            "expired"
+        );
+        assert!(read_row(&[s("u"), s(&verifier), s("f")], "u").is_some());
+        assert!(read_row(&[s("u"), None], "u").is_none(), "no password");
+        assert!(read_row(&[s("u"), s("plaintext")], "u").is_none());
+        let md5 = postgres_protocol::password::md5(b"pw", "u");
+        match read_row(&[s("u"), s(&md5)], "u") {
+            Some(ClientAuth::Md5(h)) => assert_eq!(format!("md5{h}"), md5),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! `[auth]`: users that exist only in the database log in through pgshield, which finds
+//! their verifier with auth.query and logs in to the server in their name with the SCRAM
+//! keys their own login revealed (or their md5 hash): no password in pgshield's config.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{sqlstate, TestProxy};
+
+/// A proxy with no `[users]` at all: every user is looked up as the superuser.
+async fn proxy(extra: &str) -> TestProxy {
+    let db = common::cluster();
+    TestProxy::start(&format!(
+        "[auth]\nenabled = true\nuser = \"{}\"\npassword = \"{}\"\ncache_ttl = \"1s\"\n{extra}",
+        db.superuser(),
+        db.password()
+    ))
+    .await
+}
+
+async fn current_user(conn: &common::Conn) -> String {
+    conn.client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("query")
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_scram_user_only_in_the_database_logs_in_and_wrong_passwords_do_not() {
+    common::create_role("aq_scram", "pw-aq").await;
+    let proxy = proxy("").await;
+    let conn = proxy.connect("aq_scram", "pw-aq").await.expect("login");
+    assert_eq!(current_user(&conn).await, "aq_scram");
+    // Several transactions, so backends are opened and reused with the recovered keys.
+    for i in 0..5 {
+        let n: i32 = conn
+            .client
+            .query_one("SELECT $1::int", &[&i])
+            .await
+            .expect("query")
+            .get(0);
+        assert_eq!(n, i);
+    }
+    let err = proxy
+        .connect("aq_scram", "wrong")
+        .await
+        .err()
+        .expect("wrong password");
+    assert_eq!(sqlstate(&err), Some("28P01"));
+    let err = proxy
+        .connect("aq_nobody", "pw")
+        .await
+        .err()
+        .expect("unknown user");
+    assert_eq!(sqlstate(&err), Some("28P01"));
+}
+
+#[tokio::test]
+async fn expired_and_nologin_roles_are_refused() {
+    common::create_role("aq_expired", "pw").await;
+    common::create_role("aq_nologin", "pw").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "ALTER ROLE aq_expired VALID UNTIL '2001-01-01'; ALTER ROLE aq_nologin NOLOGIN",
+        )
+        .await
+        .expect("alter roles");
+    let proxy = proxy("").await;
+    for role in ["aq_expired", "aq_nologin"] {
+        let err = proxy.connect(role, "pw").await.err().expect(role);
+        assert_eq!(sqlstate(&err), Some("28P01"), "{role}");
+    }
+}
+
+#[tokio::test]
+async fn an_md5_user_logs_in_with_its_hash() {
+    // The harness's pg_hba.conf checks be_md5 with md5.
+    common::create_md5_role("be_md5", "pw-md5").await;
+    let proxy = proxy("").await;
+    let conn = proxy.connect("be_md5", "pw-md5").await.expect("md5 login");
+    assert_eq!(current_user(&conn).await, "be_md5");
+    assert!(proxy.connect("be_md5", "nope").await.is_err());
+}
+
+#[tokio::test]
+async fn a_changed_password_is_noticed_after_the_cache_ttl() {
+    common::create_role("aq_change", "old-pw").await;
+    let proxy = proxy("").await;
+    proxy
+        .connect("aq_change", "old-pw")
+        .await
+        .expect("old password");
+    common::admin()
+        .await
+        .batch_execute("ALTER ROLE aq_change PASSWORD 'new-pw'")
+        .await
+        .expect("change");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let conn = proxy
+        .connect("aq_change", "new-pw")
+        .await
+        .expect("the new password, and new backends with its keys");
+    assert_eq!(current_user(&conn).await, "aq_change");
+    assert!(proxy.connect("aq_change", "old-pw").await.is_err());
+}
+
+#[tokio::test]
+async fn a_failing_lookup_is_a_clear_error_not_a_wrong_password() {
+    common::create_role("aq_lookup", "pw").await;
+    let db = common::cluster();
+    let proxy = TestProxy::start(&format!(
+        "[auth]\nenabled = true\nuser = \"{}\"\npassword = \"not-the-password\"\n",
+        db.superuser()
+    ))
+    .await;
+    let err = proxy
+        .connect("aq_lookup", "pw")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), Some("08006"), "{err}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("auth.query"), "{message}");
+    assert!(!message.contains("not-the-password"));
+}
