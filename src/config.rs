@@ -315,6 +315,96 @@ pub struct DatabaseConfig {
     /// Name of the database on the server; defaults to the table's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dbname: Option<String>,
+    /// Client addresses allowed to use this database; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_cidrs: Vec<Cidr>,
+    /// Plaintext clients of this database are refused with `28000`.
+    #[serde(default)]
+    pub require_tls: bool,
+    /// Clients of this database at once (0: no limit); the next gets `53300`.
+    #[serde(default)]
+    pub max_client_connections: usize,
+    /// Backends open to this database across all its pools (0: no limit). A pool that
+    /// needs one when the cap is reached closes an idle backend of another pool, or waits.
+    #[serde(default)]
+    pub max_db_connections: usize,
+}
+
+/// An address range such as `10.0.0.0/8` or `::1/128` (a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address range such as 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr {
+            addr: addr.to_canonical(),
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 fn default_pg_port() -> u16 {
@@ -360,6 +450,15 @@ pub struct UserConfig {
     pub server_password_command: Option<String>,
     #[serde(default = "default_password_ttl", with = "humantime_serde")]
     pub server_password_ttl: Duration,
+    /// Client addresses this user may connect from; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_cidrs: Vec<Cidr>,
+    /// This user's plaintext connections are refused with `28000`.
+    #[serde(default)]
+    pub require_tls: bool,
+    /// This user's clients at once (0: no limit); the next gets `53300`.
+    #[serde(default)]
+    pub max_client_connections: usize,
 }
 
 /// A secret kept in a file: its text without one trailing newline.
@@ -861,6 +960,26 @@ mod tests {
         let err = Config::from_toml(&format!("[pool]\nmode = \"statement\"\n{MINIMAL}"))
             .expect_err("not a mode");
         assert!(err.to_string().contains("statement"), "{err}");
+    }
+
+    #[test]
+    fn cidrs_parse_and_match_as_pg_hba_would() {
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(c("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!c("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(c("0.0.0.0/0").contains(ip("192.0.2.1")));
+        assert!(c("::1").contains(ip("::1")));
+        assert!(c("fd00::/8").contains(ip("fd12::1")));
+        assert!(!c("fd00::/8").contains(ip("127.0.0.1")));
+        // An IPv4 client seen through an IPv6 socket is still that IPv4 address.
+        assert!(c("127.0.0.0/8").contains(ip("::ffff:127.0.0.1")));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::1/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(c("10.1.2.3/8").to_string(), "10.1.2.3/8");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::client::access::AccessRules;
 use crate::client::auth::UserDirectory;
 use crate::client::auth_query::AuthQuery;
 use crate::client::cancel::Cancels;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub login_throttle: LoginThrottle,
     /// Users looked up in the database (`[auth]`), if enabled.
     pub auth_query: Option<AuthQuery>,
+    /// Per-user and per-database address, TLS and client-count rules.
+    pub access: AccessRules,
 }
 
 /// How many clients were pinned, by reason.
@@ -111,6 +114,7 @@ impl Proxy {
             client_tls,
             login_throttle: LoginThrottle::default(),
             auth_query: AuthQuery::from_config(&config, &server_tls),
+            access: AccessRules::from_config(&config),
             config,
         });
         Ok(Proxy {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::access::Admission;
 use super::auth::{self, AuthError, ClientAuth, Proof};
 use super::cancel::Registration;
 use super::params::ClientSettings;
@@ -31,6 +32,8 @@ pub struct Login {
     pub settings: ClientSettings,
     /// The ParameterStatus values the client was told.
     pub client_view: ServerParams,
+    /// Its places under per-user and per-database client limits.
+    pub admission: Admission,
 }
 
 /// Why a login did not complete; `error` (if any) is sent to the client before closing.
@@ -80,6 +83,9 @@ pub async fn login(
     let settings = ClientSettings::from_startup(&startup)?;
     negotiate_version(stream, &startup).await?;
 
+    shared
+        .access
+        .check_peer(&user, &database, peer.ip(), stream.is_tls())?;
     // Configured users first; then, with [auth], the database's own roles.
     let configured = shared.users.lookup(&user).cloned();
     let found = match (&configured, &shared.auth_query) {
@@ -122,6 +128,7 @@ pub async fn login(
         }
     };
     shared.login_throttle.succeeded(peer.ip());
+    let admission = shared.access.admit(&user, &database)?;
     let pool = match (configured, found) {
         (Some(configured), _) => {
             let pool = shared.pools.get(&database, &user);
@@ -170,6 +177,7 @@ pub async fn login(
         cancel,
         settings,
         client_view,
+        admission,
     })
 }
 

@@ -1,6 +1,7 @@
 //! One client connection: its login (`handshake`, `auth`), the settings that follow it
 //! (`params`), and the session loop that relays its messages (`session`).
 
+pub mod access;
 pub mod auth;
 pub mod auth_query;
 pub mod cancel;

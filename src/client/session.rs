@@ -28,6 +28,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
 
+use super::access::Admission;
 use super::cancel::Registration;
 use super::handshake::Login;
 use super::params::{self, ClientSettings};
@@ -209,6 +210,8 @@ pub struct Session {
     last_activity: Instant,
     limits: Limits,
     shutdown: Watch,
+    /// Held for the session's life: its places under per-user/database client limits.
+    _admission: Admission,
 }
 
 impl Session {
@@ -223,6 +226,7 @@ impl Session {
             mode: login.pool.mode(),
             limits: Limits::from_config(&shared.config.pool),
             shutdown: shared.shutdown.watch(),
+            _admission: login.admission,
             shared,
             id,
             client,

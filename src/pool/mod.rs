@@ -99,6 +99,8 @@ pub struct ServerManager {
     /// replaced by the one from its latest login.
     target: Mutex<ServerTarget>,
     settings: PoolSettings,
+    /// The database's `max_db_connections`, shared with its other pools.
+    db_limit: Option<Arc<DbLimit>>,
     /// Parameters of the newest backend, as it reported them at login: what a new client
     /// is told at its own login (PgBouncer's "welcome message").
     welcome: Mutex<Option<Arc<ServerParams>>>,
@@ -109,8 +111,13 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Server, ServerError> {
+        let permit = match &self.db_limit {
+            Some(limit) => Some(limit.acquire(self.settings.borrow_timeout).await?),
+            None => None,
+        };
         let target = lock(&self.target).clone();
         let mut server = connect(&target, self.settings.server_connect_timeout).await?;
+        server.db_permit = permit;
         server.statements = ServerStatements::new(self.settings.max_prepared_statements);
         tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %target.addr(), "opened backend");
         *lock(&self.welcome) = Some(Arc::new(server.params().clone()));
@@ -171,8 +178,14 @@ pub struct PoolStatus {
 }
 
 impl Pool {
-    pub fn new(name: String, target: ServerTarget, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(
+        name: String,
+        target: ServerTarget,
+        settings: PoolSettings,
+        db_limit: Option<Arc<DbLimit>>,
+    ) -> Arc<Pool> {
         let manager = ServerManager {
+            db_limit: db_limit.clone(),
             target: Mutex::new(target),
             settings: settings.clone(),
             welcome: Mutex::new(None),
@@ -186,11 +199,15 @@ impl Pool {
             .runtime(Runtime::Tokio1)
             .build()
             .expect("a runtime is given");
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             name,
             inner,
             settings,
-        })
+        });
+        if let Some(limit) = db_limit {
+            lock(&limit.pools).push(Arc::downgrade(&pool));
+        }
+        pool
     }
 
     /// What transaction mode does with state that cannot follow a client.
@@ -328,6 +345,85 @@ impl Drop for Backend {
     }
 }
 
+/// How often a pool waiting under `max_db_connections` looks for an idle backend of
+/// another pool to close.
+const DB_LIMIT_LOOK_AGAIN: Duration = Duration::from_millis(100);
+
+/// `max_db_connections`: backends open to one database across all its pools. A pool
+/// that needs one more when the cap is reached closes an idle backend of another pool
+/// of the database (as PgBouncer does), or waits for one to close.
+pub struct DbLimit {
+    database: String,
+    max: usize,
+    permits: Arc<tokio::sync::Semaphore>,
+    pools: Mutex<Vec<std::sync::Weak<Pool>>>,
+}
+
+impl DbLimit {
+    fn new(database: &str, max: usize) -> Arc<DbLimit> {
+        Arc::new(DbLimit {
+            database: database.to_owned(),
+            max,
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            pools: Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn acquire(
+        &self,
+        wait: Option<Duration>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ServerError> {
+        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        loop {
+            if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+                return Ok(permit);
+            }
+            // A backend that went idle in another pool since the last look makes way.
+            self.close_one_idle();
+            let mut next_look = tokio::time::Instant::now() + DB_LIMIT_LOOK_AGAIN;
+            if let Some(deadline) = deadline {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(self.reached());
+                }
+                next_look = next_look.min(deadline);
+            }
+            let acquire = Arc::clone(&self.permits).acquire_owned();
+            if let Ok(permit) = tokio::time::timeout_at(next_look, acquire).await {
+                return permit.map_err(|_| self.reached());
+            }
+        }
+    }
+
+    /// Closes one idle backend of some pool of the database, freeing its place.
+    fn close_one_idle(&self) {
+        let pools: Vec<Arc<Pool>> = lock(&self.pools)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for pool in pools {
+            let mut closed = false;
+            pool.inner.retain(|_, _| {
+                if closed {
+                    return true;
+                }
+                closed = true;
+                false
+            });
+            if closed {
+                tracing::debug!(pool = %pool.name, database = %self.database, "closed an idle backend for another pool (max_db_connections)");
+                return;
+            }
+        }
+    }
+
+    fn reached(&self) -> ServerError {
+        ServerError::DbLimit {
+            database: self.database.clone(),
+            max: self.max,
+        }
+    }
+}
+
 /// All pools, keyed by (database, user) as clients name them.
 pub struct Pools {
     pools: HashMap<(String, String), Arc<Pool>>,
@@ -339,6 +435,8 @@ pub struct Pools {
     tls: Arc<ServerTls>,
     /// Stops the janitors of all pools, dynamic ones too.
     janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
+    /// `max_db_connections`, by database.
+    db_limits: HashMap<String, Arc<DbLimit>>,
 }
 
 impl Pools {
@@ -361,6 +459,12 @@ impl Pools {
             .iter()
             .map(|(name, user)| (name, backend_password(user)))
             .collect();
+        let db_limits: HashMap<String, Arc<DbLimit>> = config
+            .databases
+            .iter()
+            .filter(|(_, db)| db.max_db_connections > 0)
+            .map(|(name, db)| (name.clone(), DbLimit::new(name, db.max_db_connections)))
+            .collect();
         let mut pools = HashMap::new();
         for (db_name, db) in &config.databases {
             for (user_name, user) in &config.users {
@@ -376,9 +480,10 @@ impl Pools {
                     tls: Arc::clone(tls),
                 };
                 let name = format!("{db_name}/{user_name}");
+                let limit = db_limits.get(db_name).cloned();
                 pools.insert(
                     (db_name.clone(), user_name.clone()),
-                    Pool::new(name, target, settings.clone()),
+                    Pool::new(name, target, settings.clone(), limit),
                 );
             }
         }
@@ -389,6 +494,7 @@ impl Pools {
             settings,
             tls: Arc::clone(tls),
             janitor_stop: std::sync::OnceLock::new(),
+            db_limits,
         }
     }
 
@@ -425,7 +531,12 @@ impl Pools {
             password: Some(password),
             tls: Arc::clone(&self.tls),
         };
-        let pool = Pool::new(format!("{database}/{user}"), target, self.settings.clone());
+        let pool = Pool::new(
+            format!("{database}/{user}"),
+            target,
+            self.settings.clone(),
+            self.db_limits.get(database).cloned(),
+        );
         if let Some(stop) = self.janitor_stop.get() {
             tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));
         }

@@ -114,6 +114,10 @@ pub enum ServerError {
          or set server_password"
     )]
     PassthroughRefused,
+    #[error(
+        "database {database} already has max_db_connections ({max}) backends open, all in use"
+    )]
+    DbLimit { database: String, max: usize },
     #[error("server_password_command: {0}")]
     PasswordCommand(String),
     #[error("i/o error on the server connection: {0}")]
@@ -131,6 +135,11 @@ impl ServerError {
                     e.message
                 ),
             ),
+            Error::DbLimit { .. } => ErrorResponse::error(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("pgshield could not open a backend for pool {pool}: {self}"),
+            )
+            .with_hint("raise max_db_connections, or shorten transactions"),
             _ => ErrorResponse::error(
                 sqlstate::CONNECTION_FAILURE,
                 format!("pgshield could not connect to the server for pool {pool}: {self}"),

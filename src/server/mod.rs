@@ -118,6 +118,8 @@ pub struct Server {
     no_terminate: bool,
     created: Instant,
     idle_since: Instant,
+    /// This backend's place under its database's `max_db_connections`, if it has one.
+    pub(crate) db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Server {
@@ -148,6 +150,7 @@ impl Server {
             no_terminate: false,
             created: now,
             idle_since: now,
+            db_permit: None,
         }
     }
 

@@ -1,0 +1,237 @@
+//! Access rules: client address ranges, TLS required, client limits per user and per
+//! database, and max_db_connections across a database's pools.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pki, raw, sqlstate, TestProxy};
+
+fn message(err: &tokio_postgres::Error) -> String {
+    err.as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_else(|| err.to_string())
+}
+
+fn role_config(role: &str, extra: &str) -> String {
+    format!("[users.{role}]\npassword = \"pw\"\n{extra}")
+}
+
+#[tokio::test]
+async fn a_user_outside_its_allowed_cidrs_is_refused_with_28000() {
+    common::create_role("acc_cidr_no", "pw").await;
+    common::create_role("acc_cidr_yes", "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "{}{}",
+        role_config(
+            "acc_cidr_no",
+            "allowed_cidrs = [\"10.0.0.0/8\", \"::1/128\"]\n"
+        ),
+        role_config("acc_cidr_yes", "allowed_cidrs = [\"127.0.0.0/8\"]\n"),
+    ))
+    .await;
+    let err = proxy
+        .connect("acc_cidr_no", "pw")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&err), Some("28000"), "{err}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("allowed_cidrs"), "{message}");
+    proxy.connect("acc_cidr_yes", "pw").await.expect("allowed");
+}
+
+#[tokio::test]
+async fn a_database_can_be_limited_to_addresses_too() {
+    common::create_role("acc_db_cidr", "pw").await;
+    let db = common::cluster();
+    let proxy = TestProxy::start(&format!(
+        "[databases.fenced]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         allowed_cidrs = [\"192.0.2.0/24\"]\n{}",
+        db.port(),
+        role_config("acc_db_cidr", "")
+    ))
+    .await;
+    proxy
+        .connect("acc_db_cidr", "pw")
+        .await
+        .expect("app is open");
+    let mut fenced = proxy.config("acc_db_cidr", "pw");
+    fenced.dbname("fenced");
+    let err = common::connect(&fenced).await.err().expect("fenced off");
+    assert_eq!(sqlstate(&err), Some("28000"), "{err}");
+}
+
+#[tokio::test]
+async fn require_tls_per_user_refuses_plaintext_and_serves_tls() {
+    common::create_role("acc_tls", "pw").await;
+    let dir = common::unique_temp_dir("acc-tls");
+    let (cert, key) = pki().issue("127.0.0.1");
+    std::fs::write(dir.join("c.crt"), cert).expect("write");
+    std::fs::write(dir.join("c.key"), key).expect("write");
+    let proxy = TestProxy::start(&format!(
+        "[tls.client]\nmode = \"prefer\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
+        dir.join("c.crt").display(),
+        dir.join("c.key").display(),
+        "[users.acc_tls]\nauth = \"trust\"\nserver_password = \"pw\"\nrequire_tls = true\n"
+    ))
+    .await;
+    let mut plain = raw::connect(proxy.addr).await;
+    raw::send(
+        &mut plain,
+        &raw::startup(&[("user", "acc_tls"), ("database", "app")]),
+    )
+    .await;
+    let (tag, body) = raw::read_message(&mut plain).await.expect("an error");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "28000"));
+    assert!(String::from_utf8_lossy(&body).contains("require_tls"));
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(pki().ca_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = raw::connect(proxy.addr).await;
+    raw::send(&mut tcp, &raw::request(80_877_103, b"")).await;
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut answer)
+        .await
+        .expect("S");
+    assert_eq!(&answer, b"S");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    raw::send(
+        &mut tls,
+        &raw::startup(&[("user", "acc_tls"), ("database", "app")]),
+    )
+    .await;
+    let (_, errors) = raw::until_ready(&mut tls).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn client_limits_per_user_and_per_database_give_53300_and_free_up() {
+    common::create_role("acc_lim_user", "pw").await;
+    common::create_role("acc_lim_db", "pw").await;
+    let db = common::cluster();
+    let proxy = TestProxy::start(&format!(
+        "[databases.small]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         max_client_connections = 1\n{}{}",
+        db.port(),
+        role_config("acc_lim_user", "max_client_connections = 2\n"),
+        role_config("acc_lim_db", ""),
+    ))
+    .await;
+    let a = proxy.connect("acc_lim_user", "pw").await.expect("first");
+    let _b = proxy.connect("acc_lim_user", "pw").await.expect("second");
+    let err = proxy
+        .connect("acc_lim_user", "pw")
+        .await
+        .err()
+        .expect("third");
+    assert_eq!(sqlstate(&err), Some("53300"), "{err}");
+    assert!(message(&err).contains("role \"acc_lim_user\""), "{err}");
+    drop(a);
+    // The slot frees when the session ends.
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(c) = proxy.connect("acc_lim_user", "pw").await {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a place came free");
+
+    let mut small = proxy.config("acc_lim_db", "pw");
+    small.dbname("small");
+    let _first = common::connect(&small).await.expect("first on small");
+    let err = common::connect(&small)
+        .await
+        .err()
+        .expect("second on small");
+    assert_eq!(sqlstate(&err), Some("53300"), "{err}");
+    assert!(message(&err).contains("database \"small\""), "{err}");
+    // Other databases are not limited by it.
+    proxy
+        .connect("acc_lim_db", "pw")
+        .await
+        .expect("app is not small");
+}
+
+#[tokio::test]
+async fn max_db_connections_caps_backends_across_pools_and_idle_ones_make_way() {
+    common::create_role("acc_dbmax_a", "pw").await;
+    common::create_role("acc_dbmax_b", "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 5\nborrow_timeout = \"10s\"\n\
+         [databases.capped]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         max_db_connections = 2\n{}{}",
+        common::cluster().port(),
+        role_config("acc_dbmax_a", ""),
+        role_config("acc_dbmax_b", ""),
+    ))
+    .await;
+    let capped = |role: &str| {
+        let mut c = proxy.config(role, "pw");
+        c.dbname("capped");
+        c
+    };
+    let admin = common::admin().await;
+    // B logs in first (its pool's first login opens a backend to learn the server's
+    // parameters), then A holds both places, each in a transaction.
+    let b = common::connect(&capped("acc_dbmax_b"))
+        .await
+        .expect("b logs in");
+    let a1 = common::connect(&capped("acc_dbmax_a")).await.expect("a1");
+    let a2 = common::connect(&capped("acc_dbmax_a")).await.expect("a2");
+    a1.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("a1 begins");
+    a2.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("a2 begins");
+    // B must wait: no third backend may open.
+    let waiting = tokio::spawn(async move {
+        let n: i32 = b
+            .client
+            .query_one("SELECT 42", &[])
+            .await
+            .expect("b's query runs once a place frees")
+            .get(0);
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "b did not wait");
+    assert!(backends(&admin).await <= 2);
+    // A's transactions end: its backends sit idle in its pool; one is closed for B.
+    a1.client.batch_execute("COMMIT").await.expect("a1 commits");
+    a2.client.batch_execute("COMMIT").await.expect("a2 commits");
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("b is served within 10 s")
+        .expect("no panic");
+    assert_eq!(answer, 42);
+    assert!(backends(&admin).await <= 2);
+}
+
+/// Backends of the two roles of the max_db_connections test.
+async fn backends(admin: &tokio_postgres::Client) -> i64 {
+    common::backends_of(admin, "acc_dbmax_a").await
+        + common::backends_of(admin, "acc_dbmax_b").await
+}
