@@ -446,8 +446,9 @@ pub struct UserConfig {
     /// A shell command whose output is the backend password (an RDS IAM token, a Vault
     /// lease…), run when a backend connection is opened; its answer is reused for
     /// `server_password_ttl`, and asked again at once if the server refuses it.
+    /// (Masked in `check-config`: such commands may carry tokens.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_password_command: Option<String>,
+    pub server_password_command: Option<Secret>,
     #[serde(default = "default_password_ttl", with = "humantime_serde")]
     pub server_password_ttl: Duration,
     /// Client addresses this user may connect from; empty: any.
@@ -801,7 +802,7 @@ impl Config {
                     "give server_password or server_password_command, not both",
                 ))
             }
-            Some(c) if c.trim().is_empty() => {
+            Some(c) if c.expose().trim().is_empty() => {
                 return Err(invalid(key("server_password_command"), "must not be empty"))
             }
             _ => {}

@@ -93,18 +93,48 @@ async fn a_changed_password_is_noticed_after_the_cache_ttl() {
         .connect("aq_change", "old-pw")
         .await
         .expect("old password");
-    common::admin()
-        .await
-        .batch_execute("ALTER ROLE aq_change PASSWORD 'new-pw'")
-        .await
-        .expect("change");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    change_password("aq_change", "new-pw", false).await;
     let conn = proxy
         .connect("aq_change", "new-pw")
         .await
         .expect("the new password, and new backends with its keys");
     assert_eq!(current_user(&conn).await, "aq_change");
     assert!(proxy.connect("aq_change", "old-pw").await.is_err());
+}
+
+/// Changes a role's password, closes its backends (so the next login needs new ones,
+/// opened with what that login proves) and waits out the cache.
+async fn change_password(role: &str, password: &str, md5: bool) {
+    let admin = common::admin().await;
+    let encryption = if md5 { "md5" } else { "scram-sha-256" };
+    admin
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL password_encryption = '{encryption}'; \
+             ALTER ROLE {role} PASSWORD '{password}'; COMMIT; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .await
+        .expect("change the password");
+    while common::backends_of(&admin, role).await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+#[tokio::test]
+async fn an_md5_users_new_password_reaches_its_pool() {
+    common::create_md5_role("be_md5hash", "old-md5").await;
+    let proxy = proxy("").await;
+    proxy
+        .connect("be_md5hash", "old-md5")
+        .await
+        .expect("old password");
+    change_password("be_md5hash", "new-md5", true).await;
+    let conn = proxy
+        .connect("be_md5hash", "new-md5")
+        .await
+        .expect("the new hash logs in to the server");
+    assert_eq!(current_user(&conn).await, "be_md5hash");
 }
 
 #[tokio::test]

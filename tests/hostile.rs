@@ -311,8 +311,15 @@ async fn silent_sockets_are_closed_after_the_login_timeout_and_cost_little() {
     }
 }
 
-/// A failed md5 login from `source`; returns how long the refusal took.
-async fn failed_login_from(source: &str, addr: SocketAddr, user: &str) -> Duration {
+/// An md5 login from `source` with `password`; returns how long the whole attempt took
+/// and the SQLSTATE of its refusal (None: logged in).
+async fn login_from(
+    source: &str,
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> (Duration, Option<String>) {
+    let started = Instant::now();
     let socket = TcpSocket::new_v4().expect("socket");
     socket
         .bind(format!("{source}:0").parse().expect("address"))
@@ -325,15 +332,15 @@ async fn failed_login_from(source: &str, addr: SocketAddr, user: &str) -> Durati
     .await;
     let (tag, body) = raw::read_message(&mut s).await.expect("md5 challenge");
     assert_eq!((tag, &body[..4]), (b'R', &5i32.to_be_bytes()[..]));
-    let started = Instant::now();
-    raw::send(
-        &mut s,
-        &raw::message(b'p', b"md500000000000000000000000000000000\0"),
-    )
-    .await;
-    let (tag, body) = raw::read_message(&mut s).await.expect("refusal");
-    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "28P01"));
-    started.elapsed()
+    let salt: [u8; 4] = body[4..8].try_into().expect("salt");
+    let mut response =
+        postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
+            .into_bytes();
+    response.push(0);
+    raw::send(&mut s, &raw::message(b'p', &response)).await;
+    let (tag, body) = raw::read_message(&mut s).await.expect("an answer");
+    let outcome = (tag == b'E').then(|| raw::error_code(&body));
+    (started.elapsed(), outcome)
 }
 
 #[tokio::test]
@@ -344,13 +351,20 @@ async fn failed_logins_from_one_address_are_slowed_and_other_addresses_are_not()
     let addr = proxy.addr;
     let mut took = Vec::new();
     for _ in 0..5 {
-        took.push(failed_login_from("127.0.0.2", addr, "hostile_guess").await);
+        let (elapsed, refused) = login_from("127.0.0.2", addr, "hostile_guess", "guess").await;
+        assert_eq!(refused.as_deref(), Some("28P01"));
+        took.push(elapsed);
     }
     // The first three are free; then 250 ms, 500 ms, … (lower bounds only).
     assert!(took[3] >= Duration::from_millis(250), "{took:?}");
     assert!(took[4] >= Duration::from_millis(500), "{took:?}");
-    // While the sixth guess waits out its second, another address logs in.
-    let guess = tokio::spawn(failed_login_from("127.0.0.2", addr, "hostile_guess"));
+    // The wait comes before authentication, so the right password waits too: a guesser
+    // cannot learn anything by hanging up early.
+    let (right, refused) = login_from("127.0.0.2", addr, "hostile_guess", "pw").await;
+    assert_eq!(refused, None);
+    assert!(right >= Duration::from_secs(1), "{right:?}");
+    // While the next guess waits out its second, another address logs in.
+    let guess = tokio::spawn(login_from("127.0.0.2", addr, "hostile_guess", "guess"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = Instant::now();
     let conn = proxy
@@ -358,11 +372,11 @@ async fn failed_logins_from_one_address_are_slowed_and_other_addresses_are_not()
         .await
         .expect("another address is not slowed");
     let login = started.elapsed();
-    let sixth = guess.await.expect("no panic");
-    assert!(sixth >= Duration::from_secs(1), "{sixth:?}");
+    let (slowed, _) = guess.await.expect("no panic");
+    assert!(slowed >= Duration::from_secs(1), "{slowed:?}");
     assert!(
-        login < sixth,
-        "the good login ({login:?}) did not wait behind the guesser ({sixth:?})"
+        login < slowed,
+        "the good login ({login:?}) did not wait behind the guesser ({slowed:?})"
     );
     conn.client.simple_query("SELECT 1").await.expect("works");
 }

@@ -25,6 +25,8 @@ use crate::tls::ServerTls;
 const MAX_LOOKUPS: usize = 4;
 /// Users remembered at most (probing for names cannot grow memory without bound).
 const MAX_CACHED: usize = 100_000;
+/// PostgreSQL's longest role name (NAMEDATALEN - 1).
+const MAX_ROLE_NAME: usize = 63;
 /// The longest one lookup query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,10 +36,10 @@ pub struct AuthQuery {
     query: String,
     ttl: Duration,
     connect_timeout: Duration,
-    /// Where the query runs for each configured database.
-    targets: HashMap<String, ServerTarget>,
+    /// Where the query runs for each configured database, and the lookups it allows at
+    /// once (per database, so a database that is down does not hold up the others).
+    targets: HashMap<String, (ServerTarget, tokio::sync::Semaphore)>,
     cache: Mutex<HashMap<(String, String), Slot>>,
-    running: tokio::sync::Semaphore,
 }
 
 impl AuthQuery {
@@ -71,7 +73,8 @@ impl AuthQuery {
                     password: password.clone(),
                     tls: Arc::clone(tls),
                 };
-                (name.clone(), target)
+                let running = tokio::sync::Semaphore::new(MAX_LOOKUPS);
+                (name.clone(), (target, running))
             })
             .collect();
         Some(AuthQuery {
@@ -80,16 +83,19 @@ impl AuthQuery {
             connect_timeout: config.pool.server_connect_timeout,
             targets,
             cache: Mutex::new(HashMap::new()),
-            running: tokio::sync::Semaphore::new(MAX_LOOKUPS),
         })
     }
 
     /// How `user` proves who they are when connecting to `database`: `Ok(None)` if they
     /// cannot log in; `Err` if the lookup itself failed (the server is down, say).
     pub async fn lookup(&self, database: &str, user: &str) -> Result<Option<ClientAuth>, String> {
-        let Some(target) = self.targets.get(database) else {
+        let Some((target, running)) = self.targets.get(database) else {
             return Ok(None);
         };
+        // PostgreSQL role names are at most 63 bytes: a longer one names nobody.
+        if user.len() > MAX_ROLE_NAME {
+            return Ok(None);
+        }
         let slot = self.slot(database, user);
         let mut slot = slot.lock().await;
         if let Some((auth, at)) = slot.as_ref() {
@@ -97,8 +103,7 @@ impl AuthQuery {
                 return Ok(auth.clone());
             }
         }
-        let _turn = self
-            .running
+        let _turn = running
             .acquire()
             .await
             .map_err(|_| "pgshield is shutting down".to_owned())?;
@@ -111,10 +116,19 @@ impl AuthQuery {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let key = (database.to_owned(), user.to_owned());
         if cache.len() >= MAX_CACHED && !cache.contains_key(&key) {
-            // Drop answers nobody is waiting on; if all are in use, start afresh.
-            cache.retain(|_, slot| Arc::strong_count(slot) > 1);
+            // Full (names being probed, say): forget "no such user" answers and expired
+            // ones nobody is waiting on; real users' answers stay.
+            cache.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot.try_lock().is_ok_and(|cached| {
+                        cached
+                            .as_ref()
+                            .is_some_and(|(auth, at)| auth.is_some() && at.elapsed() < self.ttl)
+                    })
+            });
             if cache.len() >= MAX_CACHED {
-                cache.clear();
+                // Still full: this lookup goes uncached.
+                return Slot::default();
             }
         }
         Arc::clone(cache.entry(key).or_default())

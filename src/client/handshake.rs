@@ -106,16 +106,20 @@ pub async fn login(
         .clone()
         .or_else(|| found.clone())
         .unwrap_or_else(|| shared.users.mock(&user));
+    // An address that has failed repeatedly waits before every attempt, right or wrong.
+    let delay = shared.login_throttle.delay(peer.ip());
+    if !delay.is_zero() {
+        tracing::info!(%peer, user, delay_ms = delay.as_millis() as u64, "slowing down logins from an address that failed repeatedly");
+        tokio::time::sleep(delay).await;
+    }
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
     let proof = match auth::authenticate(stream, buf, &user, &auth, end_point).await {
         Ok(proof) => proof,
         Err(e) => {
             match &e {
                 AuthError::Failed(_) => {
-                    let delay = shared.login_throttle.failed(peer.ip());
-                    tracing::info!(%peer, user, database, delay_ms = delay.as_millis() as u64, "authentication failed");
-                    // Repeated failures from one address are answered ever more slowly.
-                    tokio::time::sleep(delay).await;
+                    shared.login_throttle.failed(peer.ip());
+                    tracing::info!(%peer, user, database, "authentication failed");
                 }
                 AuthError::Closed => {
                     tracing::debug!(%peer, user, "client left during authentication")
@@ -127,7 +131,6 @@ pub async fn login(
             });
         }
     };
-    shared.login_throttle.succeeded(peer.ip());
     let admission = shared.access.admit(&user, &database)?;
     let pool = match (configured, found) {
         (Some(configured), _) => {

@@ -1,22 +1,24 @@
-//! Slows down password guessing: after a few failed logins from one address, each further
-//! failure from it is answered only after a delay that doubles, up to a cap. Other
-//! addresses are not slowed. A success, or a quiet minute, forgets the address.
-//!
-//! The delay holds the failing connection, not the proxy: other logins go on meanwhile.
+//! Slows down password guessing: after a few failed logins from one address, every
+//! further login attempt from it (right or wrong, so hanging up early gains nothing)
+//! waits before authentication, the wait doubling with each failure up to a cap. Other
+//! addresses are not slowed. An address with no failure for a minute starts afresh; a
+//! success does not reset it (an attacker's own account must not wipe the count).
+//! IPv6 addresses count per /64, the block one host is usually given.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Failures answered at once before delays start.
+/// Failures allowed before waits start.
 const FREE_FAILURES: u32 = 3;
-/// The first delay; each further failure doubles it.
+/// The first wait; each further failure doubles it.
 const FIRST_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(5);
 /// An address with no failure for this long starts afresh.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
-/// Addresses remembered at most (a flood from many addresses cannot grow memory).
+/// Addresses remembered at most (beyond it, new addresses are not tracked rather than
+/// older ones forgotten).
 const MAX_ADDRESSES: usize = 65_536;
 
 #[derive(Default)]
@@ -25,35 +27,39 @@ pub struct LoginThrottle {
 }
 
 impl LoginThrottle {
-    /// Records a failed login from `ip`; returns how long to wait before answering it.
-    pub fn failed(&self, ip: IpAddr) -> Duration {
-        self.failed_at(ip, Instant::now())
+    /// How long a login attempt from `ip` waits before authenticating.
+    pub fn delay(&self, ip: IpAddr) -> Duration {
+        self.delay_at(ip, Instant::now())
     }
 
-    /// A successful login from `ip`: its failures are forgotten.
-    pub fn succeeded(&self, ip: IpAddr) {
-        let mut failures = self.lock();
-        if !failures.is_empty() {
-            failures.remove(&ip);
+    /// Records a failed login from `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        self.failed_at(ip, Instant::now());
+    }
+
+    fn delay_at(&self, ip: IpAddr, now: Instant) -> Duration {
+        let failures = self.lock();
+        match failures.get(&key(ip)) {
+            Some((n, last)) if now.duration_since(*last) < FORGET_AFTER => delay_after(*n),
+            _ => Duration::ZERO,
         }
     }
 
-    fn failed_at(&self, ip: IpAddr, now: Instant) -> Duration {
+    fn failed_at(&self, ip: IpAddr, now: Instant) {
+        let key = key(ip);
         let mut failures = self.lock();
-        if failures.len() >= MAX_ADDRESSES && !failures.contains_key(&ip) {
+        if failures.len() >= MAX_ADDRESSES && !failures.contains_key(&key) {
             failures.retain(|_, (_, last)| now.duration_since(*last) < FORGET_AFTER);
             if failures.len() >= MAX_ADDRESSES {
-                // Still full of recent failures: forget the lot rather than grow.
-                failures.clear();
+                return;
             }
         }
-        let entry = failures.entry(ip).or_insert((0, now));
+        let entry = failures.entry(key).or_insert((0, now));
         if now.duration_since(entry.1) >= FORGET_AFTER {
             entry.0 = 0;
         }
         entry.0 = entry.0.saturating_add(1);
         entry.1 = now;
-        delay_after(entry.0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
@@ -61,12 +67,20 @@ impl LoginThrottle {
     }
 }
 
-/// The delay for the `n`th failure in a row.
+/// The address a failure counts against: IPv4 as is, IPv6 by its /64.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
+/// The wait after `n` failures in a row.
 fn delay_after(n: u32) -> Duration {
-    if n <= FREE_FAILURES {
+    if n < FREE_FAILURES {
         return Duration::ZERO;
     }
-    let doublings = (n - FREE_FAILURES - 1).min(16);
+    let doublings = (n - FREE_FAILURES).min(16);
     FIRST_DELAY.saturating_mul(1 << doublings).min(MAX_DELAY)
 }
 
@@ -75,31 +89,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delays_grow_per_address_and_reset() {
+    fn waits_grow_per_address_and_decay() {
         let t = LoginThrottle::default();
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
         let now = Instant::now();
-        let delays: Vec<Duration> = (0..10).map(|_| t.failed_at(a, now)).collect();
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            delays.push(t.delay_at(a, now));
+            t.failed_at(a, now);
+        }
+        // Three failures are free; the fourth attempt waits.
         assert_eq!(delays[..3], [Duration::ZERO; 3]);
         assert_eq!(delays[3], FIRST_DELAY);
         assert_eq!(delays[4], FIRST_DELAY * 2);
-        assert_eq!(delays[7], FIRST_DELAY * 16);
-        assert_eq!(delays[9], MAX_DELAY);
+        assert_eq!(t.delay_at(a, now), MAX_DELAY);
         assert_eq!(
-            t.failed_at(b, now),
+            t.delay_at(b, now),
             Duration::ZERO,
             "other addresses unaffected"
         );
         assert_eq!(
-            t.failed_at(a, now + FORGET_AFTER),
+            t.delay_at(a, now + FORGET_AFTER),
             Duration::ZERO,
-            "a quiet minute forgets"
+            "a quiet minute"
         );
-        t.failed_at(a, now);
-        t.failed_at(a, now);
-        t.failed_at(a, now);
-        t.succeeded(a);
-        assert_eq!(t.failed_at(a, now), Duration::ZERO, "a success forgets");
+        // One IPv6 host rotating through its /64 is one address.
+        for i in 0..5u16 {
+            t.failed_at(IpAddr::V6([0xfd00, 0, 0, 1, 0, 0, 0, i].into()), now);
+        }
+        assert!(t.delay_at(ip("fd00:0:0:1::99"), now) > Duration::ZERO);
+        assert_eq!(t.delay_at(ip("fd00:0:0:2::1"), now), Duration::ZERO);
         assert_eq!(delay_after(u32::MAX), MAX_DELAY);
     }
 }

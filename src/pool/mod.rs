@@ -520,7 +520,8 @@ impl Pools {
         let key = (database.to_owned(), user.to_owned());
         let mut dynamic = lock(&self.dynamic);
         if let Some(pool) = dynamic.get(&key) {
-            pool.use_login_credential(password);
+            // Whatever it held: the password may have changed, md5 to SCRAM even.
+            lock(&pool.inner.manager().target).password = Some(password);
             return Some(Arc::clone(pool));
         }
         let target = ServerTarget {
@@ -571,7 +572,7 @@ impl Pools {
 fn backend_password(user: &crate::config::UserConfig) -> Option<BackendPassword> {
     if let Some(command) = &user.server_password_command {
         return Some(BackendPassword::Command(Arc::new(PasswordCommand::new(
-            command.clone(),
+            command.expose().to_owned(),
             user.server_password_ttl,
         ))));
     }

@@ -198,41 +198,43 @@ fn mode_name(mode: ServerTlsMode) -> &'static str {
 
 /// Opens, authenticates and readies one backend connection within `timeout`.
 pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server, Error> {
-    let attempt = async {
-        let command = match &target.password {
-            Some(BackendPassword::Command(command)) => command,
-            Some(BackendPassword::ScramKeys { .. }) => {
-                return match connect_inner(target).await {
-                    Err(Error::Refused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
-                        Err(Error::PassthroughRefused)
-                    }
-                    other => other,
-                }
-            }
-            _ => return connect_inner(target).await,
-        };
-        // A password from a command is asked for now, and asked again (once) if the
-        // server refuses it: it may have rotated since it was cached.
-        for retry in [false, true] {
+    let within = |target: ServerTarget| async move {
+        match tokio::time::timeout(timeout, connect_inner(&target)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                addr: target.addr(),
+                timeout,
+            }),
+        }
+    };
+    match &target.password {
+        Some(BackendPassword::Command(command)) => {
+            // The command runs outside server_connect_timeout (it has its own limit). Its
+            // answer is asked again, once, if the server refuses it: it may have rotated
+            // since it was cached.
+            let with = |secret: &Secret| {
+                let mut resolved = target.clone();
+                resolved.password = Some(BackendPassword::Plain(secret.clone()));
+                resolved
+            };
             let secret = command.password().await.map_err(Error::PasswordCommand)?;
-            let mut resolved = target.clone();
-            resolved.password = Some(BackendPassword::Plain(secret.clone()));
-            match connect_inner(&resolved).await {
-                Err(Error::Refused(e)) if !retry && e.code == sqlstate::INVALID_PASSWORD => {
+            match within(with(&secret)).await {
+                Err(Error::Refused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
                     tracing::info!(addr = %target.addr(), "the server refused the password from server_password_command; asking it again");
                     command.forget(&secret).await;
+                    let secret = command.password().await.map_err(Error::PasswordCommand)?;
+                    within(with(&secret)).await
                 }
-                other => return other,
+                other => other,
             }
         }
-        unreachable!("the second attempt returns")
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Timeout {
-            addr: target.addr(),
-            timeout,
-        }),
+        Some(BackendPassword::ScramKeys { .. }) => match within(target.clone()).await {
+            Err(Error::Refused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
+                Err(Error::PassthroughRefused)
+            }
+            other => other,
+        },
+        _ => within(target.clone()).await,
     }
 }
 
@@ -294,6 +296,8 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
 async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), Error> {
     let mut out = BytesMut::new();
     let mut scram: Option<Sasl> = None;
+    // Once SCRAM has started, the server must prove itself (SASLFinal) before AuthOk.
+    let mut server_proved = false;
     loop {
         let (tag, body) = next_message(server).await?;
         match tag {
@@ -304,6 +308,12 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
         let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         let data = &body[4..];
         match code {
+            0 if scram.is_some() && !server_proved => {
+                return Err(Error::Protocol(
+                    "the server ended SCRAM authentication without proving it knows the verifier"
+                        .into(),
+                ))
+            }
             0 => return Ok(()),
             3 => {
                 let Some(BackendPassword::Plain(pw)) = &target.password else {
@@ -397,6 +407,7 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                         "SCRAM: the server's signature does not verify: {e}"
                     ))
                 })?;
+                server_proved = true;
                 continue;
             }
             7 | 8 => return Err(Error::UnsupportedAuth("GSSAPI".into())),

@@ -19,8 +19,8 @@ pub struct PasswordCommand {
 
 impl std::fmt::Debug for PasswordCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The command itself may carry a token: not shown.
         f.debug_struct("PasswordCommand")
-            .field("command", &self.command)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
     }
