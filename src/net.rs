@@ -17,6 +17,9 @@ pub enum Stream {
     /// Only while a TCP stream is being upgraded to TLS (and after a failed upgrade):
     /// every read and write fails.
     Detached,
+    /// An in-memory pipe, for driving the login state machine in fuzzing and tests.
+    #[doc(hidden)]
+    Memory(tokio::io::DuplexStream),
 }
 
 fn detached() -> io::Error {
@@ -60,7 +63,7 @@ impl Stream {
         match self {
             Stream::Tcp(tcp) => Some(tcp),
             Stream::Tls(tls) => Some(tls.get_ref().0),
-            Stream::Detached => None,
+            Stream::Detached | Stream::Memory(_) => None,
         }
     }
 
@@ -115,6 +118,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -129,6 +133,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -137,6 +142,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Memory(s) => Pin::new(s).poll_flush(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -145,6 +151,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }

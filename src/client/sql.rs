@@ -370,7 +370,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     // that keep session state, and temporary relations.
     for (i, tok) in t.iter().enumerate() {
         if names(tok, "pg_temp")
-            || matches!(tok, Token::Word(w) if w.len() > 8 && w[..8].eq_ignore_ascii_case("pg_temp_"))
+            || matches!(tok, Token::Word(w) if w.len() > 8 && w.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_")))
         {
             e.pin(PinReason::TempTable);
         }
@@ -560,6 +560,14 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_with_multibyte_characters_do_not_panic() {
+        // Found by the `messages` fuzz target: a word whose 8th byte is inside a char.
+        let e = classify("SELECT ÖÖÖÖÖ, pg_tempé, pg_temp_ü.t FROM ünïcödé");
+        assert_eq!(e.pin, Some(PinReason::TempTable));
+        classify("ééééééééé");
+    }
 
     fn pin(sql: &str) -> Option<PinReason> {
         classify(sql).pin

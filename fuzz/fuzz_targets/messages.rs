@@ -1,0 +1,66 @@
+//! Every parser of bytes a client or server controls, fed the same input: startup
+//! packets, framed messages (client messages through the prepared-statement translator,
+//! server messages through the reply tracker), ErrorResponse and ParameterStatus
+//! bodies, DataRows, SQL text through the classifier, SCRAM verifiers and client
+//! messages, and certificates through the channel-binding DER reader. Nothing may panic.
+#![no_main]
+
+use bytes::BytesMut;
+use libfuzzer_sys::fuzz_target;
+use pgshield::prepared::{ClientStatements, Registry, ServerStatements};
+use pgshield::protocol::frame::split_message;
+use pgshield::protocol::messages::ErrorResponse;
+use pgshield::protocol::scram::{Channel, ScramExchange, ScramVerifier};
+use pgshield::server::state::ReplyTracker;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = pgshield::protocol::startup::parse(data);
+    let _ = ErrorResponse::parse(data);
+    let _ = pgshield::server::parse_parameter_status(data);
+    let _ = pgshield::server::parse_data_row(data);
+    let _ = pgshield::tls::server_end_point(data);
+    let text = String::from_utf8_lossy(data);
+    let _ = pgshield::client::sql::classify(&text);
+    let _ = ScramVerifier::parse(&text);
+
+    // PBKDF2 once, not per run.
+    static VERIFIER: std::sync::OnceLock<ScramVerifier> = std::sync::OnceLock::new();
+    let verifier = VERIFIER.get_or_init(|| ScramVerifier::from_password("pw"));
+    let cb = [0u8; 32];
+    for channel in [
+        Channel::Unbound { could_bind: false },
+        Channel::Unbound { could_bind: true },
+        Channel::Bound(&cb),
+    ] {
+        if let Ok((exchange, _)) = ScramExchange::start(verifier, data, channel) {
+            let _ = exchange.finish(data);
+        }
+    }
+
+    // The same bytes as a stream of client messages, then of server replies.
+    let registry = Registry::default();
+    let mut client = ClientStatements::default();
+    let mut server = ServerStatements::new(4);
+    let mut out = BytesMut::new();
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
+        if matches!(tag, b'P' | b'B' | b'D' | b'C') {
+            let mut msg = BytesMut::with_capacity(body.len() + 5);
+            msg.extend_from_slice(&[tag]);
+            msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            msg.extend_from_slice(&body);
+            let _ = client.answer_without_backend(&registry, &msg);
+            let _ = client.translate(&registry, &mut server, &msg, msg.len(), &mut out);
+        }
+    }
+    let mut tracker = ReplyTracker::default();
+    for tag in [b'P', b'B', b'E', b'S', b'Q'] {
+        tracker.sent(tag);
+    }
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
+        if tracker.received(tag, body.first().copied()).is_err() {
+            break;
+        }
+    }
+});
