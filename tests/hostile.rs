@@ -226,6 +226,7 @@ async fn thousands_of_random_and_mutated_streams_leave_good_clients_unharmed() {
             })
         })
         .collect();
+    let rss_before = rss_kib();
     let seed = 0x5eed_f00d_u64;
     let mut rng = Rng(seed);
     let valid = valid_stream("hostile_fuzz");
@@ -259,7 +260,15 @@ async fn thousands_of_random_and_mutated_streams_leave_good_clients_unharmed() {
             .expect("no panic")
             .unwrap_or_else(|e| panic!("a good client was hurt (seed {seed:#x}): {e}"));
     }
-    eprintln!("{STREAMS} hostile streams ({answered} answered); good clients ran {total} queries");
+    let rss_after = rss_kib();
+    eprintln!(
+        "{STREAMS} hostile streams ({answered} answered); good clients ran {total} queries; \
+         RSS {rss_before} KiB before, {rss_after} KiB after (test process and proxy together)"
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "memory grew from {rss_before} to {rss_after} KiB"
+    );
     assert!(total > 0);
     well_behaved(&proxy, "hostile_fuzz", 20)
         .await
