@@ -63,6 +63,24 @@ pub struct Config {
     pub tls: TlsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// What operators reach pgshield through.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `host:port` of the HTTP listener serving /metrics, /health and /ready; empty: none.
+    pub http_listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            http_listen: "127.0.0.1:9930".into(),
+        }
+    }
 }
 
 /// The query PgBouncer users know as auth_query: columns (name, secret[, expired]).
@@ -648,6 +666,7 @@ impl Config {
     /// Checks everything a running proxy relies on; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.admin_http_addr()?;
         if !(1024..=1 << 30).contains(&self.listen.max_message_size) {
             return Err(invalid(
                 "listen.max_message_size",
@@ -808,6 +827,22 @@ impl Config {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The admin HTTP listener's address, if there is one (validated at load).
+    pub fn admin_http_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin.http_listen.trim().is_empty() {
+            return Ok(None);
+        }
+        self.admin.http_listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "admin.http_listen",
+                format!(
+                    "`{}` is not an IP address and port such as 127.0.0.1:9930 (empty: no listener)",
+                    self.admin.http_listen
+                ),
+            )
+        })
     }
 
     /// The parsed listen address (validated at load).
@@ -1015,6 +1050,7 @@ mod tests {
         assert_eq!(doc.client_login_timeout, default.client_login_timeout);
         assert_eq!(doc.max_message_size, default.max_message_size);
         assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
+        assert_eq!(c.admin.http_listen, AdminConfig::default().http_listen);
         assert_eq!(c.tls.client.mode, ClientTlsMode::default());
         let (doc, default) = (&c.auth, AuthConfig::default());
         assert_eq!(

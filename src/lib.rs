@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;
@@ -16,4 +17,5 @@ pub mod tls;
 pub use config::Config;
 pub use proxy::Proxy;
 pub mod devdb;
+pub mod http;
 pub mod prepared;

@@ -93,7 +93,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(&config.log.level);
-    serve(config, |_| {})
+    serve(config, |_, _| {})
 }
 
 fn check_config(file: Option<&Path>) -> ExitCode {
@@ -174,6 +174,10 @@ fn dev(args: DevArgs) -> ExitCode {
         runtime: Default::default(),
         tls: Default::default(),
         auth: Default::default(),
+        // Any free port: a second `dev` must not collide with the first.
+        admin: pgshield::config::AdminConfig {
+            http_listen: "127.0.0.1:0".into(),
+        },
     };
     let password = db.password().to_owned();
     let (direct_port, version, dir) = (
@@ -181,7 +185,7 @@ fn dev(args: DevArgs) -> ExitCode {
         db.version().to_owned(),
         db.dir().display().to_string(),
     );
-    let code = serve(config, move |addr| {
+    let code = serve(config, move |addr, http| {
         println!();
         println!(
             "  pgshield dev: PostgreSQL {version} (throwaway, in {dir}) on 127.0.0.1:{direct_port}"
@@ -193,6 +197,9 @@ fn dev(args: DevArgs) -> ExitCode {
         println!();
         println!("  Through pgshield:  psql \"postgresql://postgres:{password}@{addr}/postgres\"");
         println!("  Directly:          psql \"postgresql://postgres:{password}@127.0.0.1:{direct_port}/postgres\"");
+        if let Some(http) = http {
+            println!("  Metrics:           curl http://{http}/metrics");
+        }
         println!();
         println!("  Ctrl-C stops both and removes everything.");
         println!();
@@ -201,8 +208,12 @@ fn dev(args: DevArgs) -> ExitCode {
     code
 }
 
-/// Binds and serves until a signal, then drains; `on_ready` gets the bound address.
-fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCode {
+/// Binds and serves until a signal, then drains; `on_ready` gets the bound addresses
+/// (clients', and the admin HTTP listener's if there is one).
+fn serve(
+    config: Config,
+    on_ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
+) -> ExitCode {
     raise_fd_limit();
     let mut builder = match config.runtime.threads() {
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -237,7 +248,7 @@ fn serve(config: Config, on_ready: impl FnOnce(std::net::SocketAddr)) -> ExitCod
                 return ExitCode::FAILURE;
             }
         };
-        on_ready(proxy.local_addr());
+        on_ready(proxy.local_addr(), proxy.http_addr());
         tokio::spawn(watch_signals(proxy.shutdown_handle(), term, int));
         tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
         proxy.run().await;

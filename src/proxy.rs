@@ -17,10 +17,21 @@ use crate::client::sql::PinReason;
 use crate::client::throttle::LoginThrottle;
 use crate::client::{self, ClientSlots};
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::prepared::Registry;
 use crate::shutdown::Shutdown;
 use crate::tls::{ClientTls, ServerTls, TlsError};
+
+/// Folds histogram samples in every few seconds, so they cannot pile up between scrapes.
+async fn upkeep_metrics(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => shared.metrics.upkeep(),
+        }
+    }
+}
 
 /// How long forced-out sessions get to close after `shutdown_timeout`.
 const FORCED_GRACE: Duration = Duration::from_secs(5);
@@ -45,6 +56,7 @@ pub struct Shared {
     pub auth_query: Option<AuthQuery>,
     /// Per-user and per-database address, TLS and client-count rules.
     pub access: AccessRules,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How many clients were pinned, by reason.
@@ -88,6 +100,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The admin HTTP listener, if configured.
+    http: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Proxy {
@@ -96,6 +110,7 @@ impl Proxy {
         config.validate()?;
         let client_tls = ClientTls::new(&config.tls.client)?.map(Arc::new);
         let server_tls = Arc::new(ServerTls::new(&config.tls.server)?);
+        let metrics = Arc::new(Metrics::new());
         let addr = config.listen_addr()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -103,9 +118,21 @@ impl Proxy {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let http = match config.admin_http_addr()? {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             users: UserDirectory::from_config(&config),
-            pools: Pools::from_config(&config, &server_tls),
+            pools: Pools::from_config(&config, &server_tls, &metrics),
             clients: ClientSlots::new(config.listen.max_client_connections),
             shutdown: Shutdown::new(),
             cancels: Cancels::new(),
@@ -115,18 +142,25 @@ impl Proxy {
             login_throttle: LoginThrottle::default(),
             auth_query: AuthQuery::from_config(&config, &server_tls),
             access: AccessRules::from_config(&config),
+            metrics,
             config,
         });
         Ok(Proxy {
             shared,
             listener,
             local_addr,
+            http,
         })
     }
 
     /// The address clients connect to (useful when `listen.addr` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where /metrics, /health and /ready are served, if they are.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, addr)| *addr)
     }
 
     /// A handle that starts (or forces) shutdown from elsewhere: signals, tests.
@@ -141,10 +175,21 @@ impl Proxy {
     /// Serves clients until shutdown, then drains them and closes every backend.
     pub async fn run(self) {
         let Proxy {
-            shared, listener, ..
+            shared,
+            listener,
+            http,
+            ..
         } = self;
         let janitors = CancellationToken::new();
         shared.pools.spawn_janitors(janitors.clone());
+        if let Some((listener, _)) = http {
+            tokio::spawn(crate::http::serve(
+                listener,
+                Arc::clone(&shared),
+                janitors.clone(),
+            ));
+        }
+        tokio::spawn(upkeep_metrics(Arc::clone(&shared), janitors.clone()));
         let sessions = TaskTracker::new();
         let shutdown = shared.shutdown.clone();
         tracing::info!(

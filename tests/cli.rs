@@ -298,7 +298,8 @@ async fn no_secret_appears_in_the_logs_even_at_trace_level() {
     let file = ConfigFile::new(&format!(
         "[listen]\naddr = \"127.0.0.1:{port}\"\n[databases.app]\nhost = \"127.0.0.1\"\nport = {}\n\
          dbname = \"postgres\"\n[users.cli_secret]\npassword = \"{CLIENT_SECRET}\"\n\
-         server_password = \"{SERVER_SECRET}\"\n[log]\nlevel = \"trace\"\n",
+         server_password = \"{SERVER_SECRET}\"\n[log]\nlevel = \"trace\"\n\
+         [admin]\nhttp_listen = \"127.0.0.1:0\"\n",
         common::cluster().port()
     ));
     let mut child = pgshield()

@@ -258,7 +258,8 @@ async fn an_unreachable_server_refuses_the_first_login_with_08006() {
     common::create_role("pool_down", "pw").await;
     let port = common::free_port(); // nothing listens there
     let config = pgshield::Config::from_toml(&format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\n[pool]\nserver_connect_timeout = \"2s\"\n\
+        "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\nhttp_listen = \"\"\n\
+         [pool]\nserver_connect_timeout = \"2s\"\n\
          [databases.app]\nhost = \"127.0.0.1\"\nport = {port}\n[users.pool_down]\npassword = \"pw\"\n"
     ))
     .unwrap();

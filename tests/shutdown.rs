@@ -40,7 +40,8 @@ impl Pgshield {
                 "[listen]\naddr = \"127.0.0.1:{port}\"\n\n\
                  [pool]\nmode = \"session\"\nmax_size = 2\nshutdown_timeout = \"20s\"\n\n\
                  [databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n\
-                 [users.{role}]\npassword = \"{password}\"\n",
+                 [users.{role}]\npassword = \"{password}\"\n\
+                 [admin]\nhttp_listen = \"127.0.0.1:0\"\n",
                 common::cluster().port()
             );
             let config_path = dir.join("pgshield.toml");

@@ -30,6 +30,7 @@ fn harness() -> &'static Harness {
         // would with the server down.
         let config = Config::from_toml(
             "[listen]\naddr = \"127.0.0.1:0\"\nclient_login_timeout = \"1s\"\n\
+             [admin]\nhttp_listen = \"\"\n\
              [pool]\nserver_connect_timeout = \"1s\"\n\
              [databases.app]\nhost = \"127.0.0.1\"\nport = 9\n\
              [users.scram]\npassword = \"pw\"\n\

@@ -57,6 +57,9 @@ pub async fn login(
     admitted: bool,
 ) -> Result<Login, Refusal> {
     let (startup, tls) = read_startup(shared, stream, buf).await?;
+    if tls.is_some() {
+        shared.metrics.clients.received_tls.increment(1);
+    }
     let user = startup.get("user").unwrap_or_default().to_owned();
     if user.is_empty() {
         return Err(ErrorResponse::fatal(
@@ -227,6 +230,7 @@ async fn read_startup(
                 process_id,
                 secret_key,
             } => {
+                shared.metrics.cancel_requests.increment(1);
                 shared.cancels.cancel(process_id, &secret_key).await;
                 return Err(Refusal { error: None });
             }

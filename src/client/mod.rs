@@ -81,6 +81,15 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Counts a client connection closed, however its task ends.
+struct ClosedOnDrop(metrics::Counter);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.increment(1);
+    }
+}
+
 /// Serves one accepted connection from login to goodbye. `slot` is `None` when the client
 /// limit is reached: such a client is told so after its startup packet.
 pub async fn serve(
@@ -90,6 +99,9 @@ pub async fn serve(
     slot: Option<ClientSlot>,
 ) {
     let id = ClientId::next();
+    let clients = &shared.metrics.clients;
+    clients.received.increment(1);
+    let _closed = ClosedOnDrop(clients.closed.clone());
     let mut stream = Stream::from_tcp(tcp);
     let mut buf = BytesMut::new();
     let login_timeout = shared.config.listen.client_login_timeout;
@@ -104,7 +116,8 @@ pub async fn serve(
     };
     let refusal = match outcome {
         Ok(Ok(login)) => {
-            session::Session::new(shared, id, stream, login, buf)
+            clients.setup_succeeded.increment(1);
+            session::Session::new(Arc::clone(&shared), id, stream, login, buf)
                 .run()
                 .await;
             return;
@@ -121,6 +134,10 @@ pub async fn serve(
             ))
         }
     };
+    match &refusal {
+        Some(e) if e.code == sqlstate::INVALID_PASSWORD => clients.setup_failed_auth.increment(1),
+        _ => clients.setup_refused.increment(1),
+    }
     if let Some(error) = refusal {
         let mut out = BytesMut::new();
         error.encode(&mut out);

@@ -212,6 +212,9 @@ pub struct Session {
     shutdown: Watch,
     /// Held for the session's life: its places under per-user/database client limits.
     _admission: Admission,
+    /// When the oldest request still unanswered reached pgshield, and the backend.
+    request_received: Option<Instant>,
+    request_sent: Option<Instant>,
 }
 
 impl Session {
@@ -227,6 +230,8 @@ impl Session {
             limits: Limits::from_config(&shared.config.pool),
             shutdown: shared.shutdown.watch(),
             _admission: login.admission,
+            request_received: None,
+            request_sent: None,
             shared,
             id,
             client,
@@ -445,7 +450,13 @@ impl Session {
             Stage::Draining if drain => return Poll::Ready(Event::Drain),
             _ => {}
         }
-        if let Poll::Ready(Err(e)) = poll_drain(cx, &mut self.client, &mut self.client_out) {
+        let unsent = self.client_out.len();
+        let drained = poll_drain(cx, &mut self.client, &mut self.client_out);
+        let sent = unsent - self.client_out.len();
+        if sent > 0 {
+            self.pool.metrics().bytes_to_clients.increment(sent as u64);
+        }
+        if let Poll::Ready(Err(e)) = drained {
             return Poll::Ready(Event::ClientError(e));
         }
         if let Some(backend) = self.backend.as_mut() {
@@ -461,7 +472,10 @@ impl Session {
             reserve_for_read(&mut self.client_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
-                Poll::Ready(Ok(_)) => data = true,
+                Poll::Ready(Ok(n)) => {
+                    self.pool.metrics().bytes_from_clients.increment(n as u64);
+                    data = true;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
                 Poll::Pending => {}
             }
@@ -508,6 +522,9 @@ impl Session {
             header
                 .check_size(self.shared.config.listen.max_message_size)
                 .map_err(|e| End::ClientProtocol(e.to_string()))?;
+            if self.request_received.is_none() && matches!(header.tag, b'Q' | b'P' | b'B' | b'F') {
+                self.request_received = Some(Instant::now());
+            }
             match header.tag {
                 b'X' => return Err(End::Terminated),
                 b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c'
@@ -543,6 +560,8 @@ impl Session {
                 if self.mode == PoolMode::Transaction && matches!(header.tag, b'S' | b'H') {
                     if header.tag == b'S' {
                         messages::ready_for_query(&mut self.client_out, b'I');
+                        // Answered here: nothing to time.
+                        self.request_received = None;
                     }
                     self.client_msg = Passing {
                         left: header.len,
@@ -683,6 +702,9 @@ impl Session {
         let Some(backend) = self.backend.as_mut() else {
             return Ok(true);
         };
+        if self.request_sent.is_none() {
+            self.request_sent = Some(Instant::now());
+        }
         let server = backend.server();
         if !translated {
             server.replies.sent(header.tag);
@@ -710,7 +732,27 @@ impl Session {
             }
             return Ok(false);
         }
+        let metrics = self.pool.metrics();
+        let prepared_here = translated.injected.iter().any(|i| i.tag == b'P');
+        let answered = matches!(translated.translation, Translation::Answered);
+        let named = answered
+            || matches!(
+                translated.translation,
+                Translation::Rewrite { .. } | Translation::Replace { .. }
+            );
+        match header.tag {
+            // Prepared on this backend now: the client's own Parse, or one pgshield adds.
+            b'P' if named && !answered => metrics.prepared_misses.increment(1),
+            b'P' if answered => metrics.prepared_hits.increment(1),
+            _ if prepared_here => metrics.prepared_misses.increment(1),
+            // A Bind of a named statement the backend already had.
+            b'B' if named => metrics.prepared_hits.increment(1),
+            _ => {}
+        }
         for injected in translated.injected {
+            if matches!(injected.undo, Some(crate::prepared::Undo::Evicted(_))) {
+                metrics.prepared_evictions.increment(1);
+            }
             server
                 .replies
                 .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
@@ -984,8 +1026,29 @@ impl Session {
                     server.mark_broken();
                     self.server_sent_fatal = true;
                 }
-                // query_timeout counts per statement: the next one starts now.
-                b'Z' => self.busy_since = None,
+                b'Z' => {
+                    // query_timeout counts per statement: the next one starts now.
+                    self.busy_since = None;
+                    let m = self.pool.metrics();
+                    m.queries.increment(1);
+                    if body.first() == Some(&b'I') {
+                        m.transactions.increment(1);
+                    }
+                    let now = Instant::now();
+                    if let Some(at) = self.request_sent.take() {
+                        m.query_duration
+                            .record(now.duration_since(at).as_secs_f64());
+                    }
+                    if let Some(at) = self.request_received.take() {
+                        m.client_query_duration
+                            .record(now.duration_since(at).as_secs_f64());
+                    }
+                    // A pipelined client's next request has been waiting since now.
+                    if !server.replies.at_boundary() {
+                        self.request_received = Some(now);
+                        self.request_sent = Some(now);
+                    }
+                }
                 _ => {}
             }
         }
@@ -1060,6 +1123,7 @@ impl Session {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
+        let waiting_since = Instant::now();
         let borrow = pool.borrow();
         tokio::pin!(borrow);
         let mut backend = loop {
@@ -1081,6 +1145,9 @@ impl Session {
                 },
             }
         };
+        pool.metrics()
+            .borrow_wait
+            .record(waiting_since.elapsed().as_secs_f64());
         match self.apply_settings(&mut backend).await {
             Ok(()) => {
                 self.cancel.attach(backend.server_ref());
@@ -1298,6 +1365,7 @@ fn pin(
     }
     *pinned = Some(reason);
     shared.pins.add(reason);
+    shared.metrics.pinned(reason);
     tracing::info!(
         %client,
         pool,

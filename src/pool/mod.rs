@@ -21,6 +21,7 @@ use deadpool::managed::{
 use deadpool::Runtime;
 
 use crate::config::{Config, StoredPassword};
+use crate::metrics::{Metrics as Numbers, PoolMetrics};
 use crate::prepared::ServerStatements;
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::server::password::PasswordCommand;
@@ -101,6 +102,7 @@ pub struct ServerManager {
     settings: PoolSettings,
     /// The database's `max_db_connections`, shared with its other pools.
     db_limit: Option<Arc<DbLimit>>,
+    metrics: PoolMetrics,
     /// Parameters of the newest backend, as it reported them at login: what a new client
     /// is told at its own login (PgBouncer's "welcome message").
     welcome: Mutex<Option<Arc<ServerParams>>>,
@@ -116,7 +118,14 @@ impl Manager for ServerManager {
             None => None,
         };
         let target = lock(&self.target).clone();
-        let mut server = connect(&target, self.settings.server_connect_timeout).await?;
+        let mut server = match connect(&target, self.settings.server_connect_timeout).await {
+            Ok(server) => server,
+            Err(e) => {
+                self.metrics.backend_open_failures.increment(1);
+                return Err(e);
+            }
+        };
+        self.metrics.backends_opened.increment(1);
         server.db_permit = permit;
         server.statements = ServerStatements::new(self.settings.max_prepared_statements);
         tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %target.addr(), "opened backend");
@@ -183,8 +192,10 @@ impl Pool {
         target: ServerTarget,
         settings: PoolSettings,
         db_limit: Option<Arc<DbLimit>>,
+        metrics: &Numbers,
     ) -> Arc<Pool> {
         let manager = ServerManager {
+            metrics: metrics.pool(&name),
             db_limit: db_limit.clone(),
             target: Mutex::new(target),
             settings: settings.clone(),
@@ -232,6 +243,22 @@ impl Pool {
         }
     }
 
+    /// This pool's numbers.
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.inner.manager().metrics
+    }
+
+    /// Sets the gauges that describe the pool from its current state (before a scrape).
+    pub fn refresh_gauges(&self) {
+        let s = self.status();
+        let m = self.metrics();
+        m.backends_open.set(s.open as f64);
+        m.backends_idle.set(s.idle as f64);
+        m.backends_lent.set(s.open.saturating_sub(s.idle) as f64);
+        m.clients_waiting.set(s.waiting as f64);
+        m.max_backends.set(s.max_size as f64);
+    }
+
     /// `database/user`, as shown in messages and logs.
     pub fn name(&self) -> &str {
         &self.name
@@ -250,11 +277,14 @@ impl Pool {
 
     fn borrow_error(&self, e: PoolError<ServerError>) -> BorrowError {
         match e {
-            PoolError::Timeout(_) => BorrowError::Timeout {
-                pool: self.name.clone(),
-                timeout: self.settings.borrow_timeout.unwrap_or_default(),
-                max_size: self.settings.max_size,
-            },
+            PoolError::Timeout(_) => {
+                self.metrics().borrow_timeouts.increment(1);
+                BorrowError::Timeout {
+                    pool: self.name.clone(),
+                    timeout: self.settings.borrow_timeout.unwrap_or_default(),
+                    max_size: self.settings.max_size,
+                }
+            }
             PoolError::Backend(e) => {
                 tracing::warn!(pool = %self.name, error = %e, "cannot open a backend");
                 BorrowError::Server(self.name.clone(), e)
@@ -437,11 +467,12 @@ pub struct Pools {
     janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
     /// `max_db_connections`, by database.
     db_limits: HashMap<String, Arc<DbLimit>>,
+    metrics: Arc<Numbers>,
 }
 
 impl Pools {
     /// One pool for every configured database and user.
-    pub fn from_config(config: &Config, tls: &Arc<ServerTls>) -> Pools {
+    pub fn from_config(config: &Config, tls: &Arc<ServerTls>, metrics: &Arc<Numbers>) -> Pools {
         let settings = PoolSettings::from_config(config);
         for (name, user) in &config.users {
             if backend_password(user).is_none() {
@@ -483,7 +514,7 @@ impl Pools {
                 let limit = db_limits.get(db_name).cloned();
                 pools.insert(
                     (db_name.clone(), user_name.clone()),
-                    Pool::new(name, target, settings.clone(), limit),
+                    Pool::new(name, target, settings.clone(), limit, metrics),
                 );
             }
         }
@@ -495,6 +526,7 @@ impl Pools {
             tls: Arc::clone(tls),
             janitor_stop: std::sync::OnceLock::new(),
             db_limits,
+            metrics: Arc::clone(metrics),
         }
     }
 
@@ -537,6 +569,7 @@ impl Pools {
             target,
             self.settings.clone(),
             self.db_limits.get(database).cloned(),
+            &self.metrics,
         );
         if let Some(stop) = self.janitor_stop.get() {
             tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));

@@ -223,6 +223,8 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
 /// database `app`. Dropping it shuts it down.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The admin HTTP listener (/metrics, /health, /ready), on a free port.
+    pub http: Option<SocketAddr>,
     pub shutdown: Shutdown,
     pub shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
@@ -239,6 +241,11 @@ impl TestProxy {
         } else {
             format!("{listen}\n{sections}")
         };
+        let sections = if sections.contains("[admin]\n") {
+            sections
+        } else {
+            format!("{sections}\n[admin]\nhttp_listen = \"127.0.0.1:0\"\n")
+        };
         let toml = format!(
             "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n{sections}",
             db.port()
@@ -247,11 +254,13 @@ impl TestProxy {
             Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let proxy = Proxy::bind(config).await.expect("proxy binds");
         let addr = proxy.local_addr();
+        let http = proxy.http_addr();
         let shutdown = proxy.shutdown_handle();
         let shared = Arc::clone(proxy.shared());
         let task = tokio::spawn(proxy.run());
         TestProxy {
             addr,
+            http,
             shutdown,
             shared,
             task: Some(task),

@@ -1,0 +1,137 @@
+//! The operator's HTTP listener (`admin.http_listen`): `/metrics` (Prometheus text),
+//! `/health` (the process is up) and `/ready` (listening, not draining, and every
+//! configured database reachable: a backend of it is open, or its server accepts a TCP
+//! connection). A few lines of HTTP/1.1, one request per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Shared;
+
+/// A request head must arrive within this time and size.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long `/ready` waits for a database's server to accept a connection.
+const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, Arc::clone(&shared)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
+    let path = match tokio::time::timeout(REQUEST_TIMEOUT, read_path(&mut stream)).await {
+        Ok(Ok(Some(path))) => path,
+        _ => return,
+    };
+    let (status, content_type, body) = match path.as_str() {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render_metrics(&shared),
+        ),
+        "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        "/ready" => match not_ready(&shared).await {
+            None => ("200 OK", "text/plain", "ready\n".to_owned()),
+            Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+        },
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /health or /ready\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads a request head; returns the path of a GET (None for anything else).
+async fn read_path(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST_HEAD {
+            return Ok(None);
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = std::str::from_utf8(line).unwrap_or_default().split(' ');
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some(target)) => {
+            let path = target.split('?').next().unwrap_or_default();
+            Ok(Some(path.to_owned()))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn render_metrics(shared: &Shared) -> String {
+    shared
+        .metrics
+        .clients
+        .open
+        .set(shared.clients.open() as f64);
+    for pool in shared.pools.all() {
+        pool.refresh_gauges();
+    }
+    shared.metrics.render()
+}
+
+/// Why pgshield is not ready to serve, if it is not.
+async fn not_ready(shared: &Shared) -> Option<String> {
+    if shared.shutdown.is_draining() {
+        return Some("not ready: shutting down".into());
+    }
+    let pools = shared.pools.all();
+    for (name, db) in &shared.config.databases {
+        let prefix = format!("{name}/");
+        let has_backend = pools
+            .iter()
+            .any(|p| p.name().starts_with(&prefix) && p.status().open > 0);
+        if has_backend {
+            continue;
+        }
+        let connect = TcpStream::connect((db.host.as_str(), db.port));
+        match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Some(format!(
+                    "not ready: database {name} ({}:{}) cannot be reached: {e}",
+                    db.host, db.port
+                ))
+            }
+            Err(_) => {
+                return Some(format!(
+                    "not ready: database {name} ({}:{}) did not answer within {READY_CONNECT_TIMEOUT:?}",
+                    db.host, db.port
+                ))
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,266 @@
+//! Every number pgshield publishes, in one place: names (all `pgshield_…`), labels, and
+//! the handles the hot path increments (an atomic add each; no registry lookup per event).
+//!
+//! Each proxy has its own Prometheus recorder (not the process-global one), so several
+//! proxies in one process (tests) keep their numbers apart. Gauges that describe state
+//! (clients open, backends idle or lent, clients waiting) are read from the source of
+//! truth when `/metrics` is scraped rather than kept up to date on every event.
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::client::sql::PinReason;
+
+/// Histogram buckets for durations, in seconds: 50 µs to 30 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static METADATA: Metadata<'static> = Metadata::new("pgshield", metrics::Level::INFO, None);
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    pub clients: ClientMetrics,
+    /// Cancel requests received, forwarded or not.
+    pub cancel_requests: Counter,
+    pins: Vec<(PinReason, Counter)>,
+}
+
+/// Client connections, as RDS Proxy's ClientConnections* metrics.
+pub struct ClientMetrics {
+    pub received: Counter,
+    pub received_tls: Counter,
+    pub closed: Counter,
+    pub setup_succeeded: Counter,
+    pub setup_failed_auth: Counter,
+    /// Refused for any other reason (limits, access rules, unknown database, bad input).
+    pub setup_refused: Counter,
+    pub open: Gauge,
+}
+
+/// One pool's numbers, labelled `pool="database/user"`.
+pub struct PoolMetrics {
+    /// Time a client waited for a backend (0 when one was idle).
+    pub borrow_wait: Histogram,
+    pub borrow_timeouts: Counter,
+    /// Time from a client's request reaching the backend to its ReadyForQuery.
+    pub query_duration: Histogram,
+    /// Time from a client's request reaching pgshield to its ReadyForQuery (borrow wait
+    /// and settings included): what the client sees.
+    pub client_query_duration: Histogram,
+    pub queries: Counter,
+    pub transactions: Counter,
+    pub bytes_from_clients: Counter,
+    pub bytes_to_clients: Counter,
+    pub backends_opened: Counter,
+    pub backend_open_failures: Counter,
+    pub prepared_hits: Counter,
+    pub prepared_misses: Counter,
+    pub prepared_evictions: Counter,
+    pub backends_open: Gauge,
+    pub backends_idle: Gauge,
+    pub backends_lent: Gauge,
+    pub clients_waiting: Gauge,
+    pub max_backends: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("seconds".into()), SECONDS_BUCKETS)
+            .expect("the buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            recorder.describe_counter(KeyName::from_const_str(name), unit, help.into());
+        };
+        for (name, help) in DESCRIPTIONS {
+            describe(name, None, help);
+        }
+        let counter =
+            |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        let clients = ClientMetrics {
+            received: counter("pgshield_client_connections_received_total"),
+            received_tls: counter("pgshield_client_connections_tls_total"),
+            closed: counter("pgshield_client_connections_closed_total"),
+            setup_succeeded: counter("pgshield_client_connections_setup_succeeded_total"),
+            setup_failed_auth: counter("pgshield_client_connections_setup_failed_auth_total"),
+            setup_refused: counter("pgshield_client_connections_setup_refused_total"),
+            open: recorder.register_gauge(
+                &Key::from_static_name("pgshield_client_connections"),
+                &METADATA,
+            ),
+        };
+        let pins = PinReason::ALL
+            .iter()
+            .map(|reason| {
+                let key = Key::from_parts(
+                    "pgshield_pins_total",
+                    vec![Label::new("reason", reason.name())],
+                );
+                (*reason, recorder.register_counter(&key, &METADATA))
+            })
+            .collect();
+        Metrics {
+            cancel_requests: counter("pgshield_cancel_requests_total"),
+            clients,
+            pins,
+            recorder,
+            handle,
+        }
+    }
+
+    /// The handles of one pool's numbers.
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let labels = || vec![Label::new("pool", pool.to_owned())];
+        let key = |name: &'static str| Key::from_parts(name, labels());
+        let counter = |name: &'static str| self.recorder.register_counter(&key(name), &METADATA);
+        let gauge = |name: &'static str| self.recorder.register_gauge(&key(name), &METADATA);
+        let histogram =
+            |name: &'static str| self.recorder.register_histogram(&key(name), &METADATA);
+        PoolMetrics {
+            borrow_wait: histogram("pgshield_borrow_wait_seconds"),
+            borrow_timeouts: counter("pgshield_borrow_timeouts_total"),
+            query_duration: histogram("pgshield_query_duration_seconds"),
+            client_query_duration: histogram("pgshield_client_query_duration_seconds"),
+            queries: counter("pgshield_queries_total"),
+            transactions: counter("pgshield_transactions_total"),
+            bytes_from_clients: counter("pgshield_client_bytes_received_total"),
+            bytes_to_clients: counter("pgshield_client_bytes_sent_total"),
+            backends_opened: counter("pgshield_database_connections_setup_succeeded_total"),
+            backend_open_failures: counter("pgshield_database_connections_setup_failed_total"),
+            prepared_hits: counter("pgshield_prepared_statement_cache_hits_total"),
+            prepared_misses: counter("pgshield_prepared_statement_cache_misses_total"),
+            prepared_evictions: counter("pgshield_prepared_statement_cache_evictions_total"),
+            backends_open: gauge("pgshield_database_connections"),
+            backends_idle: gauge("pgshield_database_connections_idle"),
+            backends_lent: gauge("pgshield_database_connections_borrowed"),
+            clients_waiting: gauge("pgshield_clients_waiting"),
+            max_backends: gauge("pgshield_database_connections_max"),
+        }
+    }
+
+    /// A client was pinned to its backend.
+    pub fn pinned(&self, reason: PinReason) {
+        if let Some((_, counter)) = self.pins.iter().find(|(r, _)| *r == reason) {
+            counter.increment(1);
+        }
+    }
+
+    /// The exposition text for `/metrics`.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Folds recent histogram samples in (call every few seconds, so they cannot pile up).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+/// What each metric means, as `# HELP` lines.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("pgshield_client_connections", "Client connections open"),
+    (
+        "pgshield_client_connections_received_total",
+        "Client connections accepted",
+    ),
+    (
+        "pgshield_client_connections_tls_total",
+        "Client connections that negotiated TLS",
+    ),
+    (
+        "pgshield_client_connections_closed_total",
+        "Client connections closed",
+    ),
+    (
+        "pgshield_client_connections_setup_succeeded_total",
+        "Client logins that succeeded",
+    ),
+    (
+        "pgshield_client_connections_setup_failed_auth_total",
+        "Client logins refused for a wrong password or unknown user",
+    ),
+    (
+        "pgshield_client_connections_setup_refused_total",
+        "Client logins refused for any other reason",
+    ),
+    ("pgshield_cancel_requests_total", "Cancel requests received"),
+    (
+        "pgshield_pins_total",
+        "Clients pinned to their backend, by reason",
+    ),
+    (
+        "pgshield_borrow_wait_seconds",
+        "Time clients waited for a backend",
+    ),
+    (
+        "pgshield_borrow_timeouts_total",
+        "Clients that got 53300 after borrow_timeout",
+    ),
+    (
+        "pgshield_query_duration_seconds",
+        "Time from a request reaching the backend to its ReadyForQuery",
+    ),
+    (
+        "pgshield_client_query_duration_seconds",
+        "Time from a request reaching pgshield to its ReadyForQuery, as the client sees it",
+    ),
+    (
+        "pgshield_queries_total",
+        "Requests answered by a ReadyForQuery",
+    ),
+    (
+        "pgshield_transactions_total",
+        "Transactions ended (ReadyForQuery back to idle)",
+    ),
+    (
+        "pgshield_client_bytes_received_total",
+        "Bytes received from clients",
+    ),
+    ("pgshield_client_bytes_sent_total", "Bytes sent to clients"),
+    (
+        "pgshield_database_connections_setup_succeeded_total",
+        "Backend connections opened",
+    ),
+    (
+        "pgshield_database_connections_setup_failed_total",
+        "Backend connections that failed to open",
+    ),
+    (
+        "pgshield_prepared_statement_cache_hits_total",
+        "Client statements already prepared on the backend",
+    ),
+    (
+        "pgshield_prepared_statement_cache_misses_total",
+        "Client statements prepared on a backend that lacked them",
+    ),
+    (
+        "pgshield_prepared_statement_cache_evictions_total",
+        "Statements closed on a full backend",
+    ),
+    ("pgshield_database_connections", "Backend connections open"),
+    (
+        "pgshield_database_connections_idle",
+        "Backend connections idle in the pool",
+    ),
+    (
+        "pgshield_database_connections_borrowed",
+        "Backend connections lent to clients",
+    ),
+    ("pgshield_clients_waiting", "Clients queued for a backend"),
+    (
+        "pgshield_database_connections_max",
+        "Backend connections the pool may open",
+    ),
+];

@@ -1,0 +1,199 @@
+//! The operator's HTTP listener: /metrics moves as a workload runs (logins, queues,
+//! borrow timeouts, pins, queries, bytes, prepared statements), /health and /ready.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{sqlstate, TestProxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GETs `path`; returns the status line's code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: pgshield\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
+        .await
+        .expect("an answer within 10 s")
+        .expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_owned())
+}
+
+/// The value of one sample line, e.g. `pgshield_queries_total{pool="app/x"}`.
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+}
+
+#[tokio::test]
+async fn metrics_follow_a_workload() {
+    common::create_role("met_user", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\nborrow_timeout = \"1s\"\n[users.met_user]\npassword = \"pw\"\n",
+    )
+    .await;
+    let http = proxy.http.expect("an HTTP listener");
+    let pool = "pool=\"app/met_user\"";
+
+    let a = proxy.connect("met_user", "pw").await.expect("a");
+    let b = proxy.connect("met_user", "pw").await.expect("b");
+    assert!(proxy.connect("met_user", "wrong").await.is_err());
+    // A holds the only backend; B queues behind it for a while.
+    a.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    let queued = tokio::spawn(async move {
+        b.client
+            .simple_query("SELECT 2")
+            .await
+            .expect("b runs once a commits");
+        b
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.client.batch_execute("COMMIT").await.expect("commit");
+    let b = queued.await.expect("no panic");
+    // A third client waits past borrow_timeout while A holds the backend again.
+    a.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    let c = proxy.connect("met_user", "pw").await.expect("c");
+    let err = c
+        .client
+        .simple_query("SELECT 3")
+        .await
+        .expect_err("timed out");
+    assert_eq!(sqlstate(&err), Some("53300"));
+    a.client.batch_execute("COMMIT").await.expect("commit");
+    // A named statement prepared once and reused, then a pin (which keeps the backend).
+    let st = a
+        .client
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("prepare");
+    for i in 0..3 {
+        a.client.query_one(&st, &[&i]).await.expect("execute");
+    }
+    b.client
+        .batch_execute("LISTEN metrics_test")
+        .await
+        .expect("listen");
+
+    let (code, m) = get(http, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(value(&m, "pgshield_client_connections_received_total") >= 4.0);
+    assert!(value(&m, "pgshield_client_connections_setup_succeeded_total") >= 3.0);
+    assert!(value(&m, "pgshield_client_connections_setup_failed_auth_total") >= 1.0);
+    assert_eq!(value(&m, "pgshield_client_connections"), 3.0);
+    assert_eq!(value(&m, "pgshield_pins_total{reason=\"listen\"}"), 1.0);
+    assert_eq!(
+        value(&m, &format!("pgshield_borrow_timeouts_total{{{pool}}}")),
+        1.0
+    );
+    // B's wait (about 300 ms) lands above the 0.25 s bucket.
+    let waits = value(&m, &format!("pgshield_borrow_wait_seconds_count{{{pool}}}"));
+    let quick = value(
+        &m,
+        &format!("pgshield_borrow_wait_seconds_bucket{{{pool},le=\"0.25\"}}"),
+    );
+    assert!(
+        waits > quick,
+        "a wait above 250 ms was recorded: {waits} > {quick}"
+    );
+    assert!(value(&m, &format!("pgshield_queries_total{{{pool}}}")) >= 6.0);
+    assert!(value(&m, &format!("pgshield_transactions_total{{{pool}}}")) >= 3.0);
+    assert!(
+        value(
+            &m,
+            &format!("pgshield_query_duration_seconds_count{{{pool}}}")
+        ) >= 6.0
+    );
+    assert!(
+        value(
+            &m,
+            &format!("pgshield_client_query_duration_seconds_count{{{pool}}}")
+        ) >= 6.0
+    );
+    assert!(
+        value(
+            &m,
+            &format!("pgshield_client_bytes_received_total{{{pool}}}")
+        ) > 0.0
+    );
+    assert!(value(&m, &format!("pgshield_client_bytes_sent_total{{{pool}}}")) > 0.0);
+    assert_eq!(
+        value(&m, &format!("pgshield_database_connections_max{{{pool}}}")),
+        1.0
+    );
+    assert_eq!(
+        value(&m, &format!("pgshield_database_connections{{{pool}}}")),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            &format!("pgshield_database_connections_setup_succeeded_total{{{pool}}}")
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &m,
+            &format!("pgshield_prepared_statement_cache_misses_total{{{pool}}}")
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &m,
+            &format!("pgshield_prepared_statement_cache_hits_total{{{pool}}}")
+        ) >= 2.0
+    );
+    assert!(m.contains("# HELP pgshield_borrow_wait_seconds"));
+    drop((a, b, c));
+}
+
+#[tokio::test]
+async fn health_and_ready_say_what_they_mean() {
+    common::create_role("met_ready", "pw").await;
+    let proxy = TestProxy::start("[users.met_ready]\npassword = \"pw\"\n").await;
+    let http = proxy.http.expect("an HTTP listener");
+    assert_eq!(get(http, "/health").await, (200, "ok\n".into()));
+    assert_eq!(get(http, "/ready").await, (200, "ready\n".into()));
+    assert_eq!(get(http, "/nope").await.0, 404);
+    // Draining (a client in a transaction keeps it from finishing): not ready any more.
+    let conn = proxy.connect("met_ready", "pw").await.expect("login");
+    conn.client.batch_execute("BEGIN").await.expect("begin");
+    proxy.shutdown.begin();
+    let (code, body) = get(http, "/ready").await;
+    assert_eq!(code, 503, "{body}");
+    drop(conn);
+
+    // A database whose server is down: not ready, and says which.
+    let down = common::free_port();
+    let proxy = TestProxy::start(&format!(
+        "[databases.gone]\nhost = \"127.0.0.1\"\nport = {down}\n[users.met_ready]\npassword = \"pw\"\n"
+    ))
+    .await;
+    let (code, body) = get(proxy.http.expect("listener"), "/ready").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("database gone"), "{body}");
+    assert_eq!(get(proxy.http.expect("listener"), "/health").await.0, 200);
+}
