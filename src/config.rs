@@ -67,18 +67,31 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
+/// The virtual database of the admin console.
+pub const ADMIN_DATABASE: &str = "pgshield";
+
 /// What operators reach pgshield through.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `host:port` of the HTTP listener serving /metrics, /health and /ready; empty: none.
     pub http_listen: String,
+    /// Users (from `[users]`) allowed into the admin console, database `pgshield`.
+    pub users: Vec<String>,
+    /// Let admin users connect from other hosts than this one (loopback only by default).
+    pub allow_remote: bool,
+    /// The period SHOW STATS averages are computed over (PgBouncer's stats_period).
+    #[serde(with = "humantime_serde")]
+    pub stats_period: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             http_listen: "127.0.0.1:9930".into(),
+            users: Vec::new(),
+            allow_remote: false,
+            stats_period: Duration::from_secs(60),
         }
     }
 }
@@ -667,6 +680,23 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.admin_http_addr()?;
+        if self.admin.stats_period.is_zero() {
+            return Err(invalid("admin.stats_period", "must be more than 0s"));
+        }
+        for user in &self.admin.users {
+            if !self.users.contains_key(user) {
+                return Err(invalid(
+                    "admin.users",
+                    format!("`{user}` is not in [users] (admin users log in like any other)"),
+                ));
+            }
+        }
+        if self.databases.contains_key(ADMIN_DATABASE) {
+            return Err(invalid(
+                format!("databases.{ADMIN_DATABASE}"),
+                "that name is the admin console's",
+            ));
+        }
         if !(1024..=1 << 30).contains(&self.listen.max_message_size) {
             return Err(invalid(
                 "listen.max_message_size",

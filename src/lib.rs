@@ -3,6 +3,7 @@
 //!
 //! Start with `docs/ARCHITECTURE.md` for the map of these modules.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -177,6 +177,7 @@ fn dev(args: DevArgs) -> ExitCode {
         // Any free port: a second `dev` must not collide with the first.
         admin: pgshield::config::AdminConfig {
             http_listen: "127.0.0.1:0".into(),
+            ..Default::default()
         },
     };
     let password = db.password().to_owned();

@@ -130,6 +130,27 @@ impl Registry {
         }
         statement
     }
+
+    /// The statements some client holds now: (name, query, parameter count, whether a
+    /// server has accepted it), by name (for the admin console's SHOW PREPARED).
+    pub fn list(&self) -> Vec<(Arc<str>, String, usize, bool)> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = inner
+            .by_text
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|s| {
+                (
+                    Arc::clone(&s.name),
+                    s.query.clone(),
+                    s.param_types.len(),
+                    s.is_valid(),
+                )
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
 }
 
 /// Prepared statements a client's Query drops on the server.

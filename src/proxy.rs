@@ -57,6 +57,49 @@ pub struct Shared {
     /// Per-user and per-database address, TLS and client-count rules.
     pub access: AccessRules,
     pub metrics: Arc<Metrics>,
+    /// Clients pinned now, for SHOW PINS.
+    pub pinned: PinnedClients,
+    /// SHOW STATS averages over the last `admin.stats_period`.
+    pub stats_averages: crate::admin::Averages,
+}
+
+/// Clients pinned to their backend right now: id → (pool, reason, since).
+#[derive(Default)]
+pub struct PinnedClients(std::sync::Mutex<PinnedMap>);
+
+type PinnedMap = std::collections::HashMap<u64, (String, PinReason, std::time::SystemTime)>;
+
+impl PinnedClients {
+    pub fn add(&self, client: u64, pool: &str, reason: PinReason) {
+        self.lock().insert(
+            client,
+            (pool.to_owned(), reason, std::time::SystemTime::now()),
+        );
+    }
+
+    pub fn remove(&self, client: u64) {
+        self.lock().remove(&client);
+    }
+
+    /// (client, pool, reason, since), oldest first.
+    pub fn list(&self) -> Vec<(u64, String, PinReason, std::time::SystemTime)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(id, (pool, reason, since))| (*id, pool.clone(), *reason, *since))
+            .collect();
+        all.sort_by_key(|p| p.3);
+        all
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<u64, (String, PinReason, std::time::SystemTime)>,
+    > {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// How many clients were pinned, by reason.
@@ -143,6 +186,8 @@ impl Proxy {
             auth_query: AuthQuery::from_config(&config, &server_tls),
             access: AccessRules::from_config(&config),
             metrics,
+            pinned: PinnedClients::default(),
+            stats_averages: Default::default(),
             config,
         });
         Ok(Proxy {
@@ -190,6 +235,10 @@ impl Proxy {
             ));
         }
         tokio::spawn(upkeep_metrics(Arc::clone(&shared), janitors.clone()));
+        tokio::spawn(crate::admin::average_stats(
+            Arc::clone(&shared),
+            janitors.clone(),
+        ));
         let sessions = TaskTracker::new();
         let shutdown = shared.shutdown.clone();
         tracing::info!(

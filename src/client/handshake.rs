@@ -15,7 +15,7 @@ use super::access::Admission;
 use super::auth::{self, AuthError, ClientAuth, Proof};
 use super::cancel::Registration;
 use super::params::ClientSettings;
-use crate::config::Secret;
+use crate::config::{Secret, ADMIN_DATABASE};
 use crate::net::Stream;
 use crate::pool::Pool;
 use crate::protocol::startup::{self, StartupMessage, StartupPacket, StartupReadError};
@@ -34,6 +34,14 @@ pub struct Login {
     pub client_view: ServerParams,
     /// Its places under per-user and per-database client limits.
     pub admission: Admission,
+}
+
+/// Where a logged-in client goes.
+pub enum Outcome {
+    /// A session relayed to the pool's backends.
+    Session(Login),
+    /// The admin console (database `pgshield`), as this admin user.
+    Admin(String),
 }
 
 /// Why a login did not complete; `error` (if any) is sent to the client before closing.
@@ -55,7 +63,7 @@ pub async fn login(
     buf: &mut BytesMut,
     peer: SocketAddr,
     admitted: bool,
-) -> Result<Login, Refusal> {
+) -> Result<Outcome, Refusal> {
     let (startup, tls) = read_startup(shared, stream, buf).await?;
     if tls.is_some() {
         shared.metrics.clients.received_tls.increment(1);
@@ -86,6 +94,9 @@ pub async fn login(
     let settings = ClientSettings::from_startup(&startup)?;
     negotiate_version(stream, &startup).await?;
 
+    if database == ADMIN_DATABASE {
+        return admin_login(shared, stream, buf, peer, user, tls).await;
+    }
     shared
         .access
         .check_peer(&user, &database, peer.ip(), stream.is_tls())?;
@@ -178,13 +189,78 @@ pub async fn login(
         .await
         .map_err(|_| Refusal { error: None })?;
     tracing::debug!(%peer, user, database, "client logged in");
-    Ok(Login {
+    Ok(Outcome::Session(Login {
         pool,
         cancel,
         settings,
         client_view,
         admission,
-    })
+    }))
+}
+
+/// A login to the admin console: admin users only (from loopback unless
+/// `admin.allow_remote`), authenticated as configured, welcomed with parameters of
+/// pgshield's own.
+async fn admin_login(
+    shared: &Shared,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+    user: String,
+    tls: Option<Arc<Material>>,
+) -> Result<Outcome, Refusal> {
+    let admin = &shared.config.admin;
+    if !admin.users.contains(&user) {
+        return Err(ErrorResponse::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("user \"{user}\" may not use the pgshield admin console"),
+        )
+        .with_hint("admin users are listed in admin.users")
+        .into());
+    }
+    if !admin.allow_remote && !peer.ip().to_canonical().is_loopback() {
+        return Err(ErrorResponse::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "the pgshield admin console accepts connections from this host only",
+        )
+        .with_hint("set admin.allow_remote = true to allow others")
+        .into());
+    }
+    let auth = shared
+        .users
+        .lookup(&user)
+        .cloned()
+        .unwrap_or_else(|| shared.users.mock(&user));
+    let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
+    if let Err(e) = auth::authenticate(stream, buf, &user, &auth, end_point).await {
+        if let AuthError::Failed(_) = e {
+            shared.login_throttle.failed(peer.ip());
+            tracing::info!(%peer, user, "admin console authentication failed");
+        }
+        return Err(Refusal {
+            error: e.to_client_error(),
+        });
+    }
+    let mut out = BytesMut::with_capacity(256);
+    messages::authentication_ok(&mut out);
+    for (name, value) in [
+        ("server_version", "15.0 (pgshield admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        messages::parameter_status(&mut out, name, value);
+    }
+    messages::backend_key_data(&mut out, 0, 0);
+    messages::ready_for_query(&mut out, b'I');
+    stream
+        .send(&out)
+        .await
+        .map_err(|_| Refusal { error: None })?;
+    tracing::info!(%peer, user, "admin console login");
+    Ok(Outcome::Admin(user))
 }
 
 /// Reads startup packets until a StartupMessage: SSLRequest starts TLS when client TLS

@@ -115,11 +115,16 @@ pub async fn serve(
         })),
     };
     let refusal = match outcome {
-        Ok(Ok(login)) => {
+        Ok(Ok(handshake::Outcome::Session(login))) => {
             clients.setup_succeeded.increment(1);
             session::Session::new(Arc::clone(&shared), id, stream, login, buf)
                 .run()
                 .await;
+            return;
+        }
+        Ok(Ok(handshake::Outcome::Admin(user))) => {
+            clients.setup_succeeded.increment(1);
+            crate::admin::run(Arc::clone(&shared), stream, buf, user).await;
             return;
         }
         Ok(Err(refusal)) => refusal.error,

@@ -35,7 +35,7 @@ use super::params::{self, ClientSettings};
 use super::ClientId;
 use crate::config::PoolMode;
 use crate::net::Stream;
-use crate::pool::{Backend, Pool};
+use crate::pool::{Backend, Pool, PoolClient, PoolStats};
 use postgres_protocol::escape::escape_literal;
 
 use crate::client::sql::{self, Effects, PinReason};
@@ -215,6 +215,10 @@ pub struct Session {
     /// When the oldest request still unanswered reached pgshield, and the backend.
     request_received: Option<Instant>,
     request_sent: Option<Instant>,
+    /// When the client's current transaction began (SHOW STATS xact_time).
+    xact_started: Option<Instant>,
+    /// Counted among its pool's clients (SHOW POOLS) while the session lives.
+    _in_pool: PoolClient,
 }
 
 impl Session {
@@ -232,6 +236,8 @@ impl Session {
             _admission: login.admission,
             request_received: None,
             request_sent: None,
+            xact_started: None,
+            _in_pool: login.pool.join(),
             shared,
             id,
             client,
@@ -455,6 +461,7 @@ impl Session {
         let sent = unsent - self.client_out.len();
         if sent > 0 {
             self.pool.metrics().bytes_to_clients.increment(sent as u64);
+            PoolStats::add(&self.pool.stats.bytes_sent, sent as u64);
         }
         if let Poll::Ready(Err(e)) = drained {
             return Poll::Ready(Event::ClientError(e));
@@ -474,6 +481,7 @@ impl Session {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                 Poll::Ready(Ok(n)) => {
                     self.pool.metrics().bytes_from_clients.increment(n as u64);
+                    PoolStats::add(&self.pool.stats.bytes_received, n as u64);
                     data = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
@@ -523,7 +531,9 @@ impl Session {
                 .check_size(self.shared.config.listen.max_message_size)
                 .map_err(|e| End::ClientProtocol(e.to_string()))?;
             if self.request_received.is_none() && matches!(header.tag, b'Q' | b'P' | b'B' | b'F') {
-                self.request_received = Some(Instant::now());
+                let now = Instant::now();
+                self.request_received = Some(now);
+                self.xact_started.get_or_insert(now);
             }
             match header.tag {
                 b'X' => return Err(End::Terminated),
@@ -1030,14 +1040,22 @@ impl Session {
                     // query_timeout counts per statement: the next one starts now.
                     self.busy_since = None;
                     let m = self.pool.metrics();
+                    let stats = &self.pool.stats;
                     m.queries.increment(1);
+                    PoolStats::add(&stats.query_count, 1);
+                    let now = Instant::now();
                     if body.first() == Some(&b'I') {
                         m.transactions.increment(1);
+                        PoolStats::add(&stats.xact_count, 1);
+                        if let Some(at) = self.xact_started.take() {
+                            let took = now.duration_since(at).as_micros() as u64;
+                            PoolStats::add(&stats.xact_time_us, took);
+                        }
                     }
-                    let now = Instant::now();
                     if let Some(at) = self.request_sent.take() {
-                        m.query_duration
-                            .record(now.duration_since(at).as_secs_f64());
+                        let took = now.duration_since(at);
+                        m.query_duration.record(took.as_secs_f64());
+                        PoolStats::add(&stats.query_time_us, took.as_micros() as u64);
                     }
                     if let Some(at) = self.request_received.take() {
                         m.client_query_duration
@@ -1124,7 +1142,12 @@ impl Session {
         }
         let pool = Arc::clone(&self.pool);
         let waiting_since = Instant::now();
-        let borrow = pool.borrow();
+        let waiting = pool.wait();
+        // A paused pool (PAUSE) lends nothing until RESUME.
+        let borrow = async {
+            pool.until_resumed().await;
+            pool.borrow().await
+        };
         tokio::pin!(borrow);
         let mut backend = loop {
             let read_ahead = self.client_in.len() < QUEUED_READ_LIMIT;
@@ -1145,9 +1168,10 @@ impl Session {
                 },
             }
         };
-        pool.metrics()
-            .borrow_wait
-            .record(waiting_since.elapsed().as_secs_f64());
+        drop(waiting);
+        let waited = waiting_since.elapsed();
+        pool.metrics().borrow_wait.record(waited.as_secs_f64());
+        PoolStats::add(&pool.stats.wait_time_us, waited.as_micros() as u64);
         match self.apply_settings(&mut backend).await {
             Ok(()) => {
                 self.cancel.attach(backend.server_ref());
@@ -1214,6 +1238,9 @@ impl Session {
 
     /// Ends the session: returns or closes the backend, then says goodbye to the client.
     async fn finish(mut self, end: End) {
+        if self.pinned.is_some() {
+            self.shared.pinned.remove(self.id.0);
+        }
         let farewell = self.farewell(&end);
         match &end {
             End::ServerLost(e) => {
@@ -1366,6 +1393,7 @@ fn pin(
     *pinned = Some(reason);
     shared.pins.add(reason);
     shared.metrics.pinned(reason);
+    shared.pinned.add(client.0, pool, reason);
     tracing::info!(
         %client,
         pool,

@@ -12,6 +12,7 @@
 mod janitor;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,6 +104,8 @@ pub struct ServerManager {
     /// The database's `max_db_connections`, shared with its other pools.
     db_limit: Option<Arc<DbLimit>>,
     metrics: PoolMetrics,
+    /// RECONNECT: backends of an older generation are closed instead of reused.
+    generation: AtomicU64,
     /// Parameters of the newest backend, as it reported them at login: what a new client
     /// is told at its own login (PgBouncer's "welcome message").
     welcome: Mutex<Option<Arc<ServerParams>>>,
@@ -127,6 +130,7 @@ impl Manager for ServerManager {
         };
         self.metrics.backends_opened.increment(1);
         server.db_permit = permit;
+        server.generation = self.generation.load(Ordering::Acquire);
         server.statements = ServerStatements::new(self.settings.max_prepared_statements);
         tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %target.addr(), "opened backend");
         *lock(&self.welcome) = Some(Arc::new(server.params().clone()));
@@ -147,6 +151,8 @@ impl ServerManager {
     fn unfit(&self, server: &Server) -> Option<&'static str> {
         if server.is_broken() {
             Some("broken")
+        } else if server.generation < self.generation.load(Ordering::Acquire) {
+            Some("RECONNECT was requested")
         } else if !server.is_reusable() {
             Some("not at rest (a cancel was sent to it, or replies are owed)")
         } else if self
@@ -172,6 +178,68 @@ pub struct Pool {
     name: String,
     inner: managed::Pool<ServerManager>,
     settings: PoolSettings,
+    /// Totals for the admin console's SHOW STATS (Prometheus has its own handles).
+    pub stats: PoolStats,
+    /// Clients logged in to this pool.
+    clients: AtomicUsize,
+    /// Clients waiting for a backend, by ticket, since when (SHOW POOLS maxwait).
+    waiters: Mutex<HashMap<u64, std::time::Instant>>,
+    /// PAUSE: no backend is lent until RESUME.
+    paused: std::sync::atomic::AtomicBool,
+    resumed: tokio::sync::Notify,
+}
+
+/// A pool's running totals (as PgBouncer's SHOW STATS_TOTALS; times in microseconds).
+#[derive(Default)]
+pub struct PoolStats {
+    pub xact_count: AtomicU64,
+    pub query_count: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub xact_time_us: AtomicU64,
+    pub query_time_us: AtomicU64,
+    pub wait_time_us: AtomicU64,
+}
+
+impl PoolStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// (xact_count, query_count, bytes_received, bytes_sent, xact_time, query_time, wait_time)
+    pub fn totals(&self) -> [u64; 7] {
+        [
+            &self.xact_count,
+            &self.query_count,
+            &self.bytes_received,
+            &self.bytes_sent,
+            &self.xact_time_us,
+            &self.query_time_us,
+            &self.wait_time_us,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// One client's place in its pool's client count; dropping it leaves.
+pub struct PoolClient(Arc<Pool>);
+
+impl Drop for PoolClient {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client's place in the queue for a backend; dropping it leaves the queue.
+pub struct Waiter<'a> {
+    pool: &'a Pool,
+    ticket: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        lock(&self.pool.waiters).remove(&self.ticket);
+    }
 }
 
 /// A snapshot of a pool's occupancy.
@@ -196,6 +264,7 @@ impl Pool {
     ) -> Arc<Pool> {
         let manager = ServerManager {
             metrics: metrics.pool(&name),
+            generation: AtomicU64::new(0),
             db_limit: db_limit.clone(),
             target: Mutex::new(target),
             settings: settings.clone(),
@@ -214,6 +283,11 @@ impl Pool {
             name,
             inner,
             settings,
+            stats: PoolStats::default(),
+            clients: AtomicUsize::new(0),
+            waiters: Mutex::new(HashMap::new()),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            resumed: tokio::sync::Notify::new(),
         });
         if let Some(limit) = db_limit {
             lock(&limit.pools).push(Arc::downgrade(&pool));
@@ -243,6 +317,83 @@ impl Pool {
         }
     }
 
+    /// Counts a client in this pool until the returned place is dropped.
+    pub fn join(self: &Arc<Self>) -> PoolClient {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        PoolClient(Arc::clone(self))
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Notes a client starting to wait for a backend (SHOW POOLS maxwait).
+    pub fn wait(&self) -> Waiter<'_> {
+        static TICKETS: AtomicU64 = AtomicU64::new(0);
+        let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
+        lock(&self.waiters).insert(ticket, std::time::Instant::now());
+        Waiter { pool: self, ticket }
+    }
+
+    /// Clients waiting for a backend now (queued, or held by PAUSE).
+    pub fn waiting(&self) -> usize {
+        lock(&self.waiters).len()
+    }
+
+    /// How long the client waiting longest has waited.
+    pub fn max_wait(&self) -> Duration {
+        lock(&self.waiters)
+            .values()
+            .map(|since| since.elapsed())
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// PAUSE: lends no backend until [`Pool::resume`]; idle backends are closed as
+    /// they come back. Returns once no backend is lent out.
+    pub async fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+        loop {
+            self.inner.retain(|_, _| false);
+            let s = self.status();
+            if s.open == s.idle {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Waits while the pool is paused.
+    pub async fn until_resumed(&self) {
+        loop {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.is_paused() {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    /// RECONNECT: backends open now close when next idle instead of being reused.
+    pub fn reconnect(&self) {
+        self.inner
+            .manager()
+            .generation
+            .fetch_add(1, Ordering::AcqRel);
+        self.inner.retain(|_, _| false);
+    }
+
     /// This pool's numbers.
     pub fn metrics(&self) -> &PoolMetrics {
         &self.inner.manager().metrics
@@ -255,7 +406,7 @@ impl Pool {
         m.backends_open.set(s.open as f64);
         m.backends_idle.set(s.idle as f64);
         m.backends_lent.set(s.open.saturating_sub(s.idle) as f64);
-        m.clients_waiting.set(s.waiting as f64);
+        m.clients_waiting.set(self.waiting() as f64);
         m.max_backends.set(s.max_size as f64);
     }
 

@@ -23,3 +23,5 @@ pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 /// `invalid_parameter_value`: e.g. an `options` string pgshield cannot apply.
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
+/// `syntax_error`: an admin console command pgshield does not know.
+pub const SYNTAX_ERROR: &str = "42601";

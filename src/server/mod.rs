@@ -120,6 +120,8 @@ pub struct Server {
     idle_since: Instant,
     /// This backend's place under its database's `max_db_connections`, if it has one.
     pub(crate) db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its pool's RECONNECT generation when it was opened.
+    pub(crate) generation: u64,
 }
 
 impl std::fmt::Debug for Server {
@@ -151,6 +153,7 @@ impl Server {
             created: now,
             idle_since: now,
             db_permit: None,
+            generation: 0,
         }
     }
 

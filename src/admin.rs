@@ -1,0 +1,648 @@
+//! The admin console: clients of the virtual database `pgshield` (users in `admin.users`)
+//! send PgBouncer's console commands as simple queries and get PgBouncer's column layout,
+//! so existing PgBouncer exporters and dashboards read pgshield unchanged. Plus what
+//! PgBouncer lacks: SHOW PINS and SHOW PREPARED. Commands not built yet say so.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut, BytesMut};
+use tokio_util::sync::CancellationToken;
+
+use crate::net::Stream;
+use crate::pool::Pool;
+use crate::protocol::frame::{read_message, take_cstr};
+use crate::protocol::messages::{self, put_message};
+use crate::protocol::{sqlstate, ErrorResponse};
+use crate::proxy::Shared;
+
+/// Largest message an admin client may send.
+const MAX_ADMIN_MESSAGE: usize = 64 * 1024;
+
+const INT8: u32 = 20;
+const TEXT: u32 = 25;
+
+/// Serves one admin client until it leaves (or pgshield is forced to stop).
+pub async fn run(shared: Arc<Shared>, mut stream: Stream, mut buf: BytesMut, user: String) {
+    let mut skip_until_sync = false;
+    loop {
+        let message = tokio::select! {
+            m = read_message(&mut stream, &mut buf, MAX_ADMIN_MESSAGE) => m,
+            _ = shared.shutdown.forced() => return,
+        };
+        let Ok((tag, body)) = message else { return };
+        let mut out = BytesMut::new();
+        match tag {
+            b'Q' => {
+                let mut text = &body[..];
+                let sql = take_cstr(&mut text).unwrap_or_default();
+                tracing::info!(user, command = sql, "admin console");
+                if let Err(e) = execute(&shared, sql, &mut out).await {
+                    e.encode(&mut out);
+                }
+                messages::ready_for_query(&mut out, b'I');
+            }
+            b'X' => return,
+            b'S' => {
+                skip_until_sync = false;
+                messages::ready_for_query(&mut out, b'I');
+            }
+            _ if skip_until_sync => continue,
+            _ => {
+                skip_until_sync = true;
+                ErrorResponse::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "the pgshield admin console takes simple queries only",
+                )
+                .encode(&mut out);
+            }
+        }
+        if stream.send(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A result set: named columns (int8 or text) and rows of text values.
+struct Table {
+    columns: Vec<(&'static str, u32)>,
+    rows: Vec<Vec<Option<String>>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, u32)]) -> Table {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, values: Vec<Option<String>>) {
+        self.rows.push(values);
+    }
+
+    fn write(&self, out: &mut BytesMut, tag: &str) {
+        put_message(out, b'T', |b| {
+            b.put_i16(self.columns.len() as i16);
+            for (name, oid) in &self.columns {
+                b.put_slice(name.as_bytes());
+                b.put_u8(0);
+                b.put_i32(0);
+                b.put_i16(0);
+                b.put_u32(*oid);
+                b.put_i16(if *oid == INT8 { 8 } else { -1 });
+                b.put_i32(-1);
+                b.put_i16(0);
+            }
+        });
+        for row in &self.rows {
+            put_message(out, b'D', |b| {
+                b.put_i16(row.len() as i16);
+                for value in row {
+                    match value {
+                        Some(v) => {
+                            b.put_i32(v.len() as i32);
+                            b.put_slice(v.as_bytes());
+                        }
+                        None => b.put_i32(-1),
+                    }
+                }
+            });
+        }
+        messages::command_complete(out, tag);
+    }
+}
+
+fn v(x: impl ToString) -> Option<String> {
+    Some(x.to_string())
+}
+
+/// `database/user` of a pool.
+fn pool_parts(pool: &Pool) -> (String, String) {
+    match pool.name().split_once('/') {
+        Some((db, user)) => (db.to_owned(), user.to_owned()),
+        None => (pool.name().to_owned(), String::new()),
+    }
+}
+
+fn not_supported(command: &str, why: &str) -> ErrorResponse {
+    ErrorResponse::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("{command} is not supported by pgshield yet: {why}"),
+    )
+}
+
+async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let arg = |i: usize| {
+        sql.trim()
+            .trim_end_matches(';')
+            .split_whitespace()
+            .nth(i)
+            .map(str::to_owned)
+    };
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["SHOW", what] => show(shared, what, out),
+        ["PAUSE"] | ["PAUSE", _] => {
+            let pools = pools_of(shared, arg(1).as_deref())?;
+            for pool in &pools {
+                pool.pause().await;
+            }
+            messages::command_complete(out, "PAUSE");
+            Ok(())
+        }
+        ["RESUME"] | ["RESUME", _] => {
+            for pool in pools_of(shared, arg(1).as_deref())? {
+                pool.resume();
+            }
+            messages::command_complete(out, "RESUME");
+            Ok(())
+        }
+        ["RECONNECT"] | ["RECONNECT", _] => {
+            for pool in pools_of(shared, arg(1).as_deref())? {
+                pool.reconnect();
+            }
+            messages::command_complete(out, "RECONNECT");
+            Ok(())
+        }
+        ["SHUTDOWN"] => {
+            tracing::warn!("SHUTDOWN from the admin console: closing every client now");
+            shared.shutdown.force();
+            messages::command_complete(out, "SHUTDOWN");
+            Ok(())
+        }
+        ["SHUTDOWN", "WAIT_FOR_CLIENTS"] => {
+            tracing::info!("SHUTDOWN WAIT_FOR_CLIENTS from the admin console: draining");
+            shared.shutdown.begin();
+            messages::command_complete(out, "SHUTDOWN");
+            Ok(())
+        }
+        ["RELOAD"] => Err(not_supported(
+            "RELOAD",
+            "restart pgshield to apply a new configuration (SIGHUP re-reads the TLS certificate only)",
+        )),
+        ["KILL", _] | ["KILL_CLIENT", _] | ["SUSPEND"] | ["ENABLE", _] | ["DISABLE", _]
+        | ["WAIT_CLOSE"] | ["WAIT_CLOSE", _] => Err(not_supported(
+            words[0],
+            "use PAUSE/RESUME, RECONNECT or SHUTDOWN",
+        )),
+        ["SET", ..] => Err(not_supported(
+            "SET",
+            "settings are changed in the configuration file",
+        )),
+        _ => Err(ErrorResponse::error(
+            sqlstate::SYNTAX_ERROR,
+            format!("invalid command \"{}\": SHOW HELP lists the commands", sql.trim()),
+        )),
+    }
+}
+
+/// The pools of `database` (all pools without one); an unknown database is an error.
+fn pools_of(shared: &Shared, database: Option<&str>) -> Result<Vec<Arc<Pool>>, ErrorResponse> {
+    let all = shared.pools.all();
+    match database {
+        None => Ok(all),
+        Some(db) if shared.config.databases.contains_key(db) => {
+            Ok(all.into_iter().filter(|p| pool_parts(p).0 == db).collect())
+        }
+        Some(db) => Err(ErrorResponse::error(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("no such database: {db}"),
+        )),
+    }
+}
+
+const HELP: &[&str] = &[
+    "SHOW HELP|VERSION|CONFIG|DATABASES|USERS|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|LISTS|PINS|PREPARED",
+    "PAUSE [<db>]",
+    "RESUME [<db>]",
+    "RECONNECT [<db>]",
+    "SHUTDOWN [WAIT_FOR_CLIENTS]",
+    "Not yet: SHOW CLIENTS|SERVERS, KILL, KILL_CLIENT, RELOAD, SET",
+];
+
+fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
+    let table = match what {
+        "HELP" => {
+            let mut t = Table::new(&[("command", TEXT)]);
+            for line in HELP {
+                t.row(vec![v(line)]);
+            }
+            t
+        }
+        "VERSION" => {
+            let mut t = Table::new(&[("version", TEXT)]);
+            t.row(vec![v(format!("pgshield {}", env!("CARGO_PKG_VERSION")))]);
+            t
+        }
+        "POOLS" => show_pools(shared),
+        "STATS" => show_stats(shared, Stats::Both),
+        "STATS_TOTALS" => show_stats(shared, Stats::Totals),
+        "STATS_AVERAGES" => show_stats(shared, Stats::Averages),
+        "DATABASES" => show_databases(shared),
+        "USERS" => {
+            let mut t = Table::new(&[("name", TEXT), ("pool_mode", TEXT)]);
+            for name in shared.config.users.keys() {
+                t.row(vec![v(name), v(shared.config.pool.mode)]);
+            }
+            t
+        }
+        "CONFIG" => show_config(shared),
+        "LISTS" => show_lists(shared),
+        "PINS" => {
+            let mut t = Table::new(&[
+                ("client", TEXT),
+                ("pool", TEXT),
+                ("reason", TEXT),
+                ("pinned_seconds", INT8),
+            ]);
+            for (client, pool, reason, since) in shared.pinned.list() {
+                let age = SystemTime::now()
+                    .duration_since(since)
+                    .unwrap_or_default()
+                    .as_secs();
+                t.row(vec![
+                    v(format!("c{client}")),
+                    v(pool),
+                    v(reason.name()),
+                    v(age),
+                ]);
+            }
+            t
+        }
+        "PREPARED" => {
+            let mut t = Table::new(&[
+                ("name", TEXT),
+                ("declared_types", INT8),
+                ("accepted", TEXT),
+                ("query", TEXT),
+            ]);
+            for (name, query, params, valid) in shared.statements.list() {
+                t.row(vec![
+                    v(name),
+                    v(params),
+                    v(if valid { "yes" } else { "no" }),
+                    v(query),
+                ]);
+            }
+            t
+        }
+        "CLIENTS" | "SERVERS" | "SOCKETS" | "ACTIVE_SOCKETS" | "FDS" | "DNS_HOSTS"
+        | "DNS_ZONES" | "STATE" | "MEM" | "TOTALS" => {
+            return Err(not_supported(
+                &format!("SHOW {what}"),
+                "SHOW POOLS, SHOW STATS and /metrics cover the pools",
+            ))
+        }
+        other => {
+            return Err(ErrorResponse::error(
+                sqlstate::SYNTAX_ERROR,
+                format!("invalid command \"SHOW {other}\": SHOW HELP lists the commands"),
+            ))
+        }
+    };
+    table.write(out, "SHOW");
+    Ok(())
+}
+
+fn show_pools(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", TEXT),
+        ("user", TEXT),
+        ("cl_active", INT8),
+        ("cl_waiting", INT8),
+        ("cl_active_cancel_req", INT8),
+        ("cl_waiting_cancel_req", INT8),
+        ("sv_active", INT8),
+        ("sv_active_cancel", INT8),
+        ("sv_being_canceled", INT8),
+        ("sv_idle", INT8),
+        ("sv_used", INT8),
+        ("sv_tested", INT8),
+        ("sv_login", INT8),
+        ("maxwait", INT8),
+        ("maxwait_us", INT8),
+        ("pool_mode", TEXT),
+    ]);
+    let mut pools = shared.pools.all();
+    pools.sort_by(|a, b| a.name().cmp(b.name()));
+    for pool in pools {
+        let (db, user) = pool_parts(&pool);
+        let s = pool.status();
+        let waiting = pool.waiting();
+        let active = pool.clients().saturating_sub(waiting);
+        let wait = pool.max_wait();
+        t.row(vec![
+            v(db),
+            v(user),
+            v(active),
+            v(waiting),
+            v(0),
+            v(0),
+            v(s.open.saturating_sub(s.idle)),
+            v(0),
+            v(0),
+            v(s.idle),
+            v(0),
+            v(0),
+            v(0),
+            v(wait.as_secs()),
+            v(wait.subsec_micros()),
+            v(pool.mode()),
+        ]);
+    }
+    t
+}
+
+enum Stats {
+    Both,
+    Totals,
+    Averages,
+}
+
+/// Per database: its pools' totals, summed.
+fn totals_by_database(shared: &Shared) -> BTreeMap<String, [u64; 7]> {
+    let mut by_db: BTreeMap<String, [u64; 7]> = shared
+        .config
+        .databases
+        .keys()
+        .map(|db| (db.clone(), [0; 7]))
+        .collect();
+    for pool in shared.pools.all() {
+        let entry = by_db.entry(pool_parts(&pool).0).or_default();
+        for (sum, x) in entry.iter_mut().zip(pool.stats.totals()) {
+            *sum += x;
+        }
+    }
+    by_db
+}
+
+const STAT_NAMES: [&str; 7] = [
+    "xact_count",
+    "query_count",
+    "received",
+    "sent",
+    "xact_time",
+    "query_time",
+    "wait_time",
+];
+
+fn show_stats(shared: &Shared, which: Stats) -> Table {
+    let totals = totals_by_database(shared);
+    let averages = shared.stats_averages.get();
+    let total_names = [
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+        "total_xact_time",
+        "total_query_time",
+        "total_wait_time",
+    ];
+    let avg_names = [
+        "avg_xact_count",
+        "avg_query_count",
+        "avg_recv",
+        "avg_sent",
+        "avg_xact_time",
+        "avg_query_time",
+        "avg_wait_time",
+    ];
+    let plain: Vec<&'static str> = STAT_NAMES
+        .iter()
+        .map(|n| match *n {
+            "received" => "bytes_received",
+            "sent" => "bytes_sent",
+            other => other,
+        })
+        .collect();
+    let mut columns = vec![("database", TEXT)];
+    match which {
+        Stats::Both => {
+            columns.extend(total_names.iter().map(|n| (*n, INT8)));
+            columns.extend(avg_names.iter().map(|n| (*n, INT8)));
+        }
+        Stats::Totals | Stats::Averages => columns.extend(plain.iter().map(|n| (*n, INT8))),
+    }
+    let mut t = Table::new(&columns);
+    for (db, total) in totals {
+        let avg = averages.get(&db).copied().unwrap_or_default();
+        let mut row = vec![v(&db)];
+        match which {
+            Stats::Both => {
+                row.extend(total.iter().map(v));
+                row.extend(avg.iter().map(v));
+            }
+            Stats::Totals => row.extend(total.iter().map(v)),
+            Stats::Averages => row.extend(avg.iter().map(v)),
+        }
+        t.row(row);
+    }
+    t
+}
+
+fn show_databases(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("name", TEXT),
+        ("host", TEXT),
+        ("port", INT8),
+        ("database", TEXT),
+        ("force_user", TEXT),
+        ("pool_size", INT8),
+        ("min_pool_size", INT8),
+        ("reserve_pool", INT8),
+        ("pool_mode", TEXT),
+        ("max_connections", INT8),
+        ("current_connections", INT8),
+        ("paused", INT8),
+        ("disabled", INT8),
+    ]);
+    let pools = shared.pools.all();
+    for (name, db) in &shared.config.databases {
+        let mine: Vec<&Arc<Pool>> = pools.iter().filter(|p| pool_parts(p).0 == *name).collect();
+        let open: usize = mine.iter().map(|p| p.status().open).sum();
+        let paused = mine.iter().any(|p| p.is_paused());
+        t.row(vec![
+            v(name),
+            v(&db.host),
+            v(db.port),
+            v(db.dbname.clone().unwrap_or_else(|| name.clone())),
+            None,
+            v(shared.config.pool.max_size),
+            v(shared.config.pool.min_idle),
+            v(0),
+            v(shared.config.pool.mode),
+            v(db.max_db_connections),
+            v(open),
+            v(u8::from(paused)),
+            v(0),
+        ]);
+    }
+    t
+}
+
+fn show_config(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("key", TEXT),
+        ("value", TEXT),
+        ("default", TEXT),
+        ("changeable", TEXT),
+    ]);
+    let config = &shared.config;
+    let sections: [(&str, Option<toml::Value>, Option<toml::Value>); 7] = [
+        (
+            "listen",
+            to_value(&config.listen),
+            to_value(&crate::config::ListenConfig::default()),
+        ),
+        (
+            "pool",
+            to_value(&config.pool),
+            to_value(&crate::config::PoolConfig::default()),
+        ),
+        (
+            "tls",
+            to_value(&config.tls),
+            to_value(&crate::config::TlsConfig::default()),
+        ),
+        (
+            "auth",
+            to_value(&config.auth),
+            to_value(&crate::config::AuthConfig::default()),
+        ),
+        (
+            "admin",
+            to_value(&config.admin),
+            to_value(&crate::config::AdminConfig::default()),
+        ),
+        (
+            "runtime",
+            to_value(&config.runtime),
+            to_value(&crate::config::RuntimeConfig::default()),
+        ),
+        (
+            "log",
+            to_value(&config.log),
+            to_value(&crate::config::LogConfig::default()),
+        ),
+    ];
+    for (section, value, default) in sections {
+        let mut rows = Vec::new();
+        flatten(section, value.as_ref(), &mut rows);
+        let mut defaults = Vec::new();
+        flatten(section, default.as_ref(), &mut defaults);
+        let defaults: HashMap<String, String> = defaults.into_iter().collect();
+        for (key, value) in rows {
+            let default = defaults.get(&key).cloned().unwrap_or_default();
+            t.row(vec![v(&key), v(value), v(default), v("no")]);
+        }
+    }
+    t
+}
+
+fn to_value(section: &impl serde::Serialize) -> Option<toml::Value> {
+    toml::Value::try_from(section).ok()
+}
+
+/// `section.key = value` rows of a TOML table (nested tables joined with dots).
+fn flatten(prefix: &str, value: Option<&toml::Value>, rows: &mut Vec<(String, String)>) {
+    match value {
+        Some(toml::Value::Table(table)) => {
+            for (key, value) in table {
+                flatten(&format!("{prefix}.{key}"), Some(value), rows);
+            }
+        }
+        Some(toml::Value::String(s)) => rows.push((prefix.to_owned(), s.clone())),
+        Some(other) => rows.push((prefix.to_owned(), other.to_string())),
+        None => {}
+    }
+}
+
+fn show_lists(shared: &Shared) -> Table {
+    let mut t = Table::new(&[("list", TEXT), ("items", INT8)]);
+    let pools = shared.pools.all();
+    let used_servers: usize = pools.iter().map(|p| p.status().open).sum();
+    for (list, items) in [
+        ("databases", shared.config.databases.len()),
+        ("users", shared.config.users.len()),
+        ("pools", pools.len()),
+        ("free_clients", 0),
+        ("used_clients", shared.clients.open()),
+        ("login_clients", 0),
+        ("free_servers", 0),
+        ("used_servers", used_servers),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ] {
+        t.row(vec![v(list), v(items)]);
+    }
+    t
+}
+
+/// SHOW STATS averages per database over the last `admin.stats_period`, as PgBouncer
+/// computes them: counts and bytes per second; times per transaction or query, in µs.
+#[derive(Default)]
+pub struct Averages(Mutex<AveragesState>);
+
+/// Per database: the totals at the start of the last period, and that period's averages.
+type ByDatabase = HashMap<String, [u64; 7]>;
+type AveragesState = (ByDatabase, ByDatabase);
+
+impl Averages {
+    fn get(&self) -> HashMap<String, [u64; 7]> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    fn update(&self, totals: BTreeMap<String, [u64; 7]>, period: Duration) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let secs = period.as_secs_f64().max(0.001);
+        let mut averages = HashMap::new();
+        for (db, now) in &totals {
+            let before = state.0.get(db).copied().unwrap_or_default();
+            let d: Vec<u64> = now
+                .iter()
+                .zip(before)
+                .map(|(n, b)| n.saturating_sub(b))
+                .collect();
+            let per = |x: u64, n: u64| x.checked_div(n).unwrap_or(0);
+            averages.insert(
+                db.clone(),
+                [
+                    (d[0] as f64 / secs) as u64,
+                    (d[1] as f64 / secs) as u64,
+                    (d[2] as f64 / secs) as u64,
+                    (d[3] as f64 / secs) as u64,
+                    per(d[4], d[0]),
+                    per(d[5], d[1]),
+                    per(d[6], d[0]),
+                ],
+            );
+        }
+        *state = (totals.into_iter().collect(), averages);
+    }
+}
+
+/// Computes SHOW STATS averages every `admin.stats_period` until `stop`.
+pub async fn average_stats(shared: Arc<Shared>, stop: CancellationToken) {
+    let period = shared.config.admin.stats_period;
+    shared
+        .stats_averages
+        .update(totals_by_database(&shared), period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {
+                shared.stats_averages.update(totals_by_database(&shared), period);
+            }
+        }
+    }
+}

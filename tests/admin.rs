@@ -1,0 +1,351 @@
+//! The admin console: PgBouncer's commands with PgBouncer's columns, PAUSE and RESUME
+//! under a workload, and the extras (SHOW PINS, SHOW PREPARED).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{sqlstate, TestProxy};
+use tokio_postgres::SimpleQueryMessage;
+
+/// Runs an admin command; returns its rows as column → value maps.
+async fn show(admin: &tokio_postgres::Client, command: &str) -> Vec<HashMap<String, String>> {
+    admin
+        .simple_query(command)
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e:?}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), row.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn proxy(role: &str, extra: &str) -> TestProxy {
+    common::create_role(role, "pw").await;
+    common::create_role(&format!("{role}_ops"), "pw").await;
+    TestProxy::start(&format!(
+        "{extra}[users.{role}]\npassword = \"pw\"\n[users.{role}_ops]\npassword = \"pw\"\n\
+         [admin]\nhttp_listen = \"\"\nusers = [\"{role}_ops\"]\nstats_period = \"1s\"\n"
+    ))
+    .await
+}
+
+async fn console(proxy: &TestProxy, user: &str) -> common::Conn {
+    let mut c = proxy.config(user, "pw");
+    c.dbname("pgshield");
+    common::connect(&c).await.expect("admin login")
+}
+
+const POOLS_COLUMNS: &[&str] = &[
+    "database",
+    "user",
+    "cl_active",
+    "cl_waiting",
+    "cl_active_cancel_req",
+    "cl_waiting_cancel_req",
+    "sv_active",
+    "sv_active_cancel",
+    "sv_being_canceled",
+    "sv_idle",
+    "sv_used",
+    "sv_tested",
+    "sv_login",
+    "maxwait",
+    "maxwait_us",
+    "pool_mode",
+];
+
+#[tokio::test]
+async fn pgbouncer_commands_answer_with_pgbouncers_columns() {
+    let proxy = proxy("adm_cols", "[pool]\nmax_size = 1\n").await;
+    let admin = console(&proxy, "adm_cols_ops").await;
+    let a = proxy.connect("adm_cols", "pw").await.expect("a");
+    let b = proxy.connect("adm_cols", "pw").await.expect("b");
+    // A holds the only backend; B queues.
+    a.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    let queued = tokio::spawn(async move {
+        b.client
+            .simple_query("SELECT 2")
+            .await
+            .expect("b runs later");
+        b
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pools = show(&admin.client, "SHOW POOLS").await;
+    let mine = pools
+        .iter()
+        .find(|r| r["user"] == "adm_cols")
+        .expect("the pool");
+    for column in POOLS_COLUMNS {
+        assert!(mine.contains_key(*column), "SHOW POOLS lacks {column}");
+    }
+    assert_eq!(mine["database"], "app");
+    assert_eq!(mine["cl_waiting"], "1", "{mine:?}");
+    assert_eq!(mine["cl_active"], "1", "{mine:?}");
+    assert_eq!(mine["sv_active"], "1", "{mine:?}");
+    assert_eq!(mine["pool_mode"], "transaction");
+    a.client.batch_execute("COMMIT").await.expect("commit");
+    let b = queued.await.expect("no panic");
+
+    let columns: &[(&str, &[&str])] = &[
+        (
+            "SHOW STATS",
+            &[
+                "database",
+                "total_xact_count",
+                "total_query_count",
+                "total_received",
+                "total_sent",
+                "total_xact_time",
+                "total_query_time",
+                "total_wait_time",
+                "avg_xact_count",
+                "avg_query_count",
+                "avg_recv",
+                "avg_sent",
+                "avg_xact_time",
+                "avg_query_time",
+                "avg_wait_time",
+            ],
+        ),
+        (
+            "SHOW STATS_TOTALS",
+            &[
+                "database",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+            ],
+        ),
+        (
+            "SHOW STATS_AVERAGES",
+            &[
+                "database",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+            ],
+        ),
+        (
+            "SHOW DATABASES",
+            &[
+                "name",
+                "host",
+                "port",
+                "database",
+                "force_user",
+                "pool_size",
+                "min_pool_size",
+                "reserve_pool",
+                "pool_mode",
+                "max_connections",
+                "current_connections",
+                "paused",
+                "disabled",
+            ],
+        ),
+        ("SHOW USERS", &["name", "pool_mode"]),
+        ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
+        ("SHOW LISTS", &["list", "items"]),
+        ("SHOW VERSION", &["version"]),
+        ("SHOW HELP", &["command"]),
+    ];
+    for (command, expected) in columns {
+        let rows = show(&admin.client, command).await;
+        let first = rows.first().unwrap_or_else(|| panic!("{command}: no rows"));
+        for column in *expected {
+            assert!(
+                first.contains_key(*column),
+                "{command} lacks {column}: {first:?}"
+            );
+        }
+    }
+    let totals = show(&admin.client, "SHOW STATS_TOTALS").await;
+    let app = totals.iter().find(|r| r["database"] == "app").expect("app");
+    assert!(app["xact_count"].parse::<u64>().unwrap() >= 2, "{app:?}");
+    assert!(
+        app["wait_time"].parse::<u64>().unwrap() >= 100_000,
+        "B waited: {app:?}"
+    );
+    // Averages are per stats_period (1 s here).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    b.client.simple_query("SELECT 3").await.expect("b");
+    let config = show(&admin.client, "SHOW CONFIG").await;
+    let size = config
+        .iter()
+        .find(|r| r["key"] == "pool.max_size")
+        .expect("pool.max_size");
+    assert_eq!(
+        (size["value"].as_str(), size["default"].as_str()),
+        ("1", "20")
+    );
+    assert!(
+        !config.iter().any(|r| r["value"].contains("pw")),
+        "no secret in SHOW CONFIG"
+    );
+    let version = show(&admin.client, "SHOW VERSION").await;
+    assert!(version[0]["version"].starts_with("pgshield "));
+    let lists = show(&admin.client, "SHOW LISTS").await;
+    assert!(lists.iter().any(|r| r["list"] == "pools"));
+}
+
+#[tokio::test]
+async fn only_admin_users_get_in_and_unknown_commands_are_clear_errors() {
+    let proxy = proxy("adm_who", "").await;
+    let mut c = proxy.config("adm_who", "pw");
+    c.dbname("pgshield");
+    let err = common::connect(&c).await.err().expect("not an admin");
+    assert_eq!(sqlstate(&err), Some("28000"));
+    let admin = console(&proxy, "adm_who_ops").await;
+    let err = admin
+        .client
+        .simple_query("SHOW NONSENSE")
+        .await
+        .expect_err("unknown");
+    assert_eq!(sqlstate(&err), Some("42601"));
+    let err = admin
+        .client
+        .simple_query("RELOAD")
+        .await
+        .expect_err("not yet");
+    assert_eq!(sqlstate(&err), Some("0A000"));
+    let err = admin
+        .client
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect_err("not yet");
+    assert_eq!(sqlstate(&err), Some("0A000"));
+    // The console still answers after errors.
+    assert!(!show(&admin.client, "SHOW VERSION").await.is_empty());
+}
+
+#[tokio::test]
+async fn show_pins_and_show_prepared_list_what_pgbouncer_cannot() {
+    let proxy = proxy("adm_pins", "").await;
+    let admin = console(&proxy, "adm_pins_ops").await;
+    let conn = proxy.connect("adm_pins", "pw").await.expect("login");
+    conn.client
+        .batch_execute("LISTEN adm")
+        .await
+        .expect("listen");
+    let st = conn
+        .client
+        .prepare("SELECT $1::int * 7")
+        .await
+        .expect("prepare");
+    conn.client.query_one(&st, &[&6]).await.expect("run");
+    let pins = show(&admin.client, "SHOW PINS").await;
+    assert!(
+        pins.iter()
+            .any(|r| r["pool"] == "app/adm_pins" && r["reason"] == "listen"),
+        "{pins:?}"
+    );
+    let prepared = show(&admin.client, "SHOW PREPARED").await;
+    assert!(
+        prepared
+            .iter()
+            .any(|r| r["query"] == "SELECT $1::int * 7" && r["accepted"] == "yes"),
+        "{prepared:?}"
+    );
+    drop(conn);
+    for _ in 0..100 {
+        if show(&admin.client, "SHOW PINS")
+            .await
+            .iter()
+            .all(|r| r["pool"] != "app/adm_pins")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("a departed client is still listed as pinned");
+}
+
+#[tokio::test]
+async fn pause_lets_transactions_finish_holds_new_ones_and_resume_releases_them() {
+    let proxy = proxy(
+        "adm_pause",
+        "[pool]\nmax_size = 2\nborrow_timeout = \"30s\"\n",
+    )
+    .await;
+    let admin = console(&proxy, "adm_pause_ops").await;
+    let watcher = common::admin().await;
+    let a = proxy.connect("adm_pause", "pw").await.expect("a");
+    let b = proxy.connect("adm_pause", "pw").await.expect("b");
+    a.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("a begins");
+    // PAUSE waits for A's transaction.
+    let pausing = tokio::spawn(async move {
+        admin.client.simple_query("PAUSE").await.expect("pause");
+        admin
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !pausing.is_finished(),
+        "PAUSE returned with a transaction in flight"
+    );
+    a.client
+        .batch_execute("SELECT 2; COMMIT")
+        .await
+        .expect("a finishes");
+    let admin = tokio::time::timeout(Duration::from_secs(10), pausing)
+        .await
+        .expect("PAUSE returns once the transaction is over")
+        .expect("no panic");
+    // Paused: no backend is open, and new work waits.
+    assert_eq!(common::backends_of(&watcher, "adm_pause").await, 0);
+    let waiting = tokio::spawn(async move {
+        let n: i32 = b
+            .client
+            .query_one("SELECT 42", &[])
+            .await
+            .expect("runs after RESUME")
+            .get(0);
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a query ran while paused");
+    let pools = show(&admin.client, "SHOW POOLS").await;
+    let mine = pools
+        .iter()
+        .find(|r| r["user"] == "adm_pause")
+        .expect("pool");
+    assert_eq!(mine["cl_waiting"], "1", "{mine:?}");
+    let databases = show(&admin.client, "SHOW DATABASES").await;
+    assert_eq!(
+        databases.iter().find(|r| r["name"] == "app").expect("app")["paused"],
+        "1"
+    );
+    admin.client.simple_query("RESUME").await.expect("resume");
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served after RESUME")
+        .expect("no panic");
+    assert_eq!(answer, 42);
+    a.client
+        .simple_query("SELECT 3")
+        .await
+        .expect("a carries on");
+}
