@@ -234,10 +234,12 @@ fn serve(
     runtime.block_on(async {
         // Handlers first: once the port is open, a SIGTERM must mean "drain", not "die".
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(term), Ok(int), Ok(hup)) = (
+        let (Ok(term), Ok(int), Ok(hup), Ok(usr1), Ok(usr2)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
         ) else {
             eprintln!("pgshield: cannot install signal handlers");
             return ExitCode::FAILURE;
@@ -252,6 +254,7 @@ fn serve(
         on_ready(proxy.local_addr(), proxy.http_addr());
         tokio::spawn(watch_signals(proxy.shutdown_handle(), term, int));
         tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
+        tokio::spawn(pause_on_signals(Arc::clone(proxy.shared()), usr1, usr2));
         proxy.run().await;
         ExitCode::SUCCESS
     })
@@ -267,6 +270,31 @@ async fn reload_on_hangup(shared: Arc<Shared>, mut hup: Signal) {
                 }
             }
             None => tracing::info!("SIGHUP: nothing to reload"),
+        }
+    }
+}
+
+/// SIGUSR1 pauses every pool (as the admin console's PAUSE), SIGUSR2 resumes them.
+async fn pause_on_signals(shared: Arc<Shared>, mut usr1: Signal, mut usr2: Signal) {
+    loop {
+        tokio::select! {
+            Some(()) = usr1.recv() => {
+                tracing::info!("SIGUSR1: pausing every pool");
+                let pools = shared.pools.all();
+                tokio::spawn(async move {
+                    for pool in &pools {
+                        pool.pause().await;
+                    }
+                    tracing::info!("paused: no backend is in use");
+                });
+            }
+            Some(()) = usr2.recv() => {
+                tracing::info!("SIGUSR2: resuming every pool");
+                for pool in shared.pools.all() {
+                    pool.resume();
+                }
+            }
+            else => return,
         }
     }
 }

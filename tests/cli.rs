@@ -289,7 +289,7 @@ fn collect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_appears_in_the_logs_even_at_trace_level() {
+async fn run_logs_no_secret_and_answers_hup_usr1_usr2() {
     const CLIENT_SECRET: &str = "ClientSecret-8d2f";
     const SERVER_SECRET: &str = "ServerSecret-51ac";
     const WRONG_GUESS: &str = "WrongGuess-77f1";
@@ -346,6 +346,26 @@ async fn no_secret_appears_in_the_logs_even_at_trace_level() {
         .simple_query("SELECT 2")
         .await
         .expect("still serving after SIGHUP");
+    // SIGUSR1 pauses (no backend stays open, new work waits); SIGUSR2 resumes.
+    kill(pid, Signal::SIGUSR1).expect("send SIGUSR1");
+    let watcher = common::admin().await;
+    while common::backends_of(&watcher, "cli_secret").await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = tokio::spawn(async move {
+        conn.client
+            .simple_query("SELECT 3")
+            .await
+            .expect("runs after SIGUSR2");
+        conn
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a query ran while paused");
+    kill(pid, Signal::SIGUSR2).expect("send SIGUSR2");
+    let conn = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("served after SIGUSR2")
+        .expect("no panic");
     drop(conn);
     kill(pid, Signal::SIGTERM).expect("send SIGTERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
