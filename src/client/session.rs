@@ -1142,25 +1142,35 @@ impl Session {
         }
         let pool = Arc::clone(&self.pool);
         let waiting_since = Instant::now();
-        let waiting = pool.wait();
         // A paused pool (PAUSE) lends nothing until RESUME.
         let borrow = async {
             pool.until_resumed().await;
             pool.borrow().await
         };
         tokio::pin!(borrow);
+        // Usually a backend is idle: no queue to join. Otherwise the client is counted as
+        // waiting (SHOW POOLS) until it gets one.
+        let first = poll_fn(|cx| Poll::Ready(std::future::Future::poll(borrow.as_mut(), cx))).await;
+        let waiting = first.is_pending().then(|| pool.wait());
+        let mut ready = match first {
+            Poll::Ready(result) => Some(result),
+            Poll::Pending => None,
+        };
         let mut backend = loop {
-            let read_ahead = self.client_in.len() < QUEUED_READ_LIMIT;
-            tokio::select! {
-                biased;
-                result = &mut borrow => match result {
+            if let Some(result) = ready.take() {
+                match result {
                     Ok(backend) => break backend,
                     Err(crate::pool::BorrowError::Closed(_)) => return Err(End::Shutdown),
                     Err(e) => {
                         tracing::info!(client = %self.id, pool = %pool.name(), error = %e, "borrow failed");
                         return Ok(Err(e.to_client_error()));
                     }
-                },
+                }
+            }
+            let read_ahead = self.client_in.len() < QUEUED_READ_LIMIT;
+            tokio::select! {
+                biased;
+                result = &mut borrow => ready = Some(result),
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
                     Event::Data => self.note_activity(),
                     Event::Forced => return Err(End::ForcedShutdown),
