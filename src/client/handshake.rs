@@ -231,6 +231,8 @@ async fn admin_login(
         .lookup(&user)
         .cloned()
         .unwrap_or_else(|| shared.users.mock(&user));
+    // Guessing admin passwords is slowed like any other.
+    tokio::time::sleep(shared.login_throttle.delay(peer.ip())).await;
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
     if let Err(e) = auth::authenticate(stream, buf, &user, &auth, end_point).await {
         if let AuthError::Failed(_) = e {
