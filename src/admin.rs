@@ -188,11 +188,47 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), E
             "RELOAD",
             "restart pgshield to apply a new configuration (SIGHUP re-reads the TLS certificate only)",
         )),
-        ["KILL", _] | ["KILL_CLIENT", _] | ["SUSPEND"] | ["ENABLE", _] | ["DISABLE", _]
-        | ["WAIT_CLOSE"] | ["WAIT_CLOSE", _] => Err(not_supported(
+        ["KILL", _] => {
+            let Some(db) = arg(1) else {
+                return Err(ErrorResponse::error(sqlstate::SYNTAX_ERROR, "KILL needs a database"));
+            };
+            let pools = pools_of(shared, Some(&db))?;
+            for client in shared.registry.list() {
+                if client.database == db {
+                    client.kill();
+                }
+            }
+            for pool in pools {
+                pool.reconnect();
+            }
+            tracing::warn!(database = db, "KILL from the admin console");
+            messages::command_complete(out, "KILL");
+            Ok(())
+        }
+        ["KILL_CLIENT", _] => {
+            let id = arg(1).unwrap_or_default();
+            let client = id
+                .trim_start_matches('c')
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| shared.registry.get(n))
+                .ok_or_else(|| {
+                    ErrorResponse::error(
+                        sqlstate::SYNTAX_ERROR,
+                        format!("no such client: {id} (SHOW CLIENTS lists them in ptr)"),
+                    )
+                })?;
+            tracing::warn!(client = id, "KILL_CLIENT from the admin console");
+            client.kill();
+            messages::command_complete(out, "KILL_CLIENT");
+            Ok(())
+        }
+        ["SUSPEND"] | ["ENABLE", _] | ["DISABLE", _] | ["WAIT_CLOSE"] | ["WAIT_CLOSE", _] => {
+            Err(not_supported(
             words[0],
-            "use PAUSE/RESUME, RECONNECT or SHUTDOWN",
-        )),
+                "use PAUSE/RESUME, RECONNECT or SHUTDOWN",
+            ))
+        }
         ["SET", ..] => Err(not_supported(
             "SET",
             "settings are changed in the configuration file",
@@ -220,12 +256,14 @@ fn pools_of(shared: &Shared, database: Option<&str>) -> Result<Vec<Arc<Pool>>, E
 }
 
 const HELP: &[&str] = &[
-    "SHOW HELP|VERSION|CONFIG|DATABASES|USERS|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|LISTS|PINS|PREPARED",
+    "SHOW HELP|VERSION|CONFIG|DATABASES|USERS|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|LISTS|PINS|PREPARED",
     "PAUSE [<db>]",
     "RESUME [<db>]",
     "RECONNECT [<db>]",
+    "KILL <db>",
+    "KILL_CLIENT <ptr>",
     "SHUTDOWN [WAIT_FOR_CLIENTS]",
-    "Not yet: SHOW CLIENTS|SERVERS, KILL, KILL_CLIENT, RELOAD, SET",
+    "Not yet: RELOAD, SET",
 ];
 
 fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
@@ -294,8 +332,10 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
             }
             t
         }
-        "CLIENTS" | "SERVERS" | "SOCKETS" | "ACTIVE_SOCKETS" | "FDS" | "DNS_HOSTS"
-        | "DNS_ZONES" | "STATE" | "MEM" | "TOTALS" => {
+        "CLIENTS" => show_clients(shared),
+        "SERVERS" => show_servers(shared),
+        "SOCKETS" | "ACTIVE_SOCKETS" | "FDS" | "DNS_HOSTS" | "DNS_ZONES" | "STATE" | "MEM"
+        | "TOTALS" => {
             return Err(not_supported(
                 &format!("SHOW {what}"),
                 "SHOW POOLS, SHOW STATS and /metrics cover the pools",
@@ -310,6 +350,127 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
     };
     table.write(out, "SHOW");
     Ok(())
+}
+
+/// PgBouncer's SHOW CLIENTS / SHOW SERVERS columns.
+const CONNECTION_COLUMNS: &[(&str, u32)] = &[
+    ("type", TEXT),
+    ("user", TEXT),
+    ("database", TEXT),
+    ("state", TEXT),
+    ("addr", TEXT),
+    ("port", INT8),
+    ("local_addr", TEXT),
+    ("local_port", INT8),
+    ("connect_time", TEXT),
+    ("request_time", TEXT),
+    ("wait", INT8),
+    ("wait_us", INT8),
+    ("close_needed", INT8),
+    ("ptr", TEXT),
+    ("link", TEXT),
+    ("remote_pid", INT8),
+    ("tls", TEXT),
+    ("application_name", TEXT),
+];
+
+/// A time as PgBouncer prints it: `2026-11-27 04:40:00 UTC`.
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', " UTC")
+}
+
+fn show_clients(shared: &Shared) -> Table {
+    let mut t = Table::new(CONNECTION_COLUMNS);
+    for c in shared.registry.list() {
+        let waiting = c.state() == crate::client::registry::ClientState::Waiting;
+        let since = c.request_at().filter(|_| waiting);
+        let wait = since
+            .and_then(|s| SystemTime::now().duration_since(s).ok())
+            .unwrap_or_default();
+        t.row(vec![
+            v("C"),
+            v(&c.user),
+            v(&c.database),
+            v(if waiting { "waiting" } else { "active" }),
+            v(c.addr.ip()),
+            v(c.addr.port()),
+            c.local.map(|l| l.ip().to_string()),
+            c.local.map(|l| l.port().to_string()),
+            v(time(c.connected_at)),
+            c.request_at().map(time),
+            v(wait.as_secs()),
+            v(wait.subsec_micros()),
+            v(0),
+            v(format!("c{}", c.id)),
+            c.server().map(|(id, _)| format!("s{id}")),
+            v(0),
+            v(if c.tls { "TLS" } else { "" }),
+            v(&c.application_name),
+        ]);
+    }
+    t
+}
+
+fn show_servers(shared: &Shared) -> Table {
+    let mut t = Table::new(CONNECTION_COLUMNS);
+    // Lent backends, as the clients holding them report them.
+    for c in shared.registry.list() {
+        let Some((id, pid)) = c.server() else {
+            continue;
+        };
+        let db = shared.config.databases.get(&c.database);
+        t.row(vec![
+            v("S"),
+            v(&c.user),
+            v(&c.database),
+            v("active"),
+            db.map(|d| d.host.clone()),
+            db.map(|d| d.port.to_string()),
+            None,
+            None,
+            None,
+            c.request_at().map(time),
+            v(0),
+            v(0),
+            v(0),
+            v(format!("s{id}")),
+            v(format!("c{}", c.id)),
+            v(pid),
+            None,
+            v(&c.application_name),
+        ]);
+    }
+    let mut pools = shared.pools.all();
+    pools.sort_by(|a, b| a.name().cmp(b.name()));
+    for pool in pools {
+        let (db, user) = pool_parts(&pool);
+        for s in pool.idle_servers() {
+            t.row(vec![
+                v("S"),
+                v(&user),
+                v(&db),
+                v("idle"),
+                v(s.peer.ip()),
+                v(s.peer.port()),
+                s.local.map(|l| l.ip().to_string()),
+                s.local.map(|l| l.port().to_string()),
+                v(time(s.opened_at)),
+                None,
+                v(0),
+                v(0),
+                v(0),
+                v(format!("s{}", s.id)),
+                None,
+                v(s.pid),
+                v(if s.tls { "TLS" } else { "" }),
+                v(""),
+            ]);
+        }
+    }
+    t
 }
 
 fn show_pools(shared: &Shared) -> Table {

@@ -54,6 +54,17 @@ impl Stream {
         }
     }
 
+    /// The peer's address (unspecified for in-memory streams).
+    pub fn peer_addr(&self) -> std::net::SocketAddr {
+        self.tcp()
+            .and_then(|t| t.peer_addr().ok())
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp().and_then(|t| t.local_addr().ok())
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }

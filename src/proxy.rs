@@ -59,6 +59,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Clients pinned now, for SHOW PINS.
     pub pinned: PinnedClients,
+    /// Every logged-in client, for SHOW CLIENTS/SERVERS and KILL.
+    pub registry: Arc<crate::client::registry::ClientRegistry>,
     /// SHOW STATS averages over the last `admin.stats_period`.
     pub stats_averages: crate::admin::Averages,
 }
@@ -187,6 +189,7 @@ impl Proxy {
             access: AccessRules::from_config(&config),
             metrics,
             pinned: PinnedClients::default(),
+            registry: Default::default(),
             stats_averages: Default::default(),
             config,
         });

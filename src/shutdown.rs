@@ -117,6 +117,11 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// The waker this watch registers: waking it makes its session look again.
+    pub fn waker(&self) -> Arc<AtomicWaker> {
+        Arc::clone(&self.waker)
+    }
+
     /// The stage now; the task polling is woken when it moves on.
     pub fn poll_stage(&self, cx: &mut Context<'_>) -> Stage {
         // Register first, then look: a stage change in between still wakes us.

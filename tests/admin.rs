@@ -231,7 +231,7 @@ async fn only_admin_users_get_in_and_unknown_commands_are_clear_errors() {
     assert_eq!(sqlstate(&err), Some("0A000"));
     let err = admin
         .client
-        .simple_query("SHOW CLIENTS")
+        .simple_query("SET pool_mode = session")
         .await
         .expect_err("not yet");
     assert_eq!(sqlstate(&err), Some("0A000"));
@@ -348,4 +348,88 @@ async fn pause_lets_transactions_finish_holds_new_ones_and_resume_releases_them(
         .simple_query("SELECT 3")
         .await
         .expect("a carries on");
+}
+
+#[tokio::test]
+async fn show_clients_and_servers_and_kill_client() {
+    let proxy = proxy("adm_kill", "").await;
+    let admin = console(&proxy, "adm_kill_ops").await;
+    let a = proxy.connect("adm_kill", "pw").await.expect("a");
+    let b = proxy.connect("adm_kill", "pw").await.expect("b");
+    a.client.batch_execute("BEGIN").await.expect("a begins");
+    let a_pid: i32 = a
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    b.client.simple_query("SELECT 1").await.expect("b");
+
+    let clients = show(&admin.client, "SHOW CLIENTS").await;
+    let mine: Vec<_> = clients.iter().filter(|c| c["user"] == "adm_kill").collect();
+    assert_eq!(mine.len(), 2, "{clients:?}");
+    for column in [
+        "type",
+        "addr",
+        "port",
+        "connect_time",
+        "ptr",
+        "link",
+        "tls",
+        "application_name",
+    ] {
+        assert!(mine[0].contains_key(column), "SHOW CLIENTS lacks {column}");
+    }
+    assert!(mine
+        .iter()
+        .all(|c| c["type"] == "C" && c["addr"] == "127.0.0.1"));
+    // A holds a backend in its transaction: its client row links to a server row with its pid.
+    let servers = show(&admin.client, "SHOW SERVERS").await;
+    let active = servers
+        .iter()
+        .find(|s| s["state"] == "active" && s["remote_pid"] == a_pid.to_string())
+        .unwrap_or_else(|| panic!("A's backend in {servers:?}"));
+    let a_row = mine
+        .iter()
+        .find(|c| c["link"] == active["ptr"])
+        .expect("A's client row links to its server");
+    assert!(servers
+        .iter()
+        .any(|s| s["user"] == "adm_kill" && s["state"] == "idle"));
+
+    // KILL_CLIENT ends A (its transaction is rolled back by the closed backend); B goes on.
+    admin
+        .client
+        .simple_query(&format!("KILL_CLIENT {}", a_row["ptr"]))
+        .await
+        .expect("kill_client");
+    let err = a
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("A is gone");
+    assert!(
+        err.is_closed() || sqlstate(&err) == Some("57P01"),
+        "{err:?}"
+    );
+    b.client
+        .simple_query("SELECT 2")
+        .await
+        .expect("B is untouched");
+    let err = admin
+        .client
+        .simple_query("KILL_CLIENT c999999")
+        .await
+        .expect_err("unknown client");
+    assert_eq!(sqlstate(&err), Some("42601"));
+
+    // KILL app: every client of the database goes.
+    admin.client.simple_query("KILL app").await.expect("kill");
+    assert!(
+        b.client.simple_query("SELECT 3").await.is_err(),
+        "B killed too"
+    );
+    // New clients are welcome again.
+    let c = proxy.connect("adm_kill", "pw").await.expect("a new client");
+    c.client.simple_query("SELECT 4").await.expect("works");
 }

@@ -34,6 +34,8 @@ pub struct Login {
     pub client_view: ServerParams,
     /// Its places under per-user and per-database client limits.
     pub admission: Admission,
+    pub user: String,
+    pub database: String,
 }
 
 /// Where a logged-in client goes.
@@ -195,6 +197,8 @@ pub async fn login(
         settings,
         client_view,
         admission,
+        user,
+        database,
     }))
 }
 

@@ -7,6 +7,7 @@ pub mod auth_query;
 pub mod cancel;
 pub mod handshake;
 pub mod params;
+pub mod registry;
 pub mod session;
 pub mod sql;
 pub mod throttle;

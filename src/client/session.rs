@@ -32,6 +32,7 @@ use super::access::Admission;
 use super::cancel::Registration;
 use super::handshake::Login;
 use super::params::{self, ClientSettings};
+use super::registry::{ClientState, NewClient, Registered};
 use super::ClientId;
 use crate::config::PoolMode;
 use crate::net::Stream;
@@ -80,6 +81,8 @@ enum End {
     IdleInTransaction,
     Shutdown,
     ForcedShutdown,
+    /// KILL or KILL_CLIENT from the admin console.
+    Killed,
 }
 
 /// What happened on the sockets.
@@ -94,6 +97,8 @@ enum Event {
     Drain,
     /// pgshield is closing every client now.
     Forced,
+    /// The admin console killed this client.
+    Killed,
 }
 
 /// The session's time limits (None: no limit).
@@ -219,6 +224,8 @@ pub struct Session {
     xact_started: Option<Instant>,
     /// Counted among its pool's clients (SHOW POOLS) while the session lives.
     _in_pool: PoolClient,
+    /// Its entry in SHOW CLIENTS (and the handle KILL uses).
+    registered: Registered,
 }
 
 impl Session {
@@ -229,10 +236,27 @@ impl Session {
         login: Login,
         leftover: BytesMut,
     ) -> Session {
+        let watch = shared.shutdown.watch();
         Session {
             mode: login.pool.mode(),
             limits: Limits::from_config(&shared.config.pool),
-            shutdown: shared.shutdown.watch(),
+            registered: shared.registry.register(
+                NewClient {
+                    id: id.0,
+                    user: login.user.clone(),
+                    database: login.database.clone(),
+                    addr: client.peer_addr(),
+                    local: client.local_addr(),
+                    tls: client.is_tls(),
+                    application_name: login
+                        .settings
+                        .get("application_name")
+                        .unwrap_or_default()
+                        .to_owned(),
+                },
+                watch.waker(),
+            ),
+            shutdown: watch,
             _admission: login.admission,
             request_received: None,
             request_sent: None,
@@ -335,6 +359,7 @@ impl Session {
                 Event::Data => self.note_activity(),
                 Event::Drain => return End::Shutdown,
                 Event::Forced => return End::ForcedShutdown,
+                Event::Killed => return End::Killed,
                 Event::ClientEof => return End::ClientGone,
                 Event::ClientError(e) => {
                     tracing::debug!(client = %self.id, error = %e, "client i/o error");
@@ -456,6 +481,10 @@ impl Session {
             Stage::Draining if drain => return Poll::Ready(Event::Drain),
             _ => {}
         }
+        // Woken by the same waker the watch just registered.
+        if self.registered.info.killed() {
+            return Poll::Ready(Event::Killed);
+        }
         let unsent = self.client_out.len();
         let drained = poll_drain(cx, &mut self.client, &mut self.client_out);
         let sent = unsent - self.client_out.len();
@@ -534,6 +563,7 @@ impl Session {
                 let now = Instant::now();
                 self.request_received = Some(now);
                 self.xact_started.get_or_insert(now);
+                self.registered.info.note_request();
             }
             match header.tag {
                 b'X' => return Err(End::Terminated),
@@ -1127,6 +1157,7 @@ impl Session {
         }
         self.cancel.detach();
         if let Some(backend) = self.backend.take() {
+            self.registered.info.set_server(None);
             // Closed instead if a cancel was sent to it or it is otherwise unfit.
             backend.release();
         }
@@ -1151,7 +1182,10 @@ impl Session {
         // Usually a backend is idle: no queue to join. Otherwise the client is counted as
         // waiting (SHOW POOLS) until it gets one.
         let first = poll_fn(|cx| Poll::Ready(std::future::Future::poll(borrow.as_mut(), cx))).await;
-        let waiting = first.is_pending().then(|| pool.wait());
+        let waiting = first.is_pending().then(|| {
+            self.registered.info.set_state(ClientState::Waiting);
+            pool.wait()
+        });
         let mut ready = match first {
             Poll::Ready(result) => Some(result),
             Poll::Pending => None,
@@ -1174,11 +1208,17 @@ impl Session {
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
                     Event::Data => self.note_activity(),
                     Event::Forced => return Err(End::ForcedShutdown),
+                    Event::Killed => return Err(End::Killed),
                     _ => return Err(End::ClientGone),
                 },
             }
         };
         drop(waiting);
+        self.registered.info.set_state(ClientState::Active);
+        let s = backend.server_ref();
+        self.registered
+            .info
+            .set_server(Some((s.id().0, s.process_id())));
         let waited = waiting_since.elapsed();
         pool.metrics().borrow_wait.record(waited.as_secs_f64());
         PoolStats::add(&pool.stats.wait_time_us, waited.as_micros() as u64);
@@ -1270,7 +1310,7 @@ impl Session {
             let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
             let server_failed = matches!(
                 end,
-                End::ForcedShutdown | End::ServerLost(_) | End::ServerProtocol(_)
+                End::ForcedShutdown | End::Killed | End::ServerLost(_) | End::ServerProtocol(_)
             );
             if server_failed || mid_message_to_server || mid_message_to_client {
                 if mid_message_to_server || !self.server_out.is_empty() {
@@ -1335,6 +1375,10 @@ impl Session {
                 ),
             )),
             End::Shutdown | End::ForcedShutdown => Some(ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, "pgshield is shutting down")),
+            End::Killed => Some(ErrorResponse::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command (pgshield admin console)",
+            )),
         }
     }
 }

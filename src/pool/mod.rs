@@ -221,6 +221,16 @@ impl PoolStats {
     }
 }
 
+/// An idle backend, for SHOW SERVERS.
+pub struct IdleServer {
+    pub id: u64,
+    pub pid: i32,
+    pub peer: std::net::SocketAddr,
+    pub local: Option<std::net::SocketAddr>,
+    pub opened_at: std::time::SystemTime,
+    pub tls: bool,
+}
+
 /// One client's place in its pool's client count; dropping it leaves.
 pub struct PoolClient(Arc<Pool>);
 
@@ -383,6 +393,25 @@ impl Pool {
             }
             resumed.await;
         }
+    }
+
+    /// The idle backends: (server id, pid, peer, local address, opened at, TLS).
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        let mut idle = Vec::new();
+        self.inner.retain(|server, _| {
+            idle.push(IdleServer {
+                id: server.id().0,
+                pid: server.process_id(),
+                peer: server.stream.peer_addr(),
+                local: server.stream.local_addr(),
+                opened_at: std::time::SystemTime::now()
+                    .checked_sub(server.age())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                tls: server.stream.is_tls(),
+            });
+            true
+        });
+        idle
     }
 
     /// RECONNECT: backends open now close when next idle instead of being reused.

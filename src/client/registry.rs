@@ -1,0 +1,162 @@
+//! Every logged-in client, for the admin console: SHOW CLIENTS, SHOW SERVERS (the backends
+//! clients hold), KILL and KILL_CLIENT. A session publishes its state with atomic stores
+//! as it goes (no lock on its path); the console reads snapshots.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures_util::task::AtomicWaker;
+
+/// What a client is doing, as PgBouncer's SHOW CLIENTS states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Logged in, holding a backend or not needing one.
+    Active = 0,
+    /// Queued for a backend.
+    Waiting = 1,
+}
+
+/// One client, as the console sees it.
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub tls: bool,
+    pub application_name: String,
+    state: AtomicU8,
+    /// When its latest request arrived (microseconds since the epoch).
+    request_at: AtomicU64,
+    /// The backend it holds: server id and PostgreSQL pid (0: none).
+    server_id: AtomicU64,
+    server_pid: AtomicI32,
+    /// KILL / KILL_CLIENT: the session ends at its next turn.
+    kill: AtomicBool,
+    /// Wakes the session (the same waker its shutdown watch registers).
+    waker: Arc<AtomicWaker>,
+}
+
+impl ClientInfo {
+    pub fn set_state(&self, state: ClientState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            _ => ClientState::Active,
+        }
+    }
+
+    pub fn note_request(&self) {
+        let micros = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.request_at.store(micros, Ordering::Relaxed);
+    }
+
+    pub fn request_at(&self) -> Option<SystemTime> {
+        match self.request_at.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us)),
+        }
+    }
+
+    /// The backend it now holds (`None`: none).
+    pub fn set_server(&self, server: Option<(u64, i32)>) {
+        let (id, pid) = server.unwrap_or((0, 0));
+        self.server_id.store(id, Ordering::Relaxed);
+        self.server_pid.store(pid, Ordering::Relaxed);
+    }
+
+    pub fn server(&self) -> Option<(u64, i32)> {
+        match self.server_id.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some((id, self.server_pid.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Asks the session to end; it notices at once.
+    pub fn kill(&self) {
+        self.kill.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub fn killed(&self) -> bool {
+        self.kill.load(Ordering::Acquire)
+    }
+}
+
+/// What a new client is registered with.
+pub struct NewClient {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub tls: bool,
+    pub application_name: String,
+}
+
+#[derive(Default)]
+pub struct ClientRegistry {
+    clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+}
+
+/// A client's entry; dropping it removes the client.
+pub struct Registered {
+    pub info: Arc<ClientInfo>,
+    registry: Arc<ClientRegistry>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.info.id);
+    }
+}
+
+impl ClientRegistry {
+    pub fn register(self: &Arc<Self>, client: NewClient, waker: Arc<AtomicWaker>) -> Registered {
+        let info = Arc::new(ClientInfo {
+            id: client.id,
+            user: client.user,
+            database: client.database,
+            addr: client.addr,
+            local: client.local,
+            connected_at: SystemTime::now(),
+            tls: client.tls,
+            application_name: client.application_name,
+            state: AtomicU8::new(ClientState::Active as u8),
+            request_at: AtomicU64::new(0),
+            server_id: AtomicU64::new(0),
+            server_pid: AtomicI32::new(0),
+            kill: AtomicBool::new(false),
+            waker,
+        });
+        self.lock().insert(info.id, Arc::clone(&info));
+        Registered {
+            info,
+            registry: Arc::clone(self),
+        }
+    }
+
+    /// Every client, oldest first.
+    pub fn list(&self) -> Vec<Arc<ClientInfo>> {
+        let mut all: Vec<_> = self.lock().values().cloned().collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<ClientInfo>> {
+        self.lock().get(&id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientInfo>>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
