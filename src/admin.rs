@@ -179,8 +179,8 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), E
             Ok(())
         }
         ["SHUTDOWN", "WAIT_FOR_CLIENTS"] => {
-            tracing::info!("SHUTDOWN WAIT_FOR_CLIENTS from the admin console: draining");
-            shared.shutdown.begin();
+            tracing::info!("SHUTDOWN WAIT_FOR_CLIENTS from the admin console: no new clients; exiting when the last one leaves");
+            shared.shutdown.close_listener();
             messages::command_complete(out, "SHUTDOWN");
             Ok(())
         }

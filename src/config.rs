@@ -232,6 +232,9 @@ pub struct ListenConfig {
     /// Largest message a client may send, in bytes (its length field is checked before
     /// anything is read); a longer one gets `08P01` and that client is closed.
     pub max_message_size: usize,
+    /// Let another pgshield bind the same port (SO_REUSEPORT), for rolling restarts; the
+    /// first SIGTERM/SIGINT then only stops listening (as `SHUTDOWN WAIT_FOR_CLIENTS`).
+    pub reuse_port: bool,
 }
 
 impl Default for ListenConfig {
@@ -241,6 +244,7 @@ impl Default for ListenConfig {
             max_client_connections: 10_000,
             client_login_timeout: Duration::from_secs(60),
             max_message_size: crate::protocol::frame::DEFAULT_MAX_MESSAGE_SIZE,
+            reuse_port: false,
         }
     }
 }
@@ -1079,6 +1083,7 @@ mod tests {
         assert_eq!(doc.max_client_connections, default.max_client_connections);
         assert_eq!(doc.client_login_timeout, default.client_login_timeout);
         assert_eq!(doc.max_message_size, default.max_message_size);
+        assert_eq!(doc.reuse_port, default.reuse_port);
         assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
         assert_eq!(c.admin.http_listen, AdminConfig::default().http_listen);
         assert_eq!(c.tls.client.mode, ClientTlsMode::default());

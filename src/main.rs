@@ -244,6 +244,7 @@ fn serve(
             eprintln!("pgshield: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
+        let reuse_port = config.listen.reuse_port;
         let proxy = match Proxy::bind(config).await {
             Ok(p) => p,
             Err(e) => {
@@ -252,7 +253,12 @@ fn serve(
             }
         };
         on_ready(proxy.local_addr(), proxy.http_addr());
-        tokio::spawn(watch_signals(proxy.shutdown_handle(), term, int));
+        tokio::spawn(watch_signals(
+            proxy.shutdown_handle(),
+            term,
+            int,
+            reuse_port,
+        ));
         tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
         tokio::spawn(pause_on_signals(Arc::clone(proxy.shared()), usr1, usr2));
         proxy.run().await;
@@ -300,7 +306,17 @@ async fn pause_on_signals(shared: Arc<Shared>, mut usr1: Signal, mut usr2: Signa
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one forces it.
-async fn watch_signals(shutdown: Shutdown, mut term: Signal, mut int: Signal) {
+async fn watch_signals(shutdown: Shutdown, mut term: Signal, mut int: Signal, handover: bool) {
+    if handover {
+        // listen.reuse_port: a new process has the port too. Stop listening and serve the
+        // connected clients until they leave; a second signal drains, a third forces.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal: no new clients; serving connected ones until they leave (signal again to drain)");
+        shutdown.close_listener();
+    }
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully (signal again to force)"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully (signal again to force)"),

@@ -23,6 +23,25 @@ use crate::prepared::Registry;
 use crate::shutdown::Shutdown;
 use crate::tls::{ClientTls, ServerTls, TlsError};
 
+/// Binds the client listener; with `reuse_port`, another pgshield may bind the same port
+/// (SO_REUSEPORT), which is how a new process takes over while the old one lets its
+/// clients finish.
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Folds histogram samples in every few seconds, so they cannot pile up between scrapes.
 async fn upkeep_metrics(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
@@ -157,8 +176,7 @@ impl Proxy {
         let server_tls = Arc::new(ServerTls::new(&config.tls.server)?);
         let metrics = Arc::new(Metrics::new());
         let addr = config.listen_addr()?;
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = listen(addr, config.listen.reuse_port)
             .map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
@@ -253,6 +271,7 @@ impl Proxy {
         loop {
             tokio::select! {
                 _ = shutdown.draining() => break,
+                _ = shutdown.listener_closed() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let slot = shared.clients.try_take();
@@ -268,6 +287,18 @@ impl Proxy {
         }
         drop(listener);
         sessions.close();
+        if !shutdown.is_draining() {
+            // WAIT_FOR_CLIENTS: connected clients carry on until they leave, or until a
+            // drain or a forced stop is asked for after all.
+            tracing::info!(
+                clients = shared.clients.open(),
+                "stopped listening; serving connected clients until they leave"
+            );
+            tokio::select! {
+                _ = sessions.wait() => {}
+                _ = shutdown.draining() => {}
+            }
+        }
         let timeout = shared.config.pool.shutdown_timeout;
         tracing::info!(
             clients = shared.clients.open(),

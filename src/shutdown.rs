@@ -30,6 +30,8 @@ pub enum Stage {
 pub struct Shutdown {
     draining: CancellationToken,
     forced: CancellationToken,
+    /// SHUTDOWN WAIT_FOR_CLIENTS: stop listening, serve who is connected until they leave.
+    closing: CancellationToken,
     watchers: Arc<Watchers>,
 }
 
@@ -86,6 +88,16 @@ impl Shutdown {
 
     pub async fn draining(&self) {
         self.draining.cancelled().await
+    }
+
+    /// Stops accepting clients; those connected are served until they leave (then
+    /// pgshield exits). For handing the port over to a new process (`listen.reuse_port`).
+    pub fn close_listener(&self) {
+        self.closing.cancel();
+    }
+
+    pub async fn listener_closed(&self) {
+        self.closing.cancelled().await
     }
 
     pub async fn forced(&self) {

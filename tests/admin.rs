@@ -433,3 +433,43 @@ async fn show_clients_and_servers_and_kill_client() {
     let c = proxy.connect("adm_kill", "pw").await.expect("a new client");
     c.client.simple_query("SELECT 4").await.expect("works");
 }
+
+#[tokio::test]
+async fn shutdown_wait_for_clients_stops_listening_and_serves_connected_clients_until_they_leave() {
+    let proxy = proxy("adm_wait", "").await;
+    let client = proxy.connect("adm_wait", "pw").await.expect("login");
+    let admin = console(&proxy, "adm_wait_ops").await;
+    admin
+        .client
+        .simple_query("SHUTDOWN WAIT_FOR_CLIENTS")
+        .await
+        .expect("shutdown wait_for_clients");
+    // No new clients: the port closes.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(proxy.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "still accepting after SHUTDOWN WAIT_FOR_CLIENTS");
+    // The connected client is not dropped between transactions: it carries on.
+    for i in 0..20 {
+        let n: i32 = client
+            .client
+            .query_one("SELECT $1::int", &[&i])
+            .await
+            .expect("served while the old process waits")
+            .get(0);
+        assert_eq!(n, i);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Once every client has left, pgshield exits.
+    drop(client);
+    drop(admin);
+    assert!(
+        proxy.exits_within(Duration::from_secs(10)).await,
+        "pgshield did not exit after its last client left"
+    );
+}

@@ -31,13 +31,23 @@ impl Pgshield {
     /// Starts the binary in front of the harness cluster, with one user `role`, and waits
     /// until its port accepts connections.
     async fn start(role: &str, password: &str) -> Pgshield {
+        Self::start_on(role, password, None, "").await
+    }
+
+    /// As `start`, on `port` if given, with `listen_extra` added to `[listen]`.
+    async fn start_on(
+        role: &str,
+        password: &str,
+        port: Option<u16>,
+        listen_extra: &str,
+    ) -> Pgshield {
         let dir = common::unique_temp_dir(role);
         let mut last_log = String::new();
         // A free port can be taken by someone else before the child binds it: retry.
         for _ in 0..3 {
-            let port = common::free_port();
+            let port = port.unwrap_or_else(common::free_port);
             let config = format!(
-                "[listen]\naddr = \"127.0.0.1:{port}\"\n\n\
+                "[listen]\naddr = \"127.0.0.1:{port}\"\n{listen_extra}\n\
                  [pool]\nmode = \"session\"\nmax_size = 2\nshutdown_timeout = \"20s\"\n\n\
                  [databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n\
                  [users.{role}]\npassword = \"{password}\"\n\
@@ -373,4 +383,53 @@ async fn a_connection_that_never_logs_in_does_not_hold_up_shutdown() {
         "a silent connection held shutdown for {:?} (shutdown_timeout is 20s)",
         signalled.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_on_one_port_drops_no_client() {
+    common::create_role("sd_roll", "pw").await;
+    let port = common::free_port();
+    let mut old = Pgshield::start_on("sd_roll", "pw", Some(port), "reuse_port = true\n").await;
+    // A client of the old process keeps running transactions throughout.
+    let conn = common::connect(&old.config("sd_roll", "pw"))
+        .await
+        .expect("login");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = tokio::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        async move {
+            let mut done = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.client
+                    .simple_query("BEGIN; SELECT 1; COMMIT")
+                    .await
+                    .map_err(|e| format!("transaction {done}: {e}"))?;
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, String>((conn, done))
+        }
+    });
+    // The new process binds the same port; the old one is told to hand over.
+    let new = Pgshield::start_on("sd_roll", "pw", Some(port), "reuse_port = true\n").await;
+    old.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // New clients are served (by the new process) while the old one still serves its own.
+    for i in 0..20 {
+        let c = common::connect(&new.config("sd_roll", "pw"))
+            .await
+            .unwrap_or_else(|e| panic!("new client {i}: {e}"));
+        c.client.simple_query("SELECT 1").await.expect("served");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (conn, done) = looping
+        .await
+        .expect("no panic")
+        .unwrap_or_else(|e| panic!("the old process's client saw an error: {e}"));
+    assert!(done > 10, "the client kept working ({done} transactions)");
+    // Its last client gone, the old process exits 0.
+    drop(conn);
+    let status = old.wait_exit(PROMPTLY).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    drop(new);
 }

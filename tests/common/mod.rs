@@ -283,6 +283,14 @@ impl TestProxy {
         connect(&self.config(user, password)).await
     }
 
+    /// Waits (up to `within`) for the proxy to finish on its own; true if it did.
+    pub async fn exits_within(mut self, within: Duration) -> bool {
+        match self.task.take() {
+            Some(task) => tokio::time::timeout(within, task).await.is_ok(),
+            None => true,
+        }
+    }
+
     /// Starts a graceful shutdown and waits for the proxy to finish.
     pub async fn stop(mut self) {
         self.shutdown.begin();
