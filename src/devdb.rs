@@ -81,6 +81,9 @@ pub struct DevDb {
     version: String,
     supervisor: Option<Child>,
     lifeline: Option<ChildStdin>,
+    /// How it was set up (a restart launches it the same way).
+    options: DevDbOptions,
+    owner: Option<(u32, u32)>,
 }
 
 impl DevDb {
@@ -147,6 +150,8 @@ impl DevDb {
             version: String::new(),
             supervisor: None,
             lifeline: None,
+            options: options.clone(),
+            owner,
         };
         if let Err(e) = db.init(owner, options) {
             db.stop();
@@ -384,6 +389,18 @@ impl DevDb {
     }
 
     /// Stops the server and removes its directory. Idempotent.
+    /// Stops the server and starts it again on the same port and data: what a database
+    /// restart (or a failover to the same address) looks like to clients.
+    pub fn restart(&mut self) -> Result<(), DevDbError> {
+        let keep = self.dir.join("keep");
+        std::fs::write(&keep, b"").map_err(io_err("write keep marker"))?;
+        self.stop_server();
+        let options = self.options.clone();
+        let started = self.launch(self.owner, &options);
+        let _ = std::fs::remove_file(&keep);
+        started
+    }
+
     pub fn stop(&mut self) {
         self.stop_server();
         let _ = std::fs::remove_dir_all(&self.dir);
