@@ -27,9 +27,10 @@ const TEXT: u32 = 25;
 pub async fn run(shared: Arc<Shared>, mut stream: Stream, mut buf: BytesMut, user: String) {
     let mut skip_until_sync = false;
     loop {
+        // An idle console must not hold up a drain.
         let message = tokio::select! {
             m = read_message(&mut stream, &mut buf, MAX_ADMIN_MESSAGE) => m,
-            _ = shared.shutdown.forced() => return,
+            _ = shared.shutdown.draining() => return,
         };
         let Ok((tag, body)) = message else { return };
         let mut out = BytesMut::new();
@@ -152,8 +153,12 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), E
         ["SHOW", what] => show(shared, what, out),
         ["PAUSE"] | ["PAUSE", _] => {
             let pools = pools_of(shared, arg(1).as_deref())?;
+            // All held at once, then waited on.
             for pool in &pools {
-                pool.pause().await;
+                pool.hold();
+            }
+            for pool in &pools {
+                pool.until_paused().await;
             }
             messages::command_complete(out, "PAUSE");
             Ok(())
@@ -193,6 +198,10 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), E
                 return Err(ErrorResponse::error(sqlstate::SYNTAX_ERROR, "KILL needs a database"));
             };
             let pools = pools_of(shared, Some(&db))?;
+            // As PgBouncer: the database is also paused; new work waits for RESUME.
+            for pool in &pools {
+                pool.hold();
+            }
             for client in shared.registry.list() {
                 if client.database == db {
                     client.kill();
@@ -260,7 +269,7 @@ const HELP: &[&str] = &[
     "PAUSE [<db>]",
     "RESUME [<db>]",
     "RECONNECT [<db>]",
-    "KILL <db>",
+    "KILL <db>  (also pauses it until RESUME)",
     "KILL_CLIENT <ptr>",
     "SHUTDOWN [WAIT_FOR_CLIENTS]",
     "Not yet: RELOAD, SET",
@@ -704,6 +713,37 @@ fn show_config(shared: &Shared) -> Table {
             let default = defaults.get(&key).cloned().unwrap_or_default();
             t.row(vec![v(&key), v(value), v(default), v("no")]);
         }
+    }
+    // The same under PgBouncer's names, which its exporter and dashboards look for.
+    let pool = &config.pool;
+    let defaults = crate::config::PoolConfig::default();
+    for (key, value, default) in [
+        (
+            "max_client_conn",
+            config.listen.max_client_connections.to_string(),
+            crate::config::ListenConfig::default()
+                .max_client_connections
+                .to_string(),
+        ),
+        (
+            "default_pool_size",
+            pool.max_size.to_string(),
+            defaults.max_size.to_string(),
+        ),
+        (
+            "min_pool_size",
+            pool.min_idle.to_string(),
+            defaults.min_idle.to_string(),
+        ),
+        (
+            "pool_mode",
+            pool.mode.to_string(),
+            defaults.mode.to_string(),
+        ),
+        ("max_db_connections", "0".into(), "0".into()),
+        ("max_user_connections", "0".into(), "0".into()),
+    ] {
+        t.row(vec![v(key), v(value), v(default), v("no")]);
     }
     t
 }

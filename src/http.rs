@@ -18,16 +18,31 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// How long `/ready` waits for a database's server to accept a connection.
 const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Scrapes answered at once; more wait (a stuck scraper cannot pile up tasks).
+const MAX_REQUESTS: usize = 32;
+/// A whole exchange, request to last byte written, must fit in this time.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     loop {
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { return };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(answer(stream, Arc::clone(&shared)));
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, shared)).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "admin HTTP accept failed");

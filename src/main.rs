@@ -287,9 +287,12 @@ async fn pause_on_signals(shared: Arc<Shared>, mut usr1: Signal, mut usr2: Signa
             Some(()) = usr1.recv() => {
                 tracing::info!("SIGUSR1: pausing every pool");
                 let pools = shared.pools.all();
+                for pool in &pools {
+                    pool.hold();
+                }
                 tokio::spawn(async move {
                     for pool in &pools {
-                        pool.pause().await;
+                        pool.until_paused().await;
                     }
                     tracing::info!("paused: no backend is in use");
                 });

@@ -140,9 +140,11 @@ pub async fn serve(
             ))
         }
     };
+    // A cancel request, or a client that left mid-login, was not refused.
     match &refusal {
         Some(e) if e.code == sqlstate::INVALID_PASSWORD => clients.setup_failed_auth.increment(1),
-        _ => clients.setup_refused.increment(1),
+        Some(_) => clients.setup_refused.increment(1),
+        None => {}
     }
     if let Some(error) = refusal {
         let mut out = BytesMut::new();

@@ -578,7 +578,7 @@ impl Session {
             if self.skip_until_sync {
                 if header.tag == b'S' {
                     self.skip_until_sync = false;
-                    messages::ready_for_query(&mut self.client_out, b'I');
+                    self.local_ready(b'I');
                 }
                 self.client_msg = Passing {
                     left: header.len,
@@ -599,7 +599,7 @@ impl Session {
                 // flush: answered without borrowing a backend.
                 if self.mode == PoolMode::Transaction && matches!(header.tag, b'S' | b'H') {
                     if header.tag == b'S' {
-                        messages::ready_for_query(&mut self.client_out, b'I');
+                        self.local_ready(b'I');
                         // Answered here: nothing to time.
                         self.request_received = None;
                     }
@@ -703,7 +703,7 @@ impl Session {
             Some(_) => return Ok(false),
         };
         messages::command_complete(&mut self.client_out, tag);
-        messages::ready_for_query(&mut self.client_out, status);
+        self.local_ready(status);
         self.client_in.advance(header.len);
         Ok(true)
     }
@@ -922,10 +922,20 @@ impl Session {
     }
 
     /// Answers a message that could not get a backend, as PostgreSQL answers a failed one.
+    /// A ReadyForQuery pgshield answers itself: the request it ends took no backend
+    /// time, and outside a transaction no transaction is running any more.
+    fn local_ready(&mut self, status: u8) {
+        messages::ready_for_query(&mut self.client_out, status);
+        self.request_received = None;
+        if status == b'I' {
+            self.xact_started = None;
+        }
+    }
+
     fn refuse(&mut self, tag: u8, error: ErrorResponse) {
         error.encode(&mut self.client_out);
         match tag {
-            b'Q' | b'F' | b'S' => messages::ready_for_query(&mut self.client_out, b'I'),
+            b'Q' | b'F' | b'S' => self.local_ready(b'I'),
             _ => self.skip_until_sync = true,
         }
     }
@@ -1091,8 +1101,11 @@ impl Session {
                         m.client_query_duration
                             .record(now.duration_since(at).as_secs_f64());
                     }
-                    // A pipelined client's next request has been waiting since now.
+                    // A pipelined client's next request (and transaction) starts now.
                     if !server.replies.at_boundary() {
+                        if body.first() == Some(&b'I') {
+                            self.xact_started = Some(now);
+                        }
                         self.request_received = Some(now);
                         self.request_sent = Some(now);
                     }
@@ -1173,10 +1186,16 @@ impl Session {
         }
         let pool = Arc::clone(&self.pool);
         let waiting_since = Instant::now();
-        // A paused pool (PAUSE) lends nothing until RESUME.
+        // A paused pool (PAUSE) lends nothing until RESUME; a drain meanwhile ends the wait.
+        let shared = Arc::clone(&self.shared);
+        let shutdown = &shared.shutdown;
         let borrow = async {
-            pool.until_resumed().await;
-            pool.borrow().await
+            tokio::select! {
+                result = pool.borrow_unless_paused() => result,
+                _ = shutdown.draining(), if pool.is_paused() => {
+                    Err(crate::pool::BorrowError::Closed(pool.name().to_owned()))
+                }
+            }
         };
         tokio::pin!(borrow);
         // Usually a backend is idle: no queue to join. Otherwise the client is counted as
@@ -1184,7 +1203,8 @@ impl Session {
         let first = poll_fn(|cx| Poll::Ready(std::future::Future::poll(borrow.as_mut(), cx))).await;
         let waiting = first.is_pending().then(|| {
             self.registered.info.set_state(ClientState::Waiting);
-            pool.wait()
+            // Back to active however the wait ends (a borrow error, a hang-up…).
+            (pool.wait(), ActiveOnDrop(Arc::clone(&self.registered.info)))
         });
         let mut ready = match first {
             Poll::Ready(result) => Some(result),
@@ -1214,16 +1234,15 @@ impl Session {
             }
         };
         drop(waiting);
-        self.registered.info.set_state(ClientState::Active);
-        let s = backend.server_ref();
-        self.registered
-            .info
-            .set_server(Some((s.id().0, s.process_id())));
         let waited = waiting_since.elapsed();
         pool.metrics().borrow_wait.record(waited.as_secs_f64());
         PoolStats::add(&pool.stats.wait_time_us, waited.as_micros() as u64);
         match self.apply_settings(&mut backend).await {
             Ok(()) => {
+                let s = backend.server_ref();
+                self.registered
+                    .info
+                    .set_server(Some((s.id().0, s.process_id())));
                 self.cancel.attach(backend.server_ref());
                 self.backend = Some(backend);
                 Ok(Ok(()))
@@ -1539,4 +1558,13 @@ fn poll_drain(
         }
     }
     Pin::new(stream).poll_flush(cx)
+}
+
+/// Marks a client active again when its wait for a backend ends, however it ends.
+struct ActiveOnDrop(Arc<super::registry::ClientInfo>);
+
+impl Drop for ActiveOnDrop {
+    fn drop(&mut self) {
+        self.0.set_state(ClientState::Active);
+    }
 }

@@ -360,16 +360,45 @@ impl Pool {
     }
 
     /// PAUSE: lends no backend until [`Pool::resume`]; idle backends are closed as
-    /// they come back. Returns once no backend is lent out.
+    /// they come back. Returns once no backend is open and none is being borrowed (or
+    /// once the pool is resumed meanwhile). Pause every pool with [`Pool::hold`] first,
+    /// then wait on each, so that pools are paused together.
     pub async fn pause(&self) {
+        self.hold();
+        self.until_paused().await;
+    }
+
+    /// Stops lending backends (the first half of PAUSE).
+    pub fn hold(&self) {
         self.paused.store(true, Ordering::Release);
+    }
+
+    /// Waits until no backend is open or being borrowed; gives up if resumed meanwhile.
+    pub async fn until_paused(&self) {
         loop {
+            if !self.is_paused() {
+                return;
+            }
             self.inner.retain(|_, _| false);
             let s = self.status();
-            if s.open == s.idle {
+            // `waiting` counts borrows in progress, a backend being opened included.
+            if s.open == 0 && s.waiting == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Borrows a backend, waiting while the pool is paused (a backend obtained just as
+    /// PAUSE began goes back and the wait starts again).
+    pub async fn borrow_unless_paused(&self) -> Result<Backend, BorrowError> {
+        loop {
+            self.until_resumed().await;
+            let backend = self.borrow().await?;
+            if !self.is_paused() {
+                return Ok(backend);
+            }
+            backend.release();
         }
     }
 
