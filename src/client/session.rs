@@ -1188,15 +1188,7 @@ impl Session {
         let waiting_since = Instant::now();
         // A paused pool (PAUSE) lends nothing until RESUME; a drain meanwhile ends the wait.
         let shared = Arc::clone(&self.shared);
-        let shutdown = &shared.shutdown;
-        let borrow = async {
-            tokio::select! {
-                result = pool.borrow_unless_paused() => result,
-                _ = shutdown.draining(), if pool.is_paused() => {
-                    Err(crate::pool::BorrowError::Closed(pool.name().to_owned()))
-                }
-            }
-        };
+        let borrow = pool.borrow_unless_paused(&shared.shutdown);
         tokio::pin!(borrow);
         // Usually a backend is idle: no queue to join. Otherwise the client is counted as
         // waiting (SHOW POOLS) until it gets one.

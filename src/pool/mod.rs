@@ -27,6 +27,7 @@ use crate::prepared::ServerStatements;
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::server::password::PasswordCommand;
 use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
+use crate::shutdown::Shutdown;
 use crate::tls::ServerTls;
 
 /// The knobs of one pool, taken from `[pool]`.
@@ -389,16 +390,23 @@ impl Pool {
         }
     }
 
-    /// Borrows a backend, waiting while the pool is paused (a backend obtained just as
-    /// PAUSE began goes back and the wait starts again).
-    pub async fn borrow_unless_paused(&self) -> Result<Backend, BorrowError> {
+    /// Borrows a backend, waiting while the pool is paused. A backend obtained just as
+    /// PAUSE began is closed (PAUSE means none stays open) and the wait starts again; so
+    /// does a borrow that failed while paused (the database may be down on purpose). A
+    /// drain ends a paused wait with [`BorrowError::Closed`].
+    pub async fn borrow_unless_paused(&self, shutdown: &Shutdown) -> Result<Backend, BorrowError> {
         loop {
-            self.until_resumed().await;
-            let backend = self.borrow().await?;
-            if !self.is_paused() {
-                return Ok(backend);
+            tokio::select! {
+                biased;
+                _ = self.until_resumed() => {}
+                _ = shutdown.draining() => return Err(BorrowError::Closed(self.name.clone())),
             }
-            backend.release();
+            match self.borrow().await {
+                Ok(backend) if self.is_paused() => backend.discard(),
+                Ok(backend) => return Ok(backend),
+                Err(_) if self.is_paused() => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -413,6 +421,10 @@ impl Pool {
 
     /// Waits while the pool is paused.
     pub async fn until_resumed(&self) {
+        // The usual case, without touching the Notify's lock.
+        if !self.is_paused() {
+            return;
+        }
         loop {
             let resumed = self.resumed.notified();
             tokio::pin!(resumed);
