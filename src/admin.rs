@@ -119,14 +119,6 @@ fn v(x: impl ToString) -> Option<String> {
     Some(x.to_string())
 }
 
-/// `database/user` of a pool.
-fn pool_parts(pool: &Pool) -> (String, String) {
-    match pool.name().split_once('/') {
-        Some((db, user)) => (db.to_owned(), user.to_owned()),
-        None => (pool.name().to_owned(), String::new()),
-    }
-}
-
 fn not_supported(command: &str, why: &str) -> ErrorResponse {
     ErrorResponse::error(
         sqlstate::FEATURE_NOT_SUPPORTED,
@@ -255,7 +247,7 @@ fn pools_of(shared: &Shared, database: Option<&str>) -> Result<Vec<Arc<Pool>>, E
     match database {
         None => Ok(all),
         Some(db) if shared.config.databases.contains_key(db) => {
-            Ok(all.into_iter().filter(|p| pool_parts(p).0 == db).collect())
+            Ok(all.into_iter().filter(|p| p.database() == db).collect())
         }
         Some(db) => Err(ErrorResponse::error(
             sqlstate::INVALID_CATALOG_NAME,
@@ -455,12 +447,12 @@ fn show_servers(shared: &Shared) -> Table {
     let mut pools = shared.pools.all();
     pools.sort_by(|a, b| a.name().cmp(b.name()));
     for pool in pools {
-        let (db, user) = pool_parts(&pool);
+        let (db, user) = (pool.database(), pool.user());
         for s in pool.idle_servers() {
             t.row(vec![
                 v("S"),
-                v(&user),
-                v(&db),
+                v(user),
+                v(db),
                 v("idle"),
                 v(s.peer.ip()),
                 v(s.peer.port()),
@@ -504,7 +496,7 @@ fn show_pools(shared: &Shared) -> Table {
     let mut pools = shared.pools.all();
     pools.sort_by(|a, b| a.name().cmp(b.name()));
     for pool in pools {
-        let (db, user) = pool_parts(&pool);
+        let (db, user) = (pool.database(), pool.user());
         let s = pool.status();
         let waiting = pool.waiting();
         let active = pool.clients().saturating_sub(waiting);
@@ -546,7 +538,7 @@ fn totals_by_database(shared: &Shared) -> BTreeMap<String, [u64; 7]> {
         .map(|db| (db.clone(), [0; 7]))
         .collect();
     for pool in shared.pools.all() {
-        let entry = by_db.entry(pool_parts(&pool).0).or_default();
+        let entry = by_db.entry(pool.database().to_owned()).or_default();
         for (sum, x) in entry.iter_mut().zip(pool.stats.totals()) {
             *sum += x;
         }
@@ -636,7 +628,7 @@ fn show_databases(shared: &Shared) -> Table {
     ]);
     let pools = shared.pools.all();
     for (name, db) in &shared.config.databases {
-        let mine: Vec<&Arc<Pool>> = pools.iter().filter(|p| pool_parts(p).0 == *name).collect();
+        let mine: Vec<&Arc<Pool>> = pools.iter().filter(|p| p.database() == name).collect();
         let open: usize = mine.iter().map(|p| p.status().open).sum();
         let paused = mine.iter().any(|p| p.is_paused());
         t.row(vec![

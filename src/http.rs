@@ -124,10 +124,9 @@ async fn not_ready(shared: &Shared) -> Option<String> {
     }
     let pools = shared.pools.all();
     for (name, db) in &shared.config.databases {
-        let prefix = format!("{name}/");
         let has_backend = pools
             .iter()
-            .any(|p| p.name().starts_with(&prefix) && p.status().open > 0);
+            .any(|p| p.database() == name && p.status().open > 0);
         if has_backend {
             continue;
         }

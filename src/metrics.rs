@@ -52,6 +52,8 @@ pub struct PoolMetrics {
     /// Time from a client's request reaching pgshield to its ReadyForQuery (borrow wait
     /// and settings included): what the client sees.
     pub client_query_duration: Histogram,
+    /// Set at scrape time from the pool's own totals (`PoolStats`), which the sessions
+    /// keep: one count per event, not two.
     pub queries: Counter,
     pub transactions: Counter,
     pub bytes_from_clients: Counter,

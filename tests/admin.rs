@@ -29,6 +29,12 @@ async fn show(admin: &tokio_postgres::Client, command: &str) -> Vec<HashMap<Stri
         .collect()
 }
 
+/// The SQLSTATE an admin command that must fail fails with.
+async fn refused(admin: &tokio_postgres::Client, command: &str) -> String {
+    let err = admin.simple_query(command).await.expect_err(command);
+    sqlstate(&err).unwrap_or_default().to_owned()
+}
+
 async fn proxy(role: &str, extra: &str) -> TestProxy {
     common::create_role(role, "pw").await;
     common::create_role(&format!("{role}_ops"), "pw").await;
@@ -225,24 +231,13 @@ async fn only_admin_users_get_in_and_unknown_commands_are_clear_errors() {
     let err = common::connect(&c).await.err().expect("not an admin");
     assert_eq!(sqlstate(&err), Some("28000"));
     let admin = console(&proxy, "adm_who_ops").await;
-    let err = admin
-        .client
-        .simple_query("SHOW NONSENSE")
-        .await
-        .expect_err("unknown");
-    assert_eq!(sqlstate(&err), Some("42601"));
-    let err = admin
-        .client
-        .simple_query("RELOAD")
-        .await
-        .expect_err("not yet");
-    assert_eq!(sqlstate(&err), Some("0A000"));
-    let err = admin
-        .client
-        .simple_query("SET pool_mode = session")
-        .await
-        .expect_err("not yet");
-    assert_eq!(sqlstate(&err), Some("0A000"));
+    for (command, code) in [
+        ("SHOW NONSENSE", "42601"),
+        ("RELOAD", "0A000"),
+        ("SET pool_mode = session", "0A000"),
+    ] {
+        assert_eq!(refused(&admin.client, command).await, code, "{command}");
+    }
     // The console still answers after errors.
     assert!(!show(&admin.client, "SHOW VERSION").await.is_empty());
 }
@@ -424,12 +419,7 @@ async fn show_clients_and_servers_and_kill_client() {
         .simple_query("SELECT 2")
         .await
         .expect("B is untouched");
-    let err = admin
-        .client
-        .simple_query("KILL_CLIENT c999999")
-        .await
-        .expect_err("unknown client");
-    assert_eq!(sqlstate(&err), Some("42601"));
+    assert_eq!(refused(&admin.client, "KILL_CLIENT c999999").await, "42601");
 
     // KILL app: every client of the database goes, and (as PgBouncer) the database is
     // paused: new work waits for RESUME.

@@ -289,6 +289,7 @@ fn collect(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Also the one test of the single-threaded runtime (`runtime.workers = 1`).
 async fn run_logs_no_secret_and_answers_hup_usr1_usr2() {
     const CLIENT_SECRET: &str = "ClientSecret-8d2f";
     const SERVER_SECRET: &str = "ServerSecret-51ac";
@@ -299,7 +300,8 @@ async fn run_logs_no_secret_and_answers_hup_usr1_usr2() {
         "[listen]\naddr = \"127.0.0.1:{port}\"\n[databases.app]\nhost = \"127.0.0.1\"\nport = {}\n\
          dbname = \"postgres\"\n[users.cli_secret]\npassword = \"{CLIENT_SECRET}\"\n\
          server_password = \"{SERVER_SECRET}\"\n[log]\nlevel = \"trace\"\n\
-         [admin]\nhttp_listen = \"127.0.0.1:0\"\n",
+         [admin]\nhttp_listen = \"127.0.0.1:0\"\n\
+         [runtime]\nworkers = 1\n",
         common::cluster().port()
     ));
     let mut child = pgshield()

@@ -98,6 +98,13 @@ async fn metrics_follow_a_workload() {
         .await
         .expect("listen");
 
+    b.client
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("a cancel request");
+    // The cancel travels on its own connection: give it a moment to be counted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (code, m) = get(http, "/metrics").await;
     assert_eq!(code, 200);
     assert!(value(&m, "pgshield_client_connections_received_total") >= 4.0);
@@ -105,6 +112,7 @@ async fn metrics_follow_a_workload() {
     assert!(value(&m, "pgshield_client_connections_setup_failed_auth_total") >= 1.0);
     assert_eq!(value(&m, "pgshield_client_connections"), 3.0);
     assert_eq!(value(&m, "pgshield_pins_total{reason=\"listen\"}"), 1.0);
+    assert_eq!(value(&m, "pgshield_cancel_requests_total"), 1.0);
     assert_eq!(
         value(&m, &format!("pgshield_borrow_timeouts_total{{{pool}}}")),
         1.0

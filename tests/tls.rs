@@ -526,3 +526,42 @@ async fn verify_ca_accepts_any_host_name_and_verify_full_does_not() {
 fn proxy_config(extra: &str, mode: &str, ca: &Path) -> String {
     format!("{extra}{}", server_tls(mode, Some(ca)))
 }
+
+#[tokio::test]
+async fn prefer_falls_back_to_plaintext_when_the_tls_handshake_fails() {
+    common::create_role("tls_fallback", "pw").await;
+    // A server address whose first connection says `S` to SSLRequest and then hangs up
+    // (a broken TLS setup); later connections reach the real cluster unchanged.
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let fake_port = fake.local_addr().expect("addr").port();
+    let cluster_port = common::cluster().port();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut conn, _)) = fake.accept().await {
+            if std::mem::take(&mut first) {
+                let mut request = [0u8; 8];
+                let _ = tokio::io::AsyncReadExt::read_exact(&mut conn, &mut request).await;
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, b"S").await;
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut server) = TcpStream::connect(("127.0.0.1", cluster_port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut server).await;
+                }
+            });
+        }
+    });
+    let proxy = TestProxy::start(&format!(
+        "[databases.flaky]\nhost = \"127.0.0.1\"\nport = {fake_port}\ndbname = \"postgres\"\n\
+         [users.tls_fallback]\npassword = \"pw\"\n"
+    ))
+    .await;
+    let mut config = proxy.config("tls_fallback", "pw");
+    config.dbname("flaky");
+    let conn = common::connect(&config)
+        .await
+        .expect("prefer retried without TLS");
+    assert!(!backend_uses_tls(&conn).await);
+}

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::task::AtomicWaker;
 
@@ -27,10 +27,12 @@ pub struct ClientInfo {
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
     pub connected_at: SystemTime,
+    /// The same moment on the monotonic clock the session reads anyway.
+    connected: Instant,
     pub tls: bool,
     pub application_name: String,
     state: AtomicU8,
-    /// When its latest request arrived (microseconds since the epoch).
+    /// When its latest request arrived: microseconds since `connected`, plus one (0: none).
     request_at: AtomicU64,
     /// The backend it holds: server id and PostgreSQL pid (0: none).
     server_id: AtomicU64,
@@ -53,17 +55,16 @@ impl ClientInfo {
         }
     }
 
-    pub fn note_request(&self) {
-        let micros = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        self.request_at.store(micros, Ordering::Relaxed);
+    /// A request arrived `at` (the time the session already took: no clock read here).
+    pub fn note_request(&self, at: Instant) {
+        let micros = at.saturating_duration_since(self.connected).as_micros() as u64;
+        self.request_at.store(micros + 1, Ordering::Relaxed);
     }
 
     pub fn request_at(&self) -> Option<SystemTime> {
         match self.request_at.load(Ordering::Relaxed) {
             0 => None,
-            us => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us)),
+            us => Some(self.connected_at + Duration::from_micros(us - 1)),
         }
     }
 
@@ -129,6 +130,7 @@ impl ClientRegistry {
             addr: client.addr,
             local: client.local,
             connected_at: SystemTime::now(),
+            connected: Instant::now(),
             tls: client.tls,
             application_name: client.application_name,
             state: AtomicU8::new(ClientState::Active as u8),

@@ -489,7 +489,6 @@ impl Session {
         let drained = poll_drain(cx, &mut self.client, &mut self.client_out);
         let sent = unsent - self.client_out.len();
         if sent > 0 {
-            self.pool.metrics().bytes_to_clients.increment(sent as u64);
             PoolStats::add(&self.pool.stats.bytes_sent, sent as u64);
         }
         if let Poll::Ready(Err(e)) = drained {
@@ -509,7 +508,6 @@ impl Session {
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                 Poll::Ready(Ok(n)) => {
-                    self.pool.metrics().bytes_from_clients.increment(n as u64);
                     PoolStats::add(&self.pool.stats.bytes_received, n as u64);
                     data = true;
                 }
@@ -563,7 +561,7 @@ impl Session {
                 let now = Instant::now();
                 self.request_received = Some(now);
                 self.xact_started.get_or_insert(now);
-                self.registered.info.note_request();
+                self.registered.info.note_request(now);
             }
             match header.tag {
                 b'X' => return Err(End::Terminated),
@@ -1081,11 +1079,9 @@ impl Session {
                     self.busy_since = None;
                     let m = self.pool.metrics();
                     let stats = &self.pool.stats;
-                    m.queries.increment(1);
                     PoolStats::add(&stats.query_count, 1);
                     let now = Instant::now();
                     if body.first() == Some(&b'I') {
-                        m.transactions.increment(1);
                         PoolStats::add(&stats.xact_count, 1);
                         if let Some(at) = self.xact_started.take() {
                             let took = now.duration_since(at).as_micros() as u64;

@@ -177,6 +177,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// One pool: backends for one (database, user).
 pub struct Pool {
     name: String,
+    /// The database and user as clients name them (the config's table names).
+    database: String,
+    user: String,
     inner: managed::Pool<ServerManager>,
     settings: PoolSettings,
     /// Totals for the admin console's SHOW STATS (Prometheus has its own handles).
@@ -267,12 +270,14 @@ pub struct PoolStatus {
 
 impl Pool {
     pub fn new(
-        name: String,
+        database: &str,
+        user: &str,
         target: ServerTarget,
         settings: PoolSettings,
         db_limit: Option<Arc<DbLimit>>,
         metrics: &Numbers,
     ) -> Arc<Pool> {
+        let name = format!("{database}/{user}");
         let manager = ServerManager {
             metrics: metrics.pool(&name),
             generation: AtomicU64::new(0),
@@ -292,6 +297,8 @@ impl Pool {
             .expect("a runtime is given");
         let pool = Arc::new(Pool {
             name,
+            database: database.to_owned(),
+            user: user.to_owned(),
             inner,
             settings,
             stats: PoolStats::default(),
@@ -469,7 +476,8 @@ impl Pool {
         &self.inner.manager().metrics
     }
 
-    /// Sets the gauges that describe the pool from its current state (before a scrape).
+    /// Sets the gauges that describe the pool from its current state, and the counters
+    /// kept in [`PoolStats`] (before a scrape).
     pub fn refresh_gauges(&self) {
         let s = self.status();
         let m = self.metrics();
@@ -477,7 +485,22 @@ impl Pool {
         m.backends_idle.set(s.idle as f64);
         m.backends_lent.set(s.open.saturating_sub(s.idle) as f64);
         m.clients_waiting.set(self.waiting() as f64);
+        let [xacts, queries, received, sent, ..] = self.stats.totals();
+        m.transactions.absolute(xacts);
+        m.queries.absolute(queries);
+        m.bytes_from_clients.absolute(received);
+        m.bytes_to_clients.absolute(sent);
         m.max_backends.set(s.max_size as f64);
+    }
+
+    /// The database as clients name it.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The user as clients name it.
+    pub fn user(&self) -> &str {
+        &self.user
     }
 
     /// `database/user`, as shown in messages and logs.
@@ -731,11 +754,10 @@ impl Pools {
                     password: passwords.get(user_name).cloned().flatten(),
                     tls: Arc::clone(tls),
                 };
-                let name = format!("{db_name}/{user_name}");
                 let limit = db_limits.get(db_name).cloned();
                 pools.insert(
                     (db_name.clone(), user_name.clone()),
-                    Pool::new(name, target, settings.clone(), limit, metrics),
+                    Pool::new(db_name, user_name, target, settings.clone(), limit, metrics),
                 );
             }
         }
@@ -786,7 +808,8 @@ impl Pools {
             tls: Arc::clone(&self.tls),
         };
         let pool = Pool::new(
-            format!("{database}/{user}"),
+            database,
+            user,
             target,
             self.settings.clone(),
             self.db_limits.get(database).cloned(),
