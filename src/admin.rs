@@ -16,6 +16,7 @@ use crate::protocol::frame::{read_message, take_cstr};
 use crate::protocol::messages::{self, put_message};
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::proxy::Shared;
+use crate::reload::ReloadError;
 
 /// Largest message an admin client may send.
 const MAX_ADMIN_MESSAGE: usize = 64 * 1024;
@@ -126,7 +127,7 @@ fn not_supported(command: &str, why: &str) -> ErrorResponse {
     )
 }
 
-async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
+async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
     let words: Vec<String> = sql
         .trim()
         .trim_end_matches(';')
@@ -181,13 +182,37 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), E
             messages::command_complete(out, "SHUTDOWN");
             Ok(())
         }
-        ["RELOAD"] => Err(not_supported(
-            "RELOAD",
-            "restart pgshield to apply a new configuration (SIGHUP re-reads the TLS certificate only)",
-        )),
+        ["RELOAD"] => {
+            let owner = Arc::clone(shared);
+            // Reading files and deriving verifiers is blocking work.
+            let reloaded = tokio::task::spawn_blocking(move || owner.reload())
+                .await
+                .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())))
+                .map_err(|e| {
+                    ErrorResponse::error(
+                        sqlstate::CONFIG_FILE_ERROR,
+                        format!("RELOAD rejected the new configuration: {e}"),
+                    )
+                    .with_hint("the running configuration stays in force")
+                })?;
+            for key in reloaded.needs_restart {
+                messages::notice(
+                    out,
+                    sqlstate::SUCCESSFUL_COMPLETION,
+                    &format!(
+                        "{key} changed but applies only at the next start; the running value stays"
+                    ),
+                );
+            }
+            messages::command_complete(out, "RELOAD");
+            Ok(())
+        }
         ["KILL", _] => {
             let Some(db) = arg(1) else {
-                return Err(ErrorResponse::error(sqlstate::SYNTAX_ERROR, "KILL needs a database"));
+                return Err(ErrorResponse::error(
+                    sqlstate::SYNTAX_ERROR,
+                    "KILL needs a database",
+                ));
             };
             let pools = pools_of(shared, Some(&db))?;
             // As PgBouncer: the database is also paused; new work waits for RESUME.
@@ -224,19 +249,19 @@ async fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Result<(), E
             messages::command_complete(out, "KILL_CLIENT");
             Ok(())
         }
-        ["SUSPEND"] | ["ENABLE", _] | ["DISABLE", _] | ["WAIT_CLOSE"] | ["WAIT_CLOSE", _] => {
-            Err(not_supported(
-            words[0],
-                "use PAUSE/RESUME, RECONNECT or SHUTDOWN",
-            ))
-        }
+        ["SUSPEND"] | ["ENABLE", _] | ["DISABLE", _] | ["WAIT_CLOSE"] | ["WAIT_CLOSE", _] => Err(
+            not_supported(words[0], "use PAUSE/RESUME, RECONNECT or SHUTDOWN"),
+        ),
         ["SET", ..] => Err(not_supported(
             "SET",
             "settings are changed in the configuration file",
         )),
         _ => Err(ErrorResponse::error(
             sqlstate::SYNTAX_ERROR,
-            format!("invalid command \"{}\": SHOW HELP lists the commands", sql.trim()),
+            format!(
+                "invalid command \"{}\": SHOW HELP lists the commands",
+                sql.trim()
+            ),
         )),
     }
 }
@@ -246,7 +271,7 @@ fn pools_of(shared: &Shared, database: Option<&str>) -> Result<Vec<Arc<Pool>>, E
     let all = shared.pools.all();
     match database {
         None => Ok(all),
-        Some(db) if shared.config.databases.contains_key(db) => {
+        Some(db) if shared.live().config.databases.contains_key(db) => {
             Ok(all.into_iter().filter(|p| p.database() == db).collect())
         }
         Some(db) => Err(ErrorResponse::error(
@@ -264,7 +289,8 @@ const HELP: &[&str] = &[
     "KILL <db>  (also pauses it until RESUME)",
     "KILL_CLIENT <ptr>",
     "SHUTDOWN [WAIT_FOR_CLIENTS]",
-    "Not yet: RELOAD, SET",
+    "RELOAD",
+    "Not yet: SET",
 ];
 
 fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
@@ -288,8 +314,8 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
         "DATABASES" => show_databases(shared),
         "USERS" => {
             let mut t = Table::new(&[("name", TEXT), ("pool_mode", TEXT)]);
-            for name in shared.config.users.keys() {
-                t.row(vec![v(name), v(shared.config.pool.mode)]);
+            for name in shared.live().config.users.keys() {
+                t.row(vec![v(name), v(shared.live().config.pool.mode)]);
             }
             t
         }
@@ -417,12 +443,13 @@ fn show_clients(shared: &Shared) -> Table {
 
 fn show_servers(shared: &Shared) -> Table {
     let mut t = Table::new(CONNECTION_COLUMNS);
+    let live = shared.live();
     // Lent backends, as the clients holding them report them.
     for c in shared.registry.list() {
         let Some((id, pid)) = c.server() else {
             continue;
         };
-        let db = shared.config.databases.get(&c.database);
+        let db = live.config.databases.get(&c.database);
         t.row(vec![
             v("S"),
             v(&c.user),
@@ -532,6 +559,7 @@ enum Stats {
 /// Per database: its pools' totals, summed.
 fn totals_by_database(shared: &Shared) -> BTreeMap<String, [u64; 7]> {
     let mut by_db: BTreeMap<String, [u64; 7]> = shared
+        .live()
         .config
         .databases
         .keys()
@@ -627,7 +655,7 @@ fn show_databases(shared: &Shared) -> Table {
         ("disabled", INT8),
     ]);
     let pools = shared.pools.all();
-    for (name, db) in &shared.config.databases {
+    for (name, db) in &shared.live().config.databases {
         let mine: Vec<&Arc<Pool>> = pools.iter().filter(|p| p.database() == name).collect();
         let open: usize = mine.iter().map(|p| p.status().open).sum();
         let paused = mine.iter().any(|p| p.is_paused());
@@ -637,10 +665,10 @@ fn show_databases(shared: &Shared) -> Table {
             v(db.port),
             v(db.dbname.clone().unwrap_or_else(|| name.clone())),
             None,
-            v(shared.config.pool.max_size),
-            v(shared.config.pool.min_idle),
+            v(shared.live().config.pool.max_size),
+            v(shared.live().config.pool.min_idle),
             v(0),
-            v(shared.config.pool.mode),
+            v(shared.live().config.pool.mode),
             v(db.max_db_connections),
             v(open),
             v(u8::from(paused)),
@@ -657,7 +685,8 @@ fn show_config(shared: &Shared) -> Table {
         ("default", TEXT),
         ("changeable", TEXT),
     ]);
-    let config = &shared.config;
+    let live = shared.live();
+    let config = &live.config;
     let sections: [(&str, Option<toml::Value>, Option<toml::Value>); 7] = [
         (
             "listen",
@@ -763,8 +792,8 @@ fn show_lists(shared: &Shared) -> Table {
     let pools = shared.pools.all();
     let used_servers: usize = pools.iter().map(|p| p.status().open).sum();
     for (list, items) in [
-        ("databases", shared.config.databases.len()),
-        ("users", shared.config.users.len()),
+        ("databases", shared.live().config.databases.len()),
+        ("users", shared.live().config.users.len()),
         ("pools", pools.len()),
         ("free_clients", 0),
         ("used_clients", shared.clients.open()),
@@ -797,36 +826,88 @@ impl Averages {
 
     fn update(&self, totals: BTreeMap<String, [u64; 7]>, period: Duration) {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let secs = period.as_secs_f64().max(0.001);
         let mut averages = HashMap::new();
         for (db, now) in &totals {
             let before = state.0.get(db).copied().unwrap_or_default();
-            let d: Vec<u64> = now
-                .iter()
-                .zip(before)
-                .map(|(n, b)| n.saturating_sub(b))
-                .collect();
-            let per = |x: u64, n: u64| x.checked_div(n).unwrap_or(0);
-            averages.insert(
-                db.clone(),
-                [
-                    (d[0] as f64 / secs) as u64,
-                    (d[1] as f64 / secs) as u64,
-                    (d[2] as f64 / secs) as u64,
-                    (d[3] as f64 / secs) as u64,
-                    per(d[4], d[0]),
-                    per(d[5], d[1]),
-                    per(d[6], d[0]),
-                ],
-            );
+            averages.insert(db.clone(), averages_over(before, *now, period));
         }
         *state = (totals.into_iter().collect(), averages);
     }
 }
 
+/// PgBouncer's averages between two sets of totals `period` apart: transactions,
+/// queries and bytes in and out per second; microseconds per transaction, per query,
+/// and of waiting per transaction.
+fn averages_over(before: [u64; 7], now: [u64; 7], period: Duration) -> [u64; 7] {
+    let secs = period.as_secs_f64().max(0.001);
+    let d: Vec<u64> = now
+        .iter()
+        .zip(before)
+        .map(|(n, b)| n.saturating_sub(b))
+        .collect();
+    let per = |x: u64, n: u64| x.checked_div(n).unwrap_or(0);
+    [
+        (d[0] as f64 / secs) as u64,
+        (d[1] as f64 / secs) as u64,
+        (d[2] as f64 / secs) as u64,
+        (d[3] as f64 / secs) as u64,
+        per(d[4], d[0]),
+        per(d[5], d[1]),
+        per(d[6], d[0]),
+    ]
+}
+
+/// `log.stats_period`: one line of totals over each period (PgBouncer's stats line).
+pub async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {
+    let all_totals = |shared: &Shared| {
+        totals_by_database(shared)
+            .into_values()
+            .fold([0u64; 7], |mut sum, t| {
+                sum.iter_mut().zip(t).for_each(|(s, x)| *s += x);
+                sum
+            })
+    };
+    let mut before = (all_totals(&shared), std::time::Instant::now());
+    loop {
+        let period = shared.live().config.log.stats_period;
+        // Off: look again in a while (a reload may turn it on).
+        let wait = if period.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            period
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let now = (all_totals(&shared), std::time::Instant::now());
+        if !period.is_zero() {
+            let [xacts, queries, bytes_in, bytes_out, xact_us, query_us, wait_us] =
+                averages_over(before.0, now.0, now.1.duration_since(before.1));
+            let pools = shared.pools.all();
+            let backends: usize = pools.iter().map(|p| p.status().open).sum();
+            let waiting: usize = pools.iter().map(|p| p.waiting()).sum();
+            tracing::info!(
+                xacts_per_s = xacts,
+                queries_per_s = queries,
+                bytes_in_per_s = bytes_in,
+                bytes_out_per_s = bytes_out,
+                xact_us,
+                query_us,
+                wait_us,
+                clients = shared.clients.open(),
+                waiting,
+                backends,
+                "stats"
+            );
+        }
+        before = now;
+    }
+}
+
 /// Computes SHOW STATS averages every `admin.stats_period` until `stop`.
 pub async fn average_stats(shared: Arc<Shared>, stop: CancellationToken) {
-    let period = shared.config.admin.stats_period;
+    let period = shared.live().config.admin.stats_period;
     shared
         .stats_averages
         .update(totals_by_database(&shared), period);

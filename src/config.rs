@@ -44,7 +44,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration. See `config/pgshield.toml` for every key, documented.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -71,7 +71,7 @@ pub struct Config {
 pub const ADMIN_DATABASE: &str = "pgshield";
 
 /// What operators reach pgshield through.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `host:port` of the HTTP listener serving /metrics, /health and /ready; empty: none.
@@ -102,7 +102,7 @@ pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, rolpassword, \
     FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin";
 
 /// Users not in `[users]` looked up in the database, as PgBouncer's auth_query.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Look users up with `query`, run as `user`.
@@ -140,7 +140,7 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// TLS between clients and pgshield.
@@ -164,7 +164,7 @@ pub enum ClientTlsMode {
     Require,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientTlsConfig {
     pub mode: ClientTlsMode,
@@ -193,7 +193,7 @@ pub enum ServerTlsMode {
     VerifyFull,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerTlsConfig {
     pub mode: ServerTlsMode,
@@ -202,7 +202,7 @@ pub struct ServerTlsConfig {
     pub ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Threads relaying clients: 0 means one per core; 1 runs everything on one thread.
@@ -219,7 +219,7 @@ impl RuntimeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// Address clients connect to, `host:port` (an IP address; port 0 picks a free one).
@@ -268,7 +268,7 @@ impl fmt::Display for PoolMode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub mode: PoolMode,
@@ -280,6 +280,9 @@ pub struct PoolConfig {
     /// `0s` waits without limit.
     #[serde(with = "humantime_serde")]
     pub borrow_timeout: Duration,
+    /// A client queued this long gets one NOTICE naming the pool it waits for. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub queue_notice_after: Duration,
     /// Limit for opening and authenticating one backend connection.
     #[serde(with = "humantime_serde")]
     pub server_connect_timeout: Duration,
@@ -328,6 +331,7 @@ impl Default for PoolConfig {
             max_size: 20,
             min_idle: 0,
             borrow_timeout: Duration::from_secs(120),
+            queue_notice_after: Duration::from_secs(5),
             server_connect_timeout: Duration::from_secs(15),
             server_lifetime: Duration::from_secs(3600),
             server_idle_timeout: Duration::from_secs(600),
@@ -341,7 +345,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub host: String,
@@ -458,7 +462,7 @@ pub enum AuthMethod {
     Trust,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     #[serde(default = "default_auth")]
@@ -514,17 +518,36 @@ fn default_auth() -> AuthMethod {
     AuthMethod::ScramSha256
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A `tracing` filter (`info`, `pgshield=debug`, …); `RUST_LOG` overrides it.
     pub level: String,
+    /// `text` for people, `json` for log pipelines (one object per line).
+    pub format: LogFormat,
+    /// One line per client login and logout (with its duration, transactions, queries
+    /// and bytes) and per refused login (with its SQLSTATE).
+    pub connections: bool,
+    /// Every this long, one line of totals: transactions, queries and bytes per second,
+    /// average times, clients and backends. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub stats_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: LogFormat::Text,
+            connections: true,
+            stats_period: Duration::from_secs(60),
         }
     }
 }
@@ -556,7 +579,7 @@ impl Serialize for Secret {
 }
 
 /// What a configured `password` string turned out to be.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoredPassword {
     Plain(Secret),
     /// `md5` followed by 32 hex digits: md5(password || user).

@@ -123,7 +123,8 @@ async fn not_ready(shared: &Shared) -> Option<String> {
         return Some("not ready: shutting down".into());
     }
     let pools = shared.pools.all();
-    for (name, db) in &shared.config.databases {
+    let live = shared.live();
+    for (name, db) in &live.config.databases {
         let has_backend = pools
             .iter()
             .any(|p| p.database() == name && p.status().open > 0);

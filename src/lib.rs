@@ -11,6 +11,7 @@ pub mod net;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod tls;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use pgshield::config::{
-    AuthMethod, Config, DatabaseConfig, ListenConfig, LogConfig, PoolConfig, Secret, UserConfig,
+    AuthMethod, Config, DatabaseConfig, ListenConfig, LogConfig, LogFormat, PoolConfig, Secret,
+    UserConfig,
 };
 use pgshield::devdb::{DevDb, DevDbOptions};
 use pgshield::proxy::Shared;
@@ -92,8 +93,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log.level);
-    serve(config, |_, _| {})
+    init_logging(&config.log);
+    serve(config, Some(path), |_, _| {})
 }
 
 fn check_config(file: Option<&Path>) -> ExitCode {
@@ -121,7 +122,7 @@ fn check_config(file: Option<&Path>) -> ExitCode {
 }
 
 fn dev(args: DevArgs) -> ExitCode {
-    init_logging("info");
+    init_logging(&LogConfig::default());
     let db = match DevDb::start(&DevDbOptions {
         max_connections: args.max_connections,
         ..DevDbOptions::default()
@@ -186,7 +187,8 @@ fn dev(args: DevArgs) -> ExitCode {
         db.version().to_owned(),
         db.dir().display().to_string(),
     );
-    let code = serve(config, move |addr, http| {
+    // (The configuration is made here, not read from anywhere RELOAD could read again.)
+    let code = serve(config, None, move |addr, http| {
         println!();
         println!(
             "  pgshield dev: PostgreSQL {version} (throwaway, in {dir}) on 127.0.0.1:{direct_port}"
@@ -210,9 +212,12 @@ fn dev(args: DevArgs) -> ExitCode {
 }
 
 /// Binds and serves until a signal, then drains; `on_ready` gets the bound addresses
-/// (clients', and the admin HTTP listener's if there is one).
+/// (clients', and the admin HTTP listener's if there is one). `reload_from` is where
+/// RELOAD and SIGHUP read the configuration again: a file, or `Some(None)` for the
+/// environment alone; `None` when it cannot be read again.
 fn serve(
     config: Config,
+    reload_from: Option<Option<PathBuf>>,
     on_ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) -> ExitCode {
     raise_fd_limit();
@@ -252,6 +257,9 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(source) = reload_from {
+            proxy.shared().reload_from(source);
+        }
         on_ready(proxy.local_addr(), proxy.http_addr());
         tokio::spawn(watch_signals(
             proxy.shutdown_handle(),
@@ -266,17 +274,14 @@ fn serve(
     })
 }
 
-/// SIGHUP reads the client TLS certificate and key again (clients keep their sessions).
+/// SIGHUP reloads the configuration, as the admin console's RELOAD (clients keep their
+/// sessions; an invalid configuration is rejected whole and logged).
 async fn reload_on_hangup(shared: Arc<Shared>, mut hup: Signal) {
     while hup.recv().await.is_some() {
-        match &shared.client_tls {
-            Some(tls) => {
-                if let Err(e) = tls.reload() {
-                    tracing::warn!(error = %e, "SIGHUP: cannot reload the TLS certificate; the previous one stays");
-                }
-            }
-            None => tracing::info!("SIGHUP: nothing to reload"),
-        }
+        tracing::info!("SIGHUP: reloading the configuration");
+        let shared = Arc::clone(&shared);
+        // Reading files and deriving verifiers is blocking work.
+        let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
     }
 }
 
@@ -333,17 +338,20 @@ async fn watch_signals(shutdown: Shutdown, mut term: Signal, mut int: Signal, ha
     shutdown.force();
 }
 
-fn init_logging(level: &str) {
+fn init_logging(log: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Fields at the top level, as log pipelines expect.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Every client and backend is a file descriptor: take all the system allows.

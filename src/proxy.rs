@@ -9,9 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client::access::AccessRules;
-use crate::client::auth::UserDirectory;
-use crate::client::auth_query::AuthQuery;
+use arc_swap::ArcSwap;
+
 use crate::client::cancel::Cancels;
 use crate::client::sql::PinReason;
 use crate::client::throttle::LoginThrottle;
@@ -20,8 +19,8 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::prepared::Registry;
+use crate::reload::{Live, ReloadError};
 use crate::shutdown::Shutdown;
-use crate::tls::{ClientTls, ServerTls, TlsError};
 
 /// Binds the client listener; with `reuse_port`, another pgshield may bind the same port
 /// (SO_REUSEPORT), which is how a new process takes over while the old one lets its
@@ -57,8 +56,14 @@ const FORCED_GRACE: Duration = Duration::from_secs(5);
 
 /// What every session can see.
 pub struct Shared {
-    pub config: Config,
-    pub users: UserDirectory,
+    /// The configuration in force; a reload replaces it (read it with [`Shared::live`]).
+    pub(crate) live: ArcSwap<Live>,
+    /// How many reloads have been applied: sessions look at it to pick up new limits.
+    pub reloads: std::sync::atomic::AtomicU64,
+    /// Serialises reloads.
+    pub(crate) reloading: std::sync::Mutex<()>,
+    /// Where a reload reads the configuration (see [`Shared::reload_from`]).
+    pub(crate) config_source: std::sync::OnceLock<Option<std::path::PathBuf>>,
     pub pools: Pools,
     pub shutdown: Shutdown,
     pub clients: Arc<ClientSlots>,
@@ -67,14 +72,8 @@ pub struct Shared {
     pub statements: Registry,
     /// Clients pinned to their backend, by reason, since start.
     pub pins: PinCounts,
-    /// Client-facing TLS, when `tls.client.mode` is not `disable`.
-    pub client_tls: Option<Arc<ClientTls>>,
     /// Failed logins by address, to slow down guessing.
     pub login_throttle: LoginThrottle,
-    /// Users looked up in the database (`[auth]`), if enabled.
-    pub auth_query: Option<AuthQuery>,
-    /// Per-user and per-database address, TLS and client-count rules.
-    pub access: AccessRules,
     pub metrics: Arc<Metrics>,
     /// Clients pinned now, for SHOW PINS.
     pub pinned: PinnedClients,
@@ -82,6 +81,13 @@ pub struct Shared {
     pub registry: Arc<crate::client::registry::ClientRegistry>,
     /// SHOW STATS averages over the last `admin.stats_period`.
     pub stats_averages: crate::admin::Averages,
+}
+
+impl Shared {
+    /// The configuration in force, and what is derived from it.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
 }
 
 /// Clients pinned to their backend right now: id → (pool, reason, since).
@@ -149,8 +155,8 @@ impl PinCounts {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Invalid(#[from] ReloadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -171,9 +177,8 @@ pub struct Proxy {
 impl Proxy {
     /// Validates the configuration, derives verifiers, builds the pools and binds.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
-        config.validate()?;
-        let client_tls = ClientTls::new(&config.tls.client)?.map(Arc::new);
-        let server_tls = Arc::new(ServerTls::new(&config.tls.server)?);
+        let live = Live::new(config, None)?;
+        let config = &live.config;
         let metrics = Arc::new(Metrics::new());
         let addr = config.listen_addr()?;
         let listener = listen(addr, config.listen.reuse_port)
@@ -194,22 +199,21 @@ impl Proxy {
             None => None,
         };
         let shared = Arc::new(Shared {
-            users: UserDirectory::from_config(&config),
-            pools: Pools::from_config(&config, &server_tls, &metrics),
+            pools: Pools::from_config(config, &live.server_tls, &metrics),
             clients: ClientSlots::new(config.listen.max_client_connections),
+            live: ArcSwap::from_pointee(live),
+            reloads: Default::default(),
+            reloading: Default::default(),
+            config_source: Default::default(),
             shutdown: Shutdown::new(),
             cancels: Cancels::new(),
             statements: Registry::default(),
             pins: PinCounts::default(),
-            client_tls,
             login_throttle: LoginThrottle::default(),
-            auth_query: AuthQuery::from_config(&config, &server_tls),
-            access: AccessRules::from_config(&config),
             metrics,
             pinned: PinnedClients::default(),
             registry: Default::default(),
             stats_averages: Default::default(),
-            config,
         });
         Ok(Proxy {
             shared,
@@ -260,11 +264,15 @@ impl Proxy {
             Arc::clone(&shared),
             janitors.clone(),
         ));
+        tokio::spawn(crate::admin::log_stats(
+            Arc::clone(&shared),
+            janitors.clone(),
+        ));
         let sessions = TaskTracker::new();
         let shutdown = shared.shutdown.clone();
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            mode = %shared.config.pool.mode,
+            mode = %shared.live().config.pool.mode,
             pools = shared.pools.all().len(),
             "pgshield is listening"
         );
@@ -299,7 +307,7 @@ impl Proxy {
                 _ = shutdown.draining() => {}
             }
         }
-        let timeout = shared.config.pool.shutdown_timeout;
+        let timeout = shared.live().config.pool.shutdown_timeout;
         tracing::info!(
             clients = shared.clients.open(),
             timeout = %humantime::format_duration(timeout),

@@ -250,6 +250,8 @@ fn stamp_of(settings: &ClientTlsConfig) -> Vec<Option<SystemTime>> {
 
 /// The backend side: how pgshield secures and checks its server connections.
 pub struct ServerTls {
+    /// What it was made from (a reload compares them).
+    settings: ServerTlsConfig,
     mode: ServerTlsMode,
     config: Option<Arc<rustls::ClientConfig>>,
 }
@@ -283,6 +285,7 @@ impl ServerTls {
         let mut config = match settings.mode {
             ServerTlsMode::Disable => {
                 return Ok(ServerTls {
+                    settings: settings.clone(),
                     mode: settings.mode,
                     config: None,
                 })
@@ -315,6 +318,7 @@ impl ServerTls {
         };
         config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
         Ok(ServerTls {
+            settings: settings.clone(),
             mode: settings.mode,
             config: Some(Arc::new(config)),
         })
@@ -322,6 +326,12 @@ impl ServerTls {
 
     pub fn mode(&self) -> ServerTlsMode {
         self.mode
+    }
+
+    /// Made from the same settings (the CA file may have been read again since): a
+    /// backend secured by one is as good as one secured by the other.
+    pub fn same_settings(&self, other: &ServerTls) -> bool {
+        self.settings == other.settings
     }
 
     /// Runs the TLS handshake on a connection whose server answered SSLRequest with `S`.

@@ -38,11 +38,16 @@ async fn refused(admin: &tokio_postgres::Client, command: &str) -> String {
 async fn proxy(role: &str, extra: &str) -> TestProxy {
     common::create_role(role, "pw").await;
     common::create_role(&format!("{role}_ops"), "pw").await;
-    TestProxy::start(&format!(
+    TestProxy::start(&sections(role, extra)).await
+}
+
+/// The configuration `proxy` runs with: `extra`, the user `role` (password `pw`) and
+/// the admin user `{role}_ops`.
+fn sections(role: &str, extra: &str) -> String {
+    format!(
         "{extra}[users.{role}]\npassword = \"pw\"\n[users.{role}_ops]\npassword = \"pw\"\n\
          [admin]\nhttp_listen = \"\"\nusers = [\"{role}_ops\"]\nstats_period = \"1s\"\n"
-    ))
-    .await
+    )
 }
 
 async fn console(proxy: &TestProxy, user: &str) -> common::Conn {
@@ -233,7 +238,6 @@ async fn only_admin_users_get_in_and_unknown_commands_are_clear_errors() {
     let admin = console(&proxy, "adm_who_ops").await;
     for (command, code) in [
         ("SHOW NONSENSE", "42601"),
-        ("RELOAD", "0A000"),
         ("SET pool_mode = session", "0A000"),
     ] {
         assert_eq!(refused(&admin.client, command).await, code, "{command}");
@@ -523,4 +527,367 @@ async fn resume_while_a_pause_waits_ends_the_pause_and_nothing_stays_held() {
         .expect("pid")
         .get(0);
     assert_eq!(again, first, "idle backends are no longer closed");
+}
+
+/// Runs `SELECT pg_sleep(0.02)` in a loop until `stop`; returns how many ran.
+fn looping_client(
+    conn: common::Conn,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Result<u64, tokio_postgres::Error>> {
+    tokio::spawn(async move {
+        let mut done = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            conn.client.simple_query("SELECT pg_sleep(0.02)").await?;
+            done += 1;
+        }
+        Ok(done)
+    })
+}
+
+/// The most backends `role` has open over `samples` looks 50 ms apart.
+async fn most_backends(watcher: &tokio_postgres::Client, role: &str, samples: usize) -> i64 {
+    let mut most = 0;
+    for _ in 0..samples {
+        most = most.max(common::backends_of(watcher, role).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    most
+}
+
+/// Waits (up to 5 s) until `role` has `n` backends open or fewer.
+async fn settles_at_most(watcher: &tokio_postgres::Client, role: &str, n: i64) -> bool {
+    for _ in 0..100 {
+        if common::backends_of(watcher, role).await <= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn reload_resizes_a_pool_under_load_without_a_client_error() {
+    let role = "adm_grow";
+    let proxy = proxy(role, "[pool]\nmax_size = 2\nborrow_timeout = \"60s\"\n").await;
+    let admin = console(&proxy, "adm_grow_ops").await;
+    let watcher = common::admin().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let conn = proxy.connect(role, "pw").await.expect("login");
+        clients.push(looping_client(conn, stop.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(common::backends_of(&watcher, role).await <= 2);
+
+    proxy.rewrite_config(&sections(
+        role,
+        "[pool]\nmax_size = 5\nborrow_timeout = \"60s\"\n",
+    ));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    let mut most = 0;
+    for _ in 0..100 {
+        most = most.max(common::backends_of(&watcher, role).await);
+        if most == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(most, 5, "the pool grew to the new max_size");
+    let pools = show(&admin.client, "SHOW DATABASES").await;
+    let app = pools.iter().find(|r| r["name"] == "app").expect("app");
+    assert_eq!(app["pool_size"], "5");
+    assert!(most_backends(&watcher, role, 10).await <= 5);
+
+    // And back down while every backend is busy: those over the new size close as
+    // they come back, and no more open.
+    proxy.rewrite_config(&sections(
+        role,
+        "[pool]\nmax_size = 2\nborrow_timeout = \"60s\"\n",
+    ));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    assert!(settles_at_most(&watcher, role, 2).await, "the pool shrank");
+    assert!(most_backends(&watcher, role, 20).await <= 2);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        let done = client.await.expect("no panic").expect("no client error");
+        assert!(done > 0);
+    }
+}
+
+#[tokio::test]
+async fn reload_changes_max_db_connections_under_load() {
+    let role = "adm_dbcap";
+    let port = common::cluster().port();
+    let capped = |cap: usize| {
+        format!(
+            "[pool]\nmax_size = 10\nborrow_timeout = \"60s\"\n[databases.capped]\n\
+             host = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\nmax_db_connections = {cap}\n"
+        )
+    };
+    let proxy = proxy(role, &capped(4)).await;
+    let admin = console(&proxy, "adm_dbcap_ops").await;
+    let watcher = common::admin().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut config = proxy.config(role, "pw");
+    config.dbname("capped");
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let conn = common::connect(&config).await.expect("login");
+        clients.push(looping_client(conn, stop.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(most_backends(&watcher, role, 10).await, 4);
+    // Lowered while every place is in use: backends close until the new cap holds.
+    proxy.rewrite_config(&sections(role, &capped(2)));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    assert!(
+        settles_at_most(&watcher, role, 2).await,
+        "down to the new cap"
+    );
+    assert!(most_backends(&watcher, role, 20).await <= 2);
+    // Raised: room at once.
+    proxy.rewrite_config(&sections(role, &capped(3)));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(most_backends(&watcher, role, 20).await, 3);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        let done = client.await.expect("no panic").expect("no client error");
+        assert!(done > 0);
+    }
+}
+
+#[tokio::test]
+async fn reload_rejects_an_invalid_configuration_whole() {
+    let role = "adm_bad";
+    let proxy = proxy(role, "[pool]\nmax_size = 2\n").await;
+    let admin = console(&proxy, "adm_bad_ops").await;
+    let client = proxy.connect(role, "pw").await.expect("login");
+    // A valid change beside an invalid one: neither applies.
+    for bad in [
+        sections(role, "[pool]\nmax_size = 7\nborrow_timeout = \"soon\"\n"),
+        sections(
+            role,
+            "[pool]\nmax_size = 7\n[databases.pgshield]\nhost = \"x\"\n",
+        ),
+        format!(
+            "{}[users.nobody]\nauth = \"sha1\"\n",
+            sections(role, "[pool]\nmax_size = 7\n")
+        ),
+        // Passes every check but names a certificate that cannot be read.
+        sections(
+            role,
+            "[pool]\nmax_size = 7\n[tls.client]\nmode = \"prefer\"\ncert = \"/nonexistent/cert.pem\"\n\
+             key = \"/nonexistent/key.pem\"\n",
+        ),
+    ] {
+        proxy.rewrite_config(&bad);
+        assert_eq!(refused(&admin.client, "RELOAD").await, "F0000", "{bad}");
+    }
+    proxy.write_raw_config("this is [not toml");
+    let err = admin
+        .client
+        .simple_query("RELOAD")
+        .await
+        .expect_err("bad TOML");
+    assert_eq!(sqlstate(&err), Some("F0000"));
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("RELOAD rejected"), "{message}");
+
+    let pools = show(&admin.client, "SHOW DATABASES").await;
+    let app = pools.iter().find(|r| r["name"] == "app").expect("app");
+    assert_eq!(app["pool_size"], "2", "the old configuration stays");
+    let pool = proxy.shared.pools.get("app", role).expect("pool");
+    assert_eq!(pool.status().max_size, 2);
+    client
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("clients carry on");
+    proxy.connect(role, "pw").await.expect("logins carry on");
+}
+
+#[tokio::test]
+async fn reload_changes_users_passwords_and_databases_without_dropping_clients() {
+    let role = "adm_users";
+    common::create_role("adm_users_new", "pw2").await;
+    let port = common::cluster().port();
+    let extra_db =
+        format!("[databases.extra]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\n");
+    let proxy = proxy(role, &extra_db).await;
+    let admin = console(&proxy, "adm_users_ops").await;
+    let on_app = proxy.connect(role, "pw").await.expect("login to app");
+    let mut extra = proxy.config(role, "pw");
+    extra.dbname("extra");
+    let on_extra = common::connect(&extra).await.expect("login to extra");
+    let newcomer = proxy.config("adm_users_new", "pw2");
+    let err = common::connect(&newcomer)
+        .await
+        .err()
+        .expect("not a user yet");
+    assert_eq!(sqlstate(&err), Some("28P01"));
+
+    // `extra` goes; a user arrives; the role's client password changes (the server's
+    // stays `pw`).
+    let next = sections(role, "").replace(
+        &format!("[users.{role}]\npassword = \"pw\"\n"),
+        &format!("[users.{role}]\npassword = \"newpw\"\nserver_password = \"pw\"\n"),
+    ) + "[users.adm_users_new]\npassword = \"pw2\"\n";
+    proxy.rewrite_config(&next);
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+
+    let new_user = common::connect(&newcomer)
+        .await
+        .expect("the new user logs in");
+    new_user
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("and queries");
+    let err = proxy
+        .connect(role, "pw")
+        .await
+        .err()
+        .expect("the old password");
+    assert_eq!(sqlstate(&err), Some("28P01"));
+    proxy
+        .connect(role, "newpw")
+        .await
+        .expect("the new password");
+    let err = common::connect(extra.clone().password("newpw"))
+        .await
+        .err()
+        .expect("a removed database");
+    assert_eq!(sqlstate(&err), Some("3D000"));
+    // Clients logged in before the reload carry on, on a removed database too.
+    on_app
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("app client");
+    on_extra
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("extra client");
+    let listed = |rows: &[HashMap<String, String>]| {
+        rows.iter()
+            .filter(|r| r["database"] == "extra" && r["user"] == role)
+            .map(|r| r["cl_active"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(&show(&admin.client, "SHOW POOLS").await), ["1"]);
+
+    // Put back while its client is still there: the same pool serves again.
+    proxy.rewrite_config(&format!("{extra_db}{next}"));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    let again = common::connect(extra.clone().password("newpw"))
+        .await
+        .expect("the database is back");
+    again.client.simple_query("SELECT 1").await.expect("query");
+    assert_eq!(listed(&show(&admin.client, "SHOW POOLS").await), ["2"]);
+    drop(again);
+
+    // Removed again: the pool closes once its last client has gone.
+    proxy.rewrite_config(&next);
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    on_extra
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("extra client");
+    drop(on_extra);
+    let mut gone = false;
+    for _ in 0..100 {
+        if listed(&show(&admin.client, "SHOW POOLS").await).is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gone,
+        "the removed database's pool closed after its last client left"
+    );
+}
+
+#[tokio::test]
+async fn reload_with_a_new_server_moves_clients_to_new_backends_and_new_limits_apply() {
+    let role = "adm_move";
+    let port = common::cluster().port();
+    let moving = |dbname: &str, pool: &str| {
+        sections(
+            role,
+            &format!(
+                "[pool]\nmax_size = 1\n{pool}[databases.moving]\nhost = \"127.0.0.1\"\nport = {port}\n\
+                 dbname = \"{dbname}\"\n"
+            ),
+        )
+    };
+    let proxy = TestProxy::start(&moving("postgres", "")).await;
+    common::create_role(role, "pw").await;
+    common::create_role("adm_move_ops", "pw").await;
+    let admin = console(&proxy, "adm_move_ops").await;
+    let mut config = proxy.config(role, "pw");
+    config.dbname("moving");
+    let client = common::connect(&config).await.expect("login");
+    let idle = common::connect(&config).await.expect("login");
+    let where_am_i = || async {
+        let row = client
+            .client
+            .query_one("SELECT current_database()::text, pg_backend_pid()", &[])
+            .await
+            .expect("query");
+        (row.get::<_, String>(0), row.get::<_, i32>(1))
+    };
+    let (db, old_pid) = where_am_i().await;
+    assert_eq!(db, "postgres");
+
+    proxy.rewrite_config(&moving(
+        "template1",
+        "query_timeout = \"300ms\"\nidle_client_timeout = \"1s\"\n",
+    ));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    let (db, pid) = where_am_i().await;
+    assert_eq!(
+        db, "template1",
+        "the client's next transaction runs on the new server"
+    );
+    assert_ne!(pid, old_pid);
+    let watcher = common::admin().await;
+    let mut old_closed = false;
+    for _ in 0..100 {
+        let open: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&old_pid],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if open == 0 {
+            old_closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(old_closed, "the backend to the old server closed");
+    // The new query_timeout applies to a client connected before the reload.
+    let err = client
+        .client
+        .simple_query("SELECT pg_sleep(5)")
+        .await
+        .expect_err("cancelled by the reloaded query_timeout");
+    assert_eq!(sqlstate(&err), Some("57014"));
+    // And the new idle_client_timeout to one that has been idle all along.
+    let ended = tokio::time::timeout(Duration::from_secs(10), idle.done)
+        .await
+        .expect("the idle client is closed")
+        .expect("no panic");
+    let err = ended.expect_err("closed with an error");
+    assert_eq!(sqlstate(&err), Some("57P05"));
 }

@@ -294,16 +294,19 @@ async fn run_logs_no_secret_and_answers_hup_usr1_usr2() {
     const CLIENT_SECRET: &str = "ClientSecret-8d2f";
     const SERVER_SECRET: &str = "ServerSecret-51ac";
     const WRONG_GUESS: &str = "WrongGuess-77f1";
+    const NEW_SECRET: &str = "NewSecret-3b9e";
     common::create_role("cli_secret", SERVER_SECRET).await;
+    common::create_role("cli_newcomer", NEW_SECRET).await;
     let port = common::free_port();
-    let file = ConfigFile::new(&format!(
+    let text = format!(
         "[listen]\naddr = \"127.0.0.1:{port}\"\n[databases.app]\nhost = \"127.0.0.1\"\nport = {}\n\
          dbname = \"postgres\"\n[users.cli_secret]\npassword = \"{CLIENT_SECRET}\"\n\
-         server_password = \"{SERVER_SECRET}\"\n[log]\nlevel = \"trace\"\n\
+         server_password = \"{SERVER_SECRET}\"\n[log]\nlevel = \"trace\"\nstats_period = \"300ms\"\n\
          [admin]\nhttp_listen = \"127.0.0.1:0\"\n\
          [runtime]\nworkers = 1\n",
         common::cluster().port()
-    ));
+    );
+    let file = ConfigFile::new(&text);
     let mut child = pgshield()
         .args(["run", "--config"])
         .arg(&file.path)
@@ -342,8 +345,28 @@ async fn run_logs_no_secret_and_answers_hup_usr1_usr2() {
         .await
         .err()
         .expect("a wrong password is refused");
-    // SIGHUP is a reload (nothing to reload here), not the end of the process.
+    // SIGHUP reloads the file (here: a user is added), and is not the end of the process.
+    let mut newcomer = config.clone();
+    newcomer.user("cli_newcomer").password(NEW_SECRET);
+    common::connect(&newcomer)
+        .await
+        .err()
+        .expect("not a user before the reload");
+    std::fs::write(
+        &file.path,
+        format!("{text}[users.cli_newcomer]\npassword = \"{NEW_SECRET}\"\n"),
+    )
+    .expect("rewrite the config");
     kill(pid, Signal::SIGHUP).expect("send SIGHUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if common::connect(&newcomer).await.is_ok() {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "SIGHUP reloaded the configuration");
     conn.client
         .simple_query("SELECT 2")
         .await
@@ -384,10 +407,80 @@ async fn run_logs_no_secret_and_answers_hup_usr1_usr2() {
         logs.contains("authentication failed") && logs.contains("TRACE"),
         "the logs were captured at trace level:\n{logs}"
     );
-    for secret in [CLIENT_SECRET, SERVER_SECRET, WRONG_GUESS] {
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+    // log.connections (on by default) and log.stats_period.
+    for line in [
+        "client logged in",
+        "client disconnected",
+        "transactions=",
+        "login refused",
+        "sqlstate=28P01",
+        "xacts_per_s=",
+    ] {
+        assert!(logs.contains(line), "no {line:?} in the logs:\n{logs}");
+    }
+    for secret in [CLIENT_SECRET, SERVER_SECRET, WRONG_GUESS, NEW_SECRET] {
         assert!(
             !logs.contains(secret),
             "{secret} appears in the logs:\n{logs}"
         );
     }
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    common::create_role("cli_json", "pw").await;
+    let port = common::free_port();
+    let file = ConfigFile::new(&format!(
+        "[listen]\naddr = \"127.0.0.1:{port}\"\n[databases.app]\nhost = \"127.0.0.1\"\nport = {}\n\
+         dbname = \"postgres\"\n[users.cli_json]\npassword = \"pw\"\n[log]\nformat = \"json\"\n\
+         [admin]\nhttp_listen = \"\"\n",
+        common::cluster().port()
+    ));
+    let mut child = pgshield()
+        .args(["run", "--config"])
+        .arg(&file.path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgshield run");
+    let stderr = collect(child.stderr.take().expect("stderr"));
+    let pid = Pid::from_raw(i32::try_from(child.id().expect("running")).expect("pid"));
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("cli_json")
+        .password("pw")
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(5));
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(conn) = common::connect(&config).await {
+            conn.client.simple_query("SELECT 1").await.expect("query");
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served);
+    // The client's disconnection is logged before the process exits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill(pid, Signal::SIGTERM).expect("send SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let logs = stderr.await.expect("stderr");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let disconnected = lines
+        .iter()
+        .find(|l| l["message"] == "client disconnected")
+        .unwrap_or_else(|| panic!("no disconnection line:\n{logs}"));
+    assert_eq!(disconnected["user"], "cli_json");
+    assert_eq!(disconnected["transactions"], 1, "{disconnected}");
+    assert_eq!(disconnected["level"], "INFO");
 }

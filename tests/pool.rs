@@ -330,3 +330,43 @@ async fn a_client_stalled_mid_message_or_mid_batch_is_still_idle() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_queued_past_queue_notice_after_is_told_once_which_pool() {
+    common::create_role("pool_notice", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\nqueue_notice_after = \"200ms\"\n\
+         [users.pool_notice]\npassword = \"pw\"\n",
+    )
+    .await;
+    let holder = proxy.connect("pool_notice", "pw").await.expect("login");
+    holder.client.simple_query("BEGIN").await.expect("BEGIN");
+    let common::Conn {
+        client,
+        mut messages,
+        done: _done,
+    } = proxy.connect("pool_notice", "pw").await.expect("login");
+    let queued = tokio::spawn(async move {
+        client
+            .simple_query("SELECT 1")
+            .await
+            .expect("runs once free");
+        client
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    holder.client.simple_query("COMMIT").await.expect("COMMIT");
+    let client = queued.await.expect("no panic");
+    // A client served at once is told nothing.
+    client.simple_query("SELECT 2").await.expect("SELECT 2");
+    let mut notices = Vec::new();
+    while let Ok(message) = messages.try_recv() {
+        if let tokio_postgres::AsyncMessage::Notice(n) = message {
+            notices.push(n.message().to_owned());
+        }
+    }
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(
+        notices[0].contains("waiting for a server connection in pool app/pool_notice"),
+        "{notices:?}"
+    );
+}

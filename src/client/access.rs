@@ -14,15 +14,36 @@ use crate::protocol::{sqlstate, ErrorResponse};
 struct Rules {
     cidrs: Vec<Cidr>,
     require_tls: bool,
-    slots: Option<Arc<ClientSlots>>,
+    /// Kept even without a limit, so that a reload that sets one counts the clients
+    /// already connected.
+    slots: Arc<ClientSlots>,
 }
 
 impl Rules {
-    fn new(cidrs: &[Cidr], require_tls: bool, max_clients: usize) -> Rules {
+    /// `previous`: the same user's or database's rules before a reload, whose client
+    /// count carries over.
+    fn new(
+        cidrs: &[Cidr],
+        require_tls: bool,
+        max_clients: usize,
+        previous: Option<Arc<ClientSlots>>,
+    ) -> Rules {
+        let max = if max_clients == 0 {
+            usize::MAX
+        } else {
+            max_clients
+        };
+        let slots = match previous {
+            Some(slots) => {
+                slots.set_max(max);
+                slots
+            }
+            None => ClientSlots::new(max),
+        };
         Rules {
             cidrs: cidrs.to_vec(),
             require_tls,
-            slots: (max_clients > 0).then(|| ClientSlots::new(max_clients)),
+            slots,
         }
     }
 }
@@ -30,6 +51,15 @@ impl Rules {
 pub struct AccessRules {
     users: HashMap<String, Rules>,
     databases: HashMap<String, Rules>,
+    /// Counts of users and databases a reload removed while they had clients, kept in
+    /// case a later reload puts them back.
+    removed: HashMap<(Kind, String), Arc<ClientSlots>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    User,
+    Database,
 }
 
 /// The per-user and per-database client slots a session holds; dropping frees them.
@@ -38,26 +68,53 @@ pub struct Admission {
 }
 
 impl AccessRules {
-    pub fn from_config(config: &Config) -> AccessRules {
+    /// The rules `config` gives; after a reload, `previous` (the rules replaced) hands
+    /// on the counts of clients connected.
+    pub fn from_config(config: &Config, previous: Option<&AccessRules>) -> AccessRules {
+        let mut counts: HashMap<(Kind, String), Arc<ClientSlots>> = HashMap::new();
+        if let Some(p) = previous {
+            counts.extend(p.removed.iter().map(|(k, s)| (k.clone(), Arc::clone(s))));
+            for (kind, rules) in [(Kind::User, &p.users), (Kind::Database, &p.databases)] {
+                counts.extend(
+                    rules
+                        .iter()
+                        .map(|(name, r)| ((kind, name.clone()), Arc::clone(&r.slots))),
+                );
+            }
+        }
+        let mut take = |kind: Kind, name: &String| counts.remove(&(kind, name.clone()));
+        let users = config
+            .users
+            .iter()
+            .map(|(name, u)| {
+                let rules = Rules::new(
+                    &u.allowed_cidrs,
+                    u.require_tls,
+                    u.max_client_connections,
+                    take(Kind::User, name),
+                );
+                (name.clone(), rules)
+            })
+            .collect();
+        let databases = config
+            .databases
+            .iter()
+            .map(|(name, d)| {
+                let rules = Rules::new(
+                    &d.allowed_cidrs,
+                    d.require_tls,
+                    d.max_client_connections,
+                    take(Kind::Database, name),
+                );
+                (name.clone(), rules)
+            })
+            .collect();
+        // What is left was removed; remember those still counting clients.
+        counts.retain(|_, slots| slots.open() > 0);
         AccessRules {
-            users: config
-                .users
-                .iter()
-                .map(|(name, u)| {
-                    let rules =
-                        Rules::new(&u.allowed_cidrs, u.require_tls, u.max_client_connections);
-                    (name.clone(), rules)
-                })
-                .collect(),
-            databases: config
-                .databases
-                .iter()
-                .map(|(name, d)| {
-                    let rules =
-                        Rules::new(&d.allowed_cidrs, d.require_tls, d.max_client_connections);
-                    (name.clone(), rules)
-                })
-                .collect(),
+            users,
+            databases,
+            removed: counts,
         }
     }
 
@@ -97,7 +154,7 @@ impl AccessRules {
             ("role", user, self.users.get(user)),
             ("database", database, self.databases.get(database)),
         ] {
-            let Some(limit) = rules.and_then(|r| r.slots.as_ref()) else {
+            let Some(limit) = rules.map(|r| &r.slots) else {
                 continue;
             };
             match limit.try_take() {

@@ -11,7 +11,7 @@ use md5::{Digest, Md5};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
-use crate::config::{AuthMethod, Config, StoredPassword};
+use crate::config::{AuthMethod, Config, Secret, StoredPassword};
 use crate::net::Stream;
 use crate::protocol::frame::{read_message, take_cstr, ReadError};
 use crate::protocol::scram::{Channel, ScramExchange, ScramVerifier, MECHANISM, MECHANISM_PLUS};
@@ -21,7 +21,7 @@ use crate::protocol::{messages, sqlstate, ErrorResponse};
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
 
 /// How one user proves who they are.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClientAuth {
     Scram(ScramVerifier),
     /// md5(password || user) as 32 hex digits.
@@ -32,15 +32,34 @@ pub enum ClientAuth {
 /// Every user allowed to log in, with a ready-to-use verifier.
 pub struct UserDirectory {
     users: HashMap<String, ClientAuth>,
+    /// What each user's verifier was derived from, so that a reload keeps the verifiers
+    /// (and their salts) of users whose password did not change.
+    derived_from: HashMap<String, (AuthMethod, Option<Secret>)>,
     mock_secret: [u8; 32],
 }
 
 impl UserDirectory {
-    pub fn from_config(config: &Config) -> UserDirectory {
+    /// The users `config` has. After a reload, `previous` (the directory replaced) hands
+    /// on its made-up verifiers' secret and the verifiers of unchanged users: salts that
+    /// changed for some names and not others would tell which names exist.
+    pub fn from_config(config: &Config, previous: Option<&UserDirectory>) -> UserDirectory {
+        let derived_from: HashMap<String, (AuthMethod, Option<Secret>)> = config
+            .users
+            .iter()
+            .map(|(name, user)| (name.clone(), (user.auth, user.password.clone())))
+            .collect();
         let users = config
             .users
             .iter()
             .map(|(name, user)| {
+                let unchanged = previous.and_then(|p| {
+                    (p.derived_from.get(name) == derived_from.get(name))
+                        .then(|| p.users.get(name).cloned())
+                        .flatten()
+                });
+                if let Some(auth) = unchanged {
+                    return (name.clone(), auth);
+                }
                 let stored = user
                     .password
                     .as_ref()
@@ -64,9 +83,19 @@ impl UserDirectory {
                 (name.clone(), auth)
             })
             .collect();
-        let mut mock_secret = [0u8; 32];
-        rand::rng().fill_bytes(&mut mock_secret);
-        UserDirectory { users, mock_secret }
+        let mock_secret = match previous {
+            Some(p) => p.mock_secret,
+            None => {
+                let mut secret = [0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                secret
+            }
+        };
+        UserDirectory {
+            users,
+            derived_from,
+            mock_secret,
+        }
     }
 
     pub fn lookup(&self, user: &str) -> Option<&ClientAuth> {
@@ -295,7 +324,7 @@ mod tests {
             postgres_protocol::password::scram_sha_256(b"pw")
         ))
         .unwrap();
-        let dir = UserDirectory::from_config(&config);
+        let dir = UserDirectory::from_config(&config, None);
         assert!(matches!(dir.lookup("s"), Some(ClientAuth::Scram(_))));
         let Some(ClientAuth::Md5(h)) = dir.lookup("m") else {
             panic!()
@@ -307,5 +336,29 @@ mod tests {
         assert!(matches!(dir.lookup("mv"), Some(ClientAuth::Scram(_))));
         assert!(matches!(dir.lookup("t"), Some(ClientAuth::Trust)));
         assert!(dir.lookup("nobody").is_none());
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_verifiers_and_the_made_up_ones() {
+        let config = |b: &str| {
+            Config::from_toml(&format!(
+                "[databases.app]\nhost = \"127.0.0.1\"\n[users.a]\npassword = \"pa\"\n\
+                 [users.b]\npassword = \"{b}\"\n"
+            ))
+            .unwrap()
+        };
+        let first = UserDirectory::from_config(&config("pb"), None);
+        let reloaded = UserDirectory::from_config(&config("changed"), Some(&first));
+        assert_eq!(first.lookup("a"), reloaded.lookup("a"), "same salt");
+        assert_ne!(first.lookup("b"), reloaded.lookup("b"));
+        let salt = |auth: ClientAuth| match auth {
+            ClientAuth::Scram(v) => v.salt,
+            _ => panic!("a SCRAM verifier"),
+        };
+        assert_eq!(salt(first.mock("x")), salt(reloaded.mock("x")));
+        // A fresh start salts afresh.
+        let restarted = UserDirectory::from_config(&config("pb"), None);
+        assert_ne!(first.lookup("a"), restarted.lookup("a"));
+        assert_ne!(salt(first.mock("x")), salt(restarted.mock("x")));
     }
 }

@@ -17,7 +17,7 @@ use super::cancel::Registration;
 use super::params::ClientSettings;
 use crate::config::{Secret, ADMIN_DATABASE};
 use crate::net::Stream;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolClient};
 use crate::protocol::startup::{self, StartupMessage, StartupPacket, StartupReadError};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
@@ -27,6 +27,9 @@ use crate::tls::{ClientTls, Material, ALPN_POSTGRESQL};
 /// A logged-in client, ready for its session.
 pub struct Login {
     pub pool: Arc<Pool>,
+    /// Counted among the pool's clients from the moment it was found (a pool a reload
+    /// removed closes only when it has none).
+    pub in_pool: PoolClient,
     /// The client's cancel key, and where its cancels go.
     pub cancel: Registration,
     pub settings: ClientSettings,
@@ -67,6 +70,9 @@ pub async fn login(
     admitted: bool,
 ) -> Result<Outcome, Refusal> {
     let (startup, tls) = read_startup(shared, stream, buf).await?;
+    // The configuration in force when the client asked: a reload meanwhile does not
+    // change the rules of a login under way.
+    let live = shared.live();
     if tls.is_some() {
         shared.metrics.clients.received_tls.increment(1);
     }
@@ -89,7 +95,7 @@ pub async fn login(
         )
         .with_hint(format!(
             "pgshield's listen.max_client_connections ({}) is reached",
-            shared.config.listen.max_client_connections
+            live.config.listen.max_client_connections
         ))
         .into());
     }
@@ -99,12 +105,11 @@ pub async fn login(
     if database == ADMIN_DATABASE {
         return admin_login(shared, stream, buf, peer, user, tls).await;
     }
-    shared
-        .access
+    live.access
         .check_peer(&user, &database, peer.ip(), stream.is_tls())?;
     // Configured users first; then, with [auth], the database's own roles.
-    let configured = shared.users.lookup(&user).cloned();
-    let found = match (&configured, &shared.auth_query) {
+    let configured = live.users.lookup(&user).cloned();
+    let found = match (&configured, &live.auth_query) {
         (None, Some(query)) => match query.lookup(&database, &user).await {
             Ok(found) => found,
             Err(e) => {
@@ -121,7 +126,7 @@ pub async fn login(
     let auth = configured
         .clone()
         .or_else(|| found.clone())
-        .unwrap_or_else(|| shared.users.mock(&user));
+        .unwrap_or_else(|| live.users.mock(&user));
     // An address that has failed repeatedly waits before every attempt, right or wrong.
     let delay = shared.login_throttle.delay(peer.ip());
     if !delay.is_zero() {
@@ -147,7 +152,7 @@ pub async fn login(
             });
         }
     };
-    let admission = shared.access.admit(&user, &database)?;
+    let admission = live.access.admit(&user, &database)?;
     let pool = match (configured, found) {
         (Some(configured), _) => {
             let pool = shared.pools.get(&database, &user);
@@ -170,6 +175,7 @@ pub async fn login(
         .with_hint("pgshield serves only the databases in its [databases] configuration")
         .into());
     };
+    let in_pool = pool.join();
     let welcome = pool
         .welcome_params()
         .await
@@ -193,6 +199,7 @@ pub async fn login(
     tracing::debug!(%peer, user, database, "client logged in");
     Ok(Outcome::Session(Login {
         pool,
+        in_pool,
         cancel,
         settings,
         client_view,
@@ -213,7 +220,8 @@ async fn admin_login(
     user: String,
     tls: Option<Arc<Material>>,
 ) -> Result<Outcome, Refusal> {
-    let admin = &shared.config.admin;
+    let live = shared.live();
+    let admin = &live.config.admin;
     if !admin.users.contains(&user) {
         return Err(ErrorResponse::fatal(
             sqlstate::INVALID_AUTHORIZATION,
@@ -230,11 +238,11 @@ async fn admin_login(
         .with_hint("set admin.allow_remote = true to allow others")
         .into());
     }
-    let auth = shared
+    let auth = live
         .users
         .lookup(&user)
         .cloned()
-        .unwrap_or_else(|| shared.users.mock(&user));
+        .unwrap_or_else(|| live.users.mock(&user));
     // Guessing admin passwords is slowed like any other.
     tokio::time::sleep(shared.login_throttle.delay(peer.ip())).await;
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
@@ -278,7 +286,8 @@ async fn read_startup(
     stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<(StartupMessage, Option<Arc<Material>>), Refusal> {
-    let tls = shared.client_tls.as_deref();
+    let live = shared.live();
+    let tls = live.client_tls.as_deref();
     let mut answered_ssl = false;
     let mut answered_gss = false;
     let mut secured = None;

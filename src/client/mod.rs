@@ -48,7 +48,8 @@ impl std::fmt::Display for ClientId {
 #[derive(Debug)]
 pub struct ClientSlots {
     open: AtomicUsize,
-    max: usize,
+    /// A reload may change it; clients over a lowered limit stay.
+    max: AtomicUsize,
 }
 
 /// One taken slot; dropping it frees the slot.
@@ -58,14 +59,19 @@ impl ClientSlots {
     pub fn new(max: usize) -> Arc<ClientSlots> {
         Arc::new(ClientSlots {
             open: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         })
     }
 
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
+    }
+
     pub fn try_take(self: &Arc<Self>) -> Option<ClientSlot> {
+        let max = self.max.load(Ordering::Acquire);
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| ClientSlot(Arc::clone(self)))
@@ -105,7 +111,7 @@ pub async fn serve(
     let _closed = ClosedOnDrop(clients.closed.clone());
     let mut stream = Stream::from_tcp(tcp);
     let mut buf = BytesMut::new();
-    let login_timeout = shared.config.listen.client_login_timeout;
+    let login_timeout = shared.live().config.listen.client_login_timeout;
     let shutdown = shared.shutdown.clone();
     let login = handshake::login(&shared, &mut stream, &mut buf, peer, slot.is_some());
     let outcome = tokio::select! {
@@ -140,6 +146,12 @@ pub async fn serve(
             ))
         }
     };
+    if let Some(e) = refusal
+        .as_ref()
+        .filter(|_| shared.live().config.log.connections)
+    {
+        tracing::info!(client = %id, %peer, sqlstate = %e.code, error = %e.message, "login refused");
+    }
     // A cancel request, or a client that left mid-login, was not refused.
     match &refusal {
         Some(e) if e.code == sqlstate::INVALID_PASSWORD => clients.setup_failed_auth.increment(1),

@@ -88,6 +88,11 @@ impl ClientInfo {
         self.waker.wake();
     }
 
+    /// Wakes the session so that it looks at what changed (a reload).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
     pub fn killed(&self) -> bool {
         self.kill.load(Ordering::Acquire)
     }

@@ -85,6 +85,25 @@ enum End {
     Killed,
 }
 
+impl End {
+    /// A few words for the log line that says how the session ended.
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Terminated => "client terminated",
+            End::ClientGone => "client closed the connection",
+            End::ClientProtocol(_) => "client protocol violation",
+            End::ServerLost(_) => "server connection lost",
+            End::ServerProtocol(_) => "server protocol violation",
+            End::Fatal(_) => "fatal error",
+            End::IdleTimeout => "idle_client_timeout",
+            End::IdleInTransaction => "idle_transaction_timeout",
+            End::Shutdown => "shutdown",
+            End::ForcedShutdown => "forced shutdown",
+            End::Killed => "killed from the admin console",
+        }
+    }
+}
+
 /// What happened on the sockets.
 enum Event {
     /// Bytes arrived from the client, the backend, or both.
@@ -99,6 +118,8 @@ enum Event {
     Forced,
     /// The admin console killed this client.
     Killed,
+    /// A reload changed the limits (`Session::limits` holds the new ones).
+    Reloaded,
 }
 
 /// The session's time limits (None: no limit).
@@ -107,16 +128,35 @@ struct Limits {
     idle_client: Option<Duration>,
     idle_transaction: Option<Duration>,
     query: Option<Duration>,
+    queue_notice: Option<Duration>,
+    max_message_size: usize,
+    /// `log.connections`: a line when the session ends.
+    log_connections: bool,
+    /// The reload count they were read at (a reload changes them for every session).
+    reloads: u64,
 }
 
 impl Limits {
-    fn from_config(pool: &crate::config::PoolConfig) -> Limits {
+    fn now_in_force(shared: &Shared) -> Limits {
+        let reloads = shared.reloads.load(std::sync::atomic::Ordering::Acquire);
+        let live = shared.live();
+        let pool = &live.config.pool;
         let limit = |d: Duration| (!d.is_zero()).then_some(d);
         Limits {
             idle_client: limit(pool.idle_client_timeout),
             idle_transaction: limit(pool.idle_transaction_timeout),
             query: limit(pool.query_timeout),
+            queue_notice: limit(pool.queue_notice_after),
+            max_message_size: live.config.listen.max_message_size,
+            log_connections: live.config.log.connections,
+            reloads,
         }
+    }
+
+    /// The limits again if a reload happened since they were read.
+    fn reloaded(&self, shared: &Shared) -> Option<Limits> {
+        (shared.reloads.load(std::sync::atomic::Ordering::Relaxed) != self.reloads)
+            .then(|| Limits::now_in_force(shared))
     }
 
     fn any(&self) -> bool {
@@ -226,6 +266,18 @@ pub struct Session {
     _in_pool: PoolClient,
     /// Its entry in SHOW CLIENTS (and the handle KILL uses).
     registered: Registered,
+    /// What it did, for the line logged when it ends.
+    counts: Counts,
+    started: Instant,
+}
+
+/// A session's totals (its pool's are in `PoolStats`).
+#[derive(Debug, Default)]
+struct Counts {
+    transactions: u64,
+    queries: u64,
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 impl Session {
@@ -239,7 +291,7 @@ impl Session {
         let watch = shared.shutdown.watch();
         Session {
             mode: login.pool.mode(),
-            limits: Limits::from_config(&shared.config.pool),
+            limits: Limits::now_in_force(&shared),
             registered: shared.registry.register(
                 NewClient {
                     id: id.0,
@@ -261,7 +313,7 @@ impl Session {
             request_received: None,
             request_sent: None,
             xact_started: None,
-            _in_pool: login.pool.join(),
+            _in_pool: login.in_pool,
             shared,
             id,
             client,
@@ -284,24 +336,44 @@ impl Session {
             skip_until_sync: false,
             server_sent_fatal: false,
             last_activity: Instant::now(),
+            counts: Counts::default(),
+            started: Instant::now(),
         }
     }
 
     pub async fn run(mut self) {
+        if self.limits.log_connections {
+            let info = &self.registered.info;
+            tracing::info!(
+                client = %self.id,
+                peer = %info.addr,
+                user = %info.user,
+                database = %info.database,
+                tls = info.tls,
+                application_name = %info.application_name,
+                "client logged in"
+            );
+        }
         let end = self.relay().await;
         self.finish(end).await;
     }
 
     async fn relay(&mut self) -> End {
-        let limits = self.limits;
+        let mut limits = self.limits;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_armed = false;
         let mut timer_state = None;
         // Re-aim the timer whenever the session changes state only when a limit with a
         // short deadline can apply; the idle limit alone is looked at when the timer fires.
-        let reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
+        let mut reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
         loop {
+            if self.limits.reloads != limits.reloads {
+                limits = self.limits;
+                reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
+                timer_state = None;
+                timer_armed = false;
+            }
             if let Err(end) = self.process_client_input().await {
                 return end;
             }
@@ -357,6 +429,7 @@ impl Session {
             };
             match event {
                 Event::Data => self.note_activity(),
+                Event::Reloaded => {}
                 Event::Drain => return End::Shutdown,
                 Event::Forced => return End::ForcedShutdown,
                 Event::Killed => return End::Killed,
@@ -481,15 +554,20 @@ impl Session {
             Stage::Draining if drain => return Poll::Ready(Event::Drain),
             _ => {}
         }
-        // Woken by the same waker the watch just registered.
+        // Woken by the same waker the watch just registered (as are reloads).
         if self.registered.info.killed() {
             return Poll::Ready(Event::Killed);
+        }
+        if let Some(reloaded) = self.limits.reloaded(&self.shared) {
+            self.limits = reloaded;
+            return Poll::Ready(Event::Reloaded);
         }
         let unsent = self.client_out.len();
         let drained = poll_drain(cx, &mut self.client, &mut self.client_out);
         let sent = unsent - self.client_out.len();
         if sent > 0 {
             PoolStats::add(&self.pool.stats.bytes_sent, sent as u64);
+            self.counts.bytes_out += sent as u64;
         }
         if let Poll::Ready(Err(e)) = drained {
             return Poll::Ready(Event::ClientError(e));
@@ -509,6 +587,7 @@ impl Session {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                 Poll::Ready(Ok(n)) => {
                     PoolStats::add(&self.pool.stats.bytes_received, n as u64);
+                    self.counts.bytes_in += n as u64;
                     data = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
@@ -555,7 +634,7 @@ impl Session {
                 Err(e) => return Err(End::ClientProtocol(e.to_string())),
             };
             header
-                .check_size(self.shared.config.listen.max_message_size)
+                .check_size(self.limits.max_message_size)
                 .map_err(|e| End::ClientProtocol(e.to_string()))?;
             if self.request_received.is_none() && matches!(header.tag, b'Q' | b'P' | b'B' | b'F') {
                 let now = Instant::now();
@@ -1080,9 +1159,11 @@ impl Session {
                     let m = self.pool.metrics();
                     let stats = &self.pool.stats;
                     PoolStats::add(&stats.query_count, 1);
+                    self.counts.queries += 1;
                     let now = Instant::now();
                     if body.first() == Some(&b'I') {
                         PoolStats::add(&stats.xact_count, 1);
+                        self.counts.transactions += 1;
                         if let Some(at) = self.xact_started.take() {
                             let took = now.duration_since(at).as_micros() as u64;
                             PoolStats::add(&stats.xact_time_us, took);
@@ -1198,6 +1279,12 @@ impl Session {
             Poll::Ready(result) => Some(result),
             Poll::Pending => None,
         };
+        // One NOTICE for a client queued longer than `queue_notice_after` (a complete
+        // message: the client has no backend, so nothing is half-written to it).
+        let notice_at = self.limits.queue_notice.map(|after| waiting_since + after);
+        let mut noticed = notice_at.is_none();
+        let notice = tokio::time::sleep_until(notice_at.unwrap_or(waiting_since).into());
+        tokio::pin!(notice);
         let mut backend = loop {
             if let Some(result) = ready.take() {
                 match result {
@@ -1213,8 +1300,24 @@ impl Session {
             tokio::select! {
                 biased;
                 result = &mut borrow => ready = Some(result),
+                _ = &mut notice, if !noticed => {
+                    noticed = true;
+                    let status = pool.status();
+                    messages::notice(
+                        &mut self.client_out,
+                        sqlstate::SUCCESSFUL_COMPLETION,
+                        &format!(
+                            "pgshield: waiting for a server connection in pool {} (all {} are in use, {} clients queued)",
+                            pool.name(),
+                            status.max_size,
+                            pool.waiting(),
+                        ),
+                    );
+                    tracing::debug!(client = %self.id, pool = %pool.name(), "client told it is queued");
+                }
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
                     Event::Data => self.note_activity(),
+                    Event::Reloaded => {}
                     Event::Forced => return Err(End::ForcedShutdown),
                     Event::Killed => return Err(End::Killed),
                     _ => return Err(End::ClientGone),
@@ -1299,6 +1402,24 @@ impl Session {
             self.shared.pinned.remove(self.id.0);
         }
         let farewell = self.farewell(&end);
+        if self.limits.log_connections {
+            let info = &self.registered.info;
+            let c = &self.counts;
+            tracing::info!(
+                client = %self.id,
+                peer = %info.addr,
+                user = %info.user,
+                database = %info.database,
+                duration_ms = self.started.elapsed().as_millis() as u64,
+                transactions = c.transactions,
+                queries = c.queries,
+                bytes_in = c.bytes_in,
+                bytes_out = c.bytes_out,
+                reason = end.reason(),
+                sqlstate = farewell.as_ref().map_or("", |e| e.code.as_str()),
+                "client disconnected"
+            );
+        }
         match &end {
             End::ServerLost(e) => {
                 tracing::warn!(client = %self.id, pool = %self.pool.name(), error = ?e, "server connection lost")
@@ -1371,14 +1492,14 @@ impl Session {
                 sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
                 format!(
                     "terminating connection: idle in a transaction for more than {} (pool.idle_transaction_timeout)",
-                    humantime::format_duration(self.shared.config.pool.idle_transaction_timeout)
+                    humantime::format_duration(self.limits.idle_transaction.unwrap_or_default())
                 ),
             )),
             End::IdleTimeout => Some(ErrorResponse::fatal(
                 sqlstate::IDLE_SESSION_TIMEOUT,
                 format!(
                     "terminating connection: idle for more than {} (pool.idle_client_timeout)",
-                    humantime::format_duration(self.shared.config.pool.idle_client_timeout)
+                    humantime::format_duration(self.limits.idle_client.unwrap_or_default())
                 ),
             )),
             End::Shutdown | End::ForcedShutdown => Some(ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, "pgshield is shutting down")),

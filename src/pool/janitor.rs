@@ -22,6 +22,10 @@ pub(super) async fn run(pool: Arc<Pool>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if pool.is_retired() && pool.clients() == 0 && pool.close_if_retired() {
+            tracing::info!(pool = %pool.name, "closed a pool the configuration no longer has: its last client left");
+            return;
+        }
         evict(&pool);
         if let Err(e) = fill_to_min_idle(&pool).await {
             if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
@@ -35,12 +39,9 @@ pub(super) async fn run(pool: Arc<Pool>, stop: CancellationToken) {
 /// Closes idle backends that must go, and surplus ones idle past `server_idle_timeout`.
 fn evict(pool: &Pool) {
     let manager = pool.inner.manager();
-    let idle_timeout = pool.settings.server_idle_timeout;
-    let mut closable = pool
-        .inner
-        .status()
-        .size
-        .saturating_sub(pool.settings.min_idle);
+    let settings = pool.settings();
+    let idle_timeout = settings.server_idle_timeout;
+    let mut closable = pool.inner.status().size.saturating_sub(settings.min_idle);
     let removed = pool.inner.retain(|server, _| {
         if manager.unfit(server).is_some() {
             closable = closable.saturating_sub(1);
@@ -60,7 +61,11 @@ fn evict(pool: &Pool) {
 /// Opens backends until the pool has `min_idle` open. Borrows without waiting, so it
 /// never takes a place in the queue from a client.
 async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::ServerError>> {
-    let want = pool.settings.min_idle;
+    let want = if pool.is_retired() {
+        0
+    } else {
+        pool.settings().min_idle
+    };
     if want == 0 || pool.inner.status().size >= want {
         return Ok(());
     }
@@ -72,8 +77,12 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
     let mut held = Vec::with_capacity(want);
     let mut result = Ok(());
     while held.len() < want {
+        // A place under max_size first, as any borrower.
+        let Some(place) = pool.gate.try_take() else {
+            break;
+        };
         match pool.inner.timeout_get(&no_wait).await {
-            Ok(obj) => held.push(obj),
+            Ok(obj) => held.push((obj, place)),
             Err(PoolError::Timeout(_)) => break,
             Err(e) => {
                 result = Err(e);
@@ -81,8 +90,11 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
             }
         }
     }
-    for mut obj in held {
+    // Each backend goes back before its place.
+    for (mut obj, place) in held {
         obj.mark_idle_now();
+        drop(obj);
+        drop(place);
     }
     result
 }

@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use deadpool::managed::{
-    self, Manager, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult,
+    self, Manager, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult, Timeouts,
 };
 use deadpool::Runtime;
 
@@ -77,6 +78,8 @@ pub enum BorrowError {
     Server(String, #[source] ServerError),
     #[error("pool {0} is closed: pgshield is shutting down")]
     Closed(String),
+    #[error("pool {0} was removed from the configuration")]
+    Removed(String),
 }
 
 impl BorrowError {
@@ -92,6 +95,9 @@ impl BorrowError {
             BorrowError::Closed(_) => {
                 ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string())
             }
+            BorrowError::Removed(_) => {
+                ErrorResponse::fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string())
+            }
         }
     }
 }
@@ -101,9 +107,11 @@ pub struct ServerManager {
     /// Where and as whom; behind a lock because a passthrough user's credential is
     /// replaced by the one from its latest login.
     target: Mutex<ServerTarget>,
-    settings: PoolSettings,
-    /// The database's `max_db_connections`, shared with its other pools.
-    db_limit: Option<Arc<DbLimit>>,
+    /// Replaced whole by a reload.
+    settings: ArcSwap<PoolSettings>,
+    /// The database's `max_db_connections`, shared with its other pools (a reload may
+    /// set, change or remove it).
+    db_limit: Mutex<Option<Arc<DbLimit>>>,
     metrics: PoolMetrics,
     /// RECONNECT: backends of an older generation are closed instead of reused.
     generation: AtomicU64,
@@ -117,12 +125,17 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Server, ServerError> {
-        let permit = match &self.db_limit {
-            Some(limit) => Some(limit.acquire(self.settings.borrow_timeout).await?),
+        // The generation first: a reload that changes the target or the limit after this
+        // read bumps it, so a backend opened with what is read below is never reused.
+        let generation = self.generation.load(Ordering::Acquire);
+        let settings = self.settings.load_full();
+        let db_limit = lock(&self.db_limit).clone();
+        let permit = match db_limit {
+            Some(limit) => Some(limit.acquire(settings.borrow_timeout).await?),
             None => None,
         };
         let target = lock(&self.target).clone();
-        let mut server = match connect(&target, self.settings.server_connect_timeout).await {
+        let mut server = match connect(&target, settings.server_connect_timeout).await {
             Ok(server) => server,
             Err(e) => {
                 self.metrics.backend_open_failures.increment(1);
@@ -131,10 +144,13 @@ impl Manager for ServerManager {
         };
         self.metrics.backends_opened.increment(1);
         server.db_permit = permit;
-        server.generation = self.generation.load(Ordering::Acquire);
-        server.statements = ServerStatements::new(self.settings.max_prepared_statements);
+        server.generation = generation;
+        server.statements = ServerStatements::new(settings.max_prepared_statements);
         tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %target.addr(), "opened backend");
-        *lock(&self.welcome) = Some(Arc::new(server.params().clone()));
+        let mut welcome = lock(&self.welcome);
+        if generation == self.generation.load(Ordering::Acquire) {
+            *welcome = Some(Arc::new(server.params().clone()));
+        }
         Ok(server)
     }
 
@@ -153,15 +169,22 @@ impl ServerManager {
         if server.is_broken() {
             Some("broken")
         } else if server.generation < self.generation.load(Ordering::Acquire) {
-            Some("RECONNECT was requested")
+            Some("RECONNECT or a reload that changed its server")
         } else if !server.is_reusable() {
             Some("not at rest (a cancel was sent to it, or replies are owed)")
         } else if self
             .settings
+            .load()
             .server_lifetime
             .is_some_and(|l| server.age() >= l)
         {
             Some("server_lifetime reached")
+        } else if server.db_permit.is_some()
+            && lock(&self.db_limit)
+                .as_ref()
+                .is_some_and(|l| l.capacity.in_debt())
+        {
+            Some("max_db_connections was lowered")
         } else if server.peer_closed_or_spoke() {
             Some("closed by the server while idle")
         } else {
@@ -181,7 +204,14 @@ pub struct Pool {
     database: String,
     user: String,
     inner: managed::Pool<ServerManager>,
-    settings: PoolSettings,
+    /// `max_size`: a place is held by each lent backend. (deadpool's own limit cannot be
+    /// lowered while backends are lent; this one can, see [`Capacity`].)
+    gate: Capacity,
+    /// Borrowers waiting for a place.
+    queued: AtomicUsize,
+    /// Removed from the configuration by a reload: serves the clients it has, closes
+    /// when they are gone. See [`Retirement`].
+    retired: std::sync::atomic::AtomicU8,
     /// Totals for the admin console's SHOW STATS (Prometheus has its own handles).
     pub stats: PoolStats,
     /// Clients logged in to this pool.
@@ -191,6 +221,17 @@ pub struct Pool {
     /// PAUSE: no backend is lent until RESUME.
     paused: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
+}
+
+/// Where a pool stands after reloads.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Retirement {
+    Serving = 0,
+    /// Not in the configuration any more; serving the clients it has.
+    Retired = 1,
+    /// Closed by its janitor after its last client left.
+    Closed = 2,
 }
 
 /// A pool's running totals (as PgBouncer's SHOW STATS_TOTALS; times in microseconds).
@@ -281,17 +322,17 @@ impl Pool {
         let manager = ServerManager {
             metrics: metrics.pool(&name),
             generation: AtomicU64::new(0),
-            db_limit: db_limit.clone(),
+            db_limit: Mutex::new(db_limit.clone()),
             target: Mutex::new(target),
-            settings: settings.clone(),
+            settings: ArcSwap::from_pointee(settings.clone()),
             welcome: Mutex::new(None),
         };
+        // (`borrow` gives the wait timeout on each call: a reload may change it.)
         let inner = managed::Pool::builder(manager)
             .max_size(settings.max_size)
             // The most recently returned backend goes out first, so surplus backends
             // really sit idle and server_idle_timeout can close them.
             .queue_mode(QueueMode::Lifo)
-            .wait_timeout(settings.borrow_timeout)
             .runtime(Runtime::Tokio1)
             .build()
             .expect("a runtime is given");
@@ -300,7 +341,9 @@ impl Pool {
             database: database.to_owned(),
             user: user.to_owned(),
             inner,
-            settings,
+            gate: Capacity::new(settings.max_size),
+            queued: AtomicUsize::new(0),
+            retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
             stats: PoolStats::default(),
             clients: AtomicUsize::new(0),
             waiters: Mutex::new(HashMap::new()),
@@ -313,14 +356,116 @@ impl Pool {
         pool
     }
 
-    /// What transaction mode does with state that cannot follow a client.
-    pub fn on_session_state(&self) -> crate::config::OnSessionState {
-        self.settings.on_session_state
+    /// The pool's knobs as they are now (a reload replaces them).
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.inner.manager().settings.load_full()
     }
 
-    /// When a client of this pool holds a backend.
+    /// What transaction mode does with state that cannot follow a client.
+    pub fn on_session_state(&self) -> crate::config::OnSessionState {
+        self.inner.manager().settings.load().on_session_state
+    }
+
+    /// When a client of this pool holds a backend (a client keeps the mode it logged
+    /// in with; a reload changes it for later clients).
     pub fn mode(&self) -> crate::config::PoolMode {
-        self.settings.mode
+        self.inner.manager().settings.load().mode
+    }
+
+    /// A reload: new knobs (the pool grows or shrinks to `max_size` at once; lent
+    /// backends beyond it close when returned), where and as whom backends log in, and
+    /// the database's `max_db_connections`. A different server, database, role or TLS
+    /// mode, or a database limit that did not exist, retire the backends open now: they
+    /// close when next idle (as RECONNECT) and clients carry on on new ones.
+    pub(crate) fn update(
+        self: &Arc<Self>,
+        settings: PoolSettings,
+        mut target: ServerTarget,
+        db_limit: Option<Arc<DbLimit>>,
+    ) {
+        let manager = self.inner.manager();
+        let old = manager.settings.swap(Arc::new(settings.clone()));
+        if old.max_size != settings.max_size {
+            self.gate.resize(settings.max_size);
+            self.inner.resize(settings.max_size);
+            tracing::info!(pool = %self.name, from = old.max_size, to = settings.max_size, "reload: pool resized");
+        }
+        let new_limit = {
+            let mut current = lock(&manager.db_limit);
+            let new_limit = match (&*current, &db_limit) {
+                (_, None) => false,
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                (None, Some(_)) => true,
+            };
+            *current = db_limit.clone();
+            new_limit
+        };
+        if let Some(limit) = db_limit.filter(|_| new_limit) {
+            lock(&limit.pools).push(Arc::downgrade(self));
+        }
+        let moved = {
+            let mut current = lock(&manager.target);
+            // A user with no server credential in the configuration keeps the one its
+            // latest login gave (passthrough).
+            if target.password.is_none() {
+                target.password = current
+                    .password
+                    .clone()
+                    .filter(|p| matches!(p, BackendPassword::ScramKeys { .. }));
+            }
+            let moved = !current.same_server(&target);
+            if moved {
+                tracing::info!(pool = %self.name, from = %current.addr(), to = %target.addr(), "reload: the pool's server changed; open backends close when next idle");
+            }
+            *current = target;
+            moved
+        };
+        if moved || new_limit {
+            *lock(&manager.welcome) = None;
+            self.reconnect();
+        }
+    }
+
+    /// A reload removed this pool's database or user: no new client finds it; those
+    /// connected keep their sessions, and the janitor closes it when they have all left.
+    pub(crate) fn retire(&self) {
+        self.retired
+            .store(Retirement::Retired as u8, Ordering::Release);
+        tracing::info!(pool = %self.name, clients = self.clients(), "reload: pool removed from the configuration; it closes when its clients leave");
+    }
+
+    /// A reload put back the database or user of this retired pool: it serves again,
+    /// unless it has closed already (false).
+    fn unretire(&self) -> bool {
+        self.retired
+            .compare_exchange(
+                Retirement::Retired as u8,
+                Retirement::Serving as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The janitor's last act for a retired pool: closes it if it is still retired.
+    fn close_if_retired(&self) -> bool {
+        let closing = self
+            .retired
+            .compare_exchange(
+                Retirement::Retired as u8,
+                Retirement::Closed as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if closing {
+            self.close();
+        }
+        closing
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire) != Retirement::Serving as u8
     }
 
     /// For a user with no server credential of its own (a SCRAM verifier only, or found
@@ -510,29 +655,60 @@ impl Pool {
 
     /// Lends a backend, waiting in FIFO order up to `borrow_timeout`.
     pub async fn borrow(&self) -> Result<Backend, BorrowError> {
-        match self.inner.get().await {
+        let settings = self.inner.manager().settings.load_full();
+        let started = tokio::time::Instant::now();
+        let place = match self.gate.try_take() {
+            Some(place) => place,
+            None => {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+                let place = match settings.borrow_timeout {
+                    Some(limit) => tokio::time::timeout(limit, self.gate.take()).await,
+                    None => Ok(self.gate.take().await),
+                };
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                match place {
+                    Ok(Some(place)) => place,
+                    Ok(None) => return Err(self.borrow_error(PoolError::Closed, &settings)),
+                    Err(_) => {
+                        let e = PoolError::Timeout(deadpool::managed::TimeoutType::Wait);
+                        return Err(self.borrow_error(e, &settings));
+                    }
+                }
+            }
+        };
+        // With a place, deadpool has an idle backend or room to open one.
+        let timeouts = Timeouts {
+            wait: settings
+                .borrow_timeout
+                .map(|limit| limit.saturating_sub(started.elapsed())),
+            create: None,
+            recycle: None,
+        };
+        match self.inner.timeout_get(&timeouts).await {
             Ok(obj) => Ok(Backend {
                 obj: Some(obj),
-                lifetime: self.settings.server_lifetime,
+                _place: Some(place),
+                lifetime: settings.server_lifetime,
             }),
-            Err(e) => Err(self.borrow_error(e)),
+            Err(e) => Err(self.borrow_error(e, &settings)),
         }
     }
 
-    fn borrow_error(&self, e: PoolError<ServerError>) -> BorrowError {
+    fn borrow_error(&self, e: PoolError<ServerError>, settings: &PoolSettings) -> BorrowError {
         match e {
             PoolError::Timeout(_) => {
                 self.metrics().borrow_timeouts.increment(1);
                 BorrowError::Timeout {
                     pool: self.name.clone(),
-                    timeout: self.settings.borrow_timeout.unwrap_or_default(),
-                    max_size: self.settings.max_size,
+                    timeout: settings.borrow_timeout.unwrap_or_default(),
+                    max_size: settings.max_size,
                 }
             }
             PoolError::Backend(e) => {
                 tracing::warn!(pool = %self.name, error = %e, "cannot open a backend");
                 BorrowError::Server(self.name.clone(), e)
             }
+            PoolError::Closed if self.is_retired() => BorrowError::Removed(self.name.clone()),
             PoolError::Closed => BorrowError::Closed(self.name.clone()),
             other => {
                 BorrowError::Server(self.name.clone(), ServerError::Protocol(other.to_string()))
@@ -554,15 +730,16 @@ impl Pool {
     pub fn status(&self) -> PoolStatus {
         let s = self.inner.status();
         PoolStatus {
-            max_size: s.max_size,
+            max_size: self.gate.max(),
             open: s.size,
             idle: s.available,
-            waiting: s.waiting,
+            waiting: s.waiting + self.queued.load(Ordering::Relaxed),
         }
     }
 
     /// Closes idle backends and refuses new borrows; lent backends close on return.
     pub fn close(&self) {
+        self.gate.permits.close();
         self.inner.close();
     }
 }
@@ -571,6 +748,9 @@ impl Pool {
 /// [`Backend::discard`]; dropping it closes it.
 pub struct Backend {
     obj: Option<Object<ServerManager>>,
+    /// Its place under the pool's `max_size`, given back after the backend (a field
+    /// drops after `Drop::drop` has returned or closed the backend).
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
     lifetime: Option<Duration>,
 }
 
@@ -619,6 +799,94 @@ impl Drop for Backend {
     }
 }
 
+/// A number of places that a reload can change: a semaphore whose permits are held for
+/// as long as a place is used. Raising `max` frees places at once; lowering it takes free
+/// places out of circulation at once and the others as they are given back (a "debt"),
+/// so the places in use never exceed the new `max` once those in use at the reload end.
+struct Capacity {
+    permits: Arc<tokio::sync::Semaphore>,
+    max: AtomicUsize,
+    /// Places still to take out of circulation after `max` was lowered.
+    debt: AtomicUsize,
+}
+
+impl Capacity {
+    fn new(max: usize) -> Capacity {
+        Capacity {
+            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            max: AtomicUsize::new(max),
+            debt: AtomicUsize::new(0),
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// Whether `max` was lowered below the places in use, and some have yet to be given back.
+    fn in_debt(&self) -> bool {
+        self.debt.load(Ordering::Acquire) > 0
+    }
+
+    fn resize(&self, max: usize) {
+        let old = self.max.swap(max, Ordering::AcqRel);
+        if max > old {
+            let want = max - old;
+            let mut grow = want;
+            let _ = self
+                .debt
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
+                    let paid = debt.min(want);
+                    grow = want - paid;
+                    Some(debt - paid)
+                });
+            self.permits.add_permits(grow);
+        } else if max < old {
+            self.debt.fetch_add(old - max, Ordering::AcqRel);
+            self.pay_debt();
+        }
+    }
+
+    /// Takes free permits out of circulation while the debt lasts.
+    fn pay_debt(&self) {
+        while self.in_debt() {
+            let Ok(permit) = self.permits.try_acquire() else {
+                return;
+            };
+            if !self.owe_one() {
+                return;
+            }
+            permit.forget();
+        }
+    }
+
+    /// Counts one permit off the debt, if one is owed.
+    fn owe_one(&self) -> bool {
+        self.debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+            .is_ok()
+    }
+
+    /// A place now, if one is free.
+    fn try_take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.pay_debt();
+        Arc::clone(&self.permits).try_acquire_owned().ok()
+    }
+
+    /// A place, waiting in line (tokio's semaphore is first come, first served). A
+    /// permit handed over while a debt is owed pays it instead (were it given back, it
+    /// would only go to the next in line), and the wait goes on. None if closed.
+    async fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        loop {
+            let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
+            if !self.owe_one() {
+                return Some(permit);
+            }
+            permit.forget();
+        }
+    }
+}
+
 /// How often a pool waiting under `max_db_connections` looks for an idle backend of
 /// another pool to close.
 const DB_LIMIT_LOOK_AGAIN: Duration = Duration::from_millis(100);
@@ -628,8 +896,7 @@ const DB_LIMIT_LOOK_AGAIN: Duration = Duration::from_millis(100);
 /// of the database (as PgBouncer does), or waits for one to close.
 pub struct DbLimit {
     database: String,
-    max: usize,
-    permits: Arc<tokio::sync::Semaphore>,
+    capacity: Capacity,
     pools: Mutex<Vec<std::sync::Weak<Pool>>>,
 }
 
@@ -637,8 +904,7 @@ impl DbLimit {
     fn new(database: &str, max: usize) -> Arc<DbLimit> {
         Arc::new(DbLimit {
             database: database.to_owned(),
-            max,
-            permits: Arc::new(tokio::sync::Semaphore::new(max)),
+            capacity: Capacity::new(max),
             pools: Mutex::new(Vec::new()),
         })
     }
@@ -649,7 +915,7 @@ impl DbLimit {
     ) -> Result<tokio::sync::OwnedSemaphorePermit, ServerError> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         loop {
-            if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            if let Some(permit) = self.capacity.try_take() {
                 return Ok(permit);
             }
             // A backend that went idle in another pool since the last look makes way.
@@ -661,9 +927,8 @@ impl DbLimit {
                 }
                 next_look = next_look.min(deadline);
             }
-            let acquire = Arc::clone(&self.permits).acquire_owned();
-            if let Ok(permit) = tokio::time::timeout_at(next_look, acquire).await {
-                return permit.map_err(|_| self.reached());
+            if let Ok(permit) = tokio::time::timeout_at(next_look, self.capacity.take()).await {
+                return permit.ok_or_else(|| self.reached());
             }
         }
     }
@@ -693,30 +958,93 @@ impl DbLimit {
     fn reached(&self) -> ServerError {
         ServerError::DbLimit {
             database: self.database.clone(),
-            max: self.max,
+            max: self.capacity.max(),
         }
     }
 }
 
+type PoolKey = (String, String);
+
 /// All pools, keyed by (database, user) as clients name them.
 pub struct Pools {
-    pools: HashMap<(String, String), Arc<Pool>>,
+    state: Mutex<PoolsState>,
+    /// Stops the janitors of all pools, those made later too.
+    janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
+    metrics: Arc<Numbers>,
+}
+
+/// What a reload replaces.
+struct PoolsState {
+    configured: HashMap<PoolKey, Arc<Pool>>,
     /// Pools of users found by `[auth]` (made at their first login).
-    dynamic: Mutex<HashMap<(String, String), Arc<Pool>>>,
-    /// What a dynamic pool is made from.
+    found: HashMap<PoolKey, Arc<Pool>>,
+    /// Pools a reload removed that still have clients.
+    retired: Vec<Arc<Pool>>,
+    /// What a pool is made from.
     databases: std::collections::BTreeMap<String, crate::config::DatabaseConfig>,
     settings: PoolSettings,
+    /// `[auth]` is on (a login that looked a user up just before a reload turned it
+    /// off gets no pool).
+    auth_enabled: bool,
     tls: Arc<ServerTls>,
-    /// Stops the janitors of all pools, dynamic ones too.
-    janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
     /// `max_db_connections`, by database.
     db_limits: HashMap<String, Arc<DbLimit>>,
-    metrics: Arc<Numbers>,
+}
+
+impl PoolsState {
+    /// A retired pool of (database, user) that has not closed yet, serving again.
+    fn revive(&mut self, database: &str, user: &str) -> Option<Arc<Pool>> {
+        let i = self
+            .retired
+            .iter()
+            .position(|p| (p.database(), p.user()) == (database, user) && p.unretire())?;
+        Some(self.retired.swap_remove(i))
+    }
+
+    fn target(
+        &self,
+        database: &str,
+        db: &crate::config::DatabaseConfig,
+        server_user: &str,
+        password: Option<BackendPassword>,
+    ) -> ServerTarget {
+        ServerTarget {
+            host: db.host.clone(),
+            port: db.port,
+            database: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
+            user: server_user.to_owned(),
+            password,
+            tls: Arc::clone(&self.tls),
+        }
+    }
 }
 
 impl Pools {
     /// One pool for every configured database and user.
     pub fn from_config(config: &Config, tls: &Arc<ServerTls>, metrics: &Arc<Numbers>) -> Pools {
+        let pools = Pools {
+            state: Mutex::new(PoolsState {
+                configured: HashMap::new(),
+                found: HashMap::new(),
+                retired: Vec::new(),
+                databases: Default::default(),
+                settings: PoolSettings::from_config(config),
+                auth_enabled: config.auth.enabled,
+                tls: Arc::clone(tls),
+                db_limits: HashMap::new(),
+            }),
+            janitor_stop: std::sync::OnceLock::new(),
+            metrics: Arc::clone(metrics),
+        };
+        pools.apply(config, tls);
+        pools
+    }
+
+    /// Makes the pools what `config` says (at start, and on each reload): pools of
+    /// databases and users it no longer has are retired (their clients carry on), new
+    /// ones are made, and the others take the new settings and targets (see
+    /// [`Pool::update`]). Returns (pools added, pools retired).
+    pub fn apply(&self, config: &Config, tls: &Arc<ServerTls>) -> (usize, usize) {
         let settings = PoolSettings::from_config(config);
         for (name, user) in &config.users {
             if backend_password(user).is_none() {
@@ -734,52 +1062,104 @@ impl Pools {
             .iter()
             .map(|(name, user)| (name, backend_password(user)))
             .collect();
+        let mut state = lock(&self.state);
         let db_limits: HashMap<String, Arc<DbLimit>> = config
             .databases
             .iter()
             .filter(|(_, db)| db.max_db_connections > 0)
-            .map(|(name, db)| (name.clone(), DbLimit::new(name, db.max_db_connections)))
+            .map(|(name, db)| {
+                let limit = match state.db_limits.get(name) {
+                    Some(limit) => {
+                        limit.capacity.resize(db.max_db_connections);
+                        Arc::clone(limit)
+                    }
+                    None => DbLimit::new(name, db.max_db_connections),
+                };
+                (name.clone(), limit)
+            })
             .collect();
-        let mut pools = HashMap::new();
+        state.settings = settings.clone();
+        state.auth_enabled = config.auth.enabled;
+        state.tls = Arc::clone(tls);
+        state.databases = config.databases.clone();
+        state.db_limits = db_limits;
+        let (mut added, mut retired) = (0, 0);
+        let mut old = std::mem::take(&mut state.configured);
         for (db_name, db) in &config.databases {
             for (user_name, user) in &config.users {
-                let target = ServerTarget {
-                    host: db.host.clone(),
-                    port: db.port,
-                    database: db.dbname.clone().unwrap_or_else(|| db_name.clone()),
-                    user: user
-                        .server_user
-                        .clone()
-                        .unwrap_or_else(|| user_name.clone()),
-                    password: passwords.get(user_name).cloned().flatten(),
-                    tls: Arc::clone(tls),
+                let server_user = user.server_user.as_deref().unwrap_or(user_name);
+                let password = passwords.get(user_name).cloned().flatten();
+                let target = state.target(db_name, db, server_user, password);
+                let limit = state.db_limits.get(db_name).cloned();
+                let key = (db_name.clone(), user_name.clone());
+                // A pool this reload keeps, or one an earlier reload retired that still
+                // serves clients (so the two never add up to more than max_size).
+                let kept = old
+                    .remove(&key)
+                    .or_else(|| state.revive(db_name, user_name));
+                let pool = match kept {
+                    Some(pool) => {
+                        pool.update(settings.clone(), target, limit);
+                        pool
+                    }
+                    None => {
+                        added += 1;
+                        self.spawn_janitor(Pool::new(
+                            db_name,
+                            user_name,
+                            target,
+                            settings.clone(),
+                            limit,
+                            &self.metrics,
+                        ))
+                    }
                 };
-                let limit = db_limits.get(db_name).cloned();
-                pools.insert(
-                    (db_name.clone(), user_name.clone()),
-                    Pool::new(db_name, user_name, target, settings.clone(), limit, metrics),
-                );
+                state.configured.insert(key, pool);
             }
         }
-        Pools {
-            pools,
-            dynamic: Mutex::new(HashMap::new()),
-            databases: config.databases.clone(),
-            settings,
-            tls: Arc::clone(tls),
-            janitor_stop: std::sync::OnceLock::new(),
-            db_limits,
-            metrics: Arc::clone(metrics),
+        let mut gone: Vec<Arc<Pool>> = old.into_values().collect();
+        // Users `[auth]` found keep their pools while `[auth]` is on, their database is
+        // configured, and they have not become configured users.
+        for (key, pool) in std::mem::take(&mut state.found) {
+            let db = config.databases.get(&key.0);
+            match db.filter(|_| config.auth.enabled && !config.users.contains_key(&key.1)) {
+                Some(db) => {
+                    // Its credential is the one its latest login gave, whatever its kind.
+                    let password = lock(&pool.inner.manager().target).password.clone();
+                    let target = state.target(&key.0, db, &key.1, password);
+                    let limit = state.db_limits.get(&key.0).cloned();
+                    pool.update(settings.clone(), target, limit);
+                    state.found.insert(key, pool);
+                }
+                None => gone.push(pool),
+            }
         }
+        for pool in gone {
+            retired += 1;
+            pool.retire();
+            state.retired.push(pool);
+        }
+        state.retired.retain(|p| !p.inner.is_closed());
+        (added, retired)
+    }
+
+    /// Starts the pool's janitor if the pools are running already.
+    fn spawn_janitor(&self, pool: Arc<Pool>) -> Arc<Pool> {
+        if let Some(stop) = self.janitor_stop.get() {
+            tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));
+        }
+        pool
     }
 
     /// The pool of a configured user, or of a user `[auth]` found that has logged in.
     pub fn get(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
         let key = (database.to_owned(), user.to_owned());
-        match self.pools.get(&key) {
-            Some(pool) => Some(Arc::clone(pool)),
-            None => lock(&self.dynamic).get(&key).cloned(),
-        }
+        let state = lock(&self.state);
+        state
+            .configured
+            .get(&key)
+            .or_else(|| state.found.get(&key))
+            .cloned()
     }
 
     /// The pool of a user found by `[auth]`, made at its first login, logging in to the
@@ -791,50 +1171,63 @@ impl Pools {
         user: &str,
         password: BackendPassword,
     ) -> Option<Arc<Pool>> {
-        let db = self.databases.get(database)?;
+        let mut state = lock(&self.state);
+        if !state.auth_enabled {
+            return None;
+        }
+        let db = state.databases.get(database)?.clone();
         let key = (database.to_owned(), user.to_owned());
-        let mut dynamic = lock(&self.dynamic);
-        if let Some(pool) = dynamic.get(&key) {
+        if let Some(pool) = state.found.get(&key) {
             // Whatever it held: the password may have changed, md5 to SCRAM even.
             lock(&pool.inner.manager().target).password = Some(password);
             return Some(Arc::clone(pool));
         }
-        let target = ServerTarget {
-            host: db.host.clone(),
-            port: db.port,
-            database: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
-            user: user.to_owned(),
-            password: Some(password),
-            tls: Arc::clone(&self.tls),
-        };
-        let pool = Pool::new(
+        let target = state.target(database, &db, user, Some(password));
+        if let Some(pool) = state.revive(database, user) {
+            let limit = state.db_limits.get(database).cloned();
+            pool.update(state.settings.clone(), target, limit);
+            state.found.insert(key, Arc::clone(&pool));
+            return Some(pool);
+        }
+        let pool = self.spawn_janitor(Pool::new(
             database,
             user,
             target,
-            self.settings.clone(),
-            self.db_limits.get(database).cloned(),
+            state.settings.clone(),
+            state.db_limits.get(database).cloned(),
             &self.metrics,
-        );
-        if let Some(stop) = self.janitor_stop.get() {
-            tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));
-        }
-        dynamic.insert(key, Arc::clone(&pool));
+        ));
+        state.found.insert(key, Arc::clone(&pool));
         Some(pool)
     }
 
-    /// Every pool: configured ones and those made for users `[auth]` found.
+    /// Every pool: configured ones, those made for users `[auth]` found, and those a
+    /// reload removed that still serve clients.
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        let mut all: Vec<Arc<Pool>> = self.pools.values().cloned().collect();
-        all.extend(lock(&self.dynamic).values().cloned());
+        let state = lock(&self.state);
+        let mut all: Vec<Arc<Pool>> = state.configured.values().cloned().collect();
+        all.extend(state.found.values().cloned());
+        all.extend(
+            state
+                .retired
+                .iter()
+                .filter(|p| !p.inner.is_closed())
+                .cloned(),
+        );
         all
     }
 
     /// Starts each pool's janitor; they stop when `stop` is cancelled.
     pub fn spawn_janitors(&self, stop: tokio_util::sync::CancellationToken) {
-        for pool in self.all() {
-            tokio::spawn(janitor::run(pool, stop.clone()));
+        // Under the lock, so that a pool made meanwhile gets exactly one janitor.
+        let state = lock(&self.state);
+        if self.janitor_stop.set(stop.clone()).is_err() {
+            return;
         }
-        let _ = self.janitor_stop.set(stop);
+        let pools = state.configured.values().chain(state.found.values());
+        for pool in pools.chain(state.retired.iter()) {
+            tokio::spawn(janitor::run(Arc::clone(pool), stop.clone()));
+        }
     }
 
     pub fn close_all(&self) {

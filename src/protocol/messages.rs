@@ -71,6 +71,22 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     put_message(buf, b'C', |b| put_cstr(b, tag));
 }
 
+/// A NoticeResponse ('N') pgshield itself sends, with severity NOTICE.
+pub fn notice(buf: &mut BytesMut, code: &str, message: &str) {
+    put_message(buf, b'N', |b| {
+        for (field, value) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     put_message(buf, b'Z', |b| b.put_u8(status));
 }

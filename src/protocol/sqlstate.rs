@@ -25,3 +25,7 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 /// `syntax_error`: an admin console command pgshield does not know.
 pub const SYNTAX_ERROR: &str = "42601";
+/// `config_file_error`: RELOAD found the new configuration invalid.
+pub const CONFIG_FILE_ERROR: &str = "F0000";
+/// `successful_completion` class, used for pgshield's own notices.
+pub const SUCCESSFUL_COMPLETION: &str = "00000";

@@ -38,6 +38,16 @@ pub struct ServerTarget {
 }
 
 impl ServerTarget {
+    /// Whether `other` reaches the same server, database and role the same way (the
+    /// password aside): a backend opened for one is as good as one opened for the other.
+    pub fn same_server(&self, other: &ServerTarget) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && self.database == other.database
+            && self.user == other.user
+            && self.tls.same_settings(&other.tls)
+    }
+
     pub fn addr(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)

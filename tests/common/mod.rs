@@ -228,12 +228,52 @@ pub struct TestProxy {
     pub shutdown: Shutdown,
     pub shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
+    /// The configuration file RELOAD reads (written at start, see `rewrite_config`).
+    config_dir: std::path::PathBuf,
 }
 
 impl TestProxy {
     /// Starts a proxy; `sections` is TOML for `[pool]`, `[users.*]` and the like (a
     /// `[listen]` table in it gets the free-port address added).
     pub async fn start(sections: &str) -> TestProxy {
+        let toml = Self::toml(sections);
+        let config =
+            Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let proxy = Proxy::bind(config).await.expect("proxy binds");
+        let config_dir = unique_temp_dir("proxy-config");
+        std::fs::write(config_dir.join("pgshield.toml"), &toml).expect("write the config");
+        proxy
+            .shared()
+            .reload_from(Some(config_dir.join("pgshield.toml")));
+        let addr = proxy.local_addr();
+        let http = proxy.http_addr();
+        let shutdown = proxy.shutdown_handle();
+        let shared = Arc::clone(proxy.shared());
+        let task = tokio::spawn(proxy.run());
+        TestProxy {
+            addr,
+            http,
+            shutdown,
+            shared,
+            task: Some(task),
+            config_dir,
+        }
+    }
+
+    /// Replaces the configuration file with one made from `sections` as `start` makes
+    /// it (the next RELOAD reads it).
+    pub fn rewrite_config(&self, sections: &str) {
+        std::fs::write(self.config_dir.join("pgshield.toml"), Self::toml(sections))
+            .expect("write the config");
+    }
+
+    /// Writes `text` as the configuration file, unchecked.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(self.config_dir.join("pgshield.toml"), text).expect("write the config");
+    }
+
+    /// The whole configuration `start` runs with.
+    fn toml(sections: &str) -> String {
         let db = cluster();
         let listen = "[listen]\naddr = \"127.0.0.1:0\"\n";
         let sections = if sections.contains("[listen]\n") {
@@ -246,25 +286,10 @@ impl TestProxy {
         } else {
             format!("{sections}\n[admin]\nhttp_listen = \"127.0.0.1:0\"\n")
         };
-        let toml = format!(
+        format!(
             "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n{sections}",
             db.port()
-        );
-        let config =
-            Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
-        let proxy = Proxy::bind(config).await.expect("proxy binds");
-        let addr = proxy.local_addr();
-        let http = proxy.http_addr();
-        let shutdown = proxy.shutdown_handle();
-        let shared = Arc::clone(proxy.shared());
-        let task = tokio::spawn(proxy.run());
-        TestProxy {
-            addr,
-            http,
-            shutdown,
-            shared,
-            task: Some(task),
-        }
+        )
     }
 
     /// tokio-postgres settings for a client of this proxy.
@@ -303,6 +328,7 @@ impl TestProxy {
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.shutdown.force();
+        let _ = std::fs::remove_dir_all(&self.config_dir);
     }
 }
 
