@@ -15,8 +15,10 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pgsh
 COPY --from=build /src/target/release/pgshield /usr/local/bin/pgshield
 COPY config/pgshield.toml /etc/pgshield/pgshield.example.toml
 USER pgshield
-# Inside a container, listen on every interface (override with -e PGSHIELD__LISTEN__ADDR=…).
-ENV PGSHIELD__LISTEN__ADDR=0.0.0.0:6432
-EXPOSE 6432
+# Inside a container, listen on every interface (override with -e PGSHIELD__LISTEN__ADDR=…),
+# and serve /metrics, /health and /ready where probes and Prometheus can reach them.
+ENV PGSHIELD__LISTEN__ADDR=0.0.0.0:6432 \
+    PGSHIELD__ADMIN__HTTP_LISTEN=0.0.0.0:9930
+EXPOSE 6432 9930
 ENTRYPOINT ["/usr/local/bin/pgshield"]
 CMD ["run"]

@@ -484,3 +484,54 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(disconnected["transactions"], 1, "{disconnected}");
     assert_eq!(disconnected["level"], "INFO");
 }
+
+/// `KEY=value` lines of an env file (comments and blank lines skipped).
+fn env_file(path: &str) -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{path}: {l}"));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_examples_configure_pgshield_by_environment_alone() {
+    for (path, listen, from_secret) in [
+        ("examples/compose/pgshield.env", "0.0.0.0:6432", false),
+        ("examples/kubernetes/pgshield.env", "127.0.0.1:6432", true),
+    ] {
+        let mut env = env_file(path);
+        if from_secret {
+            // What deployment.yaml adds from its Secret.
+            env.insert("PGSHIELD__USERS__APP__PASSWORD".into(), "from-a-secret".into());
+        }
+        let config = pgshield::config::Config::load_with_env(None, Some(env))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(config.listen.addr, listen, "{path}");
+        assert_eq!(config.admin.http_listen, "0.0.0.0:9930", "{path}");
+        assert!(config.databases.contains_key("app"), "{path}");
+        assert!(config.users.contains_key("app"), "{path}");
+    }
+    let compose = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/compose/docker-compose.yml"),
+    )
+    .expect("compose file");
+    assert!(compose.contains("env_file: pgshield.env"));
+    let k8s = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kubernetes/deployment.yaml"),
+    )
+    .expect("deployment");
+    for probe in [
+        "path: /ready",
+        "path: /health",
+        "port: 9930",
+        "name: PGSHIELD__USERS__APP__PASSWORD",
+    ] {
+        assert!(k8s.contains(probe), "{probe}");
+    }
+}
