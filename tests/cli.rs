@@ -483,6 +483,12 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(disconnected["user"], "cli_json");
     assert_eq!(disconnected["transactions"], 1, "{disconnected}");
     assert_eq!(disconnected["level"], "INFO");
+    // Pool events too, at info with log.connections (the default).
+    let opened = lines
+        .iter()
+        .find(|l| l["message"] == "opened backend")
+        .unwrap_or_else(|| panic!("no backend line:\n{logs}"));
+    assert_eq!(opened["pool"], "app/cli_json");
 }
 
 /// `KEY=value` lines of an env file (comments and blank lines skipped).
@@ -508,7 +514,10 @@ fn the_examples_configure_pgshield_by_environment_alone() {
         let mut env = env_file(path);
         if from_secret {
             // What deployment.yaml adds from its Secret.
-            env.insert("PGSHIELD__USERS__APP__PASSWORD".into(), "from-a-secret".into());
+            env.insert(
+                "PGSHIELD__USERS__APP__PASSWORD".into(),
+                "from-a-secret".into(),
+            );
         }
         let config = pgshield::config::Config::load_with_env(None, Some(env))
             .unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -43,15 +43,17 @@ fn evict(pool: &Pool) {
     let idle_timeout = settings.server_idle_timeout;
     let mut closable = pool.inner.status().size.saturating_sub(settings.min_idle);
     let removed = pool.inner.retain(|server, _| {
-        if manager.unfit(server).is_some() {
+        let reason = if let Some(reason) = manager.unfit(server) {
             closable = closable.saturating_sub(1);
-            return false;
-        }
-        if closable > 0 && idle_timeout.is_some_and(|t| server.idle_for() >= t) {
+            reason
+        } else if closable > 0 && idle_timeout.is_some_and(|t| server.idle_for() >= t) {
             closable -= 1;
-            return false;
-        }
-        true
+            "server_idle_timeout reached"
+        } else {
+            return true;
+        };
+        backend_event!(settings.log_connections, pool = %pool.name, server = %server.id(), pid = server.process_id(), reason, "closing idle backend");
+        false
     });
     if !removed.removed.is_empty() {
         tracing::debug!(pool = %pool.name, closed = removed.removed.len(), "closed idle backends");

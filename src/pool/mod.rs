@@ -9,6 +9,17 @@
 //! Each pool has a janitor (`janitor.rs`) that closes dead, old and long-idle backends and
 //! keeps `min_idle` open.
 
+/// A backend opened or closed: a line at info with `log.connections`, at debug without.
+macro_rules! backend_event {
+    ($loud:expr, $($field:tt)+) => {
+        if $loud {
+            tracing::info!($($field)+)
+        } else {
+            tracing::debug!($($field)+)
+        }
+    };
+}
+
 mod janitor;
 
 use std::collections::HashMap;
@@ -44,6 +55,8 @@ pub struct PoolSettings {
     pub max_prepared_statements: usize,
     pub mode: crate::config::PoolMode,
     pub on_session_state: crate::config::OnSessionState,
+    /// `log.connections`: backends opened and closed are logged at info, not debug.
+    pub log_connections: bool,
 }
 
 impl PoolSettings {
@@ -59,6 +72,7 @@ impl PoolSettings {
             max_prepared_statements: config.pool.max_prepared_statements,
             mode: config.pool.mode,
             on_session_state: config.pool.on_session_state,
+            log_connections: config.log.connections,
         }
     }
 }
@@ -104,6 +118,8 @@ impl BorrowError {
 
 /// Opens and checks backends for one pool.
 pub struct ServerManager {
+    /// The pool's name, for log lines.
+    pool: String,
     /// Where and as whom; behind a lock because a passthrough user's credential is
     /// replaced by the one from its latest login.
     target: Mutex<ServerTarget>,
@@ -146,7 +162,7 @@ impl Manager for ServerManager {
         server.db_permit = permit;
         server.generation = generation;
         server.statements = ServerStatements::new(settings.max_prepared_statements);
-        tracing::debug!(server = %server.id(), pid = server.process_id(), addr = %target.addr(), "opened backend");
+        backend_event!(settings.log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), addr = %target.addr(), tls = server.stream.is_tls(), "opened backend");
         let mut welcome = lock(&self.welcome);
         if generation == self.generation.load(Ordering::Acquire) {
             *welcome = Some(Arc::new(server.params().clone()));
@@ -156,7 +172,7 @@ impl Manager for ServerManager {
 
     async fn recycle(&self, server: &mut Server, _: &Metrics) -> RecycleResult<ServerError> {
         if let Some(reason) = self.unfit(server) {
-            tracing::debug!(server = %server.id(), reason, "closing backend instead of lending it");
+            backend_event!(self.settings.load().log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
             return Err(RecycleError::message(reason));
         }
         Ok(())
@@ -320,6 +336,7 @@ impl Pool {
     ) -> Arc<Pool> {
         let name = format!("{database}/{user}");
         let manager = ServerManager {
+            pool: name.clone(),
             metrics: metrics.pool(&name),
             generation: AtomicU64::new(0),
             db_limit: Mutex::new(db_limit.clone()),
@@ -778,7 +795,14 @@ impl Backend {
             obj.mark_idle_now();
             drop(obj);
         } else {
-            tracing::debug!(server = %obj.id(), expired, "closing backend on release");
+            let loud =
+                Object::pool(&obj).is_some_and(|p| p.manager().settings.load().log_connections);
+            let reason = if expired {
+                "server_lifetime reached"
+            } else {
+                "not at rest"
+            };
+            backend_event!(loud, server = %obj.id(), pid = obj.process_id(), reason, "closing backend on release");
             drop(Object::take(obj));
         }
     }
