@@ -859,13 +859,14 @@ fn averages_over(before: [u64; 7], now: [u64; 7], period: Duration) -> [u64; 7] 
 
 /// `log.stats_period`: one line of totals over each period (PgBouncer's stats line).
 pub async fn log_stats(shared: Arc<Shared>, stop: CancellationToken) {
+    // Over every pool, those a reload removed that still serve clients included.
     let all_totals = |shared: &Shared| {
-        totals_by_database(shared)
-            .into_values()
-            .fold([0u64; 7], |mut sum, t| {
-                sum.iter_mut().zip(t).for_each(|(s, x)| *s += x);
-                sum
-            })
+        shared.pools.all().iter().fold([0u64; 7], |mut sum, p| {
+            sum.iter_mut()
+                .zip(p.stats.totals())
+                .for_each(|(s, x)| *s += x);
+            sum
+        })
     };
     let mut before = (all_totals(&shared), std::time::Instant::now());
     loop {

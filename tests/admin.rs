@@ -492,6 +492,40 @@ async fn shutdown_wait_for_clients_stops_listening_and_serves_connected_clients_
 }
 
 #[tokio::test]
+async fn pause_completes_after_a_queued_client_gave_up() {
+    let proxy = proxy("adm_gaveup", "[pool]\nmax_size = 1\n").await;
+    let admin = console(&proxy, "adm_gaveup_ops").await;
+    let holder = proxy.connect("adm_gaveup", "pw").await.expect("login");
+    holder.client.simple_query("BEGIN").await.expect("BEGIN");
+    let common::Conn { client, done, .. } = proxy.connect("adm_gaveup", "pw").await.expect("login");
+    let queued = tokio::spawn(async move {
+        let _ = client.simple_query("SELECT 1").await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        proxy
+            .shared
+            .pools
+            .get("app", "adm_gaveup")
+            .expect("pool")
+            .status()
+            .waiting,
+        1
+    );
+    // The queued client hangs up while waiting (its socket closes with its connection task).
+    queued.abort();
+    done.abort();
+    let _ = (queued.await, done.await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.client.simple_query("COMMIT").await.expect("COMMIT");
+    tokio::time::timeout(Duration::from_secs(10), admin.client.simple_query("PAUSE"))
+        .await
+        .expect("PAUSE completes: nobody is left waiting")
+        .expect("PAUSE");
+    admin.client.simple_query("RESUME").await.expect("RESUME");
+}
+
+#[tokio::test]
 async fn resume_while_a_pause_waits_ends_the_pause_and_nothing_stays_held() {
     let proxy = proxy("adm_race", "").await;
     let a = proxy.connect("adm_race", "pw").await.expect("a");
@@ -656,6 +690,12 @@ async fn reload_changes_max_db_connections_under_load() {
         let done = client.await.expect("no panic").expect("no client error");
         assert!(done > 0);
     }
+    // Lowered by one with three idle backends: one closes, not all three.
+    proxy.rewrite_config(&sections(role, &capped(2)));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    assert!(settles_at_most(&watcher, role, 2).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(common::backends_of(&watcher, role).await, 2);
 }
 
 #[tokio::test]
@@ -844,6 +884,9 @@ async fn reload_with_a_new_server_moves_clients_to_new_backends_and_new_limits_a
             .expect("query");
         (row.get::<_, String>(0), row.get::<_, i32>(1))
     };
+    // Long enough that a session whose idleness nobody counted (no idle limit yet) would
+    // look idle past the limit the reload brings; it must not be closed for it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (db, old_pid) = where_am_i().await;
     assert_eq!(db, "postgres");
 

@@ -150,7 +150,8 @@ pub async fn serve(
         .as_ref()
         .filter(|_| shared.live().config.log.connections)
     {
-        tracing::info!(client = %id, %peer, sqlstate = %e.code, error = %e.message, "login refused");
+        // (Debug: the message quotes names the client chose, newlines included.)
+        tracing::info!(client = %id, %peer, sqlstate = %e.code, error = ?e.message, "login refused");
     }
     // A cancel request, or a client that left mid-login, was not refused.
     match &refusal {

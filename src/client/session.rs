@@ -540,6 +540,15 @@ impl Session {
             .is_none_or(|b| b.server_ref().replies.tx_status() == TxStatus::Idle)
     }
 
+    /// New limits from a reload. If the old ones did not watch activity, the clock
+    /// starts now: the session was not idle all along just because nobody was counting.
+    fn apply_limits(&mut self, limits: Limits) {
+        if !self.limits.watch_activity() {
+            self.last_activity = Instant::now();
+        }
+        self.limits = limits;
+    }
+
     fn note_activity(&mut self) {
         if self.limits.watch_activity() {
             self.last_activity = Instant::now();
@@ -559,7 +568,7 @@ impl Session {
             return Poll::Ready(Event::Killed);
         }
         if let Some(reloaded) = self.limits.reloaded(&self.shared) {
-            self.limits = reloaded;
+            self.apply_limits(reloaded);
             return Poll::Ready(Event::Reloaded);
         }
         let unsent = self.client_out.len();
@@ -1281,10 +1290,13 @@ impl Session {
         };
         // One NOTICE for a client queued longer than `queue_notice_after` (a complete
         // message: the client has no backend, so nothing is half-written to it).
-        let notice_at = self.limits.queue_notice.map(|after| waiting_since + after);
-        let mut noticed = notice_at.is_none();
-        let notice = tokio::time::sleep_until(notice_at.unwrap_or(waiting_since).into());
-        tokio::pin!(notice);
+        // (A timer only for a client that does wait: most borrows do not.)
+        let mut notice = self
+            .limits
+            .queue_notice
+            .filter(|_| waiting.is_some())
+            .and_then(|after| waiting_since.checked_add(after))
+            .map(|at| Box::pin(tokio::time::sleep_until(at.into())));
         let mut backend = loop {
             if let Some(result) = ready.take() {
                 match result {
@@ -1300,8 +1312,13 @@ impl Session {
             tokio::select! {
                 biased;
                 result = &mut borrow => ready = Some(result),
-                _ = &mut notice, if !noticed => {
-                    noticed = true;
+                _ = async {
+                    match notice.as_mut() {
+                        Some(timer) => timer.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if notice.is_some() => {
+                    notice = None;
                     let status = pool.status();
                     messages::notice(
                         &mut self.client_out,

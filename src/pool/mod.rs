@@ -195,14 +195,15 @@ impl ServerManager {
             .is_some_and(|l| server.age() >= l)
         {
             Some("server_lifetime reached")
-        } else if server.db_permit.is_some()
-            && lock(&self.db_limit)
-                .as_ref()
-                .is_some_and(|l| l.capacity.in_debt())
-        {
-            Some("max_db_connections was lowered")
         } else if server.peer_closed_or_spoke() {
             Some("closed by the server while idle")
+        } else if server
+            .db_permit
+            .as_ref()
+            .is_some_and(|p| p.capacity.in_debt() && p.claim_debt())
+        {
+            // Last: a backend closed for another reason pays the debt anyway.
+            Some("max_db_connections was lowered")
         } else {
             None
         }
@@ -222,7 +223,7 @@ pub struct Pool {
     inner: managed::Pool<ServerManager>,
     /// `max_size`: a place is held by each lent backend. (deadpool's own limit cannot be
     /// lowered while backends are lent; this one can, see [`Capacity`].)
-    gate: Capacity,
+    gate: Arc<Capacity>,
     /// Borrowers waiting for a place.
     queued: AtomicUsize,
     /// Removed from the configuration by a reload: serves the clients it has, closes
@@ -237,6 +238,22 @@ pub struct Pool {
     /// PAUSE: no backend is lent until RESUME.
     paused: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
+}
+
+/// One borrower counted as waiting for a place, until dropped.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn join(count: &'a AtomicUsize) -> Queued<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Queued(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where a pool stands after reloads.
@@ -677,12 +694,13 @@ impl Pool {
         let place = match self.gate.try_take() {
             Some(place) => place,
             None => {
-                self.queued.fetch_add(1, Ordering::Relaxed);
+                // Counted while waiting, however the wait ends (a borrower that gives
+                // up drops this future).
+                let _queued = Queued::join(&self.queued);
                 let place = match settings.borrow_timeout {
                     Some(limit) => tokio::time::timeout(limit, self.gate.take()).await,
                     None => Ok(self.gate.take().await),
                 };
-                self.queued.fetch_sub(1, Ordering::Relaxed);
                 match place {
                     Ok(Some(place)) => place,
                     Ok(None) => return Err(self.borrow_error(PoolError::Closed, &settings)),
@@ -756,7 +774,7 @@ impl Pool {
 
     /// Closes idle backends and refuses new borrows; lent backends close on return.
     pub fn close(&self) {
-        self.gate.permits.close();
+        self.gate.close();
         self.inner.close();
     }
 }
@@ -767,7 +785,7 @@ pub struct Backend {
     obj: Option<Object<ServerManager>>,
     /// Its place under the pool's `max_size`, given back after the backend (a field
     /// drops after `Drop::drop` has returned or closed the backend).
-    _place: Option<tokio::sync::OwnedSemaphorePermit>,
+    _place: Option<Place>,
     lifetime: Option<Duration>,
 }
 
@@ -823,11 +841,13 @@ impl Drop for Backend {
     }
 }
 
-/// A number of places that a reload can change: a semaphore whose permits are held for
-/// as long as a place is used. Raising `max` frees places at once; lowering it takes free
-/// places out of circulation at once and the others as they are given back (a "debt"),
-/// so the places in use never exceed the new `max` once those in use at the reload end.
-struct Capacity {
+/// A number of places that a reload can change: a semaphore whose permits are held (as
+/// [`Place`]s) for as long as a place is used. Raising `max` frees places at once;
+/// lowering it takes free places out of circulation at once and the others as they are
+/// given back (a "debt"), so the places in use never exceed the new `max` once those in
+/// use at the reload end. Waiters are served first come, first served (tokio's
+/// semaphore), and a place paying the debt never reaches them.
+pub(crate) struct Capacity {
     permits: Arc<tokio::sync::Semaphore>,
     max: AtomicUsize,
     /// Places still to take out of circulation after `max` was lowered.
@@ -835,12 +855,12 @@ struct Capacity {
 }
 
 impl Capacity {
-    fn new(max: usize) -> Capacity {
-        Capacity {
+    fn new(max: usize) -> Arc<Capacity> {
+        Arc::new(Capacity {
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
             max: AtomicUsize::new(max),
             debt: AtomicUsize::new(0),
-        }
+        })
     }
 
     fn max(&self) -> usize {
@@ -867,46 +887,81 @@ impl Capacity {
             self.permits.add_permits(grow);
         } else if max < old {
             self.debt.fetch_add(old - max, Ordering::AcqRel);
-            self.pay_debt();
-        }
-    }
-
-    /// Takes free permits out of circulation while the debt lasts.
-    fn pay_debt(&self) {
-        while self.in_debt() {
-            let Ok(permit) = self.permits.try_acquire() else {
-                return;
-            };
-            if !self.owe_one() {
-                return;
+            // Free places pay at once.
+            while self.in_debt() {
+                let Ok(permit) = self.permits.try_acquire() else {
+                    break;
+                };
+                if !self.owe_one() {
+                    break;
+                }
+                permit.forget();
             }
-            permit.forget();
         }
     }
 
-    /// Counts one permit off the debt, if one is owed.
+    /// Counts one place off the debt, if one is owed.
     fn owe_one(&self) -> bool {
         self.debt
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
             .is_ok()
     }
 
-    /// A place now, if one is free.
-    fn try_take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.pay_debt();
-        Arc::clone(&self.permits).try_acquire_owned().ok()
+    fn place(self: &Arc<Self>, permit: tokio::sync::OwnedSemaphorePermit) -> Place {
+        Place {
+            permit: Some(permit),
+            capacity: Arc::clone(self),
+            doomed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
-    /// A place, waiting in line (tokio's semaphore is first come, first served). A
-    /// permit handed over while a debt is owed pays it instead (were it given back, it
-    /// would only go to the next in line), and the wait goes on. None if closed.
-    async fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        loop {
-            let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
-            if !self.owe_one() {
-                return Some(permit);
+    /// A place now, if one is free.
+    fn try_take(self: &Arc<Self>) -> Option<Place> {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        Some(self.place(permit))
+    }
+
+    /// A place, waiting in line. None if closed.
+    async fn take(self: &Arc<Self>) -> Option<Place> {
+        let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
+        Some(self.place(permit))
+    }
+
+    fn close(&self) {
+        self.permits.close();
+    }
+}
+
+/// One place under a [`Capacity`], given back when dropped (or, while the capacity is
+/// in debt, taken out of circulation).
+pub(crate) struct Place {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    capacity: Arc<Capacity>,
+    /// Chosen to pay the debt of a lowered limit: forgotten, not given back.
+    doomed: std::sync::atomic::AtomicBool,
+}
+
+impl Place {
+    /// While the limit is in debt, claims one unit of it for this place (which must then
+    /// be closed: true) so that exactly as many holders close as the debt asks.
+    fn claim_debt(&self) -> bool {
+        if self.doomed.load(Ordering::Acquire) {
+            return true;
+        }
+        let claimed = self.capacity.owe_one();
+        if claimed {
+            self.doomed.store(true, Ordering::Release);
+        }
+        claimed
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            if self.doomed.load(Ordering::Acquire) || self.capacity.owe_one() {
+                permit.forget();
             }
-            permit.forget();
         }
     }
 }
@@ -920,7 +975,7 @@ const DB_LIMIT_LOOK_AGAIN: Duration = Duration::from_millis(100);
 /// of the database (as PgBouncer does), or waits for one to close.
 pub struct DbLimit {
     database: String,
-    capacity: Capacity,
+    capacity: Arc<Capacity>,
     pools: Mutex<Vec<std::sync::Weak<Pool>>>,
 }
 
@@ -933,10 +988,7 @@ impl DbLimit {
         })
     }
 
-    async fn acquire(
-        &self,
-        wait: Option<Duration>,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, ServerError> {
+    async fn acquire(&self, wait: Option<Duration>) -> Result<Place, ServerError> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         loop {
             if let Some(permit) = self.capacity.try_take() {
@@ -1118,8 +1170,10 @@ impl Pools {
                 let key = (db_name.clone(), user_name.clone());
                 // A pool this reload keeps, or one an earlier reload retired that still
                 // serves clients (so the two never add up to more than max_size).
+                // (A user `[auth]` found that is now configured keeps its pool too.)
                 let kept = old
                     .remove(&key)
+                    .or_else(|| state.found.remove(&key))
                     .or_else(|| state.revive(db_name, user_name));
                 let pool = match kept {
                     Some(pool) => {

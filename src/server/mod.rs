@@ -119,7 +119,7 @@ pub struct Server {
     created: Instant,
     idle_since: Instant,
     /// This backend's place under its database's `max_db_connections`, if it has one.
-    pub(crate) db_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) db_permit: Option<crate::pool::Place>,
     /// Its pool's RECONNECT generation when it was opened.
     pub(crate) generation: u64,
 }
