@@ -4,6 +4,7 @@
 //! Start with `docs/ARCHITECTURE.md` for the map of these modules.
 
 pub mod admin;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! The `pgshield` command: `run` (the default), `check-config`, `dev`.
+//! The `pgshield` command: `run` (the default), `check-config`, `dev`, `bench`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,67 @@ enum Command {
     },
     /// Start a throwaway PostgreSQL from this machine's server binaries and front it.
     Dev(DevArgs),
+    /// Drive load at a target and, in the same run, at a comparison (e.g. the same
+    /// database directly): a burst of serverless-style connections, steady clients, or a
+    /// swarm of idle ones. `--embedded` needs no setup.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// lambda-burst (fresh connection → query → close, N times, C at a time), steady
+    /// (C clients querying for a duration) or idle-swarm (N idle connections held).
+    #[arg(long, default_value = "lambda-burst")]
+    scenario: String,
+    /// Connection string of the target, e.g. postgresql://app:secret@127.0.0.1:6432/app
+    #[arg(long)]
+    target: Option<String>,
+    /// Connection string to compare with in the same run (typically the database itself).
+    #[arg(long)]
+    compare: Option<String>,
+    /// Start a throwaway PostgreSQL and a pgshield in front of it, and compare the two.
+    #[arg(long)]
+    embedded: bool,
+    /// lambda-burst: invocations in all.
+    #[arg(long, default_value_t = 2000)]
+    invocations: usize,
+    /// lambda-burst: invocations at a time.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// steady: clients; idle-swarm: connections to hold.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// steady: how long.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// steady: simple, extended, prepared or mix.
+    #[arg(long, default_value = "mix")]
+    protocol: pgshield::bench::Protocol,
+    /// The statement each invocation or client runs.
+    #[arg(long, default_value = "SELECT 1")]
+    query: String,
+    /// idle-swarm: how long to hold the connections once all are open.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    hold: std::time::Duration,
+    /// idle-swarm: the PID of the target proxy, whose memory per client is measured
+    /// (known by itself with --embedded).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Connect with TLS (the certificate is not checked).
+    #[arg(long)]
+    tls: bool,
+    /// Print the result as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Draw latency percentiles and failures per target into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// --embedded: the throwaway server's max_connections.
+    #[arg(long, default_value_t = 40)]
+    max_connections: u32,
+    /// --embedded: pgshield's backends per pool.
+    #[arg(long, default_value_t = 20)]
+    pool_size: usize,
 }
 
 #[derive(Args)]
@@ -73,6 +134,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(args),
         Some(Command::CheckConfig { file }) => check_config(file.as_deref()),
         Some(Command::Dev(args)) => dev(args),
+        Some(Command::Bench(args)) => bench(*args),
     }
 }
 
@@ -119,6 +181,142 @@ fn check_config(file: Option<&Path>) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    use pgshield::bench::{self, embedded, Scenario, Target};
+    let scenario = match args.scenario.as_str() {
+        "lambda-burst" => Scenario::LambdaBurst {
+            invocations: args.invocations,
+            concurrency: args.concurrency,
+            query: args.query.clone(),
+        },
+        "steady" => Scenario::Steady {
+            clients: args.clients.unwrap_or(32),
+            duration: args.duration,
+            protocol: args.protocol,
+            query: args.query.clone(),
+        },
+        "idle-swarm" => Scenario::IdleSwarm {
+            clients: args.clients.unwrap_or(10_000),
+            hold: args.hold,
+        },
+        other => {
+            eprintln!(
+                "pgshield bench: unknown scenario `{other}`: lambda-burst, steady or idle-swarm"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let parse = |label: &str, url: &str, pid: Option<u32>| {
+        url.parse::<tokio_postgres::Config>()
+            .map(|config| Target {
+                label: label.to_owned(),
+                config,
+                pid,
+            })
+            .map_err(|e| format!("--{label}: {e}"))
+    };
+    let mut embedded = None;
+    let mut targets = Vec::new();
+    if args.embedded {
+        let pgshield = match std::env::current_exe() {
+            Ok(path) => path,
+            Err(e) => {
+                eprintln!("pgshield bench: cannot find this executable: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        eprintln!(
+            "starting a throwaway PostgreSQL (max_connections {}) and pgshield (pool of {}) in front of it…",
+            args.max_connections, args.pool_size
+        );
+        match embedded::Embedded::start(&embedded::EmbeddedOptions {
+            pgshield,
+            max_connections: args.max_connections,
+            pool_size: args.pool_size,
+            mode: pgshield::config::PoolMode::Transaction,
+            tls: args.tls,
+        }) {
+            Ok(e) => {
+                targets.push(e.pgshield());
+                if args.compare.is_none() {
+                    targets.push(e.direct());
+                }
+                embedded = Some(e);
+            }
+            Err(e) => {
+                eprintln!("pgshield bench --embedded: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        match args.target.as_deref() {
+            Some(url) => match parse("target", url, args.pid) {
+                Ok(t) => targets.push(t),
+                Err(e) => {
+                    eprintln!("pgshield bench: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => {
+                eprintln!("pgshield bench: give --target URL (and --compare URL), or --embedded");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(url) = args.compare.as_deref() {
+        match parse("compare", url, None) {
+            Ok(t) => targets.push(t),
+            Err(e) => {
+                eprintln!("pgshield bench: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let tls = match args.tls.then(bench::tls::RequireTls::new).transpose() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("pgshield bench: TLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = bench::Options {
+        tls,
+        progress: !args.json,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgshield bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(bench::run(&scenario, &targets, &options));
+    // Connections still closing must not outlive the servers.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("pgshield bench: {e}"),
+        }
+    } else {
+        print!("{}", bench::table(&report));
+    }
+    if let Some(path) = &args.plot {
+        if let Err(e) = bench::plot::svg(&report, path) {
+            eprintln!("pgshield bench: {e}");
+            return ExitCode::FAILURE;
+        }
+        if !args.json {
+            println!("plot: {}", path.display());
+        }
+    }
+    drop(embedded);
+    ExitCode::SUCCESS
 }
 
 fn dev(args: DevArgs) -> ExitCode {
@@ -220,7 +418,7 @@ fn serve(
     reload_from: Option<Option<PathBuf>>,
     on_ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) -> ExitCode {
-    raise_fd_limit();
+    pgshield::net::raise_fd_limit();
     let mut builder = match config.runtime.threads() {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
@@ -351,15 +549,5 @@ fn init_logging(log: &LogConfig) {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         // Fields at the top level, as log pipelines expect.
         LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
-/// Every client and backend is a file descriptor: take all the system allows.
-fn raise_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
     }
 }

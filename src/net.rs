@@ -167,3 +167,13 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// Every client and backend is a file descriptor: take all the system allows.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

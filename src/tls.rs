@@ -328,6 +328,12 @@ impl ServerTls {
         self.mode
     }
 
+    /// The rustls client configuration (None when disabled), for other clients of
+    /// servers: the benchmark's TLS connections.
+    pub fn client_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.config.clone()
+    }
+
     /// Made from the same settings (the CA file may have been read again since): a
     /// backend secured by one is as good as one secured by the other.
     pub fn same_settings(&self, other: &ServerTls) -> bool {

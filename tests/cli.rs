@@ -544,3 +544,90 @@ fn the_examples_configure_pgshield_by_environment_alone() {
         assert!(k8s.contains(probe), "{probe}");
     }
 }
+
+/// Runs `pgshield bench --embedded --json` with `args`; returns the report.
+async fn bench_embedded(args: &[&str]) -> serde_json::Value {
+    let out = pgshield()
+        .args(["bench", "--embedded", "--json"])
+        .args(args)
+        .output()
+        .await
+        .expect("run pgshield bench");
+    assert!(
+        out.status.success(),
+        "{:?}\nstderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&out.stdout), text(&out.stderr)))
+}
+
+#[tokio::test]
+async fn bench_embedded_runs_each_scenario_against_pgshield_and_direct() {
+    let dir = common::unique_temp_dir("bench");
+    let plot = dir.join("burst.svg");
+    let burst = bench_embedded(&[
+        "--invocations",
+        "120",
+        "--concurrency",
+        "30",
+        "--max-connections",
+        "20",
+        "--pool-size",
+        "5",
+        "--plot",
+        plot.to_str().expect("utf-8 path"),
+    ])
+    .await;
+    assert_eq!(burst["scenario"], "lambda-burst");
+    let runs = burst["runs"].as_array().expect("runs");
+    assert_eq!(runs[0]["label"], "pgshield");
+    assert_eq!(runs[1]["label"], "direct");
+    assert_eq!(runs[0]["completed"], 120, "{burst}");
+    assert_eq!(runs[0]["failed"], 0, "{burst}");
+    for run in runs {
+        let done = run["completed"].as_u64().unwrap_or(0) + run["failed"].as_u64().unwrap_or(0);
+        assert_eq!(done, 120, "every invocation is accounted for: {run}");
+    }
+    assert!(runs[0]["end_to_end"]["p99_us"].as_u64().unwrap_or(0) > 0);
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    assert!(svg.starts_with("<svg") && svg.contains("pgshield"), "{svg}");
+
+    let steady = bench_embedded(&[
+        "--scenario",
+        "steady",
+        "--clients",
+        "4",
+        "--duration",
+        "1s",
+        "--protocol",
+        "mix",
+    ])
+    .await;
+    for run in steady["runs"].as_array().expect("runs") {
+        assert!(run["completed"].as_u64().unwrap_or(0) > 10, "{run}");
+        assert_eq!(run["failed"], 0, "{run}");
+    }
+
+    let swarm = bench_embedded(&[
+        "--scenario",
+        "idle-swarm",
+        "--clients",
+        "200",
+        "--hold",
+        "1s",
+        "--max-connections",
+        "20",
+    ])
+    .await;
+    let runs = swarm["runs"].as_array().expect("runs");
+    assert_eq!(runs[0]["completed"], 200, "{swarm}");
+    assert!(
+        runs[0]["idle"]["bytes_per_client"].as_u64().is_some(),
+        "{swarm}"
+    );
+    // The server alone cannot hold them: most are refused.
+    assert!(runs[1]["failed"].as_u64().unwrap_or(0) > 100, "{swarm}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

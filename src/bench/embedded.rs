@@ -1,0 +1,203 @@
+//! `--embedded`: a throwaway PostgreSQL (from the machine's server binaries, with a small
+//! `max_connections`) and a pgshield process in front of it, both stopped (by PID) and
+//! removed when dropped. pgshield runs as its own process so that its CPU and memory are
+//! its own, not the benchmark's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::Target;
+use crate::devdb::{DevDb, DevDbOptions};
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// The `pgshield` executable to start.
+    pub pgshield: PathBuf,
+    /// The server's `max_connections`.
+    pub max_connections: u32,
+    /// pgshield's `pool.max_size`.
+    pub pool_size: usize,
+    /// pgshield's `pool.mode`.
+    pub mode: crate::config::PoolMode,
+    /// Clients may use TLS (a self-signed certificate is made for the run).
+    pub tls: bool,
+}
+
+pub struct Embedded {
+    db: DevDb,
+    proxy: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// How long pgshield has to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Embedded {
+    pub fn start(options: &EmbeddedOptions) -> Result<Embedded, String> {
+        let db = DevDb::start(&DevDbOptions {
+            max_connections: options.max_connections,
+            ..DevDbOptions::default()
+        })
+        .map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!(
+            "pgshield-bench-{}-{}",
+            std::process::id(),
+            db.port()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let port = free_port()?;
+        let mut config = format!(
+            "[listen]\naddr = \"127.0.0.1:{port}\"\nmax_client_connections = 100000\n\
+             [pool]\nmax_size = {}\nmode = \"{}\"\n\
+             [databases.postgres]\nhost = \"{}\"\nport = {}\n\
+             [users.{}]\npassword = \"{}\"\n\
+             [admin]\nhttp_listen = \"\"\n\
+             [log]\nlevel = \"warn\"\nconnections = false\nstats_period = \"0s\"\n",
+            options.pool_size,
+            options.mode,
+            db.host(),
+            db.port(),
+            db.superuser(),
+            db.password(),
+        );
+        if options.tls {
+            let (cert, key) = self_signed(&dir)?;
+            config.push_str(&format!(
+                "[tls.client]\nmode = \"prefer\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        let config_path = dir.join("pgshield.toml");
+        std::fs::write(&config_path, config).map_err(|e| format!("write config: {e}"))?;
+        let log = std::fs::File::create(dir.join("pgshield.log"))
+            .map_err(|e| format!("create log: {e}"))?;
+        let mut command = Command::new(&options.pgshield);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("PGSHIELD") {
+                command.env_remove(name);
+            }
+        }
+        let proxy = command
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", options.pgshield.display()))?;
+        let mut embedded = Embedded {
+            db,
+            proxy,
+            port,
+            dir,
+        };
+        embedded.wait_until_listening()?;
+        Ok(embedded)
+    }
+
+    fn wait_until_listening(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        while started.elapsed() < START_TIMEOUT {
+            if let Ok(Some(status)) = self.proxy.try_wait() {
+                return Err(format!(
+                    "pgshield exited ({status}) before listening:\n{}",
+                    self.proxy_log()
+                ));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "pgshield did not listen within {}s:\n{}",
+            START_TIMEOUT.as_secs(),
+            self.proxy_log()
+        ))
+    }
+
+    /// What pgshield logged (warnings and errors).
+    pub fn proxy_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgshield.log")).unwrap_or_default()
+    }
+
+    fn target(&self, label: &str, port: u16, pid: Option<u32>) -> Target {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.db.host())
+            .port(port)
+            .user(self.db.superuser())
+            .password(self.db.password())
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(30));
+        Target {
+            label: label.to_owned(),
+            config,
+            pid,
+        }
+    }
+
+    /// pgshield, fronting the throwaway server.
+    pub fn pgshield(&self) -> Target {
+        self.target("pgshield", self.port, Some(self.proxy.id()))
+    }
+
+    /// The throwaway server itself.
+    pub fn direct(&self) -> Target {
+        self.target("direct", self.db.port(), None)
+    }
+
+    pub fn db(&self) -> &DevDb {
+        &self.db
+    }
+
+    pub fn proxy_pid(&self) -> u32 {
+        self.proxy.id()
+    }
+
+    pub fn proxy_port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if let Ok(pid) = i32::try_from(self.proxy.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proxy.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("find a free port: {e}"))
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written into `dir`.
+fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .map_err(|e| format!("make a certificate: {e}"))?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).map_err(|e| format!("write cert: {e}"))?;
+    std::fs::write(&key, made.key_pair.serialize_pem()).map_err(|e| format!("write key: {e}"))?;
+    Ok((cert, key))
+}
