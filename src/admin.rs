@@ -220,7 +220,7 @@ async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<
                 pool.hold();
             }
             for client in shared.registry.list() {
-                if client.database == db {
+                if client.database() == db {
                     client.kill();
                 }
             }
@@ -419,8 +419,8 @@ fn show_clients(shared: &Shared) -> Table {
             .unwrap_or_default();
         t.row(vec![
             v("C"),
-            v(&c.user),
-            v(&c.database),
+            v(c.user()),
+            v(c.database()),
             v(if waiting { "waiting" } else { "active" }),
             v(c.addr.ip()),
             v(c.addr.port()),
@@ -449,11 +449,11 @@ fn show_servers(shared: &Shared) -> Table {
         let Some((id, pid)) = c.server() else {
             continue;
         };
-        let db = live.config.databases.get(&c.database);
+        let db = live.config.databases.get(c.database());
         t.row(vec![
             v("S"),
-            v(&c.user),
-            v(&c.database),
+            v(c.user()),
+            v(c.database()),
             v("active"),
             db.map(|d| d.host.clone()),
             db.map(|d| d.port.to_string()),

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod buffers;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -60,6 +60,8 @@ pub struct Shared {
     pub(crate) live: ArcSwap<Live>,
     /// How many reloads have been applied: sessions look at it to pick up new limits.
     pub reloads: std::sync::atomic::AtomicU64,
+    /// The client limits sessions apply, one copy per reload.
+    pub(crate) session_limits: std::sync::Mutex<Option<Arc<crate::client::session::Limits>>>,
     /// Serialises reloads.
     pub(crate) reloading: std::sync::Mutex<()>,
     /// Where a reload reads the configuration (see [`Shared::reload_from`]).
@@ -204,6 +206,7 @@ impl Proxy {
             live: ArcSwap::from_pointee(live),
             reloads: Default::default(),
             reloading: Default::default(),
+            session_limits: Default::default(),
             config_source: Default::default(),
             shutdown: Shutdown::new(),
             cancels: Cancels::new(),
@@ -283,7 +286,8 @@ impl Proxy {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let slot = shared.clients.try_take();
-                        sessions.spawn(client::serve(Arc::clone(&shared), tcp, peer, slot));
+                        let serve = client::serve(Arc::clone(&shared), tcp, peer, slot, sessions.clone());
+                        sessions.spawn(serve);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.

@@ -21,7 +21,7 @@ use crate::pool::{Pool, PoolClient};
 use crate::protocol::startup::{self, StartupMessage, StartupPacket, StartupReadError};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
-use crate::server::{BackendPassword, ServerParams};
+use crate::server::{BackendPassword, ClientView};
 use crate::tls::{ClientTls, Material, ALPN_POSTGRESQL};
 
 /// A logged-in client, ready for its session.
@@ -34,7 +34,7 @@ pub struct Login {
     pub cancel: Registration,
     pub settings: ClientSettings,
     /// The ParameterStatus values the client was told.
-    pub client_view: ServerParams,
+    pub client_view: ClientView,
     /// Its places under per-user and per-database client limits.
     pub admission: Admission,
     pub user: String,
@@ -183,7 +183,7 @@ pub async fn login(
 
     let mut out = BytesMut::with_capacity(512);
     messages::authentication_ok(&mut out);
-    let mut client_view = ServerParams::default();
+    let mut client_view = ClientView::new(Arc::clone(&welcome));
     for (name, server_value) in welcome.iter() {
         let value = settings.get(name).unwrap_or(server_value);
         client_view.set(name, value);

@@ -89,7 +89,7 @@ impl Drop for ClientSlot {
 }
 
 /// Counts a client connection closed, however its task ends.
-struct ClosedOnDrop(metrics::Counter);
+pub struct ClosedOnDrop(metrics::Counter);
 
 impl Drop for ClosedOnDrop {
     fn drop(&mut self) {
@@ -97,23 +97,41 @@ impl Drop for ClosedOnDrop {
     }
 }
 
-/// Serves one accepted connection from login to goodbye. `slot` is `None` when the client
-/// limit is reached: such a client is told so after its startup packet.
+/// What a client holds for as long as it is connected: its place under the client limit
+/// and the count of closed connections it adds to when it goes.
+pub struct Held {
+    pub slot: Option<ClientSlot>,
+    pub closed: ClosedOnDrop,
+}
+
+/// Serves one accepted connection: its login, then (in a task of its own on `sessions`,
+/// so that the login's state is freed and an idle client's task holds only the session)
+/// the session. `slot` is `None` when the client limit is reached: such a client is told
+/// so after its startup packet.
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     slot: Option<ClientSlot>,
+    sessions: tokio_util::task::TaskTracker,
 ) {
     let id = ClientId::next();
     let clients = &shared.metrics.clients;
     clients.received.increment(1);
-    let _closed = ClosedOnDrop(clients.closed.clone());
+    let closed = ClosedOnDrop(clients.closed.clone());
     let mut stream = Stream::from_tcp(tcp);
     let mut buf = BytesMut::new();
     let login_timeout = shared.live().config.listen.client_login_timeout;
     let shutdown = shared.shutdown.clone();
-    let login = handshake::login(&shared, &mut stream, &mut buf, peer, slot.is_some());
+    // Boxed: the login's state (TLS, SCRAM) is freed when it ends, instead of sitting in
+    // every idle session's task for the connection's whole life.
+    let login = Box::pin(handshake::login(
+        &shared,
+        &mut stream,
+        &mut buf,
+        peer,
+        slot.is_some(),
+    ));
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(login_timeout, login) => outcome,
         // A login in progress must not hold up a shutdown.
@@ -124,14 +142,15 @@ pub async fn serve(
     let refusal = match outcome {
         Ok(Ok(handshake::Outcome::Session(login))) => {
             clients.setup_succeeded.increment(1);
-            session::Session::new(Arc::clone(&shared), id, stream, login, buf)
-                .run()
-                .await;
+            let held = Held { slot, closed };
+            let session = session::Session::new(Arc::clone(&shared), id, stream, login, buf, held);
+            sessions.spawn(session.run());
             return;
         }
         Ok(Ok(handshake::Outcome::Admin(user))) => {
             clients.setup_succeeded.increment(1);
-            crate::admin::run(Arc::clone(&shared), stream, buf, user).await;
+            // Boxed, as the login is: the console's state is no client session's burden.
+            Box::pin(crate::admin::run(Arc::clone(&shared), stream, buf, user)).await;
             return;
         }
         Ok(Err(refusal)) => refusal.error,
@@ -168,7 +187,7 @@ pub async fn serve(
                 stream.send(&out).await?;
                 stream.shutdown().await
             };
-            let _ = tokio::time::timeout(TLS_FAREWELL_TIMEOUT, farewell).await;
+            let _ = tokio::time::timeout(TLS_FAREWELL_TIMEOUT, Box::pin(farewell)).await;
         } else {
             // Best effort, never waiting on a client that does not read.
             stream.try_write_now(&out);

@@ -14,9 +14,11 @@ use crate::server::Server;
 /// Startup keys that are not settings.
 const NOT_SETTINGS: [&str; 3] = ["user", "database", "options"];
 
-/// The settings a client asked for, in order (a later value for a name wins).
+/// The settings a client asked for, in order (a later value for a name wins). Kept as
+/// `name NUL value NUL …` in one string (protocol strings cannot hold NUL): every client
+/// keeps its settings for its whole connection, and one allocation beats a few per name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientSettings(Vec<(String, String)>);
+pub struct ClientSettings(String);
 
 impl ClientSettings {
     /// Collects settings from a StartupMessage. Refuses what pgshield cannot honour.
@@ -51,23 +53,28 @@ impl ClientSettings {
                 settings.set(&name, &value);
             }
         }
+        // Kept for the connection's life: no spare room.
+        settings.0.shrink_to_fit();
         Ok(settings)
     }
 
     fn set(&mut self, name: &str, value: &str) {
-        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-        self.0.push((name.to_owned(), value.to_owned()));
+        self.remove(name);
+        for part in [name, value] {
+            self.0.push_str(part);
+            self.0.push('\0');
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
+        self.iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        let mut parts = self.0.split('\0');
+        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
     }
 
     /// The settings that `server` does not have yet: not applied by pgshield, and (for
@@ -98,7 +105,17 @@ impl ClientSettings {
 
     /// Forgets a setting (the server no longer has it).
     pub fn remove(&mut self, name: &str) {
-        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        if self.get(name).is_none() {
+            return;
+        }
+        let mut kept = String::with_capacity(self.0.len());
+        for (k, v) in self.iter().filter(|(k, _)| !k.eq_ignore_ascii_case(name)) {
+            for part in [k, v] {
+                kept.push_str(part);
+                kept.push('\0');
+            }
+        }
+        self.0 = kept;
     }
 
     /// Records a setting the client changed during its session.
@@ -204,6 +221,31 @@ fn split_words(s: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn settings_keep_order_overwrite_by_name_and_allow_empty_values() {
+        let mut s = ClientSettings::default();
+        s.set("a", "1");
+        s.set("b", "");
+        s.set("C", "3");
+        s.set("A", "4");
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            [("b", ""), ("C", "3"), ("A", "4")]
+        );
+        assert_eq!(
+            (s.get("a"), s.get("B"), s.get("c")),
+            (Some("4"), Some(""), Some("3"))
+        );
+        s.remove("b");
+        s.record("d", "x");
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            [("C", "3"), ("A", "4"), ("d", "x")]
+        );
+        assert!(ClientSettings::default().iter().next().is_none());
+    }
+
     use super::*;
 
     fn startup(params: &[(&str, &str)]) -> StartupMessage {

@@ -22,8 +22,8 @@ pub enum ClientState {
 /// One client, as the console sees it.
 pub struct ClientInfo {
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    /// Its pool: the user and database as it named them (not copied per client).
+    pub pool: Arc<crate::pool::Pool>,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
     pub connected_at: SystemTime,
@@ -44,6 +44,14 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
+    pub fn user(&self) -> &str {
+        self.pool.user()
+    }
+
+    pub fn database(&self) -> &str {
+        self.pool.database()
+    }
+
     pub fn set_state(&self, state: ClientState) {
         self.state.store(state as u8, Ordering::Relaxed);
     }
@@ -101,8 +109,8 @@ impl ClientInfo {
 /// What a new client is registered with.
 pub struct NewClient {
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    /// Its pool: the user and database as it named them (not copied per client).
+    pub pool: Arc<crate::pool::Pool>,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
     pub tls: bool,
@@ -130,8 +138,7 @@ impl ClientRegistry {
     pub fn register(self: &Arc<Self>, client: NewClient, waker: Arc<AtomicWaker>) -> Registered {
         let info = Arc::new(ClientInfo {
             id: client.id,
-            user: client.user,
-            database: client.database,
+            pool: client.pool,
             addr: client.addr,
             local: client.local,
             connected_at: SystemTime::now(),

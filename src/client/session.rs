@@ -46,13 +46,12 @@ use crate::protocol::frame::{peek_header, Header, DEFAULT_MAX_MESSAGE_SIZE, HEAD
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
 use crate::server::state::{Disposition, Hide, TxStatus};
-use crate::server::{parse_parameter_status, Server, ServerError, ServerParams};
+use crate::server::{parse_parameter_status, ClientView, Server, ServerError};
 use crate::shutdown::{Stage, Watch};
 
 /// Stop reading from one side while this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
 /// Read at least this much at a time.
-const READ_CHUNK: usize = 16 * 1024;
 /// While queued for a backend, read at most this much ahead from the client.
 const QUEUED_READ_LIMIT: usize = 1024 * 1024;
 /// A Bind's portal and statement names must arrive within this many bytes.
@@ -122,9 +121,10 @@ enum Event {
     Reloaded,
 }
 
-/// The session's time limits (None: no limit).
+/// The session's time limits (None: no limit). One copy per reload, shared by every
+/// session (see `Shared::session_limits`).
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+pub(crate) struct Limits {
     idle_client: Option<Duration>,
     idle_transaction: Option<Duration>,
     query: Option<Duration>,
@@ -137,12 +137,19 @@ struct Limits {
 }
 
 impl Limits {
-    fn now_in_force(shared: &Shared) -> Limits {
+    fn now_in_force(shared: &Shared) -> Arc<Limits> {
         let reloads = shared.reloads.load(std::sync::atomic::Ordering::Acquire);
+        let mut cached = shared
+            .session_limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(limits) = cached.as_ref().filter(|l| l.reloads == reloads) {
+            return Arc::clone(limits);
+        }
         let live = shared.live();
         let pool = &live.config.pool;
         let limit = |d: Duration| (!d.is_zero()).then_some(d);
-        Limits {
+        let limits = Arc::new(Limits {
             idle_client: limit(pool.idle_client_timeout),
             idle_transaction: limit(pool.idle_transaction_timeout),
             query: limit(pool.query_timeout),
@@ -150,11 +157,13 @@ impl Limits {
             max_message_size: live.config.listen.max_message_size,
             log_connections: live.config.log.connections,
             reloads,
-        }
+        });
+        *cached = Some(Arc::clone(&limits));
+        limits
     }
 
     /// The limits again if a reload happened since they were read.
-    fn reloaded(&self, shared: &Shared) -> Option<Limits> {
+    fn reloaded(&self, shared: &Shared) -> Option<Arc<Limits>> {
         (shared.reloads.load(std::sync::atomic::Ordering::Relaxed) != self.reloads)
             .then(|| Limits::now_in_force(shared))
     }
@@ -237,7 +246,7 @@ pub struct Session {
     /// The client's cancel key; points at the backend it holds.
     cancel: Registration,
     /// The ParameterStatus values the client has been told.
-    client_view: ServerParams,
+    client_view: ClientView,
     backend: Option<Backend>,
     /// Bytes from the client not yet processed.
     client_in: BytesMut,
@@ -253,7 +262,7 @@ pub struct Session {
     server_sent_fatal: bool,
     /// When the client last sent or was sent something (kept only if a limit needs it).
     last_activity: Instant,
-    limits: Limits,
+    limits: Arc<Limits>,
     shutdown: Watch,
     /// Held for the session's life: its places under per-user/database client limits.
     _admission: Admission,
@@ -269,6 +278,8 @@ pub struct Session {
     /// What it did, for the line logged when it ends.
     counts: Counts,
     started: Instant,
+    /// Its place under the client limit, and its count in closed connections.
+    _held: super::Held,
 }
 
 /// A session's totals (its pool's are in `PoolStats`).
@@ -287,6 +298,7 @@ impl Session {
         client: Stream,
         login: Login,
         leftover: BytesMut,
+        held: super::Held,
     ) -> Session {
         let watch = shared.shutdown.watch();
         Session {
@@ -295,8 +307,7 @@ impl Session {
             registered: shared.registry.register(
                 NewClient {
                     id: id.0,
-                    user: login.user.clone(),
-                    database: login.database.clone(),
+                    pool: Arc::clone(&login.pool),
                     addr: client.peer_addr(),
                     local: client.local_addr(),
                     tls: client.is_tls(),
@@ -338,39 +349,56 @@ impl Session {
             last_activity: Instant::now(),
             counts: Counts::default(),
             started: Instant::now(),
+            _held: held,
         }
     }
 
-    pub async fn run(mut self) {
+    /// Relays until the session ends, then finishes it. (Not an `async fn`: that would
+    /// store the session twice in the future, once as the argument and once as the
+    /// local it is moved into; an idle client's task is mostly this future.)
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            self.log_login();
+            let end = self.relay().await;
+            // Boxed, as is each borrow: an idle session's task holds only the relay
+            // loop's own state, not the largest state it might pass through.
+            let finishing = Box::pin(self.finish(end));
+            finishing.await;
+        }
+    }
+
+    fn log_login(&self) {
         if self.limits.log_connections {
             let info = &self.registered.info;
             tracing::info!(
                 client = %self.id,
                 peer = %info.addr,
-                user = %info.user,
-                database = %info.database,
+                user = %info.user(),
+                database = %info.database(),
                 tls = info.tls,
                 application_name = %info.application_name,
                 "client logged in"
             );
         }
-        let end = self.relay().await;
-        self.finish(end).await;
     }
 
     async fn relay(&mut self) -> End {
-        let mut limits = self.limits;
+        // (Only what the loop needs across its awaits is kept here, not a copy of the
+        // limits: this future is most of an idle client's memory.)
+        let mut seen_reloads = self.limits.reloads;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_armed = false;
         let mut timer_state = None;
         // Re-aim the timer whenever the session changes state only when a limit with a
         // short deadline can apply; the idle limit alone is looked at when the timer fires.
-        let mut reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
+        let reaims = |l: &Limits| l.query.is_some() || l.idle_transaction.is_some();
+        let mut reaim_on_change = reaims(&self.limits);
         loop {
-            if self.limits.reloads != limits.reloads {
-                limits = self.limits;
-                reaim_on_change = limits.query.is_some() || limits.idle_transaction.is_some();
+            if self.limits.reloads != seen_reloads {
+                seen_reloads = self.limits.reloads;
+                reaim_on_change = reaims(&self.limits);
                 timer_state = None;
                 timer_armed = false;
             }
@@ -392,7 +420,7 @@ impl Session {
                 self.release_if_done();
             }
             // The limits run on one timer, re-aimed when the session changes state.
-            if limits.any() {
+            if self.limits.any() {
                 let state = (self.server_busy(), self.outside_transaction());
                 if state.0 && self.busy_since.is_none() {
                     self.busy_since = Some(Instant::now());
@@ -402,6 +430,7 @@ impl Session {
                 }
                 if timer_state.is_none() || (reaim_on_change && timer_state != Some(state)) {
                     timer_state = Some(state);
+                    let limits = *self.limits;
                     let next = self.next_deadline(&limits, Instant::now());
                     timer_armed = next.is_some();
                     if let Some(at) = next {
@@ -410,11 +439,18 @@ impl Session {
                 }
             }
             let quiet = self.is_quiet();
+            if quiet {
+                // Nothing in flight: an idle client holds no buffer.
+                crate::buffers::release(&mut self.client_in);
+                crate::buffers::release(&mut self.client_out);
+                crate::buffers::release(&mut self.server_out);
+            }
             let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
                 biased;
                 _ = &mut timer, if timer_armed => {
                     let now = Instant::now();
+                    let limits = *self.limits;
                     if let Err(end) = self.enforce_limits(&limits, now) {
                         return end;
                     }
@@ -542,7 +578,7 @@ impl Session {
 
     /// New limits from a reload. If the old ones did not watch activity, the clock
     /// starts now: the session was not idle all along just because nobody was counting.
-    fn apply_limits(&mut self, limits: Limits) {
+    fn apply_limits(&mut self, limits: Arc<Limits>) {
         if !self.limits.watch_activity() {
             self.last_activity = Instant::now();
         }
@@ -591,8 +627,8 @@ impl Session {
         // Poll both reads every time, so a busy side cannot starve the other.
         let mut data = false;
         if read_client && self.server_out.len() < HIGH_WATER {
-            reserve_for_read(&mut self.client_in);
-            match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
+            // (Through the thread's scratch space: a client waiting here holds no buffer.)
+            match crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                 Poll::Ready(Ok(n)) => {
                     PoolStats::add(&self.pool.stats.bytes_received, n as u64);
@@ -727,7 +763,7 @@ impl Session {
                     };
                     continue;
                 }
-                if let Err(error) = self.acquire_backend().await? {
+                if let Err(error) = Box::pin(self.acquire_backend()).await? {
                     self.refuse(header.tag, error);
                     self.client_msg = Passing {
                         left: header.len,
@@ -1385,7 +1421,9 @@ impl Session {
             return Ok(());
         };
         let reply =
-            match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, server.run_internal(&sql)).await {
+            match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, Box::pin(server.run_internal(&sql)))
+                .await
+            {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => return Err(SettingsError::Server(e)),
                 Err(_) => {
@@ -1414,7 +1452,7 @@ impl Session {
     }
 
     /// Ends the session: returns or closes the backend, then says goodbye to the client.
-    async fn finish(mut self, end: End) {
+    async fn finish(&mut self, end: End) {
         if self.pinned.is_some() {
             self.shared.pinned.remove(self.id.0);
         }
@@ -1425,8 +1463,8 @@ impl Session {
             tracing::info!(
                 client = %self.id,
                 peer = %info.addr,
-                user = %info.user,
-                database = %info.database,
+                user = %info.user(),
+                database = %info.database(),
                 duration_ms = self.started.elapsed().as_millis() as u64,
                 transactions = c.transactions,
                 queries = c.queries,
@@ -1662,10 +1700,11 @@ fn out_of_step(tag: u8) -> String {
     )
 }
 
-/// Makes sure a read has room to land.
+/// Makes room for a read into a backend's own buffer (a backend is busy or pooled, so
+/// its buffer is worth keeping).
 fn reserve_for_read(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+    if buf.capacity() - buf.len() < crate::buffers::CHUNK / 4 {
+        buf.reserve(crate::buffers::CHUNK);
     }
 }
 

@@ -137,10 +137,31 @@ pub struct ServerManager {
 }
 
 impl Manager for ServerManager {
-    type Type = Server;
+    // Boxed: a lent backend's guard lives in its session, and an idle session keeps an
+    // empty one; unboxed, every client would carry room for a whole `Server`.
+    type Type = Box<Server>;
     type Error = ServerError;
 
-    async fn create(&self) -> Result<Server, ServerError> {
+    async fn create(&self) -> Result<Box<Server>, ServerError> {
+        // Boxed: opening a backend (TCP, TLS, authentication) is a large state machine,
+        // and deadpool's borrow future embeds it. Unboxed, every client waiting for or
+        // holding a borrow would carry it; boxed, only an actual connect pays for it.
+        Box::pin(self.open()).await
+    }
+
+    async fn recycle(&self, server: &mut Box<Server>, _: &Metrics) -> RecycleResult<ServerError> {
+        if let Some(reason) = self.unfit(server) {
+            backend_event!(self.settings.load().log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
+            return Err(RecycleError::message(reason));
+        }
+        Ok(())
+    }
+}
+
+impl ServerManager {
+    /// Opens a backend for the pool: under `max_db_connections`, with the target and
+    /// settings in force now.
+    async fn open(&self) -> Result<Box<Server>, ServerError> {
         // The generation first: a reload that changes the target or the limit after this
         // read bumps it, so a backend opened with what is read below is never reused.
         let generation = self.generation.load(Ordering::Acquire);
@@ -167,19 +188,9 @@ impl Manager for ServerManager {
         if generation == self.generation.load(Ordering::Acquire) {
             *welcome = Some(Arc::new(server.params().clone()));
         }
-        Ok(server)
+        Ok(Box::new(server))
     }
 
-    async fn recycle(&self, server: &mut Server, _: &Metrics) -> RecycleResult<ServerError> {
-        if let Some(reason) = self.unfit(server) {
-            backend_event!(self.settings.load().log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
-            return Err(RecycleError::message(reason));
-        }
-        Ok(())
-    }
-}
-
-impl ServerManager {
     /// Why an idle backend must not be lent again, if it must not.
     fn unfit(&self, server: &Server) -> Option<&'static str> {
         if server.is_broken() {

@@ -76,6 +76,34 @@ impl ServerParams {
     }
 }
 
+/// The ParameterStatus values a client has been told: the welcome values of its pool
+/// (one copy, shared by the pool's clients) and what differs for this client alone, so
+/// that an idle client does not carry a dozen strings of its own.
+#[derive(Debug, Clone)]
+pub struct ClientView {
+    base: Arc<ServerParams>,
+    own: ServerParams,
+}
+
+impl ClientView {
+    pub fn new(base: Arc<ServerParams>) -> ClientView {
+        ClientView {
+            base,
+            own: ServerParams::default(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.own.get(name).or_else(|| self.base.get(name))
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        if self.own.get(name).is_some() || self.base.get(name) != Some(value) {
+            self.own.set(name, value);
+        }
+    }
+}
+
 /// Parses a ParameterStatus body into (name, value).
 pub fn parse_parameter_status(mut body: &[u8]) -> Option<(&str, &str)> {
     let name = take_cstr(&mut body)?;

@@ -1,0 +1,77 @@
+//! Reading without a buffer of one's own while waiting, so that an idle client holds
+//! none: a read lands in the worker thread's scratch space and only the bytes that came
+//! are copied into the session's buffer (which is freed again when it empties and the
+//! session goes quiet). A reader waiting on a socket holds nothing; a busy one pays a
+//! copy of what it read.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// The most one read takes.
+pub const CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
+}
+
+/// Reads what `stream` has now into `buf` (through the thread's scratch space);
+/// `Ready(Ok(0))` is end of stream.
+pub fn poll_read<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let mut read = ReadBuf::new(&mut scratch[..]);
+        match Pin::new(stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let got = read.filled();
+                buf.extend_from_slice(got);
+                Poll::Ready(Ok(got.len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+}
+
+/// Frees an empty buffer's memory (a buffer holding bytes is kept).
+pub fn release(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_land_in_the_buffer_and_an_empty_buffer_is_freed() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"hello")
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let n = std::future::poll_fn(|cx| poll_read(&mut b, cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
+        release(&mut buf);
+        assert_eq!(buf.len(), 5, "bytes are kept");
+        let _ = buf.split_to(5);
+        release(&mut buf);
+        assert_eq!(buf.capacity(), 0);
+        drop(a);
+        let n = std::future::poll_fn(|cx| poll_read(&mut b, cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "end of stream");
+    }
+}
