@@ -40,12 +40,15 @@ struct Endpoint {
 }
 
 /// What one pgbench (or lambda burst) run gave.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Figures {
     tps: f64,
+    /// Transactions that failed and clients pgbench gave up on.
     failed: u64,
     /// The pooler's CPU time per transaction, microseconds.
     cpu_us_per_txn: Option<f64>,
+    /// The run did not complete (pgbench exited with an error): its first error line.
+    error: Option<String>,
 }
 
 fn main() {
@@ -219,8 +222,14 @@ fn run_pgbench(pgbench: &Path, db: &DevDb, endpoint: &Endpoint, args: &[String])
         .stdin(Stdio::null())
         .output();
     let after = endpoint.pid.and_then(cpu_ticks);
-    let Ok(out) = out else {
-        return Figures::default();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            return Figures {
+                error: Some(format!("cannot run pgbench: {e}")),
+                ..Figures::default()
+            }
+        }
     };
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |prefix: &str| -> Option<f64> {
@@ -232,9 +241,22 @@ fn run_pgbench(pgbench: &Path, db: &DevDb, endpoint: &Endpoint, args: &[String])
     let tps = field("tps = ").unwrap_or(0.0);
     let processed = field("number of transactions actually processed: ").unwrap_or(0.0);
     let failed = field("number of failed transactions: ").unwrap_or(0.0) as u64;
-    // Clients pgbench gave up on count as failed too (PgBouncer's prepared statements).
+    // Clients pgbench gave up on count as failed too (PgBouncer's prepared statements);
+    // not its closing "Run was aborted" line.
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let aborted = stderr.lines().filter(|l| l.contains("aborted")).count() as u64;
+    let aborted = stderr
+        .lines()
+        .filter(|l| l.starts_with("client ") && l.contains("aborted"))
+        .count() as u64;
+    let error = (!out.status.success()).then(|| {
+        stderr
+            .lines()
+            .find(|l| l.contains("error") || l.contains("FATAL") || l.contains("fatal"))
+            .unwrap_or("pgbench failed")
+            .chars()
+            .take(100)
+            .collect::<String>()
+    });
     let cpu_us_per_txn = match (before, after) {
         (Some(b), Some(a)) if processed > 0.0 => {
             Some((a - b) as f64 / ticks_per_second() * 1e6 / processed)
@@ -245,6 +267,7 @@ fn run_pgbench(pgbench: &Path, db: &DevDb, endpoint: &Endpoint, args: &[String])
         tps,
         failed: failed + aborted,
         cpu_us_per_txn,
+        error,
     }
 }
 
@@ -281,6 +304,7 @@ fn lambda(runtime: &tokio::runtime::Runtime, db: &DevDb, endpoint: &Endpoint) ->
         tps: run.throughput_per_s,
         failed: run.failed,
         cpu_us_per_txn,
+        error: None,
     }
 }
 
@@ -318,29 +342,41 @@ fn print_table(
     }
     println!("---|---|");
     for scenario in scenarios {
-        let tps = |label: &str| {
+        // Medians over the runs that completed.
+        let completed = |label: &str| -> Vec<Figures> {
             results
                 .get(&(scenario.clone(), label.to_owned()))
-                .and_then(|f| median(f.iter().map(|f| f.tps).collect()))
+                .map(|f| f.iter().filter(|f| f.error.is_none()).cloned().collect())
+                .unwrap_or_default()
         };
+        let tps = |label: &str| median(completed(label).iter().map(|f| f.tps).collect());
         print!("| {scenario} |");
         for e in endpoints {
-            let figures = results.get(&(scenario.clone(), e.label.to_owned()));
-            let failed: u64 = figures.map_or(0, |f| f.iter().map(|f| f.failed).sum());
-            match figures.and_then(|f| median(f.iter().map(|f| f.tps).collect())) {
+            let all = results
+                .get(&(scenario.clone(), e.label.to_owned()))
+                .cloned()
+                .unwrap_or_default();
+            let figures = completed(e.label);
+            let failed: u64 = figures.iter().map(|f| f.failed).sum();
+            let broken = all.len() - figures.len();
+            match median(figures.iter().map(|f| f.tps).collect()) {
                 Some((m, lo, hi)) => {
                     print!(" {m:.0} [{lo:.0}–{hi:.0}]");
                     if failed > 0 {
                         print!(" ({failed} failed)");
                     }
+                    if broken > 0 {
+                        print!(" ({broken} of {} runs did not complete)", all.len());
+                    }
                     print!(" |");
                 }
-                None => print!(" – |"),
+                None => {
+                    let why = all.iter().find_map(|f| f.error.clone()).unwrap_or_default();
+                    print!(" fails: {} |", why.replace('|', "/"));
+                }
             }
             if e.pid.is_some() {
-                match figures
-                    .and_then(|f| median(f.iter().filter_map(|f| f.cpu_us_per_txn).collect()))
-                {
+                match median(figures.iter().filter_map(|f| f.cpu_us_per_txn).collect()) {
                     Some((m, _, _)) => print!(" {m:.1} |"),
                     None => print!(" – |"),
                 }
@@ -388,7 +424,16 @@ async fn stored_verifier(db: &DevDb) -> Result<String, String> {
 struct PgBouncer {
     child: Child,
     port: u16,
-    dir: PathBuf,
+    dir: RemoveOnDrop,
+}
+
+/// A directory removed when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl PgBouncer {
@@ -404,7 +449,12 @@ impl PgBouncer {
             .map_err(|e| e.to_string())?;
         let dir =
             std::env::temp_dir().join(format!("pgshield-bench-pgbouncer-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .map_err(|e| e.to_string())?;
+        // Removed on every way out, the error returns below included.
+        let guard = RemoveOnDrop(dir.clone());
         let ini = format!(
             "[databases]\npostgres = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
              listen_port = {port}\nauth_type = scram-sha-256\nauth_file = {}/userlist.txt\n\
@@ -440,7 +490,11 @@ impl PgBouncer {
             }
         }
         let child = command.spawn().map_err(|e| e.to_string())?;
-        let bouncer = PgBouncer { child, port, dir };
+        let bouncer = PgBouncer {
+            child,
+            port,
+            dir: guard,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -450,7 +504,7 @@ impl PgBouncer {
         }
         Err(format!(
             "PgBouncer did not listen: {}",
-            std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
+            std::fs::read_to_string(bouncer.dir.0.join("pgbouncer.log")).unwrap_or_default()
         ))
     }
 }
@@ -459,6 +513,5 @@ impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

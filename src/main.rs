@@ -295,7 +295,19 @@ fn bench(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(bench::run(&scenario, &targets, &options));
+    // Ctrl-C stops the run and still cleans up what --embedded started.
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = bench::run(&scenario, &targets, &options) => Some(report),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    let Some(report) = report else {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        eprintln!("pgshield bench: interrupted");
+        drop(embedded);
+        return ExitCode::from(130);
+    };
     // Connections still closing must not outlive the servers.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     if args.json {

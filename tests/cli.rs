@@ -594,6 +594,12 @@ async fn bench_embedded_runs_each_scenario_against_pgshield_and_direct() {
     let svg = std::fs::read_to_string(&plot).expect("the plot was written");
     assert!(svg.starts_with("<svg") && svg.contains("pgshield"), "{svg}");
 
+    // TLS on both targets (the throwaway server gets the certificate too).
+    let tls = bench_embedded(&["--tls", "--invocations", "40", "--concurrency", "8"]).await;
+    for run in tls["runs"].as_array().expect("runs") {
+        assert_eq!(run["completed"], 40, "{run}");
+    }
+
     let steady = bench_embedded(&[
         "--scenario",
         "steady",

@@ -3,7 +3,7 @@
 //! removed when dropped. pgshield runs as its own process so that its CPU and memory are
 //! its own, not the benchmark's.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,33 @@ pub struct Embedded {
     db: DevDb,
     proxy: Child,
     port: u16,
-    dir: PathBuf,
+    dir: PrivateDir,
+}
+
+/// A directory only this user can read (it holds the throwaway superuser's password),
+/// removed when dropped, whatever happens after it is made.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new(path: PathBuf) -> Result<PrivateDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(PrivateDir(path))
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// How long pgshield has to start listening.
@@ -36,17 +62,30 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Embedded {
     pub fn start(options: &EmbeddedOptions) -> Result<Embedded, String> {
-        let db = DevDb::start(&DevDbOptions {
+        // With TLS, the server gets the same certificate as pgshield: the comparison is
+        // TLS against TLS.
+        let certificate = options.tls.then(self_signed).transpose()?;
+        let mut db_options = DevDbOptions {
             max_connections: options.max_connections,
             ..DevDbOptions::default()
-        })
-        .map_err(|e| e.to_string())?;
-        let dir = std::env::temp_dir().join(format!(
+        };
+        if let Some((cert, key)) = &certificate {
+            db_options.files = vec![
+                ("server.crt".into(), cert.clone().into_bytes()),
+                ("server.key".into(), key.clone().into_bytes()),
+            ];
+            db_options.settings = vec![
+                ("ssl".into(), "on".into()),
+                ("ssl_cert_file".into(), "server.crt".into()),
+                ("ssl_key_file".into(), "server.key".into()),
+            ];
+        }
+        let db = DevDb::start(&db_options).map_err(|e| e.to_string())?;
+        let dir = PrivateDir::new(std::env::temp_dir().join(format!(
             "pgshield-bench-{}-{}",
             std::process::id(),
             db.port()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        )))?;
         let port = free_port()?;
         let mut config = format!(
             "[listen]\naddr = \"127.0.0.1:{port}\"\nmax_client_connections = 100000\n\
@@ -62,12 +101,14 @@ impl Embedded {
             db.superuser(),
             db.password(),
         );
-        if options.tls {
-            let (cert, key) = self_signed(&dir)?;
+        if let Some((cert, key)) = &certificate {
+            let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert_path, cert).map_err(|e| format!("write cert: {e}"))?;
+            std::fs::write(&key_path, key).map_err(|e| format!("write key: {e}"))?;
             config.push_str(&format!(
                 "[tls.client]\nmode = \"prefer\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                cert.display(),
-                key.display()
+                cert_path.display(),
+                key_path.display()
             ));
         }
         let config_path = dir.join("pgshield.toml");
@@ -164,24 +205,35 @@ impl Embedded {
     }
 }
 
+impl Embedded {
+    /// Waits up to `limit` for pgshield to exit; true if it did.
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proxy.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
 impl Drop for Embedded {
     fn drop(&mut self) {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
+        // SIGTERM drains; a second one, once the first has been seen, forces.
         if let Ok(pid) = i32::try_from(self.proxy.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.proxy.try_wait() {
-                break;
+            let pid = Pid::from_raw(pid);
+            let _ = kill(pid, Signal::SIGTERM);
+            if !self.exits_within(Duration::from_secs(3)) {
+                let _ = kill(pid, Signal::SIGTERM);
+                self.exits_within(Duration::from_secs(5));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.proxy.kill();
         let _ = self.proxy.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -192,12 +244,9 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("find a free port: {e}"))
 }
 
-/// A self-signed certificate for 127.0.0.1 and localhost, written into `dir`.
-fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+/// A self-signed certificate for 127.0.0.1 and localhost: (certificate, key), PEM.
+fn self_signed() -> Result<(String, String), String> {
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
         .map_err(|e| format!("make a certificate: {e}"))?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).map_err(|e| format!("write cert: {e}"))?;
-    std::fs::write(&key, made.key_pair.serialize_pem()).map_err(|e| format!("write key: {e}"))?;
-    Ok((cert, key))
+    Ok((made.cert.pem(), made.key_pair.serialize_pem()))
 }

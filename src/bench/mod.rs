@@ -178,7 +178,7 @@ pub struct Run {
     pub throughput_per_s: f64,
     pub connect: Option<Latency>,
     pub query: Option<Latency>,
-    /// Connect + query + close (lambda-burst).
+    /// Connect + query (lambda-burst; the close that follows is not waited for).
     pub end_to_end: Option<Latency>,
     pub idle: Option<IdleMemory>,
 }
@@ -231,7 +231,11 @@ async fn connect(target: &Target, options: &Options) -> Result<Client, tokio_pos
             Ok(client)
         }
         Some(tls) => {
-            let (client, connection) = target.config.connect(tls.clone()).await?;
+            // TLS or nothing: a server that answers SSLRequest with N is an error, not a
+            // plaintext run reported as TLS.
+            let mut config = target.config.clone();
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, connection) = config.connect(tls.clone()).await?;
             tokio::spawn(connection);
             Ok(client)
         }
@@ -341,8 +345,11 @@ async fn lambda_burst(
                         let t1 = Instant::now();
                         tally.connect.record(t1 - t0);
                         let result = client.simple_query(&query).await;
-                        tally.query.record(t1.elapsed());
-                        // Dropping the client sends Terminate and closes the socket.
+                        if result.is_ok() {
+                            tally.query.record(t1.elapsed());
+                        }
+                        // Dropping the client sends Terminate and closes the socket (in
+                        // its connection task: the close is not waited for).
                         drop(client);
                         result.map(|_| ())
                     }
@@ -394,16 +401,20 @@ async fn steady(
                 let mut tally = Tally::default();
                 let t0 = Instant::now();
                 let client = connect(&target, &options).await;
-                connected.wait().await;
                 let client = match client {
                     Ok(client) => {
                         tally.connect.record(t0.elapsed());
-                        client
+                        Some(client)
                     }
                     Err(e) => {
                         tally.errors.record(&e);
-                        return tally;
+                        None
                     }
+                };
+                // Every client waits here, connected or not, so the clock starts once.
+                connected.wait().await;
+                let Some(client) = client else {
+                    return tally;
                 };
                 let prepared = match protocol {
                     Protocol::Prepared | Protocol::Mix => match client.prepare(&query).await {
@@ -432,6 +443,11 @@ async fn steady(
                         }
                         _ => client.query_typed(&query, &[]).await.map(|_| ()),
                     };
+                    // A query that ends after the stop is not counted: throughput is over
+                    // the measured interval only.
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     match result {
                         Ok(()) => {
                             tally.query.record(t.elapsed());
@@ -457,6 +473,7 @@ async fn steady(
         bar.inc(1);
     }
     stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
     let mut tally = Tally::default();
     for handle in handles {
         match handle.await {
@@ -467,7 +484,7 @@ async fn steady(
         }
     }
     bar.finish_and_clear();
-    tally.into_run(target, "steady", started.elapsed())
+    tally.into_run(target, "steady", elapsed)
 }
 
 /// How many idle connections are opened at once.

@@ -185,7 +185,9 @@ impl ServerManager {
         server.statements = ServerStatements::new(settings.max_prepared_statements);
         backend_event!(settings.log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), addr = %target.addr(), tls = server.stream.is_tls(), "opened backend");
         let mut welcome = lock(&self.welcome);
-        if generation == self.generation.load(Ordering::Acquire) {
+        // Kept when unchanged: clients share one copy (see `ClientView`).
+        let changed = welcome.as_deref() != Some(server.params());
+        if changed && generation == self.generation.load(Ordering::Acquire) {
             *welcome = Some(Arc::new(server.params().clone()));
         }
         Ok(Box::new(server))
