@@ -187,8 +187,78 @@ pub enum Undo {
 /// One client's statements, by its own names.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    named: HashMap<Arc<str>, Arc<Statement>>,
+    named: LazyMap<Arc<str>, Arc<Statement>>,
     unnamed: Option<Arc<Statement>>,
+}
+
+/// A map that takes no memory until its first entry: every client has one, and many
+/// never name a statement.
+#[derive(Debug)]
+// The box is the point: 8 bytes in every client instead of an empty map's 48.
+#[allow(clippy::box_collection)]
+struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
+
+impl<K, V> Default for LazyMap<K, V> {
+    fn default() -> Self {
+        LazyMap(None)
+    }
+}
+
+impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
+    fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        self.0.as_ref()?.get(key)
+    }
+
+    fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        self.get(key).is_some()
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Option<V> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(key, value)
+    }
+
+    fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        self.remove_entry(key).map(|(_, v)| v)
+    }
+
+    fn remove_entry<Q>(&mut self, key: &Q) -> Option<(K, V)>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        let map = self.0.as_mut()?;
+        let entry = map.remove_entry(key);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        entry
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What one backend has prepared under proxy-wide names (bounded, least recently used

@@ -64,7 +64,8 @@ enum Kind {
 
 /// The per-user and per-database client slots a session holds; dropping frees them.
 pub struct Admission {
-    _slots: Vec<ClientSlot>,
+    /// The user's and the database's (no heap: every client holds one).
+    _slots: [Option<ClientSlot>; 2],
 }
 
 impl AccessRules {
@@ -149,16 +150,19 @@ impl AccessRules {
 
     /// Takes a slot under each client limit that applies, after authentication.
     pub fn admit(&self, user: &str, database: &str) -> Result<Admission, ErrorResponse> {
-        let mut slots = Vec::new();
-        for (what, name, rules) in [
+        let mut slots = [None, None];
+        for (i, (what, name, rules)) in [
             ("role", user, self.users.get(user)),
             ("database", database, self.databases.get(database)),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let Some(limit) = rules.map(|r| &r.slots) else {
                 continue;
             };
             match limit.try_take() {
-                Some(slot) => slots.push(slot),
+                Some(slot) => slots[i] = Some(slot),
                 None => {
                     return Err(ErrorResponse::fatal(
                         sqlstate::TOO_MANY_CONNECTIONS,

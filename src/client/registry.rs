@@ -44,6 +44,11 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
+    /// How long the client has been logged in.
+    pub fn connected_for(&self) -> Duration {
+        self.connected.elapsed()
+    }
+
     pub fn user(&self) -> &str {
         self.pool.user()
     }

@@ -192,6 +192,14 @@ impl Dirty {
     }
 }
 
+/// Settings the client may have changed since they were last read back, and the
+/// read-backs sent and not yet answered (oldest first).
+#[derive(Debug, Default)]
+struct FollowUp {
+    dirty: Dirty,
+    readbacks: VecDeque<Readback>,
+}
+
 /// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became.
 #[derive(Debug)]
 struct Readback {
@@ -236,9 +244,9 @@ pub struct Session {
     /// Transaction mode: why the client keeps its backend until it leaves, if it does.
     pinned: Option<PinReason>,
     /// Settings the client may have changed since they were last read back.
-    dirty: Dirty,
-    /// Read-backs sent and not yet answered, oldest first.
-    readbacks: VecDeque<Readback>,
+    /// What the client's statements may have changed and the read-backs under way, made
+    /// when first needed (most clients never SET anything) and freed when done.
+    follow_up: Option<Box<FollowUp>>,
     /// Since when the server has been working for the client (for query_timeout).
     busy_since: Option<Instant>,
     /// query_timeout already cancelled the statement running now.
@@ -247,7 +255,8 @@ pub struct Session {
     cancel: Registration,
     /// The ParameterStatus values the client has been told.
     client_view: ClientView,
-    backend: Option<Backend>,
+    /// Boxed: an idle client holds only the empty pointer, not room for a whole guard.
+    backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
     client_in: BytesMut,
     /// Bytes for the client not yet written.
@@ -277,7 +286,6 @@ pub struct Session {
     registered: Registered,
     /// What it did, for the line logged when it ends.
     counts: Counts,
-    started: Instant,
     /// Its place under the client limit, and its count in closed connections.
     _held: super::Held,
 }
@@ -332,8 +340,7 @@ impl Session {
             settings: login.settings,
             statements: ClientStatements::default(),
             pinned: None,
-            dirty: Dirty::default(),
-            readbacks: VecDeque::new(),
+            follow_up: None,
             busy_since: None,
             statement_cancelled: false,
             cancel: login.cancel,
@@ -348,7 +355,6 @@ impl Session {
             server_sent_fatal: false,
             last_activity: Instant::now(),
             counts: Counts::default(),
-            started: Instant::now(),
             _held: held,
         }
     }
@@ -444,6 +450,13 @@ impl Session {
                 crate::buffers::release(&mut self.client_in);
                 crate::buffers::release(&mut self.client_out);
                 crate::buffers::release(&mut self.server_out);
+                if self
+                    .follow_up
+                    .as_ref()
+                    .is_some_and(|f| f.dirty.is_empty() && f.readbacks.is_empty())
+                {
+                    self.follow_up = None;
+                }
             }
             let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
@@ -943,7 +956,9 @@ impl Session {
                 }
                 _ => {}
             }
-            if let Some(reason) = note_effects(&effects, &mut self.dirty, self.pinned.is_some()) {
+            let pinned = self.pinned.is_some();
+            let follow_up = self.follow_up.get_or_insert_with(Default::default);
+            if let Some(reason) = note_effects(&effects, &mut follow_up.dirty, pinned) {
                 match self.pool.on_session_state() {
                     OnSessionState::Pin => pin(
                         &mut self.pinned,
@@ -1129,13 +1144,21 @@ impl Session {
             let forward = disposition == Disposition::Forward;
             if readback && !forward {
                 if header.tag == b'D' {
-                    if let Some(front) = self.readbacks.front_mut() {
+                    if let Some(front) = self
+                        .follow_up
+                        .as_mut()
+                        .and_then(|f| f.readbacks.front_mut())
+                    {
                         front.values =
                             crate::server::parse_data_row(&server.read_buf[HEADER_LEN..header.len]);
                     }
                 }
                 if header.tag == b'Z' {
-                    if let Some(done) = self.readbacks.pop_front() {
+                    if let Some(done) = self
+                        .follow_up
+                        .as_mut()
+                        .and_then(|f| f.readbacks.pop_front())
+                    {
                         apply_readback(done, &mut self.settings, server);
                     }
                 }
@@ -1257,9 +1280,9 @@ impl Session {
         if !done {
             return;
         }
-        if !self.dirty.is_empty() {
-            let mut names = std::mem::take(&mut self.dirty.names);
-            if std::mem::take(&mut self.dirty.all) {
+        if let Some(follow_up) = self.follow_up.as_mut().filter(|f| !f.dirty.is_empty()) {
+            let mut names = std::mem::take(&mut follow_up.dirty.names);
+            if std::mem::take(&mut follow_up.dirty.all) {
                 names.extend(self.settings.iter().map(|(k, _)| k.to_ascii_lowercase()));
                 names.extend(server.applied().iter().map(|(k, _)| k.to_ascii_lowercase()));
             }
@@ -1282,7 +1305,7 @@ impl Session {
                 if postgres_protocol::message::frontend::query(&sql, &mut self.server_out).is_ok() {
                     server.replies.sent_with(b'Q', Hide::All, None);
                     server.statements.forget_unnamed();
-                    self.readbacks.push_back(Readback {
+                    follow_up.readbacks.push_back(Readback {
                         names,
                         values: None,
                     });
@@ -1294,7 +1317,7 @@ impl Session {
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
             // Closed instead if a cancel was sent to it or it is otherwise unfit.
-            backend.release();
+            (*backend).release();
         }
     }
 
@@ -1388,7 +1411,7 @@ impl Session {
                     .info
                     .set_server(Some((s.id().0, s.process_id())));
                 self.cancel.attach(backend.server_ref());
-                self.backend = Some(backend);
+                self.backend = Some(Box::new(backend));
                 Ok(Ok(()))
             }
             Err(SettingsError::Refused(error)) => {
@@ -1465,7 +1488,7 @@ impl Session {
                 peer = %info.addr,
                 user = %info.user(),
                 database = %info.database(),
-                duration_ms = self.started.elapsed().as_millis() as u64,
+                duration_ms = self.registered.info.connected_for().as_millis() as u64,
                 transactions = c.transactions,
                 queries = c.queries,
                 bytes_in = c.bytes_in,
@@ -1489,7 +1512,8 @@ impl Session {
         let mid_message_to_client = self.server_msg.left > 0;
         // From here no cancel reaches the backend; one sent before has marked it.
         self.cancel.detach();
-        if let Some(mut backend) = self.backend.take() {
+        if let Some(backend) = self.backend.take() {
+            let mut backend = *backend;
             let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
             let server_failed = matches!(
                 end,
