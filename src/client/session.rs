@@ -243,7 +243,6 @@ pub struct Session {
     statements: ClientStatements,
     /// Transaction mode: why the client keeps its backend until it leaves, if it does.
     pinned: Option<PinReason>,
-    /// Settings the client may have changed since they were last read back.
     /// What the client's statements may have changed and the read-backs under way, made
     /// when first needed (most clients never SET anything) and freed when done.
     follow_up: Option<Box<FollowUp>>,
@@ -957,8 +956,7 @@ impl Session {
                 _ => {}
             }
             let pinned = self.pinned.is_some();
-            let follow_up = self.follow_up.get_or_insert_with(Default::default);
-            if let Some(reason) = note_effects(&effects, &mut follow_up.dirty, pinned) {
+            if let Some(reason) = note_effects(&effects, &mut self.follow_up, pinned) {
                 match self.pool.on_session_state() {
                     OnSessionState::Pin => pin(
                         &mut self.pinned,
@@ -1668,15 +1666,23 @@ fn pin(
 /// read back. Returns why it would pin, if it would (and the client is not pinned
 /// already). Dropped statements are forgotten once the drop has happened (see
 /// `statement_drop`).
-fn note_effects(effects: &Effects, dirty: &mut Dirty, pinned: bool) -> Option<PinReason> {
+fn note_effects(
+    effects: &Effects,
+    follow_up: &mut Option<Box<FollowUp>>,
+    pinned: bool,
+) -> Option<PinReason> {
     if pinned {
         return None;
     }
     if effects.pin.is_some() {
         return effects.pin;
     }
-    dirty.all |= effects.all_settings;
-    dirty.names.extend(effects.settings.iter().cloned());
+    if effects.all_settings || !effects.settings.is_empty() {
+        // Made here, only when there is something to follow up.
+        let dirty = &mut follow_up.get_or_insert_with(Default::default).dirty;
+        dirty.all |= effects.all_settings;
+        dirty.names.extend(effects.settings.iter().cloned());
+    }
     None
 }
 
