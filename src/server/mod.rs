@@ -82,24 +82,28 @@ impl ServerParams {
 #[derive(Debug, Clone)]
 pub struct ClientView {
     base: Arc<ServerParams>,
-    own: ServerParams,
+    /// None until a value differs (most clients' never do).
+    own: Option<Box<ServerParams>>,
 }
 
 impl ClientView {
     pub fn new(base: Arc<ServerParams>) -> ClientView {
-        ClientView {
-            base,
-            own: ServerParams::default(),
-        }
+        ClientView { base, own: None }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.own.get(name).or_else(|| self.base.get(name))
+        self.own
+            .as_ref()
+            .and_then(|own| own.get(name))
+            .or_else(|| self.base.get(name))
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
-        if self.own.get(name).is_some() || self.base.get(name) != Some(value) {
-            self.own.set(name, value);
+        let own_has = self.own.as_ref().is_some_and(|own| own.get(name).is_some());
+        if own_has || self.base.get(name) != Some(value) {
+            self.own
+                .get_or_insert_with(Default::default)
+                .set(name, value);
         }
     }
 }
@@ -451,5 +455,33 @@ impl ServerError {
             ReadError::Closed => ServerError::Closed,
             ReadError::Frame(f) => ServerError::Protocol(f.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_view_keeps_only_what_differs_from_its_pool() {
+        let mut base = ServerParams::default();
+        base.set("TimeZone", "UTC");
+        base.set("DateStyle", "ISO, MDY");
+        let mut view = ClientView::new(Arc::new(base));
+        view.set("TimeZone", "UTC");
+        assert!(
+            view.own.is_none(),
+            "the same value as the pool's costs nothing"
+        );
+        assert_eq!(view.get("timezone"), Some("UTC"));
+        view.set("TimeZone", "Europe/Paris");
+        assert_eq!(view.get("TimeZone"), Some("Europe/Paris"));
+        // Back to the pool's value: still answered from the client's own copy.
+        view.set("TimeZone", "UTC");
+        assert_eq!(view.get("TimeZone"), Some("UTC"));
+        view.set("application_name", "app");
+        assert_eq!(view.get("application_name"), Some("app"));
+        assert_eq!(view.get("DateStyle"), Some("ISO, MDY"));
+        assert_eq!(view.get("nonexistent"), None);
     }
 }
