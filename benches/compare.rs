@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgshield::bench::embedded::{Embedded, EmbeddedOptions};
+use pgshield::bench::embedded::{wait_for_port, Embedded, EmbeddedOptions, PrivateDir};
 use pgshield::bench::{self, Options, Scenario, Target};
 use pgshield::devdb::DevDb;
 
@@ -206,6 +206,16 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// Microseconds of the pooler's CPU per transaction, from its ticks before and after.
+fn cpu_per_transaction(before: Option<u64>, after: Option<u64>, transactions: f64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if transactions > 0.0 => {
+            Some(a.saturating_sub(b) as f64 / ticks_per_second() * 1e6 / transactions)
+        }
+        _ => None,
+    }
+}
+
 fn ticks_per_second() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -257,12 +267,7 @@ fn run_pgbench(pgbench: &Path, db: &DevDb, endpoint: &Endpoint, args: &[String])
             .take(100)
             .collect::<String>()
     });
-    let cpu_us_per_txn = match (before, after) {
-        (Some(b), Some(a)) if processed > 0.0 => {
-            Some((a - b) as f64 / ticks_per_second() * 1e6 / processed)
-        }
-        _ => None,
-    };
+    let cpu_us_per_txn = cpu_per_transaction(before, after, processed);
     Figures {
         tps,
         failed: failed + aborted,
@@ -294,12 +299,7 @@ fn lambda(runtime: &tokio::runtime::Runtime, db: &DevDb, endpoint: &Endpoint) ->
     let before = endpoint.pid.and_then(cpu_ticks);
     let run = runtime.block_on(bench::run_one(&scenario, &target, &Options::default()));
     let after = endpoint.pid.and_then(cpu_ticks);
-    let cpu_us_per_txn = match (before, after) {
-        (Some(b), Some(a)) if run.completed > 0 => {
-            Some((a - b) as f64 / ticks_per_second() * 1e6 / run.completed as f64)
-        }
-        _ => None,
-    };
+    let cpu_us_per_txn = cpu_per_transaction(before, after, run.completed as f64);
     Figures {
         tps: run.throughput_per_s,
         failed: run.failed,
@@ -424,16 +424,7 @@ async fn stored_verifier(db: &DevDb) -> Result<String, String> {
 struct PgBouncer {
     child: Child,
     port: u16,
-    dir: RemoveOnDrop,
-}
-
-/// A directory removed when dropped.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    dir: PrivateDir,
 }
 
 impl PgBouncer {
@@ -443,18 +434,12 @@ impl PgBouncer {
             .map(PathBuf::from)
             .find(|p| p.exists())
             .ok_or("pgbouncer is not installed (apt-get install -y pgbouncer)")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| e.to_string())?;
-        let dir =
-            std::env::temp_dir().join(format!("pgshield-bench-pgbouncer-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-            .create(&dir)
-            .map_err(|e| e.to_string())?;
+        let port = pgshield::devdb::free_port().map_err(|e| e.to_string())?;
         // Removed on every way out, the error returns below included.
-        let guard = RemoveOnDrop(dir.clone());
+        let guard = PrivateDir::new(
+            std::env::temp_dir().join(format!("pgshield-bench-pgbouncer-{}", std::process::id())),
+        )?;
+        let dir = guard.path();
         let ini = format!(
             "[databases]\npostgres = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
              listen_port = {port}\nauth_type = scram-sha-256\nauth_file = {}/userlist.txt\n\
@@ -483,28 +468,27 @@ impl PgBouncer {
                 .ok_or("running as root needs a postgres OS user for PgBouncer")?;
             std::os::unix::process::CommandExt::uid(&mut command, user.uid.as_raw());
             std::os::unix::process::CommandExt::gid(&mut command, user.gid.as_raw());
-            nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).map_err(|e| e.to_string())?;
+            nix::unistd::chown(dir, Some(user.uid), Some(user.gid)).map_err(|e| e.to_string())?;
             for file in ["pgbouncer.ini", "userlist.txt"] {
                 nix::unistd::chown(&dir.join(file), Some(user.uid), Some(user.gid))
                     .map_err(|e| e.to_string())?;
             }
         }
         let child = command.spawn().map_err(|e| e.to_string())?;
-        let bouncer = PgBouncer {
+        let mut bouncer = PgBouncer {
             child,
             port,
             dir: guard,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(bouncer);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let child = &mut bouncer.child;
+        if wait_for_port(port, Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        }) {
+            return Ok(bouncer);
         }
         Err(format!(
             "PgBouncer did not listen: {}",
-            std::fs::read_to_string(bouncer.dir.0.join("pgbouncer.log")).unwrap_or_default()
+            std::fs::read_to_string(bouncer.dir.join("pgbouncer.log")).unwrap_or_default()
         ))
     }
 }

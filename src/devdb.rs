@@ -461,7 +461,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), DevDbError> {
     })
 }
 
-fn free_port() -> std::io::Result<u16> {
+/// A port free on 127.0.0.1 right now (for servers a test or benchmark starts).
+pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

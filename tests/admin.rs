@@ -699,6 +699,59 @@ async fn reload_changes_max_db_connections_under_load() {
 }
 
 #[tokio::test]
+async fn reload_keeps_start_only_keys_and_says_so_and_moves_client_limits() {
+    let role = "adm_limits";
+    let limited = |n: usize| {
+        sections(role, "").replace(
+            &format!("[users.{role}]\npassword = \"pw\"\n"),
+            &format!("[users.{role}]\npassword = \"pw\"\nmax_client_connections = {n}\n"),
+        )
+    };
+    let proxy = TestProxy::start(&limited(1)).await;
+    common::create_role(role, "pw").await;
+    common::create_role("adm_limits_ops", "pw").await;
+    let mut admin = console(&proxy, "adm_limits_ops").await;
+    let first = proxy.connect(role, "pw").await.expect("the one allowed");
+    let err = proxy
+        .connect(role, "pw")
+        .await
+        .err()
+        .expect("over the limit");
+    assert_eq!(sqlstate(&err), Some("53300"));
+
+    // Raised to 2: the client already connected still counts, so one more gets in.
+    // admin.stats_period changes too, but only a restart applies it.
+    proxy.rewrite_config(&limited(2).replace("stats_period = \"1s\"", "stats_period = \"7s\""));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    let mut notices = Vec::new();
+    while let Ok(m) = admin.messages.try_recv() {
+        if let tokio_postgres::AsyncMessage::Notice(n) = m {
+            notices.push(n.message().to_owned());
+        }
+    }
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("admin.stats_period") && n.contains("next start")),
+        "{notices:?}"
+    );
+    let config = show(&admin.client, "SHOW CONFIG").await;
+    let period = config
+        .iter()
+        .find(|r| r["key"] == "admin.stats_period")
+        .expect("admin.stats_period");
+    assert_eq!(period["value"], "1s", "the running value stays");
+    let second = proxy.connect(role, "pw").await.expect("room for one more");
+    let err = proxy
+        .connect(role, "pw")
+        .await
+        .err()
+        .expect("two are connected");
+    assert_eq!(sqlstate(&err), Some("53300"));
+    drop((first, second));
+}
+
+#[tokio::test]
 async fn reload_rejects_an_invalid_configuration_whole() {
     let role = "adm_bad";
     let proxy = proxy(role, "[pool]\nmax_size = 2\n").await;

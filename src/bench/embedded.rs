@@ -33,10 +33,10 @@ pub struct Embedded {
 
 /// A directory only this user can read (it holds the throwaway superuser's password),
 /// removed when dropped, whatever happens after it is made.
-struct PrivateDir(PathBuf);
+pub struct PrivateDir(PathBuf);
 
 impl PrivateDir {
-    fn new(path: PathBuf) -> Result<PrivateDir, String> {
+    pub fn new(path: PathBuf) -> Result<PrivateDir, String> {
         use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::remove_dir_all(&path);
         std::fs::DirBuilder::new()
@@ -46,8 +46,12 @@ impl PrivateDir {
         Ok(PrivateDir(path))
     }
 
-    fn join(&self, name: &str) -> PathBuf {
+    pub fn join(&self, name: &str) -> PathBuf {
         self.0.join(name)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
     }
 }
 
@@ -86,7 +90,7 @@ impl Embedded {
             std::process::id(),
             db.port()
         )))?;
-        let port = free_port()?;
+        let port = crate::devdb::free_port().map_err(|e| format!("find a free port: {e}"))?;
         let mut config = format!(
             "[listen]\naddr = \"127.0.0.1:{port}\"\nmax_client_connections = 100000\n\
              [pool]\nmax_size = {}\nmode = \"{}\"\n\
@@ -141,24 +145,23 @@ impl Embedded {
     }
 
     fn wait_until_listening(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        while started.elapsed() < START_TIMEOUT {
-            if let Ok(Some(status)) = self.proxy.try_wait() {
-                return Err(format!(
-                    "pgshield exited ({status}) before listening:\n{}",
-                    self.proxy_log()
-                ));
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let proxy = &mut self.proxy;
+        if wait_for_port(self.port, START_TIMEOUT, || {
+            matches!(proxy.try_wait(), Ok(Some(_)))
+        }) {
+            return Ok(());
         }
-        Err(format!(
-            "pgshield did not listen within {}s:\n{}",
-            START_TIMEOUT.as_secs(),
-            self.proxy_log()
-        ))
+        match self.proxy.try_wait() {
+            Ok(Some(status)) => Err(format!(
+                "pgshield exited ({status}) before listening:\n{}",
+                self.proxy_log()
+            )),
+            _ => Err(format!(
+                "pgshield did not listen within {}s:\n{}",
+                START_TIMEOUT.as_secs(),
+                self.proxy_log()
+            )),
+        }
     }
 
     /// What pgshield logged (warnings and errors).
@@ -237,11 +240,17 @@ impl Drop for Embedded {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("find a free port: {e}"))
+/// Waits until something accepts connections on 127.0.0.1:`port`: false after
+/// `within`, or as soon as `exited()` says the process meant to listen is gone.
+pub fn wait_for_port(port: u16, within: Duration, mut exited: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within && !exited() {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost: (certificate, key), PEM.

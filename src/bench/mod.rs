@@ -305,7 +305,19 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Tally> + Send + 'static,
 {
-    let handles: Vec<_> = (0..workers.max(1)).map(|_| tokio::spawn(work())).collect();
+    collect(spawn_workers(workers, work)).await
+}
+
+fn spawn_workers<F, Fut>(workers: usize, work: F) -> Vec<tokio::task::JoinHandle<Tally>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Tally> + Send + 'static,
+{
+    (0..workers.max(1)).map(|_| tokio::spawn(work())).collect()
+}
+
+/// Waits for every worker and merges what they measured.
+async fn collect(handles: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
     let mut total = Tally::default();
     for handle in handles {
         match handle.await {
@@ -465,7 +477,7 @@ async fn steady(
             }
         }
     };
-    let handles: Vec<_> = (0..clients.max(1)).map(|_| tokio::spawn(work())).collect();
+    let handles = spawn_workers(clients, work);
     connected.wait().await;
     let started = Instant::now();
     for _ in 0..secs {
@@ -474,15 +486,7 @@ async fn steady(
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
-    let mut tally = Tally::default();
-    for handle in handles {
-        match handle.await {
-            Ok(t) => tally.merge(t),
-            Err(e) => tally
-                .errors
-                .record_other(&format!("benchmark task failed: {e}")),
-        }
-    }
+    let tally = collect(handles).await;
     bar.finish_and_clear();
     tally.into_run(target, "steady", elapsed)
 }

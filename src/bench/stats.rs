@@ -20,14 +20,6 @@ impl Samples {
         self.0.extend(other.0);
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Percentiles (nearest rank), or None without samples.
     pub fn summary(&self) -> Option<Latency> {
         if self.0.is_empty() {

@@ -83,31 +83,24 @@ impl AccessRules {
                 );
             }
         }
-        let mut take = |kind: Kind, name: &String| counts.remove(&(kind, name.clone()));
+        let mut rules = |kind: Kind, name: &String, cidrs: &[Cidr], tls: bool, max: usize| {
+            let before = counts.remove(&(kind, name.clone()));
+            (name.clone(), Rules::new(cidrs, tls, max, before))
+        };
         let users = config
             .users
             .iter()
-            .map(|(name, u)| {
-                let rules = Rules::new(
-                    &u.allowed_cidrs,
-                    u.require_tls,
-                    u.max_client_connections,
-                    take(Kind::User, name),
-                );
-                (name.clone(), rules)
+            .map(|(n, u)| {
+                let limit = u.max_client_connections;
+                rules(Kind::User, n, &u.allowed_cidrs, u.require_tls, limit)
             })
             .collect();
         let databases = config
             .databases
             .iter()
-            .map(|(name, d)| {
-                let rules = Rules::new(
-                    &d.allowed_cidrs,
-                    d.require_tls,
-                    d.max_client_connections,
-                    take(Kind::Database, name),
-                );
-                (name.clone(), rules)
+            .map(|(n, d)| {
+                let limit = d.max_client_connections;
+                rules(Kind::Database, n, &d.allowed_cidrs, d.require_tls, limit)
             })
             .collect();
         // What is left was removed; remember those still counting clients.
