@@ -321,6 +321,7 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
         }
         "CONFIG" => show_config(shared),
         "LISTS" => show_lists(shared),
+        "HOSTS" => show_hosts(shared),
         "PINS" => {
             let mut t = Table::new(&[
                 ("client", TEXT),
@@ -443,20 +444,19 @@ fn show_clients(shared: &Shared) -> Table {
 
 fn show_servers(shared: &Shared) -> Table {
     let mut t = Table::new(CONNECTION_COLUMNS);
-    let live = shared.live();
     // Lent backends, as the clients holding them report them.
     for c in shared.registry.list() {
         let Some((id, pid)) = c.server() else {
             continue;
         };
-        let db = live.config.databases.get(c.database());
+        let host = writer_host(shared, c.database());
         t.row(vec![
             v("S"),
             v(c.user()),
             v(c.database()),
             v("active"),
-            db.map(|d| d.host.clone()),
-            db.map(|d| d.port.to_string()),
+            host.as_ref().map(|h| h.0.clone()),
+            host.as_ref().map(|h| h.1.to_string()),
             None,
             None,
             None,
@@ -638,6 +638,52 @@ fn show_stats(shared: &Shared, which: Stats) -> Table {
     t
 }
 
+/// Each database's hosts: role (configured and as found), health, lag, backends.
+fn show_hosts(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", TEXT),
+        ("host", TEXT),
+        ("port", INT8),
+        ("configured_role", TEXT),
+        ("role", TEXT),
+        ("state", TEXT),
+        ("lag_ms", INT8),
+        ("backends", INT8),
+        ("last_error", TEXT),
+    ]);
+    let mut clusters = shared.pools.clusters();
+    clusters.sort_by(|a, b| a.database.cmp(&b.database));
+    for cluster in clusters {
+        for h in cluster.status() {
+            t.row(vec![
+                v(&cluster.database),
+                v(&h.host),
+                v(h.port),
+                v(match h.configured {
+                    crate::config::HostRole::Auto => "auto",
+                    crate::config::HostRole::Primary => "primary",
+                    crate::config::HostRole::Replica => "replica",
+                }),
+                v(h.role.as_str()),
+                v(if h.up { "up" } else { "down" }),
+                h.lag.map(|l| l.as_millis().to_string()),
+                v(h.open),
+                h.last_error.clone(),
+            ]);
+        }
+    }
+    t
+}
+
+/// The host writers of `database` use now (its first while none is known), as
+/// (host, port); None for a read-only alias (its backends are on any replica: SHOW HOSTS).
+fn writer_host(shared: &Shared, database: &str) -> Option<(String, u16)> {
+    let clusters = shared.pools.clusters();
+    let cluster = clusters.into_iter().find(|c| c.database == database)?;
+    let host = &cluster.hosts[cluster.primary().unwrap_or(0)].spec;
+    Some((host.host.clone(), host.port))
+}
+
 fn show_databases(shared: &Shared) -> Table {
     let mut t = Table::new(&[
         ("name", TEXT),
@@ -659,10 +705,11 @@ fn show_databases(shared: &Shared) -> Table {
         let mine: Vec<&Arc<Pool>> = pools.iter().filter(|p| p.database() == name).collect();
         let open: usize = mine.iter().map(|p| p.status().open).sum();
         let paused = mine.iter().any(|p| p.is_paused());
+        let (host, port) = writer_host(shared, name).unwrap_or((db.host.clone(), db.port));
         t.row(vec![
             v(name),
-            v(&db.host),
-            v(db.port),
+            v(host),
+            v(port),
             v(db.dbname.clone().unwrap_or_else(|| name.clone())),
             None,
             v(shared.live().config.pool.max_size),

@@ -65,10 +65,24 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub read_only: ReadOnlyConfig,
+}
+
+/// Read-only clients: those of `<database>_ro`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadOnlyConfig {
+    /// With no replica fit to serve (down, or lagging past `max_replica_lag`), lend
+    /// backends of the primary instead of waiting for one.
+    pub fallback_to_primary: bool,
 }
 
 /// The virtual database of the admin console.
 pub const ADMIN_DATABASE: &str = "pgshield";
+
+/// `<database>_ro`: the read-only alias of a database with replicas.
+pub const READ_ONLY_SUFFIX: &str = "_ro";
 
 /// What operators reach pgshield through.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -312,6 +326,18 @@ pub struct PoolConfig {
     /// A statement running longer than this is cancelled (57014). `0s`: never.
     #[serde(with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// A backend idle in the pool longer than this is checked (an empty query) before it
+    /// is lent. `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub health_check_after: Duration,
+    /// How often each host of a database with several hosts (or `role = "auto"`) is
+    /// probed: reachable, primary or replica, replica lag. A host that fails is probed
+    /// again after a back-off that doubles up to a minute.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    /// Limit for one probe (connecting included).
+    #[serde(with = "humantime_serde")]
+    pub health_check_timeout: Duration,
 }
 
 /// What transaction mode does with session state that cannot follow a client.
@@ -341,6 +367,9 @@ impl Default for PoolConfig {
             on_session_state: OnSessionState::Pin,
             idle_transaction_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
+            health_check_after: Duration::from_secs(30),
+            health_check_interval: Duration::from_secs(2),
+            health_check_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -348,9 +377,50 @@ impl Default for PoolConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
+    /// The server, for a database on one host. Several hosts: `hosts`, or `primary` and
+    /// `replicas`, instead.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
+    /// The port of `host`, and of entries in `hosts`/`primary`/`replicas` that name none.
     #[serde(default = "default_pg_port")]
     pub port: u16,
+    /// Several servers, as `host` or `host:port` (`[::1]:5432` for IPv6), whose role is
+    /// `role`: with `auto`, the one not in recovery is the primary (checked again every
+    /// `pool.health_check_interval` and after a connection error).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// The role of `host` or of every entry in `hosts`: `auto` (detected), `primary`
+    /// or `replica`. Default: `primary` for `host`, `auto` for `hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<HostRole>,
+    /// Fixed roles: the primary…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// …and the replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+    /// Read-only clients (`<database>_ro`) skip a replica whose replay lags more than this
+    /// behind what it has received. `0s`: not checked.
+    #[serde(default, with = "humantime_serde")]
+    pub max_replica_lag: Duration,
+    /// As RDS Proxy: backends to this database, across all its pools, are at most this
+    /// share (1–100) of the server's `max_connections`, less `superuser_reserved_connections`
+    /// and `reserved_connections` (read from the server when it is first reached). 0: off
+    /// (`max_db_connections` and `pool.max_size` alone apply).
+    #[serde(default)]
+    pub max_connections_percent: u8,
+    /// With `max_connections_percent`: idle backends kept, as a share (1–100) of the
+    /// same number; more are closed by the janitor. 0: no limit but `server_idle_timeout`.
+    #[serde(default)]
+    pub max_idle_percent: u8,
+    /// Connections of the server's `max_connections` left for others (migrations, a
+    /// console, other poolers) when `max_connections_percent` sizes the pools.
+    #[serde(default)]
+    pub reserved_connections: usize,
+    /// The user whose pool credentials the health checks log in with (default: the first
+    /// configured user, by name, that has a server password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_user: Option<String>,
     /// Name of the database on the server; defaults to the table's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dbname: Option<String>,
@@ -448,6 +518,161 @@ impl Serialize for Cidr {
 
 fn default_pg_port() -> u16 {
     5432
+}
+
+impl Default for DatabaseConfig {
+    /// No server yet (`host` must be set): the defaults of every other key.
+    fn default() -> Self {
+        DatabaseConfig {
+            host: String::new(),
+            port: default_pg_port(),
+            hosts: Vec::new(),
+            role: None,
+            primary: None,
+            replicas: Vec::new(),
+            max_replica_lag: Duration::ZERO,
+            max_connections_percent: 0,
+            max_idle_percent: 0,
+            reserved_connections: 0,
+            monitor_user: None,
+            dbname: None,
+            allowed_cidrs: Vec::new(),
+            require_tls: false,
+            max_client_connections: 0,
+            max_db_connections: 0,
+        }
+    }
+}
+
+/// What a server is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostRole {
+    /// Detected: `pg_is_in_recovery()` (and the server's `in_hot_standby`).
+    Auto,
+    Primary,
+    Replica,
+}
+
+/// One server of a database, as the configuration gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    pub host: String,
+    pub port: u16,
+    pub role: HostRole,
+}
+
+impl HostSpec {
+    /// `host:port` as it is connected to (`[v6]:port` for IPv6).
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`; a bare IPv6 address is a host.
+fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let s = s.trim();
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("`{s}`: no closing `]`"))?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if after.is_empty() => (host, None),
+            None => return Err(format!("`{s}`: expected `:port` after `]`")),
+        }
+    } else if s.matches(':').count() == 1 {
+        let (host, port) = s.split_once(':').unwrap_or((s, ""));
+        (host, Some(port))
+    } else {
+        (s, None)
+    };
+    if host.is_empty() {
+        return Err(format!("`{s}`: no host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{s}`: the port must be 1 to 65535"))?,
+        None => default_port,
+    };
+    Ok((host.to_owned(), port))
+}
+
+impl DatabaseConfig {
+    /// The database's servers with their roles, in the order given (the primary first
+    /// with fixed roles). Checked by [`Config::validate`].
+    pub fn servers(&self) -> Result<Vec<HostSpec>, ConfigError> {
+        let spec = |key: &str, s: &str, role| {
+            parse_host_port(s, self.port)
+                .map(|(host, port)| HostSpec { host, port, role })
+                .map_err(|reason| invalid(key, reason))
+        };
+        let forms = [
+            !self.host.is_empty(),
+            !self.hosts.is_empty(),
+            self.primary.is_some() || !self.replicas.is_empty(),
+        ];
+        if forms.iter().filter(|f| **f).count() != 1 {
+            return Err(invalid(
+                "host",
+                "give exactly one of `host`, `hosts`, or `primary` (with `replicas`)",
+            ));
+        }
+        let mut out = Vec::new();
+        if !self.host.is_empty() {
+            if self.host.trim().is_empty() {
+                return Err(invalid("host", "must not be empty"));
+            }
+            out.push(HostSpec {
+                host: self.host.clone(),
+                port: self.port,
+                role: self.role.unwrap_or(HostRole::Primary),
+            });
+        } else if !self.hosts.is_empty() {
+            let role = self.role.unwrap_or(HostRole::Auto);
+            for h in &self.hosts {
+                out.push(spec("hosts", h, role)?);
+            }
+        } else {
+            if self.role.is_some() {
+                return Err(invalid(
+                    "role",
+                    "not with `primary`/`replicas`: their roles are given",
+                ));
+            }
+            let primary = self
+                .primary
+                .as_deref()
+                .ok_or_else(|| invalid("primary", "needed with `replicas`"))?;
+            out.push(spec("primary", primary, HostRole::Primary)?);
+            for r in &self.replicas {
+                out.push(spec("replicas", r, HostRole::Replica)?);
+            }
+        }
+        for (i, a) in out.iter().enumerate() {
+            if out[..i]
+                .iter()
+                .any(|b| (&b.host, b.port) == (&a.host, a.port))
+            {
+                return Err(invalid("hosts", format!("{} is listed twice", a.addr())));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether read-only clients (`<database>_ro`) have their own pools: the database may
+    /// have replicas.
+    pub fn has_replicas(&self) -> bool {
+        self.servers()
+            .is_ok_and(|s| s.len() > 1 || s.iter().any(|h| h.role == HostRole::Replica))
+    }
 }
 
 /// How a client proves who it is to pgshield.
@@ -703,6 +928,17 @@ impl Config {
         Ok(())
     }
 
+    /// The configured database a client's database name stands for, and whether it is
+    /// its read-only alias (`<database>_ro`, for a database with replicas).
+    pub fn resolve_database<'a>(&'a self, name: &'a str) -> Option<(&'a str, bool)> {
+        if self.databases.contains_key(name) {
+            return Some((name, false));
+        }
+        let base = name.strip_suffix(READ_ONLY_SUFFIX)?;
+        let db = self.databases.get(base)?;
+        db.has_replicas().then_some((base, true))
+    }
+
     /// Checks everything a running proxy relies on; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
@@ -771,6 +1007,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if pool.health_check_interval.is_zero() || pool.health_check_timeout.is_zero() {
+            return Err(invalid(
+                "pool.health_check_interval",
+                "health_check_interval and health_check_timeout must be more than 0s",
+            ));
+        }
         if pool.server_connect_timeout.is_zero() {
             return Err(invalid(
                 "pool.server_connect_timeout",
@@ -791,8 +1033,37 @@ impl Config {
                     "name must be 1 to 63 bytes",
                 ));
             }
-            if db.host.trim().is_empty() {
-                return Err(invalid(key("host"), "must not be empty"));
+            if let Err(ConfigError::Invalid { key: k, reason }) = db.servers() {
+                return Err(invalid(key(&k), reason));
+            }
+            if db.max_connections_percent > 100 {
+                return Err(invalid(key("max_connections_percent"), "must be 0 to 100"));
+            }
+            if db.max_idle_percent > 100 {
+                return Err(invalid(key("max_idle_percent"), "must be 0 to 100"));
+            }
+            if db.max_idle_percent > 0 && db.max_connections_percent == 0 {
+                return Err(invalid(
+                    key("max_idle_percent"),
+                    "needs max_connections_percent",
+                ));
+            }
+            if let Some(user) = &db.monitor_user {
+                if !self.users.contains_key(user) {
+                    return Err(invalid(
+                        key("monitor_user"),
+                        format!("`{user}` is not in [users]"),
+                    ));
+                }
+            }
+            if db.has_replicas() {
+                let ro = format!("{name}{READ_ONLY_SUFFIX}");
+                if self.databases.contains_key(&ro) {
+                    return Err(invalid(
+                        format!("databases.{ro}"),
+                        format!("that name is the read-only alias of database {name}"),
+                    ));
+                }
             }
             if db.port == 0 {
                 return Err(invalid(key("port"), "must not be 0"));
@@ -1006,6 +1277,78 @@ mod tests {
     }
 
     #[test]
+    fn several_hosts_parse_with_their_roles_and_read_only_aliases_resolve() {
+        let users = "[users.u]\npassword = \"x\"\n";
+        let c = Config::from_toml(&format!(
+            "[databases.a]\nhosts = [\"db1\", \"db2:5433\", \"[::1]:6000\", \"::2\"]\n\
+             [databases.b]\nprimary = \"p:1\"\nreplicas = [\"r\"]\nport = 7\n\
+             [databases.c]\nhost = \"h\"\n{users}"
+        ))
+        .expect("valid");
+        let a = c.databases["a"].servers().unwrap();
+        let got: Vec<(&str, u16, HostRole)> = a
+            .iter()
+            .map(|h| (h.host.as_str(), h.port, h.role))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("db1", 5432, HostRole::Auto),
+                ("db2", 5433, HostRole::Auto),
+                ("::1", 6000, HostRole::Auto),
+                ("::2", 5432, HostRole::Auto),
+            ]
+        );
+        assert_eq!(a[2].addr(), "[::1]:6000");
+        let b = c.databases["b"].servers().unwrap();
+        assert_eq!(
+            b.iter().map(|h| (h.addr(), h.role)).collect::<Vec<_>>(),
+            [
+                ("p:1".into(), HostRole::Primary),
+                ("r:7".into(), HostRole::Replica)
+            ]
+        );
+        assert_eq!(c.resolve_database("a_ro"), Some(("a", true)));
+        assert_eq!(c.resolve_database("b_ro"), Some(("b", true)));
+        assert_eq!(c.resolve_database("a"), Some(("a", false)));
+        // One host, a primary: no replicas, no alias.
+        assert_eq!(c.resolve_database("c_ro"), None);
+        for (bad, key) in [
+            (
+                "[databases.x]\nhost = \"h\"\nhosts = [\"h2\"]\n",
+                "databases.x.host",
+            ),
+            ("[databases.x]\nreplicas = [\"r\"]\n", "databases.x.primary"),
+            ("[databases.x]\nhosts = [\"h:0\"]\n", "databases.x.hosts"),
+            (
+                "[databases.x]\nhosts = [\"h\", \"h:5432\"]\n",
+                "databases.x.hosts",
+            ),
+            (
+                "[databases.x]\nhost = \"h\"\nmax_connections_percent = 101\n",
+                "databases.x.max_connections_percent",
+            ),
+            (
+                "[databases.x]\nhost = \"h\"\nmax_idle_percent = 10\n",
+                "databases.x.max_idle_percent",
+            ),
+            (
+                "[databases.x]\nhost = \"h\"\nmonitor_user = \"nobody\"\n",
+                "databases.x.monitor_user",
+            ),
+            (
+                "[databases.x]\nhosts = [\"a\", \"b\"]\n[databases.x_ro]\nhost = \"h\"\n",
+                "databases.x_ro",
+            ),
+        ] {
+            match Config::from_toml(&format!("{bad}{users}")) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[pool]\nmax_size = 0\n", "pool.max_size"),
@@ -1096,6 +1439,17 @@ mod tests {
             default.idle_transaction_timeout
         );
         assert_eq!(doc.query_timeout, default.query_timeout);
+        assert_eq!(doc.health_check_after, default.health_check_after);
+        assert_eq!(doc.health_check_interval, default.health_check_interval);
+        assert_eq!(doc.health_check_timeout, default.health_check_timeout);
+        assert_eq!(c.read_only, ReadOnlyConfig::default());
+        assert_eq!(
+            (
+                c.databases["app"].max_connections_percent,
+                c.databases["app"].max_replica_lag
+            ),
+            (0, Duration::ZERO)
+        );
         assert_eq!(
             c.users["app"].server_password_ttl,
             default_password_ttl(),

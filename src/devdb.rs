@@ -131,19 +131,8 @@ impl DevDb {
     pub fn start(options: &DevDbOptions) -> Result<DevDb, DevDbError> {
         let bindir = Self::find_bindir()?;
         let owner = server_owner()?;
-        let dir = std::env::temp_dir().join(format!(
-            "pgshield-pg-{}-{}",
-            std::process::id(),
-            Alphanumeric
-                .sample_string(&mut rand::rng(), 8)
-                .to_lowercase()
-        ));
-        std::fs::create_dir(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        // The superuser's password passes through here: nobody else may look in.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io_err(format!("restrict {}", dir.display())))?;
         let mut db = DevDb {
-            dir,
+            dir: private_dir()?,
             bindir,
             port: 0,
             password: Alphanumeric.sample_string(&mut rand::rng(), 20),
@@ -388,7 +377,94 @@ impl DevDb {
         &self.version
     }
 
-    /// Stops the server and removes its directory. Idempotent.
+    /// A streaming replica of this cluster, started from `pg_basebackup` (over the
+    /// primary's unix socket) on a port of its own, with the same options.
+    pub fn replica(&self) -> Result<DevDb, DevDbError> {
+        let mut db = DevDb {
+            dir: private_dir()?,
+            bindir: self.bindir.clone(),
+            port: 0,
+            password: self.password.clone(),
+            version: self.version.clone(),
+            supervisor: None,
+            lifeline: None,
+            options: self.options.clone(),
+            owner: self.owner,
+        };
+        let made = (|| {
+            std::fs::create_dir(db.dir.join("sock")).map_err(io_err("create socket dir"))?;
+            if let Some((uid, gid)) = db.owner {
+                for path in [&db.dir, &db.dir.join("sock")] {
+                    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                        .map_err(io_err("chown to postgres"))?;
+                }
+            }
+            let mut backup = db.command("pg_basebackup", db.owner);
+            backup
+                .arg("-D")
+                .arg(db.data_dir())
+                .arg("-h")
+                .arg(self.dir.join("sock"))
+                .args(["-p", &self.port.to_string(), "-U", "postgres"])
+                .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"]);
+            run(&mut backup, "pg_basebackup")?;
+            let keep = db.dir.join("keep");
+            std::fs::write(&keep, b"").map_err(io_err("write keep marker"))?;
+            db.port = free_port().map_err(io_err("find a free port"))?;
+            let options = db.options.clone();
+            db.launch(db.owner, &options)?;
+            std::fs::remove_file(&keep).map_err(io_err("remove keep marker"))
+        })();
+        if let Err(e) = made {
+            db.stop();
+            return Err(e);
+        }
+        Ok(db)
+    }
+
+    /// Promotes a replica to primary (`pg_ctl promote`, waiting until it is done).
+    pub fn promote(&self) -> Result<(), DevDbError> {
+        let mut promote = self.command("pg_ctl", self.owner);
+        promote
+            .args(["promote", "-w", "-t", "30", "-D"])
+            .arg(self.data_dir());
+        run(&mut promote, "pg_ctl promote")
+    }
+
+    /// Stops the server at once, as a crash would (an immediate shutdown: no checkpoint,
+    /// every connection cut); its files stay, for [`DevDb::start_again`].
+    pub fn stop_immediately(&mut self) -> Result<(), DevDbError> {
+        std::fs::write(self.dir.join("keep"), b"").map_err(io_err("write keep marker"))?;
+        let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .map_err(io_err("read postmaster.pid"))?;
+        let pid = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .ok_or_else(|| DevDbError::Command {
+                what: "read postmaster.pid".into(),
+                output: pidfile.clone(),
+            })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGQUIT,
+        )
+        .map_err(|e| io_err("signal the server")(e.into()))?;
+        drop(self.lifeline.take());
+        if let Some(mut child) = self.supervisor.take() {
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts a server stopped by [`DevDb::stop_immediately`] again, on the same port.
+    pub fn start_again(&mut self) -> Result<(), DevDbError> {
+        let options = self.options.clone();
+        let started = self.launch(self.owner, &options);
+        let _ = std::fs::remove_file(self.dir.join("keep"));
+        started
+    }
+
     /// Stops the server and starts it again on the same port and data: what a database
     /// restart (or a failover to the same address) looks like to clients.
     pub fn restart(&mut self) -> Result<(), DevDbError> {
@@ -401,6 +477,7 @@ impl DevDb {
         started
     }
 
+    /// Stops the server and removes its directory. Idempotent.
     pub fn stop(&mut self) {
         self.stop_server();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -426,6 +503,22 @@ impl Drop for DevDb {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A new directory for a cluster, under the temporary directory, that only we may enter
+/// (the superuser's password passes through it).
+fn private_dir() -> Result<PathBuf, DevDbError> {
+    let dir = std::env::temp_dir().join(format!(
+        "pgshield-pg-{}-{}",
+        std::process::id(),
+        Alphanumeric
+            .sample_string(&mut rand::rng(), 8)
+            .to_lowercase()
+    ));
+    std::fs::create_dir(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io_err(format!("restrict {}", dir.display())))?;
+    Ok(dir)
 }
 
 /// `(uid, gid)` of the `postgres` OS user when we are root; `None` otherwise.

@@ -114,6 +114,11 @@ fn render_metrics(shared: &Shared) -> String {
     for pool in shared.pools.all() {
         pool.refresh_gauges();
     }
+    for cluster in shared.pools.clusters() {
+        for host in cluster.status() {
+            shared.metrics.set_host(&cluster.database, &host);
+        }
+    }
     shared.metrics.render()
 }
 
@@ -131,21 +136,27 @@ async fn not_ready(shared: &Shared) -> Option<String> {
         if has_backend {
             continue;
         }
-        let connect = TcpStream::connect((db.host.as_str(), db.port));
-        match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Some(format!(
-                    "not ready: database {name} ({}:{}) cannot be reached: {e}",
-                    db.host, db.port
-                ))
+        // Ready when any of its hosts answers (a failover may be under way).
+        let mut last = String::new();
+        let mut reached = false;
+        for host in db.servers().unwrap_or_default() {
+            let connect = TcpStream::connect((host.host.as_str(), host.port));
+            match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(_)) => {
+                    reached = true;
+                    break;
+                }
+                Ok(Err(e)) => last = format!("{} cannot be reached: {e}", host.addr()),
+                Err(_) => {
+                    last = format!(
+                        "{} did not answer within {READY_CONNECT_TIMEOUT:?}",
+                        host.addr()
+                    )
+                }
             }
-            Err(_) => {
-                return Some(format!(
-                    "not ready: database {name} ({}:{}) did not answer within {READY_CONNECT_TIMEOUT:?}",
-                    db.host, db.port
-                ))
-            }
+        }
+        if !reached {
+            return Some(format!("not ready: database {name}: {last}"));
         }
     }
     None

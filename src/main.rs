@@ -358,13 +358,10 @@ fn dev(args: DevArgs) -> ExitCode {
             DatabaseConfig {
                 host: db.host().to_owned(),
                 port: db.port(),
-                dbname: None,
-                allowed_cidrs: Vec::new(),
-                require_tls: false,
-                max_client_connections: 0,
-                max_db_connections: 0,
+                ..DatabaseConfig::default()
             },
         )]),
+        read_only: Default::default(),
         users: BTreeMap::from([(
             "postgres".to_owned(),
             UserConfig {

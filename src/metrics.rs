@@ -159,6 +159,34 @@ impl Metrics {
         }
     }
 
+    /// Publishes what is known of one host of a database (at each scrape).
+    pub fn set_host(&self, database: &str, host: &crate::pool::cluster::HostStatus) {
+        let gauge = |name: &'static str, value: f64| {
+            let key = Key::from_parts(
+                name,
+                vec![
+                    Label::new("database", database.to_owned()),
+                    Label::new("host", host.addr.clone()),
+                ],
+            );
+            self.recorder.register_gauge(&key, &METADATA).set(value);
+        };
+        use crate::pool::cluster::Role;
+        gauge("pgshield_host_up", f64::from(u8::from(host.up)));
+        gauge(
+            "pgshield_host_primary",
+            f64::from(u8::from(host.role == Role::Primary)),
+        );
+        gauge(
+            "pgshield_host_replica",
+            f64::from(u8::from(host.role == Role::Replica)),
+        );
+        gauge("pgshield_host_backends", host.open as f64);
+        if let Some(lag) = host.lag {
+            gauge("pgshield_replica_lag_seconds", lag.as_secs_f64());
+        }
+    }
+
     /// The exposition text for `/metrics`.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -172,6 +200,26 @@ impl Metrics {
 
 /// What each metric means, as `# HELP` lines.
 const DESCRIPTIONS: &[(&str, &str)] = &[
+    (
+        "pgshield_host_up",
+        "1 if the host is reachable (0: marked down)",
+    ),
+    (
+        "pgshield_host_primary",
+        "1 if the host is the primary (out of recovery)",
+    ),
+    (
+        "pgshield_host_replica",
+        "1 if the host is a replica (in recovery)",
+    ),
+    (
+        "pgshield_host_backends",
+        "Backends open to the host from pgshield's pools",
+    ),
+    (
+        "pgshield_replica_lag_seconds",
+        "Replay lag of a replica, as its health check saw it",
+    ),
     ("pgshield_client_connections", "Client connections open"),
     (
         "pgshield_client_connections_received_total",

@@ -72,6 +72,7 @@ impl AuthQuery {
                     user: auth.user.clone().unwrap_or_default(),
                     password: password.clone(),
                     tls: Arc::clone(tls),
+                    application_name: Some("pgshield auth_query"),
                 };
                 let running = tokio::sync::Semaphore::new(MAX_LOOKUPS);
                 (name.clone(), (target, running))

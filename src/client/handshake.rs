@@ -105,12 +105,17 @@ pub async fn login(
     if database == ADMIN_DATABASE {
         return admin_login(shared, stream, buf, peer, user, tls).await;
     }
+    // `<db>_ro` is the read-only alias of `db`: the same rules and limits, its own pools.
+    let rules_db = live
+        .config
+        .resolve_database(&database)
+        .map_or_else(|| database.clone(), |(base, _)| base.to_owned());
     live.access
-        .check_peer(&user, &database, peer.ip(), stream.is_tls())?;
+        .check_peer(&user, &rules_db, peer.ip(), stream.is_tls())?;
     // Configured users first; then, with [auth], the database's own roles.
     let configured = live.users.lookup(&user).cloned();
     let found = match (&configured, &live.auth_query) {
-        (None, Some(query)) => match query.lookup(&database, &user).await {
+        (None, Some(query)) => match query.lookup(&rules_db, &user).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(%peer, user, database, error = %e, "auth.query lookup failed");
@@ -152,7 +157,7 @@ pub async fn login(
             });
         }
     };
-    let admission = live.access.admit(&user, &database)?;
+    let admission = live.access.admit(&user, &rules_db)?;
     let pool = match (configured, found) {
         (Some(configured), _) => {
             let pool = shared.pools.get(&database, &user);

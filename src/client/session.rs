@@ -268,6 +268,13 @@ pub struct Session {
     skip_until_sync: bool,
     /// The backend sent a FATAL error (the client has it; no need to add ours).
     server_sent_fatal: bool,
+    /// Transaction mode: a FATAL the backend sent that the client has not been given,
+    /// since the session may carry on on another backend (see `carry_on`).
+    server_fatal: Option<Box<ErrorResponse>>,
+    /// Its backend was lost inside a transaction block: the client is told its
+    /// transaction failed, and the next backend it gets starts in a failed transaction
+    /// until the client ends it.
+    lost_transaction: bool,
     /// When the client last sent or was sent something (kept only if a limit needs it).
     last_activity: Instant,
     limits: Arc<Limits>,
@@ -352,6 +359,8 @@ impl Session {
             server_msg: Passing::default(),
             skip_until_sync: false,
             server_sent_fatal: false,
+            server_fatal: None,
+            lost_transaction: false,
             last_activity: Instant::now(),
             counts: Counts::default(),
             _held: held,
@@ -486,9 +495,130 @@ impl Session {
                     tracing::debug!(client = %self.id, error = %e, "client i/o error");
                     return End::ClientGone;
                 }
-                Event::ServerEof => return End::ServerLost(None),
-                Event::ServerError(e) => return End::ServerLost(Some(e)),
+                Event::ServerEof => {
+                    if !self.carry_on(None) {
+                        return End::ServerLost(None);
+                    }
+                }
+                Event::ServerError(e) => {
+                    if !self.carry_on(Some(&e)) {
+                        return End::ServerLost(Some(e));
+                    }
+                }
             }
+        }
+    }
+
+    /// The backend this client holds is gone (a failover, a restart, a killed backend).
+    /// Its host is reported to the cluster. In transaction mode, when the client has no
+    /// pinned state and nothing is half-written to it, it stays connected: what it is
+    /// owed is answered with 08006 errors and ReadyForQuery, an open extended batch is
+    /// skipped to its Sync, and a transaction block it was in stays failed (on its next
+    /// backend) until it ends it. False: the session ends, as it must otherwise.
+    fn carry_on(&mut self, error: Option<&io::Error>) -> bool {
+        let Some(backend) = self.backend.as_mut() else {
+            return false;
+        };
+        let server = backend.server();
+        if let Some(lease) = server.host.as_ref() {
+            lease
+                .cluster()
+                .backend_lost(lease.index, self.server_fatal.as_deref());
+        }
+        if self.mode != PoolMode::Transaction || self.pinned.is_some() || self.server_msg.left > 0 {
+            return false;
+        }
+        let Some(lost) = server.replies.lost() else {
+            return false;
+        };
+        for undo in server.replies.take_undone().into_iter().rev() {
+            self.statements.undo(&mut server.statements, undo);
+        }
+        server.skip_terminate();
+        let cause = match (&self.server_fatal, error) {
+            (Some(fatal), _) => format!("{} ({})", fatal.message, fatal.code),
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "the server closed the connection".to_owned(),
+        };
+        tracing::warn!(client = %self.id, pool = %self.pool.name(), cause, owed = lost.readies, in_transaction = lost.in_transaction, "server connection lost; the client carries on");
+        self.server_fatal = None;
+        self.cancel.detach();
+        self.registered.info.set_server(None);
+        if let Some(backend) = self.backend.take() {
+            backend.discard();
+        }
+        // The rest of a message half-passed to the server is dropped.
+        self.client_msg.forward = false;
+        self.server_out.clear();
+        self.busy_since = None;
+        self.request_sent = None;
+        self.lost_transaction = lost.in_transaction;
+        let error = ErrorResponse::error(
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "pgshield lost the server connection of pool {} ({cause}): a failover or a server restart. \
+                 What was running did not finish (a COMMIT under way may or may not have taken effect){}; \
+                 this connection is still usable",
+                self.pool.name(),
+                if lost.in_transaction {
+                    ", and the transaction is aborted: end it with ROLLBACK"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .with_hint("retry the transaction");
+        let status = self.idle_status();
+        for _ in 0..lost.readies {
+            error.encode(&mut self.client_out);
+            self.local_ready(status);
+        }
+        if lost.open_batch {
+            error.encode(&mut self.client_out);
+            self.skip_until_sync = true;
+        }
+        if lost.readies == 0 && !lost.open_batch {
+            // Nothing was asked: the client hears it as a notice, now.
+            messages::notice(&mut self.client_out, &error.code, &error.message);
+        }
+        true
+    }
+
+    /// Puts a new backend in the failed transaction the client's lost one left it in
+    /// (see `carry_on`): PostgreSQL itself then refuses its statements (25P02) until it
+    /// ends the transaction, in whatever protocol it speaks.
+    async fn fail_transaction(&mut self, backend: &mut Backend) -> Result<(), ServerError> {
+        const SQL: &str = "BEGIN; DO $pgshield$BEGIN RAISE EXCEPTION USING ERRCODE = '08006', \
+            MESSAGE = 'pgshield: this transaction was lost with its server connection (failover); end it with ROLLBACK'; END$pgshield$";
+        let server = backend.server();
+        match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, Box::pin(server.run_internal(SQL))).await
+        {
+            Ok(Ok(_)) if server.replies.tx_status() == TxStatus::Failed => {
+                self.lost_transaction = false;
+                Ok(())
+            }
+            Ok(Ok(_)) => {
+                server.mark_broken();
+                Err(ServerError::Protocol(
+                    "the backend did not enter a failed transaction".into(),
+                ))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                server.mark_broken();
+                Err(ServerError::Protocol(
+                    "no reply to pgshield's own query".into(),
+                ))
+            }
+        }
+    }
+
+    /// The transaction status of a client that holds no backend.
+    fn idle_status(&self) -> u8 {
+        if self.lost_transaction {
+            b'E'
+        } else {
+            b'I'
         }
     }
 
@@ -712,7 +842,7 @@ impl Session {
             if self.skip_until_sync {
                 if header.tag == b'S' {
                     self.skip_until_sync = false;
-                    self.local_ready(b'I');
+                    self.local_ready(self.idle_status());
                 }
                 self.client_msg = Passing {
                     left: header.len,
@@ -733,7 +863,7 @@ impl Session {
                 // flush: answered without borrowing a backend.
                 if self.mode == PoolMode::Transaction && matches!(header.tag, b'S' | b'H') {
                     if header.tag == b'S' {
-                        self.local_ready(b'I');
+                        self.local_ready(self.idle_status());
                         // Answered here: nothing to time.
                         self.request_received = None;
                     }
@@ -802,7 +932,8 @@ impl Session {
             .trim_start()
             .get(..10)
             .is_some_and(|w| w.eq_ignore_ascii_case("deallocate"));
-        if !starts_with_deallocate {
+        // (In a transaction lost with its backend, the server refuses it: 25P02.)
+        if !starts_with_deallocate || self.lost_transaction {
             return Ok(false);
         }
         let effects = sql::classify(query);
@@ -1070,7 +1201,7 @@ impl Session {
     fn refuse(&mut self, tag: u8, error: ErrorResponse) {
         error.encode(&mut self.client_out);
         match tag {
-            b'Q' | b'F' | b'S' => self.local_ready(b'I'),
+            b'Q' | b'F' | b'S' => self.local_ready(self.idle_status()),
             _ => self.skip_until_sync = true,
         }
     }
@@ -1215,9 +1346,20 @@ impl Session {
                         }
                     }
                 }
-                b'E' if ErrorResponse::parse(body).is_some_and(|e| e.severity.is_fatal()) => {
-                    server.mark_broken();
-                    self.server_sent_fatal = true;
+                b'E' => {
+                    if let Some(fatal) =
+                        ErrorResponse::parse(body).filter(|e| e.severity.is_fatal())
+                    {
+                        server.mark_broken();
+                        if self.mode == PoolMode::Transaction && self.pinned.is_none() {
+                            // Held back: the session may carry on on another backend
+                            // (`carry_on`); if not, the client gets it at the end.
+                            self.client_out.truncate(start);
+                            self.server_fatal = Some(Box::new(fatal));
+                        } else {
+                            self.server_sent_fatal = true;
+                        }
+                    }
                 }
                 b'Z' => {
                     // query_timeout counts per statement: the next one starts now.
@@ -1402,7 +1544,14 @@ impl Session {
         let waited = waiting_since.elapsed();
         pool.metrics().borrow_wait.record(waited.as_secs_f64());
         PoolStats::add(&pool.stats.wait_time_us, waited.as_micros() as u64);
-        match self.apply_settings(&mut backend).await {
+        let mut settled = self.apply_settings(&mut backend).await;
+        if settled.is_ok() && self.lost_transaction {
+            settled = self
+                .fail_transaction(&mut backend)
+                .await
+                .map_err(SettingsError::Server);
+        }
+        match settled {
             Ok(()) => {
                 let s = backend.server_ref();
                 self.registered
@@ -1557,6 +1706,9 @@ impl Session {
             End::Terminated | End::ClientGone => None,
             End::ClientProtocol(m) => Some(ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, m.clone())),
             End::ServerLost(_) if self.server_sent_fatal => None,
+            End::ServerLost(_) if self.server_fatal.is_some() => {
+                self.server_fatal.as_deref().cloned()
+            }
             End::ServerLost(_) | End::ServerProtocol(_) => Some(ErrorResponse::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 format!(

@@ -42,11 +42,18 @@ fn evict(pool: &Pool) {
     let settings = pool.settings();
     let idle_timeout = settings.server_idle_timeout;
     let mut closable = pool.inner.status().size.saturating_sub(settings.min_idle);
+    // max_idle_percent: idle backends of the database beyond it close, oldest idle first.
+    let db_limit = super::lock(&manager.db_limit).clone();
+    let mut excess = db_limit.map_or(0, |l| l.idle_excess());
     let removed = pool.inner.retain(|server, _| {
         let reason = if let Some(reason) = manager.unfit(server) {
             closable = closable.saturating_sub(1);
             reason
-        } else if closable > 0 && idle_timeout.is_some_and(|t| server.idle_for() >= t) {
+        } else if closable > 0 && excess > 0 {
+            closable -= 1;
+            excess -= 1;
+            "max_idle_percent reached"
+        } else if closable > 0 && idle_timeout.is_some_and(|t| server.idle_for() >= super::jittered(t, server.id().0)) {
             closable -= 1;
             "server_idle_timeout reached"
         } else {

@@ -20,6 +20,7 @@ macro_rules! backend_event {
     };
 }
 
+pub mod cluster;
 mod janitor;
 
 use std::collections::HashMap;
@@ -41,6 +42,7 @@ use crate::server::password::PasswordCommand;
 use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
 use crate::shutdown::Shutdown;
 use crate::tls::ServerTls;
+use cluster::{Cluster, Route};
 
 /// The knobs of one pool, taken from `[pool]`.
 #[derive(Debug, Clone)]
@@ -57,6 +59,11 @@ pub struct PoolSettings {
     pub on_session_state: crate::config::OnSessionState,
     /// `log.connections`: backends opened and closed are logged at info, not debug.
     pub log_connections: bool,
+    /// `pool.health_check_after`: an idle backend older than this is checked before it
+    /// is lent.
+    pub health_check_after: Option<Duration>,
+    /// `read_only.fallback_to_primary`.
+    pub fallback_to_primary: bool,
 }
 
 impl PoolSettings {
@@ -73,6 +80,8 @@ impl PoolSettings {
             mode: config.pool.mode,
             on_session_state: config.pool.on_session_state,
             log_connections: config.log.connections,
+            health_check_after: nonzero(config.pool.health_check_after),
+            fallback_to_primary: config.read_only.fallback_to_primary,
         }
     }
 }
@@ -121,8 +130,13 @@ pub struct ServerManager {
     /// The pool's name, for log lines.
     pool: String,
     /// Where and as whom; behind a lock because a passthrough user's credential is
-    /// replaced by the one from its latest login.
+    /// replaced by the one from its latest login. (Its host and port are the cluster's
+    /// first; each backend goes to the host [`Cluster::pick`] gives.)
     target: Mutex<ServerTarget>,
+    /// The database's servers (a reload that changes them replaces it).
+    cluster: ArcSwap<Cluster>,
+    /// A read-only pool (`<database>_ro`): its backends are on replicas.
+    read_only: bool,
     /// Replaced whole by a reload.
     settings: ArcSwap<PoolSettings>,
     /// The database's `max_db_connections`, shared with its other pools (a reload may
@@ -150,8 +164,29 @@ impl Manager for ServerManager {
     }
 
     async fn recycle(&self, server: &mut Box<Server>, _: &Metrics) -> RecycleResult<ServerError> {
-        if let Some(reason) = self.unfit(server) {
-            backend_event!(self.settings.load().log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
+        let settings = self.settings.load_full();
+        let mut unfit = self.unfit(server);
+        // Idle a while: an empty query says whether it still answers (a server that went
+        // away without closing its sockets, a network that dropped them).
+        if unfit.is_none()
+            && settings
+                .health_check_after
+                .is_some_and(|after| server.idle_for() >= after)
+        {
+            let check = tokio::time::timeout(
+                settings.server_connect_timeout,
+                Box::pin(server.run_internal("")),
+            );
+            if !matches!(check.await, Ok(Ok(_))) {
+                server.mark_broken();
+                unfit = Some("no answer to the health check before lending it");
+                if let Some(lease) = server.host.as_ref() {
+                    lease.cluster().backend_lost(lease.index, None);
+                }
+            }
+        }
+        if let Some(reason) = unfit {
+            backend_event!(settings.log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
             return Err(RecycleError::message(reason));
         }
         Ok(())
@@ -171,15 +206,66 @@ impl ServerManager {
             Some(limit) => Some(limit.acquire(settings.borrow_timeout).await?),
             None => None,
         };
-        let target = lock(&self.target).clone();
-        let mut server = match connect(&target, settings.server_connect_timeout).await {
-            Ok(server) => server,
-            Err(e) => {
-                self.metrics.backend_open_failures.increment(1);
-                return Err(e);
+        let mut target = lock(&self.target).clone();
+        let cluster = self.cluster.load_full();
+        let route = self.route(&settings);
+        let deadline = settings
+            .borrow_timeout
+            .map(|t| tokio::time::Instant::now() + t);
+        let (mut server, lease) = loop {
+            let changes = cluster.changes();
+            let Some(index) = cluster.pick(route) else {
+                // No host to try (a failover under way, no replica up): wait for the
+                // monitor to find one.
+                if !Cluster::wait_for_change(changes, deadline).await {
+                    self.metrics.backend_open_failures.increment(1);
+                    return Err(ServerError::NoHost {
+                        database: cluster.database.clone(),
+                        want: if self.read_only { "replica" } else { "primary" },
+                        waited: settings.borrow_timeout.unwrap_or_default(),
+                    });
+                }
+                continue;
+            };
+            let host = &cluster.hosts[index].spec;
+            target.host.clone_from(&host.host);
+            target.port = host.port;
+            match connect(&target, settings.server_connect_timeout).await {
+                Ok(mut server) => {
+                    if cluster.confirm(index, &server, route) {
+                        if cluster.needs_capacity() && !self.read_only {
+                            cluster
+                                .read_capacity(&mut server, settings.server_connect_timeout)
+                                .await;
+                        }
+                        break (server, cluster.lease(index));
+                    }
+                    tracing::info!(pool = %self.pool, host = %host.addr(), "the host is not what the pool wants (a replica for writers, or the reverse); trying another");
+                    drop(server);
+                }
+                Err(e) => {
+                    self.metrics.backend_open_failures.increment(1);
+                    cluster.connect_failed(index, &e);
+                    // One host: nothing else to try, the client hears it now (as before
+                    // clusters). Several: another may serve, or one come back.
+                    if cluster.hosts.len() == 1
+                        || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+                    {
+                        return Err(e);
+                    }
+                    tracing::warn!(pool = %self.pool, host = %host.addr(), error = %e, "cannot open a backend; trying another host");
+                }
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Err(ServerError::NoHost {
+                    database: cluster.database.clone(),
+                    want: if self.read_only { "replica" } else { "primary" },
+                    waited: settings.borrow_timeout.unwrap_or_default(),
+                });
             }
         };
         self.metrics.backends_opened.increment(1);
+        server.host = Some(lease);
         server.db_permit = permit;
         server.generation = generation;
         server.statements = ServerStatements::new(settings.max_prepared_statements);
@@ -193,10 +279,28 @@ impl ServerManager {
         Ok(Box::new(server))
     }
 
+    /// What the pool's backends are for.
+    fn route(&self, settings: &PoolSettings) -> Route {
+        if self.read_only {
+            Route::Replica {
+                fallback: settings.fallback_to_primary,
+            }
+        } else {
+            Route::Primary
+        }
+    }
+
     /// Why an idle backend must not be lent again, if it must not.
     fn unfit(&self, server: &Server) -> Option<&'static str> {
+        let settings = self.settings.load();
+        let host = server
+            .host
+            .as_ref()
+            .and_then(|lease| lease.cluster().unfit(lease, self.route(&settings)));
         if server.is_broken() {
             Some("broken")
+        } else if let Some(reason) = host {
+            Some(reason)
         } else if server.generation < self.generation.load(Ordering::Acquire) {
             Some("RECONNECT or a reload that changed its server")
         } else if !server.is_reusable() {
@@ -205,7 +309,7 @@ impl ServerManager {
             .settings
             .load()
             .server_lifetime
-            .is_some_and(|l| server.age() >= l)
+            .is_some_and(|l| server.age() >= jittered(l, server.id().0))
         {
             Some("server_lifetime reached")
         } else if server.peer_closed_or_spoke() {
@@ -221,6 +325,14 @@ impl ServerManager {
             None
         }
     }
+}
+
+/// `d` ±20 %, the same for a given backend every time (lifetimes and idle timeouts, so
+/// that backends opened together do not all close, and reconnect, together).
+pub(crate) fn jittered(d: Duration, id: u64) -> Duration {
+    // A multiplicative hash spreads consecutive ids over [0, 1).
+    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.8 + 0.4 * spread)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -362,10 +474,14 @@ impl Pool {
         target: ServerTarget,
         settings: PoolSettings,
         db_limit: Option<Arc<DbLimit>>,
+        cluster: Arc<Cluster>,
         metrics: &Numbers,
     ) -> Arc<Pool> {
         let name = format!("{database}/{user}");
         let manager = ServerManager {
+            // Read-only pools are the only ones named otherwise than their database.
+            read_only: cluster.database != database,
+            cluster: ArcSwap::new(cluster),
             pool: name.clone(),
             metrics: metrics.pool(&name),
             generation: AtomicU64::new(0),
@@ -429,8 +545,14 @@ impl Pool {
         settings: PoolSettings,
         mut target: ServerTarget,
         db_limit: Option<Arc<DbLimit>>,
+        cluster: Arc<Cluster>,
     ) {
         let manager = self.inner.manager();
+        let new_hosts = !Arc::ptr_eq(&manager.cluster.load(), &cluster);
+        if new_hosts {
+            tracing::info!(pool = %self.name, "reload: the database's hosts changed; open backends close when next idle");
+            manager.cluster.store(cluster);
+        }
         let old = manager.settings.swap(Arc::new(settings.clone()));
         if old.max_size != settings.max_size {
             self.gate.resize(settings.max_size);
@@ -467,7 +589,7 @@ impl Pool {
             *current = target;
             moved
         };
-        if moved || new_limit {
+        if moved || new_limit || new_hosts {
             *lock(&manager.welcome) = None;
             self.reconnect();
         }
@@ -821,8 +943,16 @@ impl Backend {
         let Some(mut obj) = self.obj.take() else {
             return;
         };
-        let expired = self.lifetime.is_some_and(|l| obj.age() >= l);
-        if obj.is_reusable() && !expired {
+        let expired = self
+            .lifetime
+            .is_some_and(|l| obj.age() >= jittered(l, obj.id().0));
+        // Another pool of the database waits for a place this pool holds more than its
+        // share of: the backend closes instead (a busy pool must not starve the others).
+        let over_share = Object::pool(&obj).is_some_and(|p| {
+            let limit = lock(&p.manager().db_limit).clone();
+            limit.is_some_and(|l| l.over_fair_share(p.status().size))
+        });
+        if obj.is_reusable() && !expired && !over_share {
             obj.mark_idle_now();
             drop(obj);
         } else {
@@ -830,6 +960,8 @@ impl Backend {
                 Object::pool(&obj).is_some_and(|p| p.manager().settings.load().log_connections);
             let reason = if expired {
                 "server_lifetime reached"
+            } else if over_share {
+                "another pool of the database waits under max_db_connections"
             } else {
                 "not at rest"
             };
@@ -990,6 +1122,10 @@ pub struct DbLimit {
     database: String,
     capacity: Arc<Capacity>,
     pools: Mutex<Vec<std::sync::Weak<Pool>>>,
+    /// `max_idle_percent`: idle backends of the database kept at most (0: no limit).
+    max_idle: AtomicUsize,
+    /// Pools waiting for a place: a pool over its fair share closes backends it returns.
+    waiting: AtomicUsize,
 }
 
 impl DbLimit {
@@ -998,7 +1134,41 @@ impl DbLimit {
             database: database.to_owned(),
             capacity: Capacity::new(max),
             pools: Mutex::new(Vec::new()),
+            max_idle: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        lock(&self.pools)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
+    /// Whether a pool with `open` backends holds more than its share while another
+    /// waits: the places are shared evenly between the pools that have clients.
+    fn over_fair_share(&self, open: usize) -> bool {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let busy = self
+            .pools()
+            .iter()
+            .filter(|p| p.clients() > 0 || p.status().open > 0)
+            .count()
+            .max(1);
+        open > (self.capacity.max() / busy).max(1)
+    }
+
+    /// Idle backends of the database beyond `max_idle_percent`.
+    fn idle_excess(&self) -> usize {
+        let max = self.max_idle.load(Ordering::Acquire);
+        if max == 0 {
+            return 0;
+        }
+        let idle: usize = self.pools().iter().map(|p| p.status().idle).sum();
+        idle.saturating_sub(max)
     }
 
     async fn acquire(&self, wait: Option<Duration>) -> Result<Place, ServerError> {
@@ -1009,6 +1179,7 @@ impl DbLimit {
             }
             // A backend that went idle in another pool since the last look makes way.
             self.close_one_idle();
+            let _waiting = Queued::join(&self.waiting);
             let mut next_look = tokio::time::Instant::now() + DB_LIMIT_LOOK_AGAIN;
             if let Some(deadline) = deadline {
                 if tokio::time::Instant::now() >= deadline {
@@ -1024,10 +1195,9 @@ impl DbLimit {
 
     /// Closes one idle backend of some pool of the database, freeing its place.
     fn close_one_idle(&self) {
-        let pools: Vec<Arc<Pool>> = lock(&self.pools)
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
+        // The pool with the most backends gives first.
+        let mut pools = self.pools();
+        pools.sort_by_key(|p| std::cmp::Reverse(p.status().open));
         for pool in pools {
             let mut closed = false;
             pool.inner.retain(|_, _| {
@@ -1078,6 +1248,8 @@ struct PoolsState {
     tls: Arc<ServerTls>,
     /// `max_db_connections`, by database.
     db_limits: HashMap<String, Arc<DbLimit>>,
+    /// Each database's servers, and the token that stops its monitor.
+    clusters: HashMap<String, (Arc<Cluster>, tokio_util::sync::CancellationToken)>,
 }
 
 impl PoolsState {
@@ -1097,13 +1269,23 @@ impl PoolsState {
         server_user: &str,
         password: Option<BackendPassword>,
     ) -> ServerTarget {
+        // The first host stands for the database (each backend goes where the cluster says).
+        let (host, port) = self
+            .clusters
+            .get(database)
+            .and_then(|(c, _)| c.hosts.first())
+            .map_or_else(
+                || (db.host.clone(), db.port),
+                |h| (h.spec.host.clone(), h.spec.port),
+            );
         ServerTarget {
-            host: db.host.clone(),
-            port: db.port,
+            host,
+            port,
             database: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
             user: server_user.to_owned(),
             password,
             tls: Arc::clone(&self.tls),
+            application_name: None,
         }
     }
 }
@@ -1121,6 +1303,7 @@ impl Pools {
                 auth_enabled: config.auth.enabled,
                 tls: Arc::clone(tls),
                 db_limits: HashMap::new(),
+                clusters: HashMap::new(),
             }),
             janitor_stop: std::sync::OnceLock::new(),
             metrics: Arc::clone(metrics),
@@ -1155,13 +1338,17 @@ impl Pools {
         let db_limits: HashMap<String, Arc<DbLimit>> = config
             .databases
             .iter()
-            .filter(|(_, db)| db.max_db_connections > 0)
+            .filter(|(_, db)| db.max_db_connections > 0 || db.max_connections_percent > 0)
             .map(|(name, db)| {
                 let limit = match state.db_limits.get(name) {
+                    // Sized by its cluster (below) when it knows the server's capacity.
+                    Some(limit) if db.max_connections_percent > 0 => Arc::clone(limit),
                     Some(limit) => {
                         limit.capacity.resize(db.max_db_connections);
                         Arc::clone(limit)
                     }
+                    // Until the first backend has read max_connections, one at a time.
+                    None if db.max_connections_percent > 0 => DbLimit::new(name, 1),
                     None => DbLimit::new(name, db.max_db_connections),
                 };
                 (name.clone(), limit)
@@ -1172,54 +1359,98 @@ impl Pools {
         state.tls = Arc::clone(tls);
         state.databases = config.databases.clone();
         state.db_limits = db_limits;
+        self.apply_clusters(&mut state, config);
+        for (name, db) in &config.databases {
+            let sizing = (db.max_connections_percent > 0).then(|| cluster::Sizing {
+                limit: Arc::clone(&state.db_limits[name]),
+                percent: db.max_connections_percent,
+                idle_percent: db.max_idle_percent,
+                reserved: db.reserved_connections,
+                cap: db.max_db_connections,
+            });
+            state.clusters[name].0.set_sizing(sizing);
+        }
         let (mut added, mut retired) = (0, 0);
         let mut old = std::mem::take(&mut state.configured);
         for (db_name, db) in &config.databases {
+            // The writers' pools, and with replicas the read-only ones (`<db>_ro`, outside
+            // max_db_connections: their backends are on other servers).
+            let mut names = vec![(db_name.clone(), state.db_limits.get(db_name).cloned())];
+            if db.has_replicas() {
+                names.push((
+                    format!("{db_name}{}", crate::config::READ_ONLY_SUFFIX),
+                    None,
+                ));
+            }
+            let cluster = Arc::clone(&state.clusters[db_name].0);
             for (user_name, user) in &config.users {
                 let server_user = user.server_user.as_deref().unwrap_or(user_name);
                 let password = passwords.get(user_name).cloned().flatten();
                 let target = state.target(db_name, db, server_user, password);
-                let limit = state.db_limits.get(db_name).cloned();
-                let key = (db_name.clone(), user_name.clone());
-                // A pool this reload keeps, or one an earlier reload retired that still
-                // serves clients (so the two never add up to more than max_size).
-                // (A user `[auth]` found that is now configured keeps its pool too.)
-                let kept = old
-                    .remove(&key)
-                    .or_else(|| state.found.remove(&key))
-                    .or_else(|| state.revive(db_name, user_name));
-                let pool = match kept {
-                    Some(pool) => {
-                        pool.update(settings.clone(), target, limit);
-                        pool
-                    }
-                    None => {
-                        added += 1;
-                        self.spawn_janitor(Pool::new(
-                            db_name,
-                            user_name,
-                            target,
-                            settings.clone(),
-                            limit,
-                            &self.metrics,
-                        ))
-                    }
-                };
-                state.configured.insert(key, pool);
+                for (pool_db, limit) in &names {
+                    let key = (pool_db.clone(), user_name.clone());
+                    // A pool this reload keeps, or one an earlier reload retired that still
+                    // serves clients (so the two never add up to more than max_size).
+                    // (A user `[auth]` found that is now configured keeps its pool too.)
+                    let kept = old
+                        .remove(&key)
+                        .or_else(|| state.found.remove(&key))
+                        .or_else(|| state.revive(pool_db, user_name));
+                    let pool = match kept {
+                        Some(pool) => {
+                            let (t, c) = (target.clone(), Arc::clone(&cluster));
+                            pool.update(settings.clone(), t, limit.clone(), c);
+                            pool
+                        }
+                        None => {
+                            added += 1;
+                            self.spawn_janitor(Pool::new(
+                                pool_db,
+                                user_name,
+                                target.clone(),
+                                settings.clone(),
+                                limit.clone(),
+                                Arc::clone(&cluster),
+                                &self.metrics,
+                            ))
+                        }
+                    };
+                    state.configured.insert(key, pool);
+                }
             }
+            // The health checks log in as `monitor_user`, or the first user that has a
+            // password for the server.
+            let monitor = db
+                .monitor_user
+                .iter()
+                .chain(config.users.keys())
+                .find_map(|name| {
+                    let password = passwords.get(name).cloned().flatten()?;
+                    let user = &config.users[name];
+                    let server_user = user.server_user.as_deref().unwrap_or(name);
+                    Some(state.target(db_name, db, server_user, Some(password)))
+                });
+            cluster.set_monitor_target(monitor);
         }
         let mut gone: Vec<Arc<Pool>> = old.into_values().collect();
         // Users `[auth]` found keep their pools while `[auth]` is on, their database is
         // configured, and they have not become configured users.
         for (key, pool) in std::mem::take(&mut state.found) {
-            let db = config.databases.get(&key.0);
+            let db = config
+                .resolve_database(&key.0)
+                .map(|(base, _)| (base, &config.databases[base]));
             match db.filter(|_| config.auth.enabled && !config.users.contains_key(&key.1)) {
-                Some(db) => {
+                Some((base, db)) => {
                     // Its credential is the one its latest login gave, whatever its kind.
                     let password = lock(&pool.inner.manager().target).password.clone();
-                    let target = state.target(&key.0, db, &key.1, password);
-                    let limit = state.db_limits.get(&key.0).cloned();
-                    pool.update(settings.clone(), target, limit);
+                    let target = state.target(base, db, &key.1, password);
+                    let limit = if base == key.0 {
+                        state.db_limits.get(base).cloned()
+                    } else {
+                        None
+                    };
+                    let cluster = Arc::clone(&state.clusters[base].0);
+                    pool.update(settings.clone(), target, limit, cluster);
                     state.found.insert(key, pool);
                 }
                 None => gone.push(pool),
@@ -1232,6 +1463,63 @@ impl Pools {
         }
         state.retired.retain(|p| !p.inner.is_closed());
         (added, retired)
+    }
+
+    /// Makes each database's `Cluster` what `config` says: kept (with new health-check
+    /// settings) while its hosts are the same, replaced (and its monitor stopped)
+    /// otherwise.
+    fn apply_clusters(&self, state: &mut PoolsState, config: &Config) {
+        let mut old = std::mem::take(&mut state.clusters);
+        for (name, db) in &config.databases {
+            // Validated: an error here is a configuration `validate` let through.
+            let hosts = db.servers().unwrap_or_default();
+            let health = cluster::HealthSettings {
+                interval: config.pool.health_check_interval,
+                timeout: config.pool.health_check_timeout,
+                max_replica_lag: (!db.max_replica_lag.is_zero()).then_some(db.max_replica_lag),
+                log_connections: config.log.connections,
+            };
+            let entry = match old.remove(name) {
+                Some((cluster, stop)) if cluster.same_hosts(&hosts) => {
+                    cluster.set_settings(health);
+                    (cluster, stop)
+                }
+                replaced => {
+                    if let Some((_, stop)) = replaced {
+                        stop.cancel();
+                    }
+                    let cluster = Cluster::new(name, hosts, health);
+                    let stop = tokio_util::sync::CancellationToken::new();
+                    self.spawn_monitor(&cluster, &stop);
+                    (cluster, stop)
+                }
+            };
+            state.clusters.insert(name.clone(), entry);
+        }
+        for (_, stop) in old.into_values() {
+            stop.cancel();
+        }
+    }
+
+    /// Starts the monitor of a cluster that needs one, if the pools are running already.
+    fn spawn_monitor(&self, cluster: &Arc<Cluster>, retired: &tokio_util::sync::CancellationToken) {
+        if let Some(stop) = self.janitor_stop.get().filter(|_| cluster.wants_monitor()) {
+            tokio::spawn(cluster::monitor(
+                Arc::clone(cluster),
+                stop.clone(),
+                retired.clone(),
+            ));
+        }
+    }
+
+    /// Each database's servers, by database name.
+    pub fn clusters(&self) -> Vec<Arc<Cluster>> {
+        let state = lock(&self.state);
+        state
+            .clusters
+            .values()
+            .map(|(c, _)| Arc::clone(c))
+            .collect()
     }
 
     /// Starts the pool's janitor if the pools are running already.
@@ -1266,17 +1554,27 @@ impl Pools {
         if !state.auth_enabled {
             return None;
         }
-        let db = state.databases.get(database)?.clone();
+        let (base, read_only) = match state.databases.get(database) {
+            Some(_) => (database.to_owned(), false),
+            None => {
+                let base = database.strip_suffix(crate::config::READ_ONLY_SUFFIX)?;
+                state.databases.get(base).filter(|db| db.has_replicas())?;
+                (base.to_owned(), true)
+            }
+        };
+        let db = state.databases.get(&base)?.clone();
         let key = (database.to_owned(), user.to_owned());
         if let Some(pool) = state.found.get(&key) {
             // Whatever it held: the password may have changed, md5 to SCRAM even.
             lock(&pool.inner.manager().target).password = Some(password);
             return Some(Arc::clone(pool));
         }
-        let target = state.target(database, &db, user, Some(password));
+        let target = state.target(&base, &db, user, Some(password));
+        // Read-only pools are outside max_db_connections (their backends are on replicas).
+        let limit = state.db_limits.get(&base).cloned().filter(|_| !read_only);
+        let cluster = Arc::clone(&state.clusters.get(&base)?.0);
         if let Some(pool) = state.revive(database, user) {
-            let limit = state.db_limits.get(database).cloned();
-            pool.update(state.settings.clone(), target, limit);
+            pool.update(state.settings.clone(), target, limit, cluster);
             state.found.insert(key, Arc::clone(&pool));
             return Some(pool);
         }
@@ -1285,7 +1583,8 @@ impl Pools {
             user,
             target,
             state.settings.clone(),
-            state.db_limits.get(database).cloned(),
+            limit,
+            cluster,
             &self.metrics,
         ));
         state.found.insert(key, Arc::clone(&pool));
@@ -1314,6 +1613,9 @@ impl Pools {
         let state = lock(&self.state);
         if self.janitor_stop.set(stop.clone()).is_err() {
             return;
+        }
+        for (cluster, retired) in state.clusters.values() {
+            self.spawn_monitor(cluster, retired);
         }
         let pools = state.configured.values().chain(state.found.values());
         for pool in pools.chain(state.retired.iter()) {

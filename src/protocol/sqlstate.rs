@@ -17,6 +17,8 @@ pub const PROTOCOL_VIOLATION: &str = "08P01";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 /// `admin_shutdown`: pgshield is shutting down.
 pub const ADMIN_SHUTDOWN: &str = "57P01";
+pub const CRASH_SHUTDOWN: &str = "57P02";
+pub const CANNOT_CONNECT_NOW: &str = "57P03";
 /// `idle_session_timeout`: the client sent nothing for `idle_client_timeout`.
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 /// `idle_in_transaction_session_timeout`: idle inside a transaction too long.

@@ -35,6 +35,8 @@ pub struct ServerTarget {
     pub user: String,
     pub password: Option<BackendPassword>,
     pub tls: Arc<ServerTls>,
+    /// Sent at startup when set (pgshield's own connections say what they are).
+    pub application_name: Option<&'static str>,
 }
 
 impl ServerTarget {
@@ -128,6 +130,15 @@ pub enum ServerError {
         "database {database} already has max_db_connections ({max}) backends open, all in use"
     )]
     DbLimit { database: String, max: usize },
+    #[error(
+        "no {want} of database {database} could be reached within borrow_timeout ({}): a failover may be under way",
+        humantime::format_duration(*.waited)
+    )]
+    NoHost {
+        database: String,
+        want: &'static str,
+        waited: Duration,
+    },
     #[error("server_password_command: {0}")]
     PasswordCommand(String),
     #[error("i/o error on the server connection: {0}")]
@@ -271,14 +282,14 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
     };
     let mut server = Server::new(stream, &target.host, target.port);
     let mut out = BytesMut::new();
-    frontend::startup_message(
-        [
-            ("user", target.user.as_str()),
-            ("database", target.database.as_str()),
-        ],
-        &mut out,
-    )
-    .map_err(Error::Io)?;
+    let mut params = vec![
+        ("user", target.user.as_str()),
+        ("database", target.database.as_str()),
+    ];
+    if let Some(name) = target.application_name {
+        params.push(("application_name", name));
+    }
+    frontend::startup_message(params, &mut out).map_err(Error::Io)?;
     send(&mut server, &mut out).await?;
     authenticate(&mut server, target).await?;
     loop {

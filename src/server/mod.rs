@@ -154,6 +154,8 @@ pub struct Server {
     pub(crate) db_permit: Option<crate::pool::Place>,
     /// Its pool's RECONNECT generation when it was opened.
     pub(crate) generation: u64,
+    /// The host of its database it is on (and its count there).
+    pub(crate) host: Option<crate::pool::cluster::HostLease>,
 }
 
 impl std::fmt::Debug for Server {
@@ -186,6 +188,7 @@ impl Server {
             idle_since: now,
             db_permit: None,
             generation: 0,
+            host: None,
         }
     }
 

@@ -136,6 +136,19 @@ struct Entry {
     undo: Option<Undo>,
 }
 
+/// What a client whose backend was lost is still owed (see [`ReplyTracker::lost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lost {
+    /// Queries, Syncs and function calls unanswered: each gets an error and a
+    /// ReadyForQuery.
+    pub readies: usize,
+    /// Extended-protocol messages after the last Sync: an error now, then everything up
+    /// to the client's Sync is skipped.
+    pub open_batch: bool,
+    /// The client was inside a transaction block (it stays failed until it ends it).
+    pub in_transaction: bool,
+}
+
 /// The server answered something nobody asked for: the backend is out of step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutOfStep;
@@ -460,6 +473,35 @@ impl ReplyTracker {
             }
         }
         Ok(())
+    }
+
+    /// The backend is gone while its client waited on it: what the client is still owed,
+    /// for pgshield to answer in the server's place, and everything owed is dropped (what
+    /// it would take back is in `take_undone`). None, changing nothing, when that cannot
+    /// be told: during COPY FROM STDIN, once unsure, or while one of pgshield's own
+    /// queries was running.
+    pub fn lost(&mut self) -> Option<Lost> {
+        if self.unsure
+            || self.client_copying
+            || self.copy_swallowed_messages
+            || self.owed.iter().any(|e| e.hide == Hide::All)
+        {
+            return None;
+        }
+        let readies = self
+            .owed
+            .iter()
+            .filter(|e| e.owed.ends_with_ready())
+            .count();
+        let lost = Lost {
+            readies,
+            open_batch: self.extended_open || self.skipping_to_sync,
+            in_transaction: self.tx != TxStatus::Idle,
+        };
+        self.abandon(0..self.owed.len());
+        self.extended_open = false;
+        self.skipping_to_sync = false;
+        Some(lost)
     }
 
     /// Nothing owed and no extended batch open: a safe point to run our own queries.

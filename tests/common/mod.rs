@@ -98,7 +98,7 @@ impl TestPki {
     }
 }
 
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
@@ -236,7 +236,16 @@ impl TestProxy {
     /// Starts a proxy; `sections` is TOML for `[pool]`, `[users.*]` and the like (a
     /// `[listen]` table in it gets the free-port address added).
     pub async fn start(sections: &str) -> TestProxy {
-        let toml = Self::toml(sections);
+        Self::start_toml(Self::toml(sections)).await
+    }
+
+    /// Starts a proxy for servers of the test's own: `databases` is the `[databases.*]`
+    /// TOML (no `[databases.app]` on the shared cluster is added).
+    pub async fn start_with_databases(databases: &str, sections: &str) -> TestProxy {
+        Self::start_toml(Self::toml_with(databases, sections)).await
+    }
+
+    async fn start_toml(toml: String) -> TestProxy {
         let config =
             Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let proxy = Proxy::bind(config).await.expect("proxy binds");
@@ -275,6 +284,15 @@ impl TestProxy {
     /// The whole configuration `start` runs with.
     fn toml(sections: &str) -> String {
         let db = cluster();
+        let app = format!(
+            "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n",
+            db.port()
+        );
+        Self::toml_with(&app, sections)
+    }
+
+    /// `databases` and `sections`, with a free listen port and an HTTP listener added.
+    pub fn toml_with(databases: &str, sections: &str) -> String {
         let listen = "[listen]\naddr = \"127.0.0.1:0\"\n";
         let sections = if sections.contains("[listen]\n") {
             sections.replace("[listen]\n", listen)
@@ -286,10 +304,7 @@ impl TestProxy {
         } else {
             format!("{sections}\n[admin]\nhttp_listen = \"127.0.0.1:0\"\n")
         };
-        format!(
-            "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n{sections}",
-            db.port()
-        )
+        format!("{databases}\n{sections}")
     }
 
     /// tokio-postgres settings for a client of this proxy.

@@ -1,0 +1,751 @@
+//! The servers of one database and what pgshield knows of each: its role (configured, or
+//! detected with `pg_is_in_recovery()`), whether it is up, its replica lag, and its
+//! `max_connections`. Every pool of the database (writers and read-only) shares one
+//! `Cluster`, asks it which host a new backend goes to ([`Cluster::pick`]), and tells it
+//! what connections learn (a refused connection, a FATAL shutdown, `in_hot_standby`).
+//!
+//! A database with several hosts, or with `role = "auto"`, has a monitor task: it keeps
+//! one connection to each host and asks it, every `health_check_interval` (every
+//! [`FAST_PROBE`] while no primary is known), whether it is in recovery and how far its
+//! replay lags. A host that cannot be reached is marked down and probed again after a
+//! back-off that doubles up to [`MAX_BACKOFF`]. With `role = "auto"` the writer pools
+//! follow the host that is not in recovery; while there is none (a failover), their
+//! borrowers wait, up to `borrow_timeout`, for the monitor to find the new one.
+//!
+//! Failover rules: a primary that fails is forgotten at once (its backends are never lent
+//! again, see [`Cluster::fit`]); a new primary is taken only from a probe or a connection
+//! that found the host out of recovery; a second host out of recovery while the current
+//! primary is up is not followed (split brain is logged, not acted on).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{HostRole, HostSpec};
+use crate::protocol::{sqlstate, ErrorResponse};
+use crate::server::{connect, Server, ServerError, ServerTarget};
+
+/// Probe period while a writer has no primary.
+pub const FAST_PROBE: Duration = Duration::from_millis(250);
+/// The longest back-off of a host that keeps failing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+const NO_HOST: usize = usize::MAX;
+
+/// What a backend is for: the writer pools want the primary; read-only pools a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Primary,
+    /// A replica; the primary too if `fallback` and no replica is fit.
+    Replica {
+        fallback: bool,
+    },
+}
+
+/// What is known of a host's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// The knobs the monitor and the pickers use (from `[pool]` and the database's table).
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub max_replica_lag: Option<Duration>,
+    pub log_connections: bool,
+}
+
+/// A snapshot of one host, for SHOW and metrics.
+#[derive(Debug, Clone)]
+pub struct HostStatus {
+    pub addr: String,
+    pub host: String,
+    pub port: u16,
+    pub configured: HostRole,
+    pub role: Role,
+    pub up: bool,
+    pub lag: Option<Duration>,
+    pub open: usize,
+    pub last_error: Option<String>,
+}
+
+struct HostState {
+    role: Role,
+    up: bool,
+    /// Failures in a row (the back-off doubles with each).
+    failures: u32,
+    /// Down: not probed or picked before this.
+    retry_at: Option<Instant>,
+    lag: Option<Duration>,
+    last_error: Option<String>,
+}
+
+pub struct Host {
+    pub spec: HostSpec,
+    state: Mutex<HostState>,
+    /// Backends open to it from pgshield's pools (least-outstanding routing).
+    open: AtomicUsize,
+    /// Bumped each time the host is marked down: a backend opened before is not reused.
+    downs: AtomicU64,
+}
+
+/// `max_connections` as a server reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerCapacity {
+    pub max_connections: usize,
+    pub superuser_reserved: usize,
+}
+
+pub struct Cluster {
+    pub database: String,
+    pub hosts: Vec<Host>,
+    /// The index of the host the writers use now, or `NO_HOST`.
+    primary: AtomicUsize,
+    /// Bumped on every change of role or health, to wake borrowers waiting for a host.
+    version: tokio::sync::watch::Sender<u64>,
+    /// Asks the monitor for a probe now (after a connection error).
+    probe_now: tokio::sync::Notify,
+    settings: arc_swap::ArcSwap<HealthSettings>,
+    /// Whom the monitor logs in as (a pool's target; host and port are replaced).
+    monitor_target: Mutex<Option<ServerTarget>>,
+    /// A monitor is running (so waiting for it makes sense).
+    monitored: std::sync::atomic::AtomicBool,
+    /// Since when the writers have had no primary (for the failover's log line).
+    outage: Mutex<Option<Instant>>,
+    capacity: Mutex<Option<ServerCapacity>>,
+    /// `max_connections_percent`: the database limit sized from `capacity`.
+    sizing: Mutex<Option<Sizing>>,
+}
+
+/// `max_connections_percent` and `max_idle_percent` of a database, applied to its
+/// `DbLimit` whenever the server's `max_connections` is learnt.
+pub struct Sizing {
+    pub limit: Arc<super::DbLimit>,
+    pub percent: u8,
+    pub idle_percent: u8,
+    pub reserved: usize,
+    /// `max_db_connections`, if also set: the lower of the two applies.
+    pub cap: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A backend's claim on its host: counts it among the host's open backends, and says
+/// which host it is on.
+pub struct HostLease {
+    cluster: Arc<Cluster>,
+    pub index: usize,
+    downs: u64,
+}
+
+impl Drop for HostLease {
+    fn drop(&mut self) {
+        if let Some(host) = self.cluster.hosts.get(self.index) {
+            host.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl HostLease {
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+}
+
+impl Cluster {
+    pub fn new(database: &str, hosts: Vec<HostSpec>, settings: HealthSettings) -> Arc<Cluster> {
+        let fixed_primary = hosts.iter().position(|h| h.role == HostRole::Primary);
+        let hosts = hosts
+            .into_iter()
+            .map(|spec| Host {
+                state: Mutex::new(HostState {
+                    role: match spec.role {
+                        HostRole::Primary => Role::Primary,
+                        HostRole::Replica => Role::Replica,
+                        HostRole::Auto => Role::Unknown,
+                    },
+                    up: true,
+                    failures: 0,
+                    retry_at: None,
+                    lag: None,
+                    last_error: None,
+                }),
+                spec,
+                open: AtomicUsize::new(0),
+                downs: AtomicU64::new(0),
+            })
+            .collect();
+        Arc::new(Cluster {
+            database: database.to_owned(),
+            hosts,
+            primary: AtomicUsize::new(fixed_primary.unwrap_or(NO_HOST)),
+            version: tokio::sync::watch::channel(0).0,
+            probe_now: tokio::sync::Notify::new(),
+            settings: arc_swap::ArcSwap::from_pointee(settings),
+            monitor_target: Mutex::new(None),
+            monitored: std::sync::atomic::AtomicBool::new(false),
+            outage: Mutex::new(None),
+            capacity: Mutex::new(None),
+            sizing: Mutex::new(None),
+        })
+    }
+
+    /// Whether `hosts` is this cluster's list (same servers, same roles, same order).
+    pub fn same_hosts(&self, hosts: &[HostSpec]) -> bool {
+        self.hosts.len() == hosts.len() && self.hosts.iter().zip(hosts).all(|(a, b)| a.spec == *b)
+    }
+
+    /// Whether the cluster needs a monitor: several hosts, or roles to detect.
+    pub fn wants_monitor(&self) -> bool {
+        self.hosts.len() > 1
+            || self.hosts.iter().any(|h| h.spec.role == HostRole::Auto)
+            || lock(&self.sizing).is_some()
+    }
+
+    /// Reads `max_connections` on a new backend (when sizing needs it and no probe has).
+    pub async fn read_capacity(&self, server: &mut Server, timeout: Duration) {
+        const SQL: &str = "SELECT pg_catalog.current_setting('max_connections'), \
+            pg_catalog.current_setting('superuser_reserved_connections')";
+        let Ok(Ok(reply)) = tokio::time::timeout(timeout, server.run_internal(SQL)).await else {
+            server.mark_broken();
+            return;
+        };
+        let number = |i: usize| {
+            reply
+                .rows
+                .first()
+                .and_then(|r| r.get(i))
+                .and_then(|v| v.as_deref())
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        if let (Some(max), Some(reserved)) = (number(0), number(1)) {
+            self.learn_capacity(ServerCapacity {
+                max_connections: max,
+                superuser_reserved: reserved,
+            });
+        }
+    }
+
+    pub fn set_settings(&self, settings: HealthSettings) {
+        self.settings.store(Arc::new(settings));
+    }
+
+    pub fn settings(&self) -> Arc<HealthSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_monitor_target(&self, target: Option<ServerTarget>) {
+        *lock(&self.monitor_target) = target;
+    }
+
+    /// The host the writers use now.
+    pub fn primary(&self) -> Option<usize> {
+        let i = self.primary.load(Ordering::Acquire);
+        (i != NO_HOST).then_some(i)
+    }
+
+    pub fn capacity(&self) -> Option<ServerCapacity> {
+        *lock(&self.capacity)
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn backoff(failures: u32, interval: Duration) -> Duration {
+        let doubled = interval.saturating_mul(1u32 << failures.min(16).saturating_sub(1));
+        doubled.min(MAX_BACKOFF)
+    }
+
+    /// Which host a new backend for `route` goes to now; None while there is none to
+    /// try (then [`Cluster::wait_for_change`]).
+    pub fn pick(&self, route: Route) -> Option<usize> {
+        let now = Instant::now();
+        let usable = |h: &Host| {
+            let s = lock(&h.state);
+            s.up || s.retry_at.is_none_or(|at| now >= at)
+        };
+        let primary = match self.primary() {
+            // A fixed primary is tried even when it failed last (there is no other).
+            Some(i) if self.hosts[i].spec.role == HostRole::Primary => Some(i),
+            Some(i) if usable(&self.hosts[i]) => Some(i),
+            Some(_) => None,
+            // Nobody watches: the first host not known to be a replica is tried, and
+            // what it reports at login decides.
+            None if !self.monitored.load(Ordering::Acquire) => self.hosts.iter().position(|h| {
+                h.spec.role == HostRole::Auto && usable(h) && lock(&h.state).role != Role::Replica
+            }),
+            None => None,
+        };
+        match route {
+            Route::Primary => primary,
+            Route::Replica { fallback } => {
+                let max_lag = self.settings.load().max_replica_lag;
+                let replica = self
+                    .hosts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, h)| {
+                        let s = lock(&h.state);
+                        s.up && s.role == Role::Replica
+                            && max_lag.is_none_or(|max| s.lag.is_none_or(|lag| lag <= max))
+                    })
+                    .min_by_key(|(_, h)| h.open.load(Ordering::Relaxed))
+                    .map(|(i, _)| i);
+                replica.or(primary.filter(|_| fallback))
+            }
+        }
+    }
+
+    /// A receiver of changes, taken before [`Cluster::pick`] so that a change between
+    /// the pick and the wait is not missed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Waits until something changes (a host found, back up, promoted) or `deadline`.
+    /// False at the deadline.
+    pub async fn wait_for_change(
+        mut rx: tokio::sync::watch::Receiver<u64>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> bool {
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at, rx.changed()).await.is_ok(),
+            None => rx.changed().await.is_ok(),
+        }
+    }
+
+    /// A backend's lease on host `index` (counts it open there).
+    pub fn lease(self: &Arc<Self>, index: usize) -> HostLease {
+        self.hosts[index].open.fetch_add(1, Ordering::Relaxed);
+        HostLease {
+            cluster: Arc::clone(self),
+            index,
+            downs: self.hosts[index].downs.load(Ordering::Acquire),
+        }
+    }
+
+    /// Why a backend on `lease`'s host must not be lent for `route` any more, if so.
+    pub fn unfit(&self, lease: &HostLease, route: Route) -> Option<&'static str> {
+        let host = &self.hosts[lease.index];
+        if host.downs.load(Ordering::Acquire) != lease.downs {
+            return Some("its host was marked down since it opened");
+        }
+        match route {
+            Route::Primary if self.primary() != Some(lease.index) => {
+                Some("its host is no longer the primary")
+            }
+            Route::Primary => None,
+            Route::Replica { fallback } => {
+                let role = lock(&host.state).role;
+                if role == Role::Replica {
+                    return None;
+                }
+                let on_primary = self.primary() == Some(lease.index);
+                if !(fallback && on_primary) {
+                    Some("its host is no longer a replica")
+                } else if self.pick(route) != Some(lease.index) {
+                    Some("a replica is fit to serve again")
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// A new backend on host `index` reported its parameters: `in_hot_standby` (14+)
+    /// says what it is. Returns whether it serves `route`.
+    pub fn confirm(&self, index: usize, server: &Server, route: Route) -> bool {
+        let detected = match server.params().get("in_hot_standby") {
+            Some("on") => Some(Role::Replica),
+            Some("off") => Some(Role::Primary),
+            _ => None,
+        };
+        if let Some(role) = detected {
+            self.learn_role(index, role, "login");
+        }
+        self.mark_up(index);
+        let role = lock(&self.hosts[index].state).role;
+        match route {
+            Route::Primary => self.primary() == Some(index) && role != Role::Replica,
+            Route::Replica { fallback } => {
+                role == Role::Replica || (fallback && self.primary() == Some(index))
+            }
+        }
+    }
+
+    /// What a probe or a login found: `role` for host `index` (an `auto` host's only).
+    fn learn_role(&self, index: usize, role: Role, how: &str) {
+        let host = &self.hosts[index];
+        if host.spec.role != HostRole::Auto {
+            return;
+        }
+        let before = std::mem::replace(&mut lock(&host.state).role, role);
+        let mut changed = before != role;
+        match role {
+            Role::Primary => match self.primary() {
+                None => {
+                    self.primary.store(index, Ordering::Release);
+                    changed = true;
+                    let outage = lock(&self.outage).take();
+                    match outage {
+                        Some(since) => tracing::warn!(
+                            database = %self.database,
+                            primary = %host.spec.addr(),
+                            without_primary_ms = since.elapsed().as_millis() as u64,
+                            found_by = how,
+                            "failover: writers follow the new primary"
+                        ),
+                        None => {
+                            tracing::info!(database = %self.database, primary = %host.spec.addr(), found_by = how, "primary found")
+                        }
+                    }
+                }
+                Some(current) if current != index => {
+                    tracing::error!(
+                        database = %self.database,
+                        current = %self.hosts[current].spec.addr(),
+                        other = %host.spec.addr(),
+                        "two hosts are out of recovery; writers stay on the current primary"
+                    );
+                }
+                Some(_) => {}
+            },
+            Role::Replica | Role::Unknown => {
+                if self.primary() == Some(index) {
+                    self.lose_primary(index, "it is in recovery now (demoted)");
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// The writers' primary is gone: no backend of it is lent again.
+    fn lose_primary(&self, index: usize, why: &str) {
+        if self
+            .primary
+            .compare_exchange(index, NO_HOST, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            lock(&self.outage).get_or_insert_with(Instant::now);
+            tracing::warn!(database = %self.database, primary = %self.hosts[index].spec.addr(), reason = why, "primary lost; writers wait for a new one (up to borrow_timeout)");
+            self.probe_now.notify_one();
+        }
+    }
+
+    fn mark_up(&self, index: usize) {
+        let host = &self.hosts[index];
+        let mut s = lock(&host.state);
+        let was_down = !s.up;
+        s.up = true;
+        s.failures = 0;
+        s.retry_at = None;
+        s.last_error = None;
+        drop(s);
+        if was_down {
+            tracing::info!(database = %self.database, host = %host.spec.addr(), "host is up again");
+            self.bump();
+        }
+    }
+
+    /// Host `index` failed (unreachable, refused, shutting down): marked down, probed
+    /// again after a back-off. If it was the writers' primary (`auto` roles), it is
+    /// forgotten.
+    pub fn mark_down(&self, index: usize, why: &str) {
+        let Some(host) = self.hosts.get(index) else {
+            return;
+        };
+        let interval = self.settings.load().interval;
+        let mut s = lock(&host.state);
+        let was_up = s.up;
+        s.up = false;
+        s.failures = s.failures.saturating_add(1);
+        let backoff = Self::backoff(s.failures, interval);
+        s.retry_at = Some(Instant::now() + backoff);
+        s.last_error = Some(why.to_owned());
+        if host.spec.role == HostRole::Auto {
+            s.role = Role::Unknown;
+        }
+        drop(s);
+        if was_up {
+            host.downs.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(database = %self.database, host = %host.spec.addr(), reason = why, retry_in_ms = backoff.as_millis() as u64, "host marked down");
+        }
+        if host.spec.role == HostRole::Auto {
+            self.lose_primary(index, why);
+        }
+        self.bump();
+    }
+
+    /// A connection to host `index` failed to open with `error`.
+    pub fn connect_failed(&self, index: usize, error: &ServerError) {
+        let down = match error {
+            ServerError::Connect { .. } | ServerError::Timeout { .. } | ServerError::Closed => true,
+            ServerError::Refused(e) => host_is_going_away(e),
+            _ => false,
+        };
+        if down {
+            self.mark_down(index, &error.to_string());
+        }
+    }
+
+    /// A lent backend on host `index` was lost: the monitor looks at once. A FATAL
+    /// saying the server shuts down, crashed or is starting up marks it down now.
+    pub fn backend_lost(&self, index: usize, fatal: Option<&ErrorResponse>) {
+        match fatal.filter(|e| host_is_going_away(e)) {
+            Some(e) => self.mark_down(index, &format!("{} ({})", e.message, e.code)),
+            None => self.probe_now.notify_one(),
+        }
+    }
+
+    /// Every host, for SHOW and metrics.
+    pub fn status(&self) -> Vec<HostStatus> {
+        self.hosts
+            .iter()
+            .map(|h| {
+                let s = lock(&h.state);
+                HostStatus {
+                    addr: h.spec.addr(),
+                    host: h.spec.host.clone(),
+                    port: h.spec.port,
+                    configured: h.spec.role,
+                    role: s.role,
+                    up: s.up,
+                    lag: s.lag,
+                    open: h.open.load(Ordering::Relaxed),
+                    last_error: s.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Notes what a server said its `max_connections` is (the primary's, or the first
+    /// host's, counts for sizing), and sizes the database's limit from it.
+    pub fn learn_capacity(&self, capacity: ServerCapacity) {
+        let changed = lock(&self.capacity).replace(capacity) != Some(capacity);
+        if changed {
+            self.apply_sizing();
+        }
+    }
+
+    /// Sizing is set (or removed) by a reload; applied at once if the capacity is known.
+    pub fn set_sizing(&self, sizing: Option<Sizing>) {
+        *lock(&self.sizing) = sizing;
+        self.apply_sizing();
+    }
+
+    /// Whether a backend should read the server's `max_connections` (sizing wants it
+    /// and nobody has yet).
+    pub fn needs_capacity(&self) -> bool {
+        lock(&self.sizing).is_some() && self.capacity().is_none()
+    }
+
+    fn apply_sizing(&self) {
+        let Some(capacity) = self.capacity() else {
+            return;
+        };
+        let sizing = lock(&self.sizing);
+        let Some(s) = sizing.as_ref() else {
+            return;
+        };
+        let usable = capacity
+            .max_connections
+            .saturating_sub(capacity.superuser_reserved)
+            .saturating_sub(s.reserved);
+        let share = |percent: u8| (usable * usize::from(percent) / 100).max(1);
+        let mut max = share(s.percent);
+        if s.cap > 0 {
+            max = max.min(s.cap);
+        }
+        let idle = if s.idle_percent > 0 {
+            share(s.idle_percent)
+        } else {
+            0
+        };
+        s.limit.max_idle.store(idle, Ordering::Release);
+        if s.limit.capacity.max() != max {
+            tracing::info!(
+                database = %self.database,
+                backends = max,
+                idle = idle,
+                max_connections = capacity.max_connections,
+                superuser_reserved_connections = capacity.superuser_reserved,
+                reserved_connections = s.reserved,
+                percent = s.percent,
+                "max_connections_percent: the database's pools are sized from the server"
+            );
+            s.limit.capacity.resize(max);
+        }
+    }
+}
+
+/// 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now.
+pub fn host_is_going_away(e: &ErrorResponse) -> bool {
+    [
+        sqlstate::ADMIN_SHUTDOWN,
+        sqlstate::CRASH_SHUTDOWN,
+        sqlstate::CANNOT_CONNECT_NOW,
+    ]
+    .contains(&e.code.as_str())
+}
+
+/// What one probe asks: recovery, replay lag (0 when replay has caught up with what was
+/// received, else the age of the last replayed transaction), and the connection limits.
+const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
+     CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN 0 \
+          WHEN pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
+          ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()), 0) END, \
+     pg_catalog.current_setting('max_connections'), \
+     pg_catalog.current_setting('superuser_reserved_connections')";
+
+/// Runs the monitor of `cluster` until `stop` (or the cluster is dropped by a reload
+/// that replaced it: `retired`).
+pub async fn monitor(
+    cluster: Arc<Cluster>,
+    stop: tokio_util::sync::CancellationToken,
+    retired: tokio_util::sync::CancellationToken,
+) {
+    cluster.monitored.store(true, Ordering::Release);
+    let mut conns: Vec<Option<Server>> = cluster.hosts.iter().map(|_| None).collect();
+    let mut warned_no_target = false;
+    loop {
+        let target = lock(&cluster.monitor_target).clone();
+        match target {
+            Some(target) => {
+                for (i, conn) in conns.iter_mut().enumerate() {
+                    probe(&cluster, i, conn, &target).await;
+                }
+            }
+            None if !warned_no_target => {
+                warned_no_target = true;
+                cluster.monitored.store(false, Ordering::Release);
+                tracing::warn!(database = %cluster.database, "no user to check the hosts with (set monitor_user to one with a server password): roles are learnt from backends' logins only");
+            }
+            None => {}
+        }
+        let period = if cluster.primary().is_none()
+            && cluster.hosts.iter().any(|h| h.spec.role == HostRole::Auto)
+        {
+            FAST_PROBE
+        } else {
+            cluster.settings.load().interval
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = retired.cancelled() => break,
+            _ = tokio::time::sleep(period) => {}
+            _ = cluster.probe_now.notified() => {
+                // Several reports at once make one probe.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    cluster.monitored.store(false, Ordering::Release);
+}
+
+/// Probes host `index` over its monitor connection (opened if needed).
+async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, target: &ServerTarget) {
+    let host = &cluster.hosts[index];
+    {
+        let s = lock(&host.state);
+        if !s.up && s.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+    }
+    let settings = cluster.settings.load_full();
+    let result = tokio::time::timeout(settings.timeout, async {
+        if conn.is_none() {
+            let mut t = target.clone();
+            t.host = host.spec.host.clone();
+            t.port = host.spec.port;
+            t.application_name = Some("pgshield health check");
+            *conn = Some(connect(&t, settings.timeout).await?);
+        }
+        let server = conn.as_mut().ok_or(ServerError::Closed)?;
+        let reply = server.run_internal(PROBE_SQL).await?;
+        match reply.error {
+            Some(e) => Err(ServerError::Query(e)),
+            None => Ok(reply.rows),
+        }
+    })
+    .await;
+    let rows = match result {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            *conn = None;
+            let going_away = matches!(&e, ServerError::Refused(r) if host_is_going_away(r));
+            let unreachable = matches!(
+                e,
+                ServerError::Connect { .. } | ServerError::Timeout { .. } | ServerError::Closed
+            ) || going_away
+                || matches!(e, ServerError::Io(_));
+            if unreachable {
+                cluster.mark_down(index, &e.to_string());
+            } else {
+                // Reachable but refusing us (a password, say): it is up, role unknown.
+                tracing::warn!(database = %cluster.database, host = %host.spec.addr(), error = %e, "health check failed");
+                lock(&host.state).last_error = Some(e.to_string());
+            }
+            return;
+        }
+        Err(_) => {
+            *conn = None;
+            cluster.mark_down(
+                index,
+                &format!(
+                    "no answer to the health check within {}",
+                    humantime::format_duration(settings.timeout)
+                ),
+            );
+            return;
+        }
+    };
+    let Some(row) = rows.first() else {
+        return;
+    };
+    let text = |i: usize| row.get(i).and_then(|v| v.as_deref());
+    let in_recovery = text(0) == Some("t");
+    let lag = text(1)
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64);
+    let number = |i: usize| text(i).and_then(|v| v.parse::<usize>().ok());
+    cluster.mark_up(index);
+    lock(&host.state).lag = if in_recovery { lag } else { None };
+    cluster.learn_role(
+        index,
+        if in_recovery {
+            Role::Replica
+        } else {
+            Role::Primary
+        },
+        "health check",
+    );
+    if let (Some(max), Some(reserved)) = (number(2), number(3)) {
+        if !in_recovery || cluster.capacity().is_none() {
+            cluster.learn_capacity(ServerCapacity {
+                max_connections: max,
+                superuser_reserved: reserved,
+            });
+        }
+    }
+}
