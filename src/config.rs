@@ -249,11 +249,16 @@ pub struct ListenConfig {
     /// Let another pgshield bind the same port (SO_REUSEPORT), for rolling restarts; the
     /// first SIGTERM/SIGINT then only stops listening (as `SHUTDOWN WAIT_FOR_CLIENTS`).
     pub reuse_port: bool,
+    /// A second address whose clients are read-only: each database they name is served
+    /// as its `<database>_ro` alias (backends on replicas). Empty: none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub read_only_addr: String,
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
         Self {
+            read_only_addr: String::new(),
             addr: "127.0.0.1:6432".into(),
             max_client_connections: 10_000,
             client_login_timeout: Duration::from_secs(60),
@@ -942,6 +947,7 @@ impl Config {
     /// Checks everything a running proxy relies on; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.read_only_addr()?;
         self.admin_http_addr()?;
         if self.admin.stats_period.is_zero() {
             return Err(invalid("admin.stats_period", "must be more than 0s"));
@@ -1174,6 +1180,18 @@ impl Config {
     }
 
     /// The parsed listen address (validated at load).
+    /// `listen.read_only_addr`, if set.
+    pub fn read_only_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.read_only_addr.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .read_only_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| invalid("listen.read_only_addr", format!("{e}: expected ip:port")))
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.addr.parse().map_err(|_| {
             invalid(
@@ -1461,6 +1479,7 @@ mod tests {
         assert_eq!(doc.client_login_timeout, default.client_login_timeout);
         assert_eq!(doc.max_message_size, default.max_message_size);
         assert_eq!(doc.reuse_port, default.reuse_port);
+        assert_eq!(doc.read_only_addr, default.read_only_addr);
         assert_eq!(c.runtime.workers, RuntimeConfig::default().workers);
         assert_eq!(c.admin.http_listen, AdminConfig::default().http_listen);
         assert_eq!(c.tls.client.mode, ClientTlsMode::default());

@@ -167,11 +167,42 @@ pub enum StartError {
     },
 }
 
+/// Serves one accepted connection in a task of its own (`read_only`: it came through
+/// `listen.read_only_addr`).
+async fn accept(
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    read_only: bool,
+) {
+    match accepted {
+        Ok((tcp, peer)) => {
+            let slot = shared.clients.try_take();
+            let serve = client::serve(
+                Arc::clone(shared),
+                tcp,
+                peer,
+                slot,
+                read_only,
+                sessions.clone(),
+            );
+            sessions.spawn(serve);
+        }
+        Err(e) => {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// A bound, not yet running, proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// `listen.read_only_addr`: clients served from replicas, if configured.
+    read_only: Option<(TcpListener, SocketAddr)>,
     /// The admin HTTP listener, if configured.
     http: Option<(TcpListener, SocketAddr)>,
 }
@@ -183,21 +214,21 @@ impl Proxy {
         let config = &live.config;
         let metrics = Arc::new(Metrics::new());
         let addr = config.listen_addr()?;
-        let listener = listen(addr, config.listen.reuse_port)
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let http = match config.admin_http_addr()? {
+        // Each listener with the address it got (port 0 picks one).
+        let bound = |listener: std::io::Result<TcpListener>| {
+            listener.and_then(|l| Ok((l.local_addr()?, l)).map(|(local, l)| (l, local)))
+        };
+        let bind_error = |addr| move |source| StartError::Bind { addr, source };
+        let (listener, local_addr) =
+            bound(listen(addr, config.listen.reuse_port)).map_err(bind_error(addr))?;
+        let read_only = match config.read_only_addr()? {
             Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                Some((listener, bound))
+                Some(bound(listen(addr, config.listen.reuse_port)).map_err(bind_error(addr))?)
             }
+            None => None,
+        };
+        let http = match config.admin_http_addr()? {
+            Some(addr) => Some(bound(TcpListener::bind(addr).await).map_err(bind_error(addr))?),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -222,6 +253,7 @@ impl Proxy {
             shared,
             listener,
             local_addr,
+            read_only,
             http,
         })
     }
@@ -229,6 +261,11 @@ impl Proxy {
     /// The address clients connect to (useful when `listen.addr` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The read-only clients' address, if there is one.
+    pub fn read_only_addr(&self) -> Option<SocketAddr> {
+        self.read_only.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Where /metrics, /health and /ready are served, if they are.
@@ -250,6 +287,7 @@ impl Proxy {
         let Proxy {
             shared,
             listener,
+            read_only,
             http,
             ..
         } = self;
@@ -283,21 +321,17 @@ impl Proxy {
             tokio::select! {
                 _ = shutdown.draining() => break,
                 _ = shutdown.listener_closed() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let slot = shared.clients.try_take();
-                        let serve = client::serve(Arc::clone(&shared), tcp, peer, slot, sessions.clone());
-                        sessions.spawn(serve);
+                accepted = listener.accept() => accept(&shared, &sessions, accepted, false).await,
+                accepted = async {
+                    match &read_only {
+                        Some((listener, _)) => listener.accept().await,
+                        None => std::future::pending().await,
                     }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                } => accept(&shared, &sessions, accepted, true).await,
             }
         }
         drop(listener);
+        drop(read_only);
         sessions.close();
         if !shutdown.is_draining() {
             // WAIT_FOR_CLIENTS: connected clients carry on until they leave, or until a

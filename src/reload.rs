@@ -100,6 +100,7 @@ fn keep_start_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(
         "listen.addr" => listen.addr,
         "listen.reuse_port" => listen.reuse_port,
+        "listen.read_only_addr" => listen.read_only_addr,
         "runtime.workers" => runtime.workers,
         "log.level" => log.level,
         "log.format" => log.format,

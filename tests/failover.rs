@@ -133,9 +133,13 @@ async fn failover_read_only_routing_and_sizing_on_a_real_replica() {
 
 async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: &mut DevDb) {
     let pool = "[pool]\nmax_size = 4\nborrow_timeout = \"10s\"\nhealth_check_interval = \"200ms\"\nhealth_check_timeout = \"1s\"\n[users.fo]\npassword = \"pw\"\n";
+    let solo = format!(
+        "[databases.solo]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n",
+        primary.port()
+    );
     let falls_back = TestProxy::start_with_databases(
-        &hosts_toml(primary, replica, ""),
-        &format!("{pool}[read_only]\nfallback_to_primary = true\n[admin]\nusers = [\"fo\"]\nhttp_listen = \"127.0.0.1:0\"\n"),
+        &format!("{}{solo}", hosts_toml(primary, replica, "max_replica_lag = \"1s\"")),
+        &format!("{pool}[listen]\nread_only_addr = \"127.0.0.1:0\"\n[read_only]\nfallback_to_primary = true\n[admin]\nusers = [\"fo\"]\nhttp_listen = \"127.0.0.1:0\"\n"),
     )
     .await;
     let strict = TestProxy::start_with_databases(
@@ -161,12 +165,29 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
     let strict_reader = common::connect(&ro_config(&strict))
         .await
         .expect("read-only login");
-    for r in [&reader, &strict_reader] {
+    // The read-only listener: database app is served as app_ro.
+    let ro_addr = falls_back.read_only.expect("read-only listener");
+    let mut listener_config = tokio_postgres::Config::new();
+    listener_config
+        .host(ro_addr.ip().to_string())
+        .port(ro_addr.port())
+        .user("fo")
+        .password("pw")
+        .dbname("app");
+    let listener_reader = common::connect(&listener_config)
+        .await
+        .expect("login through the read-only listener");
+    for r in [&reader, &strict_reader, &listener_reader] {
         assert!(
             in_recovery(&r.client).await.expect("read"),
-            "app_ro reads from the replica"
+            "app_ro and the read-only listener read from the replica"
         );
     }
+    let no_replicas = common::connect(listener_config.clone().dbname("solo"))
+        .await
+        .err()
+        .expect("a database without replicas is refused on the read-only listener");
+    assert_eq!(sqlstate(&no_replicas), Some("3D000"), "{no_replicas}");
     let refused = reader
         .client
         .batch_execute("CREATE TABLE ro_write (x int)")
@@ -287,6 +308,45 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
         .await;
     }
     assert!(in_recovery(&writer.client).await.is_ok_and(|r| !r));
+
+    // A replica whose replay lags more than max_replica_lag (1 s) is skipped; it is used
+    // again once it catches up.
+    let replica_admin = direct(replica).await;
+    let primary_admin = direct(primary).await;
+    replica_admin
+        .client
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let mut seq = 0;
+    eventually(
+        "a lagging replica is skipped",
+        Duration::from_secs(20),
+        || {
+            seq += 1;
+            let (primary_admin, reader) = (&primary_admin, &reader);
+            async move {
+                primary_admin
+                    .client
+                    .batch_execute(&format!("INSERT INTO fo_writes VALUES (-1, {seq})"))
+                    .await
+                    .unwrap();
+                in_recovery(&reader.client).await.is_ok_and(|r| !r)
+            }
+        },
+    )
+    .await;
+    replica_admin
+        .client
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    eventually(
+        "a replica that caught up serves again",
+        Duration::from_secs(20),
+        || async { in_recovery(&reader.client).await.unwrap_or(false) },
+    )
+    .await;
     falls_back.stop().await;
     strict.stop().await;
 }
@@ -460,7 +520,10 @@ async fn failover(primary: &mut DevDb, replica: &DevDb) {
     let new_primary = direct(replica).await;
     let rows: HashSet<(i32, i32)> = new_primary
         .client
-        .query("SELECT client, seq FROM fo_writes WHERE client < 1000", &[])
+        .query(
+            "SELECT client, seq FROM fo_writes WHERE client BETWEEN 0 AND 999",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -511,6 +574,42 @@ async fn failover(primary: &mut DevDb, replica: &DevDb) {
     assert!(errors.iter().all(|e| e.contains("08006")), "{errors:?}");
     assert_eq!(direct_after, 0, "direct clients cannot follow the failover");
     assert!(direct_errors >= DIRECT as usize);
+
+    // The old primary comes back as it was, out of recovery (split brain): writers stay
+    // on the new primary, and the old one gets no write.
+    tokio::task::block_in_place(|| primary.start_again()).expect("the old primary restarts");
+    let old = direct(primary).await;
+    assert!(!in_recovery(&old.client).await.unwrap());
+    let writer = proxy.connect("fo", "pw").await.expect("login");
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        i += 1;
+        writer
+            .client
+            .batch_execute(&format!("INSERT INTO fo_writes VALUES (-2, {i})"))
+            .await
+            .expect("a write after the old primary came back");
+        let port: i32 = writer
+            .client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            port,
+            i32::from(replica.port()),
+            "writers stay on the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_old: i64 = old
+        .client
+        .query_one("SELECT count(*) FROM fo_writes WHERE client = -2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_old, 0, "the old primary got no write");
     proxy.stop().await;
 }
 

@@ -68,6 +68,7 @@ pub async fn login(
     buf: &mut BytesMut,
     peer: SocketAddr,
     admitted: bool,
+    read_only: bool,
 ) -> Result<Outcome, Refusal> {
     let (startup, tls) = read_startup(shared, stream, buf).await?;
     // The configuration in force when the client asked: a reload meanwhile does not
@@ -84,7 +85,7 @@ pub async fn login(
         )
         .into());
     }
-    let database = match startup.get("database") {
+    let mut database = match startup.get("database") {
         Some(db) if !db.is_empty() => db.to_owned(),
         _ => user.clone(),
     };
@@ -104,6 +105,23 @@ pub async fn login(
 
     if database == ADMIN_DATABASE {
         return admin_login(shared, stream, buf, peer, user, tls).await;
+    }
+    // Through listen.read_only_addr, every database is its read-only alias.
+    if read_only && database != ADMIN_DATABASE {
+        match live.config.resolve_database(&database) {
+            Some((base, false)) if live.config.databases[base].has_replicas() => {
+                database = format!("{base}{}", crate::config::READ_ONLY_SUFFIX);
+            }
+            Some((base, false)) => {
+                return Err(ErrorResponse::fatal(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    format!("database \"{base}\" has no replicas to read from"),
+                )
+                .with_hint("listen.read_only_addr serves databases with replicas only; connect to listen.addr")
+                .into());
+            }
+            _ => {}
+        }
     }
     // `<db>_ro` is the read-only alias of `db`: the same rules and limits, its own pools.
     let rules_db = live

@@ -113,6 +113,7 @@ pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     slot: Option<ClientSlot>,
+    read_only: bool,
     sessions: tokio_util::task::TaskTracker,
 ) {
     let id = ClientId::next();
@@ -131,6 +132,7 @@ pub async fn serve(
         &mut buf,
         peer,
         slot.is_some(),
+        read_only,
     ));
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(login_timeout, login) => outcome,

@@ -275,6 +275,10 @@ pub struct Session {
     /// transaction failed, and the next backend it gets starts in a failed transaction
     /// until the client ends it.
     lost_transaction: bool,
+    /// The server reported a change of a setting that follows the client since it
+    /// borrowed its backend (cleared on release): if the backend is lost before the
+    /// transaction ends, whether the change stands is unknown.
+    reported_since_borrow: bool,
     /// When the client last sent or was sent something (kept only if a limit needs it).
     last_activity: Instant,
     limits: Arc<Limits>,
@@ -361,6 +365,7 @@ impl Session {
             server_sent_fatal: false,
             server_fatal: None,
             lost_transaction: false,
+            reported_since_borrow: false,
             last_activity: Instant::now(),
             counts: Counts::default(),
             _held: held,
@@ -525,7 +530,15 @@ impl Session {
                 .cluster()
                 .backend_lost(lease.index, self.server_fatal.as_deref());
         }
-        if self.mode != PoolMode::Transaction || self.pinned.is_some() || self.server_msg.left > 0 {
+        // Settings changed in the lost transaction (a SET awaiting its read-back, a
+        // change the server reported) may or may not stand: they cannot follow.
+        let settings_unsure = self.reported_since_borrow
+            || self.follow_up.as_ref().is_some_and(|f| !f.dirty.is_empty());
+        if self.mode != PoolMode::Transaction
+            || self.pinned.is_some()
+            || self.server_msg.left > 0
+            || settings_unsure
+        {
             return false;
         }
         let Some(lost) = server.replies.lost() else {
@@ -541,7 +554,8 @@ impl Session {
             (None, None) => "the server closed the connection".to_owned(),
         };
         tracing::warn!(client = %self.id, pool = %self.pool.name(), cause, owed = lost.readies, in_transaction = lost.in_transaction, "server connection lost; the client carries on");
-        self.server_fatal = None;
+        let held_fatal = self.server_fatal.take().is_some();
+        self.reported_since_borrow = false;
         self.cancel.detach();
         self.registered.info.set_server(None);
         if let Some(backend) = self.backend.take() {
@@ -574,7 +588,10 @@ impl Session {
             self.local_ready(status);
         }
         if lost.open_batch {
-            error.encode(&mut self.client_out);
+            // (Unless the server already failed the batch, with an error the client has.)
+            if !lost.batch_failed || held_fatal {
+                error.encode(&mut self.client_out);
+            }
             self.skip_until_sync = true;
         }
         if lost.readies == 0 && !lost.open_batch {
@@ -1342,6 +1359,7 @@ impl Session {
                         {
                             // The client changed it (SET, RESET, a function): it follows.
                             self.settings.record(name, value);
+                            self.reported_since_borrow = true;
                             server.note_applied(name, value);
                         }
                     }
@@ -1456,6 +1474,9 @@ impl Session {
         self.cancel.detach();
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
+            // A FATAL that came with its last reply belongs to it (it is closed, broken).
+            self.server_fatal = None;
+            self.reported_since_borrow = false;
             // Closed instead if a cancel was sent to it or it is otherwise unfit.
             (*backend).release();
         }

@@ -92,6 +92,8 @@ struct HostState {
     retry_at: Option<Instant>,
     lag: Option<Duration>,
     last_error: Option<String>,
+    /// For the lag: WAL received and not yet replayed, by when it was seen.
+    received: Received,
 }
 
 pub struct Host {
@@ -122,14 +124,30 @@ pub struct Cluster {
     settings: arc_swap::ArcSwap<HealthSettings>,
     /// Whom the monitor logs in as (a pool's target; host and port are replaced).
     monitor_target: Mutex<Option<ServerTarget>>,
-    /// A monitor is running (so waiting for it makes sense).
+    /// The monitor's probes succeed (so waiting for it to find a primary makes sense);
+    /// otherwise roles are learnt from backends' logins.
     monitored: std::sync::atomic::AtomicBool,
     /// Since when the writers have had no primary (for the failover's log line).
     outage: Mutex<Option<Instant>>,
+    /// Borrowers that waited for a host, since the last failover's summary was logged.
+    waits: Mutex<Waits>,
     capacity: Mutex<Option<ServerCapacity>>,
     /// `max_connections_percent`: the database limit sized from `capacity`.
     sizing: Mutex<Option<Sizing>>,
 }
+
+/// Waits for a host (a failover, a replica down), summed up in one log line.
+#[derive(Default)]
+struct Waits {
+    /// When the new primary was found (the summary comes a little later, once the
+    /// waiting borrowers have been served).
+    failover_at: Option<Instant>,
+    count: usize,
+    longest: Duration,
+}
+
+/// How long after a failover its summary is logged.
+const WAIT_SUMMARY_AFTER: Duration = Duration::from_secs(2);
 
 /// `max_connections_percent` and `max_idle_percent` of a database, applied to its
 /// `DbLimit` whenever the server's `max_connections` is learnt.
@@ -185,6 +203,7 @@ impl Cluster {
                     retry_at: None,
                     lag: None,
                     last_error: None,
+                    received: Received::default(),
                 }),
                 spec,
                 open: AtomicUsize::new(0),
@@ -201,6 +220,7 @@ impl Cluster {
             monitor_target: Mutex::new(None),
             monitored: std::sync::atomic::AtomicBool::new(false),
             outage: Mutex::new(None),
+            waits: Mutex::new(Waits::default()),
             capacity: Mutex::new(None),
             sizing: Mutex::new(None),
         })
@@ -286,31 +306,44 @@ impl Cluster {
             Some(i) if self.hosts[i].spec.role == HostRole::Primary => Some(i),
             Some(i) if usable(&self.hosts[i]) => Some(i),
             Some(_) => None,
-            // Nobody watches: the first host not known to be a replica is tried, and
-            // what it reports at login decides.
-            None if !self.monitored.load(Ordering::Acquire) => self.hosts.iter().position(|h| {
-                h.spec.role == HostRole::Auto && usable(h) && lock(&h.state).role != Role::Replica
-            }),
+            // Nobody watches (no credentials, or the probes are refused): the first host
+            // not known to be a replica is tried, then any (one may have been promoted),
+            // and what it reports at login decides.
+            None if !self.monitored.load(Ordering::Acquire) => {
+                let auto = |h: &&Host| h.spec.role == HostRole::Auto && usable(h);
+                self.hosts
+                    .iter()
+                    .position(|h| auto(&h) && lock(&h.state).role != Role::Replica)
+                    .or_else(|| self.hosts.iter().position(|h| auto(&h)))
+            }
             None => None,
         };
         match route {
             Route::Primary => primary,
             Route::Replica { fallback } => {
-                let max_lag = self.settings.load().max_replica_lag;
+                // Unwatched, a replica that failed is tried again after its back-off.
+                let unwatched = !self.monitored.load(Ordering::Acquire);
                 let replica = self
                     .hosts
                     .iter()
                     .enumerate()
                     .filter(|(_, h)| {
-                        let s = lock(&h.state);
-                        s.up && s.role == Role::Replica
-                            && max_lag.is_none_or(|max| s.lag.is_none_or(|lag| lag <= max))
+                        self.replica_fit(h)
+                            || (unwatched && usable(h) && lock(&h.state).role == Role::Replica)
                     })
                     .min_by_key(|(_, h)| h.open.load(Ordering::Relaxed))
                     .map(|(i, _)| i);
                 replica.or(primary.filter(|_| fallback))
             }
         }
+    }
+
+    /// A replica read-only clients may use: up, in recovery, lag within `max_replica_lag`.
+    fn replica_fit(&self, host: &Host) -> bool {
+        let max_lag = self.settings.load().max_replica_lag;
+        let s = lock(&host.state);
+        s.up && s.role == Role::Replica
+            && max_lag.is_none_or(|max| s.lag.is_none_or(|lag| lag <= max))
     }
 
     /// A receiver of changes, taken before [`Cluster::pick`] so that a change between
@@ -328,6 +361,30 @@ impl Cluster {
         match deadline {
             Some(at) => tokio::time::timeout_at(at, rx.changed()).await.is_ok(),
             None => rx.changed().await.is_ok(),
+        }
+    }
+
+    /// A backend open waited `waited` for a host to pick (counted for the failover's
+    /// summary).
+    pub fn note_wait(&self, waited: Duration) {
+        let mut w = lock(&self.waits);
+        w.count += 1;
+        w.longest = w.longest.max(waited);
+    }
+
+    /// Logs, once, how long borrowers waited through the last failover.
+    fn summarize_waits(&self) {
+        let mut w = lock(&self.waits);
+        if w.failover_at
+            .is_some_and(|at| at.elapsed() >= WAIT_SUMMARY_AFTER)
+        {
+            tracing::warn!(
+                database = %self.database,
+                waited = w.count,
+                longest_wait_ms = w.longest.as_millis() as u64,
+                "failover: backend opens that waited for the new primary (their clients waited as long)"
+            );
+            *w = Waits::default();
         }
     }
 
@@ -353,9 +410,11 @@ impl Cluster {
             }
             Route::Primary => None,
             Route::Replica { fallback } => {
-                let role = lock(&host.state).role;
-                if role == Role::Replica {
+                if self.replica_fit(host) {
                     return None;
+                }
+                if lock(&host.state).role == Role::Replica {
+                    return Some("its replica lags more than max_replica_lag");
                 }
                 let on_primary = self.primary() == Some(lease.index);
                 if !(fallback && on_primary) {
@@ -404,6 +463,9 @@ impl Cluster {
                     self.primary.store(index, Ordering::Release);
                     changed = true;
                     let outage = lock(&self.outage).take();
+                    if outage.is_some() {
+                        lock(&self.waits).failover_at = Some(Instant::now());
+                    }
                     match outage {
                         Some(since) => tracing::warn!(
                             database = %self.database,
@@ -475,12 +537,17 @@ impl Cluster {
             return;
         };
         let interval = self.settings.load().interval;
+        let now = Instant::now();
         let mut s = lock(&host.state);
         let was_up = s.up;
+        // One failure per back-off window: many sessions reporting the same outage at
+        // once do not stretch the back-off.
+        if s.up || s.retry_at.is_none_or(|at| now >= at) {
+            s.failures = s.failures.saturating_add(1);
+        }
         s.up = false;
-        s.failures = s.failures.saturating_add(1);
         let backoff = Self::backoff(s.failures, interval);
-        s.retry_at = Some(Instant::now() + backoff);
+        s.retry_at = Some(now + backoff);
         s.last_error = Some(why.to_owned());
         if host.spec.role == HostRole::Auto {
             s.role = Role::Unknown;
@@ -496,22 +563,31 @@ impl Cluster {
         self.bump();
     }
 
-    /// A connection to host `index` failed to open with `error`.
+    /// A connection to host `index` failed to open with `error`: refused, reset, or
+    /// told the server is shutting down or starting up, it is marked down; a timeout
+    /// (which may be the network's, or a busy server's) has the monitor look.
     pub fn connect_failed(&self, index: usize, error: &ServerError) {
         let down = match error {
-            ServerError::Connect { .. } | ServerError::Timeout { .. } | ServerError::Closed => true,
+            ServerError::Connect { .. } | ServerError::Closed => true,
             ServerError::Refused(e) => host_is_going_away(e),
             _ => false,
         };
         if down {
             self.mark_down(index, &error.to_string());
+        } else {
+            self.probe_now.notify_one();
         }
     }
 
     /// A lent backend on host `index` was lost: the monitor looks at once. A FATAL
-    /// saying the server shuts down, crashed or is starting up marks it down now.
+    /// saying the server crashed (57P02) or cannot take connections (57P03) marks it
+    /// down now; 57P01 does not, since `pg_terminate_backend` sends it too, for one
+    /// backend of a healthy server (a real shutdown refuses the monitor's probe).
     pub fn backend_lost(&self, index: usize, fatal: Option<&ErrorResponse>) {
-        match fatal.filter(|e| host_is_going_away(e)) {
+        let down = fatal.filter(|e| {
+            [sqlstate::CRASH_SHUTDOWN, sqlstate::CANNOT_CONNECT_NOW].contains(&e.code.as_str())
+        });
+        match down {
             Some(e) => self.mark_down(index, &format!("{} ({})", e.message, e.code)),
             None => self.probe_now.notify_one(),
         }
@@ -608,14 +684,43 @@ pub fn host_is_going_away(e: &ErrorResponse) -> bool {
     .contains(&e.code.as_str())
 }
 
-/// What one probe asks: recovery, replay lag (0 when replay has caught up with what was
-/// received, else the age of the last replayed transaction), and the connection limits.
+/// What one probe asks: recovery; on a replica, how far it has received and replayed WAL
+/// (as byte positions); and the connection limits.
 const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
-     CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN 0 \
-          WHEN pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
-          ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()), 0) END, \
+     pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_receive_lsn(), '0/0')::int8, \
+     pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_replay_lsn(), '0/0')::int8, \
      pg_catalog.current_setting('max_connections'), \
      pg_catalog.current_setting('superuser_reserved_connections')";
+
+/// WAL positions a replica had received, by when a probe saw them: the oldest one not yet
+/// replayed says how long replay is behind. (Unlike the age of the last replayed
+/// transaction, this is not fooled by a primary that was idle for a while.)
+#[derive(Default)]
+struct Received(std::collections::VecDeque<(Instant, u64)>);
+
+impl Received {
+    /// Notes a probe's positions; returns the replay lag (to a probe's precision).
+    fn lag(&mut self, now: Instant, received: Option<u64>, replayed: Option<u64>) -> Duration {
+        let Some(replayed) = replayed else {
+            self.0.clear();
+            return Duration::ZERO;
+        };
+        while self.0.front().is_some_and(|(_, lsn)| *lsn <= replayed) {
+            self.0.pop_front();
+        }
+        if let Some(received) = received.filter(|r| *r > replayed) {
+            if self.0.back().is_none_or(|(_, lsn)| *lsn < received) {
+                if self.0.len() >= 256 {
+                    self.0.pop_back();
+                }
+                self.0.push_back((now, received));
+            }
+        }
+        self.0
+            .front()
+            .map_or(Duration::ZERO, |(at, _)| now.duration_since(*at))
+    }
+}
 
 /// Runs the monitor of `cluster` until `stop` (or the cluster is dropped by a reload
 /// that replaced it: `retired`).
@@ -624,10 +729,10 @@ pub async fn monitor(
     stop: tokio_util::sync::CancellationToken,
     retired: tokio_util::sync::CancellationToken,
 ) {
-    cluster.monitored.store(true, Ordering::Release);
     let mut conns: Vec<Option<Server>> = cluster.hosts.iter().map(|_| None).collect();
     let mut warned_no_target = false;
     loop {
+        cluster.summarize_waits();
         let target = lock(&cluster.monitor_target).clone();
         match target {
             Some(target) => {
@@ -667,7 +772,10 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
     let host = &cluster.hosts[index];
     {
         let s = lock(&host.state);
-        if !s.up && s.retry_at.is_some_and(|at| Instant::now() < at) {
+        // While writers have no primary, an `auto` host is probed whatever its back-off:
+        // a restarted primary must be found as soon as it is back.
+        let urgent = cluster.primary().is_none() && host.spec.role == HostRole::Auto;
+        if !s.up && !urgent && s.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
     }
@@ -701,9 +809,11 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
             if unreachable {
                 cluster.mark_down(index, &e.to_string());
             } else {
-                // Reachable but refusing us (a password, say): it is up, role unknown.
+                // Reachable but refusing us (a password, say): roles are learnt from
+                // backends' logins instead until a probe succeeds.
                 tracing::warn!(database = %cluster.database, host = %host.spec.addr(), error = %e, "health check failed");
                 lock(&host.state).last_error = Some(e.to_string());
+                cluster.monitored.store(false, Ordering::Release);
             }
             return;
         }
@@ -724,13 +834,24 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
     };
     let text = |i: usize| row.get(i).and_then(|v| v.as_deref());
     let in_recovery = text(0) == Some("t");
-    let lag = text(1)
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(Duration::from_secs_f64);
+    let lsn = |i: usize| text(i).and_then(|v| v.parse::<u64>().ok());
     let number = |i: usize| text(i).and_then(|v| v.parse::<usize>().ok());
+    cluster.monitored.store(true, Ordering::Release);
     cluster.mark_up(index);
-    lock(&host.state).lag = if in_recovery { lag } else { None };
+    let fit_before = cluster.replica_fit(host);
+    {
+        let mut s = lock(&host.state);
+        s.lag = if in_recovery {
+            Some(s.received.lag(Instant::now(), lsn(1), lsn(2)))
+        } else {
+            s.received = Received::default();
+            None
+        };
+    }
+    if cluster.replica_fit(host) != fit_before {
+        // A replica past max_replica_lag, or back within it: read-only borrowers look again.
+        cluster.bump();
+    }
     cluster.learn_role(
         index,
         if in_recovery {
@@ -740,12 +861,45 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
         },
         "health check",
     );
-    if let (Some(max), Some(reserved)) = (number(2), number(3)) {
+    if let (Some(max), Some(reserved)) = (number(3), number(4)) {
         if !in_recovery || cluster.capacity().is_none() {
             cluster.learn_capacity(ServerCapacity {
                 max_connections: max,
                 superuser_reserved: reserved,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_lag_is_the_age_of_the_oldest_wal_received_and_not_replayed() {
+        let mut r = Received::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        // Caught up: no lag, however old the last transaction.
+        assert_eq!(r.lag(t0, Some(100), Some(100)), Duration::ZERO);
+        // Behind since t0+1s, replay stuck: the lag grows with time.
+        assert_eq!(r.lag(t0 + s, Some(200), Some(100)), Duration::ZERO);
+        assert_eq!(r.lag(t0 + 3 * s, Some(300), Some(100)), 2 * s);
+        // Replay passed the first position but not the second: counted from the second.
+        assert_eq!(r.lag(t0 + 4 * s, Some(300), Some(250)), s);
+        // Caught up again.
+        assert_eq!(r.lag(t0 + 5 * s, Some(300), Some(300)), Duration::ZERO);
+        // Not streaming (no receive position): no lag to speak of.
+        assert_eq!(r.lag(t0 + 6 * s, None, Some(300)), Duration::ZERO);
+        assert_eq!(r.lag(t0 + 7 * s, None, None), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_interval_up_to_a_minute() {
+        let i = Duration::from_millis(500);
+        assert_eq!(Cluster::backoff(1, i), i);
+        assert_eq!(Cluster::backoff(2, i), 2 * i);
+        assert_eq!(Cluster::backoff(4, i), 8 * i);
+        assert_eq!(Cluster::backoff(30, i), MAX_BACKOFF);
     }
 }

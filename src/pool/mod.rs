@@ -34,6 +34,7 @@ use deadpool::managed::{
 };
 use deadpool::Runtime;
 
+use crate::config::HostRole;
 use crate::config::{Config, StoredPassword};
 use crate::metrics::{Metrics as Numbers, PoolMetrics};
 use crate::prepared::ServerStatements;
@@ -43,6 +44,9 @@ use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams,
 use crate::shutdown::Shutdown;
 use crate::tls::ServerTls;
 use cluster::{Cluster, Route};
+
+/// How often a backend open waiting for a host looks again, whatever it was told.
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// The knobs of one pool, taken from `[pool]`.
 #[derive(Debug, Clone)]
@@ -137,6 +141,8 @@ pub struct ServerManager {
     cluster: ArcSwap<Cluster>,
     /// A read-only pool (`<database>_ro`): its backends are on replicas.
     read_only: bool,
+    /// Opens of this pool waiting for a place under the database's limit.
+    db_waiting: AtomicUsize,
     /// Replaced whole by a reload.
     settings: ArcSwap<PoolSettings>,
     /// The database's `max_db_connections`, shared with its other pools (a reload may
@@ -203,65 +209,19 @@ impl ServerManager {
         let settings = self.settings.load_full();
         let db_limit = lock(&self.db_limit).clone();
         let permit = match db_limit {
-            Some(limit) => Some(limit.acquire(settings.borrow_timeout).await?),
+            Some(limit) => Some(
+                limit
+                    .acquire(settings.borrow_timeout, &self.db_waiting)
+                    .await?,
+            ),
             None => None,
         };
         let mut target = lock(&self.target).clone();
-        let cluster = self.cluster.load_full();
-        let route = self.route(&settings);
-        let deadline = settings
-            .borrow_timeout
-            .map(|t| tokio::time::Instant::now() + t);
-        let (mut server, lease) = loop {
-            let changes = cluster.changes();
-            let Some(index) = cluster.pick(route) else {
-                // No host to try (a failover under way, no replica up): wait for the
-                // monitor to find one.
-                if !Cluster::wait_for_change(changes, deadline).await {
-                    self.metrics.backend_open_failures.increment(1);
-                    return Err(ServerError::NoHost {
-                        database: cluster.database.clone(),
-                        want: if self.read_only { "replica" } else { "primary" },
-                        waited: settings.borrow_timeout.unwrap_or_default(),
-                    });
-                }
-                continue;
-            };
-            let host = &cluster.hosts[index].spec;
-            target.host.clone_from(&host.host);
-            target.port = host.port;
-            match connect(&target, settings.server_connect_timeout).await {
-                Ok(mut server) => {
-                    if cluster.confirm(index, &server, route) {
-                        if cluster.needs_capacity() && !self.read_only {
-                            cluster
-                                .read_capacity(&mut server, settings.server_connect_timeout)
-                                .await;
-                        }
-                        break (server, cluster.lease(index));
-                    }
-                    tracing::info!(pool = %self.pool, host = %host.addr(), "the host is not what the pool wants (a replica for writers, or the reverse); trying another");
-                    drop(server);
-                }
-                Err(e) => {
-                    self.metrics.backend_open_failures.increment(1);
-                    cluster.connect_failed(index, &e);
-                    // One host: nothing else to try, the client hears it now (as before
-                    // clusters). Several: another may serve, or one come back.
-                    if cluster.hosts.len() == 1
-                        || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
-                    {
-                        return Err(e);
-                    }
-                    tracing::warn!(pool = %self.pool, host = %host.addr(), error = %e, "cannot open a backend; trying another host");
-                }
-            }
-            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                return Err(ServerError::NoHost {
-                    database: cluster.database.clone(),
-                    want: if self.read_only { "replica" } else { "primary" },
-                    waited: settings.borrow_timeout.unwrap_or_default(),
-                });
+        let (mut server, lease) = match self.open_on_a_host(&mut target, &settings).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.metrics.backend_open_failures.increment(1);
+                return Err(e);
             }
         };
         self.metrics.backends_opened.increment(1);
@@ -277,6 +237,84 @@ impl ServerManager {
             *welcome = Some(Arc::new(server.params().clone()));
         }
         Ok(Box::new(server))
+    }
+
+    /// Connects to the host the cluster picks for the pool's route, trying others (or
+    /// waiting for one, up to `borrow_timeout`) while none serves. With one host, or a
+    /// fixed primary, a failed connection is the client's error at once (there is no
+    /// other to try). `target` ends up naming the host connected to.
+    async fn open_on_a_host(
+        &self,
+        target: &mut ServerTarget,
+        settings: &PoolSettings,
+    ) -> Result<(Server, cluster::HostLease), ServerError> {
+        let cluster = self.cluster.load_full();
+        let route = self.route(settings);
+        let started = tokio::time::Instant::now();
+        let deadline = settings.borrow_timeout.map(|t| started + t);
+        let no_host = || ServerError::NoHost {
+            database: cluster.database.clone(),
+            want: if self.read_only { "replica" } else { "primary" },
+            waited: settings.borrow_timeout.unwrap_or_default(),
+        };
+        let mut waited = false;
+        // Hosts tried since the last pause: one picked again is retried only after one.
+        let mut tried = std::collections::HashSet::new();
+        loop {
+            let changes = cluster.changes();
+            let picked = cluster.pick(route).filter(|i| !tried.contains(i));
+            let Some(index) = picked else {
+                // No host to try now (a failover under way, no replica up, or all tried):
+                // wait for the cluster to change, looking again at least every
+                // RECHECK (a back-off may have ended without anyone saying so).
+                waited = true;
+                tried.clear();
+                let now = tokio::time::Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return Err(no_host());
+                }
+                let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
+                Cluster::wait_for_change(changes, Some(until)).await;
+                continue;
+            };
+            tried.insert(index);
+            let host = &cluster.hosts[index].spec;
+            target.host.clone_from(&host.host);
+            target.port = host.port;
+            match connect(target, settings.server_connect_timeout).await {
+                Ok(mut server) if cluster.confirm(index, &server, route) => {
+                    if waited {
+                        cluster.note_wait(started.elapsed());
+                    }
+                    if cluster.needs_capacity() && !self.read_only {
+                        cluster
+                            .read_capacity(&mut server, settings.server_connect_timeout)
+                            .await;
+                        if server.is_broken() {
+                            // Its reply may still come: never lend it.
+                            return Err(ServerError::Protocol(
+                                "could not read the server's max_connections \
+                                 (max_connections_percent)"
+                                    .into(),
+                            ));
+                        }
+                    }
+                    return Ok((server, cluster.lease(index)));
+                }
+                Ok(server) => {
+                    tracing::info!(pool = %self.pool, host = %host.addr(), "the host is not what the pool wants (a replica for writers, or the reverse); trying another");
+                    drop(server);
+                }
+                Err(e) => {
+                    cluster.connect_failed(index, &e);
+                    let no_other = cluster.hosts.len() == 1 || host.role == HostRole::Primary;
+                    if no_other || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                        return Err(e);
+                    }
+                    tracing::warn!(pool = %self.pool, host = %host.addr(), error = %e, "cannot open a backend; trying another host");
+                }
+            }
+        }
     }
 
     /// What the pool's backends are for.
@@ -479,6 +517,7 @@ impl Pool {
     ) -> Arc<Pool> {
         let name = format!("{database}/{user}");
         let manager = ServerManager {
+            db_waiting: AtomicUsize::new(0),
             // Read-only pools are the only ones named otherwise than their database.
             read_only: cluster.database != database,
             cluster: ArcSwap::new(cluster),
@@ -950,7 +989,7 @@ impl Backend {
         // share of: the backend closes instead (a busy pool must not starve the others).
         let over_share = Object::pool(&obj).is_some_and(|p| {
             let limit = lock(&p.manager().db_limit).clone();
-            limit.is_some_and(|l| l.over_fair_share(p.status().size))
+            limit.is_some_and(|l| l.over_fair_share(p.manager(), p.status().size))
         });
         if obj.is_reusable() && !expired && !over_share {
             obj.mark_idle_now();
@@ -1124,8 +1163,6 @@ pub struct DbLimit {
     pools: Mutex<Vec<std::sync::Weak<Pool>>>,
     /// `max_idle_percent`: idle backends of the database kept at most (0: no limit).
     max_idle: AtomicUsize,
-    /// Pools waiting for a place: a pool over its fair share closes backends it returns.
-    waiting: AtomicUsize,
 }
 
 impl DbLimit {
@@ -1135,7 +1172,6 @@ impl DbLimit {
             capacity: Capacity::new(max),
             pools: Mutex::new(Vec::new()),
             max_idle: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -1146,19 +1182,24 @@ impl DbLimit {
             .collect()
     }
 
-    /// Whether a pool with `open` backends holds more than its share while another
-    /// waits: the places are shared evenly between the pools that have clients.
-    fn over_fair_share(&self, open: usize) -> bool {
-        if self.waiting.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let busy = self
-            .pools()
+    /// Whether the pool of `manager`, with `open` backends, holds more than its share
+    /// while another pool below its share waits for a place: the places are shared
+    /// evenly between the pools that have clients or backends.
+    fn over_fair_share(&self, manager: &ServerManager, open: usize) -> bool {
+        let pools = self.pools();
+        let mine = |p: &Pool| std::ptr::eq(p.inner.manager(), manager);
+        let busy = pools
             .iter()
             .filter(|p| p.clients() > 0 || p.status().open > 0)
             .count()
             .max(1);
-        open > (self.capacity.max() / busy).max(1)
+        let share = (self.capacity.max() / busy).max(1);
+        open > share
+            && pools.iter().any(|p| {
+                !mine(p)
+                    && p.inner.manager().db_waiting.load(Ordering::Acquire) > 0
+                    && p.status().open < share
+            })
     }
 
     /// Idle backends of the database beyond `max_idle_percent`.
@@ -1171,7 +1212,12 @@ impl DbLimit {
         idle.saturating_sub(max)
     }
 
-    async fn acquire(&self, wait: Option<Duration>) -> Result<Place, ServerError> {
+    /// A place, waiting up to `wait`; `waiting` (the pool's) counts the wait.
+    async fn acquire(
+        &self,
+        wait: Option<Duration>,
+        waiting: &AtomicUsize,
+    ) -> Result<Place, ServerError> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         loop {
             if let Some(permit) = self.capacity.try_take() {
@@ -1179,7 +1225,7 @@ impl DbLimit {
             }
             // A backend that went idle in another pool since the last look makes way.
             self.close_one_idle();
-            let _waiting = Queued::join(&self.waiting);
+            let _waiting = Queued::join(waiting);
             let mut next_look = tokio::time::Instant::now() + DB_LIMIT_LOOK_AGAIN;
             if let Some(deadline) = deadline {
                 if tokio::time::Instant::now() >= deadline {
@@ -1359,7 +1405,7 @@ impl Pools {
         state.tls = Arc::clone(tls);
         state.databases = config.databases.clone();
         state.db_limits = db_limits;
-        self.apply_clusters(&mut state, config);
+        let new_clusters = self.apply_clusters(&mut state, config);
         for (name, db) in &config.databases {
             let sizing = (db.max_connections_percent > 0).then(|| cluster::Sizing {
                 limit: Arc::clone(&state.db_limits[name]),
@@ -1368,6 +1414,11 @@ impl Pools {
                 reserved: db.reserved_connections,
                 cap: db.max_db_connections,
             });
+            if sizing.is_none() {
+                if let Some(limit) = state.db_limits.get(name) {
+                    limit.max_idle.store(0, Ordering::Release);
+                }
+            }
             state.clusters[name].0.set_sizing(sizing);
         }
         let (mut added, mut retired) = (0, 0);
@@ -1462,13 +1513,22 @@ impl Pools {
             state.retired.push(pool);
         }
         state.retired.retain(|p| !p.inner.is_closed());
+        // Monitors start once they have whom to log in as, and sizing to apply.
+        for (cluster, stop) in new_clusters {
+            self.spawn_monitor(&cluster, &stop);
+        }
         (added, retired)
     }
 
     /// Makes each database's `Cluster` what `config` says: kept (with new health-check
     /// settings) while its hosts are the same, replaced (and its monitor stopped)
-    /// otherwise.
-    fn apply_clusters(&self, state: &mut PoolsState, config: &Config) {
+    /// otherwise. Returns the new ones, whose monitors are still to start.
+    fn apply_clusters(
+        &self,
+        state: &mut PoolsState,
+        config: &Config,
+    ) -> Vec<(Arc<Cluster>, tokio_util::sync::CancellationToken)> {
+        let mut new = Vec::new();
         let mut old = std::mem::take(&mut state.clusters);
         for (name, db) in &config.databases {
             // Validated: an error here is a configuration `validate` let through.
@@ -1490,7 +1550,7 @@ impl Pools {
                     }
                     let cluster = Cluster::new(name, hosts, health);
                     let stop = tokio_util::sync::CancellationToken::new();
-                    self.spawn_monitor(&cluster, &stop);
+                    new.push((Arc::clone(&cluster), stop.clone()));
                     (cluster, stop)
                 }
             };
@@ -1499,6 +1559,7 @@ impl Pools {
         for (_, stop) in old.into_values() {
             stop.cancel();
         }
+        new
     }
 
     /// Starts the monitor of a cluster that needs one, if the pools are running already.

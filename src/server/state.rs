@@ -145,6 +145,9 @@ pub struct Lost {
     /// Extended-protocol messages after the last Sync: an error now, then everything up
     /// to the client's Sync is skipped.
     pub open_batch: bool,
+    /// The server had already failed that batch (the client has its error, unless it
+    /// was a FATAL pgshield held back).
+    pub batch_failed: bool,
     /// The client was inside a transaction block (it stays failed until it ends it).
     pub in_transaction: bool,
 }
@@ -496,6 +499,7 @@ impl ReplyTracker {
         let lost = Lost {
             readies,
             open_batch: self.extended_open || self.skipping_to_sync,
+            batch_failed: self.skipping_to_sync,
             in_transaction: self.tx != TxStatus::Idle,
         };
         self.abandon(0..self.owed.len());

@@ -225,6 +225,8 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     /// The admin HTTP listener (/metrics, /health, /ready), on a free port.
     pub http: Option<SocketAddr>,
+    /// `listen.read_only_addr`, if the test's configuration asked for one.
+    pub read_only: Option<SocketAddr>,
     pub shutdown: Shutdown,
     pub shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
@@ -256,12 +258,14 @@ impl TestProxy {
             .reload_from(Some(config_dir.join("pgshield.toml")));
         let addr = proxy.local_addr();
         let http = proxy.http_addr();
+        let read_only = proxy.read_only_addr();
         let shutdown = proxy.shutdown_handle();
         let shared = Arc::clone(proxy.shared());
         let task = tokio::spawn(proxy.run());
         TestProxy {
             addr,
             http,
+            read_only,
             shutdown,
             shared,
             task: Some(task),

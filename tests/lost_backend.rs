@@ -1,0 +1,161 @@
+//! Transaction mode: a client whose backend goes away (here `pg_terminate_backend`, as a
+//! failover or a restart would) stays connected. What it was owed is answered with
+//! 08006, a transaction block it was in stays failed until it rolls back, and its next
+//! statement runs on another backend. State that cannot follow still ends the session.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{sqlstate, TestProxy};
+use tokio_postgres::SimpleQueryMessage;
+
+const POOL: &str = "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\n";
+
+async fn proxy_for(role: &str) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!("{POOL}[users.{role}]\npassword = \"pw\"\n")).await
+}
+
+/// Terminates, from outside, every backend of `role` running `like`.
+async fn terminate(role: &str, like: &str) {
+    let admin = common::admin().await;
+    for _ in 0..50 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = $1 AND query LIKE $2 AND pid <> pg_backend_pid()",
+                &[&role, &like],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no backend of {role} ran {like}");
+}
+
+async fn pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("a query after the loss")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_backend_is_lost_gets_08006_and_the_connection_carries_on() {
+    let proxy = proxy_for("lost_stmt").await;
+    let conn = proxy.connect("lost_stmt", "pw").await.expect("login");
+    let before = pid(&conn.client).await;
+    // Simple protocol, then extended (a parameter), each cut mid-statement.
+    let simple = {
+        let c = &conn.client;
+        async move {
+            c.simple_query("SELECT pg_sleep(30) /* lost-simple */")
+                .await
+        }
+    };
+    let (result, ()) = tokio::join!(simple, terminate("lost_stmt", "%lost-simple%"));
+    let e = result.expect_err("the statement was cut");
+    assert_eq!(sqlstate(&e), Some("08006"), "{e:?}");
+    let message = e.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("still usable"), "{message}");
+    assert_ne!(
+        pid(&conn.client).await,
+        before,
+        "the next statement runs elsewhere"
+    );
+
+    let extended = {
+        let c = &conn.client;
+        async move {
+            c.query("SELECT pg_sleep($1) /* lost-extended */", &[&30f64])
+                .await
+        }
+    };
+    let (result, ()) = tokio::join!(extended, terminate("lost_stmt", "%lost-extended%"));
+    let e = result.expect_err("the statement was cut");
+    assert_eq!(sqlstate(&e), Some("08006"), "{e:?}");
+    // Prepared statements of the client's still work (prepared again where needed).
+    let stmt = conn.client.prepare("SELECT $1::int + 1").await.unwrap();
+    let row = conn.client.query_one(&stmt, &[&41]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert!(!conn.client.is_closed());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_block_whose_backend_is_lost_stays_failed_until_rollback() {
+    let proxy = proxy_for("lost_tx").await;
+    let conn = proxy.connect("lost_tx", "pw").await.expect("login");
+    conn.client
+        .batch_execute("BEGIN; SELECT 1 /* lost-in-block */")
+        .await
+        .unwrap();
+    // Idle inside its transaction, the client's backend goes away.
+    terminate("lost_tx", "%lost-in-block%").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // PostgreSQL's own rule holds on the next backend: aborted until the block ends.
+    let e = conn
+        .client
+        .simple_query("SELECT 2")
+        .await
+        .expect_err("the transaction is aborted");
+    assert_eq!(sqlstate(&e), Some("25P02"), "{e:?}");
+    let e = conn
+        .client
+        .query("SELECT $1::int", &[&3])
+        .await
+        .expect_err("aborted in the extended protocol too");
+    assert_eq!(sqlstate(&e), Some("25P02"), "{e:?}");
+    let done = conn
+        .client
+        .simple_query("ROLLBACK")
+        .await
+        .expect("ROLLBACK");
+    assert!(done
+        .iter()
+        .any(|m| matches!(m, SimpleQueryMessage::CommandComplete(_))));
+    let row = conn
+        .client
+        .query_one("SELECT 4", &[])
+        .await
+        .expect("carries on");
+    assert_eq!(row.get::<_, i32>(0), 4);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_backend_with_a_setting_changed_in_its_transaction_ends_the_session() {
+    let proxy = proxy_for("lost_set").await;
+    let conn = proxy.connect("lost_set", "pw").await.expect("login");
+    conn.client
+        .batch_execute("BEGIN; SET application_name = 'lost-set'; SELECT 1 /* lost-set */")
+        .await
+        .unwrap();
+    // Whether the SET stands is unknown once the transaction is lost: no guessing.
+    terminate("lost_set", "%lost-set%").await;
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        conn.client.simple_query("SELECT 1"),
+    )
+    .await
+    .expect("an answer, no hang")
+    .expect_err("the session ended");
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn.done)
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    // The server's own FATAL (57P01), held back in case the session could go on, is
+    // what the client is told.
+    let fatal = ended.err().unwrap_or(err);
+    assert!(
+        sqlstate(&fatal) == Some("57P01") || fatal.is_closed(),
+        "{fatal:?}"
+    );
+    proxy.stop().await;
+}
