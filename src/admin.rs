@@ -449,7 +449,7 @@ fn show_servers(shared: &Shared) -> Table {
         let Some((id, pid)) = c.server() else {
             continue;
         };
-        let host = writer_host(shared, c.database());
+        let host = backend_host(shared, c.database(), c.server_host());
         t.row(vec![
             v("S"),
             v(c.user()),
@@ -682,6 +682,26 @@ fn writer_host(shared: &Shared, database: &str) -> Option<(String, u16)> {
     let cluster = clusters.into_iter().find(|c| c.database == database)?;
     let host = &cluster.hosts[cluster.primary().unwrap_or(0)].spec;
     Some((host.host.clone(), host.port))
+}
+
+/// The host a client's lent backend is on: host `index` of its database (the base
+/// database for a `<db>_ro` client), or else the writers' host.
+fn backend_host(shared: &Shared, database: &str, index: Option<usize>) -> Option<(String, u16)> {
+    let live = shared.live();
+    let base = live
+        .config
+        .resolve_database(database)
+        .map_or(database, |(base, _)| base);
+    let on_index = index.and_then(|i| {
+        let cluster = shared
+            .pools
+            .clusters()
+            .into_iter()
+            .find(|c| c.database == base)?;
+        let spec = &cluster.hosts.get(i)?.spec;
+        Some((spec.host.clone(), spec.port))
+    });
+    on_index.or_else(|| writer_host(shared, database))
 }
 
 fn show_databases(shared: &Shared) -> Table {

@@ -16,6 +16,24 @@ use std::time::{Duration, Instant};
 use common::{sqlstate, Conn, TestProxy};
 use pgshield::devdb::{DevDb, DevDbOptions};
 
+/// The rows of an admin console command, as text.
+async fn show(console: &tokio_postgres::Client, command: &str) -> Vec<Vec<String>> {
+    console
+        .simple_query(command)
+        .await
+        .expect(command)
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("").to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The body of an HTTP GET.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -244,21 +262,7 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
     let mut console = falls_back.config("fo", "pw");
     console.dbname("pgshield");
     let console = common::connect(&console).await.expect("admin login");
-    let rows: Vec<Vec<String>> = console
-        .client
-        .simple_query("SHOW HOSTS")
-        .await
-        .expect("SHOW HOSTS")
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect();
+    let rows = show(&console.client, "SHOW HOSTS").await;
     let row = |port: u16| {
         rows.iter()
             .find(|r| r[2] == port.to_string())
@@ -273,6 +277,15 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
     );
     let r = row(replica.port());
     assert_eq!(&r[5], "down", "{r:?}");
+    // SHOW SERVERS names the host a lent read-only backend is on (the primary, now).
+    reader.client.batch_execute("BEGIN").await.unwrap();
+    let servers = show(&console.client, "SHOW SERVERS").await;
+    let lent = servers
+        .iter()
+        .find(|r| r[2] == "app_ro" && r[3] == "active")
+        .unwrap_or_else(|| panic!("a lent app_ro backend in SHOW SERVERS: {servers:?}"));
+    assert_eq!(lent[5], primary.port().to_string(), "{lent:?}");
+    reader.client.batch_execute("ROLLBACK").await.unwrap();
     let metrics = http_get(falls_back.http.expect("http listener"), "/metrics").await;
     for (series, want) in [
         (

@@ -37,6 +37,8 @@ pub struct ClientInfo {
     /// The backend it holds: server id and PostgreSQL pid (0: none).
     server_id: AtomicU64,
     server_pid: AtomicI32,
+    /// The index of the lent backend's host among its database's, plus one (0: none).
+    server_host: std::sync::atomic::AtomicU16,
     /// KILL / KILL_CLIENT: the session ends at its next turn.
     kill: AtomicBool,
     /// Wakes the session (the same waker its shutdown watch registers).
@@ -82,10 +84,21 @@ impl ClientInfo {
     }
 
     /// The backend it now holds (`None`: none).
-    pub fn set_server(&self, server: Option<(u64, i32)>) {
-        let (id, pid) = server.unwrap_or((0, 0));
+    /// The backend lent to the client now: (id, pid, index of its host), or none.
+    pub fn set_server(&self, server: Option<(u64, i32, Option<usize>)>) {
+        let (id, pid, host) = server.unwrap_or((0, 0, None));
+        let host = host.map_or(0, |i| u16::try_from(i + 1).unwrap_or(0));
+        self.server_host.store(host, Ordering::Relaxed);
         self.server_id.store(id, Ordering::Relaxed);
         self.server_pid.store(pid, Ordering::Relaxed);
+    }
+
+    /// The index of the lent backend's host among its database's, if known.
+    pub fn server_host(&self) -> Option<usize> {
+        match self.server_host.load(Ordering::Relaxed) {
+            0 => None,
+            i => Some(usize::from(i) - 1),
+        }
     }
 
     pub fn server(&self) -> Option<(u64, i32)> {
@@ -154,6 +167,7 @@ impl ClientRegistry {
             request_at: AtomicU64::new(0),
             server_id: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
+            server_host: std::sync::atomic::AtomicU16::new(0),
             kill: AtomicBool::new(false),
             waker,
         });

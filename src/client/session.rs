@@ -1575,9 +1575,11 @@ impl Session {
         match settled {
             Ok(()) => {
                 let s = backend.server_ref();
-                self.registered
-                    .info
-                    .set_server(Some((s.id().0, s.process_id())));
+                self.registered.info.set_server(Some((
+                    s.id().0,
+                    s.process_id(),
+                    s.host.as_ref().map(|h| h.index),
+                )));
                 self.cancel.attach(backend.server_ref());
                 self.backend = Some(Box::new(backend));
                 Ok(Ok(()))
