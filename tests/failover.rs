@@ -368,7 +368,7 @@ async fn sizing_from_max_connections(primary: &DevDb) {
     // max_connections 40, superuser_reserved_connections 3, no reserve: 50 % is 18.
     let proxy = TestProxy::start_with_databases(
         &format!(
-            "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\nmax_connections_percent = 50\n",
+            "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\nmax_connections_percent = 50\nmax_idle_percent = 20\n",
             primary.port()
         ),
         "[pool]\nmax_size = 30\nborrow_timeout = \"60s\"\n[users.fo]\npassword = \"pw\"\n[users.fo2]\npassword = \"pw\"\n",
@@ -396,17 +396,7 @@ async fn sizing_from_max_connections(primary: &DevDb) {
     let started = Instant::now();
     let mut most = 0;
     while started.elapsed() < Duration::from_secs(4) {
-        let open: i64 = watcher
-            .client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('fo', 'fo2') \
-                 AND application_name NOT LIKE 'pgshield %'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        most = most.max(open);
+        most = most.max(pool_backends(&watcher).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -427,7 +417,28 @@ async fn sizing_from_max_connections(primary: &DevDb) {
         a.min(b) * 3 >= a.max(b),
         "both pools make progress: fo {a}, fo2 {b}"
     );
+    // Idle now: max_idle_percent (20 % of 37 is 7) closes the surplus.
+    eventually(
+        "idle backends come down to 7",
+        Duration::from_secs(10),
+        || async { pool_backends(&watcher).await <= 7 },
+    )
+    .await;
     proxy.stop().await;
+}
+
+/// Backends of the sizing test's pools (pgshield's own health checks aside).
+async fn pool_backends(watcher: &Conn) -> i64 {
+    watcher
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('fo', 'fo2') \
+             AND application_name NOT LIKE 'pgshield %'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// What one looping client saw.

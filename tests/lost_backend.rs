@@ -130,6 +130,36 @@ async fn a_transaction_block_whose_backend_is_lost_stays_failed_until_rollback()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_idle_past_health_check_after_that_does_not_answer_is_not_lent() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    common::create_role("lost_frozen", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
+         server_connect_timeout = \"1s\"\n[users.lost_frozen]\npassword = \"pw\"\n",
+    )
+    .await;
+    let conn = proxy.connect("lost_frozen", "pw").await.expect("login");
+    let frozen = pid(&conn.client).await;
+    // The backend hangs without closing its socket (a server that stopped answering, a
+    // network that drops packets): nothing about it looks closed.
+    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop the backend");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let other = tokio::time::timeout(Duration::from_secs(10), pid(&conn.client))
+        .await
+        .expect("the check gives up on the frozen backend");
+    kill(Pid::from_raw(frozen), Signal::SIGCONT).expect("resume the backend");
+    assert_ne!(other, frozen, "the frozen backend was not lent");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_backend_with_a_setting_changed_in_its_transaction_ends_the_session() {
     let proxy = proxy_for("lost_set").await;
     let conn = proxy.connect("lost_set", "pw").await.expect("login");

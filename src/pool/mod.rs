@@ -1707,3 +1707,22 @@ fn backend_password(user: &crate::config::UserConfig) -> Option<BackendPassword>
         StoredPassword::Scram(_) => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_spreads_backends_over_plus_or_minus_twenty_percent() {
+        let d = Duration::from_secs(100);
+        let all: Vec<Duration> = (1..=1000).map(|id| jittered(d, id)).collect();
+        assert!(all
+            .iter()
+            .all(|j| (80.0..=120.0).contains(&j.as_secs_f64())));
+        // Spread, not clustered: both ends of the range are used, and a backend always
+        // gets the same value.
+        assert!(all.iter().any(|j| j.as_secs_f64() < 85.0));
+        assert!(all.iter().any(|j| j.as_secs_f64() > 115.0));
+        assert_eq!(jittered(d, 7), jittered(d, 7));
+    }
+}
