@@ -170,19 +170,16 @@ impl Manager for ServerManager {
     }
 
     async fn recycle(&self, server: &mut Box<Server>, _: &Metrics) -> RecycleResult<ServerError> {
-        let settings = self.settings.load_full();
+        // (Per borrow: the settings are read through arc-swap's guard, not cloned.)
         let mut unfit = self.unfit(server);
+        let (check_after, check_within) = {
+            let settings = self.settings.load();
+            (settings.health_check_after, settings.server_connect_timeout)
+        };
         // Idle a while: an empty query says whether it still answers (a server that went
         // away without closing its sockets, a network that dropped them).
-        if unfit.is_none()
-            && settings
-                .health_check_after
-                .is_some_and(|after| server.idle_for() >= after)
-        {
-            let check = tokio::time::timeout(
-                settings.server_connect_timeout,
-                Box::pin(server.run_internal("")),
-            );
+        if unfit.is_none() && check_after.is_some_and(|after| server.idle_for() >= after) {
+            let check = tokio::time::timeout(check_within, Box::pin(server.run_internal("")));
             if !matches!(check.await, Ok(Ok(_))) {
                 server.mark_broken();
                 unfit = Some("no answer to the health check before lending it");
@@ -192,7 +189,7 @@ impl Manager for ServerManager {
             }
         }
         if let Some(reason) = unfit {
-            backend_event!(settings.log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
+            backend_event!(self.settings.load().log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
             return Err(RecycleError::message(reason));
         }
         Ok(())
@@ -987,10 +984,17 @@ impl Backend {
             .is_some_and(|l| obj.age() >= jittered(l, obj.id().0));
         // Another pool of the database waits for a place this pool holds more than its
         // share of: the backend closes instead (a busy pool must not starve the others).
-        let over_share = Object::pool(&obj).is_some_and(|p| {
-            let limit = lock(&p.manager().db_limit).clone();
-            limit.is_some_and(|l| l.over_fair_share(p.manager(), p.status().size))
-        });
+        // (Looked into only while some pool waits under the limit: this runs per
+        // transaction, and the check below does not come free.)
+        let contended = obj
+            .db_permit
+            .as_ref()
+            .is_some_and(|p| p.capacity.waiters.load(Ordering::Relaxed) > 0);
+        let over_share = contended
+            && Object::pool(&obj).is_some_and(|p| {
+                let limit = lock(&p.manager().db_limit).clone();
+                limit.is_some_and(|l| l.over_fair_share(p.manager(), p.status().size))
+            });
         if obj.is_reusable() && !expired && !over_share {
             obj.mark_idle_now();
             drop(obj);
@@ -1036,6 +1040,8 @@ pub(crate) struct Capacity {
     max: AtomicUsize,
     /// Places still to take out of circulation after `max` was lowered.
     debt: AtomicUsize,
+    /// Opens waiting for a place (`DbLimit`s count theirs here).
+    waiters: AtomicUsize,
 }
 
 impl Capacity {
@@ -1044,6 +1050,7 @@ impl Capacity {
             permits: Arc::new(tokio::sync::Semaphore::new(max)),
             max: AtomicUsize::new(max),
             debt: AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
         })
     }
 
@@ -1225,7 +1232,7 @@ impl DbLimit {
             }
             // A backend that went idle in another pool since the last look makes way.
             self.close_one_idle();
-            let _waiting = Queued::join(waiting);
+            let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
             let mut next_look = tokio::time::Instant::now() + DB_LIMIT_LOOK_AGAIN;
             if let Some(deadline) = deadline {
                 if tokio::time::Instant::now() >= deadline {
