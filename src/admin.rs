@@ -666,7 +666,9 @@ fn show_hosts(shared: &Shared) -> Table {
                 }),
                 v(h.role.as_str()),
                 v(if h.up { "up" } else { "down" }),
-                h.lag.map(|l| l.as_millis().to_string()),
+                h.lag
+                    .filter(|l| *l != crate::pool::cluster::UNKNOWN_LAG)
+                    .map(|l| l.as_millis().to_string()),
                 v(h.open),
                 h.last_error.clone(),
             ]);

@@ -946,8 +946,16 @@ impl Config {
 
     /// Checks everything a running proxy relies on; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_addr()?;
-        self.read_only_addr()?;
+        let main = self.listen_addr()?;
+        if self
+            .read_only_addr()?
+            .is_some_and(|ro| ro == main && ro.port() != 0)
+        {
+            return Err(invalid(
+                "listen.read_only_addr",
+                "must differ from listen.addr (its clients are served from replicas)",
+            ));
+        }
         self.admin_http_addr()?;
         if self.admin.stats_period.is_zero() {
             return Err(invalid("admin.stats_period", "must be more than 0s"));

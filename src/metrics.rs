@@ -182,7 +182,7 @@ impl Metrics {
             f64::from(u8::from(host.role == Role::Replica)),
         );
         gauge("pgshield_host_backends", host.open as f64);
-        if let Some(lag) = host.lag {
+        if let Some(lag) = host.lag.filter(|l| *l != crate::pool::cluster::UNKNOWN_LAG) {
             gauge("pgshield_replica_lag_seconds", lag.as_secs_f64());
         }
     }

@@ -165,6 +165,26 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
         &pool.replace("borrow_timeout = \"10s\"", "borrow_timeout = \"1s\""),
     )
     .await;
+    // A refused server login is the client's error at once, not after trying every host
+    // until borrow_timeout (30 s here): another host would refuse it the same way.
+    let refused = TestProxy::start_with_databases(
+        &hosts_toml(primary, replica, ""),
+        "[pool]\nborrow_timeout = \"30s\"\n[users.fo]\npassword = \"pw\"\nserver_password = \"wrong\"\n",
+    )
+    .await;
+    let started = Instant::now();
+    let e = refused
+        .connect("fo", "pw")
+        .await
+        .err()
+        .expect("the server refuses pgshield's login");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused after {:?}: {}",
+        started.elapsed(),
+        message(&e)
+    );
+    refused.stop().await;
     let ro_config = |proxy: &TestProxy| {
         let mut c = proxy.config("fo", "pw");
         c.dbname("app_ro");

@@ -106,20 +106,15 @@ pub async fn login(
     if database == ADMIN_DATABASE {
         return admin_login(shared, stream, buf, peer, user, tls).await;
     }
-    // Through listen.read_only_addr, every database is its read-only alias.
-    if read_only && database != ADMIN_DATABASE {
+    // Through listen.read_only_addr, every database is its read-only alias. One without
+    // replicas is refused, after authentication (as an unknown database is).
+    let mut no_replicas = false;
+    if read_only {
         match live.config.resolve_database(&database) {
             Some((base, false)) if live.config.databases[base].has_replicas() => {
                 database = format!("{base}{}", crate::config::READ_ONLY_SUFFIX);
             }
-            Some((base, false)) => {
-                return Err(ErrorResponse::fatal(
-                    sqlstate::INVALID_CATALOG_NAME,
-                    format!("database \"{base}\" has no replicas to read from"),
-                )
-                .with_hint("listen.read_only_addr serves databases with replicas only; connect to listen.addr")
-                .into());
-            }
+            Some((_, false)) => no_replicas = true,
             _ => {}
         }
     }
@@ -175,6 +170,16 @@ pub async fn login(
             });
         }
     };
+    if no_replicas {
+        return Err(ErrorResponse::fatal(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" has no replicas to read from"),
+        )
+        .with_hint(
+            "listen.read_only_addr serves databases with replicas only; connect to listen.addr",
+        )
+        .into());
+    }
     let admission = live.access.admit(&user, &rules_db)?;
     let pool = match (configured, found) {
         (Some(configured), _) => {

@@ -296,40 +296,49 @@ impl Cluster {
     /// Which host a new backend for `route` goes to now; None while there is none to
     /// try (then [`Cluster::wait_for_change`]).
     pub fn pick(&self, route: Route) -> Option<usize> {
+        self.pick_except(route, &[])
+    }
+
+    /// As [`Cluster::pick`], leaving out the hosts in `tried` (those a backend open has
+    /// just failed on, which may not be marked down: a timeout, a full server).
+    pub fn pick_except(&self, route: Route, tried: &[usize]) -> Option<usize> {
         let now = Instant::now();
         let usable = |h: &Host| {
             let s = lock(&h.state);
             s.up || s.retry_at.is_none_or(|at| now >= at)
         };
-        let primary = match self.primary() {
+        let unwatched = !self.monitored.load(Ordering::Acquire);
+        let primary = match self.primary().filter(|i| !tried.contains(i)) {
             // A fixed primary is tried even when it failed last (there is no other).
             Some(i) if self.hosts[i].spec.role == HostRole::Primary => Some(i),
             Some(i) if usable(&self.hosts[i]) => Some(i),
-            Some(_) => None,
             // Nobody watches (no credentials, or the probes are refused): the first host
             // not known to be a replica is tried, then any (one may have been promoted),
             // and what it reports at login decides.
-            None if !self.monitored.load(Ordering::Acquire) => {
-                let auto = |h: &&Host| h.spec.role == HostRole::Auto && usable(h);
-                self.hosts
-                    .iter()
-                    .position(|h| auto(&h) && lock(&h.state).role != Role::Replica)
-                    .or_else(|| self.hosts.iter().position(|h| auto(&h)))
+            _ if unwatched => {
+                let auto = |(i, h): &(usize, &Host)| {
+                    h.spec.role == HostRole::Auto && !tried.contains(i) && usable(h)
+                };
+                let mut hosts = self.hosts.iter().enumerate();
+                hosts
+                    .clone()
+                    .find(|ih| auto(ih) && lock(&ih.1.state).role != Role::Replica)
+                    .or_else(|| hosts.find(auto))
+                    .map(|(i, _)| i)
             }
-            None => None,
+            _ => None,
         };
         match route {
             Route::Primary => primary,
             Route::Replica { fallback } => {
                 // Unwatched, a replica that failed is tried again after its back-off.
-                let unwatched = !self.monitored.load(Ordering::Acquire);
                 let replica = self
                     .hosts
                     .iter()
                     .enumerate()
+                    .filter(|(i, _)| !tried.contains(i))
                     .filter(|(_, h)| {
-                        self.replica_fit(h)
-                            || (unwatched && usable(h) && lock(&h.state).role == Role::Replica)
+                        self.replica_fit(h) || (unwatched && usable(h) && self.replica_fit_if_up(h))
                     })
                     .min_by_key(|(_, h)| h.open.load(Ordering::Relaxed))
                     .map(|(i, _)| i);
@@ -340,10 +349,14 @@ impl Cluster {
 
     /// A replica read-only clients may use: up, in recovery, lag within `max_replica_lag`.
     fn replica_fit(&self, host: &Host) -> bool {
+        lock(&host.state).up && self.replica_fit_if_up(host)
+    }
+
+    /// In recovery, lag (as last known) within `max_replica_lag`.
+    fn replica_fit_if_up(&self, host: &Host) -> bool {
         let max_lag = self.settings.load().max_replica_lag;
         let s = lock(&host.state);
-        s.up && s.role == Role::Replica
-            && max_lag.is_none_or(|max| s.lag.is_none_or(|lag| lag <= max))
+        s.role == Role::Replica && max_lag.is_none_or(|max| s.lag.is_none_or(|lag| lag <= max))
     }
 
     /// A receiver of changes, taken before [`Cluster::pick`] so that a change between
@@ -567,8 +580,11 @@ impl Cluster {
     /// told the server is shutting down or starting up, it is marked down; a timeout
     /// (which may be the network's, or a busy server's) has the monitor look.
     pub fn connect_failed(&self, index: usize, error: &ServerError) {
+        let unwatched = !self.monitored.load(Ordering::Acquire);
         let down = match error {
             ServerError::Connect { .. } | ServerError::Closed => true,
+            // Nobody else will find out.
+            ServerError::Timeout { .. } => unwatched,
             ServerError::Refused(e) => host_is_going_away(e),
             _ => false,
         };
@@ -690,7 +706,13 @@ const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
      pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_receive_lsn(), '0/0')::int8, \
      pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_replay_lsn(), '0/0')::int8, \
      pg_catalog.current_setting('max_connections'), \
-     pg_catalog.current_setting('superuser_reserved_connections')";
+     pg_catalog.current_setting('superuser_reserved_connections'), \
+     EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp())";
+
+/// The lag of a replica that replays without streaming (restarted and not reconnected
+/// to its primary, or restoring from an archive) that has replayed nothing since: as
+/// good as unknown, so read-only clients skip it when `max_replica_lag` is set.
+pub const UNKNOWN_LAG: Duration = Duration::MAX;
 
 /// WAL positions a replica had received, by when a probe saw them: the oldest one not yet
 /// replayed says how long replay is behind. (Unlike the age of the last replayed
@@ -841,11 +863,19 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
     let fit_before = cluster.replica_fit(host);
     {
         let mut s = lock(&host.state);
-        s.lag = if in_recovery {
-            Some(s.received.lag(Instant::now(), lsn(1), lsn(2)))
-        } else {
+        s.lag = if !in_recovery {
             s.received = Received::default();
             None
+        } else if lsn(1).is_some() {
+            Some(s.received.lag(Instant::now(), lsn(1), lsn(2)))
+        } else {
+            // Not streaming: how old the last replayed transaction is, if any was.
+            s.received = Received::default();
+            let age = text(5)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .map(Duration::from_secs_f64);
+            Some(age.unwrap_or(UNKNOWN_LAG))
         };
     }
     if cluster.replica_fit(host) != fit_before {
@@ -892,6 +922,76 @@ mod tests {
         // Not streaming (no receive position): no lag to speak of.
         assert_eq!(r.lag(t0 + 6 * s, None, Some(300)), Duration::ZERO);
         assert_eq!(r.lag(t0 + 7 * s, None, None), Duration::ZERO);
+    }
+
+    fn cluster(roles: &[HostRole]) -> Arc<Cluster> {
+        let hosts = roles
+            .iter()
+            .enumerate()
+            .map(|(i, role)| HostSpec {
+                host: "127.0.0.1".into(),
+                port: 5432 + i as u16,
+                role: *role,
+            })
+            .collect();
+        Cluster::new(
+            "db",
+            hosts,
+            HealthSettings {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                max_replica_lag: Some(Duration::from_secs(5)),
+                log_connections: false,
+            },
+        )
+    }
+
+    #[test]
+    fn a_host_just_tried_is_passed_over_for_another() {
+        use HostRole::{Auto, Primary, Replica};
+        let c = cluster(&[Primary, Replica, Replica]);
+        let read = Route::Replica { fallback: true };
+        // Least busy replica first; one that failed is skipped; then the primary.
+        let first = c.pick(read).unwrap();
+        assert!(first == 1 || first == 2);
+        let _lease = c.lease(first);
+        let other = c.pick(read).unwrap();
+        assert_ne!(other, first, "the least busy replica");
+        assert_eq!(c.pick_except(read, &[other]), Some(first));
+        assert_eq!(
+            c.pick_except(read, &[1, 2]),
+            Some(0),
+            "fallback to the primary"
+        );
+        assert_eq!(
+            c.pick_except(Route::Replica { fallback: false }, &[1, 2]),
+            None
+        );
+        // A lagging replica is skipped; one whose lag is unknown too.
+        lock(&c.hosts[1].state).lag = Some(Duration::from_secs(6));
+        lock(&c.hosts[2].state).lag = Some(UNKNOWN_LAG);
+        assert_eq!(c.pick(Route::Replica { fallback: false }), None);
+        // Writers: the fixed primary, even after it failed (there is no other).
+        c.mark_down(0, "test");
+        assert_eq!(c.pick(Route::Primary), Some(0));
+
+        // Auto roles, nobody watching: the host learnt as primary, then, once it was
+        // tried, the others (one may have been promoted).
+        let a = cluster(&[Auto, Auto]);
+        a.learn_role(0, Role::Primary, "test");
+        a.learn_role(1, Role::Replica, "test");
+        assert_eq!(a.pick(Route::Primary), Some(0));
+        assert_eq!(a.pick_except(Route::Primary, &[0]), Some(1));
+        // Watched: a lost primary means waiting for the monitor.
+        a.monitored.store(true, Ordering::Release);
+        a.mark_down(0, "test");
+        assert_eq!(a.primary(), None);
+        assert_eq!(a.pick(Route::Primary), None);
+        a.learn_role(1, Role::Primary, "test");
+        assert_eq!(a.pick(Route::Primary), Some(1));
+        // The old primary back out of recovery: writers stay.
+        a.learn_role(0, Role::Primary, "test");
+        assert_eq!(a.primary(), Some(1));
     }
 
     #[test]

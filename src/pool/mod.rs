@@ -245,21 +245,26 @@ impl ServerManager {
         target: &mut ServerTarget,
         settings: &PoolSettings,
     ) -> Result<(Server, cluster::HostLease), ServerError> {
-        let cluster = self.cluster.load_full();
+        let mut cluster = self.cluster.load_full();
         let route = self.route(settings);
         let started = tokio::time::Instant::now();
         let deadline = settings.borrow_timeout.map(|t| started + t);
-        let no_host = || ServerError::NoHost {
+        let no_host = |cluster: &Cluster| ServerError::NoHost {
             database: cluster.database.clone(),
             want: if self.read_only { "replica" } else { "primary" },
             waited: settings.borrow_timeout.unwrap_or_default(),
         };
         let mut waited = false;
-        // Hosts tried since the last pause: one picked again is retried only after one.
-        let mut tried = std::collections::HashSet::new();
+        // Hosts tried since the last pause: retried only after one, others first.
+        let mut tried = Vec::new();
         loop {
+            // A reload may have replaced the database's hosts meanwhile.
+            if !Arc::ptr_eq(&cluster, &self.cluster.load()) {
+                cluster = self.cluster.load_full();
+                tried.clear();
+            }
             let changes = cluster.changes();
-            let picked = cluster.pick(route).filter(|i| !tried.contains(i));
+            let picked = cluster.pick_except(route, &tried);
             let Some(index) = picked else {
                 // No host to try now (a failover under way, no replica up, or all tried):
                 // wait for the cluster to change, looking again at least every
@@ -268,13 +273,13 @@ impl ServerManager {
                 tried.clear();
                 let now = tokio::time::Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
-                    return Err(no_host());
+                    return Err(no_host(&cluster));
                 }
                 let until = deadline.map_or(now + RECHECK, |d| d.min(now + RECHECK));
                 Cluster::wait_for_change(changes, Some(until)).await;
                 continue;
             };
-            tried.insert(index);
+            tried.push(index);
             let host = &cluster.hosts[index].spec;
             target.host.clone_from(&host.host);
             target.port = host.port;
@@ -304,8 +309,25 @@ impl ServerManager {
                 }
                 Err(e) => {
                     cluster.connect_failed(index, &e);
-                    let no_other = cluster.hosts.len() == 1 || host.role == HostRole::Primary;
-                    if no_other || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    // Another host may serve when this one is unreachable, shutting down
+                    // or full; a refused login or a TLS failure would be the same there.
+                    let about_the_host = match &e {
+                        ServerError::Connect { .. }
+                        | ServerError::Timeout { .. }
+                        | ServerError::Closed
+                        | ServerError::Io(_) => true,
+                        ServerError::Refused(r) => {
+                            cluster::host_is_going_away(r)
+                                || r.code == crate::protocol::sqlstate::TOO_MANY_CONNECTIONS
+                        }
+                        _ => false,
+                    };
+                    let no_other = cluster.hosts.len() == 1
+                        || (route == Route::Primary && host.role == HostRole::Primary);
+                    if no_other
+                        || !about_the_host
+                        || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+                    {
                         return Err(e);
                     }
                     tracing::warn!(pool = %self.pool, host = %host.addr(), error = %e, "cannot open a backend; trying another host");
