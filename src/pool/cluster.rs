@@ -674,6 +674,7 @@ impl Cluster {
             0
         };
         s.limit.max_idle.store(idle, Ordering::Release);
+        s.limit.set_pool_max(max);
         if s.limit.capacity.max() != max {
             tracing::info!(
                 database = %self.database,

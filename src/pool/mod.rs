@@ -534,6 +534,7 @@ impl Pool {
         cluster: Arc<Cluster>,
         metrics: &Numbers,
     ) -> Arc<Pool> {
+        let settings = DbLimit::size_pool(db_limit.as_deref(), settings);
         let name = format!("{database}/{user}");
         let manager = ServerManager {
             db_waiting: AtomicUsize::new(0),
@@ -605,6 +606,7 @@ impl Pool {
         db_limit: Option<Arc<DbLimit>>,
         cluster: Arc<Cluster>,
     ) {
+        let settings = DbLimit::size_pool(db_limit.as_deref(), settings);
         let manager = self.inner.manager();
         let new_hosts = !Arc::ptr_eq(&manager.cluster.load(), &cluster);
         if new_hosts {
@@ -651,6 +653,22 @@ impl Pool {
             *lock(&manager.welcome) = None;
             self.reconnect();
         }
+    }
+
+    /// `max_connections_percent` sized the database: each of its pools may grow to the
+    /// database's whole size (the fair share keeps one from starving the others).
+    pub(crate) fn set_max_size(&self, max_size: usize) {
+        let manager = self.inner.manager();
+        let old = manager.settings.load_full();
+        if old.max_size == max_size {
+            return;
+        }
+        let mut settings = (*old).clone();
+        settings.max_size = max_size;
+        manager.settings.store(Arc::new(settings));
+        self.gate.resize(max_size);
+        self.inner.resize(max_size);
+        tracing::info!(pool = %self.name, from = old.max_size, to = max_size, "max_connections_percent: pool resized");
     }
 
     /// A reload removed this pool's database or user: no new client finds it; those
@@ -1192,6 +1210,9 @@ pub struct DbLimit {
     pools: Mutex<Vec<std::sync::Weak<Pool>>>,
     /// `max_idle_percent`: idle backends of the database kept at most (0: no limit).
     max_idle: AtomicUsize,
+    /// `max_connections_percent`, once the server's size is known: the `max_size` of each
+    /// of the database's pools (0: `pool.max_size` applies).
+    pool_max: AtomicUsize,
 }
 
 impl DbLimit {
@@ -1201,7 +1222,30 @@ impl DbLimit {
             capacity: Capacity::new(max),
             pools: Mutex::new(Vec::new()),
             max_idle: AtomicUsize::new(0),
+            pool_max: AtomicUsize::new(0),
         })
+    }
+
+    /// `settings` with the `max_size` sizing gave the database's pools, if it did.
+    fn size_pool(limit: Option<&DbLimit>, mut settings: PoolSettings) -> PoolSettings {
+        match limit.map_or(0, |l| l.pool_max.load(Ordering::Acquire)) {
+            0 => settings,
+            max => {
+                settings.max_size = max;
+                settings
+            }
+        }
+    }
+
+    /// Sizing: every pool of the database may grow to `max` (0: back to `pool.max_size`,
+    /// which the caller's next `Pool::update` applies).
+    pub(crate) fn set_pool_max(&self, max: usize) {
+        self.pool_max.store(max, Ordering::Release);
+        if max > 0 {
+            for pool in self.pools() {
+                pool.set_max_size(max);
+            }
+        }
     }
 
     fn pools(&self) -> Vec<Arc<Pool>> {
@@ -1446,6 +1490,7 @@ impl Pools {
             if sizing.is_none() {
                 if let Some(limit) = state.db_limits.get(name) {
                     limit.max_idle.store(0, Ordering::Release);
+                    limit.set_pool_max(0);
                 }
             }
             state.clusters[name].0.set_sizing(sizing);
