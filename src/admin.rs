@@ -734,11 +734,14 @@ fn show_databases(shared: &Shared) -> Table {
             v(port),
             v(db.dbname.clone().unwrap_or_else(|| name.clone())),
             None,
-            v(shared.live().config.pool.max_size),
+            // (max_connections_percent sizes the pools from the server.)
+            v(mine
+                .first()
+                .map_or(shared.live().config.pool.max_size, |p| p.status().max_size)),
             v(shared.live().config.pool.min_idle),
             v(0),
             v(shared.live().config.pool.mode),
-            v(db.max_db_connections),
+            v(shared.pools.database_limit(name).unwrap_or(0)),
             v(open),
             v(u8::from(paused)),
             v(0),

@@ -391,7 +391,7 @@ async fn sizing_from_max_connections(primary: &DevDb) {
             "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\nmax_connections_percent = 50\nmax_idle_percent = 20\n",
             primary.port()
         ),
-        "[pool]\nmax_size = 5\nborrow_timeout = \"60s\"\n[users.fo]\npassword = \"pw\"\n[users.fo2]\npassword = \"pw\"\n",
+        "[pool]\nmax_size = 5\nborrow_timeout = \"60s\"\n[users.fo]\npassword = \"pw\"\n[users.fo2]\npassword = \"pw\"\n[admin]\nusers = [\"fo\"]\nhttp_listen = \"127.0.0.1:0\"\n",
     )
     .await;
     let watcher = direct(primary).await;
@@ -438,6 +438,16 @@ async fn sizing_from_max_connections(primary: &DevDb) {
         a.min(b) * 3 >= a.max(b),
         "both pools make progress: fo {a}, fo2 {b}"
     );
+    // SHOW DATABASES gives the sizes in force: 18 for the database and each pool.
+    let mut console = proxy.config("fo", "pw");
+    console.dbname("pgshield");
+    let console = common::connect(&console).await.expect("admin login");
+    let databases = show(&console.client, "SHOW DATABASES").await;
+    let app = databases
+        .iter()
+        .find(|r| r[0] == "app")
+        .expect("app in SHOW DATABASES");
+    assert_eq!((&app[5][..], &app[9][..]), ("18", "18"), "{app:?}");
     // Idle now: max_idle_percent (20 % of 37 is 7) closes the surplus.
     eventually(
         "idle backends come down to 7",

@@ -1647,6 +1647,13 @@ impl Pools {
         }
     }
 
+    /// The backends `database` may have open across its pools now (`max_db_connections`,
+    /// or what `max_connections_percent` computed), if it is limited.
+    pub fn database_limit(&self, database: &str) -> Option<usize> {
+        let state = lock(&self.state);
+        state.db_limits.get(database).map(|l| l.capacity.max())
+    }
+
     /// Each database's servers, by database name.
     pub fn clusters(&self) -> Vec<Arc<Cluster>> {
         let state = lock(&self.state);
