@@ -2,7 +2,8 @@
 //! installed) side by side, on a throwaway cluster this run starts and removes.
 //!
 //! The scenarios are those of `../shared/bench/bench.sh` (pgbench: select1, select1-ext,
-//! prepared, connect, tpcb, burst) plus pgshield's own lambda burst; runs are interleaved
+//! prepared, connect, tpcb, burst), `single` (select1 with one client: the latency a
+//! pooler adds) and pgshield's own lambda burst; runs are interleaved
 //! (every target once per scenario per round), and each figure is the median of the
 //! rounds. The poolers' CPU time per transaction (from /proc) is printed beside tps,
 //! since tps on a shared 2-core machine moves by ±30 % between runs while CPU per
@@ -56,7 +57,9 @@ fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let scale: u32 = env_or("BENCH_SCALE", 10);
     let scenarios: Vec<String> = std::env::var("BENCH_SCENARIOS")
-        .unwrap_or_else(|_| "select1 select1-ext prepared connect tpcb burst lambda-burst".into())
+        .unwrap_or_else(|_| {
+            "select1 single select1-ext prepared connect tpcb burst lambda-burst".into()
+        })
         .split_whitespace()
         .map(str::to_owned)
         .collect();
@@ -157,7 +160,7 @@ fn main() {
     );
     println!(
         "PostgreSQL {} (max_connections 100), pool {POOL} per pooler, transaction mode, \
-         {CLIENTS} clients ({BURST_CLIENTS} for burst); medians [min–max]; took {}.\n",
+         {CLIENTS} clients ({BURST_CLIENTS} for burst, 1 for single); medians [min–max]; took {}.\n",
         db.version(),
         humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
     );
@@ -187,6 +190,8 @@ fn pgbench_args(scenario: &str, duration: u64) -> Option<Vec<String>> {
     let burst = BURST_CLIENTS.to_string();
     let args: Vec<&str> = match scenario {
         "select1" => vec!["-n", "-S", "-c", &c, "-j", "2", "-T", &t],
+        // One client: its tps against direct's is the inverse of the latency pgshield adds.
+        "single" => vec!["-n", "-S", "-c", "1", "-T", &t],
         "select1-ext" => vec!["-n", "-S", "-M", "extended", "-c", &c, "-j", "2", "-T", &t],
         "prepared" => vec!["-n", "-S", "-M", "prepared", "-c", &c, "-j", "2", "-T", &t],
         "connect" => vec!["-n", "-C", "-S", "-c", &c, "-j", "2", "-T", &t],
