@@ -185,6 +185,23 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
         message(&e)
     );
     refused.stop().await;
+    // Fixed roles: writers on `primary`, read-only clients on `replicas`, no detection.
+    let fixed = TestProxy::start_with_databases(
+        &format!(
+            "[databases.app]\nprimary = \"127.0.0.1:{}\"\nreplicas = [\"127.0.0.1:{}\"]\ndbname = \"postgres\"\n",
+            primary.port(),
+            replica.port()
+        ),
+        pool,
+    )
+    .await;
+    let fixed_writer = fixed.connect("fo", "pw").await.expect("writer login");
+    let mut fixed_ro = fixed.config("fo", "pw");
+    fixed_ro.dbname("app_ro");
+    let fixed_reader = common::connect(&fixed_ro).await.expect("read-only login");
+    assert!(!in_recovery(&fixed_writer.client).await.expect("write side"));
+    assert!(in_recovery(&fixed_reader.client).await.expect("read side"));
+    fixed.stop().await;
     let ro_config = |proxy: &TestProxy| {
         let mut c = proxy.config("fo", "pw");
         c.dbname("app_ro");
