@@ -492,7 +492,8 @@ impl Cluster {
                         }
                     }
                 }
-                Some(current) if current != index => {
+                // (Said once, when the other host is first found out of recovery.)
+                Some(current) if current != index && before != Role::Primary => {
                     tracing::error!(
                         database = %self.database,
                         current = %self.hosts[current].spec.addr(),
