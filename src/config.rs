@@ -674,9 +674,10 @@ impl DatabaseConfig {
 
     /// Whether read-only clients (`<database>_ro`) have their own pools: the database may
     /// have replicas.
+    /// (From the keys alone, without building the host list: asked at each such login.
+    /// Meaningful once `servers` accepted the shape.)
     pub fn has_replicas(&self) -> bool {
-        self.servers()
-            .is_ok_and(|s| s.len() > 1 || s.iter().any(|h| h.role == HostRole::Replica))
+        self.hosts.len() > 1 || !self.replicas.is_empty() || self.role == Some(HostRole::Replica)
     }
 }
 

@@ -55,14 +55,7 @@ fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> 
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(percentiles.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 0.01 && i < percentiles.len() {
-                percentiles[i].to_owned()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_label(*x, &percentiles))
         .draw()?;
     let width = 0.8 / runs.len().max(1) as f64;
     for (n, (run, _, l)) in runs.iter().enumerate() {
@@ -107,14 +100,7 @@ fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> 
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(labels.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 0.01 && i < labels.len() {
-                labels[i].clone()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_label(*x, &labels))
         .draw()?;
     for (i, run) in report.runs.iter().enumerate() {
         let x0 = i as f64 + 0.2;
@@ -129,4 +115,13 @@ fn draw(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> 
     }
     root.present()?;
     Ok(())
+}
+
+/// The name of bar group `i` at the tick in its middle (`i + 0.5`); nothing at the others.
+fn category_label(x: f64, names: &[impl AsRef<str>]) -> String {
+    let i = x.floor() as usize;
+    match names.get(i) {
+        Some(name) if (x - x.floor() - 0.5).abs() < 0.01 => name.as_ref().to_owned(),
+        _ => String::new(),
+    }
 }

@@ -112,6 +112,18 @@ pub struct ServerCapacity {
     pub superuser_reserved: usize,
 }
 
+impl ServerCapacity {
+    /// From columns `at` (max_connections) and `at + 1` (superuser_reserved_connections)
+    /// of a row in text format.
+    fn from_row(row: &[Option<String>], at: usize) -> Option<ServerCapacity> {
+        let number = |i: usize| row.get(i)?.as_deref()?.parse::<usize>().ok();
+        Some(ServerCapacity {
+            max_connections: number(at)?,
+            superuser_reserved: number(at + 1)?,
+        })
+    }
+}
+
 pub struct Cluster {
     pub database: String,
     pub hosts: Vec<Host>,
@@ -246,28 +258,17 @@ impl Cluster {
             server.mark_broken();
             return;
         };
-        let number = |i: usize| {
-            reply
-                .rows
-                .first()
-                .and_then(|r| r.get(i))
-                .and_then(|v| v.as_deref())
-                .and_then(|v| v.parse::<usize>().ok())
-        };
-        if let (Some(max), Some(reserved)) = (number(0), number(1)) {
-            self.learn_capacity(ServerCapacity {
-                max_connections: max,
-                superuser_reserved: reserved,
-            });
+        if let Some(capacity) = reply
+            .rows
+            .first()
+            .and_then(|r| ServerCapacity::from_row(r, 0))
+        {
+            self.learn_capacity(capacity);
         }
     }
 
     pub fn set_settings(&self, settings: HealthSettings) {
         self.settings.store(Arc::new(settings));
-    }
-
-    pub fn settings(&self) -> Arc<HealthSettings> {
-        self.settings.load_full()
     }
 
     pub fn set_monitor_target(&self, target: Option<ServerTarget>) {
@@ -859,7 +860,6 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
     let text = |i: usize| row.get(i).and_then(|v| v.as_deref());
     let in_recovery = text(0) == Some("t");
     let lsn = |i: usize| text(i).and_then(|v| v.parse::<u64>().ok());
-    let number = |i: usize| text(i).and_then(|v| v.parse::<usize>().ok());
     cluster.monitored.store(true, Ordering::Release);
     cluster.mark_up(index);
     let fit_before = cluster.replica_fit(host);
@@ -893,12 +893,9 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
         },
         "health check",
     );
-    if let (Some(max), Some(reserved)) = (number(3), number(4)) {
+    if let Some(capacity) = ServerCapacity::from_row(row, 3) {
         if !in_recovery || cluster.capacity().is_none() {
-            cluster.learn_capacity(ServerCapacity {
-                max_connections: max,
-                superuser_reserved: reserved,
-            });
+            cluster.learn_capacity(capacity);
         }
     }
 }
