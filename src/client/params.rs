@@ -66,6 +66,11 @@ impl ClientSettings {
         }
     }
 
+    /// All of them, as kept (equal strings: equal settings in the same order).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))

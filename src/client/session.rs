@@ -409,6 +409,9 @@ impl Session {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_armed = false;
+        // Once polled after being aimed, the timer has the task's waker: until it has
+        // elapsed, polling it again (each turn of the loop) would only cost time.
+        let mut timer_polled = false;
         let mut timer_state = None;
         // Re-aim the timer whenever the session changes state only when a limit with a
         // short deadline can apply; the idle limit alone is looked at when the timer fires.
@@ -420,6 +423,7 @@ impl Session {
                 reaim_on_change = reaims(&self.limits);
                 timer_state = None;
                 timer_armed = false;
+                timer_polled = false;
             }
             if let Err(end) = self.process_client_input().await {
                 return end;
@@ -441,7 +445,8 @@ impl Session {
             // The limits run on one timer, re-aimed when the session changes state.
             if self.limits.any() {
                 let state = (self.server_busy(), self.outside_transaction());
-                if state.0 && self.busy_since.is_none() {
+                // (Only query_timeout needs to know since when.)
+                if state.0 && self.busy_since.is_none() && self.limits.query.is_some() {
                     self.busy_since = Some(Instant::now());
                     self.statement_cancelled = false;
                 } else if !state.0 {
@@ -452,6 +457,7 @@ impl Session {
                     let limits = *self.limits;
                     let next = self.next_deadline(&limits, Instant::now());
                     timer_armed = next.is_some();
+                    timer_polled = false;
                     if let Some(at) = next {
                         timer.as_mut().reset(at.into());
                     }
@@ -474,7 +480,13 @@ impl Session {
             let between_transactions = quiet && self.outside_transaction();
             let event = tokio::select! {
                 biased;
-                _ = &mut timer, if timer_armed => {
+                _ = poll_fn(|cx| {
+                    if timer_polled && !timer.is_elapsed() {
+                        return Poll::Pending;
+                    }
+                    timer_polled = true;
+                    std::future::Future::poll(timer.as_mut(), cx)
+                }), if timer_armed => {
                     let now = Instant::now();
                     let limits = *self.limits;
                     if let Err(end) = self.enforce_limits(&limits, now) {
@@ -482,6 +494,7 @@ impl Session {
                     }
                     let next = self.next_deadline(&limits, now);
                     timer_armed = next.is_some();
+                    timer_polled = false;
                     if let Some(at) = next {
                         timer.as_mut().reset(at.into());
                     }
@@ -943,16 +956,17 @@ impl Session {
     /// pending, so the ReadyForQuery's status is known. Returns false to pass it on.
     fn answer_deallocate(&mut self, header: Header) -> Result<bool, End> {
         let mut body = &self.client_in[HEADER_LEN..header.len];
-        let query = crate::protocol::frame::take_cstr(&mut body)
-            .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-        let starts_with_deallocate = query
-            .trim_start()
+        // (The bytes first: most queries are not DEALLOCATE, and need no UTF-8 check here.)
+        let starts_with_deallocate = body
+            .trim_ascii_start()
             .get(..10)
-            .is_some_and(|w| w.eq_ignore_ascii_case("deallocate"));
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"));
         // (In a transaction lost with its backend, the server refuses it: 25P02.)
         if !starts_with_deallocate || self.lost_transaction {
             return Ok(false);
         }
+        let query = crate::protocol::frame::take_cstr(&mut body)
+            .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
         let effects = sql::classify(query);
         let Some(target) = effects
             .deallocate
@@ -1491,7 +1505,6 @@ impl Session {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
-        let waiting_since = Instant::now();
         // A paused pool (PAUSE) lends nothing until RESUME; a drain meanwhile ends the wait.
         let shared = Arc::clone(&self.shared);
         let borrow = pool.borrow_unless_paused(&shared.shutdown);
@@ -1499,6 +1512,8 @@ impl Session {
         // Usually a backend is idle: no queue to join. Otherwise the client is counted as
         // waiting (SHOW POOLS) until it gets one.
         let first = poll_fn(|cx| Poll::Ready(std::future::Future::poll(borrow.as_mut(), cx))).await;
+        // (A backend lent at once was not waited for: no clock to read.)
+        let waiting_since = first.is_pending().then(Instant::now);
         let waiting = first.is_pending().then(|| {
             self.registered.info.set_state(ClientState::Waiting);
             // Back to active however the wait ends (a borrow error, a hang-up…).
@@ -1514,8 +1529,8 @@ impl Session {
         let mut notice = self
             .limits
             .queue_notice
-            .filter(|_| waiting.is_some())
-            .and_then(|after| waiting_since.checked_add(after))
+            .zip(waiting_since)
+            .and_then(|(after, since)| since.checked_add(after))
             .map(|at| Box::pin(tokio::time::sleep_until(at.into())));
         let mut backend = loop {
             if let Some(result) = ready.take() {
@@ -1562,7 +1577,7 @@ impl Session {
             }
         };
         drop(waiting);
-        let waited = waiting_since.elapsed();
+        let waited = waiting_since.map_or(Duration::ZERO, |since| since.elapsed());
         pool.metrics().borrow_wait.record(waited.as_secs_f64());
         PoolStats::add(&pool.stats.wait_time_us, waited.as_micros() as u64);
         let mut settled = self.apply_settings(&mut backend).await;
@@ -1601,6 +1616,9 @@ impl Session {
     /// ParameterStatus changes it has not seen.
     async fn apply_settings(&mut self, backend: &mut Backend) -> Result<(), SettingsError> {
         let server = backend.server();
+        if server.settled_for(self.settings.as_str()) {
+            return Ok(());
+        }
         let missing: Vec<(String, String)> = self
             .settings
             .missing_on(server)
@@ -1611,6 +1629,7 @@ impl Session {
             missing.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             extra.iter().map(String::as_str),
         ) else {
+            server.note_settled(self.settings.as_str());
             return Ok(());
         };
         let reply =

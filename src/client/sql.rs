@@ -328,6 +328,171 @@ const PLAIN: &[&str] = &[
 
 /// Classifies a string of SQL statements.
 pub fn classify(sql: &str) -> Effects {
+    match plain(sql.as_bytes()) {
+        Some(effects) => effects,
+        None => classify_tokens(sql),
+    }
+}
+
+/// First words after which the classifier looks no further (what it looks at anywhere in a
+/// statement aside): `PLAIN` without the words `classify_statement` reads on from (a test
+/// checks the two lists agree).
+fn is_plain_first_word(word: &[u8]) -> bool {
+    let mut lower = [0u8; 10];
+    let Some(lower) = lower.get_mut(..word.len()) else {
+        return false;
+    };
+    for (l, c) in lower.iter_mut().zip(word) {
+        *l = c.to_ascii_lowercase();
+    }
+    matches!(
+        &*lower,
+        b"select"
+            | b"insert"
+            | b"update"
+            | b"delete"
+            | b"merge"
+            | b"with"
+            | b"values"
+            | b"table"
+            | b"copy"
+            | b"explain"
+            | b"show"
+            | b"begin"
+            | b"start"
+            | b"commit"
+            | b"end"
+            | b"rollback"
+            | b"abort"
+            | b"savepoint"
+            | b"release"
+            | b"lock"
+            | b"truncate"
+            | b"vacuum"
+            | b"analyze"
+            | b"analyse"
+            | b"cluster"
+            | b"reindex"
+            | b"checkpoint"
+            | b"notify"
+            | b"unlisten"
+            | b"grant"
+            | b"revoke"
+            | b"comment"
+            | b"security"
+            | b"alter"
+            | b"drop"
+            | b"refresh"
+            | b"import"
+            | b"fetch"
+            | b"move"
+            | b"close"
+            | b"call"
+            | b"execute"
+            | b"create"
+            | b"reassign"
+    )
+}
+
+/// Byte classes for `plain`: letters (as the lexer starts words with), bytes that need a
+/// look, and the rest.
+const LETTER: u8 = 1;
+const LOOK: u8 = 2;
+static CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        table[i] = if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            LETTER
+        } else if matches!(c, b'\'' | b'"' | b'\\' | b'$' | b'-' | b'/' | b';') {
+            LOOK
+        } else {
+            0
+        };
+        i += 1;
+    }
+    table
+};
+
+/// The common case without tokens: one statement that the classifier would find changes
+/// nothing. None whenever that is not certain from a single pass over the bytes (then the
+/// lexer decides): a comment, a dollar quote, a backslash, both kinds of quote, an odd
+/// number of either (unterminated), a semicolon before the end, a word (even inside a
+/// string) starting `temp`, `pg_temp`, `pg_advisory`, `pg_try_advisory` or `set_config`, or
+/// a first word that needs a look.
+fn plain(b: &[u8]) -> Option<Effects> {
+    let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
+    let letter = |c: u8| CLASS[usize::from(c)] == LETTER;
+    let (mut single, mut double) = (0usize, 0usize);
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match CLASS[usize::from(c)] {
+            LETTER => {
+                // A run of letters: a word of the lexer's can start only at its head
+                // (digits and `$` end a run: after `$1` the lexer starts a new word).
+                let rest = &b[i..];
+                let spells = |w: &[u8]| {
+                    rest.len() >= w.len()
+                        && rest
+                            .iter()
+                            .zip(w)
+                            .all(|(r, w)| r.to_ascii_lowercase() == *w)
+                };
+                let looked_for = match c.to_ascii_lowercase() {
+                    b't' => spells(b"temp"),
+                    b'p' => {
+                        spells(b"pg_temp") || spells(b"pg_advisory") || spells(b"pg_try_advisory")
+                    }
+                    b's' => spells(b"set_config"),
+                    _ => false,
+                };
+                if looked_for {
+                    return None;
+                }
+                i += 1;
+                while b.get(i).is_some_and(|&c| letter(c)) {
+                    i += 1;
+                }
+                continue;
+            }
+            LOOK => match c {
+                b'\'' => single += 1,
+                b'"' => double += 1,
+                b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {}
+                b'-' if b.get(i + 1) != Some(&b'-') => {}
+                b'/' if b.get(i + 1) != Some(&b'*') => {}
+                b';' if b[i + 1..].iter().all(|&c| space(c)) => {}
+                _ => return None,
+            },
+            _ => {}
+        }
+        i += 1;
+    }
+    if (single > 0 && double > 0) || single % 2 == 1 || double % 2 == 1 {
+        return None;
+    }
+    let start = b.iter().position(|&c| !space(c) && c != b'(')?;
+    let first = &b[start..];
+    if !letter(first[0]) {
+        return None;
+    }
+    let word_char = |c: u8| letter(c) || c.is_ascii_digit() || c == b'$';
+    let len = first
+        .iter()
+        .position(|&c| !word_char(c))
+        .unwrap_or(first.len());
+    if !is_plain_first_word(&first[..len]) {
+        return None;
+    }
+    Some(Effects {
+        statements: 1,
+        ..Effects::default()
+    })
+}
+
+/// Classifies with the lexer: whatever `plain` is not sure of.
+fn classify_tokens(sql: &str) -> Effects {
     let mut effects = Effects::default();
     let Some(tokens) = tokens(sql) else {
         effects.pin(PinReason::Unclassified);
@@ -693,6 +858,141 @@ mod tests {
         ];
         for (sql, reason) in cases {
             assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+    }
+
+    /// `is_plain_first_word` is `PLAIN` without the words `classify_statement` looks past.
+    #[test]
+    fn plain_first_words_are_plain_without_those_looked_at() {
+        let looked_at = [
+            "set",
+            "reset",
+            "listen",
+            "load",
+            "prepare",
+            "declare",
+            "discard",
+            "deallocate",
+        ];
+        for word in PLAIN {
+            let upper = word.to_ascii_uppercase();
+            let plain = !looked_at.contains(word);
+            assert_eq!(is_plain_first_word(word.as_bytes()), plain, "{word}");
+            assert_eq!(is_plain_first_word(upper.as_bytes()), plain, "{upper}");
+        }
+        for word in [
+            "",
+            "frobnicate",
+            "selectx",
+            "sel",
+            "pg_sleep",
+            "deallocates",
+        ] {
+            assert!(!is_plain_first_word(word.as_bytes()), "{word}");
+        }
+    }
+
+    /// The byte screen never answers differently from the lexer: over every statement in
+    /// these tests and random strings built from the pieces that matter to either.
+    #[test]
+    fn the_byte_screen_agrees_with_the_lexer() {
+        use rand::{Rng, SeedableRng};
+        let pieces = [
+            "SELECT",
+            "select",
+            "insert",
+            "Update",
+            "with",
+            "begin",
+            "commit",
+            "create",
+            "set",
+            "reset",
+            "listen",
+            "prepare",
+            "declare",
+            "deallocate",
+            "discard",
+            "load",
+            "frob",
+            "temp",
+            "TEMPORARY",
+            "pg_temp",
+            "pg_temp_3",
+            "pg_advisory_lock",
+            "set_config",
+            "pg_try_advisory_lock_shared",
+            "into",
+            "local",
+            "with hold",
+            "transaction",
+            "e",
+            "E",
+            "U&",
+            "x",
+            "_y",
+            "é",
+            "1",
+            "2.5",
+            "$1",
+            "$$",
+            "a",
+            "Temp",
+            "p",
+            "PG_",
+            "_temp",
+            "$a$",
+            "$",
+            "'",
+            "''",
+            "\"",
+            "\\",
+            "(",
+            ")",
+            ",",
+            ";",
+            ";",
+            "-",
+            "--",
+            "/",
+            "/*",
+            "*/",
+            "*",
+            "=",
+            " ",
+            " ",
+            "\n",
+            "\t",
+            "'s;t'",
+            "\"q\"",
+            "false",
+            "true",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut fast = 0;
+        for _ in 0..200_000 {
+            let n = rng.random_range(1..10);
+            let mut sql = String::new();
+            for _ in 0..n {
+                sql.push_str(pieces[rng.random_range(0..pieces.len())]);
+                if rng.random_bool(0.6) {
+                    sql.push(' ');
+                }
+            }
+            if let Some(effects) = plain(sql.as_bytes()) {
+                fast += 1;
+                assert_eq!(effects, classify_tokens(&sql), "{sql:?}");
+            }
+        }
+        // (The screen is worth having only if it answers often.)
+        assert!(fast > 5_000, "{fast}");
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+            "select * from t where a = $1 and b = 'x'",
+            "INSERT INTO \"T\" (a) VALUES ($1) RETURNING id ;  ",
+            "(SELECT 1) UNION (SELECT 2)",
+        ] {
+            assert_eq!(plain(sql.as_bytes()), Some(classify_tokens(sql)), "{sql}");
         }
     }
 

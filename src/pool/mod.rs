@@ -901,10 +901,12 @@ impl Pool {
     /// Lends a backend, waiting in FIFO order up to `borrow_timeout`.
     pub async fn borrow(&self) -> Result<Backend, BorrowError> {
         let settings = self.inner.manager().settings.load_full();
-        let started = tokio::time::Instant::now();
+        // (Read only when the borrow waits: most do not.)
+        let mut started = None;
         let place = match self.gate.try_take() {
             Some(place) => place,
             None => {
+                started = Some(tokio::time::Instant::now());
                 // Counted while waiting, however the wait ends (a borrower that gives
                 // up drops this future).
                 let _queued = Queued::join(&self.queued);
@@ -924,9 +926,9 @@ impl Pool {
         };
         // With a place, deadpool has an idle backend or room to open one.
         let timeouts = Timeouts {
-            wait: settings
-                .borrow_timeout
-                .map(|limit| limit.saturating_sub(started.elapsed())),
+            wait: settings.borrow_timeout.map(|limit| {
+                started.map_or(limit, |started| limit.saturating_sub(started.elapsed()))
+            }),
             create: None,
             recycle: None,
         };

@@ -145,6 +145,11 @@ pub struct Server {
     params: ServerParams,
     /// Client settings applied to this backend by pgshield, as (name, value) given.
     applied: Vec<(String, String)>,
+    /// A client's settings (as `ClientSettings` keeps them) this backend was last found to
+    /// match, nothing to apply and nothing to reset, while `settled` holds: any change to
+    /// its parameters or to what was applied clears it. Spares a borrow the comparison.
+    settled_for: String,
+    settled: bool,
     broken: bool,
     /// Closing sends no Terminate (the server's input may be mid-message, or it has one).
     no_terminate: bool,
@@ -182,6 +187,8 @@ impl Server {
             secret_key: 0,
             params: ServerParams::default(),
             applied: Vec::new(),
+            settled_for: String::new(),
+            settled: false,
             broken: false,
             no_terminate: false,
             created: now,
@@ -211,7 +218,20 @@ impl Server {
 
     /// Records a ParameterStatus the backend sent.
     pub fn note_param(&mut self, name: &str, value: &str) {
+        self.settled = false;
         self.params.set(name, value);
+    }
+
+    /// Whether this backend was found to match exactly these client settings, and has
+    /// not changed since.
+    pub fn settled_for(&self, settings: &str) -> bool {
+        self.settled && self.settled_for == settings
+    }
+
+    /// This backend matches these client settings: nothing to apply, nothing to reset.
+    pub fn note_settled(&mut self, settings: &str) {
+        settings.clone_into(&mut self.settled_for);
+        self.settled = true;
     }
 
     pub fn applied(&self) -> &[(String, String)] {
@@ -220,10 +240,12 @@ impl Server {
 
     /// The server's setting `name` is back to its default (RESET).
     pub fn forget_applied(&mut self, name: &str) {
+        self.settled = false;
         self.applied.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     pub fn note_applied(&mut self, name: &str, value: &str) {
+        self.settled = false;
         match self
             .applied
             .iter_mut()
@@ -339,7 +361,7 @@ impl Server {
                 b'Z' => break,
                 b'S' => {
                     if let Some((name, value)) = parse_parameter_status(&body) {
-                        self.params.set(name, value);
+                        self.note_param(name, value);
                         reply
                             .param_changes
                             .push((name.to_owned(), value.to_owned()));
@@ -372,6 +394,7 @@ impl Server {
     pub async fn reset(&mut self) -> Result<(), ServerError> {
         self.rollback().await?;
         self.run_internal_ok("DISCARD ALL").await?;
+        self.settled = false;
         self.applied.clear();
         self.statements.clear();
         Ok(())
