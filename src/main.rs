@@ -1,6 +1,7 @@
 //! The `pgshield` command: `run` (the default), `check-config`, `dev`, `bench`.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -110,7 +111,8 @@ struct BenchArgs {
 struct RunArgs {
     /// Configuration file (TOML). Default: $PGSHIELD_CONFIG, else /etc/pgshield/pgshield.toml
     /// if it exists, else the environment alone (PGSHIELD__SECTION__KEY=value).
-    #[arg(short, long, env = "PGSHIELD_CONFIG")]
+    /// (Global: `pgshield -c FILE run` and `pgshield -c FILE check-config` read FILE.)
+    #[arg(short, long, env = "PGSHIELD_CONFIG", global = true)]
     config: Option<PathBuf>,
 }
 
@@ -131,8 +133,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => run(cli.run),
-        Some(Command::Run(args)) => run(args),
-        Some(Command::CheckConfig { file }) => check_config(file.as_deref()),
+        Some(Command::Run(args)) => run(RunArgs {
+            config: args.config.or(cli.run.config),
+        }),
+        Some(Command::CheckConfig { file }) => check_config(file.or(cli.run.config).as_deref()),
         Some(Command::Dev(args)) => dev(args),
         Some(Command::Bench(args)) => bench(*args),
     }
@@ -172,8 +176,13 @@ fn check_config(file: Option<&Path>) -> ExitCode {
     match loaded {
         Ok(config) => {
             let source = file.map_or("environment".to_owned(), |f| f.display().to_string());
-            println!("# {source}: valid. Effective configuration (secrets masked):\n");
-            print!("{}", config.to_masked_toml());
+            // (Not println!: `check-config | head` closes the pipe early, which is no panic.)
+            let mut out = std::io::stdout().lock();
+            let _ = write!(
+                out,
+                "# {source}: valid. Effective configuration (secrets masked):\n\n{}",
+                config.to_masked_toml()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

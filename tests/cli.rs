@@ -91,6 +91,37 @@ async fn check_config_prints_the_effective_config_with_secrets_masked() {
     }
 }
 
+/// `-c FILE` before the subcommand counts too (it used to be read only after `run`, and
+/// `pgshield -c FILE check-config` said no database was configured).
+#[tokio::test]
+async fn the_config_flag_may_come_before_the_subcommand() {
+    let file = ConfigFile::new(MINIMAL);
+    for args in [
+        vec!["-c", "FILE", "check-config"],
+        vec!["check-config", "-c", "FILE"],
+        vec!["--config", "FILE", "check-config"],
+    ] {
+        let mut command = pgshield();
+        for arg in &args {
+            if *arg == "FILE" {
+                command.arg(&file.path);
+            } else {
+                command.arg(arg);
+            }
+        }
+        let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .expect("check-config finishes within 30 s")
+            .expect("run pgshield check-config");
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("[databases.app]"),
+            "{args:?}: {}",
+            text(&out.stdout)
+        );
+    }
+}
+
 #[tokio::test]
 async fn check_config_names_the_bad_key() {
     for (extra, key) in [
