@@ -1286,19 +1286,22 @@ impl Session {
                     return Err(End::ServerProtocol(out_of_step(header.tag)));
                 }
             };
-            for undo in server.replies.take_undone().into_iter().rev() {
-                self.statements.undo(&mut server.statements, undo);
-            }
-            for (drop, happened) in server.replies.take_drops() {
-                match (drop, happened) {
-                    (StatementDrop::All, true) => {
-                        server.statements.clear();
-                        self.statements.clear();
+            // (Mostly nothing: looked at before anything is taken.)
+            if server.replies.has_takebacks() {
+                for undo in server.replies.take_undone().into_iter().rev() {
+                    self.statements.undo(&mut server.statements, undo);
+                }
+                for (drop, happened) in server.replies.take_drops() {
+                    match (drop, happened) {
+                        (StatementDrop::All, true) => {
+                            server.statements.clear();
+                            self.statements.clear();
+                        }
+                        (StatementDrop::One(name), true) => server.statements.dropped(&name),
+                        // It may or may not have happened: that backend's statements are
+                        // unknown now; it is closed once this client lets go of it.
+                        (_, false) => server.mark_broken(),
                     }
-                    (StatementDrop::One(name), true) => server.statements.dropped(&name),
-                    // It may or may not have happened: that backend's statements are
-                    // unknown now; it is closed once this client lets go of it.
-                    (_, false) => server.mark_broken(),
                 }
             }
             let forward = disposition == Disposition::Forward;

@@ -288,6 +288,11 @@ impl ReplyTracker {
         }
     }
 
+    /// Whether `take_undone` or `take_drops` has anything (mostly not: a cheap look).
+    pub fn has_takebacks(&self) -> bool {
+        !self.undone.is_empty() || !self.drops.is_empty()
+    }
+
     /// What the server will never act on, to be taken back (in the order it was sent).
     pub fn take_undone(&mut self) -> Vec<Undo> {
         std::mem::take(&mut self.undone)
