@@ -247,7 +247,10 @@ impl Histogram {
     }
 
     fn render(&self, name: &str, pool: &str, out: &mut String) {
-        let pool = pool.replace('\\', "\\\\").replace('"', "\\\"");
+        let pool = pool
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
         let mut count = 0;
         for (i, bucket) in self.buckets.iter().enumerate() {
             count += bucket.load(Ordering::Relaxed);
@@ -390,6 +393,7 @@ mod tests {
     #[test]
     fn histograms_render_cumulative_buckets_sum_and_count() {
         let metrics = Metrics::new();
+        metrics.pool("two\nlines").borrow_wait.record(0.0);
         let pool = metrics.pool("app/\"quoted\"");
         pool.borrow_wait.record(0.0);
         pool.borrow_wait.record(0.3);
@@ -424,5 +428,6 @@ mod tests {
             text.matches("# TYPE pgshield_borrow_wait_seconds").count(),
             1
         );
+        assert!(text.contains("pgshield_borrow_wait_seconds_count{pool=\"two\\nlines\"} 1"));
     }
 }

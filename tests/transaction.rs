@@ -229,6 +229,47 @@ async fn pgbench_runs_every_protocol_mode_through_transaction_pooling_without_fa
     }
 }
 
+/// A client that leaves inside a transaction that SET a reported setting: the rollback
+/// reverts it, and the next clients get what they asked for, not what pgshield last
+/// thought the backend carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_reverted_by_a_departed_clients_rollback_are_what_the_backend_carries() {
+    let proxy = proxy("tx_revert", "max_size = 1").await;
+    let with_tz = |tz: &str| {
+        let mut config = proxy.config("tx_revert", "pw");
+        config.options(format!("-c TimeZone={tz}"));
+        config
+    };
+    let leave_inside = |config: tokio_postgres::Config| async move {
+        let conn = common::connect(&config).await.expect("login");
+        conn.client
+            .batch_execute("BEGIN; SET TimeZone = 'Asia/Tokyo'")
+            .await
+            .expect("set");
+        drop(conn);
+    };
+    // Nothing applied before: the rollback brings back the server's default.
+    leave_inside(proxy.config("tx_revert", "pw")).await;
+    let tokyo = common::connect(&with_tz("Asia/Tokyo"))
+        .await
+        .expect("login");
+    assert_eq!(setting(&tokyo.client, "TimeZone").await, "Asia/Tokyo");
+    drop(tokyo);
+    let plain = proxy.connect("tx_revert", "pw").await.expect("login");
+    let default = setting(&plain.client, "TimeZone").await;
+    assert_ne!(default, "Asia/Tokyo");
+    drop(plain);
+    // Applied by pgshield before: the rollback brings that back, which is not the default.
+    leave_inside(with_tz("Europe/Paris")).await;
+    let plain = proxy.connect("tx_revert", "pw").await.expect("login");
+    assert_eq!(setting(&plain.client, "TimeZone").await, default);
+    drop(plain);
+    let paris = common::connect(&with_tz("Europe/Paris"))
+        .await
+        .expect("login");
+    assert_eq!(setting(&paris.client, "TimeZone").await, "Europe/Paris");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_settings_hold_in_every_transaction_on_every_backend() {
     let proxy = proxy("tx_startup", "max_size = 2").await;

@@ -410,7 +410,9 @@ impl Session {
         tokio::pin!(timer);
         let mut timer_armed = false;
         // Once polled after being aimed, the timer has the task's waker: until it has
-        // elapsed, polling it again (each turn of the loop) would only cost time.
+        // elapsed, polling it again (each turn of the loop) would only cost time. (Its
+        // branch comes first in the biased select below, so that first poll always has
+        // tokio's budget and registers the waker: keep it first.)
         let mut timer_polled = false;
         let mut timer_state = None;
         // Re-aim the timer whenever the session changes state only when a limit with a
@@ -445,7 +447,8 @@ impl Session {
             // The limits run on one timer, re-aimed when the session changes state.
             if self.limits.any() {
                 let state = (self.server_busy(), self.outside_transaction());
-                // (Only query_timeout needs to know since when.)
+                // (Only query_timeout needs to know since when: a statement already running
+                // when a reload adds one counts from the next turn of this loop.)
                 if state.0 && self.busy_since.is_none() && self.limits.query.is_some() {
                     self.busy_since = Some(Instant::now());
                     self.statement_cancelled = false;

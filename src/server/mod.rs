@@ -219,6 +219,16 @@ impl Server {
     /// Records a ParameterStatus the backend sent.
     pub fn note_param(&mut self, name: &str, value: &str) {
         self.settled = false;
+        // A setting pgshield applied that the server now reports otherwise (a rolled-back
+        // transaction of a departed client reverted it, say): it carries what it reports,
+        // still counted as applied (reset for a client that wants the default).
+        if let Some(entry) = self
+            .applied
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            value.clone_into(&mut entry.1);
+        }
         self.params.set(name, value);
     }
 
