@@ -410,9 +410,7 @@ impl Session {
         tokio::pin!(timer);
         let mut timer_armed = false;
         // Once polled after being aimed, the timer has the task's waker: until it has
-        // elapsed, polling it again (each turn of the loop) would only cost time. (Its
-        // branch comes first in the biased select below, so that first poll always has
-        // tokio's budget and registers the waker: keep it first.)
+        // elapsed, polling it again (each turn of the loop) would only cost time.
         let mut timer_polled = false;
         let mut timer_state = None;
         // Re-aim the timer whenever the session changes state only when a limit with a
@@ -488,7 +486,10 @@ impl Session {
                         return Poll::Pending;
                     }
                     timer_polled = true;
-                    std::future::Future::poll(timer.as_mut(), cx)
+                    // (Unconstrained: a poll refused for tokio's budget would register no
+                    // waker, and the timer would not be polled again.)
+                    let mut sleep = tokio::task::unconstrained(timer.as_mut());
+                    std::future::Future::poll(Pin::new(&mut sleep), cx)
                 }), if timer_armed => {
                     let now = Instant::now();
                     let limits = *self.limits;
