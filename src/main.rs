@@ -133,9 +133,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => run(cli.run),
-        Some(Command::Run(args)) => run(RunArgs {
-            config: args.config.or(cli.run.config),
-        }),
+        Some(Command::Run(args)) => run(args),
         Some(Command::CheckConfig { file }) => check_config(file.or(cli.run.config).as_deref()),
         Some(Command::Dev(args)) => dev(args),
         Some(Command::Bench(args)) => bench(*args),

@@ -120,6 +120,26 @@ async fn the_config_flag_may_come_before_the_subcommand() {
             text(&out.stdout)
         );
     }
+    // `run` reads the file given before it too: this one stops it at its bad key.
+    let bad = ConfigFile::new(&format!("{MINIMAL}[listen]\naddr = \"nowhere\"\n"));
+    for run_first in [false, true] {
+        let mut command = pgshield();
+        if run_first {
+            command.arg("run").arg("-c").arg(&bad.path);
+        } else {
+            command.arg("-c").arg(&bad.path).arg("run");
+        }
+        let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .expect("run refuses within 30 s")
+            .expect("run pgshield");
+        assert!(!out.status.success(), "run first: {run_first}");
+        assert!(
+            text(&out.stderr).contains("listen.addr"),
+            "run first: {run_first}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test]
