@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::client::sql::PinReason;
 
@@ -85,10 +83,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("seconds".into()), SECONDS_BUCKETS)
-            .expect("the buckets are not empty")
-            .build_recorder();
+        // (No histograms of its own: see `Histogram`.)
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
             recorder.describe_counter(KeyName::from_const_str(name), unit, help.into());
@@ -214,15 +210,10 @@ impl Metrics {
         }
         text
     }
-
-    /// Folds recent histogram samples in (call every few seconds, so they cannot pile up).
-    pub fn upkeep(&self) {
-        self.handle.run_upkeep();
-    }
 }
 
 /// A histogram of durations on `SECONDS_BUCKETS`, recorded on the hot path with two or
-/// three atomic adds (the exporter's own keeps every sample until its upkeep, at some 300
+/// three atomic adds (the exporter's own kept every sample until an upkeep, at some 300
 /// instructions each: three per transaction were 6 % of pgshield's own work).
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -254,14 +245,10 @@ impl Histogram {
         let mut count = 0;
         for (i, bucket) in self.buckets.iter().enumerate() {
             count += bucket.load(Ordering::Relaxed);
-            match SECONDS_BUCKETS.get(i) {
-                Some(le) => {
-                    let _ = writeln!(out, "{name}_bucket{{pool=\"{pool}\",le=\"{le}\"}} {count}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{pool=\"{pool}\",le=\"+Inf\"}} {count}");
-                }
-            }
+            let le = SECONDS_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), f64::to_string);
+            let _ = writeln!(out, "{name}_bucket{{pool=\"{pool}\",le=\"{le}\"}} {count}");
         }
         let sum = self.sum.load(Ordering::Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{pool=\"{pool}\"}} {sum}");

@@ -41,16 +41,6 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Folds histogram samples in every few seconds, so they cannot pile up between scrapes.
-async fn upkeep_metrics(shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => shared.metrics.upkeep(),
-        }
-    }
-}
-
 /// How long forced-out sessions get to close after `shutdown_timeout`.
 const FORCED_GRACE: Duration = Duration::from_secs(5);
 
@@ -300,7 +290,6 @@ impl Proxy {
                 janitors.clone(),
             ));
         }
-        tokio::spawn(upkeep_metrics(Arc::clone(&shared), janitors.clone()));
         tokio::spawn(crate::admin::average_stats(
             Arc::clone(&shared),
             janitors.clone(),
