@@ -229,6 +229,25 @@ async fn pgbench_runs_every_protocol_mode_through_transaction_pooling_without_fa
     }
 }
 
+/// Two clients with the same startup settings on one backend: a session SET of one (not a
+/// reported setting, so only read back) never reaches the other, whose settings the backend
+/// matched before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_matched_a_clients_settings_is_looked_at_again_after_a_set() {
+    let proxy = proxy("tx_settled", "max_size = 1").await;
+    let a = proxy.connect("tx_settled", "pw").await.expect("login");
+    let b = proxy.connect("tx_settled", "pw").await.expect("login");
+    let default = setting(&b.client, "statement_timeout").await;
+    assert_eq!(setting(&a.client, "statement_timeout").await, default);
+    a.client
+        .batch_execute("SET statement_timeout = '4321ms'")
+        .await
+        .expect("set");
+    assert_eq!(setting(&b.client, "statement_timeout").await, default);
+    assert_eq!(setting(&a.client, "statement_timeout").await, "4321ms");
+    assert_eq!(setting(&b.client, "statement_timeout").await, default);
+}
+
 /// A client that leaves inside a transaction that SET a reported setting: the rollback
 /// reverts it, and the next clients get what they asked for, not what pgshield last
 /// thought the backend carried.
