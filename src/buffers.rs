@@ -41,6 +41,14 @@ pub fn poll_read<R: AsyncRead + Unpin>(
     })
 }
 
+/// Gives a buffer with no memory room for `n` bytes (plus a little for what pgshield
+/// adds) at once, so that messages appended one by one do not grow it step by step.
+pub fn reserve_empty(buf: &mut BytesMut, n: usize) {
+    if buf.capacity() == 0 && n > 0 {
+        buf.reserve(n + 64);
+    }
+}
+
 /// Frees an empty buffer's memory (a buffer holding bytes is kept).
 pub fn release(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > 0 {

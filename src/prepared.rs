@@ -20,6 +20,11 @@
 //! (or, if it has none, the backend's is closed so the server answers 26000).
 
 use std::collections::HashMap;
+
+/// The maps looked up on every Bind: std's SipHash costs more than the rest of the
+/// lookup. foldhash is seeded per process, so names a client picks cannot be aimed at
+/// collisions in advance.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -196,7 +201,7 @@ pub struct ClientStatements {
 #[derive(Debug)]
 // The box is the point: 8 bytes in every client instead of an empty map's 48.
 #[allow(clippy::box_collection)]
-struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
+struct LazyMap<K, V>(Option<Box<FastMap<K, V>>>);
 
 impl<K, V> Default for LazyMap<K, V> {
     fn default() -> Self {
@@ -265,7 +270,7 @@ impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
 /// first out), and whose unnamed statement it holds.
 #[derive(Debug)]
 pub struct ServerStatements {
-    names: HashMap<Arc<str>, u64>,
+    names: FastMap<Arc<str>, u64>,
     clock: u64,
     capacity: usize,
     unnamed: Option<Arc<Statement>>,
@@ -274,7 +279,7 @@ pub struct ServerStatements {
 impl ServerStatements {
     pub fn new(capacity: usize) -> ServerStatements {
         ServerStatements {
-            names: HashMap::new(),
+            names: FastMap::default(),
             clock: 0,
             capacity: capacity.max(1),
             unnamed: None,
@@ -486,12 +491,10 @@ impl ClientStatements {
                     return Ok(t);
                 };
                 t.portal = Some(portal.to_owned());
-                t.bound = if statement.is_empty() {
-                    self.unnamed.clone()
-                } else {
-                    self.named.get(statement).cloned()
-                };
-                if let Some(proxy_name) = self.use_statement(server, statement, out, &mut t) {
+                t.bound = self.lookup(statement);
+                let found = t.bound.clone();
+                if let Some(proxy_name) = self.use_statement(server, statement, found, out, &mut t)
+                {
                     let mut head = BytesMut::with_capacity(consumed + proxy_name.len());
                     let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
                     head.put_u8(b'B');
@@ -510,7 +513,8 @@ impl ClientStatements {
                     return Err(Malformed("Describe/Close"));
                 }
                 if kind == b'S' && tag == b'D' {
-                    if let Some(proxy_name) = self.use_statement(server, name, out, &mut t) {
+                    let found = self.lookup(name);
+                    if let Some(proxy_name) = self.use_statement(server, name, found, out, &mut t) {
                         let mut head = BytesMut::new();
                         put_message(&mut head, b'D', |b| {
                             b.put_u8(b'S');
@@ -592,15 +596,27 @@ impl ClientStatements {
 
     /// Makes a statement the client names usable on this backend. Returns the name to use
     /// on the server, or None to pass the message on unchanged.
+    /// The client's statement of that name (the unnamed one for "").
+    fn lookup(&self, name: &str) -> Option<Arc<Statement>> {
+        if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.named.get(name).cloned()
+        }
+    }
+
+    /// Makes sure the backend has the statement the client calls `name` (`found`, from
+    /// `lookup`); returns the name to use for it there, if not the client's own.
     fn use_statement(
         &mut self,
         server: &mut ServerStatements,
         name: &str,
+        found: Option<Arc<Statement>>,
         out: &mut BytesMut,
         t: &mut Translated,
     ) -> Option<Arc<str>> {
         if name.is_empty() {
-            match &self.unnamed {
+            match &found {
                 Some(mine)
                     if server
                         .unnamed
@@ -627,7 +643,7 @@ impl ClientStatements {
             }
             return None;
         }
-        let Some(statement) = self.named.get(name).cloned() else {
+        let Some(statement) = found else {
             // Not the client's: the server answers "does not exist", unless the name is
             // one of pgshield's own, which a client must never reach.
             return name

@@ -837,6 +837,8 @@ impl Session {
     /// Frames what the client sent and passes it to the backend, borrowing one first if
     /// needed.
     async fn process_client_input(&mut self) -> Result<(), End> {
+        // One allocation for what this batch passes on, not one per message as it grows.
+        crate::buffers::reserve_empty(&mut self.server_out, self.client_in.len());
         loop {
             if self.client_msg.left > 0 {
                 if !self
@@ -1247,6 +1249,7 @@ impl Session {
             return Ok(());
         };
         let server = backend.server();
+        crate::buffers::reserve_empty(&mut self.client_out, server.read_buf.len());
         loop {
             if self.server_msg.left > 0 {
                 if !self
