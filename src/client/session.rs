@@ -16,6 +16,7 @@
 //! statement names are translated by `prepared.rs`, and what statements do to the session
 //! (settings to follow, state that pins) is learnt from `sql.rs` and from the server.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
@@ -1105,9 +1106,9 @@ impl Session {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
                 let query = crate::protocol::frame::take_cstr(&mut body)
                     .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-                Some(sql::classify(query))
+                Some(Cow::Owned(sql::classify(query)))
             }
-            (b'B', Some(statement)) => Some(statement.effects().clone()),
+            (b'B', Some(statement)) => Some(Cow::Borrowed(statement.effects())),
             _ => None,
         };
         let mut translation = translated.translation;

@@ -46,7 +46,7 @@ fn evict(pool: &Pool) {
     let db_limit = super::lock(&manager.db_limit).clone();
     let mut excess = db_limit.map_or(0, |l| l.idle_excess());
     let removed = pool.inner.retain(|server, _| {
-        let reason = if let Some(reason) = manager.unfit(server) {
+        let reason = if let Some(reason) = manager.unfit(server, &settings) {
             closable = closable.saturating_sub(1);
             reason
         } else if closable > 0 && excess > 0 {

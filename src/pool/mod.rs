@@ -170,11 +170,15 @@ impl Manager for ServerManager {
     }
 
     async fn recycle(&self, server: &mut Box<Server>, _: &Metrics) -> RecycleResult<ServerError> {
-        // (Per borrow: the settings are read through arc-swap's guard, not cloned.)
-        let mut unfit = self.unfit(server);
-        let (check_after, check_within) = {
+        // (Per borrow: the settings are read once, through arc-swap's guard, not cloned.)
+        let (mut unfit, check_after, check_within) = {
             let settings = self.settings.load();
-            (settings.health_check_after, settings.server_connect_timeout)
+            let unfit = self.unfit(server, &settings);
+            (
+                unfit,
+                settings.health_check_after,
+                settings.server_connect_timeout,
+            )
         };
         // Idle a while: an empty query says whether it still answers (a server that went
         // away without closing its sockets, a network that dropped them).
@@ -348,12 +352,11 @@ impl ServerManager {
     }
 
     /// Why an idle backend must not be lent again, if it must not.
-    fn unfit(&self, server: &Server) -> Option<&'static str> {
-        let settings = self.settings.load();
+    fn unfit(&self, server: &Server, settings: &PoolSettings) -> Option<&'static str> {
         let host = server
             .host
             .as_ref()
-            .and_then(|lease| lease.cluster().unfit(lease, self.route(&settings)));
+            .and_then(|lease| lease.cluster().unfit(lease, self.route(settings)));
         if server.is_broken() {
             Some("broken")
         } else if let Some(reason) = host {
@@ -362,9 +365,7 @@ impl ServerManager {
             Some("RECONNECT or a reload that changed its server")
         } else if !server.is_reusable() {
             Some("not at rest (a cancel was sent to it, or replies are owed)")
-        } else if self
-            .settings
-            .load()
+        } else if settings
             .server_lifetime
             .is_some_and(|l| server.age() >= jittered(l, server.id().0))
         {
@@ -387,9 +388,11 @@ impl ServerManager {
 /// `d` ±20 %, the same for a given backend every time (lifetimes and idle timeouts, so
 /// that backends opened together do not all close, and reconnect, together).
 pub(crate) fn jittered(d: Duration, id: u64) -> Duration {
-    // A multiplicative hash spreads consecutive ids over [0, 1).
-    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
-    d.mul_f64(0.8 + 0.4 * spread)
+    // A multiplicative hash spreads consecutive ids over 0..=400 thousandths (integer
+    // arithmetic: this runs twice a borrow, and Duration::mul_f64 is not cheap).
+    let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 401;
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    Duration::from_nanos(micros.saturating_mul(800 + spread))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -932,7 +935,24 @@ impl Pool {
             create: None,
             recycle: None,
         };
-        match self.inner.timeout_get(&timeouts).await {
+        // A place taken at once: deadpool's own permit is free too, and taken without a
+        // timer (a wait of zero is its non-blocking path). Should it not be, the borrow
+        // goes on as one that waits.
+        let got = if started.is_none() {
+            let now = Timeouts {
+                wait: Some(Duration::ZERO),
+                ..timeouts
+            };
+            match self.inner.timeout_get(&now).await {
+                Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => {
+                    self.inner.timeout_get(&timeouts).await
+                }
+                got => got,
+            }
+        } else {
+            self.inner.timeout_get(&timeouts).await
+        };
+        match got {
             Ok(obj) => Ok(Backend {
                 obj: Some(obj),
                 _place: Some(place),
