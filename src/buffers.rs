@@ -49,9 +49,24 @@ pub fn reserve_empty(buf: &mut BytesMut, n: usize) {
     }
 }
 
-/// Frees an empty buffer's memory (a buffer holding bytes is kept).
-pub fn release(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 0 {
+/// The most of an empty buffer's memory a session holding a backend keeps.
+pub const KEEP_WHILE_HELD: usize = 16 * 1024;
+
+/// Frees an empty buffer's memory if there is more than `keep` bytes of it (a buffer
+/// holding bytes is kept).
+pub fn release(buf: &mut BytesMut, keep: usize) {
+    if !buf.is_empty() {
+        return;
+    }
+    if keep == 0 {
+        *buf = BytesMut::new();
+        return;
+    }
+    // capacity() leaves out the room before what was read (a buffer read to its end
+    // shows none): taking that room back shows the whole allocation, and a kept buffer
+    // starts again from its beginning.
+    let _ = buf.try_reclaim(buf.capacity() + 1);
+    if buf.capacity() > keep {
         *buf = BytesMut::new();
     }
 }
@@ -59,6 +74,7 @@ pub fn release(buf: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
 
     #[tokio::test]
     async fn reads_land_in_the_buffer_and_an_empty_buffer_is_freed() {
@@ -71,15 +87,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
-        release(&mut buf);
+        release(&mut buf, 0);
         assert_eq!(buf.len(), 5, "bytes are kept");
         let _ = buf.split_to(5);
-        release(&mut buf);
+        release(&mut buf, 0);
         assert_eq!(buf.capacity(), 0);
+        // Read to its very end, a buffer shows no capacity but still holds its memory.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(b"exactly sixteen!");
+        buf.advance(16);
+        assert_eq!(buf.capacity(), 0);
+        release(&mut buf, 0);
+        assert!(!buf.try_reclaim(1), "its memory is freed");
         drop(a);
         let n = std::future::poll_fn(|cx| poll_read(&mut b, cx, &mut buf))
             .await
             .unwrap();
         assert_eq!(n, 0, "end of stream");
+    }
+
+    #[test]
+    fn a_buffer_kept_while_a_backend_is_held_is_small_however_far_it_was_read() {
+        // Small: kept.
+        let mut buf = BytesMut::with_capacity(100);
+        buf.extend_from_slice(b"hello");
+        buf.advance(5);
+        release(&mut buf, 1024);
+        assert_eq!(buf.capacity(), 100, "kept, from its beginning again");
+        // Large, and read almost to its end: capacity() alone would look small.
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.extend_from_slice(&vec![0; (1 << 20) - 10]);
+        buf.advance((1 << 20) - 10);
+        assert!(buf.capacity() <= 1024);
+        release(&mut buf, 1024);
+        assert_eq!(buf.capacity(), 0, "the whole allocation is freed");
     }
 }

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod buffers;
 pub mod client;
 pub mod config;
+pub mod epoch;
 pub mod metrics;
 pub mod net;
 pub mod pool;

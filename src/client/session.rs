@@ -259,6 +259,9 @@ pub struct Session {
     backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
     client_in: BytesMut,
+    /// The epoch in which the client's socket was last found with nothing to read
+    /// (see `epoch.rs`), 0 if none.
+    client_idle_in: u64,
     /// Bytes for the client not yet written.
     client_out: BytesMut,
     /// Bytes for the backend not yet written.
@@ -358,6 +361,7 @@ impl Session {
             client_view: login.client_view,
             backend: None,
             client_in: leftover,
+            client_idle_in: 0,
             client_out: BytesMut::new(),
             server_out: BytesMut::new(),
             client_msg: Passing::default(),
@@ -378,14 +382,15 @@ impl Session {
     /// local it is moved into; an idle client's task is mostly this future.)
     #[allow(clippy::manual_async_fn)]
     pub fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
-        async move {
+        // Counted: `poll_io` skips sockets already found empty in the same poll.
+        crate::epoch::Counted::new(async move {
             self.log_login();
             let end = self.relay().await;
             // Boxed, as is each borrow: an idle session's task holds only the relay
             // loop's own state, not the largest state it might pass through.
             let finishing = Box::pin(self.finish(end));
             finishing.await;
-        }
+        })
     }
 
     fn log_login(&self) {
@@ -467,10 +472,19 @@ impl Session {
             }
             let quiet = self.is_quiet();
             if quiet {
-                // Nothing in flight: an idle client holds no buffer.
-                crate::buffers::release(&mut self.client_in);
-                crate::buffers::release(&mut self.client_out);
-                crate::buffers::release(&mut self.server_out);
+                // Nothing in flight: an idle client holds no buffer. One that holds a
+                // backend (inside a transaction, or in session mode) keeps small ones
+                // between statements: it costs a server connection anyway, and freeing
+                // and growing them again for each statement was a tenth of a tpcb
+                // transaction's work.
+                let keep = if self.backend.is_some() {
+                    crate::buffers::KEEP_WHILE_HELD
+                } else {
+                    0
+                };
+                crate::buffers::release(&mut self.client_in, keep);
+                crate::buffers::release(&mut self.client_out, keep);
+                crate::buffers::release(&mut self.server_out, keep);
                 if self
                     .follow_up
                     .as_ref()
@@ -790,6 +804,11 @@ impl Session {
         if sent > 0 {
             PoolStats::add(&self.pool.stats.bytes_sent, sent as u64);
             self.counts.bytes_out += sent as u64;
+            if self.client_out.is_empty() && self.backend.is_none() {
+                // All sent, and nothing more coming: the client may now sit idle, and an
+                // idle client holds no buffer (the quiet check ran before this was sent).
+                crate::buffers::release(&mut self.client_out, 0);
+            }
         }
         if let Poll::Ready(Err(e)) = drained {
             return Poll::Ready(Event::ClientError(e));
@@ -801,9 +820,12 @@ impl Session {
                 return Poll::Ready(Event::ServerError(e));
             }
         }
-        // Poll both reads every time, so a busy side cannot starve the other.
+        // Poll both reads every time, so a busy side cannot starve the other; but not a
+        // socket already found empty in this poll of the task: its waker is set, and
+        // until the task is woken it can only be empty again (see `epoch.rs`).
+        let epoch = crate::epoch::now();
         let mut data = false;
-        if read_client && self.server_out.len() < HIGH_WATER {
+        if read_client && self.server_out.len() < HIGH_WATER && self.client_idle_in != epoch {
             // (Through the thread's scratch space: a client waiting here holds no buffer.)
             match crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
@@ -813,18 +835,18 @@ impl Session {
                     data = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
-                Poll::Pending => {}
+                Poll::Pending => self.client_idle_in = epoch,
             }
         }
         if let Some(backend) = self.backend.as_mut() {
-            if self.client_out.len() < HIGH_WATER {
-                let server = backend.server();
+            let server = backend.server();
+            if self.client_out.len() < HIGH_WATER && server.read_idle_in != epoch {
                 reserve_for_read(&mut server.read_buf);
                 match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.read_buf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerEof),
                     Poll::Ready(Ok(_)) => data = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerError(e)),
-                    Poll::Pending => {}
+                    Poll::Pending => server.read_idle_in = epoch,
                 }
             }
         }
@@ -1607,6 +1629,9 @@ impl Session {
                     s.host.as_ref().map(|h| h.index),
                 )));
                 self.cancel.attach(backend.server_ref());
+                // Whatever this session noted of the socket while it last held this
+                // backend no longer holds: another task may have read it since.
+                backend.server().read_idle_in = 0;
                 self.backend = Some(Box::new(backend));
                 Ok(Ok(()))
             }

@@ -133,6 +133,9 @@ pub struct Server {
     pub(crate) stream: Stream,
     /// Bytes read from the backend and not yet processed.
     pub(crate) read_buf: BytesMut,
+    /// The epoch in which a client's session last found `stream` with nothing to read
+    /// (see `epoch.rs`), 0 if none.
+    pub(crate) read_idle_in: u64,
     pub(crate) replies: ReplyTracker,
     /// The statements pgshield has prepared here for clients (transaction mode).
     pub(crate) statements: ServerStatements,
@@ -180,6 +183,7 @@ impl Server {
             stream,
             cancel: Arc::new(CancelTarget::new(host, port, 0, 0)),
             read_buf: BytesMut::new(),
+            read_idle_in: 0,
             replies: ReplyTracker::default(),
             statements: ServerStatements::new(1),
             id: ServerId::next(),

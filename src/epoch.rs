@@ -1,0 +1,90 @@
+//! Which poll of its task a session is in ("epoch"), so that a socket already found not
+//! ready during this poll is not asked again before the task is next woken.
+//!
+//! A socket read that returns `Pending` leaves the task's waker with the socket's
+//! readiness: if data arrives later, the task is woken and polled again. Until that next
+//! poll, asking the socket again can only say `Pending` again, yet the session loop asked
+//! after every step (a statement round trip asked about four times, each a lock and a
+//! waker comparison in tokio). A session notes the epoch in which a socket said
+//! `Pending` and skips it for the rest of that epoch.
+//!
+//! Epochs are counted per thread (a task can move between the runtime's threads between
+//! polls); each thread's count starts at its own multiple of 2^48, so two threads show
+//! the same value only after one of them has polled 2^48 tasks (decades at ten million
+//! a second), and even then it matters only if the same socket carries a stamp of
+//! exactly that value. Zero is never an epoch: it stands for "not noted".
+//!
+//! A stamp is only good while the same session holds the socket: a backend is stamped
+//! anew (zero) each time a session takes it, since another task may have read it in
+//! between and taken the waker's place.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+static NEXT_BASE: AtomicU64 = AtomicU64::new(1 << 48);
+
+thread_local! {
+    static CURRENT: Cell<u64> = Cell::new(NEXT_BASE.fetch_add(1 << 48, Ordering::Relaxed));
+}
+
+/// The epoch this thread is in: that of the task it is polling, when the task runs under
+/// [`Counted`].
+pub fn now() -> u64 {
+    CURRENT.with(Cell::get)
+}
+
+fn next() {
+    CURRENT.with(|c| c.set(c.get() + 1));
+}
+
+pin_project_lite::pin_project! {
+    /// A task's future, each poll of which starts a new epoch. Whatever notes epochs
+    /// must run inside one: outside, the epoch could stay the same across polls, and a
+    /// socket skipped as not ready would never be asked again.
+    pub struct Counted<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Counted<F> {
+    pub fn new(inner: F) -> Counted<F> {
+        Counted { inner }
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        next();
+        self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn each_poll_of_a_counted_task_is_a_new_epoch_and_threads_never_share_one() {
+        let seen = Counted::new(async {
+            let first = now();
+            let same = now();
+            tokio::task::yield_now().await;
+            (first, same, now())
+        })
+        .await;
+        assert_eq!(seen.0, seen.1, "one poll, one epoch");
+        assert_ne!(seen.1, seen.2, "a new poll, a new epoch");
+        assert_ne!(seen.0, 0);
+        let other = std::thread::spawn(now).join().unwrap_or(0);
+        assert!(
+            other >> 48 != seen.0 >> 48,
+            "each thread counts in its own range"
+        );
+    }
+}
