@@ -357,12 +357,31 @@ pub enum Translation {
     /// Write `head` in place of the message's first `consumed` bytes, then pass on the
     /// rest unchanged (the rest may still be arriving).
     Rewrite { head: BytesMut, consumed: usize },
+    /// As `Rewrite`, with the head already written to `out`, from offset `at` on (a Bind:
+    /// no allocation per message). Whoever sends something else in the message's place
+    /// truncates `out` to `at` first.
+    Rewritten { at: usize, consumed: usize },
     /// Answer it with a fake reply (already queued); the message goes nowhere.
     Answered,
     /// Write `head` in its place; the whole message is dropped.
     Replace { head: BytesMut },
     /// Not enough of the message has arrived to decide.
     NeedMore,
+}
+
+impl Translation {
+    /// A rewrite's head put in `out` (where a `Rewritten` one is already) and how much of
+    /// the client's message it replaces; None for anything but a rewrite.
+    pub fn put_head(self, out: &mut BytesMut) -> Option<usize> {
+        match self {
+            Translation::Rewrite { head, consumed } => {
+                out.extend_from_slice(&head);
+                Some(consumed)
+            }
+            Translation::Rewritten { consumed, .. } => Some(consumed),
+            _ => None,
+        }
+    }
 }
 
 /// A message pgshield sends on its own before the client's (its replies swallowed), for
@@ -495,15 +514,15 @@ impl ClientStatements {
                 let found = t.bound.clone();
                 if let Some(proxy_name) = self.use_statement(server, statement, found, out, &mut t)
                 {
-                    let mut head = BytesMut::with_capacity(consumed + proxy_name.len());
+                    let at = out.len();
                     let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
-                    head.put_u8(b'B');
-                    head.put_i32((new_len - 1) as i32);
-                    head.put_slice(portal.as_bytes());
-                    head.put_u8(0);
-                    head.put_slice(proxy_name.as_bytes());
-                    head.put_u8(0);
-                    t.translation = Translation::Rewrite { head, consumed };
+                    out.put_u8(b'B');
+                    out.put_i32((new_len - 1) as i32);
+                    out.put_slice(portal.as_bytes());
+                    out.put_u8(0);
+                    out.put_slice(proxy_name.as_bytes());
+                    out.put_u8(0);
+                    t.translation = Translation::Rewritten { at, consumed };
                 }
             }
             b'D' | b'C' => {
@@ -922,9 +941,11 @@ mod tests {
             .unwrap();
         assert_eq!(t.injected.len(), 1, "a hidden Parse");
         assert_eq!(out[0], b'P');
-        let Translation::Rewrite { head, consumed } = t.translation else {
+        let Translation::Rewritten { at, consumed } = t.translation else {
             panic!()
         };
+        let head = &out[at..];
+        assert_eq!(head[0], b'B', "after the Parse");
         assert_eq!(consumed, 5 + 1 + 3);
         // The rewritten Bind's length covers the new name plus the untouched rest.
         let new_len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize + 1;
@@ -944,19 +965,20 @@ mod tests {
         run(&mut b, &r, &mut s, &parse_msg("s0", "SELECT 'b'"));
         let name = |c: &mut ClientStatements| {
             let bind = bind_msg("s0", b"\0\0\0\0\0\0");
+            let mut out = BytesMut::new();
             let t = c
                 .translate(
                     &r,
                     &mut ServerStatements::new(10),
                     &bind,
                     bind.len(),
-                    &mut BytesMut::new(),
+                    &mut out,
                 )
                 .unwrap();
-            let Translation::Rewrite { head, .. } = t.translation else {
+            let Translation::Rewritten { at, .. } = t.translation else {
                 panic!()
             };
-            head
+            out.split_off(at)
         };
         assert_ne!(name(&mut a), name(&mut b));
     }
@@ -978,10 +1000,11 @@ mod tests {
         let (r, mut s) = (Registry::default(), ServerStatements::new(10));
         let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
         run(&mut a, &r, &mut s, &parse_msg("s0", "SELECT 'a secret'"));
-        let (t, _) = run(&mut b, &r, &mut s, &bind_msg("pgshield_1", b"\0\0\0\0\0\0"));
-        let Translation::Rewrite { head, .. } = t.translation else {
+        let (t, out) = run(&mut b, &r, &mut s, &bind_msg("pgshield_1", b"\0\0\0\0\0\0"));
+        let Translation::Rewritten { at, .. } = t.translation else {
             panic!("{t:?}")
         };
+        let head = &out[at..];
         assert!(
             head.windows(20).any(|w| w == b"pgshield_!pgshield_1"),
             "{head:?}"
@@ -1062,8 +1085,11 @@ mod tests {
         c.undo(&mut s, t.undo.take().expect("the Parse's undo"));
         c.undo(&mut s, close);
         let (t, out) = run(&mut c, &r, &mut s, &bind_msg("a", b"\0\0\0\0\0\0"));
+        // Nothing before the rewritten Bind itself.
         assert!(
-            t.injected.is_empty() && out.is_empty(),
+            t.injected.is_empty()
+                && matches!(t.translation, Translation::Rewritten { at: 0, .. })
+                && out[0] == b'B',
             "pgshield_1 known to be there"
         );
     }
@@ -1119,7 +1145,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             t.translation,
-            Translation::Rewrite { consumed: 9, .. }
+            Translation::Rewritten { consumed: 9, .. }
         ));
     }
 

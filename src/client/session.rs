@@ -1103,7 +1103,9 @@ impl Session {
         let named = answered
             || matches!(
                 translated.translation,
-                Translation::Rewrite { .. } | Translation::Replace { .. }
+                Translation::Rewrite { .. }
+                    | Translation::Rewritten { .. }
+                    | Translation::Replace { .. }
             );
         match header.tag {
             // Prepared on this backend now: the client's own Parse, or one pgshield adds.
@@ -1173,6 +1175,10 @@ impl Session {
                     // A refused statement is not run: its Bind is replaced by one running a
                     // statement that fails with 0A000, in the same portal.
                     OnSessionState::Reject => {
+                        // The client's Bind, rewritten, is already on its way: not any more.
+                        if let Translation::Rewritten { at, .. } = translation {
+                            self.server_out.truncate(at);
+                        }
                         let refusal = self
                             .shared
                             .statements
@@ -1213,16 +1219,17 @@ impl Session {
                     forward: true,
                 };
             }
-            Translation::Rewrite { head, consumed } => {
-                self.server_out.extend_from_slice(&head);
-                self.client_in.advance(consumed);
-                server
-                    .replies
-                    .sent_with(header.tag, Hide::No, translated.undo);
-                self.client_msg = Passing {
-                    left: header.len - consumed,
-                    forward: true,
-                };
+            rewrite @ (Translation::Rewrite { .. } | Translation::Rewritten { .. }) => {
+                if let Some(consumed) = rewrite.put_head(&mut self.server_out) {
+                    self.client_in.advance(consumed);
+                    server
+                        .replies
+                        .sent_with(header.tag, Hide::No, translated.undo);
+                    self.client_msg = Passing {
+                        left: header.len - consumed,
+                        forward: true,
+                    };
+                }
             }
             Translation::Replace { head } => {
                 self.server_out.extend_from_slice(&head);
