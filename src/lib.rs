@@ -20,6 +20,12 @@ pub mod shutdown;
 pub mod tls;
 
 pub use config::Config;
+
+/// A HashMap hashed with foldhash, for maps looked up per connection or per message whose
+/// keys pgshield makes (ids, cancel keys, its own statement names) or its configuration
+/// bounds: std's SipHash cost more than the rest of such a lookup. foldhash is seeded per
+/// process.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use proxy::Proxy;
 pub mod devdb;
 pub mod http;

@@ -21,10 +21,9 @@
 
 use std::collections::HashMap;
 
-/// The maps looked up on every Bind: std's SipHash costs more than the rest of the
-/// lookup. foldhash is seeded per process, so names a client picks cannot be aimed at
-/// collisions in advance.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+// The maps looked up on every Bind. (Seeded per process, foldhash's collisions cannot be
+// aimed at in advance by the names a client picks.)
+use crate::FastMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 

@@ -10,13 +10,14 @@
 //! of their loop, so they hold a [`Watch`] instead: checking it is two atomic operations,
 //! where polling a shared future would take a lock that every session contends for.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
 
 use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
+
+use crate::FastMap;
 
 /// Where the shutdown is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,7 +41,7 @@ pub struct Shutdown {
 struct Watchers {
     stage: AtomicU8,
     next_id: AtomicU64,
-    wakers: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    wakers: Mutex<FastMap<u64, Arc<AtomicWaker>>>,
 }
 
 impl Watchers {

@@ -8,7 +8,6 @@
 //! marked the moment a cancel is attributed to it (under the same lock the session takes to
 //! let go of it), and a marked backend is closed instead of reused.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::server::Server;
+use crate::FastMap;
 
 /// How long forwarding one cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,7 +64,7 @@ type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;
 /// Every logged-in client's cancel key, process-wide.
 #[derive(Default)]
 pub struct Cancels {
-    clients: Mutex<HashMap<i32, (i32, Slot)>>,
+    clients: Mutex<FastMap<i32, (i32, Slot)>>,
 }
 
 /// A client's registration; dropping it forgets the key.

@@ -212,9 +212,18 @@ pub async fn login(
     let mut out = BytesMut::with_capacity(512);
     messages::authentication_ok(&mut out);
     let mut client_view = ClientView::new(Arc::clone(&welcome));
+    // (The client's settings split once, not once per parameter: a dozen lookups each.)
+    let asked: Vec<(&str, &str)> = settings.iter().collect();
     for (name, server_value) in welcome.iter() {
-        let value = settings.get(name).unwrap_or(server_value);
-        client_view.set(name, value);
+        let value = asked
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map_or(server_value, |(_, v)| v);
+        // The view starts as the welcome values: only what the client asked otherwise
+        // is its own.
+        if value != server_value {
+            client_view.set(name, value);
+        }
         messages::parameter_status(&mut out, name, value);
     }
     let cancel = shared.cancels.register();

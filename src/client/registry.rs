@@ -2,13 +2,14 @@
 //! clients hold), KILL and KILL_CLIENT. A session publishes its state with atomic stores
 //! as it goes (no lock on its path); the console reads snapshots.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::task::AtomicWaker;
+
+use crate::FastMap;
 
 /// What a client is doing, as PgBouncer's SHOW CLIENTS states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +138,7 @@ pub struct NewClient {
 
 #[derive(Default)]
 pub struct ClientRegistry {
-    clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+    clients: Mutex<FastMap<u64, Arc<ClientInfo>>>,
 }
 
 /// A client's entry; dropping it removes the client.
@@ -189,7 +190,7 @@ impl ClientRegistry {
         self.lock().get(&id).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ClientInfo>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<u64, Arc<ClientInfo>>> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

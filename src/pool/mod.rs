@@ -43,6 +43,7 @@ use crate::server::password::PasswordCommand;
 use crate::server::{connect, BackendPassword, Server, ServerError, ServerParams, ServerTarget};
 use crate::shutdown::Shutdown;
 use crate::tls::ServerTls;
+use crate::FastMap;
 use cluster::{Cluster, Route};
 
 /// How often a backend open waiting for a host looks again, whatever it was told.
@@ -419,7 +420,7 @@ pub struct Pool {
     /// Clients logged in to this pool.
     clients: AtomicUsize,
     /// Clients waiting for a backend, by ticket, since when (SHOW POOLS maxwait).
-    waiters: Mutex<HashMap<u64, std::time::Instant>>,
+    waiters: Mutex<FastMap<u64, std::time::Instant>>,
     /// PAUSE: no backend is lent until RESUME.
     paused: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
@@ -571,7 +572,7 @@ impl Pool {
             retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
             stats: PoolStats::default(),
             clients: AtomicUsize::new(0),
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(FastMap::default()),
             paused: std::sync::atomic::AtomicBool::new(false),
             resumed: tokio::sync::Notify::new(),
         });
@@ -1375,9 +1376,9 @@ pub struct Pools {
 
 /// What a reload replaces.
 struct PoolsState {
-    configured: HashMap<PoolKey, Arc<Pool>>,
+    configured: FastMap<PoolKey, Arc<Pool>>,
     /// Pools of users found by `[auth]` (made at their first login).
-    found: HashMap<PoolKey, Arc<Pool>>,
+    found: FastMap<PoolKey, Arc<Pool>>,
     /// Pools a reload removed that still have clients.
     retired: Vec<Arc<Pool>>,
     /// What a pool is made from.
@@ -1436,8 +1437,8 @@ impl Pools {
     pub fn from_config(config: &Config, tls: &Arc<ServerTls>, metrics: &Arc<Numbers>) -> Pools {
         let pools = Pools {
             state: Mutex::new(PoolsState {
-                configured: HashMap::new(),
-                found: HashMap::new(),
+                configured: FastMap::default(),
+                found: FastMap::default(),
                 retired: Vec::new(),
                 databases: Default::default(),
                 settings: PoolSettings::from_config(config),
