@@ -50,7 +50,7 @@ pub fn reserve_empty(buf: &mut BytesMut, n: usize) {
 }
 
 /// The most of an empty buffer's memory a session holding a backend keeps.
-pub const KEEP_WHILE_HELD: usize = 16 * 1024;
+pub const KEEP_WHILE_HELD: usize = 4 * 1024;
 
 /// Frees an empty buffer's memory if there is more than `keep` bytes of it (a buffer
 /// holding bytes is kept).

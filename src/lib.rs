@@ -23,8 +23,8 @@ pub use config::Config;
 
 /// A HashMap hashed with foldhash, for maps looked up per connection or per message whose
 /// keys pgshield makes (ids, cancel keys, its own statement names) or its configuration
-/// bounds: std's SipHash cost more than the rest of such a lookup. foldhash is seeded per
-/// process.
+/// bounds: std's SipHash cost more than the rest of such a lookup. Not for keys a client
+/// picks freely: foldhash is quick, not built to resist an attacker who times it.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use proxy::Proxy;
 pub mod devdb;

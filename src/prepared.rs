@@ -21,8 +21,7 @@
 
 use std::collections::HashMap;
 
-// The maps looked up on every Bind. (Seeded per process, foldhash's collisions cannot be
-// aimed at in advance by the names a client picks.)
+// The backends' statement maps, looked up on every Bind (the names are pgshield's own).
 use crate::FastMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -200,7 +199,8 @@ pub struct ClientStatements {
 #[derive(Debug)]
 // The box is the point: 8 bytes in every client instead of an empty map's 48.
 #[allow(clippy::box_collection)]
-struct LazyMap<K, V>(Option<Box<FastMap<K, V>>>);
+// (std's SipHash, not foldhash: the client picks these names, as many as it likes.)
+struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
 
 impl<K, V> Default for LazyMap<K, V> {
     fn default() -> Self {
