@@ -321,6 +321,10 @@ pub struct PoolConfig {
     /// Statements each backend keeps prepared for clients in transaction mode (least
     /// recently used closed first).
     pub max_prepared_statements: usize,
+    /// Transaction mode: named prepared statements one client may hold at once (each
+    /// costs pgshield memory until closed); a Parse beyond it fails with 53400. `0`: no
+    /// limit.
+    pub max_client_prepared_statements: usize,
     /// Transaction mode: what happens when a client creates state that cannot follow it
     /// to another backend (LISTEN, temp tables, session advisory locks, …).
     pub on_session_state: OnSessionState,
@@ -369,6 +373,7 @@ impl Default for PoolConfig {
             idle_client_timeout: Duration::from_secs(1800),
             shutdown_timeout: Duration::from_secs(30),
             max_prepared_statements: 1000,
+            max_client_prepared_statements: 10_000,
             on_session_state: OnSessionState::Pin,
             idle_transaction_timeout: Duration::ZERO,
             query_timeout: Duration::ZERO,
@@ -1460,6 +1465,10 @@ mod tests {
         assert_eq!(doc.idle_client_timeout, default.idle_client_timeout);
         assert_eq!(doc.shutdown_timeout, default.shutdown_timeout);
         assert_eq!(doc.max_prepared_statements, default.max_prepared_statements);
+        assert_eq!(
+            doc.max_client_prepared_statements,
+            default.max_client_prepared_statements
+        );
         assert_eq!(doc.on_session_state, default.on_session_state);
         assert_eq!(
             doc.idle_transaction_timeout,

@@ -68,6 +68,7 @@ pub struct PoolMetrics {
     pub prepared_hits: Counter,
     pub prepared_misses: Counter,
     pub prepared_evictions: Counter,
+    pub prepared_refused: Counter,
     pub backends_open: Gauge,
     pub backends_idle: Gauge,
     pub backends_lent: Gauge,
@@ -150,6 +151,7 @@ impl Metrics {
             prepared_hits: counter("pgshield_prepared_statement_cache_hits_total"),
             prepared_misses: counter("pgshield_prepared_statement_cache_misses_total"),
             prepared_evictions: counter("pgshield_prepared_statement_cache_evictions_total"),
+            prepared_refused: counter("pgshield_prepared_statements_refused_total"),
             backends_open: gauge("pgshield_database_connections"),
             backends_idle: gauge("pgshield_database_connections_idle"),
             backends_lent: gauge("pgshield_database_connections_borrowed"),
@@ -356,6 +358,10 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "pgshield_prepared_statement_cache_evictions_total",
         "Statements closed on a full backend",
+    ),
+    (
+        "pgshield_prepared_statements_refused_total",
+        "Parses refused: the client held pool.max_client_prepared_statements already",
     ),
     ("pgshield_database_connections", "Backend connections open"),
     (

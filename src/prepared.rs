@@ -50,6 +50,19 @@ pub fn refusal_statement(reason: PinReason) -> String {
     )
 }
 
+/// A statement that fails, when run, the way pgshield refuses a Parse from a client that
+/// already holds `limit` named statements (`pool.max_client_prepared_statements`).
+fn too_many_statements(limit: usize) -> String {
+    let message = format!(
+        "pgshield: this client already holds {limit} prepared statements, the most pool.max_client_prepared_statements allows"
+    );
+    format!(
+        "DO $pgshield$ BEGIN RAISE EXCEPTION USING ERRCODE = 'configuration_limit_exceeded', MESSAGE = {}, \
+         HINT = 'Close (or DEALLOCATE) statements the client no longer needs, or raise the limit.'; END $pgshield$",
+        escape_literal(&message)
+    )
+}
+
 /// One distinct statement: query text and parameter types, under its proxy-wide name.
 #[derive(Debug)]
 pub struct Statement {
@@ -362,8 +375,8 @@ pub enum Translation {
     Rewritten { at: usize, consumed: usize },
     /// Answer it with a fake reply (already queued); the message goes nowhere.
     Answered,
-    /// Write `head` in its place; the whole message is dropped.
-    Replace { head: BytesMut },
+    /// Write `head`, a message tagged `tag`, in its place; the whole message is dropped.
+    Replace { head: BytesMut, tag: u8 },
     /// Not enough of the message has arrived to decide.
     NeedMore,
 }
@@ -437,11 +450,13 @@ impl Undo {
 impl ClientStatements {
     /// Answers, without any backend, a whole Parse of a statement some server already
     /// accepted, or a Close of a statement: the client's names change, and the reply to
-    /// write is returned. None: a backend is needed.
+    /// write is returned. None: a backend is needed (also to refuse a Parse beyond
+    /// `max_named` statements: the refusal has to happen on the server, see `translate`).
     pub fn answer_without_backend(
         &mut self,
         registry: &Registry,
         msg: &[u8],
+        max_named: usize,
     ) -> Result<Option<crate::server::state::Fake>, Malformed> {
         use crate::server::state::Fake;
         let mut body = &msg[5..];
@@ -450,7 +465,7 @@ impl ClientStatements {
                 let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
                 let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
-                if self.named.contains_key(name) {
+                if self.named.contains_key(name) || self.full(name, max_named) {
                     return Ok(None); // the server is to refuse it
                 }
                 let statement = registry.intern(query, &types);
@@ -478,7 +493,8 @@ impl ClientStatements {
     /// Translates a client message for the backend's statements. `msg` holds the message
     /// from its tag on (whole, or at least its first part for Bind); `len` is its full
     /// length. Injected messages are written to `out`; the caller then writes the
-    /// client's message (or its rewritten head) after them.
+    /// client's message (or its rewritten head) after them. A Parse of a new name when
+    /// the client already has `max_named` is refused, on the server (see `refuse_parse`).
     pub fn translate(
         &mut self,
         registry: &Registry,
@@ -486,6 +502,7 @@ impl ClientStatements {
         msg: &[u8],
         len: usize,
         out: &mut BytesMut,
+        max_named: usize,
     ) -> Result<Translated, Malformed> {
         let mut t = Translated::pass_on();
         let tag = msg[0];
@@ -501,7 +518,11 @@ impl ClientStatements {
                 let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
                 let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
-                self.parse(registry, server, (name, query, &types), len, out, &mut t);
+                if self.full(name, max_named) {
+                    self.refuse_parse(registry, server, max_named, out, &mut t);
+                } else {
+                    self.parse(registry, server, (name, query, &types), len, out, &mut t);
+                }
             }
             b'B' => {
                 let Some((portal, statement, consumed)) = bind_names(msg, len)? else {
@@ -610,6 +631,42 @@ impl ClientStatements {
             statement,
             on_server: true,
         });
+    }
+
+    /// Whether a Parse naming `name` would hold one statement more than `max_named`.
+    fn full(&self, name: &str, max_named: usize) -> bool {
+        !name.is_empty() && self.named.len() >= max_named && !self.named.contains_key(name)
+    }
+
+    /// Refuses a Parse beyond the client's limit the way the server refuses one: with an
+    /// error in its place, after which the server skips the client's messages up to its
+    /// Sync and rolls back the transaction (so the client's other statements in the batch
+    /// do exactly what they would do had PostgreSQL refused the Parse). In its place goes
+    /// a hidden Bind, into the unnamed portal, of a statement that raises 53400, and the
+    /// Execute whose error the client gets. (The unnamed portal is the client's too, but
+    /// after the error nothing can use it: the server skips to the Sync, which ends an
+    /// implicit transaction, and an explicit one is failed.)
+    fn refuse_parse(
+        &mut self,
+        registry: &Registry,
+        server: &mut ServerStatements,
+        max_named: usize,
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) {
+        let refusal = registry.intern(&too_many_statements(max_named), &[]);
+        self.ensure_prepared(server, &refusal, out, t);
+        put_bind(out, "", refusal.name());
+        t.injected.push(Injected {
+            tag: b'B',
+            undo: None,
+        });
+        let mut head = BytesMut::new();
+        put_message(&mut head, b'E', |b| {
+            b.put_u8(0);
+            b.put_i32(0);
+        });
+        t.translation = Translation::Replace { head, tag: b'E' };
     }
 
     /// Makes a statement the client names usable on this backend. Returns the name to use
@@ -723,15 +780,7 @@ impl ClientStatements {
         let mut t = Translated::pass_on();
         self.ensure_prepared(server, refusal, out, &mut t);
         let mut head = BytesMut::new();
-        put_message(&mut head, b'B', |b| {
-            b.put_slice(portal.as_bytes());
-            b.put_u8(0);
-            b.put_slice(refusal.name().as_bytes());
-            b.put_u8(0);
-            b.put_i16(0);
-            b.put_i16(0);
-            b.put_i16(0);
-        });
+        put_bind(&mut head, portal, refusal.name());
         (head, t.injected)
     }
 
@@ -792,6 +841,19 @@ impl ClientStatements {
     pub fn is_empty(&self) -> bool {
         self.named.is_empty()
     }
+}
+
+/// A Bind of `statement` (no parameters, text results) into `portal`.
+fn put_bind(out: &mut BytesMut, portal: &str, statement: &str) {
+    put_message(out, b'B', |b| {
+        b.put_slice(portal.as_bytes());
+        b.put_u8(0);
+        b.put_slice(statement.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
 }
 
 /// The parameter types at the end of a Parse.
@@ -888,7 +950,7 @@ mod tests {
     ) -> (Translated, BytesMut) {
         let mut out = BytesMut::new();
         let t = c
-            .translate(r, s, msg, msg.len(), &mut out)
+            .translate(r, s, msg, msg.len(), &mut out, usize::MAX)
             .expect("well formed");
         (t, out)
     }
@@ -936,7 +998,7 @@ mod tests {
         let bind = bind_msg("s0", b"\0\0\0\0\0\0");
         let mut out = BytesMut::new();
         let t = c
-            .translate(&r, &mut s2, &bind, bind.len(), &mut out)
+            .translate(&r, &mut s2, &bind, bind.len(), &mut out, usize::MAX)
             .unwrap();
         assert_eq!(t.injected.len(), 1, "a hidden Parse");
         assert_eq!(out[0], b'P');
@@ -951,7 +1013,14 @@ mod tests {
         assert_eq!(new_len, head.len() + (bind.len() - consumed));
         // Used again there: nothing injected.
         let t = c
-            .translate(&r, &mut s2, &bind, bind.len(), &mut BytesMut::new())
+            .translate(
+                &r,
+                &mut s2,
+                &bind,
+                bind.len(),
+                &mut BytesMut::new(),
+                usize::MAX,
+            )
             .unwrap();
         assert!(t.injected.is_empty());
     }
@@ -972,6 +1041,7 @@ mod tests {
                     &bind,
                     bind.len(),
                     &mut out,
+                    usize::MAX,
                 )
                 .unwrap();
             let Translation::Rewritten { at, .. } = t.translation else {
@@ -1136,11 +1206,25 @@ mod tests {
         run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT $1"));
         let bind = bind_msg("s0", &[7u8; 1000]);
         let t = c
-            .translate(&r, &mut s, &bind[..7], bind.len(), &mut BytesMut::new())
+            .translate(
+                &r,
+                &mut s,
+                &bind[..7],
+                bind.len(),
+                &mut BytesMut::new(),
+                usize::MAX,
+            )
             .unwrap();
         assert_eq!(t.translation, Translation::NeedMore);
         let t = c
-            .translate(&r, &mut s, &bind[..20], bind.len(), &mut BytesMut::new())
+            .translate(
+                &r,
+                &mut s,
+                &bind[..20],
+                bind.len(),
+                &mut BytesMut::new(),
+                usize::MAX,
+            )
             .unwrap();
         assert!(matches!(
             t.translation,
@@ -1158,27 +1242,83 @@ mod tests {
         let parse = parse_msg("s0", "SELECT 1");
         let mut b = ClientStatements::default();
         assert_eq!(
-            b.answer_without_backend(&r, &parse),
+            b.answer_without_backend(&r, &parse, usize::MAX),
             Ok(None),
             "never accepted yet"
         );
         let (t, _) = run(&mut a, &r, &mut s, &parse);
         t.undo.expect("undo").succeeded(); // the server's ParseComplete
         assert_eq!(
-            b.answer_without_backend(&r, &parse),
+            b.answer_without_backend(&r, &parse, usize::MAX),
             Ok(Some(crate::server::state::Fake::ParseComplete))
         );
         assert_eq!(b.len(), 1);
         assert_eq!(
-            b.answer_without_backend(&r, &parse),
+            b.answer_without_backend(&r, &parse, usize::MAX),
             Ok(None),
             "a re-prepared name goes to a server"
         );
         assert_eq!(
-            b.answer_without_backend(&r, &small(b'C', b'S', "s0")),
+            b.answer_without_backend(&r, &small(b'C', b'S', "s0"), usize::MAX),
             Ok(Some(crate::server::state::Fake::CloseComplete))
         );
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_parse_beyond_the_clients_limit_is_refused_on_the_server() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(10),
+            ClientStatements::default(),
+        );
+        let limited = |c: &mut ClientStatements, s: &mut ServerStatements, msg: &[u8]| {
+            let mut out = BytesMut::new();
+            let t = c
+                .translate(&r, s, msg, msg.len(), &mut out, 2)
+                .expect("well formed");
+            (t, out)
+        };
+        for name in ["s0", "s1"] {
+            let (t, _) = limited(&mut c, &mut s, &parse_msg(name, "SELECT 1"));
+            assert!(
+                !matches!(t.translation, Translation::Replace { .. }),
+                "{t:?}"
+            );
+        }
+        // A third name: in its place, the refusal prepared, bound (hidden) and executed.
+        let (t, out) = limited(&mut c, &mut s, &parse_msg("s2", "SELECT 2"));
+        let Translation::Replace { head, tag } = &t.translation else {
+            panic!("{t:?}")
+        };
+        assert_eq!((*tag, head[0]), (b'E', b'E'));
+        let tags: Vec<u8> = t.injected.iter().map(|i| i.tag).collect();
+        assert_eq!(tags, b"PB");
+        assert_eq!(out[0], b'P');
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("configuration_limit_exceeded"), "{text}");
+        assert!(text.contains("max_client_prepared_statements"), "{text}");
+        assert_eq!(c.len(), 2, "the refused name is not the client's");
+        assert!(c
+            .answer_without_backend(&r, &parse_msg("s2", "SELECT 1"), 2)
+            .expect("well formed")
+            .is_none());
+        // Names the client has, and the unnamed statement, are not held back.
+        let (t, _) = limited(&mut c, &mut s, &parse_msg("s0", "SELECT 3"));
+        assert!(
+            matches!(t.translation, Translation::Rewrite { .. }),
+            "{t:?}"
+        );
+        let (t, _) = limited(&mut c, &mut s, &parse_msg("", "SELECT 3"));
+        assert_eq!(t.translation, Translation::PassOn);
+        // A Close makes room.
+        limited(&mut c, &mut s, &small(b'C', b'S', "s0"));
+        let (t, _) = limited(&mut c, &mut s, &parse_msg("s2", "SELECT 2"));
+        assert!(
+            !matches!(t.translation, Translation::Replace { .. }),
+            "{t:?}"
+        );
+        assert_eq!(c.len(), 2);
     }
 
     #[test]
@@ -1195,7 +1335,7 @@ mod tests {
             b"C\0\0\0\x05S",
         ] {
             assert!(
-                c.translate(&r, &mut s, msg, msg.len(), &mut BytesMut::new())
+                c.translate(&r, &mut s, msg, msg.len(), &mut BytesMut::new(), usize::MAX)
                     .is_err(),
                 "{msg:?}"
             );

@@ -889,3 +889,94 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
         before + 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_does() {
+    common::create_role("tx_stmt_limit", "pw").await;
+    common::admin()
+        .await
+        .batch_execute(
+            "DROP TABLE IF EXISTS tx_stmt_limit_t; CREATE TABLE tx_stmt_limit_t (x int); \
+             GRANT ALL ON tx_stmt_limit_t TO tx_stmt_limit",
+        )
+        .await
+        .expect("table");
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 2\nmax_client_prepared_statements = 2\n\
+         [users.tx_stmt_limit]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_stmt_limit").await;
+    assert_eq!(parse_named(&mut s, "s0", "SELECT 'zero'").await, "1Z");
+    assert_eq!(parse_named(&mut s, "s1", "SELECT 'one'").await, "1Z");
+    assert_eq!(parse_named(&mut s, "s2", "SELECT 'two'").await, "53400");
+    // The connection stays usable, its statements work, the refused one does not exist.
+    assert_eq!(run_named(&mut s, "s0").await.as_deref(), Ok("zero"));
+    assert_eq!(run_named(&mut s, "s2").await, Err("26000".into()));
+    assert_eq!(parse_named(&mut s, "s0", "SELECT 'again'").await, "42P05");
+    assert_eq!(parse_named(&mut s, "", "SELECT 'unnamed'").await, "1Z");
+
+    // As when PostgreSQL refuses a Parse: the batch's earlier work is rolled back and the
+    // rest skipped up to the Sync.
+    let mut refused = b"s2\0SELECT 'two'\0\0\0".to_vec();
+    refused = raw::message(b'P', &refused);
+    let mut batch = raw::parse_bind_execute("INSERT INTO tx_stmt_limit_t VALUES (1)");
+    batch.extend(refused.iter().copied());
+    batch.extend(raw::parse_bind_execute(
+        "INSERT INTO tx_stmt_limit_t VALUES (2)",
+    ));
+    batch.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &batch).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("12CEZ".to_owned(), vec!["53400".to_owned()])
+    );
+    let rows: i64 = common::admin()
+        .await
+        .query_one("SELECT count(*) FROM tx_stmt_limit_t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        rows, 0,
+        "the INSERT before the refused Parse was rolled back"
+    );
+    // Inside a transaction block, the transaction fails, as it would.
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "CZ");
+    let mut parse_sync = refused.clone();
+    parse_sync.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &parse_sync).await;
+    let (tag, body) = loop {
+        let (tag, body) = raw::read_message(&mut s).await.expect("reply");
+        if tag == b'Z' {
+            break (tag, body);
+        }
+        assert_eq!((tag, raw::error_code(&body)), (b'E', "53400".to_owned()));
+    };
+    assert_eq!((tag, body), (b'Z', vec![b'E']), "a failed transaction");
+    raw::send(&mut s, &raw::query("SELECT 1")).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, vec!["25P02".to_owned()]);
+    raw::send(&mut s, &raw::query("ROLLBACK")).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "CZ");
+
+    // A driver's view: tokio-postgres names every statement and closes it when dropped.
+    let conn = proxy.connect("tx_stmt_limit", "pw").await.expect("login");
+    let one = conn.client.prepare("SELECT 1").await.expect("first");
+    let _two = conn.client.prepare("SELECT 2").await.expect("second");
+    let err = conn.client.prepare("SELECT 3").await.expect_err("third");
+    assert_eq!(sqlstate(&err), Some("53400"), "{err}");
+    drop(one);
+    let three = conn
+        .client
+        .prepare("SELECT 3")
+        .await
+        .expect("room after a Close");
+    let value: i32 = conn
+        .client
+        .query_one(&three, &[])
+        .await
+        .expect("runs")
+        .get(0);
+    assert_eq!(value, 3);
+}

@@ -131,6 +131,8 @@ pub(crate) struct Limits {
     query: Option<Duration>,
     queue_notice: Option<Duration>,
     max_message_size: usize,
+    /// `pool.max_client_prepared_statements` (no limit: `usize::MAX`).
+    max_statements: usize,
     /// `log.connections`: a line when the session ends.
     log_connections: bool,
     /// The reload count they were read at (a reload changes them for every session).
@@ -156,6 +158,10 @@ impl Limits {
             query: limit(pool.query_timeout),
             queue_notice: limit(pool.queue_notice_after),
             max_message_size: live.config.listen.max_message_size,
+            max_statements: match pool.max_client_prepared_statements {
+                0 => usize::MAX,
+                n => n,
+            },
             log_connections: live.config.log.connections,
             reloads,
         });
@@ -948,6 +954,7 @@ impl Session {
                         .answer_without_backend(
                             &self.shared.statements,
                             &self.client_in[..header.len],
+                            self.limits.max_statements,
                         )
                         .map_err(|e| End::ClientProtocol(e.to_string()))?;
                     if let Some(fake) = answer {
@@ -1088,6 +1095,7 @@ impl Session {
                 &self.client_in[..available],
                 header.len,
                 &mut self.server_out,
+                self.limits.max_statements,
             )
             .map_err(|e| End::ClientProtocol(e.to_string()))?;
         if translated.translation == Translation::NeedMore {
@@ -1108,6 +1116,11 @@ impl Session {
                     | Translation::Replace { .. }
             );
         match header.tag {
+            // Refused: the client holds as many statements as it may.
+            b'P' if matches!(translated.translation, Translation::Replace { .. }) => {
+                metrics.prepared_refused.increment(1);
+                tracing::debug!(client = %self.id, "Parse refused: pool.max_client_prepared_statements reached");
+            }
             // Prepared on this backend now: the client's own Parse, or one pgshield adds.
             b'P' if named && !answered => metrics.prepared_misses.increment(1),
             b'P' if answered => metrics.prepared_hits.increment(1),
@@ -1195,7 +1208,7 @@ impl Session {
                                 .replies
                                 .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
                         }
-                        translation = Translation::Replace { head };
+                        translation = Translation::Replace { head, tag: b'B' };
                     }
                 }
             }
@@ -1231,9 +1244,9 @@ impl Session {
                     };
                 }
             }
-            Translation::Replace { head } => {
+            Translation::Replace { head, tag } => {
                 self.server_out.extend_from_slice(&head);
-                server.replies.sent_with(header.tag, Hide::No, None);
+                server.replies.sent_with(tag, Hide::No, None);
                 self.client_msg = Passing {
                     left: header.len,
                     forward: false,
