@@ -50,11 +50,14 @@ pub fn refusal_statement(reason: PinReason) -> String {
     )
 }
 
+/// The portal a refused Parse's stand-in runs in.
+const REFUSAL_PORTAL: &str = "pgshield_refusal";
+
 /// A statement that fails, when run, the way pgshield refuses a Parse from a client that
 /// already holds `limit` named statements (`pool.max_client_prepared_statements`).
 fn too_many_statements(limit: usize) -> String {
     let message = format!(
-        "pgshield: this client already holds {limit} prepared statements, the most pool.max_client_prepared_statements allows"
+        "pgshield: a client may hold at most {limit} prepared statements (pool.max_client_prepared_statements)"
     );
     format!(
         "DO $pgshield$ BEGIN RAISE EXCEPTION USING ERRCODE = 'configuration_limit_exceeded', MESSAGE = {}, \
@@ -118,6 +121,9 @@ pub struct Registry {
 #[derive(Default)]
 struct RegistryInner {
     by_text: HashMap<(String, Vec<u32>), Weak<Statement>>,
+    /// pgshield's own statements (refusals), kept alive so that each is prepared once
+    /// per backend, not once per use under a new name (a handful: one per refusal text).
+    own: Vec<Arc<Statement>>,
     next_id: u64,
     /// Purge dead entries when the map grows past this.
     purge_at: usize,
@@ -143,6 +149,16 @@ impl Registry {
         if inner.by_text.len() > inner.purge_at {
             inner.by_text.retain(|_, weak| weak.strong_count() > 0);
             inner.purge_at = (inner.by_text.len() * 2).max(1024);
+        }
+        statement
+    }
+
+    /// One of pgshield's own statements (no parameters), kept for the process's life.
+    pub fn own(&self, query: &str) -> Arc<Statement> {
+        let statement = self.intern(query, &[]);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !inner.own.iter().any(|s| Arc::ptr_eq(s, &statement)) {
+            inner.own.push(Arc::clone(&statement));
         }
         statement
     }
@@ -192,6 +208,9 @@ pub enum Undo {
     Close {
         client_name: Arc<str>,
         statement: Arc<Statement>,
+        /// For a Close the server may yet skip: counts it as pending for as long as this
+        /// undo exists (see `ClientStatements::closing`).
+        _pending: Option<Arc<()>>,
     },
     /// A Parse of the unnamed statement did not happen (or failed).
     UnnamedParse,
@@ -205,6 +224,12 @@ pub enum Undo {
 pub struct ClientStatements {
     named: LazyMap<Arc<str>, Arc<Statement>>,
     unnamed: Option<Arc<Statement>>,
+    /// Each Close the server may yet skip (one after other messages in its batch: if one
+    /// of them fails, the name comes back) holds a clone while its outcome is unknown:
+    /// such names still count toward the client's limit, or a client could close names in
+    /// a batch doomed to fail and prepare new ones meanwhile, without end. (A Close first
+    /// in its batch cannot be skipped: a driver's Close-then-Parse is not held back.)
+    closing: Option<Arc<()>>,
 }
 
 /// A map that takes no memory until its first entry: every client has one, and many
@@ -361,6 +386,24 @@ impl ServerStatements {
     }
 }
 
+/// What translating a client message needs to know besides the message.
+#[derive(Debug, Clone, Copy)]
+pub struct Situation {
+    /// `pool.max_client_prepared_statements` (`usize::MAX`: no limit).
+    pub max_named: usize,
+    /// Messages before this one since the last Sync: if one of them fails, the server
+    /// skips this one.
+    pub batch_open: bool,
+}
+
+impl Situation {
+    /// No limit, first in its batch.
+    pub const FREE: Situation = Situation {
+        max_named: usize::MAX,
+        batch_open: false,
+    };
+}
+
 /// What pgshield does with one client message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Translation {
@@ -483,7 +526,7 @@ impl ClientStatements {
                 let mut rest = &body[1..];
                 let name = take_cstr(&mut rest).ok_or(Malformed("Close"))?;
                 let mut ignored = Translated::pass_on();
-                self.close(name, &mut ignored);
+                self.close(name, false, &mut ignored);
                 Ok(Some(Fake::CloseComplete))
             }
             _ => Ok(None),
@@ -502,8 +545,9 @@ impl ClientStatements {
         msg: &[u8],
         len: usize,
         out: &mut BytesMut,
-        max_named: usize,
+        situation: Situation,
     ) -> Result<Translated, Malformed> {
+        let max_named = situation.max_named;
         let mut t = Translated::pass_on();
         let tag = msg[0];
         // Parse, Describe and Close are short: wait for them whole. Bind can carry huge
@@ -566,7 +610,7 @@ impl ClientStatements {
                         };
                     }
                 } else if kind == b'S' {
-                    self.close(name, &mut t);
+                    self.close(name, situation.batch_open, &mut t);
                 }
             }
             b'Q' => server.forget_unnamed(),
@@ -633,19 +677,25 @@ impl ClientStatements {
         });
     }
 
-    /// Whether a Parse naming `name` would hold one statement more than `max_named`.
+    /// Whether a Parse naming `name` would hold one statement more than `max_named`
+    /// (counting those whose Close may yet be skipped).
     fn full(&self, name: &str, max_named: usize) -> bool {
-        !name.is_empty() && self.named.len() >= max_named && !self.named.contains_key(name)
+        let closing = self
+            .closing
+            .as_ref()
+            .map_or(0, |token| Arc::strong_count(token) - 1);
+        !name.is_empty()
+            && self.named.len() + closing >= max_named
+            && !self.named.contains_key(name)
     }
 
     /// Refuses a Parse beyond the client's limit the way the server refuses one: with an
     /// error in its place, after which the server skips the client's messages up to its
     /// Sync and rolls back the transaction (so the client's other statements in the batch
     /// do exactly what they would do had PostgreSQL refused the Parse). In its place goes
-    /// a hidden Bind, into the unnamed portal, of a statement that raises 53400, and the
-    /// Execute whose error the client gets. (The unnamed portal is the client's too, but
-    /// after the error nothing can use it: the server skips to the Sync, which ends an
-    /// implicit transaction, and an explicit one is failed.)
+    /// a hidden Bind of a statement that raises 53400, into a portal of pgshield's own (the
+    /// transaction's end drops it; the client's portals are left alone), and the Execute
+    /// whose error the client gets.
     fn refuse_parse(
         &mut self,
         registry: &Registry,
@@ -654,15 +704,16 @@ impl ClientStatements {
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
-        let refusal = registry.intern(&too_many_statements(max_named), &[]);
+        let refusal = registry.own(&too_many_statements(max_named));
         self.ensure_prepared(server, &refusal, out, t);
-        put_bind(out, "", refusal.name());
+        put_bind(out, REFUSAL_PORTAL, refusal.name());
         t.injected.push(Injected {
             tag: b'B',
             undo: None,
         });
         let mut head = BytesMut::new();
         put_message(&mut head, b'E', |b| {
+            b.put_slice(REFUSAL_PORTAL.as_bytes());
             b.put_u8(0);
             b.put_i32(0);
         });
@@ -753,7 +804,7 @@ impl ClientStatements {
         });
     }
 
-    fn close(&mut self, name: &str, t: &mut Translated) {
+    fn close(&mut self, name: &str, batch_open: bool, t: &mut Translated) {
         t.translation = Translation::Answered;
         t.fake = Some(crate::server::state::Fake::CloseComplete);
         if name.is_empty() {
@@ -761,9 +812,12 @@ impl ClientStatements {
             return;
         }
         if let Some((client_name, statement)) = self.named.remove_entry(name) {
+            let pending =
+                batch_open.then(|| Arc::clone(self.closing.get_or_insert_with(Arc::default)));
             t.undo = Some(Undo::Close {
                 client_name,
                 statement,
+                _pending: pending,
             });
         }
     }
@@ -808,6 +862,7 @@ impl ClientStatements {
             Undo::Close {
                 client_name,
                 statement,
+                ..
             } => {
                 self.named.insert(client_name, statement);
             }
@@ -950,7 +1005,7 @@ mod tests {
     ) -> (Translated, BytesMut) {
         let mut out = BytesMut::new();
         let t = c
-            .translate(r, s, msg, msg.len(), &mut out, usize::MAX)
+            .translate(r, s, msg, msg.len(), &mut out, Situation::FREE)
             .expect("well formed");
         (t, out)
     }
@@ -998,7 +1053,7 @@ mod tests {
         let bind = bind_msg("s0", b"\0\0\0\0\0\0");
         let mut out = BytesMut::new();
         let t = c
-            .translate(&r, &mut s2, &bind, bind.len(), &mut out, usize::MAX)
+            .translate(&r, &mut s2, &bind, bind.len(), &mut out, Situation::FREE)
             .unwrap();
         assert_eq!(t.injected.len(), 1, "a hidden Parse");
         assert_eq!(out[0], b'P');
@@ -1019,7 +1074,7 @@ mod tests {
                 &bind,
                 bind.len(),
                 &mut BytesMut::new(),
-                usize::MAX,
+                Situation::FREE,
             )
             .unwrap();
         assert!(t.injected.is_empty());
@@ -1041,7 +1096,7 @@ mod tests {
                     &bind,
                     bind.len(),
                     &mut out,
-                    usize::MAX,
+                    Situation::FREE,
                 )
                 .unwrap();
             let Translation::Rewritten { at, .. } = t.translation else {
@@ -1212,7 +1267,7 @@ mod tests {
                 &bind[..7],
                 bind.len(),
                 &mut BytesMut::new(),
-                usize::MAX,
+                Situation::FREE,
             )
             .unwrap();
         assert_eq!(t.translation, Translation::NeedMore);
@@ -1223,7 +1278,7 @@ mod tests {
                 &bind[..20],
                 bind.len(),
                 &mut BytesMut::new(),
-                usize::MAX,
+                Situation::FREE,
             )
             .unwrap();
         assert!(matches!(
@@ -1272,12 +1327,21 @@ mod tests {
             ServerStatements::new(10),
             ClientStatements::default(),
         );
+        // Each message after others in its batch (`batch_open`), unless said otherwise.
+        let in_batch =
+            |c: &mut ClientStatements, s: &mut ServerStatements, msg: &[u8], batch_open: bool| {
+                let mut out = BytesMut::new();
+                let situation = Situation {
+                    max_named: 2,
+                    batch_open,
+                };
+                let t = c
+                    .translate(&r, s, msg, msg.len(), &mut out, situation)
+                    .expect("well formed");
+                (t, out)
+            };
         let limited = |c: &mut ClientStatements, s: &mut ServerStatements, msg: &[u8]| {
-            let mut out = BytesMut::new();
-            let t = c
-                .translate(&r, s, msg, msg.len(), &mut out, 2)
-                .expect("well formed");
-            (t, out)
+            in_batch(c, s, msg, true)
         };
         for name in ["s0", "s1"] {
             let (t, _) = limited(&mut c, &mut s, &parse_msg(name, "SELECT 1"));
@@ -1311,14 +1375,41 @@ mod tests {
         );
         let (t, _) = limited(&mut c, &mut s, &parse_msg("", "SELECT 3"));
         assert_eq!(t.translation, Translation::PassOn);
-        // A Close makes room.
-        limited(&mut c, &mut s, &small(b'C', b'S', "s0"));
+        // The refusal is prepared on a backend once, not once per refusal.
+        let (t, out) = limited(&mut c, &mut s, &parse_msg("s3", "SELECT 2"));
+        assert!(
+            matches!(t.translation, Translation::Replace { .. }),
+            "{t:?}"
+        );
+        let tags: Vec<u8> = t.injected.iter().map(|i| i.tag).collect();
+        assert_eq!((tags.as_slice(), out[0]), (&b"B"[..], b'B'));
+        // A Close makes room, once it is known to have happened: while the server may
+        // still skip it (its undo held), the name still counts.
+        let (close, _) = limited(&mut c, &mut s, &small(b'C', b'S', "s0"));
+        let (t, _) = limited(&mut c, &mut s, &parse_msg("s2", "SELECT 2"));
+        assert!(
+            matches!(t.translation, Translation::Replace { .. }),
+            "{t:?}"
+        );
+        let undo = close.undo.expect("a Close of a name the client had");
+        c.undo(&mut s, undo);
+        assert_eq!(c.len(), 2, "skipped: the name is back");
+        let (close, _) = limited(&mut c, &mut s, &small(b'C', b'S', "s0"));
+        drop(close);
         let (t, _) = limited(&mut c, &mut s, &parse_msg("s2", "SELECT 2"));
         assert!(
             !matches!(t.translation, Translation::Replace { .. }),
             "{t:?}"
         );
         assert_eq!(c.len(), 2);
+        // A Close first in its batch cannot be skipped: room at once (a driver closing a
+        // statement, then preparing another, without waiting in between).
+        let (_close, _) = in_batch(&mut c, &mut s, &small(b'C', b'S', "s1"), false);
+        let (t, _) = limited(&mut c, &mut s, &parse_msg("s4", "SELECT 4"));
+        assert!(
+            !matches!(t.translation, Translation::Replace { .. }),
+            "{t:?}"
+        );
     }
 
     #[test]
@@ -1335,8 +1426,15 @@ mod tests {
             b"C\0\0\0\x05S",
         ] {
             assert!(
-                c.translate(&r, &mut s, msg, msg.len(), &mut BytesMut::new(), usize::MAX)
-                    .is_err(),
+                c.translate(
+                    &r,
+                    &mut s,
+                    msg,
+                    msg.len(),
+                    &mut BytesMut::new(),
+                    Situation::FREE
+                )
+                .is_err(),
                 "{msg:?}"
             );
         }

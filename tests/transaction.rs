@@ -902,7 +902,7 @@ async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_doe
         .await
         .expect("table");
     let proxy = TestProxy::start(
-        "[pool]\nmax_size = 2\nmax_client_prepared_statements = 2\n\
+        "[pool]\nmax_size = 1\nmax_client_prepared_statements = 2\n\
          [users.tx_stmt_limit]\nauth = \"trust\"\nserver_password = \"pw\"\n",
     )
     .await;
@@ -959,6 +959,25 @@ async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_doe
     assert_eq!(raw::until_ready(&mut s).await.1, vec!["25P02".to_owned()]);
     raw::send(&mut s, &raw::query("ROLLBACK")).await;
     assert_eq!(raw::until_ready(&mut s).await.0, "CZ");
+    // Closes after a statement that fails are skipped: the names stay, and still count,
+    // even for a Parse sent before the failure is known.
+    let mut batches = raw::parse_bind_execute("SELECT 1 / (random() * 0)::int");
+    batches.extend(raw::message(b'C', b"Ss0\0"));
+    batches.extend(raw::message(b'C', b"Ss1\0"));
+    batches.extend_from_slice(&raw::SYNC);
+    batches.extend(raw::message(b'P', b"s5\0SELECT 5\0\0\0"));
+    batches.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &batches).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("12EZ".to_owned(), vec!["22012".to_owned()])
+    );
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("EZ".to_owned(), vec!["53400".to_owned()])
+    );
+    assert_eq!(run_named(&mut s, "s0").await.as_deref(), Ok("zero"));
+    assert_eq!(run_named(&mut s, "s1").await.as_deref(), Ok("one"));
 
     // A driver's view: tokio-postgres names every statement and closes it when dropped.
     let conn = proxy.connect("tx_stmt_limit", "pw").await.expect("login");
@@ -979,4 +998,17 @@ async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_doe
         .expect("runs")
         .get(0);
     assert_eq!(value, 3);
+    // Five refusals on the one backend: the statement refusing them was prepared once.
+    let rows = conn
+        .client
+        .simple_query(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'DO $pgshield$%'",
+        )
+        .await
+        .expect("count");
+    let count = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(count.as_deref(), Some("1"));
 }

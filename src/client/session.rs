@@ -1095,7 +1095,10 @@ impl Session {
                 &self.client_in[..available],
                 header.len,
                 &mut self.server_out,
-                self.limits.max_statements,
+                crate::prepared::Situation {
+                    max_named: self.limits.max_statements,
+                    batch_open: server.replies.batch_open(),
+                },
             )
             .map_err(|e| End::ClientProtocol(e.to_string()))?;
         if translated.translation == Translation::NeedMore {
@@ -1195,7 +1198,7 @@ impl Session {
                         let refusal = self
                             .shared
                             .statements
-                            .intern(&crate::prepared::refusal_statement(reason), &[]);
+                            .own(&crate::prepared::refusal_statement(reason));
                         let portal = translated.portal.as_deref().unwrap_or_default();
                         let (head, injected) = self.statements.refusal_bind(
                             &mut server.statements,

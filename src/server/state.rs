@@ -288,6 +288,12 @@ impl ReplyTracker {
         }
     }
 
+    /// Whether a message sent now would follow others in its batch (since the last Sync):
+    /// the server skips it if one of them fails.
+    pub fn batch_open(&self) -> bool {
+        self.extended_open || self.skipping_to_sync || self.client_copying
+    }
+
     /// Whether `take_undone` or `take_drops` has anything (mostly not: a cheap look).
     pub fn has_takebacks(&self) -> bool {
         !self.undone.is_empty() || !self.drops.is_empty()
