@@ -483,8 +483,17 @@ fn serve(
         ));
         tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
         tokio::spawn(pause_on_signals(Arc::clone(proxy.shared()), usr1, usr2));
-        proxy.run().await;
-        ExitCode::SUCCESS
+        // On a worker, not on this thread: `block_on`'s own future runs outside the
+        // worker pool, so each connection it accepted had to be handed to a worker and
+        // one woken for it (a futex and an eventfd write per connection). Accepted on a
+        // worker, a client's task starts on that worker.
+        match tokio::spawn(proxy.run()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pgshield: the accept loop failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 
