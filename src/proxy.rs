@@ -36,6 +36,8 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Inherited by the connections it accepts.
+    crate::net::set_tcp_options(socket2::SockRef::from(&socket))?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
@@ -158,20 +160,26 @@ pub enum StartError {
 }
 
 /// Serves one accepted connection in a task of its own (`read_only`: it came through
-/// `listen.read_only_addr`).
+/// `listen.read_only_addr`; `listening`: the address of the listener it came through).
 async fn accept(
     shared: &Arc<Shared>,
     sessions: &TaskTracker,
     accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-    read_only: bool,
+    (listening, read_only): (SocketAddr, bool),
 ) {
     match accepted {
         Ok((tcp, peer)) => {
             let slot = shared.clients.try_take();
+            // The connection's own address is the listener's, unless that is a wildcard.
+            let local = if listening.ip().is_unspecified() {
+                tcp.local_addr().ok()
+            } else {
+                Some(listening)
+            };
             let serve = client::serve(
                 Arc::clone(shared),
                 tcp,
-                peer,
+                (peer, local),
                 slot,
                 read_only,
                 sessions.clone(),
@@ -277,9 +285,9 @@ impl Proxy {
         let Proxy {
             shared,
             listener,
+            local_addr,
             read_only,
             http,
-            ..
         } = self;
         let janitors = CancellationToken::new();
         shared.pools.spawn_janitors(janitors.clone());
@@ -310,13 +318,13 @@ impl Proxy {
             tokio::select! {
                 _ = shutdown.draining() => break,
                 _ = shutdown.listener_closed() => break,
-                accepted = listener.accept() => accept(&shared, &sessions, accepted, false).await,
-                accepted = async {
+                accepted = listener.accept() => accept(&shared, &sessions, accepted, (local_addr, false)).await,
+                (accepted, listening) = async {
                     match &read_only {
-                        Some((listener, _)) => listener.accept().await,
+                        Some((listener, addr)) => (listener.accept().await, *addr),
                         None => std::future::pending().await,
                     }
-                } => accept(&shared, &sessions, accepted, true).await,
+                } => accept(&shared, &sessions, accepted, (listening, true)).await,
             }
         }
         drop(listener);
@@ -357,5 +365,33 @@ impl Proxy {
         janitors.cancel();
         shared.pools.close_all();
         tracing::info!("pgshield stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_clients_have_nodelay_and_keepalive() {
+        let listener = listen("127.0.0.1:0".parse().expect("addr"), false).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        for _ in 0..2 {
+            let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut stream = crate::net::Stream::from_accepted(tcp);
+            let tcp = stream.take_tcp().expect("plain TCP");
+            let sock = socket2::SockRef::from(&tcp);
+            assert!(sock.tcp_nodelay().expect("nodelay"));
+            assert!(sock.keepalive().expect("keepalive"));
+            assert_eq!(
+                sock.tcp_keepalive_time().expect("time"),
+                Duration::from_secs(60)
+            );
+            assert_eq!(
+                sock.tcp_keepalive_interval().expect("interval"),
+                Duration::from_secs(10)
+            );
+        }
     }
 }

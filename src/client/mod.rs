@@ -111,7 +111,7 @@ pub struct Held {
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, Option<SocketAddr>),
     slot: Option<ClientSlot>,
     read_only: bool,
     sessions: tokio_util::task::TaskTracker,
@@ -120,7 +120,7 @@ pub async fn serve(
     let clients = &shared.metrics.clients;
     clients.received.increment(1);
     let closed = ClosedOnDrop(clients.closed.clone());
-    let mut stream = Stream::from_tcp(tcp);
+    let mut stream = Stream::from_accepted(tcp);
     let mut buf = BytesMut::new();
     let login_timeout = shared.live().config.listen.client_login_timeout;
     let shutdown = shared.shutdown.clone();
@@ -145,7 +145,14 @@ pub async fn serve(
         Ok(Ok(handshake::Outcome::Session(login))) => {
             clients.setup_succeeded.increment(1);
             let held = Held { slot, closed };
-            let session = session::Session::new(Arc::clone(&shared), id, stream, login, buf, held);
+            let session = session::Session::new(
+                Arc::clone(&shared),
+                id,
+                (stream, peer, local),
+                login,
+                buf,
+                held,
+            );
             sessions.spawn(session.run());
             return;
         }

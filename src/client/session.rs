@@ -323,7 +323,7 @@ impl Session {
     pub fn new(
         shared: Arc<Shared>,
         id: ClientId,
-        client: Stream,
+        (client, addr, local): (Stream, std::net::SocketAddr, Option<std::net::SocketAddr>),
         login: Login,
         leftover: BytesMut,
         held: super::Held,
@@ -336,8 +336,8 @@ impl Session {
                 NewClient {
                     id: id.0,
                     pool: Arc::clone(&login.pool),
-                    addr: client.peer_addr(),
-                    local: client.local_addr(),
+                    addr,
+                    local,
                     tls: client.is_tls(),
                     application_name: login
                         .settings

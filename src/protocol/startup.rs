@@ -112,13 +112,19 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
     }
 }
 
+/// What the first read of a connection makes room for: most drivers' startup packets fit.
+const TYPICAL_PACKET_LEN: usize = 256;
+
 /// Reads one startup packet from a new connection. Checks the length before reading more.
 pub async fn read<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<StartupPacket, StartupReadError> {
     while buf.len() < 4 {
-        buf.reserve(4);
+        // Room for a whole typical packet: one read, not one for the length and one for
+        // the rest. (Bytes beyond the packet stay in `buf`: the caller refuses them after
+        // an SSLRequest, and a session takes them as its first input.)
+        buf.reserve(TYPICAL_PACKET_LEN);
         if stream.read_buf(buf).await.map_err(ReadError::Io)? == 0 {
             return Err(ReadError::Closed.into());
         }
