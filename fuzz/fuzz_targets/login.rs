@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
             5555,
         ));
         let login =
-            pgshield::client::handshake::login(&h.shared, &mut stream, &mut buf, peer, true);
+            pgshield::client::handshake::login(&h.shared, &mut stream, &mut buf, peer, true, false);
         let _ = tokio::time::timeout(Duration::from_secs(5), login).await;
         drop(client);
     });

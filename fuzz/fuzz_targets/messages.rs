@@ -7,7 +7,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pgshield::prepared::{ClientStatements, Registry, ServerStatements};
+use pgshield::prepared::{ClientStatements, Registry, ServerStatements, Situation};
 use pgshield::protocol::frame::split_message;
 use pgshield::protocol::messages::ErrorResponse;
 use pgshield::protocol::scram::{Channel, ScramExchange, ScramVerifier};
@@ -43,15 +43,21 @@ fuzz_target!(|data: &[u8]| {
     let mut server = ServerStatements::new(4);
     let mut out = BytesMut::new();
     let mut buf = BytesMut::from(data);
+    // A small statement limit, so refusals are reached too.
+    let mut situation = Situation {
+        max_named: 3,
+        batch_open: false,
+    };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
         if matches!(tag, b'P' | b'B' | b'D' | b'C') {
             let mut msg = BytesMut::with_capacity(body.len() + 5);
             msg.extend_from_slice(&[tag]);
             msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
             msg.extend_from_slice(&body);
-            let _ = client.answer_without_backend(&registry, &msg);
-            let _ = client.translate(&registry, &mut server, &msg, msg.len(), &mut out);
+            let _ = client.answer_without_backend(&registry, &msg, situation.max_named);
+            let _ = client.translate(&registry, &mut server, &msg, msg.len(), &mut out, situation);
         }
+        situation.batch_open = tag != b'S';
     }
     let mut tracker = ReplyTracker::default();
     for tag in [b'P', b'B', b'E', b'S', b'Q'] {
