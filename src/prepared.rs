@@ -203,6 +203,8 @@ pub enum Undo {
         statement: Arc<Statement>,
         /// It went to the server (rather than being answered by pgshield).
         on_server: bool,
+        /// The other clone of its `Doubt`'s token, if it may be skipped.
+        doubt: Option<Arc<()>>,
     },
     /// A client's Close did not happen: the name still means the statement.
     Close {
@@ -212,11 +214,21 @@ pub enum Undo {
         /// undo exists (see `ClientStatements::closing`).
         _pending: Option<Arc<()>>,
     },
-    /// A Parse of the unnamed statement did not happen (or failed).
-    UnnamedParse,
+    /// A Parse of the unnamed statement did not happen (or failed): the client's own
+    /// (`injected` false: it loses its unnamed statement), or pgshield's, putting the
+    /// client's on a backend.
+    UnnamedParse {
+        injected: bool,
+        /// The other clone of its `Doubt`'s token, if it may be skipped.
+        doubt: Option<Arc<()>>,
+    },
     /// pgshield's Close of a statement evicted from a full backend did not happen: the
     /// backend still has it.
-    Evicted(Arc<str>),
+    Evicted {
+        name: Arc<str>,
+        /// The other clone of its `Doubt`'s token, if it may be skipped.
+        _doubt: Option<Arc<()>>,
+    },
 }
 
 /// One client's statements, by its own names.
@@ -305,42 +317,141 @@ impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
 
 /// What one backend has prepared under proxy-wide names (bounded, least recently used
 /// first out), and whose unnamed statement it holds.
+///
+/// What was sent is recorded at once (messages later in the same batch count on it: if
+/// the server skips it, it skips them too). A Parse or an eviction's Close sent after
+/// other messages in its batch may be skipped, though, and a later batch, already on
+/// its way, cannot count on it until its outcome is known: such a name is `Unsure`, and
+/// is prepared again behind a Close (a Close of a statement that does not exist is no
+/// error, so Close + Parse leaves it prepared whatever happened before).
 #[derive(Debug)]
 pub struct ServerStatements {
-    names: FastMap<Arc<str>, u64>,
+    names: FastMap<Arc<str>, Prepared>,
+    /// Evicted names whose Close may yet be skipped.
+    evicting: FastMap<Arc<str>, Doubt>,
     clock: u64,
     capacity: usize,
     unnamed: Option<Arc<Statement>>,
+    /// The Parse that put `unnamed` there, if it may yet be skipped.
+    unnamed_doubt: Option<Doubt>,
+}
+
+#[derive(Debug)]
+struct Prepared {
+    /// When last used (least recently used first out).
+    stamp: u64,
+    /// Its Parse's outcome, if it may yet be skipped.
+    doubt: Option<Doubt>,
+}
+
+/// A message that may yet be skipped (it followed others in its batch), until its undo,
+/// which holds the other clone of `token`, is settled: acted on or taken back.
+#[derive(Debug)]
+struct Doubt {
+    token: Arc<()>,
+    /// Its batch (Syncs sent before it).
+    batch: u64,
+}
+
+impl Doubt {
+    /// For a message sent now, in this situation: a doubt if others precede it in its batch.
+    fn about(situation: Situation) -> Option<Doubt> {
+        situation.batch_open.then(|| Doubt {
+            token: Arc::default(),
+            batch: situation.batch,
+        })
+    }
+
+    fn settled(&self) -> bool {
+        Arc::strong_count(&self.token) == 1
+    }
+
+    /// A message of batch `batch` cannot count on the outcome.
+    fn unsettled_for(&self, batch: u64) -> bool {
+        self.batch != batch && !self.settled()
+    }
+}
+
+/// What a backend has under a name, for a message about to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Absent,
+    Present,
+    /// Prepared, or closed, by a message whose outcome this one cannot count on.
+    Unsure,
 }
 
 impl ServerStatements {
     pub fn new(capacity: usize) -> ServerStatements {
         ServerStatements {
             names: FastMap::default(),
+            evicting: FastMap::default(),
             clock: 0,
             capacity: capacity.max(1),
             unnamed: None,
+            unnamed_doubt: None,
         }
     }
 
-    fn has(&mut self, name: &Arc<str>) -> bool {
+    /// Records a Parse of the unnamed statement sent now (`injected`: by pgshield);
+    /// returns its undo.
+    fn unnamed_parsed(
+        &mut self,
+        statement: Arc<Statement>,
+        situation: Situation,
+        injected: bool,
+    ) -> Undo {
+        self.unnamed = Some(statement);
+        self.unnamed_doubt = Doubt::about(situation);
+        Undo::UnnamedParse {
+            injected,
+            doubt: self.unnamed_doubt.as_ref().map(|d| Arc::clone(&d.token)),
+        }
+    }
+
+    /// Whether the backend has `name`, for a message of batch `batch` (a use: it becomes
+    /// the most recently used).
+    fn presence(&mut self, name: &Arc<str>, batch: u64) -> Presence {
         self.clock += 1;
-        match self.names.get_mut(name) {
-            Some(stamp) => {
-                *stamp = self.clock;
-                true
+        if let Some(prepared) = self.names.get_mut(name) {
+            prepared.stamp = self.clock;
+            return match &prepared.doubt {
+                Some(doubt) if doubt.unsettled_for(batch) => Presence::Unsure,
+                Some(doubt) if doubt.settled() => {
+                    prepared.doubt = None;
+                    Presence::Present
+                }
+                _ => Presence::Present,
+            };
+        }
+        if self.evicting.is_empty() {
+            return Presence::Absent;
+        }
+        match self.evicting.get(name) {
+            Some(doubt) if doubt.unsettled_for(batch) => Presence::Unsure,
+            Some(doubt) if doubt.settled() => {
+                self.evicting.remove(name);
+                Presence::Absent
             }
-            None => false,
+            _ => Presence::Absent,
         }
     }
 
-    /// Records a statement as prepared; returns the name to close first if full.
-    fn add(&mut self, name: Arc<str>) -> Option<Arc<str>> {
+    /// Records a Parse of `name` sent now (`doubt`: if it may yet be skipped); returns
+    /// the name to close first if full.
+    fn add(&mut self, name: Arc<str>, doubt: Option<Doubt>) -> Option<Arc<str>> {
+        self.clock += 1;
+        let stamp = self.clock;
+        if let Some(prepared) = self.names.get_mut(&name) {
+            // Prepared again (it was unsure): the newest Parse is what counts.
+            *prepared = Prepared { stamp, doubt };
+            return None;
+        }
         let evicted = if self.names.len() >= self.capacity {
             let oldest = self
                 .names
                 .iter()
-                .min_by_key(|(_, stamp)| **stamp)
+                .min_by_key(|(_, p)| p.stamp)
                 .map(|(n, _)| Arc::clone(n));
             if let Some(name) = &oldest {
                 self.names.remove(name);
@@ -349,9 +460,45 @@ impl ServerStatements {
         } else {
             None
         };
-        self.clock += 1;
-        self.names.insert(name, self.clock);
+        self.names.insert(name, Prepared { stamp, doubt });
         evicted
+    }
+
+    /// Records that `name` is being closed, after others in its batch (`doubt`).
+    fn closing(&mut self, name: Arc<str>, doubt: Doubt) {
+        if self.evicting.len() >= 64 {
+            self.evicting.retain(|_, d| !d.settled());
+        }
+        self.evicting.insert(name, doubt);
+    }
+
+    /// A Parse of `name` was skipped: forgotten, unless a later Parse (`token` is not
+    /// the entry's) prepared it again.
+    fn parse_skipped(&mut self, name: &str, token: Option<&Arc<()>>) {
+        let ours = self
+            .names
+            .get(name)
+            .is_some_and(|p| match (&p.doubt, token) {
+                (Some(doubt), Some(token)) => Arc::ptr_eq(&doubt.token, token),
+                (None, Some(_)) => false,
+                (_, None) => true,
+            });
+        if ours {
+            self.names.remove(name);
+        }
+    }
+
+    /// An eviction's Close was skipped: the backend still has the statement.
+    fn close_skipped(&mut self, name: Arc<str>) {
+        self.evicting.remove(&name);
+        self.clock += 1;
+        self.names.insert(
+            name,
+            Prepared {
+                stamp: self.clock,
+                doubt: None,
+            },
+        );
     }
 
     fn forget(&mut self, name: &str) {
@@ -369,6 +516,7 @@ impl ServerStatements {
     /// The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.names.clear();
+        self.evicting.clear();
         self.unnamed = None;
     }
 
@@ -394,6 +542,8 @@ pub struct Situation {
     /// Messages before this one since the last Sync: if one of them fails, the server
     /// skips this one.
     pub batch_open: bool,
+    /// Its batch: how many Syncs were sent before it.
+    pub batch: u64,
 }
 
 impl Situation {
@@ -401,6 +551,7 @@ impl Situation {
     pub const FREE: Situation = Situation {
         max_named: usize::MAX,
         batch_open: false,
+        batch: 0,
     };
 }
 
@@ -563,9 +714,10 @@ impl ClientStatements {
                 let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.full(name, max_named) {
-                    self.refuse_parse(registry, server, max_named, out, &mut t);
+                    self.refuse_parse(registry, server, situation, out, &mut t);
                 } else {
-                    self.parse(registry, server, (name, query, &types), len, out, &mut t);
+                    let how = (len, situation);
+                    self.parse(registry, server, (name, query, &types), how, out, &mut t);
                 }
             }
             b'B' => {
@@ -576,8 +728,8 @@ impl ClientStatements {
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
                 let found = t.bound.clone();
-                if let Some(proxy_name) = self.use_statement(server, statement, found, out, &mut t)
-                {
+                let used = (statement, found);
+                if let Some(proxy_name) = self.use_statement(server, used, situation, out, &mut t) {
                     let at = out.len();
                     let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
                     out.put_u8(b'B');
@@ -597,7 +749,10 @@ impl ClientStatements {
                 }
                 if kind == b'S' && tag == b'D' {
                     let found = self.lookup(name);
-                    if let Some(proxy_name) = self.use_statement(server, name, found, out, &mut t) {
+                    let used = (name, found);
+                    if let Some(proxy_name) =
+                        self.use_statement(server, used, situation, out, &mut t)
+                    {
                         let mut head = BytesMut::new();
                         put_message(&mut head, b'D', |b| {
                             b.put_u8(b'S');
@@ -624,7 +779,7 @@ impl ClientStatements {
         registry: &Registry,
         server: &mut ServerStatements,
         (name, query, types): (&str, &str, &[u32]),
-        len: usize,
+        (len, situation): (usize, Situation),
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
@@ -632,14 +787,13 @@ impl ClientStatements {
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
             self.unnamed = Some(Arc::clone(&statement));
-            server.unnamed = Some(statement);
-            t.undo = Some(Undo::UnnamedParse);
+            t.undo = Some(server.unnamed_parsed(statement, situation, false));
             return;
         }
         if let Some(existing) = self.named.get(name).cloned() {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
-            self.ensure_prepared(server, &existing, out, t);
+            self.ensure_prepared(server, &existing, situation, out, t);
             let mut head = BytesMut::new();
             statement.write_parse(existing.name(), &mut head);
             t.translation = Translation::Rewrite {
@@ -651,19 +805,19 @@ impl ClientStatements {
         let client_name: Arc<str> = name.into();
         self.named
             .insert(Arc::clone(&client_name), Arc::clone(&statement));
-        if server.has(statement.name()) {
+        let presence = server.presence(statement.name(), situation.batch);
+        if presence == Presence::Present {
             t.translation = Translation::Answered;
             t.fake = Some(crate::server::state::Fake::ParseComplete);
             t.undo = Some(Undo::Parse {
                 client_name: Some(client_name),
                 statement,
                 on_server: false,
+                doubt: None,
             });
             return;
         }
-        if let Some(evicted) = server.add(Arc::clone(statement.name())) {
-            close_on_server(&evicted, out, t);
-        }
+        let token = record_parse(server, statement.name(), (presence, situation), out, t);
         let mut head = BytesMut::new();
         statement.write_parse(statement.name(), &mut head);
         t.translation = Translation::Rewrite {
@@ -674,6 +828,7 @@ impl ClientStatements {
             client_name: Some(client_name),
             statement,
             on_server: true,
+            doubt: token,
         });
     }
 
@@ -700,12 +855,12 @@ impl ClientStatements {
         &mut self,
         registry: &Registry,
         server: &mut ServerStatements,
-        max_named: usize,
+        situation: Situation,
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
-        let refusal = registry.own(&too_many_statements(max_named));
-        self.ensure_prepared(server, &refusal, out, t);
+        let refusal = registry.own(&too_many_statements(situation.max_named));
+        self.ensure_prepared(server, &refusal, situation, out, t);
         put_bind(out, REFUSAL_PORTAL, refusal.name());
         t.injected.push(Injected {
             tag: b'B',
@@ -736,25 +891,31 @@ impl ClientStatements {
     fn use_statement(
         &mut self,
         server: &mut ServerStatements,
-        name: &str,
-        found: Option<Arc<Statement>>,
+        (name, found): (&str, Option<Arc<Statement>>),
+        situation: Situation,
         out: &mut BytesMut,
         t: &mut Translated,
     ) -> Option<Arc<str>> {
         if name.is_empty() {
             match &found {
+                // (Unless put there by a Parse of an earlier batch that may yet be
+                // skipped: then the backend may still hold another client's.)
                 Some(mine)
                     if server
                         .unnamed
                         .as_ref()
-                        .is_some_and(|s| Arc::ptr_eq(s, mine)) => {}
+                        .is_some_and(|s| Arc::ptr_eq(s, mine))
+                        && !server
+                            .unnamed_doubt
+                            .as_ref()
+                            .is_some_and(|d| d.unsettled_for(situation.batch)) => {}
                 Some(mine) => {
                     mine.write_parse("", out);
+                    let undo = server.unnamed_parsed(Arc::clone(mine), situation, true);
                     t.injected.push(Injected {
                         tag: b'P',
-                        undo: Some(Undo::UnnamedParse),
+                        undo: Some(undo),
                     });
-                    server.unnamed = Some(Arc::clone(mine));
                 }
                 None => {
                     // Whatever this backend holds is not the client's: drop it, so the
@@ -776,7 +937,7 @@ impl ClientStatements {
                 .starts_with(NAME_PREFIX)
                 .then(|| format!("{NAME_PREFIX}!{name}").into());
         };
-        self.ensure_prepared(server, &statement, out, t);
+        self.ensure_prepared(server, &statement, situation, out, t);
         Some(Arc::clone(statement.name()))
     }
 
@@ -784,15 +945,15 @@ impl ClientStatements {
         &mut self,
         server: &mut ServerStatements,
         statement: &Arc<Statement>,
+        situation: Situation,
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
-        if server.has(statement.name()) {
+        let presence = server.presence(statement.name(), situation.batch);
+        if presence == Presence::Present {
             return;
         }
-        if let Some(evicted) = server.add(Arc::clone(statement.name())) {
-            close_on_server(&evicted, out, t);
-        }
+        let token = record_parse(server, statement.name(), (presence, situation), out, t);
         statement.write_parse(statement.name(), out);
         t.injected.push(Injected {
             tag: b'P',
@@ -800,6 +961,7 @@ impl ClientStatements {
                 client_name: None,
                 statement: Arc::clone(statement),
                 on_server: true,
+                doubt: token,
             }),
         });
     }
@@ -828,11 +990,11 @@ impl ClientStatements {
         &mut self,
         server: &mut ServerStatements,
         refusal: &Arc<Statement>,
-        portal: &str,
+        (portal, situation): (&str, Situation),
         out: &mut BytesMut,
     ) -> (BytesMut, Vec<Injected>) {
         let mut t = Translated::pass_on();
-        self.ensure_prepared(server, refusal, out, &mut t);
+        self.ensure_prepared(server, refusal, situation, out, &mut t);
         let mut head = BytesMut::new();
         put_bind(&mut head, portal, refusal.name());
         (head, t.injected)
@@ -845,9 +1007,10 @@ impl ClientStatements {
                 client_name,
                 statement,
                 on_server,
+                doubt,
             } => {
                 if on_server {
-                    server.forget(statement.name());
+                    server.parse_skipped(statement.name(), doubt.as_ref());
                 }
                 if let Some(name) = client_name {
                     if self
@@ -866,14 +1029,22 @@ impl ClientStatements {
             } => {
                 self.named.insert(client_name, statement);
             }
-            Undo::UnnamedParse => {
-                self.unnamed = None;
-                server.unnamed = None;
+            Undo::UnnamedParse { injected, doubt } => {
+                if !injected {
+                    self.unnamed = None;
+                }
+                // (Unless a later Parse, of a batch already sent, put it there again.)
+                let ours = match (&server.unnamed_doubt, &doubt) {
+                    (Some(now), Some(skipped)) => Arc::ptr_eq(&now.token, skipped),
+                    (None, Some(_)) => false,
+                    (_, None) => true,
+                };
+                if ours {
+                    server.unnamed = None;
+                    server.unnamed_doubt = None;
+                }
             }
-            Undo::Evicted(name) => {
-                server.clock += 1;
-                server.names.insert(name, server.clock);
-            }
+            Undo::Evicted { name, .. } => server.close_skipped(name),
         }
     }
 
@@ -923,16 +1094,65 @@ fn parse_types(mut body: &[u8]) -> Result<Vec<u32>, Malformed> {
     Ok((0..count).map(|_| body.get_u32()).collect())
 }
 
+/// Records a Parse of `name` about to be written to the backend, which lacks it or may:
+/// behind a Close if unsure, after the Close of the least recently used statement if
+/// full. Returns the Parse's doubt token, for its undo.
+fn record_parse(
+    server: &mut ServerStatements,
+    name: &Arc<str>,
+    (presence, situation): (Presence, Situation),
+    out: &mut BytesMut,
+    t: &mut Translated,
+) -> Option<Arc<()>> {
+    if presence == Presence::Unsure {
+        close_unsure(name, out, t);
+    }
+    let doubt = Doubt::about(situation);
+    let token = doubt.as_ref().map(|d| Arc::clone(&d.token));
+    if let Some(evicted) = server.add(Arc::clone(name), doubt) {
+        close_on_server(server, evicted, situation, out, t);
+    }
+    token
+}
+
 /// Injects a Close of a statement evicted from a full backend.
-fn close_on_server(name: &Arc<str>, out: &mut BytesMut, t: &mut Translated) {
+fn close_on_server(
+    server: &mut ServerStatements,
+    name: Arc<str>,
+    situation: Situation,
+    out: &mut BytesMut,
+    t: &mut Translated,
+) {
+    put_close(out, &name);
+    let doubt = Doubt::about(situation);
+    let token = doubt.as_ref().map(|d| Arc::clone(&d.token));
+    if let Some(doubt) = doubt {
+        server.closing(Arc::clone(&name), doubt);
+    }
+    t.injected.push(Injected {
+        tag: b'C',
+        undo: Some(Undo::Evicted {
+            name,
+            _doubt: token,
+        }),
+    });
+}
+
+/// Injects a Close of a statement whose presence is unsure, before preparing it again
+/// (no error if it is not there; its reply is swallowed).
+fn close_unsure(name: &str, out: &mut BytesMut, t: &mut Translated) {
+    put_close(out, name);
+    t.injected.push(Injected {
+        tag: b'C',
+        undo: None,
+    });
+}
+
+fn put_close(out: &mut BytesMut, name: &str) {
     put_message(out, b'C', |b| {
         b.put_u8(b'S');
         b.put_slice(name.as_bytes());
         b.put_u8(0);
-    });
-    t.injected.push(Injected {
-        tag: b'C',
-        undo: Some(Undo::Evicted(Arc::clone(name))),
     });
 }
 
@@ -1334,6 +1554,7 @@ mod tests {
                 let situation = Situation {
                     max_named: 2,
                     batch_open,
+                    batch: 0,
                 };
                 let t = c
                     .translate(&r, s, msg, msg.len(), &mut out, situation)

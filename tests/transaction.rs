@@ -108,6 +108,11 @@ async fn run_named(s: &mut tokio::net::TcpStream, name: &str) -> Result<String, 
     bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
     bytes.extend_from_slice(&raw::SYNC);
     raw::send(s, &bytes).await;
+    row_until_ready(s).await
+}
+
+/// Reads up to the next ReadyForQuery: the text of the (one-column) row, or the error.
+async fn row_until_ready(s: &mut tokio::net::TcpStream) -> Result<String, String> {
     let mut value = Err("no row".to_owned());
     loop {
         let (tag, body) = raw::read_message(s).await.expect("reply");
@@ -1011,4 +1016,67 @@ async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_doe
         _ => None,
     });
     assert_eq!(count.as_deref(), Some("1"));
+}
+
+/// Bind (unnamed portal, no parameters) and Execute of `statement`.
+fn bind_execute(statement: &str) -> Vec<u8> {
+    let mut bind = vec![0];
+    bind.extend_from_slice(statement.as_bytes());
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+    let mut bytes = raw::message(b'B', &bind);
+    bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+    bytes
+}
+
+/// Sends `failing` then `then` in one batch, and a second batch running `again`, at once
+/// (the second on its way before the first fails); returns the replies to each batch,
+/// with the second's row, if any.
+async fn two_batches(
+    s: &mut tokio::net::TcpStream,
+    (failing, then): (&str, &str),
+    again: &str,
+) -> ((String, Vec<String>), Result<String, String>) {
+    let mut bytes = bind_execute(failing);
+    bytes.extend(bind_execute(then));
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(bind_execute(again));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(s, &bytes).await;
+    let first = raw::until_ready(s).await;
+    (first, row_until_ready(s).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_before_the_previous_one_failed_does_not_count_on_what_that_one_prepared() {
+    common::create_role("tx_doubt", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\nmax_prepared_statements = 1\n\
+         [users.tx_doubt]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut c = raw::login_trusted(proxy.addr, "tx_doubt").await;
+    let fails = "SELECT 1 / (random() * 0)::int";
+    assert_eq!(parse_named(&mut c, "fail", fails).await, "1Z");
+    assert_eq!(parse_named(&mut c, "s1", "SELECT 'one'").await, "1Z");
+    assert_eq!(parse_named(&mut c, "s2", "SELECT 'two'").await, "1Z");
+    // The backend holds one statement (s2's). The first batch fails before the hidden
+    // Parse that would bring s1 back, and before the Close that would make room for it:
+    // the server skips both. The second batch, already sent, still finds its statement.
+    let failed = ("2EZ".to_owned(), vec!["22012".to_owned()]);
+    let (first, second) = two_batches(&mut c, ("fail", "s1"), "s1").await;
+    assert_eq!((first, second.as_deref()), (failed.clone(), Ok("one")));
+    let (first, second) = two_batches(&mut c, ("fail", "s2"), "s1").await;
+    assert_eq!((first, second.as_deref()), (failed.clone(), Ok("one")));
+    let (first, second) = two_batches(&mut c, ("fail", "s1"), "s2").await;
+    assert_eq!((first, second.as_deref()), (failed.clone(), Ok("two")));
+    assert_eq!(run_named(&mut c, "s1").await.as_deref(), Ok("one"));
+    assert_eq!(run_named(&mut c, "s2").await.as_deref(), Ok("two"));
+
+    // The unnamed statement: the backend holds another client's; the hidden Parse that
+    // would put this client's back is skipped. The second batch must not run the other's.
+    assert_eq!(parse_named(&mut c, "", "SELECT 'mine'").await, "1Z");
+    let mut other = raw::login_trusted(proxy.addr, "tx_doubt").await;
+    assert_eq!(parse_named(&mut other, "", "SELECT 'other''s'").await, "1Z");
+    let (first, second) = two_batches(&mut c, ("fail", ""), "").await;
+    assert_eq!((first, second.as_deref()), (failed, Ok("mine")));
 }

@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
     let mut situation = Situation {
         max_named: 3,
         batch_open: false,
+        batch: 0,
     };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
         if matches!(tag, b'P' | b'B' | b'D' | b'C') {
@@ -58,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = client.translate(&registry, &mut server, &msg, msg.len(), &mut out, situation);
         }
         situation.batch_open = tag != b'S';
+        situation.batch += u64::from(tag == b'S');
     }
     let mut tracker = ReplyTracker::default();
     for tag in [b'P', b'B', b'E', b'S', b'Q'] {

@@ -1095,10 +1095,7 @@ impl Session {
                 &self.client_in[..available],
                 header.len,
                 &mut self.server_out,
-                crate::prepared::Situation {
-                    max_named: self.limits.max_statements,
-                    batch_open: server.replies.batch_open(),
-                },
+                Self::situation(&self.limits, &server.replies),
             )
             .map_err(|e| End::ClientProtocol(e.to_string()))?;
         if translated.translation == Translation::NeedMore {
@@ -1133,7 +1130,7 @@ impl Session {
             _ => {}
         }
         for injected in translated.injected {
-            if matches!(injected.undo, Some(crate::prepared::Undo::Evicted(_))) {
+            if matches!(injected.undo, Some(crate::prepared::Undo::Evicted { .. })) {
                 metrics.prepared_evictions.increment(1);
             }
             server
@@ -1203,7 +1200,7 @@ impl Session {
                         let (head, injected) = self.statements.refusal_bind(
                             &mut server.statements,
                             &refusal,
-                            portal,
+                            (portal, Self::situation(&self.limits, &server.replies)),
                             &mut self.server_out,
                         );
                         for injected in injected {
@@ -1268,6 +1265,18 @@ impl Session {
             self.statements.undo(&mut server.statements, undo);
         }
         Ok(true)
+    }
+
+    /// What translating a message sent to the backend now needs to know.
+    fn situation(
+        limits: &Limits,
+        replies: &crate::server::state::ReplyTracker,
+    ) -> crate::prepared::Situation {
+        crate::prepared::Situation {
+            max_named: limits.max_statements,
+            batch_open: replies.batch_open(),
+            batch: replies.batch(),
+        }
     }
 
     /// Answers a message that could not get a backend, as PostgreSQL answers a failed one.

@@ -165,6 +165,8 @@ pub struct ReplyTracker {
     drops: Vec<(StatementDrop, bool)>,
     /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
+    /// Syncs sent: the number of the batch now being sent.
+    syncs: u64,
     /// The server is discarding the client's messages until a Sync (after an error).
     skipping_to_sync: bool,
     /// The server is in COPY FROM STDIN and the client has not ended it yet.
@@ -184,6 +186,7 @@ impl Default for ReplyTracker {
             undone: Vec::new(),
             drops: Vec::new(),
             extended_open: false,
+            syncs: 0,
             skipping_to_sync: false,
             client_copying: false,
             copy_swallowed_messages: false,
@@ -202,6 +205,9 @@ impl ReplyTracker {
     /// Notes a message sent to the backend: how its replies are hidden from the client,
     /// and what to take back if the server never acts on it.
     pub fn sent_with(&mut self, tag: u8, hide: Hide, undo: Option<Undo>) {
+        // (Counted even where the server ignores it, in COPY: a batch counted too many
+        // only makes pgshield prepare a statement again, to be sure.)
+        self.syncs += u64::from(tag == b'S');
         if self.client_copying {
             match tag {
                 b'c' | b'f' => self.client_copying = false,
@@ -292,6 +298,11 @@ impl ReplyTracker {
     /// the server skips it if one of them fails.
     pub fn batch_open(&self) -> bool {
         self.extended_open || self.skipping_to_sync || self.client_copying
+    }
+
+    /// The batch a message sent now belongs to (the Syncs sent before it).
+    pub fn batch(&self) -> u64 {
+        self.syncs
     }
 
     /// Whether `take_undone` or `take_drops` has anything (mostly not: a cheap look).
@@ -829,6 +840,7 @@ mod tests {
             client_name: Some("s0".into()),
             statement: registry.intern("SELECT 1", &[]),
             on_server: true,
+            doubt: None,
         })
     }
 
