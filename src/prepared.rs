@@ -319,16 +319,17 @@ impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
 /// first out), and whose unnamed statement it holds.
 ///
 /// What was sent is recorded at once (messages later in the same batch count on it: if
-/// the server skips it, it skips them too). A Parse or an eviction's Close sent after
-/// other messages in its batch may be skipped, though, and a later batch, already on
-/// its way, cannot count on it until its outcome is known: such a name is `Unsure`, and
-/// is prepared again behind a Close (a Close of a statement that does not exist is no
-/// error, so Close + Parse leaves it prepared whatever happened before).
+/// it fails or is skipped, the server skips them too). But a Parse may fail (in a failed
+/// transaction, say) or be skipped, and an eviction's Close sent after other messages in
+/// its batch may be skipped; a later batch, already on its way, cannot count on them
+/// until their outcome is known: such a name is `Unsure`, and is prepared again behind
+/// a Close (a Close of a statement that does not exist is no error, so Close + Parse
+/// leaves it prepared whatever happened before).
 #[derive(Debug)]
 pub struct ServerStatements {
     names: FastMap<Arc<str>, Prepared>,
     /// Evicted names whose Close may yet be skipped.
-    evicting: FastMap<Arc<str>, Doubt>,
+    evicting: FastMap<Arc<str>, Evicting>,
     clock: u64,
     capacity: usize,
     unnamed: Option<Arc<Statement>>,
@@ -344,32 +345,67 @@ struct Prepared {
     doubt: Option<Doubt>,
 }
 
-/// A message that may yet be skipped (it followed others in its batch), until its undo,
-/// which holds the other clone of `token`, is settled: acted on or taken back.
+/// A message whose outcome is not known yet: a Parse (it may fail, or be skipped), or a
+/// Close after other messages in its batch (it may be skipped; it cannot fail), until
+/// its undo, which holds the other clone of `token`, is settled: acted on, or taken back.
 #[derive(Debug)]
 struct Doubt {
-    token: Arc<()>,
+    /// None: unsure until prepared again (nothing left to wait for).
+    token: Option<Arc<()>>,
     /// Its batch (Syncs sent before it).
     batch: u64,
 }
 
 impl Doubt {
-    /// For a message sent now, in this situation: a doubt if others precede it in its batch.
-    fn about(situation: Situation) -> Option<Doubt> {
-        situation.batch_open.then(|| Doubt {
-            token: Arc::default(),
+    /// For a Parse sent now; the token for its undo.
+    fn parse(situation: Situation) -> (Doubt, Arc<()>) {
+        let token = Arc::new(());
+        let doubt = Doubt {
+            token: Some(Arc::clone(&token)),
             batch: situation.batch,
-        })
+        };
+        (doubt, token)
+    }
+
+    /// For a Close sent now: a doubt if others precede it in its batch.
+    fn close(situation: Situation) -> Option<(Doubt, Arc<()>)> {
+        situation.batch_open.then(|| Doubt::parse(situation))
+    }
+
+    /// Not known either way, and nothing will tell: unsure until prepared again.
+    fn lost() -> Doubt {
+        Doubt {
+            token: None,
+            batch: u64::MAX,
+        }
     }
 
     fn settled(&self) -> bool {
-        Arc::strong_count(&self.token) == 1
+        self.token
+            .as_ref()
+            .is_some_and(|token| Arc::strong_count(token) == 1)
     }
 
     /// A message of batch `batch` cannot count on the outcome.
     fn unsettled_for(&self, batch: u64) -> bool {
         self.batch != batch && !self.settled()
     }
+
+    /// Whether this is the doubt about the message whose undo holds `token`.
+    fn is(&self, token: &Arc<()>) -> bool {
+        self.token.as_ref().is_some_and(|t| Arc::ptr_eq(t, token))
+    }
+}
+
+/// A statement being closed to make room, by a Close that may yet be skipped: should it
+/// be, the statement is back as it was (unless its own Parse turned out to fail).
+#[derive(Debug)]
+struct Evicting {
+    close: Doubt,
+    /// The doubt about its own Parse when it was evicted.
+    parse: Option<Doubt>,
+    /// That Parse was skipped, or failed: the statement was never there.
+    parse_failed: bool,
 }
 
 /// What a backend has under a name, for a message about to be sent.
@@ -401,11 +437,12 @@ impl ServerStatements {
         situation: Situation,
         injected: bool,
     ) -> Undo {
+        let (doubt, token) = Doubt::parse(situation);
         self.unnamed = Some(statement);
-        self.unnamed_doubt = Doubt::about(situation);
+        self.unnamed_doubt = Some(doubt);
         Undo::UnnamedParse {
             injected,
-            doubt: self.unnamed_doubt.as_ref().map(|d| Arc::clone(&d.token)),
+            doubt: Some(token),
         }
     }
 
@@ -427,9 +464,9 @@ impl ServerStatements {
         if self.evicting.is_empty() {
             return Presence::Absent;
         }
-        match self.evicting.get(name) {
-            Some(doubt) if doubt.unsettled_for(batch) => Presence::Unsure,
-            Some(doubt) if doubt.settled() => {
+        match self.evicting.get(name).map(|e| &e.close) {
+            Some(close) if close.unsettled_for(batch) => Presence::Unsure,
+            Some(close) if close.settled() => {
                 self.evicting.remove(name);
                 Presence::Absent
             }
@@ -437,9 +474,9 @@ impl ServerStatements {
         }
     }
 
-    /// Records a Parse of `name` sent now (`doubt`: if it may yet be skipped); returns
-    /// the name to close first if full.
-    fn add(&mut self, name: Arc<str>, doubt: Option<Doubt>) -> Option<Arc<str>> {
+    /// Records a Parse of `name` sent now (`doubt`: while its outcome is unknown);
+    /// returns the statement to close first if full, with the doubt about its Parse.
+    fn add(&mut self, name: Arc<str>, doubt: Option<Doubt>) -> Option<(Arc<str>, Option<Doubt>)> {
         self.clock += 1;
         let stamp = self.clock;
         if let Some(prepared) = self.names.get_mut(&name) {
@@ -453,52 +490,63 @@ impl ServerStatements {
                 .iter()
                 .min_by_key(|(_, p)| p.stamp)
                 .map(|(n, _)| Arc::clone(n));
-            if let Some(name) = &oldest {
-                self.names.remove(name);
-            }
-            oldest
+            oldest.and_then(|name| self.names.remove_entry(&name))
         } else {
             None
         };
         self.names.insert(name, Prepared { stamp, doubt });
-        evicted
+        evicted.map(|(name, prepared)| (name, prepared.doubt))
     }
 
-    /// Records that `name` is being closed, after others in its batch (`doubt`).
-    fn closing(&mut self, name: Arc<str>, doubt: Doubt) {
+    /// Records that `name` is being closed by a Close that may yet be skipped (`close`);
+    /// `parse`: the doubt about its own Parse.
+    fn closing(&mut self, name: Arc<str>, close: Doubt, parse: Option<Doubt>) {
         if self.evicting.len() >= 64 {
-            self.evicting.retain(|_, d| !d.settled());
+            self.evicting.retain(|_, e| !e.close.settled());
         }
-        self.evicting.insert(name, doubt);
+        let evicting = Evicting {
+            close,
+            parse,
+            parse_failed: false,
+        };
+        self.evicting.insert(name, evicting);
     }
 
-    /// A Parse of `name` was skipped: forgotten, unless a later Parse (`token` is not
-    /// the entry's) prepared it again.
+    /// A Parse of `name` was skipped or failed: forgotten, unless a later Parse (`token`
+    /// is not the entry's) prepared it again; if it is being evicted, it is not to come
+    /// back should that Close be skipped.
     fn parse_skipped(&mut self, name: &str, token: Option<&Arc<()>>) {
         let ours = self
             .names
             .get(name)
             .is_some_and(|p| match (&p.doubt, token) {
-                (Some(doubt), Some(token)) => Arc::ptr_eq(&doubt.token, token),
+                (Some(doubt), Some(token)) => doubt.is(token),
                 (None, Some(_)) => false,
                 (_, None) => true,
             });
         if ours {
             self.names.remove(name);
+        } else if let (Some(evicting), Some(token)) = (self.evicting.get_mut(name), token) {
+            if evicting.parse.as_ref().is_some_and(|d| d.is(token)) {
+                evicting.parse_failed = true;
+            }
         }
     }
 
-    /// An eviction's Close was skipped: the backend still has the statement.
+    /// An eviction's Close was skipped: the statement is back as it was, unless its own
+    /// Parse failed (or a later Parse prepared it again: left as that one made it).
     fn close_skipped(&mut self, name: Arc<str>) {
-        self.evicting.remove(&name);
+        let evicting = self.evicting.remove(&name);
+        if self.names.contains_key(&name) || evicting.as_ref().is_some_and(|e| e.parse_failed) {
+            return;
+        }
         self.clock += 1;
-        self.names.insert(
-            name,
-            Prepared {
-                stamp: self.clock,
-                doubt: None,
-            },
-        );
+        let prepared = Prepared {
+            stamp: self.clock,
+            // (Without a record, nothing says what it was: unsure until prepared again.)
+            doubt: evicting.map_or(Some(Doubt::lost()), |e| e.parse),
+        };
+        self.names.insert(name, prepared);
     }
 
     fn forget(&mut self, name: &str) {
@@ -1035,7 +1083,7 @@ impl ClientStatements {
                 }
                 // (Unless a later Parse, of a batch already sent, put it there again.)
                 let ours = match (&server.unnamed_doubt, &doubt) {
-                    (Some(now), Some(skipped)) => Arc::ptr_eq(&now.token, skipped),
+                    (Some(now), Some(skipped)) => now.is(skipped),
                     (None, Some(_)) => false,
                     (_, None) => true,
                 };
@@ -1107,28 +1155,26 @@ fn record_parse(
     if presence == Presence::Unsure {
         close_unsure(name, out, t);
     }
-    let doubt = Doubt::about(situation);
-    let token = doubt.as_ref().map(|d| Arc::clone(&d.token));
-    if let Some(evicted) = server.add(Arc::clone(name), doubt) {
+    let (doubt, token) = Doubt::parse(situation);
+    if let Some(evicted) = server.add(Arc::clone(name), Some(doubt)) {
         close_on_server(server, evicted, situation, out, t);
     }
-    token
+    Some(token)
 }
 
 /// Injects a Close of a statement evicted from a full backend.
 fn close_on_server(
     server: &mut ServerStatements,
-    name: Arc<str>,
+    (name, parse): (Arc<str>, Option<Doubt>),
     situation: Situation,
     out: &mut BytesMut,
     t: &mut Translated,
 ) {
     put_close(out, &name);
-    let doubt = Doubt::about(situation);
-    let token = doubt.as_ref().map(|d| Arc::clone(&d.token));
-    if let Some(doubt) = doubt {
-        server.closing(Arc::clone(&name), doubt);
-    }
+    let token = Doubt::close(situation).map(|(close, token)| {
+        server.closing(Arc::clone(&name), close, parse);
+        token
+    });
     t.injected.push(Injected {
         tag: b'C',
         undo: Some(Undo::Evicted {
@@ -1418,7 +1464,15 @@ mod tests {
             ClientStatements::default(),
         );
         run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
-        let (mut t, _) = run(&mut c, &r, &mut s, &parse_msg("b", "SELECT 'b'"));
+        // After other messages in its batch: the eviction's Close may be skipped.
+        let b = parse_msg("b", "SELECT 'b'");
+        let in_batch = Situation {
+            batch_open: true,
+            ..Situation::FREE
+        };
+        let mut t = c
+            .translate(&r, &mut s, &b, b.len(), &mut BytesMut::new(), in_batch)
+            .expect("well formed");
         let close = t
             .injected
             .pop()
@@ -1436,6 +1490,46 @@ mod tests {
                 && out[0] == b'B',
             "pgshield_1 known to be there"
         );
+    }
+
+    #[test]
+    fn batches_the_server_skipped_leave_what_was_there_before() {
+        let (r, mut s, mut c) = (
+            Registry::default(),
+            ServerStatements::new(1),
+            ClientStatements::default(),
+        );
+        run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
+        // Two batches, each after a statement that fails: in the first b evicts a, in
+        // the second c evicts b. The server skips them all; the first batch's undos come
+        // first (each batch's in reverse).
+        // (Held, so that their names stay theirs once the client lets go of them.)
+        let _held = ["SELECT 'b'", "SELECT 'c'"].map(|q| r.intern(q, &[]));
+        let mut batches = Vec::new();
+        for (batch, name, query) in [(0, "b", "SELECT 'b'"), (1, "c", "SELECT 'c'")] {
+            let situation = Situation {
+                batch_open: true,
+                batch,
+                ..Situation::FREE
+            };
+            let msg = parse_msg(name, query);
+            let t = c
+                .translate(&r, &mut s, &msg, msg.len(), &mut BytesMut::new(), situation)
+                .expect("well formed");
+            let mut undos: Vec<_> = t.injected.into_iter().filter_map(|i| i.undo).collect();
+            undos.extend(t.undo);
+            batches.push(undos);
+        }
+        for undos in batches {
+            for undo in undos.into_iter().rev() {
+                c.undo(&mut s, undo);
+            }
+        }
+        let presence =
+            |s: &mut ServerStatements, query: &str| s.presence(r.intern(query, &[]).name(), 2);
+        assert_eq!(presence(&mut s, "SELECT 'a'"), Presence::Present);
+        assert_eq!(presence(&mut s, "SELECT 'b'"), Presence::Absent);
+        assert_eq!(presence(&mut s, "SELECT 'c'"), Presence::Absent);
     }
 
     #[test]

@@ -1067,10 +1067,32 @@ async fn a_batch_sent_before_the_previous_one_failed_does_not_count_on_what_that
     assert_eq!((first, second.as_deref()), (failed.clone(), Ok("one")));
     let (first, second) = two_batches(&mut c, ("fail", "s2"), "s1").await;
     assert_eq!((first, second.as_deref()), (failed.clone(), Ok("one")));
-    let (first, second) = two_batches(&mut c, ("fail", "s1"), "s2").await;
-    assert_eq!((first, second.as_deref()), (failed.clone(), Ok("two")));
+    // Both a Parse and the Close evicting it skipped, in one batch: neither is there.
+    let mut bytes = bind_execute("fail");
+    bytes.extend(bind_execute("s1"));
+    bytes.extend(bind_execute("s2"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut c, &bytes).await;
+    assert_eq!(raw::until_ready(&mut c).await, failed);
     assert_eq!(run_named(&mut c, "s1").await.as_deref(), Ok("one"));
     assert_eq!(run_named(&mut c, "s2").await.as_deref(), Ok("two"));
+    // A hidden Parse first in its batch fails on its own (in a failed transaction): the
+    // batch after the ROLLBACK, sent with it, does not count on it either.
+    raw::send(&mut c, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut c).await.0, "CZ");
+    assert_eq!(run_named(&mut c, "fail").await, Err("22012".into()));
+    let mut bytes = bind_execute("s1");
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(raw::query("ROLLBACK"));
+    bytes.extend(bind_execute("s1"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut c, &bytes).await;
+    assert_eq!(
+        raw::until_ready(&mut c).await,
+        ("EZ".to_owned(), vec!["25P02".to_owned()])
+    );
+    assert_eq!(raw::until_ready(&mut c).await.0, "CZ");
+    assert_eq!(row_until_ready(&mut c).await.as_deref(), Ok("one"));
 
     // The unnamed statement: the backend holds another client's; the hidden Parse that
     // would put this client's back is skipped. The second batch must not run the other's.
