@@ -203,8 +203,10 @@ pub enum Undo {
         statement: Arc<Statement>,
         /// It went to the server (rather than being answered by pgshield).
         on_server: bool,
-        /// The other clone of its `Doubt`'s token, if it may be skipped.
+        /// The other clone of its `Doubt`'s token (when it went to the server).
         doubt: Option<Arc<()>>,
+        /// It went behind a Close of the same name (its presence was unsure).
+        behind_close: bool,
     },
     /// A client's Close did not happen: the name still means the statement.
     Close {
@@ -219,15 +221,15 @@ pub enum Undo {
     /// client's on a backend.
     UnnamedParse {
         injected: bool,
-        /// The other clone of its `Doubt`'s token, if it may be skipped.
-        doubt: Option<Arc<()>>,
+        /// The other clone of its `Doubt`'s token.
+        _doubt: Arc<()>,
     },
     /// pgshield's Close of a statement evicted from a full backend did not happen: the
-    /// backend still has it.
+    /// backend may still have it.
     Evicted {
         name: Arc<str>,
         /// The other clone of its `Doubt`'s token, if it may be skipped.
-        _doubt: Option<Arc<()>>,
+        doubt: Option<Arc<()>>,
     },
 }
 
@@ -329,7 +331,7 @@ impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
 pub struct ServerStatements {
     names: FastMap<Arc<str>, Prepared>,
     /// Evicted names whose Close may yet be skipped.
-    evicting: FastMap<Arc<str>, Evicting>,
+    evicting: FastMap<Arc<str>, Doubt>,
     clock: u64,
     capacity: usize,
     unnamed: Option<Arc<Statement>>,
@@ -397,17 +399,6 @@ impl Doubt {
     }
 }
 
-/// A statement being closed to make room, by a Close that may yet be skipped: should it
-/// be, the statement is back as it was (unless its own Parse turned out to fail).
-#[derive(Debug)]
-struct Evicting {
-    close: Doubt,
-    /// The doubt about its own Parse when it was evicted.
-    parse: Option<Doubt>,
-    /// That Parse was skipped, or failed: the statement was never there.
-    parse_failed: bool,
-}
-
 /// What a backend has under a name, for a message about to be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Presence {
@@ -442,7 +433,7 @@ impl ServerStatements {
         self.unnamed_doubt = Some(doubt);
         Undo::UnnamedParse {
             injected,
-            doubt: Some(token),
+            _doubt: token,
         }
     }
 
@@ -464,7 +455,7 @@ impl ServerStatements {
         if self.evicting.is_empty() {
             return Presence::Absent;
         }
-        match self.evicting.get(name).map(|e| &e.close) {
+        match self.evicting.get(name) {
             Some(close) if close.unsettled_for(batch) => Presence::Unsure,
             Some(close) if close.settled() => {
                 self.evicting.remove(name);
@@ -475,78 +466,74 @@ impl ServerStatements {
     }
 
     /// Records a Parse of `name` sent now (`doubt`: while its outcome is unknown);
-    /// returns the statement to close first if full, with the doubt about its Parse.
-    fn add(&mut self, name: Arc<str>, doubt: Option<Doubt>) -> Option<(Arc<str>, Option<Doubt>)> {
+    /// returns the statements to close first, least recently used, to keep to capacity.
+    fn add(&mut self, name: Arc<str>, doubt: Doubt) -> Vec<Arc<str>> {
         self.clock += 1;
         let stamp = self.clock;
+        let doubt = Some(doubt);
         if let Some(prepared) = self.names.get_mut(&name) {
             // Prepared again (it was unsure): the newest Parse is what counts.
             *prepared = Prepared { stamp, doubt };
-            return None;
+            return Vec::new();
         }
-        let evicted = if self.names.len() >= self.capacity {
+        // (Mostly none or one; more after skipped Closes brought statements back.)
+        let mut evicted = Vec::new();
+        while self.names.len() >= self.capacity {
             let oldest = self
                 .names
                 .iter()
                 .min_by_key(|(_, p)| p.stamp)
                 .map(|(n, _)| Arc::clone(n));
-            oldest.and_then(|name| self.names.remove_entry(&name))
-        } else {
-            None
-        };
-        self.names.insert(name, Prepared { stamp, doubt });
-        evicted.map(|(name, prepared)| (name, prepared.doubt))
-    }
-
-    /// Records that `name` is being closed by a Close that may yet be skipped (`close`);
-    /// `parse`: the doubt about its own Parse.
-    fn closing(&mut self, name: Arc<str>, close: Doubt, parse: Option<Doubt>) {
-        if self.evicting.len() >= 64 {
-            self.evicting.retain(|_, e| !e.close.settled());
-        }
-        let evicting = Evicting {
-            close,
-            parse,
-            parse_failed: false,
-        };
-        self.evicting.insert(name, evicting);
-    }
-
-    /// A Parse of `name` was skipped or failed: forgotten, unless a later Parse (`token`
-    /// is not the entry's) prepared it again; if it is being evicted, it is not to come
-    /// back should that Close be skipped.
-    fn parse_skipped(&mut self, name: &str, token: Option<&Arc<()>>) {
-        let ours = self
-            .names
-            .get(name)
-            .is_some_and(|p| match (&p.doubt, token) {
-                (Some(doubt), Some(token)) => doubt.is(token),
-                (None, Some(_)) => false,
-                (_, None) => true,
-            });
-        if ours {
-            self.names.remove(name);
-        } else if let (Some(evicting), Some(token)) = (self.evicting.get_mut(name), token) {
-            if evicting.parse.as_ref().is_some_and(|d| d.is(token)) {
-                evicting.parse_failed = true;
+            match oldest.and_then(|name| self.names.remove_entry(&name)) {
+                Some((name, _)) => evicted.push(name),
+                None => break,
             }
         }
+        self.names.insert(name, Prepared { stamp, doubt });
+        evicted
     }
 
-    /// An eviction's Close was skipped: the statement is back as it was, unless its own
-    /// Parse failed (or a later Parse prepared it again: left as that one made it).
-    fn close_skipped(&mut self, name: Arc<str>) {
-        let evicting = self.evicting.remove(&name);
-        if self.names.contains_key(&name) || evicting.as_ref().is_some_and(|e| e.parse_failed) {
+    /// Records that `name` is being closed by a Close that may yet be skipped.
+    fn closing(&mut self, name: Arc<str>, close: Doubt) {
+        if self.evicting.len() >= 64 {
+            self.evicting.retain(|_, close| !close.settled());
+        }
+        self.evicting.insert(name, close);
+    }
+
+    /// A Parse of `name` (the one whose undo held `token`) was skipped, or failed. If it
+    /// is still what the record says, the statement is not there, unless the Parse went
+    /// behind a Close of a statement that might have been (`behind_close`): then nothing
+    /// is known (unsure: prepared again behind a Close when next used). A record a later
+    /// Parse made is that Parse's (a later batch, on its way before this outcome was known,
+    /// prepares behind a Close whatever this one did).
+    fn parse_skipped(&mut self, name: &str, token: &Arc<()>, behind_close: bool) {
+        let Some(prepared) = self.names.get_mut(name) else {
+            return;
+        };
+        if !prepared.doubt.as_ref().is_some_and(|d| d.is(token)) {
             return;
         }
+        if behind_close {
+            prepared.doubt = Some(Doubt::lost());
+        } else {
+            self.names.remove(name);
+        }
+    }
+
+    /// An eviction's Close (the one whose undo held `token`) was skipped: the statement
+    /// is there if it was before, which nothing here tells for sure (its own Parse may
+    /// have been skipped too): unsure, until prepared again behind a Close.
+    fn close_skipped(&mut self, name: Arc<str>, token: Option<&Arc<()>>) {
+        if token.is_some_and(|token| self.evicting.get(&name).is_some_and(|d| d.is(token))) {
+            self.evicting.remove(&name);
+        }
         self.clock += 1;
-        let prepared = Prepared {
+        let lost = Prepared {
             stamp: self.clock,
-            // (Without a record, nothing says what it was: unsure until prepared again.)
-            doubt: evicting.map_or(Some(Doubt::lost()), |e| e.parse),
+            doubt: Some(Doubt::lost()),
         };
-        self.names.insert(name, prepared);
+        self.names.insert(name, lost);
     }
 
     fn forget(&mut self, name: &str) {
@@ -862,6 +849,7 @@ impl ClientStatements {
                 statement,
                 on_server: false,
                 doubt: None,
+                behind_close: false,
             });
             return;
         }
@@ -876,7 +864,8 @@ impl ClientStatements {
             client_name: Some(client_name),
             statement,
             on_server: true,
-            doubt: token,
+            doubt: Some(token),
+            behind_close: presence == Presence::Unsure,
         });
     }
 
@@ -1009,7 +998,8 @@ impl ClientStatements {
                 client_name: None,
                 statement: Arc::clone(statement),
                 on_server: true,
-                doubt: token,
+                doubt: Some(token),
+                behind_close: presence == Presence::Unsure,
             }),
         });
     }
@@ -1056,9 +1046,10 @@ impl ClientStatements {
                 statement,
                 on_server,
                 doubt,
+                behind_close,
             } => {
-                if on_server {
-                    server.parse_skipped(statement.name(), doubt.as_ref());
+                if let Some(token) = doubt.filter(|_| on_server) {
+                    server.parse_skipped(statement.name(), &token, behind_close);
                 }
                 if let Some(name) = client_name {
                     if self
@@ -1077,22 +1068,16 @@ impl ClientStatements {
             } => {
                 self.named.insert(client_name, statement);
             }
-            Undo::UnnamedParse { injected, doubt } => {
+            Undo::UnnamedParse { injected, .. } => {
                 if !injected {
                     self.unnamed = None;
                 }
-                // (Unless a later Parse, of a batch already sent, put it there again.)
-                let ours = match (&server.unnamed_doubt, &doubt) {
-                    (Some(now), Some(skipped)) => now.is(skipped),
-                    (None, Some(_)) => false,
-                    (_, None) => true,
-                };
-                if ours {
-                    server.unnamed = None;
-                    server.unnamed_doubt = None;
-                }
+                // Whatever the backend holds now is not known for sure: the next Bind
+                // of the unnamed statement parses it again (which replaces any).
+                server.unnamed = None;
+                server.unnamed_doubt = None;
             }
-            Undo::Evicted { name, .. } => server.close_skipped(name),
+            Undo::Evicted { name, doubt } => server.close_skipped(name, doubt.as_ref()),
         }
     }
 
@@ -1151,36 +1136,33 @@ fn record_parse(
     (presence, situation): (Presence, Situation),
     out: &mut BytesMut,
     t: &mut Translated,
-) -> Option<Arc<()>> {
+) -> Arc<()> {
     if presence == Presence::Unsure {
         close_unsure(name, out, t);
     }
     let (doubt, token) = Doubt::parse(situation);
-    if let Some(evicted) = server.add(Arc::clone(name), Some(doubt)) {
+    for evicted in server.add(Arc::clone(name), doubt) {
         close_on_server(server, evicted, situation, out, t);
     }
-    Some(token)
+    token
 }
 
 /// Injects a Close of a statement evicted from a full backend.
 fn close_on_server(
     server: &mut ServerStatements,
-    (name, parse): (Arc<str>, Option<Doubt>),
+    name: Arc<str>,
     situation: Situation,
     out: &mut BytesMut,
     t: &mut Translated,
 ) {
     put_close(out, &name);
-    let token = Doubt::close(situation).map(|(close, token)| {
-        server.closing(Arc::clone(&name), close, parse);
+    let doubt = Doubt::close(situation).map(|(close, token)| {
+        server.closing(Arc::clone(&name), close);
         token
     });
     t.injected.push(Injected {
         tag: b'C',
-        undo: Some(Undo::Evicted {
-            name,
-            _doubt: token,
-        }),
+        undo: Some(Undo::Evicted { name, doubt }),
     });
 }
 
@@ -1478,22 +1460,22 @@ mod tests {
             .pop()
             .and_then(|i| i.undo)
             .expect("the eviction Close's undo");
-        // The server skipped the Close (an earlier error): pgshield_1 is still there, and
-        // so is pgshield_2 unless its own Parse is taken back too.
+        // The server skipped the Close (an earlier error): pgshield_1 is there if it was
+        // before; pgshield_2 is not (its Parse was skipped too).
         c.undo(&mut s, t.undo.take().expect("the Parse's undo"));
         c.undo(&mut s, close);
+        // So a's statement is prepared again, behind a Close (no error if absent)...
         let (t, out) = run(&mut c, &r, &mut s, &bind_msg("a", b"\0\0\0\0\0\0"));
-        // Nothing before the rewritten Bind itself.
-        assert!(
-            t.injected.is_empty()
-                && matches!(t.translation, Translation::Rewritten { at: 0, .. })
-                && out[0] == b'B',
-            "pgshield_1 known to be there"
-        );
+        let tags: Vec<u8> = t.injected.iter().map(|i| i.tag).collect();
+        assert_eq!(tags, b"CP");
+        assert!(out.windows(11).any(|w| w == b"pgshield_1\0"), "{out:?}");
+        // ...and b is not the client's (its Parse never happened): the server says so.
+        let (t, _) = run(&mut c, &r, &mut s, &bind_msg("b", b"\0\0\0\0\0\0"));
+        assert!(t.injected.is_empty() && t.translation == Translation::PassOn);
     }
 
     #[test]
-    fn batches_the_server_skipped_leave_what_was_there_before() {
+    fn batches_the_server_skipped_leave_nothing_said_present_that_is_not() {
         let (r, mut s, mut c) = (
             Registry::default(),
             ServerStatements::new(1),
@@ -1527,8 +1509,11 @@ mod tests {
         }
         let presence =
             |s: &mut ServerStatements, query: &str| s.presence(r.intern(query, &[]).name(), 2);
-        assert_eq!(presence(&mut s, "SELECT 'a'"), Presence::Present);
-        assert_eq!(presence(&mut s, "SELECT 'b'"), Presence::Absent);
+        // a is there (its Close skipped), b and c are not (each Parse skipped). Nothing
+        // may say present for what is not there; what is not known is unsure (prepared
+        // again behind a Close).
+        assert_eq!(presence(&mut s, "SELECT 'a'"), Presence::Unsure);
+        assert_eq!(presence(&mut s, "SELECT 'b'"), Presence::Unsure);
         assert_eq!(presence(&mut s, "SELECT 'c'"), Presence::Absent);
     }
 

@@ -1102,3 +1102,47 @@ async fn a_batch_sent_before_the_previous_one_failed_does_not_count_on_what_that
     let (first, second) = two_batches(&mut c, ("fail", ""), "").await;
     assert_eq!((first, second.as_deref()), (failed, Ok("mine")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_again_in_skipped_batches_are_not_lost_or_invented() {
+    common::create_role("tx_doubt3", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\nmax_prepared_statements = 1\n\
+         [users.tx_doubt3]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut c = raw::login_trusted(proxy.addr, "tx_doubt3").await;
+    assert_eq!(parse_named(&mut c, "s1", "SELECT 'one'").await, "1Z");
+    assert_eq!(parse_named(&mut c, "s2", "SELECT 'two'").await, "1Z");
+    // (Fails as it runs; the unnamed statement, so the backend's one place stays free.)
+    let failing = raw::parse_bind_execute("SELECT 1 / (random() * 0)::int");
+    let failed = ("12EZ".to_owned(), vec!["22012".to_owned()]);
+
+    // s1 prepared in one batch; the next, sent before that one's answer, prepares it again
+    // behind a Close, and is skipped: the backend still has it.
+    let mut bytes = bind_execute("s1");
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(failing.iter().copied());
+    bytes.extend(bind_execute("s1"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut c, &bytes).await;
+    assert_eq!(row_until_ready(&mut c).await.as_deref(), Ok("one"));
+    assert_eq!(raw::until_ready(&mut c).await, failed);
+    assert_eq!(run_named(&mut c, "s1").await.as_deref(), Ok("one"));
+
+    // A skipped eviction of s1, then batches (sent with it) that prepare s1 again and
+    // evict it for good: s1 must not be taken for present afterwards.
+    let mut bytes = failing.clone();
+    bytes.extend(bind_execute("s2"));
+    bytes.extend_from_slice(&raw::SYNC);
+    for name in ["s1", "s2"] {
+        bytes.extend(bind_execute(name));
+        bytes.extend_from_slice(&raw::SYNC);
+    }
+    raw::send(&mut c, &bytes).await;
+    assert_eq!(raw::until_ready(&mut c).await, failed);
+    assert_eq!(row_until_ready(&mut c).await.as_deref(), Ok("one"));
+    assert_eq!(row_until_ready(&mut c).await.as_deref(), Ok("two"));
+    assert_eq!(run_named(&mut c, "s1").await.as_deref(), Ok("one"));
+    assert_eq!(run_named(&mut c, "s2").await.as_deref(), Ok("two"));
+}

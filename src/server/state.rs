@@ -841,6 +841,7 @@ mod tests {
             statement: registry.intern("SELECT 1", &[]),
             on_server: true,
             doubt: None,
+            behind_close: false,
         })
     }
 
