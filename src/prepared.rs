@@ -536,15 +536,16 @@ impl ServerStatements {
         self.names.insert(name, lost);
     }
 
-    fn forget(&mut self, name: &str) {
-        self.names.remove(name);
-    }
-
-    /// The server dropped one statement (a client's DEALLOCATE of a name of ours).
-    pub fn dropped(&mut self, name: &str) {
-        self.forget(name);
-        if self.unnamed.as_ref().is_some_and(|s| &**s.name() == name) {
-            self.unnamed = None;
+    /// A client's Query dropping statements (DISCARD ALL, DEALLOCATE ALL, DEALLOCATE of
+    /// one of pgshield's names) is sent, or has run. Until it has, whether it will is not
+    /// known, and messages sent behind it may prepare statements again: whatever it drops
+    /// is unsure (prepared again behind a Close when next used) from when it is sent, and
+    /// again once it has run (what was prepared meanwhile may be gone or not).
+    pub fn dropping(&mut self, drop: &StatementDrop) {
+        let lost = |prepared: &mut Prepared| prepared.doubt = Some(Doubt::lost());
+        match drop {
+            StatementDrop::All => self.names.values_mut().for_each(lost),
+            StatementDrop::One(name) => self.names.get_mut(name).into_iter().for_each(lost),
         }
     }
 
@@ -803,7 +804,10 @@ impl ClientStatements {
                     self.close(name, situation.batch_open, &mut t);
                 }
             }
-            b'Q' => server.forget_unnamed(),
+            b'Q' => {
+                self.query_sent();
+                server.forget_unnamed();
+            }
             _ => {}
         }
         Ok(t)
@@ -1079,6 +1083,11 @@ impl ClientStatements {
             }
             Undo::Evicted { name, doubt } => server.close_skipped(name, doubt.as_ref()),
         }
+    }
+
+    /// The client sent a simple Query: as in PostgreSQL, its unnamed statement is gone.
+    pub fn query_sent(&mut self) {
+        self.unnamed = None;
     }
 
     /// The client's statements are all gone (DEALLOCATE ALL, DISCARD ALL).
@@ -1544,10 +1553,11 @@ mod tests {
         // A client without one, on a backend holding another's: that one is closed first.
         let (t, out) = run(&mut b, &r, &mut s1, &bind_msg("", b"\0\0\0\0\0\0"));
         assert_eq!((out[0], t.translation), (b'C', Translation::PassOn));
-        // A simple Query destroys the backend's unnamed statement.
+        // A simple Query destroys the unnamed statement, the client's too (as in
+        // PostgreSQL): the backend's is closed, for the server to say it does not exist.
         run(&mut a, &r, &mut s1, &[b'Q', 0, 0, 0, 5, 0]);
         let (_, out) = run(&mut a, &r, &mut s1, &bind_msg("", b"\0\0\0\0\0\0"));
-        assert_eq!(out[0], b'P');
+        assert_eq!(out[0], b'C');
     }
 
     #[test]

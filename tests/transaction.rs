@@ -1146,3 +1146,39 @@ async fn statements_prepared_again_in_skipped_batches_are_not_lost_or_invented()
     assert_eq!(run_named(&mut c, "s1").await.as_deref(), Ok("one"));
     assert_eq!(run_named(&mut c, "s2").await.as_deref(), Ok("two"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_dropped_on_the_server_harm_no_one_and_nothing_behind_them_assumes_them() {
+    common::create_role("tx_drops", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\n[users.tx_drops]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_drops").await;
+    let mut b = raw::login_trusted(proxy.addr, "tx_drops").await;
+    assert_eq!(parse_named(&mut a, "s1", "SELECT 'one'").await, "1Z");
+    assert_eq!(run_named(&mut a, "s1").await.as_deref(), Ok("one"));
+    // Another client's DEALLOCATE ALL through the extended protocol (as JDBC sends it)
+    // drops every statement of the one backend; a's is prepared again.
+    let mut dealloc = raw::parse_bind_execute("DEALLOCATE ALL");
+    dealloc.extend_from_slice(&raw::SYNC);
+    raw::send(&mut b, &dealloc).await;
+    assert_eq!(raw::until_ready(&mut b).await.0, "12CZ");
+    assert_eq!(run_named(&mut a, "s1").await.as_deref(), Ok("one"));
+    // A statement prepared right behind a DISCARD ALL, before it has answered.
+    let mut bytes = raw::query("DISCARD ALL");
+    bytes.extend(raw::message(b'P', b"s2\0SELECT 'one'\0\0\0"));
+    bytes.extend(bind_execute("s2"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &bytes).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "CZ");
+    assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("one"));
+    // A simple Query destroys the unnamed statement, as in PostgreSQL.
+    assert_eq!(parse_named(&mut a, "", "SELECT 'unnamed'").await, "1Z");
+    raw::send(&mut a, &raw::query("SELECT 1")).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "TDCZ");
+    let mut bytes = bind_execute("");
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &bytes).await;
+    assert_eq!(row_until_ready(&mut a).await, Err("26000".into()));
+}

@@ -1034,6 +1034,8 @@ impl Session {
             Some(name) if self.statements.forget(&name) => "DEALLOCATE",
             Some(_) => return Ok(false),
         };
+        // A simple Query, even one answered here, destroys the unnamed statement.
+        self.statements.query_sent();
         messages::command_complete(&mut self.client_out, tag);
         self.local_ready(status);
         self.client_in.advance(header.len);
@@ -1215,9 +1217,9 @@ impl Session {
         }
         match translation {
             Translation::PassOn if drops.is_some() => {
-                server
-                    .replies
-                    .sent_dropping(drops.unwrap_or(StatementDrop::All));
+                let drops = drops.unwrap_or(StatementDrop::All);
+                server.statements.dropping(&drops);
+                server.replies.sent_dropping(drops);
                 self.client_msg = Passing {
                     left: header.len,
                     forward: true,
@@ -1355,11 +1357,12 @@ impl Session {
                 }
                 for (drop, happened) in server.replies.take_drops() {
                     match (drop, happened) {
-                        (StatementDrop::All, true) => {
-                            server.statements.clear();
-                            self.statements.clear();
+                        (drop, true) => {
+                            server.statements.dropping(&drop);
+                            if drop == StatementDrop::All {
+                                self.statements.clear();
+                            }
                         }
-                        (StatementDrop::One(name), true) => server.statements.dropped(&name),
                         // It may or may not have happened: that backend's statements are
                         // unknown now; it is closed once this client lets go of it.
                         (_, false) => server.mark_broken(),
@@ -1956,6 +1959,9 @@ fn statement_drop(effects: &Effects) -> Option<StatementDrop> {
         return Some(StatementDrop::All);
     }
     match &effects.deallocate {
+        // (On the server: in a Query of several statements, through the extended
+        // protocol, or behind replies still owed; otherwise answered by pgshield.)
+        Some(None) => Some(StatementDrop::All),
         Some(Some(name)) if name.starts_with(NAME_PREFIX) => {
             Some(StatementDrop::One(name.as_str().into()))
         }
