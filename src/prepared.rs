@@ -199,7 +199,8 @@ pub enum StatementDrop {
 pub enum Undo {
     /// A Parse (the client's, or pgshield's own when `client_name` is None) did not happen.
     Parse {
-        client_name: Option<Arc<str>>,
+        /// The client's name it made, and which making of it (see [`Named`]).
+        client_name: Option<(Arc<str>, u64)>,
         statement: Arc<Statement>,
         /// It went to the server (rather than being answered by pgshield).
         on_server: bool,
@@ -211,7 +212,7 @@ pub enum Undo {
     /// A client's Close did not happen: the name still means the statement.
     Close {
         client_name: Arc<str>,
-        statement: Arc<Statement>,
+        named: Named,
         /// For a Close the server may yet skip: counts it as pending for as long as this
         /// undo exists (see `ClientStatements::closing`).
         _pending: Option<Arc<()>>,
@@ -233,10 +234,29 @@ pub enum Undo {
     },
 }
 
+/// What one of a client's names stands for: a statement, and which Parse gave the name
+/// to it (a Parse the server skipped is taken back only if the name still holds what it
+/// made: the client may have closed and prepared it again since, in a batch that ran).
+#[derive(Debug)]
+pub struct Named {
+    statement: Arc<Statement>,
+    made_by: u64,
+}
+
+impl Named {
+    fn new(statement: Arc<Statement>) -> Named {
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Named {
+            statement,
+            made_by: MADE.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
 /// One client's statements, by its own names.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    named: LazyMap<Arc<str>, Arc<Statement>>,
+    named: LazyMap<Arc<str>, Named>,
     unnamed: Option<Arc<Statement>>,
     /// Each Close the server may yet skip (one after other messages in its batch: if one
     /// of them fails, the name comes back) holds a clone while its outcome is unknown:
@@ -705,7 +725,7 @@ impl ClientStatements {
                 if name.is_empty() {
                     self.unnamed = Some(statement);
                 } else {
-                    self.named.insert(name.into(), statement);
+                    self.named.insert(name.into(), Named::new(statement));
                 }
                 Ok(Some(Fake::ParseComplete))
             }
@@ -829,7 +849,7 @@ impl ClientStatements {
             t.undo = Some(server.unnamed_parsed(statement, situation, false));
             return;
         }
-        if let Some(existing) = self.named.get(name).cloned() {
+        if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
             self.ensure_prepared(server, &existing, situation, out, t);
@@ -841,9 +861,9 @@ impl ClientStatements {
             };
             return;
         }
-        let client_name: Arc<str> = name.into();
-        self.named
-            .insert(Arc::clone(&client_name), Arc::clone(&statement));
+        let named = Named::new(Arc::clone(&statement));
+        let client_name: (Arc<str>, u64) = (name.into(), named.made_by);
+        self.named.insert(Arc::clone(&client_name.0), named);
         let presence = server.presence(statement.name(), situation.batch);
         if presence == Presence::Present {
             t.translation = Translation::Answered;
@@ -923,7 +943,7 @@ impl ClientStatements {
         if name.is_empty() {
             self.unnamed.clone()
         } else {
-            self.named.get(name).cloned()
+            self.named.get(name).map(|n| Arc::clone(&n.statement))
         }
     }
 
@@ -1015,12 +1035,12 @@ impl ClientStatements {
             self.unnamed = None;
             return;
         }
-        if let Some((client_name, statement)) = self.named.remove_entry(name) {
+        if let Some((client_name, named)) = self.named.remove_entry(name) {
             let pending =
                 batch_open.then(|| Arc::clone(self.closing.get_or_insert_with(Arc::default)));
             t.undo = Some(Undo::Close {
                 client_name,
-                statement,
+                named,
                 _pending: pending,
             });
         }
@@ -1055,22 +1075,16 @@ impl ClientStatements {
                 if let Some(token) = doubt.filter(|_| on_server) {
                     server.parse_skipped(statement.name(), &token, behind_close);
                 }
-                if let Some(name) = client_name {
-                    if self
-                        .named
-                        .get(&name)
-                        .is_some_and(|s| Arc::ptr_eq(s, &statement))
-                    {
+                if let Some((name, made_by)) = client_name {
+                    if self.named.get(&name).is_some_and(|n| n.made_by == made_by) {
                         self.named.remove(&name);
                     }
                 }
             }
             Undo::Close {
-                client_name,
-                statement,
-                ..
+                client_name, named, ..
             } => {
-                self.named.insert(client_name, statement);
+                self.named.insert(client_name, named);
             }
             Undo::UnnamedParse { injected, .. } => {
                 if !injected {

@@ -1145,6 +1145,20 @@ async fn statements_prepared_again_in_skipped_batches_are_not_lost_or_invented()
     assert_eq!(row_until_ready(&mut c).await.as_deref(), Ok("two"));
     assert_eq!(run_named(&mut c, "s1").await.as_deref(), Ok("one"));
     assert_eq!(run_named(&mut c, "s2").await.as_deref(), Ok("two"));
+
+    // A name whose Parse, in a batch not answered yet, is skipped, closed and prepared
+    // again by the next batch: it keeps what the later Parse made.
+    let parse_s3 = raw::message(b'P', b"s3\0SELECT 'three'\0\0\0");
+    let mut bytes = failing.clone();
+    bytes.extend(parse_s3.iter().copied());
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(raw::message(b'C', b"Ss3\0"));
+    bytes.extend(parse_s3.iter().copied());
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut c, &bytes).await;
+    assert_eq!(raw::until_ready(&mut c).await, failed);
+    assert_eq!(raw::until_ready(&mut c).await.0, "31Z");
+    assert_eq!(run_named(&mut c, "s3").await.as_deref(), Ok("three"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -837,7 +837,7 @@ mod tests {
     fn parse_undo() -> Option<Undo> {
         let registry = crate::prepared::Registry::default();
         Some(Undo::Parse {
-            client_name: Some("s0".into()),
+            client_name: Some(("s0".into(), 0)),
             statement: registry.intern("SELECT 1", &[]),
             on_server: true,
             doubt: None,
