@@ -188,8 +188,9 @@ impl Registry {
 /// Prepared statements a client's Query drops on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatementDrop {
-    /// DISCARD ALL.
-    All,
+    /// DISCARD ALL, DEALLOCATE ALL; sent when names were at this mark (see
+    /// [`Named::mark`]).
+    All(u64),
     /// DEALLOCATE of one of pgshield's names.
     One(Arc<str>),
 }
@@ -217,11 +218,12 @@ pub enum Undo {
         /// undo exists (see `ClientStatements::closing`).
         _pending: Option<Arc<()>>,
     },
-    /// A Parse of the unnamed statement did not happen (or failed): the client's own
-    /// (`injected` false: it loses its unnamed statement), or pgshield's, putting the
-    /// client's on a backend.
+    /// A Parse of the unnamed statement did not happen (or failed): the client's own (it
+    /// loses that unnamed statement), or pgshield's.
     UnnamedParse {
-        injected: bool,
+        /// Which making of the client's unnamed statement it was (see [`Named`]); None
+        /// for pgshield's, putting the client's on a backend.
+        made_by: Option<u64>,
         /// The other clone of its `Doubt`'s token.
         _doubt: Arc<()>,
     },
@@ -243,13 +245,20 @@ pub struct Named {
     made_by: u64,
 }
 
+/// Numbers the makings of names, process-wide.
+static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Named {
     fn new(statement: Arc<Statement>) -> Named {
-        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Named {
             statement,
             made_by: MADE.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Names made from now on have a `made_by` at least this.
+    pub fn mark() -> u64 {
+        MADE.load(Ordering::Relaxed)
     }
 }
 
@@ -257,7 +266,7 @@ impl Named {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     named: LazyMap<Arc<str>, Named>,
-    unnamed: Option<Arc<Statement>>,
+    unnamed: Option<Named>,
     /// Each Close the server may yet skip (one after other messages in its batch: if one
     /// of them fails, the name comes back) holds a clone while its outcome is unknown:
     /// such names still count toward the client's limit, or a client could close names in
@@ -326,6 +335,15 @@ impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
 
     fn clear(&mut self) {
         self.0 = None;
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        if let Some(map) = self.0.as_mut() {
+            map.retain(keep);
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
     }
 
     fn len(&self) -> usize {
@@ -440,19 +458,19 @@ impl ServerStatements {
         }
     }
 
-    /// Records a Parse of the unnamed statement sent now (`injected`: by pgshield);
-    /// returns its undo.
+    /// Records a Parse of the unnamed statement sent now (`made_by`: the client's, which
+    /// making of it; None: pgshield's); returns its undo.
     fn unnamed_parsed(
         &mut self,
         statement: Arc<Statement>,
         situation: Situation,
-        injected: bool,
+        made_by: Option<u64>,
     ) -> Undo {
         let (doubt, token) = Doubt::parse(situation);
         self.unnamed = Some(statement);
         self.unnamed_doubt = Some(doubt);
         Undo::UnnamedParse {
-            injected,
+            made_by,
             _doubt: token,
         }
     }
@@ -564,7 +582,7 @@ impl ServerStatements {
     pub fn dropping(&mut self, drop: &StatementDrop) {
         let lost = |prepared: &mut Prepared| prepared.doubt = Some(Doubt::lost());
         match drop {
-            StatementDrop::All => self.names.values_mut().for_each(lost),
+            StatementDrop::All(_) => self.names.values_mut().for_each(lost),
             StatementDrop::One(name) => self.names.get_mut(name).into_iter().for_each(lost),
         }
     }
@@ -723,7 +741,7 @@ impl ClientStatements {
                     return Ok(None);
                 }
                 if name.is_empty() {
-                    self.unnamed = Some(statement);
+                    self.unnamed = Some(Named::new(statement));
                 } else {
                     self.named.insert(name.into(), Named::new(statement));
                 }
@@ -845,8 +863,10 @@ impl ClientStatements {
         let statement = registry.intern(query, types);
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
-            self.unnamed = Some(Arc::clone(&statement));
-            t.undo = Some(server.unnamed_parsed(statement, situation, false));
+            let named = Named::new(Arc::clone(&statement));
+            let made_by = Some(named.made_by);
+            self.unnamed = Some(named);
+            t.undo = Some(server.unnamed_parsed(statement, situation, made_by));
             return;
         }
         if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
@@ -941,7 +961,7 @@ impl ClientStatements {
     /// The client's statement of that name (the unnamed one for "").
     fn lookup(&self, name: &str) -> Option<Arc<Statement>> {
         if name.is_empty() {
-            self.unnamed.clone()
+            self.unnamed.as_ref().map(|n| Arc::clone(&n.statement))
         } else {
             self.named.get(name).map(|n| Arc::clone(&n.statement))
         }
@@ -972,7 +992,7 @@ impl ClientStatements {
                             .is_some_and(|d| d.unsettled_for(situation.batch)) => {}
                 Some(mine) => {
                     mine.write_parse("", out);
-                    let undo = server.unnamed_parsed(Arc::clone(mine), situation, true);
+                    let undo = server.unnamed_parsed(Arc::clone(mine), situation, None);
                     t.injected.push(Injected {
                         tag: b'P',
                         undo: Some(undo),
@@ -1086,8 +1106,9 @@ impl ClientStatements {
             } => {
                 self.named.insert(client_name, named);
             }
-            Undo::UnnamedParse { injected, .. } => {
-                if !injected {
+            Undo::UnnamedParse { made_by, .. } => {
+                // (Unless prepared again since, by a batch that ran.)
+                if made_by.is_some() && self.unnamed.as_ref().map(|n| n.made_by) == made_by {
                     self.unnamed = None;
                 }
                 // Whatever the backend holds now is not known for sure: the next Bind
@@ -1102,6 +1123,13 @@ impl ClientStatements {
     /// The client sent a simple Query: as in PostgreSQL, its unnamed statement is gone.
     pub fn query_sent(&mut self) {
         self.unnamed = None;
+    }
+
+    /// A dropping Query sent when names were at `mark` (see [`Named::mark`]) has run:
+    /// the client's names made before it are gone (those made by messages behind it
+    /// stay; its unnamed statement went when the Query was sent).
+    pub fn drop_made_before(&mut self, mark: u64) {
+        self.named.retain(|_, named| named.made_by >= mark);
     }
 
     /// The client's statements are all gone (DEALLOCATE ALL, DISCARD ALL).

@@ -1159,6 +1159,23 @@ async fn statements_prepared_again_in_skipped_batches_are_not_lost_or_invented()
     assert_eq!(raw::until_ready(&mut c).await, failed);
     assert_eq!(raw::until_ready(&mut c).await.0, "31Z");
     assert_eq!(run_named(&mut c, "s3").await.as_deref(), Ok("three"));
+    // The same for the unnamed statement: the later Parse stands.
+    assert_eq!(
+        parse_named(&mut c, "fail", "SELECT 1 / (random() * 0)::int").await,
+        "1Z"
+    );
+    let mut bytes = bind_execute("fail");
+    bytes.extend(raw::message(b'P', b"\0SELECT 'x'\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(raw::message(b'P', b"\0SELECT 'y'\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut c, &bytes).await;
+    assert_eq!(
+        raw::until_ready(&mut c).await,
+        ("2EZ".to_owned(), vec!["22012".to_owned()])
+    );
+    assert_eq!(raw::until_ready(&mut c).await.0, "1Z");
+    assert_eq!(run_named(&mut c, "").await.as_deref(), Ok("y"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1187,6 +1204,28 @@ async fn statements_dropped_on_the_server_harm_no_one_and_nothing_behind_them_as
     raw::send(&mut a, &bytes).await;
     assert_eq!(raw::until_ready(&mut a).await.0, "CZ");
     assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("one"));
+    // A name made right behind a DISCARD ALL is not one it drops.
+    let mut bytes = raw::query("DISCARD ALL");
+    bytes.extend(raw::message(b'P', b"s5\0SELECT 'five'\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &bytes).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "CZ");
+    assert_eq!(raw::until_ready(&mut a).await.0, "1Z");
+    assert_eq!(run_named(&mut a, "s5").await.as_deref(), Ok("five"));
+    // A DEALLOCATE ALL through the extended protocol, inside a transaction (the backend
+    // stays with the client): what it dropped is prepared again.
+    assert_eq!(parse_named(&mut a, "s6", "SELECT 'six'").await, "1Z");
+    assert_eq!(run_named(&mut a, "s6").await.as_deref(), Ok("six"));
+    // (b names it too: the statement stays pgshield's same one after a drops its names.)
+    assert_eq!(parse_named(&mut b, "keep", "SELECT 'six'").await, "1Z");
+    raw::send(&mut a, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "CZ");
+    raw::send(&mut a, &dealloc).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "12CZ");
+    assert_eq!(parse_named(&mut a, "s7", "SELECT 'six'").await, "1Z");
+    assert_eq!(run_named(&mut a, "s7").await.as_deref(), Ok("six"));
+    raw::send(&mut a, &raw::query("COMMIT")).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "CZ");
     // A simple Query destroys the unnamed statement, as in PostgreSQL.
     assert_eq!(parse_named(&mut a, "", "SELECT 'unnamed'").await, "1Z");
     raw::send(&mut a, &raw::query("SELECT 1")).await;

@@ -1157,11 +1157,13 @@ impl Session {
                 b'Q' => drops = statement_drop(&effects),
                 // Through the extended protocol: the statements go, and so does the
                 // backend once this transaction is over (its state is no longer known).
-                _ if statement_drop(&effects).is_some() => {
-                    self.statements.clear();
-                    server.mark_broken();
+                _ => {
+                    if let Some(drop) = statement_drop(&effects) {
+                        server.statements.dropping(&drop);
+                        self.statements.clear();
+                        server.mark_broken();
+                    }
                 }
-                _ => {}
             }
             let pinned = self.pinned.is_some();
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, pinned) {
@@ -1217,7 +1219,7 @@ impl Session {
         }
         match translation {
             Translation::PassOn if drops.is_some() => {
-                let drops = drops.unwrap_or(StatementDrop::All);
+                let drops = drops.unwrap_or(StatementDrop::All(0));
                 server.statements.dropping(&drops);
                 server.replies.sent_dropping(drops);
                 self.client_msg = Passing {
@@ -1293,6 +1295,10 @@ impl Session {
     }
 
     fn refuse(&mut self, tag: u8, error: ErrorResponse) {
+        if tag == b'Q' {
+            // As in PostgreSQL, where a simple Query drops the unnamed statement first.
+            self.statements.query_sent();
+        }
         error.encode(&mut self.client_out);
         match tag {
             b'Q' | b'F' | b'S' => self.local_ready(self.idle_status()),
@@ -1359,8 +1365,8 @@ impl Session {
                     match (drop, happened) {
                         (drop, true) => {
                             server.statements.dropping(&drop);
-                            if drop == StatementDrop::All {
-                                self.statements.clear();
+                            if let StatementDrop::All(mark) = drop {
+                                self.statements.drop_made_before(mark);
                             }
                         }
                         // It may or may not have happened: that backend's statements are
@@ -1951,17 +1957,19 @@ fn note_effects(
     None
 }
 
-/// The prepared statements a client's Query drops on the server, if any: DISCARD ALL, or a
-/// DEALLOCATE of one of pgshield's own names (which the client may not have meant, but
-/// which happens all the same).
+/// The prepared statements a client's statement drops on the server, if any: DISCARD ALL,
+/// DEALLOCATE ALL, or a DEALLOCATE of one of pgshield's own names (which the client may
+/// not have meant, but which happens all the same). Names the client makes from now on
+/// are not the ones it drops.
 fn statement_drop(effects: &Effects) -> Option<StatementDrop> {
+    let all = StatementDrop::All(crate::prepared::Named::mark());
     if effects.drops_all_statements {
-        return Some(StatementDrop::All);
+        return Some(all);
     }
     match &effects.deallocate {
         // (On the server: in a Query of several statements, through the extended
         // protocol, or behind replies still owed; otherwise answered by pgshield.)
-        Some(None) => Some(StatementDrop::All),
+        Some(None) => Some(all),
         Some(Some(name)) if name.starts_with(NAME_PREFIX) => {
             Some(StatementDrop::One(name.as_str().into()))
         }

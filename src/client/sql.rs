@@ -571,6 +571,8 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
             };
             match rest.first() {
                 Some(tok) if is(Some(tok), "all") => e.deallocate = Some(None),
+                // (A DEALLOCATE ALL earlier in the same Query stands: it drops them all.)
+                Some(Token::Word(_) | Token::Quoted(_)) if e.deallocate == Some(None) => {}
                 Some(Token::Word(name)) => e.deallocate = Some(Some(name.to_ascii_lowercase())),
                 Some(Token::Quoted(name)) => e.deallocate = Some(Some(name.to_string())),
                 _ => e.pin(PinReason::Unclassified),
@@ -749,6 +751,9 @@ mod tests {
         let discard = classify("DISCARD ALL");
         assert!(discard.all_settings && discard.drops_all_statements);
         assert_eq!(classify("DEALLOCATE ALL").deallocate, Some(None));
+        // A later DEALLOCATE in the same Query does not hide an earlier DEALLOCATE ALL.
+        let both = classify("DEALLOCATE ALL; DEALLOCATE p1");
+        assert_eq!(both.deallocate, Some(None));
         assert_eq!(
             classify("DEALLOCATE PREPARE p1").deallocate,
             Some(Some("p1".into()))
