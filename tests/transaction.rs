@@ -1222,6 +1222,11 @@ async fn statements_dropped_on_the_server_harm_no_one_and_nothing_behind_them_as
     assert_eq!(raw::until_ready(&mut a).await.0, "CZ");
     raw::send(&mut a, &dealloc).await;
     assert_eq!(raw::until_ready(&mut a).await.0, "12CZ");
+    // (Its own unnamed statement stays, as in PostgreSQL: it can run again.)
+    let mut again = bind_execute("");
+    again.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &again).await;
+    assert_eq!(raw::until_ready(&mut a).await.0, "2CZ");
     assert_eq!(parse_named(&mut a, "s7", "SELECT 'six'").await, "1Z");
     assert_eq!(run_named(&mut a, "s7").await.as_deref(), Ok("six"));
     raw::send(&mut a, &raw::query("COMMIT")).await;

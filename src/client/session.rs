@@ -1160,7 +1160,10 @@ impl Session {
                 _ => {
                     if let Some(drop) = statement_drop(&effects) {
                         server.statements.dropping(&drop);
-                        self.statements.clear();
+                        // (The client's unnamed statement stays, as in PostgreSQL.)
+                        if let StatementDrop::All(mark) = drop {
+                            self.statements.drop_made_before(mark);
+                        }
                         server.mark_broken();
                     }
                 }

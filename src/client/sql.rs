@@ -572,7 +572,12 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
             match rest.first() {
                 Some(tok) if is(Some(tok), "all") => e.deallocate = Some(None),
                 // (A DEALLOCATE ALL earlier in the same Query stands: it drops them all.)
-                Some(Token::Word(_) | Token::Quoted(_)) if e.deallocate == Some(None) => {}
+                // (Nor does a later one hide a DEALLOCATE of one of pgshield's own names.)
+                Some(Token::Word(_) | Token::Quoted(_))
+                    if e.deallocate.as_ref().is_some_and(|d| {
+                        d.as_ref()
+                            .is_none_or(|n| n.starts_with(crate::prepared::NAME_PREFIX))
+                    }) => {}
                 Some(Token::Word(name)) => e.deallocate = Some(Some(name.to_ascii_lowercase())),
                 Some(Token::Quoted(name)) => e.deallocate = Some(Some(name.to_string())),
                 _ => e.pin(PinReason::Unclassified),
@@ -754,6 +759,8 @@ mod tests {
         // A later DEALLOCATE in the same Query does not hide an earlier DEALLOCATE ALL.
         let both = classify("DEALLOCATE ALL; DEALLOCATE p1");
         assert_eq!(both.deallocate, Some(None));
+        let ours = classify("DEALLOCATE pgshield_7; DEALLOCATE p1");
+        assert_eq!(ours.deallocate, Some(Some("pgshield_7".into())));
         assert_eq!(
             classify("DEALLOCATE PREPARE p1").deallocate,
             Some(Some("p1".into()))
