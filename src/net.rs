@@ -39,23 +39,33 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// request/response, and pgshield batches its own writes) and keepalive to notice dead
 /// peers. Set on the client listeners too, whose accepted connections inherit them.
 pub fn set_tcp_options(sock: socket2::SockRef<'_>) -> io::Result<()> {
-    sock.set_tcp_nodelay(true)?;
+    // (Each tried, whatever the other did.)
+    let nodelay = sock.set_tcp_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_TIME)
         .with_interval(KEEPALIVE_INTERVAL);
-    sock.set_tcp_keepalive(&keepalive)
+    let keepalive = sock.set_tcp_keepalive(&keepalive);
+    nodelay.and(keepalive)
 }
 
 /// Whether accepted connections carry the options set on their listener (Linux copies
-/// them; four system calls per connection saved), looked at on the first one.
+/// them; four system calls per connection saved), looked at on the first connection
+/// whose options could be read.
 fn options_inherited(sock: &socket2::SockRef<'_>) -> bool {
     static INHERITED: OnceLock<bool> = OnceLock::new();
-    *INHERITED.get_or_init(|| {
-        sock.tcp_nodelay().unwrap_or(false)
-            && sock.keepalive().unwrap_or(false)
-            && sock.tcp_keepalive_time().ok() == Some(KEEPALIVE_TIME)
-            && sock.tcp_keepalive_interval().ok() == Some(KEEPALIVE_INTERVAL)
-    })
+    if let Some(known) = INHERITED.get() {
+        return *known;
+    }
+    let read = || -> io::Result<bool> {
+        Ok(sock.tcp_nodelay()?
+            && sock.keepalive()?
+            && sock.tcp_keepalive_time()? == KEEPALIVE_TIME
+            && sock.tcp_keepalive_interval()? == KEEPALIVE_INTERVAL)
+    };
+    match read() {
+        Ok(inherited) => *INHERITED.get_or_init(|| inherited),
+        Err(_) => false,
+    }
 }
 
 impl Stream {

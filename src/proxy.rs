@@ -171,7 +171,7 @@ async fn accept(
         Ok((tcp, peer)) => {
             let slot = shared.clients.try_take();
             // The connection's own address is the listener's, unless that is a wildcard.
-            let local = if listening.ip().is_unspecified() {
+            let local = if listening.ip().to_canonical().is_unspecified() {
                 tcp.local_addr().ok()
             } else {
                 Some(listening)

@@ -389,3 +389,23 @@ async fn failed_logins_from_one_address_are_slowed_and_other_addresses_are_not()
     );
     conn.client.simple_query("SELECT 1").await.expect("works");
 }
+
+#[tokio::test]
+async fn bytes_sent_behind_an_ssl_request_before_its_answer_are_refused() {
+    let proxy = proxy("hostile_early", "").await;
+    // An SSLRequest and, in the same write, what would be a TLS ClientHello: PostgreSQL
+    // refuses data sent before it answered (CVE-2021-23214), and so does pgshield.
+    let mut bytes = raw::request(80877103, &[]);
+    bytes.extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]);
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &bytes).await;
+    let (tag, body) = raw::read_message(&mut s).await.expect("an answer");
+    assert_eq!((tag, raw::error_code(&body)), (b'E', "08P01".to_owned()));
+    assert!(raw::closed(&mut s).await);
+    // A well-behaved SSLRequest still gets its answer.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::request(80877103, &[])).await;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"N");
+}

@@ -329,6 +329,8 @@ impl Session {
         held: super::Held,
     ) -> Session {
         let watch = shared.shutdown.watch();
+        let leftover_len = leftover.len() as u64;
+        PoolStats::add(&login.pool.stats.bytes_received, leftover_len);
         Session {
             mode: login.pool.mode(),
             limits: Limits::now_in_force(&shared),
@@ -378,7 +380,11 @@ impl Session {
             lost_transaction: false,
             reported_since_borrow: false,
             last_activity: Instant::now(),
-            counts: Counts::default(),
+            // (Bytes the login read past its last message are the session's first input.)
+            counts: Counts {
+                bytes_in: leftover_len,
+                ..Counts::default()
+            },
             _held: held,
         }
     }
