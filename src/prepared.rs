@@ -203,10 +203,9 @@ pub enum Undo {
         /// The client's name it made, and which making of it (see [`Named`]).
         client_name: Option<(Arc<str>, u64)>,
         statement: Arc<Statement>,
-        /// It went to the server (rather than being answered by pgshield).
-        on_server: bool,
-        /// The other clone of its `Doubt`'s token (when it went to the server).
-        doubt: Option<Arc<()>>,
+        /// It went to the server (rather than being answered by pgshield): the other
+        /// clone of its `Doubt`'s token.
+        sent: Option<Arc<()>>,
         /// It went behind a Close of the same name (its presence was unsure).
         behind_close: bool,
     },
@@ -891,8 +890,7 @@ impl ClientStatements {
             t.undo = Some(Undo::Parse {
                 client_name: Some(client_name),
                 statement,
-                on_server: false,
-                doubt: None,
+                sent: None,
                 behind_close: false,
             });
             return;
@@ -907,8 +905,7 @@ impl ClientStatements {
         t.undo = Some(Undo::Parse {
             client_name: Some(client_name),
             statement,
-            on_server: true,
-            doubt: Some(token),
+            sent: Some(token),
             behind_close: presence == Presence::Unsure,
         });
     }
@@ -1041,8 +1038,7 @@ impl ClientStatements {
             undo: Some(Undo::Parse {
                 client_name: None,
                 statement: Arc::clone(statement),
-                on_server: true,
-                doubt: Some(token),
+                sent: Some(token),
                 behind_close: presence == Presence::Unsure,
             }),
         });
@@ -1088,11 +1084,10 @@ impl ClientStatements {
             Undo::Parse {
                 client_name,
                 statement,
-                on_server,
-                doubt,
+                sent,
                 behind_close,
             } => {
-                if let Some(token) = doubt.filter(|_| on_server) {
+                if let Some(token) = sent {
                     server.parse_skipped(statement.name(), &token, behind_close);
                 }
                 if let Some((name, made_by)) = client_name {
@@ -1296,6 +1291,15 @@ mod tests {
         m
     }
 
+    /// A registry, a backend holding up to `capacity` statements, and a client.
+    fn fresh(capacity: usize) -> (Registry, ServerStatements, ClientStatements) {
+        (
+            Registry::default(),
+            ServerStatements::new(capacity),
+            ClientStatements::default(),
+        )
+    }
+
     fn run(
         c: &mut ClientStatements,
         r: &Registry,
@@ -1311,24 +1315,14 @@ mod tests {
 
     #[test]
     fn a_new_statement_is_prepared_under_its_shared_name() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         let (t, out) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 1"));
         assert!(out.is_empty());
         let Translation::Rewrite { head, .. } = t.translation else {
             panic!("{t:?}")
         };
         assert!(head.windows(10).any(|w| w == b"pgshield_1"), "{head:?}");
-        assert!(matches!(
-            t.undo,
-            Some(Undo::Parse {
-                on_server: true,
-                ..
-            })
-        ));
+        assert!(matches!(t.undo, Some(Undo::Parse { sent: Some(_), .. })));
         assert_eq!(s.len(), 1);
     }
 
@@ -1408,11 +1402,7 @@ mod tests {
 
     #[test]
     fn an_unknown_name_passes_through_for_the_server_to_refuse() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         let (t, out) = run(&mut c, &r, &mut s, &bind_msg("nope", b"\0\0\0\0\0\0"));
         assert_eq!(t.translation, Translation::PassOn);
         assert!(out.is_empty());
@@ -1436,11 +1426,7 @@ mod tests {
 
     #[test]
     fn close_is_answered_by_pgshield_and_forgets_the_name() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 1"));
         let (t, _) = run(&mut c, &r, &mut s, &small(b'C', b'S', "s0"));
         assert_eq!(t.fake, Some(crate::server::state::Fake::CloseComplete));
@@ -1455,11 +1441,7 @@ mod tests {
 
     #[test]
     fn re_preparing_a_name_goes_to_the_server_under_the_existing_name_to_be_refused() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 1"));
         let (t, _) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT 2"));
         let Translation::Rewrite { head, .. } = t.translation else {
@@ -1471,11 +1453,7 @@ mod tests {
 
     #[test]
     fn a_full_backend_closes_its_least_recently_used_statement() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(2),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(2);
         run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
         run(&mut c, &r, &mut s, &parse_msg("b", "SELECT 'b'"));
         run(&mut c, &r, &mut s, &bind_msg("a", b"\0\0\0\0\0\0")); // a is fresher than b
@@ -1491,11 +1469,7 @@ mod tests {
 
     #[test]
     fn an_eviction_close_the_server_skipped_is_taken_back() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(1),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(1);
         run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
         // After other messages in its batch: the eviction's Close may be skipped.
         let b = parse_msg("b", "SELECT 'b'");
@@ -1527,11 +1501,7 @@ mod tests {
 
     #[test]
     fn batches_the_server_skipped_leave_nothing_said_present_that_is_not() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(1),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(1);
         run(&mut c, &r, &mut s, &parse_msg("a", "SELECT 'a'"));
         // Two batches, each after a statement that fails: in the first b evicts a, in
         // the second c evicts b. The server skips them all; the first batch's undos come
@@ -1570,11 +1540,7 @@ mod tests {
 
     #[test]
     fn undo_takes_back_a_parse_the_server_never_ran() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         let (t, _) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELEKT"));
         c.undo(&mut s, t.undo.expect("undo"));
         assert!(c.is_empty() && s.is_empty());
@@ -1604,11 +1570,7 @@ mod tests {
 
     #[test]
     fn a_bind_needs_only_its_names_to_have_arrived() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT $1"));
         let bind = bind_msg("s0", &[7u8; 1000]);
         let t = c
@@ -1673,11 +1635,7 @@ mod tests {
 
     #[test]
     fn a_parse_beyond_the_clients_limit_is_refused_on_the_server() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         // Each message after others in its batch (`batch_open`), unless said otherwise.
         let in_batch =
             |c: &mut ClientStatements, s: &mut ServerStatements, msg: &[u8], batch_open: bool| {
@@ -1766,11 +1724,7 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        let (r, mut s, mut c) = (
-            Registry::default(),
-            ServerStatements::new(10),
-            ClientStatements::default(),
-        );
+        let (r, mut s, mut c) = fresh(10);
         for msg in [
             &b"P\0\0\0\x06s0"[..],
             b"B\0\0\0\x06\0x",

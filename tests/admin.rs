@@ -390,6 +390,13 @@ async fn show_clients_and_servers_and_kill_client() {
     assert!(mine
         .iter()
         .all(|c| c["type"] == "C" && c["addr"] == "127.0.0.1"));
+    // The local end is the listener's address (taken from it, not asked of each socket).
+    let port = proxy.addr.port().to_string();
+    assert!(
+        mine.iter()
+            .all(|c| c["local_addr"] == "127.0.0.1" && c["local_port"] == port),
+        "{mine:?}"
+    );
     // A holds a backend in its transaction: its client row links to a server row with its pid.
     let servers = show(&admin.client, "SHOW SERVERS").await;
     let active = servers

@@ -19,6 +19,16 @@ async fn proxy(role: &str, pool: &str) -> TestProxy {
     .await
 }
 
+/// A proxy whose user `role` logs in by trust (for raw protocol clients), with `pool`
+/// settings.
+async fn trusted_proxy(role: &str, pool: &str) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!(
+        "[pool]\n{pool}\n[users.{role}]\nauth = \"trust\"\nserver_password = \"pw\"\n"
+    ))
+    .await
+}
+
 async fn pid(client: &tokio_postgres::Client) -> i32 {
     client
         .query_one("SELECT pg_backend_pid()", &[])
@@ -139,11 +149,7 @@ async fn parse_named(s: &mut tokio::net::TcpStream, name: &str, sql: &str) -> St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_naming_s0_differently_get_their_own_and_close_then_reparse_works() {
-    common::create_role("tx_names", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\n[users.tx_names]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_names", "max_size = 1").await;
     let mut a = raw::login_trusted(proxy.addr, "tx_names").await;
     let mut b = raw::login_trusted(proxy.addr, "tx_names").await;
     assert_eq!(parse_named(&mut a, "s0", "SELECT 'from a'").await, "1Z");
@@ -713,11 +719,7 @@ async fn copy_describe_and_function_calls_work_in_transaction_mode() {
 async fn a_flush_keeps_the_backend_until_the_batch_is_synced() {
     // asyncpg's pattern: Parse, Describe, Flush; read the descriptions; then Bind,
     // Execute, Sync. The unnamed statement must still be there: same backend.
-    common::create_role("tx_flush", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 2\nborrow_timeout = \"1s\"\n[users.tx_flush]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_flush", "max_size = 2\nborrow_timeout = \"1s\"").await;
     let mut s = raw::login_trusted(proxy.addr, "tx_flush").await;
     let mut first = raw::message(b'P', b"\0SELECT pg_backend_pid(), $1::int\0\0\0");
     first.extend(raw::message(b'D', b"S\0"));
@@ -773,11 +775,7 @@ async fn a_refused_set_of_a_server_wide_setting_harms_no_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unnamed_statement_survives_another_clients_settings_on_its_backend() {
-    common::create_role("tx_unnamed", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\n[users.tx_unnamed]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_unnamed", "max_size = 1").await;
     let login = |app: &'static str| {
         let addr = proxy.addr;
         async move {
@@ -813,11 +811,7 @@ async fn the_unnamed_statement_survives_another_clients_settings_on_its_backend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
-    common::create_role("tx_dealloc", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\n[users.tx_dealloc]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_dealloc", "max_size = 1").await;
     let mut s = raw::login_trusted(proxy.addr, "tx_dealloc").await;
     let mut other = raw::login_trusted(proxy.addr, "tx_dealloc").await;
     assert_eq!(parse_named(&mut s, "a5", "SELECT 'five'").await, "1Z");
@@ -897,7 +891,12 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_does() {
-    common::create_role("tx_stmt_limit", "pw").await;
+    // (The role first: the table is granted to it.)
+    let proxy = trusted_proxy(
+        "tx_stmt_limit",
+        "max_size = 1\nmax_client_prepared_statements = 2",
+    )
+    .await;
     common::admin()
         .await
         .batch_execute(
@@ -906,11 +905,6 @@ async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_doe
         )
         .await
         .expect("table");
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\nmax_client_prepared_statements = 2\n\
-         [users.tx_stmt_limit]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
     let mut s = raw::login_trusted(proxy.addr, "tx_stmt_limit").await;
     assert_eq!(parse_named(&mut s, "s0", "SELECT 'zero'").await, "1Z");
     assert_eq!(parse_named(&mut s, "s1", "SELECT 'one'").await, "1Z");
@@ -1048,12 +1042,7 @@ async fn two_batches(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_before_the_previous_one_failed_does_not_count_on_what_that_one_prepared() {
-    common::create_role("tx_doubt", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\nmax_prepared_statements = 1\n\
-         [users.tx_doubt]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_doubt", "max_size = 1\nmax_prepared_statements = 1").await;
     let mut c = raw::login_trusted(proxy.addr, "tx_doubt").await;
     let fails = "SELECT 1 / (random() * 0)::int";
     assert_eq!(parse_named(&mut c, "fail", fails).await, "1Z");
@@ -1105,12 +1094,7 @@ async fn a_batch_sent_before_the_previous_one_failed_does_not_count_on_what_that
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_prepared_again_in_skipped_batches_are_not_lost_or_invented() {
-    common::create_role("tx_doubt3", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\nmax_prepared_statements = 1\n\
-         [users.tx_doubt3]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_doubt3", "max_size = 1\nmax_prepared_statements = 1").await;
     let mut c = raw::login_trusted(proxy.addr, "tx_doubt3").await;
     assert_eq!(parse_named(&mut c, "s1", "SELECT 'one'").await, "1Z");
     assert_eq!(parse_named(&mut c, "s2", "SELECT 'two'").await, "1Z");
@@ -1180,11 +1164,7 @@ async fn statements_prepared_again_in_skipped_batches_are_not_lost_or_invented()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_dropped_on_the_server_harm_no_one_and_nothing_behind_them_assumes_them() {
-    common::create_role("tx_drops", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\n[users.tx_drops]\nauth = \"trust\"\nserver_password = \"pw\"\n",
-    )
-    .await;
+    let proxy = trusted_proxy("tx_drops", "max_size = 1").await;
     let mut a = raw::login_trusted(proxy.addr, "tx_drops").await;
     let mut b = raw::login_trusted(proxy.addr, "tx_drops").await;
     assert_eq!(parse_named(&mut a, "s1", "SELECT 'one'").await, "1Z");

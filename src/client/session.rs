@@ -1227,19 +1227,16 @@ impl Session {
             }
         }
         match translation {
-            Translation::PassOn if drops.is_some() => {
-                let drops = drops.unwrap_or(StatementDrop::All(0));
-                server.statements.dropping(&drops);
-                server.replies.sent_dropping(drops);
-                self.client_msg = Passing {
-                    left: header.len,
-                    forward: true,
-                };
-            }
             Translation::PassOn => {
-                server
-                    .replies
-                    .sent_with(header.tag, Hide::No, translated.undo);
+                match drops {
+                    Some(drops) => {
+                        server.statements.dropping(&drops);
+                        server.replies.sent_dropping(drops);
+                    }
+                    None => server
+                        .replies
+                        .sent_with(header.tag, Hide::No, translated.undo),
+                }
                 self.client_msg = Passing {
                     left: header.len,
                     forward: true,

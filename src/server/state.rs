@@ -839,8 +839,7 @@ mod tests {
         Some(Undo::Parse {
             client_name: Some(("s0".into(), 0)),
             statement: registry.intern("SELECT 1", &[]),
-            on_server: true,
-            doubt: None,
+            sent: Some(Default::default()),
             behind_close: false,
         })
     }
