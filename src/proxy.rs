@@ -176,15 +176,13 @@ async fn accept(
             } else {
                 Some(listening)
             };
-            let serve = client::serve(
+            sessions.spawn(client::serve(
                 Arc::clone(shared),
                 tcp,
                 (peer, local),
                 slot,
                 read_only,
-                sessions.clone(),
-            );
-            sessions.spawn(serve);
+            ));
         }
         Err(e) => {
             // Out of file descriptors and the like: back off instead of spinning.

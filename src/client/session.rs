@@ -389,20 +389,21 @@ impl Session {
         }
     }
 
-    /// Relays until the session ends, then finishes it. (Not an `async fn`: that would
-    /// store the session twice in the future, once as the argument and once as the
-    /// local it is moved into; an idle client's task is mostly this future.)
+    /// Relays until the session ends, then finishes it. Its task must be
+    /// [`crate::epoch::Counted`]: `poll_io` skips sockets already found empty in the
+    /// same poll. (Not an `async fn`: that would store the session twice in the future,
+    /// once as the argument and once as the local it is moved into; an idle client's
+    /// task is mostly this future.)
     #[allow(clippy::manual_async_fn)]
     pub fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
-        // Counted: `poll_io` skips sockets already found empty in the same poll.
-        crate::epoch::Counted::new(async move {
+        async move {
             self.log_login();
             let end = self.relay().await;
             // Boxed, as is each borrow: an idle session's task holds only the relay
             // loop's own state, not the largest state it might pass through.
             let finishing = Box::pin(self.finish(end));
             finishing.await;
-        })
+        }
     }
 
     fn log_login(&self) {
