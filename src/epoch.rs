@@ -17,12 +17,18 @@
 //! A stamp is only good while the same session holds the socket: a backend is stamped
 //! anew (zero) each time a session takes it, since another task may have read it in
 //! between and taken the waker's place.
+//!
+//! A poll is also one instant: [`instant`] reads the clock once per poll of a `Counted`
+//! task (a transaction read it about ten times, for activity, statement durations and its
+//! backend's idle time, at some 90 instructions a read). Outside such a poll it reads the
+//! clock each time.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 static NEXT_BASE: AtomicU64 = AtomicU64::new(1 << 48);
 
@@ -38,6 +44,45 @@ pub fn now() -> u64 {
 
 fn next() {
     CURRENT.with(|c| c.set(c.get() + 1));
+}
+
+/// The clock as this thread's current poll of a [`Counted`] task sees it.
+#[derive(Clone, Copy)]
+enum Clock {
+    /// Not in such a poll: each [`instant`] reads the clock.
+    Off,
+    /// In one that has not read it yet.
+    Unread,
+    /// In one that read it.
+    Read(Instant),
+}
+
+thread_local! {
+    static CLOCK: Cell<Clock> = const { Cell::new(Clock::Off) };
+}
+
+/// Now, as of the first time the current poll of a [`Counted`] task asked (a poll takes
+/// microseconds; what it times is timed poll to poll); outside one, now.
+pub fn instant() -> Instant {
+    CLOCK.with(|c| match c.get() {
+        Clock::Read(at) => at,
+        Clock::Unread => {
+            let at = Instant::now();
+            c.set(Clock::Read(at));
+            at
+        }
+        Clock::Off => Instant::now(),
+    })
+}
+
+/// Puts back the clock of whatever poll was running around a `Counted` one, even if that
+/// one panics (the thread goes on polling other tasks).
+struct ClockRestored(Clock);
+
+impl Drop for ClockRestored {
+    fn drop(&mut self) {
+        CLOCK.with(|c| c.set(self.0));
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -61,6 +106,7 @@ impl<F: Future> Future for Counted<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         next();
+        let _restored = ClockRestored(CLOCK.with(|c| c.replace(Clock::Unread)));
         self.project().inner.poll(cx)
     }
 }
@@ -85,6 +131,31 @@ mod tests {
         assert!(
             other >> 48 != seen.0 >> 48,
             "each thread counts in its own range"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_counted_poll_reads_the_clock_once_and_outside_one_it_is_read_each_time() {
+        let pause = std::time::Duration::from_millis(2);
+        let (first, same, later) = Counted::new(async move {
+            let first = instant();
+            std::thread::sleep(pause);
+            let same = instant();
+            tokio::time::sleep(pause).await;
+            (first, same, instant())
+        })
+        .await;
+        assert_eq!(first, same, "one poll, one instant");
+        assert!(later >= first + pause, "a new poll reads the clock again");
+        let outside = instant();
+        std::thread::sleep(pause);
+        assert!(
+            instant() >= outside + pause,
+            "outside a counted poll: read each time"
+        );
+        assert!(
+            outside >= later,
+            "and not left at the counted task's instant"
         );
     }
 }

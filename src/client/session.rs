@@ -467,7 +467,7 @@ impl Session {
                 // (Only query_timeout needs to know since when: a statement already running
                 // when a reload adds one counts from the next turn of this loop.)
                 if state.0 && self.busy_since.is_none() && self.limits.query.is_some() {
-                    self.busy_since = Some(Instant::now());
+                    self.busy_since = Some(crate::epoch::instant());
                     self.statement_cancelled = false;
                 } else if !state.0 {
                     self.busy_since = None;
@@ -791,7 +791,7 @@ impl Session {
 
     fn note_activity(&mut self) {
         if self.limits.watch_activity() {
-            self.last_activity = Instant::now();
+            self.last_activity = crate::epoch::instant();
         }
     }
 
@@ -896,7 +896,7 @@ impl Session {
                 .check_size(self.limits.max_message_size)
                 .map_err(|e| End::ClientProtocol(e.to_string()))?;
             if self.request_received.is_none() && matches!(header.tag, b'Q' | b'P' | b'B' | b'F') {
-                let now = Instant::now();
+                let now = crate::epoch::instant();
                 self.request_received = Some(now);
                 self.xact_started.get_or_insert(now);
                 self.registered.info.note_request(now);
@@ -1084,7 +1084,7 @@ impl Session {
             return Ok(true);
         };
         if self.request_sent.is_none() {
-            self.request_sent = Some(Instant::now());
+            self.request_sent = Some(crate::epoch::instant());
         }
         let server = backend.server();
         if !translated {
@@ -1481,7 +1481,7 @@ impl Session {
                     let stats = &self.pool.stats;
                     PoolStats::add(&stats.query_count, 1);
                     self.counts.queries += 1;
-                    let now = Instant::now();
+                    let now = crate::epoch::instant();
                     if body.first() == Some(&b'I') {
                         PoolStats::add(&stats.xact_count, 1);
                         self.counts.transactions += 1;

@@ -287,15 +287,15 @@ impl Server {
     }
 
     pub fn age(&self) -> Duration {
-        self.created.elapsed()
+        crate::epoch::instant().saturating_duration_since(self.created)
     }
 
     pub fn idle_for(&self) -> Duration {
-        self.idle_since.elapsed()
+        crate::epoch::instant().saturating_duration_since(self.idle_since)
     }
 
     pub fn mark_idle_now(&mut self) {
-        self.idle_since = Instant::now();
+        self.idle_since = crate::epoch::instant();
     }
 
     /// True if the backend is at rest and can go back to the pool as it is.
