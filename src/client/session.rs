@@ -105,6 +105,17 @@ impl End {
 }
 
 /// What happened on the sockets.
+/// What [`Session::take_idle_backend`] did.
+enum Taken {
+    /// The client holds a backend.
+    Held,
+    /// A backend was lent; the client's settings are yet to be applied to it. (Boxed:
+    /// this value is in the relay loop's future, which is most of an idle session.)
+    Settle(Box<Backend>),
+    /// None was lent at once: borrow one, waiting if need be.
+    Borrow,
+}
+
 enum Event {
     /// Bytes arrived from the client, the backend, or both.
     Data,
@@ -978,7 +989,17 @@ impl Session {
                     };
                     continue;
                 }
-                if let Err(error) = Box::pin(self.acquire_backend()).await? {
+                // Usually an idle backend is lent at once and needs nothing applied: taken
+                // without a future. Otherwise the borrow, and what it takes, is boxed.
+                // (Two statements: a `?` around the awaits below would keep its result's
+                // room in the relay loop's future.)
+                let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
+                let taken = match taken {
+                    Taken::Held => Ok(()),
+                    Taken::Settle(backend) => Box::pin(self.settle_backend(*backend)).await?,
+                    Taken::Borrow => Box::pin(self.acquire_backend()).await?,
+                };
+                if let Err(error) = taken {
                     self.refuse(header.tag, error);
                     self.client_msg = Passing {
                         left: header.len,
@@ -1613,7 +1634,7 @@ impl Session {
             .zip(waiting_since)
             .and_then(|(after, since)| since.checked_add(after))
             .map(|at| Box::pin(tokio::time::sleep_until(at.into())));
-        let mut backend = loop {
+        let backend = loop {
             if let Some(result) = ready.take() {
                 match result {
                     Ok(backend) => break backend,
@@ -1659,8 +1680,16 @@ impl Session {
         };
         drop(waiting);
         let waited = waiting_since.map_or(Duration::ZERO, |since| since.elapsed());
-        pool.metrics().borrow_wait.record(waited.as_secs_f64());
-        PoolStats::add(&pool.stats.wait_time_us, waited.as_micros() as u64);
+        self.note_borrowed(waited);
+        self.settle_backend(backend).await
+    }
+
+    /// Takes a lent backend once the client's settings are applied to it (and, after a
+    /// lost transaction, a failed one recreated); a backend that refused them is closed.
+    async fn settle_backend(
+        &mut self,
+        mut backend: Backend,
+    ) -> Result<Result<(), ErrorResponse>, End> {
         let mut settled = self.apply_settings(&mut backend).await;
         if settled.is_ok() && self.lost_transaction {
             settled = self
@@ -1670,17 +1699,7 @@ impl Session {
         }
         match settled {
             Ok(()) => {
-                let s = backend.server_ref();
-                self.registered.info.set_server(Some((
-                    s.id().0,
-                    s.process_id(),
-                    s.host.as_ref().map(|h| h.index),
-                )));
-                self.cancel.attach(backend.server_ref());
-                // Whatever this session noted of the socket while it last held this
-                // backend no longer holds: another task may have read it since.
-                backend.server().read_idle_in = 0;
-                self.backend = Some(Box::new(backend));
+                self.hold(backend);
                 Ok(Ok(()))
             }
             Err(SettingsError::Refused(error)) => {
@@ -1690,12 +1709,66 @@ impl Session {
             }
             Err(SettingsError::Server(e)) => {
                 backend.discard();
-                Ok(Err(e.to_client_error(pool.name())))
+                Ok(Err(e.to_client_error(self.pool.name())))
             }
         }
     }
 
-    /// Applies the client's settings the backend lacks and resets those it carries for
+    /// Takes an idle backend without a future, if one is lent at once (most borrows in
+    /// transaction mode, which then cost no allocation): [`Taken::Held`] if it needs
+    /// nothing more, [`Taken::Settle`] if the client's settings must be applied to it
+    /// first. Tried only while the pool has an idle backend and is not paused, so the
+    /// borrow polled here, dropped if it would wait ([`Taken::Borrow`]: the boxed
+    /// [`Self::acquire_backend`] borrows instead), seldom has to open a connection.
+    fn take_idle_backend(&mut self, cx: &mut Context<'_>) -> Result<Taken, End> {
+        if self.shared.shutdown.is_draining() {
+            return Err(End::Shutdown);
+        }
+        let pool = Arc::clone(&self.pool);
+        if pool.is_paused() || pool.status().idle == 0 {
+            return Ok(Taken::Borrow);
+        }
+        let borrow = std::pin::pin!(pool.borrow());
+        let backend = match std::future::Future::poll(borrow, cx) {
+            Poll::Ready(Ok(backend)) if !pool.is_paused() => backend,
+            // Paused meanwhile: PAUSE keeps none open (as `borrow_unless_paused`).
+            Poll::Ready(Ok(backend)) => {
+                backend.discard();
+                return Ok(Taken::Borrow);
+            }
+            // (An idle backend found unfit and no other: the borrow that waits handles
+            // its wait or its error, in one place.)
+            Poll::Ready(Err(_)) | Poll::Pending => return Ok(Taken::Borrow),
+        };
+        self.note_borrowed(Duration::ZERO);
+        if self.lost_transaction || !backend.server_ref().settled_for(self.settings.as_str()) {
+            return Ok(Taken::Settle(Box::new(backend)));
+        }
+        self.hold(backend);
+        Ok(Taken::Held)
+    }
+
+    /// Counts a borrow that waited `waited` (zero: lent at once).
+    fn note_borrowed(&self, waited: Duration) {
+        self.pool.metrics().borrow_wait.record(waited.as_secs_f64());
+        PoolStats::add(&self.pool.stats.wait_time_us, waited.as_micros() as u64);
+    }
+
+    /// Holds a lent backend whose settings are the client's.
+    fn hold(&mut self, mut backend: Backend) {
+        let s = backend.server_ref();
+        self.registered.info.set_server(Some((
+            s.id().0,
+            s.process_id(),
+            s.host.as_ref().map(|h| h.index),
+        )));
+        self.cancel.attach(backend.server_ref());
+        // Whatever this session noted of the socket while it last held this backend no
+        // longer holds: another task may have read it since.
+        backend.server().read_idle_in = 0;
+        self.backend = Some(Box::new(backend));
+    }
+
     /// others, in one round trip whose replies the client never sees; passes on the
     /// ParameterStatus changes it has not seen.
     async fn apply_settings(&mut self, backend: &mut Backend) -> Result<(), SettingsError> {
