@@ -61,8 +61,10 @@ thread_local! {
     static CLOCK: Cell<Clock> = const { Cell::new(Clock::Off) };
 }
 
-/// Now, as of the first time the current poll of a [`Counted`] task asked (a poll takes
-/// microseconds; what it times is timed poll to poll); outside one, now.
+/// Now, as of the first time the current poll of a [`Counted`] task asked; outside one,
+/// now. A session's poll relays what has arrived and takes microseconds, so what it
+/// times is timed to within that; something stamped after long work in the same poll
+/// (there is none in a session's) would be stamped early by that long.
 pub fn instant() -> Instant {
     CLOCK.with(|c| match c.get() {
         Clock::Read(at) => at,
@@ -73,6 +75,11 @@ pub fn instant() -> Instant {
         }
         Clock::Off => Instant::now(),
     })
+}
+
+/// Whether this thread is in a poll of a [`Counted`] task.
+pub fn in_counted_poll() -> bool {
+    CLOCK.with(|c| !matches!(c.get(), Clock::Off))
 }
 
 /// Puts back the clock of whatever poll was running around a `Counted` one, even if that

@@ -167,6 +167,25 @@ async fn a_backend_idle_past_health_check_after_that_does_not_answer_is_not_lent
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_idle_past_health_check_after_that_answers_is_lent_again() {
+    common::create_role("lost_checked", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
+         [users.lost_checked]\npassword = \"pw\"\n",
+    )
+    .await;
+    let conn = proxy.connect("lost_checked", "pw").await.expect("login");
+    let first = pid(&conn.client).await;
+    // Each time idle past health_check_after: the check runs, and the same backend is
+    // lent (a borrow that gave up on the check half-way had closed it).
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pid(&conn.client).await, first, "checked, and lent again");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_backend_with_a_setting_changed_in_its_transaction_ends_the_session() {
     let proxy = proxy_for("lost_set").await;
     let conn = proxy.connect("lost_set", "pw").await.expect("login");

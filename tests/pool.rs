@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{backends_of, raw, sqlstate, TestProxy};
@@ -170,6 +172,52 @@ async fn idle_backends_are_closed_after_server_idle_timeout() {
         .await,
         "idle backends closed"
     );
+}
+
+/// Listens on a port of its own and relays each connection to PostgreSQL, counting the
+/// connections it accepted.
+async fn counting_relay() -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let to = common::cluster().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_an_expired_idle_backend_opens_one_connection() {
+    common::create_role("pool_reopen", "pw").await;
+    let (port, accepted) = counting_relay().await;
+    let proxy = TestProxy::start_with_databases(
+        &format!("[databases.app]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\n"),
+        "[pool]\nmax_size = 2\nserver_lifetime = \"100ms\"\n[users.pool_reopen]\npassword = \"pw\"\n",
+    )
+    .await;
+    let conn = proxy.connect("pool_reopen", "pw").await.expect("login");
+    conn.client.simple_query("SELECT 1").await.unwrap();
+    // Each time the idle backend is past its lifetime (unless the janitor closed it
+    // first): one new connection replaces it. A borrow that tried to lend at once and
+    // gave up when it would wait had started a connection of its own, for nothing.
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let before = accepted.load(Ordering::SeqCst);
+        conn.client.simple_query("SELECT 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let opened = accepted.load(Ordering::SeqCst) - before;
+        assert_eq!(opened, 1, "round {round}: connections opened");
+    }
+    proxy.stop().await;
 }
 
 #[tokio::test]

@@ -104,18 +104,19 @@ impl End {
     }
 }
 
-/// What happened on the sockets.
 /// What [`Session::take_idle_backend`] did.
 enum Taken {
     /// The client holds a backend.
     Held,
-    /// A backend was lent; the client's settings are yet to be applied to it. (Boxed:
-    /// this value is in the relay loop's future, which is most of an idle session.)
+    /// A backend was lent, but is not yet the client's: a health check is due, or the
+    /// client's settings are to be applied ([`Session::settle_lent`]). (Boxed: this value
+    /// is in the relay loop's future, which is most of an idle session.)
     Settle(Box<Backend>),
     /// None was lent at once: borrow one, waiting if need be.
     Borrow,
 }
 
+/// What happened on the sockets.
 enum Event {
     /// Bytes arrived from the client, the backend, or both.
     Data,
@@ -406,7 +407,7 @@ impl Session {
     /// once as the argument and once as the local it is moved into; an idle client's
     /// task is mostly this future.)
     #[allow(clippy::manual_async_fn)]
-    pub fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+    pub(super) fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
         async move {
             self.log_login();
             let end = self.relay().await;
@@ -809,6 +810,10 @@ impl Session {
     /// Looks at the shutdown stage, writes what is pending on both sides, then reads from
     /// whichever side has data. `drain`: the client may be closed if pgshield is draining.
     fn poll_io(&mut self, cx: &mut Context<'_>, read_client: bool, drain: bool) -> Poll<Event> {
+        debug_assert!(
+            crate::epoch::in_counted_poll(),
+            "a session's task must be epoch::Counted"
+        );
         match self.shutdown.poll_stage(cx) {
             Stage::Forced => return Poll::Ready(Event::Forced),
             Stage::Draining if drain => return Poll::Ready(Event::Drain),
@@ -996,7 +1001,7 @@ impl Session {
                 let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
                 let taken = match taken {
                     Taken::Held => Ok(()),
-                    Taken::Settle(backend) => Box::pin(self.settle_backend(*backend)).await?,
+                    Taken::Settle(backend) => Box::pin(self.settle_lent(*backend)).await?,
                     Taken::Borrow => Box::pin(self.acquire_backend()).await?,
                 };
                 if let Err(error) = taken {
@@ -1729,23 +1734,40 @@ impl Session {
             return Ok(Taken::Borrow);
         }
         let borrow = std::pin::pin!(pool.borrow());
-        let backend = match std::future::Future::poll(borrow, cx) {
+        let polled = crate::pool::lend_idle_only(|| std::future::Future::poll(borrow, cx));
+        let backend = match polled {
             Poll::Ready(Ok(backend)) if !pool.is_paused() => backend,
             // Paused meanwhile: PAUSE keeps none open (as `borrow_unless_paused`).
             Poll::Ready(Ok(backend)) => {
                 backend.discard();
                 return Ok(Taken::Borrow);
             }
-            // (An idle backend found unfit and no other: the borrow that waits handles
-            // its wait or its error, in one place.)
+            // None idle after all, or none fit to lend: the borrow that may wait, and
+            // open one, handles that (and any error, which this one could only be
+            // "would open" or a closed pool), in one place.
             Poll::Ready(Err(_)) | Poll::Pending => return Ok(Taken::Borrow),
         };
-        self.note_borrowed(Duration::ZERO);
-        if self.lost_transaction || !backend.server_ref().settled_for(self.settings.as_str()) {
+        let server = backend.server_ref();
+        if server.check_due || self.lost_transaction || !server.settled_for(self.settings.as_str())
+        {
             return Ok(Taken::Settle(Box::new(backend)));
         }
+        self.note_borrowed(Duration::ZERO);
         self.hold(backend);
         Ok(Taken::Held)
+    }
+
+    /// Takes a backend lent at once that needs more than holding: the health check it
+    /// was lent without, if due (one that fails it is closed, and another borrowed), then
+    /// what [`Self::settle_backend`] does.
+    async fn settle_lent(&mut self, backend: Backend) -> Result<Result<(), ErrorResponse>, End> {
+        match Arc::clone(&self.pool).checked(backend).await {
+            Some(backend) => {
+                self.note_borrowed(Duration::ZERO);
+                self.settle_backend(backend).await
+            }
+            None => self.acquire_backend().await,
+        }
     }
 
     /// Counts a borrow that waited `waited` (zero: lent at once).
@@ -1769,6 +1791,7 @@ impl Session {
         self.backend = Some(Box::new(backend));
     }
 
+    /// Applies the client's settings the backend lacks and resets those it carries for
     /// others, in one round trip whose replies the client never sees; passes on the
     /// ParameterStatus changes it has not seen.
     async fn apply_settings(&mut self, backend: &mut Backend) -> Result<(), SettingsError> {

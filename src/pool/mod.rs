@@ -23,6 +23,32 @@ macro_rules! backend_event {
 pub mod cluster;
 mod janitor;
 
+thread_local! {
+    static LEND_IDLE_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, one poll of a borrow that will be dropped if it does not complete, so that
+/// the borrow only lends an idle backend as it is: it opens none (it fails at once with
+/// [`ServerError::NotOpened`]) and does not wait for a due health check (the backend is
+/// lent with `check_due` set; its borrower runs [`Pool::checked`]). Dropped half-way,
+/// such a borrow would leave a connection half-opened, or close a healthy backend
+/// mid-check.
+pub fn lend_idle_only<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LEND_IDLE_ONLY.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(LEND_IDLE_ONLY.with(|c| c.replace(true)));
+    f()
+}
+
+fn lending_idle_only() -> bool {
+    LEND_IDLE_ONLY.with(Cell::get)
+}
+
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -164,6 +190,9 @@ impl Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<Box<Server>, ServerError> {
+        if lending_idle_only() {
+            return Err(ServerError::NotOpened);
+        }
         // Boxed: opening a backend (TCP, TLS, authentication) is a large state machine,
         // and deadpool's borrow future embeds it. Unboxed, every client waiting for or
         // holding a borrow would carry it; boxed, only an actual connect pays for it.
@@ -183,15 +212,10 @@ impl Manager for ServerManager {
         };
         // Idle a while: an empty query says whether it still answers (a server that went
         // away without closing its sockets, a network that dropped them).
-        if unfit.is_none() && check_after.is_some_and(|after| server.idle_for() >= after) {
-            let check = tokio::time::timeout(check_within, Box::pin(server.run_internal("")));
-            if !matches!(check.await, Ok(Ok(_))) {
-                server.mark_broken();
-                unfit = Some("no answer to the health check before lending it");
-                if let Some(lease) = server.host.as_ref() {
-                    lease.cluster().backend_lost(lease.index, None);
-                }
-            }
+        let due = unfit.is_none() && check_after.is_some_and(|after| server.idle_for() >= after);
+        server.check_due = due && lending_idle_only();
+        if due && !server.check_due && !answers(server, check_within).await {
+            unfit = Some(NO_ANSWER);
         }
         if let Some(reason) = unfit {
             backend_event!(self.settings.load().log_connections, pool = %self.pool, server = %server.id(), pid = server.process_id(), reason, "closing backend instead of lending it");
@@ -199,6 +223,23 @@ impl Manager for ServerManager {
         }
         Ok(())
     }
+}
+
+/// Why a backend that failed its health check is closed.
+const NO_ANSWER: &str = "no answer to the health check before lending it";
+
+/// Whether an idle backend answers an empty query within `within`; one that does not is
+/// marked broken and its host reported.
+async fn answers(server: &mut Server, within: Duration) -> bool {
+    let check = tokio::time::timeout(within, Box::pin(server.run_internal("")));
+    if matches!(check.await, Ok(Ok(_))) {
+        return true;
+    }
+    server.mark_broken();
+    if let Some(lease) = server.host.as_ref() {
+        lease.cluster().backend_lost(lease.index, None);
+    }
+    false
 }
 
 impl ServerManager {
@@ -963,8 +1004,30 @@ impl Pool {
         }
     }
 
+    /// The backend, once the health check it was lent without (`check_due`, see
+    /// [`lend_idle_only`]) is done; `None` if it failed (the backend is closed).
+    pub async fn checked(&self, mut backend: Backend) -> Option<Backend> {
+        if !backend.server_ref().check_due {
+            return Some(backend);
+        }
+        backend.server().check_due = false;
+        let within = self.inner.manager().settings.load().server_connect_timeout;
+        if answers(backend.server(), within).await {
+            return Some(backend);
+        }
+        let loud = self.inner.manager().settings.load().log_connections;
+        let server = backend.server_ref();
+        backend_event!(loud, pool = %self.name, server = %server.id(), pid = server.process_id(), reason = NO_ANSWER, "closing backend instead of lending it");
+        backend.discard();
+        None
+    }
+
     fn borrow_error(&self, e: PoolError<ServerError>, settings: &PoolSettings) -> BorrowError {
         match e {
+            // (Only a borrow that may not open one, which says nothing of it.)
+            PoolError::Backend(ServerError::NotOpened) => {
+                BorrowError::Server(self.name.clone(), ServerError::NotOpened)
+            }
             PoolError::Timeout(_) => {
                 self.metrics().borrow_timeouts.increment(1);
                 BorrowError::Timeout {

@@ -110,6 +110,10 @@ pub enum ServerError {
     UnsupportedAuth(String),
     #[error("protocol error from the server: {0}")]
     Protocol(String),
+    /// A borrow that may only lend an idle backend would have opened one (see
+    /// `pool::lend_idle_only`); never reaches a client.
+    #[error("no idle backend to lend without opening one")]
+    NotOpened,
     #[error("the server reported an error: {0}")]
     Query(ErrorResponse),
     #[error("the server closed the connection")]

@@ -154,6 +154,9 @@ pub struct Server {
     settled_for: String,
     settled: bool,
     broken: bool,
+    /// Lent without the health check it was due (see `pool::lend_idle_only`): its
+    /// borrower runs the check before using it (`Pool::checked`).
+    pub(crate) check_due: bool,
     /// Closing sends no Terminate (the server's input may be mid-message, or it has one).
     no_terminate: bool,
     created: Instant,
@@ -194,6 +197,7 @@ impl Server {
             settled_for: String::new(),
             settled: false,
             broken: false,
+            check_due: false,
             no_terminate: false,
             created: now,
             idle_since: now,
