@@ -357,6 +357,58 @@ async fn pause_lets_transactions_finish_holds_new_ones_and_resume_releases_them(
         .expect("a carries on");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_backend_is_health_checked_waits_as_for_a_borrow() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let proxy = proxy(
+        "adm_check",
+        "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
+         server_connect_timeout = \"5s\"\n",
+    )
+    .await;
+    let admin = console(&proxy, "adm_check_ops").await;
+    let conn = proxy.connect("adm_check", "pw").await.expect("login");
+    let frozen: i32 = conn
+        .client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The idle backend stops answering; the next borrow's health check waits on it.
+    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop the backend");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = conn.client;
+    let query = tokio::spawn(async move {
+        client
+            .query_one("SELECT 7", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pools = show(&admin.client, "SHOW POOLS").await;
+    let clients = show(&admin.client, "SHOW CLIENTS").await;
+    kill(Pid::from_raw(frozen), Signal::SIGCONT).expect("resume the backend");
+    // Counted as waiting, as a client queued for a backend is (and, like one, watched:
+    // a hang-up or a KILL ends the wait).
+    let mine = pools
+        .iter()
+        .find(|r| r["user"] == "adm_check")
+        .expect("pool");
+    assert_eq!(mine["cl_waiting"], "1", "{mine:?}");
+    let me = clients
+        .iter()
+        .find(|r| r["user"] == "adm_check")
+        .expect("client");
+    assert_eq!(me["state"], "waiting", "{me:?}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(answer.expect("the query runs"), 7);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn show_clients_and_servers_and_kill_client() {
     let proxy = proxy("adm_kill", "").await;

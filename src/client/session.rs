@@ -108,10 +108,12 @@ impl End {
 enum Taken {
     /// The client holds a backend.
     Held,
-    /// A backend was lent, but is not yet the client's: a health check is due, or the
-    /// client's settings are to be applied ([`Session::settle_lent`]). (Boxed: this value
-    /// is in the relay loop's future, which is most of an idle session.)
+    /// A backend was lent; the client's settings are yet to be applied to it. (Boxed:
+    /// this value is in the relay loop's future, which is most of an idle session.)
     Settle(Box<Backend>),
+    /// A backend was lent without the health check it was due: to be checked as a
+    /// borrow is waited for (watching the client), and replaced if it fails.
+    Check(Box<Backend>),
     /// None was lent at once: borrow one, waiting if need be.
     Borrow,
 }
@@ -1001,8 +1003,9 @@ impl Session {
                 let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
                 let taken = match taken {
                     Taken::Held => Ok(()),
-                    Taken::Settle(backend) => Box::pin(self.settle_lent(*backend)).await?,
-                    Taken::Borrow => Box::pin(self.acquire_backend()).await?,
+                    Taken::Settle(backend) => Box::pin(self.settle_backend(*backend)).await?,
+                    Taken::Check(backend) => Box::pin(self.acquire_backend(Some(*backend))).await?,
+                    Taken::Borrow => Box::pin(self.acquire_backend(None)).await?,
                 };
                 if let Err(error) = taken {
                     self.refuse(header.tag, error);
@@ -1604,17 +1607,32 @@ impl Session {
     }
 
     /// Borrows a backend for this client, watching the client while it waits, and brings
-    /// the backend's settings in line with the client's. `Ok(Err(_))`: the client gets
+    /// the backend's settings in line with the client's (`lent`: one lent already, whose
+    /// due health check is part of the wait). `Ok(Err(_))`: the client gets
     /// that error and stays connected. A client that hangs up while queued leaves the queue
     /// and its statements are not run: it gave up on them (and may retry elsewhere).
-    async fn acquire_backend(&mut self) -> Result<Result<(), ErrorResponse>, End> {
+    async fn acquire_backend(
+        &mut self,
+        lent: Option<Backend>,
+    ) -> Result<Result<(), ErrorResponse>, End> {
         if self.shared.shutdown.is_draining() {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
         // A paused pool (PAUSE) lends nothing until RESUME; a drain meanwhile ends the wait.
         let shared = Arc::clone(&self.shared);
-        let borrow = pool.borrow_unless_paused(&shared.shutdown);
+        // A backend lent without its due health check is checked first, as part of the
+        // borrow: waited for as a borrow is, and replaced (with its place) if it fails.
+        let borrow = async {
+            let mut held = None;
+            if let Some(backend) = lent {
+                match pool.checked(backend).await {
+                    Ok(backend) => return Ok(backend),
+                    Err(place) => held = place,
+                }
+            }
+            pool.borrow_unless_paused(&shared.shutdown, held).await
+        };
         tokio::pin!(borrow);
         // Usually a backend is idle: no queue to join. Otherwise the client is counted as
         // waiting (SHOW POOLS) until it gets one.
@@ -1722,9 +1740,10 @@ impl Session {
     /// Takes an idle backend without a future, if one is lent at once (most borrows in
     /// transaction mode, which then cost no allocation): [`Taken::Held`] if it needs
     /// nothing more, [`Taken::Settle`] if the client's settings must be applied to it
-    /// first. Tried only while the pool has an idle backend and is not paused, so the
-    /// borrow polled here, dropped if it would wait ([`Taken::Borrow`]: the boxed
-    /// [`Self::acquire_backend`] borrows instead), seldom has to open a connection.
+    /// first, [`Taken::Check`] if its health check is due. Tried only while the pool has
+    /// an idle backend and is not paused; the borrow polled here is dropped if it would
+    /// wait ([`Taken::Borrow`]: the boxed [`Self::acquire_backend`] borrows instead), and
+    /// runs under [`crate::pool::lend_idle_only`], so dropping it loses nothing.
     fn take_idle_backend(&mut self, cx: &mut Context<'_>) -> Result<Taken, End> {
         if self.shared.shutdown.is_draining() {
             return Err(End::Shutdown);
@@ -1748,26 +1767,15 @@ impl Session {
             Poll::Ready(Err(_)) | Poll::Pending => return Ok(Taken::Borrow),
         };
         let server = backend.server_ref();
-        if server.check_due || self.lost_transaction || !server.settled_for(self.settings.as_str())
-        {
-            return Ok(Taken::Settle(Box::new(backend)));
+        if server.check_due {
+            return Ok(Taken::Check(Box::new(backend)));
         }
         self.note_borrowed(Duration::ZERO);
+        if self.lost_transaction || !server.settled_for(self.settings.as_str()) {
+            return Ok(Taken::Settle(Box::new(backend)));
+        }
         self.hold(backend);
         Ok(Taken::Held)
-    }
-
-    /// Takes a backend lent at once that needs more than holding: the health check it
-    /// was lent without, if due (one that fails it is closed, and another borrowed), then
-    /// what [`Self::settle_backend`] does.
-    async fn settle_lent(&mut self, backend: Backend) -> Result<Result<(), ErrorResponse>, End> {
-        match Arc::clone(&self.pool).checked(backend).await {
-            Some(backend) => {
-                self.note_borrowed(Duration::ZERO);
-                self.settle_backend(backend).await
-            }
-            None => self.acquire_backend().await,
-        }
     }
 
     /// Counts a borrow that waited `waited` (zero: lent at once).

@@ -836,14 +836,19 @@ impl Pool {
     /// PAUSE began is closed (PAUSE means none stays open) and the wait starts again; so
     /// does a borrow that failed while paused (the database may be down on purpose). A
     /// drain ends a paused wait with [`BorrowError::Closed`].
-    pub async fn borrow_unless_paused(&self, shutdown: &Shutdown) -> Result<Backend, BorrowError> {
+    /// `held`: a place under `max_size` the borrower already has (see [`Pool::checked`]).
+    pub(crate) async fn borrow_unless_paused(
+        &self,
+        shutdown: &Shutdown,
+        mut held: Option<Place>,
+    ) -> Result<Backend, BorrowError> {
         loop {
             tokio::select! {
                 biased;
                 _ = self.until_resumed() => {}
                 _ = shutdown.draining() => return Err(BorrowError::Closed(self.name.clone())),
             }
-            match self.borrow().await {
+            match self.borrow_holding(held.take()).await {
                 Ok(backend) if self.is_paused() => backend.discard(),
                 Ok(backend) => return Ok(backend),
                 Err(_) if self.is_paused() => {}
@@ -945,10 +950,15 @@ impl Pool {
 
     /// Lends a backend, waiting in FIFO order up to `borrow_timeout`.
     pub async fn borrow(&self) -> Result<Backend, BorrowError> {
+        self.borrow_holding(None).await
+    }
+
+    /// [`Pool::borrow`], with a place under `max_size` already held (`held`) if any.
+    async fn borrow_holding(&self, held: Option<Place>) -> Result<Backend, BorrowError> {
         let settings = self.inner.manager().settings.load_full();
         // (Read only when the borrow waits: most do not.)
         let mut started = None;
-        let place = match self.gate.try_take() {
+        let place = match held.or_else(|| self.gate.try_take()) {
             Some(place) => place,
             None => {
                 started = Some(tokio::time::Instant::now());
@@ -1005,21 +1015,25 @@ impl Pool {
     }
 
     /// The backend, once the health check it was lent without (`check_due`, see
-    /// [`lend_idle_only`]) is done; `None` if it failed (the backend is closed).
-    pub async fn checked(&self, mut backend: Backend) -> Option<Backend> {
+    /// [`lend_idle_only`]) is done. If it failed, the backend is closed and its place
+    /// under `max_size` is handed back, so that its borrower borrows another with it
+    /// (`borrow_unless_paused`) instead of queueing again, as a check failed while
+    /// lending does.
+    pub(crate) async fn checked(&self, mut backend: Backend) -> Result<Backend, Option<Place>> {
         if !backend.server_ref().check_due {
-            return Some(backend);
+            return Ok(backend);
         }
         backend.server().check_due = false;
         let within = self.inner.manager().settings.load().server_connect_timeout;
         if answers(backend.server(), within).await {
-            return Some(backend);
+            return Ok(backend);
         }
         let loud = self.inner.manager().settings.load().log_connections;
         let server = backend.server_ref();
         backend_event!(loud, pool = %self.name, server = %server.id(), pid = server.process_id(), reason = NO_ANSWER, "closing backend instead of lending it");
+        let place = backend._place.take();
         backend.discard();
-        None
+        Err(place)
     }
 
     fn borrow_error(&self, e: PoolError<ServerError>, settings: &PoolSettings) -> BorrowError {
