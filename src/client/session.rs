@@ -413,10 +413,14 @@ impl Session {
         async move {
             self.log_login();
             let end = self.relay().await;
-            // Boxed, as is each borrow: an idle session's task holds only the relay
-            // loop's own state, not the largest state it might pass through.
-            let finishing = Box::pin(self.finish(end));
-            finishing.await;
+            let farewell = self.ending(&end);
+            // Most sessions end holding no backend, with nothing to write: nothing to wait
+            // for. Otherwise boxed, as is each borrow: an idle session's task holds only
+            // the relay loop's own state, not the largest state it might pass through.
+            let to_write = !self.client_out.is_empty() && !matches!(end, End::ClientGone);
+            if self.backend.is_some() || farewell.is_some() || to_write {
+                Box::pin(self.finish(end, farewell)).await;
+            }
         }
     }
 
@@ -1851,12 +1855,13 @@ impl Session {
         Ok(())
     }
 
-    /// Ends the session: returns or closes the backend, then says goodbye to the client.
-    async fn finish(&mut self, end: End) {
+    /// What ends the session without waiting: its pin and cancel key are let go, its end
+    /// logged. Returns the error the client is to be told, if any.
+    fn ending(&mut self, end: &End) -> Option<ErrorResponse> {
         if self.pinned.is_some() {
             self.shared.pinned.remove(self.id.0);
         }
-        let farewell = self.farewell(&end);
+        let farewell = self.farewell(end);
         if self.limits.log_connections {
             let info = &self.registered.info;
             let c = &self.counts;
@@ -1885,10 +1890,16 @@ impl Session {
             End::ClientProtocol(m) => tracing::info!(client = %self.id, m, "client protocol error"),
             other => tracing::debug!(client = %self.id, reason = ?other, "session ended"),
         }
-        // Release before the last write: a slow client must not hold a backend.
-        let mid_message_to_client = self.server_msg.left > 0;
         // From here no cancel reaches the backend; one sent before has marked it.
         self.cancel.detach();
+        farewell
+    }
+
+    /// Ends the session after [`Self::ending`]: returns or closes the backend, then says
+    /// goodbye to the client (`farewell`).
+    async fn finish(&mut self, end: End, farewell: Option<ErrorResponse>) {
+        // Release before the last write: a slow client must not hold a backend.
+        let mid_message_to_client = self.server_msg.left > 0;
         if let Some(backend) = self.backend.take() {
             let mut backend = *backend;
             let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
