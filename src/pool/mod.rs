@@ -23,31 +23,6 @@ macro_rules! backend_event {
 pub mod cluster;
 mod janitor;
 
-thread_local! {
-    static LEND_IDLE_ONLY: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f`, one poll of a borrow that will be dropped if it does not complete, so that
-/// the borrow only lends an idle backend as it is: it opens none (it fails at once with
-/// [`ServerError::NotOpened`]) and does not wait for a due health check (the backend is
-/// lent with `check_due` set; its borrower runs [`Pool::checked`]). Dropped half-way,
-/// such a borrow would leave a connection half-opened, or close a healthy backend
-/// mid-check.
-pub fn lend_idle_only<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            LEND_IDLE_ONLY.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(LEND_IDLE_ONLY.with(|c| c.replace(true)));
-    f()
-}
-
-fn lending_idle_only() -> bool {
-    LEND_IDLE_ONLY.with(Cell::get)
-}
-
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -223,6 +198,31 @@ impl Manager for ServerManager {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    static LEND_IDLE_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, one poll of a borrow that will be dropped if it does not complete, so that
+/// the borrow only lends an idle backend as it is: it opens none (it fails at once with
+/// [`ServerError::NotOpened`]) and does not wait for a due health check (the backend is
+/// lent with `check_due` set; its borrower runs [`Pool::checked`]). Dropped half-way,
+/// such a borrow would leave a connection half-opened, or close a healthy backend
+/// mid-check.
+pub fn lend_idle_only<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LEND_IDLE_ONLY.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(LEND_IDLE_ONLY.with(|c| c.replace(true)));
+    f()
+}
+
+fn lending_idle_only() -> bool {
+    LEND_IDLE_ONLY.with(Cell::get)
 }
 
 /// Why a backend that failed its health check is closed.
