@@ -17,6 +17,10 @@ use pgshield::shutdown::Shutdown;
 use pgshield::Proxy;
 use tokio::signal::unix::Signal;
 
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Where `run` looks for a configuration file when none is given.
 const DEFAULT_CONFIG: &str = "/etc/pgshield/pgshield.toml";
 
