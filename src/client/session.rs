@@ -1745,18 +1745,19 @@ impl Session {
     /// transaction mode, which then cost no allocation): [`Taken::Held`] if it needs
     /// nothing more, [`Taken::Settle`] if the client's settings must be applied to it
     /// first, [`Taken::Check`] if its health check is due. Tried only while the pool has
-    /// an idle backend and is not paused; the borrow polled here is dropped if it would
-    /// wait ([`Taken::Borrow`]: the boxed [`Self::acquire_backend`] borrows instead), and
-    /// runs under [`crate::pool::lend_idle_only`], so dropping it loses nothing.
+    /// an idle backend and a free place, and is not paused (so never joining clients
+    /// queued for a place); the borrow polled here is dropped if it would wait
+    /// ([`Taken::Borrow`]: the boxed [`Self::acquire_backend`] borrows instead), and runs
+    /// under [`crate::pool::lend_idle_only`], so dropping it loses nothing.
     fn take_idle_backend(&mut self, cx: &mut Context<'_>) -> Result<Taken, End> {
         if self.shared.shutdown.is_draining() {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
-        if pool.is_paused() || pool.status().idle == 0 {
+        let Some(borrow) = pool.lend_at_once() else {
             return Ok(Taken::Borrow);
-        }
-        let borrow = std::pin::pin!(pool.borrow());
+        };
+        let borrow = std::pin::pin!(borrow);
         let polled = crate::pool::lend_idle_only(|| std::future::Future::poll(borrow, cx));
         let backend = match polled {
             Poll::Ready(Ok(backend)) if !pool.is_paused() => backend,

@@ -953,6 +953,23 @@ impl Pool {
         self.borrow_holding(None).await
     }
 
+    /// A borrow that can lend an idle backend at once, for one poll under
+    /// [`lend_idle_only`]; `None` if none can be: the pool is paused, every place under
+    /// `max_size` is taken (clients may be queued for one: the borrow would join them),
+    /// or no backend is idle.
+    pub(crate) fn lend_at_once(
+        &self,
+    ) -> Option<impl std::future::Future<Output = Result<Backend, BorrowError>> + '_> {
+        if self.is_paused() {
+            return None;
+        }
+        let place = self.gate.try_take()?;
+        if self.inner.status().available == 0 {
+            return None;
+        }
+        Some(self.borrow_holding(Some(place)))
+    }
+
     /// [`Pool::borrow`], with a place under `max_size` already held (`held`) if any.
     async fn borrow_holding(&self, held: Option<Place>) -> Result<Backend, BorrowError> {
         let settings = self.inner.manager().settings.load_full();
