@@ -167,6 +167,44 @@ async fn a_backend_idle_past_health_check_after_that_does_not_answer_is_not_lent
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_backend_fails_its_health_check_keeps_its_turn() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    common::create_role("lost_turn", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmax_size = 1\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
+         server_connect_timeout = \"1s\"\n[users.lost_turn]\npassword = \"pw\"\n",
+    )
+    .await;
+    let first = proxy.connect("lost_turn", "pw").await.expect("login");
+    let second = proxy.connect("lost_turn", "pw").await.expect("login");
+    let frozen = pid(&first.client).await;
+    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop the backend");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first client gets the only backend, due its check, which hangs; the second
+    // queues meanwhile. When the check fails, the first client borrows another backend
+    // with the place it had, ahead of the second (which had queued after it).
+    let started = std::time::Instant::now();
+    let a = tokio::spawn(async move {
+        first.client.simple_query("SELECT 1").await.expect("first");
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = tokio::spawn(async move {
+        second
+            .client
+            .simple_query("SELECT pg_sleep(0.5)")
+            .await
+            .expect("second");
+        started.elapsed()
+    });
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    kill(Pid::from_raw(frozen), Signal::SIGCONT).expect("resume the backend");
+    assert!(a < b, "the first client kept its turn: {a:?} against {b:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_idle_past_health_check_after_that_answers_is_lent_again() {
     common::create_role("lost_checked", "pw").await;
     let proxy = TestProxy::start(
