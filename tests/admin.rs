@@ -359,8 +359,6 @@ async fn pause_lets_transactions_finish_holds_new_ones_and_resume_releases_them(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_backend_is_health_checked_waits_as_for_a_borrow() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
     let proxy = proxy(
         "adm_check",
         "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
@@ -376,7 +374,7 @@ async fn a_client_whose_backend_is_health_checked_waits_as_for_a_borrow() {
         .unwrap()
         .get(0);
     // The idle backend stops answering; the next borrow's health check waits on it.
-    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop the backend");
+    let stopped = common::Frozen::new(frozen);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = conn.client;
     let query = tokio::spawn(async move {
@@ -388,7 +386,7 @@ async fn a_client_whose_backend_is_health_checked_waits_as_for_a_borrow() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pools = show(&admin.client, "SHOW POOLS").await;
     let clients = show(&admin.client, "SHOW CLIENTS").await;
-    kill(Pid::from_raw(frozen), Signal::SIGCONT).expect("resume the backend");
+    drop(stopped);
     // Counted as waiting, as a client queued for a backend is (and, like one, watched:
     // a hang-up or a KILL ends the wait).
     let mine = pools

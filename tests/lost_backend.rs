@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{sqlstate, TestProxy};
+use common::{sqlstate, Frozen, TestProxy};
 use tokio_postgres::SimpleQueryMessage;
 
 const POOL: &str = "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\n";
@@ -136,27 +136,29 @@ async fn a_transaction_block_whose_backend_is_lost_stays_failed_until_rollback()
     proxy.stop().await;
 }
 
+/// A proxy whose pool of `max_size` checks backends idle past 100 ms (giving up after 1 s).
+async fn health_checking(role: &str, max_size: usize) -> TestProxy {
+    common::create_role(role, "pw").await;
+    TestProxy::start(&format!(
+        "[pool]\nmax_size = {max_size}\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
+         server_connect_timeout = \"1s\"\n[users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_idle_past_health_check_after_that_does_not_answer_is_not_lent() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    common::create_role("lost_frozen", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
-         server_connect_timeout = \"1s\"\n[users.lost_frozen]\npassword = \"pw\"\n",
-    )
-    .await;
+    let proxy = health_checking("lost_frozen", 2).await;
     let conn = proxy.connect("lost_frozen", "pw").await.expect("login");
     let frozen = pid(&conn.client).await;
-    // The backend hangs without closing its socket (a server that stopped answering, a
-    // network that drops packets): nothing about it looks closed.
-    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop the backend");
+    // Nothing about the stopped backend looks closed.
+    let stopped = Frozen::new(frozen);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let other = tokio::time::timeout(Duration::from_secs(10), pid(&conn.client))
         .await
         .expect("the check gives up on the frozen backend");
-    kill(Pid::from_raw(frozen), Signal::SIGCONT).expect("resume the backend");
+    drop(stopped);
     assert_ne!(other, frozen, "the frozen backend was not lent");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -168,18 +170,10 @@ async fn a_backend_idle_past_health_check_after_that_does_not_answer_is_not_lent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_backend_fails_its_health_check_keeps_its_turn() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    common::create_role("lost_turn", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 1\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
-         server_connect_timeout = \"1s\"\n[users.lost_turn]\npassword = \"pw\"\n",
-    )
-    .await;
+    let proxy = health_checking("lost_turn", 1).await;
     let first = proxy.connect("lost_turn", "pw").await.expect("login");
     let second = proxy.connect("lost_turn", "pw").await.expect("login");
-    let frozen = pid(&first.client).await;
-    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop the backend");
+    let stopped = Frozen::new(pid(&first.client).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The first client gets the only backend, due its check, which hangs; the second
     // queues meanwhile. When the check fails, the first client borrows another backend
@@ -199,19 +193,14 @@ async fn a_client_whose_backend_fails_its_health_check_keeps_its_turn() {
         started.elapsed()
     });
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
-    kill(Pid::from_raw(frozen), Signal::SIGCONT).expect("resume the backend");
+    drop(stopped);
     assert!(a < b, "the first client kept its turn: {a:?} against {b:?}");
     proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_idle_past_health_check_after_that_answers_is_lent_again() {
-    common::create_role("lost_checked", "pw").await;
-    let proxy = TestProxy::start(
-        "[pool]\nmax_size = 2\nborrow_timeout = \"10s\"\nhealth_check_after = \"100ms\"\n\
-         [users.lost_checked]\npassword = \"pw\"\n",
-    )
-    .await;
+    let proxy = health_checking("lost_checked", 2).await;
     let conn = proxy.connect("lost_checked", "pw").await.expect("login");
     let first = pid(&conn.client).await;
     // Each time idle past health_check_after: the check runs, and the same backend is

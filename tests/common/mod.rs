@@ -214,6 +214,25 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Conn, tokio_post
     })
 }
 
+/// A backend process stopped (SIGSTOP) until this is dropped: a server that stopped
+/// answering without closing its socket, as a frozen host or a network that drops packets
+/// looks. Resumed even if the test fails, so the shared cluster is not left stuck.
+pub struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    pub fn new(pid: i32) -> Frozen {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the backend");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())
