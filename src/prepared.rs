@@ -153,6 +153,23 @@ impl Registry {
         statement
     }
 
+    /// A server found that the statement's result type has changed since it was prepared
+    /// (a column added to a table it selects `*` from, say): the error the drivers heal
+    /// from by preparing it again. From now on that text makes a new statement, under a
+    /// new name, which every backend prepares afresh: otherwise the Parse a driver heals
+    /// with would find the stale statement still prepared, and fail again, forever.
+    /// Clients still bound to the old statement keep it, as in PostgreSQL.
+    pub fn retire(&self, statement: &Arc<Statement>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (statement.query.clone(), statement.param_types.clone());
+        let current = inner.by_text.get(&key).map(Weak::as_ptr);
+        if current == Some(Arc::as_ptr(statement))
+            && !inner.own.iter().any(|s| Arc::ptr_eq(s, statement))
+        {
+            inner.by_text.remove(&key);
+        }
+    }
+
     /// One of pgshield's own statements (no parameters), kept for the process's life.
     pub fn own(&self, query: &str) -> Arc<Statement> {
         let statement = self.intern(query, &[]);
@@ -681,7 +698,8 @@ pub struct Translated {
     pub undo: Option<Undo>,
     /// Instead of sending: a fake reply to queue.
     pub fake: Option<crate::server::state::Fake>,
-    /// The client's statement a Bind runs (its effects are the client's session's).
+    /// The client's statement a Bind runs (its effects are the client's session's) or a
+    /// Describe describes.
     pub bound: Option<Arc<Statement>>,
     /// The portal a Bind creates.
     pub portal: Option<String>,
@@ -822,6 +840,7 @@ impl ClientStatements {
                 }
                 if kind == b'S' && tag == b'D' {
                     let found = self.lookup(name);
+                    t.bound.clone_from(&found);
                     let used = (name, found);
                     if let Some(proxy_name) =
                         self.use_statement(server, used, situation, out, &mut t)
@@ -1257,6 +1276,24 @@ fn bind_names(msg: &[u8], len: usize) -> Result<Option<(&str, &str, usize)>, Mal
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_statement_gives_its_text_to_a_new_one_and_only_once() {
+        let r = Registry::default();
+        let old = r.intern("SELECT * FROM t", &[]);
+        r.retire(&old);
+        let new = r.intern("SELECT * FROM t", &[]);
+        assert_ne!(old.name(), new.name());
+        // A late report about the old one (from another backend) leaves the new one be.
+        r.retire(&old);
+        assert!(Arc::ptr_eq(&new, &r.intern("SELECT * FROM t", &[])));
+        // Other parameter types are another statement.
+        assert_ne!(r.intern("SELECT * FROM t", &[23]).name(), new.name());
+        // pgshield's own statements stay.
+        let own = r.own("SELECT 1");
+        r.retire(&own);
+        assert!(Arc::ptr_eq(&own, &r.intern("SELECT 1", &[])));
+    }
 
     fn parse_msg(name: &str, query: &str) -> BytesMut {
         let mut m = BytesMut::new();

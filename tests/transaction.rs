@@ -809,6 +809,47 @@ async fn the_unnamed_statement_survives_another_clients_settings_on_its_backend(
     assert_eq!(run_named(&mut a, "").await.as_deref(), Ok("a unnamed"));
 }
 
+/// A column added to a table a prepared `SELECT *` reads: PostgreSQL fails the statement
+/// once with "cached plan must not change result type" (0A000), and drivers heal by
+/// preparing it again. That Parse must not find the stale statement still standing for the
+/// same text on the backend (it failed again, on every retry, for good: asyncpg and pgjdbc
+/// clients broke until pgshield restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_result_type_changed_fails_once_and_prepared_again_works() {
+    let proxy = proxy("tx_stale", "max_size = 1").await;
+    let a = proxy.connect("tx_stale", "pw").await.expect("a").client;
+    let b = proxy.connect("tx_stale", "pw").await.expect("b").client;
+    a.batch_execute("DROP TABLE IF EXISTS tx_stale_t; CREATE TABLE tx_stale_t (x int); INSERT INTO tx_stale_t VALUES (1)")
+        .await
+        .expect("table");
+    let sql = "SELECT * FROM tx_stale_t";
+    let on_a = a.prepare(sql).await.expect("prepare a");
+    let on_b = b.prepare(sql).await.expect("prepare b");
+    assert_eq!(a.query(&on_a, &[]).await.expect("a")[0].len(), 1);
+    assert_eq!(b.query(&on_b, &[]).await.expect("b")[0].len(), 1);
+    a.batch_execute("ALTER TABLE tx_stale_t ADD COLUMN y int DEFAULT 2")
+        .await
+        .expect("alter");
+    let stale = a.query(&on_a, &[]).await.expect_err("stale");
+    assert_eq!(sqlstate(&stale), Some("0A000"), "{stale}");
+    // Prepared again (as asyncpg and pgjdbc do on this error): it works, on the new shape,
+    // for this client and for any other that prepares it again.
+    let again = a.prepare(sql).await.expect("prepare again");
+    assert_eq!(a.query(&again, &[]).await.expect("again")[0].len(), 2);
+    // A client still holding the old statement gets the error, as in PostgreSQL ...
+    let stale = b.query(&on_b, &[]).await.expect_err("b stale");
+    assert_eq!(sqlstate(&stale), Some("0A000"), "{stale}");
+    let again = b.prepare(sql).await.expect("b prepare again");
+    assert_eq!(b.query(&again, &[]).await.expect("b again")[0].len(), 2);
+    // ... and a client preparing it for the first time gets the new shape at once.
+    let c = proxy.connect("tx_stale", "pw").await.expect("c").client;
+    let fresh = c.prepare(sql).await.expect("prepare c");
+    assert_eq!(c.query(&fresh, &[]).await.expect("c")[0].len(), 2);
+    a.batch_execute("DROP TABLE tx_stale_t")
+        .await
+        .expect("drop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     let proxy = trusted_proxy("tx_dealloc", "max_size = 1").await;

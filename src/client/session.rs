@@ -1282,6 +1282,9 @@ impl Session {
                     server
                         .replies
                         .sent_with(header.tag, Hide::No, translated.undo);
+                    if let Some(statement) = translated.bound {
+                        server.replies.uses(statement);
+                    }
                     self.client_msg = Passing {
                         left: header.len - consumed,
                         forward: true,
@@ -1493,6 +1496,16 @@ impl Session {
                     }
                 }
                 b'E' => {
+                    if let Some(stale) = server.replies.take_failed_statement() {
+                        if crate::protocol::messages::is_stale_plan_error(body) {
+                            tracing::info!(
+                                client = %self.id,
+                                statement = %stale.name(),
+                                "a prepared statement's result type changed: it will be prepared again"
+                            );
+                            self.shared.statements.retire(&stale);
+                        }
+                    }
                     if let Some(fatal) =
                         ErrorResponse::parse(body).filter(|e| e.severity.is_fatal())
                     {

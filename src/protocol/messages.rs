@@ -228,6 +228,30 @@ impl ErrorResponse {
     }
 }
 
+/// One field of an ErrorResponse or NoticeResponse body, as sent.
+pub fn error_field(mut body: &[u8], wanted: u8) -> Option<&[u8]> {
+    loop {
+        let (&field, rest) = body.split_first()?;
+        if field == 0 {
+            return None;
+        }
+        let end = rest.iter().position(|&b| b == 0)?;
+        if field == wanted {
+            return Some(&rest[..end]);
+        }
+        body = &rest[end + 1..];
+    }
+}
+
+/// The error PostgreSQL gives for a prepared statement whose result type changed since it
+/// was prepared ("cached plan must not change result type"): drivers (asyncpg, pgjdbc)
+/// know it by its routine and prepare the statement again.
+pub fn is_stale_plan_error(body: &[u8]) -> bool {
+    error_field(body, b'C') == Some(b"0A000")
+        && (error_field(body, b'R') == Some(b"RevalidateCachedQuery")
+            || error_field(body, b'M') == Some(b"cached plan must not change result type"))
+}
+
 impl std::fmt::Display for ErrorResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -244,6 +268,22 @@ impl std::fmt::Display for ErrorResponse {
 mod tests {
     use super::*;
     use postgres_protocol::message::backend::Message;
+
+    #[test]
+    fn fields_are_read_off_an_error_as_sent_and_a_stale_plan_is_known_by_its_routine() {
+        let body = b"SERROR\0C0A000\0Mcached plan must not change result type\0Fplancache.c\0RRevalidateCachedQuery\0\0";
+        assert_eq!(error_field(body, b'C'), Some(&b"0A000"[..]));
+        assert_eq!(error_field(body, b'R'), Some(&b"RevalidateCachedQuery"[..]));
+        assert_eq!(error_field(body, b'D'), None);
+        assert!(is_stale_plan_error(body));
+        // Translated (lc_messages), it is still known by its routine.
+        let translated = b"SFEHLER\0C0A000\0Mgecachter Plan darf den Ergebnistyp nicht andern\0RRevalidateCachedQuery\0\0";
+        assert!(is_stale_plan_error(translated));
+        // Another 0A000, or a truncated body, is not it.
+        let other = b"SERROR\0C0A000\0Mcannot PREPARE\0Rexec_stmt_raise\0\0";
+        assert!(!is_stale_plan_error(other));
+        assert!(!is_stale_plan_error(b"C0A000"));
+    }
 
     #[test]
     fn errors_round_trip_through_a_real_parser() {

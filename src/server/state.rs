@@ -22,8 +22,11 @@
 //! `is_idle`; everything else stays in here, unit-tested without a database.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::BytesMut;
+
+use crate::prepared::Statement;
 
 pub use crate::prepared::{StatementDrop, Undo};
 
@@ -134,6 +137,8 @@ struct Entry {
     hide: Hide,
     /// What to take back if the server never acts on this message.
     undo: Option<Undo>,
+    /// The named statement a Bind runs or a Describe describes.
+    statement: Option<Arc<Statement>>,
 }
 
 /// What a client whose backend was lost is still owed (see [`ReplyTracker::lost`]).
@@ -169,6 +174,9 @@ pub struct ReplyTracker {
     syncs: u64,
     /// The server is discarding the client's messages until a Sync (after an error).
     skipping_to_sync: bool,
+    /// The statement of the Bind or Describe the last error answered (see
+    /// [`ReplyTracker::take_failed_statement`]).
+    failed_statement: Option<Arc<Statement>>,
     /// The server is in COPY FROM STDIN and the client has not ended it yet.
     client_copying: bool,
     /// The server is in COPY FROM STDIN, and messages were dropped from `owed` that it
@@ -188,6 +196,7 @@ impl Default for ReplyTracker {
             extended_open: false,
             syncs: 0,
             skipping_to_sync: false,
+            failed_statement: None,
             client_copying: false,
             copy_swallowed_messages: false,
             unsure: false,
@@ -239,6 +248,7 @@ impl ReplyTracker {
                 drops: None,
                 hide,
                 undo,
+                statement: None,
             }),
             None => self.undone.extend(undo),
         }
@@ -252,6 +262,24 @@ impl ReplyTracker {
         if let Some(entry) = self.owed.back_mut().filter(|e| e.owed == Owed::Query) {
             entry.drops = Some(drops);
         }
+    }
+
+    /// Notes the named statement the Bind or Describe just sent uses: should the server
+    /// fail it, [`ReplyTracker::take_failed_statement`] tells which statement failed.
+    pub fn uses(&mut self, statement: Arc<Statement>) {
+        if let Some(entry) = self
+            .owed
+            .back_mut()
+            .filter(|e| matches!(e.owed, Owed::Bind | Owed::Describe))
+        {
+            entry.statement = Some(statement);
+        }
+    }
+
+    /// The statement whose Bind or Describe the server's last ErrorResponse answered
+    /// (until the next ReadyForQuery).
+    pub fn take_failed_statement(&mut self) -> Option<Arc<Statement>> {
+        self.failed_statement.take()
     }
 
     /// Drops of statements that happened (`true`) or may have (`false`, after an error),
@@ -278,6 +306,7 @@ impl ReplyTracker {
             drops: None,
             hide: Hide::No,
             undo,
+            statement: None,
         });
     }
 
@@ -467,6 +496,12 @@ impl ReplyTracker {
             self.unsure = true;
             return;
         }
+        self.failed_statement = match self.front() {
+            Some(Owed::Bind | Owed::Describe) => {
+                self.owed.front_mut().and_then(|e| e.statement.take())
+            }
+            _ => None,
+        };
         match self.front() {
             // Nothing outstanding: an asynchronous error (e.g. FATAL on termination).
             None => {}
@@ -487,6 +522,7 @@ impl ReplyTracker {
 
     fn ready(&mut self, status: TxStatus) -> Result<(), OutOfStep> {
         self.tx = status;
+        self.failed_statement = None;
         self.client_copying = false;
         self.copy_swallowed_messages = false;
         let Some(at) = self.owed.iter().position(|e| e.owed.ends_with_ready()) else {
@@ -576,6 +612,36 @@ mod tests {
             t.received(tag, Some(b'I'))?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn an_error_names_the_statement_of_the_bind_or_describe_it_answers() {
+        let registry = crate::prepared::Registry::default();
+        let first = registry.intern("SELECT * FROM a", &[]);
+        let second = registry.intern("SELECT * FROM b", &[]);
+        let mut t = ReplyTracker::default();
+        // Parse (answered), Bind of `first` (fails), Describe of `second` (skipped).
+        client(&mut t, "P");
+        t.sent(b'B');
+        t.uses(Arc::clone(&first));
+        t.sent(b'D');
+        t.uses(Arc::clone(&second));
+        client(&mut t, "ES");
+        server(&mut t, "1E").unwrap();
+        let failed = t.take_failed_statement().expect("the Bind's statement");
+        assert!(Arc::ptr_eq(&failed, &first));
+        assert!(t.take_failed_statement().is_none());
+        server(&mut t, "Z").unwrap();
+        // An error answering a Query or an injected Parse names none; a ReadyForQuery
+        // forgets what an error named.
+        client(&mut t, "Q");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.take_failed_statement().is_none());
+        t.sent(b'B');
+        t.uses(Arc::clone(&second));
+        client(&mut t, "S");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.take_failed_statement().is_none());
     }
 
     #[test]
