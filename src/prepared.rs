@@ -170,6 +170,19 @@ impl Registry {
         }
     }
 
+    /// A client changed the schema (ALTER, DROP, CREATE OR REPLACE): every statement may
+    /// have another result type now. As in PostgreSQL, a Parse from now on analyses its
+    /// query afresh: every text gets a new statement (see `retire`).
+    pub fn retire_all(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let own: Vec<_> = inner
+            .own
+            .iter()
+            .map(|s| (s.query.clone(), Vec::new()))
+            .collect();
+        inner.by_text.retain(|key, _| own.contains(key));
+    }
+
     /// One of pgshield's own statements (no parameters), kept for the process's life.
     pub fn own(&self, query: &str) -> Arc<Statement> {
         let statement = self.intern(query, &[]);
@@ -1292,6 +1305,10 @@ mod tests {
         // pgshield's own statements stay.
         let own = r.own("SELECT 1");
         r.retire(&own);
+        assert!(Arc::ptr_eq(&own, &r.intern("SELECT 1", &[])));
+        // After a schema change every text is another statement, but pgshield's own.
+        r.retire_all();
+        assert_ne!(r.intern("SELECT * FROM t", &[]).name(), new.name());
         assert!(Arc::ptr_eq(&own, &r.intern("SELECT 1", &[])));
     }
 

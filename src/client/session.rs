@@ -303,6 +303,10 @@ pub struct Session {
     /// borrowed its backend (cleared on release): if the backend is lost before the
     /// transaction ends, whether the change stands is unknown.
     reported_since_borrow: bool,
+    /// The client sent a statement that changes the schema under prepared statements:
+    /// at the next ReadyForQuery outside a transaction, every statement's text gets a new
+    /// name (`Registry::retire_all`).
+    schema_changed: bool,
     /// When the client last sent or was sent something (kept only if a limit needs it).
     last_activity: Instant,
     limits: Arc<Limits>,
@@ -393,6 +397,7 @@ impl Session {
             server_fatal: None,
             lost_transaction: false,
             reported_since_borrow: false,
+            schema_changed: false,
             last_activity: Instant::now(),
             // (Bytes the login read past its last message are the session's first input.)
             counts: Counts {
@@ -1193,6 +1198,7 @@ impl Session {
         let mut translation = translated.translation;
         let mut drops = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
+            self.schema_changed |= effects.schema_change;
             match header.tag {
                 b'Q' => drops = statement_drop(&effects),
                 // Through the extended protocol: the statements go, and so does the
@@ -1529,6 +1535,9 @@ impl Session {
                     self.counts.queries += 1;
                     let now = crate::epoch::instant();
                     if body.first() == Some(&b'I') {
+                        if std::mem::take(&mut self.schema_changed) {
+                            self.shared.statements.retire_all();
+                        }
                         PoolStats::add(&stats.xact_count, 1);
                         self.counts.transactions += 1;
                         if let Some(at) = self.xact_started.take() {

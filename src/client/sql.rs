@@ -76,6 +76,9 @@ pub struct Effects {
     pub deallocate: Option<Option<String>>,
     /// It keeps state on the backend that cannot follow the client.
     pub pin: Option<PinReason>,
+    /// It changes the schema under existing statements (ALTER, DROP, CREATE OR REPLACE,
+    /// not of temporary objects): a prepared statement's result type may be another now.
+    pub schema_change: bool,
     /// How many statements the text holds.
     pub statements: usize,
 }
@@ -88,6 +91,7 @@ impl Effects {
             && !self.drops_all_statements
             && self.deallocate.is_none()
             && self.pin.is_none()
+            && !self.schema_change
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -443,8 +447,23 @@ fn plain(b: &[u8]) -> Option<Effects> {
     }
     Some(Effects {
         statements: 1,
+        schema_change: changes_schema(&first[..len], || {
+            let rest = &first[len..];
+            let at = rest.iter().position(|&c| !space(c)).unwrap_or(rest.len());
+            let rest = &rest[at..];
+            let end = rest.iter().position(|&c| !letter(c)).unwrap_or(rest.len());
+            rest[..end].eq_ignore_ascii_case(b"or")
+        }),
         ..Effects::default()
     })
+}
+
+/// Whether a statement starting with `first` changes the schema under existing
+/// statements; `or_follows` tells whether `OR` is the next word (CREATE OR REPLACE).
+fn changes_schema(first: &[u8], or_follows: impl FnOnce() -> bool) -> bool {
+    first.eq_ignore_ascii_case(b"alter")
+        || first.eq_ignore_ascii_case(b"drop")
+        || (first.eq_ignore_ascii_case(b"create") && or_follows())
 }
 
 /// Classifies with the lexer: whatever `plain` is not sure of.
@@ -530,6 +549,8 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
         return;
     };
     let t = &t[first_at..];
+    e.schema_change |= e.pin != Some(PinReason::TempTable)
+        && changes_schema(first.as_bytes(), || is(t.get(1), "or"));
     match first {
         "set" => set_statement(&t[1..], e),
         "reset" => {
@@ -689,6 +710,31 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_that_change_the_schema_under_prepared_ones_are_known() {
+        for sql in [
+            "ALTER TABLE t ADD COLUMN b int",
+            "drop view v",
+            "CREATE OR REPLACE VIEW v AS SELECT 1",
+            "create  or replace function f() returns int language sql as 'select 1'",
+            "BEGIN; ALTER TABLE t DROP COLUMN b; COMMIT",
+            "/* migration */ ALTER TABLE t RENAME TO u",
+        ] {
+            assert!(classify(sql).schema_change, "{sql}");
+        }
+        for sql in [
+            "CREATE TABLE t (a int)",
+            "CREATE INDEX ON t (a)",
+            "CREATE TEMP TABLE x (a int)",
+            "DROP TABLE pg_temp.x",
+            "SELECT * FROM t",
+            "INSERT INTO drop_log VALUES ('alter')",
+            "create origin_table",
+        ] {
+            assert!(!classify(sql).schema_change, "{sql}");
+        }
+    }
 
     #[test]
     fn words_with_multibyte_characters_do_not_panic() {
