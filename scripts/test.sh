@@ -4,7 +4,8 @@
 # The integration tests start their own throwaway PostgreSQL from the machine's server
 # binaries (initdb, postgres). If none are found, this installs Debian's `postgresql`
 # package first (which also creates the `postgres` OS user the server runs as under root),
-# then runs `cargo test`. Extra arguments go to cargo test, e.g. `scripts/test.sh --test pool`.
+# then installs the client drivers tests/drivers.rs uses (scripts/drivers.sh), then runs
+# `cargo test`. Extra arguments go to cargo test, e.g. `scripts/test.sh --test pool`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +34,8 @@ if ! has_server_binaries; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql >/dev/null
 fi
+
+# The drivers tests/drivers.rs runs (asyncpg, psycopg, node-postgres, pgjdbc).
+scripts/drivers.sh
 
 exec cargo test --locked "$@"
