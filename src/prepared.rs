@@ -23,7 +23,7 @@ use std::collections::HashMap;
 
 // The backends' statement maps, looked up on every Bind (the names are pgshield's own).
 use crate::FastMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -76,6 +76,58 @@ pub struct Statement {
     effects: Effects,
     /// A server has accepted it (answered its Parse with ParseComplete).
     valid: AtomicBool,
+    /// Its result columns as a server first described them (see [`Shape`]), 0 until then:
+    /// what clients holding it were told.
+    shape: AtomicU64,
+    /// Its result columns are no longer what clients holding it were told: a server said
+    /// so, or described other ones. Binds of it are refused as PostgreSQL refuses them.
+    stale: AtomicBool,
+}
+
+/// A statement's result columns, as one number (see [`Shape::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape(u64);
+
+impl Shape {
+    /// NoData: a statement that returns no rows.
+    pub const NO_DATA: Shape = Shape(1);
+
+    /// A RowDescription body: what PostgreSQL compares to tell that a prepared
+    /// statement's result type changed (each column's name, type and modifier).
+    pub fn of(row_description: &[u8]) -> Shape {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut body = row_description;
+        let columns = body.get_i16_checked();
+        columns.hash(&mut hasher);
+        for _ in 0..columns.unwrap_or(0).max(0) {
+            let Some(name) = take_cstr(&mut body) else {
+                break;
+            };
+            name.hash(&mut hasher);
+            // table oid (4), column number (2), type oid (4), size (2), modifier (4), format (2)
+            let Some(fixed) = body.get(..18) else {
+                break;
+            };
+            fixed[6..10].hash(&mut hasher);
+            fixed[12..16].hash(&mut hasher);
+            body = &body[18..];
+        }
+        Shape(hasher.finish().max(2))
+    }
+}
+
+/// `Buf::get_i16` that does not panic on a short body.
+trait GetChecked {
+    fn get_i16_checked(&mut self) -> Option<i16>;
+}
+
+impl GetChecked for &[u8] {
+    fn get_i16_checked(&mut self) -> Option<i16> {
+        let (bytes, rest) = self.split_first_chunk::<2>()?;
+        *self = rest;
+        Some(i16::from_be_bytes(*bytes))
+    }
 }
 
 impl Statement {
@@ -86,6 +138,29 @@ impl Statement {
 
     pub fn is_valid(&self) -> bool {
         self.valid.load(Ordering::Acquire)
+    }
+
+    /// Notes the result columns a server described; false if another server had
+    /// described other ones (the first description stands: it is what clients hold).
+    pub fn described(&self, shape: Shape) -> bool {
+        match self
+            .shape
+            .compare_exchange(0, shape.0, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(known) => known == shape.0,
+        }
+    }
+
+    /// Whether a backend that lacks it is to describe it before a client's Bind runs it
+    /// there: when its rows were described (a statement that returns none keeps returning
+    /// none).
+    fn checked_where_prepared(&self) -> bool {
+        !matches!(self.shape.load(Ordering::Acquire), 0 | 1)
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
     }
 
     /// The name it is prepared under on backends.
@@ -111,6 +186,13 @@ impl Statement {
         });
     }
 }
+
+/// What a Bind of a stale statement runs instead, in its portal: it fails as PostgreSQL
+/// fails the Bind of a statement whose result type changed (the session gives the error
+/// that statement's routine, by which drivers know to prepare again).
+pub const STALE_REFUSAL: &str =
+    "DO $pgshield$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', \
+     MESSAGE = 'cached plan must not change result type'; END $pgshield$";
 
 /// Gives equal statements one shared name, process-wide.
 #[derive(Default)]
@@ -144,6 +226,8 @@ impl Registry {
             param_types: key.1.clone(),
             effects: sql::classify(query),
             valid: AtomicBool::new(false),
+            shape: AtomicU64::new(0),
+            stale: AtomicBool::new(false),
         });
         inner.by_text.insert(key, Arc::downgrade(&statement));
         if inner.by_text.len() > inner.purge_at {
@@ -153,13 +237,19 @@ impl Registry {
         statement
     }
 
-    /// A server found that the statement's result type has changed since it was prepared
-    /// (a column added to a table it selects `*` from, say): the error the drivers heal
-    /// from by preparing it again. From now on that text makes a new statement, under a
-    /// new name, which every backend prepares afresh: otherwise the Parse a driver heals
-    /// with would find the stale statement still prepared, and fail again, forever.
-    /// Clients still bound to the old statement keep it, as in PostgreSQL.
-    pub fn retire(&self, statement: &Arc<Statement>) {
+    /// The statement's result type has changed since clients were told it (a column added
+    /// to a table it selects `*` from, say): a server failed it with the error drivers heal
+    /// from by preparing it again, or described other columns. Binds of it fail from now
+    /// on with that error (`Statement::is_stale`), and its text makes a new statement,
+    /// under a new name, which every backend prepares afresh: otherwise the Parse a driver
+    /// heals with would find the stale statement still standing, and fail again, forever.
+    pub fn retire_stale(&self, statement: &Arc<Statement>) {
+        statement.stale.store(true, Ordering::Release);
+        self.retire(statement);
+    }
+
+    /// From now on the statement's text makes a new statement (see `retire_stale`).
+    fn retire(&self, statement: &Arc<Statement>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let key = (statement.query.clone(), statement.param_types.clone());
         let current = inner.by_text.get(&key).map(Weak::as_ptr);
@@ -647,6 +737,9 @@ pub struct Situation {
     pub batch_open: bool,
     /// Its batch: how many Syncs were sent before it.
     pub batch: u64,
+    /// The server answers what is sent now (it is not skipping to a Sync, nor in COPY):
+    /// a client message may wait for a hidden Describe's reply.
+    pub can_hold: bool,
 }
 
 impl Situation {
@@ -655,6 +748,7 @@ impl Situation {
         max_named: usize::MAX,
         batch_open: false,
         batch: 0,
+        can_hold: false,
     };
 }
 
@@ -676,6 +770,9 @@ pub enum Translation {
     Replace { head: BytesMut, tag: u8 },
     /// Not enough of the message has arrived to decide.
     NeedMore,
+    /// Not yet: the statement is being prepared and described on the backend first (see
+    /// [`Translated::check`]); translate the message again once that is answered.
+    Hold,
 }
 
 impl Translation {
@@ -716,6 +813,12 @@ pub struct Translated {
     pub bound: Option<Arc<Statement>>,
     /// The portal a Bind creates.
     pub portal: Option<String>,
+    /// A Bind of a stale statement: to be refused, as PostgreSQL would (`STALE_REFUSAL`).
+    pub refuse_stale: bool,
+    /// With `Translation::Hold`: the statement whose hidden Describe must be answered
+    /// before the client's message goes on, its result columns compared with those the
+    /// clients holding it were told.
+    pub check: Option<Arc<Statement>>,
 }
 
 impl Translated {
@@ -728,6 +831,8 @@ impl Translated {
             fake: None,
             bound: None,
             portal: None,
+            refuse_stale: false,
+            check: None,
         }
     }
 }
@@ -831,7 +936,14 @@ impl ClientStatements {
                 };
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
+                if t.bound.as_ref().is_some_and(|s| s.is_stale()) {
+                    t.refuse_stale = true;
+                    return Ok(t);
+                }
                 let found = t.bound.clone();
+                if self.check_first(server, (statement, &found), situation, out, &mut t) {
+                    return Ok(t);
+                }
                 let used = (statement, found);
                 if let Some(proxy_name) = self.use_statement(server, used, situation, out, &mut t) {
                     let at = out.len();
@@ -854,6 +966,9 @@ impl ClientStatements {
                 if kind == b'S' && tag == b'D' {
                     let found = self.lookup(name);
                     t.bound.clone_from(&found);
+                    if self.check_first(server, (name, &found), situation, out, &mut t) {
+                        return Ok(t);
+                    }
                     let used = (name, found);
                     if let Some(proxy_name) =
                         self.use_statement(server, used, situation, out, &mut t)
@@ -1049,6 +1164,45 @@ impl ClientStatements {
         };
         self.ensure_prepared(server, &statement, situation, out, t);
         Some(Arc::clone(statement.name()))
+    }
+
+    /// A named statement whose rows were described, about to be used on a backend that
+    /// lacks it: prepared there by a hidden Parse, then described (a hidden Describe and a
+    /// Flush), and the client's message held (`Translation::Hold`) until the description
+    /// shows whether the result columns are still those clients were told. Prepared
+    /// afresh after a schema change, they may not be: a Bind there would return rows the
+    /// client would decode by the old description (PostgreSQL instead fails such a
+    /// statement's Bind, and drivers prepare it again).
+    fn check_first(
+        &mut self,
+        server: &mut ServerStatements,
+        (name, found): (&str, &Option<Arc<Statement>>),
+        situation: Situation,
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) -> bool {
+        let Some(statement) = found
+            .as_ref()
+            .filter(|s| !name.is_empty() && situation.can_hold && s.checked_where_prepared())
+        else {
+            return false;
+        };
+        if server.presence(statement.name(), situation.batch) == Presence::Present {
+            return false;
+        }
+        self.ensure_prepared(server, statement, situation, out, t);
+        put_message(out, b'D', |b| {
+            b.put_u8(b'S');
+            b.put_slice(statement.name().as_bytes());
+            b.put_u8(0);
+        });
+        put_message(out, b'H', |_| {});
+        for tag in [b'D', b'H'] {
+            t.injected.push(Injected { tag, undo: None });
+        }
+        t.translation = Translation::Hold;
+        t.check = Some(Arc::clone(statement));
+        true
     }
 
     fn ensure_prepared(
@@ -1392,6 +1546,72 @@ mod tests {
     }
 
     #[test]
+    fn a_described_statement_is_described_again_where_it_is_prepared_afresh() {
+        let r = Registry::default();
+        let (mut s1, mut s2) = (ServerStatements::new(10), ServerStatements::new(10));
+        let mut c = ClientStatements::default();
+        let (t, _) = run(&mut c, &r, &mut s1, &parse_msg("s0", "SELECT * FROM t"));
+        let Some(Undo::Parse { statement, .. }) = t.undo else {
+            panic!("{t:?}")
+        };
+        // One int4 column named x, as a server described it to the client.
+        let mut columns = BytesMut::new();
+        columns.put_i16(1);
+        columns.put_slice(b"x\0");
+        columns.put_slice(&[
+            0, 0, 0, 0, 0, 1, 0, 0, 0, 23, 0, 4, 255, 255, 255, 255, 0, 0,
+        ]);
+        assert!(statement.described(Shape::of(&columns)));
+        assert!(statement.described(Shape::of(&columns)), "the same again");
+        let can_hold = Situation {
+            can_hold: true,
+            ..Situation::FREE
+        };
+        let bind = bind_msg("s0", b"\0\0\0\0\0\0");
+        // Where it is prepared: bound at once.
+        let mut out = BytesMut::new();
+        let t = c
+            .translate(&r, &mut s1, &bind, bind.len(), &mut out, can_hold)
+            .unwrap();
+        assert!(
+            matches!(t.translation, Translation::Rewritten { .. }),
+            "{t:?}"
+        );
+        // Where it is not: prepared, described and flushed, and the Bind held.
+        let mut out = BytesMut::new();
+        let t = c
+            .translate(&r, &mut s2, &bind, bind.len(), &mut out, can_hold)
+            .unwrap();
+        assert_eq!(t.translation, Translation::Hold);
+        let tags: Vec<u8> = t.injected.iter().map(|i| i.tag).collect();
+        assert_eq!(tags, b"PDH");
+        assert!(t.check.as_ref().is_some_and(|s| Arc::ptr_eq(s, &statement)));
+        // Once prepared there, bound at once; not held where the server answers nothing.
+        let mut out = BytesMut::new();
+        let t = c
+            .translate(&r, &mut s2, &bind, bind.len(), &mut out, can_hold)
+            .unwrap();
+        assert!(
+            matches!(t.translation, Translation::Rewritten { .. }),
+            "{t:?}"
+        );
+        let mut s3 = ServerStatements::new(10);
+        let t = c.translate(&r, &mut s3, &bind, bind.len(), &mut out, Situation::FREE);
+        assert!(matches!(
+            t.unwrap().translation,
+            Translation::Rewritten { .. }
+        ));
+        // Other columns described (text, not int4): stale, and its Binds are refused.
+        columns[13] = 25;
+        assert!(!statement.described(Shape::of(&columns)));
+        r.retire_stale(&statement);
+        let t = c
+            .translate(&r, &mut s1, &bind, bind.len(), &mut out, can_hold)
+            .unwrap();
+        assert!(t.refuse_stale);
+    }
+
+    #[test]
     fn a_bind_on_another_backend_prepares_the_statement_first() {
         let r = Registry::default();
         let (mut s1, mut s2) = (ServerStatements::new(10), ServerStatements::new(10));
@@ -1698,6 +1918,7 @@ mod tests {
                     max_named: 2,
                     batch_open,
                     batch: 0,
+                    can_hold: false,
                 };
                 let t = c
                     .translate(&r, s, msg, msg.len(), &mut out, situation)

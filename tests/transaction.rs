@@ -853,6 +853,55 @@ async fn a_statement_whose_result_type_changed_fails_once_and_prepared_again_wor
         .expect("drop");
 }
 
+/// The same, on a backend that had not prepared the statement before the change: prepared
+/// there afresh, it would return the new columns to a client that decodes them by the old
+/// description (here, text where an integer was: tokio-postgres fails to decode it; a
+/// driver could as well read wrong values). pgshield has that backend describe it first
+/// and refuses the Bind as PostgreSQL does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_columns_changed_is_refused_on_a_backend_preparing_it_afresh() {
+    let proxy = proxy("tx_fresh", "max_size = 2").await;
+    let connect = || async { proxy.connect("tx_fresh", "pw").await.expect("login").client };
+    let (a, h1, h2) = (connect().await, connect().await, connect().await);
+    a.batch_execute("DROP TABLE IF EXISTS tx_fresh_t; CREATE TABLE tx_fresh_t (x int); INSERT INTO tx_fresh_t VALUES (1)")
+        .await
+        .expect("table");
+    // `a` prepares and runs it on one backend (h1 holds the other).
+    h1.batch_execute("BEGIN").await.expect("begin");
+    let other = pid(&h1).await;
+    let sql = "SELECT * FROM tx_fresh_t";
+    let statement = a.prepare(sql).await.expect("prepare");
+    let x: i32 = a.query_one(&statement, &[]).await.expect("run").get(0);
+    assert_eq!(x, 1);
+    h1.batch_execute("COMMIT").await.expect("commit");
+    common::admin()
+        .await
+        .batch_execute("ALTER TABLE tx_fresh_t ALTER COLUMN x TYPE text USING x || 'x'")
+        .await
+        .expect("alter");
+    // Hold the backend `a` used, so that its next Bind goes to `other`, which lacks it.
+    h1.batch_execute("BEGIN").await.expect("begin");
+    if pid(&h1).await == other {
+        h2.batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("h2 holds the first");
+        h1.batch_execute("COMMIT").await.expect("frees the other");
+    }
+    let stale = a.query(&statement, &[]).await.expect_err("refused");
+    assert_eq!(sqlstate(&stale), Some("0A000"), "{stale}");
+    assert_eq!(pid(&a).await, other, "ran on the backend that lacked it");
+    // Prepared again, it works, on the new columns.
+    let again = a.prepare(sql).await.expect("prepare again");
+    let x: String = a.query_one(&again, &[]).await.expect("again").get(0);
+    assert_eq!(x, "1x");
+    for held in [&h1, &h2] {
+        let _ = held.batch_execute("COMMIT").await;
+    }
+    a.batch_execute("DROP TABLE tx_fresh_t")
+        .await
+        .expect("drop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     let proxy = trusted_proxy("tx_dealloc", "max_size = 1").await;

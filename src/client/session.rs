@@ -42,7 +42,7 @@ use postgres_protocol::escape::escape_literal;
 
 use crate::client::sql::{self, Effects, PinReason};
 use crate::config::OnSessionState;
-use crate::prepared::{ClientStatements, StatementDrop, Translation, NAME_PREFIX};
+use crate::prepared::{ClientStatements, Shape, StatementDrop, Translation, NAME_PREFIX};
 use crate::protocol::frame::{peek_header, Header, DEFAULT_MAX_MESSAGE_SIZE, HEADER_LEN};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
@@ -303,6 +303,9 @@ pub struct Session {
     /// borrowed its backend (cleared on release): if the backend is lost before the
     /// transaction ends, whether the change stands is unknown.
     reported_since_borrow: bool,
+    /// A statement the backend is describing before the client's next message goes on
+    /// (`prepared::ClientStatements::check_first`): client messages wait until then.
+    checking: Option<Arc<crate::prepared::Statement>>,
     /// The client sent a statement that changes the schema under prepared statements:
     /// at the next ReadyForQuery outside a transaction, every statement's text gets a new
     /// name (`Registry::retire_all`).
@@ -398,6 +401,7 @@ impl Session {
             lost_transaction: false,
             reported_since_borrow: false,
             schema_changed: false,
+            checking: None,
             last_activity: Instant::now(),
             // (Bytes the login read past its last message are the session's first input.)
             counts: Counts {
@@ -470,8 +474,13 @@ impl Session {
             if let Err(end) = self.process_client_input().await {
                 return end;
             }
+            let held = self.checking.is_some();
             if let Err(end) = self.process_server_input() {
                 return end;
+            }
+            if held && self.checking.is_none() {
+                // The description came: the client's messages held for it go on now.
+                continue;
             }
             if self.server_msg.left == 0 {
                 if let Some(backend) = self.backend.as_mut() {
@@ -624,6 +633,8 @@ impl Session {
         tracing::warn!(client = %self.id, pool = %self.pool.name(), cause, owed = lost.readies, in_transaction = lost.in_transaction, "server connection lost; the client carries on");
         let held_fatal = self.server_fatal.take().is_some();
         self.reported_since_borrow = false;
+        // A description that backend was giving will not come.
+        self.checking = None;
         self.cancel.detach();
         self.registered.info.set_server(None);
         if let Some(backend) = self.backend.take() {
@@ -865,7 +876,14 @@ impl Session {
         // until the task is woken it can only be empty again (see `epoch.rs`).
         let epoch = crate::epoch::now();
         let mut data = false;
-        if read_client && self.server_out.len() < HIGH_WATER && self.client_idle_in != epoch {
+        // (While a statement is being described, the client's messages wait unread in
+        // `client_in`: up to the same bound.)
+        let held = self.checking.is_some() && self.client_in.len() >= HIGH_WATER;
+        if read_client
+            && self.server_out.len() < HIGH_WATER
+            && !held
+            && self.client_idle_in != epoch
+        {
             // (Through the thread's scratch space: a client waiting here holds no buffer.)
             match crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
@@ -911,6 +929,10 @@ impl Session {
                     return Ok(());
                 }
                 continue;
+            }
+            if self.checking.is_some() {
+                // Held until the backend has described a statement (`start_passing`).
+                return Ok(());
             }
             // Messages stream through (only some are read whole), but none may claim more
             // than listen.max_message_size.
@@ -1183,6 +1205,14 @@ impl Session {
             server
                 .replies
                 .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
+            if let Some(checked) = translated.check.as_ref().filter(|_| injected.tag == b'D') {
+                server.replies.uses(Arc::clone(checked));
+            }
+        }
+        if translated.translation == Translation::Hold {
+            // The client's message waits (in `client_in`) for the hidden Describe's reply.
+            self.checking = translated.check;
+            return Ok(false);
         }
         // What the statement does to the session.
         let effects = match (header.tag, &translated.bound) {
@@ -1192,10 +1222,27 @@ impl Session {
                     .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
                 Some(Cow::Owned(sql::classify(query)))
             }
-            (b'B', Some(statement)) => Some(Cow::Borrowed(statement.effects())),
+            // (Not for a stale statement's Bind: it is refused, below.)
+            (b'B', Some(statement)) if !translated.refuse_stale => {
+                Some(Cow::Borrowed(statement.effects()))
+            }
             _ => None,
         };
         let mut translation = translated.translation;
+        if translated.refuse_stale {
+            // Its result columns changed since the client was told them: PostgreSQL fails
+            // the Bind (drivers then prepare it again), and so does pgshield.
+            translation = Self::refuse_bind(
+                (&mut self.statements, &self.shared, &self.limits),
+                server,
+                &mut self.server_out,
+                (
+                    translation,
+                    &translated.portal,
+                    crate::prepared::STALE_REFUSAL,
+                ),
+            );
+        }
         let mut drops = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
             self.schema_changed |= effects.schema_change;
@@ -1241,27 +1288,13 @@ impl Session {
                     // A refused statement is not run: its Bind is replaced by one running a
                     // statement that fails with 0A000, in the same portal.
                     OnSessionState::Reject => {
-                        // The client's Bind, rewritten, is already on its way: not any more.
-                        if let Translation::Rewritten { at, .. } = translation {
-                            self.server_out.truncate(at);
-                        }
-                        let refusal = self
-                            .shared
-                            .statements
-                            .own(&crate::prepared::refusal_statement(reason));
-                        let portal = translated.portal.as_deref().unwrap_or_default();
-                        let (head, injected) = self.statements.refusal_bind(
-                            &mut server.statements,
-                            &refusal,
-                            (portal, Self::situation(&self.limits, &server.replies)),
+                        let refusal = crate::prepared::refusal_statement(reason);
+                        translation = Self::refuse_bind(
+                            (&mut self.statements, &self.shared, &self.limits),
+                            server,
                             &mut self.server_out,
+                            (translation, &translated.portal, &refusal),
                         );
-                        for injected in injected {
-                            server
-                                .replies
-                                .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
-                        }
-                        translation = Translation::Replace { head, tag: b'B' };
                     }
                 }
             }
@@ -1311,13 +1344,44 @@ impl Session {
                 }
                 self.client_in.advance(header.len);
             }
-            Translation::NeedMore => unreachable!("handled above"),
+            Translation::NeedMore | Translation::Hold => unreachable!("handled above"),
         }
         // Messages the server will skip (after an error it reported) are taken back now.
         for undo in server.replies.take_undone().into_iter().rev() {
             self.statements.undo(&mut server.statements, undo);
         }
         Ok(true)
+    }
+
+    /// Replaces the client's Bind (`translation`, perhaps already written) by one that
+    /// runs `refusal`, a statement that fails, in the same portal: the client's Execute
+    /// then gets its error, and the server skips to the Sync.
+    fn refuse_bind(
+        (statements, shared, limits): (&mut ClientStatements, &Shared, &Limits),
+        server: &mut Server,
+        server_out: &mut BytesMut,
+        (translation, portal, refusal): (Translation, &Option<String>, &str),
+    ) -> Translation {
+        // The client's Bind, rewritten, is already on its way: not any more.
+        if let Translation::Rewritten { at, .. } = translation {
+            server_out.truncate(at);
+        }
+        let refusal = shared.statements.own(refusal);
+        let (head, injected) = statements.refusal_bind(
+            &mut server.statements,
+            &refusal,
+            (
+                portal.as_deref().unwrap_or_default(),
+                Self::situation(limits, &server.replies),
+            ),
+            server_out,
+        );
+        for injected in injected {
+            server
+                .replies
+                .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
+        }
+        Translation::Replace { head, tag: b'B' }
     }
 
     /// What translating a message sent to the backend now needs to know.
@@ -1329,6 +1393,7 @@ impl Session {
             max_named: limits.max_statements,
             batch_open: replies.batch_open(),
             batch: replies.batch(),
+            can_hold: replies.answers_what_is_sent(),
         }
     }
 
@@ -1383,8 +1448,13 @@ impl Session {
                 }
             };
             let readback = server.replies.answering_hidden_query();
-            let whole =
-                matches!(header.tag, b'Z' | b'S' | b'E') || (readback && header.tag == b'D');
+            // A description of a named statement: its result columns are looked at.
+            let described = matches!(header.tag, b'T' | b'n')
+                .then(|| server.replies.describing().map(|(s, _)| Arc::clone(s)))
+                .flatten();
+            let whole = matches!(header.tag, b'Z' | b'S' | b'E')
+                || (readback && header.tag == b'D')
+                || (described.is_some() && header.tag == b'T');
             if whole {
                 if let Err(e) = header.check_size(DEFAULT_MAX_MESSAGE_SIZE) {
                     server.mark_broken();
@@ -1424,7 +1494,35 @@ impl Session {
                     }
                 }
             }
+            if let Some(statement) = described {
+                let shape = match header.tag {
+                    b'T' => Shape::of(&server.read_buf[HEADER_LEN..header.len]),
+                    _ => Shape::NO_DATA,
+                };
+                if !statement.described(shape) {
+                    tracing::info!(
+                        client = %self.id,
+                        statement = %statement.name(),
+                        "a prepared statement's result columns changed: it will be prepared again"
+                    );
+                    self.shared.statements.retire_stale(&statement);
+                }
+                if self
+                    .checking
+                    .as_ref()
+                    .is_some_and(|c| Arc::ptr_eq(c, &statement))
+                {
+                    // Described: the client's message held for it goes on (refused if
+                    // the columns changed).
+                    self.checking = None;
+                }
+            }
             let forward = disposition == Disposition::Forward;
+            if !forward && whole && !readback {
+                // (The description a hidden Describe asked for.)
+                server.read_buf.advance(header.len);
+                continue;
+            }
             if readback && !forward {
                 if header.tag == b'D' {
                     if let Some(front) = self
@@ -1502,14 +1600,24 @@ impl Session {
                     }
                 }
                 b'E' => {
-                    if let Some(stale) = server.replies.take_failed_statement() {
-                        if crate::protocol::messages::is_stale_plan_error(body) {
+                    // The batch fails: a hidden Describe in it will not be answered.
+                    self.checking = None;
+                    let stale_plan = messages::is_stale_plan_error(body);
+                    if stale_plan {
+                        if let Some(stale) = server.replies.take_failed_statement() {
                             tracing::info!(
                                 client = %self.id,
                                 statement = %stale.name(),
                                 "a prepared statement's result type changed: it will be prepared again"
                             );
-                            self.shared.statements.retire(&stale);
+                            self.shared.statements.retire_stale(&stale);
+                        }
+                        if messages::error_field(body, b'R') != Some(b"RevalidateCachedQuery") {
+                            // pgshield's refusal (`STALE_REFUSAL`): given the routine of
+                            // PostgreSQL's own error, by which drivers know it.
+                            self.client_out.truncate(start);
+                            messages::stale_plan_error(&mut self.client_out);
+                            continue;
                         }
                     }
                     if let Some(fatal) =

@@ -252,6 +252,24 @@ pub fn is_stale_plan_error(body: &[u8]) -> bool {
             || error_field(body, b'M') == Some(b"cached plan must not change result type"))
 }
 
+/// PostgreSQL's error for a Bind of a prepared statement whose result type changed, with
+/// its routine (what `is_stale_plan_error` knows it by).
+pub fn stale_plan_error(buf: &mut BytesMut) {
+    put_message(buf, b'E', |b| {
+        for (field, value) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', "0A000"),
+            (b'M', "cached plan must not change result type"),
+            (b'R', "RevalidateCachedQuery"),
+        ] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 impl std::fmt::Display for ErrorResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -329,6 +329,23 @@ impl ReplyTracker {
         self.extended_open || self.skipping_to_sync || self.client_copying
     }
 
+    /// Whether the server answers what is sent now: it is not skipping to a Sync after
+    /// an error, nor in COPY FROM STDIN, and the replies can still be matched.
+    pub fn answers_what_is_sent(&self) -> bool {
+        !(self.skipping_to_sync || self.client_copying || self.unsure)
+    }
+
+    /// The statement whose description the next RowDescription or NoData is, if the
+    /// Describe it answers named one (see [`ReplyTracker::uses`]); and whether the client
+    /// sees that reply.
+    pub fn describing(&self) -> Option<(&Arc<Statement>, bool)> {
+        let entry = self.owed.iter().find(|e| e.owed != Owed::CopyEnd)?;
+        if entry.owed != Owed::Describe {
+            return None;
+        }
+        Some((entry.statement.as_ref()?, entry.hide == Hide::No))
+    }
+
     /// The batch a message sent now belongs to (the Syncs sent before it).
     pub fn batch(&self) -> u64 {
         self.syncs
@@ -396,6 +413,11 @@ impl ReplyTracker {
                 self.copy_in_started();
                 Ok(Forward)
             }
+            // ParameterDescription: the first reply to a Describe of a statement.
+            b't' => Ok(match self.owed.iter().find(|e| e.owed != Owed::CopyEnd) {
+                Some(e) if e.owed == Owed::Describe && e.hide != Hide::No => Disposition::Swallow,
+                _ => Forward,
+            }),
             b'E' => {
                 // Errors always reach the client, even those of injected messages: they
                 // say why what the client asked for could not happen.
