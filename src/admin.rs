@@ -345,18 +345,22 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
         }
         "PREPARED" => {
             let mut t = Table::new(&[
+                ("pool", TEXT),
                 ("name", TEXT),
                 ("declared_types", INT8),
                 ("accepted", TEXT),
                 ("query", TEXT),
             ]);
-            for (name, query, params, valid) in shared.statements.list() {
-                t.row(vec![
-                    v(name),
-                    v(params),
-                    v(if valid { "yes" } else { "no" }),
-                    v(query),
-                ]);
+            for pool in shared.pools.all() {
+                for (name, query, params, valid) in pool.statements.list() {
+                    t.row(vec![
+                        v(pool.name()),
+                        v(name),
+                        v(params),
+                        v(if valid { "yes" } else { "no" }),
+                        v(query),
+                    ]);
+                }
             }
             t
         }

@@ -82,6 +82,8 @@ pub struct Statement {
     /// Its result columns are no longer what clients holding it were told: a server said
     /// so, or described other ones. Binds of it are refused as PostgreSQL refuses them.
     stale: AtomicBool,
+    /// Its result columns are the query's own (see `sql::fixed_result`).
+    fixed_result: bool,
 }
 
 /// A statement's result columns, as one number (see [`Shape::of`]).
@@ -101,10 +103,12 @@ impl Shape {
         let columns = body.get_i16_checked();
         columns.hash(&mut hasher);
         for _ in 0..columns.unwrap_or(0).max(0) {
-            let Some(name) = take_cstr(&mut body) else {
+            // (The name's bytes as sent: in the client's encoding, not always UTF-8.)
+            let Some(end) = body.iter().position(|&b| b == 0) else {
                 break;
             };
-            name.hash(&mut hasher);
+            body[..end].hash(&mut hasher);
+            body = &body[end + 1..];
             // table oid (4), column number (2), type oid (4), size (2), modifier (4), format (2)
             let Some(fixed) = body.get(..18) else {
                 break;
@@ -142,7 +146,12 @@ impl Statement {
 
     /// Notes the result columns a server described; false if another server had
     /// described other ones (the first description stands: it is what clients hold).
+    /// Only for statements whose columns PostgreSQL holds fixed (not FETCH, whose
+    /// columns are its cursor's).
     pub fn described(&self, shape: Shape) -> bool {
+        if !self.fixed_result {
+            return true;
+        }
         match self
             .shape
             .compare_exchange(0, shape.0, Ordering::AcqRel, Ordering::Acquire)
@@ -203,10 +212,11 @@ pub struct Registry {
 #[derive(Default)]
 struct RegistryInner {
     by_text: HashMap<(String, Vec<u32>), Weak<Statement>>,
+    /// Numbers the names (a pool's own: its backends are only ever lent to its clients).
+    next_id: u64,
     /// pgshield's own statements (refusals), kept alive so that each is prepared once
     /// per backend, not once per use under a new name (a handful: one per refusal text).
     own: Vec<Arc<Statement>>,
-    next_id: u64,
     /// Purge dead entries when the map grows past this.
     purge_at: usize,
 }
@@ -220,14 +230,16 @@ impl Registry {
             return statement;
         }
         inner.next_id += 1;
+        let id = inner.next_id;
         let statement = Arc::new(Statement {
-            name: format!("{NAME_PREFIX}{}", inner.next_id).into(),
+            name: format!("{NAME_PREFIX}{id}").into(),
             query: key.0.clone(),
             param_types: key.1.clone(),
             effects: sql::classify(query),
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
             stale: AtomicBool::new(false),
+            fixed_result: sql::fixed_result(query),
         });
         inner.by_text.insert(key, Arc::downgrade(&statement));
         if inner.by_text.len() > inner.purge_at {
@@ -936,7 +948,8 @@ impl ClientStatements {
                 };
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
-                if t.bound.as_ref().is_some_and(|s| s.is_stale()) {
+                // (The unnamed statement was parsed for this very use.)
+                if !statement.is_empty() && t.bound.as_ref().is_some_and(|s| s.is_stale()) {
                     t.refuse_stale = true;
                     return Ok(t);
                 }

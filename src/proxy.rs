@@ -18,7 +18,6 @@ use crate::client::{self, ClientSlots};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::pool::Pools;
-use crate::prepared::Registry;
 use crate::reload::{Live, ReloadError};
 use crate::shutdown::Shutdown;
 
@@ -62,8 +61,6 @@ pub struct Shared {
     pub shutdown: Shutdown,
     pub clients: Arc<ClientSlots>,
     pub cancels: Arc<Cancels>,
-    /// Prepared statements by text, shared by all clients (transaction mode).
-    pub statements: Registry,
     /// Clients pinned to their backend, by reason, since start.
     pub pins: PinCounts,
     /// Failed logins by address, to slow down guessing.
@@ -237,7 +234,6 @@ impl Proxy {
             config_source: Default::default(),
             shutdown: Shutdown::new(),
             cancels: Cancels::new(),
-            statements: Registry::default(),
             pins: PinCounts::default(),
             login_throttle: LoginThrottle::default(),
             metrics,

@@ -902,6 +902,120 @@ async fn a_statement_whose_columns_changed_is_refused_on_a_backend_preparing_it_
         .expect("drop");
 }
 
+/// The same text means other columns for another user (its own schema first in its
+/// search_path here, or another database): each pool keeps its own statements, so neither
+/// user's description makes the other's statement look stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_with_other_columns_for_another_user_is_no_schema_change() {
+    common::create_role("tx_scope_a", "pw").await;
+    common::create_role("tx_scope_b", "pw").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS tx_scope_a CASCADE; DROP SCHEMA IF EXISTS tx_scope_b CASCADE; \
+             CREATE SCHEMA tx_scope_a AUTHORIZATION tx_scope_a; \
+             CREATE SCHEMA tx_scope_b AUTHORIZATION tx_scope_b; \
+             CREATE TABLE tx_scope_a.t (x int); INSERT INTO tx_scope_a.t VALUES (1); \
+             CREATE TABLE tx_scope_b.t (y text, z int); INSERT INTO tx_scope_b.t VALUES ('b', 2); \
+             GRANT ALL ON ALL TABLES IN SCHEMA tx_scope_a TO tx_scope_a; \
+             GRANT ALL ON ALL TABLES IN SCHEMA tx_scope_b TO tx_scope_b",
+        )
+        .await
+        .expect("schemas");
+    let proxy = TestProxy::start(
+        "[pool]\nmode = \"transaction\"\nmax_size = 1\n\
+         [users.tx_scope_a]\npassword = \"pw\"\n[users.tx_scope_b]\npassword = \"pw\"\n",
+    )
+    .await;
+    // (The user's own schema comes first in the default search_path, "$user", public.)
+    let a = proxy.connect("tx_scope_a", "pw").await.expect("a").client;
+    let b = proxy.connect("tx_scope_b", "pw").await.expect("b").client;
+    let sql = "SELECT * FROM t";
+    for _ in 0..3 {
+        let on_a = a.prepare(sql).await.expect("prepare a");
+        let on_b = b.prepare(sql).await.expect("prepare b");
+        let x: i32 = a.query_one(&on_a, &[]).await.expect("a runs").get(0);
+        let y: String = b.query_one(&on_b, &[]).await.expect("b runs").get(0);
+        assert_eq!((x, y.as_str()), (1, "b"));
+    }
+    admin
+        .batch_execute("DROP SCHEMA tx_scope_a CASCADE; DROP SCHEMA tx_scope_b CASCADE")
+        .await
+        .expect("drop");
+}
+
+/// The backend's description of a statement it prepares afresh is awaited even when an
+/// earlier batch the client pipelined fails meanwhile: that error does not let the
+/// client's Bind go on before the description is known. (The error and the description
+/// often arrive in one read, which hides the difference: this holds the outcome, and
+/// `ReplyTracker::owes_description_of` the rule.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_description_awaited_outlives_an_error_in_an_earlier_pipelined_batch() {
+    let proxy = trusted_proxy("tx_check", "max_size = 2").await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_check").await;
+    let mut h1 = raw::login_trusted(proxy.addr, "tx_check").await;
+    let mut h2 = raw::login_trusted(proxy.addr, "tx_check").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS tx_check_t; CREATE TABLE tx_check_t (x int); \
+             INSERT INTO tx_check_t VALUES (1); GRANT SELECT ON tx_check_t TO tx_check",
+        )
+        .await
+        .expect("table");
+    async fn hold(h: &mut tokio::net::TcpStream) -> String {
+        raw::send(h, &raw::query("BEGIN; SELECT pg_backend_pid()")).await;
+        row_until_ready(h).await.expect("pid")
+    }
+    async fn free(h: &mut tokio::net::TcpStream) {
+        raw::send(h, &raw::query("COMMIT")).await;
+        raw::until_ready(h).await;
+    }
+    // Described on one backend (h1 holds the other, q).
+    let q = hold(&mut h1).await;
+    let mut describe = b"S".to_vec();
+    describe.extend_from_slice(b"x1\0");
+    let mut bytes = raw::message(b'P', b"x1\0SELECT * FROM tx_check_t\0\0\0");
+    bytes.extend(raw::message(b'D', &describe));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "1tTZ");
+    assert_eq!(run_named(&mut s, "x1").await.as_deref(), Ok("1"));
+    free(&mut h1).await;
+    admin
+        .batch_execute("ALTER TABLE tx_check_t ALTER COLUMN x TYPE text USING x || 'x'")
+        .await
+        .expect("alter");
+    // Hold the backend that has x1, so that `s` goes to q.
+    if hold(&mut h1).await == q {
+        hold(&mut h2).await;
+        free(&mut h1).await;
+    }
+    let mut bytes = raw::parse_bind_execute("SELECT 1/0");
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(raw::message(b'B', b"\0x1\0\0\0\0\0\0\0"));
+    bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, vec!["22012".to_owned()]);
+    // Refused as PostgreSQL refuses it, not run on the new columns.
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert_eq!((tags.as_str(), codes), ("2EZ", vec!["0A000".to_owned()]));
+    assert_eq!(
+        parse_named(&mut s, "x2", "SELECT * FROM tx_check_t").await,
+        "1Z"
+    );
+    assert_eq!(run_named(&mut s, "x2").await.as_deref(), Ok("1x"));
+    for h in [&mut h1, &mut h2] {
+        raw::send(h, &raw::query("ROLLBACK")).await;
+        raw::until_ready(h).await;
+    }
+    admin
+        .batch_execute("DROP TABLE tx_check_t")
+        .await
+        .expect("drop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     let proxy = trusted_proxy("tx_dealloc", "max_size = 1").await;

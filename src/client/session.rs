@@ -42,7 +42,7 @@ use postgres_protocol::escape::escape_literal;
 
 use crate::client::sql::{self, Effects, PinReason};
 use crate::config::OnSessionState;
-use crate::prepared::{ClientStatements, Shape, StatementDrop, Translation, NAME_PREFIX};
+use crate::prepared::{ClientStatements, Registry, Shape, StatementDrop, Translation, NAME_PREFIX};
 use crate::protocol::frame::{peek_header, Header, DEFAULT_MAX_MESSAGE_SIZE, HEADER_LEN};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
 use crate::proxy::Shared;
@@ -740,8 +740,12 @@ impl Session {
         };
         let server = backend.server_ref();
         // (Bytes still queued for the server do not count: they are written while the
-        // session waits, with no event to mark the change.)
-        self.client_msg.left == 0 && (self.server_msg.left > 0 || server.replies.awaiting_ready())
+        // session waits, with no event to mark the change. A client message held while
+        // the server describes a statement waits for the server, as a running one does.)
+        self.client_msg.left == 0
+            && (self.server_msg.left > 0
+                || server.replies.awaiting_ready()
+                || self.checking.is_some())
     }
 
     /// The next moment one of the session's limits must be looked at, if any.
@@ -1008,7 +1012,7 @@ impl Session {
                     let answer = self
                         .statements
                         .answer_without_backend(
-                            &self.shared.statements,
+                            &self.pool.statements,
                             &self.client_in[..header.len],
                             self.limits.max_statements,
                         )
@@ -1159,7 +1163,7 @@ impl Session {
         let translated = self
             .statements
             .translate(
-                &self.shared.statements,
+                &self.pool.statements,
                 &mut server.statements,
                 &self.client_in[..available],
                 header.len,
@@ -1233,7 +1237,7 @@ impl Session {
             // Its result columns changed since the client was told them: PostgreSQL fails
             // the Bind (drivers then prepare it again), and so does pgshield.
             translation = Self::refuse_bind(
-                (&mut self.statements, &self.shared, &self.limits),
+                (&mut self.statements, &self.pool.statements, &self.limits),
                 server,
                 &mut self.server_out,
                 (
@@ -1290,7 +1294,7 @@ impl Session {
                     OnSessionState::Reject => {
                         let refusal = crate::prepared::refusal_statement(reason);
                         translation = Self::refuse_bind(
-                            (&mut self.statements, &self.shared, &self.limits),
+                            (&mut self.statements, &self.pool.statements, &self.limits),
                             server,
                             &mut self.server_out,
                             (translation, &translated.portal, &refusal),
@@ -1357,7 +1361,7 @@ impl Session {
     /// runs `refusal`, a statement that fails, in the same portal: the client's Execute
     /// then gets its error, and the server skips to the Sync.
     fn refuse_bind(
-        (statements, shared, limits): (&mut ClientStatements, &Shared, &Limits),
+        (statements, registry, limits): (&mut ClientStatements, &Registry, &Limits),
         server: &mut Server,
         server_out: &mut BytesMut,
         (translation, portal, refusal): (Translation, &Option<String>, &str),
@@ -1366,7 +1370,7 @@ impl Session {
         if let Translation::Rewritten { at, .. } = translation {
             server_out.truncate(at);
         }
-        let refusal = shared.statements.own(refusal);
+        let refusal = registry.own(refusal);
         let (head, injected) = statements.refusal_bind(
             &mut server.statements,
             &refusal,
@@ -1450,7 +1454,7 @@ impl Session {
             let readback = server.replies.answering_hidden_query();
             // A description of a named statement: its result columns are looked at.
             let described = matches!(header.tag, b'T' | b'n')
-                .then(|| server.replies.describing().map(|(s, _)| Arc::clone(s)))
+                .then(|| server.replies.describing().map(Arc::clone))
                 .flatten();
             let whole = matches!(header.tag, b'Z' | b'S' | b'E')
                 || (readback && header.tag == b'D')
@@ -1505,7 +1509,7 @@ impl Session {
                         statement = %statement.name(),
                         "a prepared statement's result columns changed: it will be prepared again"
                     );
-                    self.shared.statements.retire_stale(&statement);
+                    self.pool.statements.retire_stale(&statement);
                 }
                 if self
                     .checking
@@ -1600,8 +1604,15 @@ impl Session {
                     }
                 }
                 b'E' => {
-                    // The batch fails: a hidden Describe in it will not be answered.
-                    self.checking = None;
+                    // The batch fails: a hidden Describe in it will not be answered (one
+                    // in a later batch still will, unless the replies can no longer be
+                    // matched).
+                    if self.checking.as_ref().is_some_and(|c| {
+                        !server.replies.owes_description_of(c)
+                            || !server.replies.answers_what_is_sent()
+                    }) {
+                        self.checking = None;
+                    }
                     let stale_plan = messages::is_stale_plan_error(body);
                     if stale_plan {
                         if let Some(stale) = server.replies.take_failed_statement() {
@@ -1610,7 +1621,7 @@ impl Session {
                                 statement = %stale.name(),
                                 "a prepared statement's result type changed: it will be prepared again"
                             );
-                            self.shared.statements.retire_stale(&stale);
+                            self.pool.statements.retire_stale(&stale);
                         }
                         if messages::error_field(body, b'R') != Some(b"RevalidateCachedQuery") {
                             // pgshield's refusal (`STALE_REFUSAL`): given the routine of
@@ -1644,7 +1655,12 @@ impl Session {
                     let now = crate::epoch::instant();
                     if body.first() == Some(&b'I') {
                         if std::mem::take(&mut self.schema_changed) {
-                            self.shared.statements.retire_all();
+                            // (The schema is the database's: every user's pool of it.)
+                            for pool in self.shared.pools.all() {
+                                if pool.database() == self.pool.database() {
+                                    pool.statements.retire_all();
+                                }
+                            }
                         }
                         PoolStats::add(&stats.xact_count, 1);
                         self.counts.transactions += 1;

@@ -451,11 +451,29 @@ fn plain(b: &[u8]) -> Option<Effects> {
             let rest = &first[len..];
             let at = rest.iter().position(|&c| !space(c)).unwrap_or(rest.len());
             let rest = &rest[at..];
-            let end = rest.iter().position(|&c| !letter(c)).unwrap_or(rest.len());
+            let end = rest
+                .iter()
+                .position(|&c| !word_char(c))
+                .unwrap_or(rest.len());
             rest[..end].eq_ignore_ascii_case(b"or")
         }),
         ..Effects::default()
     })
+}
+
+/// Whether a statement's result columns are its query's own, so that PostgreSQL fails a
+/// prepared one whose columns changed: a query or a DML statement (possibly with
+/// RETURNING), not FETCH (its cursor's columns), EXPLAIN or SHOW. Unsure means no.
+pub fn fixed_result(sql: &str) -> bool {
+    let b = sql.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '(');
+    let end = b
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(b.len());
+    [
+        "select", "with", "values", "table", "insert", "update", "delete", "merge",
+    ]
+    .iter()
+    .any(|w| b[..end].eq_ignore_ascii_case(w))
 }
 
 /// Whether a statement starting with `first` changes the schema under existing
@@ -508,11 +526,13 @@ fn names(t: &Token<'_>, name: &str) -> bool {
 fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     // Anywhere in any statement (a WITH, an EXPLAIN ANALYZE, a subquery): function calls
     // that keep session state, and temporary relations.
+    let mut temporary = false;
     for (i, tok) in t.iter().enumerate() {
         if names(tok, "pg_temp")
             || matches!(tok, Token::Word(w) if w.len() > 8 && w.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_")))
         {
             e.pin(PinReason::TempTable);
+            temporary = true;
         }
         if matches!(tok, Token::Word(w) if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
             && i > 0
@@ -521,6 +541,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
                 .any(|k| is(t.get(i - 1), k))
         {
             e.pin(PinReason::TempTable);
+            temporary = true;
         }
         if t.get(i + 1) != Some(&Token::Punct('(')) {
             continue;
@@ -549,8 +570,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
         return;
     };
     let t = &t[first_at..];
-    e.schema_change |= e.pin != Some(PinReason::TempTable)
-        && changes_schema(first.as_bytes(), || is(t.get(1), "or"));
+    e.schema_change |= !temporary && changes_schema(first.as_bytes(), || is(t.get(1), "or"));
     match first {
         "set" => set_statement(&t[1..], e),
         "reset" => {
@@ -720,6 +740,7 @@ mod tests {
             "create  or replace function f() returns int language sql as 'select 1'",
             "BEGIN; ALTER TABLE t DROP COLUMN b; COMMIT",
             "/* migration */ ALTER TABLE t RENAME TO u",
+            "CREATE TEMP TABLE s (a int); ALTER TABLE t ADD COLUMN b int",
         ] {
             assert!(classify(sql).schema_change, "{sql}");
         }
@@ -731,8 +752,28 @@ mod tests {
             "SELECT * FROM t",
             "INSERT INTO drop_log VALUES ('alter')",
             "create origin_table",
+            "create or1 x",
+            "CREATE OR$a t",
         ] {
             assert!(!classify(sql).schema_change, "{sql}");
+        }
+        // Only the columns of a query or a DML statement are held fixed by PostgreSQL.
+        for sql in [
+            "SELECT 1",
+            " (select 1)",
+            "WITH a AS (SELECT 1) SELECT * FROM a",
+            "insert into t values (1) returning *",
+            "TABLE t",
+        ] {
+            assert!(fixed_result(sql), "{sql}");
+        }
+        for sql in [
+            "FETCH 5 FROM c",
+            "EXPLAIN SELECT 1",
+            "SHOW search_path",
+            "/* c */ SELECT 1",
+        ] {
+            assert!(!fixed_result(sql), "{sql}");
         }
     }
 
@@ -910,6 +951,12 @@ mod tests {
             "begin",
             "commit",
             "create",
+            "or",
+            "OR",
+            "or1",
+            "alter",
+            "DROP",
+            "replace",
             "set",
             "reset",
             "listen",

@@ -465,6 +465,10 @@ pub struct Pool {
     /// PAUSE: no backend is lent until RESUME.
     paused: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
+    /// Prepared statements by text, shared by the pool's clients (transaction mode). Per
+    /// pool: its backends are its own, and what a text means (its result columns, the
+    /// types it names) depends on the database and on the user (search_path).
+    pub statements: crate::prepared::Registry,
 }
 
 /// One borrower counted as waiting for a place, until dropped.
@@ -616,6 +620,7 @@ impl Pool {
             waiters: Mutex::new(FastMap::default()),
             paused: std::sync::atomic::AtomicBool::new(false),
             resumed: tokio::sync::Notify::new(),
+            statements: crate::prepared::Registry::default(),
         });
         if let Some(limit) = db_limit {
             lock(&limit.pools).push(Arc::downgrade(&pool));

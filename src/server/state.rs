@@ -336,14 +336,23 @@ impl ReplyTracker {
     }
 
     /// The statement whose description the next RowDescription or NoData is, if the
-    /// Describe it answers named one (see [`ReplyTracker::uses`]); and whether the client
-    /// sees that reply.
-    pub fn describing(&self) -> Option<(&Arc<Statement>, bool)> {
+    /// Describe it answers named one (see [`ReplyTracker::uses`]).
+    pub fn describing(&self) -> Option<&Arc<Statement>> {
         let entry = self.owed.iter().find(|e| e.owed != Owed::CopyEnd)?;
         if entry.owed != Owed::Describe {
             return None;
         }
-        Some((entry.statement.as_ref()?, entry.hide == Hide::No))
+        entry.statement.as_ref()
+    }
+
+    /// Whether a Describe of `statement` is still owed a reply.
+    pub fn owes_description_of(&self, statement: &Arc<Statement>) -> bool {
+        self.owed.iter().any(|e| {
+            e.owed == Owed::Describe
+                && e.statement
+                    .as_ref()
+                    .is_some_and(|s| Arc::ptr_eq(s, statement))
+        })
     }
 
     /// The batch a message sent now belongs to (the Syncs sent before it).
@@ -634,6 +643,37 @@ mod tests {
             t.received(tag, Some(b'I'))?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_description_owed_in_a_later_batch_survives_an_earlier_batchs_error() {
+        let registry = crate::prepared::Registry::default();
+        let statement = registry.intern("SELECT * FROM a", &[]);
+        let mut t = ReplyTracker::default();
+        // Batch 1: Bind, Execute, Sync; batch 2 (open): hidden Parse and Describe, Flush.
+        client(&mut t, "BES");
+        t.sent_with(b'P', Hide::KeepErrors, None);
+        t.sent_with(b'D', Hide::KeepErrors, None);
+        t.uses(Arc::clone(&statement));
+        t.sent(b'H');
+        assert!(t.describing().is_none(), "the Bind's replies come first");
+        server(&mut t, "E").unwrap();
+        assert!(t.owes_description_of(&statement));
+        assert!(t.answers_what_is_sent());
+        server(&mut t, "Z").unwrap();
+        // The description's replies are swallowed, the RowDescription named.
+        assert_eq!(t.received(b'1', None), Ok(Disposition::Swallow));
+        assert_eq!(t.received(b't', None), Ok(Disposition::Swallow));
+        assert!(t.describing().is_some_and(|s| Arc::ptr_eq(s, &statement)));
+        assert_eq!(t.received(b'T', None), Ok(Disposition::Swallow));
+        assert!(!t.owes_description_of(&statement));
+        // An error in its own batch drops it.
+        t.sent_with(b'P', Hide::KeepErrors, None);
+        t.sent_with(b'D', Hide::KeepErrors, None);
+        t.uses(Arc::clone(&statement));
+        server(&mut t, "E").unwrap();
+        assert!(!t.owes_description_of(&statement));
+        assert!(!t.answers_what_is_sent(), "skipping to the client's Sync");
     }
 
     #[test]
