@@ -2,8 +2,10 @@
 //!
 //! A client prepares statements by its own names; its next transaction may run on another
 //! backend. So pgshield keeps each client's names (name → statement), gives every distinct
-//! statement (query text and parameter types) one proxy-wide name shared by all clients,
-//! and prepares it on whichever backend the client holds, the first time that backend
+//! statement (query text and parameter types) one name shared by all clients of its pool
+//! (a `Registry` per pool: its backends are its own, and a text's meaning depends on the
+//! database and the user), and prepares it on whichever backend the client holds, the
+//! first time that backend
 //! needs it (a Parse injected before the Bind or Describe, its reply swallowed). Each
 //! backend remembers, in a bounded LRU, what it has prepared; the least recently used is
 //! closed when it is full.
@@ -66,7 +68,7 @@ fn too_many_statements(limit: usize) -> String {
     )
 }
 
-/// One distinct statement: query text and parameter types, under its proxy-wide name.
+/// One distinct statement: query text and parameter types, under its shared name.
 #[derive(Debug)]
 pub struct Statement {
     name: Arc<str>,
@@ -203,7 +205,7 @@ pub const STALE_REFUSAL: &str =
     "DO $pgshield$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', \
      MESSAGE = 'cached plan must not change result type'; END $pgshield$";
 
-/// Gives equal statements one shared name, process-wide.
+/// Gives equal statements one shared name, in one pool.
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<RegistryInner>,
