@@ -97,7 +97,9 @@ impl Shape {
     pub const NO_DATA: Shape = Shape(1);
 
     /// A RowDescription body: what PostgreSQL compares to tell that a prepared
-    /// statement's result type changed (each column's name, type and modifier).
+    /// statement's result type changed, and what a driver decodes rows by: the columns'
+    /// types and modifiers. (Not their names, which PostgreSQL 16 no longer compares and
+    /// whose bytes depend on each client's client_encoding.)
     pub fn of(row_description: &[u8]) -> Shape {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -105,11 +107,9 @@ impl Shape {
         let columns = body.get_i16_checked();
         columns.hash(&mut hasher);
         for _ in 0..columns.unwrap_or(0).max(0) {
-            // (The name's bytes as sent: in the client's encoding, not always UTF-8.)
             let Some(end) = body.iter().position(|&b| b == 0) else {
                 break;
             };
-            body[..end].hash(&mut hasher);
             body = &body[end + 1..];
             // table oid (4), column number (2), type oid (4), size (2), modifier (4), format (2)
             let Some(fixed) = body.get(..18) else {
@@ -1196,10 +1196,9 @@ impl ClientStatements {
         out: &mut BytesMut,
         t: &mut Translated,
     ) -> bool {
-        let Some(statement) = found
-            .as_ref()
-            .filter(|s| !name.is_empty() && situation.can_hold && s.checked_where_prepared())
-        else {
+        let Some(statement) = found.as_ref().filter(|s| {
+            !name.is_empty() && situation.can_hold && s.checked_where_prepared() && !s.is_stale()
+        }) else {
             return false;
         };
         if server.presence(statement.name(), situation.batch) == Presence::Present {

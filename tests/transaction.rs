@@ -902,6 +902,47 @@ async fn a_statement_whose_columns_changed_is_refused_on_a_backend_preparing_it_
         .expect("drop");
 }
 
+/// A schema change a client sends through pgshield makes the next Parse of a text prepare
+/// it afresh in every pool, not only the client's: here a second name configured for the
+/// same server database, whose clients prepare the statement again after the change and
+/// must not be handed the one prepared before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_through_one_pool_is_seen_by_every_pool() {
+    common::create_role("tx_alias", "pw").await;
+    let port = common::cluster().port();
+    let databases = format!(
+        "[databases.app]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\n\
+         [databases.alias]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\n"
+    );
+    let proxy = TestProxy::start_with_databases(
+        &databases,
+        "[pool]\nmode = \"transaction\"\nmax_size = 1\n[users.tx_alias]\npassword = \"pw\"\n",
+    )
+    .await;
+    let app = proxy.connect("tx_alias", "pw").await.expect("app").client;
+    let mut config = proxy.config("tx_alias", "pw");
+    config.dbname("alias");
+    let alias = common::connect(&config).await.expect("alias").client;
+    app.batch_execute("DROP TABLE IF EXISTS tx_alias_t; CREATE TABLE tx_alias_t (x int); INSERT INTO tx_alias_t VALUES (1)")
+        .await
+        .expect("table");
+    let sql = "SELECT * FROM tx_alias_t";
+    let before = alias.prepare(sql).await.expect("prepare");
+    assert_eq!(alias.query(&before, &[]).await.expect("run")[0].len(), 1);
+    app.batch_execute("ALTER TABLE tx_alias_t ADD COLUMN y int DEFAULT 2")
+        .await
+        .expect("alter");
+    // Prepared after the change: analysed afresh, as on a new connection to PostgreSQL.
+    let after = alias.prepare(sql).await.expect("prepare again");
+    assert_eq!(alias.query(&after, &[]).await.expect("runs")[0].len(), 2);
+    // The statement prepared before it fails, as in PostgreSQL.
+    let stale = alias.query(&before, &[]).await.expect_err("stale");
+    assert_eq!(sqlstate(&stale), Some("0A000"), "{stale}");
+    app.batch_execute("DROP TABLE tx_alias_t")
+        .await
+        .expect("drop");
+}
+
 /// The same text means other columns for another user (its own schema first in its
 /// search_path here, or another database): each pool keeps its own statements, so neither
 /// user's description makes the other's statement look stale.

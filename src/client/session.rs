@@ -1454,7 +1454,12 @@ impl Session {
             let readback = server.replies.answering_hidden_query();
             // A description of a named statement: its result columns are looked at.
             let described = matches!(header.tag, b'T' | b'n')
-                .then(|| server.replies.describing().map(Arc::clone))
+                .then(|| {
+                    server
+                        .replies
+                        .describing()
+                        .map(|(s, hidden)| (Arc::clone(s), hidden))
+                })
                 .flatten();
             let whole = matches!(header.tag, b'Z' | b'S' | b'E')
                 || (readback && header.tag == b'D')
@@ -1498,7 +1503,7 @@ impl Session {
                     }
                 }
             }
-            if let Some(statement) = described {
+            if let Some((statement, hidden)) = described {
                 let shape = match header.tag {
                     b'T' => Shape::of(&server.read_buf[HEADER_LEN..header.len]),
                     _ => Shape::NO_DATA,
@@ -1511,10 +1516,11 @@ impl Session {
                     );
                     self.pool.statements.retire_stale(&statement);
                 }
-                if self
-                    .checking
-                    .as_ref()
-                    .is_some_and(|c| Arc::ptr_eq(c, &statement))
+                if hidden
+                    && self
+                        .checking
+                        .as_ref()
+                        .is_some_and(|c| Arc::ptr_eq(c, &statement))
                 {
                     // Described: the client's message held for it goes on (refused if
                     // the columns changed).
@@ -1655,11 +1661,10 @@ impl Session {
                     let now = crate::epoch::instant();
                     if body.first() == Some(&b'I') {
                         if std::mem::take(&mut self.schema_changed) {
-                            // (The schema is the database's: every user's pool of it.)
+                            // (Every pool's: each user's of the database, its `_ro` pools,
+                            // and any other name configured for the same server database.)
                             for pool in self.shared.pools.all() {
-                                if pool.database() == self.pool.database() {
-                                    pool.statements.retire_all();
-                                }
+                                pool.statements.retire_all();
                             }
                         }
                         PoolStats::add(&stats.xact_count, 1);

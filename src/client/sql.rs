@@ -465,7 +465,36 @@ fn plain(b: &[u8]) -> Option<Effects> {
 /// prepared one whose columns changed: a query or a DML statement (possibly with
 /// RETURNING), not FETCH (its cursor's columns), EXPLAIN or SHOW. Unsure means no.
 pub fn fixed_result(sql: &str) -> bool {
-    let b = sql.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '(');
+    // Past leading blanks, parentheses and comments (sqlc starts every query with one).
+    let mut b = sql;
+    loop {
+        b = b.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '(');
+        if let Some(rest) = b.strip_prefix("--") {
+            b = rest.find('\n').map_or("", |at| &rest[at..]);
+        } else if b.starts_with("/*") {
+            // Block comments nest in PostgreSQL.
+            let (mut depth, mut at) = (0usize, 0);
+            let bytes = b.as_bytes();
+            while at + 1 < bytes.len() {
+                match &bytes[at..at + 2] {
+                    b"/*" => (depth, at) = (depth + 1, at + 2),
+                    b"*/" => {
+                        (depth, at) = (depth - 1, at + 2);
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => at += 1,
+                }
+            }
+            if depth > 0 {
+                return false;
+            }
+            b = &b[at..];
+        } else {
+            break;
+        }
+    }
     let end = b
         .find(|c: char| !c.is_ascii_alphabetic())
         .unwrap_or(b.len());
@@ -768,10 +797,18 @@ mod tests {
             assert!(fixed_result(sql), "{sql}");
         }
         for sql in [
+            "/* c */ SELECT 1",
+            "-- name: GetAuthor :one\nSELECT * FROM authors WHERE id = $1",
+            "/* a /* nested */ comment */ (SELECT 1)",
+        ] {
+            assert!(fixed_result(sql), "{sql}");
+        }
+        for sql in [
             "FETCH 5 FROM c",
             "EXPLAIN SELECT 1",
             "SHOW search_path",
-            "/* c */ SELECT 1",
+            "/* unterminated SELECT 1",
+            "-- only a comment",
         ] {
             assert!(!fixed_result(sql), "{sql}");
         }

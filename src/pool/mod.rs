@@ -699,6 +699,10 @@ impl Pool {
             *current = target;
             moved
         };
+        if moved {
+            // Another server: what a statement's text means there is its own.
+            self.statements.retire_all();
+        }
         if moved || new_limit || new_hosts {
             *lock(&manager.welcome) = None;
             self.reconnect();

@@ -336,13 +336,14 @@ impl ReplyTracker {
     }
 
     /// The statement whose description the next RowDescription or NoData is, if the
-    /// Describe it answers named one (see [`ReplyTracker::uses`]).
-    pub fn describing(&self) -> Option<&Arc<Statement>> {
+    /// Describe it answers named one (see [`ReplyTracker::uses`]); and whether that
+    /// Describe was pgshield's own (its replies hidden from the client).
+    pub fn describing(&self) -> Option<(&Arc<Statement>, bool)> {
         let entry = self.owed.iter().find(|e| e.owed != Owed::CopyEnd)?;
         if entry.owed != Owed::Describe {
             return None;
         }
-        entry.statement.as_ref()
+        Some((entry.statement.as_ref()?, entry.hide != Hide::No))
     }
 
     /// Whether a Describe of `statement` is still owed a reply.
@@ -664,7 +665,9 @@ mod tests {
         // The description's replies are swallowed, the RowDescription named.
         assert_eq!(t.received(b'1', None), Ok(Disposition::Swallow));
         assert_eq!(t.received(b't', None), Ok(Disposition::Swallow));
-        assert!(t.describing().is_some_and(|s| Arc::ptr_eq(s, &statement)));
+        assert!(t
+            .describing()
+            .is_some_and(|(s, hidden)| Arc::ptr_eq(s, &statement) && hidden));
         assert_eq!(t.received(b'T', None), Ok(Disposition::Swallow));
         assert!(!t.owes_description_of(&statement));
         // An error in its own batch drops it.
