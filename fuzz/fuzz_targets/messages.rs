@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
         max_named: 3,
         batch_open: false,
         batch: 0,
+        can_hold: true,
     };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
         if matches!(tag, b'P' | b'B' | b'D' | b'C') {
@@ -67,6 +68,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut buf = BytesMut::from(data);
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
+        if tag == b'T' {
+            let _ = pgshield::prepared::Shape::of(&body);
+        }
         if tracker.received(tag, body.first().copied()).is_err() {
             break;
         }
