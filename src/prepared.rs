@@ -5,10 +5,14 @@
 //! statement (query text and parameter types) one name shared by all clients of its pool
 //! (a `Registry` per pool: its backends are its own, and a text's meaning depends on the
 //! database and the user), and prepares it on whichever backend the client holds, the
-//! first time that backend
-//! needs it (a Parse injected before the Bind or Describe, its reply swallowed). Each
-//! backend remembers, in a bounded LRU, what it has prepared; the least recently used is
-//! closed when it is full.
+//! first time that backend needs it (a Parse injected before the Bind or Describe, its
+//! reply swallowed). Each backend remembers, in a bounded LRU, what it has prepared; the
+//! least recently used is closed when it is full.
+//!
+//! A schema change can alter a statement's result columns. A statement keeps those a
+//! server first described; a backend that prepares it afresh describes it first (`Shape`,
+//! `Translation::Hold`), and a statement whose columns changed is retired: its Binds fail
+//! as PostgreSQL fails them (drivers prepare it again), its text gets a new statement.
 //!
 //! Postgres's answers are kept: closing a statement answers CloseComplete whether or not
 //! it existed; re-preparing a name the client already has fails with 42P05 (the server
