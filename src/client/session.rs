@@ -306,6 +306,8 @@ pub struct Session {
     /// A statement the backend is describing before the client's next message goes on
     /// (`prepared::ClientStatements::check_first`): client messages wait until then.
     checking: Option<Arc<crate::prepared::Statement>>,
+    /// The description `checking` waited for came: the message held is translated next.
+    checked: bool,
     /// The client sent a statement that changes the schema under prepared statements:
     /// at the next ReadyForQuery outside a transaction, every statement's text gets a new
     /// name (`Registry::retire_all`).
@@ -402,6 +404,7 @@ impl Session {
             reported_since_borrow: false,
             schema_changed: false,
             checking: None,
+            checked: false,
             last_activity: Instant::now(),
             // (Bytes the login read past its last message are the session's first input.)
             counts: Counts {
@@ -1160,6 +1163,8 @@ impl Session {
             return Ok(true);
         }
         let available = self.client_in.len().min(header.len);
+        // (This message waited while the backend prepared and described its statement.)
+        let after_check = std::mem::take(&mut self.checked);
         let translated = self
             .statements
             .translate(
@@ -1198,8 +1203,9 @@ impl Session {
             b'P' if named && !answered => metrics.prepared_misses.increment(1),
             b'P' if answered => metrics.prepared_hits.increment(1),
             _ if prepared_here => metrics.prepared_misses.increment(1),
-            // A Bind of a named statement the backend already had.
-            b'B' if named => metrics.prepared_hits.increment(1),
+            // A Bind of a named statement the backend already had (not one that waited
+            // for it to be prepared there: counted as a miss then).
+            b'B' if named && !after_check => metrics.prepared_hits.increment(1),
             _ => {}
         }
         for injected in translated.injected {
@@ -1525,6 +1531,7 @@ impl Session {
                     // Described: the client's message held for it goes on (refused if
                     // the columns changed).
                     self.checking = None;
+                    self.checked = true;
                 }
             }
             let forward = disposition == Disposition::Forward;
