@@ -1668,10 +1668,12 @@ impl Session {
                     let now = crate::epoch::instant();
                     if body.first() == Some(&b'I') {
                         if std::mem::take(&mut self.schema_changed) {
-                            // (Every pool's: each user's of the database, its `_ro` pools,
-                            // and any other name configured for the same server database.)
+                            // (Every pool's of the server database: each user's, the
+                            // `_ro` pools, any other name configured for it.)
                             for pool in self.shared.pools.all() {
-                                pool.statements.retire_all();
+                                if pool.same_database_as(&self.pool) {
+                                    pool.statements.retire_all();
+                                }
                             }
                         }
                         PoolStats::add(&stats.xact_count, 1);

@@ -942,6 +942,25 @@ impl Pool {
         m.max_backends.set(s.max_size as f64);
     }
 
+    /// Whether `other` reaches the same server database: a pool of another user, the
+    /// `<database>_ro` pool (same hosts), or another name configured for it. A schema
+    /// change made through one is a schema change for all of them.
+    pub fn same_database_as(&self, other: &Pool) -> bool {
+        if std::ptr::eq(self, other) {
+            return true;
+        }
+        let (mine, theirs) = (self.inner.manager(), other.inner.manager());
+        // (One lock at a time: two sessions may compare the same two pools either way.)
+        let (database, host, port) = {
+            let a = lock(&mine.target);
+            (a.database.clone(), a.host.clone(), a.port)
+        };
+        let b = lock(&theirs.target);
+        b.database == database
+            && (Arc::ptr_eq(&mine.cluster.load(), &theirs.cluster.load())
+                || (b.host == host && b.port == port))
+    }
+
     /// The database as clients name it.
     pub fn database(&self) -> &str {
         &self.database
