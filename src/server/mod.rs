@@ -440,31 +440,45 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Say goodbye so the server does not log an unexpected EOF; never wait for it.
-        if self.no_terminate {
+        let place = self.db_permit.take();
+        if self.no_terminate && place.is_none() {
             return;
         }
-        if !self.stream.is_tls() {
+        if !self.stream.is_tls() && place.is_none() {
             self.stream.try_write_now(&TERMINATE);
             return;
         }
-        // A TLS record cannot be written without waiting: a task does it (and sends
-        // close_notify), briefly, if there is a runtime to run it.
+        // A TLS record cannot be written without waiting, and a place under
+        // max_db_connections is given back only once the server process is gone (until it
+        // exits, PostgreSQL counts it against max_connections, and a backend opened in its
+        // place at once could be refused): a task does it, briefly, if there is a runtime.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let mut stream = std::mem::replace(&mut self.stream, Stream::Detached);
+        let terminate = !self.no_terminate;
         runtime.spawn(async move {
             let goodbye = async {
-                stream.send(&TERMINATE).await?;
-                tokio::io::AsyncWriteExt::shutdown(&mut stream).await
+                if terminate {
+                    stream.send(&TERMINATE).await?;
+                }
+                tokio::io::AsyncWriteExt::shutdown(&mut stream).await?;
+                if place.is_some() {
+                    // The server closes its end as its process exits.
+                    let mut rest = [0u8; 512];
+                    while tokio::io::AsyncReadExt::read(&mut stream, &mut rest).await? > 0 {}
+                }
+                std::io::Result::Ok(())
             };
-            let _ = tokio::time::timeout(TLS_GOODBYE_TIMEOUT, goodbye).await;
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+            drop(place);
         });
     }
 }
 
-/// How long a closing TLS backend gets to take its Terminate.
-const TLS_GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing backend gets to take its Terminate (and, when it holds a place
+/// under max_db_connections, to exit).
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The column values of a DataRow (None for NULL); None if malformed.
 pub fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
