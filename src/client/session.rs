@@ -306,8 +306,9 @@ pub struct Session {
     /// A statement the backend is describing before the client's next message goes on
     /// (`prepared::ClientStatements::check_first`): client messages wait until then.
     checking: Option<Arc<crate::prepared::Statement>>,
-    /// The description `checking` waited for came: the message held is translated next.
-    checked: bool,
+    /// The statement whose description `checking` waited for came: a Bind of it is the
+    /// message held (counted as a miss already).
+    checked: Option<Arc<crate::prepared::Statement>>,
     /// The client sent a statement that changes the schema under prepared statements:
     /// at the next ReadyForQuery outside a transaction, every statement's text gets a new
     /// name (`Registry::retire_all`).
@@ -404,7 +405,7 @@ impl Session {
             reported_since_borrow: false,
             schema_changed: false,
             checking: None,
-            checked: false,
+            checked: None,
             last_activity: Instant::now(),
             // (Bytes the login read past its last message are the session's first input.)
             counts: Counts {
@@ -1163,8 +1164,6 @@ impl Session {
             return Ok(true);
         }
         let available = self.client_in.len().min(header.len);
-        // (This message waited while the backend prepared and described its statement.)
-        let after_check = std::mem::take(&mut self.checked);
         let translated = self
             .statements
             .translate(
@@ -1184,6 +1183,13 @@ impl Session {
             return Ok(false);
         }
         let metrics = self.pool.metrics();
+        // (A Bind that waited while the backend prepared and described its statement.)
+        let after_check = self.checked.take().is_some_and(|checked| {
+            translated
+                .bound
+                .as_ref()
+                .is_some_and(|b| Arc::ptr_eq(b, &checked))
+        });
         let prepared_here = translated.injected.iter().any(|i| i.tag == b'P');
         let answered = matches!(translated.translation, Translation::Answered);
         let named = answered
@@ -1530,8 +1536,7 @@ impl Session {
                 {
                     // Described: the client's message held for it goes on (refused if
                     // the columns changed).
-                    self.checking = None;
-                    self.checked = true;
+                    self.checked = self.checking.take();
                 }
             }
             let forward = disposition == Disposition::Forward;

@@ -950,15 +950,23 @@ impl Pool {
             return true;
         }
         let (mine, theirs) = (self.inner.manager(), other.inner.manager());
+        let (a, b) = (mine.cluster.load(), theirs.cluster.load());
+        if !Arc::ptr_eq(&a, &b) {
+            // Another configured name: the same server database if they share a host
+            // (listed in any order; a wrong match costs statements prepared again).
+            let shared_host = a.hosts.iter().any(|h| {
+                b.hosts
+                    .iter()
+                    .any(|o| o.spec.host == h.spec.host && o.spec.port == h.spec.port)
+            });
+            if !shared_host {
+                return false;
+            }
+        }
         // (One lock at a time: two sessions may compare the same two pools either way.)
-        let (database, host, port) = {
-            let a = lock(&mine.target);
-            (a.database.clone(), a.host.clone(), a.port)
-        };
-        let b = lock(&theirs.target);
-        b.database == database
-            && (Arc::ptr_eq(&mine.cluster.load(), &theirs.cluster.load())
-                || (b.host == host && b.port == port))
+        let database = lock(&mine.target).database.clone();
+        let same = lock(&theirs.target).database == database;
+        same
     }
 
     /// The database as clients name it.
@@ -1227,6 +1235,9 @@ pub(crate) struct Capacity {
     debt: AtomicUsize,
     /// Opens waiting for a place (`DbLimit`s count theirs here).
     waiters: AtomicUsize,
+    /// Places of closed backends not given back yet (their servers are exiting): as good
+    /// as free for a waiter, which closes no other backend for them.
+    returning: AtomicUsize,
 }
 
 impl Capacity {
@@ -1236,6 +1247,7 @@ impl Capacity {
             max: AtomicUsize::new(max),
             debt: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
+            returning: AtomicUsize::new(0),
         })
     }
 
@@ -1288,6 +1300,7 @@ impl Capacity {
             permit: Some(permit),
             capacity: Arc::clone(self),
             doomed: std::sync::atomic::AtomicBool::new(false),
+            returning: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -1315,9 +1328,22 @@ pub(crate) struct Place {
     capacity: Arc<Capacity>,
     /// Chosen to pay the debt of a lowered limit: forgotten, not given back.
     doomed: std::sync::atomic::AtomicBool,
+    /// Its backend is closed; counted in `Capacity::returning` until dropped.
+    returning: std::sync::atomic::AtomicBool,
 }
 
 impl Place {
+    /// Its backend is closed, and it is given back once the server has exited: counted as
+    /// on its way back meanwhile (and, if the limit was lowered, it pays that debt now).
+    pub(crate) fn returning(&self) {
+        if self.capacity.in_debt() {
+            self.claim_debt();
+        }
+        if !self.returning.swap(true, Ordering::AcqRel) {
+            self.capacity.returning.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// While the limit is in debt, claims one unit of it for this place (which must then
     /// be closed: true) so that exactly as many holders close as the debt asks.
     fn claim_debt(&self) -> bool {
@@ -1334,6 +1360,9 @@ impl Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
+        if self.returning.load(Ordering::Acquire) {
+            self.capacity.returning.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(permit) = self.permit.take() {
             if self.doomed.load(Ordering::Acquire) || self.capacity.owe_one() {
                 permit.forget();
@@ -1441,8 +1470,13 @@ impl DbLimit {
             if let Some(permit) = self.capacity.try_take() {
                 return Ok(permit);
             }
-            // A backend that went idle in another pool since the last look makes way.
-            self.close_one_idle();
+            // A backend that went idle in another pool since the last look makes way
+            // (unless closed ones, their places on their way back, are enough for the
+            // waiters, this one included).
+            let in_line = self.capacity.waiters.load(Ordering::Acquire) + 1;
+            if self.capacity.returning.load(Ordering::Acquire) < in_line {
+                self.close_one_idle();
+            }
             let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
             let mut next_look = tokio::time::Instant::now() + DB_LIMIT_LOOK_AGAIN;
             if let Some(deadline) = deadline {

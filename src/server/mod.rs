@@ -439,27 +439,33 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Say goodbye so the server does not log an unexpected EOF; never wait for it.
-        let place = self.db_permit.take();
-        if self.no_terminate && place.is_none() {
-            return;
-        }
-        if !self.stream.is_tls() && place.is_none() {
+        // Say goodbye so the server does not log an unexpected EOF (at once, where it can
+        // be written without waiting).
+        let tls = self.stream.is_tls();
+        if !self.no_terminate && !tls {
             self.stream.try_write_now(&TERMINATE);
+        }
+        // A place under max_db_connections is given back only once the server process is
+        // gone: until it exits, PostgreSQL counts it against max_connections, and a backend
+        // opened in its place at once could be refused. (Not for a broken backend, whose
+        // server may never answer again.)
+        let place = self.db_permit.take().filter(|_| !self.broken);
+        let goodbye_later = tls && !self.no_terminate;
+        if place.is_none() && !goodbye_later {
             return;
         }
-        // A TLS record cannot be written without waiting, and a place under
-        // max_db_connections is given back only once the server process is gone (until it
-        // exits, PostgreSQL counts it against max_connections, and a backend opened in its
-        // place at once could be refused): a task does it, briefly, if there is a runtime.
+        // A TLS record cannot be written without waiting: a task does it, and waits for the
+        // server to go, briefly, if there is a runtime to run it.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if let Some(place) = &place {
+            place.returning();
+        }
         let mut stream = std::mem::replace(&mut self.stream, Stream::Detached);
-        let terminate = !self.no_terminate;
         runtime.spawn(async move {
             let goodbye = async {
-                if terminate {
+                if goodbye_later {
                     stream.send(&TERMINATE).await?;
                 }
                 tokio::io::AsyncWriteExt::shutdown(&mut stream).await?;
@@ -471,6 +477,8 @@ impl Drop for Server {
                 std::io::Result::Ok(())
             };
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+            // Closed first, then the place given back.
+            drop(stream);
             drop(place);
         });
     }
