@@ -230,6 +230,83 @@ async fn max_db_connections_caps_backends_across_pools_and_idle_ones_make_way() 
     assert!(backends(&admin).await <= 2);
 }
 
+/// An idle backend closed to make way gives its place back only once its server process
+/// has gone: PostgreSQL counts it against max_connections until then. Here it cannot go
+/// (stopped), so the other pool waits for the place, up to the bound on that wait (2 s),
+/// and closes no second backend meanwhile for the one place it needs.
+#[tokio::test]
+async fn a_backend_making_way_gives_its_place_back_once_its_server_has_exited() {
+    common::create_role("acc_exit_a", "pw").await;
+    common::create_role("acc_exit_b", "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nborrow_timeout = \"10s\"\n\
+         [databases.capped]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         max_db_connections = 2\n{}{}",
+        common::cluster().port(),
+        role_config("acc_exit_a", ""),
+        role_config("acc_exit_b", ""),
+    ))
+    .await;
+    let capped = |role: &str| {
+        let mut c = proxy.config(role, "pw");
+        c.dbname("capped");
+        c
+    };
+    // A's pool opens two backends (two transactions at once), then both sit idle in it,
+    // holding both places; their servers cannot exit.
+    let (a1, a2) = (
+        common::connect(&capped("acc_exit_a")).await.expect("a1"),
+        common::connect(&capped("acc_exit_a")).await.expect("a2"),
+    );
+    let mut frozen = Vec::new();
+    for a in [&a1, &a2] {
+        a.client.batch_execute("BEGIN").await.expect("begin");
+        let pid: i32 = a
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("a's backend")
+            .get(0);
+        frozen.push(pid);
+    }
+    for a in [&a1, &a2] {
+        a.client.batch_execute("COMMIT").await.expect("commit");
+    }
+    let pool_a = proxy
+        .shared
+        .pools
+        .all()
+        .into_iter()
+        .find(|p| p.name() == "capped/acc_exit_a")
+        .expect("a's pool");
+    assert_eq!(pool_a.status().open, 2);
+    let frozen: Vec<_> = frozen.into_iter().map(common::Frozen::new).collect();
+    let b_config = capped("acc_exit_b");
+    let b = tokio::spawn(async move {
+        let b = common::connect(&b_config).await.expect("b logs in");
+        let n: i32 = b.client.query_one("SELECT 7", &[]).await.expect("b").get(0);
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !b.is_finished(),
+        "b got a backend while the one closed for it was still running"
+    );
+    let admin = common::admin().await;
+    assert_eq!(common::backends_of(&admin, "acc_exit_b").await, 0);
+    assert_eq!(
+        pool_a.status().open,
+        1,
+        "one place is needed: one backend closed"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("b is served once the wait for the exit gives up")
+        .expect("no panic");
+    assert_eq!(answer, 7);
+    drop(frozen);
+}
+
 /// Backends of the two roles of the max_db_connections test.
 async fn backends(admin: &tokio_postgres::Client) -> i64 {
     common::backends_of(admin, "acc_dbmax_a").await
