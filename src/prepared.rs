@@ -107,10 +107,12 @@ impl Shape {
     pub fn of(row_description: &[u8]) -> Shape {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        let mut body = row_description;
-        let columns = body.get_i16_checked();
+        let (columns, mut body) = match row_description.split_first_chunk::<2>() {
+            Some((count, rest)) => (i16::from_be_bytes(*count), rest),
+            None => (-1, row_description),
+        };
         columns.hash(&mut hasher);
-        for _ in 0..columns.unwrap_or(0).max(0) {
+        for _ in 0..columns.max(0) {
             let Some(end) = body.iter().position(|&b| b == 0) else {
                 break;
             };
@@ -124,19 +126,6 @@ impl Shape {
             body = &body[18..];
         }
         Shape(hasher.finish().max(2))
-    }
-}
-
-/// `Buf::get_i16` that does not panic on a short body.
-trait GetChecked {
-    fn get_i16_checked(&mut self) -> Option<i16>;
-}
-
-impl GetChecked for &[u8] {
-    fn get_i16_checked(&mut self) -> Option<i16> {
-        let (bytes, rest) = self.split_first_chunk::<2>()?;
-        *self = rest;
-        Some(i16::from_be_bytes(*bytes))
     }
 }
 
@@ -261,9 +250,13 @@ impl Registry {
     /// on with that error (`Statement::is_stale`), and its text makes a new statement,
     /// under a new name, which every backend prepares afresh: otherwise the Parse a driver
     /// heals with would find the stale statement still standing, and fail again, forever.
-    pub fn retire_stale(&self, statement: &Arc<Statement>) {
-        statement.stale.store(true, Ordering::Release);
+    /// True the first time (for the log).
+    pub fn retire_stale(&self, statement: &Arc<Statement>) -> bool {
+        if statement.stale.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         self.retire(statement);
+        true
     }
 
     /// From now on the statement's text makes a new statement (see `retire_stale`).

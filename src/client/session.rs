@@ -1369,6 +1369,18 @@ impl Session {
         Ok(true)
     }
 
+    /// A statement's result columns changed since clients were told them (a server said
+    /// so, or described others): see `Registry::retire_stale`.
+    fn retire_stale(pool: &Pool, client: &ClientId, statement: &Arc<crate::prepared::Statement>) {
+        if pool.statements.retire_stale(statement) {
+            tracing::info!(
+                client = %client,
+                statement = %statement.name(),
+                "a prepared statement's result columns changed: it will be prepared again"
+            );
+        }
+    }
+
     /// Replaces the client's Bind (`translation`, perhaps already written) by one that
     /// runs `refusal`, a statement that fails, in the same portal: the client's Execute
     /// then gets its error, and the server skips to the Sync.
@@ -1521,12 +1533,7 @@ impl Session {
                     _ => Shape::NO_DATA,
                 };
                 if !statement.described(shape) {
-                    tracing::info!(
-                        client = %self.id,
-                        statement = %statement.name(),
-                        "a prepared statement's result columns changed: it will be prepared again"
-                    );
-                    self.pool.statements.retire_stale(&statement);
+                    Self::retire_stale(&self.pool, &self.id, &statement);
                 }
                 if hidden
                     && self
@@ -1634,12 +1641,7 @@ impl Session {
                     let stale_plan = messages::is_stale_plan_error(body);
                     if stale_plan {
                         if let Some(stale) = server.replies.take_failed_statement() {
-                            tracing::info!(
-                                client = %self.id,
-                                statement = %stale.name(),
-                                "a prepared statement's result type changed: it will be prepared again"
-                            );
-                            self.pool.statements.retire_stale(&stale);
+                            Self::retire_stale(&self.pool, &self.id, &stale);
                         }
                         if messages::error_field(body, b'R') != Some(b"RevalidateCachedQuery") {
                             // pgshield's refusal (`STALE_REFUSAL`): given the routine of

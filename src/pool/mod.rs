@@ -965,8 +965,7 @@ impl Pool {
         }
         // (One lock at a time: two sessions may compare the same two pools either way.)
         let database = lock(&mine.target).database.clone();
-        let same = lock(&theirs.target).database == database;
-        same
+        lock(&theirs.target).database == database
     }
 
     /// The database as clients name it.
