@@ -952,12 +952,11 @@ impl ClientStatements {
                     t.refuse_stale = true;
                     return Ok(t);
                 }
-                let found = t.bound.clone();
-                if self.check_first(server, (statement, &found), situation, out, &mut t) {
-                    return Ok(t);
-                }
-                let used = (statement, found);
+                let used = (statement, t.bound.clone());
                 if let Some(proxy_name) = self.use_statement(server, used, situation, out, &mut t) {
+                    if t.translation == Translation::Hold {
+                        return Ok(t);
+                    }
                     let at = out.len();
                     let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
                     out.put_u8(b'B');
@@ -978,13 +977,13 @@ impl ClientStatements {
                 if kind == b'S' && tag == b'D' {
                     let found = self.lookup(name);
                     t.bound.clone_from(&found);
-                    if self.check_first(server, (name, &found), situation, out, &mut t) {
-                        return Ok(t);
-                    }
                     let used = (name, found);
                     if let Some(proxy_name) =
                         self.use_statement(server, used, situation, out, &mut t)
                     {
+                        if t.translation == Translation::Hold {
+                            return Ok(t);
+                        }
                         let mut head = BytesMut::new();
                         put_message(&mut head, b'D', |b| {
                             b.put_u8(b'S');
@@ -1030,7 +1029,7 @@ impl ClientStatements {
         if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
-            self.ensure_prepared(server, &existing, situation, out, t);
+            self.ensure_prepared(server, &existing, (situation, false), out, t);
             let mut head = BytesMut::new();
             statement.write_parse(existing.name(), &mut head);
             t.translation = Translation::Rewrite {
@@ -1097,7 +1096,7 @@ impl ClientStatements {
         t: &mut Translated,
     ) {
         let refusal = registry.own(&too_many_statements(situation.max_named));
-        self.ensure_prepared(server, &refusal, situation, out, t);
+        self.ensure_prepared(server, &refusal, (situation, false), out, t);
         put_bind(out, REFUSAL_PORTAL, refusal.name());
         t.injected.push(Injected {
             tag: b'B',
@@ -1174,53 +1173,22 @@ impl ClientStatements {
                 .starts_with(NAME_PREFIX)
                 .then(|| format!("{NAME_PREFIX}!{name}").into());
         };
-        self.ensure_prepared(server, &statement, situation, out, t);
+        self.ensure_prepared(server, &statement, (situation, true), out, t);
         Some(Arc::clone(statement.name()))
     }
 
-    /// A named statement whose rows were described, about to be used on a backend that
-    /// lacks it: prepared there by a hidden Parse, then described (a hidden Describe and a
-    /// Flush), and the client's message held (`Translation::Hold`) until the description
-    /// shows whether the result columns are still those clients were told. Prepared
-    /// afresh after a schema change, they may not be: a Bind there would return rows the
-    /// client would decode by the old description (PostgreSQL instead fails such a
-    /// statement's Bind, and drivers prepare it again).
-    fn check_first(
-        &mut self,
-        server: &mut ServerStatements,
-        (name, found): (&str, &Option<Arc<Statement>>),
-        situation: Situation,
-        out: &mut BytesMut,
-        t: &mut Translated,
-    ) -> bool {
-        let Some(statement) = found.as_ref().filter(|s| {
-            !name.is_empty() && situation.can_hold && s.checked_where_prepared() && !s.is_stale()
-        }) else {
-            return false;
-        };
-        if server.presence(statement.name(), situation.batch) == Presence::Present {
-            return false;
-        }
-        self.ensure_prepared(server, statement, situation, out, t);
-        put_message(out, b'D', |b| {
-            b.put_u8(b'S');
-            b.put_slice(statement.name().as_bytes());
-            b.put_u8(0);
-        });
-        put_message(out, b'H', |_| {});
-        for tag in [b'D', b'H'] {
-            t.injected.push(Injected { tag, undo: None });
-        }
-        t.translation = Translation::Hold;
-        t.check = Some(Arc::clone(statement));
-        true
-    }
-
+    /// Prepares `statement` on the backend if it lacks it (a hidden Parse). For a client's
+    /// Bind or Describe (`check`), a statement whose rows were described is then described
+    /// there too (a hidden Describe and a Flush), and the client's message held (`Translation::Hold`, `Translated::check`)
+    /// until the description shows whether the result columns are still those clients
+    /// were told. Prepared afresh after a schema change, they may not be: a Bind there
+    /// would return rows the client would decode by the old description (PostgreSQL
+    /// instead fails such a statement's Bind, and drivers prepare it again).
     fn ensure_prepared(
         &mut self,
         server: &mut ServerStatements,
         statement: &Arc<Statement>,
-        situation: Situation,
+        (situation, check): (Situation, bool),
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
@@ -1239,6 +1207,23 @@ impl ClientStatements {
                 behind_close: presence == Presence::Unsure,
             }),
         });
+        if check
+            && situation.can_hold
+            && statement.checked_where_prepared()
+            && !statement.is_stale()
+        {
+            put_message(out, b'D', |b| {
+                b.put_u8(b'S');
+                b.put_slice(statement.name().as_bytes());
+                b.put_u8(0);
+            });
+            put_message(out, b'H', |_| {});
+            for tag in [b'D', b'H'] {
+                t.injected.push(Injected { tag, undo: None });
+            }
+            t.translation = Translation::Hold;
+            t.check = Some(Arc::clone(statement));
+        }
     }
 
     fn close(&mut self, name: &str, batch_open: bool, t: &mut Translated) {
@@ -1269,7 +1254,7 @@ impl ClientStatements {
         out: &mut BytesMut,
     ) -> (BytesMut, Vec<Injected>) {
         let mut t = Translated::pass_on();
-        self.ensure_prepared(server, refusal, situation, out, &mut t);
+        self.ensure_prepared(server, refusal, (situation, false), out, &mut t);
         let mut head = BytesMut::new();
         put_bind(&mut head, portal, refusal.name());
         (head, t.injected)

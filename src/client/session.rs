@@ -304,7 +304,7 @@ pub struct Session {
     /// transaction ends, whether the change stands is unknown.
     reported_since_borrow: bool,
     /// A statement the backend is describing before the client's next message goes on
-    /// (`prepared::ClientStatements::check_first`): client messages wait until then.
+    /// (`Translation::Hold`): client messages wait until then.
     checking: Option<Arc<crate::prepared::Statement>>,
     /// The statement whose description `checking` waited for came: a Bind of it is the
     /// message held (counted as a miss already).
