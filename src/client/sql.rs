@@ -465,44 +465,18 @@ fn plain(b: &[u8]) -> Option<Effects> {
 /// prepared one whose columns changed: a query or a DML statement (possibly with
 /// RETURNING), not FETCH (its cursor's columns), EXPLAIN or SHOW. Unsure means no.
 pub fn fixed_result(sql: &str) -> bool {
-    // Past leading blanks, parentheses and comments (sqlc starts every query with one).
-    let mut b = sql;
-    loop {
-        b = b.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '(');
-        if let Some(rest) = b.strip_prefix("--") {
-            b = rest.find('\n').map_or("", |at| &rest[at..]);
-        } else if b.starts_with("/*") {
-            // Block comments nest in PostgreSQL.
-            let (mut depth, mut at) = (0usize, 0);
-            let bytes = b.as_bytes();
-            while at + 1 < bytes.len() {
-                match &bytes[at..at + 2] {
-                    b"/*" => (depth, at) = (depth + 1, at + 2),
-                    b"*/" => {
-                        (depth, at) = (depth - 1, at + 2);
-                        if depth == 0 {
-                            break;
-                        }
-                    }
-                    _ => at += 1,
-                }
-            }
-            if depth > 0 {
-                return false;
-            }
-            b = &b[at..];
-        } else {
-            break;
-        }
-    }
-    let end = b
-        .find(|c: char| !c.is_ascii_alphabetic())
-        .unwrap_or(b.len());
-    [
-        "select", "with", "values", "table", "insert", "update", "delete", "merge",
-    ]
-    .iter()
-    .any(|w| b[..end].eq_ignore_ascii_case(w))
+    // (The lexer: past comments, which sqlc starts every query with.)
+    let Some(tokens) = tokens(sql) else {
+        return false;
+    };
+    let first = tokens.iter().find(|t| **t != Token::Punct('('));
+    word(first).is_some_and(|first| {
+        [
+            "select", "with", "values", "table", "insert", "update", "delete", "merge",
+        ]
+        .iter()
+        .any(|w| first.eq_ignore_ascii_case(w))
+    })
 }
 
 /// Whether a statement starting with `first` changes the schema under existing
