@@ -37,7 +37,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::escape::escape_literal;
 
 use crate::client::sql::{self, Effects, PinReason};
-use crate::protocol::frame::take_cstr;
+use crate::protocol::frame::{take_cstr, take_cstr_bytes};
 use crate::protocol::messages::put_message;
 
 /// The prefix of the names pgshield prepares statements under on backends.
@@ -76,7 +76,8 @@ fn too_many_statements(limit: usize) -> String {
 #[derive(Debug)]
 pub struct Statement {
     name: Arc<str>,
-    query: String,
+    /// In the client's encoding, which need not be UTF-8.
+    query: Vec<u8>,
     param_types: Vec<u32>,
     /// What running it does to the session (classified once).
     effects: Effects,
@@ -181,7 +182,7 @@ impl Statement {
         put_message(out, b'P', |b| {
             b.put_slice(name.as_bytes());
             b.put_u8(0);
-            b.put_slice(self.query.as_bytes());
+            b.put_slice(&self.query);
             b.put_u8(0);
             b.put_i16(self.param_types.len() as i16);
             for oid in &self.param_types {
@@ -204,9 +205,15 @@ pub struct Registry {
     inner: Mutex<RegistryInner>,
 }
 
+/// A text's statement for one list of parameter types.
+type Variant = (Vec<u32>, Weak<Statement>);
+
 #[derive(Default)]
 struct RegistryInner {
-    by_text: HashMap<(String, Vec<u32>), Weak<Statement>>,
+    /// By text, then by parameter types (nearly always one: a text is seldom prepared with
+    /// other types). Looked up by the borrowed text, so that a Parse of a statement already
+    /// known (every transaction of an unnamed-statement driver) allocates nothing.
+    by_text: HashMap<Vec<u8>, Vec<Variant>>,
     /// Numbers the names (a pool's own: its backends are only ever lent to its clients).
     next_id: u64,
     /// pgshield's own statements (refusals), kept alive so that each is prepared once
@@ -218,27 +225,45 @@ struct RegistryInner {
 
 impl Registry {
     /// The statement for this text and these types, shared with every client using it.
-    pub fn intern(&self, query: &str, param_types: &[u32]) -> Arc<Statement> {
+    pub fn intern(
+        &self,
+        query: &(impl AsRef<[u8]> + ?Sized),
+        param_types: &[u32],
+    ) -> Arc<Statement> {
+        let query = query.as_ref();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (query.to_owned(), param_types.to_vec());
-        if let Some(statement) = inner.by_text.get(&key).and_then(Weak::upgrade) {
+        let variants = inner
+            .by_text
+            .get(query)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let known = variants.iter().find(|(types, _)| types == param_types);
+        if let Some(statement) = known.and_then(|(_, weak)| weak.upgrade()) {
             return statement;
         }
         inner.next_id += 1;
         let id = inner.next_id;
         let statement = Arc::new(Statement {
             name: format!("{NAME_PREFIX}{id}").into(),
-            query: key.0.clone(),
-            param_types: key.1.clone(),
+            query: query.to_owned(),
+            param_types: param_types.to_vec(),
             effects: sql::classify(query),
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             fixed_result: sql::fixed_result(query),
         });
-        inner.by_text.insert(key, Arc::downgrade(&statement));
+        let weak = Arc::downgrade(&statement);
+        let variants = inner.by_text.entry(query.to_owned()).or_default();
+        match variants.iter_mut().find(|(types, _)| types == param_types) {
+            Some((_, dead)) => *dead = weak,
+            None => variants.push((param_types.to_vec(), weak)),
+        }
         if inner.by_text.len() > inner.purge_at {
-            inner.by_text.retain(|_, weak| weak.strong_count() > 0);
+            inner.by_text.retain(|_, variants| {
+                variants.retain(|(_, weak)| weak.strong_count() > 0);
+                !variants.is_empty()
+            });
             inner.purge_at = (inner.by_text.len() * 2).max(1024);
         }
         statement
@@ -262,12 +287,15 @@ impl Registry {
     /// From now on the statement's text makes a new statement (see `retire_stale`).
     fn retire(&self, statement: &Arc<Statement>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (statement.query.clone(), statement.param_types.clone());
-        let current = inner.by_text.get(&key).map(Weak::as_ptr);
-        if current == Some(Arc::as_ptr(statement))
-            && !inner.own.iter().any(|s| Arc::ptr_eq(s, statement))
-        {
-            inner.by_text.remove(&key);
+        if inner.own.iter().any(|s| Arc::ptr_eq(s, statement)) {
+            return;
+        }
+        let Some(variants) = inner.by_text.get_mut(&statement.query[..]) else {
+            return;
+        };
+        variants.retain(|(_, weak)| weak.as_ptr() != Arc::as_ptr(statement));
+        if variants.is_empty() {
+            inner.by_text.remove(&statement.query[..]);
         }
     }
 
@@ -275,13 +303,13 @@ impl Registry {
     /// have another result type now. As in PostgreSQL, a Parse from now on analyses its
     /// query afresh: every text gets a new statement (see `retire`).
     pub fn retire_all(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let own: Vec<_> = inner
-            .own
-            .iter()
-            .map(|s| (s.query.clone(), Vec::new()))
-            .collect();
-        inner.by_text.retain(|key, _| own.contains(key));
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *guard;
+        let own = &inner.own;
+        inner.by_text.retain(|_, variants| {
+            variants.retain(|(_, weak)| own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s)));
+            !variants.is_empty()
+        });
     }
 
     /// One of pgshield's own statements (no parameters), kept for the process's life.
@@ -301,11 +329,12 @@ impl Registry {
         let mut all: Vec<_> = inner
             .by_text
             .values()
-            .filter_map(Weak::upgrade)
+            .flatten()
+            .filter_map(|(_, weak)| weak.upgrade())
             .map(|s| {
                 (
                     Arc::clone(&s.name),
-                    s.query.clone(),
+                    String::from_utf8_lossy(&s.query).into_owned(),
                     s.param_types.len(),
                     s.is_valid(),
                 )
@@ -849,7 +878,7 @@ impl Translated {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("malformed {0} message")]
+#[error("malformed {0} message, or a statement or portal name that is not UTF-8")]
 pub struct Malformed(&'static str);
 
 impl Undo {
@@ -877,7 +906,7 @@ impl ClientStatements {
         match msg[0] {
             b'P' => {
                 let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
-                let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let query = take_cstr_bytes(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.named.contains_key(name) || self.full(name, max_named) {
                     return Ok(None); // the server is to refuse it
@@ -931,7 +960,7 @@ impl ClientStatements {
         match tag {
             b'P' => {
                 let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
-                let query = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let query = take_cstr_bytes(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.full(name, max_named) {
                     self.refuse_parse(registry, server, situation, out, &mut t);
@@ -1012,7 +1041,7 @@ impl ClientStatements {
         &mut self,
         registry: &Registry,
         server: &mut ServerStatements,
-        (name, query, types): (&str, &str, &[u32]),
+        (name, query, types): (&str, &[u8], &[u32]),
         (len, situation): (usize, Situation),
         out: &mut BytesMut,
         t: &mut Translated,
@@ -1416,14 +1445,14 @@ fn put_close(out: &mut BytesMut, name: &str) {
 /// they have not all arrived yet.
 fn bind_names(msg: &[u8], len: usize) -> Result<Option<(&str, &str, usize)>, Malformed> {
     let available = &msg[5..msg.len().min(len)];
-    let Some(first) = available.iter().position(|&b| b == 0) else {
+    let Some(first) = memchr::memchr(0, available) else {
         return if msg.len() >= len {
             Err(Malformed("Bind"))
         } else {
             Ok(None)
         };
     };
-    let Some(second) = available[first + 1..].iter().position(|&b| b == 0) else {
+    let Some(second) = memchr::memchr(0, &available[first + 1..]) else {
         return if msg.len() >= len {
             Err(Malformed("Bind"))
         } else {

@@ -1468,3 +1468,94 @@ async fn statements_dropped_on_the_server_harm_no_one_and_nothing_behind_them_as
     raw::send(&mut a, &bytes).await;
     assert_eq!(row_until_ready(&mut a).await, Err("26000".into()));
 }
+
+/// Sends a simple Query of raw bytes; the first column of its last row, as sent, or the
+/// error's SQLSTATE.
+async fn query_bytes(s: &mut tokio::net::TcpStream, sql: &[u8]) -> Result<Vec<u8>, String> {
+    let mut body = sql.to_vec();
+    body.push(0);
+    raw::send(s, &raw::message(b'Q', &body)).await;
+    first_value_until_ready(s).await
+}
+
+async fn first_value_until_ready(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, String> {
+    let mut value = Err("no row".to_owned());
+    loop {
+        let (tag, body) = raw::read_message(s).await.expect("reply");
+        match tag {
+            b'D' => {
+                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+                value = Ok(body[6..6 + len].to_vec());
+            }
+            b'E' => value = Err(raw::error_code(&body)),
+            b'Z' => return value,
+            _ => {}
+        }
+    }
+}
+
+/// PostgreSQL takes SQL text in the client's `client_encoding`, which need not be UTF-8:
+/// LATIN1 text passes through, in simple and extended queries, on either backend; a
+/// setting whose value is not UTF-8 pins the client (pgshield carries settings as text)
+/// rather than follow it changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_in_a_client_encoding_other_than_utf8_passes_through() {
+    use pgshield::client::sql::PinReason;
+    let proxy = trusted_proxy("tx_latin1", "max_size = 2").await;
+    let mut s = raw::connect(proxy.addr).await;
+    let params = [
+        ("user", "tx_latin1"),
+        ("database", "app"),
+        ("client_encoding", "LATIN1"),
+    ];
+    raw::send(&mut s, &raw::startup(&params)).await;
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert!(
+        codes.is_empty() && tags.ends_with('Z'),
+        "login: {tags} {codes:?}"
+    );
+    let other = proxy.connect("tx_latin1", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+
+    // Simple queries, and a named statement prepared on one backend and again on the other.
+    let parse = b"latin\0SELECT 'caf\xe9' || pg_backend_pid()\0\0\0";
+    let mut bytes = raw::message(b'P', parse);
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1Z".to_owned(), vec![]));
+    let mut pids = HashSet::new();
+    for _ in 0..4 {
+        hopper.hop().await;
+        let simple = query_bytes(&mut s, b"SELECT 'caf\xe9', length('caf\xe9')").await;
+        assert_eq!(simple.as_deref(), Ok(&b"caf\xe9"[..]));
+        let mut bind = b"\0latin\0".to_vec();
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut bytes = raw::message(b'B', &bind);
+        bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+        bytes.extend_from_slice(&raw::SYNC);
+        raw::send(&mut s, &bytes).await;
+        let named = first_value_until_ready(&mut s).await.expect("named");
+        let pid = named.strip_prefix(b"caf\xe9").expect("LATIN1 text as sent");
+        pids.insert(pid.to_vec());
+    }
+    assert_eq!(pids.len(), 2, "the statement ran on both backends");
+
+    // A setting that is not UTF-8 cannot follow the client: it keeps its backend.
+    let before = proxy.shared.pins.get(PinReason::SettingNotUtf8);
+    let set = query_bytes(&mut s, b"SET search_path = 'sch\xe9ma'").await;
+    assert_eq!(set, Err("no row".to_owned()), "SET succeeds");
+    let pinned = query_bytes(&mut s, b"SELECT pg_backend_pid()").await;
+    for _ in 0..4 {
+        hopper.hop().await;
+        assert_eq!(
+            query_bytes(&mut s, b"SELECT pg_backend_pid()").await,
+            pinned
+        );
+        let path = query_bytes(&mut s, b"SHOW search_path").await;
+        assert_eq!(path.as_deref(), Ok(&b"\"sch\xe9ma\""[..]));
+    }
+    assert_eq!(proxy.shared.pins.get(PinReason::SettingNotUtf8), before + 1);
+}

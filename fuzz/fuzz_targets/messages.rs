@@ -19,8 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = pgshield::server::parse_parameter_status(data);
     let _ = pgshield::server::parse_data_row(data);
     let _ = pgshield::tls::server_end_point(data);
+    // SQL text in any client encoding: the raw bytes, as a Query carries them.
+    let _ = pgshield::client::sql::classify(data);
+    let _ = pgshield::client::sql::fixed_result(data);
     let text = String::from_utf8_lossy(data);
-    let _ = pgshield::client::sql::classify(&text);
     let _ = ScramVerifier::parse(&text);
 
     // PBKDF2 once, not per run.

@@ -225,7 +225,8 @@ struct FollowUp {
 #[derive(Debug)]
 struct Readback {
     names: Vec<String>,
-    values: Option<Vec<Option<String>>>,
+    /// In the client's encoding.
+    values: Option<Vec<Option<Vec<u8>>>>,
 }
 
 /// The rest of a message being passed along (or dropped) in pieces.
@@ -1067,7 +1068,7 @@ impl Session {
     /// pending, so the ReadyForQuery's status is known. Returns false to pass it on.
     fn answer_deallocate(&mut self, header: Header) -> Result<bool, End> {
         let mut body = &self.client_in[HEADER_LEN..header.len];
-        // (The bytes first: most queries are not DEALLOCATE, and need no UTF-8 check here.)
+        // (The bytes first: most queries are not DEALLOCATE.)
         let starts_with_deallocate = body
             .trim_ascii_start()
             .get(..10)
@@ -1076,7 +1077,7 @@ impl Session {
         if !starts_with_deallocate || self.lost_transaction {
             return Ok(false);
         }
-        let query = crate::protocol::frame::take_cstr(&mut body)
+        let query = crate::protocol::frame::take_cstr_bytes(&mut body)
             .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
         let effects = sql::classify(query);
         let Some(target) = effects
@@ -1234,7 +1235,7 @@ impl Session {
         let effects = match (header.tag, &translated.bound) {
             (b'Q', _) => {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
-                let query = crate::protocol::frame::take_cstr(&mut body)
+                let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                     .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
                 Some(Cow::Owned(sql::classify(query)))
             }
@@ -1559,8 +1560,8 @@ impl Session {
                         .as_mut()
                         .and_then(|f| f.readbacks.front_mut())
                     {
-                        front.values =
-                            crate::server::parse_data_row(&server.read_buf[HEADER_LEN..header.len]);
+                        let row = &server.read_buf[HEADER_LEN..header.len];
+                        front.values = crate::server::parse_data_row_raw(row);
                     }
                 }
                 if header.tag == b'Z' {
@@ -1569,7 +1570,15 @@ impl Session {
                         .as_mut()
                         .and_then(|f| f.readbacks.pop_front())
                     {
-                        apply_readback(done, &mut self.settings, server);
+                        if let Some(reason) = apply_readback(done, &mut self.settings, server) {
+                            pin(
+                                &mut self.pinned,
+                                &self.shared,
+                                self.id,
+                                self.pool.name(),
+                                reason,
+                            );
+                        }
                     }
                 }
                 if whole {
@@ -2267,26 +2276,36 @@ fn statement_drop(effects: &Effects) -> Option<StatementDrop> {
     }
 }
 
-/// What the server said the client's settings are now: they follow the client.
-fn apply_readback(readback: Readback, settings: &mut ClientSettings, server: &mut Server) {
+/// What the server said the client's settings are now: they follow the client. A value
+/// that is not UTF-8 (a `client_encoding` other than UTF8) cannot: pgshield keeps settings
+/// as text. The client is then to keep this backend (returned: why).
+fn apply_readback(
+    readback: Readback,
+    settings: &mut ClientSettings,
+    server: &mut Server,
+) -> Option<PinReason> {
     let Some(values) = readback.values.filter(|v| v.len() == readback.names.len()) else {
         // The backend may carry settings nobody tracks now: it must not serve anyone else.
         tracing::info!(names = ?readback.names, "settings read-back failed; closing that backend");
         server.mark_broken();
-        return;
+        return None;
     };
+    let mut not_utf8 = None;
     for (name, value) in readback.names.iter().zip(values) {
-        match value {
-            Some(value) => {
+        match value.map(String::from_utf8) {
+            Some(Ok(value)) => {
                 settings.record(name, &value);
                 server.note_applied(name, &value);
             }
+            // (The backend is reset when the pinned client leaves.)
+            Some(Err(_)) => not_utf8 = Some(PinReason::SettingNotUtf8),
             None => {
                 settings.remove(name);
                 server.forget_applied(name);
             }
         }
     }
+    not_utf8
 }
 
 fn out_of_step(tag: u8) -> String {

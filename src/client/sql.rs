@@ -16,12 +16,15 @@ pub enum PinReason {
     SetRole,
     SessionAuthorization,
     Load,
+    /// A session setting whose value is not UTF-8 (in a `client_encoding` such as LATIN1):
+    /// pgshield carries settings to other backends as text.
+    SettingNotUtf8,
     /// A statement the classifier cannot vouch for.
     Unclassified,
 }
 
 impl PinReason {
-    pub const ALL: [PinReason; 9] = [
+    pub const ALL: [PinReason; 10] = [
         PinReason::Listen,
         PinReason::TempTable,
         PinReason::AdvisoryLock,
@@ -30,6 +33,7 @@ impl PinReason {
         PinReason::SetRole,
         PinReason::SessionAuthorization,
         PinReason::Load,
+        PinReason::SettingNotUtf8,
         PinReason::Unclassified,
     ];
 
@@ -44,6 +48,7 @@ impl PinReason {
             PinReason::SetRole => "set_role",
             PinReason::SessionAuthorization => "session_authorization",
             PinReason::Load => "load",
+            PinReason::SettingNotUtf8 => "setting_not_utf8",
             PinReason::Unclassified => "unclassified",
         }
     }
@@ -59,6 +64,7 @@ impl PinReason {
             PinReason::SetRole => "SET ROLE",
             PinReason::SessionAuthorization => "SET SESSION AUTHORIZATION",
             PinReason::Load => "LOAD",
+            PinReason::SettingNotUtf8 => "a session setting whose value is not UTF-8",
             PinReason::Unclassified => "a statement pgshield cannot classify",
         }
     }
@@ -334,11 +340,15 @@ const LOOKED_AT: &[&str] = &[
     "load",
 ];
 
-/// Classifies a string of SQL statements.
-pub fn classify(sql: &str) -> Effects {
-    match plain(sql.as_bytes()) {
+/// Classifies a string of SQL statements, in the client's encoding. Text that is not UTF-8
+/// (`client_encoding` LATIN1, SJIS, …) is lexed with each byte sequence UTF-8 lacks as
+/// one character: every byte below 0x80 (the quotes, semicolons and keywords the lexer
+/// reads) stays where it was.
+pub fn classify(sql: &(impl AsRef<[u8]> + ?Sized)) -> Effects {
+    let sql = sql.as_ref();
+    match plain(sql) {
         Some(effects) => effects,
-        None => classify_tokens(sql),
+        None => classify_tokens(&String::from_utf8_lossy(sql)),
     }
 }
 
@@ -464,9 +474,10 @@ fn plain(b: &[u8]) -> Option<Effects> {
 /// Whether a statement's result columns are its query's own, so that PostgreSQL fails a
 /// prepared one whose columns changed: a query or a DML statement (possibly with
 /// RETURNING), not FETCH (its cursor's columns), EXPLAIN or SHOW. Unsure means no.
-pub fn fixed_result(sql: &str) -> bool {
+pub fn fixed_result(sql: &(impl AsRef<[u8]> + ?Sized)) -> bool {
+    let sql = String::from_utf8_lossy(sql.as_ref());
     // (The lexer: past comments, which sqlc starts every query with.)
-    let Some(tokens) = tokens(sql) else {
+    let Some(tokens) = tokens(&sql) else {
         return false;
     };
     let first = tokens.iter().find(|t| **t != Token::Punct('('));
@@ -794,6 +805,18 @@ mod tests {
         let e = classify("SELECT ÖÖÖÖÖ, pg_tempé, pg_temp_ü.t FROM ünïcödé");
         assert_eq!(e.pin, Some(PinReason::TempTable));
         classify("ééééééééé");
+    }
+
+    #[test]
+    fn text_in_another_encoding_is_classified_by_its_ascii() {
+        // LATIN1: 0xE9 is é, a byte UTF-8 lacks on its own.
+        assert!(classify(b"SELECT 'caf\xe9' FROM t\xe9").is_empty());
+        let e = classify(b"SELECT 'caf\xe9'; LISTEN ch\xe9");
+        assert_eq!((e.pin, e.statements), (Some(PinReason::Listen), 2));
+        let set = classify(b"SET search_path = 'sch\xe9ma'");
+        assert_eq!(set.settings, ["search_path"]);
+        assert!(classify(b"ALTER TABLE t\xe9 ADD c int").schema_change);
+        assert!(fixed_result(b"/* \xe9 */ SELECT * FROM t\xe9"));
     }
 
     fn pin(sql: &str) -> Option<PinReason> {

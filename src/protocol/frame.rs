@@ -116,8 +116,17 @@ pub async fn read_message<S: AsyncRead + Unpin>(
 
 /// Reads a NUL-terminated string from the front of `body`, advancing past it.
 pub fn take_cstr<'a>(body: &mut &'a [u8]) -> Option<&'a str> {
-    let end = body.iter().position(|&b| b == 0)?;
-    let s = std::str::from_utf8(&body[..end]).ok()?;
+    let mut rest = *body;
+    let s = std::str::from_utf8(take_cstr_bytes(&mut rest)?).ok()?;
+    *body = rest;
+    Some(s)
+}
+
+/// Like [`take_cstr`], in any encoding: SQL text is in the client's `client_encoding`
+/// (LATIN1, SJIS, …), which PostgreSQL accepts and pgshield passes on as it is.
+pub fn take_cstr_bytes<'a>(body: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let end = memchr::memchr(0, body)?;
+    let s = &body[..end];
     *body = &body[end + 1..];
     Some(s)
 }
@@ -176,5 +185,9 @@ mod tests {
         assert_eq!(body, b"");
         let mut bad: &[u8] = b"abc";
         assert_eq!(take_cstr(&mut bad), None);
+        let mut latin1: &[u8] = b"caf\xe9\0rest";
+        assert_eq!(take_cstr_bytes(&mut latin1), Some(&b"caf\xe9"[..]));
+        assert_eq!(latin1, b"rest");
+        assert_eq!(take_cstr_bytes(&mut latin1), None);
     }
 }

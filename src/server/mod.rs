@@ -488,8 +488,18 @@ impl Drop for Server {
 /// under max_db_connections, to exit).
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The column values of a DataRow (None for NULL); None if malformed.
-pub fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+/// The column values of a DataRow (None for NULL), as text (bytes UTF-8 lacks replaced);
+/// None if malformed.
+pub fn parse_data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    data_row(body, |v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The column values of a DataRow as sent, in the client's encoding; None if malformed.
+pub fn parse_data_row_raw(body: &[u8]) -> Option<Vec<Option<Vec<u8>>>> {
+    data_row(body, <[u8]>::to_vec)
+}
+
+fn data_row<T>(mut body: &[u8], value: impl Fn(&[u8]) -> T) -> Option<Vec<Option<T>>> {
     if body.len() < 2 {
         return None;
     }
@@ -508,7 +518,7 @@ pub fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
         if body.len() < len {
             return None;
         }
-        values.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        values.push(Some(value(&body[..len])));
         body.advance(len);
     }
     Some(values)
