@@ -203,6 +203,10 @@ pub const STALE_REFUSAL: &str =
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<RegistryInner>,
+    /// Moves whenever a text stops giving the statement it gave (`retire`): until it does,
+    /// a client may take the statement it interned last for the same text again without
+    /// a lookup (`ClientStatements::intern_unnamed`).
+    generation: AtomicU64,
 }
 
 /// A text's statement for one list of parameter types.
@@ -297,6 +301,7 @@ impl Registry {
         if variants.is_empty() {
             inner.by_text.remove(&statement.query[..]);
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A client changed the schema (ALTER, DROP, CREATE OR REPLACE): every statement may
@@ -310,6 +315,7 @@ impl Registry {
             variants.retain(|(_, weak)| own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s)));
             !variants.is_empty()
         });
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// One of pgshield's own statements (no parameters), kept for the process's life.
@@ -426,6 +432,8 @@ impl Named {
 pub struct ClientStatements {
     named: LazyMap<Arc<str>, Named>,
     unnamed: Option<Named>,
+    /// The registry's generation when `unnamed` was interned.
+    unnamed_generation: u64,
     /// Each Close the server may yet skip (one after other messages in its batch: if one
     /// of them fails, the name comes back) holds a clone while its outcome is unknown:
     /// such names still count toward the client's limit, or a client could close names in
@@ -911,12 +919,17 @@ impl ClientStatements {
                 if self.named.contains_key(name) || self.full(name, max_named) {
                     return Ok(None); // the server is to refuse it
                 }
-                let statement = registry.intern(query, &types);
+                let (statement, generation) = if name.is_empty() {
+                    self.intern_unnamed(registry, query, &types)
+                } else {
+                    (registry.intern(query, &types), 0)
+                };
                 if !statement.is_valid() {
                     return Ok(None);
                 }
                 if name.is_empty() {
                     self.unnamed = Some(Named::new(statement));
+                    self.unnamed_generation = generation;
                 } else {
                     self.named.insert(name.into(), Named::new(statement));
                 }
@@ -1037,6 +1050,29 @@ impl ClientStatements {
         Ok(t)
     }
 
+    /// The statement for an unnamed Parse, and the registry's generation to keep beside
+    /// it: the client's unnamed statement again when the text and types are its own and no
+    /// text was retired since (no lookup: drivers parse the same unnamed statement in
+    /// every transaction), else the registry's.
+    fn intern_unnamed(
+        &self,
+        registry: &Registry,
+        query: &[u8],
+        types: &[u32],
+    ) -> (Arc<Statement>, u64) {
+        // (Read first: a retirement after this read makes the next Parse look up again.)
+        let generation = registry.generation.load(Ordering::Acquire);
+        if let Some(Named { statement, .. }) = &self.unnamed {
+            if self.unnamed_generation == generation
+                && statement.query == query
+                && statement.param_types == types
+            {
+                return (Arc::clone(statement), generation);
+            }
+        }
+        (registry.intern(query, types), generation)
+    }
+
     fn parse(
         &mut self,
         registry: &Registry,
@@ -1046,15 +1082,17 @@ impl ClientStatements {
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
-        let statement = registry.intern(query, types);
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
+            let (statement, generation) = self.intern_unnamed(registry, query, types);
             let named = Named::new(Arc::clone(&statement));
             let made_by = Some(named.made_by);
             self.unnamed = Some(named);
+            self.unnamed_generation = generation;
             t.undo = Some(server.unnamed_parsed(statement, situation, made_by));
             return;
         }
+        let statement = registry.intern(query, types);
         if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
@@ -1489,6 +1527,36 @@ mod tests {
         r.retire_all();
         assert_ne!(r.intern("SELECT * FROM t", &[]).name(), new.name());
         assert!(Arc::ptr_eq(&own, &r.intern("SELECT 1", &[])));
+    }
+
+    #[test]
+    fn an_unnamed_statement_parsed_again_is_looked_up_again_only_after_a_retirement() {
+        let r = Registry::default();
+        let mut c = ClientStatements::default();
+        let unnamed = |c: &mut ClientStatements, query: &str, types: &[u32]| {
+            let (statement, generation) = c.intern_unnamed(&r, query.as_bytes(), types);
+            c.unnamed = Some(Named::new(Arc::clone(&statement)));
+            c.unnamed_generation = generation;
+            statement
+        };
+        let first = unnamed(&mut c, "SELECT * FROM t", &[]);
+        assert!(Arc::ptr_eq(
+            &first,
+            &unnamed(&mut c, "SELECT * FROM t", &[])
+        ));
+        // Other text or types: the registry's.
+        let typed = unnamed(&mut c, "SELECT * FROM t", &[23]);
+        assert!(Arc::ptr_eq(&typed, &r.intern("SELECT * FROM t", &[23])));
+        assert!(!Arc::ptr_eq(&typed, &first));
+        // Retired (by this client or any other): the text's new statement.
+        r.retire_stale(&typed);
+        let again = unnamed(&mut c, "SELECT * FROM t", &[23]);
+        assert_ne!(again.name(), typed.name());
+        r.retire_all();
+        assert_ne!(
+            unnamed(&mut c, "SELECT * FROM t", &[23]).name(),
+            again.name()
+        );
     }
 
     fn parse_msg(name: &str, query: &str) -> BytesMut {
