@@ -17,6 +17,24 @@ pub const CHUNK: usize = 16 * 1024;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
+    /// Small empty buffers that sessions on this thread gave up as they went idle, for the
+    /// next one that needs a buffer: a transaction in transaction mode takes three, and
+    /// allocating each anew and growing it cost about 500 instructions a transaction.
+    /// Bounded ([`SPARES`] of at most [`KEEP_WHILE_HELD`] bytes), so idle clients still
+    /// hold nothing.
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How many spare buffers a thread keeps.
+const SPARES: usize = 32;
+
+/// Gives an empty buffer with no memory a spare one's, when `n` bytes fit in it.
+fn take_spare(buf: &mut BytesMut, n: usize) {
+    if n <= KEEP_WHILE_HELD {
+        if let Some(spare) = SPARE.with(|s| s.borrow_mut().pop()) {
+            *buf = spare;
+        }
+    }
 }
 
 /// Reads what `stream` has now into `buf` (through the thread's scratch space);
@@ -32,6 +50,9 @@ pub fn poll_read<R: AsyncRead + Unpin>(
         match Pin::new(stream).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) => {
                 let got = read.filled();
+                if buf.capacity() == 0 {
+                    take_spare(buf, got.len());
+                }
                 buf.extend_from_slice(got);
                 Poll::Ready(Ok(got.len()))
             }
@@ -45,6 +66,7 @@ pub fn poll_read<R: AsyncRead + Unpin>(
 /// adds) at once, so that messages appended one by one do not grow it step by step.
 pub fn reserve_empty(buf: &mut BytesMut, n: usize) {
     if buf.capacity() == 0 && n > 0 {
+        take_spare(buf, n + 64);
         buf.reserve(n + 64);
     }
 }
@@ -58,16 +80,22 @@ pub fn release(buf: &mut BytesMut, keep: usize) {
     if !buf.is_empty() {
         return;
     }
-    if keep == 0 {
-        *buf = BytesMut::new();
-        return;
-    }
     // capacity() leaves out the room before what was read (a buffer read to its end
     // shows none): taking that room back shows the whole allocation, and a kept buffer
-    // starts again from its beginning.
-    let _ = buf.try_reclaim(buf.capacity() + 1);
-    if buf.capacity() > keep {
-        *buf = BytesMut::new();
+    // starts again from its beginning. (It fails for one sharing its memory.)
+    // (An unused buffer fails too, and is not kept: sessions read or send what they hold.)
+    let whole = buf.try_reclaim(buf.capacity() + 1);
+    if buf.capacity() <= keep {
+        return;
+    }
+    let freed = std::mem::take(buf);
+    if whole && freed.capacity() <= KEEP_WHILE_HELD {
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARES {
+                spare.push(freed);
+            }
+        });
     }
 }
 
@@ -104,6 +132,37 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 0, "end of stream");
+    }
+
+    #[test]
+    fn a_freed_small_buffer_serves_the_next_that_needs_one_on_the_thread() {
+        SPARE.with(|s| s.borrow_mut().clear());
+        let mut small = BytesMut::with_capacity(1000);
+        small.extend_from_slice(b"reply");
+        small.advance(5);
+        release(&mut small, 0);
+        assert_eq!(small.capacity(), 0, "the session holds nothing");
+        let mut big = BytesMut::with_capacity(KEEP_WHILE_HELD * 2);
+        release(&mut big, 0);
+        assert_eq!(
+            SPARE.with(|s| s.borrow().len()),
+            1,
+            "only small ones are kept"
+        );
+        let mut next = BytesMut::new();
+        reserve_empty(&mut next, 10);
+        assert_eq!(next.capacity(), 1000, "the spare, whole");
+        let mut another = BytesMut::new();
+        reserve_empty(&mut another, 10);
+        assert!(another.capacity() >= 74, "none left: a new one");
+        for _ in 0..SPARES + 5 {
+            let mut b = BytesMut::with_capacity(64);
+            b.extend_from_slice(b"sent");
+            b.advance(4);
+            release(&mut b, 0);
+        }
+        assert_eq!(SPARE.with(|s| s.borrow().len()), SPARES, "bounded");
+        SPARE.with(|s| s.borrow_mut().clear());
     }
 
     #[test]
