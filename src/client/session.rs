@@ -1364,8 +1364,10 @@ impl Session {
             Translation::NeedMore | Translation::Hold => unreachable!("handled above"),
         }
         // Messages the server will skip (after an error it reported) are taken back now.
-        for undo in server.replies.take_undone().into_iter().rev() {
-            self.statements.undo(&mut server.statements, undo);
+        if server.replies.has_takebacks() {
+            for undo in server.replies.take_undone().into_iter().rev() {
+                self.statements.undo(&mut server.statements, undo);
+            }
         }
         Ok(true)
     }
@@ -1930,10 +1932,11 @@ impl Session {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
-        let Some(borrow) = pool.lend_at_once() else {
+        // (Pinned where it is made: the future is large, and a move is a copy of it.)
+        let borrow = std::pin::pin!(pool.lend_at_once());
+        let Some(borrow) = borrow.as_pin_mut() else {
             return Ok(Taken::Borrow);
         };
-        let borrow = std::pin::pin!(borrow);
         let polled = crate::pool::lend_idle_only(|| std::future::Future::poll(borrow, cx));
         let backend = match polled {
             Poll::Ready(Ok(backend)) if !pool.is_paused() => backend,

@@ -312,6 +312,7 @@ impl ReplyTracker {
 
     /// Writes the fake replies now due (those before any reply still owed by the server).
     /// Call whenever no server message is half-passed to the client.
+    #[inline]
     pub fn write_due_fakes(&mut self, out: &mut BytesMut) {
         while let Some(Entry {
             owed: Owed::Fake(fake),
