@@ -590,10 +590,8 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
         "reset" => {
             if is(t.get(1), "all") {
                 e.all_settings = true;
-            } else if is(t.get(1), "role") {
-                e.pin(PinReason::SetRole);
-            } else if is(t.get(1), "session") {
-                e.pin(PinReason::SessionAuthorization);
+            } else if is(t.get(1), "role") || is(t.get(1), "session") {
+                // Back to the login's own: see `back_to_default`.
             } else {
                 setting_name(&t[1..], e);
             }
@@ -642,6 +640,18 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     }
 }
 
+/// Whether a SET ROLE's or SET SESSION AUTHORIZATION's value (`t`, past the name) is the
+/// login's own (`none`, `default`): where a client that changed neither already is, and
+/// one that did is pinned, so nothing to pin. (Npgsql's pool reset sends it every time.)
+fn back_to_default(t: &[Token<'_>], word: &str) -> bool {
+    let t = match t.first() {
+        Some(Token::Punct('=')) => &t[1..],
+        first if is(first, "to") => &t[1..],
+        _ => t,
+    };
+    t.len() == 1 && (is(t.first(), word) || is(t.first(), "default"))
+}
+
 /// SET [SESSION | LOCAL] …
 fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     let (t, local) = if is(t.first(), "local") {
@@ -654,16 +664,30 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     } else {
         (t, false)
     };
-    if is(t.first(), "role") {
-        return e.pin(PinReason::SetRole);
-    }
-    if (is(t.first(), "session") && is(t.get(1), "authorization")) || is(t.first(), "authorization")
-    {
-        return e.pin(PinReason::SessionAuthorization);
-    }
-    // Only for the current transaction.
+    // Only for the current transaction. (SET LOCAL ROLE, for row-level security: a change
+    // of who the session is that outlives the statement still shows, in the server's
+    // report of `is_superuser` or `session_authorization`, and pins then.)
     if is(t.first(), "transaction") || is(t.first(), "constraints") || local {
         return;
+    }
+    if is(t.first(), "role") {
+        if back_to_default(&t[1..], "none") {
+            return;
+        }
+        return e.pin(PinReason::SetRole);
+    }
+    let authorization = match (t.first(), t.get(1)) {
+        (first, Some(second)) if is(first, "session") && is(Some(second), "authorization") => {
+            Some(&t[2..])
+        }
+        (first, _) if is(first, "authorization") => Some(&t[1..]),
+        _ => None,
+    };
+    if let Some(value) = authorization {
+        if back_to_default(value, "default") {
+            return;
+        }
+        return e.pin(PinReason::SessionAuthorization);
     }
     if is(t.first(), "time") && is(t.get(1), "zone") {
         e.settings.push("timezone".into());
@@ -912,9 +936,14 @@ mod tests {
             ),
             ("SET ROLE admin", PinReason::SetRole),
             ("SET SESSION ROLE admin", PinReason::SetRole),
-            ("RESET ROLE", PinReason::SetRole),
+            ("SET ROLE 'none'", PinReason::SetRole),
+            ("SET ROLE none_of_them", PinReason::SetRole),
             (
                 "SET SESSION AUTHORIZATION bob",
+                PinReason::SessionAuthorization,
+            ),
+            (
+                "SET SESSION AUTHORIZATION 'default'",
                 PinReason::SessionAuthorization,
             ),
             ("LOAD 'auto_explain'", PinReason::Load),
@@ -948,6 +977,26 @@ mod tests {
         ];
         for (sql, reason) in cases {
             assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
+    fn going_back_to_the_logins_own_role_or_a_transactions_role_does_not_pin() {
+        // Npgsql's pool reset, whole.
+        let npgsql = "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;UNLISTEN *;\
+                      SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP";
+        assert_eq!(pin(npgsql), None);
+        assert!(classify(npgsql).all_settings);
+        for sql in [
+            "RESET ROLE",
+            "RESET SESSION AUTHORIZATION",
+            "SET ROLE NONE",
+            "SET ROLE TO DEFAULT",
+            "set session role = none",
+            "SET LOCAL ROLE tenant_42",
+            "SET LOCAL SESSION AUTHORIZATION bob",
+        ] {
+            assert_eq!(pin(sql), None, "{sql}");
         }
     }
 
