@@ -336,6 +336,55 @@ async fn startup_settings_hold_in_every_transaction_on_every_backend() {
     assert_eq!(pids.len(), 2, "transactions ran on both backends");
 }
 
+/// PostgreSQL makes the startup settings the session's defaults: `RESET ALL` and
+/// `DISCARD ALL` (run by asyncpg's and Npgsql's pools at every release) return to them,
+/// not to the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_and_discard_all_return_to_the_startup_settings_on_every_backend() {
+    let proxy = proxy("tx_reset", "max_size = 2").await;
+    let mut config = proxy.config("tx_reset", "pw");
+    config
+        .application_name("tx-reset-app")
+        .options("-c statement_timeout=4321 -c search_path=tx_reset_path");
+    let conn = common::connect(&config).await.expect("login");
+    let other = proxy.connect("tx_reset", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let mut pids = HashSet::new();
+    for reset in ["RESET ALL", "DISCARD ALL", "RESET search_path", "RESET ALL"] {
+        conn.client
+            .batch_execute("SET statement_timeout = 99; SET search_path = elsewhere")
+            .await
+            .unwrap();
+        conn.client
+            .batch_execute("SET application_name = 'renamed'")
+            .await
+            .unwrap();
+        hopper.hop().await;
+        assert_eq!(setting(&conn.client, "search_path").await, "elsewhere");
+        conn.client.batch_execute(reset).await.unwrap();
+        for _ in 0..2 {
+            hopper.hop().await;
+            pids.insert(pid(&conn.client).await);
+            assert_eq!(
+                setting(&conn.client, "search_path").await,
+                "tx_reset_path",
+                "after {reset}"
+            );
+            if reset != "RESET search_path" {
+                assert_eq!(setting(&conn.client, "statement_timeout").await, "4321ms");
+                assert_eq!(
+                    setting(&conn.client, "application_name").await,
+                    "tx-reset-app"
+                );
+            }
+        }
+    }
+    assert_eq!(pids.len(), 2, "transactions ran on both backends");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_sets_follow_the_client_without_pinning_and_rolled_back_ones_do_not() {
     let proxy = proxy("tx_set", "max_size = 2").await;

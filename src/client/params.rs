@@ -18,12 +18,31 @@ const NOT_SETTINGS: [&str; 3] = ["user", "database", "options"];
 /// `name NUL value NUL …` in one string (protocol strings cannot hold NUL): every client
 /// keeps its settings for its whole connection, and one allocation beats a few per name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientSettings(String);
+pub struct ClientSettings {
+    now: String,
+    /// What the client gave at connection start, kept (in the same form) once its settings
+    /// first change: PostgreSQL makes startup settings the session's defaults, which
+    /// `RESET` and `DISCARD ALL` return to ([`ClientSettings::reset`]).
+    startup: Option<Box<str>>,
+}
 
 impl ClientSettings {
     /// Collects settings from a StartupMessage. Refuses what pgshield cannot honour.
+    /// As PostgreSQL (`process_startup_options`): the switches in `options` first, then
+    /// the other parameters, which win over them.
     pub fn from_startup(msg: &StartupMessage) -> Result<ClientSettings, ErrorResponse> {
         let mut settings = ClientSettings::default();
+        if let Some(options) = msg.get("options") {
+            for (name, value) in parse_options(options).map_err(|reason| {
+                ErrorResponse::fatal(
+                    sqlstate::INVALID_PARAMETER_VALUE,
+                    format!("invalid command-line argument in options: {reason}"),
+                )
+                .with_hint("pgshield accepts options of the form -c name=value or --name=value")
+            })? {
+                settings.set(&name, &value);
+            }
+        }
         for (name, value) in &msg.params {
             if name.starts_with("_pq_.") || NOT_SETTINGS.contains(&name.as_str()) {
                 continue;
@@ -42,44 +61,30 @@ impl ClientSettings {
             }
             settings.set(name, value);
         }
-        if let Some(options) = msg.get("options") {
-            for (name, value) in parse_options(options).map_err(|reason| {
-                ErrorResponse::fatal(
-                    sqlstate::INVALID_PARAMETER_VALUE,
-                    format!("invalid command-line argument in options: {reason}"),
-                )
-                .with_hint("pgshield accepts options of the form -c name=value or --name=value")
-            })? {
-                settings.set(&name, &value);
-            }
-        }
         // Kept for the connection's life: no spare room.
-        settings.0.shrink_to_fit();
+        settings.now.shrink_to_fit();
         Ok(settings)
     }
 
     fn set(&mut self, name: &str, value: &str) {
-        self.remove(name);
+        self.forget(name);
         for part in [name, value] {
-            self.0.push_str(part);
-            self.0.push('\0');
+            self.now.push_str(part);
+            self.now.push('\0');
         }
     }
 
     /// All of them, as kept (equal strings: equal settings in the same order).
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.now
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        find(&self.now, name)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        let mut parts = self.0.split('\0');
-        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+        pairs(&self.now)
     }
 
     /// The settings that `server` does not have yet: not applied by pgshield, and (for
@@ -108,25 +113,63 @@ impl ClientSettings {
             .map(|(name, _)| name.as_str())
     }
 
-    /// Forgets a setting (the server no longer has it).
-    pub fn remove(&mut self, name: &str) {
+    fn forget(&mut self, name: &str) {
         if self.get(name).is_none() {
             return;
         }
-        let mut kept = String::with_capacity(self.0.len());
+        let mut kept = String::with_capacity(self.now.len());
         for (k, v) in self.iter().filter(|(k, _)| !k.eq_ignore_ascii_case(name)) {
             for part in [k, v] {
                 kept.push_str(part);
                 kept.push('\0');
             }
         }
-        self.0 = kept;
+        self.now = kept;
+    }
+
+    /// Before the first change: what the client started with is kept.
+    fn changing(&mut self) {
+        if self.startup.is_none() {
+            self.startup = Some(self.now.clone().into_boxed_str());
+        }
+    }
+
+    /// The server has no session value for `name` (RESET, DISCARD ALL): the client's is
+    /// the one it gave at connection start, if any, as in PostgreSQL. Returns that value
+    /// (which the backend then lacks).
+    pub fn reset(&mut self, name: &str) -> Option<String> {
+        self.changing();
+        let startup = self.startup.as_deref().and_then(|s| find(s, name));
+        match startup.map(str::to_owned) {
+            Some(value) => {
+                self.set(name, &value);
+                Some(value)
+            }
+            None => {
+                self.forget(name);
+                None
+            }
+        }
     }
 
     /// Records a setting the client changed during its session.
     pub fn record(&mut self, name: &str, value: &str) {
-        self.set(name, value);
+        if self.get(name) != Some(value) {
+            self.changing();
+            self.set(name, value);
+        }
     }
+}
+
+fn pairs(kept: &str) -> impl Iterator<Item = (&str, &str)> {
+    let mut parts = kept.split('\0');
+    std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+}
+
+fn find<'a>(kept: &'a str, name: &str) -> Option<&'a str> {
+    pairs(kept)
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
 }
 
 /// Parameters the server reports with ParameterStatus that a client may also set: when
@@ -242,13 +285,38 @@ mod tests {
             (s.get("a"), s.get("B"), s.get("c")),
             (Some("4"), Some(""), Some("3"))
         );
-        s.remove("b");
+        s.forget("b");
         s.record("d", "x");
         assert_eq!(
             s.iter().collect::<Vec<_>>(),
             [("C", "3"), ("A", "4"), ("d", "x")]
         );
         assert!(ClientSettings::default().iter().next().is_none());
+    }
+
+    #[test]
+    fn a_reset_setting_returns_to_what_the_client_gave_at_connection_start() {
+        let params = [
+            ("user", "u"),
+            ("search_path", "app"),
+            ("options", "-c statement_timeout=5s"),
+        ];
+        let mut s = ClientSettings::from_startup(&startup(&params)).unwrap();
+        assert!(s.startup.is_none(), "nothing kept twice until a change");
+        s.record("search_path", "other");
+        s.record("work_mem", "64MB");
+        assert_eq!(s.get("search_path"), Some("other"));
+        assert_eq!(s.reset("search_path").as_deref(), Some("app"));
+        assert_eq!(s.reset("work_mem"), None);
+        assert_eq!(s.reset("statement_timeout").as_deref(), Some("5s"));
+        assert_eq!(
+            (s.get("search_path"), s.get("work_mem")),
+            (Some("app"), None)
+        );
+        // A value recorded again as it is changes nothing.
+        let mut unchanged = ClientSettings::from_startup(&startup(&params)).unwrap();
+        unchanged.record("search_path", "app");
+        assert!(unchanged.startup.is_none());
     }
 
     use super::*;
@@ -284,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn settings_come_from_startup_and_options_with_options_winning() {
+    fn settings_come_from_options_and_startup_with_startup_parameters_winning() {
         let s = ClientSettings::from_startup(&startup(&[
             ("user", "u"),
             ("database", "d"),
@@ -295,9 +363,10 @@ mod tests {
             ("replication", "false"),
         ]))
         .unwrap();
+        // As PostgreSQL: `options` first, then the other parameters over them.
         assert_eq!(
             s.iter().collect::<Vec<_>>(),
-            vec![("application_name", "app"), ("search_path", "y")]
+            vec![("application_name", "app"), ("search_path", "x")]
         );
     }
 

@@ -2302,8 +2302,11 @@ fn apply_readback(
             }
             // (The backend is reset when the pinned client leaves.)
             Some(Err(_)) => not_utf8 = Some(PinReason::SettingNotUtf8),
+            // No session value on the server: RESET, DISCARD ALL. The client's value is
+            // the one it started with, if any (the backend now lacks it: applied at the
+            // next borrow, and the client told so then).
             None => {
-                settings.remove(name);
+                settings.reset(name);
                 server.forget_applied(name);
             }
         }
