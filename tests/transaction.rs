@@ -725,6 +725,56 @@ async fn query_timeout_cancels_a_statement_that_runs_too_long() {
         .expect("short statements run");
 }
 
+/// A COPY FROM STDIN in the extended protocol that fails (a bad row, or a sink dropped
+/// unfinished: CopyFail) leaves replies pgshield cannot match for sure; the client still
+/// holds nothing once it ended outside a transaction (its backend is closed), and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_copy_from_stdin_leaves_the_client_holding_no_backend() {
+    use futures_util::SinkExt;
+    let proxy = proxy("tx_copyfail", "max_size = 2\nborrow_timeout = \"3s\"").await;
+    let conn = proxy.connect("tx_copyfail", "pw").await.expect("login");
+    let c = &conn.client;
+    c.batch_execute("CREATE TABLE tx_copyfail_t (x int)")
+        .await
+        .unwrap();
+    for finish in [false, true] {
+        {
+            let sink = c.copy_in("COPY tx_copyfail_t FROM STDIN").await.unwrap();
+            futures_util::pin_mut!(sink);
+            if finish {
+                sink.send(bytes::Bytes::from_static(b"1\nnot a number\n"))
+                    .await
+                    .unwrap();
+                let e = sink.finish().await.expect_err("a bad row fails the COPY");
+                assert_eq!(sqlstate(&e), Some("22P02"));
+            } else {
+                sink.send(bytes::Bytes::from_static(b"1\n")).await.unwrap();
+                // Dropped unfinished (at the end of this block): CopyFail.
+            }
+        }
+        let one: i32 = c
+            .query_one("SELECT 1", &[])
+            .await
+            .expect("the client goes on")
+            .get(0);
+        assert_eq!(one, 1);
+        // Both backends are free for two others at once: this client holds none.
+        let a = proxy.connect("tx_copyfail", "pw").await.expect("login");
+        let b = proxy.connect("tx_copyfail", "pw").await.expect("login");
+        a.client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        b.client
+            .batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("the failed COPY's client keeps no backend");
+    }
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM tx_copyfail_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0, "nothing of either COPY was stored");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_describe_and_function_calls_work_in_transaction_mode() {
     use futures_util::{SinkExt, TryStreamExt};

@@ -1736,15 +1736,18 @@ impl Session {
             return;
         };
         let server = backend.server();
-        let done = server.replies.is_idle()
-            && server.read_buf.is_empty()
+        let quiet = server.read_buf.is_empty()
             && self.server_out.is_empty()
             && self.client_msg.left == 0
             && self.server_msg.left == 0;
-        if !done {
+        if quiet && server.replies.unsure_but_over() {
+            // Its replies cannot be matched any more (a failed COPY FROM STDIN), but the
+            // client waits for nothing: it is closed, not kept by this client for good.
+            // (Settings it may have changed are read back after its next transaction.)
+            server.mark_broken();
+        } else if !quiet || !server.replies.is_idle() {
             return;
-        }
-        if let Some(follow_up) = self.follow_up.as_mut().filter(|f| !f.dirty.is_empty()) {
+        } else if let Some(follow_up) = self.follow_up.as_mut().filter(|f| !f.dirty.is_empty()) {
             let mut names = std::mem::take(&mut follow_up.dirty.names);
             if std::mem::take(&mut follow_up.dirty.all) {
                 names.extend(self.settings.iter().map(|(k, _)| k.to_ascii_lowercase()));

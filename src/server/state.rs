@@ -392,11 +392,21 @@ impl ReplyTracker {
             });
         }
         if self.unsure {
+            // Replies are still matched where they can be, so that pgshield's own replies
+            // queued behind them are written in their place (a Close it answers, after
+            // the failed COPY before it), and a ReadyForQuery still ends what it ends; one
+            // that does not match is passed on, not an error: the server may answer once
+            // more or once less than counted. (Never pooled again: see `is_unsure`.)
             if tag == b'Z' {
                 self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
             }
-            return Ok(Forward);
+            return Ok(self.matched(tag, status).unwrap_or(Forward));
         }
+        self.matched(tag, status)
+    }
+
+    fn matched(&mut self, tag: u8, status: Option<u8>) -> Result<Disposition, OutOfStep> {
+        use Disposition::Forward;
         match tag {
             b'1' => self.complete(Owed::Parse),
             b'2' => self.complete(Owed::Bind),
@@ -611,6 +621,19 @@ impl ReplyTracker {
     /// The replies can no longer be matched with certainty: the backend must not be reused.
     pub fn is_unsure(&self) -> bool {
         self.unsure
+    }
+
+    /// Unsure, yet its last reply was a ReadyForQuery outside a transaction block, with
+    /// nothing known to be owed (a COPY FROM STDIN that failed, say): what may come late
+    /// answers nothing the client still waits for. The backend can go (closed, not
+    /// pooled), and the client holds nothing, as after any transaction.
+    pub fn unsure_but_over(&self) -> bool {
+        self.unsure
+            && self.owed.is_empty()
+            && self.tx == TxStatus::Idle
+            && !self.client_copying
+            && !self.extended_open
+            && !self.skipping_to_sync
     }
 
     /// The client is owed a ReadyForQuery for something the server can finish without
