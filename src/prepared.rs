@@ -79,6 +79,8 @@ pub struct Statement {
     /// In the client's encoding, which need not be UTF-8.
     query: Vec<u8>,
     param_types: Vec<u32>,
+    /// The fingerprint of the settings it is read under ([`crate::server::PARSE_SETTINGS`]).
+    parse_env: u64,
     /// What running it does to the session (classified once).
     effects: Effects,
     /// A server has accepted it (answered its Parse with ParseComplete).
@@ -209,8 +211,8 @@ pub struct Registry {
     generation: AtomicU64,
 }
 
-/// A text's statement for one list of parameter types.
-type Variant = (Vec<u32>, Weak<Statement>);
+/// A text's statement for one list of parameter types and one parse environment.
+type Variant = (Vec<u32>, u64, Weak<Statement>);
 
 #[derive(Default)]
 struct RegistryInner {
@@ -228,21 +230,34 @@ struct RegistryInner {
 }
 
 impl Registry {
-    /// The statement for this text and these types, shared with every client using it.
+    /// The statement for this text and these types, shared with every client using it,
+    /// read under the server's default settings (pgshield's own statements; tests).
     pub fn intern(
         &self,
         query: &(impl AsRef<[u8]> + ?Sized),
         param_types: &[u32],
     ) -> Arc<Statement> {
-        let query = query.as_ref();
+        self.intern_under(0, query.as_ref(), param_types)
+    }
+
+    /// The statement for this text and these types read under `parse_env` (a client's
+    /// [`crate::server::ClientView::parse_env`]), shared with every client reading it so.
+    pub fn intern_under(
+        &self,
+        parse_env: u64,
+        query: &[u8],
+        param_types: &[u32],
+    ) -> Arc<Statement> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let variants = inner
             .by_text
             .get(query)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let known = variants.iter().find(|(types, _)| types == param_types);
-        if let Some(statement) = known.and_then(|(_, weak)| weak.upgrade()) {
+        let known = variants
+            .iter()
+            .find(|(types, env, _)| types == param_types && *env == parse_env);
+        if let Some(statement) = known.and_then(|(_, _, weak)| weak.upgrade()) {
             return statement;
         }
         inner.next_id += 1;
@@ -251,6 +266,7 @@ impl Registry {
             name: format!("{NAME_PREFIX}{id}").into(),
             query: query.to_owned(),
             param_types: param_types.to_vec(),
+            parse_env,
             effects: sql::classify(query),
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
@@ -259,13 +275,14 @@ impl Registry {
         });
         let weak = Arc::downgrade(&statement);
         let variants = inner.by_text.entry(query.to_owned()).or_default();
-        match variants.iter_mut().find(|(types, _)| types == param_types) {
-            Some((_, dead)) => *dead = weak,
-            None => variants.push((param_types.to_vec(), weak)),
+        let same = |(types, env, _): &&mut Variant| types == param_types && *env == parse_env;
+        match variants.iter_mut().find(same) {
+            Some((_, _, dead)) => *dead = weak,
+            None => variants.push((param_types.to_vec(), parse_env, weak)),
         }
         if inner.by_text.len() > inner.purge_at {
             inner.by_text.retain(|_, variants| {
-                variants.retain(|(_, weak)| weak.strong_count() > 0);
+                variants.retain(|(_, _, weak)| weak.strong_count() > 0);
                 !variants.is_empty()
             });
             inner.purge_at = (inner.by_text.len() * 2).max(1024);
@@ -297,7 +314,7 @@ impl Registry {
         let Some(variants) = inner.by_text.get_mut(&statement.query[..]) else {
             return;
         };
-        variants.retain(|(_, weak)| weak.as_ptr() != Arc::as_ptr(statement));
+        variants.retain(|(_, _, weak)| weak.as_ptr() != Arc::as_ptr(statement));
         if variants.is_empty() {
             inner.by_text.remove(&statement.query[..]);
         }
@@ -312,7 +329,7 @@ impl Registry {
         let inner = &mut *guard;
         let own = &inner.own;
         inner.by_text.retain(|_, variants| {
-            variants.retain(|(_, weak)| own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s)));
+            variants.retain(|(_, _, weak)| own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s)));
             !variants.is_empty()
         });
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -336,7 +353,7 @@ impl Registry {
             .by_text
             .values()
             .flatten()
-            .filter_map(|(_, weak)| weak.upgrade())
+            .filter_map(|(_, _, weak)| weak.upgrade())
             .map(|s| {
                 (
                     Arc::clone(&s.name),
@@ -788,6 +805,8 @@ pub struct Situation {
     /// The server answers what is sent now (it is not skipping to a Sync, nor in COPY):
     /// a client message may wait for a hidden Describe's reply.
     pub can_hold: bool,
+    /// The client's parse environment ([`crate::server::ClientView::parse_env`]).
+    pub parse_env: u64,
 }
 
 impl Situation {
@@ -797,6 +816,7 @@ impl Situation {
         batch_open: false,
         batch: 0,
         can_hold: false,
+        parse_env: 0,
     };
 }
 
@@ -903,11 +923,12 @@ impl ClientStatements {
     /// accepted, or a Close of a statement: the client's names change, and the reply to
     /// write is returned. None: a backend is needed (also to refuse a Parse beyond
     /// `max_named` statements: the refusal has to happen on the server, see `translate`).
+    /// `parse_env`: the client's ([`crate::server::ClientView::parse_env`]).
     pub fn answer_without_backend(
         &mut self,
         registry: &Registry,
         msg: &[u8],
-        max_named: usize,
+        (max_named, parse_env): (usize, u64),
     ) -> Result<Option<crate::server::state::Fake>, Malformed> {
         use crate::server::state::Fake;
         let mut body = &msg[5..];
@@ -920,9 +941,9 @@ impl ClientStatements {
                     return Ok(None); // the server is to refuse it
                 }
                 let (statement, generation) = if name.is_empty() {
-                    self.intern_unnamed(registry, query, &types)
+                    self.intern_unnamed(registry, parse_env, query, &types)
                 } else {
-                    (registry.intern(query, &types), 0)
+                    (registry.intern_under(parse_env, query, &types), 0)
                 };
                 if !statement.is_valid() {
                     return Ok(None);
@@ -1057,6 +1078,7 @@ impl ClientStatements {
     fn intern_unnamed(
         &self,
         registry: &Registry,
+        parse_env: u64,
         query: &[u8],
         types: &[u32],
     ) -> (Arc<Statement>, u64) {
@@ -1064,13 +1086,14 @@ impl ClientStatements {
         let generation = registry.generation.load(Ordering::Acquire);
         if let Some(Named { statement, .. }) = &self.unnamed {
             if self.unnamed_generation == generation
+                && statement.parse_env == parse_env
                 && statement.query == query
                 && statement.param_types == types
             {
                 return (Arc::clone(statement), generation);
             }
         }
-        (registry.intern(query, types), generation)
+        (registry.intern_under(parse_env, query, types), generation)
     }
 
     fn parse(
@@ -1084,7 +1107,8 @@ impl ClientStatements {
     ) {
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
-            let (statement, generation) = self.intern_unnamed(registry, query, types);
+            let (statement, generation) =
+                self.intern_unnamed(registry, situation.parse_env, query, types);
             let named = Named::new(Arc::clone(&statement));
             let made_by = Some(named.made_by);
             self.unnamed = Some(named);
@@ -1092,7 +1116,7 @@ impl ClientStatements {
             t.undo = Some(server.unnamed_parsed(statement, situation, made_by));
             return;
         }
-        let statement = registry.intern(query, types);
+        let statement = registry.intern_under(situation.parse_env, query, types);
         if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
@@ -1534,7 +1558,7 @@ mod tests {
         let r = Registry::default();
         let mut c = ClientStatements::default();
         let unnamed = |c: &mut ClientStatements, query: &str, types: &[u32]| {
-            let (statement, generation) = c.intern_unnamed(&r, query.as_bytes(), types);
+            let (statement, generation) = c.intern_unnamed(&r, 0, query.as_bytes(), types);
             c.unnamed = Some(Named::new(Arc::clone(&statement)));
             c.unnamed_generation = generation;
             statement
@@ -1557,6 +1581,16 @@ mod tests {
             unnamed(&mut c, "SELECT * FROM t", &[23]).name(),
             again.name()
         );
+        // Read under other settings (another TimeZone, say): another statement.
+        let (elsewhere, _) = c.intern_unnamed(&r, 7, b"SELECT * FROM t", &[23]);
+        assert_ne!(
+            elsewhere.name(),
+            c.unnamed.as_ref().unwrap().statement.name()
+        );
+        assert!(Arc::ptr_eq(
+            &elsewhere,
+            &r.intern_under(7, b"SELECT * FROM t", &[23])
+        ));
     }
 
     fn parse_msg(name: &str, query: &str) -> BytesMut {
@@ -1977,24 +2011,24 @@ mod tests {
         let parse = parse_msg("s0", "SELECT 1");
         let mut b = ClientStatements::default();
         assert_eq!(
-            b.answer_without_backend(&r, &parse, usize::MAX),
+            b.answer_without_backend(&r, &parse, (usize::MAX, 0)),
             Ok(None),
             "never accepted yet"
         );
         let (t, _) = run(&mut a, &r, &mut s, &parse);
         t.undo.expect("undo").succeeded(); // the server's ParseComplete
         assert_eq!(
-            b.answer_without_backend(&r, &parse, usize::MAX),
+            b.answer_without_backend(&r, &parse, (usize::MAX, 0)),
             Ok(Some(crate::server::state::Fake::ParseComplete))
         );
         assert_eq!(b.len(), 1);
         assert_eq!(
-            b.answer_without_backend(&r, &parse, usize::MAX),
+            b.answer_without_backend(&r, &parse, (usize::MAX, 0)),
             Ok(None),
             "a re-prepared name goes to a server"
         );
         assert_eq!(
-            b.answer_without_backend(&r, &small(b'C', b'S', "s0"), usize::MAX),
+            b.answer_without_backend(&r, &small(b'C', b'S', "s0"), (usize::MAX, 0)),
             Ok(Some(crate::server::state::Fake::CloseComplete))
         );
         assert!(b.is_empty());
@@ -2012,6 +2046,7 @@ mod tests {
                     batch_open,
                     batch: 0,
                     can_hold: false,
+                    parse_env: 0,
                 };
                 let t = c
                     .translate(&r, s, msg, msg.len(), &mut out, situation)
@@ -2042,7 +2077,7 @@ mod tests {
         assert!(text.contains("max_client_prepared_statements"), "{text}");
         assert_eq!(c.len(), 2, "the refused name is not the client's");
         assert!(c
-            .answer_without_backend(&r, &parse_msg("s2", "SELECT 1"), 2)
+            .answer_without_backend(&r, &parse_msg("s2", "SELECT 1"), (2, 0))
             .expect("well formed")
             .is_none());
         // Names the client has, and the unnamed statement, are not held back.

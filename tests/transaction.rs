@@ -1658,3 +1658,33 @@ async fn text_in_a_client_encoding_other_than_utf8_passes_through() {
     }
     assert_eq!(proxy.shared.pins.get(PinReason::SettingNotUtf8), before + 1);
 }
+
+/// PostgreSQL reads a statement's literals as it prepares it, under the session's
+/// TimeZone, DateStyle and client encoding: two clients preparing the same text under
+/// other settings get a statement each, as each would on a connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_text_prepared_under_another_time_zone_is_another_statement() {
+    let proxy = proxy("tx_parse_env", "max_size = 1").await;
+    let sql = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
+    let (mut epochs, mut conns, mut statements) = (Vec::new(), Vec::new(), Vec::new());
+    for zone in ["UTC", "Asia/Tokyo", "UTC"] {
+        let mut config = proxy.config("tx_parse_env", "pw");
+        config.options(format!("-c TimeZone={zone}"));
+        // (Each stays connected and keeps its statement, which the next would share.)
+        conns.push(common::connect(&config).await.expect("login"));
+        let conn = conns.last().expect("just pushed");
+        let statement = conn.client.prepare(sql).await.unwrap();
+        let first: i64 = conn.client.query_one(&statement, &[]).await.unwrap().get(0);
+        statements.push(statement);
+        // (Prepared again under a name of its own.)
+        let again: i64 = conn
+            .client
+            .query_one(sql, &[])
+            .await
+            .map(|row| row.get(0))
+            .unwrap();
+        assert_eq!(first, again);
+        epochs.push(first);
+    }
+    assert_eq!(epochs, [1_704_067_200, 1_704_034_800, 1_704_067_200]);
+}

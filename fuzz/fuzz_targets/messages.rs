@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         batch_open: false,
         batch: 0,
         can_hold: true,
+        parse_env: 0,
     };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
         if matches!(tag, b'P' | b'B' | b'D' | b'C') {
@@ -58,10 +59,13 @@ fuzz_target!(|data: &[u8]| {
             msg.extend_from_slice(&[tag]);
             msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
             msg.extend_from_slice(&body);
-            let _ = client.answer_without_backend(&registry, &msg, situation.max_named);
+            let limits = (situation.max_named, situation.parse_env);
+            let _ = client.answer_without_backend(&registry, &msg, limits);
             let _ = client.translate(&registry, &mut server, &msg, msg.len(), &mut out, situation);
         }
         situation.batch_open = tag != b'S';
+        // Another client's settings, now and then.
+        situation.parse_env = u64::from(tag == b'H');
         situation.batch += u64::from(tag == b'S');
     }
     let mut tracker = ReplyTracker::default();

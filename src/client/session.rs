@@ -1019,7 +1019,7 @@ impl Session {
                         .answer_without_backend(
                             &self.pool.statements,
                             &self.client_in[..header.len],
-                            self.limits.max_statements,
+                            (self.limits.max_statements, self.client_view.parse_env()),
                         )
                         .map_err(|e| End::ClientProtocol(e.to_string()))?;
                     if let Some(fake) = answer {
@@ -1173,7 +1173,7 @@ impl Session {
                 &self.client_in[..available],
                 header.len,
                 &mut self.server_out,
-                Self::situation(&self.limits, &server.replies),
+                Self::situation(&self.limits, self.client_view.parse_env(), &server.replies),
             )
             .map_err(|e| End::ClientProtocol(e.to_string()))?;
         if translated.translation == Translation::NeedMore {
@@ -1403,7 +1403,8 @@ impl Session {
             &refusal,
             (
                 portal.as_deref().unwrap_or_default(),
-                Self::situation(limits, &server.replies),
+                // (pgshield's own statement, read under the server's defaults.)
+                Self::situation(limits, 0, &server.replies),
             ),
             server_out,
         );
@@ -1418,6 +1419,7 @@ impl Session {
     /// What translating a message sent to the backend now needs to know.
     fn situation(
         limits: &Limits,
+        parse_env: u64,
         replies: &crate::server::state::ReplyTracker,
     ) -> crate::prepared::Situation {
         crate::prepared::Situation {
@@ -1425,6 +1427,7 @@ impl Session {
             batch_open: replies.batch_open(),
             batch: replies.batch(),
             can_hold: replies.answers_what_is_sent(),
+            parse_env,
         }
     }
 

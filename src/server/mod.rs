@@ -84,11 +84,47 @@ pub struct ClientView {
     base: Arc<ServerParams>,
     /// None until a value differs (most clients' never do).
     own: Option<Box<ServerParams>>,
+    /// A fingerprint of its [`PARSE_SETTINGS`].
+    parse_env: u64,
 }
+
+/// The settings under which PostgreSQL reads a statement's text as it prepares it: how
+/// its bytes decode, what a backslash in a string means, how date, time and interval
+/// literals read. All are reported with ParameterStatus, so a client's view has them. A
+/// statement prepared under other values is another statement (see
+/// [`crate::prepared::Registry`]), as it would be on a connection of one's own.
+pub const PARSE_SETTINGS: [&str; 5] = [
+    "client_encoding",
+    "standard_conforming_strings",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+];
 
 impl ClientView {
     pub fn new(base: Arc<ServerParams>) -> ClientView {
-        ClientView { base, own: None }
+        let mut view = ClientView {
+            base,
+            own: None,
+            parse_env: 0,
+        };
+        view.parse_env = view.fingerprint();
+        view
+    }
+
+    /// A fingerprint of the values of [`PARSE_SETTINGS`] the client was told.
+    pub fn parse_env(&self) -> u64 {
+        self.parse_env
+    }
+
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // (std's SipHash with fixed keys: the same in every client of the process.)
+        let mut hasher = std::hash::DefaultHasher::new();
+        for name in PARSE_SETTINGS {
+            self.get(name).hash(&mut hasher);
+        }
+        hasher.finish()
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -104,6 +140,9 @@ impl ClientView {
             self.own
                 .get_or_insert_with(Default::default)
                 .set(name, value);
+        }
+        if PARSE_SETTINGS.iter().any(|p| p.eq_ignore_ascii_case(name)) {
+            self.parse_env = self.fingerprint();
         }
     }
 }
