@@ -539,14 +539,25 @@ fn names(t: &Token<'_>, name: &str) -> bool {
 
 fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     // Anywhere in any statement (a WITH, an EXPLAIN ANALYZE, a subquery): function calls
-    // that keep session state, and temporary relations.
+    // that keep session state, and temporary relations. A temporary table created ON
+    // COMMIT DROP ends with its transaction, which holds the backend anyway: no pin (the
+    // COPY-then-merge upsert pattern).
     let mut temporary = false;
+    let ends_with_transaction = t
+        .windows(3)
+        .any(|w| is(w.first(), "on") && is(w.get(1), "commit") && is(w.get(2), "drop"))
+        && is(t.iter().find(|x| **x != Token::Punct('(')), "create");
+    let mut temp = |e: &mut Effects| {
+        temporary = true;
+        if !ends_with_transaction {
+            e.pin(PinReason::TempTable);
+        }
+    };
     for (i, tok) in t.iter().enumerate() {
         if names(tok, "pg_temp")
             || matches!(tok, Token::Word(w) if w.len() > 8 && w.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_")))
         {
-            e.pin(PinReason::TempTable);
-            temporary = true;
+            temp(e);
         }
         if matches!(tok, Token::Word(w) if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
             && i > 0
@@ -554,8 +565,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
                 .iter()
                 .any(|k| is(t.get(i - 1), k))
         {
-            e.pin(PinReason::TempTable);
-            temporary = true;
+            temp(e);
         }
         if t.get(i + 1) != Some(&Token::Punct('(')) {
             continue;
@@ -977,6 +987,26 @@ mod tests {
         ];
         for (sql, reason) in cases {
             assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_temporary_table_dropped_at_commit_does_not_pin() {
+        for sql in [
+            "CREATE TEMP TABLE stage (LIKE items) ON COMMIT DROP",
+            "create temporary table stage (id int) on commit drop",
+            "CREATE TEMP TABLE stage ON COMMIT DROP AS SELECT 1",
+        ] {
+            let e = classify(sql);
+            assert_eq!((e.pin, e.schema_change), (None, false), "{sql}");
+        }
+        for sql in [
+            "CREATE TEMP TABLE stage (id int) ON COMMIT DELETE ROWS",
+            "CREATE TEMP TABLE stage (id int) ON COMMIT PRESERVE ROWS",
+            "SELECT 1 INTO TEMP t; SELECT 'on commit drop'",
+            "CREATE TEMP TABLE t (x int); CREATE TABLE u (x int) ON COMMIT DROP",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::TempTable), "{sql}");
         }
     }
 
