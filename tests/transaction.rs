@@ -1688,3 +1688,29 @@ async fn the_same_text_prepared_under_another_time_zone_is_another_statement() {
     }
     assert_eq!(epochs, [1_704_067_200, 1_704_034_800, 1_704_067_200]);
 }
+
+/// A setting with characters beyond ASCII is applied as its client means it, even on a
+/// backend the previous client left in another `client_encoding` (the statement applying
+/// it is read in that encoding when it arrives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_beyond_ascii_reads_the_same_on_a_backend_left_in_another_encoding() {
+    let proxy = trusted_proxy("tx_enc_mix", "max_size = 1").await;
+    let mut latin = raw::connect(proxy.addr).await;
+    let params = [
+        ("user", "tx_enc_mix"),
+        ("database", "app"),
+        ("client_encoding", "LATIN1"),
+    ];
+    raw::send(&mut latin, &raw::startup(&params)).await;
+    raw::until_ready(&mut latin).await;
+    let mut config = proxy.config("tx_enc_mix", "pw");
+    config.options("-c search_path=sché,public");
+    let utf8 = common::connect(&config).await.expect("login");
+    for _ in 0..3 {
+        // The one backend, left in LATIN1 by the other client each time.
+        let encoding = query_bytes(&mut latin, b"SHOW client_encoding").await;
+        assert_eq!(encoding.as_deref(), Ok(&b"LATIN1"[..]));
+        let path = setting(&utf8.client, "search_path").await;
+        assert_eq!(path, "sché,public");
+    }
+}

@@ -172,6 +172,19 @@ fn find<'a>(kept: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// A setting's value as SQL: a literal, or, with bytes beyond ASCII, those bytes converted
+/// from the client's encoding by the server (the statement's own text stays ASCII).
+fn value_sql(value: &str, encoding: &str) -> String {
+    if value.is_ascii() {
+        return escape_literal(value);
+    }
+    let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "pg_catalog.convert_from(pg_catalog.decode('{hex}', 'hex'), {})",
+        escape_literal(encoding)
+    )
+}
+
 /// Parameters the server reports with ParameterStatus that a client may also set: when
 /// one changes during a session, the change follows the client to other backends.
 pub const SETTABLE_REPORTED: [&str; 8] = [
@@ -186,16 +199,20 @@ pub const SETTABLE_REPORTED: [&str; 8] = [
 ];
 
 /// One statement that applies `settings` and resets `resets` (none if both are empty).
+/// Values are in the client's encoding (`encoding`, its `client_encoding`); the statement
+/// is ASCII, so that it reads the same whatever encoding the backend is in when it
+/// arrives (the previous client's, perhaps).
 pub fn apply_statement<'a>(
     settings: impl Iterator<Item = (&'a str, &'a str)>,
     resets: impl Iterator<Item = &'a str>,
+    encoding: &str,
 ) -> Option<String> {
     let calls: Vec<String> = settings
         .map(|(name, value)| {
             format!(
                 "pg_catalog.set_config({}, {}, false)",
                 escape_literal(name),
-                escape_literal(value)
+                value_sql(value, encoding)
             )
         })
         .collect();
@@ -381,21 +398,34 @@ mod tests {
     #[test]
     fn apply_statement_quotes_names_and_values() {
         let sql = apply_statement(
-            [("application_name", "it's"), ("search_path", "a,b")].into_iter(),
+            [
+                ("application_name", "it's"),
+                ("search_path", "a,b"),
+                ("search_path", "sché"),
+            ]
+            .into_iter(),
             std::iter::empty(),
+            "UTF8",
         )
         .unwrap();
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config('application_name', 'it''s', false), \
-             pg_catalog.set_config('search_path', 'a,b', false)"
+             pg_catalog.set_config('search_path', 'a,b', false), \
+             pg_catalog.set_config('search_path', \
+             pg_catalog.convert_from(pg_catalog.decode('736368c3a9', 'hex'), 'UTF8'), false)"
         );
         assert_eq!(
-            apply_statement(std::iter::empty(), std::iter::empty()),
+            apply_statement(std::iter::empty(), std::iter::empty(), "UTF8"),
             None
         );
         assert_eq!(
-            apply_statement(std::iter::empty(), ["work_mem", "my.\"odd"].into_iter()).unwrap(),
+            apply_statement(
+                std::iter::empty(),
+                ["work_mem", "my.\"odd"].into_iter(),
+                "UTF8"
+            )
+            .unwrap(),
             "RESET \"work_mem\"; RESET \"my.\"\"odd\""
         );
     }

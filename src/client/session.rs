@@ -2003,9 +2003,15 @@ impl Session {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         let extra: Vec<String> = self.settings.extra_on(server).map(str::to_owned).collect();
+        let encoding = self
+            .settings
+            .get("client_encoding")
+            .or_else(|| self.client_view.get("client_encoding"))
+            .unwrap_or("UTF8");
         let Some(sql) = params::apply_statement(
             missing.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             extra.iter().map(String::as_str),
+            encoding,
         ) else {
             server.note_settled(self.settings.as_str());
             return Ok(());
