@@ -275,6 +275,9 @@ impl Registry {
         });
         let weak = Arc::downgrade(&statement);
         let variants = inner.by_text.entry(query.to_owned()).or_default();
+        // (Dead variants go first: a client could otherwise pile up variants of one text,
+        // each with other parameter types, that no purge of the map would find.)
+        variants.retain(|(_, _, weak)| weak.strong_count() > 0);
         let same = |(types, env, _): &&mut Variant| types == param_types && *env == parse_env;
         match variants.iter_mut().find(same) {
             Some((_, _, dead)) => *dead = weak,
@@ -1581,6 +1584,13 @@ mod tests {
             unnamed(&mut c, "SELECT * FROM t", &[23]).name(),
             again.name()
         );
+        // Variants no client holds any more do not pile up under one text.
+        for types in 100..200 {
+            drop(r.intern("SELECT * FROM t", &[types]));
+        }
+        let inner = r.inner.lock().unwrap();
+        assert!(inner.by_text[&b"SELECT * FROM t"[..]].len() <= 3);
+        drop(inner);
         // Read under other settings (another TimeZone, say): another statement.
         let (elsewhere, _) = c.intern_unnamed(&r, 7, b"SELECT * FROM t", &[23]);
         assert_ne!(
