@@ -1714,3 +1714,55 @@ async fn a_setting_beyond_ascii_reads_the_same_on_a_backend_left_in_another_enco
         assert_eq!(path, "sché,public");
     }
 }
+
+/// A role given at startup (`options=-c role=…`) is the session's default role, as in
+/// PostgreSQL: `RESET ROLE`, `SET ROLE NONE` and `SET SESSION AUTHORIZATION DEFAULT`
+/// return to it, and no other client with that startup role ever runs as the login role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_role_is_what_reset_role_returns_to_for_this_client_and_others() {
+    // (Three: the client pins one once it goes to the login's role, the hopper holds one.)
+    let proxy = proxy("tx_role_login", "max_size = 3").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "BEGIN; SELECT pg_advisory_xact_lock(4242); \
+             DROP ROLE IF EXISTS tx_role_reader; CREATE ROLE tx_role_reader NOLOGIN; \
+             GRANT tx_role_reader TO tx_role_login; COMMIT",
+        )
+        .await
+        .unwrap();
+    async fn user(c: &tokio_postgres::Client) -> String {
+        let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+        row.get(0)
+    }
+    let mut direct_config = common::direct_config("tx_role_login", "pw");
+    direct_config.options("-c role=tx_role_reader");
+    let mut config = proxy.config("tx_role_login", "pw");
+    config.options("-c role=tx_role_reader");
+    let other = common::connect(&config).await.expect("login");
+    let hopper = proxy.connect("tx_role_login", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: hopper.client,
+        holding: false,
+    };
+    for reset in [
+        "RESET ROLE",
+        "SET ROLE NONE",
+        "SET SESSION AUTHORIZATION DEFAULT",
+        "RESET SESSION AUTHORIZATION",
+    ] {
+        // (A client each: one that SET ROLE NONE stays pinned.)
+        let direct = common::connect(&direct_config).await.expect("direct");
+        let conn = common::connect(&config).await.expect("login");
+        let both = [&direct.client, &conn.client];
+        for c in both {
+            c.batch_execute(reset).await.unwrap();
+        }
+        for _ in 0..2 {
+            hopper.hop().await;
+            let expected = user(&direct.client).await;
+            assert_eq!(user(&conn.client).await, expected, "after {reset}");
+            assert_eq!(user(&other.client).await, "tx_role_reader", "after {reset}");
+        }
+    }
+}

@@ -1279,7 +1279,8 @@ impl Session {
                 }
             }
             let pinned = self.pinned.is_some();
-            if let Some(reason) = note_effects(&effects, &mut self.follow_up, pinned) {
+            let how = (pinned, &self.settings);
+            if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
                 match self.pool.on_session_state() {
                     OnSessionState::Pin => pin(
                         &mut self.pinned,
@@ -2254,13 +2255,20 @@ fn pin(
 fn note_effects(
     effects: &Effects,
     follow_up: &mut Option<Box<FollowUp>>,
-    pinned: bool,
+    (pinned, settings): (bool, &ClientSettings),
 ) -> Option<PinReason> {
     if pinned {
         return None;
     }
     if effects.pin.is_some() {
         return effects.pin;
+    }
+    // (See `Effects::to_login_role`.)
+    let started_as_another = ["role", "session_authorization"]
+        .iter()
+        .any(|name| settings.get(name).is_some());
+    if effects.to_login_role && started_as_another {
+        return Some(PinReason::SetRole);
     }
     if effects.all_settings || !effects.settings.is_empty() {
         // Made here, only when there is something to follow up.

@@ -87,6 +87,10 @@ pub struct Effects {
     pub schema_change: bool,
     /// How many statements the text holds.
     pub statements: usize,
+    /// It makes the login's own role the current one (SET ROLE NONE): nothing to pin,
+    /// unless the client started as another role (`options=-c role=…`): a role no query
+    /// can read back (`pg_settings` does not show it), so the session pins that client.
+    pub to_login_role: bool,
 }
 
 impl Effects {
@@ -98,6 +102,7 @@ impl Effects {
             && self.deallocate.is_none()
             && self.pin.is_none()
             && !self.schema_change
+            && !self.to_login_role
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -601,7 +606,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
             if is(t.get(1), "all") {
                 e.all_settings = true;
             } else if is(t.get(1), "role") || is(t.get(1), "session") {
-                // Back to the login's own: see `back_to_default`.
+                back(e, Back::Reset);
             } else {
                 setting_name(&t[1..], e);
             }
@@ -650,16 +655,44 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     }
 }
 
-/// Whether a SET ROLE's or SET SESSION AUTHORIZATION's value (`t`, past the name) is the
-/// login's own (`none`, `default`): where a client that changed neither already is, and
-/// one that did is pinned, so nothing to pin. (Npgsql's pool reset sends it every time.)
-fn back_to_default(t: &[Token<'_>], word: &str) -> bool {
+/// Whether a SET ROLE's or SET SESSION AUTHORIZATION's value (`t`, past the name) is
+/// `word` (NONE for a role) or DEFAULT. Either way no pin: a client that changed neither
+/// role nor authorization is there already, and one that did is pinned. (Npgsql's pool
+/// reset sends SET SESSION AUTHORIZATION DEFAULT every time.)
+fn back_to_default(t: &[Token<'_>], word: &str) -> Option<Back> {
     let t = match t.first() {
         Some(Token::Punct('=')) => &t[1..],
         first if is(first, "to") => &t[1..],
         _ => t,
     };
-    t.len() == 1 && (is(t.first(), word) || is(t.first(), "default"))
+    if t.len() != 1 {
+        return None;
+    }
+    if is(t.first(), "default") {
+        Some(Back::Reset)
+    } else if is(t.first(), word) {
+        Some(Back::ToLogin)
+    } else {
+        None
+    }
+}
+
+/// Where a role statement goes back to.
+enum Back {
+    /// The role's default (RESET ROLE, SET ROLE DEFAULT, SET SESSION AUTHORIZATION
+    /// DEFAULT): for a client that started as a role (`options=-c role=…`, applied as a
+    /// setting), that one, as PostgreSQL makes startup settings the defaults. The setting
+    /// is read back, finds no session value, and returns to the client's startup value.
+    Reset,
+    /// The login's own role (SET ROLE NONE): see `Effects::to_login_role`.
+    ToLogin,
+}
+
+fn back(e: &mut Effects, to: Back) {
+    match to {
+        Back::Reset => e.settings.push("role".into()),
+        Back::ToLogin => e.to_login_role = true,
+    }
 }
 
 /// SET [SESSION | LOCAL] …
@@ -681,8 +714,8 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         return;
     }
     if is(t.first(), "role") {
-        if back_to_default(&t[1..], "none") {
-            return;
+        if let Some(to) = back_to_default(&t[1..], "none") {
+            return back(e, to);
         }
         return e.pin(PinReason::SetRole);
     }
@@ -694,8 +727,8 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         _ => None,
     };
     if let Some(value) = authorization {
-        if back_to_default(value, "default") {
-            return;
+        if back_to_default(value, "default").is_some() {
+            return back(e, Back::Reset);
         }
         return e.pin(PinReason::SessionAuthorization);
     }
