@@ -267,7 +267,7 @@ impl Registry {
             query: query.to_owned(),
             param_types: param_types.to_vec(),
             parse_env,
-            effects: sql::classify(query),
+            effects: sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0),
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
             stale: AtomicBool::new(false),

@@ -1766,3 +1766,28 @@ async fn a_startup_role_is_what_reset_role_returns_to_for_this_client_and_others
         }
     }
 }
+
+/// In SJIS (and BIG5, GBK, UHC, GB18030, JOHAB) a character's second byte may be ASCII,
+/// a backslash say: text with such characters is not read by its ASCII bytes but pins,
+/// and runs as PostgreSQL reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_in_an_encoding_that_hides_ascii_in_characters_pins_and_runs() {
+    use pgshield::client::sql::PinReason;
+    let proxy = trusted_proxy("tx_sjis", "max_size = 2").await;
+    let mut s = raw::connect(proxy.addr).await;
+    let params = [
+        ("user", "tx_sjis"),
+        ("database", "app"),
+        ("client_encoding", "SJIS"),
+    ];
+    raw::send(&mut s, &raw::startup(&params)).await;
+    raw::until_ready(&mut s).await;
+    let before = proxy.shared.pins.get(PinReason::Unclassified);
+    let ascii = query_bytes(&mut s, b"SELECT 'plain'").await;
+    assert_eq!(ascii.as_deref(), Ok(&b"plain"[..]));
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before);
+    // 表 is 0x95 0x5C in SJIS: PostgreSQL reads one character, not a backslash.
+    let hidden = query_bytes(&mut s, b"SELECT length(E'\x95\x5c')").await;
+    assert_eq!(hidden.as_deref(), Ok(&b"1"[..]));
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before + 1);
+}

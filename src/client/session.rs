@@ -1079,7 +1079,8 @@ impl Session {
         }
         let query = crate::protocol::frame::take_cstr_bytes(&mut body)
             .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-        let effects = sql::classify(query);
+        let trails = self.client_view.ascii_trails();
+        let effects = sql::classify_in(query, trails);
         let Some(target) = effects
             .deallocate
             .clone()
@@ -1237,7 +1238,8 @@ impl Session {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
                 let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                     .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-                Some(Cow::Owned(sql::classify(query)))
+                let trails = self.client_view.ascii_trails();
+                Some(Cow::Owned(sql::classify_in(query, trails)))
             }
             // (Not for a stale statement's Bind: it is refused, below.)
             (b'B', Some(statement)) if !translated.refuse_stale => {

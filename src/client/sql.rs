@@ -357,6 +357,21 @@ pub fn classify(sql: &(impl AsRef<[u8]> + ?Sized)) -> Effects {
     }
 }
 
+/// As [`classify`], for text in the client's encoding; `ascii_trails`: that encoding has
+/// characters whose later bytes may be ASCII ([`crate::server::has_ascii_trails`]), so
+/// text with a byte beyond ASCII cannot be read by its ASCII bytes: a statement pgshield
+/// cannot classify (it pins).
+pub fn classify_in(sql: &[u8], ascii_trails: bool) -> Effects {
+    if ascii_trails && !sql.is_ascii() {
+        return Effects {
+            pin: Some(PinReason::Unclassified),
+            statements: 1,
+            ..Effects::default()
+        };
+    }
+    classify(sql)
+}
+
 /// One of `PLAIN`, in any case.
 fn is_plain_first_word(word: &[u8]) -> bool {
     let mut lower = [0u8; 10];
@@ -1020,6 +1035,31 @@ mod tests {
         ];
         for (sql, reason) in cases {
             assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
+    fn text_whose_encoding_hides_ascii_in_characters_is_not_read_by_its_ascii() {
+        // SJIS: 表 is 0x95 0x5C, a backslash as its second byte. PostgreSQL reads a string
+        // and then SET ROLE; read by its ASCII bytes, it would all be one string.
+        let hidden = b"SELECT E'\x95\x5c'; SET ROLE admin; -- '";
+        assert_eq!(classify(hidden).pin, None, "what the ASCII reading misses");
+        assert_eq!(classify_in(hidden, true).pin, Some(PinReason::Unclassified));
+        assert!(classify_in(b"SELECT 'plain'", true).is_empty());
+        assert!(classify_in(b"SELECT 'caf\xe9'", false).is_empty());
+        for encoding in [
+            "SJIS",
+            "Shift_JIS",
+            "big5",
+            "GBK",
+            "UHC",
+            "GB18030",
+            "JOHAB",
+        ] {
+            assert!(crate::server::has_ascii_trails(encoding), "{encoding}");
+        }
+        for encoding in ["UTF8", "utf-8", "LATIN1", "EUC_JP", "WIN1252", "SQL_ASCII"] {
+            assert!(!crate::server::has_ascii_trails(encoding), "{encoding}");
         }
     }
 

@@ -101,6 +101,44 @@ pub const PARSE_SETTINGS: [&str; 5] = [
     "TimeZone",
 ];
 
+/// In a parse environment ([`ClientView::parse_env`]): the client's encoding has
+/// characters whose later bytes may be ASCII (see [`has_ascii_trails`]).
+pub const ASCII_TRAILS: u64 = 1 << 63;
+
+/// Whether text in this `client_encoding` can hold a character whose second byte is
+/// ASCII (`\`, `;` in JOHAB): SJIS, BIG5, GBK, UHC, GB18030, JOHAB, SHIFT_JIS_2004, which
+/// PostgreSQL converts before it reads a statement. pgshield reads statements by their
+/// ASCII bytes, so such text (with any byte beyond ASCII) it cannot classify.
+pub fn has_ascii_trails(encoding: &str) -> bool {
+    // (PostgreSQL's spelling rule: letters and digits count, case does not.)
+    let name: String = encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    [
+        "sjis",
+        "shiftjis",
+        "mskanji",
+        "win932",
+        "windows932",
+        "shiftjis2004",
+        "big5",
+        "win950",
+        "windows950",
+        "gbk",
+        "win936",
+        "windows936",
+        "cp936",
+        "uhc",
+        "win949",
+        "windows949",
+        "gb18030",
+        "johab",
+    ]
+    .contains(&name.as_str())
+}
+
 impl ClientView {
     pub fn new(base: Arc<ServerParams>) -> ClientView {
         let mut view = ClientView {
@@ -112,9 +150,16 @@ impl ClientView {
         view
     }
 
-    /// A fingerprint of the values of [`PARSE_SETTINGS`] the client was told.
+    /// A fingerprint of the values of [`PARSE_SETTINGS`] the client was told; its top bit
+    /// is [`ASCII_TRAILS`].
     pub fn parse_env(&self) -> u64 {
         self.parse_env
+    }
+
+    /// Whether the client's encoding may hide ASCII in its characters (see
+    /// [`has_ascii_trails`]).
+    pub fn ascii_trails(&self) -> bool {
+        self.parse_env & ASCII_TRAILS != 0
     }
 
     fn fingerprint(&self) -> u64 {
@@ -124,7 +169,8 @@ impl ClientView {
         for name in PARSE_SETTINGS {
             self.get(name).hash(&mut hasher);
         }
-        hasher.finish()
+        let trails = self.get("client_encoding").is_some_and(has_ascii_trails);
+        (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
