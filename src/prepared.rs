@@ -1019,7 +1019,9 @@ impl ClientStatements {
                     return Ok(t);
                 }
                 let used = (statement, t.bound.clone());
-                if let Some(proxy_name) = self.use_statement(server, used, situation, out, &mut t) {
+                if let Some(proxy_name) =
+                    self.use_statement((registry, server), used, situation, out, &mut t)
+                {
                     if t.translation == Translation::Hold {
                         return Ok(t);
                     }
@@ -1045,7 +1047,7 @@ impl ClientStatements {
                     t.bound.clone_from(&found);
                     let used = (name, found);
                     if let Some(proxy_name) =
-                        self.use_statement(server, used, situation, out, &mut t)
+                        self.use_statement((registry, server), used, situation, out, &mut t)
                     {
                         if t.translation == Translation::Hold {
                             return Ok(t);
@@ -1220,12 +1222,34 @@ impl ClientStatements {
     /// `lookup`); returns the name to use for it there, if not the client's own.
     fn use_statement(
         &mut self,
-        server: &mut ServerStatements,
+        (registry, server): (&Registry, &mut ServerStatements),
         (name, found): (&str, Option<Arc<Statement>>),
         situation: Situation,
         out: &mut BytesMut,
         t: &mut Translated,
     ) -> Option<Arc<str>> {
+        // Prepared on a backend that lacks it, a statement is read under the client's
+        // settings now: if they are no longer those it was prepared under (the client
+        // changed its TimeZone, say), the copy made here is the text's statement for the
+        // settings now, so that no client of the old ones ever finds it on this backend.
+        let found = found.map(|statement| {
+            if statement.parse_env == situation.parse_env {
+                return statement;
+            }
+            let present = if name.is_empty() {
+                server
+                    .unnamed
+                    .as_ref()
+                    .is_some_and(|s| Arc::ptr_eq(s, &statement))
+            } else {
+                server.presence(statement.name(), situation.batch) == Presence::Present
+            };
+            if present {
+                return statement;
+            }
+            let query = &statement.query;
+            registry.intern_under(situation.parse_env, query, &statement.param_types)
+        });
         if name.is_empty() {
             match &found {
                 // (Unless put there by a Parse of an earlier batch that may yet be

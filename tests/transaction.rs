@@ -1791,3 +1791,68 @@ async fn text_in_an_encoding_that_hides_ascii_in_characters_pins_and_runs() {
     assert_eq!(hidden.as_deref(), Ok(&b"1"[..]));
     assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before + 1);
 }
+
+/// A client that changes its TimeZone after preparing a statement never leaves a copy of
+/// that statement read under its new zone where a client of the old zone would use it, nor
+/// does a Parse pipelined right behind the SET count as read under the old zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_again_after_a_time_zone_change_is_nobody_elses() {
+    let proxy = proxy("tx_env_move", "max_size = 2").await;
+    let sql = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint, \
+               pg_backend_pid()";
+    let (utc, tokyo_epoch) = (1_704_067_200_i64, 1_704_034_800_i64);
+    let mut config = proxy.config("tx_env_move", "pw");
+    config.options("-c TimeZone=UTC");
+    let mover = common::connect(&config).await.expect("login");
+    let stayer = common::connect(&config).await.expect("login");
+    let other = proxy.connect("tx_env_move", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    async fn run(c: &tokio_postgres::Client, s: &tokio_postgres::Statement) -> (i64, i32) {
+        let row = c.query_one(s, &[]).await.unwrap();
+        (row.get(0), row.get(1))
+    }
+    // Prepared (under UTC) on one backend only: the other is held meanwhile.
+    hopper.hop().await;
+    let moving = mover.client.prepare(sql).await.unwrap();
+    let staying = stayer.client.prepare(sql).await.unwrap();
+    let (_, prepared_on) = run(&stayer.client, &staying).await;
+    hopper.hop().await;
+    // The SET and a Parse of the same text, pipelined: the Parse is read in Tokyo.
+    let (set, tokyo) = tokio::join!(
+        mover.client.batch_execute("SET TimeZone = 'Asia/Tokyo'"),
+        mover.client.prepare(sql)
+    );
+    set.unwrap();
+    let tokyo = tokyo.unwrap();
+    assert_eq!(
+        run(&mover.client, &tokyo).await.0,
+        tokyo_epoch,
+        "read in Tokyo"
+    );
+    // The mover's UTC statement, bound on the backend that lacks it, is read there in
+    // Tokyo now; the stayer's (the same text, prepared under UTC) must not find that copy.
+    let mut elsewhere = None;
+    for _ in 0..8 {
+        hopper.hop().await;
+        let (epoch, pid) = run(&mover.client, &moving).await;
+        if pid != prepared_on {
+            elsewhere = Some(pid);
+            assert_eq!(epoch, tokyo_epoch, "prepared again, in Tokyo");
+        }
+    }
+    let elsewhere = elsewhere.expect("the mover ran on the other backend");
+    let mut seen = false;
+    for _ in 0..8 {
+        hopper.hop().await;
+        let (epoch, pid) = run(&stayer.client, &staying).await;
+        assert_eq!(
+            epoch, utc,
+            "a UTC client's statement reads in UTC on every backend"
+        );
+        seen |= pid == elsewhere;
+    }
+    assert!(seen, "the stayer ran where the mover prepared it again");
+}

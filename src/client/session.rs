@@ -276,6 +276,10 @@ pub struct Session {
     cancel: Registration,
     /// The ParameterStatus values the client has been told.
     client_view: ClientView,
+    /// A statement sent may have changed a setting statements are read under (a `SET
+    /// TimeZone`), which `client_view` shows only once the server reports it: until the
+    /// backend goes back, the client's statements are its own (`parse_env`).
+    parse_env_unsettled: bool,
     /// Boxed: an idle client holds only the empty pointer, not room for a whole guard.
     backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
@@ -392,6 +396,7 @@ impl Session {
             statement_cancelled: false,
             cancel: login.cancel,
             client_view: login.client_view,
+            parse_env_unsettled: false,
             backend: None,
             client_in: leftover,
             client_idle_in: 0,
@@ -1019,7 +1024,7 @@ impl Session {
                         .answer_without_backend(
                             &self.pool.statements,
                             &self.client_in[..header.len],
-                            (self.limits.max_statements, self.client_view.parse_env()),
+                            (self.limits.max_statements, self.parse_env()),
                         )
                         .map_err(|e| End::ClientProtocol(e.to_string()))?;
                     if let Some(fake) = answer {
@@ -1150,6 +1155,7 @@ impl Session {
                 reason,
             );
         }
+        let parse_env = self.parse_env();
         let Some(backend) = self.backend.as_mut() else {
             return Ok(true);
         };
@@ -1174,7 +1180,7 @@ impl Session {
                 &self.client_in[..available],
                 header.len,
                 &mut self.server_out,
-                Self::situation(&self.limits, self.client_view.parse_env(), &server.replies),
+                Self::situation(&self.limits, parse_env, &server.replies),
             )
             .map_err(|e| End::ClientProtocol(e.to_string()))?;
         if translated.translation == Translation::NeedMore {
@@ -1281,6 +1287,12 @@ impl Session {
                 }
             }
             let pinned = self.pinned.is_some();
+            self.parse_env_unsettled |= effects.all_settings
+                || effects.settings.iter().any(|name| {
+                    crate::server::PARSE_SETTINGS
+                        .iter()
+                        .any(|p| p.eq_ignore_ascii_case(name))
+                });
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
                 match self.pool.on_session_state() {
@@ -1420,6 +1432,20 @@ impl Session {
     }
 
     /// What translating a message sent to the backend now needs to know.
+    /// The client's parse environment (`ClientView::parse_env`), or while a setting it
+    /// depends on may have changed unseen (`parse_env_unsettled`), one of this client's
+    /// own, shared with nobody.
+    fn parse_env(&self) -> u64 {
+        let env = self.client_view.parse_env();
+        if !self.parse_env_unsettled {
+            return env;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        ("unsettled", self.id.0).hash(&mut hasher);
+        (hasher.finish() & !crate::server::ASCII_TRAILS) | (env & crate::server::ASCII_TRAILS)
+    }
+
     fn situation(
         limits: &Limits,
         parse_env: u64,
@@ -1787,6 +1813,8 @@ impl Session {
             }
         }
         self.cancel.detach();
+        // (What the statements changed has been reported by now.)
+        self.parse_env_unsettled = false;
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
             // A FATAL that came with its last reply belongs to it (it is closed, broken).
