@@ -399,6 +399,12 @@ impl ReplyTracker {
             // more or once less than counted. (Never pooled again: see `is_unsure`.)
             if tag == b'Z' {
                 self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
+                // A ReadyForQuery ends a Sync or Query only once what came before it is
+                // answered: one that comes sooner is the one more than counted, and must
+                // not end what the client sent after (whose replies are still to come).
+                if !self.front().is_some_and(|f| f.ends_with_ready()) {
+                    return Ok(Forward);
+                }
             }
             return Ok(self.matched(tag, status).unwrap_or(Forward));
         }
@@ -535,9 +541,9 @@ impl ReplyTracker {
         self.client_copying = false;
         if std::mem::take(&mut self.copy_swallowed_messages) {
             // The COPY failed, perhaps before reading the Sync queued behind it, which the
-            // server would then answer after all.
+            // server would then answer after all: one ReadyForQuery more than counted.
+            // (The COPY's own messages are over either way, as below.)
             self.unsure = true;
-            return;
         }
         self.failed_statement = match self.front() {
             Some(Owed::Bind | Owed::Describe) => {
@@ -893,6 +899,26 @@ mod tests {
             client(&mut t, "Q");
             server(&mut t, "TDCZ").unwrap();
             assert!(!t.is_idle());
+        }
+    }
+
+    #[test]
+    fn a_failed_copy_is_over_only_once_what_the_client_sent_after_it_is_answered() {
+        for extra in ["", "Z"] {
+            let mut t = ReplyTracker::default();
+            client(&mut t, "BES");
+            server(&mut t, "2G").unwrap();
+            client(&mut t, "dfS");
+            // Pipelined behind it: another batch.
+            client(&mut t, "PBES");
+            // The COPY's error and ReadyForQuery, perhaps one more than counted.
+            server(&mut t, "EZ").unwrap();
+            server(&mut t, extra).unwrap();
+            assert!(!t.unsure_but_over(), "{extra:?}: the second batch is owed");
+            server(&mut t, "12C").unwrap();
+            assert!(!t.unsure_but_over(), "{extra:?}: {t:?}");
+            server(&mut t, "Z").unwrap();
+            assert!(t.unsure_but_over(), "{extra:?}: {t:?}");
         }
     }
 
