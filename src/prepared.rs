@@ -499,6 +499,14 @@ impl<K: Eq + std::hash::Hash, V> LazyMap<K, V> {
             .insert(key, value)
     }
 
+    fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        self.0.as_mut()?.get_mut(key)
+    }
+
     fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where
         K: std::borrow::Borrow<Q>,
@@ -1248,7 +1256,25 @@ impl ClientStatements {
                 return statement;
             }
             let query = &statement.query;
-            registry.intern_under(situation.parse_env, query, &statement.param_types)
+            let now = registry.intern_under(situation.parse_env, query, &statement.param_types);
+            // The client's name means it from now on: it keeps what the client was told
+            // of the rows (checked where it is prepared), and stays in use.
+            let _ = now.shape.compare_exchange(
+                0,
+                statement.shape.load(Ordering::Acquire),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            let named = if name.is_empty() {
+                self.unnamed.as_mut()
+            } else {
+                self.named.get_mut(name)
+            };
+            if let Some(named) = named {
+                named.statement = Arc::clone(&now);
+            }
+            t.bound = Some(Arc::clone(&now));
+            now
         });
         if name.is_empty() {
             match &found {

@@ -1715,6 +1715,24 @@ async fn a_setting_beyond_ascii_reads_the_same_on_a_backend_left_in_another_enco
     }
 }
 
+/// Makes `role` (no login) a role `login` may SET ROLE to.
+async fn member_role(role: &str, login: &str) {
+    common::admin()
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(4242); \
+             DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN; \
+             GRANT {role} TO {login}; COMMIT"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn user(c: &tokio_postgres::Client) -> String {
+    let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
+    row.get(0)
+}
+
 /// A role given at startup (`options=-c role=…`) is the session's default role, as in
 /// PostgreSQL: `RESET ROLE`, `SET ROLE NONE` and `SET SESSION AUTHORIZATION DEFAULT`
 /// return to it, and no other client with that startup role ever runs as the login role.
@@ -1722,24 +1740,13 @@ async fn a_setting_beyond_ascii_reads_the_same_on_a_backend_left_in_another_enco
 async fn a_startup_role_is_what_reset_role_returns_to_for_this_client_and_others() {
     // (Three: the client pins one once it goes to the login's role, the hopper holds one.)
     let proxy = proxy("tx_role_login", "max_size = 3").await;
-    let admin = common::admin().await;
-    admin
-        .batch_execute(
-            "BEGIN; SELECT pg_advisory_xact_lock(4242); \
-             DROP ROLE IF EXISTS tx_role_reader; CREATE ROLE tx_role_reader NOLOGIN; \
-             GRANT tx_role_reader TO tx_role_login; COMMIT",
-        )
-        .await
-        .unwrap();
-    async fn user(c: &tokio_postgres::Client) -> String {
-        let row = c.query_one("SELECT current_user::text", &[]).await.unwrap();
-        row.get(0)
-    }
+    member_role("tx_role_reader", "tx_role_login").await;
     let mut direct_config = common::direct_config("tx_role_login", "pw");
     direct_config.options("-c role=tx_role_reader");
     let mut config = proxy.config("tx_role_login", "pw");
     config.options("-c role=tx_role_reader");
     let other = common::connect(&config).await.expect("login");
+    let plain = proxy.connect("tx_role_login", "pw").await.expect("login");
     let hopper = proxy.connect("tx_role_login", "pw").await.expect("login");
     let mut hopper = Hopper {
         other: hopper.client,
@@ -1750,6 +1757,9 @@ async fn a_startup_role_is_what_reset_role_returns_to_for_this_client_and_others
         "SET ROLE NONE",
         "SET SESSION AUTHORIZATION DEFAULT",
         "RESET SESSION AUTHORIZATION",
+        "RESET ALL",
+        "DISCARD ALL",
+        "BEGIN; RESET ROLE; ROLLBACK",
     ] {
         // (A client each: one that SET ROLE NONE stays pinned.)
         let direct = common::connect(&direct_config).await.expect("direct");
@@ -1763,6 +1773,7 @@ async fn a_startup_role_is_what_reset_role_returns_to_for_this_client_and_others
             let expected = user(&direct.client).await;
             assert_eq!(user(&conn.client).await, expected, "after {reset}");
             assert_eq!(user(&other.client).await, "tx_role_reader", "after {reset}");
+            assert_eq!(user(&plain.client).await, "tx_role_login", "after {reset}");
         }
     }
 }
@@ -1855,4 +1866,43 @@ async fn a_statement_prepared_again_after_a_time_zone_change_is_nobody_elses() {
         seen |= pid == elsewhere;
     }
     assert!(seen, "the stayer ran where the mover prepared it again");
+    // Two changes before the backend goes back: each Parse is read under its own.
+    let c = &mover.client;
+    c.batch_execute("BEGIN; SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let in_tokyo = c.prepare(sql).await.unwrap();
+    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    let in_utc = c.prepare(sql).await.unwrap();
+    assert_eq!(run(c, &in_tokyo).await.0, tokyo_epoch);
+    assert_eq!(run(c, &in_utc).await.0, utc);
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+/// What a backend is recorded to carry of a client's startup role stays true when the
+/// role survives a statement that only looked like it might change it (RESET ALL, a
+/// rolled-back RESET ROLE): the next client, which asked for no role, never runs as it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_role_that_survives_a_reset_is_never_another_clients() {
+    let proxy = proxy("tx_role_keep", "max_size = 1").await;
+    member_role("tx_role_keeper", "tx_role_keep").await;
+    let mut config = proxy.config("tx_role_keep", "pw");
+    config.options("-c role=tx_role_keeper");
+    let keeper = common::connect(&config).await.expect("login");
+    let plain = proxy.connect("tx_role_keep", "pw").await.expect("login");
+    for statement in ["RESET ALL", "BEGIN; RESET ROLE; ROLLBACK", "RESET ROLE"] {
+        assert_eq!(user(&keeper.client).await, "tx_role_keeper");
+        keeper.client.batch_execute(statement).await.unwrap();
+        // The one backend, next.
+        assert_eq!(
+            user(&plain.client).await,
+            "tx_role_keep",
+            "after {statement}"
+        );
+        assert_eq!(
+            user(&keeper.client).await,
+            "tx_role_keeper",
+            "after {statement}"
+        );
+    }
 }

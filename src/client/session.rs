@@ -276,10 +276,11 @@ pub struct Session {
     cancel: Registration,
     /// The ParameterStatus values the client has been told.
     client_view: ClientView,
-    /// A statement sent may have changed a setting statements are read under (a `SET
-    /// TimeZone`), which `client_view` shows only once the server reports it: until the
-    /// backend goes back, the client's statements are its own (`parse_env`).
-    parse_env_unsettled: bool,
+    /// Statements sent since the backend was borrowed that may have changed a setting
+    /// statements are read under (a `SET TimeZone`), which `client_view` shows only once
+    /// the server reports it: while any, the client's statements are its own, a new
+    /// environment at each (`parse_env`).
+    parse_env_unsettled: u64,
     /// Boxed: an idle client holds only the empty pointer, not room for a whole guard.
     backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
@@ -396,7 +397,7 @@ impl Session {
             statement_cancelled: false,
             cancel: login.cancel,
             client_view: login.client_view,
-            parse_env_unsettled: false,
+            parse_env_unsettled: 0,
             backend: None,
             client_in: leftover,
             client_idle_in: 0,
@@ -1084,7 +1085,7 @@ impl Session {
         }
         let query = crate::protocol::frame::take_cstr_bytes(&mut body)
             .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-        let trails = self.client_view.ascii_trails();
+        let trails = self.parse_env() & crate::server::ASCII_TRAILS != 0;
         let effects = sql::classify_in(query, trails);
         let Some(target) = effects
             .deallocate
@@ -1244,7 +1245,7 @@ impl Session {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
                 let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                     .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-                let trails = self.client_view.ascii_trails();
+                let trails = parse_env & crate::server::ASCII_TRAILS != 0;
                 Some(Cow::Owned(sql::classify_in(query, trails)))
             }
             // (Not for a stale statement's Bind: it is refused, below.)
@@ -1287,12 +1288,13 @@ impl Session {
                 }
             }
             let pinned = self.pinned.is_some();
-            self.parse_env_unsettled |= effects.all_settings
+            let parse_setting = effects.all_settings
                 || effects.settings.iter().any(|name| {
                     crate::server::PARSE_SETTINGS
                         .iter()
                         .any(|p| p.eq_ignore_ascii_case(name))
                 });
+            self.parse_env_unsettled += u64::from(parse_setting);
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
                 match self.pool.on_session_state() {
@@ -1431,21 +1433,22 @@ impl Session {
         Translation::Replace { head, tag: b'B' }
     }
 
-    /// What translating a message sent to the backend now needs to know.
     /// The client's parse environment (`ClientView::parse_env`), or while a setting it
     /// depends on may have changed unseen (`parse_env_unsettled`), one of this client's
-    /// own, shared with nobody.
+    /// own for each such change, shared with nobody, in which text is read as in an
+    /// encoding that may hide ASCII in its characters (a `SET client_encoding` unseen).
     fn parse_env(&self) -> u64 {
         let env = self.client_view.parse_env();
-        if !self.parse_env_unsettled {
+        if self.parse_env_unsettled == 0 {
             return env;
         }
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
-        ("unsettled", self.id.0).hash(&mut hasher);
-        (hasher.finish() & !crate::server::ASCII_TRAILS) | (env & crate::server::ASCII_TRAILS)
+        ("unsettled", self.id.0, self.parse_env_unsettled, env).hash(&mut hasher);
+        hasher.finish() | crate::server::ASCII_TRAILS
     }
 
+    /// What translating a message sent to the backend now needs to know.
     fn situation(
         limits: &Limits,
         parse_env: u64,
@@ -1787,17 +1790,23 @@ impl Session {
             }
             names.sort();
             names.dedup();
+            // (Who the session is changes only by what pins, or the server reports.)
+            names.retain(|n| n != "session_authorization");
             if !names.is_empty() {
                 // Only what this session set counts (a SET the server refused, or of a
                 // setting a session cannot change, leaves the default: nothing to follow).
+                // The role, which pg_settings does not show, is read as it is: `none` is
+                // none set (a RESET ROLE, a DISCARD ALL; not a rolled-back one).
                 let columns: Vec<String> = names
                     .iter()
-                    .map(|n| {
-                        format!(
+                    .map(|n| match n.as_str() {
+                        "role" => "pg_catalog.nullif(pg_catalog.current_setting('role'), 'none')"
+                            .to_owned(),
+                        n => format!(
                             "(SELECT pg_catalog.current_setting(s.name) FROM pg_catalog.pg_settings s \
                              WHERE pg_catalog.lower(s.name) = {} AND s.source = 'session')",
                             escape_literal(n)
-                        )
+                        ),
                     })
                     .collect();
                 let sql = format!("SELECT {}", columns.join(", "));
@@ -1814,7 +1823,7 @@ impl Session {
         }
         self.cancel.detach();
         // (What the statements changed has been reported by now.)
-        self.parse_env_unsettled = false;
+        self.parse_env_unsettled = 0;
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
             // A FATAL that came with its last reply belongs to it (it is closed, broken).

@@ -242,6 +242,10 @@ impl ReplyTracker {
             _ => {}
         }
         match Owed::from_tag(tag) {
+            // A CopyDone or CopyFail with nothing owed (its COPY failed, and its
+            // ReadyForQuery came, before this was passed on): the server ignores it, and
+            // it marks the end of no COPY still to come.
+            Some(Owed::CopyEnd) if self.owed.is_empty() => self.undone.extend(undo),
             Some(owed) => self.owed.push_back(Entry {
                 owed,
                 failed: false,
@@ -920,6 +924,17 @@ mod tests {
             server(&mut t, "Z").unwrap();
             assert!(t.unsure_but_over(), "{extra:?}: {t:?}");
         }
+    }
+
+    #[test]
+    fn a_copy_done_after_its_failed_copy_ended_leaves_nothing_owed() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        server(&mut t, "G").unwrap();
+        client(&mut t, "d");
+        server(&mut t, "EZ").unwrap();
+        client(&mut t, "dc");
+        assert!(t.is_idle(), "{t:?}");
     }
 
     #[test]
