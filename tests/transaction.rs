@@ -1801,6 +1801,30 @@ async fn text_in_an_encoding_that_hides_ascii_in_characters_pins_and_runs() {
     let hidden = query_bytes(&mut s, b"SELECT length(E'\x95\x5c')").await;
     assert_eq!(hidden.as_deref(), Ok(&b"1"[..]));
     assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before + 1);
+    // A UTF-8 client's text beyond ASCII behind a SET of another parse setting is read
+    // as usual (no pin); behind a SET of its encoding not yet reported, it pins.
+    let utf8 = proxy.connect("tx_sjis", "pw").await.expect("login");
+    utf8.client
+        .batch_execute("BEGIN; SET TimeZone = 'UTC'; SELECT 'café'; COMMIT")
+        .await
+        .unwrap();
+    utf8.client
+        .batch_execute("BEGIN; SET TimeZone = 'UTC'")
+        .await
+        .unwrap();
+    utf8.client.batch_execute("SELECT 'café'").await.unwrap();
+    utf8.client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before + 1);
+    let mut raw = raw::login_trusted(proxy.addr, "tx_sjis").await;
+    let mut pipelined = raw::query("SET client_encoding = 'SJIS'");
+    pipelined.extend(raw::query_bytes(b"SELECT length(E'\x95\x5c')"));
+    raw::send(&mut raw, &pipelined).await;
+    raw::until_ready(&mut raw).await;
+    assert_eq!(
+        first_value_until_ready(&mut raw).await.as_deref(),
+        Ok(&b"1"[..])
+    );
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before + 2);
 }
 
 /// A client that changes its TimeZone after preparing a statement never leaves a copy of

@@ -281,6 +281,8 @@ pub struct Session {
     /// the server reports it: while any, the client's statements are its own, a new
     /// environment at each (`parse_env`).
     parse_env_unsettled: u64,
+    /// One of them may have changed the client's encoding (see `parse_env`).
+    encoding_unsettled: bool,
     /// Boxed: an idle client holds only the empty pointer, not room for a whole guard.
     backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
@@ -398,6 +400,7 @@ impl Session {
             cancel: login.cancel,
             client_view: login.client_view,
             parse_env_unsettled: 0,
+            encoding_unsettled: false,
             backend: None,
             client_in: leftover,
             client_idle_in: 0,
@@ -1295,6 +1298,11 @@ impl Session {
                         .any(|p| p.eq_ignore_ascii_case(name))
                 });
             self.parse_env_unsettled += u64::from(parse_setting);
+            self.encoding_unsettled |= effects.all_settings
+                || effects
+                    .settings
+                    .iter()
+                    .any(|name| name.eq_ignore_ascii_case("client_encoding"));
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
                 match self.pool.on_session_state() {
@@ -1435,9 +1443,11 @@ impl Session {
 
     /// The client's parse environment (`ClientView::parse_env`), or while a setting it
     /// depends on may have changed unseen (`parse_env_unsettled`), one of this client's
-    /// own for each such change, shared with nobody, in which text is read as in an
-    /// encoding that may hide ASCII in its characters (a `SET client_encoding` unseen).
+    /// own for each such change, shared with nobody; after a change of encoding unseen
+    /// (`SET client_encoding`), text is read as in one that may hide ASCII in its
+    /// characters.
     fn parse_env(&self) -> u64 {
+        use crate::server::ASCII_TRAILS;
         let env = self.client_view.parse_env();
         if self.parse_env_unsettled == 0 {
             return env;
@@ -1445,7 +1455,8 @@ impl Session {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
         ("unsettled", self.id.0, self.parse_env_unsettled, env).hash(&mut hasher);
-        hasher.finish() | crate::server::ASCII_TRAILS
+        let trails = self.encoding_unsettled || env & ASCII_TRAILS != 0;
+        (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
     }
 
     /// What translating a message sent to the backend now needs to know.
@@ -1765,6 +1776,16 @@ impl Session {
     /// has ended, so what the server says is what follows the client.
     fn release_if_done(&mut self) {
         if self.pinned.is_some() {
+            // (Kept, but what the statements changed has been reported once all is
+            // answered: see `parse_env`.)
+            let idle = self
+                .backend
+                .as_mut()
+                .is_some_and(|b| b.server().replies.is_idle());
+            if idle {
+                self.parse_env_unsettled = 0;
+                self.encoding_unsettled = false;
+            }
             return;
         }
         let Some(backend) = self.backend.as_mut() else {
@@ -1824,6 +1845,7 @@ impl Session {
         self.cancel.detach();
         // (What the statements changed has been reported by now.)
         self.parse_env_unsettled = 0;
+        self.encoding_unsettled = false;
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
             // A FATAL that came with its last reply belongs to it (it is closed, broken).

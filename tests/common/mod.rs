@@ -391,9 +391,14 @@ pub mod raw {
 
     /// A simple Query message.
     pub fn query(sql: &str) -> Vec<u8> {
+        query_bytes(sql.as_bytes())
+    }
+
+    /// A simple Query message of text in any encoding.
+    pub fn query_bytes(sql: &[u8]) -> Vec<u8> {
         let mut msg = vec![b'Q'];
         msg.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
-        msg.extend_from_slice(sql.as_bytes());
+        msg.extend_from_slice(sql);
         msg.push(0);
         msg
     }
