@@ -1240,6 +1240,7 @@ impl ClientStatements {
         // settings now: if they are no longer those it was prepared under (the client
         // changed its TimeZone, say), the copy made here is the text's statement for the
         // settings now, so that no client of the old ones ever finds it on this backend.
+        let mut conflict = false;
         let found = found.map(|statement| {
             if statement.parse_env == situation.parse_env {
                 return statement;
@@ -1258,13 +1259,19 @@ impl ClientStatements {
             let query = &statement.query;
             let now = registry.intern_under(situation.parse_env, query, &statement.param_types);
             // The client's name means it from now on: it keeps what the client was told
-            // of the rows (checked where it is prepared), and stays in use.
-            let _ = now.shape.compare_exchange(
-                0,
-                statement.shape.load(Ordering::Acquire),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            // of the rows (checked where it is prepared), and stays in use. One another
+            // client was told other rows of (a schema change between) is refused, as
+            // PostgreSQL refuses a statement whose result type changed.
+            let told = statement.shape.load(Ordering::Acquire);
+            if let Err(known) =
+                now.shape
+                    .compare_exchange(0, told, Ordering::AcqRel, Ordering::Acquire)
+            {
+                if told != 0 && known != told {
+                    conflict = true;
+                    return statement;
+                }
+            }
             let named = if name.is_empty() {
                 self.unnamed.as_mut()
             } else {
@@ -1276,6 +1283,12 @@ impl ClientStatements {
             t.bound = Some(Arc::clone(&now));
             now
         });
+        if conflict {
+            // A Bind (it has a portal) fails as a stale statement's does; a Describe is
+            // passed on under the client's own name, which the server does not know.
+            t.refuse_stale = t.portal.is_some();
+            return None;
+        }
         if name.is_empty() {
             match &found {
                 // (Unless put there by a Parse of an earlier batch that may yet be

@@ -1901,6 +1901,30 @@ async fn a_statement_prepared_again_after_a_time_zone_change_is_nobody_elses() {
     assert_eq!(run(c, &in_tokyo).await.0, tokyo_epoch);
     assert_eq!(run(c, &in_utc).await.0, utc);
     c.batch_execute("COMMIT").await.unwrap();
+    // SET LOCAL too, the Parse pipelined behind it: a statement read under it is the
+    // mover's own.
+    let local_sql = format!("{sql} /* local */");
+    let (begun, local) = tokio::join!(
+        c.batch_execute("BEGIN; SET LOCAL TimeZone = 'Asia/Tokyo'"),
+        c.prepare(&local_sql)
+    );
+    begun.unwrap();
+    let local = local.unwrap();
+    let (epoch, local_pid) = run(c, &local).await;
+    assert_eq!(epoch, tokyo_epoch);
+    c.batch_execute("COMMIT").await.unwrap();
+    let mut seen = false;
+    for _ in 0..8 {
+        hopper.hop().await;
+        let fresh = stayer.client.prepare(&local_sql).await.unwrap();
+        let (epoch, pid) = run(&stayer.client, &fresh).await;
+        assert_eq!(epoch, utc, "not the statement read under SET LOCAL");
+        seen |= pid == local_pid;
+    }
+    assert!(
+        seen,
+        "the stayer ran where the mover read it under SET LOCAL"
+    );
 }
 
 /// What a backend is recorded to carry of a client's startup role stays true when the

@@ -1292,12 +1292,19 @@ impl Session {
             }
             let pinned = self.pinned.is_some();
             let parse_setting = effects.all_settings
+                || effects.local_parse_setting
                 || effects.settings.iter().any(|name| {
                     crate::server::PARSE_SETTINGS
                         .iter()
                         .any(|p| p.eq_ignore_ascii_case(name))
                 });
-            self.parse_env_unsettled += u64::from(parse_setting);
+            if parse_setting {
+                // (Process-wide: never the same private environment twice.)
+                static UNSETTLED: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(1);
+                self.parse_env_unsettled =
+                    UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             self.encoding_unsettled |= effects.all_settings
                 || effects
                     .settings
@@ -1454,7 +1461,7 @@ impl Session {
         }
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
-        ("unsettled", self.id.0, self.parse_env_unsettled, env).hash(&mut hasher);
+        ("unsettled", self.parse_env_unsettled, env).hash(&mut hasher);
         let trails = self.encoding_unsettled || env & ASCII_TRAILS != 0;
         (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
     }
@@ -2376,6 +2383,24 @@ fn apply_readback(
     };
     let mut not_utf8 = None;
     for (name, value) in readback.names.iter().zip(values) {
+        if name == "role" {
+            // What the backend runs as now, exactly (`none`: none set), so that a client
+            // wanting another is given it. A SET ROLE to a named role pins, so a role
+            // other than the one applied was reset (RESET ROLE, DISCARD ALL; a default
+            // of the login's): the client's is then the one it started as, if any.
+            let now = value.and_then(|v| String::from_utf8(v).ok());
+            let now = now.as_deref().unwrap_or("none");
+            let was = server
+                .applied()
+                .iter()
+                .find(|(k, _)| k == "role")
+                .map(|(_, v)| v.as_str());
+            if was.unwrap_or("none") != now {
+                settings.reset(name);
+            }
+            server.note_applied(name, now);
+            continue;
+        }
         match value.map(String::from_utf8) {
             Some(Ok(value)) => {
                 settings.record(name, &value);

@@ -87,6 +87,9 @@ pub struct Effects {
     pub schema_change: bool,
     /// How many statements the text holds.
     pub statements: usize,
+    /// It changes, for its transaction only, a setting statements are read under
+    /// (`SET LOCAL TimeZone`, `set_config('TimeZone', …, true)`).
+    pub local_parse_setting: bool,
     /// It makes the login's own role the current one (SET ROLE NONE): nothing to pin,
     /// unless the client started as another role (`options=-c role=…`): a role no query
     /// can read back (`pg_settings` does not show it), so the session pins that client.
@@ -103,6 +106,7 @@ impl Effects {
             && self.pin.is_none()
             && !self.schema_change
             && !self.to_login_role
+            && !self.local_parse_setting
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -362,14 +366,12 @@ pub fn classify(sql: &(impl AsRef<[u8]> + ?Sized)) -> Effects {
 /// text with a byte beyond ASCII cannot be read by its ASCII bytes: a statement pgshield
 /// cannot classify (it pins).
 pub fn classify_in(sql: &[u8], ascii_trails: bool) -> Effects {
+    let mut effects = classify(sql);
     if ascii_trails && !sql.is_ascii() {
-        return Effects {
-            pin: Some(PinReason::Unclassified),
-            statements: 1,
-            ..Effects::default()
-        };
+        // (What the bytes showed is kept, as a best guess for what else to follow.)
+        effects.pin = Some(PinReason::Unclassified);
     }
-    classify(sql)
+    effects
 }
 
 /// One of `PLAIN`, in any case.
@@ -704,9 +706,10 @@ enum Back {
 }
 
 fn back(e: &mut Effects, to: Back) {
-    match to {
-        Back::Reset => e.settings.push("role".into()),
-        Back::ToLogin => e.to_login_role = true,
+    // (The role is read back either way: what the backend runs as now.)
+    e.settings.push("role".into());
+    if let Back::ToLogin = to {
+        e.to_login_role = true;
     }
 }
 
@@ -724,8 +727,17 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     };
     // Only for the current transaction. (SET LOCAL ROLE, for row-level security: a change
     // of who the session is that outlives the statement still shows, in the server's
-    // report of `is_superuser` or `session_authorization`, and pins then.)
-    if is(t.first(), "transaction") || is(t.first(), "constraints") || local {
+    // report of `is_superuser` or `session_authorization`, and pins then.) Still, a
+    // statement parsed after a SET LOCAL TimeZone is read under it.
+    if is(t.first(), "transaction") || is(t.first(), "constraints") {
+        return;
+    }
+    if local {
+        if !is(t.first(), "role") && !is(t.first(), "session") {
+            let mut named = Effects::default();
+            set_names(t, &mut named);
+            e.local_parse_setting |= named.settings.iter().any(|n| is_parse_setting(n));
+        }
         return;
     }
     if is(t.first(), "role") {
@@ -747,6 +759,19 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         }
         return e.pin(PinReason::SessionAuthorization);
     }
+    set_names(t, e);
+}
+
+/// Whether PostgreSQL reads statements under this setting (see
+/// [`crate::server::PARSE_SETTINGS`]).
+fn is_parse_setting(name: &str) -> bool {
+    crate::server::PARSE_SETTINGS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(name))
+}
+
+/// The settings a SET (past SET [SESSION | LOCAL]) names.
+fn set_names(t: &[Token<'_>], e: &mut Effects) {
     if is(t.first(), "time") && is(t.get(1), "zone") {
         e.settings.push("timezone".into());
     } else if is(t.first(), "schema") {
@@ -814,6 +839,7 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
         }
     }
     if is(third, "true") {
+        e.local_parse_setting |= is_parse_setting(name);
         return;
     }
     if is(third, "false") {
@@ -1060,6 +1086,29 @@ mod tests {
         }
         for encoding in ["UTF8", "utf-8", "LATIN1", "EUC_JP", "WIN1252", "SQL_ASCII"] {
             assert!(!crate::server::has_ascii_trails(encoding), "{encoding}");
+        }
+    }
+
+    #[test]
+    fn a_transaction_only_change_of_a_setting_statements_are_read_under_is_known() {
+        for sql in [
+            "SET LOCAL TimeZone = 'Asia/Tokyo'",
+            "SET LOCAL TIME ZONE 'UTC'",
+            "set local datestyle to 'SQL, DMY'",
+            "SELECT set_config('TimeZone', 'UTC', true)",
+        ] {
+            let e = classify(sql);
+            assert!(
+                e.local_parse_setting && e.settings.is_empty(),
+                "{sql}: {e:?}"
+            );
+        }
+        for sql in [
+            "SET LOCAL work_mem = '1MB'",
+            "SET LOCAL ROLE r",
+            "SET TimeZone = 'UTC'",
+        ] {
+            assert!(!classify(sql).local_parse_setting, "{sql}");
         }
     }
 
