@@ -1267,7 +1267,9 @@ impl ClientStatements {
                 now.shape
                     .compare_exchange(0, told, Ordering::AcqRel, Ordering::Acquire)
             {
-                if told != 0 && known != told {
+                // (A Describe, no portal, is of the statement as it is now: the client's
+                // name then means it, as below.)
+                if told != 0 && known != told && t.portal.is_some() {
                     conflict = true;
                     return statement;
                 }
@@ -1284,9 +1286,8 @@ impl ClientStatements {
             now
         });
         if conflict {
-            // A Bind (it has a portal) fails as a stale statement's does; a Describe is
-            // passed on under the client's own name, which the server does not know.
-            t.refuse_stale = t.portal.is_some();
+            // The Bind fails as a stale statement's does (the client prepares it again).
+            t.refuse_stale = true;
             return None;
         }
         if name.is_empty() {

@@ -1306,6 +1306,7 @@ impl Session {
                     UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             self.encoding_unsettled |= effects.all_settings
+                || effects.local_encoding
                 || effects
                     .settings
                     .iter()
@@ -2393,12 +2394,15 @@ fn apply_readback(
             let was = server
                 .applied()
                 .iter()
-                .find(|(k, _)| k == "role")
+                .find(|(k, _)| k.eq_ignore_ascii_case("role"))
                 .map(|(_, v)| v.as_str());
             if was.unwrap_or("none") != now {
                 settings.reset(name);
             }
-            server.note_applied(name, now);
+            // (None applied and none set: nothing to note, nothing to reset later.)
+            if was.is_some() || now != "none" {
+                server.note_applied(name, now);
+            }
             continue;
         }
         match value.map(String::from_utf8) {

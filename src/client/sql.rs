@@ -90,6 +90,8 @@ pub struct Effects {
     /// It changes, for its transaction only, a setting statements are read under
     /// (`SET LOCAL TimeZone`, `set_config('TimeZone', …, true)`).
     pub local_parse_setting: bool,
+    /// Of those, the client's encoding (`SET LOCAL client_encoding`).
+    pub local_encoding: bool,
     /// It makes the login's own role the current one (SET ROLE NONE): nothing to pin,
     /// unless the client started as another role (`options=-c role=…`): a role no query
     /// can read back (`pg_settings` does not show it), so the session pins that client.
@@ -107,6 +109,7 @@ impl Effects {
             && !self.schema_change
             && !self.to_login_role
             && !self.local_parse_setting
+            && !self.local_encoding
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -737,6 +740,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
             let mut named = Effects::default();
             set_names(t, &mut named);
             e.local_parse_setting |= named.settings.iter().any(|n| is_parse_setting(n));
+            e.local_encoding |= named.settings.iter().any(|n| n == "client_encoding");
         }
         return;
     }
@@ -810,7 +814,18 @@ fn setting_name(t: &[Token<'_>], e: &mut Effects) {
             break;
         }
     }
-    e.settings.push(name.to_ascii_lowercase());
+    session_setting(name.to_ascii_lowercase(), e);
+}
+
+/// A session-level change of `name` (lower case): followed by reading it back, except who
+/// the session is, which pins as SET ROLE and SET SESSION AUTHORIZATION do (SET "role",
+/// set_config('role', …, false)).
+fn session_setting(name: String, e: &mut Effects) {
+    match name.as_str() {
+        "role" => e.pin(PinReason::SetRole),
+        "session_authorization" => e.pin(PinReason::SessionAuthorization),
+        _ => e.settings.push(name),
+    }
 }
 
 /// set_config('name', value, is_local): with a literal name and a literal `false` it sets
@@ -840,10 +855,11 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     }
     if is(third, "true") {
         e.local_parse_setting |= is_parse_setting(name);
+        e.local_encoding |= name.eq_ignore_ascii_case("client_encoding");
         return;
     }
     if is(third, "false") {
-        e.settings.push(name.to_ascii_lowercase());
+        session_setting(name.to_ascii_lowercase(), e);
     } else {
         e.pin(PinReason::Unclassified);
     }
@@ -1109,6 +1125,22 @@ mod tests {
             "SET TimeZone = 'UTC'",
         ] {
             assert!(!classify(sql).local_parse_setting, "{sql}");
+        }
+        for sql in [
+            "SET LOCAL client_encoding = 'SJIS'",
+            "SET LOCAL NAMES 'SJIS'",
+            "SELECT set_config('client_encoding', 'SJIS', true)",
+        ] {
+            assert!(classify(sql).local_encoding, "{sql}");
+        }
+        assert!(!classify("SET LOCAL TimeZone = 'UTC'").local_encoding);
+        // Who the session is, by other spellings, pins.
+        for sql in [
+            "SET \"role\" = admin",
+            "SELECT set_config('role', 'admin', false)",
+            "SELECT set_config('session_authorization', 'bob', false)",
+        ] {
+            assert!(pin(sql).is_some(), "{sql}");
         }
     }
 
