@@ -81,6 +81,9 @@ pub struct Statement {
     param_types: Vec<u32>,
     /// The fingerprint of the settings it is read under ([`crate::server::PARSE_SETTINGS`]).
     parse_env: u64,
+    /// No longer its text's statement in the registry (`Registry::retire`): a Parse of the
+    /// text is to look it up again.
+    retired: AtomicBool,
     /// What running it does to the session (classified once).
     effects: Effects,
     /// A server has accepted it (answered its Parse with ParseComplete).
@@ -205,10 +208,6 @@ pub const STALE_REFUSAL: &str =
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<RegistryInner>,
-    /// Moves whenever a text stops giving the statement it gave (`retire`): until it does,
-    /// a client may take the statement it interned last for the same text again without
-    /// a lookup (`ClientStatements::intern_unnamed`).
-    generation: AtomicU64,
 }
 
 /// A text's statement for one list of parameter types and one parse environment.
@@ -267,6 +266,7 @@ impl Registry {
             query: query.to_owned(),
             param_types: param_types.to_vec(),
             parse_env,
+            retired: AtomicBool::new(false),
             effects: sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0),
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
@@ -321,7 +321,7 @@ impl Registry {
         if variants.is_empty() {
             inner.by_text.remove(&statement.query[..]);
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        statement.retired.store(true, Ordering::Release);
     }
 
     /// A client changed the schema (ALTER, DROP, CREATE OR REPLACE): every statement may
@@ -332,10 +332,15 @@ impl Registry {
         let inner = &mut *guard;
         let own = &inner.own;
         inner.by_text.retain(|_, variants| {
-            variants.retain(|(_, _, weak)| own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s)));
+            variants.retain(|(_, _, weak)| {
+                let keep = own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s));
+                if let Some(statement) = weak.upgrade().filter(|_| !keep) {
+                    statement.retired.store(true, Ordering::Release);
+                }
+                keep
+            });
             !variants.is_empty()
         });
-        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// One of pgshield's own statements (no parameters), kept for the process's life.
@@ -452,8 +457,6 @@ impl Named {
 pub struct ClientStatements {
     named: LazyMap<Arc<str>, Named>,
     unnamed: Option<Named>,
-    /// The registry's generation when `unnamed` was interned.
-    unnamed_generation: u64,
     /// Each Close the server may yet skip (one after other messages in its batch: if one
     /// of them fails, the name comes back) holds a clone while its outcome is unknown:
     /// such names still count toward the client's limit, or a client could close names in
@@ -951,17 +954,16 @@ impl ClientStatements {
                 if self.named.contains_key(name) || self.full(name, max_named) {
                     return Ok(None); // the server is to refuse it
                 }
-                let (statement, generation) = if name.is_empty() {
+                let statement = if name.is_empty() {
                     self.intern_unnamed(registry, parse_env, query, &types)
                 } else {
-                    (registry.intern_under(parse_env, query, &types), 0)
+                    registry.intern_under(parse_env, query, &types)
                 };
                 if !statement.is_valid() {
                     return Ok(None);
                 }
                 if name.is_empty() {
                     self.unnamed = Some(Named::new(statement));
-                    self.unnamed_generation = generation;
                 } else {
                     self.named.insert(name.into(), Named::new(statement));
                 }
@@ -1084,29 +1086,27 @@ impl ClientStatements {
         Ok(t)
     }
 
-    /// The statement for an unnamed Parse, and the registry's generation to keep beside
-    /// it: the client's unnamed statement again when the text and types are its own and no
-    /// text was retired since (no lookup: drivers parse the same unnamed statement in
-    /// every transaction), else the registry's.
+    /// The statement for an unnamed Parse: the client's unnamed statement again when the
+    /// text, types and parse environment are its own and it is still the registry's for
+    /// them, not retired (no lookup: drivers parse the same unnamed statement in every
+    /// transaction), else the registry's.
     fn intern_unnamed(
         &self,
         registry: &Registry,
         parse_env: u64,
         query: &[u8],
         types: &[u32],
-    ) -> (Arc<Statement>, u64) {
-        // (Read first: a retirement after this read makes the next Parse look up again.)
-        let generation = registry.generation.load(Ordering::Acquire);
+    ) -> Arc<Statement> {
         if let Some(Named { statement, .. }) = &self.unnamed {
-            if self.unnamed_generation == generation
+            if !statement.retired.load(Ordering::Acquire)
                 && statement.parse_env == parse_env
                 && statement.query == query
                 && statement.param_types == types
             {
-                return (Arc::clone(statement), generation);
+                return Arc::clone(statement);
             }
         }
-        (registry.intern_under(parse_env, query, types), generation)
+        registry.intern_under(parse_env, query, types)
     }
 
     fn parse(
@@ -1120,12 +1120,10 @@ impl ClientStatements {
     ) {
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
-            let (statement, generation) =
-                self.intern_unnamed(registry, situation.parse_env, query, types);
+            let statement = self.intern_unnamed(registry, situation.parse_env, query, types);
             let named = Named::new(Arc::clone(&statement));
             let made_by = Some(named.made_by);
             self.unnamed = Some(named);
-            self.unnamed_generation = generation;
             t.undo = Some(server.unnamed_parsed(statement, situation, made_by));
             return;
         }
@@ -1625,9 +1623,8 @@ mod tests {
         let r = Registry::default();
         let mut c = ClientStatements::default();
         let unnamed = |c: &mut ClientStatements, query: &str, types: &[u32]| {
-            let (statement, generation) = c.intern_unnamed(&r, 0, query.as_bytes(), types);
+            let statement = c.intern_unnamed(&r, 0, query.as_bytes(), types);
             c.unnamed = Some(Named::new(Arc::clone(&statement)));
-            c.unnamed_generation = generation;
             statement
         };
         let first = unnamed(&mut c, "SELECT * FROM t", &[]);
@@ -1656,7 +1653,7 @@ mod tests {
         assert!(inner.by_text[&b"SELECT * FROM t"[..]].len() <= 3);
         drop(inner);
         // Read under other settings (another TimeZone, say): another statement.
-        let (elsewhere, _) = c.intern_unnamed(&r, 7, b"SELECT * FROM t", &[23]);
+        let elsewhere = c.intern_unnamed(&r, 7, b"SELECT * FROM t", &[23]);
         assert_ne!(
             elsewhere.name(),
             c.unnamed.as_ref().unwrap().statement.name()

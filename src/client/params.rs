@@ -23,7 +23,9 @@ pub struct ClientSettings {
     /// What the client gave at connection start, kept (in the same form) once its settings
     /// first change: PostgreSQL makes startup settings the session's defaults, which
     /// `RESET` and `DISCARD ALL` return to ([`ClientSettings::reset`]).
-    startup: Option<Box<str>>,
+    // (Boxed twice: an idle client holds a thin pointer, not a string's three words.)
+    #[allow(clippy::box_collection)]
+    startup: Option<Box<String>>,
 }
 
 impl ClientSettings {
@@ -130,7 +132,7 @@ impl ClientSettings {
     /// Before the first change: what the client started with is kept.
     fn changing(&mut self) {
         if self.startup.is_none() {
-            self.startup = Some(self.now.clone().into_boxed_str());
+            self.startup = Some(Box::new(self.now.clone()));
         }
     }
 

@@ -229,6 +229,9 @@ struct Readback {
     values: Option<Vec<Option<Vec<u8>>>>,
 }
 
+/// In `Session::parse_env_unsettled`: a statement sent may have changed the encoding.
+const ENCODING_UNSETTLED: u64 = 1 << 63;
+
 /// The rest of a message being passed along (or dropped) in pieces.
 #[derive(Debug, Default, Clone, Copy)]
 struct Passing {
@@ -280,9 +283,8 @@ pub struct Session {
     /// statements are read under (a `SET TimeZone`), which `client_view` shows only once
     /// the server reports it: while any, the client's statements are its own, a new
     /// environment at each (`parse_env`).
+    /// (The top bit: one of them may have changed the client's encoding.)
     parse_env_unsettled: u64,
-    /// One of them may have changed the client's encoding (see `parse_env`).
-    encoding_unsettled: bool,
     /// Boxed: an idle client holds only the empty pointer, not room for a whole guard.
     backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
@@ -400,7 +402,6 @@ impl Session {
             cancel: login.cancel,
             client_view: login.client_view,
             parse_env_unsettled: 0,
-            encoding_unsettled: false,
             backend: None,
             client_in: leftover,
             client_idle_in: 0,
@@ -1302,15 +1303,18 @@ impl Session {
                 // (Process-wide: never the same private environment twice.)
                 static UNSETTLED: std::sync::atomic::AtomicU64 =
                     std::sync::atomic::AtomicU64::new(1);
-                self.parse_env_unsettled =
-                    UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let next = UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let encoding = effects.all_settings
+                    || effects.local_encoding
+                    || effects
+                        .settings
+                        .iter()
+                        .any(|name| name.eq_ignore_ascii_case("client_encoding"));
+                let was_encoding = self.parse_env_unsettled & ENCODING_UNSETTLED;
+                self.parse_env_unsettled = (next & !ENCODING_UNSETTLED)
+                    | was_encoding
+                    | if encoding { ENCODING_UNSETTLED } else { 0 };
             }
-            self.encoding_unsettled |= effects.all_settings
-                || effects.local_encoding
-                || effects
-                    .settings
-                    .iter()
-                    .any(|name| name.eq_ignore_ascii_case("client_encoding"));
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
                 match self.pool.on_session_state() {
@@ -1463,7 +1467,7 @@ impl Session {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
         ("unsettled", self.parse_env_unsettled, env).hash(&mut hasher);
-        let trails = self.encoding_unsettled || env & ASCII_TRAILS != 0;
+        let trails = self.parse_env_unsettled & ENCODING_UNSETTLED != 0 || env & ASCII_TRAILS != 0;
         (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
     }
 
@@ -1792,7 +1796,6 @@ impl Session {
                 .is_some_and(|b| b.server().replies.is_idle());
             if idle {
                 self.parse_env_unsettled = 0;
-                self.encoding_unsettled = false;
             }
             return;
         }
@@ -1853,7 +1856,6 @@ impl Session {
         self.cancel.detach();
         // (What the statements changed has been reported by now.)
         self.parse_env_unsettled = 0;
-        self.encoding_unsettled = false;
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
             // A FATAL that came with its last reply belongs to it (it is closed, broken).
