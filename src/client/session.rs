@@ -2391,7 +2391,15 @@ fn apply_readback(
             // wanting another is given it. A SET ROLE to a named role pins, so a role
             // other than the one applied was reset (RESET ROLE, DISCARD ALL; a default
             // of the login's): the client's is then the one it started as, if any.
-            let now = value.and_then(|v| String::from_utf8(v).ok());
+            let now = match value.map(String::from_utf8) {
+                None => None,
+                Some(Ok(now)) => Some(now),
+                // (Not text pgshield can record: the client keeps this backend.)
+                Some(Err(_)) => {
+                    not_utf8 = Some(PinReason::SettingNotUtf8);
+                    continue;
+                }
+            };
             let now = now.as_deref().unwrap_or("none");
             let was = server
                 .applied()
