@@ -507,6 +507,10 @@ async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
         "BEGIN; SELECT pg_advisory_xact_lock(7); COMMIT",
         "SELECT 1",
         "CREATE TABLE IF NOT EXISTS tx_pin_plain (x int); INSERT INTO tx_pin_plain VALUES (1)",
+        NPGSQL_RESET,
+        "BEGIN; SET LOCAL ROLE tx_pin; SELECT current_user; COMMIT",
+        "BEGIN; CREATE TEMP TABLE tx_pin_stage (x int) ON COMMIT DROP; \
+         INSERT INTO tx_pin_stage VALUES (1); COMMIT",
     ] {
         conn.client
             .batch_execute(sql)
@@ -534,10 +538,20 @@ async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
     );
 }
 
+/// What Npgsql sends when it takes a connection back from its pool (with prepared
+/// statements; `No Reset On Close=false`).
+const NPGSQL_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;UNLISTEN *;\
+                            SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_mode_refuses_session_state_with_0a000_and_the_connection_stays_usable() {
     let proxy = proxy("tx_reject", "max_size = 2\non_session_state = \"reject\"").await;
     let conn = proxy.connect("tx_reject", "pw").await.expect("login");
+    // What only looks like session state is not refused.
+    conn.client
+        .batch_execute(NPGSQL_RESET)
+        .await
+        .expect("a pool's reset runs in reject mode");
     for sql in [
         "LISTEN tx_reject_channel",
         "CREATE TEMP TABLE tx_reject_t (x int)",
