@@ -1727,6 +1727,24 @@ async fn a_setting_beyond_ascii_reads_the_same_on_a_backend_left_in_another_enco
         let path = setting(&utf8.client, "search_path").await;
         assert_eq!(path, "sché,public");
     }
+    // A value given at startup is read in the server's encoding, whatever the client's
+    // (psql with PGCLIENTENCODING=LATIN1 and PGOPTIONS='-c search_path=sché' shows
+    // 'sché' in LATIN1 straight against PostgreSQL). Another value than the other
+    // client's, so that the backend has to be given it.
+    let mut given = raw::connect(proxy.addr).await;
+    let params = [
+        ("user", "tx_enc_mix"),
+        ("database", "app"),
+        ("client_encoding", "LATIN1"),
+        ("options", "-c search_path=schö,public"),
+    ];
+    raw::send(&mut given, &raw::startup(&params)).await;
+    raw::until_ready(&mut given).await;
+    for _ in 0..2 {
+        setting(&utf8.client, "search_path").await;
+        let path = query_bytes(&mut given, b"SHOW search_path").await;
+        assert_eq!(path.as_deref(), Ok(&b"sch\xf6,public"[..]));
+    }
 }
 
 /// Makes `role` (no login) a role `login` may SET ROLE to.

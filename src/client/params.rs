@@ -154,6 +154,13 @@ impl ClientSettings {
         }
     }
 
+    /// Whether `value` is `name`'s as the client gave it at startup: PostgreSQL reads such
+    /// a value in the server's encoding (it converts nothing before `client_encoding` is
+    /// set), one read back since in the client's.
+    pub fn as_given(&self, name: &str, value: &str) -> bool {
+        find(self.startup.as_deref().unwrap_or(&self.now), name) == Some(value)
+    }
+
     /// Records a setting the client changed during its session.
     pub fn record(&mut self, name: &str, value: &str) {
         if self.get(name) != Some(value) {
@@ -201,16 +208,15 @@ pub const SETTABLE_REPORTED: [&str; 8] = [
 ];
 
 /// One statement that applies `settings` and resets `resets` (none if both are empty).
-/// Values are in the client's encoding (`encoding`, its `client_encoding`); the statement
-/// is ASCII, so that it reads the same whatever encoding the backend is in when it
-/// arrives (the previous client's, perhaps).
+/// Each value comes with the encoding it is in (see [`ClientSettings::as_given`]); the
+/// statement is ASCII, so that it reads the same whatever encoding the backend is in when
+/// it arrives (the previous client's, perhaps).
 pub fn apply_statement<'a>(
-    settings: impl Iterator<Item = (&'a str, &'a str)>,
+    settings: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
     resets: impl Iterator<Item = &'a str>,
-    encoding: &str,
 ) -> Option<String> {
     let calls: Vec<String> = settings
-        .map(|(name, value)| {
+        .map(|(name, value, encoding)| {
             format!(
                 "pg_catalog.set_config({}, {}, false)",
                 escape_literal(name),
@@ -328,6 +334,7 @@ mod tests {
         assert_eq!(s.reset("search_path").as_deref(), Some("app"));
         assert_eq!(s.reset("work_mem"), None);
         assert_eq!(s.reset("statement_timeout").as_deref(), Some("5s"));
+        assert!(s.as_given("search_path", "app") && !s.as_given("search_path", "other"));
         assert_eq!(
             (s.get("search_path"), s.get("work_mem")),
             (Some("app"), None)
@@ -401,13 +408,12 @@ mod tests {
     fn apply_statement_quotes_names_and_values() {
         let sql = apply_statement(
             [
-                ("application_name", "it's"),
-                ("search_path", "a,b"),
-                ("search_path", "sché"),
+                ("application_name", "it's", "UTF8"),
+                ("search_path", "a,b", "UTF8"),
+                ("search_path", "sché", "LATIN1"),
             ]
             .into_iter(),
             std::iter::empty(),
-            "UTF8",
         )
         .unwrap();
         assert_eq!(
@@ -415,19 +421,14 @@ mod tests {
             "SELECT pg_catalog.set_config('application_name', 'it''s', false), \
              pg_catalog.set_config('search_path', 'a,b', false), \
              pg_catalog.set_config('search_path', \
-             pg_catalog.convert_from(pg_catalog.decode('736368c3a9', 'hex'), 'UTF8'), false)"
+             pg_catalog.convert_from(pg_catalog.decode('736368c3a9', 'hex'), 'LATIN1'), false)"
         );
         assert_eq!(
-            apply_statement(std::iter::empty(), std::iter::empty(), "UTF8"),
+            apply_statement(std::iter::empty(), std::iter::empty()),
             None
         );
         assert_eq!(
-            apply_statement(
-                std::iter::empty(),
-                ["work_mem", "my.\"odd"].into_iter(),
-                "UTF8"
-            )
-            .unwrap(),
+            apply_statement(std::iter::empty(), ["work_mem", "my.\"odd"].into_iter()).unwrap(),
             "RESET \"work_mem\"; RESET \"my.\"\"odd\""
         );
     }

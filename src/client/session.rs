@@ -2075,15 +2075,24 @@ impl Session {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         let extra: Vec<String> = self.settings.extra_on(server).map(str::to_owned).collect();
-        let encoding = self
+        let client_encoding = self
             .settings
             .get("client_encoding")
             .or_else(|| self.client_view.get("client_encoding"))
             .unwrap_or("UTF8");
+        let server_encoding = self.client_view.get("server_encoding").unwrap_or("UTF8");
+        let settings = &self.settings;
         let Some(sql) = params::apply_statement(
-            missing.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            missing.iter().map(|(k, v)| {
+                let given = settings.as_given(k, v);
+                let encoding = if given {
+                    server_encoding
+                } else {
+                    client_encoding
+                };
+                (k.as_str(), v.as_str(), encoding)
+            }),
             extra.iter().map(String::as_str),
-            encoding,
         ) else {
             server.note_settled(self.settings.as_str());
             return Ok(());
