@@ -557,3 +557,55 @@ async fn a_copy_that_fails_before_or_while_reading_its_data_leaves_the_session_u
         .await
         .expect("a fresh backend serves");
 }
+
+/// PostgreSQL makes the startup settings the session's defaults: `RESET`, `RESET ALL`,
+/// `DISCARD ALL` and `SET … TO DEFAULT` (asyncpg's and Npgsql's pools reset so at every
+/// release) return to them, not to the server's; a reset rolled back changes nothing.
+#[tokio::test]
+async fn resets_return_to_the_startup_settings_as_in_postgres() {
+    let proxy = proxy("sess_startup_reset").await;
+    let options = "-c statement_timeout=4321 -c search_path=startup_path";
+    let mut direct_config = common::direct_config("sess_startup_reset", "pw");
+    direct_config
+        .application_name("startup-app")
+        .options(options);
+    let mut config = proxy.config("sess_startup_reset", "pw");
+    config.application_name("startup-app").options(options);
+    let direct = common::connect(&direct_config).await.expect("direct");
+    let conn = common::connect(&config).await.expect("login");
+    for sql in [
+        "RESET ALL",
+        "RESET search_path; RESET statement_timeout; RESET application_name",
+        "SET search_path TO DEFAULT; SET statement_timeout TO DEFAULT",
+        "BEGIN; RESET ALL; ROLLBACK",
+        "DISCARD ALL",
+        "RESET ALL; SET search_path = later",
+    ] {
+        for c in [&direct.client, &conn.client] {
+            c.batch_execute("SET search_path = elsewhere; SET statement_timeout = 99")
+                .await
+                .unwrap();
+            c.batch_execute("SET application_name = 'renamed'; ")
+                .await
+                .unwrap();
+            c.batch_execute(sql).await.unwrap();
+        }
+        assert_eq!(
+            read(&conn.client).await,
+            read(&direct.client).await,
+            "{sql}"
+        );
+    }
+}
+
+async fn read(client: &tokio_postgres::Client) -> Vec<String> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('search_path'), current_setting('statement_timeout'), \
+             current_setting('application_name')",
+            &[],
+        )
+        .await
+        .expect("settings");
+    (0..3).map(|i| row.get::<_, String>(i)).collect()
+}

@@ -1986,3 +1986,80 @@ async fn a_startup_role_that_survives_a_reset_is_never_another_clients() {
         );
     }
 }
+
+/// What `search_path`, `statement_timeout` and `application_name` read after `sql`, for a
+/// client that gave other values at startup.
+async fn after_reset(client: &tokio_postgres::Client, sql: &str) -> [String; 3] {
+    client
+        .batch_execute("SET search_path = elsewhere; SET statement_timeout = 99")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET application_name = 'renamed'")
+        .await
+        .unwrap();
+    client.batch_execute(sql).await.unwrap();
+    let mut got = Vec::new();
+    for name in ["search_path", "statement_timeout", "application_name"] {
+        got.push(setting(client, name).await);
+    }
+    client.batch_execute("COMMIT").await.ok(); // (a transaction left open by `sql`)
+    got.try_into().expect("three")
+}
+
+/// A client that keeps its backend (pinned, or inside a transaction) and resets its
+/// settings returns to those it gave at startup, as in PostgreSQL, not to the server's
+/// defaults; a reset rolled back, or followed by a SET, leaves the session value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeping_its_backend_resets_to_its_startup_settings() {
+    use pgshield::client::sql::PinReason;
+    let proxy = proxy("tx_keep_reset", "max_size = 2").await;
+    let options = "-c statement_timeout=4321 -c search_path=startup_path";
+    let mut direct_config = common::direct_config("tx_keep_reset", "pw");
+    direct_config
+        .application_name("startup-app")
+        .options(options);
+    let mut config = proxy.config("tx_keep_reset", "pw");
+    config.application_name("startup-app").options(options);
+    let unpinned = common::connect(&config).await.expect("login");
+    let pinned = common::connect(&config).await.expect("login");
+    let listens = proxy.shared.pins.get(PinReason::Listen);
+    pinned
+        .client
+        .batch_execute("LISTEN tx_keep_reset")
+        .await
+        .unwrap();
+    assert_eq!(proxy.shared.pins.get(PinReason::Listen), listens + 1);
+    let pid_before = pid(&pinned.client).await;
+    let statements = [
+        "RESET ALL",
+        "RESET search_path; RESET statement_timeout; RESET application_name",
+        "SET search_path TO DEFAULT; SET statement_timeout TO DEFAULT",
+        "BEGIN; RESET ALL; ROLLBACK",
+        "BEGIN; RESET search_path; COMMIT",
+        "RESET ALL; SET search_path = later",
+        "DISCARD ALL",
+    ];
+    // Each beside a client of its own straight to PostgreSQL, given the same statements.
+    for (who, c) in [("pinned", &pinned.client), ("unpinned", &unpinned.client)] {
+        let direct = common::connect(&direct_config).await.expect("direct");
+        for sql in statements {
+            let expected = after_reset(&direct.client, sql).await;
+            assert_eq!(after_reset(c, sql).await, expected, "{who}: {sql}");
+            if sql == "DISCARD ALL" {
+                continue; // (not inside a transaction)
+            }
+            // Inside a transaction, the reset a statement of its own.
+            for c in [&direct.client, c] {
+                c.batch_execute("BEGIN").await.unwrap();
+            }
+            let expected = after_reset(&direct.client, sql).await;
+            assert_eq!(
+                after_reset(c, sql).await,
+                expected,
+                "{who}, in a transaction: {sql}"
+            );
+        }
+    }
+    assert_eq!(pid(&pinned.client).await, pid_before, "kept its backend");
+}
