@@ -154,11 +154,6 @@ impl ClientSettings {
         }
     }
 
-    /// What the client gave at connection start: its session's defaults.
-    pub fn startup(&self) -> impl Iterator<Item = (&str, &str)> {
-        pairs(self.startup.as_deref().unwrap_or(&self.now))
-    }
-
     /// Whether `value` is `name`'s as the client gave it at startup: PostgreSQL reads such
     /// a value in the server's encoding (it converts nothing before `client_encoding` is
     /// set), one read back since in the client's.
@@ -244,44 +239,6 @@ pub fn apply_statement<'a>(
     (!sql.is_empty()).then_some(sql)
 }
 
-/// One statement that gives back `startup` values (`name`, `value`, in `encoding`: the
-/// server's, see [`ClientSettings::as_given`]) that the backend holds no session value for
-/// now: after a `RESET`, `RESET ALL`, `DISCARD ALL` or `SET … TO DEFAULT`, PostgreSQL
-/// returns to the value given at startup, but a backend pgshield applied it to (as a
-/// session setting) returns to its own default. A session value (set after the reset,
-/// or the reset rolled back) is left as it is. Who the session runs as is not given back
-/// (`role` is not in `pg_settings`, and a role set since pins the client). `None`: nothing
-/// to give back.
-pub fn restore_statement<'a>(
-    startup: impl Iterator<Item = (&'a str, &'a str)>,
-    encoding: &str,
-) -> Option<String> {
-    let rows: Vec<String> = startup
-        .filter(|(name, _)| {
-            !["role", "session_authorization"]
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name))
-        })
-        .map(|(name, value)| {
-            format!(
-                "({}, {})",
-                escape_literal(&name.to_ascii_lowercase()),
-                value_sql(value, encoding)
-            )
-        })
-        .collect();
-    if rows.is_empty() {
-        return None;
-    }
-    Some(format!(
-        "SELECT pg_catalog.set_config(s.name, v.value, false) \
-         FROM (VALUES {}) AS v(name, value) \
-         JOIN pg_catalog.pg_settings s ON pg_catalog.lower(s.name) = v.name \
-         WHERE s.source <> 'session'",
-        rows.join(", ")
-    ))
-}
-
 /// Splits an `options` string as PostgreSQL does (whitespace separates, backslash escapes)
 /// and reads `-c name=value`, `-cname=value` and `--name=value` switches.
 pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
@@ -337,24 +294,6 @@ fn split_words(s: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn a_restore_gives_back_startup_values_but_never_the_role() {
-        let mut s = ClientSettings::default();
-        s.set("TimeZone", "Asia/Tokyo");
-        s.set("role", "reader");
-        s.set("search_path", "caf\u{e9}");
-        s.record("TimeZone", "UTC");
-        assert_eq!(s.get("TimeZone"), Some("UTC"));
-        let sql = restore_statement(s.startup(), "LATIN1").expect("some");
-        assert!(sql.contains("('timezone', 'Asia/Tokyo')"), "{sql}");
-        assert!(!sql.contains("reader"), "{sql}");
-        assert!(sql.is_ascii(), "{sql}");
-        assert!(sql.contains("'LATIN1'"), "{sql}");
-        assert!(sql.contains("s.source <> 'session'"), "{sql}");
-        let role_only = [("role", "reader"), ("session_authorization", "x")];
-        assert_eq!(restore_statement(role_only.into_iter(), "UTF8"), None);
-    }
 
     #[test]
     fn settings_keep_order_overwrite_by_name_and_allow_empty_values() {

@@ -221,9 +221,7 @@ struct FollowUp {
     readbacks: VecDeque<Readback>,
 }
 
-/// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became;
-/// with no names, a hidden statement giving back startup settings a reset took
-/// ([`params::restore_statement`]), whose rows say nothing.
+/// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became.
 #[derive(Debug)]
 struct Readback {
     names: Vec<String>,
@@ -1163,19 +1161,6 @@ impl Session {
             );
         }
         let parse_env = self.parse_env();
-        // Session mode: only a reset of startup settings is looked for (see `restore_after`).
-        let session_restore = if self.mode == PoolMode::Session && header.tag == b'Q' {
-            if !self.whole_message_arrived(header)? {
-                return Ok(false);
-            }
-            let mut body = &self.client_in[HEADER_LEN..header.len];
-            let query = crate::protocol::frame::take_cstr_bytes(&mut body)
-                .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-            let effects = sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0);
-            restore_after(&effects, &self.settings, &self.client_view)
-        } else {
-            None
-        };
         let Some(backend) = self.backend.as_mut() else {
             return Ok(true);
         };
@@ -1189,11 +1174,6 @@ impl Session {
                 left: header.len,
                 forward: true,
             };
-            if let Some(sql) = session_restore {
-                self.client_msg
-                    .pass(&mut self.client_in, &mut self.server_out);
-                send_restore(&sql, server, &mut self.server_out, &mut self.follow_up);
-            }
             return Ok(true);
         }
         let available = self.client_in.len().min(header.len);
@@ -1294,7 +1274,6 @@ impl Session {
             );
         }
         let mut drops = None;
-        let mut restore = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
             self.schema_changed |= effects.schema_change;
             match header.tag {
@@ -1373,15 +1352,6 @@ impl Session {
                     }
                 }
             }
-            // A client that keeps this backend past the Query (pinned, inside a
-            // transaction, or with more sent behind it) gets its startup settings back at
-            // once; one that lets go has them read back and applied at its next borrow.
-            let keeps = self.pinned.is_some()
-                || server.replies.tx_status() != TxStatus::Idle
-                || self.client_in.len() > header.len;
-            if header.tag == b'Q' && translation == Translation::PassOn && keeps {
-                restore = restore_after(&effects, &self.settings, &self.client_view);
-            }
         }
         match translation {
             Translation::PassOn => {
@@ -1429,12 +1399,6 @@ impl Session {
                 self.client_in.advance(header.len);
             }
             Translation::NeedMore | Translation::Hold => unreachable!("handled above"),
-        }
-        if let Some(sql) = restore {
-            // Right behind the Query, before anything the client sent after it.
-            self.client_msg
-                .pass(&mut self.client_in, &mut self.server_out);
-            send_restore(&sql, server, &mut self.server_out, &mut self.follow_up);
         }
         // Messages the server will skip (after an error it reported) are taken back now.
         if server.replies.has_takebacks() {
@@ -1656,10 +1620,8 @@ impl Session {
                         .as_mut()
                         .and_then(|f| f.readbacks.front_mut())
                     {
-                        if !front.names.is_empty() {
-                            let row = &server.read_buf[HEADER_LEN..header.len];
-                            front.values = crate::server::parse_data_row_raw(row);
-                        }
+                        let row = &server.read_buf[HEADER_LEN..header.len];
+                        front.values = crate::server::parse_data_row_raw(row);
                     }
                 }
                 if header.tag == b'Z' {
@@ -1667,7 +1629,6 @@ impl Session {
                         .follow_up
                         .as_mut()
                         .and_then(|f| f.readbacks.pop_front())
-                        .filter(|done| !done.names.is_empty())
                     {
                         if let Some(reason) = apply_readback(done, &mut self.settings, server) {
                             pin(
@@ -2396,48 +2357,6 @@ fn note_effects(
         dirty.names.extend(effects.settings.iter().cloned());
     }
     None
-}
-
-/// The statement giving back the startup settings that `effects` may have reset (RESET,
-/// RESET ALL, DISCARD ALL, SET … TO DEFAULT), if the client gave any of them.
-fn restore_after(
-    effects: &Effects,
-    settings: &ClientSettings,
-    client_view: &ClientView,
-) -> Option<String> {
-    if !effects.all_settings && effects.settings.is_empty() {
-        return None;
-    }
-    let touched = settings.startup().filter(|(name, _)| {
-        effects.all_settings
-            || effects
-                .settings
-                .iter()
-                .any(|s| s.eq_ignore_ascii_case(name))
-    });
-    // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
-    let encoding = client_view.get("server_encoding").unwrap_or("UTF8");
-    params::restore_statement(touched, encoding)
-}
-
-/// Sends a [`restore_after`] statement, hidden, right behind what was passed on.
-fn send_restore(
-    sql: &str,
-    server: &mut Server,
-    server_out: &mut BytesMut,
-    follow_up: &mut Option<Box<FollowUp>>,
-) {
-    if postgres_protocol::message::frontend::query(sql, server_out).is_ok() {
-        server.replies.sent_with(b'Q', Hide::All, None);
-        server.statements.forget_unnamed();
-        follow_up
-            .get_or_insert_with(Default::default)
-            .readbacks
-            .push_back(Readback {
-                names: Vec::new(),
-                values: None,
-            });
-    }
 }
 
 /// The prepared statements a client's statement drops on the server, if any: DISCARD ALL,
