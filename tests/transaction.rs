@@ -1986,3 +1986,86 @@ async fn a_startup_role_that_survives_a_reset_is_never_another_clients() {
         );
     }
 }
+
+/// A custom setting (`SET myapp.tenant = …`, how row-level security is often keyed) is
+/// not in `pg_settings`: it follows its client across backends all the same, a RESET of
+/// it too, and never reaches another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_setting_follows_its_client_and_no_other() {
+    let proxy = proxy("tx_custom", "max_size = 2").await;
+    let conn = proxy.connect("tx_custom", "pw").await.expect("login");
+    let other = proxy.connect("tx_custom", "pw").await.expect("login");
+    let observer = proxy.connect("tx_custom", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    conn.client
+        .batch_execute("SET myapp.tenant = '42'")
+        .await
+        .unwrap();
+    let mut pids = HashSet::new();
+    for _ in 0..6 {
+        hopper.hop().await;
+        pids.insert(pid(&conn.client).await);
+        assert_eq!(tenant(&conn.client).await.as_deref(), Some("42"));
+        for _ in 0..2 {
+            let seen = tenant(&observer.client).await;
+            assert!(seen.as_deref().unwrap_or("").is_empty(), "leaked: {seen:?}");
+        }
+    }
+    assert_eq!(pids.len(), 2, "transactions ran on both backends");
+    conn.client
+        .batch_execute("RESET myapp.tenant")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        hopper.hop().await;
+        let seen = tenant(&conn.client).await;
+        assert!(
+            seen.as_deref().unwrap_or("").is_empty(),
+            "after RESET: {seen:?}"
+        );
+        let seen = tenant(&observer.client).await;
+        assert!(seen.as_deref().unwrap_or("").is_empty(), "leaked: {seen:?}");
+    }
+}
+
+async fn tenant(client: &tokio_postgres::Client) -> Option<String> {
+    client
+        .query_one("SELECT current_setting('myapp.tenant', true)", &[])
+        .await
+        .expect("read")
+        .get(0)
+}
+
+/// A read-back that includes who the session runs as (a client started with a `role`
+/// that runs `RESET ALL`) reads the other settings too: the reset follows the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_by_a_client_started_with_a_role_follows_it() {
+    let proxy = proxy("tx_role_rb", "max_size = 2").await;
+    member_role("tx_role_rb_reader", "tx_role_rb").await;
+    let mut direct_config = common::direct_config("tx_role_rb", "pw");
+    direct_config.options("-c role=tx_role_rb_reader");
+    let mut config = proxy.config("tx_role_rb", "pw");
+    config.options("-c role=tx_role_rb_reader");
+    let direct = common::connect(&direct_config).await.expect("direct");
+    let conn = common::connect(&config).await.expect("login");
+    let other = proxy.connect("tx_role_rb", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    for c in [&direct.client, &conn.client] {
+        c.batch_execute("SET search_path = elsewhere")
+            .await
+            .unwrap();
+        c.batch_execute("RESET ALL").await.unwrap();
+    }
+    let expected = setting(&direct.client, "search_path").await;
+    for _ in 0..4 {
+        hopper.hop().await;
+        assert_eq!(setting(&conn.client, "search_path").await, expected);
+        assert_eq!(user(&conn.client).await, "tx_role_rb_reader");
+    }
+}

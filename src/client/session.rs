@@ -1832,8 +1832,19 @@ impl Session {
                 let columns: Vec<String> = names
                     .iter()
                     .map(|n| match n.as_str() {
-                        "role" => "pg_catalog.nullif(pg_catalog.current_setting('role'), 'none')"
+                        "role" => "NULLIF(pg_catalog.current_setting('role'), 'none')"
                             .to_owned(),
+                        // A custom setting no extension defines (`myapp.tenant`) is a
+                        // placeholder, which `pg_settings` does not show: its value is
+                        // the session's (empty: none set, or reset).
+                        n if n.contains('.') => format!(
+                            "COALESCE((SELECT pg_catalog.current_setting(s.name) \
+                             FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = {0} \
+                             AND s.source = 'session'), CASE WHEN NOT EXISTS (SELECT FROM \
+                             pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = {0}) \
+                             THEN NULLIF(pg_catalog.current_setting({0}, true), '') END)",
+                            escape_literal(n)
+                        ),
                         n => format!(
                             "(SELECT pg_catalog.current_setting(s.name) FROM pg_catalog.pg_settings s \
                              WHERE pg_catalog.lower(s.name) = {} AND s.source = 'session')",
