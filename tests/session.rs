@@ -557,3 +557,86 @@ async fn a_copy_that_fails_before_or_while_reading_its_data_leaves_the_session_u
         .await
         .expect("a fresh backend serves");
 }
+
+/// PostgreSQL makes the startup settings the session's defaults: `RESET`, `RESET ALL`,
+/// `DISCARD ALL` and `SET … TO DEFAULT` (asyncpg's and Npgsql's pools reset so at every
+/// release) return to them, not to the server's; a reset rolled back changes nothing.
+#[tokio::test]
+async fn resets_return_to_the_startup_settings_as_in_postgres() {
+    let proxy = proxy("sess_startup_reset").await;
+    let options = "-c statement_timeout=4321 -c search_path=startup_path -c myapp.tenant=7";
+    let mut direct_config = common::direct_config("sess_startup_reset", "pw");
+    direct_config
+        .application_name("startup-app")
+        .options(options);
+    let mut config = proxy.config("sess_startup_reset", "pw");
+    config.application_name("startup-app").options(options);
+    let direct = common::connect(&direct_config).await.expect("direct");
+    let conn = common::connect(&config).await.expect("login");
+    for sql in [
+        "RESET ALL",
+        "RESET search_path; RESET statement_timeout; RESET application_name",
+        "SET search_path TO DEFAULT; SET statement_timeout TO DEFAULT",
+        "BEGIN; RESET ALL; ROLLBACK",
+        "DISCARD ALL",
+        "RESET ALL; SET search_path = later",
+    ] {
+        for c in [&direct.client, &conn.client] {
+            c.batch_execute("SET search_path = elsewhere; SET statement_timeout = 99")
+                .await
+                .unwrap();
+            c.batch_execute("SET application_name = 'renamed'; SET myapp.tenant = 8")
+                .await
+                .unwrap();
+            c.batch_execute(sql).await.unwrap();
+        }
+        assert_eq!(
+            read(&conn.client).await,
+            read(&direct.client).await,
+            "{sql}"
+        );
+    }
+    // A reset inside a transaction takes no snapshot of pgshield's before the transaction
+    // says how it runs; its startup values are back once it ends.
+    for c in [&direct.client, &conn.client] {
+        c.batch_execute("SET search_path = elsewhere")
+            .await
+            .unwrap();
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute("RESET ALL").await.unwrap();
+        c.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(read(&conn.client).await, read(&direct.client).await);
+    // A COPY right behind a reset.
+    conn.client
+        .batch_execute("CREATE TEMP TABLE reset_copy (x int)")
+        .await
+        .unwrap();
+    conn.client.batch_execute("RESET ALL").await.unwrap();
+    let sink = conn
+        .client
+        .copy_in::<_, bytes::Bytes>("COPY reset_copy FROM STDIN")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"7\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    assert_eq!(read(&conn.client).await, read(&direct.client).await);
+}
+
+async fn read(client: &tokio_postgres::Client) -> Vec<String> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('search_path'), current_setting('statement_timeout'), \
+             current_setting('application_name'), current_setting('myapp.tenant', true)",
+            &[],
+        )
+        .await
+        .expect("settings");
+    (0..4)
+        .map(|i| row.get::<_, Option<String>>(i).unwrap_or_default())
+        .collect()
+}

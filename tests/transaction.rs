@@ -2069,3 +2069,127 @@ async fn a_reset_by_a_client_started_with_a_role_follows_it() {
         assert_eq!(user(&conn.client).await, "tx_role_rb_reader");
     }
 }
+
+/// What `search_path`, `statement_timeout` and `application_name` read after `sql` (with
+/// `extended`, run through the extended protocol), for a client that gave other values at
+/// startup; `in_transaction`: set and reset inside one, read after it commits.
+async fn after_reset(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    in_transaction: bool,
+    extended: bool,
+) -> [String; 3] {
+    if in_transaction {
+        client.batch_execute("BEGIN").await.unwrap();
+    }
+    client
+        .batch_execute("SET search_path = elsewhere; SET statement_timeout = 99")
+        .await
+        .unwrap();
+    client
+        .batch_execute("SET application_name = 'renamed'")
+        .await
+        .unwrap();
+    if extended {
+        client.execute(sql, &[]).await.unwrap();
+    } else {
+        client.batch_execute(sql).await.unwrap();
+    }
+    if in_transaction {
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    let mut got = Vec::new();
+    for name in ["search_path", "statement_timeout", "application_name"] {
+        got.push(setting(client, name).await);
+    }
+    got.try_into().expect("three")
+}
+
+/// A client that keeps its backend (pinned) and resets its settings returns to those it
+/// gave at startup, as in PostgreSQL, not to the server's defaults; a reset rolled back,
+/// or followed by a SET, leaves the session value. (So does one that lets go of its
+/// backend, by the read-back at release.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeping_its_backend_resets_to_its_startup_settings() {
+    use pgshield::client::sql::PinReason;
+    let proxy = proxy("tx_keep_reset", "max_size = 2").await;
+    let options = "-c statement_timeout=4321 -c search_path=startup_path";
+    let mut direct_config = common::direct_config("tx_keep_reset", "pw");
+    direct_config
+        .application_name("startup-app")
+        .options(options);
+    let mut config = proxy.config("tx_keep_reset", "pw");
+    config.application_name("startup-app").options(options);
+    let unpinned = common::connect(&config).await.expect("login");
+    let pinned = common::connect(&config).await.expect("login");
+    let listens = proxy.shared.pins.get(PinReason::Listen);
+    pinned
+        .client
+        .batch_execute("LISTEN tx_keep_reset")
+        .await
+        .unwrap();
+    assert_eq!(proxy.shared.pins.get(PinReason::Listen), listens + 1);
+    let pid_before = pid(&pinned.client).await;
+    let statements = [
+        "RESET ALL",
+        "RESET search_path; RESET statement_timeout; RESET application_name",
+        "SET search_path TO DEFAULT; SET statement_timeout TO DEFAULT",
+        "BEGIN; RESET ALL; ROLLBACK",
+        "RESET ALL; SET search_path = later",
+        "DISCARD ALL",
+    ];
+    // Each beside a client of its own straight to PostgreSQL, given the same statements.
+    for (who, c) in [("pinned", &pinned.client), ("unpinned", &unpinned.client)] {
+        let direct = common::connect(&direct_config).await.expect("direct");
+        for sql in statements {
+            let expected = after_reset(&direct.client, sql, false, false).await;
+            assert_eq!(
+                after_reset(c, sql, false, false).await,
+                expected,
+                "{who}: {sql}"
+            );
+            if sql.contains(';') || sql == "DISCARD ALL" {
+                continue; // (one statement; DISCARD ALL not inside a transaction)
+            }
+            let expected = after_reset(&direct.client, sql, true, false).await;
+            let got = after_reset(c, sql, true, false).await;
+            assert_eq!(got, expected, "{who}, in a transaction: {sql}");
+            let expected = after_reset(&direct.client, sql, false, true).await;
+            let got = after_reset(c, sql, false, true).await;
+            assert_eq!(got, expected, "{who}, extended protocol: {sql}");
+        }
+    }
+    assert_eq!(pid(&pinned.client).await, pid_before, "kept its backend");
+}
+
+/// What pgshield answers itself (a DEALLOCATE of the client's own statement) right after
+/// a reset by a pinned client still is: the startup settings given back wait for the next
+/// message that reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deallocate_right_after_a_pinned_clients_reset_is_answered() {
+    let proxy = trusted_proxy("tx_reset_dealloc", "max_size = 2").await;
+    let mut s = raw::connect(proxy.addr).await;
+    let params = [
+        ("user", "tx_reset_dealloc"),
+        ("database", "app"),
+        ("options", "-c search_path=startup_path"),
+    ];
+    raw::send(&mut s, &raw::startup(&params)).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &raw::query("LISTEN tx_reset_dealloc")).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+    for _ in 0..20 {
+        let mut parse = raw::message(b'P', b"s1\0SELECT 1\0\0\0");
+        parse.extend(raw::SYNC);
+        raw::send(&mut s, &parse).await;
+        assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+        raw::send(&mut s, &raw::query("RESET ALL")).await;
+        assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+        raw::send(&mut s, &raw::query("DEALLOCATE s1")).await;
+        let (tags, codes) = raw::until_ready(&mut s).await;
+        assert_eq!((tags.as_str(), codes), ("CZ", Vec::new()));
+    }
+    raw::send(&mut s, &raw::query("SELECT current_setting('search_path')")).await;
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert_eq!((tags.as_str(), codes), ("TDCZ", Vec::new()));
+}

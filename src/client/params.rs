@@ -154,6 +154,11 @@ impl ClientSettings {
         }
     }
 
+    /// What the client gave at connection start: its session's defaults.
+    pub fn startup(&self) -> impl Iterator<Item = (&str, &str)> {
+        pairs(self.startup.as_deref().unwrap_or(&self.now))
+    }
+
     /// Whether `value` is `name`'s as the client gave it at startup: PostgreSQL reads such
     /// a value in the server's encoding (it converts nothing before `client_encoding` is
     /// set), one read back since in the client's.
@@ -239,6 +244,56 @@ pub fn apply_statement<'a>(
     (!sql.is_empty()).then_some(sql)
 }
 
+/// Startup settings a reset never gives back: who the session runs as (`role` is not in
+/// `pg_settings`, and a role set since pins the client), and what only a transaction's
+/// start may set.
+const NOT_RESTORED: [&str; 5] = [
+    "role",
+    "session_authorization",
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+];
+
+/// One statement that gives back `startup` values (`name`, `value`, in `encoding`: the
+/// server's, see [`ClientSettings::as_given`]) that the backend holds no session value for
+/// now: after a `RESET`, `RESET ALL`, `DISCARD ALL` or `SET … TO DEFAULT`, PostgreSQL
+/// returns to the value given at startup, but a backend pgshield applied it to (as a
+/// session setting) returns to its own default. A session value (set after the reset,
+/// or the reset rolled back) is left as it is; so is a custom setting (`myapp.tenant`,
+/// which `pg_settings` does not show) with a value. It is sent outside any transaction;
+/// it touches only what the session may change now (`user` settings; `superuser` ones as
+/// a superuser), so that one it may not does not fail the rest. `None`: nothing to give
+/// back.
+pub fn restore_statement<'a>(
+    startup: impl Iterator<Item = (&'a str, &'a str)>,
+    encoding: &str,
+) -> Option<String> {
+    let rows: Vec<String> = startup
+        .filter(|(name, _)| !NOT_RESTORED.iter().any(|n| n.eq_ignore_ascii_case(name)))
+        .map(|(name, value)| {
+            format!(
+                "({}, {})",
+                escape_literal(&name.to_ascii_lowercase()),
+                value_sql(value, encoding)
+            )
+        })
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "SELECT pg_catalog.set_config(v.name, v.value, false) \
+         FROM (VALUES {}) AS v(name, value) \
+         LEFT JOIN pg_catalog.pg_settings s ON pg_catalog.lower(s.name) = v.name \
+         WHERE CASE WHEN s.name IS NULL \
+         THEN COALESCE(pg_catalog.current_setting(v.name, true), '') = '' \
+         ELSE s.source <> 'session' AND (s.context = 'user' OR (s.context = 'superuser' \
+         AND pg_catalog.current_setting('is_superuser') = 'on')) END",
+        rows.join(", ")
+    ))
+}
+
 /// Splits an `options` string as PostgreSQL does (whitespace separates, backslash escapes)
 /// and reads `-c name=value`, `-cname=value` and `--name=value` switches.
 pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
@@ -294,6 +349,28 @@ fn split_words(s: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_restore_gives_back_startup_values_but_never_the_role() {
+        let mut s = ClientSettings::default();
+        s.set("TimeZone", "Asia/Tokyo");
+        s.set("role", "reader");
+        s.set("search_path", "caf\u{e9}");
+        s.record("TimeZone", "UTC");
+        assert_eq!(s.get("TimeZone"), Some("UTC"));
+        let sql = restore_statement(s.startup(), "LATIN1").expect("some");
+        assert!(sql.contains("('timezone', 'Asia/Tokyo')"), "{sql}");
+        assert!(!sql.contains("reader"), "{sql}");
+        assert!(sql.is_ascii(), "{sql}");
+        assert!(sql.contains("'LATIN1'"), "{sql}");
+        assert!(sql.contains("s.source <> 'session'"), "{sql}");
+        let role_only = [
+            ("role", "reader"),
+            ("Session_Authorization", "x"),
+            ("transaction_isolation", "serializable"),
+        ];
+        assert_eq!(restore_statement(role_only.into_iter(), "UTF8"), None);
+    }
 
     #[test]
     fn settings_keep_order_overwrite_by_name_and_allow_empty_values() {

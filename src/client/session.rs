@@ -219,15 +219,36 @@ impl Dirty {
 struct FollowUp {
     dirty: Dirty,
     readbacks: VecDeque<Readback>,
+    /// A client that keeps its backend (pinned, session mode) reset settings: its startup
+    /// values are given back once the backend is next idle
+    /// ([`params::restore_statement`]).
+    restore_due: bool,
 }
 
-/// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became.
+/// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became;
+/// with no names, a hidden statement giving back startup settings after a reset
+/// ([`params::restore_statement`]), whose rows say nothing.
 #[derive(Debug)]
 struct Readback {
     names: Vec<String>,
     /// In the client's encoding.
     values: Option<Vec<Option<Vec<u8>>>>,
 }
+
+/// `parse_env_unsettled` once a statement that may change parse settings (`encoding`: the
+/// client's encoding among them) is sent: a private environment of its own.
+fn unsettled(was: u64, encoding: bool) -> u64 {
+    // (Process-wide: never the same private environment twice.)
+    static UNSETTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let next = UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (next & !ENCODING_UNSETTLED)
+        | (was & ENCODING_UNSETTLED)
+        | if encoding { ENCODING_UNSETTLED } else { 0 }
+}
+
+/// Session mode: the longest Query looked at for a reset of settings (longer ones stream
+/// through unread).
+const RESET_SCAN_LIMIT: usize = 8 * 1024;
 
 /// In `Session::parse_env_unsettled`: a statement sent may have changed the encoding.
 const ENCODING_UNSETTLED: u64 = 1 << 63;
@@ -548,7 +569,7 @@ impl Session {
                 if self
                     .follow_up
                     .as_ref()
-                    .is_some_and(|f| f.dirty.is_empty() && f.readbacks.is_empty())
+                    .is_some_and(|f| f.dirty.is_empty() && f.readbacks.is_empty() && !f.restore_due)
                 {
                     self.follow_up = None;
                 }
@@ -1129,6 +1150,50 @@ impl Session {
         Ok(true)
     }
 
+    /// Gives back the startup settings a reset took (see [`params::restore_statement`]),
+    /// in a hidden statement sent before the client's next message (`tag`), if the client
+    /// keeps its backend and it is idle: outside a transaction, with nothing under way
+    /// (a DEALLOCATE pgshield answers itself, or a Terminate, does not wait for it). In
+    /// session mode, where nothing prepares the client's unnamed statement again, only
+    /// before a Query (which drops it anyway) or a Parse (which starts a batch).
+    fn restore_startup_settings(&mut self, tag: u8) {
+        let keeps = match self.mode {
+            PoolMode::Session => matches!(tag, b'Q' | b'P'),
+            PoolMode::Transaction => self.pinned.is_some(),
+        };
+        let Some(backend) = self.backend.as_mut().filter(|_| keeps) else {
+            return;
+        };
+        let server = backend.server();
+        let Some(follow_up) = self.follow_up.as_mut() else {
+            return;
+        };
+        if !server.replies.is_idle() || self.client_msg.left > 0 {
+            return;
+        }
+        follow_up.restore_due = false;
+        // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
+        let encoding = self.client_view.get("server_encoding").unwrap_or("UTF8");
+        let Some(sql) = params::restore_statement(self.settings.startup(), encoding) else {
+            return;
+        };
+        if postgres_protocol::message::frontend::query(&sql, &mut self.server_out).is_err() {
+            return;
+        }
+        server.replies.sent_with(b'Q', Hide::All, None);
+        server.statements.forget_unnamed();
+        follow_up.readbacks.push_back(Readback {
+            names: Vec::new(),
+            values: None,
+        });
+        // What follows is read under the settings given back, once they are reported.
+        let encoding = self
+            .settings
+            .startup()
+            .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding"));
+        self.parse_env_unsettled = unsettled(self.parse_env_unsettled, encoding);
+    }
+
     /// Whether all of a client message that must be read whole has arrived (room is made
     /// for the rest if not; its size was checked against listen.max_message_size).
     fn whole_message_arrived(&mut self, header: Header) -> Result<bool, End> {
@@ -1160,7 +1225,26 @@ impl Session {
                 reason,
             );
         }
+        if self.follow_up.as_ref().is_some_and(|f| f.restore_due) {
+            // (First: what this message is read under may be what it gives back.)
+            self.restore_startup_settings(header.tag);
+        }
         let parse_env = self.parse_env();
+        // Session mode: only a reset of settings is looked for (see `params::restore_statement`), in
+        // a Query short enough to hold whole.
+        if self.mode == PoolMode::Session && header.tag == b'Q' && header.len <= RESET_SCAN_LIMIT {
+            if !self.whole_message_arrived(header)? {
+                return Ok(false);
+            }
+            let mut body = &self.client_in[HEADER_LEN..header.len];
+            let query = crate::protocol::frame::take_cstr_bytes(&mut body)
+                .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
+            if sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0).resets {
+                self.follow_up
+                    .get_or_insert_with(Default::default)
+                    .restore_due = true;
+            }
+        }
         let Some(backend) = self.backend.as_mut() else {
             return Ok(true);
         };
@@ -1300,20 +1384,13 @@ impl Session {
                         .any(|p| p.eq_ignore_ascii_case(name))
                 });
             if parse_setting {
-                // (Process-wide: never the same private environment twice.)
-                static UNSETTLED: std::sync::atomic::AtomicU64 =
-                    std::sync::atomic::AtomicU64::new(1);
-                let next = UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let encoding = effects.all_settings
                     || effects.local_encoding
                     || effects
                         .settings
                         .iter()
                         .any(|name| name.eq_ignore_ascii_case("client_encoding"));
-                let was_encoding = self.parse_env_unsettled & ENCODING_UNSETTLED;
-                self.parse_env_unsettled = (next & !ENCODING_UNSETTLED)
-                    | was_encoding
-                    | if encoding { ENCODING_UNSETTLED } else { 0 };
+                self.parse_env_unsettled = unsettled(self.parse_env_unsettled, encoding);
             }
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
@@ -1351,6 +1428,13 @@ impl Session {
                         );
                     }
                 }
+            }
+            if effects.resets {
+                // Acted on if the client keeps this backend (pinned, now or later in this
+                // transaction); forgotten when it lets go (read back then).
+                self.follow_up
+                    .get_or_insert_with(Default::default)
+                    .restore_due = true;
             }
         }
         match translation {
@@ -1620,8 +1704,10 @@ impl Session {
                         .as_mut()
                         .and_then(|f| f.readbacks.front_mut())
                     {
-                        let row = &server.read_buf[HEADER_LEN..header.len];
-                        front.values = crate::server::parse_data_row_raw(row);
+                        if !front.names.is_empty() {
+                            let row = &server.read_buf[HEADER_LEN..header.len];
+                            front.values = crate::server::parse_data_row_raw(row);
+                        }
                     }
                 }
                 if header.tag == b'Z' {
@@ -1629,6 +1715,7 @@ impl Session {
                         .follow_up
                         .as_mut()
                         .and_then(|f| f.readbacks.pop_front())
+                        .filter(|done| !done.names.is_empty())
                     {
                         if let Some(reason) = apply_readback(done, &mut self.settings, server) {
                             pin(
@@ -1867,6 +1954,10 @@ impl Session {
         self.cancel.detach();
         // (What the statements changed has been reported by now.)
         self.parse_env_unsettled = 0;
+        if let Some(follow_up) = self.follow_up.as_mut() {
+            // Read back instead (a reset shows as no session value).
+            follow_up.restore_due = false;
+        }
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
             // A FATAL that came with its last reply belongs to it (it is closed, broken).

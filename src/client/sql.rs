@@ -96,6 +96,9 @@ pub struct Effects {
     /// unless the client started as another role (`options=-c role=…`): a role no query
     /// can read back (`pg_settings` does not show it), so the session pins that client.
     pub to_login_role: bool,
+    /// Of `settings`, some go back to their defaults (RESET, RESET ALL, DISCARD ALL, SET …
+    /// TO DEFAULT): in PostgreSQL, to the values the client gave at startup.
+    pub resets: bool,
 }
 
 impl Effects {
@@ -110,6 +113,7 @@ impl Effects {
             && !self.to_login_role
             && !self.local_parse_setting
             && !self.local_encoding
+            && !self.resets
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -623,6 +627,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     match first {
         "set" => set_statement(&t[1..], e),
         "reset" => {
+            e.resets = true;
             if is(t.get(1), "all") {
                 e.all_settings = true;
             } else if is(t.get(1), "role") || is(t.get(1), "session") {
@@ -644,6 +649,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
             if is(t.get(1), "all") {
                 e.all_settings = true;
                 e.drops_all_statements = true;
+                e.resets = true;
             } else if !["plans", "sequences", "temp", "temporary"]
                 .iter()
                 .any(|k| is(t.get(1), k))
@@ -762,6 +768,20 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
             return back(e, Back::Reset);
         }
         return e.pin(PinReason::SessionAuthorization);
+    }
+    // `SET name TO DEFAULT` (or `= DEFAULT`) resets, whatever the name's form; so do
+    // `SET TIME ZONE DEFAULT | LOCAL` and `SET NAMES [DEFAULT]`.
+    let n = t.len();
+    let to_default = n >= 3
+        && is(t.last(), "default")
+        && (is(t.get(n - 2), "to") || t.get(n - 2) == Some(&Token::Punct('=')));
+    let time_zone = is(t.first(), "time")
+        && is(t.get(1), "zone")
+        && n == 3
+        && (is(t.get(2), "default") || is(t.get(2), "local"));
+    let names = is(t.first(), "names") && (n == 1 || (n == 2 && is(t.get(1), "default")));
+    if to_default || time_zone || names {
+        e.resets = true;
     }
     set_names(t, e);
 }
@@ -974,6 +994,36 @@ mod tests {
             "",
         ] {
             assert!(classify(sql).is_empty(), "{sql}: {:?}", classify(sql));
+        }
+    }
+
+    #[test]
+    fn resets_are_told_from_sets() {
+        for sql in [
+            "RESET ALL",
+            "reset search_path",
+            "DISCARD ALL",
+            "SET search_path TO DEFAULT",
+            "set session TimeZone = default",
+            "SET TIME ZONE LOCAL",
+            "SET SESSION TIME ZONE DEFAULT",
+            "SET NAMES",
+            "SET NAMES DEFAULT",
+            "SELECT 1; RESET work_mem",
+        ] {
+            assert!(classify(sql).resets, "{sql}");
+        }
+        for sql in [
+            "SET search_path = x",
+            "SET search_path TO 'default'",
+            "SET TIME ZONE 'UTC'",
+            "SET NAMES 'LATIN1'",
+            "SET LOCAL search_path TO DEFAULT",
+            "SELECT set_config('a.b', 'c', false)",
+            "DISCARD PLANS",
+            "SELECT 'RESET ALL'",
+        ] {
+            assert!(!classify(sql).resets, "{sql}");
         }
     }
 
