@@ -2193,3 +2193,47 @@ async fn a_deallocate_right_after_a_pinned_clients_reset_is_answered() {
     let (tags, codes) = raw::until_ready(&mut s).await;
     assert_eq!((tags.as_str(), codes), ("TDCZ", Vec::new()));
 }
+
+/// Npgsql's pool resets a connection by sending `DISCARD ALL` in one write with the next
+/// command: that command runs under the client's startup settings, as in PostgreSQL, not
+/// the server's defaults (pinned or not; a multi-statement reset too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_pipelined_behind_a_reset_runs_under_the_startup_settings() {
+    let proxy = trusted_proxy("tx_reset_pipe", "max_size = 2").await;
+    for pinned in [false, true] {
+        let mut s = raw::connect(proxy.addr).await;
+        let params = [
+            ("user", "tx_reset_pipe"),
+            ("database", "app"),
+            ("options", "-c search_path=startup_path"),
+        ];
+        raw::send(&mut s, &raw::startup(&params)).await;
+        raw::until_ready(&mut s).await;
+        if pinned {
+            raw::send(&mut s, &raw::query("LISTEN tx_reset_pipe")).await;
+            assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+        }
+        for reset in [
+            "DISCARD ALL",
+            "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+             SELECT pg_advisory_unlock_all(); DISCARD SEQUENCES; DISCARD TEMP",
+            "RESET search_path",
+        ] {
+            let set = query_bytes(&mut s, b"SET search_path = elsewhere").await;
+            assert!(set.is_err(), "{set:?}"); // (no row)
+            let mut write = raw::query(reset);
+            write.extend(raw::parse_bind_execute(
+                "SELECT current_setting('search_path')",
+            ));
+            write.extend(raw::SYNC);
+            raw::send(&mut s, &write).await;
+            assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+            let value = first_value_until_ready(&mut s).await;
+            assert_eq!(
+                value.as_deref(),
+                Ok(&b"startup_path"[..]),
+                "pinned {pinned}: {reset}"
+            );
+        }
+    }
+}

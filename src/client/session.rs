@@ -223,6 +223,8 @@ struct FollowUp {
     /// values are given back once the backend is next idle
     /// ([`params::restore_statement`]).
     restore_due: bool,
+    /// Session mode, restore due: the client parsed an unnamed statement since its reset.
+    unnamed_parsed: bool,
 }
 
 /// A hidden `SELECT current_setting(…)` sent to learn what the client's settings became;
@@ -233,6 +235,43 @@ struct Readback {
     names: Vec<String>,
     /// In the client's encoding.
     values: Option<Vec<Option<Vec<u8>>>>,
+}
+
+/// Whether the statement giving back startup settings after a reset (`effects`) may go
+/// right behind it: sent when the backend was idle (`idle`), and controlling neither the
+/// transaction nor a COPY, it ends outside a transaction with nothing else under way (as
+/// Npgsql's pool reset, which it pipelines with the next command). Otherwise it waits
+/// until the backend is next idle (`FollowUp::restore_due`).
+fn restore_after(effects: &Effects, idle: bool) -> bool {
+    effects.resets && idle && !effects.control
+}
+
+/// Sends, hidden, the statement giving back the `client`'s startup settings that have no
+/// session value on the server ([`params::restore_statement`]); false if there are none.
+fn push_restore(
+    (settings, client_view): (&ClientSettings, &ClientView),
+    server: &mut Server,
+    server_out: &mut BytesMut,
+    follow_up: &mut Option<Box<FollowUp>>,
+) -> bool {
+    // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
+    let encoding = client_view.get("server_encoding").unwrap_or("UTF8");
+    let Some(sql) = params::restore_statement(settings.startup(), encoding) else {
+        return false;
+    };
+    if postgres_protocol::message::frontend::query(&sql, server_out).is_err() {
+        return false;
+    }
+    server.replies.sent_with(b'Q', Hide::All, None);
+    server.statements.forget_unnamed();
+    follow_up
+        .get_or_insert_with(Default::default)
+        .readbacks
+        .push_back(Readback {
+            names: Vec::new(),
+            values: None,
+        });
+    true
 }
 
 /// `parse_env_unsettled` once a statement that may change parse settings (`encoding`: the
@@ -1123,10 +1162,12 @@ impl Session {
             None => b'I',
             Some(backend) => {
                 let replies = &backend.server_ref().replies;
-                let nothing_pending = replies.at_boundary()
-                    && self.server_out.is_empty()
-                    && self.client_msg.left == 0
-                    && self.server_msg.left == 0;
+                // (pgshield's own hidden queries still owed, perhaps still to be written,
+                // end outside a transaction.)
+                let nothing_pending = self.client_msg.left == 0
+                    && self.server_msg.left == 0
+                    && ((replies.at_boundary() && self.server_out.is_empty())
+                        || replies.is_idle_but_hidden());
                 match replies.tx_status() {
                     TxStatus::Idle if nothing_pending => b'I',
                     TxStatus::InTransaction if nothing_pending => b'T',
@@ -1154,44 +1195,49 @@ impl Session {
     /// in a hidden statement sent before the client's next message (`tag`), if the client
     /// keeps its backend and it is idle: outside a transaction, with nothing under way
     /// (a DEALLOCATE pgshield answers itself, or a Terminate, does not wait for it). In
-    /// session mode, where nothing prepares the client's unnamed statement again, only
-    /// before a Query (which drops it anyway) or a Parse (which starts a batch).
+    /// session mode, where nothing prepares the client's unnamed statement again, not
+    /// while one the client parsed since the reset may be used: only before a Query
+    /// (which drops it anyway) or an unnamed Parse (which replaces it) then.
     fn restore_startup_settings(&mut self, tag: u8) {
-        let keeps = match self.mode {
-            PoolMode::Session => matches!(tag, b'Q' | b'P'),
-            PoolMode::Transaction => self.pinned.is_some(),
-        };
-        let Some(backend) = self.backend.as_mut().filter(|_| keeps) else {
-            return;
-        };
-        let server = backend.server();
         let Some(follow_up) = self.follow_up.as_mut() else {
             return;
         };
-        if !server.replies.is_idle() || self.client_msg.left > 0 {
-            return;
-        }
-        follow_up.restore_due = false;
-        // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
-        let encoding = self.client_view.get("server_encoding").unwrap_or("UTF8");
-        let Some(sql) = params::restore_statement(self.settings.startup(), encoding) else {
+        let unnamed_parse = tag == b'P' && self.client_in.get(HEADER_LEN).is_none_or(|&b| b == 0);
+        let keeps = match self.mode {
+            PoolMode::Session => tag == b'Q' || unnamed_parse || !follow_up.unnamed_parsed,
+            PoolMode::Transaction => self.pinned.is_some(),
+        };
+        let backend = self.backend.as_mut().filter(|_| keeps);
+        let Some(server) = backend
+            .map(|b| b.server())
+            .filter(|s| s.replies.is_idle_but_hidden() && self.client_msg.left == 0)
+        else {
+            follow_up.unnamed_parsed |= unnamed_parse;
             return;
         };
-        if postgres_protocol::message::frontend::query(&sql, &mut self.server_out).is_err() {
+        follow_up.restore_due = false;
+        let client = (&self.settings, &self.client_view);
+        if !push_restore(client, server, &mut self.server_out, &mut self.follow_up) {
             return;
         }
-        server.replies.sent_with(b'Q', Hide::All, None);
-        server.statements.forget_unnamed();
-        follow_up.readbacks.push_back(Readback {
-            names: Vec::new(),
-            values: None,
-        });
-        // What follows is read under the settings given back, once they are reported.
-        let encoding = self
+        // Transaction mode: what follows is read under the settings given back, once
+        // they are reported.
+        let mut parse = self
             .settings
             .startup()
-            .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding"));
-        self.parse_env_unsettled = unsettled(self.parse_env_unsettled, encoding);
+            .map(|(name, _)| name)
+            .filter(|name| {
+                crate::server::PARSE_SETTINGS
+                    .iter()
+                    .any(|p| p.eq_ignore_ascii_case(name))
+            });
+        if self.mode == PoolMode::Transaction && parse.next().is_some() {
+            let encoding = self
+                .settings
+                .startup()
+                .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding"));
+            self.parse_env_unsettled = unsettled(self.parse_env_unsettled, encoding);
+        }
     }
 
     /// Whether all of a client message that must be read whole has arrived (room is made
@@ -1230,8 +1276,9 @@ impl Session {
             self.restore_startup_settings(header.tag);
         }
         let parse_env = self.parse_env();
-        // Session mode: only a reset of settings is looked for (see `params::restore_statement`), in
-        // a Query short enough to hold whole.
+        // Session mode: only a reset of settings is looked for (see `restore_after`), in a
+        // Query short enough to hold whole.
+        let mut session_restore_behind = false;
         if self.mode == PoolMode::Session && header.tag == b'Q' && header.len <= RESET_SCAN_LIMIT {
             if !self.whole_message_arrived(header)? {
                 return Ok(false);
@@ -1239,10 +1286,20 @@ impl Session {
             let mut body = &self.client_in[HEADER_LEN..header.len];
             let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                 .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-            if sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0).resets {
-                self.follow_up
-                    .get_or_insert_with(Default::default)
-                    .restore_due = true;
+            let effects = sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0);
+            if effects.resets {
+                let idle = self
+                    .backend
+                    .as_mut()
+                    .is_some_and(|b| b.server().replies.is_idle_but_hidden());
+                if restore_after(&effects, idle) {
+                    session_restore_behind = true;
+                } else {
+                    let follow_up = self.follow_up.get_or_insert_with(Default::default);
+                    follow_up.restore_due = true;
+                    // (This Query drops the unnamed statement.)
+                    follow_up.unnamed_parsed = false;
+                }
             }
         }
         let Some(backend) = self.backend.as_mut() else {
@@ -1258,8 +1315,15 @@ impl Session {
                 left: header.len,
                 forward: true,
             };
+            if session_restore_behind {
+                self.client_msg
+                    .pass(&mut self.client_in, &mut self.server_out);
+                let client = (&self.settings, &self.client_view);
+                push_restore(client, server, &mut self.server_out, &mut self.follow_up);
+            }
             return Ok(true);
         }
+        let idle_before = server.replies.is_idle_but_hidden();
         let available = self.client_in.len().min(header.len);
         let translated = self
             .statements
@@ -1358,6 +1422,7 @@ impl Session {
             );
         }
         let mut drops = None;
+        let mut restore_behind = false;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
             self.schema_changed |= effects.schema_change;
             match header.tag {
@@ -1429,7 +1494,10 @@ impl Session {
                     }
                 }
             }
-            if effects.resets {
+            let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
+            if passed_on && restore_after(&effects, idle_before) {
+                restore_behind = true;
+            } else if effects.resets {
                 // Acted on if the client keeps this backend (pinned, now or later in this
                 // transaction); forgotten when it lets go (read back then).
                 self.follow_up
@@ -1483,6 +1551,13 @@ impl Session {
                 self.client_in.advance(header.len);
             }
             Translation::NeedMore | Translation::Hold => unreachable!("handled above"),
+        }
+        if restore_behind {
+            // Right behind the Query, before anything the client sent after it.
+            self.client_msg
+                .pass(&mut self.client_in, &mut self.server_out);
+            let client = (&self.settings, &self.client_view);
+            push_restore(client, server, &mut self.server_out, &mut self.follow_up);
         }
         // Messages the server will skip (after an error it reported) are taken back now.
         if server.replies.has_takebacks() {
@@ -1709,6 +1784,22 @@ impl Session {
                             front.values = crate::server::parse_data_row_raw(row);
                         }
                     }
+                }
+                if header.tag == b'E' {
+                    let body = &server.read_buf[HEADER_LEN..header.len];
+                    let message = messages::error_field(body, b'M').unwrap_or_default();
+                    tracing::info!(
+                        client = %self.id,
+                        error = %String::from_utf8_lossy(message),
+                        "a statement pgshield sent for the client's settings failed"
+                    );
+                }
+                if header.tag == b'Z' && server.replies.at_boundary() {
+                    // The client's last ReadyForQuery came with this still owed, as if it
+                    // had pipelined more: it had not.
+                    self.request_received = None;
+                    self.request_sent = None;
+                    self.xact_started = None;
                 }
                 if header.tag == b'Z' {
                     if let Some(done) = self

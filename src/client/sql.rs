@@ -99,6 +99,9 @@ pub struct Effects {
     /// Of `settings`, some go back to their defaults (RESET, RESET ALL, DISCARD ALL, SET …
     /// TO DEFAULT): in PostgreSQL, to the values the client gave at startup.
     pub resets: bool,
+    /// It resets, and also controls the transaction or copies (BEGIN, COMMIT, COPY, …):
+    /// what runs right behind it may be inside a transaction or a COPY.
+    pub control: bool,
 }
 
 impl Effects {
@@ -297,6 +300,20 @@ const ADVISORY_LOCKS: [&str; 4] = [
 
 /// First words of statements that change nothing beyond their transaction (what the
 /// classifier looks at anywhere in a statement aside).
+/// First words of statements that control the transaction or copy (see `Effects::control`).
+const CONTROL: &[&str] = &[
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+    "copy",
+    "prepare",
+];
+
 const PLAIN: &[&str] = &[
     "select",
     "insert",
@@ -540,6 +557,8 @@ fn classify_tokens(sql: &str) -> Effects {
             classify_statement(statement, &mut effects);
         }
     }
+    // (Only of use with a reset; the byte screen, which sees none, never says it.)
+    effects.control &= effects.resets;
     effects
 }
 
@@ -624,6 +643,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     };
     let t = &t[first_at..];
     e.schema_change |= !temporary && changes_schema(first.as_bytes(), || is(t.get(1), "or"));
+    e.control |= CONTROL.contains(&first);
     match first {
         "set" => set_statement(&t[1..], e),
         "reset" => {
@@ -632,6 +652,10 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
                 e.all_settings = true;
             } else if is(t.get(1), "role") || is(t.get(1), "session") {
                 back(e, Back::Reset);
+            } else if is(t.get(1), "time") && is(t.get(2), "zone") {
+                session_setting("timezone".into(), e);
+            } else if is(t.get(1), "transaction") {
+                // RESET TRANSACTION ISOLATION LEVEL: of this transaction only.
             } else {
                 setting_name(&t[1..], e);
             }
@@ -1012,6 +1036,17 @@ mod tests {
             "SELECT 1; RESET work_mem",
         ] {
             assert!(classify(sql).resets, "{sql}");
+        }
+        assert_eq!(settings("RESET TIME ZONE"), ["timezone"]);
+        assert!(settings("RESET TRANSACTION ISOLATION LEVEL").is_empty());
+        assert!(!classify("DISCARD ALL").control);
+        for sql in [
+            "BEGIN; RESET ALL",
+            "RESET ALL; COPY t FROM STDIN",
+            "reset all; commit",
+        ] {
+            let e = classify(sql);
+            assert!(e.resets && e.control, "{sql}");
         }
         for sql in [
             "SET search_path = x",

@@ -657,6 +657,18 @@ impl ReplyTracker {
         self.at_boundary() && self.tx == TxStatus::Idle
     }
 
+    /// As [`Self::is_idle`], but for pgshield's own hidden queries still owed (read-backs,
+    /// settings given back): each runs as a transaction of its own, after which the
+    /// backend is idle again, and nothing of the client's is owed behind them.
+    pub fn is_idle_but_hidden(&self) -> bool {
+        self.owed
+            .iter()
+            .all(|e| e.owed == Owed::Query && e.hide == Hide::All)
+            && !self.extended_open
+            && self.answers_what_is_sent()
+            && self.tx == TxStatus::Idle
+    }
+
     pub fn tx_status(&self) -> TxStatus {
         self.tx
     }
