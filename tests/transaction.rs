@@ -2237,3 +2237,44 @@ async fn a_command_pipelined_behind_a_reset_runs_under_the_startup_settings() {
         }
     }
 }
+
+/// A reset gives back the startup values of what it reset, and nothing else: a setting
+/// the client changed to the server's own value (applied nowhere, then) stays so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_gives_back_only_what_it_reset() {
+    let proxy = proxy("tx_reset_only", "max_size = 2").await;
+    let plain = proxy.connect("tx_reset_only", "pw").await.expect("login");
+    let server_zone = setting(&plain.client, "TimeZone").await;
+    let startup_zone = if server_zone == "Asia/Tokyo" {
+        "Europe/Paris"
+    } else {
+        "Asia/Tokyo"
+    };
+    let mut config = proxy.config("tx_reset_only", "pw");
+    config.options(format!(
+        "-c TimeZone={startup_zone} -c search_path=startup_path"
+    ));
+    let conn = common::connect(&config).await.expect("login");
+    let mut hopper = Hopper {
+        other: plain.client,
+        holding: false,
+    };
+    assert_eq!(setting(&conn.client, "TimeZone").await, startup_zone);
+    conn.client
+        .batch_execute(&format!("SET TimeZone = '{server_zone}'"))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        hopper.hop().await;
+        conn.client
+            .batch_execute("SET search_path = elsewhere")
+            .await
+            .unwrap();
+        conn.client
+            .batch_execute("RESET search_path")
+            .await
+            .unwrap();
+        assert_eq!(setting(&conn.client, "search_path").await, "startup_path");
+        assert_eq!(setting(&conn.client, "TimeZone").await, server_zone);
+    }
+}

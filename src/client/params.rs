@@ -155,7 +155,7 @@ impl ClientSettings {
     }
 
     /// What the client gave at connection start: its session's defaults.
-    pub fn startup(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub fn startup(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
         pairs(self.startup.as_deref().unwrap_or(&self.now))
     }
 
@@ -175,7 +175,7 @@ impl ClientSettings {
     }
 }
 
-fn pairs(kept: &str) -> impl Iterator<Item = (&str, &str)> {
+fn pairs(kept: &str) -> impl Iterator<Item = (&str, &str)> + Clone {
     let mut parts = kept.split('\0');
     std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
 }
@@ -256,13 +256,13 @@ const NOT_RESTORED: [&str; 5] = [
 ];
 
 /// One statement that gives back `startup` values (`name`, `value`, in `encoding`: the
-/// server's, see [`ClientSettings::as_given`]) that the backend holds no session value for
-/// now: after a `RESET`, `RESET ALL`, `DISCARD ALL` or `SET … TO DEFAULT`, PostgreSQL
+/// server's, see [`ClientSettings::as_given`]; those of the settings a reset touched) that
+/// the backend holds no session value for now: after a `RESET`, `RESET ALL`, `DISCARD ALL` or `SET … TO DEFAULT`, PostgreSQL
 /// returns to the value given at startup, but a backend pgshield applied it to (as a
 /// session setting) returns to its own default. A session value (set after the reset,
 /// or the reset rolled back) is left as it is; so is a custom setting (`myapp.tenant`,
-/// which `pg_settings` does not show) with a value. It is sent outside any transaction;
-/// it touches only what the session may change now (`user` settings; `superuser` ones as
+/// which `pg_settings` does not show) with a value. It runs outside any transaction; it
+/// touches only what the session may change now (`user` settings; `superuser` ones as
 /// a superuser), so that one it may not does not fail the rest. `None`: nothing to give
 /// back.
 pub fn restore_statement<'a>(

@@ -211,6 +211,17 @@ impl Dirty {
     fn is_empty(&self) -> bool {
         self.names.is_empty() && !self.all
     }
+
+    /// Adds what a statement may change.
+    fn note(&mut self, effects: &Effects) {
+        self.all |= effects.all_settings;
+        self.names.extend(effects.settings.iter().cloned());
+    }
+
+    /// Whether `name` is among them.
+    fn has(&self, name: &str) -> bool {
+        self.all || self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
 }
 
 /// Settings the client may have changed since they were last read back, and the
@@ -219,10 +230,10 @@ impl Dirty {
 struct FollowUp {
     dirty: Dirty,
     readbacks: VecDeque<Readback>,
-    /// A client that keeps its backend (pinned, session mode) reset settings: its startup
-    /// values are given back once the backend is next idle
+    /// Settings a client that keeps its backend (pinned, session mode) reset: its startup
+    /// values of them are given back once the backend is next idle
     /// ([`params::restore_statement`]).
-    restore_due: bool,
+    restore: Dirty,
     /// Session mode, restore due: the client parsed an unnamed statement since its reset.
     unnamed_parsed: bool,
 }
@@ -241,27 +252,44 @@ struct Readback {
 /// right behind it: sent when the backend was idle (`idle`), and controlling neither the
 /// transaction nor a COPY, it ends outside a transaction with nothing else under way (as
 /// Npgsql's pool reset, which it pipelines with the next command). Otherwise it waits
-/// until the backend is next idle (`FollowUp::restore_due`).
+/// until the backend is next idle (`FollowUp::restore`).
 fn restore_after(effects: &Effects, idle: bool) -> bool {
     effects.resets && idle && !effects.control
 }
 
-/// Sends, hidden, the statement giving back the `client`'s startup settings that have no
-/// session value on the server ([`params::restore_statement`]); false if there are none.
+/// What [`push_restore`] gives back: whether a setting statements are parsed under
+/// (see [`crate::server::PARSE_SETTINGS`]) is among them, and the client's encoding.
+#[derive(Debug, Clone, Copy)]
+struct Restored {
+    parse: bool,
+    encoding: bool,
+}
+
+/// Sends, hidden, the statement giving back the `client`'s startup values of the
+/// settings a reset touched (`reset`) that have no session value on the server
+/// ([`params::restore_statement`]); `None` if there are none.
 fn push_restore(
     (settings, client_view): (&ClientSettings, &ClientView),
+    reset: &Dirty,
     server: &mut Server,
     server_out: &mut BytesMut,
     follow_up: &mut Option<Box<FollowUp>>,
-) -> bool {
+) -> Option<Restored> {
     // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
     let encoding = client_view.get("server_encoding").unwrap_or("UTF8");
-    let Some(sql) = params::restore_statement(settings.startup(), encoding) else {
-        return false;
+    let touched = settings.startup().filter(|(name, _)| reset.has(name));
+    let restored = Restored {
+        parse: touched.clone().any(|(name, _)| {
+            crate::server::PARSE_SETTINGS
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(name))
+        }),
+        encoding: touched
+            .clone()
+            .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding")),
     };
-    if postgres_protocol::message::frontend::query(&sql, server_out).is_err() {
-        return false;
-    }
+    let sql = params::restore_statement(touched, encoding)?;
+    postgres_protocol::message::frontend::query(&sql, server_out).ok()?;
     server.replies.sent_with(b'Q', Hide::All, None);
     server.statements.forget_unnamed();
     follow_up
@@ -271,7 +299,7 @@ fn push_restore(
             names: Vec::new(),
             values: None,
         });
-    true
+    Some(restored)
 }
 
 /// `parse_env_unsettled` once a statement that may change parse settings (`encoding`: the
@@ -605,11 +633,9 @@ impl Session {
                 crate::buffers::release(&mut self.client_in, keep);
                 crate::buffers::release(&mut self.client_out, keep);
                 crate::buffers::release(&mut self.server_out, keep);
-                if self
-                    .follow_up
-                    .as_ref()
-                    .is_some_and(|f| f.dirty.is_empty() && f.readbacks.is_empty() && !f.restore_due)
-                {
+                if self.follow_up.as_ref().is_some_and(|f| {
+                    f.dirty.is_empty() && f.readbacks.is_empty() && f.restore.is_empty()
+                }) {
                     self.follow_up = None;
                 }
             }
@@ -1202,7 +1228,9 @@ impl Session {
         let Some(follow_up) = self.follow_up.as_mut() else {
             return;
         };
-        let unnamed_parse = tag == b'P' && self.client_in.get(HEADER_LEN).is_none_or(|&b| b == 0);
+        // (A Parse whose name has not arrived yet may be of the unnamed statement.)
+        let name = self.client_in.get(HEADER_LEN).filter(|_| tag == b'P');
+        let unnamed_parse = name == Some(&0);
         let keeps = match self.mode {
             PoolMode::Session => tag == b'Q' || unnamed_parse || !follow_up.unnamed_parsed,
             PoolMode::Transaction => self.pinned.is_some(),
@@ -1212,31 +1240,18 @@ impl Session {
             .map(|b| b.server())
             .filter(|s| s.replies.is_idle_but_hidden() && self.client_msg.left == 0)
         else {
-            follow_up.unnamed_parsed |= unnamed_parse;
+            follow_up.unnamed_parsed |= tag == b'P' && name.is_none_or(|&b| b == 0);
             return;
         };
-        follow_up.restore_due = false;
+        let reset = std::mem::take(&mut follow_up.restore);
         let client = (&self.settings, &self.client_view);
-        if !push_restore(client, server, &mut self.server_out, &mut self.follow_up) {
-            return;
-        }
+        let out = &mut self.server_out;
+        let restored = push_restore(client, &reset, server, out, &mut self.follow_up);
         // Transaction mode: what follows is read under the settings given back, once
         // they are reported.
-        let mut parse = self
-            .settings
-            .startup()
-            .map(|(name, _)| name)
-            .filter(|name| {
-                crate::server::PARSE_SETTINGS
-                    .iter()
-                    .any(|p| p.eq_ignore_ascii_case(name))
-            });
-        if self.mode == PoolMode::Transaction && parse.next().is_some() {
-            let encoding = self
-                .settings
-                .startup()
-                .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding"));
-            self.parse_env_unsettled = unsettled(self.parse_env_unsettled, encoding);
+        let transaction = self.mode == PoolMode::Transaction;
+        if let Some(restored) = restored.filter(|r| r.parse && transaction) {
+            self.parse_env_unsettled = unsettled(self.parse_env_unsettled, restored.encoding);
         }
     }
 
@@ -1271,14 +1286,18 @@ impl Session {
                 reason,
             );
         }
-        if self.follow_up.as_ref().is_some_and(|f| f.restore_due) {
+        if self
+            .follow_up
+            .as_ref()
+            .is_some_and(|f| !f.restore.is_empty())
+        {
             // (First: what this message is read under may be what it gives back.)
             self.restore_startup_settings(header.tag);
         }
         let parse_env = self.parse_env();
         // Session mode: only a reset of settings is looked for (see `restore_after`), in a
         // Query short enough to hold whole.
-        let mut session_restore_behind = false;
+        let mut session_restore_behind = None;
         if self.mode == PoolMode::Session && header.tag == b'Q' && header.len <= RESET_SCAN_LIMIT {
             if !self.whole_message_arrived(header)? {
                 return Ok(false);
@@ -1293,10 +1312,12 @@ impl Session {
                     .as_mut()
                     .is_some_and(|b| b.server().replies.is_idle_but_hidden());
                 if restore_after(&effects, idle) {
-                    session_restore_behind = true;
+                    let mut reset = Dirty::default();
+                    reset.note(&effects);
+                    session_restore_behind = Some(reset);
                 } else {
                     let follow_up = self.follow_up.get_or_insert_with(Default::default);
-                    follow_up.restore_due = true;
+                    follow_up.restore.note(&effects);
                     // (This Query drops the unnamed statement.)
                     follow_up.unnamed_parsed = false;
                 }
@@ -1315,11 +1336,12 @@ impl Session {
                 left: header.len,
                 forward: true,
             };
-            if session_restore_behind {
+            if let Some(reset) = session_restore_behind {
                 self.client_msg
                     .pass(&mut self.client_in, &mut self.server_out);
                 let client = (&self.settings, &self.client_view);
-                push_restore(client, server, &mut self.server_out, &mut self.follow_up);
+                let out = &mut self.server_out;
+                push_restore(client, &reset, server, out, &mut self.follow_up);
             }
             return Ok(true);
         }
@@ -1422,7 +1444,7 @@ impl Session {
             );
         }
         let mut drops = None;
-        let mut restore_behind = false;
+        let mut restore_behind = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
             self.schema_changed |= effects.schema_change;
             match header.tag {
@@ -1496,13 +1518,14 @@ impl Session {
             }
             let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
             if passed_on && restore_after(&effects, idle_before) {
-                restore_behind = true;
+                let mut reset = Dirty::default();
+                reset.note(&effects);
+                restore_behind = Some(reset);
             } else if effects.resets {
                 // Acted on if the client keeps this backend (pinned, now or later in this
                 // transaction); forgotten when it lets go (read back then).
-                self.follow_up
-                    .get_or_insert_with(Default::default)
-                    .restore_due = true;
+                let follow_up = self.follow_up.get_or_insert_with(Default::default);
+                follow_up.restore.note(&effects);
             }
         }
         match translation {
@@ -1552,12 +1575,13 @@ impl Session {
             }
             Translation::NeedMore | Translation::Hold => unreachable!("handled above"),
         }
-        if restore_behind {
+        if let Some(reset) = restore_behind {
             // Right behind the Query, before anything the client sent after it.
             self.client_msg
                 .pass(&mut self.client_in, &mut self.server_out);
             let client = (&self.settings, &self.client_view);
-            push_restore(client, server, &mut self.server_out, &mut self.follow_up);
+            let out = &mut self.server_out;
+            push_restore(client, &reset, server, out, &mut self.follow_up);
         }
         // Messages the server will skip (after an error it reported) are taken back now.
         if server.replies.has_takebacks() {
@@ -1794,13 +1818,6 @@ impl Session {
                         "a statement pgshield sent for the client's settings failed"
                     );
                 }
-                if header.tag == b'Z' && server.replies.at_boundary() {
-                    // The client's last ReadyForQuery came with this still owed, as if it
-                    // had pipelined more: it had not.
-                    self.request_received = None;
-                    self.request_sent = None;
-                    self.xact_started = None;
-                }
                 if header.tag == b'Z' {
                     if let Some(done) = self
                         .follow_up
@@ -1947,7 +1964,8 @@ impl Session {
                             .record(now.duration_since(at).as_secs_f64());
                     }
                     // A pipelined client's next request (and transaction) starts now.
-                    if !server.replies.at_boundary() {
+                    // (pgshield's own hidden queries are no request of the client's.)
+                    if !server.replies.at_boundary() && !server.replies.is_idle_but_hidden() {
                         if body.first() == Some(&b'I') {
                             self.xact_started = Some(now);
                         }
@@ -2047,7 +2065,7 @@ impl Session {
         self.parse_env_unsettled = 0;
         if let Some(follow_up) = self.follow_up.as_mut() {
             // Read back instead (a reset shows as no session value).
-            follow_up.restore_due = false;
+            follow_up.restore = Dirty::default();
         }
         if let Some(backend) = self.backend.take() {
             self.registered.info.set_server(None);
@@ -2545,9 +2563,10 @@ fn note_effects(
     }
     if effects.all_settings || !effects.settings.is_empty() {
         // Made here, only when there is something to follow up.
-        let dirty = &mut follow_up.get_or_insert_with(Default::default).dirty;
-        dirty.all |= effects.all_settings;
-        dirty.names.extend(effects.settings.iter().cloned());
+        follow_up
+            .get_or_insert_with(Default::default)
+            .dirty
+            .note(effects);
     }
     None
 }

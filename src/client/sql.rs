@@ -392,8 +392,10 @@ pub fn classify(sql: &(impl AsRef<[u8]> + ?Sized)) -> Effects {
 pub fn classify_in(sql: &[u8], ascii_trails: bool) -> Effects {
     let mut effects = classify(sql);
     if ascii_trails && !sql.is_ascii() {
-        // (What the bytes showed is kept, as a best guess for what else to follow.)
+        // (What the bytes showed is kept, as a best guess for what else to follow; nothing
+        // may go right behind a reset they showed.)
         effects.pin = Some(PinReason::Unclassified);
+        effects.control = effects.resets;
     }
     effects
 }
