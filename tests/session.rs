@@ -640,3 +640,37 @@ async fn read(client: &tokio_postgres::Client) -> Vec<String> {
         .map(|i| row.get::<_, Option<String>>(i).unwrap_or_default())
         .collect()
 }
+
+/// A client that leaves right after a reset (its startup settings being given back in a
+/// hidden statement) leaves its backend to the next client, not closed.
+#[tokio::test]
+async fn a_backend_is_reused_after_a_client_resets_and_leaves() {
+    common::create_role("sess_reset_leave", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmode = \"session\"\nmax_size = 1\n\n[users.sess_reset_leave]\npassword = \"pw\"\n",
+    )
+    .await;
+    let mut config = proxy.config("sess_reset_leave", "pw");
+    config.options("-c search_path=startup_path -c statement_timeout=4321");
+    let pid = |conn: Conn| async move {
+        let row = conn.client.query_one("SELECT pg_backend_pid()", &[]).await;
+        row.expect("pid").get::<_, i32>(0)
+    };
+    let first = common::connect(&config).await.expect("login");
+    first.client.batch_execute("RESET ALL").await.unwrap();
+    let first_pid = pid(first).await;
+    // The statement giving the settings back reads pg_settings: held up there while the
+    // client leaves.
+    let admin = common::admin().await;
+    admin
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_settings IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let leaving = common::connect(&config).await.expect("login");
+    leaving.client.batch_execute("RESET ALL").await.unwrap();
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    admin.batch_execute("COMMIT").await.unwrap();
+    let next = common::connect(&config).await.expect("login");
+    assert_eq!(pid(next).await, first_pid, "the one backend was reused");
+}

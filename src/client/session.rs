@@ -2399,15 +2399,16 @@ impl Session {
                 }
                 backend.discard();
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
-                // Transaction mode without pinned state: only an open transaction needs
-                // ending; the backend keeps its prepared statements for others. Otherwise
-                // the whole session is reset, or (after LOAD) the backend closed.
-                let cleanup = match (self.mode, self.pinned) {
-                    (PoolMode::Transaction, None) => Cleanup::Rollback,
-                    (_, Some(PinReason::Load)) => Cleanup::Close,
-                    _ => Cleanup::Reset,
-                };
-                return_backend(backend, cleanup).await;
+                return_backend(backend, self.cleanup()).await;
+            } else if backend.server_ref().replies.is_idle_but_hidden() {
+                // Only pgshield's own hidden queries (a read-back, settings given back) are
+                // under way: their replies are awaited, and the backend cleaned up as usual.
+                let pending = std::mem::take(&mut self.server_out);
+                let finish = backend.server().finish_hidden(&pending);
+                match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, finish).await {
+                    Ok(Ok(())) => return_backend(backend, self.cleanup()).await,
+                    _ => backend.discard(),
+                }
             } else {
                 hand_over_and_close(backend, std::mem::take(&mut self.server_out)).await;
             }
@@ -2423,6 +2424,18 @@ impl Session {
                 let _ = self.client.shutdown().await;
             })
             .await;
+        }
+    }
+
+    /// What a departing client's backend needs before another may have it. Transaction
+    /// mode without pinned state: only an open transaction needs ending; the backend keeps
+    /// its prepared statements for others. Otherwise the whole session is reset, or (after
+    /// LOAD) the backend closed.
+    fn cleanup(&self) -> Cleanup {
+        match (self.mode, self.pinned) {
+            (PoolMode::Transaction, None) => Cleanup::Rollback,
+            (_, Some(PinReason::Load)) => Cleanup::Close,
+            _ => Cleanup::Reset,
         }
     }
 

@@ -492,6 +492,43 @@ impl Server {
         Ok(reply)
     }
 
+    /// Sends `pending` (what is left to write of pgshield's own hidden queries) and reads
+    /// the replies of every hidden query still owed: the backend is then at a boundary,
+    /// for a departing client's cleanup. The caller bounds it with a timeout.
+    pub async fn finish_hidden(&mut self, pending: &[u8]) -> Result<(), ServerError> {
+        if !self.replies.is_idle_but_hidden() {
+            self.broken = true;
+            return Err(ServerError::Protocol("not only hidden queries owed".into()));
+        }
+        if let Err(e) = self.stream.send(pending).await {
+            self.broken = true;
+            return Err(ServerError::Io(e));
+        }
+        while !self.replies.at_boundary() {
+            let read = read_message(&mut self.stream, &mut self.read_buf, MAX_INTERNAL_REPLY);
+            let (tag, body) = match read.await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(ServerError::from_read(e));
+                }
+            };
+            if self.replies.received(tag, body.first().copied()).is_err() {
+                self.broken = true;
+                return Err(ServerError::Protocol(format!(
+                    "unexpected message type '{}' in reply to a hidden query",
+                    char::from(tag)
+                )));
+            }
+            if tag == b'S' {
+                if let Some((name, value)) = parse_parameter_status(&body) {
+                    self.note_param(name, value);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Returns the backend to a clean session: ROLLBACK if a transaction is open, then
     /// DISCARD ALL. Any failure means the backend must be closed instead.
     pub async fn reset(&mut self) -> Result<(), ServerError> {
