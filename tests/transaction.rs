@@ -2278,3 +2278,28 @@ async fn a_reset_gives_back_only_what_it_reset() {
         assert_eq!(setting(&conn.client, "TimeZone").await, server_zone);
     }
 }
+
+/// A client that leaves while the read-back of its settings is still running leaves no
+/// setting to the next client on that backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_during_its_read_back_leaves_nothing_behind() {
+    let proxy = proxy("tx_leave_rb", "max_size = 1").await;
+    let admin = common::admin().await;
+    // The read-back reads pg_settings: held up there while the client leaves.
+    admin
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_settings IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let leaving = proxy.connect("tx_leave_rb", "pw").await.expect("login");
+    leaving
+        .client
+        .batch_execute("SET myapp.tenant = 'left'")
+        .await
+        .unwrap();
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    admin.batch_execute("COMMIT").await.unwrap();
+    let next = proxy.connect("tx_leave_rb", "pw").await.expect("login");
+    let seen = tenant(&next.client).await;
+    assert!(seen.as_deref().unwrap_or("").is_empty(), "leaked: {seen:?}");
+}

@@ -218,6 +218,12 @@ impl Dirty {
         self.names.extend(effects.settings.iter().cloned());
     }
 
+    /// Adds what a statement resets.
+    fn note_resets(&mut self, effects: &Effects) {
+        self.all |= effects.all_settings;
+        self.names.extend(effects.reset_settings.iter().cloned());
+    }
+
     /// Whether `name` is among them.
     fn has(&self, name: &str) -> bool {
         self.all || self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
@@ -1313,11 +1319,11 @@ impl Session {
                     .is_some_and(|b| b.server().replies.is_idle_but_hidden());
                 if restore_after(&effects, idle) {
                     let mut reset = Dirty::default();
-                    reset.note(&effects);
+                    reset.note_resets(&effects);
                     session_restore_behind = Some(reset);
                 } else {
                     let follow_up = self.follow_up.get_or_insert_with(Default::default);
-                    follow_up.restore.note(&effects);
+                    follow_up.restore.note_resets(&effects);
                     // (This Query drops the unnamed statement.)
                     follow_up.unnamed_parsed = false;
                 }
@@ -1519,13 +1525,13 @@ impl Session {
             let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
             if passed_on && restore_after(&effects, idle_before) {
                 let mut reset = Dirty::default();
-                reset.note(&effects);
+                reset.note_resets(&effects);
                 restore_behind = Some(reset);
             } else if effects.resets {
                 // Acted on if the client keeps this backend (pinned, now or later in this
                 // transaction); forgotten when it lets go (read back then).
                 let follow_up = self.follow_up.get_or_insert_with(Default::default);
-                follow_up.restore.note(&effects);
+                follow_up.restore.note_resets(&effects);
             }
         }
         match translation {
@@ -2401,13 +2407,24 @@ impl Session {
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
                 return_backend(backend, self.cleanup()).await;
             } else if backend.server_ref().replies.is_idle_but_hidden() {
-                // Only pgshield's own hidden queries (a read-back, settings given back) are
-                // under way: their replies are awaited, and the backend cleaned up as usual.
+                // Only pgshield's own hidden queries (settings given back, a read-back)
+                // are under way: their replies are awaited, then the session is reset
+                // whole, even in transaction mode (what a read-back was to tell of the
+                // backend's settings is not known then).
+                let cleanup = match self.cleanup() {
+                    Cleanup::Rollback => Cleanup::Reset,
+                    other => other,
+                };
                 let pending = std::mem::take(&mut self.server_out);
                 let finish = backend.server().finish_hidden(&pending);
                 match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, finish).await {
-                    Ok(Ok(())) => return_backend(backend, self.cleanup()).await,
-                    _ => backend.discard(),
+                    Ok(Ok(())) => return_backend(backend, cleanup).await,
+                    Ok(Err(_)) => backend.discard(),
+                    Err(_) => {
+                        // Perhaps cut mid-message: a Terminate would be read as its rest.
+                        backend.server().skip_terminate();
+                        backend.discard();
+                    }
                 }
             } else {
                 hand_over_and_close(backend, std::mem::take(&mut self.server_out)).await;

@@ -99,6 +99,8 @@ pub struct Effects {
     /// Of `settings`, some go back to their defaults (RESET, RESET ALL, DISCARD ALL, SET …
     /// TO DEFAULT): in PostgreSQL, to the values the client gave at startup.
     pub resets: bool,
+    /// Those `settings` (all of them with `all_settings`).
+    pub reset_settings: Vec<String>,
     /// It resets, and also controls the transaction or copies (BEGIN, COMMIT, COPY, …):
     /// what runs right behind it may be inside a transaction or a COPY.
     pub control: bool,
@@ -650,6 +652,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
         "set" => set_statement(&t[1..], e),
         "reset" => {
             e.resets = true;
+            let before = e.settings.len();
             if is(t.get(1), "all") {
                 e.all_settings = true;
             } else if is(t.get(1), "role") || is(t.get(1), "session") {
@@ -661,6 +664,8 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
             } else {
                 setting_name(&t[1..], e);
             }
+            let reset = e.settings[before..].to_vec();
+            e.reset_settings.extend(reset);
         }
         "listen" => e.pin(PinReason::Listen),
         "load" => e.pin(PinReason::Load),
@@ -806,10 +811,13 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         && n == 3
         && (is(t.get(2), "default") || is(t.get(2), "local"));
     let names = is(t.first(), "names") && (n == 1 || (n == 2 && is(t.get(1), "default")));
+    let before = e.settings.len();
+    set_names(t, e);
     if to_default || time_zone || names {
         e.resets = true;
+        let reset = e.settings[before..].to_vec();
+        e.reset_settings.extend(reset);
     }
-    set_names(t, e);
 }
 
 /// Whether PostgreSQL reads statements under this setting (see
@@ -1040,6 +1048,9 @@ mod tests {
             assert!(classify(sql).resets, "{sql}");
         }
         assert_eq!(settings("RESET TIME ZONE"), ["timezone"]);
+        let mixed = classify("SET TimeZone = 'UTC'; RESET search_path; SET a.b TO DEFAULT");
+        assert_eq!(mixed.reset_settings, ["search_path", "a.b"]);
+        assert_eq!(classify("SET TIME ZONE LOCAL").reset_settings, ["timezone"]);
         assert!(settings("RESET TRANSACTION ISOLATION LEVEL").is_empty());
         assert!(!classify("DISCARD ALL").control);
         for sql in [
