@@ -257,9 +257,9 @@ const NOT_RESTORED: [&str; 5] = [
 
 /// One statement that gives back `startup` values (`name`, `value`, in `encoding`: the
 /// server's, see [`ClientSettings::as_given`]; those of the settings a reset touched) that
-/// the backend holds no session value for now: after a `RESET`, `RESET ALL`, `DISCARD ALL` or `SET … TO DEFAULT`, PostgreSQL
-/// returns to the value given at startup, but a backend pgshield applied it to (as a
-/// session setting) returns to its own default. A session value (set after the reset,
+/// the backend holds no session value for now: after a `RESET`, `RESET ALL`, `DISCARD
+/// ALL` or `SET … TO DEFAULT`, PostgreSQL returns to the value given at startup, but a
+/// backend pgshield applied it to (as a session setting) returns to its own default. A session value (set after the reset,
 /// or the reset rolled back) is left as it is; so is a custom setting (`myapp.tenant`,
 /// which `pg_settings` does not show) with a value. It runs outside any transaction; it
 /// touches only what the session may change now (`user` settings; `superuser` ones as
