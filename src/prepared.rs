@@ -42,6 +42,11 @@ use crate::protocol::messages::put_message;
 
 /// The prefix of the names pgshield prepares statements under on backends.
 pub const NAME_PREFIX: &str = "pgshield_";
+
+/// The statement a client's `DEALLOCATE` of its own name through the extended protocol
+/// deallocates instead (see `ClientStatements::deallocate_stand_in`): not one of
+/// pgshield's shared names, whose drop would make the backend's statements unknown.
+const DEALLOCATE_STAND_IN: &str = "_pgshield_deallocate";
 /// A statement that fails, when run, the way pgshield refuses state that would pin a
 /// client (`pool.on_session_state = "reject"`).
 pub fn refusal_statement(reason: PinReason) -> String {
@@ -1120,7 +1125,18 @@ impl ClientStatements {
     ) {
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
-            let statement = self.intern_unnamed(registry, situation.parse_env, query, types);
+            let mut statement = self.intern_unnamed(registry, situation.parse_env, query, types);
+            if let Some(stand_in) =
+                self.deallocate_stand_in(registry, &statement, (situation, types), out, t)
+            {
+                statement = stand_in;
+                let mut head = BytesMut::new();
+                statement.write_parse("", &mut head);
+                t.translation = Translation::Rewrite {
+                    head,
+                    consumed: len,
+                };
+            }
             let named = Named::new(Arc::clone(&statement));
             let made_by = Some(named.made_by);
             self.unnamed = Some(named);
@@ -1168,6 +1184,45 @@ impl ClientStatements {
             sent: Some(token),
             behind_close: presence == Presence::Unsure,
         });
+    }
+
+    /// A `DEALLOCATE name` of one of the client's own statements, prepared as the unnamed
+    /// statement (libpq's PQsendQueryParams: psycopg in pipeline mode with a libpq older
+    /// than 17): on the server that name does not exist. The client's name is forgotten
+    /// now, and the text replaced by one that deallocates a stand-in prepared just
+    /// before it (hidden), so that the client gets PostgreSQL's replies, `DEALLOCATE`
+    /// included, and the backend is left as it was.
+    fn deallocate_stand_in(
+        &mut self,
+        registry: &Registry,
+        statement: &Statement,
+        (situation, types): (Situation, &[u32]),
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) -> Option<Arc<Statement>> {
+        let effects = statement.effects();
+        let Some(Some(target)) = effects
+            .deallocate
+            .as_ref()
+            .filter(|_| effects.statements == 1)
+        else {
+            return None;
+        };
+        if target.starts_with(NAME_PREFIX) || !self.forget(target) {
+            return None;
+        }
+        // (Closed first: one a stand-in left, never deallocated, would fail the Parse.)
+        put_close(out, DEALLOCATE_STAND_IN);
+        put_message(out, b'P', |b| {
+            b.put_slice(DEALLOCATE_STAND_IN.as_bytes());
+            b.put_slice(b"\0SELECT\0");
+            b.put_i16(0);
+        });
+        for tag in [b'C', b'P'] {
+            t.injected.push(Injected { tag, undo: None });
+        }
+        let text = format!("DEALLOCATE {DEALLOCATE_STAND_IN}");
+        Some(registry.intern_under(situation.parse_env, text.as_bytes(), types))
     }
 
     /// Whether a Parse naming `name` would hold one statement more than `max_named`

@@ -2303,3 +2303,46 @@ async fn a_client_leaving_during_its_read_back_leaves_nothing_behind() {
     let seen = tenant(&next.client).await;
     assert!(seen.as_deref().unwrap_or("").is_empty(), "leaked: {seen:?}");
 }
+
+/// A `DEALLOCATE` of the client's own statement sent through the extended protocol (as
+/// psycopg does in pipeline mode with a libpq older than 17) answers as in PostgreSQL:
+/// the name is gone, and may be prepared again, on any backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_deallocate_of_the_clients_own_statement_works() {
+    let proxy = trusted_proxy("tx_ext_dealloc", "max_size = 2").await;
+    let other = proxy.connect("tx_ext_dealloc", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let mut s = raw::login_trusted(proxy.addr, "tx_ext_dealloc").await;
+    for round in 0..6 {
+        let sql = format!("SELECT {round}");
+        let mut parse = raw::message(b'P', format!("s1\0{sql}\0\0\0").as_bytes());
+        parse.extend(raw::message(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        parse.extend(raw::message(b'E', b"\0\0\0\0\0"));
+        parse.extend(raw::SYNC);
+        raw::send(&mut s, &parse).await;
+        let value = first_value_until_ready(&mut s).await;
+        assert_eq!(value.as_deref(), Ok(round.to_string().as_bytes()));
+        hopper.hop().await;
+        // (libpq's PQsendQueryParams: Parse, Bind, Describe of the portal, Execute, Sync.)
+        let mut deallocate = raw::message(b'P', b"\0DEALLOCATE s1\0\0\0");
+        deallocate.extend(raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+        deallocate.extend(raw::message(b'D', b"P\0"));
+        deallocate.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+        deallocate.extend(raw::SYNC);
+        raw::send(&mut s, &deallocate).await;
+        let (tags, codes) = raw::until_ready(&mut s).await;
+        assert_eq!(
+            (tags.as_str(), codes),
+            ("12nCZ", Vec::<String>::new()),
+            "round {round}"
+        );
+    }
+    // A name the client does not have fails as in PostgreSQL.
+    let mut deallocate = raw::parse_bind_execute("DEALLOCATE nope");
+    deallocate.extend(raw::SYNC);
+    raw::send(&mut s, &deallocate).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, ["26000"]);
+}
