@@ -906,6 +906,9 @@ pub struct Translated {
     /// before the client's message goes on, its result columns compared with those the
     /// clients holding it were told.
     pub check: Option<Arc<Statement>>,
+    /// A client's `DEALLOCATE` of its own name, run through a stand-in (see
+    /// `ClientStatements::deallocate_stand_in`): no prepared statement of its to count.
+    pub stand_in: bool,
 }
 
 impl Translated {
@@ -920,6 +923,7 @@ impl Translated {
             portal: None,
             refuse_stale: false,
             check: None,
+            stand_in: false,
         }
     }
 }
@@ -964,7 +968,9 @@ impl ClientStatements {
                 } else {
                     registry.intern_under(parse_env, query, &types)
                 };
-                if !statement.is_valid() {
+                // (A DEALLOCATE of a client's name goes to a backend: see
+                // `deallocate_stand_in`.)
+                if !statement.is_valid() || statement.effects().deallocate.is_some() {
                     return Ok(None);
                 }
                 if name.is_empty() {
@@ -1028,6 +1034,14 @@ impl ClientStatements {
                 };
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
+                if statement.is_empty()
+                    && t.bound
+                        .as_ref()
+                        .is_some_and(|s| *s.query == *STAND_IN_TEXT.as_bytes())
+                {
+                    // Run anew (or on another backend): what it deallocates is there.
+                    put_stand_in(out, None, &mut t);
+                }
                 // (The unnamed statement was parsed for this very use.)
                 if !statement.is_empty() && t.bound.as_ref().is_some_and(|s| s.is_stale()) {
                     t.refuse_stale = true;
@@ -1208,21 +1222,22 @@ impl ClientStatements {
         else {
             return None;
         };
-        if target.starts_with(NAME_PREFIX) || !self.forget(target) {
+        if target.starts_with(NAME_PREFIX) {
             return None;
         }
-        // (Closed first: one a stand-in left, never deallocated, would fail the Parse.)
-        put_close(out, DEALLOCATE_STAND_IN);
-        put_message(out, b'P', |b| {
-            b.put_slice(DEALLOCATE_STAND_IN.as_bytes());
-            b.put_slice(b"\0SELECT\0");
-            b.put_i16(0);
-        });
-        for tag in [b'C', b'P'] {
-            t.injected.push(Injected { tag, undo: None });
-        }
-        let text = format!("DEALLOCATE {DEALLOCATE_STAND_IN}");
-        Some(registry.intern_under(situation.parse_env, text.as_bytes(), types))
+        let (client_name, named) = self.named.remove_entry(target.as_str())?;
+        // The name comes back if what stands in for it is skipped or fails (as in
+        // PostgreSQL, where the Parse that failed dropped nothing).
+        let pending = situation
+            .batch_open
+            .then(|| Arc::clone(self.closing.get_or_insert_with(Arc::default)));
+        let undo = Undo::Close {
+            client_name,
+            named,
+            _pending: pending,
+        };
+        put_stand_in(out, Some(undo), t);
+        Some(registry.intern_under(situation.parse_env, STAND_IN_TEXT.as_bytes(), types))
     }
 
     /// Whether a Parse naming `name` would hold one statement more than `max_named`
@@ -1615,6 +1630,27 @@ fn close_unsure(name: &str, out: &mut BytesMut, t: &mut Translated) {
     });
 }
 
+/// The text of the statement a client's `DEALLOCATE` of its own name runs instead (of
+/// [`DEALLOCATE_STAND_IN`]).
+const STAND_IN_TEXT: &str = "DEALLOCATE _pgshield_deallocate";
+
+/// Injects, hidden, a Close and a Parse of [`DEALLOCATE_STAND_IN`] (closed first: one a
+/// stand-in left, never deallocated, would fail the Parse); `undo` goes with the Parse.
+fn put_stand_in(out: &mut BytesMut, undo: Option<Undo>, t: &mut Translated) {
+    put_close(out, DEALLOCATE_STAND_IN);
+    put_message(out, b'P', |b| {
+        b.put_slice(DEALLOCATE_STAND_IN.as_bytes());
+        b.put_slice(b"\0SELECT\0");
+        b.put_i16(0);
+    });
+    t.injected.push(Injected {
+        tag: b'C',
+        undo: None,
+    });
+    t.injected.push(Injected { tag: b'P', undo });
+    t.stand_in = true;
+}
+
 fn put_close(out: &mut BytesMut, name: &str) {
     put_message(out, b'C', |b| {
         b.put_u8(b'S');
@@ -1649,6 +1685,15 @@ fn bind_names(msg: &[u8], len: usize) -> Result<Option<(&str, &str, usize)>, Mal
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_deallocate_stand_in_deallocates_the_stand_in() {
+        assert_eq!(
+            super::STAND_IN_TEXT,
+            format!("DEALLOCATE {}", super::DEALLOCATE_STAND_IN)
+        );
+        assert!(!super::DEALLOCATE_STAND_IN.starts_with(super::NAME_PREFIX));
+    }
     use super::*;
 
     #[test]

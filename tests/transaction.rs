@@ -2340,9 +2340,84 @@ async fn an_extended_protocol_deallocate_of_the_clients_own_statement_works() {
             "round {round}"
         );
     }
+    // Parsed in one batch, run in another (on whichever backend): as in PostgreSQL.
+    let mut parse = raw::message(b'P', b"s2\0SELECT 2\0\0\0");
+    parse.extend(raw::message(b'P', b"\0DEALLOCATE s2\0\0\0"));
+    parse.extend(raw::SYNC);
+    raw::send(&mut s, &parse).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("11Z".to_owned(), Vec::new())
+    );
+    hopper.hop().await;
+    let mut run = raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+    run.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+    run.extend(raw::SYNC);
+    raw::send(&mut s, &run).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("2CZ".to_owned(), Vec::new())
+    );
+    // In a failed transaction, it fails (25P02) and drops nothing.
+    let mut parse = raw::message(b'P', b"s3\0SELECT 3\0\0\0");
+    parse.extend(raw::SYNC);
+    raw::send(&mut s, &parse).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &raw::query("BEGIN; SELECT 1/0")).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, ["22012"]);
+    let mut deallocate = raw::parse_bind_execute("DEALLOCATE s3");
+    deallocate.extend(raw::SYNC);
+    raw::send(&mut s, &deallocate).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, ["25P02"]);
+    raw::send(&mut s, &raw::query("ROLLBACK")).await;
+    raw::until_ready(&mut s).await;
+    let mut run = raw::message(b'B', b"\0s3\0\0\0\0\0\0\0");
+    run.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    run.extend(raw::SYNC);
+    raw::send(&mut s, &run).await;
+    assert_eq!(
+        first_value_until_ready(&mut s).await.as_deref(),
+        Ok(&b"3"[..])
+    );
     // A name the client does not have fails as in PostgreSQL.
     let mut deallocate = raw::parse_bind_execute("DEALLOCATE nope");
     deallocate.extend(raw::SYNC);
     raw::send(&mut s, &deallocate).await;
     assert_eq!(raw::until_ready(&mut s).await.1, ["26000"]);
+}
+
+/// A client started with a role that resets it (`DISCARD ALL`, `RESET ROLE`, `SET
+/// SESSION AUTHORIZATION DEFAULT`) runs the statement it sent right behind as that role,
+/// as in PostgreSQL, never as the login role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_right_behind_a_role_reset_runs_as_the_startup_role() {
+    let proxy = trusted_proxy("tx_role_behind", "max_size = 2").await;
+    member_role("tx_role_behind_reader", "tx_role_behind").await;
+    let mut s = raw::connect(proxy.addr).await;
+    let params = [
+        ("user", "tx_role_behind"),
+        ("database", "app"),
+        ("options", "-c role=tx_role_behind_reader"),
+    ];
+    raw::send(&mut s, &raw::startup(&params)).await;
+    raw::until_ready(&mut s).await;
+    for reset in [
+        "DISCARD ALL",
+        "RESET ROLE",
+        "SET SESSION AUTHORIZATION DEFAULT",
+        "RESET ALL",
+    ] {
+        for _ in 0..5 {
+            let mut write = raw::query(reset);
+            write.extend(raw::query("SELECT current_user"));
+            raw::send(&mut s, &write).await;
+            assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+            let user = first_value_until_ready(&mut s).await;
+            assert_eq!(
+                user.as_deref(),
+                Ok(&b"tx_role_behind_reader"[..]),
+                "{reset}"
+            );
+        }
+    }
 }

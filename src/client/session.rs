@@ -283,7 +283,14 @@ fn push_restore(
 ) -> Option<Restored> {
     // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
     let encoding = client_view.get("server_encoding").unwrap_or("UTF8");
-    let touched = settings.startup().filter(|(name, _)| reset.has(name));
+    // (The role only where the reset named it: RESET ALL leaves it, DISCARD ALL does not.)
+    let touched = settings.startup().filter(|(name, _)| {
+        if name.eq_ignore_ascii_case("role") {
+            reset.names.iter().any(|n| n == "role")
+        } else {
+            reset.has(name)
+        }
+    });
     let restored = Restored {
         parse: touched.clone().any(|(name, _)| {
             crate::server::PARSE_SETTINGS
@@ -1379,15 +1386,18 @@ impl Session {
                 .as_ref()
                 .is_some_and(|b| Arc::ptr_eq(b, &checked))
         });
-        let prepared_here = translated.injected.iter().any(|i| i.tag == b'P');
+        // (A DEALLOCATE's stand-in prepares nothing of the client's.)
+        let counted = !translated.stand_in;
+        let prepared_here = counted && translated.injected.iter().any(|i| i.tag == b'P');
         let answered = matches!(translated.translation, Translation::Answered);
-        let named = answered
-            || matches!(
-                translated.translation,
-                Translation::Rewrite { .. }
-                    | Translation::Rewritten { .. }
-                    | Translation::Replace { .. }
-            );
+        let named = counted
+            && (answered
+                || matches!(
+                    translated.translation,
+                    Translation::Rewrite { .. }
+                        | Translation::Rewritten { .. }
+                        | Translation::Replace { .. }
+                ));
         match header.tag {
             // Refused: the client holds as many statements as it may.
             b'P' if matches!(translated.translation, Translation::Replace { .. }) => {

@@ -681,6 +681,8 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
                 e.all_settings = true;
                 e.drops_all_statements = true;
                 e.resets = true;
+                // (RESET ALL leaves the role; DISCARD ALL resets it too.)
+                e.reset_settings.push("role".into());
             } else if !["plans", "sequences", "temp", "temporary"]
                 .iter()
                 .any(|k| is(t.get(1), k))
@@ -748,8 +750,12 @@ enum Back {
 fn back(e: &mut Effects, to: Back) {
     // (The role is read back either way: what the backend runs as now.)
     e.settings.push("role".into());
-    if let Back::ToLogin = to {
-        e.to_login_role = true;
+    match to {
+        Back::ToLogin => e.to_login_role = true,
+        Back::Reset => {
+            e.resets = true;
+            e.reset_settings.push("role".into());
+        }
     }
 }
 
@@ -1051,6 +1057,19 @@ mod tests {
         let mixed = classify("SET TimeZone = 'UTC'; RESET search_path; SET a.b TO DEFAULT");
         assert_eq!(mixed.reset_settings, ["search_path", "a.b"]);
         assert_eq!(classify("SET TIME ZONE LOCAL").reset_settings, ["timezone"]);
+        for sql in [
+            "RESET ROLE",
+            "SET ROLE DEFAULT",
+            "DISCARD ALL",
+            "SET SESSION AUTHORIZATION DEFAULT",
+        ] {
+            assert!(
+                classify(sql).reset_settings.contains(&"role".to_owned()),
+                "{sql}"
+            );
+        }
+        assert!(classify("RESET ALL").reset_settings.is_empty());
+        assert!(!classify("SET ROLE NONE").resets);
         assert!(settings("RESET TRANSACTION ISOLATION LEVEL").is_empty());
         assert!(!classify("DISCARD ALL").control);
         for sql in [
