@@ -1228,9 +1228,8 @@ impl ClientStatements {
         let (client_name, named) = self.named.remove_entry(target.as_str())?;
         // The name comes back if what stands in for it is skipped or fails (as in
         // PostgreSQL, where the Parse that failed dropped nothing).
-        let pending = situation
-            .batch_open
-            .then(|| Arc::clone(self.closing.get_or_insert_with(Arc::default)));
+        // (Counted as pending even first in its batch: unlike a Close, its Parse may fail.)
+        let pending = Some(Arc::clone(self.closing.get_or_insert_with(Arc::default)));
         let undo = Undo::Close {
             client_name,
             named,
@@ -1507,7 +1506,10 @@ impl ClientStatements {
             Undo::Close {
                 client_name, named, ..
             } => {
-                self.named.insert(client_name, named);
+                // (Unless the client made the name again since, in a batch that ran.)
+                if !self.named.contains_key(&*client_name) {
+                    self.named.insert(client_name, named);
+                }
             }
             Undo::UnnamedParse { made_by, .. } => {
                 // (Unless prepared again since, by a batch that ran.)

@@ -2420,4 +2420,29 @@ async fn a_statement_right_behind_a_role_reset_runs_as_the_startup_role() {
             );
         }
     }
+    // A reset the same text then undoes leaves the role as the client chose it (as in
+    // PostgreSQL: the login's own).
+    let mut write = raw::query("RESET ROLE; SET ROLE NONE");
+    write.extend(raw::query("SELECT current_user"));
+    raw::send(&mut s, &write).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+    let user = first_value_until_ready(&mut s).await;
+    assert_eq!(user.as_deref(), Ok(&b"tx_role_behind"[..]));
+    // A startup role that can no longer be set after a reset ends the client, rather
+    // than leave it running as the login's role.
+    let mut s = raw::connect(proxy.addr).await;
+    raw::send(&mut s, &raw::startup(&params)).await;
+    raw::until_ready(&mut s).await;
+    let user = query_bytes(&mut s, b"SELECT current_user").await;
+    assert_eq!(user.as_deref(), Ok(&b"tx_role_behind_reader"[..]));
+    common::admin()
+        .await
+        .batch_execute("REVOKE tx_role_behind_reader FROM tx_role_behind")
+        .await
+        .unwrap();
+    raw::send(&mut s, &raw::query("DISCARD ALL")).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+    let (tag, body) = raw::read_message(&mut s).await.expect("an error");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "42501"));
+    assert!(raw::read_message(&mut s).await.is_none(), "closed");
 }

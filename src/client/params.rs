@@ -244,9 +244,10 @@ pub fn apply_statement<'a>(
     (!sql.is_empty()).then_some(sql)
 }
 
-/// Startup settings a reset never gives back: the session's authorization, and what only
-/// a transaction's start may set.
-const NOT_RESTORED: [&str; 4] = [
+/// Startup settings a reset never gives back with the others: the session's authorization,
+/// what only a transaction's start may set, and the role (see [`restore_role_statement`]).
+const NOT_RESTORED: [&str; 5] = [
+    "role",
     "session_authorization",
     "transaction_isolation",
     "transaction_read_only",
@@ -259,8 +260,7 @@ const NOT_RESTORED: [&str; 4] = [
 /// ALL` or `SET … TO DEFAULT`, PostgreSQL returns to the value given at startup, but a
 /// backend pgshield applied it to (as a session setting) returns to its own default. A session value (set after the reset,
 /// or the reset rolled back) is left as it is; so is a custom setting (`myapp.tenant`,
-/// which `pg_settings` does not show) with a value, and a role other than `none`. It runs
-/// outside any transaction; it
+/// which `pg_settings` does not show) with a value. It runs outside any transaction; it
 /// touches only what the session may change now (`user` settings; `superuser` ones as
 /// a superuser), so that one it may not does not fail the rest. `None`: nothing to give
 /// back.
@@ -285,12 +285,25 @@ pub fn restore_statement<'a>(
         "SELECT pg_catalog.set_config(v.name, v.value, false) \
          FROM (VALUES {}) AS v(name, value) \
          LEFT JOIN pg_catalog.pg_settings s ON pg_catalog.lower(s.name) = v.name \
-         WHERE CASE WHEN v.name = 'role' THEN pg_catalog.current_setting('role') = 'none' \
-         WHEN s.name IS NULL THEN COALESCE(pg_catalog.current_setting(v.name, true), '') = '' \
+         WHERE CASE WHEN s.name IS NULL THEN COALESCE(pg_catalog.current_setting(v.name, true), '') = '' \
          ELSE s.source <> 'session' AND (s.context = 'user' OR (s.context = 'superuser' \
          AND pg_catalog.current_setting('is_superuser') = 'on')) END",
         rows.join(", ")
     ))
+}
+
+/// The statement that gives back the role a client started as (`role`, in `encoding`),
+/// once a statement of its alone reset it (DISCARD ALL, RESET ROLE, SET ROLE DEFAULT, SET
+/// SESSION AUTHORIZATION DEFAULT) outside a transaction: the backend then runs as none,
+/// as pgshield applied the role as a session setting. Apart from the other settings, so
+/// that a role that can no longer be set fails alone (and the client with it: it is not
+/// to run as the login's role).
+pub fn restore_role_statement(role: &str, encoding: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('role', {}, false) \
+         WHERE pg_catalog.current_setting('role') = 'none'",
+        value_sql(role, encoding)
+    )
 }
 
 /// Splits an `options` string as PostgreSQL does (whitespace separates, backslash escapes)
@@ -350,7 +363,7 @@ fn split_words(s: &str) -> Vec<String> {
 mod tests {
 
     #[test]
-    fn a_restore_gives_back_startup_values_but_not_the_authorization() {
+    fn a_restore_gives_back_startup_values_but_not_who_the_session_is() {
         let mut s = ClientSettings::default();
         s.set("TimeZone", "Asia/Tokyo");
         s.set("role", "reader");
@@ -359,11 +372,12 @@ mod tests {
         assert_eq!(s.get("TimeZone"), Some("UTC"));
         let sql = restore_statement(s.startup(), "LATIN1").expect("some");
         assert!(sql.contains("('timezone', 'Asia/Tokyo')"), "{sql}");
-        assert!(sql.contains("('role', 'reader')"), "{sql}");
+        assert!(!sql.contains("reader"), "{sql}");
         assert!(sql.is_ascii(), "{sql}");
         assert!(sql.contains("'LATIN1'"), "{sql}");
         assert!(sql.contains("s.source <> 'session'"), "{sql}");
         let role_only = [
+            ("role", "reader"),
             ("Session_Authorization", "x"),
             ("transaction_isolation", "serializable"),
         ];

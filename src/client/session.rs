@@ -252,6 +252,9 @@ struct Readback {
     names: Vec<String>,
     /// In the client's encoding.
     values: Option<Vec<Option<Vec<u8>>>>,
+    /// It gives back the role the client started as: if it fails, the client is ended
+    /// rather than left running as the login's role.
+    role: bool,
 }
 
 /// Whether the statement giving back startup settings after a reset (`effects`) may go
@@ -273,24 +276,23 @@ struct Restored {
 
 /// Sends, hidden, the statement giving back the `client`'s startup values of the
 /// settings a reset touched (`reset`) that have no session value on the server
-/// ([`params::restore_statement`]); `None` if there are none.
+/// ([`params::restore_statement`]), and, with `role`, the one giving back its startup
+/// role ([`params::restore_role_statement`]); `None` if there are none.
 fn push_restore(
     (settings, client_view): (&ClientSettings, &ClientView),
-    reset: &Dirty,
+    (reset, role): (&Dirty, bool),
     server: &mut Server,
     server_out: &mut BytesMut,
     follow_up: &mut Option<Box<FollowUp>>,
 ) -> Option<Restored> {
     // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
     let encoding = client_view.get("server_encoding").unwrap_or("UTF8");
-    // (The role only where the reset named it: RESET ALL leaves it, DISCARD ALL does not.)
-    let touched = settings.startup().filter(|(name, _)| {
-        if name.eq_ignore_ascii_case("role") {
-            reset.names.iter().any(|n| n == "role")
-        } else {
-            reset.has(name)
-        }
-    });
+    let startup_role = settings
+        .startup()
+        .find(|(name, _)| name.eq_ignore_ascii_case("role"))
+        .map(|(_, role)| params::restore_role_statement(role, encoding))
+        .filter(|_| role);
+    let touched = settings.startup().filter(|(name, _)| reset.has(name));
     let restored = Restored {
         parse: touched.clone().any(|(name, _)| {
             crate::server::PARSE_SETTINGS
@@ -301,18 +303,35 @@ fn push_restore(
             .clone()
             .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding")),
     };
-    let sql = params::restore_statement(touched, encoding)?;
-    postgres_protocol::message::frontend::query(&sql, server_out).ok()?;
-    server.replies.sent_with(b'Q', Hide::All, None);
-    server.statements.forget_unnamed();
-    follow_up
-        .get_or_insert_with(Default::default)
-        .readbacks
-        .push_back(Readback {
-            names: Vec::new(),
-            values: None,
-        });
-    Some(restored)
+    let statements = [
+        params::restore_statement(touched, encoding).map(|sql| (sql, false)),
+        startup_role.map(|sql| (sql, true)),
+    ];
+    let mut sent = false;
+    for (sql, role) in statements.into_iter().flatten() {
+        if postgres_protocol::message::frontend::query(&sql, server_out).is_err() {
+            continue;
+        }
+        server.replies.sent_with(b'Q', Hide::All, None);
+        server.statements.forget_unnamed();
+        follow_up
+            .get_or_insert_with(Default::default)
+            .readbacks
+            .push_back(Readback {
+                names: Vec::new(),
+                values: None,
+                role,
+            });
+        sent = true;
+    }
+    sent.then_some(restored)
+}
+
+/// Whether the role the client started as is to be given back right behind `effects`:
+/// a statement of its own that reset it (a reset followed by, or rolled back with, other
+/// statements in the same text may leave the role as the client chose it).
+fn restores_role(effects: &Effects) -> bool {
+    effects.statements == 1 && effects.reset_settings.iter().any(|n| n == "role")
 }
 
 /// `parse_env_unsettled` once a statement that may change parse settings (`encoding`: the
@@ -1259,7 +1278,8 @@ impl Session {
         let reset = std::mem::take(&mut follow_up.restore);
         let client = (&self.settings, &self.client_view);
         let out = &mut self.server_out;
-        let restored = push_restore(client, &reset, server, out, &mut self.follow_up);
+        // (Never the role here: what the client did since may have set it.)
+        let restored = push_restore(client, (&reset, false), server, out, &mut self.follow_up);
         // Transaction mode: what follows is read under the settings given back, once
         // they are reported.
         let transaction = self.mode == PoolMode::Transaction;
@@ -1327,7 +1347,7 @@ impl Session {
                 if restore_after(&effects, idle) {
                     let mut reset = Dirty::default();
                     reset.note_resets(&effects);
-                    session_restore_behind = Some(reset);
+                    session_restore_behind = Some((reset, restores_role(&effects)));
                 } else {
                     let follow_up = self.follow_up.get_or_insert_with(Default::default);
                     follow_up.restore.note_resets(&effects);
@@ -1349,12 +1369,12 @@ impl Session {
                 left: header.len,
                 forward: true,
             };
-            if let Some(reset) = session_restore_behind {
+            if let Some((reset, role)) = session_restore_behind {
                 self.client_msg
                     .pass(&mut self.client_in, &mut self.server_out);
                 let client = (&self.settings, &self.client_view);
                 let out = &mut self.server_out;
-                push_restore(client, &reset, server, out, &mut self.follow_up);
+                push_restore(client, (&reset, role), server, out, &mut self.follow_up);
             }
             return Ok(true);
         }
@@ -1536,7 +1556,7 @@ impl Session {
             if passed_on && restore_after(&effects, idle_before) {
                 let mut reset = Dirty::default();
                 reset.note_resets(&effects);
-                restore_behind = Some(reset);
+                restore_behind = Some((reset, restores_role(&effects)));
             } else if effects.resets {
                 // Acted on if the client keeps this backend (pinned, now or later in this
                 // transaction); forgotten when it lets go (read back then).
@@ -1591,13 +1611,13 @@ impl Session {
             }
             Translation::NeedMore | Translation::Hold => unreachable!("handled above"),
         }
-        if let Some(reset) = restore_behind {
+        if let Some((reset, role)) = restore_behind {
             // Right behind the Query, before anything the client sent after it.
             self.client_msg
                 .pass(&mut self.client_in, &mut self.server_out);
             let client = (&self.settings, &self.client_view);
             let out = &mut self.server_out;
-            push_restore(client, &reset, server, out, &mut self.follow_up);
+            push_restore(client, (&reset, role), server, out, &mut self.follow_up);
         }
         // Messages the server will skip (after an error it reported) are taken back now.
         if server.replies.has_takebacks() {
@@ -1833,6 +1853,25 @@ impl Session {
                         error = %String::from_utf8_lossy(message),
                         "a statement pgshield sent for the client's settings failed"
                     );
+                    let role = self
+                        .follow_up
+                        .as_ref()
+                        .and_then(|f| f.readbacks.front())
+                        .is_some_and(|r| r.role);
+                    if role {
+                        // Not to run on as the login's role: the client goes, its backend
+                        // (a reply still owed) is closed.
+                        let error = ErrorResponse::fatal(
+                            sqlstate::INSUFFICIENT_PRIVILEGE,
+                            format!(
+                                "pgshield could not set the role this session started as again \
+                                 after a reset: {}",
+                                String::from_utf8_lossy(message)
+                            ),
+                        );
+                        server.mark_broken();
+                        return Err(End::Fatal(error));
+                    }
                 }
                 if header.tag == b'Z' {
                     if let Some(done) = self
@@ -2071,6 +2110,7 @@ impl Session {
                     follow_up.readbacks.push_back(Readback {
                         names,
                         values: None,
+                        role: false,
                     });
                     return;
                 }

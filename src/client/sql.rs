@@ -751,7 +751,11 @@ fn back(e: &mut Effects, to: Back) {
     // (The role is read back either way: what the backend runs as now.)
     e.settings.push("role".into());
     match to {
-        Back::ToLogin => e.to_login_role = true,
+        Back::ToLogin => {
+            e.to_login_role = true;
+            // (A reset of the role before it in the same text is undone by it.)
+            e.reset_settings.retain(|n| n != "role");
+        }
         Back::Reset => {
             e.resets = true;
             e.reset_settings.push("role".into());
@@ -791,6 +795,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         if let Some(to) = back_to_default(&t[1..], "none") {
             return back(e, to);
         }
+        e.reset_settings.retain(|n| n != "role");
         return e.pin(PinReason::SetRole);
     }
     let authorization = match (t.first(), t.get(1)) {
@@ -804,6 +809,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         if back_to_default(value, "default").is_some() {
             return back(e, Back::Reset);
         }
+        e.reset_settings.retain(|n| n != "role");
         return e.pin(PinReason::SessionAuthorization);
     }
     // `SET name TO DEFAULT` (or `= DEFAULT`) resets, whatever the name's form; so do
@@ -1069,6 +1075,16 @@ mod tests {
             );
         }
         assert!(classify("RESET ALL").reset_settings.is_empty());
+        for sql in [
+            "RESET ROLE; SET ROLE NONE",
+            "DISCARD ALL; SET ROLE r",
+            "RESET ROLE; SET SESSION AUTHORIZATION u",
+        ] {
+            assert!(
+                !classify(sql).reset_settings.contains(&"role".to_owned()),
+                "{sql}"
+            );
+        }
         assert!(!classify("SET ROLE NONE").resets);
         assert!(settings("RESET TRANSACTION ISOLATION LEVEL").is_empty());
         assert!(!classify("DISCARD ALL").control);

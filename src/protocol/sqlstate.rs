@@ -27,6 +27,8 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 /// `syntax_error`: an admin console command pgshield does not know.
 pub const SYNTAX_ERROR: &str = "42601";
+/// `insufficient_privilege`: e.g. a role that can no longer be set.
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 /// `config_file_error`: RELOAD found the new configuration invalid.
 pub const CONFIG_FILE_ERROR: &str = "F0000";
 /// `successful_completion` class, used for pgshield's own notices.
