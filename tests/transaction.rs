@@ -2435,14 +2435,28 @@ async fn a_statement_right_behind_a_role_reset_runs_as_the_startup_role() {
     raw::until_ready(&mut s).await;
     let user = query_bytes(&mut s, b"SELECT current_user").await;
     assert_eq!(user.as_deref(), Ok(&b"tx_role_behind_reader"[..]));
-    common::admin()
-        .await
-        .batch_execute("REVOKE tx_role_behind_reader FROM tx_role_behind")
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS tx_role_behind_log; \
+             CREATE TABLE tx_role_behind_log (who text DEFAULT current_user); \
+             GRANT INSERT ON tx_role_behind_log TO PUBLIC; \
+             REVOKE tx_role_behind_reader FROM tx_role_behind",
+        )
         .await
         .unwrap();
-    raw::send(&mut s, &raw::query("DISCARD ALL")).await;
+    // (What the client sent right behind it never runs as the login's role either.)
+    let mut write = raw::query("DISCARD ALL");
+    write.extend(raw::query("INSERT INTO tx_role_behind_log DEFAULT VALUES"));
+    raw::send(&mut s, &write).await;
     assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
     let (tag, body) = raw::read_message(&mut s).await.expect("an error");
     assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "42501"));
     assert!(raw::read_message(&mut s).await.is_none(), "closed");
+    let rows = admin
+        .query_one("SELECT count(*) FROM tx_role_behind_log", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(rows, 0, "the INSERT behind the reset did not run");
 }

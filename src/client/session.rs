@@ -609,12 +609,13 @@ impl Session {
             if let Err(end) = self.process_client_input().await {
                 return end;
             }
-            let held = self.checking.is_some();
+            let held = self.checking.is_some() || self.role_restore_owed();
             if let Err(end) = self.process_server_input() {
                 return end;
             }
-            if held && self.checking.is_none() {
-                // The description came: the client's messages held for it go on now.
+            if held && self.checking.is_none() && !self.role_restore_owed() {
+                // The description came (or the role was given back): the client's
+                // messages held for it go on now.
                 continue;
             }
             if self.server_msg.left == 0 {
@@ -878,7 +879,17 @@ impl Session {
         self.client_msg.left == 0
             && (self.server_msg.left > 0
                 || server.replies.awaiting_ready()
-                || self.checking.is_some())
+                || self.checking.is_some()
+                || self.role_restore_owed())
+    }
+
+    /// Whether the statement giving back the role the client started as is owed: until
+    /// it is answered, nothing more of the client's goes to the server (had it failed,
+    /// that would run as the login's role).
+    fn role_restore_owed(&self) -> bool {
+        self.follow_up
+            .as_ref()
+            .is_some_and(|f| f.readbacks.iter().any(|r| r.role))
     }
 
     /// The next moment one of the session's limits must be looked at, if any.
@@ -1015,7 +1026,8 @@ impl Session {
         let mut data = false;
         // (While a statement is being described, the client's messages wait unread in
         // `client_in`: up to the same bound.)
-        let held = self.checking.is_some() && self.client_in.len() >= HIGH_WATER;
+        let held = (self.checking.is_some() || self.role_restore_owed())
+            && self.client_in.len() >= HIGH_WATER;
         if read_client
             && self.server_out.len() < HIGH_WATER
             && !held
@@ -1067,8 +1079,9 @@ impl Session {
                 }
                 continue;
             }
-            if self.checking.is_some() {
-                // Held until the backend has described a statement (`start_passing`).
+            if self.checking.is_some() || self.role_restore_owed() {
+                // Held until the backend has described a statement (`start_passing`), or
+                // runs as the role the client started as again (`push_restore`).
                 return Ok(());
             }
             // Messages stream through (only some are read whole), but none may claim more
@@ -2456,7 +2469,9 @@ impl Session {
                 backend.discard();
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
                 return_backend(backend, self.cleanup()).await;
-            } else if backend.server_ref().replies.is_idle_but_hidden() {
+            } else if backend.server_ref().replies.is_idle_but_hidden()
+                && !backend.server_ref().is_broken()
+            {
                 // Only pgshield's own hidden queries (settings given back, a read-back)
                 // are under way: their replies are awaited, then the session is reset
                 // whole, even in transaction mode (what a read-back was to tell of the
