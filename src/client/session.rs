@@ -257,13 +257,18 @@ struct Readback {
     role: bool,
 }
 
-/// Whether the statement giving back startup settings after a reset (`effects`) may go
-/// right behind it: sent when the backend was idle (`idle`), and controlling neither the
-/// transaction nor a COPY, it ends outside a transaction with nothing else under way (as
-/// Npgsql's pool reset, which it pipelines with the next command). Otherwise it waits
-/// until the backend is next idle (`FollowUp::restore`).
-fn restore_after(effects: &Effects, idle: bool) -> bool {
-    effects.resets && idle && !effects.control
+/// What the statement giving back startup settings after a reset (`effects`) gives back
+/// right behind it (the settings reset, and whether the role), if it may go there: sent
+/// when the backend was idle (`idle`), and controlling neither the transaction nor a
+/// COPY, the reset ends outside a transaction with nothing else under way (as Npgsql's
+/// pool reset, which it pipelines with the next command). Otherwise it waits until the
+/// backend is next idle (`FollowUp::restore`).
+fn restore_after(effects: &Effects, idle: bool) -> Option<(Dirty, bool)> {
+    (effects.resets && idle && !effects.control).then(|| {
+        let mut reset = Dirty::default();
+        reset.note_resets(effects);
+        (reset, restores_role(effects))
+    })
 }
 
 /// What [`push_restore`] gives back: whether a setting statements are parsed under
@@ -1357,11 +1362,8 @@ impl Session {
                     .backend
                     .as_mut()
                     .is_some_and(|b| b.server().replies.is_idle_but_hidden());
-                if restore_after(&effects, idle) {
-                    let mut reset = Dirty::default();
-                    reset.note_resets(&effects);
-                    session_restore_behind = Some((reset, restores_role(&effects)));
-                } else {
+                session_restore_behind = restore_after(&effects, idle);
+                if session_restore_behind.is_none() {
                     let follow_up = self.follow_up.get_or_insert_with(Default::default);
                     follow_up.restore.note_resets(&effects);
                     // (This Query drops the unnamed statement.)
@@ -1391,7 +1393,8 @@ impl Session {
             }
             return Ok(true);
         }
-        let idle_before = server.replies.is_idle_but_hidden();
+        // (Only a simple Query's reset gets its restore right behind it.)
+        let idle_before = header.tag == b'Q' && server.replies.is_idle_but_hidden();
         let available = self.client_in.len().min(header.len);
         let translated = self
             .statements
@@ -1566,11 +1569,8 @@ impl Session {
                 }
             }
             let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
-            if passed_on && restore_after(&effects, idle_before) {
-                let mut reset = Dirty::default();
-                reset.note_resets(&effects);
-                restore_behind = Some((reset, restores_role(&effects)));
-            } else if effects.resets {
+            restore_behind = restore_after(&effects, idle_before).filter(|_| passed_on);
+            if restore_behind.is_none() && effects.resets {
                 // Acted on if the client keeps this backend (pinned, now or later in this
                 // transaction); forgotten when it lets go (read back then).
                 let follow_up = self.follow_up.get_or_insert_with(Default::default);
