@@ -895,8 +895,8 @@ fn session_setting(name: String, e: &mut Effects) {
 }
 
 /// set_config('name', value, is_local): with a literal name and a literal `false` it sets
-/// that setting for the session; a literal `true` only for the transaction; anything else
-/// cannot be vouched for.
+/// that setting for the session (a `NULL` value resets it, as `RESET name` does); a
+/// literal `true` only for the transaction; anything else cannot be vouched for.
 fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     let Some(Token::Str(name)) = args.first() else {
         return e.pin(PinReason::Unclassified);
@@ -925,7 +925,14 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
         return;
     }
     if is(third, "false") {
+        let before = e.settings.len();
         session_setting(name.to_ascii_lowercase(), e);
+        // (The value alone between the commas: `NULL || 'x'` is no reset.)
+        if is(args.get(2), "null") && args.get(3) == Some(&Token::Punct(',')) {
+            e.resets = true;
+            let reset = e.settings[before..].to_vec();
+            e.reset_settings.extend(reset);
+        }
     } else {
         e.pin(PinReason::Unclassified);
     }
@@ -1063,6 +1070,9 @@ mod tests {
         let mixed = classify("SET TimeZone = 'UTC'; RESET search_path; SET a.b TO DEFAULT");
         assert_eq!(mixed.reset_settings, ["search_path", "a.b"]);
         assert_eq!(classify("SET TIME ZONE LOCAL").reset_settings, ["timezone"]);
+        let null = classify("SELECT set_config('Search_Path', null, false)");
+        assert_eq!(null.reset_settings, ["search_path"]);
+        assert_eq!(null.settings, ["search_path"]);
         for sql in [
             "RESET ROLE",
             "SET ROLE DEFAULT",
@@ -1103,6 +1113,8 @@ mod tests {
             "SET NAMES 'LATIN1'",
             "SET LOCAL search_path TO DEFAULT",
             "SELECT set_config('a.b', 'c', false)",
+            "SELECT set_config('a.b', NULL || 'c', false)",
+            "SELECT set_config('a.b', NULL, true)",
             "DISCARD PLANS",
             "SELECT 'RESET ALL'",
         ] {
