@@ -414,16 +414,20 @@ fn is_plain_first_word(word: &[u8]) -> bool {
     PLAIN.iter().any(|p| p.as_bytes() == &*lower)
 }
 
-/// Byte classes for `plain`: letters (as the lexer starts words with), bytes that need a
-/// look, and the rest.
+/// Byte classes for `plain`: letters (as the lexer starts words with), of which those that
+/// start a word `plain` looks for (`HEAD`, a letter too), bytes that need a look, and the
+/// rest (0).
 const LETTER: u8 = 1;
 const LOOK: u8 = 2;
+const HEAD: u8 = 4 | LETTER;
 static CLASS: [u8; 256] = {
     let mut table = [0u8; 256];
     let mut i = 0;
     while i < 256 {
         let c = i as u8;
-        table[i] = if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+        table[i] = if matches!(c.to_ascii_lowercase(), b't' | b'p' | b's') {
+            HEAD
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
             LETTER
         } else if matches!(c, b'\'' | b'"' | b'\\' | b'$' | b'-' | b'/' | b';') {
             LOOK
@@ -443,39 +447,14 @@ static CLASS: [u8; 256] = {
 /// a first word that needs a look.
 fn plain(b: &[u8]) -> Option<Effects> {
     let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
-    let letter = |c: u8| CLASS[usize::from(c)] == LETTER;
+    let letter = |c: u8| CLASS[usize::from(c)] & LETTER != 0;
     let (mut single, mut double) = (0usize, 0usize);
+    let n = b.len();
     let mut i = 0;
-    while let Some(&c) = b.get(i) {
+    while i < n {
+        let c = b[i];
         match CLASS[usize::from(c)] {
-            LETTER => {
-                // A run of letters: a word of the lexer's can start only at its head
-                // (digits and `$` end a run: after `$1` the lexer starts a new word).
-                let rest = &b[i..];
-                let spells = |w: &[u8]| {
-                    rest.len() >= w.len()
-                        && rest
-                            .iter()
-                            .zip(w)
-                            .all(|(r, w)| r.to_ascii_lowercase() == *w)
-                };
-                let looked_for = match c.to_ascii_lowercase() {
-                    b't' => spells(b"temp"),
-                    b'p' => {
-                        spells(b"pg_temp") || spells(b"pg_advisory") || spells(b"pg_try_advisory")
-                    }
-                    b's' => spells(b"set_config"),
-                    _ => false,
-                };
-                if looked_for {
-                    return None;
-                }
-                i += 1;
-                while b.get(i).is_some_and(|&c| letter(c)) {
-                    i += 1;
-                }
-                continue;
-            }
+            0 => {}
             LOOK => match c {
                 b'\'' => single += 1,
                 b'"' => double += 1,
@@ -485,7 +464,34 @@ fn plain(b: &[u8]) -> Option<Effects> {
                 b';' if b[i + 1..].iter().all(|&c| space(c)) => {}
                 _ => return None,
             },
-            _ => {}
+            class => {
+                // A run of letters: a word of the lexer's can start only at its head
+                // (digits and `$` end a run: after `$1` the lexer starts a new word).
+                if class == HEAD {
+                    let rest = &b[i..];
+                    let spells = |w: &[u8]| {
+                        rest.get(..w.len())
+                            .is_some_and(|r| r.eq_ignore_ascii_case(w))
+                    };
+                    let looked_for = match c.to_ascii_lowercase() {
+                        b't' => spells(b"temp"),
+                        b'p' => {
+                            spells(b"pg_temp")
+                                || spells(b"pg_advisory")
+                                || spells(b"pg_try_advisory")
+                        }
+                        _ => spells(b"set_config"),
+                    };
+                    if looked_for {
+                        return None;
+                    }
+                }
+                i += 1;
+                while i < n && letter(b[i]) {
+                    i += 1;
+                }
+                continue;
+            }
         }
         i += 1;
     }

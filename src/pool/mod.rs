@@ -1031,30 +1031,28 @@ impl Pool {
                 }
             }
         };
-        // With a place, deadpool has an idle backend or room to open one.
-        let timeouts = Timeouts {
-            wait: settings.borrow_timeout.map(|limit| {
-                started.map_or(limit, |started| limit.saturating_sub(started.elapsed()))
-            }),
+        // With a place, deadpool has an idle backend or room to open one, and its own
+        // permit is free too (a lent backend gives its permit back before its place):
+        // taken without a timer, as a wait of zero is deadpool's non-blocking path.
+        // Should it not be, the borrow goes on as one that waits, under what is left of
+        // `borrow_timeout`.
+        let timeouts = |wait| Timeouts {
+            wait,
             create: None,
             recycle: None,
         };
-        // A place taken at once: deadpool's own permit is free too, and taken without a
-        // timer (a wait of zero is its non-blocking path). Should it not be, the borrow
-        // goes on as one that waits.
-        let got = if started.is_none() {
-            let now = Timeouts {
-                wait: Some(Duration::ZERO),
-                ..timeouts
-            };
-            match self.inner.timeout_get(&now).await {
-                Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => {
-                    self.inner.timeout_get(&timeouts).await
-                }
-                got => got,
+        let got = match self
+            .inner
+            .timeout_get(&timeouts(Some(Duration::ZERO)))
+            .await
+        {
+            Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => {
+                let left = settings.borrow_timeout.map(|limit| {
+                    started.map_or(limit, |started| limit.saturating_sub(started.elapsed()))
+                });
+                self.inner.timeout_get(&timeouts(left)).await
             }
-        } else {
-            self.inner.timeout_get(&timeouts).await
+            got => got,
         };
         match got {
             Ok(obj) => Ok(Backend {
