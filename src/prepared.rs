@@ -16,7 +16,8 @@
 //!
 //! Postgres's answers are kept: closing a statement answers CloseComplete whether or not
 //! it existed; re-preparing a name the client already has fails with 42P05 (the server
-//! itself says so: the Parse is sent under the existing statement's name); binding a name
+//! itself says so: the Parse is sent under the existing statement's name, and the
+//! session puts the client's name back into the error); binding a name
 //! the client never prepared fails with 26000 (the Bind goes through unchanged). Two
 //! clients using the same name for different queries each get their own.
 //!
@@ -421,6 +422,15 @@ pub enum Undo {
         made_by: Option<u64>,
         /// The other clone of its `Doubt`'s token.
         _doubt: Arc<()>,
+    },
+    /// Nothing to take back: a Parse of a name the client already has, sent under that
+    /// statement's shared name so that the server refuses it (42P05) as PostgreSQL
+    /// would; its error is given the client's name (see
+    /// [`crate::server::state::ReplyTracker::take_failed_reprepare`]).
+    Reprepare {
+        client_name: Arc<str>,
+        /// The shared name the Parse went under (which the server's error names).
+        shared_name: Arc<str>,
     },
     /// pgshield's Close of a statement evicted from a full backend did not happen: the
     /// backend may still have it.
@@ -1168,6 +1178,10 @@ impl ClientStatements {
                 head,
                 consumed: len,
             };
+            t.undo = Some(Undo::Reprepare {
+                client_name: name.into(),
+                shared_name: Arc::clone(existing.name()),
+            });
             return;
         }
         let named = Named::new(Arc::clone(&statement));
@@ -1522,6 +1536,7 @@ impl ClientStatements {
                 server.unnamed_doubt = None;
             }
             Undo::Evicted { name, doubt } => server.close_skipped(name, doubt.as_ref()),
+            Undo::Reprepare { .. } => {}
         }
     }
 
@@ -2022,7 +2037,15 @@ mod tests {
             panic!()
         };
         assert!(head.windows(11).any(|w| w == b"pgshield_1\0"));
-        assert!(t.undo.is_none(), "nothing to take back when it fails");
+        // Nothing to take back when it fails; the names, to put the client's in the error.
+        let Some(Undo::Reprepare {
+            client_name,
+            shared_name,
+        }) = t.undo
+        else {
+            panic!("{:?}", t.undo)
+        };
+        assert_eq!((&*client_name, &*shared_name), ("s0", "pgshield_1"));
     }
 
     #[test]

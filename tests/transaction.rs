@@ -172,6 +172,87 @@ async fn two_clients_naming_s0_differently_get_their_own_and_close_then_reparse_
     assert_eq!(run_named(&mut b, "s0").await.as_deref(), Ok("from b"));
 }
 
+/// The fields of each ErrorResponse up to the next ReadyForQuery, and the tags read.
+async fn errors_until_ready(s: &mut tokio::net::TcpStream) -> (String, Vec<Vec<(u8, String)>>) {
+    let (mut tags, mut errors) = (String::new(), Vec::new());
+    loop {
+        let (tag, body) = raw::read_message(s).await.expect("reply");
+        tags.push(char::from(tag));
+        if tag == b'E' {
+            let fields = body
+                .split(|&b| b == 0)
+                .filter_map(|f| f.split_first())
+                .map(|(&t, v)| (t, String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            errors.push(fields);
+        }
+        if tag == b'Z' {
+            return (tags, errors);
+        }
+    }
+}
+
+/// A Parse of a name the client already has is refused as PostgreSQL refuses it: 42P05,
+/// with PostgreSQL's message naming the client's statement (not the one the Parse went
+/// under on the server), its other fields kept, on either backend, alone or in a batch
+/// that then skips to its Sync; the name keeps its statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reprepared_name_is_refused_in_the_clients_own_words() {
+    let proxy = trusted_proxy("tx_reprepare", "max_size = 2").await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_reprepare").await;
+    let mut hopper = Hopper {
+        other: proxy
+            .connect("tx_reprepare", "pw")
+            .await
+            .expect("login")
+            .client,
+        holding: false,
+    };
+    assert_eq!(parse_named(&mut s, "s0", "SELECT 'first'").await, "1Z");
+    let field = |error: &[(u8, String)], t: u8| {
+        error
+            .iter()
+            .find(|(f, _)| *f == t)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    for (round, sql) in [
+        "SELECT 'other'",
+        "SELECT 'first'",
+        "SELECT 'other'",
+        "SELECT 'first'",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // (Every other round on the other backend, which may lack the statement.)
+        hopper.hop().await;
+        let mut body = b"s0\0".to_vec();
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        let mut batch = raw::message(b'P', &body);
+        if round >= 2 {
+            // The rest of the batch is skipped, as behind any failed message.
+            batch.extend(raw::message(b'B', b"\0s0\0\0\0\0\0\0\0"));
+            batch.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+        }
+        batch.extend_from_slice(&raw::SYNC);
+        raw::send(&mut s, &batch).await;
+        let (tags, errors) = errors_until_ready(&mut s).await;
+        assert_eq!(tags, "EZ", "round {round}");
+        let error = &errors[0];
+        assert_eq!(field(error, b'C'), "42P05", "round {round}");
+        assert_eq!(
+            field(error, b'M'),
+            "prepared statement \"s0\" already exists",
+            "round {round}"
+        );
+        assert_eq!(field(error, b'S'), "ERROR");
+        assert_eq!(field(error, b'R'), "StorePreparedStatement");
+        assert_eq!(run_named(&mut s, "s0").await.as_deref(), Ok("first"));
+    }
+}
+
 /// Runs pgbench (from the server's binaries) against the proxy; returns its output.
 async fn pgbench(proxy: &TestProxy, args: &[&str]) -> String {
     let db = common::cluster();

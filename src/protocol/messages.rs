@@ -243,6 +243,29 @@ pub fn error_field(mut body: &[u8], wanted: u8) -> Option<&[u8]> {
     }
 }
 
+/// An ErrorResponse with the fields of `body` (another one's), but its message `message`.
+pub fn error_with_message(body: &[u8], message: &str, buf: &mut BytesMut) {
+    put_message(buf, b'E', |b| {
+        let mut rest = body;
+        while let Some((&field, after)) = rest.split_first() {
+            let Some(end) = after.iter().position(|&c| c == 0) else {
+                break;
+            };
+            if field == 0 {
+                break;
+            }
+            b.put_u8(field);
+            if field == b'M' {
+                put_cstr(b, message);
+            } else {
+                b.put_slice(&after[..=end]);
+            }
+            rest = &after[end + 1..];
+        }
+        b.put_u8(0);
+    });
+}
+
 /// The error PostgreSQL gives for a prepared statement whose result type changed since it
 /// was prepared ("cached plan must not change result type"): drivers (asyncpg, pgjdbc)
 /// know it by its routine and prepare the statement again.
@@ -301,6 +324,25 @@ mod tests {
         let other = b"SERROR\0C0A000\0Mcannot PREPARE\0Rexec_stmt_raise\0\0";
         assert!(!is_stale_plan_error(other));
         assert!(!is_stale_plan_error(b"C0A000"));
+    }
+
+    #[test]
+    fn an_error_is_given_another_message_with_its_other_fields_kept() {
+        let body = b"SERROR\0VERROR\0C42P05\0Mprepared statement \"pgshield_2\" already exists\0Fprepare.c\0RStorePreparedStatement\0\0";
+        let mut buf = BytesMut::new();
+        error_with_message(body, "prepared statement \"s0\" already exists", &mut buf);
+        let Ok(Some(Message::ErrorResponse(_))) = Message::parse(&mut buf.clone()) else {
+            panic!("not an ErrorResponse");
+        };
+        let rewritten = &buf[5..];
+        assert_eq!(
+            rewritten,
+            &b"SERROR\0VERROR\0C42P05\0Mprepared statement \"s0\" already exists\0Fprepare.c\0RStorePreparedStatement\0\0"[..]
+        );
+        // A truncated body ends where it can no longer be read.
+        let mut buf = BytesMut::new();
+        error_with_message(b"SERROR\0C42P0", "m", &mut buf);
+        assert_eq!(&buf[5..], b"SERROR\0\0");
     }
 
     #[test]

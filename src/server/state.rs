@@ -177,6 +177,10 @@ pub struct ReplyTracker {
     /// The statement of the Bind or Describe the last error answered (see
     /// [`ReplyTracker::take_failed_statement`]).
     failed_statement: Option<Arc<Statement>>,
+    /// The client's name that the Parse the server's last ErrorResponse answered
+    /// prepared again, and the shared name it went under (see
+    /// [`ReplyTracker::take_failed_reprepare`]).
+    failed_reprepare: Option<(Arc<str>, Arc<str>)>,
     /// The server is in COPY FROM STDIN and the client has not ended it yet.
     client_copying: bool,
     /// The server is in COPY FROM STDIN, and messages were dropped from `owed` that it
@@ -197,6 +201,7 @@ impl Default for ReplyTracker {
             syncs: 0,
             skipping_to_sync: false,
             failed_statement: None,
+            failed_reprepare: None,
             client_copying: false,
             copy_swallowed_messages: false,
             unsure: false,
@@ -284,6 +289,13 @@ impl ReplyTracker {
     /// (until the next ReadyForQuery).
     pub fn take_failed_statement(&mut self) -> Option<Arc<Statement>> {
         self.failed_statement.take()
+    }
+
+    /// The client's name and the shared one, if the server's last ErrorResponse answered
+    /// a Parse that prepared a name the client already has ([`Undo::Reprepare`]; until
+    /// the next ReadyForQuery): the server's error names the shared statement instead.
+    pub fn take_failed_reprepare(&mut self) -> Option<(Arc<str>, Arc<str>)> {
+        self.failed_reprepare.take()
     }
 
     /// Drops of statements that happened (`true`) or may have (`false`, after an error),
@@ -555,6 +567,18 @@ impl ReplyTracker {
             }
             _ => None,
         };
+        self.failed_reprepare = match self.owed.front() {
+            Some(Entry {
+                owed: Owed::Parse,
+                undo:
+                    Some(Undo::Reprepare {
+                        client_name,
+                        shared_name,
+                    }),
+                ..
+            }) => Some((Arc::clone(client_name), Arc::clone(shared_name))),
+            _ => None,
+        };
         match self.front() {
             // Nothing outstanding: an asynchronous error (e.g. FATAL on termination).
             None => {}
@@ -576,6 +600,7 @@ impl ReplyTracker {
     fn ready(&mut self, status: TxStatus) -> Result<(), OutOfStep> {
         self.tx = status;
         self.failed_statement = None;
+        self.failed_reprepare = None;
         self.client_copying = false;
         self.copy_swallowed_messages = false;
         let Some(at) = self.owed.iter().position(|e| e.owed.ends_with_ready()) else {
