@@ -1873,6 +1873,8 @@ async fn a_startup_role_is_what_reset_role_returns_to_for_this_client_and_others
         "RESET ALL",
         "DISCARD ALL",
         "BEGIN; RESET ROLE; ROLLBACK",
+        "SELECT set_config('role', NULL, false)",
+        "SELECT set_config('session_authorization', NULL, false)",
     ] {
         // (A client each: one that SET ROLE NONE stays pinned.)
         let direct = common::connect(&direct_config).await.expect("direct");

@@ -1971,17 +1971,15 @@ impl Session {
                         self.checking = None;
                     }
                     if let Some((name, shared)) = server.replies.take_failed_reprepare() {
-                        let message = messages::error_field(body, b'M')
-                            .filter(|_| messages::error_field(body, b'C') == Some(b"42P05"))
-                            .map(String::from_utf8_lossy);
                         // PostgreSQL's error names the client's statement, not the shared
-                        // one the Parse went under (in whatever language the server
-                        // speaks: only the name is replaced).
-                        if let Some(message) = message.filter(|m| m.contains(&*shared)) {
-                            let message = message.replacen(&*shared, &name, 1);
-                            let body = body.to_vec();
+                        // one the Parse went under (in whatever language and encoding the
+                        // server speaks: only the name's bytes are replaced).
+                        let renamed = (messages::error_field(body, b'C') == Some(b"42P05"))
+                            .then(|| messages::renamed_error(body, &shared, &name))
+                            .flatten();
+                        if let Some(renamed) = renamed {
                             self.client_out.truncate(start);
-                            messages::error_with_message(&body, &message, &mut self.client_out);
+                            self.client_out.extend_from_slice(&renamed);
                             continue;
                         }
                     }

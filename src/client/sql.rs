@@ -931,14 +931,22 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
         return;
     }
     if is(third, "false") {
-        let before = e.settings.len();
-        session_setting(name.to_ascii_lowercase(), e);
+        let name = name.to_ascii_lowercase();
         // (The value alone between the commas: `NULL || 'x'` is no reset.)
-        if is(args.get(2), "null") && args.get(3) == Some(&Token::Punct(',')) {
-            e.resets = true;
-            let reset = e.settings[before..].to_vec();
-            e.reset_settings.extend(reset);
+        let comma = |i: usize| args.get(i) == Some(&Token::Punct(','));
+        let null = comma(1) && is(args.get(2), "null") && comma(3);
+        if !null {
+            return session_setting(name, e);
         }
+        if name == "role" || name == "session_authorization" {
+            // RESET ROLE, RESET SESSION AUTHORIZATION.
+            return back(e, Back::Reset);
+        }
+        let before = e.settings.len();
+        session_setting(name, e);
+        e.resets = true;
+        let reset = e.settings[before..].to_vec();
+        e.reset_settings.extend(reset);
     } else {
         e.pin(PinReason::Unclassified);
     }
@@ -1079,6 +1087,10 @@ mod tests {
         let null = classify("SELECT set_config('Search_Path', null, false)");
         assert_eq!(null.reset_settings, ["search_path"]);
         assert_eq!(null.settings, ["search_path"]);
+        for who in ["role", "session_authorization"] {
+            let null = classify(&format!("SELECT set_config('{who}', NULL, false)"));
+            assert_eq!((null.reset_settings, null.pin), (vec!["role".into()], None));
+        }
         for sql in [
             "RESET ROLE",
             "SET ROLE DEFAULT",
@@ -1120,6 +1132,7 @@ mod tests {
             "SET LOCAL search_path TO DEFAULT",
             "SELECT set_config('a.b', 'c', false)",
             "SELECT set_config('a.b', NULL || 'c', false)",
+            "SELECT set_config('a' + NULL, false)",
             "SELECT set_config('a.b', NULL, true)",
             "DISCARD PLANS",
             "SELECT 'RESET ALL'",

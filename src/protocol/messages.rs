@@ -243,8 +243,22 @@ pub fn error_field(mut body: &[u8], wanted: u8) -> Option<&[u8]> {
     }
 }
 
+/// The ErrorResponse whose body is `body`, with `from` in its message replaced (once) by
+/// `to`, byte for byte (the message is in the client's encoding); None if the message
+/// does not hold `from`.
+pub fn renamed_error(body: &[u8], from: &str, to: &str) -> Option<BytesMut> {
+    let message = error_field(body, b'M')?;
+    let at = memchr::memmem::find(message, from.as_bytes())?;
+    let mut renamed = message[..at].to_vec();
+    renamed.extend_from_slice(to.as_bytes());
+    renamed.extend_from_slice(&message[at + from.len()..]);
+    let mut buf = BytesMut::new();
+    error_with_message(body, &renamed, &mut buf);
+    Some(buf)
+}
+
 /// An ErrorResponse with the fields of `body` (another one's), but its message `message`.
-pub fn error_with_message(body: &[u8], message: &str, buf: &mut BytesMut) {
+fn error_with_message(body: &[u8], message: &[u8], buf: &mut BytesMut) {
     put_message(buf, b'E', |b| {
         let mut rest = body;
         while let Some((&field, after)) = rest.split_first() {
@@ -256,7 +270,8 @@ pub fn error_with_message(body: &[u8], message: &str, buf: &mut BytesMut) {
             }
             b.put_u8(field);
             if field == b'M' {
-                put_cstr(b, message);
+                b.put_slice(message);
+                b.put_u8(0);
             } else {
                 b.put_slice(&after[..=end]);
             }
@@ -330,7 +345,7 @@ mod tests {
     fn an_error_is_given_another_message_with_its_other_fields_kept() {
         let body = b"SERROR\0VERROR\0C42P05\0Mprepared statement \"pgshield_2\" already exists\0Fprepare.c\0RStorePreparedStatement\0\0";
         let mut buf = BytesMut::new();
-        error_with_message(body, "prepared statement \"s0\" already exists", &mut buf);
+        error_with_message(body, b"prepared statement \"s0\" already exists", &mut buf);
         let Ok(Some(Message::ErrorResponse(_))) = Message::parse(&mut buf.clone()) else {
             panic!("not an ErrorResponse");
         };
@@ -341,8 +356,17 @@ mod tests {
         );
         // A truncated body ends where it can no longer be read.
         let mut buf = BytesMut::new();
-        error_with_message(b"SERROR\0C42P0", "m", &mut buf);
+        error_with_message(b"SERROR\0C42P0", b"m", &mut buf);
         assert_eq!(&buf[5..], b"SERROR\0\0");
+        // A name is replaced in a message in any language and encoding (LATIN1 here).
+        let latin1 =
+            b"SFEHLER\0C42P05\0MVorbereitete Anweisung \xbbpgshield_7\xab existiert bereits\0\0";
+        let renamed = renamed_error(latin1, "pgshield_7", "s0").expect("renamed");
+        assert_eq!(
+            &renamed[5..],
+            &b"SFEHLER\0C42P05\0MVorbereitete Anweisung \xbbs0\xab existiert bereits\0\0"[..]
+        );
+        assert!(renamed_error(latin1, "pgshield_8", "s0").is_none());
     }
 
     #[test]

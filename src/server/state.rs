@@ -567,7 +567,8 @@ impl ReplyTracker {
             }
             _ => None,
         };
-        self.failed_reprepare = match self.owed.front() {
+        // (`front` first: past CopyEnd markers.)
+        self.failed_reprepare = match self.front().and(self.owed.front()) {
             Some(Entry {
                 owed: Owed::Parse,
                 undo:
