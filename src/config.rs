@@ -666,6 +666,20 @@ impl DatabaseConfig {
                 out.push(spec("replicas", r, HostRole::Replica)?);
             }
         }
+        if let Some(unix) = out
+            .iter()
+            .find(|h| h.host.starts_with('/') || h.host.starts_with('@'))
+        {
+            return Err(invalid(
+                "host",
+                format!(
+                    "`{}` is a Unix-domain socket: pgshield reaches servers over TCP only \
+                     (Unix sockets are not supported yet); give the server's TCP address, \
+                     such as 127.0.0.1",
+                    unix.host
+                ),
+            ));
+        }
         for (i, a) in out.iter().enumerate() {
             if out[..i]
                 .iter()
@@ -1371,6 +1385,14 @@ mod tests {
             (
                 "[databases.x]\nhosts = [\"a\", \"b\"]\n[databases.x_ro]\nhost = \"h\"\n",
                 "databases.x_ro",
+            ),
+            (
+                "[databases.x]\nhost = \"/var/run/postgresql\"\n",
+                "databases.x.host",
+            ),
+            (
+                "[databases.x]\nhosts = [\"h\", \"/tmp\"]\n",
+                "databases.x.host",
             ),
         ] {
             match Config::from_toml(&format!("{bad}{users}")) {
