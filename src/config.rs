@@ -387,8 +387,9 @@ impl Default for PoolConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// The server, for a database on one host. Several hosts: `hosts`, or `primary` and
-    /// `replicas`, instead.
+    /// The server, for a database on one host: a host name, an IP address, or (starting
+    /// with `/`) the directory of its Unix-domain socket (no TLS there, as with libpq).
+    /// Several hosts: `hosts`, or `primary` and `replicas`, instead.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
     /// The port of `host`, and of entries in `hosts`/`primary`/`replicas` that name none.
@@ -575,11 +576,7 @@ pub struct HostSpec {
 impl HostSpec {
     /// `host:port` as it is connected to (`[v6]:port` for IPv6).
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::net::server_addr(&self.host, self.port)
     }
 }
 
@@ -666,17 +663,14 @@ impl DatabaseConfig {
                 out.push(spec("replicas", r, HostRole::Replica)?);
             }
         }
-        if let Some(unix) = out
-            .iter()
-            .find(|h| h.host.starts_with('/') || h.host.starts_with('@'))
-        {
+        if let Some(abstract_socket) = out.iter().find(|h| h.host.starts_with('@')) {
             return Err(invalid(
                 "host",
                 format!(
-                    "`{}` is a Unix-domain socket: pgshield reaches servers over TCP only \
-                     (Unix sockets are not supported yet); give the server's TCP address, \
-                     such as 127.0.0.1",
-                    unix.host
+                    "`{}`: abstract Unix-domain sockets are not supported; give the \
+                     directory of the server's socket (such as /var/run/postgresql) or \
+                     its TCP address",
+                    abstract_socket.host
                 ),
             ));
         }
@@ -1386,12 +1380,9 @@ mod tests {
                 "[databases.x]\nhosts = [\"a\", \"b\"]\n[databases.x_ro]\nhost = \"h\"\n",
                 "databases.x_ro",
             ),
+            ("[databases.x]\nhost = \"@pg\"\n", "databases.x.host"),
             (
-                "[databases.x]\nhost = \"/var/run/postgresql\"\n",
-                "databases.x.host",
-            ),
-            (
-                "[databases.x]\nhosts = [\"h\", \"/tmp\"]\n",
+                "[databases.x]\nhosts = [\"h\", \"@pg\"]\n",
                 "databases.x.host",
             ),
         ] {

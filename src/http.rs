@@ -140,7 +140,7 @@ async fn not_ready(shared: &Shared) -> Option<String> {
         let mut last = String::new();
         let mut reached = false;
         for host in db.servers().unwrap_or_default() {
-            let connect = TcpStream::connect((host.host.as_str(), host.port));
+            let connect = crate::net::connect_server(&host.host, host.port);
             match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(_)) => {
                     reached = true;

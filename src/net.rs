@@ -1,6 +1,7 @@
 //! The byte streams pgshield speaks over, on both sides: plain TCP, or TLS over it (as the
-//! TLS server towards clients, as the TLS client towards backends). One enum, so the relay
-//! is not generic.
+//! TLS server towards clients, as the TLS client towards backends), and towards a server
+//! whose `host` is a directory, its Unix-domain socket. One enum, so the relay is not
+//! generic.
 
 use std::io;
 use std::pin::Pin;
@@ -9,13 +10,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsStream;
 
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// A server's Unix-domain socket (never TLS, as with libpq).
+    Unix(UnixStream),
     /// Only while a TCP stream is being upgraded to TLS (and after a failed upgrade):
     /// every read and write fails.
     Detached,
@@ -29,6 +32,35 @@ fn detached() -> io::Error {
         io::ErrorKind::NotConnected,
         "connection is being upgraded to TLS",
     )
+}
+
+/// Whether a server `host` is the directory of its Unix-domain socket (as libpq reads a
+/// host starting with `/`).
+pub fn is_socket_dir(host: &str) -> bool {
+    host.starts_with('/')
+}
+
+/// How a server is named in messages and logs: `host:port` (`[v6]:port` for IPv6), or the
+/// path of its Unix-domain socket (`dir/.s.PGSQL.port`, PostgreSQL's own naming).
+pub fn server_addr(host: &str, port: u16) -> String {
+    if is_socket_dir(host) {
+        format!("{}/.s.PGSQL.{port}", host.trim_end_matches('/'))
+    } else if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Opens a connection to a server: over TCP (its options set), or to its Unix-domain
+/// socket when `host` is a directory.
+pub async fn connect_server(host: &str, port: u16) -> io::Result<Stream> {
+    if is_socket_dir(host) {
+        return Ok(Stream::Unix(
+            UnixStream::connect(server_addr(host, port)).await?,
+        ));
+    }
+    Ok(Stream::from_tcp(TcpStream::connect((host, port)).await?))
 }
 
 /// Idle time before the first keepalive probe, and between probes.
@@ -112,12 +144,16 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Stream::Unix(_))
+    }
+
     /// The TCP connection underneath.
     fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Tcp(tcp) => Some(tcp),
             Stream::Tls(tls) => Some(tls.get_ref().0),
-            Stream::Detached | Stream::Memory(_) => None,
+            Stream::Unix(_) | Stream::Detached | Stream::Memory(_) => None,
         }
     }
 
@@ -137,11 +173,13 @@ impl Stream {
     /// (on an idle backend that means a FATAL, e.g. after `pg_terminate_backend`).
     /// Never blocks. A byte it finds is consumed: the connection is not used again.
     pub fn peer_closed_or_spoke(&self) -> bool {
-        let Some(tcp) = self.tcp() else {
-            return true;
-        };
         let mut probe = [0u8; 1];
-        match tcp.try_read(&mut probe) {
+        let read = match (self, self.tcp()) {
+            (Stream::Unix(unix), _) => unix.try_read(&mut probe),
+            (_, Some(tcp)) => tcp.try_read(&mut probe),
+            (_, None) => return true,
+        };
+        match read {
             Ok(_) => true,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(_) => true,
@@ -171,6 +209,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -186,6 +225,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -195,6 +235,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Memory(s) => Pin::new(s).poll_flush(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -204,6 +245,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -218,5 +260,22 @@ pub fn raise_fd_limit() {
         if soft < hard {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_are_named_by_address_or_by_socket_path() {
+        assert_eq!(server_addr("db.internal", 5432), "db.internal:5432");
+        assert_eq!(server_addr("::1", 6000), "[::1]:6000");
+        assert_eq!(
+            server_addr("/var/run/postgresql/", 5433),
+            "/var/run/postgresql/.s.PGSQL.5433"
+        );
+        assert_eq!(server_addr("/", 5432), "/.s.PGSQL.5432");
+        assert!(is_socket_dir("/tmp") && !is_socket_dir("tmp") && !is_socket_dir("@pg"));
     }
 }

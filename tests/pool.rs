@@ -418,3 +418,74 @@ async fn a_client_queued_past_queue_notice_after_is_told_once_which_pool() {
         "{notices:?}"
     );
 }
+
+/// A server whose `host` is a directory is reached over its Unix-domain socket (as libpq
+/// does): queries, named statements across backends, a cancel (forwarded to the socket
+/// too), and a backend the server ended while idle is not lent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_is_reached_over_its_unix_socket() {
+    let db = common::cluster();
+    common::create_role("pool_unix", "pw").await;
+    let databases = format!(
+        "[databases.app]\nhost = \"{}\"\nport = {}\ndbname = \"postgres\"\n",
+        db.dir().join("sock").display(),
+        db.port()
+    );
+    let proxy = TestProxy::start_with_databases(
+        &databases,
+        "[pool]\nmax_size = 2\n[users.pool_unix]\npassword = \"pw\"\n",
+    )
+    .await;
+    let conn = proxy.connect("pool_unix", "pw").await.expect("login");
+    // (No server address: the backend's connection is a Unix-domain socket's.)
+    let row = conn
+        .client
+        .query_one("SELECT inet_server_addr() IS NULL, pg_backend_pid()", &[])
+        .await
+        .expect("query");
+    assert!(row.get::<_, bool>(0), "connected over the socket");
+    let statement = conn
+        .client
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("prepare");
+    let other = proxy.connect("pool_unix", "pw").await.expect("login");
+    other.client.batch_execute("BEGIN").await.expect("hold one");
+    for i in 0..4 {
+        let row = conn.client.query_one(&statement, &[&i]).await.expect("run");
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+    }
+    other.client.batch_execute("COMMIT").await.expect("commit");
+    // A cancel reaches the backend through the socket.
+    let cancel = conn.client.cancel_token();
+    let sleeping = conn.client.batch_execute("SELECT pg_sleep(10)");
+    let started = Instant::now();
+    let canceller = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    };
+    let (slept, cancelled) = tokio::join!(sleeping, canceller);
+    cancelled.expect("cancel sent");
+    let error = slept.expect_err("cancelled");
+    assert_eq!(sqlstate(&error), Some("57014"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The server ends the idle backends: the next statement runs on a fresh one.
+    let ended = common::admin()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE usename = 'pool_unix' AND client_addr IS NULL AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get::<_, i64>(0);
+    assert!(ended >= 1, "{ended}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let row = conn
+        .client
+        .query_one("SELECT inet_server_addr() IS NULL", &[])
+        .await
+        .expect("a fresh backend");
+    assert!(row.get::<_, bool>(0));
+}

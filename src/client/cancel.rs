@@ -16,7 +16,6 @@ use bytes::BytesMut;
 use rand::Rng;
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::server::Server;
 use crate::FastMap;
@@ -123,7 +122,7 @@ impl Cancels {
             &mut packet,
         );
         let send = async {
-            let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            let mut stream = crate::net::connect_server(&target.host, target.port).await?;
             stream.write_all(&packet).await?;
             stream.shutdown().await
         };

@@ -11,7 +11,6 @@ use postgres_protocol::message::frontend;
 use std::sync::Arc;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 use super::password::PasswordCommand;
 use super::{parse_parameter_status, Server, ServerError as Error};
@@ -51,11 +50,7 @@ impl ServerTarget {
     }
 
     pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::net::server_addr(&self.host, self.port)
     }
 }
 
@@ -177,7 +172,8 @@ impl ServerError {
 /// the handshake and the certificate checks the mode asks for.
 async fn negotiate_tls(target: &ServerTarget, mut stream: Stream) -> Result<Stream, Error> {
     let mode = target.tls.mode();
-    if mode == ServerTlsMode::Disable {
+    // (Over a Unix-domain socket no TLS is asked for, as libpq asks for none.)
+    if mode == ServerTlsMode::Disable || stream.is_unix() {
         return Ok(stream);
     }
     let failed = |reason: String| Error::Tls {
@@ -264,13 +260,12 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
 }
 
 async fn open_tcp(target: &ServerTarget) -> Result<Stream, Error> {
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+    crate::net::connect_server(&target.host, target.port)
         .await
         .map_err(|source| Error::Connect {
             addr: target.addr(),
             source,
-        })?;
-    Ok(Stream::from_tcp(tcp))
+        })
 }
 
 async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
