@@ -8,14 +8,15 @@
 #     ../shared/bench/run_matrix.sh /tmp/bench/results.txt
 #
 # Usage: bench_target.sh start|stop NAME PORT   (start prints pgshield's PID)
-# Environment (defaults): PG_PORT=5440 CLUSTER_DIR=/tmp/bench/pg AUTH=scram
+# Environment (defaults): PG_PORT=5440 PG_HOST=127.0.0.1 (or the cluster's socket
+#   directory, e.g. /tmp/bench/pg/sock) CLUSTER_DIR=/tmp/bench/pg AUTH=scram
 #   PGSHIELD_POOL=40 PGSHIELD_MODE=session WORK=/tmp/bench PGSHIELD_BIN=target/release/pgshield
 # With AUTH=scram clients are checked against the cluster's own SCRAM verifier for
 # `bench` (from CLUSTER_DIR/userlist.txt, as PgBouncer's auth_file); with AUTH=trust,
 # clients are trusted, as PgBouncer's auth_type=trust.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-[[ $# -eq 3 ]] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[[ $# -eq 3 ]] || { sed -n '2,17p' "$0" >&2; exit 2; }
 CMD=$1 NAME=$2 PORT=$3
 WORK=${WORK:-/tmp/bench}
 DIR=$WORK/$NAME
@@ -52,7 +53,7 @@ mode = "${PGSHIELD_MODE:-session}"
 max_size = ${PGSHIELD_POOL:-40}
 shutdown_timeout = "1s"
 [databases.bench]
-host = "127.0.0.1"
+host = "${PG_HOST:-127.0.0.1}"
 port = ${PG_PORT:-5440}
 [users.bench]
 $user_auth
@@ -69,5 +70,5 @@ CONF
         cat "$DIR/pid"
         ;;
     stop) stop ;;
-    *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac
