@@ -395,7 +395,8 @@ pub struct DatabaseConfig {
     /// The port of `host`, and of entries in `hosts`/`primary`/`replicas` that name none.
     #[serde(default = "default_pg_port")]
     pub port: u16,
-    /// Several servers, as `host` or `host:port` (`[::1]:5432` for IPv6), whose role is
+    /// Several servers, as `host` or `host:port` (`[::1]:5432` for IPv6; a socket directory
+    /// as `/dir` or `/dir:port`, so one whose name holds a `:` only as `host`), whose role is
     /// `role`: with `auto`, the one not in recovery is the primary (checked again every
     /// `pool.health_check_interval` and after a connection error).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1346,6 +1347,23 @@ mod tests {
             [
                 ("p:1".into(), HostRole::Primary),
                 ("r:7".into(), HostRole::Replica)
+            ]
+        );
+        // Unix-domain sockets: a directory, with a port in a list entry.
+        let sockets = Config::from_toml(
+            "[databases.s]\nhosts = [\"/tmp/a:5433\", \"/var/run/postgresql\"]\n\
+             [databases.t]\nhost = \"/var/run/postgresql\"\nport = 5434\n\
+             [users.u]\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let s = sockets.databases["s"].servers().unwrap();
+        let t = sockets.databases["t"].servers().unwrap();
+        assert_eq!(
+            s.iter().chain(&t).map(|h| h.addr()).collect::<Vec<_>>(),
+            [
+                "/tmp/a/.s.PGSQL.5433",
+                "/var/run/postgresql/.s.PGSQL.5432",
+                "/var/run/postgresql/.s.PGSQL.5434"
             ]
         );
         assert_eq!(c.resolve_database("a_ro"), Some(("a", true)));

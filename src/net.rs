@@ -17,8 +17,9 @@ use tokio_rustls::TlsStream;
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-    /// A server's Unix-domain socket (never TLS, as with libpq).
-    Unix(UnixStream),
+    /// A server's Unix-domain socket (never TLS, as with libpq). Boxed: unboxed, it would
+    /// make every client session's stream 8 bytes larger (see the assertion below).
+    Unix(Box<UnixStream>),
     /// Only while a TCP stream is being upgraded to TLS (and after a failed upgrade):
     /// every read and write fails.
     Detached,
@@ -26,6 +27,9 @@ pub enum Stream {
     #[doc(hidden)]
     Memory(tokio::io::DuplexStream),
 }
+
+// Every client session holds a `Stream`: no larger than the TCP stream it usually is.
+const _: () = assert!(std::mem::size_of::<Stream>() == std::mem::size_of::<TcpStream>());
 
 fn detached() -> io::Error {
     io::Error::new(
@@ -56,9 +60,9 @@ pub fn server_addr(host: &str, port: u16) -> String {
 /// socket when `host` is a directory.
 pub async fn connect_server(host: &str, port: u16) -> io::Result<Stream> {
     if is_socket_dir(host) {
-        return Ok(Stream::Unix(
+        return Ok(Stream::Unix(Box::new(
             UnixStream::connect(server_addr(host, port)).await?,
-        ));
+        )));
     }
     Ok(Stream::from_tcp(TcpStream::connect((host, port)).await?))
 }
@@ -186,11 +190,17 @@ impl Stream {
         }
     }
 
-    /// Best-effort write that never waits (used from `Drop`); plain TCP only, since a TLS
-    /// record cannot be written without waiting.
+    /// Best-effort write that never waits (used from `Drop`); plain TCP or a Unix-domain
+    /// socket only, since a TLS record cannot be written without waiting.
     pub fn try_write_now(&self, bytes: &[u8]) {
-        if let Stream::Tcp(tcp) = self {
-            let _ = tcp.try_write(bytes);
+        match self {
+            Stream::Tcp(tcp) => {
+                let _ = tcp.try_write(bytes);
+            }
+            Stream::Unix(unix) => {
+                let _ = unix.try_write(bytes);
+            }
+            _ => {}
         }
     }
 
@@ -209,7 +219,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -225,7 +235,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -235,7 +245,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Memory(s) => Pin::new(s).poll_flush(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -245,7 +255,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Detached => Poll::Ready(Err(detached())),

@@ -45,6 +45,7 @@ impl Live {
         // Everything that can fail comes first: past this point nothing may, because
         // the access rules take over (and adjust) the running client counts.
         config.validate()?;
+        warn_of_sockets_without_tls(&config);
         let client_tls = ClientTls::new(&config.tls.client)?.map(Arc::new);
         let server_tls = Arc::new(ServerTls::new(&config.tls.server)?);
         Ok(Live {
@@ -55,6 +56,24 @@ impl Live {
             server_tls,
             config,
         })
+    }
+}
+
+/// A server reached over its Unix-domain socket gets no TLS (as with libpq), whatever
+/// `tls.server.mode` asks of the others: said once per load, for an operator who set a
+/// strict mode as a policy.
+fn warn_of_sockets_without_tls(config: &Config) {
+    use crate::config::ServerTlsMode;
+    let mode = config.tls.server.mode;
+    if matches!(mode, ServerTlsMode::Disable | ServerTlsMode::Prefer) {
+        return;
+    }
+    for (name, db) in &config.databases {
+        for host in db.servers().unwrap_or_default() {
+            if crate::net::is_socket_dir(&host.host) {
+                tracing::warn!(database = %name, host = %host.addr(), ?mode, "a Unix-domain socket: tls.server.mode does not apply there (no TLS, as with libpq)");
+            }
+        }
     }
 }
 

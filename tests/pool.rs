@@ -438,12 +438,13 @@ async fn a_server_is_reached_over_its_unix_socket() {
     .await;
     let conn = proxy.connect("pool_unix", "pw").await.expect("login");
     // (No server address: the backend's connection is a Unix-domain socket's.)
-    let row = conn
-        .client
-        .query_one("SELECT inet_server_addr() IS NULL, pg_backend_pid()", &[])
-        .await
-        .expect("query");
+    let on_socket = "SELECT inet_server_addr() IS NULL, pg_backend_pid()";
+    let row = conn.client.query_one(on_socket, &[]).await.expect("query");
     assert!(row.get::<_, bool>(0), "connected over the socket");
+    let first: i32 = row.get(1);
+    // An idle backend on a socket is lent again (the pool is LIFO: alone, the same one).
+    let row = conn.client.query_one(on_socket, &[]).await.expect("query");
+    assert_eq!(row.get::<_, i32>(1), first, "reused");
     let statement = conn
         .client
         .prepare("SELECT $1::int + 1")
@@ -469,23 +470,31 @@ async fn a_server_is_reached_over_its_unix_socket() {
     let error = slept.expect_err("cancelled");
     assert_eq!(sqlstate(&error), Some("57014"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    // The server ends the idle backends: the next statement runs on a fresh one.
-    let ended = common::admin()
-        .await
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE usename = 'pool_unix' AND client_addr IS NULL AND pid <> pg_backend_pid()",
+    // The server ends the idle backends (and they are gone, their FATAL sent): the next
+    // statement runs on a fresh one, not on one of them.
+    let admin = common::admin().await;
+    let ended: Vec<i32> = admin
+        .query(
+            "SELECT pid FROM pg_stat_activity, pg_terminate_backend(pid, 5000) \
+             WHERE usename = 'pool_unix' AND client_addr IS NULL",
             &[],
         )
         .await
         .expect("terminate")
-        .get::<_, i64>(0);
-    assert!(ended >= 1, "{ended}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // (Not `first` any more: the backend a cancel was sent to is closed, not reused.)
+    assert!(
+        !ended.is_empty() && !ended.contains(&first),
+        "{ended:?} {first}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let row = conn
         .client
-        .query_one("SELECT inet_server_addr() IS NULL", &[])
+        .query_one(on_socket, &[])
         .await
         .expect("a fresh backend");
     assert!(row.get::<_, bool>(0));
+    assert!(!ended.contains(&row.get(1)), "{ended:?}");
 }

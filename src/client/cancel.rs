@@ -42,6 +42,11 @@ pub struct CancelTarget {
 }
 
 impl CancelTarget {
+    /// The server's host (or socket directory) and port, as connected to.
+    pub fn server(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
     pub fn new(host: &str, port: u16, process_id: i32, secret_key: i32) -> CancelTarget {
         CancelTarget {
             host: host.to_owned(),

@@ -534,7 +534,9 @@ impl PoolStats {
 pub struct IdleServer {
     pub id: u64,
     pub pid: i32,
-    pub peer: std::net::SocketAddr,
+    /// The server's address as connected to (its socket's directory for a
+    /// Unix-domain socket) and port.
+    pub peer: (String, u16),
     pub local: Option<std::net::SocketAddr>,
     pub opened_at: std::time::SystemTime,
     pub tls: bool,
@@ -899,7 +901,14 @@ impl Pool {
             idle.push(IdleServer {
                 id: server.id().0,
                 pid: server.process_id(),
-                peer: server.stream.peer_addr(),
+                peer: if server.stream.is_unix() {
+                    let target = server.cancel_target();
+                    let (dir, port) = target.server();
+                    (dir.to_owned(), port)
+                } else {
+                    let peer = server.stream.peer_addr();
+                    (peer.ip().to_string(), peer.port())
+                },
                 local: server.stream.local_addr(),
                 opened_at: std::time::SystemTime::now()
                     .checked_sub(server.age())

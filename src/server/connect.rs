@@ -259,7 +259,7 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
     }
 }
 
-async fn open_tcp(target: &ServerTarget) -> Result<Stream, Error> {
+async fn open_stream(target: &ServerTarget) -> Result<Stream, Error> {
     crate::net::connect_server(&target.host, target.port)
         .await
         .map_err(|source| Error::Connect {
@@ -269,13 +269,13 @@ async fn open_tcp(target: &ServerTarget) -> Result<Stream, Error> {
 }
 
 async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
-    let stream = match negotiate_tls(target, open_tcp(target).await?).await {
+    let stream = match negotiate_tls(target, open_stream(target).await?).await {
         // As libpq's prefer: a server whose TLS fails is tried again in plaintext.
         Err(e @ (Error::Tls { .. } | Error::Protocol(_)))
             if target.tls.mode() == ServerTlsMode::Prefer =>
         {
             tracing::warn!(addr = %target.addr(), error = %e, "TLS to the server failed; tls.server.mode = prefer: trying without TLS");
-            open_tcp(target).await?
+            open_stream(target).await?
         }
         other => other?,
     };
