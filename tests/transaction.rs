@@ -2221,7 +2221,7 @@ async fn a_client_keeping_its_backend_resets_to_its_startup_settings() {
         "RESET ALL; SET search_path = later",
         "DISCARD ALL",
         "SELECT set_config('search_path', NULL, false), \
-         set_config('statement_timeout', NULL, false)",
+         set_config('statement_timeout', NULL::text, false)",
     ];
     // Each beside a client of its own straight to PostgreSQL, given the same statements.
     for (who, c) in [("pinned", &pinned.client), ("unpinned", &unpinned.client)] {

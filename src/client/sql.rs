@@ -932,9 +932,12 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     }
     if is(third, "false") {
         let name = name.to_ascii_lowercase();
-        // (The value alone between the commas: `NULL || 'x'` is no reset.)
+        // (The value alone between the commas, `NULL` or `NULL::type` with a one-word
+        // type: `NULL || 'x'` is no reset.)
         let comma = |i: usize| args.get(i) == Some(&Token::Punct(','));
-        let null = comma(1) && is(args.get(2), "null") && comma(3);
+        let colon = |i: usize| args.get(i) == Some(&Token::Punct(':'));
+        let cast = colon(3) && colon(4) && matches!(args.get(5), Some(Token::Word(_)));
+        let null = comma(1) && is(args.get(2), "null") && comma(if cast { 6 } else { 3 });
         if !null {
             return session_setting(name, e);
         }
@@ -1087,6 +1090,8 @@ mod tests {
         let null = classify("SELECT set_config('Search_Path', null, false)");
         assert_eq!(null.reset_settings, ["search_path"]);
         assert_eq!(null.settings, ["search_path"]);
+        let cast = classify("SELECT set_config('work_mem', NULL::text, false)");
+        assert_eq!(cast.reset_settings, ["work_mem"]);
         for who in ["role", "session_authorization"] {
             let null = classify(&format!("SELECT set_config('{who}', NULL, false)"));
             assert_eq!((null.reset_settings, null.pin), (vec!["role".into()], None));
@@ -1132,6 +1137,7 @@ mod tests {
             "SET LOCAL search_path TO DEFAULT",
             "SELECT set_config('a.b', 'c', false)",
             "SELECT set_config('a.b', NULL || 'c', false)",
+            "SELECT set_config('a.b', NULL::text || 'c', false)",
             "SELECT set_config('a' + NULL, false)",
             "SELECT set_config('a.b', NULL, true)",
             "DISCARD PLANS",
