@@ -575,7 +575,8 @@ pub struct HostSpec {
 }
 
 impl HostSpec {
-    /// `host:port` as it is connected to (`[v6]:port` for IPv6).
+    /// `host:port` as it is connected to (`[v6]:port` for IPv6), or a Unix-domain
+    /// socket's path.
     pub fn addr(&self) -> String {
         crate::net::server_addr(&self.host, self.port)
     }
