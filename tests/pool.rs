@@ -433,7 +433,8 @@ async fn a_server_is_reached_over_its_unix_socket() {
     );
     let proxy = TestProxy::start_with_databases(
         &databases,
-        "[pool]\nmax_size = 2\n[users.pool_unix]\npassword = \"pw\"\n",
+        "[pool]\nmax_size = 2\n[users.pool_unix]\npassword = \"pw\"\n\
+         [admin]\nhttp_listen = \"\"\nusers = [\"pool_unix\"]\n",
     )
     .await;
     let conn = proxy.connect("pool_unix", "pw").await.expect("login");
@@ -445,6 +446,29 @@ async fn a_server_is_reached_over_its_unix_socket() {
     // An idle backend on a socket is lent again (the pool is LIFO: alone, the same one).
     let row = conn.client.query_one(on_socket, &[]).await.expect("query");
     assert_eq!(row.get::<_, i32>(1), first, "reused");
+    // SHOW SERVERS names the idle backend's server by its socket's directory and port.
+    let mut console_config = proxy.config("pool_unix", "pw");
+    console_config.dbname("pgshield");
+    let console = common::connect(&console_config).await.expect("console");
+    let idle: Vec<(String, String)> = console
+        .client
+        .simple_query("SHOW SERVERS")
+        .await
+        .expect("SHOW SERVERS")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("state") == Some("idle") => {
+                let field = |name| r.get(name).unwrap_or_default().to_owned();
+                Some((field("addr"), field("port")))
+            }
+            _ => None,
+        })
+        .collect();
+    let sock = (
+        db.dir().join("sock").display().to_string(),
+        db.port().to_string(),
+    );
+    assert_eq!(idle, [sock], "SHOW SERVERS");
     let statement = conn
         .client
         .prepare("SELECT $1::int + 1")
