@@ -300,8 +300,6 @@ const ADVISORY_LOCKS: [&str; 4] = [
     "pg_try_advisory_lock_shared",
 ];
 
-/// First words of statements that change nothing beyond their transaction (what the
-/// classifier looks at anywhere in a statement aside).
 /// First words of statements that control the transaction or copy (see `Effects::control`).
 const CONTROL: &[&str] = &[
     "begin",
@@ -316,6 +314,8 @@ const CONTROL: &[&str] = &[
     "prepare",
 ];
 
+/// First words of statements that change nothing beyond their transaction (what the
+/// classifier looks at anywhere in a statement aside).
 const PLAIN: &[&str] = &[
     "select",
     "insert",
