@@ -38,4 +38,7 @@ fi
 # The drivers tests/drivers.rs runs (asyncpg, psycopg, node-postgres, pgjdbc).
 scripts/drivers.sh
 
+# A full run builds every test binary from scratch on CI: incremental state would only add
+# hundreds of megabytes of disk there (one CI run ran out of it).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 exec cargo test --locked "$@"
