@@ -49,30 +49,52 @@ impl std::fmt::Display for ServerId {
 
 /// `(name, value)` pairs a backend reported with ParameterStatus. Names compare
 /// case-insensitively, as PostgreSQL's do.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerParams(Vec<(String, String)>);
+#[derive(Debug, Clone, Default)]
+pub struct ServerParams {
+    pairs: Vec<(String, String)>,
+    /// The fingerprint of its [`PARSE_SETTINGS`], once asked for: a pool's welcome values
+    /// are the view every new client starts from, and each login would otherwise look
+    /// up and hash them again.
+    parse_env: std::sync::OnceLock<u64>,
+}
+
+impl PartialEq for ServerParams {
+    fn eq(&self, other: &Self) -> bool {
+        self.pairs == other.pairs
+    }
+}
+
+impl Eq for ServerParams {}
 
 impl ServerParams {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.pairs
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
+        self.parse_env = std::sync::OnceLock::new();
         match self
-            .0
+            .pairs
             .iter_mut()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
         {
             Some(entry) => value.clone_into(&mut entry.1),
-            None => self.0.push((name.to_owned(), value.to_owned())),
+            None => self.pairs.push((name.to_owned(), value.to_owned())),
         }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// [`ClientView::parse_env`] of a view with these values and none of its own.
+    fn parse_env(&self) -> u64 {
+        *self
+            .parse_env
+            .get_or_init(|| fingerprint(|name| self.get(name)))
     }
 }
 
@@ -141,13 +163,11 @@ pub fn has_ascii_trails(encoding: &str) -> bool {
 
 impl ClientView {
     pub fn new(base: Arc<ServerParams>) -> ClientView {
-        let mut view = ClientView {
+        ClientView {
+            parse_env: base.parse_env(),
             base,
             own: None,
-            parse_env: 0,
-        };
-        view.parse_env = view.fingerprint();
-        view
+        }
     }
 
     /// A fingerprint of the values of [`PARSE_SETTINGS`] the client was told; its top bit
@@ -160,17 +180,6 @@ impl ClientView {
     /// [`has_ascii_trails`]).
     pub fn ascii_trails(&self) -> bool {
         self.parse_env & ASCII_TRAILS != 0
-    }
-
-    fn fingerprint(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        // (std's SipHash with fixed keys: the same in every client of the process.)
-        let mut hasher = std::hash::DefaultHasher::new();
-        for name in PARSE_SETTINGS {
-            self.get(name).hash(&mut hasher);
-        }
-        let trails = self.get("client_encoding").is_some_and(has_ascii_trails);
-        (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -188,9 +197,22 @@ impl ClientView {
                 .set(name, value);
         }
         if PARSE_SETTINGS.iter().any(|p| p.eq_ignore_ascii_case(name)) {
-            self.parse_env = self.fingerprint();
+            self.parse_env = fingerprint(|name| self.get(name));
         }
     }
+}
+
+/// A fingerprint of the values `get` gives for [`PARSE_SETTINGS`], with
+/// [`ASCII_TRAILS`] as its top bit.
+fn fingerprint<'a>(get: impl Fn(&str) -> Option<&'a str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // (std's SipHash with fixed keys: the same in every client of the process.)
+    let mut hasher = std::hash::DefaultHasher::new();
+    for name in PARSE_SETTINGS {
+        get(name).hash(&mut hasher);
+    }
+    let trails = get("client_encoding").is_some_and(has_ascii_trails);
+    (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
 }
 
 /// Parses a ParameterStatus body into (name, value).
@@ -681,5 +703,47 @@ mod tests {
         assert_eq!(view.get("application_name"), Some("app"));
         assert_eq!(view.get("DateStyle"), Some("ISO, MDY"));
         assert_eq!(view.get("nonexistent"), None);
+    }
+
+    #[test]
+    fn a_views_parse_environment_follows_its_values_not_how_it_got_them() {
+        let mut base = ServerParams::default();
+        base.set("client_encoding", "UTF8");
+        base.set("TimeZone", "UTC");
+        let base = Arc::new(base);
+        let fresh = ClientView::new(Arc::clone(&base));
+        assert_eq!(fresh.parse_env(), fingerprint(|name| base.get(name)));
+        // The pool's value cached once is the same for the next client.
+        assert_eq!(
+            ClientView::new(Arc::clone(&base)).parse_env(),
+            fresh.parse_env()
+        );
+        let mut view = ClientView::new(Arc::clone(&base));
+        view.set("application_name", "app");
+        assert_eq!(view.parse_env(), fresh.parse_env(), "not a parse setting");
+        view.set("TimeZone", "Asia/Tokyo");
+        assert_ne!(view.parse_env(), fresh.parse_env());
+        view.set("TimeZone", "UTC");
+        assert_eq!(view.parse_env(), fresh.parse_env());
+        view.set("client_encoding", "SJIS");
+        assert!(view.ascii_trails());
+        assert!(!fresh.ascii_trails());
+        // Values changed after a fingerprint was cached are fingerprinted afresh.
+        let mut changed = (*base).clone();
+        changed.set("client_encoding", "SJIS");
+        assert_eq!(changed, {
+            let mut same = (*base).clone();
+            same.set("client_encoding", "SJIS");
+            same
+        });
+        assert_eq!(
+            ClientView::new(Arc::new(changed)).parse_env(),
+            view.parse_env()
+        );
+        assert_eq!(
+            *base,
+            fresh.base.as_ref().clone(),
+            "the cache is not compared"
+        );
     }
 }
