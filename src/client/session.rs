@@ -2257,7 +2257,13 @@ impl Session {
         drop(waiting);
         let waited = waiting_since.map_or(Duration::ZERO, |since| since.elapsed());
         self.note_borrowed(waited);
-        self.settle_backend(backend).await
+        // Usually the backend needs nothing applied. (Boxed when it does: this future is
+        // itself boxed per borrow that waits, and copied whole into its box.)
+        if self.needs_settling(&backend) {
+            return Box::pin(self.settle_backend(backend)).await;
+        }
+        self.hold(backend);
+        Ok(Ok(()))
     }
 
     /// Takes a lent backend once the client's settings are applied to it (and, after a
@@ -2321,16 +2327,21 @@ impl Session {
             // "would open" or a closed pool), in one place.
             Poll::Ready(Err(_)) | Poll::Pending => return Ok(Taken::Borrow),
         };
-        let server = backend.server_ref();
-        if server.check_due {
+        if backend.server_ref().check_due {
             return Ok(Taken::Check(Box::new(backend)));
         }
         self.note_borrowed(Duration::ZERO);
-        if self.lost_transaction || !server.settled_for(self.settings.as_str()) {
+        if self.needs_settling(&backend) {
             return Ok(Taken::Settle(Box::new(backend)));
         }
         self.hold(backend);
         Ok(Taken::Held)
+    }
+
+    /// Whether a lent backend needs [`Self::settle_backend`] before the client has it:
+    /// its settings differ from the client's, or a lost transaction is to be recreated.
+    fn needs_settling(&self, backend: &Backend) -> bool {
+        self.lost_transaction || !backend.server_ref().settled_for(self.settings.as_str())
     }
 
     /// Counts a borrow that waited `waited` (zero: lent at once).
