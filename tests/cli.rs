@@ -207,10 +207,14 @@ fn quoted(line: &str) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_starts_postgres_fronts_it_and_cleans_up() {
     let port = common::free_port();
+    // Its log goes to a file, shown if the banner never comes: why it stopped.
+    let log_dir = common::unique_temp_dir("dev-log");
+    let log_path = log_dir.join("stderr.log");
+    let log = std::fs::File::create(&log_path).expect("create dev's log file");
     let mut child = pgshield()
         .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(log))
         .spawn()
         .expect("start pgshield dev");
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -236,10 +240,12 @@ async fn dev_starts_postgres_fronts_it_and_cleans_up() {
     .await;
     assert!(
         matches!(read, Ok(true)),
-        "no `Through pgshield:` line within 60 s (timed out: {}); stdout so far:\n{}",
+        "no `Through pgshield:` line within 60 s (timed out: {}); stdout so far:\n{}\nstderr:\n{}",
         read.is_err(),
-        banner.join("\n")
+        banner.join("\n"),
+        std::fs::read_to_string(&log_path).unwrap_or_default()
     );
+    let _ = std::fs::remove_dir_all(&log_dir);
     let banner_text = banner.join("\n");
     let url = banner
         .iter()
