@@ -2222,6 +2222,9 @@ async fn a_client_keeping_its_backend_resets_to_its_startup_settings() {
         "DISCARD ALL",
         "SELECT set_config('search_path', NULL, false), \
          set_config('statement_timeout', NULL::text, false)",
+        "SELECT set_config('search_path', CAST(NULL AS text), false), \
+         set_config('statement_timeout', (NULL), false), \
+         set_config('application_name', (NULL)::text, false)",
     ];
     // Each beside a client of its own straight to PostgreSQL, given the same statements.
     for (who, c) in [("pinned", &pinned.client), ("unpinned", &unpinned.client)] {

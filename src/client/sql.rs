@@ -911,6 +911,7 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     let mut depth = 0;
     let mut commas = 0;
     let mut third = None;
+    let mut second_comma = None;
     for (i, tok) in args.iter().enumerate() {
         match tok {
             Token::Punct('(') => depth += 1,
@@ -920,6 +921,7 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
                 commas += 1;
                 if commas == 2 {
                     third = args.get(i + 1);
+                    second_comma = Some(i);
                 }
             }
             _ => {}
@@ -932,12 +934,8 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     }
     if is(third, "false") {
         let name = name.to_ascii_lowercase();
-        // (The value alone between the commas, `NULL` or `NULL::type` with a one-word
-        // type: `NULL || 'x'` is no reset.)
-        let comma = |i: usize| args.get(i) == Some(&Token::Punct(','));
-        let colon = |i: usize| args.get(i) == Some(&Token::Punct(':'));
-        let cast = colon(3) && colon(4) && matches!(args.get(5), Some(Token::Word(_)));
-        let null = comma(1) && is(args.get(2), "null") && comma(if cast { 6 } else { 3 });
+        let null = args.get(1) == Some(&Token::Punct(','))
+            && second_comma.is_some_and(|end| is_null(&args[2..end]));
         if !null {
             return session_setting(name, e);
         }
@@ -952,6 +950,25 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
         e.reset_settings.extend(reset);
     } else {
         e.pin(PinReason::Unclassified);
+    }
+}
+
+/// Whether an argument, as written, is SQL's NULL: `NULL`, cast to a one-word type
+/// (`NULL::text`, `CAST(NULL AS text)`), in parentheses or not. Anything else (`NULL ||
+/// 'x'`, a quoted or qualified type) is not vouched for.
+fn is_null(mut value: &[Token<'_>]) -> bool {
+    loop {
+        value = match value {
+            [inner @ .., Token::Punct(':'), Token::Punct(':'), Token::Word(_)] => inner,
+            [Token::Punct('('), inner @ .., Token::Punct(')')] => inner,
+            [cast, Token::Punct('('), inner @ .., as_, Token::Word(_), Token::Punct(')')]
+                if is(Some(cast), "cast") && is(Some(as_), "as") =>
+            {
+                inner
+            }
+            [word] => return is(Some(word), "null"),
+            _ => return false,
+        };
     }
 }
 
@@ -1090,8 +1107,17 @@ mod tests {
         let null = classify("SELECT set_config('Search_Path', null, false)");
         assert_eq!(null.reset_settings, ["search_path"]);
         assert_eq!(null.settings, ["search_path"]);
-        let cast = classify("SELECT set_config('work_mem', NULL::text, false)");
-        assert_eq!(cast.reset_settings, ["work_mem"]);
+        for null in [
+            "NULL::text",
+            "CAST(NULL AS text)",
+            "cast ( null as TEXT )",
+            "(NULL)",
+            "((NULL))::text",
+            "(CAST(NULL AS varchar))::text",
+        ] {
+            let cast = classify(&format!("SELECT set_config('work_mem', {null}, false)"));
+            assert_eq!(cast.reset_settings, ["work_mem"], "{null}");
+        }
         for who in ["role", "session_authorization"] {
             let null = classify(&format!("SELECT set_config('{who}', NULL, false)"));
             assert_eq!((null.reset_settings, null.pin), (vec!["role".into()], None));
@@ -1138,6 +1164,14 @@ mod tests {
             "SELECT set_config('a.b', 'c', false)",
             "SELECT set_config('a.b', NULL || 'c', false)",
             "SELECT set_config('a.b', NULL::text || 'c', false)",
+            "SELECT set_config('a.b', CAST(NULL AS text) || 'c', false)",
+            "SELECT set_config('a.b', (NULL) || (NULL), false)",
+            "SELECT set_config('a.b', (NULL || 'c'), false)",
+            "SELECT set_config('a.b', CAST('c' AS text), false)",
+            "SELECT set_config('a.b', CAST(NULL AS \"text\"), false)",
+            "SELECT set_config('a.b', NULL::pg_catalog.text, false)",
+            "SELECT set_config('a.b', f(NULL), false)",
+            "SELECT set_config('a.b', (NULL), true)",
             "SELECT set_config('a' + NULL, false)",
             "SELECT set_config('a.b', NULL, true)",
             "DISCARD PLANS",
