@@ -206,13 +206,14 @@ fn quoted(line: &str) -> Option<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_starts_postgres_fronts_it_and_cleans_up() {
-    let port = common::free_port();
+    // Port 0: a port picked beforehand can be taken by another test's connection before
+    // dev binds it (dev then exits: "cannot listen on …: Address already in use").
     // Its log goes to a file, shown if the banner never comes: why it stopped.
     let log_dir = common::unique_temp_dir("dev-log");
     let log_path = log_dir.join("stderr.log");
     let log = std::fs::File::create(&log_path).expect("create dev's log file");
     let mut child = pgshield()
-        .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["dev", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -254,7 +255,17 @@ async fn dev_starts_postgres_fronts_it_and_cleans_up() {
         .unwrap_or_else(|| panic!("no quoted URL in:\n{banner_text}"))
         .to_owned();
     assert!(url.starts_with("postgresql://"), "{url}");
-    assert!(url.contains(&format!("127.0.0.1:{port}")), "{url}");
+    // The address asked for, with the port the system gave, in both lines of the banner.
+    let port = url
+        .split_once("@127.0.0.1:")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .and_then(|(port, _)| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no 127.0.0.1 port in {url}"));
+    assert_ne!(port, 0, "{url}");
+    assert!(
+        banner_text.contains(&format!("listening on 127.0.0.1:{port}")),
+        "{banner_text}"
+    );
     let dir = banner
         .iter()
         .find_map(|l| {
