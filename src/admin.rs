@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{BufMut, BytesMut};
 use tokio_util::sync::CancellationToken;
 
-use crate::net::Stream;
+use crate::net::{Peer, Stream};
 use crate::pool::Pool;
 use crate::protocol::frame::{read_message, take_cstr};
 use crate::protocol::messages::{self, put_message};
@@ -418,6 +418,16 @@ fn show_clients(shared: &Shared) -> Table {
     let mut t = Table::new(CONNECTION_COLUMNS);
     for c in shared.registry.list() {
         let waiting = c.state() == crate::client::registry::ClientState::Waiting;
+        // A client over the Unix-domain socket: "unix" and the socket's port at both
+        // ends, as PgBouncer shows it.
+        let peer = match c.addr {
+            Peer::Tcp(addr) => (addr.ip().to_string(), addr.port()),
+            Peer::Unix { port } => ("unix".to_owned(), port),
+        };
+        let local = match c.local {
+            Some(local) => Some((local.ip().to_string(), local.port())),
+            None => matches!(c.addr, Peer::Unix { .. }).then(|| peer.clone()),
+        };
         let since = c.request_at().filter(|_| waiting);
         let wait = since
             .and_then(|s| SystemTime::now().duration_since(s).ok())
@@ -427,10 +437,10 @@ fn show_clients(shared: &Shared) -> Table {
             v(c.user()),
             v(c.database()),
             v(if waiting { "waiting" } else { "active" }),
-            v(c.addr.ip()),
-            v(c.addr.port()),
-            c.local.map(|l| l.ip().to_string()),
-            c.local.map(|l| l.port().to_string()),
+            v(peer.0),
+            v(peer.1),
+            local.as_ref().map(|l| l.0.clone()),
+            local.map(|l| l.1.to_string()),
             v(time(c.connected_at)),
             c.request_at().map(time),
             v(wait.as_secs()),

@@ -253,6 +253,13 @@ pub struct ListenConfig {
     /// as its `<database>_ro` alias (backends on replicas). Empty: none.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub read_only_addr: String,
+    /// A directory in which pgshield also listens on a Unix-domain socket,
+    /// `.s.PGSQL.<port of listen.addr>` (as PostgreSQL and PgBouncer name theirs), for
+    /// clients on this machine (`psql -h DIR`). Empty: none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub unix_socket_dir: String,
+    /// The socket's permissions, in octal (as PgBouncer's `unix_socket_mode`).
+    pub unix_socket_mode: String,
 }
 
 impl Default for ListenConfig {
@@ -264,6 +271,8 @@ impl Default for ListenConfig {
             client_login_timeout: Duration::from_secs(60),
             max_message_size: crate::protocol::frame::DEFAULT_MAX_MESSAGE_SIZE,
             reuse_port: false,
+            unix_socket_dir: String::new(),
+            unix_socket_mode: "0777".into(),
         }
     }
 }
@@ -972,6 +981,20 @@ impl Config {
                 "must differ from listen.addr (its clients are served from replicas)",
             ));
         }
+        self.unix_socket_mode()?;
+        // The longest name the port can give must fit a socket address (108 bytes on
+        // Linux, the last one a NUL).
+        if let Some(path) = self.unix_socket_path(u16::MAX) {
+            if path.as_os_str().len() > 107 {
+                return Err(invalid(
+                    "listen.unix_socket_dir",
+                    format!(
+                        "`{}` is too long for a Unix-domain socket path (at most 107 bytes with `/.s.PGSQL.<port>`)",
+                        self.listen.unix_socket_dir
+                    ),
+                ));
+            }
+        }
         self.admin_http_addr()?;
         if self.admin.stats_period.is_zero() {
             return Err(invalid("admin.stats_period", "must be more than 0s"));
@@ -1216,6 +1239,27 @@ impl Config {
             .map_err(|e| invalid("listen.read_only_addr", format!("{e}: expected ip:port")))
     }
 
+    /// The path of the Unix-domain socket clients may connect to, if there is one: in
+    /// `listen.unix_socket_dir`, named for `port` (listen.addr's, once bound).
+    pub fn unix_socket_path(&self, port: u16) -> Option<std::path::PathBuf> {
+        let dir = self.listen.unix_socket_dir.trim();
+        (!dir.is_empty()).then(|| std::path::Path::new(dir).join(format!(".s.PGSQL.{port}")))
+    }
+
+    /// `listen.unix_socket_mode` as permission bits (validated at load).
+    pub fn unix_socket_mode(&self) -> Result<u32, ConfigError> {
+        let text = self.listen.unix_socket_mode.trim();
+        u32::from_str_radix(text.strip_prefix("0o").unwrap_or(text), 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "listen.unix_socket_mode",
+                    format!("`{text}` is not permission bits in octal, such as 0777 or 0770"),
+                )
+            })
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.addr.parse().map_err(|_| {
             invalid(
@@ -1272,6 +1316,36 @@ mod tests {
         let err = Config::from_toml(&format!("[pool]\nborrow_timeout = 5\n{MINIMAL}"))
             .expect_err("a bare number is not a duration");
         assert!(err.to_string().contains("pool.borrow_timeout"), "{err}");
+    }
+
+    #[test]
+    fn the_unix_socket_is_named_for_the_port_and_its_mode_is_octal() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.unix_socket_path(6432), None);
+        assert_eq!(c.unix_socket_mode().expect("default"), 0o777);
+        let with = |listen: &str| Config::from_toml(&format!("[listen]\n{listen}\n{MINIMAL}"));
+        let c = with("unix_socket_dir = \"/run/pgshield/\"\nunix_socket_mode = \"770\"")
+            .expect("valid");
+        assert_eq!(
+            c.unix_socket_path(6433),
+            Some(std::path::PathBuf::from("/run/pgshield/.s.PGSQL.6433"))
+        );
+        assert_eq!(c.unix_socket_mode().expect("octal"), 0o770);
+        for (mode, bits) in [("0o600", 0o600), ("0660", 0o660), ("0", 0)] {
+            let c = with(&format!("unix_socket_mode = \"{mode}\"")).expect(mode);
+            assert_eq!(c.unix_socket_mode().expect(mode), bits, "{mode}");
+        }
+        for mode in ["0778", "1777", "rwx", "", "-1"] {
+            let err = with(&format!("unix_socket_mode = \"{mode}\"")).expect_err(mode);
+            assert!(err.to_string().contains("listen.unix_socket_mode"), "{err}");
+        }
+        // Linux's socket addresses hold 107 bytes and a NUL: the name must fit whatever
+        // port listen.addr gets.
+        let dir = |len: usize| format!("/{}", "d".repeat(len - 1));
+        let longest = dir(107 - ".s.PGSQL.65535".len() - 1);
+        with(&format!("unix_socket_dir = \"{longest}\"")).expect("fits");
+        let err = with(&format!("unix_socket_dir = \"{longest}d\"")).expect_err("too long");
+        assert!(err.to_string().contains("listen.unix_socket_dir"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The byte streams pgshield speaks over, on both sides: plain TCP, or TLS over it (as the
-//! TLS server towards clients, as the TLS client towards backends), and towards a server
-//! whose `host` is a directory, its Unix-domain socket. One enum, so the relay is not
-//! generic.
+//! TLS server towards clients, as the TLS client towards backends), and Unix-domain sockets:
+//! a server's whose `host` is a directory, and pgshield's own for local clients. One enum,
+//! so the relay is not generic.
 
 use std::io;
 use std::pin::Pin;
@@ -36,6 +36,47 @@ fn detached() -> io::Error {
         io::ErrorKind::NotConnected,
         "connection is being upgraded to TLS",
     )
+}
+
+/// Where a client connected from: a TCP address, or pgshield's own Unix-domain socket
+/// (`listen.unix_socket_dir`), which has no address; `port` is the one in its name
+/// (`.s.PGSQL.<port>`), what PgBouncer's `SHOW CLIENTS` shows for such a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    Unix { port: u16 },
+}
+
+impl Peer {
+    /// The client's IP address; `None` over the Unix-domain socket.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Peer::Tcp(addr) => Some(addr.ip()),
+            Peer::Unix { .. } => None,
+        }
+    }
+
+    /// Whether the client is on this machine: over the Unix-domain socket, or from a
+    /// loopback address.
+    pub fn is_local(&self) -> bool {
+        self.ip().is_none_or(|ip| ip.to_canonical().is_loopback())
+    }
+}
+
+impl From<std::net::SocketAddr> for Peer {
+    fn from(addr: std::net::SocketAddr) -> Peer {
+        Peer::Tcp(addr)
+    }
+}
+
+/// `host:port`, or `[local]` for the Unix-domain socket (as PostgreSQL logs it).
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => addr.fmt(f),
+            Peer::Unix { .. } => f.write_str("[local]"),
+        }
+    }
 }
 
 /// Whether a server `host` is the directory of its Unix-domain socket (as libpq reads a
@@ -119,6 +160,11 @@ impl Stream {
             let _ = set_tcp_options(sock);
         }
         Stream::Tcp(tcp)
+    }
+
+    /// A connection accepted on pgshield's Unix-domain socket.
+    pub fn from_accepted_unix(unix: UnixStream) -> Stream {
+        Stream::Unix(Box::new(unix))
     }
 
     /// Takes the TCP stream out to wrap it in TLS, leaving `Detached`; `None` if the

@@ -2,10 +2,11 @@
 //! own task, and on shutdown drain them (see `shutdown.rs`) before closing the pools.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,6 +18,7 @@ use crate::client::throttle::LoginThrottle;
 use crate::client::{self, ClientSlots};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::net::{Peer, Stream};
 use crate::pool::Pools;
 use crate::reload::{Live, ReloadError};
 use crate::shutdown::Shutdown;
@@ -40,6 +42,69 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// pgshield's Unix-domain socket (`listen.unix_socket_dir`). Dropping it removes the
+/// socket file, unless another pgshield has replaced it meanwhile (a rolling restart).
+struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// The port in its name, what a client over it is shown with.
+    port: u16,
+    /// The file's (device, inode): how this socket is told from a successor's.
+    file: (u64, u64),
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        if file_id(&self.path).is_ok_and(|file| file == self.file) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
+/// Binds pgshield's Unix-domain socket at `path` with permissions `mode`. A socket file
+/// left there by a process that is gone is replaced (as PostgreSQL and PgBouncer do);
+/// one a server still listens on is replaced only when `take_over` (`listen.reuse_port`,
+/// a new pgshield taking over from the one that drains), and is an error otherwise.
+/// Anything else at the path is left alone, and is an error.
+fn listen_unix(path: &Path, port: u16, mode: u32, take_over: bool) -> std::io::Result<UnixSocket> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(found) if !found.file_type().is_socket() => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Ok(_) => {
+            let live = std::os::unix::net::UnixStream::connect(path).is_ok();
+            if live && !take_over {
+                return Err(Error::new(
+                    ErrorKind::AddrInUse,
+                    "another server is listening on it",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    let socket = UnixSocket {
+        listener,
+        path: path.to_owned(),
+        port,
+        file: file_id(path)?,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(socket)
 }
 
 /// How long forced-out sessions get to close after `shutdown_timeout`.
@@ -154,28 +219,42 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {}: {source} (listen.unix_socket_dir)", path.display())]
+    BindUnix {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A client accepted over TCP through the listener at `listening`: its stream, where it
+/// came from, and the address it reached.
+type Accepted = (Stream, Peer, Option<SocketAddr>);
+
+fn accepted_tcp((tcp, peer): (TcpStream, SocketAddr), listening: SocketAddr) -> Accepted {
+    // The connection's own address is the listener's, unless that is a wildcard.
+    let local = if listening.ip().to_canonical().is_unspecified() {
+        tcp.local_addr().ok()
+    } else {
+        Some(listening)
+    };
+    (Stream::from_accepted(tcp), Peer::Tcp(peer), local)
 }
 
 /// Serves one accepted connection in a task of its own (`read_only`: it came through
-/// `listen.read_only_addr`; `listening`: the address of the listener it came through).
+/// `listen.read_only_addr`).
 async fn accept(
     shared: &Arc<Shared>,
     sessions: &TaskTracker,
-    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-    (listening, read_only): (SocketAddr, bool),
+    accepted: std::io::Result<Accepted>,
+    read_only: bool,
 ) {
     match accepted {
-        Ok((tcp, peer)) => {
+        Ok((stream, peer, local)) => {
             let slot = shared.clients.try_take();
-            // The connection's own address is the listener's, unless that is a wildcard.
-            let local = if listening.ip().to_canonical().is_unspecified() {
-                tcp.local_addr().ok()
-            } else {
-                Some(listening)
-            };
             sessions.spawn(client::serve(
                 Arc::clone(shared),
-                tcp,
+                stream,
                 (peer, local),
                 slot,
                 read_only,
@@ -198,6 +277,8 @@ pub struct Proxy {
     read_only: Option<(TcpListener, SocketAddr)>,
     /// The admin HTTP listener, if configured.
     http: Option<(TcpListener, SocketAddr)>,
+    /// `listen.unix_socket_dir`: the Unix-domain socket, if configured.
+    unix: Option<UnixSocket>,
 }
 
 impl Proxy {
@@ -218,6 +299,18 @@ impl Proxy {
             Some(addr) => {
                 Some(bound(listen(addr, config.listen.reuse_port)).map_err(bind_error(addr))?)
             }
+            None => None,
+        };
+        let unix = match config.unix_socket_path(local_addr.port()) {
+            Some(path) => Some(
+                listen_unix(
+                    &path,
+                    local_addr.port(),
+                    config.unix_socket_mode()?,
+                    config.listen.reuse_port,
+                )
+                .map_err(|source| StartError::BindUnix { path, source })?,
+            ),
             None => None,
         };
         let http = match config.admin_http_addr()? {
@@ -247,6 +340,7 @@ impl Proxy {
             local_addr,
             read_only,
             http,
+            unix,
         })
     }
 
@@ -258,6 +352,11 @@ impl Proxy {
     /// The read-only clients' address, if there is one.
     pub fn read_only_addr(&self) -> Option<SocketAddr> {
         self.read_only.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The path of the Unix-domain socket clients may connect to, if there is one.
+    pub fn unix_socket_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|u| u.path.as_path())
     }
 
     /// Where /metrics, /health and /ready are served, if they are.
@@ -282,6 +381,7 @@ impl Proxy {
             local_addr,
             read_only,
             http,
+            unix,
         } = self;
         let janitors = CancellationToken::new();
         shared.pools.spawn_janitors(janitors.clone());
@@ -304,6 +404,7 @@ impl Proxy {
         let shutdown = shared.shutdown.clone();
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            unix_socket = unix.as_ref().map(|u| u.path.display().to_string()),
             mode = %shared.live().config.pool.mode,
             pools = shared.pools.all().len(),
             "pgshield is listening"
@@ -312,17 +413,28 @@ impl Proxy {
             tokio::select! {
                 _ = shutdown.draining() => break,
                 _ = shutdown.listener_closed() => break,
-                accepted = listener.accept() => accept(&shared, &sessions, accepted, (local_addr, false)).await,
-                (accepted, listening) = async {
+                accepted = listener.accept() => {
+                    accept(&shared, &sessions, accepted.map(|a| accepted_tcp(a, local_addr)), false).await
+                }
+                accepted = async {
                     match &read_only {
-                        Some((listener, addr)) => (listener.accept().await, *addr),
+                        Some((listener, addr)) => listener.accept().await.map(|a| accepted_tcp(a, *addr)),
                         None => std::future::pending().await,
                     }
-                } => accept(&shared, &sessions, accepted, (listening, true)).await,
+                } => accept(&shared, &sessions, accepted, true).await,
+                accepted = async {
+                    match &unix {
+                        Some(unix) => unix.listener.accept().await.map(|(stream, _)| {
+                            (Stream::from_accepted_unix(stream), Peer::Unix { port: unix.port }, None)
+                        }),
+                        None => std::future::pending().await,
+                    }
+                } => accept(&shared, &sessions, accepted, false).await,
             }
         }
         drop(listener);
         drop(read_only);
+        drop(unix);
         sessions.close();
         if !shutdown.is_draining() {
             // WAIT_FOR_CLIENTS: connected clients carry on until they leave, or until a
@@ -365,6 +477,45 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_unix_socket_replaces_a_stale_file_and_only_a_successor_takes_a_live_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pgshield-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(".s.PGSQL.6999");
+        let mode = |path: &Path| {
+            std::fs::metadata(path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .ok()
+        };
+        // Left by a process that is gone: bound, never listened on again.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
+        let first = listen_unix(&path, 6999, 0o700, false).expect("replaces the stale file");
+        assert_eq!(mode(&path), Some(0o700));
+        std::os::unix::net::UnixStream::connect(&path).expect("listening");
+        let err = listen_unix(&path, 6999, 0o777, false)
+            .err()
+            .expect("a live socket is in use");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        assert_eq!(mode(&path), Some(0o700), "left as it was");
+        // A rolling restart: the new process takes the name over; the old one, when it
+        // goes, leaves the new file alone.
+        let second = listen_unix(&path, 6999, 0o770, true).expect("taken over");
+        drop(first);
+        assert_eq!(mode(&path), Some(0o770), "the successor's file stays");
+        std::os::unix::net::UnixStream::connect(&path).expect("the successor listens");
+        drop(second);
+        assert!(!path.exists(), "removed by the process that made it");
+        // Anything but a socket is never removed.
+        std::fs::write(&path, "data").expect("a regular file");
+        let err = listen_unix(&path, 6999, 0o777, true)
+            .err()
+            .expect("a file is in the way");
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some("data"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[tokio::test]
     async fn accepted_clients_have_nodelay_and_keepalive() {

@@ -120,6 +120,8 @@ fn keep_start_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
         "listen.addr" => listen.addr,
         "listen.reuse_port" => listen.reuse_port,
         "listen.read_only_addr" => listen.read_only_addr,
+        "listen.unix_socket_dir" => listen.unix_socket_dir,
+        "listen.unix_socket_mode" => listen.unix_socket_mode,
         "runtime.workers" => runtime.workers,
         "log.level" => log.level,
         "log.format" => log.format,

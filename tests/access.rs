@@ -65,13 +65,20 @@ async fn a_database_can_be_limited_to_addresses_too() {
     assert_eq!(sqlstate(&err), Some("28000"), "{err}");
 }
 
-#[tokio::test]
-async fn require_tls_per_user_refuses_plaintext_and_serves_tls() {
-    common::create_role("acc_tls", "pw").await;
-    let dir = common::unique_temp_dir("acc-tls");
+/// A new directory holding pgshield's certificate for 127.0.0.1 (`c.crt`) and its key
+/// (`c.key`).
+fn with_server_certificate(tag: &str) -> std::path::PathBuf {
+    let dir = common::unique_temp_dir(tag);
     let (cert, key) = pki().issue("127.0.0.1");
     std::fs::write(dir.join("c.crt"), cert).expect("write");
     std::fs::write(dir.join("c.key"), key).expect("write");
+    dir
+}
+
+#[tokio::test]
+async fn require_tls_per_user_refuses_plaintext_and_serves_tls() {
+    common::create_role("acc_tls", "pw").await;
+    let dir = with_server_certificate("acc-tls");
     let proxy = TestProxy::start(&format!(
         "[tls.client]\nmode = \"prefer\"\ncert = \"{}\"\nkey = \"{}\"\n{}",
         dir.join("c.crt").display(),
@@ -311,4 +318,143 @@ async fn a_backend_making_way_gives_its_place_back_once_its_server_has_exited() 
 async fn backends(admin: &tokio_postgres::Client) -> i64 {
     common::backends_of(admin, "acc_dbmax_a").await
         + common::backends_of(admin, "acc_dbmax_b").await
+}
+
+/// Clients on this machine over `listen.unix_socket_dir`: local, so they need no TLS (an
+/// SSLRequest is answered `N`) and pass `allowed_cidrs` that admit a loopback address only;
+/// cancel requests and the admin console work there; the socket file goes with pgshield.
+#[tokio::test]
+async fn clients_on_this_machine_can_use_the_unix_domain_socket() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    common::create_role("acc_unix", "pw").await;
+    common::create_role("acc_unix_far", "pw").await;
+    common::create_role("acc_unix_ops", "pw").await;
+    let dir = with_server_certificate("acc-unix");
+    let proxy = TestProxy::start(&format!(
+        "[listen]\nunix_socket_dir = \"{dir}\"\nunix_socket_mode = \"0770\"\n\
+         [tls.client]\nmode = \"require\"\ncert = \"{dir}/c.crt\"\nkey = \"{dir}/c.key\"\n{}{}{}\
+         [admin]\nhttp_listen = \"\"\nusers = [\"acc_unix_ops\"]\n",
+        role_config(
+            "acc_unix",
+            "allowed_cidrs = [\"127.0.0.1/32\"]\nrequire_tls = true\n"
+        ),
+        role_config("acc_unix_far", "allowed_cidrs = [\"10.0.0.0/8\"]\n"),
+        role_config("acc_unix_ops", ""),
+        dir = dir.display(),
+    ))
+    .await;
+    let port = proxy.addr.port();
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    let meta = std::fs::symlink_metadata(&path).expect("the socket file");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o770);
+    let over_unix = |user: &str| {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&dir)
+            .port(port)
+            .user(user)
+            .password("pw")
+            .dbname("app");
+        c.connect_timeout(Duration::from_secs(30));
+        c
+    };
+
+    // Over TCP, plaintext is refused (tls.client.mode = require); over the socket it is
+    // what there is.
+    let err = proxy
+        .connect("acc_unix", "pw")
+        .await
+        .err()
+        .expect("TLS required");
+    assert_eq!(sqlstate(&err), Some("28000"), "{err}");
+    let client = common::connect(&over_unix("acc_unix"))
+        .await
+        .expect("over the Unix-domain socket");
+    let row = client
+        .client
+        .query_one("SELECT current_user::text, 1 + 1", &[])
+        .await
+        .expect("query");
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("acc_unix".to_owned(), 2)
+    );
+
+    // A cancel request over the socket reaches the query.
+    let token = client.client.cancel_token();
+    let sleeper = tokio::spawn({
+        let client = client.client;
+        async move {
+            let result = client.simple_query("SELECT pg_sleep(10)").await.map(drop);
+            (client, result)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let (client, result) = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("cancelled within 5 s")
+        .expect("task");
+    let err = result.expect_err("cancelled");
+    assert_eq!(sqlstate(&err), Some("57014"), "{err}");
+    client.simple_query("SELECT 1").await.expect("still usable");
+
+    // The console is open to local clients; the socket's clients show as "unix".
+    let mut console = over_unix("acc_unix_ops");
+    console.dbname("pgshield");
+    let console = common::connect(&console).await.expect("admin login");
+    let rows = console
+        .client
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS");
+    let ours: Vec<_> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("user") == Some("acc_unix") => {
+                Some(["addr", "port", "local_addr", "local_port"].map(|c| r.get(c)))
+            }
+            _ => None,
+        })
+        .collect();
+    let port_text = port.to_string();
+    let expected = [Some("unix"), Some(port_text.as_str())];
+    assert_eq!(
+        ours,
+        vec![[expected[0], expected[1], expected[0], expected[1]]]
+    );
+
+    // A user limited to addresses elsewhere is not let in over the socket.
+    let err = common::connect(&over_unix("acc_unix_far"))
+        .await
+        .err()
+        .expect("not local to 10.0.0.0/8");
+    assert_eq!(sqlstate(&err), Some("28000"), "{err}");
+    assert!(message(&err).contains("host \"[local]\""), "{err}");
+
+    // An SSLRequest over the socket gets N, and the startup goes on in the clear.
+    let mut raw = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    raw::send(&mut raw, &raw::request(80_877_103, b"")).await;
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut raw, &mut answer)
+        .await
+        .expect("an answer");
+    assert_eq!(&answer, b"N");
+    raw::send(
+        &mut raw,
+        &raw::startup(&[("user", "acc_unix"), ("database", "app")]),
+    )
+    .await;
+    let (tag, _) = raw::read_message(&mut raw).await.expect("a message");
+    assert_eq!(tag, b'R', "authentication begins");
+
+    drop((raw, console, client));
+    proxy.stop().await;
+    assert!(!path.exists(), "the socket file is removed on exit");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -60,8 +60,14 @@ fuzz_target!(|data: &[u8]| {
             std::net::Ipv4Addr::from(0x0a00_0000 | (n & 0x00ff_ffff)),
             5555,
         ));
-        let login =
-            pgshield::client::handshake::login(&h.shared, &mut stream, &mut buf, peer, true, false);
+        let login = pgshield::client::handshake::login(
+            &h.shared,
+            &mut stream,
+            &mut buf,
+            peer.into(),
+            true,
+            false,
+        );
         let _ = tokio::time::timeout(Duration::from_secs(5), login).await;
         drop(client);
     });

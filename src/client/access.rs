@@ -4,11 +4,12 @@
 //! (`53300`, "too many connections for role/database").
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::{ClientSlot, ClientSlots};
 use crate::config::{Cidr, Config};
+use crate::net::Peer;
 use crate::protocol::{sqlstate, ErrorResponse};
 
 struct Rules {
@@ -112,26 +113,38 @@ impl AccessRules {
         }
     }
 
-    /// The address and TLS rules, before authentication.
+    /// The address and TLS rules, before authentication. A client over the Unix-domain
+    /// socket matches the `allowed_cidrs` that admit a loopback address, and needs no
+    /// TLS (it is local, and cannot have it: PgBouncer does the same).
     pub fn check_peer(
         &self,
         user: &str,
         database: &str,
-        peer: IpAddr,
+        peer: Peer,
         tls: bool,
     ) -> Result<(), ErrorResponse> {
         let encryption = if tls { "TLS" } else { "no encryption" };
+        let allows = |cidr: &Cidr| match peer.ip() {
+            Some(ip) => cidr.contains(ip),
+            None => [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+                .into_iter()
+                .any(|loopback| cidr.contains(loopback)),
+        };
+        let host = match peer.ip() {
+            Some(ip) => ip.to_string(),
+            None => peer.to_string(),
+        };
         for (kind, name, rules) in [
             ("users", user, self.users.get(user)),
             ("databases", database, self.databases.get(database)),
         ] {
             let Some(rules) = rules else { continue };
-            if !rules.cidrs.is_empty() && !rules.cidrs.iter().any(|c| c.contains(peer)) {
+            if !rules.cidrs.is_empty() && !rules.cidrs.iter().any(allows) {
                 return Err(refused(format!(
-                    "pgshield has no rule allowing host \"{peer}\", user \"{user}\", database \"{database}\", {encryption} ({kind}.{name}.allowed_cidrs)"
+                    "pgshield has no rule allowing host \"{host}\", user \"{user}\", database \"{database}\", {encryption} ({kind}.{name}.allowed_cidrs)"
                 )));
             }
-            if rules.require_tls && !tls {
+            if rules.require_tls && !tls && peer.ip().is_some() {
                 return Err(refused(format!(
                     "pgshield requires TLS for user \"{user}\", database \"{database}\" ({kind}.{name}.require_tls)"
                 ))

@@ -1,12 +1,11 @@
 //! A client's login: startup packet (SSLRequest or direct TLS start TLS when client TLS
-//! is on; GSS requests are answered `N`), protocol version, client limit, authentication,
+//! is on, except over the Unix-domain socket; GSS requests are answered `N`), protocol version, client limit, authentication,
 //! database, then the welcome (AuthenticationOk, ParameterStatus, BackendKeyData,
 //! ReadyForQuery).
 //!
 //! Everything here runs under `listen.client_login_timeout`, enforced by the caller.
 //! Refusals are ErrorResponses with the SQLSTATE PostgreSQL would use.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -16,7 +15,7 @@ use super::auth::{self, AuthError, ClientAuth, Proof};
 use super::cancel::Registration;
 use super::params::ClientSettings;
 use crate::config::{Secret, ADMIN_DATABASE};
-use crate::net::Stream;
+use crate::net::{Peer, Stream};
 use crate::pool::{Pool, PoolClient};
 use crate::protocol::startup::{self, StartupMessage, StartupPacket, StartupReadError};
 use crate::protocol::{messages, sqlstate, ErrorResponse};
@@ -66,7 +65,7 @@ pub async fn login(
     shared: &Shared,
     stream: &mut Stream,
     buf: &mut BytesMut,
-    peer: SocketAddr,
+    peer: Peer,
     admitted: bool,
     read_only: bool,
 ) -> Result<Outcome, Refusal> {
@@ -124,7 +123,7 @@ pub async fn login(
         .resolve_database(&database)
         .map_or_else(|| database.clone(), |(base, _)| base.to_owned());
     live.access
-        .check_peer(&user, &rules_db, peer.ip(), stream.is_tls())?;
+        .check_peer(&user, &rules_db, peer, stream.is_tls())?;
     // Configured users first; then, with [auth], the database's own roles.
     let configured = live.users.lookup(&user).cloned();
     let found = match (&configured, &live.auth_query) {
@@ -146,7 +145,7 @@ pub async fn login(
         .or_else(|| found.clone())
         .unwrap_or_else(|| live.users.mock(&user));
     // An address that has failed repeatedly waits before every attempt, right or wrong.
-    let delay = shared.login_throttle.delay(peer.ip());
+    let delay = shared.login_throttle.delay(peer);
     if !delay.is_zero() {
         tracing::info!(%peer, user, delay_ms = delay.as_millis() as u64, "slowing down logins from an address that failed repeatedly");
         tokio::time::sleep(delay).await;
@@ -157,7 +156,7 @@ pub async fn login(
         Err(e) => {
             match &e {
                 AuthError::Failed(_) => {
-                    shared.login_throttle.failed(peer.ip());
+                    shared.login_throttle.failed(peer);
                     tracing::info!(%peer, user, database, "authentication failed");
                 }
                 AuthError::Closed => {
@@ -253,7 +252,7 @@ async fn admin_login(
     shared: &Shared,
     stream: &mut Stream,
     buf: &mut BytesMut,
-    peer: SocketAddr,
+    peer: Peer,
     user: String,
     tls: Option<Arc<Material>>,
 ) -> Result<Outcome, Refusal> {
@@ -267,7 +266,7 @@ async fn admin_login(
         .with_hint("admin users are listed in admin.users")
         .into());
     }
-    if !admin.allow_remote && !peer.ip().to_canonical().is_loopback() {
+    if !admin.allow_remote && !peer.is_local() {
         return Err(ErrorResponse::fatal(
             sqlstate::INVALID_AUTHORIZATION,
             "the pgshield admin console accepts connections from this host only",
@@ -281,11 +280,11 @@ async fn admin_login(
         .cloned()
         .unwrap_or_else(|| live.users.mock(&user));
     // Guessing admin passwords is slowed like any other.
-    tokio::time::sleep(shared.login_throttle.delay(peer.ip())).await;
+    tokio::time::sleep(shared.login_throttle.delay(peer)).await;
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
     if let Err(e) = auth::authenticate(stream, buf, &user, &auth, end_point).await {
         if let AuthError::Failed(_) = e {
-            shared.login_throttle.failed(peer.ip());
+            shared.login_throttle.failed(peer);
             tracing::info!(%peer, user, "admin console authentication failed");
         }
         return Err(Refusal {
@@ -372,7 +371,9 @@ async fn read_startup(
                 .into())
             }
             StartupPacket::Startup(msg) => {
-                if tls.is_some_and(ClientTls::required) && !stream.is_tls() {
+                // (The Unix-domain socket is local: no TLS there, none required, as with
+                // PgBouncer.)
+                if tls.is_some_and(ClientTls::required) && !stream.is_tls() && !stream.is_unix() {
                     return Err(ErrorResponse::fatal(
                         sqlstate::INVALID_AUTHORIZATION,
                         "pgshield accepts only TLS connections (tls.client.mode = require)",
@@ -392,7 +393,8 @@ async fn read_startup(
             .into());
         }
         match tls {
-            Some(tls) if answered_ssl && !stream.is_tls() => {
+            // Not over the Unix-domain socket, as PostgreSQL does not.
+            Some(tls) if answered_ssl && !stream.is_tls() && !stream.is_unix() => {
                 stream
                     .send(b"S")
                     .await

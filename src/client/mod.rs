@@ -18,9 +18,8 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use crate::net::Stream;
+use crate::net::{Peer, Stream};
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::proxy::Shared;
 
@@ -116,13 +115,13 @@ pub struct Held {
 /// keeps one state or the other.
 pub fn serve(
     shared: Arc<Shared>,
-    tcp: TcpStream,
-    addrs: (SocketAddr, Option<SocketAddr>),
+    stream: Stream,
+    addrs: (Peer, Option<SocketAddr>),
     slot: Option<ClientSlot>,
     read_only: bool,
 ) -> impl std::future::Future<Output = ()> + Send {
     use futures_util::future::{Either, FutureExt};
-    let login = Box::pin(log_in(shared, tcp, addrs, slot, read_only));
+    let login = Box::pin(log_in(shared, stream, addrs, slot, read_only));
     // Counted: the session's `poll_io` skips sockets already found empty in the same poll.
     crate::epoch::Counted::new(login.then(|session| match session {
         Some(session) => Either::Left(session.run()),
@@ -134,8 +133,8 @@ pub fn serve(
 /// database, `None` if it was refused or was the admin console's (served here).
 async fn log_in(
     shared: Arc<Shared>,
-    tcp: TcpStream,
-    (peer, local): (SocketAddr, Option<SocketAddr>),
+    mut stream: Stream,
+    (peer, local): (Peer, Option<SocketAddr>),
     slot: Option<ClientSlot>,
     read_only: bool,
 ) -> Option<session::Session> {
@@ -143,7 +142,6 @@ async fn log_in(
     let clients = &shared.metrics.clients;
     clients.received.increment(1);
     let closed = ClosedOnDrop(clients.closed.clone());
-    let mut stream = Stream::from_accepted(tcp);
     let mut buf = BytesMut::new();
     let login_timeout = shared.live().config.listen.client_login_timeout;
     let shutdown = shared.shutdown.clone();

@@ -25,7 +25,7 @@ pub struct ClientInfo {
     pub id: u64,
     /// Its pool: the user and database as it named them (not copied per client).
     pub pool: Arc<crate::pool::Pool>,
-    pub addr: SocketAddr,
+    pub addr: crate::net::Peer,
     pub local: Option<SocketAddr>,
     pub connected_at: SystemTime,
     /// The same moment on the monotonic clock the session reads anyway.
@@ -130,7 +130,7 @@ pub struct NewClient {
     pub id: u64,
     /// Its pool: the user and database as it named them (not copied per client).
     pub pool: Arc<crate::pool::Pool>,
-    pub addr: SocketAddr,
+    pub addr: crate::net::Peer,
     pub local: Option<SocketAddr>,
     pub tls: bool,
     pub application_name: String,

@@ -482,7 +482,7 @@ impl Session {
     pub fn new(
         shared: Arc<Shared>,
         id: ClientId,
-        (client, addr, local): (Stream, std::net::SocketAddr, Option<std::net::SocketAddr>),
+        (client, addr, local): (Stream, crate::net::Peer, Option<std::net::SocketAddr>),
         login: Login,
         leftover: BytesMut,
         held: super::Held,

@@ -3,12 +3,15 @@
 //! waits before authentication, the wait doubling with each failure up to a cap. Other
 //! addresses are not slowed. An address with no failure for a minute starts afresh; a
 //! success does not reset it (an attacker's own account must not wipe the count).
-//! IPv6 addresses count per /64, the block one host is usually given.
+//! IPv6 addresses count per /64, the block one host is usually given; clients over
+//! pgshield's Unix-domain socket count as one address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::net::Peer;
 
 /// Failures allowed before waits start.
 const FREE_FAILURES: u32 = 3;
@@ -27,14 +30,14 @@ pub struct LoginThrottle {
 }
 
 impl LoginThrottle {
-    /// How long a login attempt from `ip` waits before authenticating.
-    pub fn delay(&self, ip: IpAddr) -> Duration {
-        self.delay_at(ip, Instant::now())
+    /// How long a login attempt from `peer` waits before authenticating.
+    pub fn delay(&self, peer: Peer) -> Duration {
+        self.delay_at(address(peer), Instant::now())
     }
 
-    /// Records a failed login from `ip`.
-    pub fn failed(&self, ip: IpAddr) {
-        self.failed_at(ip, Instant::now());
+    /// Records a failed login from `peer`.
+    pub fn failed(&self, peer: Peer) {
+        self.failed_at(address(peer), Instant::now());
     }
 
     fn delay_at(&self, ip: IpAddr, now: Instant) -> Duration {
@@ -65,6 +68,13 @@ impl LoginThrottle {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The address a client's failures count against: 0.0.0.0, which no TCP client comes
+/// from, for every client over the Unix-domain socket.
+fn address(peer: Peer) -> IpAddr {
+    peer.ip()
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
 
 /// The address a failure counts against: IPv4 as is, IPv6 by its /64.
