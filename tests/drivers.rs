@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::TestProxy;
+use pgshield::client::sql::PinReason;
 
 /// Where scripts/drivers.sh put the drivers.
 fn drivers_dir() -> PathBuf {
@@ -112,6 +113,16 @@ async fn driver_works_through_transaction_pooling(driver: &str, role: &str) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{driver}: unexpected output {load}"));
     assert!(most >= 2, "{driver}: clients never hopped between backends");
+    // Nothing a driver does on its own (asyncpg's pool reset included) pins a client.
+    for reason in PinReason::ALL {
+        let pins = two.shared.pins.get(reason);
+        assert_eq!(
+            pins,
+            0,
+            "{driver}: {pins} clients pinned for {}",
+            reason.name()
+        );
+    }
     two.stop().await;
 
     // One backend, so that the statement prepared before the change is the one the

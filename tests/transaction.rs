@@ -551,7 +551,12 @@ async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
             PinReason::CursorWithHold,
         ),
         ("SET ROLE tx_pin", PinReason::SetRole),
-        ("DO $$ BEGIN PERFORM 1; END $$", PinReason::Unclassified),
+        ("DO $$ BEGIN LISTEN tx_pin_do; END $$", PinReason::Listen),
+        // Dynamic SQL cannot be read.
+        (
+            "DO $$ BEGIN EXECUTE 'SELECT 1'; END $$",
+            PinReason::Unclassified,
+        ),
         // Refused by PostgreSQL for a non-superuser; pinned all the same (pgshield pins on
         // what a statement may do, not on whether it succeeded).
         (
@@ -592,6 +597,9 @@ async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
         "BEGIN; SET LOCAL ROLE tx_pin; SELECT current_user; COMMIT",
         "BEGIN; CREATE TEMP TABLE tx_pin_stage (x int) ON COMMIT DROP; \
          INSERT INTO tx_pin_stage VALUES (1); COMMIT",
+        ASYNCPG_RESET,
+        "DO $$ BEGIN IF true THEN UPDATE tx_pin_plain SET x = 2; END IF; \
+         SET statement_timeout = '2min'; END $$",
     ] {
         conn.client
             .batch_execute(sql)
@@ -617,7 +625,19 @@ async fn each_kind_of_session_state_pins_and_plain_statements_do_not() {
         moved,
         "the other client never got this client's last backend"
     );
+    // The DO block's SET follows it to another backend: the other client holds the one
+    // this client used last.
+    for _ in 0..3 {
+        other.client.batch_execute("BEGIN").await.expect("begin");
+        assert_eq!(setting(&conn.client, "statement_timeout").await, "2min");
+        other.client.batch_execute("COMMIT").await.expect("commit");
+    }
 }
+
+/// What asyncpg before 0.30 sends when it takes a connection back from its pool.
+const ASYNCPG_RESET: &str = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\n\
+    DO $$\nBEGIN\n    PERFORM * FROM pg_listening_channels() LIMIT 1;\n    IF FOUND THEN\n        \
+    UNLISTEN *;\n    END IF;\nEND;\n$$;\nRESET ALL;";
 
 /// What Npgsql sends when it takes a connection back from its pool (with prepared
 /// statements; `No Reset On Close=false`).

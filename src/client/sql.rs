@@ -365,6 +365,7 @@ const PLAIN: &[&str] = &[
 
 /// First words of statements the classifier reads on from (`classify_statement`).
 const LOOKED_AT: &[&str] = &[
+    "do",
     "declare",
     "discard",
     "deallocate",
@@ -596,45 +597,7 @@ fn names(t: &Token<'_>, name: &str) -> bool {
 }
 
 fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
-    // Anywhere in any statement (a WITH, an EXPLAIN ANALYZE, a subquery): function calls
-    // that keep session state, and temporary relations. A temporary table created ON
-    // COMMIT DROP ends with its transaction, which holds the backend anyway: no pin (the
-    // COPY-then-merge upsert pattern).
-    let mut temporary = false;
-    let ends_with_transaction = t
-        .windows(3)
-        .any(|w| is(w.first(), "on") && is(w.get(1), "commit") && is(w.get(2), "drop"))
-        && is(t.iter().find(|x| **x != Token::Punct('(')), "create");
-    let mut temp = |e: &mut Effects| {
-        temporary = true;
-        if !ends_with_transaction {
-            e.pin(PinReason::TempTable);
-        }
-    };
-    for (i, tok) in t.iter().enumerate() {
-        if names(tok, "pg_temp")
-            || matches!(tok, Token::Word(w) if w.len() > 8 && w.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_")))
-        {
-            temp(e);
-        }
-        if matches!(tok, Token::Word(w) if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
-            && i > 0
-            && ["create", "into", "global", "local", "replace"]
-                .iter()
-                .any(|k| is(t.get(i - 1), k))
-        {
-            temp(e);
-        }
-        if t.get(i + 1) != Some(&Token::Punct('(')) {
-            continue;
-        }
-        if ADVISORY_LOCKS.iter().any(|f| names(tok, f)) {
-            e.pin(PinReason::AdvisoryLock);
-        }
-        if names(tok, "set_config") {
-            set_config_call(&t[i + 2..], e);
-        }
-    }
+    let temporary = calls_and_temporary_relations(t, e);
     let Some(first_at) = t.iter().position(|x| *x != Token::Punct('(')) else {
         return;
     };
@@ -655,6 +618,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     e.schema_change |= !temporary && changes_schema(first.as_bytes(), || is(t.get(1), "or"));
     e.control |= CONTROL.contains(&first);
     match first {
+        "do" => do_block(&t[1..], e),
         "set" => set_statement(&t[1..], e),
         "reset" => {
             e.resets = true;
@@ -717,6 +681,181 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
             }
         }
         _ => {}
+    }
+}
+
+/// What a statement does anywhere in it (a WITH, an EXPLAIN ANALYZE, a subquery, a
+/// PL/pgSQL expression): function calls that keep session state, and temporary
+/// relations; true if it names a temporary relation. A temporary table created ON COMMIT
+/// DROP ends with its transaction, which holds the backend anyway: no pin (the
+/// COPY-then-merge upsert pattern).
+fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
+    let mut temporary = false;
+    let ends_with_transaction = t
+        .windows(3)
+        .any(|w| is(w.first(), "on") && is(w.get(1), "commit") && is(w.get(2), "drop"))
+        && is(t.iter().find(|x| **x != Token::Punct('(')), "create");
+    let mut temp = |e: &mut Effects| {
+        temporary = true;
+        if !ends_with_transaction {
+            e.pin(PinReason::TempTable);
+        }
+    };
+    for (i, tok) in t.iter().enumerate() {
+        if names(tok, "pg_temp")
+            || matches!(tok, Token::Word(w) if w.len() > 8 && w.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_")))
+        {
+            temp(e);
+        }
+        if matches!(tok, Token::Word(w) if w.eq_ignore_ascii_case("temp") || w.eq_ignore_ascii_case("temporary"))
+            && i > 0
+            && ["create", "into", "global", "local", "replace"]
+                .iter()
+                .any(|k| is(t.get(i - 1), k))
+        {
+            temp(e);
+        }
+        if t.get(i + 1) != Some(&Token::Punct('(')) {
+            continue;
+        }
+        if ADVISORY_LOCKS.iter().any(|f| names(tok, f)) {
+            e.pin(PinReason::AdvisoryLock);
+        }
+        if names(tok, "set_config") {
+            set_config_call(&t[i + 2..], e);
+        }
+    }
+    temporary
+}
+
+/// `DO [LANGUAGE plpgsql] 'code'` (the language before or after the code): the block's
+/// statements are classified as each would be on its own, as far as PL/pgSQL can be read
+/// without a parser (see [`plpgsql`]). Another language, or what pgshield follows only as
+/// a statement of its own (a reset, a DEALLOCATE, DISCARD, going back to the login role),
+/// pins. (asyncpg's pool resets every connection it takes back with a DO block that runs
+/// `UNLISTEN *` if the session listens.)
+fn do_block(t: &[Token<'_>], e: &mut Effects) {
+    let mut code = None;
+    let mut rest = t;
+    while let Some(tok) = rest.first() {
+        match (tok, rest.get(1)) {
+            (Token::Str(body), _) if code.is_none() => {
+                code = Some(body);
+                rest = &rest[1..];
+            }
+            (Token::Word(w), Some(language)) if w.eq_ignore_ascii_case("language") => {
+                let plpgsql = match language {
+                    Token::Word(l) => l.eq_ignore_ascii_case("plpgsql"),
+                    Token::Str(l) | Token::Quoted(l) => *l == "plpgsql",
+                    _ => false,
+                };
+                if !plpgsql {
+                    return e.pin(PinReason::Unclassified);
+                }
+                rest = &rest[2..];
+            }
+            _ => return e.pin(PinReason::Unclassified),
+        }
+    }
+    let Some(body) = code.and_then(|code| tokens(code)) else {
+        return e.pin(PinReason::Unclassified);
+    };
+    let mut inner = Effects::default();
+    plpgsql(&body, &mut inner);
+    if inner.resets
+        || inner.all_settings
+        || inner.drops_all_statements
+        || inner.deallocate.is_some()
+        || inner.to_login_role
+    {
+        return e.pin(PinReason::Unclassified);
+    }
+    if let Some(reason) = inner.pin {
+        e.pin(reason);
+    }
+    e.settings.extend(inner.settings);
+    e.schema_change |= inner.schema_change;
+    e.local_parse_setting |= inner.local_parse_setting;
+    e.local_encoding |= inner.local_encoding;
+}
+
+/// PL/pgSQL statements that run no SQL of their own but the expressions in them (read
+/// for calls only).
+const PLPGSQL_STATEMENTS: &[&str] = &[
+    "perform", "raise", "return", "exit", "continue", "null", "get", "assert", "open",
+];
+
+/// A PL/pgSQL block's statements (`t`: its tokens), each stripped of the words of the
+/// block structure before it: `<<label>>`, DECLARE, BEGIN, EXCEPTION, ELSE, LOOP,
+/// IF/ELSIF/WHEN/CASE … THEN, WHILE/FOR/FOREACH … LOOP, END …. What those words enclose
+/// (conditions, a FOR's query), declarations, assignments and PL/pgSQL's own statements
+/// are read for calls and temporary relations; every other statement is SQL, classified
+/// as it would be on its own. Dynamic SQL (`EXECUTE`) cannot be read: it pins.
+fn plpgsql(t: &[Token<'_>], e: &mut Effects) {
+    if t.iter().any(|tok| is(Some(tok), "execute")) {
+        return e.pin(PinReason::Unclassified);
+    }
+    let keyword = |s: &[Token<'_>], words: &[&str]| {
+        word(s.first()).is_some_and(|w| words.iter().any(|k| w.eq_ignore_ascii_case(k)))
+    };
+    // Past the first `word` in `s` (None if there is none).
+    let past = |s: &[Token<'_>], word: &str| {
+        let at = s.iter().position(|tok| is(Some(tok), word))?;
+        Some(at + 1)
+    };
+    let mut declaring = false;
+    for statement in t.split(|tok| *tok == Token::Semicolon) {
+        let mut s = statement;
+        loop {
+            let skip = if let [Token::Punct('<'), Token::Punct('<'), Token::Word(_), Token::Punct('>'), Token::Punct('>'), ..] =
+                s
+            {
+                Some(5)
+            } else if keyword(s, &["declare"]) {
+                declaring = true;
+                Some(1)
+            } else if keyword(s, &["begin"]) {
+                declaring = false;
+                Some(1)
+            } else if keyword(s, &["exception", "else", "loop"]) {
+                Some(1)
+            } else if keyword(s, &["if", "elsif", "elseif", "when"]) {
+                past(s, "then")
+            } else if keyword(s, &["case"]) {
+                // (Up to its first WHEN, which the next turn takes.)
+                s.iter()
+                    .skip(1)
+                    .position(|tok| is(Some(tok), "when"))
+                    .map(|at| at + 1)
+            } else if keyword(s, &["while", "for", "foreach"]) {
+                past(s, "loop")
+            } else if keyword(s, &["end"])
+                && s.len() <= 3
+                && s.iter().all(|tok| matches!(tok, Token::Word(_)))
+            {
+                // END, END IF, END LOOP, END CASE, with a label or not.
+                Some(s.len())
+            } else {
+                break;
+            };
+            let Some(skip) = skip else {
+                return e.pin(PinReason::Unclassified);
+            };
+            calls_and_temporary_relations(&s[..skip], e);
+            s = &s[skip..];
+        }
+        if s.is_empty() {
+            continue;
+        }
+        let assignment = matches!(s.get(1), Some(Token::Punct(':' | '=' | '.' | '[')));
+        if keyword(s, &["do"]) {
+            // A DO in a DO: not read (each level would lex its text again).
+            e.pin(PinReason::Unclassified);
+        } else if declaring || assignment || keyword(s, PLPGSQL_STATEMENTS) {
+            calls_and_temporary_relations(s, e);
+        } else {
+            classify_statement(s, e);
+        }
     }
 }
 
@@ -1251,7 +1390,7 @@ mod tests {
                 PinReason::SessionAuthorization,
             ),
             ("LOAD 'auto_explain'", PinReason::Load),
-            ("DO $$ BEGIN PERFORM 1; END $$", PinReason::Unclassified),
+            ("DO $$ BEGIN LISTEN chan; END $$", PinReason::Listen),
             (
                 "SELECT set_config(name, 'x', false) FROM t",
                 PinReason::Unclassified,
@@ -1386,6 +1525,113 @@ mod tests {
         ] {
             assert_eq!(pin(sql), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn a_do_block_is_read_statement_by_statement() {
+        // asyncpg's pool reset, whole: nothing to pin.
+        let asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\n\
+                       DO $$\nBEGIN\n    PERFORM * FROM pg_listening_channels() LIMIT 1;\n    \
+                       IF FOUND THEN\n        UNLISTEN *;\n    END IF;\nEND;\n$$;\nRESET ALL;\n";
+        assert_eq!(pin(asyncpg), None);
+        assert!(classify(asyncpg).all_settings);
+        let plain = [
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "do 'begin null; end'",
+            "DO LANGUAGE plpgsql $$ BEGIN PERFORM 1; END $$",
+            "DO $$ BEGIN PERFORM 1; END $$ LANGUAGE 'plpgsql'",
+            "DO $do$\n<<outer>>\nDECLARE\n  n int := 0;\n  r record;\n  c CURSOR FOR SELECT 1;\n\
+             BEGIN\n  FOR r IN SELECT g FROM generate_series(1, 3) g LOOP\n    n := n + r.g;\n  \
+             END LOOP;\n  WHILE n > 0 LOOP n = n - 1; END LOOP outer;\n  \
+             FOREACH n IN ARRAY ARRAY[1, 2] LOOP EXIT WHEN n > 1; END LOOP;\n  \
+             IF n = 1 THEN UPDATE t SET x = 1; ELSIF n = 2 THEN DELETE FROM t; \
+             ELSE INSERT INTO t VALUES (1); END IF;\n  \
+             CASE n WHEN 1 THEN RAISE NOTICE 'one'; ELSE NULL; END CASE;\n  \
+             BEGIN PERFORM 1 / 0; EXCEPTION WHEN division_by_zero OR others THEN RETURN; END;\n  \
+             GET DIAGNOSTICS n = ROW_COUNT; OPEN c; CLOSE c; NOTIFY chan; COMMIT;\n\
+             END outer $do$",
+        ];
+        for sql in plain {
+            let effects = classify(sql);
+            assert_eq!(effects.pin, None, "{sql}");
+            assert!(!effects.resets && effects.settings.is_empty(), "{sql}");
+        }
+        let pins = [
+            (
+                "DO $$ BEGIN CREATE TEMP TABLE t (x int); END $$",
+                PinReason::TempTable,
+            ),
+            (
+                "DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$",
+                PinReason::AdvisoryLock,
+            ),
+            (
+                "DO $$ BEGIN IF pg_try_advisory_lock(1) THEN NULL; END IF; END $$",
+                PinReason::AdvisoryLock,
+            ),
+            (
+                "DO $$ DECLARE got bool := pg_advisory_lock(7) IS NULL; BEGIN END $$",
+                PinReason::AdvisoryLock,
+            ),
+            (
+                "DO $$ BEGIN IF true THEN SET ROLE admin; END IF; END $$",
+                PinReason::SetRole,
+            ),
+            ("DO $$ BEGIN LOAD 'auto_explain'; END $$", PinReason::Load),
+            // Dynamic SQL cannot be read, nor other languages.
+            (
+                "DO $$ BEGIN EXECUTE 'LISTEN x'; END $$",
+                PinReason::Unclassified,
+            ),
+            (
+                "DO $$ BEGIN FOR r IN EXECUTE 'SELECT 1' LOOP END LOOP; END $$",
+                PinReason::Unclassified,
+            ),
+            (
+                "DO LANGUAGE plpython3u $$ plpy.execute('LISTEN x') $$",
+                PinReason::Unclassified,
+            ),
+            ("DO $$ BEGIN FROBNICATE; END $$", PinReason::Unclassified),
+            (
+                "DO $a$ BEGIN DO $b$ BEGIN NULL; END $b$; END $a$",
+                PinReason::Unclassified,
+            ),
+            (
+                "DO $$ BEGIN IF x LISTEN y; END IF; END $$",
+                PinReason::Unclassified,
+            ),
+            ("DO", PinReason::Unclassified),
+            (
+                "DO $$ BEGIN END $$ $$ BEGIN END $$",
+                PinReason::Unclassified,
+            ),
+            ("DO LANGUAGE", PinReason::Unclassified),
+            ("DO $$ BEGIN PERFORM ' $$", PinReason::Unclassified),
+            // What pgshield follows only as a statement of its own.
+            (
+                "DO $$ BEGIN RESET search_path; END $$",
+                PinReason::Unclassified,
+            ),
+            (
+                "DO $$ BEGIN DEALLOCATE ALL; END $$",
+                PinReason::Unclassified,
+            ),
+            ("DO $$ BEGIN SET ROLE NONE; END $$", PinReason::Unclassified),
+        ];
+        for (sql, reason) in pins {
+            assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+        // Settings it changes are followed as a SET's; schema changes are seen.
+        let effects = classify(
+            "DO $$ BEGIN SET search_path = app; PERFORM set_config('work_mem', '8MB', false); END $$",
+        );
+        assert_eq!(
+            (effects.pin, effects.settings),
+            (None, vec!["search_path".into(), "work_mem".into()])
+        );
+        assert!(classify("DO $$ BEGIN SET LOCAL TimeZone = 'UTC'; END $$").local_parse_setting);
+        assert!(classify("DO $$ BEGIN ALTER TABLE t ADD COLUMN y int; END $$").schema_change);
+        assert!(!classify("DO $$ BEGIN CREATE TEMP TABLE t (x int); END $$").schema_change);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 """asyncpg against PostgreSQL or pgshield: `asyncpg_client.py load|ddl PORT USER PASSWORD DB TAG`.
 
 load: 10 clients at once, each with its own statement_timeout, run parameters, prepared
-statements, transactions, a rolled-back one, a cursor, executemany and an error; prints
+statements, transactions, a rolled-back one, a cursor, executemany and an error; then a
+pool of 2 connections shared by 6 tasks (each release runs asyncpg's reset query); prints
 the most backend pids one client saw. ddl: a prepared SELECT * across an added column;
 prints how each execution went while another client holds the same statement (the
 test compares it with PostgreSQL's own)."""
@@ -50,6 +51,19 @@ async def client(i):
     return len(pids)
 
 
+async def pooled():
+    pool = await asyncpg.create_pool(host="127.0.0.1", port=int(PORT), user=USER,
+                                     password=PASSWORD, database=DB, min_size=2, max_size=2)
+
+    async def work(k):
+        for n in range(10):
+            async with pool.acquire() as c:
+                assert await c.fetchval("SELECT $1::int * $2::int", k, n) == k * n
+
+    await asyncio.gather(*[work(k) for k in range(6)])
+    await pool.close()
+
+
 async def ddl():
     c = await connect()
     table = f"drv_ddl_{TAG}"
@@ -75,6 +89,7 @@ async def ddl():
 async def main():
     if MODE == "load":
         pids = await asyncio.gather(*[client(i) for i in range(10)])
+        await pooled()
         print("most backends one client saw:", max(pids))
     else:
         await ddl()
