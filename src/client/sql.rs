@@ -198,10 +198,12 @@ fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
                     .iter()
                     .position(|&x| x == b'$')
                     .map(|p| i + 1 + p);
+                // (As PostgreSQL's scanner: letters, digits, `_` and any byte beyond
+                // ASCII; not a digit first.)
                 let tag_ok = |end: usize| {
                     b[i + 1..end]
                         .iter()
-                        .all(|x| x.is_ascii_alphanumeric() || *x == b'_')
+                        .all(|x| x.is_ascii_alphanumeric() || *x == b'_' || *x >= 0x80)
                         && !b.get(i + 1).is_some_and(u8::is_ascii_digit)
                 };
                 match tag_end {
@@ -266,16 +268,19 @@ fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<
     loop {
         let c = *b.get(i)?;
         let escaped = if backslashes && c == b'\\' {
-            Some((*b.get(i + 1)?, 2))
+            let (value, width) = escape(b, i + 1)?;
+            Some((value, width + 1))
         } else if c == quote && b.get(i + 1) == Some(&quote) {
-            Some((quote, 2))
+            Some((Escaped::Byte(quote), 2))
         } else {
             None
         };
-        if let Some((byte, width)) = escaped {
-            owned
-                .get_or_insert_with(|| b[start + 1..i].to_vec())
-                .push(byte);
+        if let Some((value, width)) = escaped {
+            let bytes = owned.get_or_insert_with(|| b[start + 1..i].to_vec());
+            match value {
+                Escaped::Byte(byte) => bytes.push(byte),
+                Escaped::Char(c) => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
             i += width;
         } else if c == quote {
             let text = match owned {
@@ -290,6 +295,57 @@ fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<
             i += 1;
         }
     }
+}
+
+/// What a backslash escape in an `E'…'` string stands for.
+enum Escaped {
+    Byte(u8),
+    Char(char),
+}
+
+/// The escape whose backslash is right before `b[i]`, read as PostgreSQL reads it, and
+/// how many bytes it takes from `i`: `\b \f \n \r \t`, octal `\o` to `\ooo`, hex `\xh`
+/// and `\xhh`, `\uXXXX` and `\UXXXXXXXX`, and any other character as itself (`\\`, `\'`).
+/// None for a `\u` or `\U` PostgreSQL would refuse, or a surrogate (a pair of them is
+/// one character to PostgreSQL; pgshield does not guess).
+fn escape(b: &[u8], i: usize) -> Option<(Escaped, usize)> {
+    // The value of up to `max` digits of `radix` from `from`, and how many there were.
+    let digits = |from: usize, max: usize, radix: u32| {
+        let mut value = 0u32;
+        let mut n = 0;
+        while n < max {
+            match b.get(from + n).and_then(|&d| char::from(d).to_digit(radix)) {
+                Some(d) => value = value * radix + d,
+                None => break,
+            }
+            n += 1;
+        }
+        (value, n)
+    };
+    let unicode = |len: usize| {
+        let (value, n) = digits(i + 1, len, 16);
+        let c = char::from_u32(value).filter(|_| n == len)?;
+        Some((Escaped::Char(c), 1 + len))
+    };
+    let c = *b.get(i)?;
+    Some(match c {
+        b'b' => (Escaped::Byte(0x08), 1),
+        b'f' => (Escaped::Byte(0x0c), 1),
+        b'n' => (Escaped::Byte(b'\n'), 1),
+        b'r' => (Escaped::Byte(b'\r'), 1),
+        b't' => (Escaped::Byte(b'\t'), 1),
+        b'0'..=b'7' => {
+            let (value, n) = digits(i, 3, 8);
+            (Escaped::Byte(value as u8), n)
+        }
+        b'x' if digits(i + 1, 2, 16).1 > 0 => {
+            let (value, n) = digits(i + 1, 2, 16);
+            (Escaped::Byte(value as u8), 1 + n)
+        }
+        b'u' => unicode(4)?,
+        b'U' => unicode(8)?,
+        other => (Escaped::Byte(other), 1),
+    })
 }
 
 /// Functions whose call keeps session state (session-level advisory locks).
@@ -798,11 +854,21 @@ fn plpgsql(t: &[Token<'_>], e: &mut Effects) {
     let keyword = |s: &[Token<'_>], words: &[&str]| {
         word(s.first()).is_some_and(|w| words.iter().any(|k| w.eq_ignore_ascii_case(k)))
     };
-    // Past the first `word` in `s` (None if there is none).
-    let past = |s: &[Token<'_>], word: &str| {
-        let at = s.iter().position(|tok| is(Some(tok), word))?;
-        Some(at + 1)
+    // Where the first `word` outside parentheses and brackets is in `s` (as PL/pgSQL
+    // ends a condition or a loop's header), if it is there.
+    let find = |s: &[Token<'_>], word: &str| {
+        let mut depth = 0usize;
+        for (at, tok) in s.iter().enumerate() {
+            match tok {
+                Token::Punct('(' | '[') => depth += 1,
+                Token::Punct(')' | ']') => depth = depth.checked_sub(1)?,
+                tok if depth == 0 && is(Some(tok), word) => return Some(at),
+                _ => {}
+            }
+        }
+        None
     };
+    let past = |s: &[Token<'_>], word: &str| find(s, word).map(|at| at + 1);
     let mut declaring = false;
     for statement in t.split(|tok| *tok == Token::Semicolon) {
         let mut s = statement;
@@ -823,10 +889,7 @@ fn plpgsql(t: &[Token<'_>], e: &mut Effects) {
                 past(s, "then")
             } else if keyword(s, &["case"]) {
                 // (Up to its first WHEN, which the next turn takes.)
-                s.iter()
-                    .skip(1)
-                    .position(|tok| is(Some(tok), "when"))
-                    .map(|at| at + 1)
+                find(&s[1..], "when").map(|at| at + 1)
             } else if keyword(s, &["while", "for", "foreach"]) {
                 past(s, "loop")
             } else if keyword(s, &["end"])
@@ -848,8 +911,10 @@ fn plpgsql(t: &[Token<'_>], e: &mut Effects) {
             continue;
         }
         let assignment = matches!(s.get(1), Some(Token::Punct(':' | '=' | '.' | '[')));
-        if keyword(s, &["do"]) {
-            // A DO in a DO: not read (each level would lex its text again).
+        let first = s.iter().find(|tok| **tok != Token::Punct('('));
+        if is(first, "do") {
+            // A DO in a DO: not read (each level would lex its text again, and go a
+            // level deeper on the stack).
             e.pin(PinReason::Unclassified);
         } else if declaring || assignment || keyword(s, PLPGSQL_STATEMENTS) {
             calls_and_temporary_relations(s, e);
@@ -1528,6 +1593,44 @@ mod tests {
     }
 
     #[test]
+    fn escape_strings_and_dollar_quotes_are_read_as_postgresql_reads_them() {
+        let text = |sql: &str| match tokens(sql).as_deref() {
+            Some([Token::Str(s)]) => Some(s.to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            text(r"E'\101\x41\x4a\u0041\U00000041\n\q\\\'\1234'").as_deref(),
+            Some("AAJAA\nq\\'S4")
+        );
+        assert_eq!(text(r"E'\xg'").as_deref(), Some("xg"), "no hex digit: an x");
+        for refused in [r"E'\u12'", r"E'\u123g'", r"E'\uD83D'", r"E'\U0011FFFF'"] {
+            assert_eq!(tokens(refused), None, "{refused}");
+        }
+        // Letters beyond ASCII make a dollar quote's tag too.
+        assert_eq!(text("$é$'$é$").as_deref(), Some("'"));
+        for (sql, reason) in [
+            (
+                r"SELECT set_config(E'\x72ole', 'admin', false)",
+                PinReason::SetRole,
+            ),
+            (
+                r"SELECT set_config(E'\u0072ole', 'admin', false)",
+                PinReason::SetRole,
+            ),
+            (
+                r"SELECT set_config(E'\162ole', 'admin', false)",
+                PinReason::SetRole,
+            ),
+            (
+                "SELECT $é$'$é$; LISTEN y; SELECT $é$'$é$",
+                PinReason::Listen,
+            ),
+        ] {
+            assert_eq!(pin(sql), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
     fn a_do_block_is_read_statement_by_statement() {
         // asyncpg's pool reset, whole: nothing to pin.
         let asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\n\
@@ -1597,6 +1700,41 @@ mod tests {
                 PinReason::Unclassified,
             ),
             (
+                "DO $a$ BEGIN (DO $b$ BEGIN NULL; END $b$); END $a$",
+                PinReason::Unclassified,
+            ),
+            // A condition ends at the first THEN (a header at the first LOOP, a CASE's
+            // selector at its first WHEN) outside parentheses, as PL/pgSQL reads it.
+            (
+                "DO $$ BEGIN IF (CASE WHEN random() > 0 THEN NULL END) IS NULL THEN \
+                 SET ROLE tenant_b; END IF; END $$",
+                PinReason::SetRole,
+            ),
+            (
+                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM t WHERE CASE WHEN t.a THEN t.b END) \
+                 THEN LISTEN ch; END IF; END $$",
+                PinReason::Listen,
+            ),
+            (
+                "DO $$ BEGIN FOR r IN SELECT * FROM (SELECT 1 AS loop) s LOOP LISTEN ch; \
+                 END LOOP; END $$",
+                PinReason::Listen,
+            ),
+            (
+                "DO $$ BEGIN CASE (CASE WHEN true THEN 1 END) WHEN 1 THEN LISTEN ch; \
+                 END CASE; END $$",
+                PinReason::Listen,
+            ),
+            (
+                "DO $$ BEGIN IF (x THEN LISTEN y; END IF; END $$",
+                PinReason::Unclassified,
+            ),
+            // An escape string's quote written as an escape does not end it.
+            (
+                r"DO E'BEGIN PERFORM \x27a''; LISTEN y; PERFORM ''b\x27; END'",
+                PinReason::Listen,
+            ),
+            (
                 "DO $$ BEGIN IF x LISTEN y; END IF; END $$",
                 PinReason::Unclassified,
             ),
@@ -1621,6 +1759,17 @@ mod tests {
         for (sql, reason) in pins {
             assert_eq!(pin(sql), Some(reason), "{sql}");
         }
+        // However deep DO blocks nest, one level is read (no deeper on the stack).
+        let levels = 20_000;
+        let open: String = (0..levels).map(|n| format!("DO $t{n}$ BEGIN (")).collect();
+        let close: String = (0..levels)
+            .rev()
+            .map(|n| format!("); END $t{n}$"))
+            .collect();
+        assert_eq!(
+            pin(&format!("{open}{close}")),
+            Some(PinReason::Unclassified)
+        );
         // Settings it changes are followed as a SET's; schema changes are seen.
         let effects = classify(
             "DO $$ BEGIN SET search_path = app; PERFORM set_config('work_mem', '8MB', false); END $$",
