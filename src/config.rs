@@ -982,17 +982,38 @@ impl Config {
             ));
         }
         self.unix_socket_mode()?;
-        // The longest name the port can give must fit a socket address (108 bytes on
-        // Linux, the last one a NUL).
+        // The longest name the port can give, and the temporary name it is bound under
+        // first (`.<process id>` added), must fit a socket address (108 bytes on Linux,
+        // the last one a NUL).
         if let Some(path) = self.unix_socket_path(u16::MAX) {
-            if path.as_os_str().len() > 107 {
+            if path.as_os_str().len() + ".4194304".len() > 107 {
                 return Err(invalid(
                     "listen.unix_socket_dir",
                     format!(
-                        "`{}` is too long for a Unix-domain socket path (at most 107 bytes with `/.s.PGSQL.<port>`)",
+                        "`{}` is too long for a Unix-domain socket path (at most 107 bytes \
+                         with `/.s.PGSQL.<port>.<process id>`)",
                         self.listen.unix_socket_dir
                     ),
                 ));
+            }
+        }
+        // pgshield's socket must not be a server's it connects to: it would serve itself.
+        let own = self
+            .unix_socket_path(main.port())
+            .filter(|_| main.port() != 0);
+        for (name, db) in &self.databases {
+            for server in db.servers().unwrap_or_default() {
+                let theirs = crate::net::is_socket_dir(&server.host)
+                    .then(|| Path::new(&server.host).join(format!(".s.PGSQL.{}", server.port)));
+                if own.is_some() && theirs == own {
+                    return Err(invalid(
+                        format!("databases.{name}.host"),
+                        format!(
+                            "`{}` port {} is pgshield's own socket (listen.unix_socket_dir)",
+                            server.host, server.port
+                        ),
+                    ));
+                }
             }
         }
         self.admin_http_addr()?;
@@ -1340,12 +1361,24 @@ mod tests {
             assert!(err.to_string().contains("listen.unix_socket_mode"), "{err}");
         }
         // Linux's socket addresses hold 107 bytes and a NUL: the name must fit whatever
-        // port listen.addr gets.
+        // port listen.addr gets, and the temporary name (a process id added) too.
         let dir = |len: usize| format!("/{}", "d".repeat(len - 1));
-        let longest = dir(107 - ".s.PGSQL.65535".len() - 1);
+        let longest = dir(107 - ".s.PGSQL.65535.4194304".len() - 1);
         with(&format!("unix_socket_dir = \"{longest}\"")).expect("fits");
         let err = with(&format!("unix_socket_dir = \"{longest}d\"")).expect_err("too long");
         assert!(err.to_string().contains("listen.unix_socket_dir"), "{err}");
+        // Not a server's own socket: pgshield would connect to itself.
+        let fronting = |dir: &str, port: u16| {
+            Config::from_toml(&format!(
+                "[listen]\naddr = \"127.0.0.1:6432\"\nunix_socket_dir = \"/run/pg\"\n\
+                 [databases.app]\nhost = \"{dir}\"\nport = {port}\n\
+                 [users.app]\npassword = \"secret\"\n"
+            ))
+        };
+        let err = fronting("/run/pg/", 6432).expect_err("itself");
+        assert!(err.to_string().contains("databases.app.host"), "{err}");
+        fronting("/run/pg", 5432).expect("another port");
+        fronting("/run/postgresql", 6432).expect("another directory");
     }
 
     #[test]

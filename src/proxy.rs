@@ -44,21 +44,43 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// pgshield's Unix-domain socket (`listen.unix_socket_dir`). Dropping it removes the
-/// socket file, unless another pgshield has replaced it meanwhile (a rolling restart).
+/// pgshield's Unix-domain socket (`listen.unix_socket_dir`). It is bound and listens
+/// under a name of its own first (its path and this process's id), and takes its real
+/// name only when everything else has bound ([`UnixSocket::publish`]): a start that fails
+/// leaves the socket in place untouched, and a rolling restart's takes the name over in
+/// one rename. Dropping it removes the file, unless another pgshield has taken the name
+/// meanwhile.
 struct UnixSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// Where it listens until published.
+    temporary: PathBuf,
+    published: bool,
     /// The port in its name, what a client over it is shown with.
     port: u16,
     /// The file's (device, inode): how this socket is told from a successor's.
     file: (u64, u64),
 }
 
+impl UnixSocket {
+    /// Gives the socket its real name, replacing what was there (a stale socket, or the
+    /// live one of the pgshield this one takes over from).
+    fn publish(&mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.temporary, &self.path)?;
+        self.published = true;
+        Ok(())
+    }
+}
+
 impl Drop for UnixSocket {
     fn drop(&mut self) {
-        if file_id(&self.path).is_ok_and(|file| file == self.file) {
-            let _ = std::fs::remove_file(&self.path);
+        let name = if self.published {
+            &self.path
+        } else {
+            &self.temporary
+        };
+        if file_id(name).is_ok_and(|file| file == self.file) {
+            let _ = std::fs::remove_file(name);
         }
     }
 }
@@ -68,14 +90,40 @@ fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
     std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
 }
 
-/// Binds pgshield's Unix-domain socket at `path` with permissions `mode`. A socket file
-/// left there by a process that is gone is replaced (as PostgreSQL and PgBouncer do);
-/// one a server still listens on is replaced only when `take_over` (`listen.reuse_port`,
-/// a new pgshield taking over from the one that drains), and is an error otherwise.
-/// Anything else at the path is left alone, and is an error.
+/// Whether a server listens on the socket at `path`: it accepts, or its queue is full
+/// (not waited for). Refused means nobody does; any other error is returned.
+fn listened_on(path: &Path) -> std::io::Result<bool> {
+    let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds pgshield's Unix-domain socket for `path`, with permissions `mode` set before it
+/// listens; [`UnixSocket::publish`] then gives it that name. A socket file left at `path`
+/// by a process that is gone will be replaced (as PostgreSQL and PgBouncer do); one a
+/// server still listens on only when `take_over` (`listen.reuse_port`: a new pgshield
+/// taking over from the one that drains), and is an error otherwise. PostgreSQL's lock
+/// file beside it (`.s.PGSQL.<port>.lock`), or anything at `path` but a socket, is an
+/// error, and left alone.
 fn listen_unix(path: &Path, port: u16, mode: u32, take_over: bool) -> std::io::Result<UnixSocket> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let beside = |suffix: String| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    if beside(".lock".into()).exists() {
+        return Err(Error::new(
+            ErrorKind::AddrInUse,
+            "PostgreSQL's lock file for it is there: a server of its own uses this name",
+        ));
+    }
     match std::fs::symlink_metadata(path) {
         Ok(found) if !found.file_type().is_socket() => {
             return Err(Error::new(
@@ -83,28 +131,46 @@ fn listen_unix(path: &Path, port: u16, mode: u32, take_over: bool) -> std::io::R
                 "a file that is not a socket is in the way",
             ))
         }
-        Ok(_) => {
-            let live = std::os::unix::net::UnixStream::connect(path).is_ok();
-            if live && !take_over {
-                return Err(Error::new(
-                    ErrorKind::AddrInUse,
-                    "another server is listening on it",
-                ));
-            }
-            std::fs::remove_file(path)?;
+        Ok(_) if listened_on(path)? && !take_over => {
+            return Err(Error::new(
+                ErrorKind::AddrInUse,
+                "another server is listening on it",
+            ))
         }
+        Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    let socket = UnixSocket {
-        listener,
-        path: path.to_owned(),
-        port,
-        file: file_id(path)?,
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(socket)
+    let temporary = beside(format!(".{}", std::process::id()));
+    match std::fs::remove_file(&temporary) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(&temporary)?)?;
+    let file = file_id(&temporary)?;
+    let listening = (|| {
+        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        UnixListener::from_std(std::os::unix::net::UnixListener::from(
+            std::os::fd::OwnedFd::from(socket),
+        ))
+    })();
+    match listening {
+        Ok(listener) => Ok(UnixSocket {
+            listener,
+            path: path.to_owned(),
+            temporary,
+            published: false,
+            port,
+            file,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temporary);
+            Err(e)
+        }
+    }
 }
 
 /// How long forced-out sessions get to close after `shutdown_timeout`.
@@ -301,7 +367,7 @@ impl Proxy {
             }
             None => None,
         };
-        let unix = match config.unix_socket_path(local_addr.port()) {
+        let mut unix = match config.unix_socket_path(local_addr.port()) {
             Some(path) => Some(
                 listen_unix(
                     &path,
@@ -317,6 +383,13 @@ impl Proxy {
             Some(addr) => Some(bound(TcpListener::bind(addr).await).map_err(bind_error(addr))?),
             None => None,
         };
+        // Last, once nothing else can fail.
+        if let Some(unix) = unix.as_mut() {
+            unix.publish().map_err(|source| StartError::BindUnix {
+                path: unix.path.clone(),
+                source,
+            })?;
+        }
         let shared = Arc::new(Shared {
             pools: Pools::from_config(config, &live.server_tls, &metrics),
             clients: ClientSlots::new(config.listen.max_client_connections),
@@ -489,29 +562,40 @@ mod tests {
                 .map(|m| m.permissions().mode() & 0o777)
                 .ok()
         };
+        let listens = |path: &Path| std::os::unix::net::UnixStream::connect(path).is_ok();
+        let bind = |mode, take_over| listen_unix(&path, 6999, mode, take_over);
         // Left by a process that is gone: bound, never listened on again.
         drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
-        let first = listen_unix(&path, 6999, 0o700, false).expect("replaces the stale file");
+        let mut first = bind(0o700, false).expect("a stale file is no obstacle");
+        assert!(!listens(&path), "not under its name before it is published");
+        first.publish().expect("published");
         assert_eq!(mode(&path), Some(0o700));
-        std::os::unix::net::UnixStream::connect(&path).expect("listening");
-        let err = listen_unix(&path, 6999, 0o777, false)
-            .err()
-            .expect("a live socket is in use");
+        assert!(listens(&path));
+        let err = bind(0o777, false).err().expect("a live socket is in use");
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
-        assert_eq!(mode(&path), Some(0o700), "left as it was");
-        // A rolling restart: the new process takes the name over; the old one, when it
-        // goes, leaves the new file alone.
-        let second = listen_unix(&path, 6999, 0o770, true).expect("taken over");
+        // A rolling restart whose start fails leaves the running socket as it was.
+        drop(bind(0o770, true).expect("may take over"));
+        assert_eq!(mode(&path), Some(0o700));
+        assert!(listens(&path));
+        // One that starts takes the name over; the old process, when it goes, leaves the
+        // new file alone.
+        let mut second = bind(0o770, true).expect("taken over");
+        second.publish().expect("published");
         drop(first);
         assert_eq!(mode(&path), Some(0o770), "the successor's file stays");
-        std::os::unix::net::UnixStream::connect(&path).expect("the successor listens");
+        assert!(listens(&path), "the successor listens");
         drop(second);
         assert!(!path.exists(), "removed by the process that made it");
-        // Anything but a socket is never removed.
+        let leftovers: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // PostgreSQL's socket (its lock file beside it), and anything but a socket, are
+        // never replaced.
+        std::fs::write(dir.join(".s.PGSQL.6999.lock"), "4242").expect("a lock file");
+        let err = bind(0o777, true).err().expect("PostgreSQL's name");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        std::fs::remove_file(dir.join(".s.PGSQL.6999.lock")).expect("unlock");
         std::fs::write(&path, "data").expect("a regular file");
-        let err = listen_unix(&path, 6999, 0o777, true)
-            .err()
-            .expect("a file is in the way");
+        let err = bind(0o777, true).err().expect("a file is in the way");
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
         assert_eq!(std::fs::read_to_string(&path).ok().as_deref(), Some("data"));
         std::fs::remove_dir_all(&dir).ok();
