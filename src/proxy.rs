@@ -148,17 +148,18 @@ fn listen_unix(path: &Path, port: u16, mode: u32, take_over: bool) -> std::io::R
     }
     let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
     socket.bind(&socket2::SockAddr::unix(&temporary)?)?;
-    let file = file_id(&temporary)?;
     let listening = (|| {
+        let file = file_id(&temporary)?;
         std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
         socket.listen(1024)?;
         socket.set_nonblocking(true)?;
-        UnixListener::from_std(std::os::unix::net::UnixListener::from(
+        let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(
             std::os::fd::OwnedFd::from(socket),
-        ))
+        ))?;
+        Ok((listener, file))
     })();
     match listening {
-        Ok(listener) => Ok(UnixSocket {
+        Ok((listener, file)) => Ok(UnixSocket {
             listener,
             path: path.to_owned(),
             temporary,
@@ -293,10 +294,11 @@ pub enum StartError {
     },
 }
 
-/// A client accepted over TCP through the listener at `listening`: its stream, where it
-/// came from, and the address it reached.
+/// An accepted client: its stream, where it came from, and the address it reached (none
+/// over the Unix-domain socket).
 type Accepted = (Stream, Peer, Option<SocketAddr>);
 
+/// A client accepted over TCP through the listener at `listening`.
 fn accepted_tcp((tcp, peer): (TcpStream, SocketAddr), listening: SocketAddr) -> Accepted {
     // The connection's own address is the listener's, unless that is a wildcard.
     let local = if listening.ip().to_canonical().is_unspecified() {

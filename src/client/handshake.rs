@@ -1,7 +1,7 @@
 //! A client's login: startup packet (SSLRequest or direct TLS start TLS when client TLS
-//! is on, except over the Unix-domain socket; GSS requests are answered `N`), protocol version, client limit, authentication,
-//! database, then the welcome (AuthenticationOk, ParameterStatus, BackendKeyData,
-//! ReadyForQuery).
+//! is on, except over the Unix-domain socket; GSS requests are answered `N`), protocol
+//! version, client limit, authentication, database, then the welcome (AuthenticationOk,
+//! ParameterStatus, BackendKeyData, ReadyForQuery).
 //!
 //! Everything here runs under `listen.client_login_timeout`, enforced by the caller.
 //! Refusals are ErrorResponses with the SQLSTATE PostgreSQL would use.
