@@ -115,7 +115,8 @@ pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, rolpassword, \
     rolvaliduntil IS NOT NULL AND rolvaliduntil < now() \
     FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin";
 
-/// Users not in `[users]` looked up in the database, as PgBouncer's auth_query.
+/// Users not in `[users]`: looked up in the database, as PgBouncer's auth_query, or
+/// listed in a PgBouncer auth_file (`file`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -138,6 +139,12 @@ pub struct AuthConfig {
     /// How long an answer (including "no such user") is reused.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
+    /// PgBouncer's `auth_file` (userlist.txt): each user it lists is a user as if
+    /// configured in `[users.NAME]` with that `password` (plaintext, an md5 hash, or a
+    /// SCRAM-SHA-256 verifier); a `[users.NAME]` table of the same name wins. Read at
+    /// load and on every reload. Independent of `enabled` (the query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -150,6 +157,7 @@ impl Default for AuthConfig {
             password_file: None,
             dbname: None,
             cache_ttl: Duration::from_secs(60),
+            file: None,
         }
     }
 }
@@ -756,6 +764,62 @@ pub struct UserConfig {
     pub max_client_connections: usize,
 }
 
+/// The users of a PgBouncer `auth_file`: one a line, `"name" "password"` (a `"` inside
+/// either written `""`), anything after them ignored; lines that do not start with `"`
+/// (blank, or comments such as `;` and `#`) skipped. A user listed twice keeps the first
+/// password. Errors name the line.
+pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    // A quoted field at the start of `s`: its text, and what follows it.
+    fn field(s: &str) -> Option<(String, &str)> {
+        let mut chars = s.strip_prefix('"')?.char_indices();
+        let mut out = String::new();
+        while let Some((i, c)) = chars.next() {
+            if c != '"' {
+                out.push(c);
+                continue;
+            }
+            let rest = &s[1 + i + 1..];
+            match rest.strip_prefix('"') {
+                Some(_) => {
+                    out.push('"');
+                    chars.next();
+                }
+                None => return Some((out, rest)),
+            }
+        }
+        None
+    }
+    let mut users: Vec<(String, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if !line.starts_with('"') {
+            continue;
+        }
+        let bad = |why: &str| format!("line {}: {why}", n + 1);
+        let (name, rest) = field(line).ok_or_else(|| bad("the user name's quote is not closed"))?;
+        let rest = rest.trim_start();
+        if !rest.starts_with('"') {
+            return Err(bad("no quoted password after the user name"));
+        }
+        let (password, _) = field(rest).ok_or_else(|| bad("the password's quote is not closed"))?;
+        if name.is_empty() || name.len() > 63 {
+            return Err(bad("a user name must be 1 to 63 bytes"));
+        }
+        if password.is_empty() {
+            return Err(bad(&format!(
+                "user \"{name}\" has an empty password (pgshield trusts no user by default)"
+            )));
+        }
+        if let Err(e) = StoredPassword::classify(&Secret::new(password.clone())) {
+            return Err(bad(&format!("user \"{name}\": {e}")));
+        }
+        if !users.iter().any(|(listed, _)| *listed == name) {
+            users.push((name, password));
+        }
+    }
+    Ok(users)
+}
+
 /// A secret kept in a file: its text without one trailing newline.
 fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -918,8 +982,36 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads `password_file` and `server_password_file` into the secrets they hold.
+    /// Reads `password_file` and `server_password_file` into the secrets they hold, and
+    /// `auth.file`'s users into `users`.
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.auth.file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid("auth.file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            let listed = parse_auth_file(&text)
+                .map_err(|e| invalid("auth.file", format!("{}: {e}", path.display())))?;
+            for (name, password) in listed {
+                let password = Secret::new(password);
+                let auth = match StoredPassword::classify(&password) {
+                    Ok(StoredPassword::Md5Hash(_)) => AuthMethod::Md5,
+                    _ => AuthMethod::ScramSha256,
+                };
+                self.users.entry(name).or_insert_with(|| UserConfig {
+                    auth,
+                    password: Some(password),
+                    server_user: None,
+                    server_password: None,
+                    password_file: None,
+                    server_password_file: None,
+                    server_password_command: None,
+                    server_password_ttl: default_password_ttl(),
+                    allowed_cidrs: Vec::new(),
+                    require_tls: false,
+                    max_client_connections: 0,
+                });
+            }
+        }
         if let Some(path) = &self.auth.password_file {
             if self.auth.password.is_some() {
                 return Err(invalid(
@@ -1379,6 +1471,70 @@ mod tests {
         assert!(err.to_string().contains("databases.app.host"), "{err}");
         fronting("/run/pg", 5432).expect("another port");
         fronting("/run/postgresql", 6432).expect("another directory");
+    }
+
+    #[test]
+    fn a_pgbouncer_auth_file_is_read_as_pgbouncer_reads_it() {
+        let verifier = "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$\
+                        c3RvcmVkIGtleSBvZiB0aGlydHktdHdvIGJ5dGVzISE=:\
+                        c2VydmVyIGtleSBvZiB0aGlydHktdHdvIGJ5dGVzISE=";
+        let text = format!(
+            "; PgBouncer's comment\n# another\n\n\
+             \"alice\" \"md5d5b7d9a8c1a6e0b46e1f6a5a3e0f4b2c\"\n\
+             \"bob\" \"{verifier}\" \"ignored\" column\n\
+             \"o\"\"quote\"  \"plain pass\"\n\
+             \"alice\" \"second\"\n"
+        );
+        let users = parse_auth_file(&text).expect("valid");
+        let names: Vec<&str> = users.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["alice", "bob", "o\"quote"]);
+        assert_eq!(
+            users[0].1, "md5d5b7d9a8c1a6e0b46e1f6a5a3e0f4b2c",
+            "the first one kept"
+        );
+        assert_eq!(users[1].1, verifier);
+        assert_eq!(users[2].1, "plain pass");
+        for (text, line, why) in [
+            ("\"a\" \"pw\"\n\"b \"pw\"\n", "line 2", "password"),
+            ("\"a\"\n", "line 1", "no quoted password"),
+            ("\"a\" pw\n", "line 1", "no quoted password"),
+            ("\"a\" \"pw\n", "line 1", "not closed"),
+            ("\"a\" \"\"\n", "line 1", "empty password"),
+            ("\"\" \"pw\"\n", "line 1", "1 to 63 bytes"),
+            ("\"a\" \"SCRAM-SHA-256$broken\"\n", "line 1", "\"a\""),
+        ] {
+            let err = parse_auth_file(text).expect_err(text);
+            assert!(err.contains(line) && err.contains(why), "{text:?}: {err}");
+        }
+
+        // Its users are users, each logging in by what its secret allows; [users.NAME]
+        // wins over the file.
+        let dir = std::env::temp_dir().join(format!("pgshield-authfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("userlist.txt"), &text).expect("write");
+        let c = Config::from_toml(&format!(
+            "[databases.app]\nhost = \"127.0.0.1\"\n[auth]\nfile = \"{}\"\n\
+             [users.bob]\npassword = \"configured\"\n",
+            dir.join("userlist.txt").display()
+        ))
+        .expect("valid");
+        assert_eq!(c.users["alice"].auth, AuthMethod::Md5);
+        assert_eq!(c.users["o\"quote"].auth, AuthMethod::ScramSha256);
+        assert_eq!(
+            c.users["bob"].password.as_ref().map(|p| p.expose()),
+            Some("configured")
+        );
+        std::fs::write(dir.join("userlist.txt"), "\"carol\" \"\"\n").expect("write");
+        let err = Config::from_toml(&format!(
+            "[databases.app]\nhost = \"127.0.0.1\"\n[auth]\nfile = \"{}\"\n",
+            dir.join("userlist.txt").display()
+        ))
+        .expect_err("an empty password");
+        assert!(
+            err.to_string().contains("auth.file") && err.to_string().contains("line 1"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

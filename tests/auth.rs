@@ -451,18 +451,23 @@ async fn a_rotating_server_password_command_keeps_new_backends_working() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
-async fn the_servers_own_verifier_in_config_is_enough_to_log_in_both_ways() {
-    common::create_role("auth_passthrough", "pw-pass").await;
-    let verifier: String = common::admin()
+/// The password PostgreSQL stores for `role` (its SCRAM verifier, or md5 hash).
+async fn stored_verifier(role: &str) -> String {
+    common::admin()
         .await
         .query_one(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = 'auth_passthrough'",
-            &[],
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&role],
         )
         .await
         .expect("verifier")
-        .get(0);
+        .get(0)
+}
+
+#[tokio::test]
+async fn the_servers_own_verifier_in_config_is_enough_to_log_in_both_ways() {
+    common::create_role("auth_passthrough", "pw-pass").await;
+    let verifier = stored_verifier("auth_passthrough").await;
     // No server_password: pgshield logs in to the server with the keys of the client's
     // own SCRAM login.
     let proxy = TestProxy::start(&format!(
@@ -480,4 +485,63 @@ async fn the_servers_own_verifier_in_config_is_enough_to_log_in_both_ways() {
         .expect("query")
         .get(0);
     assert_eq!(user, "auth_passthrough");
+}
+
+/// PgBouncer's userlist.txt as `auth.file`: a SCRAM verifier copied from the server (no
+/// password anywhere: the client's own login opens the backend), an md5 hash, a
+/// plaintext password; a wrong password is refused as for any user; a user added to the
+/// file logs in after a reload.
+#[tokio::test]
+async fn users_of_a_pgbouncer_auth_file_log_in_and_a_reload_reads_it_again() {
+    common::create_role("af_scram", "pw-scram").await;
+    common::create_md5_role("af_md5", "pw-md5").await;
+    common::create_role("af_plain", "pw-plain").await;
+    common::create_role("af_late", "pw-late").await;
+    let verifier = stored_verifier("af_scram").await;
+    let hash = postgres_protocol::password::md5(b"pw-md5", "af_md5");
+    let dir = common::unique_temp_dir("auth-file");
+    let file = dir.join("userlist.txt");
+    let listed = format!(
+        ";; as PgBouncer's mkauth writes it\n\"af_scram\" \"{verifier}\"\n\
+         \"af_md5\" \"{hash}\"\n\"af_plain\" \"pw-plain\"\n"
+    );
+    std::fs::write(&file, &listed).expect("write");
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 2\n[auth]\nfile = \"{}\"\n",
+        file.display()
+    ))
+    .await;
+    for (user, password) in [
+        ("af_scram", "pw-scram"),
+        ("af_md5", "pw-md5"),
+        ("af_plain", "pw-plain"),
+    ] {
+        let conn = proxy
+            .connect(user, password)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e:?}"));
+        let current: String = conn
+            .client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .expect("query")
+            .get(0);
+        assert_eq!(current, user);
+        let err = proxy.connect(user, "wrong").await.err().expect("wrong");
+        assert_eq!(sqlstate(&err), Some("28P01"), "{user}: {err}");
+    }
+    let err = proxy
+        .connect("af_late", "pw-late")
+        .await
+        .err()
+        .expect("not yet listed");
+    assert_eq!(sqlstate(&err), Some("28P01"), "{err}");
+    std::fs::write(&file, format!("{listed}\"af_late\" \"pw-late\"\n")).expect("write");
+    proxy.shared.reload().expect("reload");
+    let conn = proxy
+        .connect("af_late", "pw-late")
+        .await
+        .expect("listed since the reload");
+    conn.client.simple_query("SELECT 1").await.expect("query");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -46,6 +46,7 @@ pub fn cluster() -> &'static DevDb {
             hba: vec![
                 "host all be_md5 127.0.0.1/32 md5".into(),
                 "host all be_md5hash 127.0.0.1/32 md5".into(),
+                "host all af_md5 127.0.0.1/32 md5".into(),
                 "host all be_password 127.0.0.1/32 password".into(),
                 "host all be_trust 127.0.0.1/32 trust".into(),
             ],
