@@ -766,8 +766,10 @@ pub struct UserConfig {
 
 /// The users of a PgBouncer `auth_file`: one a line, `"name" "password"` (a `"` inside
 /// either written `""`), anything after them ignored; lines that do not start with `"`
-/// (blank, or comments such as `;` and `#`) skipped. A user listed twice keeps the first
-/// password. Errors name the line.
+/// (blank, or comments such as `;` and `#`) skipped. As in PgBouncer, a user listed again
+/// takes the later password. A user with an empty password is left out (PgBouncer loads
+/// one, who then cannot log in with a password), with a warning. Errors name the line,
+/// never its text (which may hold a password).
 pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, String> {
     // A quoted field at the start of `s`: its text, and what follows it.
     fn field(s: &str) -> Option<(String, &str)> {
@@ -790,6 +792,8 @@ pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, String> {
         None
     }
     let mut users: Vec<(String, String)> = Vec::new();
+    // (A byte-order mark some editors write would hide the first line's quote.)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (n, line) in text.lines().enumerate() {
         let line = line.trim_start();
         if !line.starts_with('"') {
@@ -806,16 +810,18 @@ pub fn parse_auth_file(text: &str) -> Result<Vec<(String, String)>, String> {
             return Err(bad("a user name must be 1 to 63 bytes"));
         }
         if password.is_empty() {
-            return Err(bad(&format!(
-                "user \"{name}\" has an empty password (pgshield trusts no user by default)"
-            )));
+            tracing::warn!(
+                line = n + 1,
+                "auth.file: a user with an empty password is left out (it could not log in)"
+            );
+            users.retain(|(listed, _)| *listed != name);
+            continue;
         }
         if let Err(e) = StoredPassword::classify(&Secret::new(password.clone())) {
-            return Err(bad(&format!("user \"{name}\": {e}")));
+            return Err(bad(&e));
         }
-        if !users.iter().any(|(listed, _)| *listed == name) {
-            users.push((name, password));
-        }
+        users.retain(|(listed, _)| *listed != name);
+        users.push((name, password));
     }
     Ok(users)
 }
@@ -997,6 +1003,19 @@ impl Config {
                     Ok(StoredPassword::Md5Hash(_)) => AuthMethod::Md5,
                     _ => AuthMethod::ScramSha256,
                 };
+                // A table that gives the user rules but no password takes the file's.
+                if let Some(user) = self.users.get_mut(&name) {
+                    if user.password.is_none()
+                        && user.password_file.is_none()
+                        && user.auth != AuthMethod::Trust
+                    {
+                        if auth == AuthMethod::Md5 {
+                            user.auth = auth;
+                        }
+                        user.password = Some(password);
+                    }
+                    continue;
+                }
                 self.users.entry(name).or_insert_with(|| UserConfig {
                     auth,
                     password: Some(password),
@@ -1479,7 +1498,7 @@ mod tests {
                         c3RvcmVkIGtleSBvZiB0aGlydHktdHdvIGJ5dGVzISE=:\
                         c2VydmVyIGtleSBvZiB0aGlydHktdHdvIGJ5dGVzISE=";
         let text = format!(
-            "; PgBouncer's comment\n# another\n\n\
+            "\u{feff}; PgBouncer's comment\r\n# another\n\n\
              \"alice\" \"md5d5b7d9a8c1a6e0b46e1f6a5a3e0f4b2c\"\n\
              \"bob\" \"{verifier}\" \"ignored\" column\n\
              \"o\"\"quote\"  \"plain pass\"\n\
@@ -1487,53 +1506,78 @@ mod tests {
         );
         let users = parse_auth_file(&text).expect("valid");
         let names: Vec<&str> = users.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["alice", "bob", "o\"quote"]);
+        assert_eq!(names, ["bob", "o\"quote", "alice"]);
         assert_eq!(
-            users[0].1, "md5d5b7d9a8c1a6e0b46e1f6a5a3e0f4b2c",
-            "the first one kept"
+            users[2].1, "second",
+            "a user listed again: the later password"
         );
-        assert_eq!(users[1].1, verifier);
-        assert_eq!(users[2].1, "plain pass");
+        assert_eq!(users[0].1, verifier);
+        assert_eq!(users[1].1, "plain pass");
+        assert_eq!(
+            parse_auth_file("\u{feff}\"a\"\t\"pw\"\r\n\"b\" \"ü\"\"\"\r\n"),
+            Ok(vec![("a".into(), "pw".into()), ("b".into(), "ü\"".into())]),
+            "a byte-order mark, tabs, CRLF, a character beyond ASCII"
+        );
+        // As PgBouncer's mkauth writes a role without a password: left out.
+        assert_eq!(
+            parse_auth_file("\"nopw\" \"\" \"\"\n\"a\" \"pw\"\n\"a\" \"\"\n\"b\" \"pw\"\n"),
+            Ok(vec![("b".into(), "pw".into())])
+        );
         for (text, line, why) in [
             ("\"a\" \"pw\"\n\"b \"pw\"\n", "line 2", "password"),
             ("\"a\"\n", "line 1", "no quoted password"),
             ("\"a\" pw\n", "line 1", "no quoted password"),
             ("\"a\" \"pw\n", "line 1", "not closed"),
-            ("\"a\" \"\"\n", "line 1", "empty password"),
             ("\"\" \"pw\"\n", "line 1", "1 to 63 bytes"),
-            ("\"a\" \"SCRAM-SHA-256$broken\"\n", "line 1", "\"a\""),
+            (
+                "\"a\" \"SCRAM-SHA-256$broken\"\n",
+                "line 1",
+                "SCRAM-SHA-256 verifier",
+            ),
+            // A name that swallowed a password by a misplaced quote is not repeated.
+            (
+                "\"alice \"\"hunter2\" \"SCRAM-SHA-256$x\"\n",
+                "line 1",
+                "verifier",
+            ),
         ] {
             let err = parse_auth_file(text).expect_err(text);
             assert!(err.contains(line) && err.contains(why), "{text:?}: {err}");
+            assert!(!err.contains("hunter2") && !err.contains("alice"), "{err}");
         }
 
         // Its users are users, each logging in by what its secret allows; [users.NAME]
-        // wins over the file.
+        // wins over the file, and one with rules but no password takes the file's.
         let dir = std::env::temp_dir().join(format!("pgshield-authfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("userlist.txt"), &text).expect("write");
         let c = Config::from_toml(&format!(
             "[databases.app]\nhost = \"127.0.0.1\"\n[auth]\nfile = \"{}\"\n\
-             [users.bob]\npassword = \"configured\"\n",
+             [users.bob]\npassword = \"configured\"\n\
+             [users.alice]\nrequire_tls = true\n",
             dir.join("userlist.txt").display()
         ))
         .expect("valid");
-        assert_eq!(c.users["alice"].auth, AuthMethod::Md5);
         assert_eq!(c.users["o\"quote"].auth, AuthMethod::ScramSha256);
         assert_eq!(
             c.users["bob"].password.as_ref().map(|p| p.expose()),
             Some("configured")
         );
-        std::fs::write(dir.join("userlist.txt"), "\"carol\" \"\"\n").expect("write");
-        let err = Config::from_toml(&format!(
+        let alice = &c.users["alice"];
+        assert!(alice.require_tls);
+        assert_eq!(alice.password.as_ref().map(|p| p.expose()), Some("second"));
+        std::fs::write(
+            dir.join("userlist.txt"),
+            "\"carol\" \"md5d5b7d9a8c1a6e0b46e1f6a5a3e0f4b2c\"\n\"dave\" \"\"\n",
+        )
+        .expect("write");
+        let c = Config::from_toml(&format!(
             "[databases.app]\nhost = \"127.0.0.1\"\n[auth]\nfile = \"{}\"\n",
             dir.join("userlist.txt").display()
         ))
-        .expect_err("an empty password");
-        assert!(
-            err.to_string().contains("auth.file") && err.to_string().contains("line 1"),
-            "{err}"
-        );
+        .expect("a user without a password is left out, not an error");
+        assert_eq!(c.users["carol"].auth, AuthMethod::Md5);
+        assert!(!c.users.contains_key("dave"));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -1622,15 +1622,21 @@ impl Pools {
     /// [`Pool::update`]). Returns (pools added, pools retired).
     pub fn apply(&self, config: &Config, tls: &Arc<ServerTls>) -> (usize, usize) {
         let settings = PoolSettings::from_config(config);
-        for (name, user) in &config.users {
-            if backend_password(user).is_none() {
-                tracing::warn!(
-                    user = %name,
-                    "no password pgshield can log in to the server with (none, or only a SCRAM \
-                     verifier): it logs in with the keys of the user's own SCRAM logins \
-                     (passthrough), or to servers that trust it"
-                );
-            }
+        // (One line for all of them: an auth.file made from pg_authid lists hundreds.)
+        let passthrough: Vec<&str> = config
+            .users
+            .iter()
+            .filter(|(_, user)| backend_password(user).is_none())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if !passthrough.is_empty() {
+            tracing::warn!(
+                users = passthrough.len(),
+                first = %passthrough.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+                "users with no password pgshield can log in to the server with (none, or only \
+                 a SCRAM verifier): it logs in with the keys of each one's own SCRAM logins \
+                 (passthrough), or to servers that trust it"
+            );
         }
         // One credential per user, shared by its pools (so a command runs once for all).
         let passwords: HashMap<&String, Option<BackendPassword>> = config
