@@ -314,8 +314,13 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
         "DATABASES" => show_databases(shared),
         "USERS" => {
             let mut t = Table::new(&[("name", TEXT), ("pool_mode", TEXT)]);
-            for name in shared.live().config.users.keys() {
-                t.row(vec![v(name), v(shared.live().config.pool.mode)]);
+            // Configured, and listed in auth.file (as PgBouncer lists its auth_file's).
+            let live = shared.live();
+            let mut names: Vec<&String> = live.config.users.keys().collect();
+            names.extend(live.config.auth.listed.keys());
+            names.sort();
+            for name in names {
+                t.row(vec![v(name), v(live.config.pool.mode)]);
             }
             t
         }
@@ -879,7 +884,10 @@ fn show_lists(shared: &Shared) -> Table {
     let used_servers: usize = pools.iter().map(|p| p.status().open).sum();
     for (list, items) in [
         ("databases", shared.live().config.databases.len()),
-        ("users", shared.live().config.users.len()),
+        (
+            "users",
+            shared.live().config.users.len() + shared.live().config.auth.listed.len(),
+        ),
         ("pools", pools.len()),
         ("free_clients", 0),
         ("used_clients", shared.clients.open()),

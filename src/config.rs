@@ -145,6 +145,11 @@ pub struct AuthConfig {
     /// load and on every reload. Independent of `enabled` (the query).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// The users `file` lists that no `[users.NAME]` table names, with their passwords
+    /// (read at load). Unlike configured users they get pools at their first login, as
+    /// PgBouncer makes them, not one per database at start.
+    #[serde(skip)]
+    pub listed: BTreeMap<String, Secret>,
 }
 
 impl Default for AuthConfig {
@@ -158,6 +163,7 @@ impl Default for AuthConfig {
             dbname: None,
             cache_ttl: Duration::from_secs(60),
             file: None,
+            listed: BTreeMap::new(),
         }
     }
 }
@@ -928,6 +934,16 @@ impl StoredPassword {
     }
 }
 
+impl AuthConfig {
+    /// How a user `file` lists logs in: md5 with an md5 hash, SCRAM otherwise.
+    pub fn listed_auth(password: &Secret) -> AuthMethod {
+        match StoredPassword::classify(password) {
+            Ok(StoredPassword::Md5Hash(_)) => AuthMethod::Md5,
+            _ => AuthMethod::ScramSha256,
+        }
+    }
+}
+
 impl Config {
     /// Loads a configuration: the file at `path` (if given), then environment overrides.
     /// With no file, the environment alone must describe databases and users.
@@ -997,38 +1013,23 @@ impl Config {
             })?;
             let listed = parse_auth_file(&text)
                 .map_err(|e| invalid("auth.file", format!("{}: {e}", path.display())))?;
+            self.auth.listed.clear();
             for (name, password) in listed {
                 let password = Secret::new(password);
-                let auth = match StoredPassword::classify(&password) {
-                    Ok(StoredPassword::Md5Hash(_)) => AuthMethod::Md5,
-                    _ => AuthMethod::ScramSha256,
-                };
                 // A table that gives the user rules but no password takes the file's.
                 if let Some(user) = self.users.get_mut(&name) {
                     if user.password.is_none()
                         && user.password_file.is_none()
                         && user.auth != AuthMethod::Trust
                     {
-                        if auth == AuthMethod::Md5 {
-                            user.auth = auth;
+                        if AuthConfig::listed_auth(&password) == AuthMethod::Md5 {
+                            user.auth = AuthMethod::Md5;
                         }
                         user.password = Some(password);
                     }
                     continue;
                 }
-                self.users.entry(name).or_insert_with(|| UserConfig {
-                    auth,
-                    password: Some(password),
-                    server_user: None,
-                    server_password: None,
-                    password_file: None,
-                    server_password_file: None,
-                    server_password_command: None,
-                    server_password_ttl: default_password_ttl(),
-                    allowed_cidrs: Vec::new(),
-                    require_tls: false,
-                    max_client_connections: 0,
-                });
+                self.auth.listed.insert(name, password);
             }
         }
         if let Some(path) = &self.auth.password_file {
@@ -1132,10 +1133,13 @@ impl Config {
             return Err(invalid("admin.stats_period", "must be more than 0s"));
         }
         for user in &self.admin.users {
-            if !self.users.contains_key(user) {
+            if !self.users.contains_key(user) && !self.auth.listed.contains_key(user) {
                 return Err(invalid(
                     "admin.users",
-                    format!("`{user}` is not in [users] (admin users log in like any other)"),
+                    format!(
+                        "`{user}` is not in [users] nor listed in auth.file (admin users log \
+                         in like any other)"
+                    ),
                 ));
             }
         }
@@ -1257,10 +1261,11 @@ impl Config {
                 return Err(invalid(key("dbname"), "must not be empty"));
             }
         }
-        if self.users.is_empty() && !self.auth.enabled {
+        if self.users.is_empty() && !self.auth.enabled && self.auth.listed.is_empty() {
             return Err(invalid(
                 "users",
-                "no user configured: add a [users.NAME] table with `auth` and `password`, or enable [auth]",
+                "no user configured: add a [users.NAME] table with `auth` and `password`, \
+                 list users in auth.file, or enable [auth]",
             ));
         }
         if self.auth.enabled {
@@ -1558,7 +1563,13 @@ mod tests {
             dir.join("userlist.txt").display()
         ))
         .expect("valid");
-        assert_eq!(c.users["o\"quote"].auth, AuthMethod::ScramSha256);
+        // (Listed users are kept apart: their pools are made at their first login.)
+        let listed: Vec<&str> = c.auth.listed.keys().map(String::as_str).collect();
+        assert_eq!(listed, ["o\"quote"]);
+        assert_eq!(
+            AuthConfig::listed_auth(&c.auth.listed["o\"quote"]),
+            AuthMethod::ScramSha256
+        );
         assert_eq!(
             c.users["bob"].password.as_ref().map(|p| p.expose()),
             Some("configured")
@@ -1576,8 +1587,11 @@ mod tests {
             dir.join("userlist.txt").display()
         ))
         .expect("a user without a password is left out, not an error");
-        assert_eq!(c.users["carol"].auth, AuthMethod::Md5);
-        assert!(!c.users.contains_key("dave"));
+        assert_eq!(
+            AuthConfig::listed_auth(&c.auth.listed["carol"]),
+            AuthMethod::Md5
+        );
+        assert!(!c.auth.listed.contains_key("dave"));
         std::fs::remove_dir_all(&dir).ok();
     }
 

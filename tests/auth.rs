@@ -507,15 +507,34 @@ async fn users_of_a_pgbouncer_auth_file_log_in_and_a_reload_reads_it_again() {
     );
     std::fs::write(&file, &listed).expect("write");
     let proxy = TestProxy::start(&format!(
-        "[pool]\nmax_size = 2\n[auth]\nfile = \"{}\"\n",
+        "[pool]\nmax_size = 2\n[auth]\nfile = \"{}\"\n\
+         [admin]\nhttp_listen = \"\"\nusers = [\"af_plain\"]\n",
         file.display()
     ))
     .await;
+    // A listed user may be an admin, and the console lists the file's users.
+    let mut console = proxy.config("af_plain", "pw-plain");
+    console.dbname("pgshield");
+    let console = common::connect(&console).await.expect("admin login");
+    let users: Vec<String> = console
+        .client
+        .simple_query("SHOW USERS")
+        .await
+        .expect("SHOW USERS")
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("name").map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(users, ["af_md5", "af_plain", "af_scram"]);
     for (user, password) in [
         ("af_scram", "pw-scram"),
         ("af_md5", "pw-md5"),
         ("af_plain", "pw-plain"),
     ] {
+        // As PgBouncer makes them: a listed user's pool at its first login.
+        assert!(proxy.shared.pools.get("app", user).is_none(), "{user}");
         let conn = proxy
             .connect(user, password)
             .await
@@ -527,6 +546,7 @@ async fn users_of_a_pgbouncer_auth_file_log_in_and_a_reload_reads_it_again() {
             .expect("query")
             .get(0);
         assert_eq!(current, user);
+        assert!(proxy.shared.pools.get("app", user).is_some(), "{user}");
         let err = proxy.connect(user, "wrong").await.err().expect("wrong");
         assert_eq!(sqlstate(&err), Some("28P01"), "{user}: {err}");
     }

@@ -39,19 +39,23 @@ pub struct UserDirectory {
 }
 
 impl UserDirectory {
-    /// The users `config` has. After a reload, `previous` (the directory replaced) hands
-    /// on its made-up verifiers' secret and the verifiers of unchanged users: salts that
-    /// changed for some names and not others would tell which names exist.
+    /// The users `config` has, configured or listed in `auth.file`. After a reload,
+    /// `previous` (the directory replaced) hands on its made-up verifiers' secret and the
+    /// verifiers of unchanged users: salts that changed for some names and not others
+    /// would tell which names exist.
     pub fn from_config(config: &Config, previous: Option<&UserDirectory>) -> UserDirectory {
         let derived_from: HashMap<String, (AuthMethod, Option<Secret>)> = config
             .users
             .iter()
             .map(|(name, user)| (name.clone(), (user.auth, user.password.clone())))
+            .chain(config.auth.listed.iter().map(|(name, password)| {
+                let auth = crate::config::AuthConfig::listed_auth(password);
+                (name.clone(), (auth, Some(password.clone())))
+            }))
             .collect();
-        let users = config
-            .users
+        let users = derived_from
             .iter()
-            .map(|(name, user)| {
+            .map(|(name, (auth, password))| {
                 let unchanged = previous.and_then(|p| {
                     (p.derived_from.get(name) == derived_from.get(name))
                         .then(|| p.users.get(name).cloned())
@@ -60,11 +64,10 @@ impl UserDirectory {
                 if let Some(auth) = unchanged {
                     return (name.clone(), auth);
                 }
-                let stored = user
-                    .password
+                let stored = password
                     .as_ref()
                     .and_then(|p| StoredPassword::classify(p).ok());
-                let auth = match (user.auth, stored) {
+                let auth = match (*auth, stored) {
                     (AuthMethod::Trust, _) | (_, None) => ClientAuth::Trust,
                     // Like PostgreSQL: an md5 user whose stored secret is a SCRAM verifier
                     // logs in with SCRAM.

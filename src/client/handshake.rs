@@ -180,7 +180,19 @@ pub async fn login(
         .into());
     }
     let admission = live.access.admit(&user, &rules_db)?;
+    let listed = live
+        .config
+        .auth
+        .listed
+        .get(&user)
+        .filter(|_| !live.config.users.contains_key(&user));
     let pool = match (configured, found) {
+        // Listed in auth.file: its pools are made at its first login, as [auth]'s are,
+        // logging in to the server with the file's password, or by passthrough with a
+        // verifier.
+        (Some(configured), _) if listed.is_some() => listed
+            .and_then(|secret| listed_credential(secret, &configured, &proof))
+            .and_then(|password| shared.pools.for_found_user(&database, &user, password)),
         (Some(configured), _) => {
             let pool = shared.pools.get(&database, &user);
             // A configured SCRAM verifier without server_password: passthrough too.
@@ -460,6 +472,16 @@ fn passthrough(found: &ClientAuth, proof: &Proof) -> Option<BackendPassword> {
         }),
         ClientAuth::Md5(hash) => Some(BackendPassword::Md5Hash(Secret::new(format!("md5{hash}")))),
         ClientAuth::Trust => None,
+    }
+}
+
+/// The credential for the server of a user `auth.file` lists: its password, or its md5
+/// hash (enough for md5 servers), or with a SCRAM verifier the keys its login revealed.
+fn listed_credential(secret: &Secret, auth: &ClientAuth, proof: &Proof) -> Option<BackendPassword> {
+    match crate::config::StoredPassword::classify(secret).ok()? {
+        crate::config::StoredPassword::Plain(password) => Some(BackendPassword::Plain(password)),
+        crate::config::StoredPassword::Md5Hash(hash) => Some(BackendPassword::Md5Hash(hash)),
+        crate::config::StoredPassword::Scram(_) => passthrough(auth, proof),
     }
 }
 

@@ -1546,9 +1546,10 @@ struct PoolsState {
     /// What a pool is made from.
     databases: std::collections::BTreeMap<String, crate::config::DatabaseConfig>,
     settings: PoolSettings,
-    /// `[auth]` is on (a login that looked a user up just before a reload turned it
-    /// off gets no pool).
-    auth_enabled: bool,
+    /// Users that are not configured may get pools at their first login: `[auth]` is
+    /// on, or `auth.file` lists users (a login that found a user just before a reload
+    /// took that away gets no pool).
+    lazy_users: bool,
     tls: Arc<ServerTls>,
     /// `max_db_connections`, by database.
     db_limits: HashMap<String, Arc<DbLimit>>,
@@ -1594,6 +1595,11 @@ impl PoolsState {
     }
 }
 
+/// Whether users not in `[users]` may log in and get pools at their first login.
+fn lazy_users(config: &Config) -> bool {
+    config.auth.enabled || !config.auth.listed.is_empty()
+}
+
 impl Pools {
     /// One pool for every configured database and user.
     pub fn from_config(config: &Config, tls: &Arc<ServerTls>, metrics: &Arc<Numbers>) -> Pools {
@@ -1604,7 +1610,7 @@ impl Pools {
                 retired: Vec::new(),
                 databases: Default::default(),
                 settings: PoolSettings::from_config(config),
-                auth_enabled: config.auth.enabled,
+                lazy_users: lazy_users(config),
                 tls: Arc::clone(tls),
                 db_limits: HashMap::new(),
                 clusters: HashMap::new(),
@@ -1665,7 +1671,7 @@ impl Pools {
             })
             .collect();
         state.settings = settings.clone();
-        state.auth_enabled = config.auth.enabled;
+        state.lazy_users = lazy_users(config);
         state.tls = Arc::clone(tls);
         state.databases = config.databases.clone();
         state.db_limits = db_limits;
@@ -1755,7 +1761,8 @@ impl Pools {
             let db = config
                 .resolve_database(&key.0)
                 .map(|(base, _)| (base, &config.databases[base]));
-            match db.filter(|_| config.auth.enabled && !config.users.contains_key(&key.1)) {
+            let still_found = config.auth.enabled || config.auth.listed.contains_key(&key.1);
+            match db.filter(|_| still_found && !config.users.contains_key(&key.1)) {
                 Some((base, db)) => {
                     // Its credential is the one its latest login gave, whatever its kind.
                     let password = lock(&pool.inner.manager().target).password.clone();
@@ -1874,9 +1881,9 @@ impl Pools {
             .cloned()
     }
 
-    /// The pool of a user found by `[auth]`, made at its first login, logging in to the
-    /// server with `password` (the credential from its latest login replaces older ones).
-    /// None if the database is not configured.
+    /// The pool of a user found by `[auth]` (or listed in `auth.file`), made at its first
+    /// login, logging in to the server with `password` (the credential from its latest
+    /// login replaces older ones). None if the database is not configured.
     pub fn for_found_user(
         &self,
         database: &str,
@@ -1884,7 +1891,7 @@ impl Pools {
         password: BackendPassword,
     ) -> Option<Arc<Pool>> {
         let mut state = lock(&self.state);
-        if !state.auth_enabled {
+        if !state.lazy_users {
             return None;
         }
         let (base, read_only) = match state.databases.get(database) {
