@@ -1014,6 +1014,22 @@ impl Config {
             let listed = parse_auth_file(&text)
                 .map_err(|e| invalid("auth.file", format!("{}: {e}", path.display())))?;
             self.auth.listed.clear();
+            // A table that gave a listed user rules only goes with the user when the file
+            // drops it: a reload of a regenerated file is not refused for it.
+            self.users.retain(|name, user| {
+                let rules_only = user.password.is_none()
+                    && user.password_file.is_none()
+                    && user.auth != AuthMethod::Trust;
+                let keep = !rules_only || listed.iter().any(|(listed, _)| listed == name);
+                if !keep {
+                    tracing::warn!(
+                        user = %name,
+                        "[users.NAME] gives rules but no password, and auth.file does not list \
+                         the user: left out"
+                    );
+                }
+                keep
+            });
             for (name, password) in listed {
                 let password = Secret::new(password);
                 // A table that gives the user rules but no password takes the file's.
@@ -1238,10 +1254,21 @@ impl Config {
                 ));
             }
             if let Some(user) = &db.monitor_user {
-                if !self.users.contains_key(user) {
+                // (A user auth.file lists needs a password or md5 hash there: with only a
+                // verifier, there is nothing to log in to the server with.)
+                let listed = self.auth.listed.get(user).is_some_and(|secret| {
+                    !matches!(
+                        StoredPassword::classify(secret),
+                        Ok(StoredPassword::Scram(_))
+                    )
+                });
+                if !self.users.contains_key(user) && !listed {
                     return Err(invalid(
                         key("monitor_user"),
-                        format!("`{user}` is not in [users]"),
+                        format!(
+                            "`{user}` is not in [users], nor listed in auth.file with a \
+                             password or md5 hash"
+                        ),
                     ));
                 }
             }
@@ -1592,6 +1619,26 @@ mod tests {
             AuthMethod::Md5
         );
         assert!(!c.auth.listed.contains_key("dave"));
+        // A table of rules for a user the file no longer lists goes with the user (a
+        // reload of a regenerated file is not refused for it); a listed user with a
+        // password or md5 hash may run the health checks, one with only a verifier not.
+        let with = |extra: &str| {
+            Config::from_toml(&format!(
+                "[databases.app]\nhost = \"127.0.0.1\"\n{extra}[auth]\nfile = \"{}\"\n\
+                 [users.gone]\nrequire_tls = true\n",
+                dir.join("userlist.txt").display()
+            ))
+        };
+        let c = with("").expect("valid");
+        assert!(!c.users.contains_key("gone"));
+        with("monitor_user = \"carol\"\n").expect("carol has an md5 hash");
+        std::fs::write(
+            dir.join("userlist.txt"),
+            format!("\"erin\" \"{verifier}\"\n"),
+        )
+        .expect("write");
+        let err = with("monitor_user = \"erin\"\n").expect_err("only a verifier");
+        assert!(err.to_string().contains("monitor_user"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 

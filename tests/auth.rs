@@ -563,5 +563,30 @@ async fn users_of_a_pgbouncer_auth_file_log_in_and_a_reload_reads_it_again() {
         .await
         .expect("listed since the reload");
     conn.client.simple_query("SELECT 1").await.expect("query");
+
+    // A password rotated in the file reaches the pool of a client logged in before: the
+    // backends it opens from then on log in with the new one.
+    let before = proxy.connect("af_plain", "pw-plain").await.expect("login");
+    before.client.simple_query("SELECT 1").await.expect("query");
+    common::admin()
+        .await
+        .batch_execute("ALTER ROLE af_plain PASSWORD 'pw-rotated'")
+        .await
+        .expect("rotate");
+    let rotated = listed.replace("\"pw-plain\"", "\"pw-rotated\"");
+    std::fs::write(&file, format!("{rotated}\"af_late\" \"pw-late\"\n")).expect("write");
+    proxy.shared.reload().expect("reload");
+    console
+        .client
+        .simple_query("RECONNECT")
+        .await
+        .expect("RECONNECT");
+    let user: String = before
+        .client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("a new backend, logged in with the rotated password")
+        .get(0);
+    assert_eq!(user, "af_plain");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -180,12 +180,7 @@ pub async fn login(
         .into());
     }
     let admission = live.access.admit(&user, &rules_db)?;
-    let listed = live
-        .config
-        .auth
-        .listed
-        .get(&user)
-        .filter(|_| !live.config.users.contains_key(&user));
+    let listed = live.config.auth.listed.get(&user);
     let pool = match (configured, found) {
         // Listed in auth.file: its pools are made at its first login, as [auth]'s are,
         // logging in to the server with the file's password, or by passthrough with a
@@ -478,11 +473,7 @@ fn passthrough(found: &ClientAuth, proof: &Proof) -> Option<BackendPassword> {
 /// The credential for the server of a user `auth.file` lists: its password, or its md5
 /// hash (enough for md5 servers), or with a SCRAM verifier the keys its login revealed.
 fn listed_credential(secret: &Secret, auth: &ClientAuth, proof: &Proof) -> Option<BackendPassword> {
-    match crate::config::StoredPassword::classify(secret).ok()? {
-        crate::config::StoredPassword::Plain(password) => Some(BackendPassword::Plain(password)),
-        crate::config::StoredPassword::Md5Hash(hash) => Some(BackendPassword::Md5Hash(hash)),
-        crate::config::StoredPassword::Scram(_) => passthrough(auth, proof),
-    }
+    crate::pool::server_password_in(secret).or_else(|| passthrough(auth, proof))
 }
 
 /// Protocol 3.x with x > 0, or `_pq_.` extensions: tell the client we speak 3.0 only.

@@ -1546,10 +1546,10 @@ struct PoolsState {
     /// What a pool is made from.
     databases: std::collections::BTreeMap<String, crate::config::DatabaseConfig>,
     settings: PoolSettings,
-    /// Users that are not configured may get pools at their first login: `[auth]` is
-    /// on, or `auth.file` lists users (a login that found a user just before a reload
-    /// took that away gets no pool).
-    lazy_users: bool,
+    /// `[auth]` is on, and the users `auth.file` lists: who may get a pool at their first
+    /// login (one that found a user just before a reload took that away gets none).
+    auth_enabled: bool,
+    listed: std::collections::HashSet<String>,
     tls: Arc<ServerTls>,
     /// `max_db_connections`, by database.
     db_limits: HashMap<String, Arc<DbLimit>>,
@@ -1595,11 +1595,6 @@ impl PoolsState {
     }
 }
 
-/// Whether users not in `[users]` may log in and get pools at their first login.
-fn lazy_users(config: &Config) -> bool {
-    config.auth.enabled || !config.auth.listed.is_empty()
-}
-
 impl Pools {
     /// One pool for every configured database and user.
     pub fn from_config(config: &Config, tls: &Arc<ServerTls>, metrics: &Arc<Numbers>) -> Pools {
@@ -1610,7 +1605,8 @@ impl Pools {
                 retired: Vec::new(),
                 databases: Default::default(),
                 settings: PoolSettings::from_config(config),
-                lazy_users: lazy_users(config),
+                auth_enabled: config.auth.enabled,
+                listed: Default::default(),
                 tls: Arc::clone(tls),
                 db_limits: HashMap::new(),
                 clusters: HashMap::new(),
@@ -1644,11 +1640,19 @@ impl Pools {
                  (passthrough), or to servers that trust it"
             );
         }
-        // One credential per user, shared by its pools (so a command runs once for all).
+        // One credential per user, shared by its pools (so a command runs once for all);
+        // `auth.file`'s users' too, for health checks and for their pools made at login.
         let passwords: HashMap<&String, Option<BackendPassword>> = config
             .users
             .iter()
             .map(|(name, user)| (name, backend_password(user)))
+            .chain(
+                config
+                    .auth
+                    .listed
+                    .iter()
+                    .map(|(name, secret)| (name, server_password_in(secret))),
+            )
             .collect();
         let mut state = lock(&self.state);
         let db_limits: HashMap<String, Arc<DbLimit>> = config
@@ -1671,7 +1675,13 @@ impl Pools {
             })
             .collect();
         state.settings = settings.clone();
-        state.lazy_users = lazy_users(config);
+        state.auth_enabled = config.auth.enabled;
+        // (Who was listed until now: a pool made with the file's password is not one
+        // `[auth]` may keep once the file drops the user.)
+        let was_listed = std::mem::replace(
+            &mut state.listed,
+            config.auth.listed.keys().cloned().collect(),
+        );
         state.tls = Arc::clone(tls);
         state.databases = config.databases.clone();
         state.db_limits = db_limits;
@@ -1746,26 +1756,38 @@ impl Pools {
                 .monitor_user
                 .iter()
                 .chain(config.users.keys())
+                .chain(config.auth.listed.keys())
                 .find_map(|name| {
                     let password = passwords.get(name).cloned().flatten()?;
-                    let user = &config.users[name];
-                    let server_user = user.server_user.as_deref().unwrap_or(name);
+                    let server_user = config
+                        .users
+                        .get(name)
+                        .and_then(|user| user.server_user.as_deref())
+                        .unwrap_or(name);
                     Some(state.target(db_name, db, server_user, Some(password)))
                 });
             cluster.set_monitor_target(monitor);
         }
         let mut gone: Vec<Arc<Pool>> = old.into_values().collect();
-        // Users `[auth]` found keep their pools while `[auth]` is on, their database is
-        // configured, and they have not become configured users.
+        // Users `[auth]` found keep their pools while `[auth]` is on, and `auth.file`'s
+        // while it lists them (a user it dropped is not kept for `[auth]`: the pool logs
+        // in with the file's password), their database is configured, and they have not
+        // become configured users.
         for (key, pool) in std::mem::take(&mut state.found) {
             let db = config
                 .resolve_database(&key.0)
                 .map(|(base, _)| (base, &config.databases[base]));
-            let still_found = config.auth.enabled || config.auth.listed.contains_key(&key.1);
+            let listed = config.auth.listed.contains_key(&key.1);
+            let still_found = listed || (config.auth.enabled && !was_listed.contains(&key.1));
             match db.filter(|_| still_found && !config.users.contains_key(&key.1)) {
                 Some((base, db)) => {
-                    // Its credential is the one its latest login gave, whatever its kind.
-                    let password = lock(&pool.inner.manager().target).password.clone();
+                    // Its credential is the file's password if it has one (a reload may
+                    // have changed it), or the one its latest login gave, whatever its kind.
+                    let password = passwords
+                        .get(&key.1)
+                        .cloned()
+                        .flatten()
+                        .or_else(|| lock(&pool.inner.manager().target).password.clone());
                     let target = state.target(base, db, &key.1, password);
                     let limit = if base == key.0 {
                         state.db_limits.get(base).cloned()
@@ -1891,7 +1913,13 @@ impl Pools {
         password: BackendPassword,
     ) -> Option<Arc<Pool>> {
         let mut state = lock(&self.state);
-        if !state.lazy_users {
+        // (As the configuration in force has it, not the one the login started under.)
+        let may = state.listed.contains(user) || state.auth_enabled;
+        if !may
+            || state
+                .configured
+                .contains_key(&(database.to_owned(), user.to_owned()))
+        {
             return None;
         }
         let (base, read_only) = match state.databases.get(database) {
@@ -1979,7 +2007,12 @@ fn backend_password(user: &crate::config::UserConfig) -> Option<BackendPassword>
             user.server_password_ttl,
         ))));
     }
-    let secret = user.server_password.as_ref().or(user.password.as_ref())?;
+    server_password_in(user.server_password.as_ref().or(user.password.as_ref())?)
+}
+
+/// The credential a stored secret gives for the server: a password, or an md5 hash
+/// (enough for md5 servers); none from a SCRAM verifier (passthrough needs a login).
+pub fn server_password_in(secret: &crate::config::Secret) -> Option<BackendPassword> {
     match StoredPassword::classify(secret).ok()? {
         StoredPassword::Plain(s) => Some(BackendPassword::Plain(s)),
         StoredPassword::Md5Hash(s) => Some(BackendPassword::Md5Hash(s)),
