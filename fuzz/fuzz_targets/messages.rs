@@ -2,7 +2,8 @@
 //! packets, framed messages (client messages through the prepared-statement translator,
 //! server messages through the reply tracker), ErrorResponse and ParameterStatus
 //! bodies, DataRows, SQL text through the classifier, SCRAM verifiers and client
-//! messages, and certificates through the channel-binding DER reader. Nothing may panic.
+//! messages, PgBouncer auth files, and certificates through the channel-binding DER
+//! reader. Nothing may panic.
 #![no_main]
 
 use bytes::BytesMut;
@@ -24,6 +25,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = pgshield::client::sql::fixed_result(data);
     let text = String::from_utf8_lossy(data);
     let _ = ScramVerifier::parse(&text);
+    // A PgBouncer auth_file (auth.file).
+    let _ = pgshield::config::parse_auth_file(&text);
 
     // PBKDF2 once, not per run.
     static VERIFIER: std::sync::OnceLock<ScramVerifier> = std::sync::OnceLock::new();
