@@ -1436,9 +1436,32 @@ impl Config {
         })
     }
 
-    /// The effective configuration as TOML, secrets masked (for `check-config`).
+    /// The effective configuration as TOML, secrets masked (for `check-config`), and the
+    /// users `auth.file` lists (names only), as a comment.
     pub fn to_masked_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let mut text =
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        if !self.auth.listed.is_empty() {
+            const SHOWN: usize = 20;
+            let mut names: Vec<String> = self
+                .auth
+                .listed
+                .keys()
+                .take(SHOWN)
+                .map(|n| format!("{n:?}"))
+                .collect();
+            if self.auth.listed.len() > SHOWN {
+                names.push("…".into());
+            }
+            let n = self.auth.listed.len();
+            text.push_str(&format!(
+                "\n# auth.file lists {n} user{} besides [users] (pools made at each one's \
+                 first login): {}\n",
+                if n == 1 { "" } else { "s" },
+                names.join(", ")
+            ));
+        }
+        text
     }
 }
 
@@ -1923,6 +1946,22 @@ mod tests {
         );
         assert!(shown.contains("********"));
         assert!(!format!("{c:?}").contains("hunter2"));
+        // auth.file's users by name only.
+        let dir = std::env::temp_dir().join(format!("pgshield-masked-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("users.txt"), "\"amy\" \"hunter3\"\n").expect("write");
+        let c = Config::from_toml(&format!(
+            "{MINIMAL}\n[auth]\nfile = \"{}\"\n",
+            dir.join("users.txt").display()
+        ))
+        .expect("valid");
+        let shown = c.to_masked_toml();
+        assert!(
+            shown.contains("auth.file lists 1 user besides") && shown.contains("\"amy\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter3") && !format!("{c:?}").contains("hunter3"));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
