@@ -139,10 +139,11 @@ pub struct AuthConfig {
     /// How long an answer (including "no such user") is reused.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
-    /// PgBouncer's `auth_file` (userlist.txt): each user it lists is a user as if
+    /// PgBouncer's `auth_file` (userlist.txt): each user it lists logs in as if
     /// configured in `[users.NAME]` with that `password` (plaintext, an md5 hash, or a
-    /// SCRAM-SHA-256 verifier); a `[users.NAME]` table of the same name wins. Read at
-    /// load and on every reload. Independent of `enabled` (the query).
+    /// SCRAM-SHA-256 verifier), its pools made at its first login; a `[users.NAME]` table
+    /// of the same name wins. Read at load and on every reload. Independent of `enabled`
+    /// (the query).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
     /// The users `file` lists that no `[users.NAME]` table names, with their passwords
@@ -1005,7 +1006,8 @@ impl Config {
     }
 
     /// Reads `password_file` and `server_password_file` into the secrets they hold, and
-    /// `auth.file`'s users into `users`.
+    /// `auth.file`'s users into `auth.listed` (or into the `[users]` tables that give
+    /// them rules only).
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
         if let Some(path) = &self.auth.file {
             let text = std::fs::read_to_string(path).map_err(|e| {
