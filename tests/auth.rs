@@ -590,3 +590,44 @@ async fn users_of_a_pgbouncer_auth_file_log_in_and_a_reload_reads_it_again() {
     assert_eq!(user, "af_plain");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With only `auth.file` users, a listed user with a password runs the health checks: a
+/// host whose role is to be found out is probed before any client logs in.
+#[tokio::test]
+async fn a_listed_user_with_a_password_runs_the_health_checks() {
+    common::create_role("af_monitor", "pw-monitor").await;
+    let dir = common::unique_temp_dir("auth-file-monitor");
+    let file = dir.join("userlist.txt");
+    std::fs::write(&file, "\"af_monitor\" \"pw-monitor\"\n").expect("write");
+    let proxy = TestProxy::start_with_databases(
+        &format!(
+            "[databases.app]\nhosts = [\"127.0.0.1:{}\"]\nrole = \"auto\"\ndbname = \"postgres\"\n",
+            common::cluster().port()
+        ),
+        &format!(
+            "[pool]\nhealth_check_interval = \"200ms\"\n[auth]\nfile = \"{}\"\n",
+            file.display()
+        ),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let roles: Vec<_> = proxy
+            .shared
+            .pools
+            .clusters()
+            .into_iter()
+            .flat_map(|c| c.status())
+            .map(|h| h.role)
+            .collect();
+        if roles == [pgshield::pool::cluster::Role::Primary] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never probed: {roles:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
