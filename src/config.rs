@@ -1016,13 +1016,16 @@ impl Config {
             let listed = parse_auth_file(&text)
                 .map_err(|e| invalid("auth.file", format!("{}: {e}", path.display())))?;
             self.auth.listed.clear();
-            // A table that gave a listed user rules only goes with the user when the file
-            // drops it: a reload of a regenerated file is not refused for it.
-            self.users.retain(|name, user| {
-                let rules_only = user.password.is_none()
+            // A table with rules but no password for a user the file lists.
+            let rules_only = |user: &UserConfig| {
+                user.password.is_none()
                     && user.password_file.is_none()
-                    && user.auth != AuthMethod::Trust;
-                let keep = !rules_only || listed.iter().any(|(listed, _)| listed == name);
+                    && user.auth != AuthMethod::Trust
+            };
+            // One for a user the file dropped goes with the user: a reload of a
+            // regenerated file is not refused for it.
+            self.users.retain(|name, user| {
+                let keep = !rules_only(user) || listed.iter().any(|(listed, _)| listed == name);
                 if !keep {
                     tracing::warn!(
                         user = %name,
@@ -1036,10 +1039,7 @@ impl Config {
                 let password = Secret::new(password);
                 // A table that gives the user rules but no password takes the file's.
                 if let Some(user) = self.users.get_mut(&name) {
-                    if user.password.is_none()
-                        && user.password_file.is_none()
-                        && user.auth != AuthMethod::Trust
-                    {
+                    if rules_only(user) {
                         if AuthConfig::listed_auth(&password) == AuthMethod::Md5 {
                             user.auth = AuthMethod::Md5;
                         }
