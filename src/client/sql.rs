@@ -338,10 +338,10 @@ fn escape(b: &[u8], i: usize) -> Option<(Escaped, usize)> {
             let (value, n) = digits(i, 3, 8);
             (Escaped::Byte(value as u8), n)
         }
-        b'x' if digits(i + 1, 2, 16).1 > 0 => {
-            let (value, n) = digits(i + 1, 2, 16);
-            (Escaped::Byte(value as u8), 1 + n)
-        }
+        b'x' => match digits(i + 1, 2, 16) {
+            (value, n) if n > 0 => (Escaped::Byte(value as u8), 1 + n),
+            _ => (Escaped::Byte(b'x'), 1),
+        },
         b'u' => unicode(4)?,
         b'U' => unicode(8)?,
         other => (Escaped::Byte(other), 1),
