@@ -146,6 +146,12 @@ fn options_inherited(sock: &socket2::SockRef<'_>) -> bool {
 }
 
 impl Stream {
+    /// Whether written bytes may wait in the stream until it is flushed (TLS records;
+    /// the in-memory pipe, to be safe): a plain socket's flush does nothing.
+    pub fn holds_back_writes(&self) -> bool {
+        !matches!(self, Stream::Tcp(_) | Stream::Unix(_))
+    }
+
     /// A connection pgshield opened (to a backend): its TCP options set.
     pub fn from_tcp(tcp: TcpStream) -> Stream {
         let _ = set_tcp_options(socket2::SockRef::from(&tcp));

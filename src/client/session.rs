@@ -2789,7 +2789,8 @@ fn reserve_for_read(buf: &mut BytesMut) {
     }
 }
 
-/// Writes as much of `buf` as the socket takes now; flushes once it is all written.
+/// Writes as much of `buf` as the socket takes now; flushes once it is all written (a
+/// stream that holds back no bytes of its own, a plain socket, has nothing to flush).
 fn poll_drain(
     cx: &mut Context<'_>,
     stream: &mut Stream,
@@ -2803,7 +2804,11 @@ fn poll_drain(
             Poll::Pending => return Poll::Pending,
         }
     }
-    Pin::new(stream).poll_flush(cx)
+    if stream.holds_back_writes() {
+        Pin::new(stream).poll_flush(cx)
+    } else {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Marks a client active again when its wait for a backend ends, however it ends.
