@@ -153,9 +153,17 @@ fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
         match c {
             b' ' | b'\t' | b'\n' | b'\r' | 0x0c => i += 1,
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
+                // (To the end of the line: either kind, as in PostgreSQL's scanner.)
+                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                     i += 1;
                 }
+            }
+            // A string or identifier with Unicode escapes (`U&'…'`, `U&"…"`, perhaps
+            // with UESCAPE): not decoded here, so not read.
+            b'u' | b'U'
+                if b.get(i + 1) == Some(&b'&') && matches!(b.get(i + 2), Some(b'\'' | b'"')) =>
+            {
+                return None;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let mut depth = 0;
@@ -230,10 +238,7 @@ fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
                 i += 1;
             }
             c if c.is_ascii_digit() => {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
-                {
-                    i += 1;
-                }
+                i = number_end(b, i);
                 out.push(Token::Number);
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
@@ -257,6 +262,33 @@ fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
         }
     }
     Some(out)
+}
+
+/// Where a number starting at `b[i]` (a digit) ends: digits, `_` between them (16+), a
+/// decimal point, an exponent, or `0x`/`0o`/`0b` and their digits (16+). What follows
+/// is another token, as PostgreSQL 14 and older read it (`1INTO` is `1 INTO`; 15 and later
+/// refuse it).
+fn number_end(b: &[u8], mut i: usize) -> usize {
+    let digits = |mut i: usize, ok: fn(&u8) -> bool| {
+        while b.get(i).is_some_and(|c| ok(c) || *c == b'_') {
+            i += 1;
+        }
+        i
+    };
+    if b[i] == b'0' && matches!(b.get(i + 1), Some(b'x' | b'X' | b'o' | b'O' | b'b' | b'B')) {
+        return digits(i + 2, u8::is_ascii_hexdigit);
+    }
+    i = digits(i, u8::is_ascii_digit);
+    if b.get(i) == Some(&b'.') && b.get(i + 1) != Some(&b'.') {
+        i = digits(i + 1, u8::is_ascii_digit);
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        if b.get(i + 1 + sign).is_some_and(u8::is_ascii_digit) {
+            i = digits(i + 1 + sign, u8::is_ascii_digit);
+        }
+    }
+    i
 }
 
 /// Reads a quoted run starting at `start` (the opening quote); doubled quotes stand for
@@ -486,7 +518,7 @@ static CLASS: [u8; 256] = {
             HEAD
         } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
             LETTER
-        } else if matches!(c, b'\'' | b'"' | b'\\' | b'$' | b'-' | b'/' | b';') {
+        } else if matches!(c, b'\'' | b'"' | b'\\' | b'$' | b'-' | b'/' | b';' | b'&') {
             LOOK
         } else {
             0
@@ -500,8 +532,8 @@ static CLASS: [u8; 256] = {
 /// nothing. None whenever that is not certain from a single pass over the bytes (then the
 /// lexer decides): a comment, a dollar quote, a backslash, both kinds of quote, an odd
 /// number of either (unterminated), a semicolon before the end, a word (even inside a
-/// string) starting `temp`, `pg_temp`, `pg_advisory`, `pg_try_advisory` or `set_config`, or
-/// a first word that needs a look.
+/// string) starting `temp`, `pg_temp`, `pg_advisory`, `pg_try_advisory`, `set_config` or
+/// `setseed`, `U&` before a quote, or a first word that needs a look.
 fn plain(b: &[u8]) -> Option<Effects> {
     let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
     let letter = |c: u8| CLASS[usize::from(c)] & LETTER != 0;
@@ -518,6 +550,8 @@ fn plain(b: &[u8]) -> Option<Effects> {
                 b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {}
                 b'-' if b.get(i + 1) != Some(&b'-') => {}
                 b'/' if b.get(i + 1) != Some(&b'*') => {}
+                // (Not `U&'…'` or `U&"…"`: Unicode escapes, for the lexer to refuse.)
+                b'&' if !matches!(b.get(i + 1), Some(b'\'' | b'"')) => {}
                 b';' if b[i + 1..].iter().all(|&c| space(c)) => {}
                 _ => return None,
             },
@@ -537,7 +571,7 @@ fn plain(b: &[u8]) -> Option<Effects> {
                                 || spells(b"pg_advisory")
                                 || spells(b"pg_try_advisory")
                         }
-                        _ => spells(b"set_config"),
+                        _ => spells(b"set_config") || spells(b"setseed"),
                     };
                     if looked_for {
                         return None;
@@ -679,7 +713,10 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
         "reset" => {
             e.resets = true;
             let before = e.settings.len();
-            if is(t.get(1), "all") {
+            if dotted(&t[1..]) {
+                // (`RESET session.x`: a custom setting, whatever its first word.)
+                setting_name(&t[1..], e);
+            } else if is(t.get(1), "all") {
                 e.all_settings = true;
             } else if is(t.get(1), "role") || is(t.get(1), "session") {
                 back(e, Back::Reset);
@@ -780,8 +817,29 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
         if names(tok, "set_config") {
             set_config_call(&t[i + 2..], e);
         }
+        if names(tok, "setseed") {
+            // (The backend's random generator, as `SET seed`.)
+            e.pin(PinReason::Unclassified);
+        }
+    }
+    // A search path that puts the temporary schema first, written as a string (`SET
+    // search_path TO 'pg_temp', public`; the unquoted name is seen above): an unqualified
+    // CREATE TABLE then makes a temporary table.
+    if is(t.iter().find(|x| **x != Token::Punct('(')), "set")
+        && t.iter().any(|tok| names_temp_schema(tok))
+    {
+        temp(e);
     }
     temporary
+}
+
+/// A string that names the temporary schema among others (`'pg_temp, public'`).
+fn names_temp_schema(tok: &Token<'_>) -> bool {
+    matches!(tok, Token::Str(s) if s.split(',').any(|part| {
+        let part = part.trim().trim_matches('"');
+        part.eq_ignore_ascii_case("pg_temp")
+            || part.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_"))
+    }))
 }
 
 /// `DO [LANGUAGE plpgsql] 'code'` (the language before or after the code): the block's
@@ -975,9 +1033,12 @@ fn back(e: &mut Effects, to: Back) {
 
 /// SET [SESSION | LOCAL] …
 fn set_statement(t: &[Token<'_>], e: &mut Effects) {
-    let (t, local) = if is(t.first(), "local") {
+    // (A custom setting whose first part is one of SET's own words, `SET local.tenant =
+    // 1`, `SET session.user_id = 7`, is `dotted`: PostgreSQL reads a name there.)
+    let (t, local) = if is(t.first(), "local") && !dotted(t) {
         (&t[1..], true)
     } else if is(t.first(), "session")
+        && !dotted(t)
         && !is(t.get(1), "authorization")
         && !is(t.get(1), "characteristics")
     {
@@ -989,11 +1050,11 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     // of who the session is that outlives the statement still shows, in the server's
     // report of `is_superuser` or `session_authorization`, and pins then.) Still, a
     // statement parsed after a SET LOCAL TimeZone is read under it.
-    if is(t.first(), "transaction") || is(t.first(), "constraints") {
+    if (is(t.first(), "transaction") || is(t.first(), "constraints")) && !dotted(t) {
         return;
     }
     if local {
-        if !is(t.first(), "role") && !is(t.first(), "session") {
+        if dotted(t) || (!is(t.first(), "role") && !is(t.first(), "session")) {
             let mut named = Effects::default();
             set_names(t, &mut named);
             e.local_parse_setting |= named.settings.iter().any(|n| is_parse_setting(n));
@@ -1001,7 +1062,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         }
         return;
     }
-    if is(t.first(), "role") {
+    if is(t.first(), "role") && !dotted(t) {
         if let Some(to) = back_to_default(&t[1..], "none") {
             return back(e, to);
         }
@@ -1012,7 +1073,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         (first, Some(second)) if is(first, "session") && is(Some(second), "authorization") => {
             Some(&t[2..])
         }
-        (first, _) if is(first, "authorization") => Some(&t[1..]),
+        (first, _) if is(first, "authorization") && !dotted(t) => Some(&t[1..]),
         _ => None,
     };
     if let Some(value) = authorization {
@@ -1052,7 +1113,9 @@ fn is_parse_setting(name: &str) -> bool {
 
 /// The settings a SET (past SET [SESSION | LOCAL]) names.
 fn set_names(t: &[Token<'_>], e: &mut Effects) {
-    if is(t.first(), "time") && is(t.get(1), "zone") {
+    if dotted(t) {
+        setting_name(t, e);
+    } else if is(t.first(), "time") && is(t.get(1), "zone") {
         e.settings.push("timezone".into());
     } else if is(t.first(), "schema") {
         e.settings.push("search_path".into());
@@ -1071,6 +1134,13 @@ fn set_names(t: &[Token<'_>], e: &mut Effects) {
     } else {
         setting_name(t, e);
     }
+}
+
+/// The statement's words start with a dotted name (`local.tenant`): the first word is no
+/// keyword then, but a custom setting's prefix.
+fn dotted(t: &[Token<'_>]) -> bool {
+    matches!(t.first(), Some(Token::Word(_) | Token::Quoted(_)))
+        && t.get(1) == Some(&Token::Punct('.'))
 }
 
 /// A (possibly dotted) setting name at the start of `t`.
@@ -1100,6 +1170,13 @@ fn session_setting(name: String, e: &mut Effects) {
     match name.as_str() {
         "role" => e.pin(PinReason::SetRole),
         "session_authorization" => e.pin(PinReason::SessionAuthorization),
+        // The random generator's state: `pg_settings` does not show it, and no value
+        // read back could give it to another backend.
+        "seed" => e.pin(PinReason::Unclassified),
+        // The names PostgreSQL still takes for these (guc.c, `map_old_guc_names`), which
+        // `pg_settings` knows only by their own.
+        "sort_mem" => e.settings.push("work_mem".into()),
+        "vacuum_mem" => e.settings.push("maintenance_work_mem".into()),
         _ => e.settings.push(name),
     }
 }
@@ -1108,7 +1185,8 @@ fn session_setting(name: String, e: &mut Effects) {
 /// that setting for the session (a `NULL` value resets it, as `RESET name` does); a
 /// literal `true` only for the transaction; anything else cannot be vouched for.
 fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
-    let Some(Token::Str(name)) = args.first() else {
+    // (The name a literal on its own: `'app.' || 'tenant'` is not `app.`.)
+    let (Some(Token::Str(name)), Some(Token::Punct(','))) = (args.first(), args.get(1)) else {
         return e.pin(PinReason::Unclassified);
     };
     // Find the third argument: after the second top-level comma.
@@ -1130,6 +1208,18 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
             }
             _ => {}
         }
+    }
+    // (Nor is `true AND false` a literal `true`.)
+    let third_alone = second_comma.is_some_and(|c| args.get(c + 2) == Some(&Token::Punct(')')));
+    if !third_alone {
+        return e.pin(PinReason::Unclassified);
+    }
+    if name.eq_ignore_ascii_case("search_path")
+        && second_comma.is_some_and(|c| args[2..c].iter().any(names_temp_schema))
+    {
+        // (As `SET search_path TO 'pg_temp', …`: see `calls_and_temporary_relations`;
+        // for the transaction only too, as a table it creates outlives it.)
+        e.pin(PinReason::TempTable);
     }
     if is(third, "true") {
         e.local_parse_setting |= is_parse_setting(name);
@@ -1838,8 +1928,11 @@ mod tests {
             "pg_temp_3",
             "pg_advisory_lock",
             "set_config",
+            "setseed",
             "pg_try_advisory_lock_shared",
             "into",
+            "&",
+            "1INTO",
             "local",
             "with hold",
             "transaction",
@@ -1923,5 +2016,90 @@ mod tests {
             pin("SELECT 1 /* unterminated"),
             Some(PinReason::Unclassified)
         );
+    }
+
+    #[test]
+    fn corners_of_postgresqls_grammar_are_read_as_postgresql_reads_them() {
+        // SET's own words as the first part of a custom setting's name.
+        for (sql, name) in [
+            ("SET local.tenant = '42'", "local.tenant"),
+            ("SET LOCAL.tenant TO 42", "local.tenant"),
+            ("SET session.user_id = 7", "session.user_id"),
+            ("SET transaction.x = 1", "transaction.x"),
+            ("SET constraints.x = 1", "constraints.x"),
+            ("SET names.x = 1", "names.x"),
+            ("SET schema.x = 1", "schema.x"),
+            ("SET role.x = 1", "role.x"),
+            ("SET authorization.x = 1", "authorization.x"),
+            ("SET SESSION local.x = 1", "local.x"),
+            ("RESET session.x", "session.x"),
+            ("RESET transaction.x", "transaction.x"),
+            ("RESET role.x", "role.x"),
+            // The old names PostgreSQL still takes.
+            ("SET sort_mem = '1GB'", "work_mem"),
+            ("SET vacuum_mem TO '1GB'", "maintenance_work_mem"),
+            ("SELECT set_config('sort_mem', '1GB', false)", "work_mem"),
+        ] {
+            assert_eq!(settings(sql), [name], "{sql}");
+        }
+        // ... which is only for the transaction after SET LOCAL.
+        assert!(classify("SET LOCAL local.tenant = 1").is_empty());
+        assert!(classify("SET LOCAL session.x = 1").is_empty());
+        // set_config whose name or is_local is not one literal.
+        for sql in [
+            "SELECT set_config('app.' || 'tenant', '42', false)",
+            "SELECT set_config('ro' || 'le', 'admin', false)",
+            "SELECT set_config('search_path', 'evil', true AND false)",
+            "SELECT set_config('search_path', 'evil', false OR true)",
+            "SELECT set_config('search_path'::text, 'evil', false)",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::Unclassified), "{sql}");
+        }
+        assert_eq!(
+            settings("SELECT set_config('search_path', 'a' || 'b', false)"),
+            ["search_path"]
+        );
+        // A search path with the temporary schema first, as a string.
+        for sql in [
+            "SET search_path TO 'pg_temp', public",
+            "SET search_path = 'PG_TEMP'",
+            "SET LOCAL search_path TO '\"pg_temp\"', public",
+            "SET search_path TO 'pg_temp_3'",
+            "SELECT set_config('search_path', 'pg_temp, public', false)",
+            "SELECT set_config('search_path', 'pg_temp', true)",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::TempTable), "{sql}");
+        }
+        assert_eq!(
+            settings("SET search_path TO 'app', public"),
+            ["search_path"]
+        );
+        // The random generator's state.
+        assert_eq!(pin("SELECT setseed(0.5)"), Some(PinReason::Unclassified));
+        assert_eq!(pin("SET seed = 0.5"), Some(PinReason::Unclassified));
+        // A `--` comment ends at a carriage return too.
+        assert_eq!(
+            settings("SELECT 1; -- c\rSET search_path = x"),
+            ["search_path"]
+        );
+        // Unicode escapes are not decoded: not read.
+        for sql in [
+            "SET U&\"rol\\0065\" = 'admin'",
+            "SELECT U&\"\\0070g_advisory_lock\"(1)",
+            "SELECT U&\"pg!005ftemp\" UESCAPE '!'",
+            "SELECT set_config(U&'rol\\0065', 'admin', false)",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::Unclassified), "{sql}");
+        }
+        assert!(classify("SELECT a & b FROM t").is_empty());
+        // A number ends where its digits do (PostgreSQL 14 and older read on).
+        assert_eq!(pin("SELECT 1INTO TEMP t"), Some(PinReason::TempTable));
+        assert_eq!(pin("SELECT 1.5e-3INTO TEMP t"), Some(PinReason::TempTable));
+        for sql in [
+            "SELECT 1_000, 0x1F, 0b101, 1.5E+10, .5, 1e5 FROM t",
+            "SELECT 1.5",
+        ] {
+            assert!(classify(sql).is_empty(), "{sql}");
+        }
     }
 }
