@@ -478,7 +478,14 @@ pub struct ClientStatements {
     /// a batch doomed to fail and prepare new ones meanwhile, without end. (A Close first
     /// in its batch cannot be skipped: a driver's Close-then-Parse is not held back.)
     closing: Option<Arc<()>>,
+    /// The statements of the portals Bound since the last Sync, latest last (at most
+    /// [`PORTALS_KEPT`]): a Describe of such a portal describes its statement's result
+    /// columns (pgjdbc describes the portal, never the statement). Freed at the Sync.
+    portals: Vec<(Box<str>, Arc<Statement>)>,
 }
+
+/// How many portals' statements a client's batch keeps (see `ClientStatements::portals`).
+const PORTALS_KEPT: usize = 4;
 
 /// A map that takes no memory until its first entry: every client has one, and many
 /// never name a statement.
@@ -910,6 +917,8 @@ pub struct Translated {
     pub bound: Option<Arc<Statement>>,
     /// The portal a Bind creates.
     pub portal: Option<String>,
+    /// The statement whose Bind made the portal a Describe describes, if in its batch.
+    pub portal_of: Option<Arc<Statement>>,
     /// A Bind of a stale statement: to be refused, as PostgreSQL would (`STALE_REFUSAL`).
     pub refuse_stale: bool,
     /// With `Translation::Hold`: the statement whose hidden Describe must be answered
@@ -931,6 +940,7 @@ impl Translated {
             fake: None,
             bound: None,
             portal: None,
+            portal_of: None,
             refuse_stale: false,
             check: None,
             stand_in: false,
@@ -1044,6 +1054,13 @@ impl ClientStatements {
                 };
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
+                self.portals.retain(|(p, _)| **p != *portal);
+                if let Some(bound) = &t.bound {
+                    if self.portals.len() == PORTALS_KEPT {
+                        self.portals.remove(0);
+                    }
+                    self.portals.push((portal.into(), Arc::clone(bound)));
+                }
                 if statement.is_empty()
                     && t.bound
                         .as_ref()
@@ -1104,8 +1121,16 @@ impl ClientStatements {
                     }
                 } else if kind == b'S' {
                     self.close(name, situation.batch_open, &mut t);
+                } else if tag == b'D' {
+                    t.portal_of = self
+                        .portals
+                        .iter()
+                        .rev()
+                        .find(|(p, _)| **p == *name)
+                        .map(|(_, s)| Arc::clone(s));
                 }
             }
+            b'S' => self.portals = Vec::new(),
             b'Q' => {
                 self.query_sent();
                 server.forget_unnamed();

@@ -1116,6 +1116,72 @@ async fn a_statement_whose_columns_changed_is_refused_on_a_backend_preparing_it_
         .expect("drop");
 }
 
+/// The same for a driver that describes the portal, never the statement (pgjdbc: Parse,
+/// Bind, Describe of the portal and Execute the first time, then Bind and Execute alone,
+/// decoding rows by the description it kept). The portal's description is the statement's
+/// columns: a backend preparing it afresh after they changed must not run it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_described_only_through_its_portals_is_refused_when_its_columns_changed() {
+    let proxy = trusted_proxy("tx_portal", "max_size = 2").await;
+    let connect = || async {
+        proxy
+            .connect("tx_portal", "pw")
+            .await
+            .expect("login")
+            .client
+    };
+    let (h1, h2) = (connect().await, connect().await);
+    let mut a = raw::login_trusted(proxy.addr, "tx_portal").await;
+    h1.batch_execute("DROP TABLE IF EXISTS tx_portal_t; CREATE TABLE tx_portal_t (x int); INSERT INTO tx_portal_t VALUES (1)")
+        .await
+        .expect("table");
+    let bind_execute = |describe: bool| {
+        let mut bytes = raw::message(b'B', b"\0S_1\0\0\0\0\0\0\0");
+        if describe {
+            bytes.extend(raw::message(b'D', b"P\0"));
+        }
+        bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+        bytes.extend_from_slice(&raw::SYNC);
+        bytes
+    };
+    // `a` prepares and runs it on one backend (h1 holds the other).
+    h1.batch_execute("BEGIN").await.expect("begin");
+    let other = pid(&h1).await.to_string();
+    let mut first = raw::message(b'P', b"S_1\0SELECT * FROM tx_portal_t\0\0\0");
+    first.extend(bind_execute(true));
+    raw::send(&mut a, &first).await;
+    assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("1"));
+    raw::send(&mut a, &bind_execute(false)).await;
+    assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("1"));
+    h1.batch_execute("COMMIT").await.expect("commit");
+    common::admin()
+        .await
+        .batch_execute("ALTER TABLE tx_portal_t ALTER COLUMN x TYPE text USING x || 'x'")
+        .await
+        .expect("alter");
+    // Hold the backend `a` used, so that its next Bind goes to `other`, which lacks it.
+    h1.batch_execute("BEGIN").await.expect("begin");
+    if pid(&h1).await.to_string() == other {
+        h2.batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("h2 holds the first");
+        h1.batch_execute("COMMIT").await.expect("frees the other");
+    }
+    // Run as pgjdbc runs it once described: PostgreSQL's own error, not rows of text the
+    // driver would decode as integers.
+    raw::send(&mut a, &bind_execute(false)).await;
+    assert_eq!(row_until_ready(&mut a).await, Err("0A000".to_owned()));
+    raw::send(&mut a, &raw::query("SELECT pg_backend_pid()")).await;
+    let ran_on = row_until_ready(&mut a).await.expect("pid");
+    assert_eq!(ran_on, other, "ran on the backend that lacked it");
+    for held in [&h1, &h2] {
+        let _ = held.batch_execute("COMMIT").await;
+    }
+    h1.batch_execute("DROP TABLE tx_portal_t")
+        .await
+        .expect("drop");
+}
+
 /// A schema change a client sends through pgshield makes the next Parse of a text prepare
 /// it afresh in every pool, not only the client's: here a second name configured for the
 /// same server database, whose clients prepare the statement again after the change and

@@ -1588,6 +1588,12 @@ impl Session {
                         .replies
                         .sent_with(header.tag, Hide::No, translated.undo),
                 }
+                if let Some(statement) = translated.portal_of {
+                    // Its RowDescription is the statement's columns, as a Describe of
+                    // the statement's would be: kept, so that a backend preparing it
+                    // afresh is checked against them (pgjdbc decodes rows by them).
+                    server.replies.uses(statement);
+                }
                 self.client_msg = Passing {
                     left: header.len,
                     forward: true,
