@@ -843,6 +843,10 @@ pub struct Situation {
     pub can_hold: bool,
     /// The client's parse environment ([`crate::server::ClientView::parse_env`]).
     pub parse_env: u64,
+    /// The server will read it in a failed transaction (nothing is owed, and the last
+    /// ReadyForQuery said `E`), where it refuses a Parse of anything but a statement that
+    /// ends the transaction.
+    pub failed_transaction: bool,
 }
 
 impl Situation {
@@ -853,6 +857,7 @@ impl Situation {
         batch: 0,
         can_hold: false,
         parse_env: 0,
+        failed_transaction: false,
     };
 }
 
@@ -1213,6 +1218,26 @@ impl ClientStatements {
         let client_name: (Arc<str>, u64) = (name.into(), named.made_by);
         self.named.insert(Arc::clone(&client_name.0), named);
         let presence = server.presence(statement.name(), situation.batch);
+        if presence == Presence::Present
+            && situation.failed_transaction
+            && !crate::client::sql::ends_transaction(query)
+        {
+            // Not answered: the server is to refuse it (25P02) and skip to the Sync, as
+            // it refuses any Parse there. It has the statement: nothing of its to undo.
+            let mut head = BytesMut::new();
+            statement.write_parse(statement.name(), &mut head);
+            t.translation = Translation::Rewrite {
+                head,
+                consumed: len,
+            };
+            t.undo = Some(Undo::Parse {
+                client_name: Some(client_name),
+                statement,
+                sent: None,
+                behind_close: false,
+            });
+            return;
+        }
         if presence == Presence::Present {
             t.translation = Translation::Answered;
             t.fake = Some(crate::server::state::Fake::ParseComplete);
@@ -2268,6 +2293,7 @@ mod tests {
                     batch: 0,
                     can_hold: false,
                     parse_env: 0,
+                    failed_transaction: false,
                 };
                 let t = c
                     .translate(&r, s, msg, msg.len(), &mut out, situation)

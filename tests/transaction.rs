@@ -147,6 +147,31 @@ async fn parse_named(s: &mut tokio::net::TcpStream, name: &str, sql: &str) -> St
     codes.into_iter().next().unwrap_or(tags)
 }
 
+/// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
+/// pgshield must not answer it itself because the backend already has the statement (a
+/// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_in_a_failed_transaction_is_refused_as_postgresql_refuses_it() {
+    let proxy = trusted_proxy("tx_failed_parse", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_failed_parse").await;
+    let mut b = raw::login_trusted(proxy.addr, "tx_failed_parse").await;
+    let sql = "SELECT 'prepared'";
+    // Another client has the backend prepare both texts (and keeps them there).
+    assert_eq!(parse_named(&mut b, "b_user", sql).await, "1Z");
+    assert_eq!(parse_named(&mut b, "b_end", "ROLLBACK").await, "1Z");
+    raw::send(&mut a, &raw::query("BEGIN; SELECT 1/0")).await;
+    assert_eq!(raw::until_ready(&mut a).await.1, ["22012"]);
+    assert_eq!(parse_named(&mut a, "get_user", sql).await, "25P02");
+    // What ends the transaction is still prepared there, as PostgreSQL does.
+    assert_eq!(parse_named(&mut a, "end_it", "ROLLBACK").await, "1Z");
+    assert_eq!(run_named(&mut a, "end_it").await, Err("no row".into()));
+    assert_eq!(parse_named(&mut a, "get_user", sql).await, "1Z");
+    assert_eq!(
+        run_named(&mut a, "get_user").await.as_deref(),
+        Ok("prepared")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_naming_s0_differently_get_their_own_and_close_then_reparse_works() {
     let proxy = trusted_proxy("tx_names", "max_size = 1").await;

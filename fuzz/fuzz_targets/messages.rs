@@ -55,9 +55,10 @@ fuzz_target!(|data: &[u8]| {
         batch: 0,
         can_hold: true,
         parse_env: 0,
+        failed_transaction: false,
     };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
-        if matches!(tag, b'P' | b'B' | b'D' | b'C') {
+        if matches!(tag, b'P' | b'B' | b'D' | b'C' | b'S') {
             let mut msg = BytesMut::with_capacity(body.len() + 5);
             msg.extend_from_slice(&[tag]);
             msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
@@ -70,6 +71,8 @@ fuzz_target!(|data: &[u8]| {
         // Another client's settings, now and then.
         situation.parse_env = u64::from(tag == b'H');
         situation.batch += u64::from(tag == b'S');
+        // A failed transaction, now and then.
+        situation.failed_transaction = tag == b'E';
     }
     let mut tracker = ReplyTracker::default();
     for tag in [b'P', b'B', b'E', b'S', b'Q'] {

@@ -1159,7 +1159,11 @@ impl Session {
                 // A Parse of a statement a server already accepted, or a Close, changes only
                 // the client's names: answered without a backend (a client preparing
                 // synchronously must not wait on one that others are holding).
-                if self.mode == PoolMode::Transaction && matches!(header.tag, b'P' | b'C') {
+                // (Not a Parse in a transaction lost with its backend: the next backend
+                // starts it failed, and refuses the Parse as PostgreSQL would.)
+                if self.mode == PoolMode::Transaction
+                    && (header.tag == b'C' || (header.tag == b'P' && !self.lost_transaction))
+                {
                     let answer = self
                         .statements
                         .answer_without_backend(
@@ -1721,6 +1725,7 @@ impl Session {
             batch: replies.batch(),
             can_hold: replies.answers_what_is_sent(),
             parse_env,
+            failed_transaction: replies.at_boundary() && replies.tx_status() == TxStatus::Failed,
         }
     }
 

@@ -618,6 +618,23 @@ fn plain(b: &[u8]) -> Option<Effects> {
     })
 }
 
+/// Whether PostgreSQL runs the statement inside a failed transaction, as it runs only
+/// what ends one (`IsTransactionExitStmt`: COMMIT, END, ROLLBACK, ABORT, ROLLBACK TO
+/// SAVEPOINT, PREPARE TRANSACTION); it refuses anything else there with 25P02.
+pub fn ends_transaction(sql: &(impl AsRef<[u8]> + ?Sized)) -> bool {
+    let sql = String::from_utf8_lossy(sql.as_ref());
+    let Some(tokens) = tokens(&sql) else {
+        return false;
+    };
+    let mut words = tokens.iter().filter(|t| **t != Token::Punct('('));
+    let (first, second) = (words.next(), words.next());
+    match word(first).map(str::to_ascii_lowercase).as_deref() {
+        Some("commit" | "end" | "rollback" | "abort") => !is(second, "prepared"),
+        Some("prepare") => is(second, "transaction"),
+        _ => false,
+    }
+}
+
 /// Whether a statement's result columns are its query's own, so that PostgreSQL fails a
 /// prepared one whose columns changed: a query or a DML statement (possibly with
 /// RETURNING), not FETCH (its cursor's columns), EXPLAIN or SHOW. Unsure means no.
@@ -2100,6 +2117,29 @@ mod tests {
             "SELECT 1.5",
         ] {
             assert!(classify(sql).is_empty(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn what_ends_a_failed_transaction_is_known() {
+        for sql in [
+            "ROLLBACK",
+            "rollback to savepoint a",
+            "/* x */ COMMIT",
+            "END",
+            "abort",
+            "PREPARE TRANSACTION 'x'",
+        ] {
+            assert!(ends_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "COMMIT PREPARED 'x'",
+            "SELECT 1",
+            "PREPARE p AS SELECT 1",
+            "BEGIN",
+            "",
+        ] {
+            assert!(!ends_transaction(sql), "{sql}");
         }
     }
 }
