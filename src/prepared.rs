@@ -273,7 +273,7 @@ impl Registry {
             param_types: param_types.to_vec(),
             parse_env,
             retired: AtomicBool::new(false),
-            effects: sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0),
+            effects: sql::classify_in(query, parse_env),
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
             stale: AtomicBool::new(false),

@@ -147,6 +147,42 @@ async fn parse_named(s: &mut tokio::net::TcpStream, name: &str, sql: &str) -> St
     codes.into_iter().next().unwrap_or(tags)
 }
 
+/// With `standard_conforming_strings` off, a backslash in a `'…'` string escapes: a
+/// statement pgshield read as one string would hide a SET that PostgreSQL runs, which
+/// then stayed on the backend for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_behind_a_backslashed_quote_follows_the_client_when_strings_take_escapes() {
+    let proxy = proxy("tx_scs", "max_size = 2").await;
+    let conn = proxy.connect("tx_scs", "pw").await.expect("login");
+    let other = proxy.connect("tx_scs", "pw").await.expect("login");
+    let observer = proxy.connect("tx_scs", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let c = &conn.client;
+    c.batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT 'x\\''; SET statement_timeout = '7s'; --'")
+        .await
+        .unwrap();
+    let mut pids = HashSet::new();
+    for _ in 0..6 {
+        hopper.hop().await;
+        pids.insert(pid(c).await);
+        assert_eq!(setting(c, "statement_timeout").await, "7s");
+        assert_eq!(setting(c, "standard_conforming_strings").await, "off");
+    }
+    assert_eq!(pids.len(), 2, "the client was not pinned");
+    if hopper.holding {
+        hopper.hop().await;
+    }
+    for _ in 0..4 {
+        assert_eq!(setting(&observer.client, "statement_timeout").await, "0");
+    }
+}
+
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
 /// pgshield must not answer it itself because the backend already has the statement (a
 /// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).

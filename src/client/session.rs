@@ -1229,8 +1229,7 @@ impl Session {
         }
         let query = crate::protocol::frame::take_cstr_bytes(&mut body)
             .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-        let trails = self.parse_env() & crate::server::ASCII_TRAILS != 0;
-        let effects = sql::classify_in(query, trails);
+        let effects = sql::classify_in(query, self.parse_env());
         let Some(target) = effects
             .deallocate
             .clone()
@@ -1360,7 +1359,7 @@ impl Session {
             let mut body = &self.client_in[HEADER_LEN..header.len];
             let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                 .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-            let effects = sql::classify_in(query, parse_env & crate::server::ASCII_TRAILS != 0);
+            let effects = sql::classify_in(query, parse_env);
             if effects.resets {
                 let idle = self
                     .backend
@@ -1475,8 +1474,7 @@ impl Session {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
                 let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                     .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-                let trails = parse_env & crate::server::ASCII_TRAILS != 0;
-                Some(Cow::Owned(sql::classify_in(query, trails)))
+                Some(Cow::Owned(sql::classify_in(query, parse_env)))
             }
             // (Not for a stale statement's Bind: it is refused, below.)
             (b'B', Some(statement)) if !translated.refuse_stale => {
@@ -1710,7 +1708,10 @@ impl Session {
         let mut hasher = std::hash::DefaultHasher::new();
         ("unsettled", self.parse_env_unsettled, env).hash(&mut hasher);
         let trails = self.parse_env_unsettled & ENCODING_UNSETTLED != 0 || env & ASCII_TRAILS != 0;
-        (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
+        (hasher.finish() & !crate::server::PARSE_FLAGS)
+            | if trails { ASCII_TRAILS } else { 0 }
+            | (env & crate::server::BACKSLASH_QUOTES)
+            | crate::server::QUOTES_UNSURE
     }
 
     /// What translating a message sent to the backend now needs to know.
@@ -2103,6 +2104,9 @@ impl Session {
         } else if !quiet || !server.replies.is_idle() {
             return;
         } else if let Some(follow_up) = self.follow_up.as_mut().filter(|f| !f.dirty.is_empty()) {
+            // What the statements changed has been reported by now (all is answered): a
+            // message the client sends while the read-back runs is read under it.
+            self.parse_env_unsettled = 0;
             let mut names = std::mem::take(&mut follow_up.dirty.names);
             if std::mem::take(&mut follow_up.dirty.all) {
                 names.extend(self.settings.iter().map(|(k, _)| k.to_ascii_lowercase()));

@@ -143,8 +143,9 @@ enum Token<'a> {
 }
 
 /// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
-/// quote (PostgreSQL would reject it anyway; pgshield will not guess).
-fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
+/// quote (PostgreSQL would reject it anyway; pgshield will not guess). `backslashes`: a
+/// backslash in a `'…'` string escapes, as with `standard_conforming_strings` off.
+fn tokens(sql: &str, backslashes: bool) -> Option<Vec<Token<'_>>> {
     let b = sql.as_bytes();
     let mut out = Vec::with_capacity(16);
     let mut i = 0;
@@ -186,7 +187,7 @@ fn tokens(sql: &str) -> Option<Vec<Token<'_>>> {
                 }
             }
             b'\'' => {
-                let (s, end) = quoted(sql, i, b'\'', false)?;
+                let (s, end) = quoted(sql, i, b'\'', backslashes)?;
                 out.push(Token::Str(s));
                 i = end;
             }
@@ -469,20 +470,38 @@ const LOOKED_AT: &[&str] = &[
 /// one character: every byte below 0x80 (the quotes, semicolons and keywords the lexer
 /// reads) stays where it was.
 pub fn classify(sql: &(impl AsRef<[u8]> + ?Sized)) -> Effects {
-    let sql = sql.as_ref();
+    classify_with(sql.as_ref(), false)
+}
+
+/// [`classify`], with backslashes in `'…'` strings read as escapes if `backslashes`.
+fn classify_with(sql: &[u8], backslashes: bool) -> Effects {
+    // (The byte screen leaves any text with a backslash to the lexer.)
     match plain(sql) {
         Some(effects) => effects,
-        None => classify_tokens(&String::from_utf8_lossy(sql)),
+        None => classify_tokens(&String::from_utf8_lossy(sql), backslashes),
     }
 }
 
-/// As [`classify`], for text in the client's encoding; `ascii_trails`: that encoding has
-/// characters whose later bytes may be ASCII ([`crate::server::has_ascii_trails`]), so
-/// text with a byte beyond ASCII cannot be read by its ASCII bytes: a statement pgshield
-/// cannot classify (it pins).
-pub fn classify_in(sql: &[u8], ascii_trails: bool) -> Effects {
-    let mut effects = classify(sql);
-    if ascii_trails && !sql.is_ascii() {
+/// As [`classify`], for text read under the client's parse environment `env`
+/// ([`crate::server::ClientView::parse_env`]):
+/// - its encoding may have characters whose later bytes are ASCII
+///   ([`crate::server::ASCII_TRAILS`]): text with a byte beyond ASCII cannot be read by its
+///   ASCII bytes, a statement pgshield cannot classify (it pins);
+/// - with `standard_conforming_strings` off ([`crate::server::BACKSLASH_QUOTES`]) a
+///   backslash in a `'…'` string escapes the next character, as in `E'…'`;
+/// - when that setting may have changed unseen ([`crate::server::QUOTES_UNSURE`]), text
+///   that reads otherwise either way pins.
+pub fn classify_in(sql: &[u8], env: u64) -> Effects {
+    use crate::server::{ASCII_TRAILS, BACKSLASH_QUOTES, QUOTES_UNSURE};
+    let backslashes = env & BACKSLASH_QUOTES != 0;
+    let mut effects = classify_with(sql, backslashes);
+    if env & QUOTES_UNSURE != 0
+        && memchr::memchr(b'\\', sql).is_some()
+        && classify_with(sql, !backslashes) != effects
+    {
+        effects.pin(PinReason::Unclassified);
+    }
+    if env & ASCII_TRAILS != 0 && !sql.is_ascii() {
         // (What the bytes showed is kept, as a best guess for what else to follow; nothing
         // may go right behind a reset they showed.)
         effects.pin = Some(PinReason::Unclassified);
@@ -623,7 +642,7 @@ fn plain(b: &[u8]) -> Option<Effects> {
 /// SAVEPOINT, PREPARE TRANSACTION); it refuses anything else there with 25P02.
 pub fn ends_transaction(sql: &(impl AsRef<[u8]> + ?Sized)) -> bool {
     let sql = String::from_utf8_lossy(sql.as_ref());
-    let Some(tokens) = tokens(&sql) else {
+    let Some(tokens) = tokens(&sql, false) else {
         return false;
     };
     let mut words = tokens.iter().filter(|t| **t != Token::Punct('('));
@@ -641,7 +660,7 @@ pub fn ends_transaction(sql: &(impl AsRef<[u8]> + ?Sized)) -> bool {
 pub fn fixed_result(sql: &(impl AsRef<[u8]> + ?Sized)) -> bool {
     let sql = String::from_utf8_lossy(sql.as_ref());
     // (The lexer: past comments, which sqlc starts every query with.)
-    let Some(tokens) = tokens(&sql) else {
+    let Some(tokens) = tokens(&sql, false) else {
         return false;
     };
     let first = tokens.iter().find(|t| **t != Token::Punct('('));
@@ -663,16 +682,16 @@ fn changes_schema(first: &[u8], or_follows: impl FnOnce() -> bool) -> bool {
 }
 
 /// Classifies with the lexer: whatever `plain` is not sure of.
-fn classify_tokens(sql: &str) -> Effects {
+fn classify_tokens(sql: &str, backslashes: bool) -> Effects {
     let mut effects = Effects::default();
-    let Some(tokens) = tokens(sql) else {
+    let Some(tokens) = tokens(sql, backslashes) else {
         effects.pin(PinReason::Unclassified);
         return effects;
     };
     for statement in tokens.split(|t| *t == Token::Semicolon) {
         if !statement.is_empty() {
             effects.statements += 1;
-            classify_statement(statement, &mut effects);
+            classify_statement(statement, &mut effects, backslashes);
         }
     }
     // (Only of use with a reset; the byte screen, which sees none, never says it.)
@@ -703,7 +722,7 @@ fn names(t: &Token<'_>, name: &str) -> bool {
     }
 }
 
-fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
+fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
     let temporary = calls_and_temporary_relations(t, e);
     let Some(first_at) = t.iter().position(|x| *x != Token::Punct('(')) else {
         return;
@@ -725,7 +744,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects) {
     e.schema_change |= !temporary && changes_schema(first.as_bytes(), || is(t.get(1), "or"));
     e.control |= CONTROL.contains(&first);
     match first {
-        "do" => do_block(&t[1..], e),
+        "do" => do_block(&t[1..], e, backslashes),
         "set" => set_statement(&t[1..], e),
         "reset" => {
             e.resets = true;
@@ -865,7 +884,7 @@ fn names_temp_schema(tok: &Token<'_>) -> bool {
 /// a statement of its own (a reset, a DEALLOCATE, DISCARD, going back to the login role),
 /// pins. (asyncpg's pool resets every connection it takes back with a DO block that runs
 /// `UNLISTEN *` if the session listens.)
-fn do_block(t: &[Token<'_>], e: &mut Effects) {
+fn do_block(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
     let mut code = None;
     let mut rest = t;
     while let Some(tok) = rest.first() {
@@ -888,11 +907,11 @@ fn do_block(t: &[Token<'_>], e: &mut Effects) {
             _ => return e.pin(PinReason::Unclassified),
         }
     }
-    let Some(body) = code.and_then(|code| tokens(code)) else {
+    let Some(body) = code.and_then(|code| tokens(code, backslashes)) else {
         return e.pin(PinReason::Unclassified);
     };
     let mut inner = Effects::default();
-    plpgsql(&body, &mut inner);
+    plpgsql(&body, &mut inner, backslashes);
     if inner.resets
         || inner.all_settings
         || inner.drops_all_statements
@@ -922,7 +941,7 @@ const PLPGSQL_STATEMENTS: &[&str] = &[
 /// (conditions, a FOR's query), declarations, assignments and PL/pgSQL's own statements
 /// are read for calls and temporary relations; every other statement is SQL, classified
 /// as it would be on its own. Dynamic SQL (`EXECUTE`) cannot be read: it pins.
-fn plpgsql(t: &[Token<'_>], e: &mut Effects) {
+fn plpgsql(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
     if t.iter().any(|tok| is(Some(tok), "execute")) {
         return e.pin(PinReason::Unclassified);
     }
@@ -994,7 +1013,7 @@ fn plpgsql(t: &[Token<'_>], e: &mut Effects) {
         } else if declaring || assignment || keyword(s, PLPGSQL_STATEMENTS) {
             calls_and_temporary_relations(s, e);
         } else {
-            classify_statement(s, e);
+            classify_statement(s, e, backslashes);
         }
     }
 }
@@ -1601,9 +1620,12 @@ mod tests {
         // and then SET ROLE; read by its ASCII bytes, it would all be one string.
         let hidden = b"SELECT E'\x95\x5c'; SET ROLE admin; -- '";
         assert_eq!(classify(hidden).pin, None, "what the ASCII reading misses");
-        assert_eq!(classify_in(hidden, true).pin, Some(PinReason::Unclassified));
-        assert!(classify_in(b"SELECT 'plain'", true).is_empty());
-        assert!(classify_in(b"SELECT 'caf\xe9'", false).is_empty());
+        assert_eq!(
+            classify_in(hidden, crate::server::ASCII_TRAILS).pin,
+            Some(PinReason::Unclassified)
+        );
+        assert!(classify_in(b"SELECT 'plain'", crate::server::ASCII_TRAILS).is_empty());
+        assert!(classify_in(b"SELECT 'caf\xe9'", 0).is_empty());
         for encoding in [
             "SJIS",
             "Shift_JIS",
@@ -1701,7 +1723,7 @@ mod tests {
 
     #[test]
     fn escape_strings_and_dollar_quotes_are_read_as_postgresql_reads_them() {
-        let text = |sql: &str| match tokens(sql).as_deref() {
+        let text = |sql: &str| match tokens(sql, false).as_deref() {
             Some([Token::Str(s)]) => Some(s.to_string()),
             _ => None,
         };
@@ -1711,7 +1733,7 @@ mod tests {
         );
         assert_eq!(text(r"E'\xg'").as_deref(), Some("xg"), "no hex digit: an x");
         for refused in [r"E'\u12'", r"E'\u123g'", r"E'\uD83D'", r"E'\U0011FFFF'"] {
-            assert_eq!(tokens(refused), None, "{refused}");
+            assert_eq!(tokens(refused, false), None, "{refused}");
         }
         // Letters beyond ASCII make a dollar quote's tag too.
         assert_eq!(text("$é$'$é$").as_deref(), Some("'"));
@@ -2008,7 +2030,7 @@ mod tests {
             }
             if let Some(effects) = plain(sql.as_bytes()) {
                 fast += 1;
-                assert_eq!(effects, classify_tokens(&sql), "{sql:?}");
+                assert_eq!(effects, classify_tokens(&sql, false), "{sql:?}");
             }
         }
         // (The screen is worth having only if it answers often.)
@@ -2019,7 +2041,11 @@ mod tests {
             "INSERT INTO \"T\" (a) VALUES ($1) RETURNING id ;  ",
             "(SELECT 1) UNION (SELECT 2)",
         ] {
-            assert_eq!(plain(sql.as_bytes()), Some(classify_tokens(sql)), "{sql}");
+            assert_eq!(
+                plain(sql.as_bytes()),
+                Some(classify_tokens(sql, false)),
+                "{sql}"
+            );
         }
     }
 
@@ -2141,5 +2167,29 @@ mod tests {
         ] {
             assert!(!ends_transaction(sql), "{sql}");
         }
+    }
+
+    #[test]
+    fn a_backslash_in_a_string_escapes_when_the_client_says_so() {
+        use crate::server::{BACKSLASH_QUOTES, QUOTES_UNSURE};
+        let hidden = b"SELECT 'x\\''; SET search_path = evil; --'";
+        assert!(classify_in(hidden, 0).is_empty(), "one string, read as on");
+        let off = classify_in(hidden, BACKSLASH_QUOTES);
+        assert_eq!(
+            (off.pin, off.settings),
+            (None, vec!["search_path".to_owned()])
+        );
+        let lock = b"SELECT 'x\\'' , pg_advisory_lock(1) --'";
+        assert_eq!(
+            classify_in(lock, BACKSLASH_QUOTES).pin,
+            Some(PinReason::AdvisoryLock)
+        );
+        // Unsure which: pinned when the two readings differ, not otherwise.
+        assert_eq!(
+            classify_in(hidden, QUOTES_UNSURE).pin,
+            Some(PinReason::Unclassified)
+        );
+        assert!(classify_in(b"SELECT 'a\\_b' LIKE x", QUOTES_UNSURE).is_empty());
+        assert!(classify_in(b"SELECT 1", QUOTES_UNSURE | BACKSLASH_QUOTES).is_empty());
     }
 }

@@ -127,6 +127,17 @@ pub const PARSE_SETTINGS: [&str; 5] = [
 /// characters whose later bytes may be ASCII (see [`has_ascii_trails`]).
 pub const ASCII_TRAILS: u64 = 1 << 63;
 
+/// In a parse environment: `standard_conforming_strings` is off, so a backslash in a
+/// `'…'` string escapes (see [`crate::client::sql::classify_in`]).
+pub const BACKSLASH_QUOTES: u64 = 1 << 62;
+
+/// In a session's parse environment: a setting statements are read under may have
+/// changed without the server's report yet, `standard_conforming_strings` perhaps.
+pub const QUOTES_UNSURE: u64 = 1 << 61;
+
+/// The flags of a parse environment; the rest is a fingerprint of the values.
+pub const PARSE_FLAGS: u64 = ASCII_TRAILS | BACKSLASH_QUOTES | QUOTES_UNSURE;
+
 /// Whether text in this `client_encoding` can hold a character whose second byte is
 /// ASCII (`\`, `;` in JOHAB): SJIS, BIG5, GBK, UHC, GB18030, JOHAB, SHIFT_JIS_2004, which
 /// PostgreSQL converts before it reads a statement. pgshield reads statements by their
@@ -202,8 +213,8 @@ impl ClientView {
     }
 }
 
-/// A fingerprint of the values `get` gives for [`PARSE_SETTINGS`], with
-/// [`ASCII_TRAILS`] as its top bit.
+/// A fingerprint of the values `get` gives for [`PARSE_SETTINGS`], with the flags
+/// [`ASCII_TRAILS`] and [`BACKSLASH_QUOTES`].
 fn fingerprint<'a>(get: impl Fn(&str) -> Option<&'a str>) -> u64 {
     use std::hash::{Hash, Hasher};
     // (std's SipHash with fixed keys: the same in every client of the process.)
@@ -212,7 +223,11 @@ fn fingerprint<'a>(get: impl Fn(&str) -> Option<&'a str>) -> u64 {
         get(name).hash(&mut hasher);
     }
     let trails = get("client_encoding").is_some_and(has_ascii_trails);
-    (hasher.finish() & !ASCII_TRAILS) | if trails { ASCII_TRAILS } else { 0 }
+    let backslashes =
+        get("standard_conforming_strings").is_some_and(|v| v.eq_ignore_ascii_case("off"));
+    (hasher.finish() & !PARSE_FLAGS)
+        | if trails { ASCII_TRAILS } else { 0 }
+        | if backslashes { BACKSLASH_QUOTES } else { 0 }
 }
 
 /// Parses a ParameterStatus body into (name, value).
