@@ -183,6 +183,68 @@ async fn a_set_behind_a_backslashed_quote_follows_the_client_when_strings_take_e
     }
 }
 
+/// A schema per tenant: clients of one pool whose search_path differs prepare the same
+/// text, which means another table, with other columns, for each. Each must get its own
+/// statement (as on connections of their own), not one shared and retired back and forth
+/// with "cached plan must not change result type" errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_their_own_search_path_never_share_a_statement() {
+    let proxy = proxy("tx_tenant", "max_size = 1").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS tx_tenant_a CASCADE; DROP SCHEMA IF EXISTS tx_tenant_b CASCADE;
+             CREATE SCHEMA tx_tenant_a; CREATE SCHEMA tx_tenant_b;
+             CREATE TABLE tx_tenant_a.items (x int); INSERT INTO tx_tenant_a.items VALUES (1);
+             CREATE TABLE tx_tenant_b.items (x text, y int); INSERT INTO tx_tenant_b.items VALUES ('b', 2);
+             GRANT USAGE ON SCHEMA tx_tenant_a, tx_tenant_b TO tx_tenant;
+             GRANT SELECT ON ALL TABLES IN SCHEMA tx_tenant_a, tx_tenant_b TO tx_tenant",
+        )
+        .await
+        .expect("schemas");
+    let a = proxy.connect("tx_tenant", "pw").await.expect("a").client;
+    let b = proxy.connect("tx_tenant", "pw").await.expect("b").client;
+    a.batch_execute("SET search_path = tx_tenant_a")
+        .await
+        .expect("a");
+    b.batch_execute("SET search_path = tx_tenant_b")
+        .await
+        .expect("b");
+    let sql = "SELECT * FROM items";
+    for _ in 0..5 {
+        let on_a = a.prepare(sql).await.expect("prepare a");
+        let on_b = b.prepare(sql).await.expect("prepare b");
+        for _ in 0..2 {
+            let row = a.query_one(&on_a, &[]).await.expect("a runs");
+            assert_eq!((row.len(), row.get::<_, i32>(0)), (1, 1));
+            let row = b.query_one(&on_b, &[]).await.expect("b runs");
+            assert_eq!(
+                (row.get::<_, String>(0), row.get::<_, i32>(1)),
+                ("b".into(), 2)
+            );
+        }
+    }
+    // A search_path for one transaction only (a request's): its own statement too.
+    let c = proxy.connect("tx_tenant", "pw").await.expect("c").client;
+    for (tenant, columns) in [("b", 2), ("a", 1), ("b", 2)] {
+        c.batch_execute(&format!(
+            "BEGIN; SET LOCAL search_path = tx_tenant_{tenant}"
+        ))
+        .await
+        .expect("c");
+        let on_c = c.prepare(sql).await.expect("prepare c");
+        let row = c.query_one(&on_c, &[]).await.expect("c runs");
+        assert_eq!(row.len(), columns, "{tenant}");
+        c.batch_execute("COMMIT").await.expect("commit");
+        let on_a = a.prepare(sql).await.expect("prepare a");
+        assert_eq!(a.query_one(&on_a, &[]).await.expect("a").len(), 1);
+    }
+    admin
+        .batch_execute("DROP SCHEMA tx_tenant_a CASCADE; DROP SCHEMA tx_tenant_b CASCADE")
+        .await
+        .expect("drop");
+}
+
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
 /// pgshield must not answer it itself because the backend already has the statement (a
 /// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).

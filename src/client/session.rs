@@ -299,11 +299,9 @@ fn push_restore(
         .filter(|_| role);
     let touched = settings.startup().filter(|(name, _)| reset.has(name));
     let restored = Restored {
-        parse: touched.clone().any(|(name, _)| {
-            crate::server::PARSE_SETTINGS
-                .iter()
-                .any(|p| p.eq_ignore_ascii_case(name))
-        }),
+        parse: touched
+            .clone()
+            .any(|(name, _)| crate::server::shapes_statements(name)),
         encoding: touched
             .clone()
             .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding")),
@@ -1519,11 +1517,10 @@ impl Session {
             let pinned = self.pinned.is_some();
             let parse_setting = effects.all_settings
                 || effects.local_parse_setting
-                || effects.settings.iter().any(|name| {
-                    crate::server::PARSE_SETTINGS
-                        .iter()
-                        .any(|p| p.eq_ignore_ascii_case(name))
-                });
+                || effects
+                    .settings
+                    .iter()
+                    .any(|name| crate::server::shapes_statements(name));
             if parse_setting {
                 let encoding = effects.all_settings
                     || effects.local_encoding
@@ -1702,7 +1699,17 @@ impl Session {
         use crate::server::ASCII_TRAILS;
         let env = self.client_view.parse_env();
         if self.parse_env_unsettled == 0 {
-            return env;
+            // (A search_path of the client's own: see `server::shapes_statements`.)
+            return match self.settings.get("search_path") {
+                None => env,
+                Some(path) => {
+                    use std::hash::{Hash, Hasher};
+                    let mut hasher = std::hash::DefaultHasher::new();
+                    (env, path).hash(&mut hasher);
+                    (hasher.finish() & !crate::server::PARSE_FLAGS)
+                        | (env & crate::server::PARSE_FLAGS)
+                }
+            };
         }
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();

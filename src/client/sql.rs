@@ -87,8 +87,9 @@ pub struct Effects {
     pub schema_change: bool,
     /// How many statements the text holds.
     pub statements: usize,
-    /// It changes, for its transaction only, a setting statements are read under
-    /// (`SET LOCAL TimeZone`, `set_config('TimeZone', …, true)`).
+    /// It changes, for its transaction only, a setting statements are read under or
+    /// resolve their names by (`SET LOCAL TimeZone`, `set_config('search_path', …,
+    /// true)`; see [`crate::server::shapes_statements`]).
     pub local_parse_setting: bool,
     /// Of those, the client's encoding (`SET LOCAL client_encoding`).
     pub local_encoding: bool,
@@ -1139,12 +1140,10 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     }
 }
 
-/// Whether PostgreSQL reads statements under this setting (see
-/// [`crate::server::PARSE_SETTINGS`]).
+/// Whether a statement's meaning depends on this setting (see
+/// [`crate::server::shapes_statements`]).
 fn is_parse_setting(name: &str) -> bool {
-    crate::server::PARSE_SETTINGS
-        .iter()
-        .any(|p| p.eq_ignore_ascii_case(name))
+    crate::server::shapes_statements(name)
 }
 
 /// The settings a SET (past SET [SESSION | LOCAL]) names.
@@ -1400,9 +1399,9 @@ mod tests {
             "/* LISTEN */ UPDATE t SET a = 1",
             "BEGIN; SELECT pg_advisory_xact_lock(1); COMMIT",
             "WITH x AS (SELECT 1) SELECT * FROM x",
-            "SET LOCAL search_path = x",
+            "SET LOCAL work_mem = '1MB'",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SELECT set_config('search_path', 'x', true)",
+            "SELECT set_config('work_mem', '1MB', true)",
             "CREATE TABLE t (x int)",
             "DECLARE c CURSOR FOR SELECT 1",
             "PREPARE TRANSACTION 'x'",
@@ -1411,6 +1410,19 @@ mod tests {
             "",
         ] {
             assert!(classify(sql).is_empty(), "{sql}: {:?}", classify(sql));
+        }
+        // Names resolve in another schema for the rest of the transaction: nothing to
+        // follow, but the statements after it are not another client's.
+        for sql in [
+            "SET LOCAL search_path = x",
+            "SELECT set_config('search_path', 'x', true)",
+        ] {
+            let only_local = Effects {
+                statements: 1,
+                local_parse_setting: true,
+                ..Effects::default()
+            };
+            assert_eq!(classify(sql), only_local, "{sql}");
         }
     }
 

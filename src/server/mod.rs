@@ -123,6 +123,16 @@ pub const PARSE_SETTINGS: [&str; 5] = [
     "TimeZone",
 ];
 
+/// Whether a statement's meaning depends on setting `name`: one it is read under
+/// ([`PARSE_SETTINGS`]), or `search_path`, in which its names are looked up. The server
+/// does not report `search_path` (before PostgreSQL 18): a client's is the one pgshield
+/// follows for it (see `Session::parse_env`), so that clients whose names resolve in other
+/// schemas (a schema per tenant) never share a statement.
+pub fn shapes_statements(name: &str) -> bool {
+    name.eq_ignore_ascii_case("search_path")
+        || PARSE_SETTINGS.iter().any(|p| p.eq_ignore_ascii_case(name))
+}
+
 /// In a parse environment ([`ClientView::parse_env`]): the client's encoding has
 /// characters whose later bytes may be ASCII (see [`has_ascii_trails`]).
 pub const ASCII_TRAILS: u64 = 1 << 63;
