@@ -478,14 +478,12 @@ pub struct ClientStatements {
     /// a batch doomed to fail and prepare new ones meanwhile, without end. (A Close first
     /// in its batch cannot be skipped: a driver's Close-then-Parse is not held back.)
     closing: Option<Arc<()>>,
-    /// The statements of the portals Bound since the last Sync, latest last (at most
-    /// [`PORTALS_KEPT`]): a Describe of such a portal describes its statement's result
-    /// columns (pgjdbc describes the portal, never the statement). Freed at the Sync.
-    portals: Vec<(Box<str>, Arc<Statement>)>,
+    /// The statement the unnamed portal was bound from in the current batch: a Describe
+    /// of that portal describes its result columns (pgjdbc describes the portal, never
+    /// the statement). Forgotten at the batch's end ([`ClientStatements::batch_ended`]).
+    /// (Not named portals: pgjdbc's run by a fetch size; not worth a map per client.)
+    unnamed_portal: Option<Arc<Statement>>,
 }
-
-/// How many portals' statements a client's batch keeps (see `ClientStatements::portals`).
-const PORTALS_KEPT: usize = 4;
 
 /// A map that takes no memory until its first entry: every client has one, and many
 /// never name a statement.
@@ -1059,12 +1057,8 @@ impl ClientStatements {
                 };
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
-                self.portals.retain(|(p, _)| **p != *portal);
-                if let Some(bound) = &t.bound {
-                    if self.portals.len() == PORTALS_KEPT {
-                        self.portals.remove(0);
-                    }
-                    self.portals.push((portal.into(), Arc::clone(bound)));
+                if portal.is_empty() {
+                    self.unnamed_portal = None;
                 }
                 if statement.is_empty()
                     && t.bound
@@ -1096,6 +1090,11 @@ impl ClientStatements {
                     out.put_u8(0);
                     t.translation = Translation::Rewritten { at, consumed };
                 }
+                // (The statement it runs once `use_statement` has made it sure; not one it
+                // refuses.)
+                if portal.is_empty() && !t.refuse_stale {
+                    self.unnamed_portal.clone_from(&t.bound);
+                }
             }
             b'D' | b'C' => {
                 let (&kind, mut rest) = body.split_first().ok_or(Malformed("Describe/Close"))?;
@@ -1126,16 +1125,10 @@ impl ClientStatements {
                     }
                 } else if kind == b'S' {
                     self.close(name, situation.batch_open, &mut t);
-                } else if tag == b'D' {
-                    t.portal_of = self
-                        .portals
-                        .iter()
-                        .rev()
-                        .find(|(p, _)| **p == *name)
-                        .map(|(_, s)| Arc::clone(s));
+                } else if tag == b'D' && name.is_empty() {
+                    t.portal_of.clone_from(&self.unnamed_portal);
                 }
             }
-            b'S' => self.portals = Vec::new(),
             b'Q' => {
                 self.query_sent();
                 server.forget_unnamed();
@@ -1593,6 +1586,13 @@ impl ClientStatements {
     /// The client sent a simple Query: as in PostgreSQL, its unnamed statement is gone.
     pub fn query_sent(&mut self) {
         self.unnamed = None;
+        self.unnamed_portal = None;
+    }
+
+    /// The client's batch ended (its Sync, or a Bind refused): the unnamed portal is gone,
+    /// or not the statement's.
+    pub fn batch_ended(&mut self) {
+        self.unnamed_portal = None;
     }
 
     /// A dropping Query sent when names were at `mark` (see [`Named::mark`]) has run:

@@ -58,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
         failed_transaction: false,
     };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
-        if matches!(tag, b'P' | b'B' | b'D' | b'C' | b'S') {
+        if tag == b'S' {
+            client.batch_ended();
+        }
+        if matches!(tag, b'P' | b'B' | b'D' | b'C') {
             let mut msg = BytesMut::with_capacity(body.len() + 5);
             msg.extend_from_slice(&[tag]);
             msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());

@@ -271,12 +271,13 @@ fn restore_after(effects: &Effects, idle: bool) -> Option<(Dirty, bool)> {
     })
 }
 
-/// What [`push_restore`] gives back: whether a setting statements are parsed under
-/// (see [`crate::server::PARSE_SETTINGS`]) is among them, and the client's encoding.
+/// What [`push_restore`] gives back: whether a setting statements depend on (see
+/// [`crate::server::shapes_statements`]) is among them, and which of the [`unsettled`]
+/// flags.
 #[derive(Debug, Clone, Copy)]
 struct Restored {
     parse: bool,
-    encoding: bool,
+    flags: u64,
 }
 
 /// Sends, hidden, the statement giving back the `client`'s startup values of the
@@ -302,9 +303,7 @@ fn push_restore(
         parse: touched
             .clone()
             .any(|(name, _)| crate::server::shapes_statements(name)),
-        encoding: touched
-            .clone()
-            .any(|(name, _)| name.eq_ignore_ascii_case("client_encoding")),
+        flags: unsettled_flags(false, touched.clone().map(|(name, _)| name)),
     };
     let statements = [
         params::restore_statement(touched, encoding).map(|sql| (sql, false)),
@@ -337,15 +336,45 @@ fn restores_role(effects: &Effects) -> bool {
     effects.statements == 1 && effects.reset_settings.iter().any(|n| n == "role")
 }
 
-/// `parse_env_unsettled` once a statement that may change parse settings (`encoding`: the
-/// client's encoding among them) is sent: a private environment of its own.
-fn unsettled(was: u64, encoding: bool) -> u64 {
+/// `parse_env_unsettled` once a statement that may change parse settings is sent (with
+/// `flags`, [`ENCODING_UNSETTLED`] and [`QUOTES_UNSETTLED`], saying which of them it may
+/// be): a private environment of its own.
+fn unsettled(was: u64, flags: u64) -> u64 {
+    const FLAGS: u64 = ENCODING_UNSETTLED | QUOTES_UNSETTLED;
     // (Process-wide: never the same private environment twice.)
     static UNSETTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let next = UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    (next & !ENCODING_UNSETTLED)
-        | (was & ENCODING_UNSETTLED)
-        | if encoding { ENCODING_UNSETTLED } else { 0 }
+    (next & !FLAGS) | (was & FLAGS) | (flags & FLAGS)
+}
+
+/// The [`unsettled`] flags of a change: the client's encoding, `standard_conforming_strings`
+/// (`all`: any setting).
+fn unsettled_flags(all: bool, names: impl Iterator<Item = impl AsRef<str>>) -> u64 {
+    if all {
+        return ENCODING_UNSETTLED | QUOTES_UNSETTLED;
+    }
+    names.fold(0, |flags, name| {
+        let name = name.as_ref();
+        flags
+            | if name.eq_ignore_ascii_case("client_encoding") {
+                ENCODING_UNSETTLED
+            } else if name.eq_ignore_ascii_case("standard_conforming_strings") {
+                QUOTES_UNSETTLED
+            } else {
+                0
+            }
+    })
+}
+
+/// [`Session::search_path_env`] for these settings.
+fn search_path_env(settings: &ClientSettings) -> u64 {
+    settings.get("search_path").map_or(0, |path| {
+        use std::hash::{Hash, Hasher};
+        // (std's SipHash with fixed keys: the same in every client of the process.)
+        let mut hasher = std::hash::DefaultHasher::new();
+        path.hash(&mut hasher);
+        hasher.finish().max(1)
+    })
 }
 
 /// Session mode: the longest Query looked at for a reset of settings (longer ones stream
@@ -354,6 +383,10 @@ const RESET_SCAN_LIMIT: usize = 8 * 1024;
 
 /// In `Session::parse_env_unsettled`: a statement sent may have changed the encoding.
 const ENCODING_UNSETTLED: u64 = 1 << 63;
+
+/// In `Session::parse_env_unsettled`: a statement sent may have changed what a backslash
+/// in a string means (`standard_conforming_strings`).
+const QUOTES_UNSETTLED: u64 = 1 << 62;
 
 /// The rest of a message being passed along (or dropped) in pieces.
 #[derive(Debug, Default, Clone, Copy)]
@@ -408,6 +441,10 @@ pub struct Session {
     /// environment at each (`parse_env`).
     /// (The top bit: one of them may have changed the client's encoding.)
     parse_env_unsettled: u64,
+    /// A fingerprint of the client's own `search_path` (0: none), part of its parse
+    /// environment ([`Session::parse_env`]); kept when its settings change, not looked up
+    /// for every message.
+    search_path_env: u64,
     /// Boxed: an idle client holds only the empty pointer, not room for a whole guard.
     backend: Option<Box<Backend>>,
     /// Bytes from the client not yet processed.
@@ -489,6 +526,8 @@ impl Session {
         let leftover_len = leftover.len() as u64;
         PoolStats::add(&login.pool.stats.bytes_received, leftover_len);
         Session {
+            // (Before `settings` takes them.)
+            search_path_env: search_path_env(&login.settings),
             mode: login.pool.mode(),
             limits: Limits::now_in_force(&shared),
             registered: shared.registry.register(
@@ -1103,6 +1142,10 @@ impl Session {
                 self.xact_started.get_or_insert(now);
                 self.registered.info.note_request(now);
             }
+            if header.tag == b'S' {
+                // (Its batch's unnamed portal ends with it.)
+                self.statements.batch_ended();
+            }
             match header.tag {
                 b'X' => return Err(End::Terminated),
                 b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c'
@@ -1303,7 +1346,7 @@ impl Session {
         // they are reported.
         let transaction = self.mode == PoolMode::Transaction;
         if let Some(restored) = restored.filter(|r| r.parse && transaction) {
-            self.parse_env_unsettled = unsettled(self.parse_env_unsettled, restored.encoding);
+            self.parse_env_unsettled = unsettled(self.parse_env_unsettled, restored.flags);
         }
     }
 
@@ -1522,13 +1565,18 @@ impl Session {
                     .iter()
                     .any(|name| crate::server::shapes_statements(name));
             if parse_setting {
-                let encoding = effects.all_settings
-                    || effects.local_encoding
-                    || effects
-                        .settings
-                        .iter()
-                        .any(|name| name.eq_ignore_ascii_case("client_encoding"));
-                self.parse_env_unsettled = unsettled(self.parse_env_unsettled, encoding);
+                let flags = unsettled_flags(effects.all_settings, effects.settings.iter())
+                    | if effects.local_encoding {
+                        ENCODING_UNSETTLED
+                    } else {
+                        0
+                    }
+                    | if effects.local_quotes {
+                        QUOTES_UNSETTLED
+                    } else {
+                        0
+                    };
+                self.parse_env_unsettled = unsettled(self.parse_env_unsettled, flags);
             }
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {
@@ -1671,6 +1719,8 @@ impl Session {
         if let Translation::Rewritten { at, .. } = translation {
             server_out.truncate(at);
         }
+        // (Its portal, if unnamed, runs the refusal: a Describe of it is not the statement's.)
+        statements.batch_ended();
         let refusal = registry.own(refusal);
         let (head, injected) = statements.refusal_bind(
             &mut server.statements,
@@ -1700,16 +1750,11 @@ impl Session {
         let env = self.client_view.parse_env();
         if self.parse_env_unsettled == 0 {
             // (A search_path of the client's own: see `server::shapes_statements`.)
-            return match self.settings.get("search_path") {
-                None => env,
-                Some(path) => {
-                    use std::hash::{Hash, Hasher};
-                    let mut hasher = std::hash::DefaultHasher::new();
-                    (env, path).hash(&mut hasher);
-                    (hasher.finish() & !crate::server::PARSE_FLAGS)
-                        | (env & crate::server::PARSE_FLAGS)
-                }
-            };
+            if self.search_path_env == 0 {
+                return env;
+            }
+            let mixed = (env ^ self.search_path_env).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            return (mixed & !crate::server::PARSE_FLAGS) | (env & crate::server::PARSE_FLAGS);
         }
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
@@ -1718,7 +1763,11 @@ impl Session {
         (hasher.finish() & !crate::server::PARSE_FLAGS)
             | if trails { ASCII_TRAILS } else { 0 }
             | (env & crate::server::BACKSLASH_QUOTES)
-            | crate::server::QUOTES_UNSURE
+            | if self.parse_env_unsettled & QUOTES_UNSETTLED != 0 {
+                crate::server::QUOTES_UNSURE
+            } else {
+                0
+            }
     }
 
     /// What translating a message sent to the backend now needs to know.
@@ -1912,7 +1961,9 @@ impl Session {
                         .and_then(|f| f.readbacks.pop_front())
                         .filter(|done| !done.names.is_empty())
                     {
-                        if let Some(reason) = apply_readback(done, &mut self.settings, server) {
+                        let pinning = apply_readback(done, &mut self.settings, server);
+                        self.search_path_env = search_path_env(&self.settings);
+                        if let Some(reason) = pinning {
                             pin(
                                 &mut self.pinned,
                                 &self.shared,
@@ -1974,6 +2025,7 @@ impl Session {
                         {
                             // The client changed it (SET, RESET, a function): it follows.
                             self.settings.record(name, value);
+                            self.search_path_env = search_path_env(&self.settings);
                             self.reported_since_borrow = true;
                             server.note_applied(name, value);
                         }
@@ -2112,8 +2164,18 @@ impl Session {
             return;
         } else if let Some(follow_up) = self.follow_up.as_mut().filter(|f| !f.dirty.is_empty()) {
             // What the statements changed has been reported by now (all is answered): a
-            // message the client sends while the read-back runs is read under it.
-            self.parse_env_unsettled = 0;
+            // message the client sends while the read-back runs is read under it. Not a
+            // search_path (the server reports none before PostgreSQL 18): known once read
+            // back.
+            let unreported = follow_up.dirty.all
+                || follow_up
+                    .dirty
+                    .names
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case("search_path"));
+            if !unreported {
+                self.parse_env_unsettled = 0;
+            }
             let mut names = std::mem::take(&mut follow_up.dirty.names);
             if std::mem::take(&mut follow_up.dirty.all) {
                 names.extend(self.settings.iter().map(|(k, _)| k.to_ascii_lowercase()));

@@ -87,12 +87,14 @@ pub struct Effects {
     pub schema_change: bool,
     /// How many statements the text holds.
     pub statements: usize,
-    /// It changes, for its transaction only, a setting statements are read under or
-    /// resolve their names by (`SET LOCAL TimeZone`, `set_config('search_path', …,
-    /// true)`; see [`crate::server::shapes_statements`]).
+    /// It changes, for its transaction only, a setting statements are read under
+    /// (`SET LOCAL TimeZone`, `set_config('TimeZone', …, true)`).
     pub local_parse_setting: bool,
     /// Of those, the client's encoding (`SET LOCAL client_encoding`).
     pub local_encoding: bool,
+    /// Of those, what a backslash in a string means (`SET LOCAL
+    /// standard_conforming_strings`).
+    pub local_quotes: bool,
     /// It makes the login's own role the current one (SET ROLE NONE): nothing to pin,
     /// unless the client started as another role (`options=-c role=…`): a role no query
     /// can read back (`pg_settings` does not show it), so the session pins that client.
@@ -119,6 +121,7 @@ impl Effects {
             && !self.to_login_role
             && !self.local_parse_setting
             && !self.local_encoding
+            && !self.local_quotes
             && !self.resets
     }
 
@@ -862,12 +865,23 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
     // A search path that puts the temporary schema first, written as a string (`SET
     // search_path TO 'pg_temp', public`; the unquoted name is seen above): an unqualified
     // CREATE TABLE then makes a temporary table.
-    if is(t.iter().find(|x| **x != Token::Punct('(')), "set")
-        && t.iter().any(|tok| names_temp_schema(tok))
-    {
+    if sets_search_path(t) && t.iter().any(names_temp_schema) {
         temp(e);
     }
     temporary
+}
+
+/// `SET [LOCAL | SESSION] search_path …` or `SET SCHEMA …`.
+fn sets_search_path(t: &[Token<'_>]) -> bool {
+    let mut words = t.iter().filter(|x| **x != Token::Punct('('));
+    if !is(words.next(), "set") {
+        return false;
+    }
+    let mut name = words.next();
+    if is(name, "local") || is(name, "session") {
+        name = words.next();
+    }
+    name.is_some_and(|n| names(n, "search_path") || names(n, "schema"))
 }
 
 /// A string that names the temporary schema among others (`'pg_temp, public'`).
@@ -1096,6 +1110,15 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
             set_names(t, &mut named);
             e.local_parse_setting |= named.settings.iter().any(|n| is_parse_setting(n));
             e.local_encoding |= named.settings.iter().any(|n| n == "client_encoding");
+            e.local_quotes |= named
+                .settings
+                .iter()
+                .any(|n| n == "standard_conforming_strings");
+            if is(t.first(), "seed") {
+                // (Given back at the transaction's end, the value does not seed the
+                // generator again: its state stays on the backend.)
+                e.pin(PinReason::Unclassified);
+            }
         }
         return;
     }
@@ -1140,10 +1163,14 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     }
 }
 
-/// Whether a statement's meaning depends on this setting (see
-/// [`crate::server::shapes_statements`]).
+/// Whether PostgreSQL reads statements under this setting (see
+/// [`crate::server::PARSE_SETTINGS`]). (Not `search_path`, for a transaction: a private
+/// environment for each transaction that sets it, as PostgREST's every request does,
+/// would have every statement prepared again each time.)
 fn is_parse_setting(name: &str) -> bool {
-    crate::server::shapes_statements(name)
+    crate::server::PARSE_SETTINGS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(name))
 }
 
 /// The settings a SET (past SET [SESSION | LOCAL]) names.
@@ -1259,6 +1286,11 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     if is(third, "true") {
         e.local_parse_setting |= is_parse_setting(name);
         e.local_encoding |= name.eq_ignore_ascii_case("client_encoding");
+        e.local_quotes |= name.eq_ignore_ascii_case("standard_conforming_strings");
+        if name.eq_ignore_ascii_case("seed") {
+            // (As `SET LOCAL seed`.)
+            e.pin(PinReason::Unclassified);
+        }
         return;
     }
     if is(third, "false") {
@@ -1399,9 +1431,10 @@ mod tests {
             "/* LISTEN */ UPDATE t SET a = 1",
             "BEGIN; SELECT pg_advisory_xact_lock(1); COMMIT",
             "WITH x AS (SELECT 1) SELECT * FROM x",
-            "SET LOCAL work_mem = '1MB'",
+            "SET LOCAL search_path = x",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SELECT set_config('work_mem', '1MB', true)",
+            "SELECT set_config('search_path', 'x', true)",
+            "SET LOCAL work_mem = '1MB'",
             "CREATE TABLE t (x int)",
             "DECLARE c CURSOR FOR SELECT 1",
             "PREPARE TRANSACTION 'x'",
@@ -1411,18 +1444,26 @@ mod tests {
         ] {
             assert!(classify(sql).is_empty(), "{sql}: {:?}", classify(sql));
         }
-        // Names resolve in another schema for the rest of the transaction: nothing to
-        // follow, but the statements after it are not another client's.
+        assert_eq!(pin("SET application_name = 'pg_temp'"), None);
+        // What a backslash means, for the rest of the transaction.
         for sql in [
-            "SET LOCAL search_path = x",
-            "SELECT set_config('search_path', 'x', true)",
+            "SET LOCAL standard_conforming_strings = off",
+            "SELECT set_config('standard_conforming_strings', 'off', true)",
         ] {
-            let only_local = Effects {
+            let local = Effects {
                 statements: 1,
                 local_parse_setting: true,
+                local_quotes: true,
                 ..Effects::default()
             };
-            assert_eq!(classify(sql), only_local, "{sql}");
+            assert_eq!(classify(sql), local, "{sql}");
+        }
+        // The generator's state outlives a transaction-only seed.
+        for sql in [
+            "SET LOCAL seed = 0.5",
+            "SELECT set_config('seed', '0.5', true)",
+        ] {
+            assert_eq!(classify(sql).pin, Some(PinReason::Unclassified), "{sql}");
         }
     }
 
