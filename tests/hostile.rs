@@ -409,3 +409,35 @@ async fn bytes_sent_behind_an_ssl_request_before_its_answer_are_refused() {
     s.read_exact(&mut answer).await.expect("answer");
     assert_eq!(&answer, b"N");
 }
+
+/// A client that sends without reading what pgshield answers itself (ReadyForQuery for
+/// each Sync between transactions) is read no faster than it reads: PostgreSQL stops
+/// reading a client it cannot write to, and pgshield's memory for it stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_not_read_without_end() {
+    let proxy = proxy("hostile_flood", "").await;
+    let stream = raw::login_trusted(proxy.addr, "hostile_flood").await;
+    let (_unread, mut write) = stream.into_split();
+    // 12 MB of Syncs (each answered with a 6-byte ReadyForQuery), never read.
+    let flood = raw::SYNC.repeat(12 * 1024 * 1024 / raw::SYNC.len());
+    let writer = tokio::spawn(async move {
+        let _ = write.write_all(&flood).await;
+        write
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pool = proxy
+        .shared
+        .pools
+        .get("app", "hostile_flood")
+        .expect("pool");
+    let read = pool
+        .stats
+        .bytes_received
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        read < 4 * 1024 * 1024,
+        "{read} bytes read from a client that reads nothing"
+    );
+    assert!(!writer.is_finished(), "the client is held back");
+    writer.abort();
+}

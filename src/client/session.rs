@@ -52,6 +52,10 @@ use crate::shutdown::{Stage, Watch};
 
 /// Stop reading from one side while this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
+
+/// The most replies a backend may owe a client before pgshield stops reading it (each
+/// is a small entry in the reply tracker; a pipeline of thousands still flows).
+const MAX_OWED: usize = 4096;
 /// Read at least this much at a time.
 /// While queued for a backend, read at most this much ahead from the client.
 const QUEUED_READ_LIMIT: usize = 1024 * 1024;
@@ -1070,8 +1074,18 @@ impl Session {
         // `client_in`: up to the same bound.)
         let held = (self.checking.is_some() || self.role_restore_owed())
             && self.client_in.len() >= HIGH_WATER;
+        // Nor while what pgshield answers itself piles up for a client that does not
+        // read it (a flood of Syncs between transactions, of Closes behind a long
+        // statement): PostgreSQL stops reading a client it cannot write to, and so does
+        // pgshield.
+        let answers_pile_up = self.client_out.len() >= HIGH_WATER
+            || self
+                .backend
+                .as_ref()
+                .is_some_and(|b| b.server_ref().replies.owed_len() >= MAX_OWED);
         if read_client
             && self.server_out.len() < HIGH_WATER
+            && !answers_pile_up
             && !held
             && self.client_idle_in != epoch
         {

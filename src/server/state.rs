@@ -698,6 +698,11 @@ impl ReplyTracker {
     pub fn tx_status(&self) -> TxStatus {
         self.tx
     }
+
+    /// How many replies are owed (the server's and pgshield's own).
+    pub fn owed_len(&self) -> usize {
+        self.owed.len()
+    }
 }
 
 #[cfg(test)]
