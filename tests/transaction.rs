@@ -241,6 +241,49 @@ async fn clients_with_their_own_search_path_never_share_a_statement() {
         .expect("drop");
 }
 
+/// A client that goes away while its statement runs: PostgreSQL runs the statement to its
+/// end, as it would for a client of its own, and until then its backend keeps its place
+/// in the pool. The next client waits for that backend (rolled back, lent again) rather
+/// than getting a new one beside the busy one: under load, clients that time out and
+/// retry must not make the pool exceed `max_size` on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_clients_statement_keeps_its_place_until_it_ends() {
+    let proxy = trusted_proxy("tx_departed", "max_size = 1").await;
+    let admin = common::admin().await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_departed").await;
+    raw::send(&mut a, &raw::query("SELECT pg_backend_pid()")).await;
+    let first = row_until_ready(&mut a).await.expect("pid");
+    // In a transaction block too: rolled back when its client is gone, as PostgreSQL does.
+    raw::send(
+        &mut a,
+        &raw::query("BEGIN; CREATE TABLE tx_departed_t (x int); SELECT pg_sleep(1.5)"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = raw::login_trusted(proxy.addr, "tx_departed").await;
+    raw::send(&mut b, &raw::query("SELECT pg_backend_pid()")).await;
+    let waiting = tokio::spawn(async move {
+        let pid = row_until_ready(&mut b).await;
+        (pid, b)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        common::backends_of(&admin, "tx_departed").await,
+        1,
+        "no second backend while the first is busy"
+    );
+    let (second, mut b) = waiting.await.expect("b");
+    assert_eq!(second.as_deref(), Ok(first.as_str()), "the same backend");
+    raw::send(&mut b, &raw::query("SELECT count(*) FROM tx_departed_t")).await;
+    assert_eq!(
+        row_until_ready(&mut b).await,
+        Err("42P01".to_owned()),
+        "rolled back"
+    );
+}
+
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
 /// pgshield must not answer it itself because the backend already has the statement (a
 /// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).

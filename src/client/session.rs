@@ -2613,6 +2613,25 @@ impl Session {
                         backend.discard();
                     }
                 }
+            } else if backend.server_ref().replies.departure_drainable().is_some()
+                && !backend.server_ref().is_broken()
+            {
+                // Its statements run to their end, as PostgreSQL runs what a client sent
+                // before it went away; meanwhile the backend keeps its place in the pool
+                // (the server is still busy: a place given back now would let the pool
+                // open more backends than `max_size` exactly when clients time out and
+                // retry). Then it is rolled back and lent again.
+                let pending = std::mem::take(&mut self.server_out);
+                let drain = backend.server().drain_departed(&pending);
+                match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, drain).await {
+                    Ok(Ok(())) => return_backend(backend, self.cleanup()).await,
+                    Ok(Err(_)) => backend.discard(),
+                    Err(_) => {
+                        // Perhaps cut mid-message: a Terminate would be read as its rest.
+                        backend.server().skip_terminate();
+                        backend.discard();
+                    }
+                }
             } else {
                 hand_over_and_close(backend, std::mem::take(&mut self.server_out)).await;
             }
@@ -2720,8 +2739,10 @@ async fn return_backend(mut backend: Backend, cleanup: Cleanup) {
     }
 }
 
-/// The client left with work queued or running: deliver what it sent, as PostgreSQL would
-/// have received it, then Terminate and close (nobody is left to read the replies).
+/// The client left with work queued or running that cannot be run to its end (an
+/// extended batch without its Sync, a COPY FROM STDIN): deliver what it sent, as
+/// PostgreSQL would have received it, then Terminate and close (nobody is left to read
+/// the replies).
 async fn hand_over_and_close(mut backend: Backend, mut pending: BytesMut) {
     pending.extend_from_slice(&[b'X', 0, 0, 0, 4]);
     let server = backend.server();

@@ -576,6 +576,74 @@ impl Server {
         Ok(())
     }
 
+    /// Runs a departed client's messages to their end, as PostgreSQL runs what a client
+    /// sent before it went away: sends `pending` (whole messages), a Sync if the server
+    /// skips to one after an error, and reads and drops every reply still owed. The
+    /// backend is then at a boundary: rolled back, it can be lent again, and until then it
+    /// keeps its place in the pool (the statement still runs on the server). The caller
+    /// bounds it with a timeout.
+    pub async fn drain_departed(&mut self, pending: &[u8]) -> Result<(), ServerError> {
+        let Some(needs_sync) = self.replies.departure_drainable() else {
+            self.broken = true;
+            return Err(ServerError::Protocol(
+                "replies that cannot be drained".into(),
+            ));
+        };
+        let mut out = BytesMut::from(pending);
+        if needs_sync {
+            out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+            self.replies.sent_with(b'S', state::Hide::All, None);
+        }
+        if let Err(e) = self.stream.send(&out).await {
+            self.broken = true;
+            return Err(ServerError::Io(e));
+        }
+        let mut dropped = BytesMut::new();
+        loop {
+            // (Replies pgshield gave itself, due in their place: nobody to give them to.)
+            self.replies.write_due_fakes(&mut dropped);
+            dropped.clear();
+            if self.replies.at_boundary() {
+                return Ok(());
+            }
+            let read = read_message(&mut self.stream, &mut self.read_buf, MAX_INTERNAL_REPLY);
+            let (tag, body) = match read.await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.broken = true;
+                    return Err(ServerError::from_read(e));
+                }
+            };
+            if self.replies.received(tag, body.first().copied()).is_err() {
+                self.broken = true;
+                return Err(ServerError::Protocol(format!(
+                    "unexpected message type '{}' in reply to a departed client",
+                    char::from(tag)
+                )));
+            }
+            // What a failed or skipped message leaves of the backend's statements (the
+            // client's names went with it).
+            if self.replies.has_takebacks() {
+                let mut nobody = crate::prepared::ClientStatements::default();
+                for undo in self.replies.take_undone().into_iter().rev() {
+                    nobody.undo(&mut self.statements, undo);
+                }
+                for (drop, happened) in self.replies.take_drops() {
+                    if happened {
+                        self.statements.dropping(&drop);
+                    } else {
+                        self.broken = true;
+                    }
+                }
+            }
+            if tag == b'S' {
+                if let Some((name, value)) = parse_parameter_status(&body) {
+                    self.note_param(name, value);
+                }
+            }
+        }
+    }
+
     /// Returns the backend to a clean session: ROLLBACK if a transaction is open, then
     /// DISCARD ALL. Any failure means the backend must be closed instead.
     pub async fn reset(&mut self) -> Result<(), ServerError> {

@@ -346,6 +346,16 @@ impl ReplyTracker {
         self.extended_open || self.skipping_to_sync || self.client_copying
     }
 
+    /// Whether a departed client's messages can be run to their end as PostgreSQL would
+    /// (see [`crate::server::Server::drain_departed`]): its replies can be matched, no
+    /// COPY FROM STDIN waits for its data, and no extended batch waits for a Sync (which
+    /// PostgreSQL would never get: its implicit transaction is not to commit). Also
+    /// whether a Sync must be added: the server skips to one after an error.
+    pub fn departure_drainable(&self) -> Option<bool> {
+        let unsynced = self.extended_open && !self.skipping_to_sync;
+        (!self.unsure && !self.client_copying && !unsynced).then_some(self.skipping_to_sync)
+    }
+
     /// Whether the server answers what is sent now: it is not skipping to a Sync after
     /// an error, nor in COPY FROM STDIN, and the replies can still be matched.
     pub fn answers_what_is_sent(&self) -> bool {
