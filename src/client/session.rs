@@ -2839,9 +2839,11 @@ fn apply_readback(
 ) -> Option<PinReason> {
     let Some(values) = readback.values.filter(|v| v.len() == readback.names.len()) else {
         // The backend may carry settings nobody tracks now: it must not serve anyone else.
-        tracing::info!(names = ?readback.names, "settings read-back failed; closing that backend");
+        // Nor may the client lose them (a late cancel of its own can fail the read-back):
+        // it keeps this backend, which has them, and the backend closes after it.
+        tracing::info!(names = ?readback.names, "settings read-back failed; the client keeps that backend, which is closed after it");
         server.mark_broken();
-        return None;
+        return Some(PinReason::Unclassified);
     };
     let mut not_utf8 = None;
     for (name, value) in readback.names.iter().zip(values) {
