@@ -622,6 +622,12 @@ impl ReplyTracker {
                 self.drops.push((drops, !entry.failed));
             }
         }
+        // A CopyDone or CopyFail the client sent after its COPY failed, before this came:
+        // the server ignores it (it marks the end of no COPY still to come: a later one's
+        // would follow its own statement).
+        while self.owed.front().is_some_and(|e| e.owed == Owed::CopyEnd) {
+            self.owed.pop_front();
+        }
         Ok(())
     }
 
@@ -976,6 +982,22 @@ mod tests {
             assert!(!t.unsure_but_over(), "{extra:?}: {t:?}");
             server(&mut t, "Z").unwrap();
             assert!(t.unsure_but_over(), "{extra:?}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn a_copy_done_between_its_failed_copys_error_and_ready_leaves_nothing_owed() {
+        // The client ends its COPY after the server's error came but before its
+        // ReadyForQuery: the server ignores the CopyDone, and nothing is owed after Z.
+        for end in ["c", "f", "dc"] {
+            let mut t = ReplyTracker::default();
+            client(&mut t, "Q");
+            server(&mut t, "G").unwrap();
+            client(&mut t, "d");
+            server(&mut t, "E").unwrap();
+            client(&mut t, end);
+            server(&mut t, "Z").unwrap();
+            assert!(t.is_idle(), "{end}: {t:?}");
         }
     }
 
