@@ -282,6 +282,50 @@ async fn a_departed_clients_statement_keeps_its_place_until_it_ends() {
         Err("42P01".to_owned()),
         "rolled back"
     );
+    // Outside a transaction block what its statements set stands once they have run:
+    // never for the next client on that backend.
+    let mut c = raw::login_trusted(proxy.addr, "tx_departed").await;
+    raw::send(
+        &mut c,
+        &raw::query("SET statement_timeout = '42s'; SELECT pg_sleep(1)"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    raw::send(&mut b, &raw::query("SELECT pg_backend_pid()")).await;
+    assert_eq!(row_until_ready(&mut b).await.as_deref(), Ok(first.as_str()));
+    raw::send(&mut b, &raw::query("SHOW statement_timeout")).await;
+    assert_eq!(row_until_ready(&mut b).await.as_deref(), Ok("0"));
+}
+
+/// Thousands of messages pgshield answers itself (Closes) behind one the server answers,
+/// before the Sync: the client is not read past a bound while they are owed, and the
+/// server, which keeps its replies until a Sync or a Flush, is asked to flush, so that the
+/// answers come and the client is read again (PostgreSQL alone answers it all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_thousands_of_closes_behind_a_parse_is_answered() {
+    let proxy = trusted_proxy("tx_closes", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_closes").await;
+    raw::send(&mut a, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut a).await;
+    let mut batch = raw::message(b'P', b"s1\0SELECT 1\0\0\0");
+    let closes = 6000;
+    for _ in 0..closes {
+        batch.extend(raw::message(b'C', b"Snope\0"));
+    }
+    batch.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    let (tags, codes) = tokio::time::timeout(Duration::from_secs(20), raw::until_ready(&mut a))
+        .await
+        .expect("answered");
+    assert!(codes.is_empty(), "{codes:?}");
+    assert_eq!(
+        tags.len(),
+        1 + closes + 1,
+        "ParseComplete, CloseCompletes, ReadyForQuery"
+    );
+    assert!(tags.starts_with("13") && tags.ends_with("3Z"));
 }
 
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:

@@ -464,6 +464,9 @@ pub struct Session {
     server_msg: Passing,
     /// After an error pgshield reported in the extended protocol: drop until Sync.
     skip_until_sync: bool,
+    /// A Flush went to the server because the client is not read while so many replies
+    /// are owed (see `poll_io`).
+    asked_flush: bool,
     /// The backend sent a FATAL error (the client has it; no need to add ours).
     server_sent_fatal: bool,
     /// Transaction mode: a FATAL the backend sent that the client has not been given,
@@ -575,6 +578,7 @@ impl Session {
             server_out: BytesMut::new(),
             client_msg: Passing::default(),
             server_msg: Passing::default(),
+            asked_flush: false,
             skip_until_sync: false,
             server_sent_fatal: false,
             server_fatal: None,
@@ -1059,6 +1063,18 @@ impl Session {
             return Poll::Ready(Event::ClientError(e));
         }
         if let Some(backend) = self.backend.as_mut() {
+            let server = backend.server();
+            let owed = server.replies.owed_len();
+            if owed < MAX_OWED {
+                self.asked_flush = false;
+            } else if !self.asked_flush && self.client_msg.left == 0 {
+                // The client is not read now (see below) while its replies are owed: the
+                // server must not hold any back (until a Sync it may keep up to 8 KB of
+                // them unsent, ahead of pgshield's own answers queued behind them).
+                self.server_out.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+                server.replies.sent_with(b'H', Hide::All, None);
+                self.asked_flush = true;
+            }
             if let Poll::Ready(Err(e)) =
                 poll_drain(cx, &mut backend.server().stream, &mut self.server_out)
             {
@@ -2598,10 +2614,7 @@ impl Session {
                 // are under way: their replies are awaited, then the session is reset
                 // whole, even in transaction mode (what a read-back was to tell of the
                 // backend's settings is not known then).
-                let cleanup = match self.cleanup() {
-                    Cleanup::Rollback => Cleanup::Reset,
-                    other => other,
-                };
+                let cleanup = self.whole_cleanup();
                 let pending = std::mem::take(&mut self.server_out);
                 let finish = backend.server().finish_hidden(&pending);
                 match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, finish).await {
@@ -2624,7 +2637,9 @@ impl Session {
                 let pending = std::mem::take(&mut self.server_out);
                 let drain = backend.server().drain_departed(&pending);
                 match tokio::time::timeout(INTERNAL_QUERY_TIMEOUT, drain).await {
-                    Ok(Ok(())) => return_backend(backend, self.cleanup()).await,
+                    // (Reset whole: what the statements set, committed by now, is not
+                    // known to pgshield, which would not give it back for the next client.)
+                    Ok(Ok(())) => return_backend(backend, self.whole_cleanup()).await,
                     Ok(Err(_)) => backend.discard(),
                     Err(_) => {
                         // Perhaps cut mid-message: a Terminate would be read as its rest.
@@ -2647,6 +2662,16 @@ impl Session {
                 let _ = self.client.shutdown().await;
             })
             .await;
+        }
+    }
+
+    /// [`Self::cleanup`], when what the client's last statements did to the session is not
+    /// known (they ran after it went, or pgshield's read-back of them did not finish): the
+    /// whole session is reset, in transaction mode too.
+    fn whole_cleanup(&self) -> Cleanup {
+        match self.cleanup() {
+            Cleanup::Rollback => Cleanup::Reset,
+            other => other,
         }
     }
 

@@ -606,6 +606,12 @@ impl Server {
             if self.replies.at_boundary() {
                 return Ok(());
             }
+            if self.replies.departure_drainable().is_none() {
+                // A COPY FROM STDIN began (nobody will send its data), or the replies
+                // cannot be matched any more: no boundary is coming.
+                self.broken = true;
+                return Err(ServerError::Protocol("a departed client's COPY".into()));
+            }
             let read = read_message(&mut self.stream, &mut self.read_buf, MAX_INTERNAL_REPLY);
             let (tag, body) = match read.await {
                 Ok(m) => m,
