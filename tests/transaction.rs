@@ -299,6 +299,42 @@ async fn a_departed_clients_statement_keeps_its_place_until_it_ends() {
     assert_eq!(row_until_ready(&mut b).await.as_deref(), Ok("0"));
 }
 
+/// A pinned client's settings are not read back: once it changes its search_path, its
+/// statements are its own, not those of clients that resolve the same names elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_changing_its_search_path_shares_no_statement() {
+    let proxy = proxy("tx_pinpath", "max_size = 2").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS tx_pinpath CASCADE; DROP SCHEMA IF EXISTS tx_pinpath_b CASCADE;
+             CREATE SCHEMA tx_pinpath AUTHORIZATION tx_pinpath; CREATE SCHEMA tx_pinpath_b;
+             CREATE TABLE tx_pinpath.items (x int); INSERT INTO tx_pinpath.items VALUES (1);
+             CREATE TABLE tx_pinpath_b.items (x text, y int); INSERT INTO tx_pinpath_b.items VALUES ('b', 2);
+             GRANT USAGE ON SCHEMA tx_pinpath_b TO tx_pinpath;
+             GRANT SELECT ON ALL TABLES IN SCHEMA tx_pinpath, tx_pinpath_b TO tx_pinpath",
+        )
+        .await
+        .expect("schemas");
+    let sql = "SELECT * FROM items";
+    // `d` finds its own schema first ("$user"), with no search_path of its own.
+    let d = proxy.connect("tx_pinpath", "pw").await.expect("d").client;
+    let on_d = d.prepare(sql).await.expect("prepare d");
+    assert_eq!(d.query_one(&on_d, &[]).await.expect("d").len(), 1);
+    let c = proxy.connect("tx_pinpath", "pw").await.expect("c").client;
+    c.batch_execute("LISTEN tx_pinpath_channel; SET search_path = tx_pinpath_b")
+        .await
+        .expect("pinned");
+    let on_c = c.prepare(sql).await.expect("prepare c");
+    assert_eq!(c.query_one(&on_c, &[]).await.expect("c").len(), 2);
+    assert_eq!(d.query_one(&on_d, &[]).await.expect("d again").len(), 1);
+    drop(c);
+    admin
+        .batch_execute("DROP SCHEMA tx_pinpath CASCADE; DROP SCHEMA tx_pinpath_b CASCADE")
+        .await
+        .expect("drop");
+}
+
 /// Thousands of messages pgshield answers itself (Closes) behind one the server answers,
 /// before the Sync: the client is not read past a bound while they are owed, and the
 /// server, which keeps its replies until a Sync or a Flush, is asked to flush, so that the

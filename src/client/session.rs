@@ -345,10 +345,13 @@ fn restores_role(effects: &Effects) -> bool {
 /// be): a private environment of its own.
 fn unsettled(was: u64, flags: u64) -> u64 {
     const FLAGS: u64 = ENCODING_UNSETTLED | QUOTES_UNSETTLED;
-    // (Process-wide: never the same private environment twice.)
-    static UNSETTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let next = UNSETTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    (next & !FLAGS) | (was & FLAGS) | (flags & FLAGS)
+    (private_env() & !FLAGS) | (was & FLAGS) | (flags & FLAGS)
+}
+
+/// A value no other session's environment will have (process-wide, never 0).
+fn private_env() -> u64 {
+    static PRIVATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    PRIVATE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The [`unsettled`] flags of a change: the client's encoding, `standard_conforming_strings`
@@ -1645,6 +1648,18 @@ impl Session {
                     }
                 }
             }
+            if self.pinned.is_some()
+                && (effects.all_settings
+                    || effects
+                        .settings
+                        .iter()
+                        .any(|n| n.eq_ignore_ascii_case("search_path")))
+            {
+                // A pinned client's settings are not read back (it keeps its backend and
+                // them): its search_path is not known from now on, so its statements are
+                // its own, not another schema's.
+                self.search_path_env = private_env();
+            }
             let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
             restore_behind = restore_after(&effects, idle_before).filter(|_| passed_on);
             if restore_behind.is_none() && effects.resets {
@@ -1992,7 +2007,12 @@ impl Session {
                         .filter(|done| !done.names.is_empty())
                     {
                         let pinning = apply_readback(done, &mut self.settings, server);
-                        self.search_path_env = search_path_env(&self.settings);
+                        self.search_path_env = match pinning {
+                            // (Failed: what it was to read, a search_path perhaps, is not
+                            // known.)
+                            Some(_) => private_env(),
+                            None => search_path_env(&self.settings),
+                        };
                         if let Some(reason) = pinning {
                             pin(
                                 &mut self.pinned,
