@@ -478,11 +478,6 @@ pub struct ClientStatements {
     /// a batch doomed to fail and prepare new ones meanwhile, without end. (A Close first
     /// in its batch cannot be skipped: a driver's Close-then-Parse is not held back.)
     closing: Option<Arc<()>>,
-    /// The statement the unnamed portal was bound from in the current batch: a Describe
-    /// of that portal describes its result columns (pgjdbc describes the portal, never
-    /// the statement). Forgotten at the batch's end ([`ClientStatements::batch_ended`]).
-    /// (Not named portals: pgjdbc's run by a fetch size; not worth a map per client.)
-    unnamed_portal: Option<Arc<Statement>>,
 }
 
 /// A map that takes no memory until its first entry: every client has one, and many
@@ -593,6 +588,12 @@ pub struct ServerStatements {
     unnamed: Option<Arc<Statement>>,
     /// The Parse that put `unnamed` there, if it may yet be skipped.
     unnamed_doubt: Option<Doubt>,
+    /// The statement the unnamed portal was bound from in the current batch: a Describe
+    /// of that portal describes its result columns (pgjdbc describes the portal, never
+    /// the statement). Forgotten at the batch's end ([`ServerStatements::batch_ended`]).
+    /// (Kept with the backend, where the portal is, not in every idle client; not named
+    /// portals, pgjdbc's run by a fetch size: not worth a map.)
+    unnamed_portal: Option<Arc<Statement>>,
 }
 
 #[derive(Debug)]
@@ -673,6 +674,7 @@ impl ServerStatements {
             capacity: capacity.max(1),
             unnamed: None,
             unnamed_doubt: None,
+            unnamed_portal: None,
         }
     }
 
@@ -810,11 +812,19 @@ impl ServerStatements {
         self.names.clear();
         self.evicting.clear();
         self.unnamed = None;
+        self.unnamed_portal = None;
     }
 
     /// A simple Query destroys the unnamed statement.
     pub fn forget_unnamed(&mut self) {
         self.unnamed = None;
+        self.unnamed_portal = None;
+    }
+
+    /// The client's batch ended (its Sync, or a Bind refused): the unnamed portal is gone,
+    /// or not the statement's.
+    pub fn batch_ended(&mut self) {
+        self.unnamed_portal = None;
     }
 
     pub fn len(&self) -> usize {
@@ -1058,7 +1068,7 @@ impl ClientStatements {
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
                 if portal.is_empty() {
-                    self.unnamed_portal = None;
+                    server.unnamed_portal = None;
                 }
                 if statement.is_empty()
                     && t.bound
@@ -1093,7 +1103,7 @@ impl ClientStatements {
                 // (The statement it runs once `use_statement` has made it sure; not one it
                 // refuses.)
                 if portal.is_empty() && !t.refuse_stale {
-                    self.unnamed_portal.clone_from(&t.bound);
+                    server.unnamed_portal.clone_from(&t.bound);
                 }
             }
             b'D' | b'C' => {
@@ -1126,7 +1136,7 @@ impl ClientStatements {
                 } else if kind == b'S' {
                     self.close(name, situation.batch_open, &mut t);
                 } else if tag == b'D' && name.is_empty() {
-                    t.portal_of.clone_from(&self.unnamed_portal);
+                    t.portal_of.clone_from(&server.unnamed_portal);
                 }
             }
             b'Q' => {
@@ -1586,13 +1596,6 @@ impl ClientStatements {
     /// The client sent a simple Query: as in PostgreSQL, its unnamed statement is gone.
     pub fn query_sent(&mut self) {
         self.unnamed = None;
-        self.unnamed_portal = None;
-    }
-
-    /// The client's batch ended (its Sync, or a Bind refused): the unnamed portal is gone,
-    /// or not the statement's.
-    pub fn batch_ended(&mut self) {
-        self.unnamed_portal = None;
     }
 
     /// A dropping Query sent when names were at `mark` (see [`Named::mark`]) has run:

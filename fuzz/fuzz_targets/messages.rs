@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     };
     while let Ok(Some((tag, body))) = split_message(&mut buf, 1 << 20) {
         if tag == b'S' {
-            client.batch_ended();
+            server.batch_ended();
         }
         if matches!(tag, b'P' | b'B' | b'D' | b'C') {
             let mut msg = BytesMut::with_capacity(body.len() + 5);

@@ -188,6 +188,8 @@ pub struct ReplyTracker {
     copy_swallowed_messages: bool,
     /// The replies can no longer be matched with certainty (see the module doc).
     unsure: bool,
+    /// A Flush was sent since `max` replies came to be owed (see `flush_due`).
+    flushed: bool,
     tx: TxStatus,
 }
 
@@ -205,6 +207,7 @@ impl Default for ReplyTracker {
             client_copying: false,
             copy_swallowed_messages: false,
             unsure: false,
+            flushed: false,
             tx: TxStatus::Idle,
         }
     }
@@ -718,6 +721,21 @@ impl ReplyTracker {
     /// How many replies are owed (the server's and pgshield's own).
     pub fn owed_len(&self) -> usize {
         self.owed.len()
+    }
+
+    /// Whether the server is to be sent a Flush: `max` replies are owed (so the client is
+    /// not read, and no Sync may come to make the server send what it holds back), and
+    /// none was sent since they came to be that many.
+    pub fn flush_due(&mut self, max: usize) -> bool {
+        if self.owed.len() < max {
+            self.flushed = false;
+        }
+        self.owed.len() >= max && !self.flushed
+    }
+
+    /// The Flush [`ReplyTracker::flush_due`] asked for is on its way.
+    pub fn flush_sent(&mut self) {
+        self.flushed = true;
     }
 }
 
