@@ -303,7 +303,7 @@ async fn a_departed_clients_statement_keeps_its_place_until_it_ends() {
 /// statements are its own, not those of clients that resolve the same names elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_client_changing_its_search_path_shares_no_statement() {
-    let proxy = proxy("tx_pinpath", "max_size = 2").await;
+    let proxy = proxy("tx_pinpath", "max_size = 3").await;
     let admin = common::admin().await;
     admin
         .batch_execute(
@@ -328,7 +328,18 @@ async fn a_pinned_client_changing_its_search_path_shares_no_statement() {
     let on_c = c.prepare(sql).await.expect("prepare c");
     assert_eq!(c.query_one(&on_c, &[]).await.expect("c").len(), 2);
     assert_eq!(d.query_one(&on_d, &[]).await.expect("d again").len(), 1);
-    drop(c);
+    // Set before the pin, in the transaction that pins it: never read back either.
+    let e = proxy.connect("tx_pinpath", "pw").await.expect("e").client;
+    e.batch_execute("BEGIN; SET search_path = tx_pinpath_b")
+        .await
+        .expect("set");
+    e.batch_execute("LISTEN tx_pinpath_other; COMMIT")
+        .await
+        .expect("pinned");
+    let on_e = e.prepare(sql).await.expect("prepare e");
+    assert_eq!(e.query_one(&on_e, &[]).await.expect("e").len(), 2);
+    assert_eq!(d.query_one(&on_d, &[]).await.expect("d still").len(), 1);
+    drop((c, e));
     admin
         .batch_execute("DROP SCHEMA tx_pinpath CASCADE; DROP SCHEMA tx_pinpath_b CASCADE")
         .await

@@ -1662,17 +1662,24 @@ impl Session {
                     }
                 }
             }
+            let search_path = |all: bool, names: &[String]| {
+                all || names.iter().any(|n| n.eq_ignore_ascii_case("search_path"))
+            };
+            let unread = self
+                .follow_up
+                .as_ref()
+                .is_some_and(|f| search_path(f.dirty.all, &f.dirty.names));
             if self.pinned.is_some()
-                && (effects.all_settings
-                    || effects
-                        .settings
-                        .iter()
-                        .any(|n| n.eq_ignore_ascii_case("search_path")))
+                && (search_path(effects.all_settings, &effects.settings) || unread)
             {
                 // A pinned client's settings are not read back (it keeps its backend and
                 // them): its search_path is not known from now on, so its statements are
-                // its own, not another schema's.
+                // its own, not another schema's. (What was to be read back never will be:
+                // forgotten, so that this happens once for it.)
                 keep_search_path_env(&mut self.follow_up, private_env());
+                if let Some(f) = self.follow_up.as_mut() {
+                    f.dirty = Dirty::default();
+                }
             }
             let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
             restore_behind = restore_after(&effects, idle_before).filter(|_| passed_on);
@@ -2022,11 +2029,13 @@ impl Session {
                         .filter(|done| !done.names.is_empty())
                     {
                         let pinning = apply_readback(done, &mut self.settings, server);
-                        let own = match pinning {
+                        let own = if pinning.is_some() || self.pinned.is_some() {
                             // (Failed: what it was to read, a search_path perhaps, is not
-                            // known.)
-                            Some(_) => private_env(),
-                            None => search_path_env(&self.settings),
+                            // known; or pinned since it was sent: what the client has
+                            // set since is not read back.)
+                            private_env()
+                        } else {
+                            search_path_env(&self.settings)
                         };
                         keep_search_path_env(&mut self.follow_up, own);
                         if let Some(reason) = pinning {

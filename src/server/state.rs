@@ -631,6 +631,11 @@ impl ReplyTracker {
         while self.owed.front().is_some_and(|e| e.owed == Owed::CopyEnd) {
             self.owed.pop_front();
         }
+        // (Nothing owed: the next pile-up, this client's or the next one's on this
+        // backend, is to be flushed again.)
+        if self.owed.is_empty() {
+            self.flushed = false;
+        }
         Ok(())
     }
 
@@ -1001,6 +1006,22 @@ mod tests {
             server(&mut t, "Z").unwrap();
             assert!(t.unsure_but_over(), "{extra:?}: {t:?}");
         }
+    }
+
+    #[test]
+    fn a_pile_up_of_owed_replies_asks_for_one_flush_each_time() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "QQ");
+        assert!(!t.flush_due(3));
+        client(&mut t, "Q");
+        assert!(t.flush_due(3));
+        t.flush_sent();
+        assert!(!t.flush_due(3), "once");
+        // All answered before the relay looked again (the backend may go to another
+        // client now): the next pile-up is flushed too.
+        server(&mut t, "CZCZCZ").unwrap();
+        client(&mut t, "QQQ");
+        assert!(t.flush_due(3));
     }
 
     #[test]
