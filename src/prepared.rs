@@ -588,13 +588,17 @@ pub struct ServerStatements {
     unnamed: Option<Arc<Statement>>,
     /// The Parse that put `unnamed` there, if it may yet be skipped.
     unnamed_doubt: Option<Doubt>,
-    /// The statement the unnamed portal was bound from in the current batch: a Describe
-    /// of that portal describes its result columns (pgjdbc describes the portal, never
-    /// the statement). Forgotten at the batch's end ([`ServerStatements::batch_ended`]).
-    /// (Kept with the backend, where the portal is, not in every idle client; not named
-    /// portals, pgjdbc's run by a fetch size: not worth a map.)
-    unnamed_portal: Option<Arc<Statement>>,
+    /// The statements the portals of the current batch were bound from (the unnamed
+    /// portal's name is empty; at most [`PORTALS_KEPT`], latest last): a Describe of such
+    /// a portal describes its statement's result columns (pgjdbc describes portals, never
+    /// statements; a named one when it runs a query by a fetch size). Forgotten at the
+    /// batch's end ([`ServerStatements::batch_ended`]); kept with the backend, where the
+    /// portals are, not in every idle client, and its room kept for the next batch.
+    portals: Vec<(Box<str>, Arc<Statement>)>,
 }
+
+/// How many portals' statements a batch keeps (see `ServerStatements::portals`).
+const PORTALS_KEPT: usize = 4;
 
 #[derive(Debug)]
 struct Prepared {
@@ -674,7 +678,7 @@ impl ServerStatements {
             capacity: capacity.max(1),
             unnamed: None,
             unnamed_doubt: None,
-            unnamed_portal: None,
+            portals: Vec::new(),
         }
     }
 
@@ -812,19 +816,19 @@ impl ServerStatements {
         self.names.clear();
         self.evicting.clear();
         self.unnamed = None;
-        self.unnamed_portal = None;
+        self.portals.clear();
     }
 
-    /// A simple Query destroys the unnamed statement.
+    /// A simple Query destroys the unnamed statement (and the unnamed portal).
     pub fn forget_unnamed(&mut self) {
         self.unnamed = None;
-        self.unnamed_portal = None;
+        self.portals.retain(|(portal, _)| !portal.is_empty());
     }
 
-    /// The client's batch ended (its Sync, or a Bind refused): the unnamed portal is gone,
-    /// or not the statement's.
+    /// The client's batch ended (its Sync, or a Bind refused): its portals are gone, or
+    /// not the statements'.
     pub fn batch_ended(&mut self) {
-        self.unnamed_portal = None;
+        self.portals.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -1067,9 +1071,7 @@ impl ClientStatements {
                 };
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
-                if portal.is_empty() {
-                    server.unnamed_portal = None;
-                }
+                server.portals.retain(|(p, _)| **p != *portal);
                 if statement.is_empty()
                     && t.bound
                         .as_ref()
@@ -1102,8 +1104,11 @@ impl ClientStatements {
                 }
                 // (The statement it runs once `use_statement` has made it sure; not one it
                 // refuses.)
-                if portal.is_empty() && !t.refuse_stale {
-                    server.unnamed_portal.clone_from(&t.bound);
+                if let Some(bound) = t.bound.as_ref().filter(|_| !t.refuse_stale) {
+                    if server.portals.len() == PORTALS_KEPT {
+                        server.portals.remove(0);
+                    }
+                    server.portals.push((portal.into(), Arc::clone(bound)));
                 }
             }
             b'D' | b'C' => {
@@ -1135,8 +1140,13 @@ impl ClientStatements {
                     }
                 } else if kind == b'S' {
                     self.close(name, situation.batch_open, &mut t);
-                } else if tag == b'D' && name.is_empty() {
-                    t.portal_of.clone_from(&server.unnamed_portal);
+                } else if tag == b'D' {
+                    t.portal_of = server
+                        .portals
+                        .iter()
+                        .rev()
+                        .find(|(portal, _)| **portal == *name)
+                        .map(|(_, statement)| Arc::clone(statement));
                 }
             }
             b'Q' => {

@@ -1375,32 +1375,46 @@ async fn a_statement_whose_columns_changed_is_refused_on_a_backend_preparing_it_
 /// columns: a backend preparing it afresh after they changed must not run it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_described_only_through_its_portals_is_refused_when_its_columns_changed() {
-    let proxy = trusted_proxy("tx_portal", "max_size = 2").await;
-    let connect = || async {
-        proxy
-            .connect("tx_portal", "pw")
-            .await
-            .expect("login")
-            .client
-    };
+    described_only_through_a_portal("tx_portal", "").await;
+}
+
+/// The same through a named portal (pgjdbc's, for a query run by a fetch size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_described_only_through_a_named_portal_is_refused_too() {
+    described_only_through_a_portal("tx_portal_named", "C_1").await;
+}
+
+async fn described_only_through_a_portal(role: &str, portal: &str) {
+    let proxy = trusted_proxy(role, "max_size = 2").await;
+    let connect = || async { proxy.connect(role, "pw").await.expect("login").client };
     let (h1, h2) = (connect().await, connect().await);
-    let mut a = raw::login_trusted(proxy.addr, "tx_portal").await;
-    h1.batch_execute("DROP TABLE IF EXISTS tx_portal_t; CREATE TABLE tx_portal_t (x int); INSERT INTO tx_portal_t VALUES (1)")
-        .await
-        .expect("table");
+    let mut a = raw::login_trusted(proxy.addr, role).await;
+    let table = format!("{role}_t");
+    h1.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (1)"
+    ))
+    .await
+    .expect("table");
+    let named = |tag: u8, head: &[u8], tail: &[u8]| {
+        let mut body = head.to_vec();
+        body.extend_from_slice(portal.as_bytes());
+        body.push(0);
+        body.extend_from_slice(tail);
+        raw::message(tag, &body)
+    };
     let bind_execute = |describe: bool| {
-        let mut bytes = raw::message(b'B', b"\0S_1\0\0\0\0\0\0\0");
+        let mut bytes = named(b'B', b"", b"S_1\0\0\0\0\0\0\0");
         if describe {
-            bytes.extend(raw::message(b'D', b"P\0"));
+            bytes.extend(named(b'D', b"P", b""));
         }
-        bytes.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+        bytes.extend(named(b'E', b"", &[0, 0, 0, 0]));
         bytes.extend_from_slice(&raw::SYNC);
         bytes
     };
     // `a` prepares and runs it on one backend (h1 holds the other).
     h1.batch_execute("BEGIN").await.expect("begin");
     let other = pid(&h1).await.to_string();
-    let mut first = raw::message(b'P', b"S_1\0SELECT * FROM tx_portal_t\0\0\0");
+    let mut first = raw::message(b'P', format!("S_1\0SELECT * FROM {table}\0\0\0").as_bytes());
     first.extend(bind_execute(true));
     raw::send(&mut a, &first).await;
     assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("1"));
@@ -1409,7 +1423,9 @@ async fn a_statement_described_only_through_its_portals_is_refused_when_its_colu
     h1.batch_execute("COMMIT").await.expect("commit");
     common::admin()
         .await
-        .batch_execute("ALTER TABLE tx_portal_t ALTER COLUMN x TYPE text USING x || 'x'")
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ALTER COLUMN x TYPE text USING x || 'x'"
+        ))
         .await
         .expect("alter");
     // Hold the backend `a` used, so that its next Bind goes to `other`, which lacks it.
@@ -1430,7 +1446,7 @@ async fn a_statement_described_only_through_its_portals_is_refused_when_its_colu
     for held in [&h1, &h2] {
         let _ = held.batch_execute("COMMIT").await;
     }
-    h1.batch_execute("DROP TABLE tx_portal_t")
+    h1.batch_execute(&format!("DROP TABLE {table}"))
         .await
         .expect("drop");
 }

@@ -1188,7 +1188,7 @@ impl Session {
                 self.registered.info.note_request(now);
             }
             if header.tag == b'S' {
-                // (Its batch's unnamed portal ends with it.)
+                // (What its batch's portals were bound from is forgotten with it.)
                 if let Some(backend) = self.backend.as_mut() {
                     backend.server().statements.batch_ended();
                 }
@@ -1785,7 +1785,7 @@ impl Session {
         if let Translation::Rewritten { at, .. } = translation {
             server_out.truncate(at);
         }
-        // (Its portal, if unnamed, runs the refusal: a Describe of it is not the statement's.)
+        // (Its portal runs the refusal: a Describe of it is not the statement's.)
         server.statements.batch_ended();
         let refusal = registry.own(refusal);
         let (head, injected) = statements.refusal_bind(
