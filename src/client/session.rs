@@ -1080,9 +1080,12 @@ impl Session {
         if let Poll::Ready(Err(e)) = drained {
             return Poll::Ready(Event::ClientError(e));
         }
+        // (Many replies owed: the client is not read, see below.)
+        let mut owed_full = false;
         if let Some(backend) = self.backend.as_mut() {
             let server = backend.server();
-            if server.replies.flush_due(MAX_OWED) && self.client_msg.left == 0 {
+            owed_full = server.replies.flush_due(MAX_OWED);
+            if owed_full && !server.replies.flush_sent_already() && self.client_msg.left == 0 {
                 // The client is not read now (see below) while its replies are owed: the
                 // server must not hold any back (until a Sync it may keep up to 8 KB of
                 // them unsent, ahead of pgshield's own answers queued behind them).
@@ -1109,11 +1112,7 @@ impl Session {
         // read it (a flood of Syncs between transactions, of Closes behind a long
         // statement): PostgreSQL stops reading a client it cannot write to, and so does
         // pgshield.
-        let answers_pile_up = self.client_out.len() >= HIGH_WATER
-            || self
-                .backend
-                .as_ref()
-                .is_some_and(|b| b.server_ref().replies.owed_len() >= MAX_OWED);
+        let answers_pile_up = self.client_out.len() >= HIGH_WATER || owed_full;
         if read_client
             && self.server_out.len() < HIGH_WATER
             && !answers_pile_up

@@ -728,14 +728,20 @@ impl ReplyTracker {
         self.owed.len()
     }
 
-    /// Whether the server is to be sent a Flush: `max` replies are owed (so the client is
-    /// not read, and no Sync may come to make the server send what it holds back), and
-    /// none was sent since they came to be that many.
+    /// Whether `max` replies are owed (so the client is not read, and no Sync may come to
+    /// make the server send what it holds back: it is to be sent a Flush, unless
+    /// [`ReplyTracker::flush_sent_already`]).
     pub fn flush_due(&mut self, max: usize) -> bool {
-        if self.owed.len() < max {
+        let full = self.owed.len() >= max;
+        if !full {
             self.flushed = false;
         }
-        self.owed.len() >= max && !self.flushed
+        full
+    }
+
+    /// A Flush was sent since the replies owed came to be that many.
+    pub fn flush_sent_already(&self) -> bool {
+        self.flushed
     }
 
     /// The Flush [`ReplyTracker::flush_due`] asked for is on its way.
@@ -1010,18 +1016,20 @@ mod tests {
 
     #[test]
     fn a_pile_up_of_owed_replies_asks_for_one_flush_each_time() {
+        let due = |t: &mut ReplyTracker| t.flush_due(3) && !t.flush_sent_already();
         let mut t = ReplyTracker::default();
         client(&mut t, "QQ");
-        assert!(!t.flush_due(3));
+        assert!(!due(&mut t));
         client(&mut t, "Q");
-        assert!(t.flush_due(3));
+        assert!(due(&mut t));
         t.flush_sent();
-        assert!(!t.flush_due(3), "once");
+        assert!(!due(&mut t), "once");
+        assert!(t.flush_due(3), "still full");
         // All answered before the relay looked again (the backend may go to another
         // client now): the next pile-up is flushed too.
         server(&mut t, "CZCZCZ").unwrap();
         client(&mut t, "QQQ");
-        assert!(t.flush_due(3));
+        assert!(due(&mut t));
     }
 
     #[test]
