@@ -1231,27 +1231,11 @@ impl ClientStatements {
         let client_name: (Arc<str>, u64) = (name.into(), named.made_by);
         self.named.insert(Arc::clone(&client_name.0), named);
         let presence = server.presence(statement.name(), situation.batch);
-        if presence == Presence::Present
-            && situation.failed_transaction
-            && !crate::client::sql::ends_transaction(query)
-        {
-            // Not answered: the server is to refuse it (25P02) and skip to the Sync, as
-            // it refuses any Parse there. It has the statement: nothing of its to undo.
-            let mut head = BytesMut::new();
-            statement.write_parse(statement.name(), &mut head);
-            t.translation = Translation::Rewrite {
-                head,
-                consumed: len,
-            };
-            t.undo = Some(Undo::Parse {
-                client_name: Some(client_name),
-                statement,
-                sent: None,
-                behind_close: false,
-            });
-            return;
-        }
-        if presence == Presence::Present {
+        // In a failed transaction the server refuses it (25P02) and skips to the Sync, as
+        // it refuses any Parse there but one that ends the transaction: not answered here.
+        let refused_there =
+            situation.failed_transaction && !crate::client::sql::ends_transaction(query);
+        if presence == Presence::Present && !refused_there {
             t.translation = Translation::Answered;
             t.fake = Some(crate::server::state::Fake::ParseComplete);
             t.undo = Some(Undo::Parse {
@@ -1262,7 +1246,9 @@ impl ClientStatements {
             });
             return;
         }
-        let token = record_parse(server, statement.name(), (presence, situation), out, t);
+        // (One the backend has, sent to be refused: nothing of the backend's to record.)
+        let sent = (presence != Presence::Present)
+            .then(|| record_parse(server, statement.name(), (presence, situation), out, t));
         let mut head = BytesMut::new();
         statement.write_parse(statement.name(), &mut head);
         t.translation = Translation::Rewrite {
@@ -1272,7 +1258,7 @@ impl ClientStatements {
         t.undo = Some(Undo::Parse {
             client_name: Some(client_name),
             statement,
-            sent: Some(token),
+            sent,
             behind_close: presence == Presence::Unsure,
         });
     }

@@ -552,25 +552,32 @@ impl Server {
             return Err(ServerError::Io(e));
         }
         while !self.replies.at_boundary() {
-            let read = read_message(&mut self.stream, &mut self.read_buf, MAX_INTERNAL_REPLY);
-            let (tag, body) = match read.await {
-                Ok(m) => m,
-                Err(e) => {
-                    self.broken = true;
-                    return Err(ServerError::from_read(e));
-                }
-            };
-            if self.replies.received(tag, body.first().copied()).is_err() {
+            self.read_owed_reply("a hidden query").await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one reply nobody is to see (in answer to `what`): matched with what is
+    /// owed, a ParameterStatus noted. Any failure marks the backend broken.
+    async fn read_owed_reply(&mut self, what: &str) -> Result<(), ServerError> {
+        let read = read_message(&mut self.stream, &mut self.read_buf, MAX_INTERNAL_REPLY);
+        let (tag, body) = match read.await {
+            Ok(m) => m,
+            Err(e) => {
                 self.broken = true;
-                return Err(ServerError::Protocol(format!(
-                    "unexpected message type '{}' in reply to a hidden query",
-                    char::from(tag)
-                )));
+                return Err(ServerError::from_read(e));
             }
-            if tag == b'S' {
-                if let Some((name, value)) = parse_parameter_status(&body) {
-                    self.note_param(name, value);
-                }
+        };
+        if self.replies.received(tag, body.first().copied()).is_err() {
+            self.broken = true;
+            return Err(ServerError::Protocol(format!(
+                "unexpected message type '{}' in reply to {what}",
+                char::from(tag)
+            )));
+        }
+        if tag == b'S' {
+            if let Some((name, value)) = parse_parameter_status(&body) {
+                self.note_param(name, value);
             }
         }
         Ok(())
@@ -612,21 +619,7 @@ impl Server {
                 self.broken = true;
                 return Err(ServerError::Protocol("a departed client's COPY".into()));
             }
-            let read = read_message(&mut self.stream, &mut self.read_buf, MAX_INTERNAL_REPLY);
-            let (tag, body) = match read.await {
-                Ok(m) => m,
-                Err(e) => {
-                    self.broken = true;
-                    return Err(ServerError::from_read(e));
-                }
-            };
-            if self.replies.received(tag, body.first().copied()).is_err() {
-                self.broken = true;
-                return Err(ServerError::Protocol(format!(
-                    "unexpected message type '{}' in reply to a departed client",
-                    char::from(tag)
-                )));
-            }
+            self.read_owed_reply("a departed client").await?;
             // What a failed or skipped message leaves of the backend's statements (the
             // client's names went with it).
             if self.replies.has_takebacks() {
@@ -640,11 +633,6 @@ impl Server {
                     } else {
                         self.broken = true;
                     }
-                }
-            }
-            if tag == b'S' {
-                if let Some((name, value)) = parse_parameter_status(&body) {
-                    self.note_param(name, value);
                 }
             }
         }
