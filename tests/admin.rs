@@ -408,6 +408,27 @@ async fn a_client_whose_backend_is_health_checked_waits_as_for_a_borrow() {
 }
 
 #[tokio::test]
+async fn a_backend_given_back_between_transactions_is_idle_in_show_pools() {
+    let proxy = proxy("adm_warm", "").await;
+    let admin = console(&proxy, "adm_warm_ops").await;
+    let conn = proxy.connect("adm_warm", "pw").await.expect("login");
+    for _ in 0..3 {
+        conn.client.simple_query("SELECT 1").await.expect("query");
+        let pools = show(&admin.client, "SHOW POOLS").await;
+        let mine = pools
+            .iter()
+            .find(|r| r["user"] == "adm_warm")
+            .expect("the pool");
+        assert_eq!(
+            (mine["sv_idle"].as_str(), mine["sv_active"].as_str()),
+            ("1", "0"),
+            "{mine:?}"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn show_clients_and_servers_and_kill_client() {
     let proxy = proxy("adm_kill", "").await;
     let admin = console(&proxy, "adm_kill_ops").await;

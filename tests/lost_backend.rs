@@ -213,6 +213,39 @@ async fn a_backend_idle_past_health_check_after_that_answers_is_lent_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_its_server_closed_between_transactions_is_not_lent_again() {
+    let proxy = proxy_for("lost_between").await;
+    let conn = proxy.connect("lost_between", "pw").await.expect("login");
+    let admin = common::admin().await;
+    for _ in 0..3 {
+        let given_back = pid(&conn.client).await;
+        // Closed by its server right after its transaction: lent again at once, not
+        // after the pool's upkeep (once a second) has looked at it.
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&given_back])
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&given_back],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let next = pid(&conn.client).await;
+        assert_ne!(next, given_back, "a closed backend was lent");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_backend_with_a_setting_changed_in_its_transaction_ends_the_session() {
     let proxy = proxy_for("lost_set").await;
     let conn = proxy.connect("lost_set", "pw").await.expect("login");

@@ -2468,6 +2468,9 @@ impl Session {
             return Err(End::Shutdown);
         }
         let pool = Arc::clone(&self.pool);
+        if let Some(backend) = pool.lend_warm() {
+            return Ok(self.take_lent(backend));
+        }
         // (Pinned where it is made: the future is large, and a move is a copy of it.)
         let borrow = std::pin::pin!(pool.lend_at_once());
         let Some(borrow) = borrow.as_pin_mut() else {
@@ -2489,12 +2492,17 @@ impl Session {
         if backend.server_ref().check_due {
             return Ok(Taken::Check(Box::new(backend)));
         }
+        Ok(self.take_lent(backend))
+    }
+
+    /// A backend lent at once, and checked if it was due.
+    fn take_lent(&mut self, backend: Backend) -> Taken {
         self.note_borrowed(Duration::ZERO);
         if self.needs_settling(&backend) {
-            return Ok(Taken::Settle(Box::new(backend)));
+            return Taken::Settle(Box::new(backend));
         }
         self.hold(backend);
-        Ok(Taken::Held)
+        Taken::Held
     }
 
     /// Whether a lent backend needs [`Self::settle_backend`] before the client has it:

@@ -26,6 +26,8 @@ pub(super) async fn run(pool: Arc<Pool>, stop: CancellationToken) {
             tracing::info!(pool = %pool.name, "closed a pool the configuration no longer has: its last client left");
             return;
         }
+        // Deadpool sees every idle backend, the warm ones too.
+        pool.cool();
         evict(&pool);
         if let Err(e) = fill_to_min_idle(&pool).await {
             if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {

@@ -25,7 +25,7 @@ mod janitor;
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -448,6 +448,8 @@ pub struct Pool {
     database: String,
     user: String,
     inner: managed::Pool<ServerManager>,
+    /// Backends given back at rest, lent again before deadpool's idle ones.
+    warm: Arc<Warm>,
     /// `max_size`: a place is held by each lent backend. (deadpool's own limit cannot be
     /// lowered while backends are lent; this one can, see [`Capacity`].)
     gate: Arc<Capacity>,
@@ -469,6 +471,40 @@ pub struct Pool {
     /// pool: its backends are its own, and what a text means (its result columns, the
     /// types it names) depends on the database and on the user (search_path).
     pub statements: crate::prepared::Registry,
+}
+
+/// The backends of a pool given back at rest, lent again newest first without a round
+/// through deadpool: its queue, its semaphore and its recycle step cost a transaction-mode
+/// borrow more than all the rest of the pool's work (docs/BENCHMARKS.md). A warm backend
+/// holds no place under `max_size`, is checked as deadpool's recycle checks it when it is
+/// lent ([`ServerManager::unfit`]), and counts as idle in [`Pool::status`]. Deadpool counts
+/// it as lent, so wherever deadpool's own view of the idle backends must be whole (each
+/// janitor tick, for idle timeouts, health checks and `min_idle`; SHOW SERVERS,
+/// RECONNECT, PAUSE, a resize, `max_db_connections`, closing) [`Pool::cool`] gives the
+/// warm ones back to deadpool first.
+struct Warm {
+    stack: Mutex<Vec<Object<ServerManager>>>,
+    /// Takes backends in; false while paused and once closed.
+    open: AtomicBool,
+    /// Borrowers waiting in deadpool's own queue (a place held, no backend to be had):
+    /// backends go back to deadpool while any does.
+    in_deadpool_queue: AtomicUsize,
+}
+
+impl Warm {
+    /// Keeps `obj` warm, or gives it back (`Err`) to go to deadpool.
+    fn put(&self, obj: Object<ServerManager>) -> Result<(), Object<ServerManager>> {
+        if self.in_deadpool_queue.load(Ordering::Acquire) > 0 {
+            return Err(obj);
+        }
+        let mut stack = lock(&self.stack);
+        // (Looked at under the lock: `Pool::cool` empties the stack after closing it.)
+        if !self.open.load(Ordering::Acquire) {
+            return Err(obj);
+        }
+        stack.push(obj);
+        Ok(())
+    }
 }
 
 /// One borrower counted as waiting for a place, until dropped.
@@ -614,6 +650,11 @@ impl Pool {
             database: database.to_owned(),
             user: user.to_owned(),
             inner,
+            warm: Arc::new(Warm {
+                stack: Mutex::new(Vec::new()),
+                open: AtomicBool::new(true),
+                in_deadpool_queue: AtomicUsize::new(0),
+            }),
             gate: Capacity::new(settings.max_size),
             queued: AtomicUsize::new(0),
             retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
@@ -667,6 +708,7 @@ impl Pool {
         }
         let old = manager.settings.swap(Arc::new(settings.clone()));
         if old.max_size != settings.max_size {
+            self.cool();
             self.gate.resize(settings.max_size);
             self.inner.resize(settings.max_size);
             tracing::info!(pool = %self.name, from = old.max_size, to = settings.max_size, "reload: pool resized");
@@ -722,6 +764,7 @@ impl Pool {
         let mut settings = (*old).clone();
         settings.max_size = max_size;
         manager.settings.store(Arc::new(settings));
+        self.cool();
         self.gate.resize(max_size);
         self.inner.resize(max_size);
         tracing::info!(pool = %self.name, from = old.max_size, to = max_size, "max_connections_percent: pool resized");
@@ -825,6 +868,7 @@ impl Pool {
     /// Stops lending backends (the first half of PAUSE).
     pub fn hold(&self) {
         self.paused.store(true, Ordering::Release);
+        self.warm.open.store(false, Ordering::Release);
     }
 
     /// Waits until no backend is open or being borrowed; gives up if resumed meanwhile.
@@ -833,6 +877,7 @@ impl Pool {
             if !self.is_paused() {
                 return;
             }
+            self.cool();
             self.inner.retain(|_, _| false);
             let s = self.status();
             // `waiting` counts borrows in progress, a backend being opened included.
@@ -870,6 +915,9 @@ impl Pool {
 
     pub fn resume(&self) {
         self.paused.store(false, Ordering::Release);
+        if !self.inner.is_closed() {
+            self.warm.open.store(true, Ordering::Release);
+        }
         self.resumed.notify_waiters();
     }
 
@@ -896,6 +944,7 @@ impl Pool {
 
     /// The idle backends: (server id, pid, peer, local address, opened at, TLS).
     pub fn idle_servers(&self) -> Vec<IdleServer> {
+        self.cool();
         let mut idle = Vec::new();
         self.inner.retain(|server, _| {
             idle.push(IdleServer {
@@ -926,6 +975,7 @@ impl Pool {
             .manager()
             .generation
             .fetch_add(1, Ordering::AcqRel);
+        self.cool();
         self.inner.retain(|_, _| false);
     }
 
@@ -1008,7 +1058,7 @@ impl Pool {
             return None;
         }
         let place = self.gate.try_take()?;
-        if self.inner.status().available == 0 {
+        if self.inner.status().available == 0 && lock(&self.warm.stack).is_empty() {
             return None;
         }
         Some(self.borrow_holding(Some(place)))
@@ -1045,6 +1095,9 @@ impl Pool {
         // taken without a timer, as a wait of zero is deadpool's non-blocking path.
         // Should it not be, the borrow goes on as one that waits, under what is left of
         // `borrow_timeout`.
+        if let Some(obj) = self.take_warm(&settings) {
+            return Ok(self.lent(obj, place, &settings));
+        }
         let timeouts = |wait| Timeouts {
             wait,
             create: None,
@@ -1056,6 +1109,13 @@ impl Pool {
             .await
         {
             Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => {
+                // Deadpool is full because of warm backends given back meanwhile: one
+                // is lent. Otherwise, while this borrow waits in deadpool's queue, the
+                // backends given back go there.
+                let _queued = Queued::join(&self.warm.in_deadpool_queue);
+                if let Some(obj) = self.take_warm(&settings) {
+                    return Ok(self.lent(obj, place, &settings));
+                }
                 let left = settings.borrow_timeout.map(|limit| {
                     started.map_or(limit, |started| limit.saturating_sub(started.elapsed()))
                 });
@@ -1064,11 +1124,7 @@ impl Pool {
             got => got,
         };
         match got {
-            Ok(obj) => Ok(Backend {
-                obj: Some(obj),
-                _place: Some(place),
-                lifetime: settings.server_lifetime,
-            }),
+            Ok(obj) => Ok(self.lent(obj, place, &settings)),
             Err(e) => Err(self.borrow_error(e, &settings)),
         }
     }
@@ -1134,10 +1190,12 @@ impl Pool {
 
     pub fn status(&self) -> PoolStatus {
         let s = self.inner.status();
+        // (Deadpool counts the warm ones as lent.)
+        let warm = lock(&self.warm.stack).len();
         PoolStatus {
             max_size: self.gate.max(),
             open: s.size,
-            idle: s.available,
+            idle: s.available + warm,
             waiting: s.waiting + self.queued.load(Ordering::Relaxed),
         }
     }
@@ -1146,6 +1204,56 @@ impl Pool {
     pub fn close(&self) {
         self.gate.close();
         self.inner.close();
+        self.warm.open.store(false, Ordering::Release);
+        self.cool();
+    }
+
+    /// Gives the warm backends back to deadpool (see [`Warm`]), the most recently used
+    /// last, so that it is the first deadpool lends.
+    pub(crate) fn cool(&self) {
+        let warm = std::mem::take(&mut *lock(&self.warm.stack));
+        drop(warm);
+    }
+
+    /// A warm backend fit to lend, if any (see [`Warm`]); those found unfit are closed,
+    /// and one due for a health check goes to deadpool, whose recycle step runs it.
+    fn take_warm(&self, settings: &PoolSettings) -> Option<Object<ServerManager>> {
+        let manager = self.inner.manager();
+        loop {
+            let obj = lock(&self.warm.stack).pop()?;
+            if let Some(reason) = manager.unfit(&obj, settings) {
+                backend_event!(settings.log_connections, pool = %self.name, server = %obj.id(), pid = obj.process_id(), reason, "closing backend instead of lending it");
+                drop(Object::take(obj));
+            } else if settings
+                .health_check_after
+                .is_some_and(|after| obj.idle_for() >= after)
+            {
+                drop(obj);
+            } else {
+                return Some(obj);
+            }
+        }
+    }
+
+    fn lent(&self, obj: Object<ServerManager>, place: Place, settings: &PoolSettings) -> Backend {
+        Backend {
+            obj: Some(obj),
+            _place: Some(place),
+            lifetime: settings.server_lifetime,
+            warm: Some(Arc::clone(&self.warm)),
+        }
+    }
+
+    /// A warm backend now, with a place under `max_size`, if both are to be had without
+    /// waiting: the borrow of a transaction-mode client, most of the time.
+    pub(crate) fn lend_warm(&self) -> Option<Backend> {
+        if self.is_paused() || lock(&self.warm.stack).is_empty() {
+            return None;
+        }
+        let place = self.gate.try_take()?;
+        let settings = self.inner.manager().settings.load();
+        let obj = self.take_warm(&settings)?;
+        Some(self.lent(obj, place, &settings))
     }
 }
 
@@ -1157,6 +1265,8 @@ pub struct Backend {
     /// drops after `Drop::drop` has returned or closed the backend).
     _place: Option<Place>,
     lifetime: Option<Duration>,
+    /// Where it goes back to first (see [`Warm`]).
+    warm: Option<Arc<Warm>>,
 }
 
 impl Backend {
@@ -1196,7 +1306,17 @@ impl Backend {
             });
         if obj.is_reusable() && !expired && !over_share {
             obj.mark_idle_now();
-            drop(obj);
+            // (A lowered `max_size` takes the places of backends given back to deadpool,
+            // which closes those beyond its size.)
+            let in_debt = self._place.as_ref().is_some_and(|p| p.capacity.in_debt());
+            match self.warm.as_ref().filter(|_| !in_debt) {
+                Some(warm) => {
+                    if let Err(obj) = warm.put(obj) {
+                        drop(obj);
+                    }
+                }
+                None => drop(obj),
+            }
         } else {
             let loud =
                 Object::pool(&obj).is_some_and(|p| p.manager().settings.load().log_connections);
@@ -1504,6 +1624,7 @@ impl DbLimit {
         pools.sort_by_key(|p| std::cmp::Reverse(p.status().open));
         for pool in pools {
             let mut closed = false;
+            pool.cool();
             pool.inner.retain(|_, _| {
                 if closed {
                     return true;
