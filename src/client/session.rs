@@ -2469,6 +2469,11 @@ impl Session {
         }
         let pool = Arc::clone(&self.pool);
         if let Some(backend) = pool.lend_warm() {
+            // Paused meanwhile: as below.
+            if pool.is_paused() {
+                backend.discard();
+                return Ok(Taken::Borrow);
+            }
             return Ok(self.take_lent(backend));
         }
         // (Pinned where it is made: the future is large, and a move is a copy of it.)

@@ -494,12 +494,11 @@ struct Warm {
 impl Warm {
     /// Keeps `obj` warm, or gives it back (`Err`) to go to deadpool.
     fn put(&self, obj: Object<ServerManager>) -> Result<(), Object<ServerManager>> {
-        if self.in_deadpool_queue.load(Ordering::Acquire) > 0 {
-            return Err(obj);
-        }
         let mut stack = lock(&self.stack);
-        // (Looked at under the lock: `Pool::cool` empties the stack after closing it.)
-        if !self.open.load(Ordering::Acquire) {
+        // (Both looked at under the lock: `Pool::cool` empties the stack after closing
+        // it, and a borrower joins deadpool's queue before its last look at the stack.)
+        if !self.open.load(Ordering::Acquire) || self.in_deadpool_queue.load(Ordering::Acquire) > 0
+        {
             return Err(obj);
         }
         stack.push(obj);
@@ -708,9 +707,11 @@ impl Pool {
         }
         let old = manager.settings.swap(Arc::new(settings.clone()));
         if old.max_size != settings.max_size {
+            // (And after: a backend given back meanwhile, not yet in debt, went warm.)
             self.cool();
             self.gate.resize(settings.max_size);
             self.inner.resize(settings.max_size);
+            self.cool();
             tracing::info!(pool = %self.name, from = old.max_size, to = settings.max_size, "reload: pool resized");
         }
         let new_limit = {
@@ -767,6 +768,7 @@ impl Pool {
         self.cool();
         self.gate.resize(max_size);
         self.inner.resize(max_size);
+        self.cool();
         tracing::info!(pool = %self.name, from = old.max_size, to = max_size, "max_connections_percent: pool resized");
     }
 
@@ -915,8 +917,11 @@ impl Pool {
 
     pub fn resume(&self) {
         self.paused.store(false, Ordering::Release);
-        if !self.inner.is_closed() {
-            self.warm.open.store(true, Ordering::Release);
+        self.warm.open.store(true, Ordering::Release);
+        // (A pool closed meanwhile keeps none.)
+        if self.inner.is_closed() {
+            self.warm.open.store(false, Ordering::Release);
+            self.cool();
         }
         self.resumed.notify_waiters();
     }
@@ -1090,11 +1095,12 @@ impl Pool {
                 }
             }
         };
-        // With a place, deadpool has an idle backend or room to open one, and its own
-        // permit is free too (a lent backend gives its permit back before its place):
-        // taken without a timer, as a wait of zero is deadpool's non-blocking path.
-        // Should it not be, the borrow goes on as one that waits, under what is left of
-        // `borrow_timeout`.
+        // With a place, a warm backend is lent if there is one. Otherwise deadpool has an
+        // idle backend or room to open one, and its own permit is free too (a lent
+        // backend gives its permit back before its place), unless warm backends given
+        // back meanwhile hold them: taken without a timer, as a wait of zero is
+        // deadpool's non-blocking path. Should it not be, the borrow goes on as one that
+        // waits, under what is left of `borrow_timeout`.
         if let Some(obj) = self.take_warm(&settings) {
             return Ok(self.lent(obj, place, &settings));
         }
