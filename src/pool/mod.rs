@@ -1246,7 +1246,7 @@ impl Pool {
             obj: Some(obj),
             _place: Some(place),
             lifetime: settings.server_lifetime,
-            warm: Some(Arc::clone(&self.warm)),
+            warm: Arc::clone(&self.warm),
         }
     }
 
@@ -1272,7 +1272,7 @@ pub struct Backend {
     _place: Option<Place>,
     lifetime: Option<Duration>,
     /// Where it goes back to first (see [`Warm`]).
-    warm: Option<Arc<Warm>>,
+    warm: Arc<Warm>,
 }
 
 impl Backend {
@@ -1314,14 +1314,12 @@ impl Backend {
             obj.mark_idle_now();
             // (A lowered `max_size` takes the places of backends given back to deadpool,
             // which closes those beyond its size.)
+            // Given back to deadpool (dropped) unless kept warm.
             let in_debt = self._place.as_ref().is_some_and(|p| p.capacity.in_debt());
-            match self.warm.as_ref().filter(|_| !in_debt) {
-                Some(warm) => {
-                    if let Err(obj) = warm.put(obj) {
-                        drop(obj);
-                    }
-                }
-                None => drop(obj),
+            if in_debt {
+                drop(obj);
+            } else if let Err(obj) = self.warm.put(obj) {
+                drop(obj);
             }
         } else {
             let loud =
