@@ -1894,6 +1894,12 @@ impl Session {
             }
             // Between two server messages: replies pgshield gives itself go out in order.
             server.replies.write_due_fakes(&mut self.client_out);
+            let untracked = server.replies.untracked_prefix(&server.read_buf);
+            if untracked > 0 {
+                self.client_out
+                    .extend_from_slice(&server.read_buf[..untracked]);
+                server.read_buf.advance(untracked);
+            }
             let header = match peek_header(&server.read_buf) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(()),

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use crate::prepared::Statement;
+use crate::protocol::frame::HEADER_LEN;
 
 pub use crate::prepared::{StatementDrop, Undo};
 
@@ -389,6 +390,39 @@ impl ReplyTracker {
     /// The batch a message sent now belongs to (the Syncs sent before it).
     pub fn batch(&self) -> u64 {
         self.syncs
+    }
+
+    /// How many bytes at the start of `buf` are whole replies that change nothing tracked
+    /// here and reach the client as they are, in the state the replies are in now: rows,
+    /// COPY data, notices and notifications, and within a simple Query also its row
+    /// descriptions and command completions. The session passes them on in one copy,
+    /// without `received` (rows are most of what a server sends). None of them completes
+    /// anything, so no reply pgshield gives itself falls due between them.
+    pub fn untracked_prefix(&self, buf: &[u8]) -> usize {
+        let Some(front) = self.owed.front() else {
+            return 0;
+        };
+        if self.unsure || front.hide != Hide::No {
+            return 0;
+        }
+        // (`matched` passes these on as they are; in a Query, T and C too, as long as no
+        // COPY FROM STDIN is open: a C then also ends what the COPY swallowed.)
+        let in_query = front.owed == Owed::Query && !self.copy_swallowed_messages;
+        let mut at = 0;
+        while let Some(&[tag, a, b, c, d]) = buf.get(at..at + HEADER_LEN) {
+            let len = i32::from_be_bytes([a, b, c, d]);
+            let plain = matches!(tag, b'D' | b'd' | b'N' | b'A')
+                || (in_query && matches!(tag, b'T' | b'C'));
+            // (A bad length is the general path's to report.)
+            let Some(len) = usize::try_from(len).ok().filter(|&l| l >= 4).map(|l| l + 1) else {
+                break;
+            };
+            if !plain || buf.len() - at < len {
+                break;
+            }
+            at += len;
+        }
+        at
     }
 
     /// Whether `take_undone` or `take_drops` has anything (mostly not: a cheap look).
@@ -1214,6 +1248,93 @@ mod tests {
         t.sent_with(b'P', Hide::No, parse_undo());
         t.fake(Fake::ParseComplete, parse_undo());
         assert_eq!(t.take_undone().len(), 2);
+    }
+
+    #[test]
+    fn replies_passed_in_bulk_are_only_those_that_received_would_pass_on_untouched() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let sends = b"QPBDESHCdcfF";
+        let replies = b"TDCNAdnIs123ZEGHtWcV";
+        let hides = [Hide::No, Hide::No, Hide::KeepErrors, Hide::All];
+        let mut passed = [0usize; 256];
+        for _ in 0..3000 {
+            let mut t = ReplyTracker::default();
+            for _ in 0..rng.random_range(0..16) {
+                if rng.random_bool(0.5) {
+                    let tag = sends[rng.random_range(0..sends.len())];
+                    t.sent_with(tag, hides[rng.random_range(0..hides.len())], None);
+                } else {
+                    let tag = replies[rng.random_range(0..replies.len())];
+                    let status = [b'I', b'T', b'E'][rng.random_range(0..3)];
+                    if t.received(tag, Some(status)).is_err() {
+                        break;
+                    }
+                }
+                for &tag in replies {
+                    let message = [tag, 0, 0, 0, 4];
+                    if t.untracked_prefix(&message) == 0 {
+                        continue;
+                    }
+                    passed[usize::from(tag)] += 1;
+                    let before = format!("{t:?}");
+                    assert_eq!(t.received(tag, None), Ok(Disposition::Forward), "{before}");
+                    assert_eq!(format!("{t:?}"), before, "{}", char::from(tag));
+                }
+            }
+        }
+        for tag in *b"TDCNAd" {
+            assert!(
+                passed[usize::from(tag)] > 0,
+                "{} never passed",
+                char::from(tag)
+            );
+        }
+    }
+
+    #[test]
+    fn bulk_passing_stops_at_a_reply_that_is_not_whole_or_must_be_looked_at() {
+        let message = |tag: u8, body: &[u8]| {
+            let mut m = vec![tag];
+            m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let mut t = ReplyTracker::default();
+        assert_eq!(t.untracked_prefix(&message(b'D', b"x")), 0, "nothing owed");
+        client(&mut t, "Q");
+        let (desc, row, done) = (
+            message(b'T', b"t"),
+            message(b'D', b"row"),
+            message(b'C', b"SELECT 1"),
+        );
+        let ready = message(b'Z', b"I");
+        let replies = [&desc[..], &row, &done, &ready].concat();
+        let bulk = desc.len() + row.len() + done.len();
+        assert_eq!(
+            t.untracked_prefix(&replies),
+            bulk,
+            "up to the ReadyForQuery"
+        );
+        assert_eq!(
+            t.untracked_prefix(&replies[..bulk - 1]),
+            desc.len() + row.len(),
+            "a CommandComplete not all here"
+        );
+        assert_eq!(
+            t.untracked_prefix(&[b'D', 0, 0, 0, 3, b'D', 0, 0, 0, 4]),
+            0,
+            "a bad length"
+        );
+        // In the extended protocol a CommandComplete ends an Execute: it is looked at.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2").unwrap();
+        assert_eq!(t.untracked_prefix(&[&row[..], &done].concat()), row.len());
+        // The replies to pgshield's own query are not the client's.
+        let mut t = ReplyTracker::default();
+        t.sent_with(b'Q', Hide::All, None);
+        assert_eq!(t.untracked_prefix(&row), 0);
     }
 
     #[test]
