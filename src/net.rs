@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsStream;
 
@@ -260,6 +260,20 @@ impl Stream {
     pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.write_all(bytes).await?;
         self.flush().await
+    }
+}
+
+impl Stream {
+    /// For a stream whose last read said `Pending` (setting the task's waker with the
+    /// socket): whether a read now would still say so, since the socket has not turned
+    /// readable. Only a plain socket can tell; a TLS stream may hold bytes it has already
+    /// decrypted, and is always read.
+    pub fn still_unreadable(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.try_io(Interest::READABLE, || Ok(())).is_err(),
+            Stream::Unix(s) => s.try_io(Interest::READABLE, || Ok(())).is_err(),
+            Stream::Tls(_) | Stream::Detached | Stream::Memory(_) => false,
+        }
     }
 }
 

@@ -472,7 +472,11 @@ pub struct Session {
     /// Bytes from the client not yet processed.
     client_in: BytesMut,
     /// The epoch in which the client's socket was last found with nothing to read
-    /// (see `epoch.rs`), 0 if none.
+    /// (see `epoch.rs`), 0 if it was not, or if tokio refused that read for the task's
+    /// budget. Not 0: the task's waker is set with the socket, and until the socket
+    /// turns readable (which wakes the task) a read in a later poll could only say the
+    /// same. (A transaction's reply wakes the task through the backend's socket: the
+    /// client's is not asked again then.)
     client_idle_in: u64,
     /// Bytes for the client not yet written.
     client_out: BytesMut,
@@ -1118,9 +1122,14 @@ impl Session {
             && !answers_pile_up
             && !held
             && self.client_idle_in != epoch
+            && (self.client_idle_in == 0 || !self.client.still_unreadable())
         {
             // (Through the thread's scratch space: a client waiting here holds no buffer.)
-            match crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in) {
+            let read = crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in);
+            // (A read tokio refused for the task's budget set no waker with the socket.)
+            let armed = read.is_pending() && tokio::task::coop::has_budget_remaining();
+            self.client_idle_in = if armed { epoch } else { 0 };
+            match read {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                 Poll::Ready(Ok(n)) => {
                     PoolStats::add(&self.pool.stats.bytes_received, n as u64);
@@ -1128,7 +1137,7 @@ impl Session {
                     data = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientError(e)),
-                Poll::Pending => self.client_idle_in = epoch,
+                Poll::Pending => {}
             }
         }
         if let Some(backend) = self.backend.as_mut() {
