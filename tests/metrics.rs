@@ -141,6 +141,18 @@ async fn metrics_follow_a_workload() {
             &format!("pgshield_client_query_duration_seconds_count{{{pool}}}")
         ) >= 6.0
     );
+    // B's query waited about 300 ms for a backend: the client saw that wait, the server
+    // did not (every statement here is quick).
+    let client_time = value(
+        &m,
+        &format!("pgshield_client_query_duration_seconds_sum{{{pool}}}"),
+    );
+    let server_time = value(
+        &m,
+        &format!("pgshield_query_duration_seconds_sum{{{pool}}}"),
+    );
+    assert!(client_time >= 0.25, "{client_time}");
+    assert!(server_time < 0.25, "{server_time}");
     assert!(
         value(
             &m,

@@ -2179,6 +2179,17 @@ impl Session {
                     PoolStats::add(&stats.query_count, 1);
                     self.counts.queries += 1;
                     let now = crate::epoch::instant();
+                    // (The request, its transaction and its statement mostly started at
+                    // one instant, read in one poll: one subtraction serves all three.)
+                    let mut last: Option<(Instant, Duration)> = None;
+                    let mut since = |at: Instant| match last {
+                        Some((seen, took)) if seen == at => took,
+                        _ => {
+                            let took = now.saturating_duration_since(at);
+                            last = Some((at, took));
+                            took
+                        }
+                    };
                     if body.first() == Some(&b'I') {
                         if std::mem::take(&mut self.schema_changed) {
                             // (Every pool's of the server database: each user's, the
@@ -2192,18 +2203,17 @@ impl Session {
                         PoolStats::add(&stats.xact_count, 1);
                         self.counts.transactions += 1;
                         if let Some(at) = self.xact_started.take() {
-                            let took = now.duration_since(at).as_micros() as u64;
+                            let took = since(at).as_micros() as u64;
                             PoolStats::add(&stats.xact_time_us, took);
                         }
                     }
                     if let Some(at) = self.request_sent.take() {
-                        let took = now.duration_since(at);
+                        let took = since(at);
                         m.query_duration.record(took.as_secs_f64());
                         PoolStats::add(&stats.query_time_us, took.as_micros() as u64);
                     }
                     if let Some(at) = self.request_received.take() {
-                        m.client_query_duration
-                            .record(now.duration_since(at).as_secs_f64());
+                        m.client_query_duration.record(since(at).as_secs_f64());
                     }
                     // A pipelined client's next request (and transaction) starts now.
                     // (pgshield's own hidden queries are no request of the client's.)
