@@ -671,6 +671,11 @@ impl Session {
             if self.limits.reloads != seen_reloads {
                 seen_reloads = self.limits.reloads;
                 reaim_on_change = reaims(&self.limits);
+                if self.limits.query.is_none() {
+                    // (Kept only under a query_timeout, below: one a later reload adds
+                    // counts a statement already running from the next turn of this loop.)
+                    self.busy_since = None;
+                }
                 timer_state = None;
                 timer_armed = false;
                 timer_polled = false;
@@ -698,8 +703,10 @@ impl Session {
             if self.mode == PoolMode::Transaction {
                 self.release_if_done();
             }
-            // The limits run on one timer, re-aimed when the session changes state.
-            if self.limits.any() {
+            // The limits run on one timer, re-aimed when the session changes state. (The
+            // idle limit alone, the default, is aimed once: it is looked at when the timer
+            // fires, and the state need not be worked out each turn.)
+            if self.limits.any() && (reaim_on_change || timer_state.is_none()) {
                 let state = (self.server_busy(), self.outside_transaction());
                 // (Only query_timeout needs to know since when: a statement already running
                 // when a reload adds one counts from the next turn of this loop.)
