@@ -654,9 +654,20 @@ impl ReplyTracker {
         let Some(at) = self.owed.iter().position(|e| e.owed.ends_with_ready()) else {
             return Err(OutOfStep);
         };
-        for entry in self.owed.drain(..=at) {
+        // (Mostly the Query or Sync it ends is all that was owed: taken alone, without
+        // the cost of a drain.)
+        let mut done = |entry: Entry| {
             if let Some(drops) = entry.drops {
                 self.drops.push((drops, !entry.failed));
+            }
+        };
+        if at == 0 {
+            if let Some(entry) = self.owed.pop_front() {
+                done(entry);
+            }
+        } else {
+            for entry in self.owed.drain(..=at) {
+                done(entry);
             }
         }
         // A CopyDone or CopyFail the client sent after its COPY failed, before this came:
