@@ -148,6 +148,7 @@ fn options_inherited(sock: &socket2::SockRef<'_>) -> bool {
 impl Stream {
     /// Whether written bytes may wait in the stream until it is flushed (TLS records;
     /// the in-memory pipe, to be safe): a plain socket's flush does nothing.
+    #[inline]
     pub fn holds_back_writes(&self) -> bool {
         !matches!(self, Stream::Tcp(_) | Stream::Unix(_))
     }
