@@ -407,10 +407,7 @@ impl ServerManager {
             Some("RECONNECT or a reload that changed its server")
         } else if !server.is_reusable() {
             Some("not at rest (a cancel was sent to it, or replies are owed)")
-        } else if settings
-            .server_lifetime
-            .is_some_and(|l| server.age() >= jittered(l, server.id().0))
-        {
+        } else if settings.server_lifetime.is_some_and(|l| server.outlived(l)) {
             Some("server_lifetime reached")
         } else if server.peer_closed_or_spoke() {
             Some("closed by the server while idle")
@@ -1294,9 +1291,7 @@ impl Backend {
         let Some(mut obj) = self.obj.take() else {
             return;
         };
-        let expired = self
-            .lifetime
-            .is_some_and(|l| obj.age() >= jittered(l, obj.id().0));
+        let expired = self.lifetime.is_some_and(|l| obj.outlived(l));
         // Another pool of the database waits for a place this pool holds more than its
         // share of: the backend closes instead (a busy pool must not starve the others).
         // (Looked into only while some pool waits under the limit: this runs per

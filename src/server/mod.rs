@@ -292,6 +292,9 @@ pub struct Server {
     /// Closing sends no Terminate (the server's input may be mid-message, or it has one).
     no_terminate: bool,
     created: Instant,
+    /// When it has lived the `server_lifetime` last asked about (see [`Server::outlived`]),
+    /// with that lifetime: worked out once, not from its age at each borrow and return.
+    retire_at: std::cell::Cell<Option<(Duration, Option<Instant>)>>,
     idle_since: Instant,
     /// This backend's place under its database's `max_db_connections`, if it has one.
     pub(crate) db_permit: Option<crate::pool::Place>,
@@ -332,6 +335,7 @@ impl Server {
             check_due: false,
             no_terminate: false,
             created: now,
+            retire_at: std::cell::Cell::new(None),
             idle_since: now,
             db_permit: None,
             generation: 0,
@@ -424,6 +428,22 @@ impl Server {
 
     pub fn age(&self) -> Duration {
         crate::epoch::instant().saturating_duration_since(self.created)
+    }
+
+    /// Whether it has lived `lifetime`, jittered for this backend (see
+    /// [`crate::pool::jittered`]).
+    pub fn outlived(&self, lifetime: Duration) -> bool {
+        let at = match self.retire_at.get() {
+            Some((asked, at)) if asked == lifetime => at,
+            _ => {
+                let at = self
+                    .created
+                    .checked_add(crate::pool::jittered(lifetime, self.id.0));
+                self.retire_at.set(Some((lifetime, at)));
+                at
+            }
+        };
+        at.is_some_and(|at| crate::epoch::instant() >= at)
     }
 
     pub fn idle_for(&self) -> Duration {
@@ -768,6 +788,21 @@ impl ServerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_outlives_the_lifetime_asked_about_now() {
+        let (pipe, _other) = tokio::io::duplex(64);
+        let server = Server::new(Stream::Memory(pipe), "127.0.0.1", 5432);
+        let hour = Duration::from_secs(3600);
+        assert!(!server.outlived(hour));
+        assert!(!server.outlived(hour), "the same, remembered");
+        // A reload that shortens server_lifetime applies to backends already open.
+        assert!(server.outlived(Duration::ZERO));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(server.outlived(Duration::from_millis(10)), "±20 % of 10 ms");
+        assert!(!server.outlived(hour));
+        assert!(!server.outlived(Duration::MAX), "beyond the clock: never");
+    }
 
     #[test]
     fn a_client_view_keeps_only_what_differs_from_its_pool() {
