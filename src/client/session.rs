@@ -1677,16 +1677,16 @@ impl Session {
                     }
                 }
             }
-            let search_path = |all: bool, names: &[String]| {
-                all || names.iter().any(|n| n.eq_ignore_ascii_case("search_path"))
-            };
+            let sets_search_path = effects.all_settings
+                || effects
+                    .settings
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case("search_path"));
             let unread = self
                 .follow_up
                 .as_ref()
-                .is_some_and(|f| search_path(f.dirty.all, &f.dirty.names));
-            if self.pinned.is_some()
-                && (search_path(effects.all_settings, &effects.settings) || unread)
-            {
+                .is_some_and(|f| f.dirty.has("search_path"));
+            if self.pinned.is_some() && (sets_search_path || unread) {
                 // A pinned client's settings are not read back (it keeps its backend and
                 // them): its search_path is not known from now on, so its statements are
                 // its own, not another schema's. (What was to be read back never will be:
@@ -2274,13 +2274,7 @@ impl Session {
             // message the client sends while the read-back runs is read under it. Not a
             // search_path (the server reports none before PostgreSQL 18): known once read
             // back.
-            let unreported = follow_up.dirty.all
-                || follow_up
-                    .dirty
-                    .names
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case("search_path"));
-            if !unreported {
+            if !follow_up.dirty.has("search_path") {
                 self.parse_env_unsettled = 0;
             }
             let mut names = std::mem::take(&mut follow_up.dirty.names);

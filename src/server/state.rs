@@ -768,11 +768,6 @@ impl ReplyTracker {
         self.tx
     }
 
-    /// How many replies are owed (the server's and pgshield's own).
-    pub fn owed_len(&self) -> usize {
-        self.owed.len()
-    }
-
     /// Whether `max` replies are owed (so the client is not read, and no Sync may come to
     /// make the server send what it holds back: it is to be sent a Flush, unless
     /// [`ReplyTracker::flush_sent_already`]).
