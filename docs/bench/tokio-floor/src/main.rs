@@ -2,11 +2,17 @@
 // pgbench select1 transaction (simple Query only, trust, 20 backends to 127.0.0.1:5440,
 // listening on 127.0.0.1:6460; W=workers). Experiment code: it unwraps and panics on
 // anything unexpected. See docs/BENCHMARKS.md (fourth session of 2026-11-28).
+// Also: PORT=port to listen on; P=1: a thread per worker, each with its own
+// current-thread runtime, SO_REUSEPORT listener and 20/W backends; WEIGHT=spread|tight:
+// dead weight run per client message (src/weight.rs; seventh session).
 use bytes::{Buf, BytesMut};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+mod weight;
+// 0: none, 1: spread, 2: tight (src/weight.rs).
+static WEIGHT: std::sync::LazyLock<u8> = std::sync::LazyLock::new(|| match std::env::var("WEIGHT").as_deref() { Ok("spread") => 1, Ok("tight") => 2, _ => 0 });
 
 #[global_allocator]
 static A: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -60,6 +66,7 @@ async fn session(mut c: TcpStream, pool: Arc<Pool>, params: Arc<Vec<u8>>) -> std
             if c.read_buf(&mut buf).await? == 0 { return Ok(()); }
         }
         if buf[0] == b'X' { return Ok(()); }
+        if *WEIGHT != 0 { std::hint::black_box(weight::weight(buf.len() as u64, *WEIGHT == 1)); }
         let permit = pool.sem.acquire().await.unwrap(); permit.forget();
         let mut s = pool.idle.lock().unwrap().pop().unwrap();
         s.write_all(&buf).await?; buf.clear();
@@ -82,17 +89,11 @@ async fn session(mut c: TcpStream, pool: Arc<Pool>, params: Arc<Vec<u8>>) -> std
 
 fn main() {
     let workers: usize = std::env::var("W").ok().and_then(|w| w.parse().ok()).unwrap_or(2);
+    if std::env::var("P").is_ok() { return percore(workers); }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
     rt.block_on(async {
-        let mut idle = Vec::new(); let mut params = Vec::new();
-        for _ in 0..20 {
-            let mut s = TcpStream::connect("127.0.0.1:5440").await.unwrap(); s.set_nodelay(true).unwrap();
-            s.write_all(&startup("bench", "bench")).await.unwrap();
-            params = until_ready(&mut s).await; idle.push(s);
-        }
-        let pool = Arc::new(Pool { idle: Mutex::new(idle), sem: Semaphore::new(20) });
-        let params = Arc::new(params);
-        let l = TcpListener::bind("127.0.0.1:6460").await.unwrap();
+        let (pool, params) = connect_pool(20).await;
+        let l = TcpListener::bind(addr()).await.unwrap();
         loop {
             let (c, _) = l.accept().await.unwrap();
             let (p, pr) = (pool.clone(), params.clone());
@@ -100,3 +101,39 @@ fn main() {
         }
     });
 }
+
+async fn connect_pool(n: usize) -> (Arc<Pool>, Arc<Vec<u8>>) {
+    let mut idle = Vec::new(); let mut params = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect("127.0.0.1:5440").await.unwrap(); s.set_nodelay(true).unwrap();
+        s.write_all(&startup("bench", "bench")).await.unwrap();
+        params = until_ready(&mut s).await; idle.push(s);
+    }
+    (Arc::new(Pool { idle: Mutex::new(idle), sem: Semaphore::new(n) }), Arc::new(params))
+}
+
+// Thread per core: each thread its own current_thread runtime, listener (SO_REUSEPORT)
+// and pool shard of 20/W backends.
+fn percore(workers: usize) {
+    let mut threads = Vec::new();
+    for _ in 0..workers {
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (pool, params) = connect_pool(20 / workers).await;
+                let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                sock.set_reuseport(true).unwrap(); sock.set_reuseaddr(true).unwrap();
+                sock.bind(addr().parse().unwrap()).unwrap();
+                let l = sock.listen(1024).unwrap();
+                loop {
+                    let (c, _) = l.accept().await.unwrap();
+                    let (p, pr) = (pool.clone(), params.clone());
+                    tokio::spawn(async move { let _ = session(c, p, pr).await; });
+                }
+            });
+        }));
+    }
+    for t in threads { t.join().unwrap(); }
+}
+
+fn addr() -> String { format!("127.0.0.1:{}", std::env::var("PORT").unwrap_or_else(|_| "6460".into())) }
