@@ -65,6 +65,8 @@ thread_local! {
 /// now. A session's poll relays what has arrived and takes microseconds, so what it
 /// times is timed to within that; something stamped after long work in the same poll
 /// (there is none in a session's) would be stamped early by that long.
+/// (Not inlined: one copy serves the session's several callers.)
+#[inline(never)]
 pub fn instant() -> Instant {
     CLOCK.with(|c| match c.get() {
         Clock::Read(at) => at,
