@@ -1149,13 +1149,19 @@ impl ClientStatements {
                         .map(|(_, statement)| Arc::clone(statement));
                 }
             }
-            b'Q' => {
-                self.query_sent();
-                server.forget_unnamed();
-            }
+            b'Q' => return Ok(self.translate_query(server)),
             _ => {}
         }
         Ok(t)
+    }
+
+    /// [`Self::translate`] for a simple Query, which names no statement (the session
+    /// calls this directly: nothing to look at, no situation to work out). It drops the
+    /// unnamed statement, the client's and the backend's, and passes on unchanged.
+    pub fn translate_query(&mut self, server: &mut ServerStatements) -> Translated {
+        self.query_sent();
+        server.forget_unnamed();
+        Translated::pass_on()
     }
 
     /// The statement for an unnamed Parse: the client's unnamed statement again when the

@@ -1502,17 +1502,21 @@ impl Session {
         // (Only a simple Query's reset gets its restore right behind it.)
         let idle_before = header.tag == b'Q' && server.replies.is_idle_but_hidden();
         let available = self.client_in.len().min(header.len);
-        let translated = self
-            .statements
-            .translate(
-                &self.pool.statements,
-                &mut server.statements,
-                &self.client_in[..available],
-                header.len,
-                &mut self.server_out,
-                Self::situation(&self.limits, parse_env, &server.replies),
-            )
-            .map_err(|e| End::ClientProtocol(e.to_string()))?;
+        let translated = if header.tag == b'Q' {
+            // (Whole, as checked above.)
+            self.statements.translate_query(&mut server.statements)
+        } else {
+            self.statements
+                .translate(
+                    &self.pool.statements,
+                    &mut server.statements,
+                    &self.client_in[..available],
+                    header.len,
+                    &mut self.server_out,
+                    Self::situation(&self.limits, parse_env, &server.replies),
+                )
+                .map_err(|e| End::ClientProtocol(e.to_string()))?
+        };
         if translated.translation == Translation::NeedMore {
             // Only a Bind whose two names have not all arrived gets here.
             if available >= MAX_BIND_NAMES {
