@@ -303,6 +303,16 @@ struct Restored {
     flags: u64,
 }
 
+/// Takes back the client's messages that the server will skip after an error it reported
+/// (see `ReplyTracker::take_undone`).
+fn take_back_undone(statements: &mut ClientStatements, server: &mut crate::server::Server) {
+    if server.replies.has_takebacks() {
+        for undo in server.replies.take_undone().into_iter().rev() {
+            statements.undo(&mut server.statements, undo);
+        }
+    }
+}
+
 /// Sends, hidden, the statement giving back the `client`'s startup values of the
 /// settings a reset touched (`reset`) that have no session value on the server
 /// ([`params::restore_statement`]), and, with `role`, the one giving back its startup
@@ -1502,9 +1512,28 @@ impl Session {
         // (Only a simple Query's reset gets its restore right behind it.)
         let idle_before = header.tag == b'Q' && server.replies.is_idle_but_hidden();
         let available = self.client_in.len().min(header.len);
+        // A Query's effects, worked out first (it is whole, as checked above).
+        let mut query_effects = None;
         let translated = if header.tag == b'Q' {
-            // (Whole, as checked above.)
-            self.statements.translate_query(&mut server.statements)
+            let translated = self.statements.translate_query(&mut server.statements);
+            let mut body = &self.client_in[HEADER_LEN..header.len];
+            let query = crate::protocol::frame::take_cstr_bytes(&mut body)
+                .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
+            let effects = sql::classify_in(query, parse_env);
+            if effects.is_empty() {
+                // Nearly every Query changes nothing of the session: it is passed on here,
+                // as the general path below would pass it, without that path's work.
+                self.checked = None;
+                server.replies.sent_with(b'Q', Hide::No, translated.undo);
+                self.client_msg = Passing {
+                    left: header.len,
+                    forward: true,
+                };
+                take_back_undone(&mut self.statements, server);
+                return Ok(true);
+            }
+            query_effects = Some(effects);
+            translated
         } else {
             self.statements
                 .translate(
@@ -1577,12 +1606,7 @@ impl Session {
         }
         // What the statement does to the session.
         let effects = match (header.tag, &translated.bound) {
-            (b'Q', _) => {
-                let mut body = &self.client_in[HEADER_LEN..header.len];
-                let query = crate::protocol::frame::take_cstr_bytes(&mut body)
-                    .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
-                Some(Cow::Owned(sql::classify_in(query, parse_env)))
-            }
+            (b'Q', _) => query_effects.map(Cow::Owned),
             // (Not for a stale statement's Bind: it is refused, below.)
             (b'B', Some(statement)) if !translated.refuse_stale => {
                 Some(Cow::Borrowed(statement.effects()))
@@ -1770,12 +1794,7 @@ impl Session {
             let out = &mut self.server_out;
             push_restore(client, (&reset, role), server, out, &mut self.follow_up);
         }
-        // Messages the server will skip (after an error it reported) are taken back now.
-        if server.replies.has_takebacks() {
-            for undo in server.replies.take_undone().into_iter().rev() {
-                self.statements.undo(&mut server.statements, undo);
-            }
-        }
+        take_back_undone(&mut self.statements, server);
         Ok(true)
     }
 
