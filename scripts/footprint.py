@@ -27,16 +27,19 @@ def main():
     binary = sys.argv[3] if len(sys.argv) > 3 else "pgshield"
     top = int(sys.argv[4]) if len(sys.argv) > 4 else 25
 
-    names = {}
+    # Compressed names: "(12) name" defines id 12, "(12)" refers to it. Objects, files and
+    # functions are numbered separately.
+    kinds = {"ob": "ob", "cob": "ob", "fn": "fn", "cfn": "fn"}
+    names = {"ob": {}, "fl": {}, "fn": {}}
 
-    def name(spec):
-        # "(12) name" defines id 12; "(12)" refers to it.
+    def name(key, spec):
+        table = names[kinds.get(key, "fl")]
         m = re.match(r"\((\d+)\)(?: (.*))?", spec)
         if not m:
             return spec
         if m.group(2) is not None:
-            names[m.group(1)] = m.group(2)
-        return names.get(m.group(1), m.group(1))
+            table[m.group(1)] = m.group(2)
+        return table.get(m.group(1), m.group(1))
 
     events, obj, fn, addr, after_calls = [], None, None, 0, False
     ir = collections.Counter()
@@ -52,13 +55,13 @@ def main():
                 sys.exit("the profile has no instruction addresses: take it with --dump-instr=yes")
             key, _, value = line.partition("=")
             if key == "ob":
-                obj = name(value)
+                obj = name(key, value)
                 continue
             if key == "fn":
-                fn = name(value)
+                fn = name(key, value)
                 continue
             if key in ("cob", "cfn", "cfi", "cfl", "fl", "fi", "fe"):
-                name(value)
+                name(key, value)
                 continue
             if key == "calls":
                 after_calls = True  # the next cost line is the call's inclusive cost

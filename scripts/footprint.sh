@@ -18,7 +18,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${PGSHIELD_BIN:-$HERE/target/release/pgshield}
 PG_PORT=${PG_PORT:-5440} PORT=${PORT:-7450} C=${C:-16} T=${T:-500}
 OUT=${OUT:-/tmp/pgshield-footprint}
-PGBENCH=${PGBENCH:-$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench | tail -1)}
+PGBENCH=${PGBENCH:-$(command -v pgbench || ls -v /usr/lib/postgresql/*/bin/pgbench | tail -1)}
 for tool in valgrind callgrind_control python3; do
     command -v "$tool" >/dev/null || { echo "footprint.sh: needs $tool" >&2; exit 2; }
 done
@@ -49,11 +49,13 @@ valgrind --tool=callgrind --dump-instr=yes --cache-sim=yes \
     "$BIN" run --config "$OUT/pgshield.toml" >"$OUT/valgrind.log" 2>&1 &
 VPID=$!
 trap 'kill -INT $VPID 2>/dev/null || true' EXIT
+up=
 for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { up=1; break; }
     kill -0 $VPID 2>/dev/null || { cat "$OUT/valgrind.log" >&2; exit 1; }
     sleep 0.3
 done
+[[ -n $up ]] || { echo "footprint.sh: pgshield did not listen on $PORT within 60 s" >&2; exit 1; }
 bench() {
     PGPASSWORD=bench "$PGBENCH" -n ${SEL--S} -c "$C" -j 2 -t "$1" \
         -h 127.0.0.1 -p "$PORT" -U bench bench

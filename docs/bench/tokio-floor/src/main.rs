@@ -115,6 +115,7 @@ async fn connect_pool(n: usize) -> (Arc<Pool>, Arc<Vec<u8>>) {
 // Thread per core: each thread its own current_thread runtime, listener (SO_REUSEPORT)
 // and pool shard of 20/W backends.
 fn percore(workers: usize) {
+    assert!((1..=20).contains(&workers), "W: 1 to 20 workers share the 20 backends");
     let mut threads = Vec::new();
     for _ in 0..workers {
         threads.push(std::thread::spawn(move || {
