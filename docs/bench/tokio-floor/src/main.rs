@@ -4,15 +4,16 @@
 // anything unexpected. See docs/BENCHMARKS.md (fourth session of 2026-11-28).
 // Also: PORT=port to listen on; P=1: a thread per worker, each with its own
 // current-thread runtime, SO_REUSEPORT listener and 20/W backends; WEIGHT=spread|tight:
-// dead weight run per client message (src/weight.rs; seventh session).
+// dead weight run per client message (src/weight.rs; seventh session); WEIGHT=data|datatight:
+// 100 updates per client message of the session's own memory, in 100 cache lines or in one.
 use bytes::{Buf, BytesMut};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 mod weight;
-// 0: none, 1: spread, 2: tight (src/weight.rs).
-static WEIGHT: std::sync::LazyLock<u8> = std::sync::LazyLock::new(|| match std::env::var("WEIGHT").as_deref() { Ok("spread") => 1, Ok("tight") => 2, _ => 0 });
+// 0: none, 1: spread, 2: tight, 3: data, 4: datatight (src/weight.rs).
+static WEIGHT: std::sync::LazyLock<u8> = std::sync::LazyLock::new(|| match std::env::var("WEIGHT").as_deref() { Ok("spread") => 1, Ok("tight") => 2, Ok("data") => 3, Ok("datatight") => 4, _ => 0 });
 
 #[global_allocator]
 static A: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -59,6 +60,7 @@ async fn session(mut c: TcpStream, pool: Arc<Pool>, params: Arc<Vec<u8>>) -> std
     hello.extend_from_slice(&[b'K', 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 2, b'Z', 0, 0, 0, 5, b'I']);
     c.write_all(&hello).await?;
     let mut sbuf = BytesMut::with_capacity(8192);
+    let mut mem = vec![0u64; if *WEIGHT >= 3 { 800 } else { 0 }];
     loop {
         // wait for a complete client message
         loop {
@@ -66,7 +68,7 @@ async fn session(mut c: TcpStream, pool: Arc<Pool>, params: Arc<Vec<u8>>) -> std
             if c.read_buf(&mut buf).await? == 0 { return Ok(()); }
         }
         if buf[0] == b'X' { return Ok(()); }
-        if *WEIGHT != 0 { std::hint::black_box(weight::weight(buf.len() as u64, *WEIGHT == 1)); }
+        match *WEIGHT { 1 | 2 => { std::hint::black_box(weight::weight(buf.len() as u64, *WEIGHT == 1)); } 3 | 4 => { std::hint::black_box(weight::touch(&mut mem, *WEIGHT == 3)); } _ => {} }
         let permit = pool.sem.acquire().await.unwrap(); permit.forget();
         let mut s = pool.idle.lock().unwrap().pop().unwrap();
         s.write_all(&buf).await?; buf.clear();

@@ -33,3 +33,17 @@ pub fn weight(x: u64, spread: bool) -> u64 {
     }
     acc
 }
+
+/// Data weight (WEIGHT=data|datatight): per client message, 100 updates of the session's
+/// own 6,400-byte block, in 100 distinct cache lines visited in a scrambled order
+/// (`data`), or all in its first line (`datatight`).
+pub fn touch(mem: &mut [u64], spread: bool) -> u64 {
+    let mut acc = 0u64;
+    for i in 0..100usize {
+        let line = if spread { (i * 37 + 11) % 100 } else { 0 };
+        let j = line * 8;
+        mem[j] = mem[j].wrapping_add(std::hint::black_box(i as u64));
+        acc ^= mem[j];
+    }
+    acc
+}
