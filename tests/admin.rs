@@ -1033,23 +1033,10 @@ async fn reload_with_a_new_server_moves_clients_to_new_backends_and_new_limits_a
     );
     assert_ne!(pid, old_pid);
     let watcher = common::admin().await;
-    let mut old_closed = false;
-    for _ in 0..100 {
-        let open: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&old_pid],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .get(0);
-        if open == 0 {
-            old_closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(old_closed, "the backend to the old server closed");
+    assert!(
+        common::backend_gone(&watcher, old_pid, Duration::from_secs(5)).await,
+        "the backend to the old server closed"
+    );
     // The new query_timeout applies to a client connected before the reload.
     let err = client
         .client

@@ -225,20 +225,7 @@ async fn a_backend_its_server_closed_between_transactions_is_not_lent_again() {
             .execute("SELECT pg_terminate_backend($1)", &[&given_back])
             .await
             .unwrap();
-        for _ in 0..100 {
-            let left: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                    &[&given_back],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        common::backend_gone(&admin, given_back, Duration::from_millis(500)).await;
         let next = pid(&conn.client).await;
         assert_ne!(next, given_back, "a closed backend was lent");
     }

@@ -190,6 +190,29 @@ pub async fn backends_of(admin: &Client, role: &str) -> i64 {
         .get(0)
 }
 
+/// Waits (up to `within`) until the server process `pid` has left `pg_stat_activity`;
+/// whether it did.
+pub async fn backend_gone(admin: &Client, pid: i32, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if left == 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A client connection plus what its server sent unasked (notices, notifications).
 pub struct Conn {
     pub client: Client,
