@@ -448,6 +448,15 @@ impl Passing {
     }
 }
 
+/// A ReadyForQuery passed on to the client (see [`Session::note_ready`]).
+#[derive(Clone, Copy)]
+struct ReadySeen {
+    /// It said the backend is outside a transaction block.
+    idle: bool,
+    /// More of the client's is owed behind it: its next request has started.
+    pipelined: bool,
+}
+
 pub struct Session {
     shared: Arc<Shared>,
     id: ClientId,
@@ -1179,6 +1188,9 @@ impl Session {
     /// Frames what the client sent and passes it to the backend, borrowing one first if
     /// needed.
     async fn process_client_input(&mut self) -> Result<(), End> {
+        if self.backend.is_none() && self.pass_query_at_once() {
+            return Ok(());
+        }
         // One allocation for what this batch passes on, not one per message as it grows.
         crate::buffers::reserve_empty(&mut self.server_out, self.client_in.len());
         loop {
@@ -1323,6 +1335,66 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// The common case of a transaction-mode client that holds no backend, in one step: a
+    /// whole simple Query, alone in what has arrived, that changes nothing of the session
+    /// (by the SQL screen), passed on to the warm backend next in line if that one needs
+    /// nothing applied. True: done, as the general path would have done it. False, having
+    /// changed nothing: the general path takes it (and reports what is wrong with it).
+    fn pass_query_at_once(&mut self) -> bool {
+        if self.mode != PoolMode::Transaction
+            || self.client_msg.left > 0
+            || self.skip_until_sync
+            || self.lost_transaction
+            || self.checking.is_some()
+            || self.follow_up.is_some()
+            || !self.server_out.is_empty()
+        {
+            return false;
+        }
+        let header = match peek_header(&self.client_in) {
+            Ok(Some(h)) if h.tag == b'Q' && h.len == self.client_in.len() => h,
+            _ => return false,
+        };
+        if header.check_size(self.limits.max_message_size).is_err() {
+            return false;
+        }
+        let mut body = &self.client_in[HEADER_LEN..header.len];
+        let Some(query) = crate::protocol::frame::take_cstr_bytes(&mut body) else {
+            return false;
+        };
+        // (A DEALLOCATE, which pgshield may answer itself, is not empty either.)
+        if !sql::classify_in(query, self.parse_env()).is_empty() {
+            return false;
+        }
+        if self.shared.shutdown.is_draining() {
+            return false;
+        }
+        let settings = self.settings.as_str();
+        let Some(mut backend) = self.pool.lend_warm_if(|s| s.settled_for(settings)) else {
+            return false;
+        };
+        if self.pool.is_paused() {
+            // Paused meanwhile: as `take_idle_backend`.
+            backend.discard();
+            return false;
+        }
+        let now = crate::epoch::instant();
+        self.request_received = Some(now);
+        self.request_sent = Some(now);
+        self.xact_started.get_or_insert(now);
+        self.registered.info.note_request(now);
+        self.note_borrowed(Duration::ZERO);
+        let server = backend.server();
+        let translated = self.statements.translate_query(&mut server.statements);
+        self.checked = None;
+        server.replies.sent_with(b'Q', Hide::No, translated.undo);
+        take_back_undone(&mut self.statements, server);
+        self.hold(backend);
+        // The message is all the client sent: its buffer becomes the server's.
+        std::mem::swap(&mut self.client_in, &mut self.server_out);
+        true
     }
 
     /// Answers a client's `DEALLOCATE name` of one of its own prepared statements, or
@@ -1916,18 +1988,99 @@ impl Session {
 
     /// Frames what the backend sent and passes it to the client, noting what matters.
     fn process_server_input(&mut self) -> Result<(), End> {
+        while let Some(ready) = self.pass_server_messages()? {
+            self.note_ready(ready);
+        }
+        Ok(())
+    }
+
+    /// Counts a ReadyForQuery passed to the client: the statement's, the request's and the
+    /// transaction's times, and what follows from its end.
+    fn note_ready(&mut self, ready: ReadySeen) {
+        // query_timeout counts per statement: the next one starts now.
+        self.busy_since = None;
+        let m = self.pool.metrics();
+        let stats = &self.pool.stats;
+        PoolStats::add(&stats.query_count, 1);
+        self.counts.queries += 1;
+        let now = crate::epoch::instant();
+        // (The request, its transaction and its statement mostly started at one instant,
+        // read in one poll: one subtraction serves all three.)
+        let mut last: Option<(Instant, Duration)> = None;
+        let mut since = |at: Instant| match last {
+            Some((seen, took)) if seen == at => took,
+            _ => {
+                let took = now.saturating_duration_since(at);
+                last = Some((at, took));
+                took
+            }
+        };
+        if ready.idle {
+            if std::mem::take(&mut self.schema_changed) {
+                // (Every pool's of the server database: each user's, the `_ro` pools,
+                // any other name configured for it.)
+                for pool in self.shared.pools.all() {
+                    if pool.same_database_as(&self.pool) {
+                        pool.statements.retire_all();
+                    }
+                }
+            }
+            PoolStats::add(&stats.xact_count, 1);
+            self.counts.transactions += 1;
+            if let Some(at) = self.xact_started.take() {
+                let took = since(at).as_micros() as u64;
+                PoolStats::add(&stats.xact_time_us, took);
+            }
+        }
+        if let Some(at) = self.request_sent.take() {
+            let took = since(at);
+            m.query_duration.record(took.as_secs_f64());
+            PoolStats::add(&stats.query_time_us, took.as_micros() as u64);
+        }
+        if let Some(at) = self.request_received.take() {
+            m.client_query_duration.record(since(at).as_secs_f64());
+        }
+        // A pipelined client's next request (and transaction) starts now.
+        if ready.pipelined {
+            if ready.idle {
+                self.xact_started = Some(now);
+            }
+            self.request_received = Some(now);
+            self.request_sent = Some(now);
+        }
+    }
+
+    /// Passes what the backend sent to the client up to its next ReadyForQuery (then
+    /// returned, for [`Self::note_ready`]) or to the end of what has arrived (None).
+    fn pass_server_messages(&mut self) -> Result<Option<ReadySeen>, End> {
         let Some(backend) = self.backend.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         let server = backend.server();
         crate::buffers::reserve_empty(&mut self.client_out, server.read_buf.len());
+        if self.server_msg.left == 0 {
+            // Mostly the whole answer to a simple Query: taken in one step.
+            if let Some((len, status)) = server.replies.answer_whole_query(&server.read_buf) {
+                self.client_out.extend_from_slice(&server.read_buf[..len]);
+                server.read_buf.advance(len);
+                let idle = status == TxStatus::Idle;
+                return Ok(Some(ReadySeen {
+                    idle,
+                    pipelined: false,
+                }));
+            }
+        }
+        if server.read_buf.is_empty() {
+            // (Fakes due now are written by the relay loop, after this.)
+            return Ok(None);
+        }
         loop {
             if self.server_msg.left > 0 {
                 if !self
                     .server_msg
                     .pass(&mut server.read_buf, &mut self.client_out)
                 {
-                    return Ok(());
+                    return Ok(None);
                 }
                 continue;
             }
@@ -1941,7 +2094,7 @@ impl Session {
             }
             let header = match peek_header(&server.read_buf) {
                 Ok(Some(h)) => h,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(None),
                 Err(e) => {
                     server.mark_broken();
                     return Err(End::ServerProtocol(e.to_string()));
@@ -1968,7 +2121,7 @@ impl Session {
                 if server.read_buf.len() < header.len {
                     let missing = header.len - server.read_buf.len();
                     server.read_buf.reserve(missing);
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             let status = (header.len > HEADER_LEN && server.read_buf.len() > HEADER_LEN)
@@ -2202,58 +2355,11 @@ impl Session {
                     }
                 }
                 b'Z' => {
-                    // query_timeout counts per statement: the next one starts now.
-                    self.busy_since = None;
-                    let m = self.pool.metrics();
-                    let stats = &self.pool.stats;
-                    PoolStats::add(&stats.query_count, 1);
-                    self.counts.queries += 1;
-                    let now = crate::epoch::instant();
-                    // (The request, its transaction and its statement mostly started at
-                    // one instant, read in one poll: one subtraction serves all three.)
-                    let mut last: Option<(Instant, Duration)> = None;
-                    let mut since = |at: Instant| match last {
-                        Some((seen, took)) if seen == at => took,
-                        _ => {
-                            let took = now.saturating_duration_since(at);
-                            last = Some((at, took));
-                            took
-                        }
-                    };
-                    if body.first() == Some(&b'I') {
-                        if std::mem::take(&mut self.schema_changed) {
-                            // (Every pool's of the server database: each user's, the
-                            // `_ro` pools, any other name configured for it.)
-                            for pool in self.shared.pools.all() {
-                                if pool.same_database_as(&self.pool) {
-                                    pool.statements.retire_all();
-                                }
-                            }
-                        }
-                        PoolStats::add(&stats.xact_count, 1);
-                        self.counts.transactions += 1;
-                        if let Some(at) = self.xact_started.take() {
-                            let took = since(at).as_micros() as u64;
-                            PoolStats::add(&stats.xact_time_us, took);
-                        }
-                    }
-                    if let Some(at) = self.request_sent.take() {
-                        let took = since(at);
-                        m.query_duration.record(took.as_secs_f64());
-                        PoolStats::add(&stats.query_time_us, took.as_micros() as u64);
-                    }
-                    if let Some(at) = self.request_received.take() {
-                        m.client_query_duration.record(since(at).as_secs_f64());
-                    }
-                    // A pipelined client's next request (and transaction) starts now.
                     // (pgshield's own hidden queries are no request of the client's.)
-                    if !server.replies.at_boundary() && !server.replies.is_idle_but_hidden() {
-                        if body.first() == Some(&b'I') {
-                            self.xact_started = Some(now);
-                        }
-                        self.request_received = Some(now);
-                        self.request_sent = Some(now);
-                    }
+                    let pipelined =
+                        !server.replies.at_boundary() && !server.replies.is_idle_but_hidden();
+                    let idle = body.first() == Some(&b'I');
+                    return Ok(Some(ReadySeen { idle, pipelined }));
                 }
                 _ => {}
             }

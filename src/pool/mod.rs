@@ -1221,9 +1221,24 @@ impl Pool {
     /// A warm backend fit to lend, if any (see [`Warm`]); those found unfit are closed,
     /// and one due for a health check goes to deadpool, whose recycle step runs it.
     fn take_warm(&self, settings: &PoolSettings) -> Option<Object<ServerManager>> {
+        self.take_warm_if(settings, |_| true)
+    }
+
+    /// As [`Self::take_warm`], but only while the warm backend next in line is `wanted`.
+    fn take_warm_if(
+        &self,
+        settings: &PoolSettings,
+        wanted: impl Fn(&Server) -> bool,
+    ) -> Option<Object<ServerManager>> {
         let manager = self.inner.manager();
         loop {
-            let obj = lock(&self.warm.stack).pop()?;
+            let obj = {
+                let mut stack = lock(&self.warm.stack);
+                if !wanted(stack.last()?) {
+                    return None;
+                }
+                stack.pop()?
+            };
             if let Some(reason) = manager.unfit(&obj, settings) {
                 backend_event!(settings.log_connections, pool = %self.name, server = %obj.id(), pid = obj.process_id(), reason, "closing backend instead of lending it");
                 drop(Object::take(obj));
@@ -1250,12 +1265,17 @@ impl Pool {
     /// A warm backend now, with a place under `max_size`, if both are to be had without
     /// waiting: the borrow of a transaction-mode client, most of the time.
     pub(crate) fn lend_warm(&self) -> Option<Backend> {
+        self.lend_warm_if(|_| true)
+    }
+
+    /// As [`Self::lend_warm`], but only while the warm backend next in line is `wanted`.
+    pub(crate) fn lend_warm_if(&self, wanted: impl Fn(&Server) -> bool) -> Option<Backend> {
         if self.is_paused() || lock(&self.warm.stack).is_empty() {
             return None;
         }
         let place = self.gate.try_take()?;
         let settings = self.inner.manager().settings.load();
-        let obj = self.take_warm(&settings)?;
+        let obj = self.take_warm_if(&settings, wanted)?;
         Some(self.lent(obj, place, &settings))
     }
 }

@@ -425,6 +425,46 @@ impl ReplyTracker {
         at
     }
 
+    /// The common case of a simple Query's replies, taken in one step: when `buf` holds
+    /// all that is left of the answer to the one Query owed (the client's own, dropping
+    /// no statements, no COPY), whole, with nothing to look at but its ReadyForQuery at
+    /// the very end: descriptions, rows, completions, empty-query responses, notices and
+    /// notifications. Notes that ReadyForQuery as [`ReplyTracker::received`] would each
+    /// of them, and returns how many bytes that is and the transaction status. None,
+    /// changing nothing, otherwise: the replies are then taken one by one.
+    pub fn answer_whole_query(&mut self, buf: &[u8]) -> Option<(usize, TxStatus)> {
+        let entry = self.owed.front().filter(|_| self.owed.len() == 1)?;
+        if entry.owed != Owed::Query
+            || entry.hide != Hide::No
+            || entry.drops.is_some()
+            || self.unsure
+            || self.copy_swallowed_messages
+            || self.client_copying
+            || self.extended_open
+            || self.skipping_to_sync
+            || self.has_takebacks()
+        {
+            return None;
+        }
+        let mut at = 0;
+        while let Some(&[tag, a, b, c, d]) = buf.get(at..at + HEADER_LEN) {
+            let len = usize::try_from(i32::from_be_bytes([a, b, c, d]))
+                .ok()
+                .filter(|&l| l >= 4)?;
+            let end = at.checked_add(len + 1).filter(|&end| end <= buf.len())?;
+            match tag {
+                b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => at = end,
+                b'Z' if end == buf.len() && len == 5 => {
+                    let status = TxStatus::from_byte(buf[at + HEADER_LEN])?;
+                    self.ready(status).ok()?;
+                    return Some((end, status));
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
     /// Whether `take_undone` or `take_drops` has anything (mostly not: a cheap look).
     pub fn has_takebacks(&self) -> bool {
         !self.undone.is_empty() || !self.drops.is_empty()
@@ -793,6 +833,12 @@ impl ReplyTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What random histories are made of: client messages, server replies, and how the
+    /// replies are hidden (the client's own, twice as likely).
+    const SENDS: &[u8] = b"QPBDESHCdcfF";
+    const REPLIES: &[u8] = b"TDCNAdnIs123ZEGHtWcV";
+    const HIDES: [Hide; 4] = [Hide::No, Hide::No, Hide::KeepErrors, Hide::All];
 
     /// Feeds client messages (upper-case tags, 'c'/'f'/'d'/'H') and server replies.
     fn client(t: &mut ReplyTracker, tags: &str) {
@@ -1260,9 +1306,7 @@ mod tests {
     fn replies_passed_in_bulk_are_only_those_that_received_would_pass_on_untouched() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let sends = b"QPBDESHCdcfF";
-        let replies = b"TDCNAdnIs123ZEGHtWcV";
-        let hides = [Hide::No, Hide::No, Hide::KeepErrors, Hide::All];
+        let (sends, replies, hides) = (SENDS, REPLIES, HIDES);
         let mut passed = [0usize; 256];
         for _ in 0..3000 {
             let mut t = ReplyTracker::default();
@@ -1296,6 +1340,85 @@ mod tests {
                 char::from(tag)
             );
         }
+    }
+
+    #[test]
+    fn a_whole_answer_taken_in_one_step_is_what_received_makes_of_it() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (sends, replies, hides) = (SENDS, REPLIES, HIDES);
+        let statuses = [b'I', b'T', b'E'];
+        let (mut taken, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            // One history, played into two trackers; mostly ending with a Query sent.
+            let mut history = Vec::new();
+            for _ in 0..rng.random_range(0..6) {
+                let send = rng.random_bool(0.5);
+                let tag = if send {
+                    sends[rng.random_range(0..sends.len())]
+                } else {
+                    replies[rng.random_range(0..replies.len())]
+                };
+                let hide = hides[rng.random_range(0..hides.len())];
+                history.push((send, tag, hide, statuses[rng.random_range(0..3)]));
+            }
+            if rng.random_bool(0.7) {
+                history.push((true, b'Q', hides[rng.random_range(0..hides.len())], b'I'));
+            }
+            let play = || {
+                let mut t = ReplyTracker::default();
+                for &(send, tag, hide, status) in &history {
+                    if send {
+                        t.sent_with(tag, hide, None);
+                    } else {
+                        t.received(tag, Some(status)).ok()?;
+                    }
+                    t.take_undone();
+                    t.take_drops();
+                }
+                Some(t)
+            };
+            let (Some(mut one), Some(mut other)) = (play(), play()) else {
+                continue;
+            };
+            // What the server sent: mostly a ReadyForQuery last, sometimes cut short.
+            let mut answer: Vec<(u8, u8)> = (0..rng.random_range(0..5))
+                .map(|_| (replies[rng.random_range(0..replies.len())], b'I'))
+                .collect();
+            if rng.random_bool(0.8) {
+                answer.push((b'Z', statuses[rng.random_range(0..3)]));
+            }
+            let mut buf = Vec::new();
+            for &(tag, status) in &answer {
+                match tag {
+                    b'Z' => buf.extend_from_slice(&[tag, 0, 0, 0, 5, status]),
+                    _ => buf.extend_from_slice(&[tag, 0, 0, 0, 6, 1, 2]),
+                }
+            }
+            if rng.random_bool(0.1) {
+                buf.truncate(buf.len().saturating_sub(rng.random_range(1..4)));
+            }
+            let before = format!("{one:?}");
+            let Some((len, status)) = one.answer_whole_query(&buf) else {
+                assert_eq!(format!("{one:?}"), before, "refused, yet changed");
+                refused += 1;
+                continue;
+            };
+            taken += 1;
+            assert_eq!(len, buf.len(), "{before} {answer:?}");
+            for &(tag, status) in &answer {
+                let got = other.received(tag, Some(status));
+                assert_eq!(got, Ok(Disposition::Forward), "{before} {answer:?}");
+            }
+            assert!(!other.has_takebacks(), "{before} {answer:?}");
+            assert_eq!(format!("{one:?}"), format!("{other:?}"), "{answer:?}");
+            assert_eq!(status, other.tx_status());
+            assert!(one.at_boundary());
+        }
+        assert!(
+            taken > 500 && refused > 500,
+            "{taken} taken, {refused} refused"
+        );
     }
 
     #[test]
