@@ -522,3 +522,34 @@ async fn a_server_is_reached_over_its_unix_socket() {
     assert!(row.get::<_, bool>(0));
     assert!(!ended.contains(&row.get(1)), "{ended:?}");
 }
+
+/// A backend given back between transactions keeps its place under max_size for the next
+/// lend while nobody waits for one; a borrower that must wait frees it and gets it, rather
+/// than waiting on a place that a warm backend keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_kept_with_a_warm_backend_goes_to_a_borrower_that_waits() {
+    common::create_role("pool_kept", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"3s\"\n\
+         [users.pool_kept]\npassword = \"pw\"\n",
+    )
+    .await;
+    let pool = proxy.shared.pools.get("app", "pool_kept").expect("pool");
+    let client = proxy.connect("pool_kept", "pw").await.expect("login");
+    // (Without that, the pool's janitor would free the place at its next tick, within a
+    // second: each borrow is to be far quicker.)
+    for _ in 0..5 {
+        // (The backend goes back warm, with its place, after each.)
+        client.client.simple_query("SELECT 1").await.unwrap();
+        let started = Instant::now();
+        let backend = tokio::time::timeout(Duration::from_secs(10), pool.borrow())
+            .await
+            .expect("no hang")
+            .expect("the only place is lent to a borrower that waits for it");
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_millis(300), "{waited:?}");
+        backend.release();
+    }
+    let status = pool.status();
+    assert_eq!((status.open, status.idle, status.waiting), (1, 1, 0));
+}

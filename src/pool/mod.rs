@@ -450,8 +450,6 @@ pub struct Pool {
     /// `max_size`: a place is held by each lent backend. (deadpool's own limit cannot be
     /// lowered while backends are lent; this one can, see [`Capacity`].)
     gate: Arc<Capacity>,
-    /// Borrowers waiting for a place.
-    queued: AtomicUsize,
     /// Removed from the configuration by a reload: serves the clients it has, closes
     /// when they are gone. See [`Retirement`].
     retired: std::sync::atomic::AtomicU8,
@@ -479,27 +477,64 @@ pub struct Pool {
 /// janitor tick, for idle timeouts, health checks and `min_idle`; SHOW SERVERS,
 /// RECONNECT, PAUSE, a resize, `max_db_connections`, closing) [`Pool::cool`] gives the
 /// warm ones back to deadpool first.
+///
+/// While no borrower waits for a place, a backend given back keeps the place under
+/// `max_size` it was lent under, for the next lend: a transaction then takes nothing from
+/// the places' semaphore, nor gives anything back to it. A borrower that is to wait for a
+/// place first frees those kept ([`Warm::unpark`]).
 struct Warm {
-    stack: Mutex<Vec<Object<ServerManager>>>,
+    stack: Mutex<Vec<WarmBackend>>,
     /// Takes backends in; false while paused and once closed.
     open: AtomicBool,
     /// Borrowers waiting in deadpool's own queue (a place held, no backend to be had):
     /// backends go back to deadpool while any does.
     in_deadpool_queue: AtomicUsize,
+    /// Borrowers waiting for a place: backends given back keep none meanwhile.
+    queued: AtomicUsize,
+}
+
+/// A backend kept warm, with the place it was lent under if it keeps one (see [`Warm`]).
+/// (Fields drop in order: the backend goes back to deadpool before the place frees.)
+struct WarmBackend {
+    obj: Object<ServerManager>,
+    place: Option<Place>,
 }
 
 impl Warm {
-    /// Keeps `obj` warm, or gives it back (`Err`) to go to deadpool.
-    fn put(&self, obj: Object<ServerManager>) -> Result<(), Object<ServerManager>> {
+    /// Keeps `obj` warm, with `place` while no borrower waits for one and the limit is
+    /// not in debt, or gives both back (`Err`) to go to deadpool.
+    fn put(
+        &self,
+        obj: Object<ServerManager>,
+        place: Option<Place>,
+    ) -> Result<(), (Object<ServerManager>, Option<Place>)> {
         let mut stack = lock(&self.stack);
-        // (Both looked at under the lock: `Pool::cool` empties the stack after closing
-        // it, and a borrower joins deadpool's queue before its last look at the stack.)
+        // (All looked at under the lock: `Pool::cool` empties the stack after closing
+        // it, a borrower joins deadpool's queue before its last look at the stack, and
+        // one that waits for a place is counted before it frees those kept here.)
         if !self.open.load(Ordering::Acquire) || self.in_deadpool_queue.load(Ordering::Acquire) > 0
         {
-            return Err(obj);
+            return Err((obj, place));
         }
-        stack.push(obj);
+        let keep = self.queued.load(Ordering::Acquire) == 0;
+        let (kept, freed) = match place {
+            Some(place) if keep && !place.capacity.in_debt() => (Some(place), None),
+            other => (None, other),
+        };
+        stack.push(WarmBackend { obj, place: kept });
+        drop(stack);
+        // (Once the backend is there for the borrower it wakes.)
+        drop(freed);
         Ok(())
+    }
+
+    /// Frees the places kept with warm backends, for a borrower about to wait for one.
+    fn unpark(&self) {
+        let freed: Vec<Place> = lock(&self.stack)
+            .iter_mut()
+            .filter_map(|warm| warm.place.take())
+            .collect();
+        drop(freed);
     }
 }
 
@@ -650,9 +685,9 @@ impl Pool {
                 stack: Mutex::new(Vec::new()),
                 open: AtomicBool::new(true),
                 in_deadpool_queue: AtomicUsize::new(0),
+                queued: AtomicUsize::new(0),
             }),
             gate: Capacity::new(settings.max_size),
-            queued: AtomicUsize::new(0),
             retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
             stats: PoolStats::default(),
             clients: AtomicUsize::new(0),
@@ -1076,8 +1111,9 @@ impl Pool {
             None => {
                 started = Some(tokio::time::Instant::now());
                 // Counted while waiting, however the wait ends (a borrower that gives
-                // up drops this future).
-                let _queued = Queued::join(&self.queued);
+                // up drops this future); from now on no place is kept warm.
+                let _queued = Queued::join(&self.warm.queued);
+                self.warm.unpark();
                 let place = match settings.borrow_timeout {
                     Some(limit) => tokio::time::timeout(limit, self.gate.take()).await,
                     None => Ok(self.gate.take().await),
@@ -1199,7 +1235,7 @@ impl Pool {
             max_size: self.gate.max(),
             open: s.size,
             idle: s.available + warm,
-            waiting: s.waiting + self.queued.load(Ordering::Relaxed),
+            waiting: s.waiting + self.warm.queued.load(Ordering::Relaxed),
         }
     }
 
@@ -1219,26 +1255,29 @@ impl Pool {
     }
 
     /// A warm backend fit to lend, if any (see [`Warm`]); those found unfit are closed,
-    /// and one due for a health check goes to deadpool, whose recycle step runs it.
+    /// and one due for a health check goes to deadpool, whose recycle step runs it. (A
+    /// place it kept is freed: the borrower has one.)
     fn take_warm(&self, settings: &PoolSettings) -> Option<Object<ServerManager>> {
-        self.take_warm_if(settings, |_| true)
+        Some(self.take_warm_if(settings, |_| true)?.obj)
     }
 
-    /// As [`Self::take_warm`], but only while the warm backend next in line is `wanted`.
+    /// As [`Self::take_warm`], but only while the warm backend next in line is `wanted`,
+    /// and with the place it kept, if any.
     fn take_warm_if(
         &self,
         settings: &PoolSettings,
         wanted: impl Fn(&Server) -> bool,
-    ) -> Option<Object<ServerManager>> {
+    ) -> Option<WarmBackend> {
         let manager = self.inner.manager();
         loop {
-            let obj = {
+            let warm = {
                 let mut stack = lock(&self.warm.stack);
-                if !wanted(stack.last()?) {
+                if !wanted(&stack.last()?.obj) {
                     return None;
                 }
                 stack.pop()?
             };
+            let WarmBackend { obj, place } = warm;
             if let Some(reason) = manager.unfit(&obj, settings) {
                 backend_event!(settings.log_connections, pool = %self.name, server = %obj.id(), pid = obj.process_id(), reason, "closing backend instead of lending it");
                 drop(Object::take(obj));
@@ -1248,7 +1287,7 @@ impl Pool {
             {
                 drop(obj);
             } else {
-                return Some(obj);
+                return Some(WarmBackend { obj, place });
             }
         }
     }
@@ -1270,12 +1309,21 @@ impl Pool {
 
     /// As [`Self::lend_warm`], but only while the warm backend next in line is `wanted`.
     pub(crate) fn lend_warm_if(&self, wanted: impl Fn(&Server) -> bool) -> Option<Backend> {
-        if self.is_paused() || lock(&self.warm.stack).is_empty() {
+        if self.is_paused() {
             return None;
         }
-        let place = self.gate.try_take()?;
         let settings = self.inner.manager().settings.load();
-        let obj = self.take_warm_if(&settings, wanted)?;
+        let WarmBackend { obj, place } = self.take_warm_if(&settings, wanted)?;
+        // The place it kept (unless `max_size` was lowered since: that place pays the
+        // debt), or a free one.
+        let place = place.filter(|p| !p.capacity.in_debt());
+        let Some(place) = place.or_else(|| self.gate.try_take()) else {
+            // None free: borrowers wait for places, and are served in turn.
+            if let Err((obj, _)) = self.warm.put(obj, None) {
+                drop(obj);
+            }
+            return None;
+        };
         Some(self.lent(obj, place, &settings))
     }
 }
@@ -1333,8 +1381,9 @@ impl Backend {
             let in_debt = self._place.as_ref().is_some_and(|p| p.capacity.in_debt());
             if in_debt {
                 drop(obj);
-            } else if let Err(obj) = self.warm.put(obj) {
+            } else if let Err((obj, place)) = self.warm.put(obj, self._place.take()) {
                 drop(obj);
+                drop(place);
             }
         } else {
             let loud =
