@@ -699,8 +699,11 @@ impl Session {
                 timer_armed = false;
                 timer_polled = false;
             }
-            if let Err(end) = self.process_client_input().await {
-                return end;
+            // (Mostly the client sent nothing this turn: the server answered.)
+            if !self.client_in.is_empty() {
+                if let Err(end) = self.process_client_input().await {
+                    return end;
+                }
             }
             let held = self.checking.is_some() || self.role_restore_owed();
             if let Err(end) = self.process_server_input() {
