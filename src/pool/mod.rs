@@ -471,8 +471,8 @@ pub struct Pool {
 /// The backends of a pool given back at rest, lent again newest first without a round
 /// through deadpool: its queue, its semaphore and its recycle step cost a transaction-mode
 /// borrow more than all the rest of the pool's work (docs/BENCHMARKS.md). A warm backend
-/// holds no place under `max_size`, is checked as deadpool's recycle checks it when it is
-/// lent ([`ServerManager::unfit`]), and counts as idle in [`Pool::status`]. Deadpool counts
+/// is checked as deadpool's recycle checks it when it is lent ([`ServerManager::unfit`]),
+/// and counts as idle in [`Pool::status`]. Deadpool counts
 /// it as lent, so wherever deadpool's own view of the idle backends must be whole (each
 /// janitor tick, for idle timeouts, health checks and `min_idle`; SHOW SERVERS,
 /// RECONNECT, PAUSE, a resize, `max_db_connections`, closing) [`Pool::cool`] gives the
