@@ -1875,6 +1875,25 @@ impl Session {
 
     /// A statement's result columns changed since clients were told them (a server said
     /// so, or described others): see `Registry::retire_stale`.
+    /// A named statement's description from the server (a whole RowDescription or NoData):
+    /// its result columns are noted, and the statement retired if they are not what its
+    /// clients were told. (Out of line: the relay's common path does not need it.)
+    #[inline(never)]
+    fn look_at_description(
+        pool: &Pool,
+        client: &ClientId,
+        statement: &Arc<crate::prepared::Statement>,
+        reply: &[u8],
+    ) {
+        let shape = match reply.first() {
+            Some(b'T') => Shape::of(&reply[HEADER_LEN..]),
+            _ => Shape::NO_DATA,
+        };
+        if !statement.described(shape) {
+            Self::retire_stale(pool, client, statement);
+        }
+    }
+
     fn retire_stale(pool: &Pool, client: &ClientId, statement: &Arc<crate::prepared::Statement>) {
         if pool.statements.retire_stale(statement) {
             tracing::info!(
@@ -2062,11 +2081,16 @@ impl Session {
         let server = backend.server();
         crate::buffers::reserve_empty(&mut self.client_out, server.read_buf.len());
         if self.server_msg.left == 0 {
-            // Mostly the whole answer to a simple Query: taken in one step.
-            if let Some((len, status)) = server.replies.answer_whole_query(&server.read_buf) {
-                self.client_out.extend_from_slice(&server.read_buf[..len]);
-                server.read_buf.advance(len);
-                let idle = status == TxStatus::Idle;
+            // Mostly the whole answer to what the client sent: taken in one step.
+            if let Some(whole) = server.replies.answer_whole(&server.read_buf) {
+                if let Some((statement, reply)) = &whole.described {
+                    let reply = &server.read_buf[reply.clone()];
+                    Self::look_at_description(&self.pool, &self.id, statement, reply);
+                }
+                self.client_out
+                    .extend_from_slice(&server.read_buf[..whole.len]);
+                server.read_buf.advance(whole.len);
+                let idle = whole.status == TxStatus::Idle;
                 return Ok(Some(ReadySeen {
                     idle,
                     pipelined: false,
@@ -2156,13 +2180,8 @@ impl Session {
                 }
             }
             if let Some((statement, hidden)) = described {
-                let shape = match header.tag {
-                    b'T' => Shape::of(&server.read_buf[HEADER_LEN..header.len]),
-                    _ => Shape::NO_DATA,
-                };
-                if !statement.described(shape) {
-                    Self::retire_stale(&self.pool, &self.id, &statement);
-                }
+                let reply = &server.read_buf[..header.len];
+                Self::look_at_description(&self.pool, &self.id, &statement, reply);
                 if hidden
                     && self
                         .checking

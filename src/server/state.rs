@@ -158,6 +158,31 @@ pub struct Lost {
     pub in_transaction: bool,
 }
 
+/// The tag and end of the whole message at `at` in `buf`, if it is there whole (and its
+/// length is valid).
+fn next_whole(buf: &[u8], at: usize) -> Option<(u8, usize)> {
+    let &[tag, a, b, c, d] = buf.get(at..at.checked_add(HEADER_LEN)?)? else {
+        return None;
+    };
+    let len = usize::try_from(i32::from_be_bytes([a, b, c, d]))
+        .ok()
+        .filter(|&l| l >= 4)?;
+    let end = at.checked_add(len + 1).filter(|&end| end <= buf.len())?;
+    Some((tag, end))
+}
+
+/// The answer to all that was owed, taken in one step ([`ReplyTracker::answer_whole`]).
+#[derive(Debug)]
+pub struct Whole {
+    /// Its length in the buffer.
+    pub len: usize,
+    /// What its ReadyForQuery said.
+    pub status: TxStatus,
+    /// A named statement's description in it (RowDescription or NoData, the range of
+    /// that message), to be looked at as the replies taken one by one would be.
+    pub described: Option<(Arc<Statement>, std::ops::Range<usize>)>,
+}
+
 /// The server answered something nobody asked for: the backend is out of step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutOfStep;
@@ -425,19 +450,16 @@ impl ReplyTracker {
         at
     }
 
-    /// The common case of a simple Query's replies, taken in one step: when `buf` holds
-    /// all that is left of the answer to the one Query owed (the client's own, dropping
-    /// no statements, no COPY), whole, with nothing to look at but its ReadyForQuery at
-    /// the very end: descriptions, rows, completions, empty-query responses, notices and
-    /// notifications. Notes that ReadyForQuery as [`ReplyTracker::received`] would each
-    /// of them, and returns how many bytes that is and the transaction status. None,
-    /// changing nothing, otherwise: the replies are then taken one by one.
-    pub fn answer_whole_query(&mut self, buf: &[u8]) -> Option<(usize, TxStatus)> {
-        let entry = self.owed.front().filter(|_| self.owed.len() == 1)?;
-        if entry.owed != Owed::Query
-            || entry.hide != Hide::No
-            || entry.drops.is_some()
-            || self.unsure
+    /// The common case of the replies to what a client sent, taken in one step: when
+    /// everything owed is the client's own (a simple Query, or extended-protocol messages
+    /// up to one Sync: nothing pgshield added, no COPY, no statement drop, at most one
+    /// Describe of a named statement) and `buf` holds all that is left of its answer,
+    /// whole, with its one ReadyForQuery at the very end and nothing else to look at but
+    /// that Describe's description ([`Whole::described`]). Notes it all as
+    /// [`ReplyTracker::received`] would each message. None, changing nothing, otherwise:
+    /// the replies are then taken one by one.
+    pub fn answer_whole(&mut self, buf: &[u8]) -> Option<Whole> {
+        if self.unsure
             || self.copy_swallowed_messages
             || self.client_copying
             || self.extended_open
@@ -446,18 +468,95 @@ impl ReplyTracker {
         {
             return None;
         }
+        let last = self.owed.len().checked_sub(1)?;
+        if last == 0 && self.owed[0].owed == Owed::Query {
+            // (The most common, a simple Query, on a shorter path.)
+            return self.answer_whole_query(buf);
+        }
+        let plain = |(i, e): (usize, &Entry)| {
+            let kind = !matches!(e.owed, Owed::FunctionCall | Owed::CopyEnd | Owed::Fake(_));
+            // (Only the last is answered by a ReadyForQuery: it ends all that is owed.)
+            kind && e.hide == Hide::No
+                && e.drops.is_none()
+                && e.owed.ends_with_ready() == (i == last)
+        };
+        if !self.owed.iter().enumerate().all(plain) {
+            return None;
+        }
+        // What `matched` would make of each reply: the entries it completes, in order.
+        let mut completed = 0;
+        // (The entry, and the reply, of the description to look at.)
+        let mut described = None;
         let mut at = 0;
-        while let Some(&[tag, a, b, c, d]) = buf.get(at..at + HEADER_LEN) {
-            let len = usize::try_from(i32::from_be_bytes([a, b, c, d]))
-                .ok()
-                .filter(|&l| l >= 4)?;
-            let end = at.checked_add(len + 1).filter(|&end| end <= buf.len())?;
+        while let Some((tag, end)) = next_whole(buf, at) {
+            let front = self.owed.get(completed);
+            let kind = front.map(|e| e.owed);
+            let completes = match tag {
+                b'1' => Some(Owed::Parse),
+                b'2' => Some(Owed::Bind),
+                b'3' => Some(Owed::Close),
+                b'T' | b'n' => Some(Owed::Describe).filter(|_| kind == Some(Owed::Describe)),
+                b'C' | b'I' | b's' => Some(Owed::Execute).filter(|_| kind == Some(Owed::Execute)),
+                b'D' | b't' | b'N' | b'A' => None,
+                b'Z' if end == buf.len() && end - at == HEADER_LEN + 1 => {
+                    let status = TxStatus::from_byte(buf[at + HEADER_LEN])?;
+                    let mut statement = None;
+                    for i in 0..completed {
+                        let Some(entry) = self.owed.pop_front() else {
+                            break;
+                        };
+                        if let Some(undo) = &entry.undo {
+                            undo.succeeded();
+                        }
+                        if described.as_ref().is_some_and(|(at, _)| *at == i) {
+                            statement = entry.statement;
+                        }
+                    }
+                    self.ready(status).ok()?;
+                    return Some(Whole {
+                        len: end,
+                        status,
+                        described: statement.zip(described.map(|(_, reply)| reply)),
+                    });
+                }
+                _ => return None,
+            };
+            if let Some(owed) = completes {
+                if kind != Some(owed) {
+                    return None;
+                }
+                if owed == Owed::Describe && front.is_some_and(|e| e.statement.is_some()) {
+                    if described.is_some() {
+                        return None;
+                    }
+                    described = Some((completed, at..end));
+                }
+                completed += 1;
+            }
+            at = end;
+        }
+        None
+    }
+
+    /// [`ReplyTracker::answer_whole`] for a simple Query, the one entry owed.
+    fn answer_whole_query(&mut self, buf: &[u8]) -> Option<Whole> {
+        let entry = &self.owed[0];
+        if entry.hide != Hide::No || entry.drops.is_some() {
+            return None;
+        }
+        let mut at = 0;
+        while let Some((tag, end)) = next_whole(buf, at) {
             match tag {
                 b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => at = end,
-                b'Z' if end == buf.len() && len == 5 => {
+                b'Z' if end == buf.len() && end - at == HEADER_LEN + 1 => {
                     let status = TxStatus::from_byte(buf[at + HEADER_LEN])?;
                     self.ready(status).ok()?;
-                    return Some((end, status));
+                    let described = None;
+                    return Some(Whole {
+                        len: end,
+                        status,
+                        described,
+                    });
                 }
                 _ => return None,
             }
@@ -1348,76 +1447,178 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
         let (sends, replies, hides) = (SENDS, REPLIES, HIDES);
         let statuses = [b'I', b'T', b'E'];
-        let (mut taken, mut refused) = (0, 0);
-        for _ in 0..20_000 {
-            // One history, played into two trackers; mostly ending with a Query sent.
+        let registry = crate::prepared::Registry::default();
+        let statement = registry.intern("SELECT 1", &[]);
+        // A history step: a message sent (with its hiding, and whether it takes something
+        // back or names a statement) or a reply received (with its status).
+        #[derive(Clone, Copy)]
+        enum Step {
+            Sent(u8, Hide, bool, bool),
+            Received(u8, u8),
+        }
+        let (mut taken, mut refused, mut taken_extended, mut taken_described) = (0, 0, 0, 0);
+        for _ in 0..30_000 {
             let mut history = Vec::new();
             for _ in 0..rng.random_range(0..6) {
-                let send = rng.random_bool(0.5);
-                let tag = if send {
-                    sends[rng.random_range(0..sends.len())]
+                history.push(if rng.random_bool(0.5) {
+                    let tag = sends[rng.random_range(0..sends.len())];
+                    let hide = hides[rng.random_range(0..hides.len())];
+                    Step::Sent(tag, hide, rng.random_bool(0.2), rng.random_bool(0.2))
                 } else {
-                    replies[rng.random_range(0..replies.len())]
+                    let tag = replies[rng.random_range(0..replies.len())];
+                    Step::Received(tag, statuses[rng.random_range(0..3)])
+                });
+            }
+            // Mostly ending with a Query, or an extended batch, sent.
+            let mut batch = Vec::new();
+            match rng.random_range(0..3) {
+                0 => batch.push(b'Q'),
+                1 => {
+                    let steps = [
+                        (b'P', 0.5),
+                        (b'B', 0.9),
+                        (b'D', 0.4),
+                        (b'D', 0.2),
+                        (b'E', 0.9),
+                    ];
+                    for (tag, p) in steps {
+                        if rng.random_bool(p) {
+                            batch.push(tag);
+                        }
+                    }
+                    if rng.random_bool(0.2) {
+                        batch.push(b'C');
+                    }
+                    if rng.random_bool(0.9) {
+                        batch.push(b'S');
+                    }
+                }
+                _ => {}
+            }
+            for &tag in &batch {
+                let hide = if rng.random_bool(0.8) {
+                    Hide::No
+                } else {
+                    hides[rng.random_range(0..hides.len())]
                 };
-                let hide = hides[rng.random_range(0..hides.len())];
-                history.push((send, tag, hide, statuses[rng.random_range(0..3)]));
+                let named = rng.random_bool(0.3);
+                history.push(Step::Sent(tag, hide, rng.random_bool(0.2), named));
             }
-            if rng.random_bool(0.7) {
-                history.push((true, b'Q', hides[rng.random_range(0..hides.len())], b'I'));
-            }
-            let play = || {
+            // (Each tracker's takebacks parse statements of their own, to tell whether the
+            // replies marked them valid.)
+            let play = |parsed: &Arc<Statement>| {
                 let mut t = ReplyTracker::default();
-                for &(send, tag, hide, status) in &history {
-                    if send {
-                        t.sent_with(tag, hide, None);
-                    } else {
-                        t.received(tag, Some(status)).ok()?;
+                for &step in &history {
+                    match step {
+                        Step::Sent(tag, hide, takes_back, named) => {
+                            let undo = takes_back.then(|| Undo::Parse {
+                                client_name: Some(("s0".into(), 0)),
+                                statement: Arc::clone(parsed),
+                                sent: Some(Default::default()),
+                                behind_close: false,
+                            });
+                            t.sent_with(tag, hide, undo);
+                            if named {
+                                t.uses(Arc::clone(&statement));
+                            }
+                        }
+                        Step::Received(tag, status) => {
+                            t.received(tag, Some(status)).ok()?;
+                        }
                     }
                     t.take_undone();
                     t.take_drops();
                 }
                 Some(t)
             };
-            let (Some(mut one), Some(mut other)) = (play(), play()) else {
+            let fresh = || crate::prepared::Registry::default().intern("SELECT 2", &[]);
+            let parsed = [fresh(), fresh()];
+            let (Some(mut one), Some(mut other)) = (play(&parsed[0]), play(&parsed[1])) else {
                 continue;
             };
-            // What the server sent: mostly a ReadyForQuery last, sometimes cut short.
-            let mut answer: Vec<(u8, u8)> = (0..rng.random_range(0..5))
-                .map(|_| (replies[rng.random_range(0..replies.len())], b'I'))
-                .collect();
+            // What the server sent: the batch's answer, or random replies; mostly a
+            // ReadyForQuery last, sometimes cut short.
+            let mut answer: Vec<(u8, u8)> = Vec::new();
+            if rng.random_bool(0.6) {
+                for &tag in &batch {
+                    let replies: &[u8] = match tag {
+                        b'Q' => b"TDDC",
+                        b'P' => b"1",
+                        b'B' => b"2",
+                        b'D' => [&b"tT"[..], b"n", b"T"][rng.random_range(0..3)],
+                        b'E' => [&b"DDC"[..], b"I", b"Ds", b"C"][rng.random_range(0..4)],
+                        b'C' => b"3",
+                        _ => b"",
+                    };
+                    answer.extend(replies.iter().map(|&r| (r, b'I')));
+                }
+                if rng.random_bool(0.2) && !answer.is_empty() {
+                    // A reply out of place.
+                    let at = rng.random_range(0..answer.len());
+                    answer[at].0 = replies[rng.random_range(0..replies.len())];
+                }
+            } else {
+                answer = (0..rng.random_range(0..5))
+                    .map(|_| (replies[rng.random_range(0..replies.len())], b'I'))
+                    .collect();
+            }
             if rng.random_bool(0.8) {
                 answer.push((b'Z', statuses[rng.random_range(0..3)]));
             }
             let mut buf = Vec::new();
+            let mut ranges = Vec::new();
             for &(tag, status) in &answer {
+                let start = buf.len();
                 match tag {
                     b'Z' => buf.extend_from_slice(&[tag, 0, 0, 0, 5, status]),
                     _ => buf.extend_from_slice(&[tag, 0, 0, 0, 6, 1, 2]),
                 }
+                ranges.push(start..buf.len());
             }
             if rng.random_bool(0.1) {
                 buf.truncate(buf.len().saturating_sub(rng.random_range(1..4)));
             }
             let before = format!("{one:?}");
-            let Some((len, status)) = one.answer_whole_query(&buf) else {
+            let Some(whole) = one.answer_whole(&buf) else {
                 assert_eq!(format!("{one:?}"), before, "refused, yet changed");
                 refused += 1;
                 continue;
             };
             taken += 1;
-            assert_eq!(len, buf.len(), "{before} {answer:?}");
-            for &(tag, status) in &answer {
+            taken_extended += usize::from(batch.contains(&b'S'));
+            assert_eq!(whole.len, buf.len(), "{before} {answer:?}");
+            // The descriptions the session looks at, taking the replies one by one.
+            let mut described = Vec::new();
+            for (i, &(tag, status)) in answer.iter().enumerate() {
+                if let Some((statement, hidden)) =
+                    other.describing().filter(|_| tag == b'T' || tag == b'n')
+                {
+                    assert!(!hidden, "{before} {answer:?}");
+                    described.push((Arc::clone(statement), ranges[i].clone()));
+                }
                 let got = other.received(tag, Some(status));
                 assert_eq!(got, Ok(Disposition::Forward), "{before} {answer:?}");
             }
+            taken_described += described.len();
+            match (described.as_slice(), &whole.described) {
+                ([], None) => {}
+                ([(s, r)], Some((statement, reply))) => {
+                    assert!(
+                        Arc::ptr_eq(s, statement) && r == reply,
+                        "{before} {answer:?}"
+                    );
+                }
+                (seen, taken) => panic!("{seen:?} looked at, {taken:?} taken: {before} {answer:?}"),
+            }
             assert!(!other.has_takebacks(), "{before} {answer:?}");
             assert_eq!(format!("{one:?}"), format!("{other:?}"), "{answer:?}");
-            assert_eq!(status, other.tx_status());
+            assert_eq!(whole.status, other.tx_status());
             assert!(one.at_boundary());
+            assert_eq!(parsed[0].is_valid(), parsed[1].is_valid(), "{answer:?}");
         }
         assert!(
-            taken > 500 && refused > 500,
-            "{taken} taken, {refused} refused"
+            taken > 500 && refused > 500 && taken_extended > 200 && taken_described > 50,
+            "{taken} taken ({taken_extended} extended, {taken_described} described), {refused} refused"
         );
     }
 
