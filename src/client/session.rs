@@ -1383,11 +1383,14 @@ impl Session {
             backend.discard();
             return false;
         }
+        // (As the general path times it: from a Parse answered before it, if any.)
         let now = crate::epoch::instant();
-        self.request_received = Some(now);
-        self.request_sent = Some(now);
-        self.xact_started.get_or_insert(now);
-        self.registered.info.note_request(now);
+        if self.request_received.is_none() {
+            self.request_received = Some(now);
+            self.xact_started.get_or_insert(now);
+            self.registered.info.note_request(now);
+        }
+        self.request_sent.get_or_insert(now);
         self.note_borrowed(Duration::ZERO);
         let server = backend.server();
         let translated = self.statements.translate_query(&mut server.statements);
