@@ -1876,8 +1876,6 @@ impl Session {
         Ok(true)
     }
 
-    /// A statement's result columns changed since clients were told them (a server said
-    /// so, or described others): see `Registry::retire_stale`.
     /// A named statement's description from the server (a whole RowDescription or NoData):
     /// its result columns are noted, and the statement retired if they are not what its
     /// clients were told. (Out of line: the relay's common path does not need it.)
@@ -1897,6 +1895,8 @@ impl Session {
         }
     }
 
+    /// A statement's result columns changed since clients were told them (a server said
+    /// so, or described others): see `Registry::retire_stale`.
     fn retire_stale(pool: &Pool, client: &ClientId, statement: &Arc<crate::prepared::Statement>) {
         if pool.statements.retire_stale(statement) {
             tracing::info!(
