@@ -1052,3 +1052,61 @@ async fn reload_with_a_new_server_moves_clients_to_new_backends_and_new_limits_a
     let err = ended.expect_err("closed with an error");
     assert_eq!(sqlstate(&err), Some("57P05"));
 }
+
+/// A request starts with its first message: a Parse pgshield answers without a backend,
+/// then a simple Query sent before any Sync, show in SHOW CLIENTS as one request that
+/// started at the Parse, however the Query is passed on.
+#[tokio::test]
+async fn a_request_starts_at_its_first_message_even_one_answered_without_a_backend() {
+    use common::raw;
+    common::create_role("adm_req", "pw").await;
+    common::create_role("adm_req_ops", "pw").await;
+    let proxy = TestProxy::start(
+        "[users.adm_req]\nauth = \"trust\"\nserver_password = \"pw\"\n\
+         [users.adm_req_ops]\npassword = \"pw\"\n\
+         [admin]\nhttp_listen = \"\"\nusers = [\"adm_req_ops\"]\n",
+    )
+    .await;
+    let admin = console(&proxy, "adm_req_ops").await;
+    let mut s = raw::login_trusted(proxy.addr, "adm_req").await;
+    let mut other = raw::login_trusted(proxy.addr, "adm_req").await;
+    let parse = |name: &str| {
+        let mut body = name.as_bytes().to_vec();
+        body.extend_from_slice(b"\0SELECT 1\0\0\0");
+        raw::message(b'P', &body)
+    };
+    // A server accepts the statement once; the same text parsed again needs none.
+    let mut first = parse("s1");
+    first.extend(raw::message(b'S', &[]));
+    raw::send(&mut s, &first).await;
+    raw::until_ready(&mut s).await;
+    let parsed_at = std::time::SystemTime::now();
+    raw::send(&mut s, &parse("s2")).await;
+    assert_eq!(raw::read_message(&mut s).await.map(|m| m.0), Some(b'1'));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // (Another client's transaction just before leaves a backend warm, as under load: the
+    // Query then takes pgshield's short path.)
+    raw::send(&mut other, &raw::query("SELECT 3")).await;
+    raw::until_ready(&mut other).await;
+    raw::send(&mut s, &raw::query("SELECT 2")).await;
+    raw::until_ready(&mut s).await;
+
+    let port = s.local_addr().expect("local address").port().to_string();
+    let clients = show(&admin.client, "SHOW CLIENTS").await;
+    let me = clients
+        .iter()
+        .find(|r| r["user"] == "adm_req" && r["port"] == port)
+        .expect("client");
+    let started = humantime::parse_rfc3339(
+        &me["request_time"]
+            .replace(" UTC", "Z")
+            .replacen(' ', "T", 1),
+    )
+    .expect("request_time");
+    // (Shown to the second.)
+    let late = started.duration_since(parsed_at).unwrap_or_default();
+    assert!(
+        late < Duration::from_secs(1),
+        "{me:?}: {late:?} after the Parse"
+    );
+}
