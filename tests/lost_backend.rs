@@ -92,6 +92,7 @@ async fn a_statement_whose_backend_is_lost_gets_08006_and_the_connection_carries
 async fn a_transaction_block_whose_backend_is_lost_stays_failed_until_rollback() {
     let proxy = proxy_for("lost_tx").await;
     let conn = proxy.connect("lost_tx", "pw").await.expect("login");
+    let other = proxy.connect("lost_tx", "pw").await.expect("login");
     conn.client
         .batch_execute("BEGIN; SELECT 1 /* lost-in-block */")
         .await
@@ -99,6 +100,8 @@ async fn a_transaction_block_whose_backend_is_lost_stays_failed_until_rollback()
     // Idle inside its transaction, the client's backend goes away.
     terminate("lost_tx", "%lost-in-block%").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Another client leaves its backend warm: the next one lent, and lent at once.
+    other.client.simple_query("SELECT 1").await.unwrap();
     // PostgreSQL's own rule holds on the next backend: aborted until the block ends.
     let e = conn
         .client

@@ -1211,6 +1211,30 @@ async fn a_flush_keeps_the_backend_until_the_batch_is_synced() {
     assert_eq!((tags.as_str(), codes), ("2DCZ", vec![]));
 }
 
+/// A Parse refused for want of a backend (its borrow timed out) has the client's messages
+/// skipped until its Sync, as PostgreSQL skips them after an error: a simple Query sent on
+/// its own before that Sync too, even once a backend is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_after_a_refused_parse_is_skipped_until_the_sync() {
+    let pool = "mode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"300ms\"";
+    let proxy = trusted_proxy("tx_skipq", pool).await;
+    let mut holder = raw::login_trusted(proxy.addr, "tx_skipq").await;
+    raw::send(&mut holder, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    let mut s = raw::login_trusted(proxy.addr, "tx_skipq").await;
+    raw::send(&mut s, &raw::message(b'P', b"\0SELECT 'skipped'\0\0\0")).await;
+    let (tag, _) = raw::read_message(&mut s).await.expect("refused");
+    assert_eq!(tag, b'E');
+    raw::send(&mut holder, &raw::query("COMMIT")).await;
+    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    raw::send(&mut s, &raw::query("SELECT 'skipped'")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw::send(&mut s, &raw::SYNC).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("Z".to_owned(), vec![]));
+    raw::send(&mut s, &raw::query("SELECT 1")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("TDCZ".to_owned(), vec![]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_set_of_a_server_wide_setting_harms_no_one() {
     // shared_buffers cannot be changed in a session: the SET fails, and the setting must

@@ -699,8 +699,9 @@ impl Session {
                 timer_armed = false;
                 timer_polled = false;
             }
-            // (Mostly the client sent nothing this turn: the server answered.)
-            if !self.client_in.is_empty() {
+            // (Mostly the client sent nothing this turn: the server answered. Else mostly a
+            // lone Query, passed on without entering the general path's future.)
+            if !self.client_in.is_empty() && !self.pass_query_at_once() {
                 if let Err(end) = self.process_client_input().await {
                     return end;
                 }
@@ -1191,9 +1192,6 @@ impl Session {
     /// Frames what the client sent and passes it to the backend, borrowing one first if
     /// needed.
     async fn process_client_input(&mut self) -> Result<(), End> {
-        if self.backend.is_none() && self.pass_query_at_once() {
-            return Ok(());
-        }
         // One allocation for what this batch passes on, not one per message as it grows.
         crate::buffers::reserve_empty(&mut self.server_out, self.client_in.len());
         loop {
@@ -1340,11 +1338,12 @@ impl Session {
         }
     }
 
-    /// The common case of a transaction-mode client that holds no backend, in one step: a
-    /// whole simple Query, alone in what has arrived, that changes nothing of the session
-    /// (by the SQL screen), passed on to the warm backend next in line if that one needs
-    /// nothing applied. True: done, as the general path would have done it. False, having
-    /// changed nothing: the general path takes it (and reports what is wrong with it).
+    /// The common case of a transaction-mode client, in one step: a whole simple Query,
+    /// alone in what has arrived, that changes nothing of the session (by the SQL screen),
+    /// passed on to the backend the client holds, or, holding none, to the warm backend
+    /// next in line if that one needs nothing applied. True: done, as the general path
+    /// would have done it. False, having changed nothing: the general path takes it (and
+    /// reports what is wrong with it).
     fn pass_query_at_once(&mut self) -> bool {
         if self.mode != PoolMode::Transaction
             || self.client_msg.left > 0
@@ -1371,18 +1370,13 @@ impl Session {
         if !sql::classify_in(query, self.parse_env()).is_empty() {
             return false;
         }
-        if self.shared.shutdown.is_draining() {
+        if self.backend.is_none() && !self.hold_settled_warm_backend() {
             return false;
         }
-        let settings = self.settings.as_str();
-        let Some(mut backend) = self.pool.lend_warm_if(|s| s.settled_for(settings)) else {
-            return false;
+        let Some(backend) = self.backend.as_deref_mut() else {
+            return false; // (Never: held, or just lent and held.)
         };
-        if self.pool.is_paused() {
-            // Paused meanwhile: as `take_idle_backend`.
-            backend.discard();
-            return false;
-        }
+        let server = backend.server();
         // (As the general path times it: from a Parse answered before it, if any.)
         let now = crate::epoch::instant();
         if self.request_received.is_none() {
@@ -1391,15 +1385,32 @@ impl Session {
             self.registered.info.note_request(now);
         }
         self.request_sent.get_or_insert(now);
-        self.note_borrowed(Duration::ZERO);
-        let server = backend.server();
         let translated = self.statements.translate_query(&mut server.statements);
         self.checked = None;
         server.replies.sent_with(b'Q', Hide::No, translated.undo);
         take_back_undone(&mut self.statements, server);
-        self.hold(backend);
         // The message is all the client sent: its buffer becomes the server's.
         std::mem::swap(&mut self.client_in, &mut self.server_out);
+        true
+    }
+
+    /// Lends and holds the warm backend next in line, if that one needs nothing applied
+    /// (`pass_query_at_once`). False, having changed nothing, otherwise.
+    fn hold_settled_warm_backend(&mut self) -> bool {
+        if self.shared.shutdown.is_draining() {
+            return false;
+        }
+        let settings = self.settings.as_str();
+        let Some(backend) = self.pool.lend_warm_if(|s| s.settled_for(settings)) else {
+            return false;
+        };
+        if self.pool.is_paused() {
+            // Paused meanwhile: as `take_idle_backend`.
+            backend.discard();
+            return false;
+        }
+        self.note_borrowed(Duration::ZERO);
+        self.hold(backend);
         true
     }
 
