@@ -719,6 +719,32 @@ async fn reset_all_and_discard_all_return_to_the_startup_settings_on_every_backe
     assert_eq!(pids.len(), 2, "transactions ran on both backends");
 }
 
+/// A pinned client's RESET sent in the extended protocol returns to its startup value, as
+/// in PostgreSQL: pgshield gives that value back before the client's next statement, a
+/// lone simple Query too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_clients_extended_reset_returns_to_the_startup_value_before_its_next_query() {
+    let proxy = trusted_proxy("tx_reset_pin", "mode = \"transaction\"\nmax_size = 2").await;
+    let mut s = raw::connect(proxy.addr).await;
+    let startup = raw::startup(&[
+        ("user", "tx_reset_pin"),
+        ("database", "app"),
+        ("options", "-c statement_timeout=4321"),
+    ]);
+    raw::send(&mut s, &startup).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &raw::query("LISTEN tx_reset_pin")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".to_owned(), vec![]));
+    raw::send(&mut s, &raw::query("SET statement_timeout = 99")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".to_owned(), vec![]));
+    let mut reset = raw::parse_bind_execute("RESET statement_timeout");
+    reset.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &reset).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("12CZ".to_owned(), vec![]));
+    raw::send(&mut s, &raw::query("SHOW statement_timeout")).await;
+    assert_eq!(row_until_ready(&mut s).await, Ok("4321ms".to_owned()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_sets_follow_the_client_without_pinning_and_rolled_back_ones_do_not() {
     let proxy = proxy("tx_set", "max_size = 2").await;

@@ -1350,8 +1350,17 @@ impl Session {
             || self.skip_until_sync
             || self.lost_transaction
             || self.checking.is_some()
-            || self.follow_up.is_some()
             || !self.server_out.is_empty()
+        {
+            return false;
+        }
+        // What the general path does first for any message: messages wait while the role
+        // is given back; the startup values of settings reset are restored before them.
+        // (A client's own search_path, kept here too, is in its parse environment.)
+        if self
+            .follow_up
+            .as_ref()
+            .is_some_and(|f| !f.restore.is_empty() || f.readbacks.iter().any(|r| r.role))
         {
             return false;
         }
