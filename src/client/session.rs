@@ -1220,10 +1220,7 @@ impl Session {
                 .check_size(self.limits.max_message_size)
                 .map_err(|e| End::ClientProtocol(e.to_string()))?;
             if self.request_received.is_none() && matches!(header.tag, b'Q' | b'P' | b'B' | b'F') {
-                let now = crate::epoch::instant();
-                self.request_received = Some(now);
-                self.xact_started.get_or_insert(now);
-                self.registered.info.note_request(now);
+                self.note_request_start(crate::epoch::instant());
             }
             if header.tag == b'S' {
                 // (What its batch's portals were bound from is forgotten with it.)
@@ -1382,18 +1379,14 @@ impl Session {
         if self.backend.is_none() && !self.hold_settled_warm_backend() {
             return false;
         }
+        // (As the general path times it: from a Parse answered before it, if any.)
+        let now = crate::epoch::instant();
+        self.note_request_start(now);
+        self.request_sent.get_or_insert(now);
         let Some(backend) = self.backend.as_deref_mut() else {
             return false; // (Never: held, or just lent and held.)
         };
         let server = backend.server();
-        // (As the general path times it: from a Parse answered before it, if any.)
-        let now = crate::epoch::instant();
-        if self.request_received.is_none() {
-            self.request_received = Some(now);
-            self.xact_started.get_or_insert(now);
-            self.registered.info.note_request(now);
-        }
-        self.request_sent.get_or_insert(now);
         let translated = self.statements.translate_query(&mut server.statements);
         self.checked = None;
         server.replies.sent_with(b'Q', Hide::No, translated.undo);
@@ -1401,6 +1394,16 @@ impl Session {
         // The message is all the client sent: its buffer becomes the server's.
         std::mem::swap(&mut self.client_in, &mut self.server_out);
         true
+    }
+
+    /// A request of the client's starts at `now`, unless one already has (with a Parse
+    /// answered without a backend, say): its timing, and its transaction's, start there.
+    fn note_request_start(&mut self, now: Instant) {
+        if self.request_received.is_none() {
+            self.request_received = Some(now);
+            self.xact_started.get_or_insert(now);
+            self.registered.info.note_request(now);
+        }
     }
 
     /// Lends and holds the warm backend next in line, if that one needs nothing applied

@@ -551,11 +551,10 @@ impl ReplyTracker {
                 b'Z' if end == buf.len() && end - at == HEADER_LEN + 1 => {
                     let status = TxStatus::from_byte(buf[at + HEADER_LEN])?;
                     self.ready(status).ok()?;
-                    let described = None;
                     return Some(Whole {
                         len: end,
                         status,
-                        described,
+                        described: None,
                     });
                 }
                 _ => return None,
