@@ -1237,16 +1237,24 @@ async fn a_flush_keeps_the_backend_until_the_batch_is_synced() {
     assert_eq!((tags.as_str(), codes), ("2DCZ", vec![]));
 }
 
+/// A transaction-mode pool of one backend, for trusted user `role`, with `borrow_timeout`,
+/// and a client holding that backend in a transaction block.
+async fn one_backend_held(role: &str, borrow_timeout: &str) -> (TestProxy, tokio::net::TcpStream) {
+    let pool =
+        format!("mode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"{borrow_timeout}\"");
+    let proxy = trusted_proxy(role, &pool).await;
+    let mut holder = raw::login_trusted(proxy.addr, role).await;
+    raw::send(&mut holder, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    (proxy, holder)
+}
+
 /// A Parse refused for want of a backend (its borrow timed out) has the client's messages
 /// skipped until its Sync, as PostgreSQL skips them after an error: a simple Query sent on
 /// its own before that Sync too, even once a backend is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_after_a_refused_parse_is_skipped_until_the_sync() {
-    let pool = "mode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"300ms\"";
-    let proxy = trusted_proxy("tx_skipq", pool).await;
-    let mut holder = raw::login_trusted(proxy.addr, "tx_skipq").await;
-    raw::send(&mut holder, &raw::query("BEGIN")).await;
-    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    let (proxy, mut holder) = one_backend_held("tx_skipq", "300ms").await;
     let mut s = raw::login_trusted(proxy.addr, "tx_skipq").await;
     raw::send(&mut s, &raw::message(b'P', b"\0SELECT 'skipped'\0\0\0")).await;
     let (tag, _) = raw::read_message(&mut s).await.expect("refused");
@@ -1259,6 +1267,57 @@ async fn a_query_after_a_refused_parse_is_skipped_until_the_sync() {
     assert_eq!(raw::until_ready(&mut s).await, ("Z".to_owned(), vec![]));
     raw::send(&mut s, &raw::query("SELECT 1")).await;
     assert_eq!(raw::until_ready(&mut s).await, ("TDCZ".to_owned(), vec![]));
+}
+
+/// A lone Query that must queue for a backend: refused with `53300` and a ReadyForQuery
+/// when `borrow_timeout` passes, the connection going on; passed on once a backend is
+/// free, with a second Query sent while it waited answered after it; and the time that
+/// one queued counted as waiting, from its Query (SHOW CLIENTS, SHOW POOLS, SHOW STATS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_query_queued_for_a_backend_times_out_or_goes_on_in_order() {
+    let (proxy, mut holder) = one_backend_held("tx_queued", "500ms").await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_queued").await;
+    let started = Instant::now();
+    raw::send(&mut s, &raw::query("SELECT 'refused'")).await;
+    let refused = raw::until_ready(&mut s).await;
+    assert_eq!(refused, ("EZ".to_owned(), vec!["53300".to_owned()]));
+    // (Refused once: not borrowed for again by the general path.)
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_millis(950));
+
+    let sent_first = std::time::SystemTime::now();
+    raw::send(&mut s, &raw::query("SELECT 'first'")).await;
+    let pool = proxy.shared.pools.get("app", "tx_queued").expect("pool");
+    let queued = async {
+        loop {
+            let waiting = proxy.shared.registry.list().into_iter().find(|c| {
+                c.user() == "tx_queued"
+                    && c.state() == pgshield::client::registry::ClientState::Waiting
+            });
+            if let Some(client) = waiting {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let waiting = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("the client queues");
+    assert_eq!(pool.status().waiting, 1);
+    let since = waiting.request_at().expect("waiting since");
+    assert!(since + Duration::from_millis(50) >= sent_first);
+    raw::send(&mut s, &raw::query("SELECT 'second'")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    raw::send(&mut holder, &raw::query("COMMIT")).await;
+    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    assert_eq!(row_until_ready(&mut s).await, Ok("first".to_owned()));
+    assert_eq!(row_until_ready(&mut s).await, Ok("second".to_owned()));
+    assert_eq!(pool.status().waiting, 0);
+    let waited = pool
+        .stats
+        .wait_time_us
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(waited >= 100_000, "{waited} µs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,6 +122,18 @@ enum Taken {
     Borrow,
 }
 
+/// What [`Session::pass_query_at_once`] did with what the client sent.
+#[derive(PartialEq)]
+enum Short {
+    /// Passed on, as the general path would have passed it.
+    Passed,
+    /// Nothing: the general path takes it.
+    General,
+    /// Nothing yet: a lone Query the short path passes once the client holds a backend,
+    /// and none was lent at once ([`Session::borrow_for_query`]).
+    Borrow,
+}
+
 /// What happened on the sockets.
 enum Event {
     /// Bytes arrived from the client, the backend, or both.
@@ -701,8 +713,13 @@ impl Session {
             }
             // (Mostly the client sent nothing this turn: the server answered. Else mostly a
             // lone Query, passed on without entering the general path's future.)
-            if !self.client_in.is_empty() && !self.pass_query_at_once() {
-                if let Err(end) = self.process_client_input().await {
+            if !self.client_in.is_empty() {
+                let passed = match self.pass_query_at_once() {
+                    Short::Passed => Ok(()),
+                    Short::Borrow => self.borrow_for_query().await,
+                    Short::General => self.process_client_input().await,
+                };
+                if let Err(end) = passed {
                     return end;
                 }
             }
@@ -1321,11 +1338,7 @@ impl Session {
                     Taken::Borrow => Box::pin(self.acquire_backend(None)).await?,
                 };
                 if let Err(error) = taken {
-                    self.refuse(header.tag, error);
-                    self.client_msg = Passing {
-                        left: header.len,
-                        forward: false,
-                    };
+                    self.refuse_message(header.tag, header.len, error);
                     continue;
                 }
             }
@@ -1338,10 +1351,10 @@ impl Session {
     /// The common case of a transaction-mode client, in one step: a whole simple Query,
     /// alone in what has arrived, that changes nothing of the session (by the SQL screen),
     /// passed on to the backend the client holds, or, holding none, to the warm backend
-    /// next in line if that one needs nothing applied. True: done, as the general path
-    /// would have done it. False, having changed nothing: the general path takes it (and
-    /// reports what is wrong with it).
-    fn pass_query_at_once(&mut self) -> bool {
+    /// next in line if that one needs nothing applied. Having changed nothing otherwise,
+    /// [`Short::Borrow`] if only a backend is missing, else [`Short::General`]: the general
+    /// path takes it (and reports what is wrong with it).
+    fn pass_query_at_once(&mut self) -> Short {
         if self.mode != PoolMode::Transaction
             || self.client_msg.left > 0
             || self.skip_until_sync
@@ -1349,7 +1362,7 @@ impl Session {
             || self.checking.is_some()
             || !self.server_out.is_empty()
         {
-            return false;
+            return Short::General;
         }
         // What the general path does first for any message: messages wait while the role
         // is given back; the startup values of settings reset are restored before them.
@@ -1359,32 +1372,32 @@ impl Session {
             .as_ref()
             .is_some_and(|f| !f.restore.is_empty() || f.readbacks.iter().any(|r| r.role))
         {
-            return false;
+            return Short::General;
         }
         let header = match peek_header(&self.client_in) {
             Ok(Some(h)) if h.tag == b'Q' && h.len == self.client_in.len() => h,
-            _ => return false,
+            _ => return Short::General,
         };
         if header.check_size(self.limits.max_message_size).is_err() {
-            return false;
+            return Short::General;
         }
         let mut body = &self.client_in[HEADER_LEN..header.len];
         let Some(query) = crate::protocol::frame::take_cstr_bytes(&mut body) else {
-            return false;
+            return Short::General;
         };
         // (A DEALLOCATE, which pgshield may answer itself, is not empty either.)
         if !sql::classify_in(query, self.parse_env()).is_empty() {
-            return false;
+            return Short::General;
         }
         if self.backend.is_none() && !self.hold_settled_warm_backend() {
-            return false;
+            return Short::Borrow;
         }
         // (As the general path times it: from a Parse answered before it, if any.)
         let now = crate::epoch::instant();
         self.note_request_start(now);
         self.request_sent.get_or_insert(now);
         let Some(backend) = self.backend.as_deref_mut() else {
-            return false; // (Never: held, or just lent and held.)
+            return Short::General; // (Never: held, or just lent and held.)
         };
         let server = backend.server();
         let translated = self.statements.translate_query(&mut server.statements);
@@ -1393,7 +1406,24 @@ impl Session {
         take_back_undone(&mut self.statements, server);
         // The message is all the client sent: its buffer becomes the server's.
         std::mem::swap(&mut self.client_in, &mut self.server_out);
-        true
+        Short::Passed
+    }
+
+    /// A lone Query that [`Self::pass_query_at_once`] passes once the client holds a
+    /// backend: borrowed for as the general path borrows (waiting, watching the client,
+    /// if it must; the request's time counts the wait), then passed on the short path
+    /// unless more has arrived meanwhile. Not through the general path's framing and
+    /// its lend at once, which cannot lend one: what a borrow that waits costs, most
+    /// clients' borrows when they outnumber the pool.
+    async fn borrow_for_query(&mut self) -> Result<(), End> {
+        self.note_request_start(crate::epoch::instant());
+        let len = self.client_in.len();
+        if let Err(error) = Box::pin(self.acquire_backend(None)).await? {
+            self.refuse_message(b'Q', len, error);
+        } else if self.pass_query_at_once() == Short::Passed {
+            return Ok(());
+        }
+        self.process_client_input().await
     }
 
     /// A request of the client's starts at `now`, unless one already has (with a Parse
@@ -2022,7 +2052,8 @@ impl Session {
         }
     }
 
-    fn refuse(&mut self, tag: u8, error: ErrorResponse) {
+    /// Refuses the client's message (`tag`, `len` bytes) with `error`, and skips it.
+    fn refuse_message(&mut self, tag: u8, len: usize, error: ErrorResponse) {
         if tag == b'Q' {
             // As in PostgreSQL, where a simple Query drops the unnamed statement first.
             self.statements.query_sent();
@@ -2032,6 +2063,10 @@ impl Session {
             b'Q' | b'F' | b'S' => self.local_ready(self.idle_status()),
             _ => self.skip_until_sync = true,
         }
+        self.client_msg = Passing {
+            left: len,
+            forward: false,
+        };
     }
 
     /// Frames what the backend sent and passes it to the client, noting what matters.
