@@ -109,11 +109,23 @@ pub fn raise_fd_limit() {
 }
 
 /// A port nobody listens on right now.
+///
+/// Never the same port twice in one test binary: the system may hand a port just freed to
+/// the next `bind(0)`, and two tests running side by side would then start their servers
+/// on one port (one of them, with `listen.reuse_port`, sharing it with the other).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0 to find a free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0 to find a free port")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A fresh, empty directory under the system temp dir; the caller removes it.
