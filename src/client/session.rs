@@ -581,7 +581,7 @@ impl Session {
     ) -> Session {
         let watch = shared.shutdown.watch();
         let leftover_len = leftover.len() as u64;
-        PoolStats::add(&login.pool.stats.bytes_received, leftover_len);
+        PoolStats::add(&login.pool.stats.local().bytes_received, leftover_len);
         // (A search_path from the client's startup: see `FollowUp::search_path_env`.)
         let mut follow_up = None;
         keep_search_path_env(&mut follow_up, search_path_env(&login.settings));
@@ -1128,7 +1128,7 @@ impl Session {
         let drained = poll_drain(cx, &mut self.client, &mut self.client_out);
         let sent = unsent - self.client_out.len();
         if sent > 0 {
-            PoolStats::add(&self.pool.stats.bytes_sent, sent as u64);
+            PoolStats::add(&self.pool.stats.local().bytes_sent, sent as u64);
             self.counts.bytes_out += sent as u64;
             if self.client_out.is_empty() && self.backend.is_none() {
                 // All sent, and nothing more coming: the client may now sit idle, and an
@@ -1187,7 +1187,7 @@ impl Session {
             match read {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                 Poll::Ready(Ok(n)) => {
-                    PoolStats::add(&self.pool.stats.bytes_received, n as u64);
+                    PoolStats::add(&self.pool.stats.local().bytes_received, n as u64);
                     self.counts.bytes_in += n as u64;
                     data = true;
                 }
@@ -2091,7 +2091,7 @@ impl Session {
         // query_timeout counts per statement: the next one starts now.
         self.busy_since = None;
         let m = self.pool.metrics();
-        let stats = &self.pool.stats;
+        let stats = self.pool.stats.local();
         PoolStats::add(&stats.query_count, 1);
         self.counts.queries += 1;
         let now = crate::epoch::instant();
@@ -2765,7 +2765,10 @@ impl Session {
     /// Counts a borrow that waited `waited` (zero: lent at once).
     fn note_borrowed(&self, waited: Duration) {
         self.pool.metrics().borrow_wait.record(waited.as_secs_f64());
-        PoolStats::add(&self.pool.stats.wait_time_us, waited.as_micros() as u64);
+        PoolStats::add(
+            &self.pool.stats.local().wait_time_us,
+            waited.as_micros() as u64,
+        );
     }
 
     /// Holds a lent backend whose settings are the client's.

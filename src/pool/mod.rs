@@ -565,9 +565,16 @@ enum Retirement {
     Closed = 2,
 }
 
-/// A pool's running totals (as PgBouncer's SHOW STATS_TOTALS; times in microseconds).
+/// A pool's running totals (as PgBouncer's SHOW STATS_TOTALS; times in microseconds),
+/// each thread adding to its own copy ([`PoolStats::local`]).
 #[derive(Default)]
 pub struct PoolStats {
+    shards: crate::metrics::Sharded<Totals>,
+}
+
+/// One thread's share of a pool's running totals.
+#[derive(Default)]
+pub struct Totals {
     pub xact_count: AtomicU64,
     pub query_count: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -582,18 +589,29 @@ impl PoolStats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// This thread's copy of the totals, to add to.
+    pub fn local(&self) -> &Totals {
+        self.shards.local()
+    }
+
     /// (xact_count, query_count, bytes_received, bytes_sent, xact_time, query_time, wait_time)
     pub fn totals(&self) -> [u64; 7] {
-        [
-            &self.xact_count,
-            &self.query_count,
-            &self.bytes_received,
-            &self.bytes_sent,
-            &self.xact_time_us,
-            &self.query_time_us,
-            &self.wait_time_us,
-        ]
-        .map(|c| c.load(Ordering::Relaxed))
+        let mut totals = [0; 7];
+        for t in self.shards.all() {
+            let each = [
+                &t.xact_count,
+                &t.query_count,
+                &t.bytes_received,
+                &t.bytes_sent,
+                &t.xact_time_us,
+                &t.query_time_us,
+                &t.wait_time_us,
+            ];
+            for (total, c) in totals.iter_mut().zip(each) {
+                *total += c.load(Ordering::Relaxed);
+            }
+        }
+        totals
     }
 }
 
