@@ -302,13 +302,12 @@ impl Histogram {
             .replace('\\', "\\\\")
             .replace('"', "\\\"")
             .replace('\n', "\\n");
-        let mut count = 0;
+        let mut count = 0u64;
         for i in 0..=SECONDS_BUCKETS.len() {
-            count += self
-                .shards
-                .all()
-                .map(|s| s.buckets[i].load(Ordering::Relaxed))
-                .sum::<u64>();
+            // (Wrapping, as the atomics do: a sum must not panic where they wrapped.)
+            count = self.shards.all().fold(count, |n, s| {
+                n.wrapping_add(s.buckets[i].load(Ordering::Relaxed))
+            });
             let le = SECONDS_BUCKETS
                 .get(i)
                 .map_or_else(|| "+Inf".to_owned(), f64::to_string);
@@ -317,8 +316,8 @@ impl Histogram {
         let sum = self
             .shards
             .all()
-            .map(|s| s.sum.load(Ordering::Relaxed))
-            .sum::<u64>() as f64
+            .fold(0u64, |n, s| n.wrapping_add(s.sum.load(Ordering::Relaxed)))
+            as f64
             / 1e9;
         let _ = writeln!(out, "{name}_sum{{pool=\"{pool}\"}} {sum}");
         let _ = writeln!(out, "{name}_count{{pool=\"{pool}\"}} {count}");

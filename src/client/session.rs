@@ -122,6 +122,10 @@ enum Taken {
     Borrow,
 }
 
+/// What is left of a borrow that was not lent at once ([`Session::finish_taking`]).
+type BorrowLeft<'a> =
+    dyn std::future::Future<Output = Result<Result<(), ErrorResponse>, End>> + Send + 'a;
+
 /// What [`Session::pass_query_at_once`] did with what the client sent.
 #[derive(PartialEq)]
 enum Short {
@@ -1339,11 +1343,9 @@ impl Session {
                 // (Two statements: a `?` around the awaits below would keep its result's
                 // room in the relay loop's future.)
                 let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
-                let taken = match taken {
-                    Taken::Held => Ok(()),
-                    Taken::Settle(backend) => Box::pin(self.settle_backend(*backend)).await?,
-                    Taken::Check(backend) => Box::pin(self.acquire_backend(Some(*backend))).await?,
-                    Taken::Borrow => Box::pin(self.acquire_backend(None)).await?,
+                let taken = match self.finish_taking(taken) {
+                    None => Ok(()),
+                    Some(borrow) => borrow.await?,
                 };
                 if let Err(error) = taken {
                     self.refuse_message(header.tag, header.len, error);
@@ -1418,16 +1420,22 @@ impl Session {
     }
 
     /// A lone Query that [`Self::pass_query_at_once`] passes once the client holds a
-    /// backend: borrowed for as the general path borrows (waiting, watching the client,
-    /// if it must; the request's time counts the wait), then passed on the short path
-    /// (true) unless more has arrived meanwhile, or refused as the general path refuses
-    /// it; false: the general path goes on from there. Not through the general path's
-    /// framing and its lend at once, which cannot lend one: what a borrow that waits
-    /// costs, most clients' borrows when they outnumber the pool.
+    /// backend: borrowed for as the general path borrows ([`Self::finish_taking`]: lent at
+    /// once with the client's settings applied, or waited for, watching the client; the
+    /// request's time counts the wait), then passed on the short path (true) unless more
+    /// has arrived meanwhile, or refused as the general path refuses it; false: the
+    /// general path goes on from there. Not through the general path's framing and
+    /// `start_passing`: what a borrow that waits costs, most clients' borrows when they
+    /// outnumber the pool.
     async fn borrow_for_query(&mut self) -> Result<bool, End> {
         self.note_request_start(crate::epoch::instant());
         let len = self.client_in.len();
-        if let Err(error) = Box::pin(self.acquire_backend(None)).await? {
+        let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
+        let taken = match self.finish_taking(taken) {
+            None => Ok(()),
+            Some(borrow) => borrow.await?,
+        };
+        if let Err(error) = taken {
             self.refuse_message(b'Q', len, error);
             return Ok(false);
         }
@@ -2701,6 +2709,18 @@ impl Session {
         }
     }
 
+    /// What is left of a borrow after [`Self::take_idle_backend`], boxed: settings to
+    /// apply, a health check, or the borrow itself, which may wait (None: held already).
+    /// Its Err inside is the refusal.
+    fn finish_taking(&mut self, taken: Taken) -> Option<Pin<Box<BorrowLeft<'_>>>> {
+        Some(match taken {
+            Taken::Held => return None,
+            Taken::Settle(backend) => Box::pin(self.settle_backend(*backend)),
+            Taken::Check(backend) => Box::pin(self.acquire_backend(Some(*backend))),
+            Taken::Borrow => Box::pin(self.acquire_backend(None)),
+        })
+    }
+
     /// Takes an idle backend without a future, if one is lent at once (most borrows in
     /// transaction mode, which then cost no allocation): [`Taken::Held`] if it needs
     /// nothing more, [`Taken::Settle`] if the client's settings must be applied to it
@@ -3305,6 +3325,10 @@ mod tests {
         // build (912 in this test's) measured 1,835 bytes per idle client; 1,008 (1,016
         // here), with a result held across an await of the relay loop, 2,070.
         let size = future_size(super::Session::run);
-        assert!(size <= 912, "the session's future is {size} bytes");
+        assert!(
+            size <= 912,
+            "the session's future is {size} bytes: measure idle-swarm's bytes per client \
+             (docs/BENCHMARKS.md) before raising this bound (a new compiler may change it)"
+        );
     }
 }

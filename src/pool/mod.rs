@@ -596,7 +596,7 @@ impl PoolStats {
 
     /// (xact_count, query_count, bytes_received, bytes_sent, xact_time, query_time, wait_time)
     pub fn totals(&self) -> [u64; 7] {
-        let mut totals = [0; 7];
+        let mut totals = [0u64; 7];
         for t in self.shards.all() {
             let each = [
                 &t.xact_count,
@@ -608,7 +608,8 @@ impl PoolStats {
                 &t.wait_time_us,
             ];
             for (total, c) in totals.iter_mut().zip(each) {
-                *total += c.load(Ordering::Relaxed);
+                // (Wrapping, as the atomics do.)
+                *total = total.wrapping_add(c.load(Ordering::Relaxed));
             }
         }
         totals
