@@ -256,9 +256,16 @@ impl<T> Sharded<T> {
         &self.shards[index % SHARDS].0
     }
 
-    /// Every copy, to add up.
+    /// Every copy.
     pub fn all(&self) -> impl Iterator<Item = &T> {
         self.shards.iter().map(|padded| &padded.0)
+    }
+
+    /// One counter's copies added up (wrapping, as the atomics do: a sum must not panic
+    /// where they wrapped).
+    pub fn sum(&self, counter: impl Fn(&T) -> &AtomicU64) -> u64 {
+        self.all()
+            .fold(0, |n, t| n.wrapping_add(counter(t).load(Ordering::Relaxed)))
     }
 }
 
@@ -304,21 +311,13 @@ impl Histogram {
             .replace('\n', "\\n");
         let mut count = 0u64;
         for i in 0..=SECONDS_BUCKETS.len() {
-            // (Wrapping, as the atomics do: a sum must not panic where they wrapped.)
-            count = self.shards.all().fold(count, |n, s| {
-                n.wrapping_add(s.buckets[i].load(Ordering::Relaxed))
-            });
+            count = count.wrapping_add(self.shards.sum(|s| &s.buckets[i]));
             let le = SECONDS_BUCKETS
                 .get(i)
                 .map_or_else(|| "+Inf".to_owned(), f64::to_string);
             let _ = writeln!(out, "{name}_bucket{{pool=\"{pool}\",le=\"{le}\"}} {count}");
         }
-        let sum = self
-            .shards
-            .all()
-            .fold(0u64, |n, s| n.wrapping_add(s.sum.load(Ordering::Relaxed)))
-            as f64
-            / 1e9;
+        let sum = self.shards.sum(|s| &s.sum) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{pool=\"{pool}\"}} {sum}");
         let _ = writeln!(out, "{name}_count{{pool=\"{pool}\"}} {count}");
     }

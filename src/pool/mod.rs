@@ -596,23 +596,16 @@ impl PoolStats {
 
     /// (xact_count, query_count, bytes_received, bytes_sent, xact_time, query_time, wait_time)
     pub fn totals(&self) -> [u64; 7] {
-        let mut totals = [0u64; 7];
-        for t in self.shards.all() {
-            let each = [
-                &t.xact_count,
-                &t.query_count,
-                &t.bytes_received,
-                &t.bytes_sent,
-                &t.xact_time_us,
-                &t.query_time_us,
-                &t.wait_time_us,
-            ];
-            for (total, c) in totals.iter_mut().zip(each) {
-                // (Wrapping, as the atomics do.)
-                *total = total.wrapping_add(c.load(Ordering::Relaxed));
-            }
-        }
-        totals
+        let fields: [fn(&Totals) -> &AtomicU64; 7] = [
+            |t| &t.xact_count,
+            |t| &t.query_count,
+            |t| &t.bytes_received,
+            |t| &t.bytes_sent,
+            |t| &t.xact_time_us,
+            |t| &t.query_time_us,
+            |t| &t.wait_time_us,
+        ];
+        fields.map(|field| self.shards.sum(field))
     }
 }
 
