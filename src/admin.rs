@@ -433,10 +433,7 @@ fn show_clients(shared: &Shared) -> Table {
             Some(local) => Some((local.ip().to_string(), local.port())),
             None => matches!(c.addr, Peer::Unix { .. }).then(|| peer.clone()),
         };
-        let since = c.request_at().filter(|_| waiting);
-        let wait = since
-            .and_then(|s| SystemTime::now().duration_since(s).ok())
-            .unwrap_or_default();
+        let wait = c.waiting_for().unwrap_or_default();
         t.row(vec![
             v("C"),
             v(c.user()),
@@ -539,6 +536,14 @@ fn show_pools(shared: &Shared) -> Table {
         ("maxwait_us", INT8),
         ("pool_mode", TEXT),
     ]);
+    // maxwait: the longest a pool's queued client has waited, as SHOW CLIENTS counts it.
+    let mut longest: crate::FastMap<*const crate::pool::Pool, Duration> = Default::default();
+    for c in shared.registry.list() {
+        if let Some(waited) = c.waiting_for() {
+            let pool = longest.entry(Arc::as_ptr(&c.pool)).or_default();
+            *pool = (*pool).max(waited);
+        }
+    }
     let mut pools = shared.pools.all();
     pools.sort_by(|a, b| a.name().cmp(b.name()));
     for pool in pools {
@@ -546,7 +551,10 @@ fn show_pools(shared: &Shared) -> Table {
         let s = pool.status();
         let waiting = pool.waiting();
         let active = pool.clients().saturating_sub(waiting);
-        let wait = pool.max_wait();
+        let wait = longest
+            .get(&Arc::as_ptr(&pool))
+            .copied()
+            .unwrap_or_default();
         t.row(vec![
             v(db),
             v(user),

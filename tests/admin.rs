@@ -107,6 +107,20 @@ async fn pgbouncer_commands_answer_with_pgbouncers_columns() {
     assert_eq!(mine["cl_active"], "1", "{mine:?}");
     assert_eq!(mine["sv_active"], "1", "{mine:?}");
     assert_eq!(mine["pool_mode"], "transaction");
+    // B has waited since its query arrived, 200 ms ago.
+    let micros = |row: &HashMap<String, String>, s: &str, us: &str| {
+        let n = |c: &str| row[c].parse::<u64>().expect("a number");
+        n(s) * 1_000_000 + n(us)
+    };
+    let maxwait = micros(mine, "maxwait", "maxwait_us");
+    assert!((100_000..10_000_000).contains(&maxwait), "{mine:?}");
+    let clients = show(&admin.client, "SHOW CLIENTS").await;
+    let waiting = clients
+        .iter()
+        .find(|r| r["user"] == "adm_cols" && r["state"] == "waiting")
+        .expect("B, waiting");
+    let wait = micros(waiting, "wait", "wait_us");
+    assert!(wait.abs_diff(maxwait) < 100_000, "{waiting:?}, {mine:?}");
     a.client.batch_execute("COMMIT").await.expect("commit");
     let b = queued.await.expect("no panic");
 

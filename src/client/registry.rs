@@ -77,6 +77,22 @@ impl ClientInfo {
         self.request_at.store(micros + 1, Ordering::Relaxed);
     }
 
+    /// How long it has waited for a backend, if it is queued for one: since the request
+    /// that needs the backend arrived.
+    pub fn waiting_for(&self) -> Option<Duration> {
+        if self.state() != ClientState::Waiting {
+            return None;
+        }
+        match self.request_at.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(
+                self.connected
+                    .elapsed()
+                    .saturating_sub(Duration::from_micros(us - 1)),
+            ),
+        }
+    }
+
     pub fn request_at(&self) -> Option<SystemTime> {
         match self.request_at.load(Ordering::Relaxed) {
             0 => None,

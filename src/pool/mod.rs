@@ -457,8 +457,9 @@ pub struct Pool {
     pub stats: PoolStats,
     /// Clients logged in to this pool.
     clients: AtomicUsize,
-    /// Clients waiting for a backend, by ticket, since when (SHOW POOLS maxwait).
-    waiters: Mutex<FastMap<u64, std::time::Instant>>,
+    /// Clients waiting for a backend (SHOW POOLS cl_waiting; its maxwait comes from the
+    /// clients' own entries, as SHOW CLIENTS's wait does).
+    waiters: AtomicUsize,
     /// PAUSE: no backend is lent until RESUME.
     paused: std::sync::atomic::AtomicBool,
     resumed: tokio::sync::Notify,
@@ -543,8 +544,13 @@ struct Queued<'a>(&'a AtomicUsize);
 
 impl<'a> Queued<'a> {
     fn join(count: &'a AtomicUsize) -> Queued<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        Queued(count)
+        Self::join_first(count).0
+    }
+
+    /// As [`Queued::join`], and whether no other borrower was counted.
+    fn join_first(count: &'a AtomicUsize) -> (Queued<'a>, bool) {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        (Queued(count), before == 0)
     }
 }
 
@@ -630,16 +636,9 @@ impl Drop for PoolClient {
     }
 }
 
-/// A client's place in the queue for a backend; dropping it leaves the queue.
+/// A client counted as waiting for a backend; dropping it stops counting it.
 pub struct Waiter<'a> {
-    pool: &'a Pool,
-    ticket: u64,
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        lock(&self.pool.waiters).remove(&self.ticket);
-    }
+    _counted: Queued<'a>,
 }
 
 /// A snapshot of a pool's occupancy.
@@ -703,7 +702,7 @@ impl Pool {
             retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
             stats: PoolStats::default(),
             clients: AtomicUsize::new(0),
-            waiters: Mutex::new(FastMap::default()),
+            waiters: AtomicUsize::new(0),
             paused: std::sync::atomic::AtomicBool::new(false),
             resumed: tokio::sync::Notify::new(),
             statements: crate::prepared::Registry::default(),
@@ -880,26 +879,16 @@ impl Pool {
         self.clients.load(Ordering::Relaxed)
     }
 
-    /// Notes a client starting to wait for a backend (SHOW POOLS maxwait).
+    /// Counts a client as waiting for a backend (SHOW POOLS cl_waiting) until dropped.
     pub fn wait(&self) -> Waiter<'_> {
-        static TICKETS: AtomicU64 = AtomicU64::new(0);
-        let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
-        lock(&self.waiters).insert(ticket, std::time::Instant::now());
-        Waiter { pool: self, ticket }
+        Waiter {
+            _counted: Queued::join(&self.waiters),
+        }
     }
 
     /// Clients waiting for a backend now (queued, or held by PAUSE).
     pub fn waiting(&self) -> usize {
-        lock(&self.waiters).len()
-    }
-
-    /// How long the client waiting longest has waited.
-    pub fn max_wait(&self) -> Duration {
-        lock(&self.waiters)
-            .values()
-            .map(|since| since.elapsed())
-            .max()
-            .unwrap_or_default()
+        self.waiters.load(Ordering::Relaxed)
     }
 
     /// PAUSE: lends no backend until [`Pool::resume`]; idle backends are closed as
@@ -1103,7 +1092,7 @@ impl Pool {
     pub(crate) fn lend_at_once(
         &self,
     ) -> Option<impl std::future::Future<Output = Result<Backend, BorrowError>> + '_> {
-        if self.is_paused() {
+        if self.is_paused() || self.others_queued() {
             return None;
         }
         let place = self.gate.try_take()?;
@@ -1123,9 +1112,13 @@ impl Pool {
             None => {
                 started = Some(tokio::time::Instant::now());
                 // Counted while waiting, however the wait ends (a borrower that gives
-                // up drops this future); from now on no place is kept warm.
-                let _queued = Queued::join(&self.warm.queued);
-                self.warm.unpark();
+                // up drops this future); from now on no place is kept warm. (Those kept
+                // until now are freed by the first of the borrowers queued together: a
+                // backend given back while any is counted keeps none.)
+                let (_queued, first) = Queued::join_first(&self.warm.queued);
+                if first {
+                    self.warm.unpark();
+                }
                 let place = match settings.borrow_timeout {
                     Some(limit) => tokio::time::timeout(limit, self.gate.take()).await,
                     None => Ok(self.gate.take().await),
@@ -1304,6 +1297,14 @@ impl Pool {
         }
     }
 
+    /// Whether borrowers wait for a place under `max_size`: a borrow that does not wait
+    /// cannot be had, as places go to them in turn (and warm backends keep none). A cheap
+    /// look that spares the lends at once that would fail (taking a warm backend off the
+    /// stack, checking it, putting it back) when clients outnumber the pool.
+    fn others_queued(&self) -> bool {
+        self.warm.queued.load(Ordering::Relaxed) > 0
+    }
+
     fn lent(&self, obj: Object<ServerManager>, place: Place, settings: &PoolSettings) -> Backend {
         Backend {
             obj: Some(obj),
@@ -1321,7 +1322,7 @@ impl Pool {
 
     /// As [`Self::lend_warm`], but only while the warm backend next in line is `wanted`.
     pub(crate) fn lend_warm_if(&self, wanted: impl Fn(&Server) -> bool) -> Option<Backend> {
-        if self.is_paused() {
+        if self.is_paused() || self.others_queued() {
             return None;
         }
         let settings = self.inner.manager().settings.load();
