@@ -721,7 +721,7 @@ impl Session {
                 // (The general path's future awaited here, not inside the borrow's, and
                 // no result held across either: an idle client's task holds room for
                 // the larger of the two alone.)
-                let general = match self.pass_query_at_once() {
+                let general = match self.pass_query_at_once(None) {
                     Short::Passed => false,
                     Short::Borrow => match self.borrow_for_query().await {
                         Ok(passed) => !passed,
@@ -1363,8 +1363,10 @@ impl Session {
     /// passed on to the backend the client holds, or, holding none, to the warm backend
     /// next in line if that one needs nothing applied. Having changed nothing otherwise,
     /// [`Short::Borrow`] if only a backend is missing, else [`Short::General`]: the general
-    /// path takes it (and reports what is wrong with it).
-    fn pass_query_at_once(&mut self) -> Short {
+    /// path takes it (and reports what is wrong with it). `screened`: the parse environment
+    /// the same Query was found to change nothing under, if it was (by a call that found
+    /// no backend): not screened again unless that environment has changed.
+    fn pass_query_at_once(&mut self, screened: Option<u64>) -> Short {
         if self.mode != PoolMode::Transaction
             || self.client_msg.left > 0
             || self.skip_until_sync
@@ -1396,7 +1398,8 @@ impl Session {
             return Short::General;
         };
         // (A DEALLOCATE, which pgshield may answer itself, is not empty either.)
-        if !sql::classify_in(query, self.parse_env()).is_empty() {
+        let env = self.parse_env();
+        if screened != Some(env) && !sql::classify_in(query, env).is_empty() {
             return Short::General;
         }
         if self.backend.is_none() && !self.hold_settled_warm_backend() {
@@ -1429,6 +1432,9 @@ impl Session {
     /// outnumber the pool.
     async fn borrow_for_query(&mut self) -> Result<bool, End> {
         self.note_request_start(crate::epoch::instant());
+        // (What `pass_query_at_once` just screened the Query under. Should anything arrive
+        // meanwhile, the Query is no longer alone and is not passed on this way.)
+        let screened = self.parse_env();
         let len = self.client_in.len();
         let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
         let taken = match self.finish_taking(taken) {
@@ -1439,7 +1445,7 @@ impl Session {
             self.refuse_message(b'Q', len, error);
             return Ok(false);
         }
-        Ok(self.pass_query_at_once() == Short::Passed)
+        Ok(self.pass_query_at_once(Some(screened)) == Short::Passed)
     }
 
     /// A request of the client's starts at `now`, unless one already has (with a Parse
