@@ -1399,7 +1399,7 @@ impl Session {
         };
         // (A DEALLOCATE, which pgshield may answer itself, is not empty either.)
         let env = self.parse_env();
-        if screened != Some(env) && !sql::classify_in(query, env).is_empty() {
+        if screened != Some(env) && !sql::changes_nothing_in(query, env) {
             return Short::General;
         }
         if self.backend.is_none() && !self.hold_settled_warm_backend() {

@@ -514,6 +514,22 @@ pub fn classify_in(sql: &[u8], env: u64) -> Effects {
     effects
 }
 
+/// Whether [`classify_in`] finds that `sql` changes nothing ([`Effects::is_empty`]): the
+/// question a simple Query on the short path asks, answered by the byte screen alone
+/// when it can, without building the classifier's [`Effects`].
+pub fn changes_nothing_in(sql: &[u8], env: u64) -> bool {
+    use crate::server::ASCII_TRAILS;
+    // (The screen declines text with a backslash, the one thing `BACKSLASH_QUOTES` and
+    // `QUOTES_UNSURE` bear on; text an `ASCII_TRAILS` encoding cannot be read by pins.)
+    if env & ASCII_TRAILS != 0 && !sql.is_ascii() {
+        return false;
+    }
+    match plain_schema_change(sql) {
+        Some(schema_change) => !schema_change,
+        None => classify_in(sql, env).is_empty(),
+    }
+}
+
 /// Whether `rest` starts, in any case, with `temp`, `pg_temp`, `pg_advisory`,
 /// `pg_try_advisory`, `set_config` or `setseed` (see [`plain`]). Its first four bytes,
 /// lowercased as one number, rule out nearly every word at once.
@@ -540,14 +556,33 @@ fn looked_for_word(rest: &[u8]) -> bool {
 
 /// One of `PLAIN`, in any case.
 fn is_plain_first_word(word: &[u8]) -> bool {
-    let mut lower = [0u8; 10];
-    let Some(lower) = lower.get_mut(..word.len()) else {
-        return false;
+    // Each word as one number: its bytes, zero-padded (no word holds a zero byte).
+    const fn key(word: &[u8]) -> u128 {
+        let mut bytes = [0u8; 16];
+        let mut i = 0;
+        while i < word.len() {
+            bytes[i] = word[i];
+            i += 1;
+        }
+        u128::from_le_bytes(bytes)
+    }
+    static KEYS: [u128; PLAIN.len()] = {
+        let mut keys = [0; PLAIN.len()];
+        let mut i = 0;
+        while i < PLAIN.len() {
+            keys[i] = key(PLAIN[i].as_bytes());
+            i += 1;
+        }
+        keys
     };
+    if word.len() > 16 {
+        return false;
+    }
+    let mut lower = [0u8; 16];
     for (l, c) in lower.iter_mut().zip(word) {
         *l = c.to_ascii_lowercase();
     }
-    PLAIN.iter().any(|p| p.as_bytes() == &*lower)
+    KEYS.contains(&u128::from_le_bytes(lower))
 }
 
 /// Byte classes for `plain`: letters (as the lexer starts words with), of which those that
@@ -582,6 +617,16 @@ static CLASS: [u8; 256] = {
 /// string) starting `temp`, `pg_temp`, `pg_advisory`, `pg_try_advisory`, `set_config` or
 /// `setseed`, `U&` before a quote, or a first word that needs a look.
 fn plain(b: &[u8]) -> Option<Effects> {
+    plain_schema_change(b).map(|schema_change| Effects {
+        statements: 1,
+        schema_change,
+        ..Effects::default()
+    })
+}
+
+/// [`plain`]'s answer without its [`Effects`]: whether the one statement changes the
+/// schema (the only thing a plain statement can note), or None for the lexer to decide.
+fn plain_schema_change(b: &[u8]) -> Option<bool> {
     let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
     let letter = |c: u8| CLASS[usize::from(c)] & LETTER != 0;
     let (mut single, mut double) = (0usize, 0usize);
@@ -627,20 +672,16 @@ fn plain(b: &[u8]) -> Option<Effects> {
     if !is_plain_first_word(&first[..len]) {
         return None;
     }
-    Some(Effects {
-        statements: 1,
-        schema_change: changes_schema(&first[..len], || {
-            let rest = &first[len..];
-            let at = rest.iter().position(|&c| !space(c)).unwrap_or(rest.len());
-            let rest = &rest[at..];
-            let end = rest
-                .iter()
-                .position(|&c| !word_char(c))
-                .unwrap_or(rest.len());
-            rest[..end].eq_ignore_ascii_case(b"or")
-        }),
-        ..Effects::default()
-    })
+    Some(changes_schema(&first[..len], || {
+        let rest = &first[len..];
+        let at = rest.iter().position(|&c| !space(c)).unwrap_or(rest.len());
+        let rest = &rest[at..];
+        let end = rest
+            .iter()
+            .position(|&c| !word_char(c))
+            .unwrap_or(rest.len());
+        rest[..end].eq_ignore_ascii_case(b"or")
+    }))
 }
 
 /// Whether PostgreSQL runs the statement inside a failed transaction, as it runs only
@@ -1991,6 +2032,7 @@ mod tests {
     /// these tests and random strings built from the pieces that matter to either.
     #[test]
     fn the_byte_screen_agrees_with_the_lexer() {
+        use crate::server::{ASCII_TRAILS, BACKSLASH_QUOTES, QUOTES_UNSURE};
         use rand::{Rng, SeedableRng};
         let pieces = [
             "SELECT",
@@ -2095,6 +2137,13 @@ mod tests {
                 fast += 1;
                 assert_eq!(effects, classify_tokens(&sql, false), "{sql:?}");
             }
+            // The short path's question, under each parse environment.
+            let env = [0, BACKSLASH_QUOTES, QUOTES_UNSURE, ASCII_TRAILS][rng.random_range(0..4)];
+            assert_eq!(
+                changes_nothing_in(sql.as_bytes(), env),
+                classify_in(sql.as_bytes(), env).is_empty(),
+                "{sql:?} under {env:#x}"
+            );
         }
         // (The screen is worth having only if it answers often.)
         assert!(fast > 5_000, "{fast}");
