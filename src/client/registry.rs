@@ -3,7 +3,7 @@
 //! as it goes (no lock on its path); the console reads snapshots.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,8 +32,10 @@ pub struct ClientInfo {
     connected: Instant,
     pub tls: bool,
     pub application_name: String,
-    state: AtomicU8,
-    /// When its latest request arrived: microseconds since `connected`, plus one (0: none).
+    /// Since when it has waited for a backend, as a [`ClientInfo::stamp`] (0: it is not
+    /// waiting).
+    waiting_since: AtomicU64,
+    /// When its latest request arrived, as a [`ClientInfo::stamp`] (0: none).
     request_at: AtomicU64,
     /// The backend it holds: server id and PostgreSQL pid (0: none).
     server_id: AtomicU64,
@@ -60,44 +62,43 @@ impl ClientInfo {
         self.pool.database()
     }
 
-    pub fn set_state(&self, state: ClientState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+    /// `at` as one number: microseconds since `connected`, plus one (0 stands for none).
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.connected).as_micros() as u64 + 1
+    }
+
+    /// A [`ClientInfo::stamp`] back as time since `connected` (None for 0).
+    fn since_connected(stamp: u64) -> Option<Duration> {
+        stamp.checked_sub(1).map(Duration::from_micros)
+    }
+
+    /// The client waits for a backend since `since`, or no longer waits (None).
+    pub fn set_waiting(&self, since: Option<Instant>) {
+        let stamp = since.map_or(0, |at| self.stamp(at));
+        self.waiting_since.store(stamp, Ordering::Relaxed);
     }
 
     pub fn state(&self) -> ClientState {
-        match self.state.load(Ordering::Relaxed) {
-            1 => ClientState::Waiting,
-            _ => ClientState::Active,
+        match self.waiting_since.load(Ordering::Relaxed) {
+            0 => ClientState::Active,
+            _ => ClientState::Waiting,
         }
     }
 
     /// A request arrived `at` (the time the session already took: no clock read here).
     pub fn note_request(&self, at: Instant) {
-        let micros = at.saturating_duration_since(self.connected).as_micros() as u64;
-        self.request_at.store(micros + 1, Ordering::Relaxed);
+        self.request_at.store(self.stamp(at), Ordering::Relaxed);
     }
 
-    /// How long it has waited for a backend, if it is queued for one: since the request
-    /// that needs the backend arrived.
+    /// How long it has waited for a backend, if it is waiting for one.
     pub fn waiting_for(&self) -> Option<Duration> {
-        if self.state() != ClientState::Waiting {
-            return None;
-        }
-        match self.request_at.load(Ordering::Relaxed) {
-            0 => None,
-            us => Some(
-                self.connected
-                    .elapsed()
-                    .saturating_sub(Duration::from_micros(us - 1)),
-            ),
-        }
+        let since = Self::since_connected(self.waiting_since.load(Ordering::Relaxed))?;
+        Some(self.connected.elapsed().saturating_sub(since))
     }
 
     pub fn request_at(&self) -> Option<SystemTime> {
-        match self.request_at.load(Ordering::Relaxed) {
-            0 => None,
-            us => Some(self.connected_at + Duration::from_micros(us - 1)),
-        }
+        Self::since_connected(self.request_at.load(Ordering::Relaxed))
+            .map(|since| self.connected_at + since)
     }
 
     /// The backend it now holds (`None`: none).
@@ -180,7 +181,7 @@ impl ClientRegistry {
             connected: Instant::now(),
             tls: client.tls,
             application_name: client.application_name,
-            state: AtomicU8::new(ClientState::Active as u8),
+            waiting_since: AtomicU64::new(0),
             request_at: AtomicU64::new(0),
             server_id: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),

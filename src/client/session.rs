@@ -33,7 +33,7 @@ use super::access::Admission;
 use super::cancel::Registration;
 use super::handshake::Login;
 use super::params::{self, ClientSettings};
-use super::registry::{ClientState, NewClient, Registered};
+use super::registry::{NewClient, Registered};
 use super::ClientId;
 use crate::config::PoolMode;
 use crate::net::Stream;
@@ -2612,7 +2612,7 @@ impl Session {
         // (A backend lent at once was not waited for: no clock to read.)
         let waiting_since = first.is_pending().then(Instant::now);
         let waiting = first.is_pending().then(|| {
-            self.registered.info.set_state(ClientState::Waiting);
+            self.registered.info.set_waiting(waiting_since);
             // Back to active however the wait ends (a borrow error, a hang-up…).
             (pool.wait(), ActiveOnDrop(Arc::clone(&self.registered.info)))
         });
@@ -2731,8 +2731,8 @@ impl Session {
     /// transaction mode, which then cost no allocation): [`Taken::Held`] if it needs
     /// nothing more, [`Taken::Settle`] if the client's settings must be applied to it
     /// first, [`Taken::Check`] if its health check is due. Tried only while the pool has
-    /// an idle backend and a free place, and is not paused (so never joining clients
-    /// queued for a place); the borrow polled here is dropped if it would wait
+    /// an idle backend and a free place, no borrower waits for one, and it is not paused
+    /// (so never joining clients queued for a place); the borrow polled here is dropped if it would wait
     /// ([`Taken::Borrow`]: the boxed [`Self::acquire_backend`] borrows instead), and runs
     /// under [`crate::pool::lend_idle_only`], so dropping it loses nothing.
     fn take_idle_backend(&mut self, cx: &mut Context<'_>) -> Result<Taken, End> {
@@ -3309,7 +3309,7 @@ struct ActiveOnDrop(Arc<super::registry::ClientInfo>);
 
 impl Drop for ActiveOnDrop {
     fn drop(&mut self) {
-        self.0.set_state(ClientState::Active);
+        self.0.set_waiting(None);
     }
 }
 
