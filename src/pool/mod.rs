@@ -481,8 +481,8 @@ pub struct Pool {
 ///
 /// While no borrower waits for a place, a backend given back keeps the place under
 /// `max_size` it was lent under, for the next lend: a transaction then takes nothing from
-/// the places' semaphore, nor gives anything back to it. A borrower that is to wait for a
-/// place first frees those kept ([`Warm::unpark`]).
+/// the places' semaphore, nor gives anything back to it. Of the borrowers that wait for a
+/// place together, the first frees those kept ([`Warm::unpark`]).
 struct Warm {
     stack: Mutex<Vec<WarmBackend>>,
     /// Takes backends in; false while paused and once closed.
@@ -512,7 +512,8 @@ impl Warm {
         let mut stack = lock(&self.stack);
         // (All looked at under the lock: `Pool::cool` empties the stack after closing
         // it, a borrower joins deadpool's queue before its last look at the stack, and
-        // one that waits for a place is counted before it frees those kept here.)
+        // the first of the borrowers that wait for a place together is counted before it
+        // frees those kept here: this look sees it counted, or comes before that.)
         if !self.open.load(Ordering::Acquire) || self.in_deadpool_queue.load(Ordering::Acquire) > 0
         {
             return Err((obj, place));
@@ -1086,9 +1087,9 @@ impl Pool {
     }
 
     /// A borrow that can lend an idle backend at once, for one poll under
-    /// [`lend_idle_only`]; `None` if none can be: the pool is paused, every place under
-    /// `max_size` is taken (clients may be queued for one: the borrow would join them),
-    /// or no backend is idle.
+    /// [`lend_idle_only`]; `None` if none can be: the pool is paused, borrowers wait for
+    /// a place (the borrow would join them), every place under `max_size` is taken, or
+    /// no backend is idle.
     pub(crate) fn lend_at_once(
         &self,
     ) -> Option<impl std::future::Future<Output = Result<Backend, BorrowError>> + '_> {
@@ -1297,10 +1298,13 @@ impl Pool {
         }
     }
 
-    /// Whether borrowers wait for a place under `max_size`: a borrow that does not wait
-    /// cannot be had, as places go to them in turn (and warm backends keep none). A cheap
-    /// look that spares the lends at once that would fail (taking a warm backend off the
-    /// stack, checking it, putting it back) when clients outnumber the pool.
+    /// Whether borrowers wait for a place under `max_size`. A borrow then joins them
+    /// instead of being lent at once: places go to them in turn, and warm backends keep
+    /// none (from the moment the first of them has freed those kept; a place handed to
+    /// one not yet polled is not free either). A cheap look that spares the lends at
+    /// once that would fail (taking a warm backend off the stack, checking it, putting
+    /// it back) when clients outnumber the pool; `borrow_holding` serves a borrow that
+    /// finds a place free after all.
     fn others_queued(&self) -> bool {
         self.warm.queued.load(Ordering::Relaxed) > 0
     }
