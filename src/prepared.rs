@@ -117,8 +117,11 @@ impl Shape {
     /// types and modifiers. (Not their names, which PostgreSQL 16 no longer compares and
     /// whose bytes depend on each client's client_encoding.)
     pub fn of(row_description: &[u8]) -> Shape {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // (A fingerprint compared within this process only, taken at each description a
+        // server sends: foldhash with a fixed seed, a few instructions per column where
+        // SipHash took some 80 per value hashed.)
+        let mut hasher = foldhash::fast::FixedState::with_seed(0x5348_4150_4553).build_hasher();
         let (columns, mut body) = match row_description.split_first_chunk::<2>() {
             Some((count, rest)) => (i16::from_be_bytes(*count), rest),
             None => (-1, row_description),
@@ -1913,6 +1916,38 @@ mod tests {
         assert_eq!(t.translation, Translation::Answered);
         assert_eq!(t.fake, Some(crate::server::state::Fake::ParseComplete));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_shape_is_its_columns_types_and_modifiers_not_their_names() {
+        // RowDescription bodies: (name, type oid, modifier) per column.
+        let body = |columns: &[(&str, u32, i32)]| {
+            let mut b = BytesMut::new();
+            b.put_i16(columns.len() as i16);
+            for (name, oid, modifier) in columns {
+                b.put_slice(name.as_bytes());
+                b.put_u8(0);
+                b.put_u32(0); // table
+                b.put_i16(0); // column number
+                b.put_u32(*oid);
+                b.put_i16(4); // size
+                b.put_i32(*modifier);
+                b.put_i16(0); // format
+            }
+            b
+        };
+        let shape = |columns: &[(&str, u32, i32)]| Shape::of(&body(columns)).0;
+        let int4 = shape(&[("x", 23, -1)]);
+        assert_eq!(int4, shape(&[("renamed", 23, -1)]));
+        assert!(int4 >= 2, "0 and 1 are not shapes of rows");
+        assert_ne!(int4, shape(&[("x", 25, -1)]), "another type");
+        assert_ne!(
+            shape(&[("v", 1043, 14)]),
+            shape(&[("v", 1043, 24)]),
+            "another modifier"
+        );
+        assert_ne!(int4, shape(&[("x", 23, -1), ("y", 23, -1)]));
+        assert_ne!(int4, Shape::of(&[0, 0]).0, "no columns");
     }
 
     #[test]
