@@ -107,7 +107,7 @@ async fn pgbouncer_commands_answer_with_pgbouncers_columns() {
     assert_eq!(mine["cl_active"], "1", "{mine:?}");
     assert_eq!(mine["sv_active"], "1", "{mine:?}");
     assert_eq!(mine["pool_mode"], "transaction");
-    // B has waited since its query arrived, 200 ms ago.
+    // B has waited about 200 ms, since its query came.
     let micros = |row: &HashMap<String, String>, s: &str, us: &str| {
         let n = |c: &str| row[c].parse::<u64>().expect("a number");
         n(s) * 1_000_000 + n(us)

@@ -1176,12 +1176,22 @@ impl Session {
         // statement): PostgreSQL stops reading a client it cannot write to, and so does
         // pgshield.
         let answers_pile_up = self.client_out.len() >= HIGH_WATER || owed_full;
+        // Waiting on the client alone (the server owes nothing): its socket is read, which
+        // sets the task's waker with it afresh, rather than relying on one set in an
+        // earlier poll. (A session was seen once stalled in this state, its client's next
+        // statement unread, for want of a wake-up: docs/BENCHMARKS.md, eleventh session.
+        // The skip still serves what it was made for: a reply waking the task while the
+        // client has nothing to say.)
+        let waits_on_client = self
+            .backend
+            .as_ref()
+            .is_none_or(|b| b.server_ref().replies.owes_nothing());
         if read_client
             && self.server_out.len() < HIGH_WATER
             && !answers_pile_up
             && !held
             && self.client_idle_in != epoch
-            && (self.client_idle_in == 0 || !self.client.still_unreadable())
+            && (self.client_idle_in == 0 || waits_on_client || !self.client.still_unreadable())
         {
             // (Through the thread's scratch space: a client waiting here holds no buffer.)
             let read = crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in);
@@ -2732,9 +2742,10 @@ impl Session {
     /// nothing more, [`Taken::Settle`] if the client's settings must be applied to it
     /// first, [`Taken::Check`] if its health check is due. Tried only while the pool has
     /// an idle backend and a free place, no borrower waits for one, and it is not paused
-    /// (so never joining clients queued for a place); the borrow polled here is dropped if it would wait
-    /// ([`Taken::Borrow`]: the boxed [`Self::acquire_backend`] borrows instead), and runs
-    /// under [`crate::pool::lend_idle_only`], so dropping it loses nothing.
+    /// (so never joining clients queued for a place); the borrow polled here is dropped
+    /// if it would wait ([`Taken::Borrow`]: the boxed [`Self::acquire_backend`] borrows
+    /// instead), and runs under [`crate::pool::lend_idle_only`], so dropping it loses
+    /// nothing.
     fn take_idle_backend(&mut self, cx: &mut Context<'_>) -> Result<Taken, End> {
         if self.shared.shutdown.is_draining() {
             return Err(End::Shutdown);

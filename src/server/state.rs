@@ -852,6 +852,11 @@ impl ReplyTracker {
         Some(lost)
     }
 
+    /// No reply owed: the server has answered all it was sent.
+    pub fn owes_nothing(&self) -> bool {
+        self.owed.is_empty()
+    }
+
     /// Nothing owed and no extended batch open: a safe point to run our own queries.
     pub fn at_boundary(&self) -> bool {
         self.owed.is_empty()
