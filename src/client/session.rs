@@ -1176,22 +1176,14 @@ impl Session {
         // statement): PostgreSQL stops reading a client it cannot write to, and so does
         // pgshield.
         let answers_pile_up = self.client_out.len() >= HIGH_WATER || owed_full;
-        // Waiting on the client alone (the server owes nothing): its socket is read, which
-        // sets the task's waker with it afresh, rather than relying on one set in an
-        // earlier poll. (A session was seen once stalled in this state, its client's next
-        // statement unread, for want of a wake-up: docs/BENCHMARKS.md, eleventh session.
-        // The skip still serves what it was made for: a reply waking the task while the
-        // client has nothing to say.)
-        let waits_on_client = self
-            .backend
-            .as_ref()
-            .is_none_or(|b| b.server_ref().replies.owes_nothing());
         if read_client
             && self.server_out.len() < HIGH_WATER
             && !answers_pile_up
             && !held
             && self.client_idle_in != epoch
-            && (self.client_idle_in == 0 || waits_on_client || !self.client.still_unreadable())
+            && (self.client_idle_in == 0
+                || self.waits_on_client()
+                || !self.client.still_unreadable())
         {
             // (Through the thread's scratch space: a client waiting here holds no buffer.)
             let read = crate::buffers::poll_read(&mut self.client, cx, &mut self.client_in);
@@ -1226,6 +1218,18 @@ impl Session {
         } else {
             Poll::Pending
         }
+    }
+
+    /// Whether the session waits on its client alone (the server owes nothing). Its
+    /// socket is then read, which sets the task's waker with it afresh, rather than
+    /// relying on one set in an earlier poll (`poll_io`): a session was seen stalled in
+    /// this state twice, its client's next statement unread, for want of a wake-up
+    /// (docs/BENCHMARKS.md, eleventh session). The skip still serves what it was made
+    /// for: a reply waking the task while the client has nothing to say.
+    fn waits_on_client(&self) -> bool {
+        self.backend
+            .as_ref()
+            .is_none_or(|b| b.server_ref().replies.owes_nothing())
     }
 
     /// Frames what the client sent and passes it to the backend, borrowing one first if
@@ -1446,6 +1450,9 @@ impl Session {
         // meanwhile, the Query is no longer alone and is not passed on this way.)
         let screened = self.parse_env();
         let len = self.client_in.len();
+        // (The general path's two statements, written again: a shared async helper, or
+        // `screened` passed in, grows the relay loop's future by 8 to 32 bytes, which the
+        // session's size test refuses.)
         let taken = poll_fn(|cx| Poll::Ready(self.take_idle_backend(cx))).await?;
         let taken = match self.finish_taking(taken) {
             None => Ok(()),

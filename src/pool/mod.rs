@@ -601,6 +601,11 @@ impl PoolStats {
         self.shards.local()
     }
 
+    /// One total, its threads' copies added up.
+    pub fn total(&self, field: impl Fn(&Totals) -> &AtomicU64) -> u64 {
+        self.shards.sum(field)
+    }
+
     /// (xact_count, query_count, bytes_received, bytes_sent, xact_time, query_time, wait_time)
     pub fn totals(&self) -> [u64; 7] {
         let fields: [fn(&Totals) -> &AtomicU64; 7] = [
@@ -612,7 +617,7 @@ impl PoolStats {
             |t| &t.query_time_us,
             |t| &t.wait_time_us,
         ];
-        fields.map(|field| self.shards.sum(field))
+        fields.map(|field| self.total(field))
     }
 }
 
