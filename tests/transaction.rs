@@ -1481,16 +1481,24 @@ async fn a_statement_whose_columns_changed_is_refused_on_a_backend_preparing_it_
 /// columns: a backend preparing it afresh after they changed must not run it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_described_only_through_its_portals_is_refused_when_its_columns_changed() {
-    described_only_through_a_portal("tx_portal", "").await;
+    described_only_through_a_portal("tx_portal", "", false).await;
 }
 
 /// The same through a named portal (pgjdbc's, for a query run by a fetch size).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_described_only_through_a_named_portal_is_refused_too() {
-    described_only_through_a_portal("tx_portal_named", "C_1").await;
+    described_only_through_a_portal("tx_portal_named", "C_1", false).await;
 }
 
-async fn described_only_through_a_portal(role: &str, portal: &str) {
+/// The same for libpq's way (psycopg, pgbench -M prepared): the statement prepared alone
+/// (Parse, Sync), then each run a Bind, a Describe of the portal, an Execute and a Sync,
+/// whose first description is noted on pgshield's short path for such runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_alone_then_described_through_its_portal_is_refused_too() {
+    described_only_through_a_portal("tx_portal_libpq", "", true).await;
+}
+
+async fn described_only_through_a_portal(role: &str, portal: &str, prepared_alone: bool) {
     let proxy = trusted_proxy(role, "max_size = 2").await;
     let connect = || async { proxy.connect(role, "pw").await.expect("login").client };
     let (h1, h2) = (connect().await, connect().await);
@@ -1521,7 +1529,14 @@ async fn described_only_through_a_portal(role: &str, portal: &str) {
     h1.batch_execute("BEGIN").await.expect("begin");
     let other = pid(&h1).await.to_string();
     let mut first = raw::message(b'P', format!("S_1\0SELECT * FROM {table}\0\0\0").as_bytes());
-    first.extend(bind_execute(true));
+    if prepared_alone {
+        first.extend_from_slice(&raw::SYNC);
+        raw::send(&mut a, &first).await;
+        assert_eq!(row_until_ready(&mut a).await, Err("no row".to_owned()));
+        first = bind_execute(true);
+    } else {
+        first.extend(bind_execute(true));
+    }
     raw::send(&mut a, &first).await;
     assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("1"));
     raw::send(&mut a, &bind_execute(false)).await;
