@@ -58,7 +58,8 @@ pub fn poll_read<R: AsyncRead + Unpin>(
         match Pin::new(stream).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) => {
                 let got = read.filled();
-                if buf.capacity() == 0 {
+                // (Nothing at the end of the stream: no memory for it.)
+                if buf.capacity() == 0 && !got.is_empty() {
                     take_spare(buf, got.len());
                 }
                 buf.extend_from_slice(got);

@@ -488,11 +488,11 @@ pub struct ClientStatements {
 #[derive(Debug)]
 // The box is the point: 8 bytes in every client instead of an empty map's 48.
 #[allow(clippy::box_collection)]
-// foldhash, though the client picks these names: each map is seeded at random, and holds
-// one client's names, no more than `pool.max_client_prepared_statements` of them, so
-// names made to collide would slow only the lookups of the client that made them, by at
-// most that bound. (SipHash was some 3 % of a prepared statement's run through pgshield.)
-struct LazyMap<K, V>(Option<Box<crate::FastMap<K, V>>>);
+// (std's SipHash, not foldhash: the client picks these names, as many as it likes when
+// `pool.max_client_prepared_statements` is 0, and foldhash is not made to resist a
+// client that studies a long-running process to make its names collide. It costs some
+// 170 instructions of a prepared statement's run.)
+struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
 
 impl<K, V> Default for LazyMap<K, V> {
     fn default() -> Self {
@@ -831,8 +831,6 @@ impl ServerStatements {
         self.portals.retain(|(portal, _)| !portal.is_empty());
     }
 
-    /// The client's batch ended (its Sync, or a Bind refused): its portals are gone, or
-    /// not the statements'.
     /// Whether the backend has `name` prepared, its Parse's outcome known; if so, it is
     /// now the most recently used (as [`Self::presence`] finds it).
     fn use_prepared(&mut self, name: &Arc<str>) -> bool {
@@ -856,6 +854,8 @@ impl ServerStatements {
         self.portals.push((portal.into(), Arc::clone(statement)));
     }
 
+    /// The client's batch ended (its Sync, or a Bind refused): its portals are gone, or
+    /// not the statements'.
     pub fn batch_ended(&mut self) {
         self.portals.clear();
     }
@@ -1690,7 +1690,6 @@ impl ClientStatements {
     }
 }
 
-/// A Bind of `statement` (no parameters, text results) into `portal`.
 /// The head of a Bind (`len` long, the client's names ending at `consumed`) renamed to
 /// run `statement` in `portal`: what follows the names is the client's.
 fn put_bind_head(
@@ -1708,6 +1707,7 @@ fn put_bind_head(
     out.put_u8(0);
 }
 
+/// A Bind of `statement` (no parameters, text results) into `portal`.
 fn put_bind(out: &mut BytesMut, portal: &str, statement: &str) {
     put_message(out, b'B', |b| {
         b.put_slice(portal.as_bytes());

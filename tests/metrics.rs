@@ -217,3 +217,90 @@ async fn health_and_ready_say_what_they_mean() {
     assert!(body.contains("database gone"), "{body}");
     assert_eq!(get(proxy.http.expect("listener"), "/health").await.0, 200);
 }
+
+/// The prepared-statement cache counts each Bind once: on a backend that lacks its
+/// statement, a miss (the statement is prepared there, its description checked first, as
+/// for any statement whose rows a client was told); on one that has it, a hit. Not a hit
+/// as well when the Bind goes on after that check, on the short path for a prepared
+/// statement's run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bind_counts_once_as_a_cache_hit_or_a_miss() {
+    let role = "met_prep";
+    common::create_role(role, "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 2\n[users.{role}]\nauth = \"trust\"\nserver_password = \"pw\"\n"
+    ))
+    .await;
+    let http = proxy.http.expect("an HTTP listener");
+    let counts = |m: String| {
+        let series = |what: &str| {
+            let name = format!("pgshield_prepared_statement_cache_{what}_total");
+            value(&m, &format!("{name}{{pool=\"app/{role}\"}}"))
+        };
+        (series("misses"), series("hits"))
+    };
+    let (h1, h2) = (
+        proxy.connect(role, "pw").await.expect("h1").client,
+        proxy.connect(role, "pw").await.expect("h2").client,
+    );
+    let mut a = common::raw::login_trusted(proxy.addr, role).await;
+    // A run as libpq sends it: Bind, Describe of the portal, Execute, Sync.
+    let run = |parse: bool| {
+        let mut bytes = Vec::new();
+        if parse {
+            bytes.extend(common::raw::message(b'P', b"S_1\0SELECT 1\0\0\0"));
+        }
+        bytes.extend(common::raw::message(b'B', b"\0S_1\0\0\0\0\0\0\0"));
+        bytes.extend(common::raw::message(b'D', b"P\0"));
+        bytes.extend(common::raw::message(b'E', b"\0\0\0\0\0"));
+        bytes.extend_from_slice(&common::raw::SYNC);
+        bytes
+    };
+    // h1 holds one backend; `a` prepares, describes and runs S_1 on the other.
+    h1.batch_execute("BEGIN").await.expect("begin");
+    let first = backend_pid(&h1).await;
+    common::raw::send(&mut a, &run(true)).await;
+    assert_eq!(
+        common::raw::until_ready(&mut a).await.1,
+        Vec::<String>::new()
+    );
+    h1.batch_execute("COMMIT").await.expect("commit");
+    let (misses, hits) = counts(get(http, "/metrics").await.1);
+    // Now the other backend is held, so that `a` runs on the one that lacks S_1.
+    h1.batch_execute("BEGIN").await.expect("begin");
+    if backend_pid(&h1).await == first {
+        h2.batch_execute("BEGIN").await.expect("h2 holds the other");
+        h1.batch_execute("COMMIT").await.expect("frees the first");
+    }
+    common::raw::send(&mut a, &run(false)).await;
+    assert_eq!(
+        common::raw::until_ready(&mut a).await.1,
+        Vec::<String>::new()
+    );
+    let after_miss = counts(get(http, "/metrics").await.1);
+    assert_eq!(after_miss, (misses + 1.0, hits), "a miss alone");
+    common::raw::send(&mut a, &run(false)).await;
+    assert_eq!(
+        common::raw::until_ready(&mut a).await.1,
+        Vec::<String>::new()
+    );
+    let after_hit = counts(get(http, "/metrics").await.1);
+    assert_eq!(after_hit, (misses + 1.0, hits + 1.0), "a hit alone");
+    for held in [&h1, &h2] {
+        let _ = held.batch_execute("COMMIT").await;
+    }
+}
+
+/// The backend's pid, by a simple query (which uses no prepared statement).
+async fn backend_pid(client: &tokio_postgres::Client) -> String {
+    let rows = client
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("pid");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}

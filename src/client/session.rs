@@ -1477,8 +1477,15 @@ impl Session {
         ) else {
             return Short::General;
         };
-        self.checked = None;
-        self.pool.metrics().prepared_hits.increment(1);
+        // A hit, unless the Bind waited for the statement to be prepared and described
+        // here (counted as a miss then, as `start_passing` counts it).
+        let after_check = self
+            .checked
+            .take()
+            .is_some_and(|checked| Arc::ptr_eq(&checked, &statement));
+        if !after_check {
+            self.pool.metrics().prepared_hits.increment(1);
+        }
         server.replies.sent(b'B');
         server.replies.uses(Arc::clone(&statement));
         if self.client_in[bind_len] == b'D' {
