@@ -845,8 +845,8 @@ impl ServerStatements {
         }
     }
 
-    /// Notes the statement a Bind just sent binds `portal` to (a portal of that name
-    /// bound before is forgotten first).
+    /// Notes the statement a Bind just sent binds `portal` to (the caller has forgotten
+    /// a portal of that name bound before: a Bind it refuses binds none).
     fn bound(&mut self, portal: &str, statement: &Arc<Statement>) {
         if self.portals.len() == PORTALS_KEPT {
             self.portals.remove(0);
