@@ -1317,6 +1317,43 @@ async fn a_lone_query_queued_for_a_backend_times_out_or_goes_on_in_order() {
     assert!(waited >= 100_000, "{waited} µs");
 }
 
+/// The same for a prepared statement's run (Bind, Describe of its portal, Execute, Sync,
+/// as libpq sends it), which takes the same short way through a queued borrow: refused
+/// with `53300` and its batch skipped to the Sync when `borrow_timeout` passes; run once
+/// a backend is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_run_queued_for_a_backend_times_out_or_goes_on() {
+    let role = "tx_queued_run";
+    let pool = "mode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"1s\"";
+    let proxy = trusted_proxy(role, pool).await;
+    let mut s = raw::login_trusted(proxy.addr, role).await;
+    let mut prepare = raw::message(b'P', b"S_1\0SELECT 1\0\0\0");
+    prepare.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &prepare).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1Z".to_owned(), vec![]));
+    let mut run = raw::message(b'B', b"\0S_1\0\0\0\0\0\0\0");
+    run.extend(raw::message(b'D', b"P\0"));
+    run.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    run.extend_from_slice(&raw::SYNC);
+    let mut holder = raw::login_trusted(proxy.addr, role).await;
+    raw::send(&mut holder, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    let started = Instant::now();
+    raw::send(&mut s, &run).await;
+    let refused = raw::until_ready(&mut s).await;
+    assert_eq!(refused, ("EZ".to_owned(), vec!["53300".to_owned()]));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(950) && waited < Duration::from_millis(1900));
+    // Queued again, and run once the holder lets go.
+    raw::send(&mut s, &run).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw::send(&mut holder, &raw::query("COMMIT")).await;
+    assert_eq!(raw::until_ready(&mut holder).await.0, "CZ");
+    assert_eq!(raw::until_ready(&mut s).await, ("2TDCZ".to_owned(), vec![]));
+    raw::send(&mut s, &run).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("2TDCZ".to_owned(), vec![]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_set_of_a_server_wide_setting_harms_no_one() {
     // shared_buffers cannot be changed in a session: the SET fails, and the setting must
