@@ -2513,7 +2513,8 @@ async fn a_statement_prepared_again_after_a_time_zone_change_is_nobody_elses() {
         let (epoch, pid) = run(&stayer.client, &staying).await;
         assert_eq!(
             epoch, utc,
-            "a UTC client's statement reads in UTC on every backend"
+            "a UTC client's statement reads in UTC on every backend (ran on {pid}; \
+             prepared on {prepared_on}, the mover's elsewhere {elsewhere})"
         );
         seen |= pid == elsewhere;
     }

@@ -1372,10 +1372,9 @@ impl Session {
         }
     }
 
-    /// The common cases of a transaction-mode client, in one step, when what has arrived
+    /// The common case of a transaction-mode client, in one step, when what has arrived
     /// is one request alone, that changes nothing of the session: a simple Query
-    /// ([`Self::pass_query_at_once`]) or a driver's run of a prepared statement
-    /// ([`Self::pass_bind_at_once`]). It is passed on to the backend the client holds,
+    /// ([`Self::pass_query_at_once`]). It is passed on to the backend the client holds,
     /// or, holding none, to the warm backend next in line if that one needs nothing
     /// applied. Having changed nothing otherwise, [`Short::Borrow`] if only a backend is
     /// missing, else [`Short::General`]: the general path takes it (and reports what is
@@ -1403,7 +1402,6 @@ impl Session {
         }
         match self.client_in.first() {
             Some(b'Q') => self.pass_query_at_once(screened),
-            Some(b'B') => self.pass_bind_at_once(),
             _ => Short::General,
         }
     }
@@ -1443,68 +1441,6 @@ impl Session {
         Short::Passed
     }
 
-    /// [`Self::pass_at_once`] for a prepared statement run as drivers run it: a whole
-    /// Bind of a named statement of the client's, perhaps a Describe of its portal, an
-    /// Execute and a Sync, alone (libpq's `PQexecPrepared` and pgbench `-M prepared`,
-    /// tokio-postgres, pgjdbc, asyncpg), when the statement changes nothing of the
-    /// session and the backend has it prepared. Passed on as the general path passes
-    /// them (`start_passing`), the Bind renamed ([`ClientStatements::bind_prepared`]),
-    /// without that path's framing and translation of each message.
-    fn pass_bind_at_once(&mut self) -> Short {
-        let Some(bind_len) = self.bind_batch() else {
-            return Short::General;
-        };
-        // (A Bind needs a backend whatever path takes it: one that lacks its statement
-        // is held for the general path.)
-        if let Err(short) = self.hold_for_short_path() {
-            return short;
-        }
-        let env = self.parse_env();
-        let Some(backend) = self.backend.as_deref_mut() else {
-            return Short::General; // (Never: held, or just lent and held.)
-        };
-        let server = backend.server();
-        if server.replies.has_takebacks() {
-            return Short::General;
-        }
-        // (Room for the Bind renamed, at once: the backend's names are short.)
-        crate::buffers::reserve_empty(&mut self.server_out, self.client_in.len() + 64);
-        let Some(statement) = self.statements.bind_prepared(
-            &mut server.statements,
-            &self.client_in[..bind_len],
-            env,
-            &mut self.server_out,
-        ) else {
-            return Short::General;
-        };
-        // A hit, unless the Bind waited for the statement to be prepared and described
-        // here (counted as a miss then, as `start_passing` counts it).
-        let after_check = self
-            .checked
-            .take()
-            .is_some_and(|checked| Arc::ptr_eq(&checked, &statement));
-        if !after_check {
-            self.pool.metrics().prepared_hits.increment(1);
-        }
-        server.replies.sent(b'B');
-        server.replies.uses(Arc::clone(&statement));
-        if self.client_in[bind_len] == b'D' {
-            // (Of the Bind's portal: its rows are the statement's, looked at as in
-            // `start_passing`.)
-            server.replies.sent(b'D');
-            server.replies.uses(statement);
-        }
-        server.replies.sent(b'E');
-        server.statements.batch_ended();
-        server.replies.sent(b'S');
-        self.server_out
-            .extend_from_slice(&self.client_in[bind_len..]);
-        // (Advanced, not cleared: `buffers::release` keeps a buffer that was read to its
-        // end as a spare.)
-        self.client_in.advance(self.client_in.len());
-        Short::Passed
-    }
-
     /// Makes sure the client holds a backend for the request the short path passes (else
     /// [`Short::Borrow`]: none was lent at once), and notes when the request started.
     fn hold_for_short_path(&mut self) -> Result<(), Short> {
@@ -1516,36 +1452,6 @@ impl Session {
         self.note_request_start(now);
         self.request_sent.get_or_insert(now);
         Ok(())
-    }
-
-    /// The length of the Bind first in what the client sent, if that is all a batch
-    /// [`Self::pass_bind_at_once`] takes: a Bind, perhaps a Describe of the Bind's
-    /// portal, an Execute and a Sync, each whole, nothing after them.
-    fn bind_batch(&self) -> Option<usize> {
-        let max = self.limits.max_message_size;
-        let all = &self.client_in[..];
-        let whole = |at: usize, tag: u8| {
-            let rest = all.get(at..)?;
-            let header = peek_header(rest).ok()??;
-            let whole = header.tag == tag && header.len <= rest.len();
-            (whole && header.check_size(max).is_ok()).then(|| &rest[..header.len])
-        };
-        let bind = whole(0, b'B')?;
-        let mut at = bind.len();
-        if all.get(at) == Some(&b'D') {
-            let describe = whole(at, b'D')?;
-            at += describe.len();
-            // 'P' and the name of the Bind's portal, with its NUL (the Bind's first NUL).
-            let (kind, portal) = describe[HEADER_LEN..].split_first()?;
-            let of_bind = memchr::memchr(0, portal).is_some_and(|nul| nul + 1 == portal.len())
-                && bind.get(HEADER_LEN..HEADER_LEN + portal.len()) == Some(portal);
-            if *kind != b'P' || !of_bind {
-                return None;
-            }
-        }
-        at += whole(at, b'E')?.len();
-        let sync = whole(at, b'S')?;
-        (sync.len() == HEADER_LEN && at + HEADER_LEN == all.len()).then_some(bind.len())
     }
 
     /// A request that [`Self::pass_at_once`] passes once the client holds a backend:
