@@ -831,15 +831,6 @@ impl ServerStatements {
         self.portals.retain(|(portal, _)| !portal.is_empty());
     }
 
-    /// Notes the statement a Bind just sent binds `portal` to (the caller has forgotten
-    /// a portal of that name bound before: a Bind it refuses binds none).
-    fn bound(&mut self, portal: &str, statement: &Arc<Statement>) {
-        if self.portals.len() == PORTALS_KEPT {
-            self.portals.remove(0);
-        }
-        self.portals.push((portal.into(), Arc::clone(statement)));
-    }
-
     /// The client's batch ended (its Sync, or a Bind refused): its portals are gone, or
     /// not the statements'.
     pub fn batch_ended(&mut self) {
@@ -1108,13 +1099,22 @@ impl ClientStatements {
                         return Ok(t);
                     }
                     let at = out.len();
-                    put_bind_head(out, (len, consumed), portal, &proxy_name);
+                    let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
+                    out.put_u8(b'B');
+                    out.put_i32((new_len - 1) as i32);
+                    out.put_slice(portal.as_bytes());
+                    out.put_u8(0);
+                    out.put_slice(proxy_name.as_bytes());
+                    out.put_u8(0);
                     t.translation = Translation::Rewritten { at, consumed };
                 }
                 // (The statement it runs once `use_statement` has made it sure; not one it
                 // refuses.)
                 if let Some(bound) = t.bound.as_ref().filter(|_| !t.refuse_stale) {
-                    server.bound(portal, bound);
+                    if server.portals.len() == PORTALS_KEPT {
+                        server.portals.remove(0);
+                    }
+                    server.portals.push((portal.into(), Arc::clone(bound)));
                 }
             }
             b'D' | b'C' => {
@@ -1632,23 +1632,6 @@ impl ClientStatements {
     pub fn is_empty(&self) -> bool {
         self.named.is_empty()
     }
-}
-
-/// The head of a Bind (`len` long, the client's names ending at `consumed`) renamed to
-/// run `statement` in `portal`: what follows the names is the client's.
-fn put_bind_head(
-    out: &mut BytesMut,
-    (len, consumed): (usize, usize),
-    portal: &str,
-    statement: &str,
-) {
-    let new_len = len - consumed + 5 + portal.len() + 1 + statement.len() + 1;
-    out.put_u8(b'B');
-    out.put_i32((new_len - 1) as i32);
-    out.put_slice(portal.as_bytes());
-    out.put_u8(0);
-    out.put_slice(statement.as_bytes());
-    out.put_u8(0);
 }
 
 /// A Bind of `statement` (no parameters, text results) into `portal`.

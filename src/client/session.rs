@@ -126,15 +126,15 @@ enum Taken {
 type BorrowLeft<'a> =
     dyn std::future::Future<Output = Result<Result<(), ErrorResponse>, End>> + Send + 'a;
 
-/// What [`Session::pass_at_once`] did with what the client sent.
+/// What [`Session::pass_query_at_once`] did with what the client sent.
 #[derive(PartialEq)]
 enum Short {
     /// Passed on, as the general path would have passed it.
     Passed,
     /// Nothing: the general path takes it.
     General,
-    /// Nothing yet: a request the short path passes once the client holds a backend, and
-    /// none was lent at once ([`Session::borrow_for_short_path`]).
+    /// Nothing yet: a lone Query the short path passes once the client holds a backend,
+    /// and none was lent at once ([`Session::borrow_for_query`]).
     Borrow,
 }
 
@@ -721,9 +721,9 @@ impl Session {
                 // (The general path's future awaited here, not inside the borrow's, and
                 // no result held across either: an idle client's task holds room for
                 // the larger of the two alone.)
-                let general = match self.pass_at_once(None) {
+                let general = match self.pass_query_at_once(None) {
                     Short::Passed => false,
-                    Short::Borrow => match self.borrow_for_short_path().await {
+                    Short::Borrow => match self.borrow_for_query().await {
                         Ok(passed) => !passed,
                         Err(end) => return end,
                     },
@@ -1372,15 +1372,15 @@ impl Session {
         }
     }
 
-    /// The common case of a transaction-mode client, in one step, when what has arrived
-    /// is one request alone, that changes nothing of the session: a simple Query
-    /// ([`Self::pass_query_at_once`]). It is passed on to the backend the client holds,
-    /// or, holding none, to the warm backend next in line if that one needs nothing
-    /// applied. Having changed nothing otherwise, [`Short::Borrow`] if only a backend is
-    /// missing, else [`Short::General`]: the general path takes it (and reports what is
-    /// wrong with it). `screened`: for a Query, the parse environment it was found to
-    /// change nothing under, if it was (by a call that found no backend).
-    fn pass_at_once(&mut self, screened: Option<u64>) -> Short {
+    /// The common case of a transaction-mode client, in one step: a whole simple Query,
+    /// alone in what has arrived, that changes nothing of the session (by the SQL screen),
+    /// passed on to the backend the client holds, or, holding none, to the warm backend
+    /// next in line if that one needs nothing applied. Having changed nothing otherwise,
+    /// [`Short::Borrow`] if only a backend is missing, else [`Short::General`]: the general
+    /// path takes it (and reports what is wrong with it). `screened`: the parse environment
+    /// the same Query was found to change nothing under, if it was (by a call that found
+    /// no backend): not screened again unless that environment has changed.
+    fn pass_query_at_once(&mut self, screened: Option<u64>) -> Short {
         if self.mode != PoolMode::Transaction
             || self.client_msg.left > 0
             || self.skip_until_sync
@@ -1400,15 +1400,6 @@ impl Session {
         {
             return Short::General;
         }
-        match self.client_in.first() {
-            Some(b'Q') => self.pass_query_at_once(screened),
-            _ => Short::General,
-        }
-    }
-
-    /// [`Self::pass_at_once`] for a whole simple Query, alone, that changes nothing of the
-    /// session by the SQL screen (not screened again under the environment `screened`).
-    fn pass_query_at_once(&mut self, screened: Option<u64>) -> Short {
         let header = match peek_header(&self.client_in) {
             Ok(Some(h)) if h.tag == b'Q' && h.len == self.client_in.len() => h,
             _ => return Short::General,
@@ -1425,9 +1416,13 @@ impl Session {
         if screened != Some(env) && !sql::changes_nothing_in(query, env) {
             return Short::General;
         }
-        if let Err(short) = self.hold_for_short_path() {
-            return short;
+        if self.backend.is_none() && !self.hold_settled_warm_backend() {
+            return Short::Borrow;
         }
+        // (As the general path times it: from a Parse answered before it, if any.)
+        let now = crate::epoch::instant();
+        self.note_request_start(now);
+        self.request_sent.get_or_insert(now);
         let Some(backend) = self.backend.as_deref_mut() else {
             return Short::General; // (Never: held, or just lent and held.)
         };
@@ -1441,32 +1436,20 @@ impl Session {
         Short::Passed
     }
 
-    /// Makes sure the client holds a backend for the request the short path passes (else
-    /// [`Short::Borrow`]: none was lent at once), and notes when the request started.
-    fn hold_for_short_path(&mut self) -> Result<(), Short> {
-        if self.backend.is_none() && !self.hold_settled_warm_backend() {
-            return Err(Short::Borrow);
-        }
-        // (As the general path times it: from a Parse answered before it, if any.)
-        let now = crate::epoch::instant();
-        self.note_request_start(now);
-        self.request_sent.get_or_insert(now);
-        Ok(())
-    }
-
-    /// A request that [`Self::pass_at_once`] passes once the client holds a backend:
-    /// borrowed for as the general path borrows ([`Self::finish_taking`]: lent at once
-    /// with the client's settings applied, or waited for, watching the client; the
+    /// A lone Query that [`Self::pass_query_at_once`] passes once the client holds a
+    /// backend: borrowed for as the general path borrows ([`Self::finish_taking`]: lent at
+    /// once with the client's settings applied, or waited for, watching the client; the
     /// request's time counts the wait), then passed on the short path (true) unless more
-    /// has arrived meanwhile, or its first message refused as the general path refuses
-    /// it; false: the general path goes on from there. Not through the general path's
-    /// framing and `start_passing`: what a borrow that waits costs, most clients' borrows
-    /// when they outnumber the pool.
-    async fn borrow_for_short_path(&mut self) -> Result<bool, End> {
+    /// has arrived meanwhile, or refused as the general path refuses it; false: the
+    /// general path goes on from there. Not through the general path's framing and
+    /// `start_passing`: what a borrow that waits costs, most clients' borrows when they
+    /// outnumber the pool.
+    async fn borrow_for_query(&mut self) -> Result<bool, End> {
         self.note_request_start(crate::epoch::instant());
-        // (What `pass_query_at_once` just screened a Query under. Should anything arrive
-        // meanwhile, the request is no longer alone and is not passed on this way.)
+        // (What `pass_query_at_once` just screened the Query under. Should anything arrive
+        // meanwhile, the Query is no longer alone and is not passed on this way.)
         let screened = self.parse_env();
+        let len = self.client_in.len();
         // (The general path's two statements, written again: a shared async helper, or
         // `screened` passed in, grows the relay loop's future by 8 to 32 bytes, which the
         // session's size test refuses.)
@@ -1476,13 +1459,10 @@ impl Session {
             Some(borrow) => borrow.await?,
         };
         if let Err(error) = taken {
-            // (The request's first message: what arrived meanwhile is behind it.)
-            if let Ok(Some(first)) = peek_header(&self.client_in) {
-                self.refuse_message(first.tag, first.len, error);
-            }
+            self.refuse_message(b'Q', len, error);
             return Ok(false);
         }
-        Ok(self.pass_at_once(Some(screened)) == Short::Passed)
+        Ok(self.pass_query_at_once(Some(screened)) == Short::Passed)
     }
 
     /// A request of the client's starts at `now`, unless one already has (with a Parse
