@@ -594,6 +594,9 @@ pub struct ServerStatements {
     unnamed: Option<Arc<Statement>>,
     /// The Parse that put `unnamed` there, if it may yet be skipped.
     unnamed_doubt: Option<Doubt>,
+    /// The parse environment other than its own that `unnamed` was last used under, if
+    /// any (see `Prepared::read_under`).
+    unnamed_read_under: Option<u64>,
     /// The statements the portals of the current batch were bound from (the unnamed
     /// portal's name is empty; at most [`PORTALS_KEPT`], latest last): a Describe of such
     /// a portal describes its statement's result columns (pgjdbc describes portals, never
@@ -612,6 +615,14 @@ struct Prepared {
     stamp: u64,
     /// Its Parse's outcome, if it may yet be skipped.
     doubt: Option<Doubt>,
+    /// The parse environment other than its own that a client last bound or described
+    /// it under, if any. PostgreSQL reads a prepared statement's text again, under the
+    /// session's settings of the moment, whenever its plan is invalidated (DDL anywhere
+    /// in the database can do that): the backend's copy may now read as that
+    /// environment's (a UTC statement bound by a client now in Tokyo reads in Tokyo).
+    /// Only a client of that environment uses it as it is; any other prepares it again
+    /// behind a Close.
+    read_under: Option<u64>,
 }
 
 /// A message whose outcome is not known yet: a Parse (it may fail, or be skipped), or a
@@ -684,6 +695,7 @@ impl ServerStatements {
             capacity: capacity.max(1),
             unnamed: None,
             unnamed_doubt: None,
+            unnamed_read_under: None,
             portals: Vec::new(),
         }
     }
@@ -699,18 +711,40 @@ impl ServerStatements {
         let (doubt, token) = Doubt::parse(situation);
         self.unnamed = Some(statement);
         self.unnamed_doubt = Some(doubt);
+        self.unnamed_read_under = None;
         Undo::UnnamedParse {
             made_by,
             _doubt: token,
         }
     }
 
-    /// Whether the backend has `name`, for a message of batch `batch` (a use: it becomes
-    /// the most recently used).
-    fn presence(&mut self, name: &Arc<str>, batch: u64) -> Presence {
+    /// Whether the backend's unnamed statement is `statement`, for a message in
+    /// `situation`: not if put there by a Parse of an earlier batch that may yet be
+    /// skipped (the backend may still hold another client's), nor if it may read as
+    /// another parse environment's (`unnamed_read_under`).
+    fn unnamed_is(&self, statement: &Arc<Statement>, situation: Situation) -> bool {
+        self.unnamed
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, statement))
+            && !self
+                .unnamed_doubt
+                .as_ref()
+                .is_some_and(|d| d.unsettled_for(situation.batch))
+            && self
+                .unnamed_read_under
+                .is_none_or(|read| read == situation.parse_env)
+    }
+
+    /// Whether the backend has `name`, for a message of batch `batch` from a client of
+    /// parse environment `env` (a use: it becomes the most recently used). A copy that
+    /// may read as another environment's (`Prepared::read_under`) is unsure.
+    fn presence(&mut self, name: &Arc<str>, batch: u64, env: u64) -> Presence {
         self.clock += 1;
         if let Some(prepared) = self.names.get_mut(name) {
             prepared.stamp = self.clock;
+            if prepared.read_under.is_some_and(|read| read != env) {
+                return Presence::Unsure;
+            }
             return match &prepared.doubt {
                 Some(doubt) if doubt.unsettled_for(batch) => Presence::Unsure,
                 Some(doubt) if doubt.settled() => {
@@ -741,7 +775,11 @@ impl ServerStatements {
         let doubt = Some(doubt);
         if let Some(prepared) = self.names.get_mut(&name) {
             // Prepared again (it was unsure): the newest Parse is what counts.
-            *prepared = Prepared { stamp, doubt };
+            *prepared = Prepared {
+                stamp,
+                doubt,
+                read_under: None,
+            };
             return Vec::new();
         }
         // (Mostly none or one; more after skipped Closes brought statements back.)
@@ -757,7 +795,14 @@ impl ServerStatements {
                 None => break,
             }
         }
-        self.names.insert(name, Prepared { stamp, doubt });
+        self.names.insert(
+            name,
+            Prepared {
+                stamp,
+                doubt,
+                read_under: None,
+            },
+        );
         evicted
     }
 
@@ -800,6 +845,7 @@ impl ServerStatements {
         let lost = Prepared {
             stamp: self.clock,
             doubt: Some(Doubt::lost()),
+            read_under: None,
         };
         self.names.insert(name, lost);
     }
@@ -1242,7 +1288,7 @@ impl ClientStatements {
         let named = Named::new(Arc::clone(&statement));
         let client_name: (Arc<str>, u64) = (name.into(), named.made_by);
         self.named.insert(Arc::clone(&client_name.0), named);
-        let presence = server.presence(statement.name(), situation.batch);
+        let presence = server.presence(statement.name(), situation.batch, situation.parse_env);
         // In a failed transaction the server refuses it (25P02) and skips to the Sync, as
         // it refuses any Parse there but one that ends the transaction: not answered here.
         let refused_there =
@@ -1387,15 +1433,20 @@ impl ClientStatements {
             if statement.parse_env == situation.parse_env {
                 return statement;
             }
-            let present = if name.is_empty() {
-                server
-                    .unnamed
-                    .as_ref()
-                    .is_some_and(|s| Arc::ptr_eq(s, &statement))
-            } else {
-                server.presence(statement.name(), situation.batch) == Presence::Present
-            };
-            if present {
+            // Where the backend has it, it is used as it is (as PostgreSQL would use
+            // it), but may be read again under the settings now: from now on only
+            // clients of these use that copy (`Prepared::read_under`).
+            if name.is_empty() {
+                if server.unnamed_is(&statement, situation) {
+                    server.unnamed_read_under = Some(situation.parse_env);
+                    return statement;
+                }
+            } else if server.presence(statement.name(), situation.batch, situation.parse_env)
+                == Presence::Present
+            {
+                if let Some(prepared) = server.names.get_mut(statement.name()) {
+                    prepared.read_under = Some(situation.parse_env);
+                }
                 return statement;
             }
             let query = &statement.query;
@@ -1434,17 +1485,7 @@ impl ClientStatements {
         }
         if name.is_empty() {
             match &found {
-                // (Unless put there by a Parse of an earlier batch that may yet be
-                // skipped: then the backend may still hold another client's.)
-                Some(mine)
-                    if server
-                        .unnamed
-                        .as_ref()
-                        .is_some_and(|s| Arc::ptr_eq(s, mine))
-                        && !server
-                            .unnamed_doubt
-                            .as_ref()
-                            .is_some_and(|d| d.unsettled_for(situation.batch)) => {}
+                Some(mine) if server.unnamed_is(mine, situation) => {}
                 Some(mine) => {
                     mine.write_parse("", out);
                     let undo = server.unnamed_parsed(Arc::clone(mine), situation, None);
@@ -1492,7 +1533,7 @@ impl ClientStatements {
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
-        let presence = server.presence(statement.name(), situation.batch);
+        let presence = server.presence(statement.name(), situation.batch, situation.parse_env);
         if presence == Presence::Present {
             return;
         }
@@ -2219,7 +2260,7 @@ mod tests {
             }
         }
         let presence =
-            |s: &mut ServerStatements, query: &str| s.presence(r.intern(query, &[]).name(), 2);
+            |s: &mut ServerStatements, query: &str| s.presence(r.intern(query, &[]).name(), 2, 0);
         // a is there (its Close skipped), b and c are not (each Parse skipped). Nothing
         // may say present for what is not there; what is not known is unsure (prepared
         // again behind a Close).
@@ -2256,6 +2297,44 @@ mod tests {
         run(&mut a, &r, &mut s1, &[b'Q', 0, 0, 0, 5, 0]);
         let (_, out) = run(&mut a, &r, &mut s1, &bind_msg("", b"\0\0\0\0\0\0"));
         assert_eq!(out[0], b'C');
+    }
+
+    /// A statement a client bound under another parse environment than its own (a client
+    /// that changed its TimeZone) may since read as that environment's (PostgreSQL reads
+    /// it again when its plan is invalidated): a client of its own environment gets it
+    /// prepared again, named or unnamed; the client that bound it keeps using it.
+    #[test]
+    fn a_statement_used_under_other_settings_is_prepared_again_for_its_own() {
+        let r = Registry::default();
+        let (mut s1, mut s2) = (ServerStatements::new(10), ServerStatements::new(10));
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        let under = |c: &mut ClientStatements, s: &mut ServerStatements, msg: &[u8], env| {
+            let mut out = BytesMut::new();
+            let situation = Situation {
+                parse_env: env,
+                ..Situation::FREE
+            };
+            let t = c
+                .translate(&r, s, msg, msg.len(), &mut out, situation)
+                .expect("well formed");
+            let tags: Vec<u8> = t.injected.iter().map(|i| i.tag).collect();
+            (tags, out)
+        };
+        let bind = |name| bind_msg(name, b"\0\0\0\0\0\0");
+        // Named: b's Parse finds a's statement there (both of environment 0).
+        under(&mut a, &mut s1, &parse_msg("s", "SELECT now()"), 0);
+        under(&mut b, &mut s1, &parse_msg("t", "SELECT now()"), 0);
+        assert_eq!(under(&mut a, &mut s1, &bind("s"), 1).0, b"");
+        assert_eq!(under(&mut a, &mut s1, &bind("s"), 1).0, b"", "still a's to use");
+        assert_eq!(under(&mut b, &mut s1, &bind("t"), 0).0, b"CP");
+        assert_eq!(under(&mut b, &mut s1, &bind("t"), 0).0, b"");
+        // Unnamed: b, whose unnamed statement is a's too, binds it without a Parse.
+        under(&mut a, &mut s1, &parse_msg("", "SELECT now()"), 0);
+        under(&mut b, &mut s2, &parse_msg("", "SELECT now()"), 0);
+        let (tags, out) = under(&mut a, &mut s1, &bind(""), 1);
+        assert_eq!((tags.as_slice(), out.len()), (&b""[..], 0));
+        let (tags, out) = under(&mut b, &mut s1, &bind(""), 0);
+        assert_eq!((tags.as_slice(), out[0]), (&b"P"[..], b'P'));
     }
 
     #[test]

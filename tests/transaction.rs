@@ -2457,6 +2457,52 @@ async fn text_in_an_encoding_that_hides_ascii_in_characters_pins_and_runs() {
 /// A client that changes its TimeZone after preparing a statement never leaves a copy of
 /// that statement read under its new zone where a client of the old zone would use it, nor
 /// does a Parse pipelined right behind the SET count as read under the old zone.
+/// PostgreSQL reads a prepared statement's text again, under the session's settings of
+/// the moment, when its plan is invalidated (by any schema change in the database): a
+/// shared statement that a client bound after a TimeZone change may read as that
+/// client's from then on. A client of the settings it was prepared under never gets
+/// that copy: it is prepared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_statement_read_again_under_another_time_zone_is_not_reused() {
+    let proxy = proxy("tx_env_reread", "max_size = 1").await;
+    let sql = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
+    let (utc, tokyo) = (1_704_067_200_i64, 1_704_034_800_i64);
+    let mut config = proxy.config("tx_env_reread", "pw");
+    config.options("-c TimeZone=UTC");
+    let mover = common::connect(&config).await.expect("login");
+    let stayer = common::connect(&config).await.expect("login");
+    async fn epoch(c: &tokio_postgres::Client, s: &tokio_postgres::Statement) -> i64 {
+        c.query_one(s, &[]).await.unwrap().get(0)
+    }
+    // One statement, prepared under UTC, shared by both on the one backend.
+    let moving = mover.client.prepare(sql).await.unwrap();
+    let staying = stayer.client.prepare(sql).await.unwrap();
+    assert_eq!(epoch(&stayer.client, &staying).await, utc);
+    mover
+        .client
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    // Every plan in the database is invalidated: the mover's next Bind reads the shared
+    // statement again, in Tokyo.
+    common::admin()
+        .await
+        .batch_execute("CREATE SCHEMA tx_env_reread; DROP SCHEMA tx_env_reread")
+        .await
+        .unwrap();
+    assert_eq!(
+        epoch(&mover.client, &moving).await,
+        tokyo,
+        "PostgreSQL read it again, in Tokyo"
+    );
+    // (The mover's, UTC's or Tokyo's as PostgreSQL reads it, may be the stayer's copy
+    // again: bound in Tokyo, that copy too is then the mover's alone.)
+    for _ in 0..2 {
+        assert_eq!(epoch(&stayer.client, &staying).await, utc);
+        epoch(&mover.client, &moving).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_prepared_again_after_a_time_zone_change_is_nobody_elses() {
     let proxy = proxy("tx_env_move", "max_size = 2").await;
