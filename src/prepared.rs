@@ -2325,7 +2325,11 @@ mod tests {
         under(&mut a, &mut s1, &parse_msg("s", "SELECT now()"), 0);
         under(&mut b, &mut s1, &parse_msg("t", "SELECT now()"), 0);
         assert_eq!(under(&mut a, &mut s1, &bind("s"), 1).0, b"");
-        assert_eq!(under(&mut a, &mut s1, &bind("s"), 1).0, b"", "still a's to use");
+        assert_eq!(
+            under(&mut a, &mut s1, &bind("s"), 1).0,
+            b"",
+            "still a's to use"
+        );
         assert_eq!(under(&mut b, &mut s1, &bind("t"), 0).0, b"CP");
         assert_eq!(under(&mut b, &mut s1, &bind("t"), 0).0, b"");
         // Unnamed: b, whose unnamed statement is a's too, binds it without a Parse.
