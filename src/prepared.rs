@@ -877,6 +877,33 @@ impl ServerStatements {
         self.portals.retain(|(portal, _)| !portal.is_empty());
     }
 
+    /// Whether the backend has `name` prepared, its Parse's outcome known, and reading
+    /// as its own parse environment's (never used under another's, `Prepared::read_under`);
+    /// if so, it is now the most recently used (as [`Self::presence`] finds it).
+    fn use_prepared(&mut self, name: &Arc<str>) -> bool {
+        match self.names.get_mut(name) {
+            Some(prepared)
+                if prepared.doubt.as_ref().is_none_or(Doubt::settled)
+                    && prepared.read_under.is_none() =>
+            {
+                prepared.doubt = None;
+                self.clock += 1;
+                prepared.stamp = self.clock;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Notes the statement a Bind just sent binds `portal` to (the caller has forgotten
+    /// a portal of that name bound before: a Bind it refuses binds none).
+    fn bound(&mut self, portal: &str, statement: &Arc<Statement>) {
+        if self.portals.len() == PORTALS_KEPT {
+            self.portals.remove(0);
+        }
+        self.portals.push((portal.into(), Arc::clone(statement)));
+    }
+
     /// The client's batch ended (its Sync, or a Bind refused): its portals are gone, or
     /// not the statements'.
     pub fn batch_ended(&mut self) {
@@ -1145,22 +1172,13 @@ impl ClientStatements {
                         return Ok(t);
                     }
                     let at = out.len();
-                    let new_len = len - consumed + 5 + portal.len() + 1 + proxy_name.len() + 1;
-                    out.put_u8(b'B');
-                    out.put_i32((new_len - 1) as i32);
-                    out.put_slice(portal.as_bytes());
-                    out.put_u8(0);
-                    out.put_slice(proxy_name.as_bytes());
-                    out.put_u8(0);
+                    put_bind_head(out, (len, consumed), portal, &proxy_name);
                     t.translation = Translation::Rewritten { at, consumed };
                 }
                 // (The statement it runs once `use_statement` has made it sure; not one it
                 // refuses.)
                 if let Some(bound) = t.bound.as_ref().filter(|_| !t.refuse_stale) {
-                    if server.portals.len() == PORTALS_KEPT {
-                        server.portals.remove(0);
-                    }
-                    server.portals.push((portal.into(), Arc::clone(bound)));
+                    server.bound(portal, bound);
                 }
             }
             b'D' | b'C' => {
@@ -1205,6 +1223,48 @@ impl ClientStatements {
             _ => {}
         }
         Ok(t)
+    }
+
+    /// A driver's Bind of its prepared statement on a short path (the session's
+    /// `pass_bind_at_once`), as [`Self::translate`] would take it when that changes
+    /// nothing but the name: it names a statement of the client's that changes nothing
+    /// of the session, prepared under `parse_env`, not stale, and the backend has it
+    /// prepared, its Parse's outcome known. Writes the Bind (`bind`,
+    /// whole) to `out` under the backend's name for the statement, notes its use and its
+    /// portal there, and returns the statement. None, having changed nothing, otherwise:
+    /// `translate` takes the Bind.
+    pub fn bind_prepared(
+        &self,
+        server: &mut ServerStatements,
+        bind: &[u8],
+        parse_env: u64,
+        out: &mut BytesMut,
+    ) -> Option<Arc<Statement>> {
+        let (portal, statement, consumed) = self.bound_as_is(bind, parse_env)?;
+        if !server.use_prepared(statement.name()) {
+            return None;
+        }
+        put_bind_head(out, (bind.len(), consumed), portal, statement.name());
+        out.extend_from_slice(&bind[consumed..]);
+        server.portals.retain(|(p, _)| **p != *portal);
+        server.bound(portal, statement);
+        Some(Arc::clone(statement))
+    }
+
+    /// The portal, the statement and where the names end, of a whole Bind of a statement
+    /// [`Self::bind_prepared`] may take.
+    fn bound_as_is<'a>(
+        &'a self,
+        bind: &'a [u8],
+        parse_env: u64,
+    ) -> Option<(&'a str, &'a Arc<Statement>, usize)> {
+        let (portal, name, consumed) = bind_names(bind, bind.len()).ok()??;
+        // (Not the unnamed statement: it is not among the named.)
+        let statement = &self.named.get(name)?.statement;
+        let as_is = statement.parse_env == parse_env
+            && !statement.is_stale()
+            && statement.effects().is_empty();
+        as_is.then_some((portal, statement, consumed))
     }
 
     /// [`Self::translate`] for a simple Query, which names no statement (the session
@@ -1675,6 +1735,23 @@ impl ClientStatements {
     }
 }
 
+/// The head of a Bind (`len` long, the client's names ending at `consumed`) renamed to
+/// run `statement` in `portal`: what follows the names is the client's.
+fn put_bind_head(
+    out: &mut BytesMut,
+    (len, consumed): (usize, usize),
+    portal: &str,
+    statement: &str,
+) {
+    let new_len = len - consumed + 5 + portal.len() + 1 + statement.len() + 1;
+    out.put_u8(b'B');
+    out.put_i32((new_len - 1) as i32);
+    out.put_slice(portal.as_bytes());
+    out.put_u8(0);
+    out.put_slice(statement.as_bytes());
+    out.put_u8(0);
+}
+
 /// A Bind of `statement` (no parameters, text results) into `portal`.
 fn put_bind(out: &mut BytesMut, portal: &str, statement: &str) {
     put_message(out, b'B', |b| {
@@ -2094,6 +2171,102 @@ mod tests {
             )
             .unwrap();
         assert!(t.injected.is_empty());
+    }
+
+    #[test]
+    fn the_short_path_binds_as_translate_does_or_leaves_the_bind_to_it() {
+        // Two worlds alike: in one the Bind is translated, in the other it takes the
+        // short path.
+        let world = || {
+            let (r, mut s, mut c) = fresh(10);
+            let (t, _) = run(&mut c, &r, &mut s, &parse_msg("s0", "SELECT $1"));
+            (r, s, c, t)
+        };
+        let (r1, mut s1, mut c1, parse1) = world();
+        let (r2, mut s2, c2, parse2) = world();
+        let bind = bind_msg("s0", b"\0\0\0\0\0\0");
+        let env = Situation::FREE.parse_env;
+        let mut short = BytesMut::new();
+        // While its Parse's outcome is not known, the Bind is left to `translate`, which
+        // finds the statement unsure; nothing is written or noted.
+        assert!(c2.bind_prepared(&mut s2, &bind, env, &mut short).is_none());
+        assert!(short.is_empty() && s2.portals.is_empty());
+        // The Parses succeeded. (Bound twice in the same batch: the portal bound again.)
+        drop((parse1, parse2));
+        let noted = |s: &ServerStatements, name: &Arc<str>| {
+            let portals: Vec<_> = s
+                .portals
+                .iter()
+                .map(|(p, b)| (p.clone(), b.name().clone()))
+                .collect();
+            let prepared = &s.names[name];
+            (portals, prepared.stamp, prepared.doubt.is_none(), s.clock)
+        };
+        let mut bound = None;
+        for _ in 0..2 {
+            let mut out = BytesMut::new();
+            let t = c1
+                .translate(&r1, &mut s1, &bind, bind.len(), &mut out, Situation::FREE)
+                .expect("well formed");
+            assert!(t.injected.is_empty() && !t.refuse_stale);
+            let Translation::Rewritten { at, consumed } = t.translation else {
+                panic!("{t:?}")
+            };
+            out.extend_from_slice(&bind[consumed..]);
+            let mut short = BytesMut::new();
+            let statement = c2
+                .bind_prepared(&mut s2, &bind, env, &mut short)
+                .expect("taken on the short path");
+            assert_eq!(&short[..], &out[at..], "the Bind renamed, whole");
+            assert_eq!(Some(statement.name()), t.bound.as_ref().map(|b| b.name()));
+            let name = statement.name();
+            assert_eq!(
+                noted(&s2, name),
+                noted(&s1, name),
+                "the portal and the use, noted alike"
+            );
+            bound = Some(statement);
+        }
+        let bound = bound.expect("bound");
+
+        // Left to `translate`, nothing written: a name the client does not have, the
+        // unnamed statement, another parse environment, a backend without the statement,
+        // a statement that changes the session, a stale one.
+        let declined = |c: &ClientStatements, s: &mut ServerStatements, bind: &[u8], env| {
+            let mut out = BytesMut::new();
+            c.bind_prepared(s, bind, env, &mut out).is_none() && out.is_empty()
+        };
+        assert!(declined(
+            &c2,
+            &mut s2,
+            &bind_msg("s1", b"\0\0\0\0\0\0"),
+            env
+        ));
+        assert!(declined(&c2, &mut s2, &bind, env + 1));
+        assert!(declined(&c2, &mut ServerStatements::new(10), &bind, env));
+        let (r, mut s, mut c) = fresh(10);
+        for (name, query) in [("", "SELECT 1"), ("set", "SET search_path = x")] {
+            drop(run(&mut c, &r, &mut s, &parse_msg(name, query)));
+            assert!(
+                declined(&c, &mut s, &bind_msg(name, b"\0\0\0\0\0\0"), env),
+                "{query}"
+            );
+        }
+        // One another client bound under other settings (it may read as theirs now).
+        let mut other = ClientStatements::default();
+        drop(run(&mut other, &r2, &mut s2, &parse_msg("o", "SELECT $1")));
+        let foreign = Situation {
+            parse_env: env + 1,
+            ..Situation::FREE
+        };
+        let o = bind_msg("o", b"\0\0\0\0\0\0");
+        let t = other
+            .translate(&r2, &mut s2, &o, o.len(), &mut BytesMut::new(), foreign)
+            .expect("well formed");
+        assert!(t.injected.is_empty(), "{t:?}");
+        assert!(declined(&c2, &mut s2, &bind, env));
+        assert!(r2.retire_stale(&bound));
+        assert!(declined(&c2, &mut s2, &bind, env));
     }
 
     #[test]

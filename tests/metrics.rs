@@ -221,7 +221,8 @@ async fn health_and_ready_say_what_they_mean() {
 /// The prepared-statement cache counts each Bind once: on a backend that lacks its
 /// statement, a miss (the statement is prepared there, its description checked first, as
 /// for any statement whose rows a client was told); on one that has it, a hit. Not a hit
-/// as well when the Bind goes on after that check.
+/// as well when the Bind goes on after that check, on the short path for a prepared
+/// statement's run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bind_counts_once_as_a_cache_hit_or_a_miss() {
     let role = "met_prep";

@@ -1318,8 +1318,9 @@ async fn a_lone_query_queued_for_a_backend_times_out_or_goes_on_in_order() {
 }
 
 /// The same for a prepared statement's run (Bind, Describe of its portal, Execute, Sync,
-/// as libpq sends it): refused with `53300` and its batch skipped to the Sync when
-/// `borrow_timeout` passes; run once a backend is free.
+/// as libpq sends it), which takes the same short way through a queued borrow: refused
+/// with `53300` and its batch skipped to the Sync when `borrow_timeout` passes; run once
+/// a backend is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_run_queued_for_a_backend_times_out_or_goes_on() {
     let role = "tx_queued_run";
@@ -1528,7 +1529,7 @@ async fn a_statement_described_only_through_a_named_portal_is_refused_too() {
 
 /// The same for libpq's way (psycopg, pgbench -M prepared): the statement prepared alone
 /// (Parse, Sync), then each run a Bind, a Describe of the portal, an Execute and a Sync,
-/// the first of which tells the statement's columns.
+/// whose first description is noted on pgshield's short path for such runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_prepared_alone_then_described_through_its_portal_is_refused_too() {
     described_only_through_a_portal("tx_portal_libpq", "", true).await;

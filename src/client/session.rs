@@ -126,15 +126,15 @@ enum Taken {
 type BorrowLeft<'a> =
     dyn std::future::Future<Output = Result<Result<(), ErrorResponse>, End>> + Send + 'a;
 
-/// What [`Session::pass_query_at_once`] did with what the client sent.
+/// What [`Session::pass_at_once`] did with what the client sent.
 #[derive(PartialEq)]
 enum Short {
     /// Passed on, as the general path would have passed it.
     Passed,
     /// Nothing: the general path takes it.
     General,
-    /// Nothing yet: a lone Query the short path passes once the client holds a backend,
-    /// and none was lent at once ([`Session::borrow_for_query`]).
+    /// Nothing yet: a request the short path passes once the client holds a backend, and
+    /// none was lent at once ([`Session::borrow_for_short_path`]).
     Borrow,
 }
 
@@ -721,9 +721,9 @@ impl Session {
                 // (The general path's future awaited here, not inside the borrow's, and
                 // no result held across either: an idle client's task holds room for
                 // the larger of the two alone.)
-                let general = match self.pass_query_at_once(None) {
+                let general = match self.pass_at_once(None) {
                     Short::Passed => false,
-                    Short::Borrow => match self.borrow_for_query().await {
+                    Short::Borrow => match self.borrow_for_short_path().await {
                         Ok(passed) => !passed,
                         Err(end) => return end,
                     },
@@ -1372,15 +1372,16 @@ impl Session {
         }
     }
 
-    /// The common case of a transaction-mode client, in one step: a whole simple Query,
-    /// alone in what has arrived, that changes nothing of the session (by the SQL screen),
-    /// passed on to the backend the client holds, or, holding none, to the warm backend
-    /// next in line if that one needs nothing applied. Having changed nothing otherwise,
-    /// [`Short::Borrow`] if only a backend is missing, else [`Short::General`]: the general
-    /// path takes it (and reports what is wrong with it). `screened`: the parse environment
-    /// the same Query was found to change nothing under, if it was (by a call that found
-    /// no backend): not screened again unless that environment has changed.
-    fn pass_query_at_once(&mut self, screened: Option<u64>) -> Short {
+    /// The common cases of a transaction-mode client, in one step, when what has arrived
+    /// is one request alone, that changes nothing of the session: a simple Query
+    /// ([`Self::pass_query_at_once`]) or a driver's run of a prepared statement
+    /// ([`Self::pass_bind_at_once`]). It is passed on to the backend the client holds,
+    /// or, holding none, to the warm backend next in line if that one needs nothing
+    /// applied. Having changed nothing otherwise, [`Short::Borrow`] if only a backend is
+    /// missing, else [`Short::General`]: the general path takes it (and reports what is
+    /// wrong with it). `screened`: for a Query, the parse environment it was found to
+    /// change nothing under, if it was (by a call that found no backend).
+    fn pass_at_once(&mut self, screened: Option<u64>) -> Short {
         if self.mode != PoolMode::Transaction
             || self.client_msg.left > 0
             || self.skip_until_sync
@@ -1400,6 +1401,16 @@ impl Session {
         {
             return Short::General;
         }
+        match self.client_in.first() {
+            Some(b'Q') => self.pass_query_at_once(screened),
+            Some(b'B') => self.pass_bind_at_once(),
+            _ => Short::General,
+        }
+    }
+
+    /// [`Self::pass_at_once`] for a whole simple Query, alone, that changes nothing of the
+    /// session by the SQL screen (not screened again under the environment `screened`).
+    fn pass_query_at_once(&mut self, screened: Option<u64>) -> Short {
         let header = match peek_header(&self.client_in) {
             Ok(Some(h)) if h.tag == b'Q' && h.len == self.client_in.len() => h,
             _ => return Short::General,
@@ -1416,13 +1427,9 @@ impl Session {
         if screened != Some(env) && !sql::changes_nothing_in(query, env) {
             return Short::General;
         }
-        if self.backend.is_none() && !self.hold_settled_warm_backend() {
-            return Short::Borrow;
+        if let Err(short) = self.hold_for_short_path() {
+            return short;
         }
-        // (As the general path times it: from a Parse answered before it, if any.)
-        let now = crate::epoch::instant();
-        self.note_request_start(now);
-        self.request_sent.get_or_insert(now);
         let Some(backend) = self.backend.as_deref_mut() else {
             return Short::General; // (Never: held, or just lent and held.)
         };
@@ -1436,20 +1443,124 @@ impl Session {
         Short::Passed
     }
 
-    /// A lone Query that [`Self::pass_query_at_once`] passes once the client holds a
-    /// backend: borrowed for as the general path borrows ([`Self::finish_taking`]: lent at
-    /// once with the client's settings applied, or waited for, watching the client; the
+    /// [`Self::pass_at_once`] for a prepared statement run as drivers run it: a whole
+    /// Bind of a named statement of the client's, perhaps a Describe of its portal, an
+    /// Execute and a Sync, alone (libpq's `PQexecPrepared` and pgbench `-M prepared`,
+    /// tokio-postgres, pgjdbc, asyncpg), when the statement changes nothing of the
+    /// session and the backend has it prepared. Passed on as the general path passes
+    /// them (`start_passing`), the Bind renamed ([`ClientStatements::bind_prepared`]),
+    /// without that path's framing and translation of each message.
+    fn pass_bind_at_once(&mut self) -> Short {
+        let Some(bind_len) = self.bind_batch() else {
+            return Short::General;
+        };
+        // (A Bind needs a backend whatever path takes it: one that lacks its statement
+        // is held for the general path.)
+        if let Err(short) = self.hold_for_short_path() {
+            return short;
+        }
+        let env = self.parse_env();
+        let Some(backend) = self.backend.as_deref_mut() else {
+            return Short::General; // (Never: held, or just lent and held.)
+        };
+        let server = backend.server();
+        if server.replies.has_takebacks() {
+            return Short::General;
+        }
+        // (Room for the Bind renamed, at once: the backend's names are short.)
+        crate::buffers::reserve_empty(&mut self.server_out, self.client_in.len() + 64);
+        let Some(statement) = self.statements.bind_prepared(
+            &mut server.statements,
+            &self.client_in[..bind_len],
+            env,
+            &mut self.server_out,
+        ) else {
+            return Short::General;
+        };
+        // A hit, unless the Bind waited for the statement to be prepared and described
+        // here (counted as a miss then, as `start_passing` counts it).
+        let after_check = self
+            .checked
+            .take()
+            .is_some_and(|checked| Arc::ptr_eq(&checked, &statement));
+        if !after_check {
+            self.pool.metrics().prepared_hits.increment(1);
+        }
+        server.replies.sent(b'B');
+        server.replies.uses(Arc::clone(&statement));
+        if self.client_in[bind_len] == b'D' {
+            // (Of the Bind's portal: its rows are the statement's, looked at as in
+            // `start_passing`.)
+            server.replies.sent(b'D');
+            server.replies.uses(statement);
+        }
+        server.replies.sent(b'E');
+        server.statements.batch_ended();
+        server.replies.sent(b'S');
+        self.server_out
+            .extend_from_slice(&self.client_in[bind_len..]);
+        // (Advanced, not cleared: `buffers::release` keeps a buffer that was read to its
+        // end as a spare.)
+        self.client_in.advance(self.client_in.len());
+        Short::Passed
+    }
+
+    /// Makes sure the client holds a backend for the request the short path passes (else
+    /// [`Short::Borrow`]: none was lent at once), and notes when the request started.
+    fn hold_for_short_path(&mut self) -> Result<(), Short> {
+        if self.backend.is_none() && !self.hold_settled_warm_backend() {
+            return Err(Short::Borrow);
+        }
+        // (As the general path times it: from a Parse answered before it, if any.)
+        let now = crate::epoch::instant();
+        self.note_request_start(now);
+        self.request_sent.get_or_insert(now);
+        Ok(())
+    }
+
+    /// The length of the Bind first in what the client sent, if that is all a batch
+    /// [`Self::pass_bind_at_once`] takes: a Bind, perhaps a Describe of the Bind's
+    /// portal, an Execute and a Sync, each whole, nothing after them.
+    fn bind_batch(&self) -> Option<usize> {
+        let max = self.limits.max_message_size;
+        let all = &self.client_in[..];
+        let whole = |at: usize, tag: u8| {
+            let rest = all.get(at..)?;
+            let header = peek_header(rest).ok()??;
+            let whole = header.tag == tag && header.len <= rest.len();
+            (whole && header.check_size(max).is_ok()).then(|| &rest[..header.len])
+        };
+        let bind = whole(0, b'B')?;
+        let mut at = bind.len();
+        if all.get(at) == Some(&b'D') {
+            let describe = whole(at, b'D')?;
+            at += describe.len();
+            // 'P' and the name of the Bind's portal, with its NUL (the Bind's first NUL).
+            let (kind, portal) = describe[HEADER_LEN..].split_first()?;
+            let of_bind = memchr::memchr(0, portal).is_some_and(|nul| nul + 1 == portal.len())
+                && bind.get(HEADER_LEN..HEADER_LEN + portal.len()) == Some(portal);
+            if *kind != b'P' || !of_bind {
+                return None;
+            }
+        }
+        at += whole(at, b'E')?.len();
+        let sync = whole(at, b'S')?;
+        (sync.len() == HEADER_LEN && at + HEADER_LEN == all.len()).then_some(bind.len())
+    }
+
+    /// A request that [`Self::pass_at_once`] passes once the client holds a backend:
+    /// borrowed for as the general path borrows ([`Self::finish_taking`]: lent at once
+    /// with the client's settings applied, or waited for, watching the client; the
     /// request's time counts the wait), then passed on the short path (true) unless more
-    /// has arrived meanwhile, or refused as the general path refuses it; false: the
-    /// general path goes on from there. Not through the general path's framing and
-    /// `start_passing`: what a borrow that waits costs, most clients' borrows when they
-    /// outnumber the pool.
-    async fn borrow_for_query(&mut self) -> Result<bool, End> {
+    /// has arrived meanwhile, or its first message refused as the general path refuses
+    /// it; false: the general path goes on from there. Not through the general path's
+    /// framing and `start_passing`: what a borrow that waits costs, most clients' borrows
+    /// when they outnumber the pool.
+    async fn borrow_for_short_path(&mut self) -> Result<bool, End> {
         self.note_request_start(crate::epoch::instant());
-        // (What `pass_query_at_once` just screened the Query under. Should anything arrive
-        // meanwhile, the Query is no longer alone and is not passed on this way.)
+        // (What `pass_query_at_once` just screened a Query under. Should anything arrive
+        // meanwhile, the request is no longer alone and is not passed on this way.)
         let screened = self.parse_env();
-        let len = self.client_in.len();
         // (The general path's two statements, written again: a shared async helper, or
         // `screened` passed in, grows the relay loop's future by 8 to 32 bytes, which the
         // session's size test refuses.)
@@ -1459,10 +1570,13 @@ impl Session {
             Some(borrow) => borrow.await?,
         };
         if let Err(error) = taken {
-            self.refuse_message(b'Q', len, error);
+            // (The request's first message: what arrived meanwhile is behind it.)
+            if let Ok(Some(first)) = peek_header(&self.client_in) {
+                self.refuse_message(first.tag, first.len, error);
+            }
             return Ok(false);
         }
-        Ok(self.pass_query_at_once(Some(screened)) == Short::Passed)
+        Ok(self.pass_at_once(Some(screened)) == Short::Passed)
     }
 
     /// A request of the client's starts at `now`, unless one already has (with a Parse
