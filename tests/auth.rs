@@ -33,6 +33,53 @@ async fn scram_user_with_the_right_password_logs_in() {
     assert_eq!(user, "auth_scram");
 }
 
+/// A SCRAM exchange by hand, as a driver runs it: the server's signature
+/// (AuthenticationSASLFinal) comes first, then the welcome (AuthenticationOk, …,
+/// ReadyForQuery), or a refusal after it (a database pgshield does not serve).
+#[tokio::test]
+async fn a_scram_login_ends_with_the_servers_signature_then_its_welcome_or_refusal() {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let proxy = proxy_with_users(
+        &[("auth_scram_raw", "pw-raw")],
+        "[users.auth_scram_raw]\npassword = \"pw-raw\"\n",
+    )
+    .await;
+    let auth_code = |body: &[u8]| i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    for (database, welcomed) in [("app", true), ("auth_no_such_db", false)] {
+        let mut tcp = raw::connect(proxy.addr).await;
+        let startup = raw::startup(&[("user", "auth_scram_raw"), ("database", database)]);
+        raw::send(&mut tcp, &startup).await;
+        let (tag, body) = raw::read_message(&mut tcp)
+            .await
+            .expect("AuthenticationSASL");
+        assert_eq!((tag, auth_code(&body)), (b'R', 10));
+        let mut scram = ScramSha256::new(b"pw-raw", ChannelBinding::unsupported());
+        let mut initial = b"SCRAM-SHA-256\0".to_vec();
+        initial.extend_from_slice(&(scram.message().len() as i32).to_be_bytes());
+        initial.extend_from_slice(scram.message());
+        raw::send(&mut tcp, &raw::message(b'p', &initial)).await;
+        let (tag, body) = raw::read_message(&mut tcp).await.expect("SASLContinue");
+        assert_eq!((tag, auth_code(&body)), (b'R', 11));
+        scram.update(&body[4..]).expect("server-first");
+        raw::send(&mut tcp, &raw::message(b'p', scram.message())).await;
+        let (tag, body) = raw::read_message(&mut tcp).await.expect("SASLFinal");
+        assert_eq!((tag, auth_code(&body)), (b'R', 12), "{database}");
+        scram.finish(&body[4..]).expect("the server's signature");
+        let (tag, body) = raw::read_message(&mut tcp).await.expect("what follows");
+        if welcomed {
+            assert_eq!((tag, auth_code(&body)), (b'R', 0));
+            let (tags, errors) = raw::until_ready(&mut tcp).await;
+            assert!(
+                tags.ends_with('Z') && errors.is_empty(),
+                "{tags} {errors:?}"
+            );
+        } else {
+            assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "3D000"));
+            assert!(raw::closed(&mut tcp).await);
+        }
+    }
+}
+
 #[tokio::test]
 async fn md5_user_with_the_right_password_logs_in() {
     let proxy = proxy_with_users(

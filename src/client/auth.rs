@@ -159,8 +159,10 @@ impl From<ReadError> for AuthError {
 }
 
 /// Runs the authentication exchange for `user`. On success nothing has been sent yet for
-/// the login's outcome (the caller sends AuthenticationOk with the rest of the welcome).
-/// `end_point`: the TLS connection's channel binding data, which makes SCRAM-SHA-256-PLUS
+/// the login's outcome: the exchange's last message, if it has one (SCRAM's
+/// AuthenticationSASLFinal), is left in `out` for the caller to send with AuthenticationOk
+/// and the rest of the welcome, in one write (a system call fewer per login), or before
+/// its refusal. `end_point`: the TLS connection's channel binding data, which makes SCRAM-SHA-256-PLUS
 /// available.
 /// `auth` is how `user` proves who they are (a mock verifier for unknown users, so they
 /// fail like a wrong password).
@@ -170,32 +172,35 @@ pub async fn authenticate(
     user: &str,
     auth: &ClientAuth,
     end_point: Option<&[u8]>,
+    out: &mut BytesMut,
 ) -> Result<Proof, AuthError> {
     match auth {
         ClientAuth::Trust => Ok(Proof::default()),
         ClientAuth::Scram(verifier) => Ok(Proof {
-            client_key: Some(scram(stream, buf, user, verifier, end_point).await?),
+            client_key: Some(scram((stream, buf, out), user, verifier, end_point).await?),
         }),
         ClientAuth::Md5(hash) => {
-            md5(stream, buf, user, hash).await?;
+            md5((stream, buf, out), user, hash).await?;
             Ok(Proof::default())
         }
     }
 }
 
+/// The client's stream, the buffer its messages are read into, and the one pgshield's
+/// are written into.
+type Io<'a> = (&'a mut Stream, &'a mut BytesMut, &'a mut BytesMut);
+
 async fn scram(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
+    (stream, buf, out): Io<'_>,
     user: &str,
     verifier: &ScramVerifier,
     end_point: Option<&[u8]>,
 ) -> Result<[u8; 32], AuthError> {
-    let mut out = BytesMut::new();
     match end_point {
-        Some(_) => messages::authentication_sasl(&mut out, &[MECHANISM_PLUS, MECHANISM]),
-        None => messages::authentication_sasl(&mut out, &[MECHANISM]),
+        Some(_) => messages::authentication_sasl(out, &[MECHANISM_PLUS, MECHANISM]),
+        None => messages::authentication_sasl(out, &[MECHANISM]),
     }
-    send(stream, &mut out).await?;
+    send(stream, out).await?;
 
     let body = read_password_message(stream, buf).await?;
     let (mechanism, client_first) = parse_sasl_initial_response(&body)?;
@@ -212,30 +217,24 @@ async fn scram(
     };
     let (exchange, server_first) = ScramExchange::start(verifier, client_first, channel)
         .map_err(|e| AuthError::Protocol(e.to_string()))?;
-    messages::authentication_sasl_continue(&mut out, &server_first);
-    send(stream, &mut out).await?;
+    messages::authentication_sasl_continue(out, &server_first);
+    send(stream, out).await?;
 
     let client_final = read_password_message(stream, buf).await?;
     let success = exchange.finish(&client_final).map_err(|e| match e {
         crate::protocol::scram::ScramError::WrongProof => AuthError::Failed(user.to_owned()),
         other => AuthError::Protocol(other.to_string()),
     })?;
-    messages::authentication_sasl_final(&mut out, &success.server_final);
-    send(stream, &mut out).await?;
+    // (Sent by the caller, with what follows.)
+    messages::authentication_sasl_final(out, &success.server_final);
     Ok(success.client_key)
 }
 
-async fn md5(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    user: &str,
-    hash_hex: &str,
-) -> Result<(), AuthError> {
+async fn md5((stream, buf, out): Io<'_>, user: &str, hash_hex: &str) -> Result<(), AuthError> {
     let mut salt = [0u8; 4];
     rand::rng().fill_bytes(&mut salt);
-    let mut out = BytesMut::new();
-    messages::authentication_md5(&mut out, salt);
-    send(stream, &mut out).await?;
+    messages::authentication_md5(out, salt);
+    send(stream, out).await?;
 
     let body = read_password_message(stream, buf).await?;
     let mut rest = &body[..];

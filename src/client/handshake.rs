@@ -48,14 +48,30 @@ pub enum Outcome {
     Admin(String),
 }
 
-/// Why a login did not complete; `error` (if any) is sent to the client before closing.
+/// Why a login did not complete; `error` (if any) is sent to the client before closing,
+/// after `unsent`: what the login had written but not sent yet (the SASL exchange's last
+/// message, when the refusal comes after it).
 pub struct Refusal {
     pub error: Option<ErrorResponse>,
+    pub unsent: BytesMut,
+}
+
+impl Refusal {
+    /// Nothing to tell the client (it left, or cannot be written to).
+    pub fn silent() -> Refusal {
+        Refusal {
+            error: None,
+            unsent: BytesMut::new(),
+        }
+    }
 }
 
 impl From<ErrorResponse> for Refusal {
     fn from(e: ErrorResponse) -> Self {
-        Refusal { error: Some(e) }
+        Refusal {
+            error: Some(e),
+            unsent: BytesMut::new(),
+        }
     }
 }
 
@@ -151,7 +167,8 @@ pub async fn login(
         tokio::time::sleep(delay).await;
     }
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
-    let proof = match auth::authenticate(stream, buf, &user, &auth, end_point).await {
+    let mut out = BytesMut::with_capacity(512);
+    let proof = match auth::authenticate(stream, buf, &user, &auth, end_point, &mut out).await {
         Ok(proof) => proof,
         Err(e) => {
             match &e {
@@ -166,56 +183,63 @@ pub async fn login(
             }
             return Err(Refusal {
                 error: e.to_client_error(),
+                unsent: BytesMut::new(),
             });
         }
     };
-    if no_replicas {
-        return Err(ErrorResponse::fatal(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("database \"{database}\" has no replicas to read from"),
-        )
-        .with_hint(
-            "listen.read_only_addr serves databases with replicas only; connect to listen.addr",
-        )
-        .into());
-    }
-    let admission = live.access.admit(&user, &rules_db)?;
-    let listed = live.config.auth.listed.get(&user);
-    let pool = match (configured, found) {
-        // Listed in auth.file: its pools are made at its first login, as [auth]'s are,
-        // logging in to the server with the file's password, or by passthrough with a
-        // verifier.
-        (Some(configured), _) if listed.is_some() => listed
-            .and_then(|secret| listed_credential(secret, &configured, &proof))
-            .and_then(|password| shared.pools.for_found_user(&database, &user, password)),
-        (Some(configured), _) => {
-            let pool = shared.pools.get(&database, &user);
-            // A configured SCRAM verifier without server_password: passthrough too.
-            if let (Some(pool), Some(password)) = (&pool, passthrough(&configured, &proof)) {
-                pool.use_login_credential(password);
-            }
-            pool
+    // (A refusal from here on goes after what `out` holds.)
+    let admitted = async {
+        if no_replicas {
+            return Err(ErrorResponse::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{database}\" has no replicas to read from"),
+            )
+            .with_hint(
+                "listen.read_only_addr serves databases with replicas only; connect to listen.addr",
+            )
+            .into());
         }
-        // Found by [auth]: the server is logged in to with what this login proved.
-        (None, Some(found)) => passthrough(&found, &proof)
-            .and_then(|password| shared.pools.for_found_user(&database, &user, password)),
-        (None, None) => None,
+        let admission = live.access.admit(&user, &rules_db)?;
+        let listed = live.config.auth.listed.get(&user);
+        let pool = match (configured, found) {
+            // Listed in auth.file: its pools are made at its first login, as [auth]'s are,
+            // logging in to the server with the file's password, or by passthrough with a
+            // verifier.
+            (Some(configured), _) if listed.is_some() => listed
+                .and_then(|secret| listed_credential(secret, &configured, &proof))
+                .and_then(|password| shared.pools.for_found_user(&database, &user, password)),
+            (Some(configured), _) => {
+                let pool = shared.pools.get(&database, &user);
+                // A configured SCRAM verifier without server_password: passthrough too.
+                if let (Some(pool), Some(password)) = (&pool, passthrough(&configured, &proof)) {
+                    pool.use_login_credential(password);
+                }
+                pool
+            }
+            // Found by [auth]: the server is logged in to with what this login proved.
+            (None, Some(found)) => passthrough(&found, &proof)
+                .and_then(|password| shared.pools.for_found_user(&database, &user, password)),
+            (None, None) => None,
+        };
+        let Some(pool) = pool else {
+            return Err(ErrorResponse::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{database}\" does not exist"),
+            )
+            .with_hint("pgshield serves only the databases in its [databases] configuration")
+            .into());
+        };
+        let in_pool = pool.join();
+        let welcome = pool
+            .welcome_params()
+            .await
+            .map_err(|e| e.to_client_error().into_fatal())?;
+        Ok((pool, in_pool, welcome, admission))
     };
-    let Some(pool) = pool else {
-        return Err(ErrorResponse::fatal(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("database \"{database}\" does not exist"),
-        )
-        .with_hint("pgshield serves only the databases in its [databases] configuration")
-        .into());
-    };
-    let in_pool = pool.join();
-    let welcome = pool
-        .welcome_params()
-        .await
-        .map_err(|e| e.to_client_error().into_fatal())?;
-
-    let mut out = BytesMut::with_capacity(512);
+    let (pool, in_pool, welcome, admission) = admitted.await.map_err(|mut refusal: Refusal| {
+        refusal.unsent = out.split();
+        refusal
+    })?;
     messages::authentication_ok(&mut out);
     let mut client_view = ClientView::new(Arc::clone(&welcome));
     // (The client's settings split once, not once per parameter: a dozen lookups each.)
@@ -235,10 +259,7 @@ pub async fn login(
     let cancel = shared.cancels.register();
     messages::backend_key_data(&mut out, cancel.key().process_id, cancel.key().secret_key);
     messages::ready_for_query(&mut out, b'I');
-    stream
-        .send(&out)
-        .await
-        .map_err(|_| Refusal { error: None })?;
+    stream.send(&out).await.map_err(|_| Refusal::silent())?;
     tracing::debug!(%peer, user, database, "client logged in");
     Ok(Outcome::Session(Login {
         pool,
@@ -289,16 +310,17 @@ async fn admin_login(
     // Guessing admin passwords is slowed like any other.
     tokio::time::sleep(shared.login_throttle.delay(peer)).await;
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
-    if let Err(e) = auth::authenticate(stream, buf, &user, &auth, end_point).await {
+    let mut out = BytesMut::with_capacity(256);
+    if let Err(e) = auth::authenticate(stream, buf, &user, &auth, end_point, &mut out).await {
         if let AuthError::Failed(_) = e {
             shared.login_throttle.failed(peer);
             tracing::info!(%peer, user, "admin console authentication failed");
         }
         return Err(Refusal {
             error: e.to_client_error(),
+            unsent: BytesMut::new(),
         });
     }
-    let mut out = BytesMut::with_capacity(256);
     messages::authentication_ok(&mut out);
     for (name, value) in [
         ("server_version", "15.0 (pgshield admin console)"),
@@ -312,10 +334,7 @@ async fn admin_login(
     }
     messages::backend_key_data(&mut out, 0, 0);
     messages::ready_for_query(&mut out, b'I');
-    stream
-        .send(&out)
-        .await
-        .map_err(|_| Refusal { error: None })?;
+    stream.send(&out).await.map_err(|_| Refusal::silent())?;
     tracing::info!(%peer, user, "admin console login");
     Ok(Outcome::Admin(user))
 }
@@ -348,7 +367,7 @@ async fn read_startup(
                     ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()).into(),
                 )
             }
-            Err(StartupReadError::Read(_)) => return Err(Refusal { error: None }),
+            Err(StartupReadError::Read(_)) => return Err(Refusal::silent()),
         };
         match packet {
             StartupPacket::SslRequest if !answered_ssl => answered_ssl = true,
@@ -366,7 +385,7 @@ async fn read_startup(
             } => {
                 shared.metrics.cancel_requests.increment(1);
                 shared.cancels.cancel(process_id, &secret_key).await;
-                return Err(Refusal { error: None });
+                return Err(Refusal::silent());
             }
             StartupPacket::UnsupportedVersion { major, minor } => {
                 return Err(ErrorResponse::fatal(
@@ -402,17 +421,11 @@ async fn read_startup(
         match tls {
             // Not over the Unix-domain socket, as PostgreSQL does not.
             Some(tls) if answered_ssl && !stream.is_tls() && !stream.is_unix() => {
-                stream
-                    .send(b"S")
-                    .await
-                    .map_err(|_| Refusal { error: None })?;
+                stream.send(b"S").await.map_err(|_| Refusal::silent())?;
                 secured = Some(accept_tls(tls, stream, false).await?);
             }
             // Not encrypting: say so and wait for the real startup packet.
-            _ => stream
-                .send(b"N")
-                .await
-                .map_err(|_| Refusal { error: None })?,
+            _ => stream.send(b"N").await.map_err(|_| Refusal::silent())?,
         }
     }
 }
@@ -435,7 +448,7 @@ async fn accept_tls(
     direct: bool,
 ) -> Result<Arc<Material>, Refusal> {
     let Some(tcp) = stream.take_tcp() else {
-        return Err(Refusal { error: None });
+        return Err(Refusal::silent());
     };
     let material = tls.current();
     let accepted = tokio_rustls::TlsAcceptor::from(Arc::clone(&material.config))
@@ -445,14 +458,14 @@ async fn accept_tls(
         Ok(tls_stream) => {
             if direct && tls_stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
                 tracing::info!("direct TLS without ALPN \"postgresql\" refused");
-                return Err(Refusal { error: None });
+                return Err(Refusal::silent());
             }
             *stream = Stream::Tls(Box::new(tls_stream.into()));
             Ok(material)
         }
         Err(e) => {
             tracing::info!(error = %e, "client TLS handshake failed");
-            Err(Refusal { error: None })
+            Err(Refusal::silent())
         }
     }
 }
@@ -489,5 +502,5 @@ async fn negotiate_version(stream: &mut Stream, startup: &StartupMessage) -> Res
     }
     let mut out = BytesMut::new();
     messages::negotiate_protocol_version(&mut out, 0, &unrecognized);
-    stream.send(&out).await.map_err(|_| Refusal { error: None })
+    stream.send(&out).await.map_err(|_| Refusal::silent())
 }

@@ -156,9 +156,7 @@ async fn log_in(
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(login_timeout, login) => outcome,
         // A login in progress must not hold up a shutdown.
-        _ = shutdown.draining() => Ok(Err(handshake::Refusal {
-            error: Some(ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, "pgshield is shutting down")),
-        })),
+        _ = shutdown.draining() => Ok(Err(ErrorResponse::fatal(sqlstate::ADMIN_SHUTDOWN, "pgshield is shutting down").into())),
     };
     let refusal = match outcome {
         Ok(Ok(handshake::Outcome::Session(login))) => {
@@ -178,18 +176,23 @@ async fn log_in(
             crate::admin::run(Arc::clone(&shared), stream, buf, user).await;
             return None;
         }
-        Ok(Err(refusal)) => refusal.error,
+        Ok(Err(refusal)) => refusal,
         Err(_) => {
             tracing::info!(client = %id, %peer, "login not completed within client_login_timeout");
-            Some(ErrorResponse::fatal(
+            ErrorResponse::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 format!(
                     "startup and authentication not completed within {} (listen.client_login_timeout)",
                     humantime::format_duration(login_timeout)
                 ),
-            ))
+            )
+            .into()
         }
     };
+    let handshake::Refusal {
+        error: refusal,
+        unsent: mut out,
+    } = refusal;
     if let Some(e) = refusal
         .as_ref()
         .filter(|_| shared.live().config.log.connections)
@@ -204,7 +207,6 @@ async fn log_in(
         None => {}
     }
     if let Some(error) = refusal {
-        let mut out = BytesMut::new();
         error.encode(&mut out);
         if stream.is_tls() {
             // A TLS record cannot be written without waiting: wait a little.
