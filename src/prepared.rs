@@ -735,6 +735,14 @@ impl ServerStatements {
                 .is_none_or(|read| read == situation.parse_env)
     }
 
+    /// Records that the backend's copy of `name` may read as parse environment `env`'s,
+    /// not its own (see `Prepared::read_under`).
+    fn read_under(&mut self, name: &Arc<str>, env: u64) {
+        if let Some(prepared) = self.names.get_mut(name) {
+            prepared.read_under = Some(env);
+        }
+    }
+
     /// Whether the backend has `name`, for a message of batch `batch` from a client of
     /// parse environment `env` (a use: it becomes the most recently used). A copy that
     /// may read as another environment's (`Prepared::read_under`) is unsure.
@@ -1332,7 +1340,13 @@ impl ClientStatements {
         if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
+            let injected = t.injected.len();
             self.ensure_prepared(server, &existing, (situation, false), out, t);
+            // (Prepared there just now under the settings of now, not its own, it reads as
+            // theirs.)
+            if t.injected.len() > injected && existing.parse_env != situation.parse_env {
+                server.read_under(existing.name(), situation.parse_env);
+            }
             let mut head = BytesMut::new();
             statement.write_parse(existing.name(), &mut head);
             t.translation = Translation::Rewrite {
@@ -1504,9 +1518,7 @@ impl ClientStatements {
             } else if server.presence(statement.name(), situation.batch, situation.parse_env)
                 == Presence::Present
             {
-                if let Some(prepared) = server.names.get_mut(statement.name()) {
-                    prepared.read_under = Some(situation.parse_env);
-                }
+                server.read_under(statement.name(), situation.parse_env);
                 return statement;
             }
             let query = &statement.query;
@@ -2512,6 +2524,16 @@ mod tests {
         assert_eq!((tags.as_slice(), out.len()), (&b""[..], 0));
         let (tags, out) = under(&mut b, &mut s1, &bind(""), 0);
         assert_eq!((tags.as_slice(), out[0]), (&b"P"[..], b'P'));
+        // A Parse of a name a has (refused by the server) on a backend without its
+        // statement: prepared there first, under the settings of now. b, of the
+        // statement's own, does not find that copy present.
+        let mut s3 = ServerStatements::new(10);
+        assert_eq!(
+            under(&mut a, &mut s3, &parse_msg("s", "SELECT 1"), 1).0,
+            b"P"
+        );
+        let (tags, out) = under(&mut b, &mut s3, &parse_msg("t2", "SELECT now()"), 0);
+        assert_eq!((tags.as_slice(), out[0]), (&b"C"[..], b'C'));
     }
 
     #[test]
