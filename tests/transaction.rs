@@ -2455,9 +2455,6 @@ async fn text_in_an_encoding_that_hides_ascii_in_characters_pins_and_runs() {
     assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before + 2);
 }
 
-/// A client that changes its TimeZone after preparing a statement never leaves a copy of
-/// that statement read under its new zone where a client of the old zone would use it, nor
-/// does a Parse pipelined right behind the SET count as read under the old zone.
 /// PostgreSQL reads a prepared statement's text again, under the session's settings of
 /// the moment, when its plan is invalidated (by any schema change in the database): a
 /// shared statement that a client bound after a TimeZone change may read as that
@@ -2504,6 +2501,9 @@ async fn a_shared_statement_read_again_under_another_time_zone_is_not_reused() {
     }
 }
 
+/// A client that changes its TimeZone after preparing a statement never leaves a copy of
+/// that statement read under its new zone where a client of the old zone would use it, nor
+/// does a Parse pipelined right behind the SET count as read under the old zone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_prepared_again_after_a_time_zone_change_is_nobody_elses() {
     let proxy = proxy("tx_env_move", "max_size = 2").await;
