@@ -2486,7 +2486,8 @@ mod tests {
 
     /// A statement a client bound under another parse environment than its own (a client
     /// that changed its TimeZone) may since read as that environment's (PostgreSQL reads
-    /// it again when its plan is invalidated): a client of its own environment gets it
+    /// it again when its plan is invalidated), and one a client's re-Parse of its name
+    /// prepared there under another does: a client of its own environment gets it
     /// prepared again, named or unnamed; the client that bound it keeps using it.
     #[test]
     fn a_statement_used_under_other_settings_is_prepared_again_for_its_own() {
