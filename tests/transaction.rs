@@ -506,6 +506,30 @@ async fn a_reprepared_name_is_refused_in_the_clients_own_words() {
     }
 }
 
+/// The same refusal after the client changed its TimeZone, on a backend that had closed
+/// the name's statement for room: pgshield prepares the statement there again, for the
+/// server to refuse the name, under the client's TimeZone of now. That copy is not the
+/// statement's for a client of the settings it was made under: it is prepared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reprepared_name_after_a_time_zone_change_leaves_no_copy_for_others() {
+    let proxy = trusted_proxy("tx_reparse_tz", "max_size = 1\nmax_prepared_statements = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_reparse_tz").await;
+    let mut b = raw::login_trusted(proxy.addr, "tx_reparse_tz").await;
+    let sql = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint::text";
+    raw::send(&mut b, &raw::query(sql)).await;
+    let here = row_until_ready(&mut b).await.expect("read in b's zone");
+    assert_ne!(here, "1704034800", "b's zone is not Tokyo's");
+    assert_eq!(parse_named(&mut a, "s", sql).await, "1Z");
+    // b's other statement takes the backend's only room: a's is closed there.
+    assert_eq!(parse_named(&mut b, "other", "SELECT 'other'").await, "1Z");
+    raw::send(&mut a, &raw::query("SET TimeZone = 'Asia/Tokyo'")).await;
+    assert!(raw::until_ready(&mut a).await.1.is_empty());
+    assert_eq!(parse_named(&mut a, "s", sql).await, "42P05");
+    // b, of the zone a's statement was made under, prepares the same text.
+    assert_eq!(parse_named(&mut b, "t", sql).await, "1Z");
+    assert_eq!(run_named(&mut b, "t").await, Ok(here));
+}
+
 /// Runs pgbench (from the server's binaries) against the proxy; returns its output.
 async fn pgbench(proxy: &TestProxy, args: &[&str]) -> String {
     let db = common::cluster();
