@@ -1193,6 +1193,58 @@ async fn a_failed_copy_from_stdin_leaves_the_client_holding_no_backend() {
     assert_eq!(count, 0, "nothing of either COPY was stored");
 }
 
+/// A simple-Query COPY FROM STDIN that fails on its first row while the client streams on
+/// (psql and libpq read the error only after their CopyDone): PostgreSQL answers the error
+/// and ReadyForQuery at once and drops the rest of the data. The client, idle once it has
+/// read them, holds no backend: the only one of the pool serves another client at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_while_the_client_streams_on_leaves_it_holding_no_backend() {
+    let proxy = trusted_proxy(
+        "tx_copystream",
+        "mode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"3s\"",
+    )
+    .await;
+    let setup = proxy.connect("tx_copystream", "pw").await.expect("login");
+    setup
+        .client
+        .batch_execute("CREATE TABLE tx_copystream_t (x int)")
+        .await
+        .unwrap();
+    drop(setup);
+    let mut s = raw::login_trusted(proxy.addr, "tx_copystream").await;
+    for round in 0..3 {
+        raw::send(&mut s, &raw::query("COPY tx_copystream_t FROM STDIN")).await;
+        let (tag, _) = raw::read_message(&mut s).await.expect("CopyInResponse");
+        assert_eq!(tag, b'G', "round {round}");
+        // A bad first row, then 4 MB more in one go, then CopyDone; only then is the
+        // error read.
+        let mut bytes = raw::message(b'd', b"not a number\n");
+        let rows = "1\n".repeat(4096);
+        for _ in 0..512 {
+            bytes.extend(raw::message(b'd', rows.as_bytes()));
+        }
+        bytes.extend_from_slice(&raw::COPY_DONE);
+        raw::send(&mut s, &bytes).await;
+        let (tags, codes) = raw::until_ready(&mut s).await;
+        assert_eq!((tags.as_str(), codes), ("EZ", vec!["22P02".to_owned()]));
+        let other = proxy.connect("tx_copystream", "pw").await.expect("login");
+        let started = Instant::now();
+        other
+            .client
+            .simple_query("SELECT 1")
+            .await
+            .expect("the failed COPY's client, idle, keeps no backend");
+        assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
+    }
+    raw::send(&mut s, &raw::query("SELECT count(*) FROM tx_copystream_t")).await;
+    let (tag, body) = raw::read_message(&mut s).await.expect("reply");
+    assert_eq!(tag, b'T');
+    let (tag, body2) = raw::read_message(&mut s).await.expect("row");
+    assert_eq!(tag, b'D', "{body:?}");
+    assert!(body2.ends_with(b"0"), "nothing was stored: {body2:?}");
+    assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_describe_and_function_calls_work_in_transaction_mode() {
     use futures_util::{SinkExt, TryStreamExt};

@@ -154,6 +154,8 @@ enum Event {
     Killed,
     /// A reload changed the limits (`Session::limits` holds the new ones).
     Reloaded,
+    /// All the client sent is written to a backend that owes it nothing.
+    Flushed,
 }
 
 /// The session's time limits (None: no limit). One copy per reload, shared by every
@@ -833,7 +835,7 @@ impl Session {
             };
             match event {
                 Event::Data => self.note_activity(),
-                Event::Reloaded => {}
+                Event::Reloaded | Event::Flushed => {}
                 Event::Drain => return End::Shutdown,
                 Event::Forced => return End::ForcedShutdown,
                 Event::Killed => return End::Killed,
@@ -1145,6 +1147,11 @@ impl Session {
         }
         // (Many replies owed: the client is not read, see below.)
         let mut owed_full = false;
+        // Whether the last of what the client sent, all of it owing no reply, has just
+        // been written (CopyData streamed on after its COPY failed, a lone Flush): the
+        // relay loop must turn once more, as the backend may now go back to the pool, and
+        // no reply will come to turn it.
+        let mut flushed_idle = false;
         if let Some(backend) = self.backend.as_mut() {
             let server = backend.server();
             owed_full = server.replies.flush_due(MAX_OWED);
@@ -1156,11 +1163,14 @@ impl Session {
                 server.replies.sent_with(b'H', Hide::All, None);
                 server.replies.flush_sent();
             }
+            let unsent = self.server_out.len();
             if let Poll::Ready(Err(e)) =
                 poll_drain(cx, &mut backend.server().stream, &mut self.server_out)
             {
                 return Poll::Ready(Event::ServerError(e));
             }
+            flushed_idle =
+                unsent > 0 && self.server_out.is_empty() && backend.server_ref().replies.is_idle();
         }
         // Poll both reads every time, so a busy side cannot starve the other; but not a
         // socket already found empty in this poll of the task: its waker is set, and
@@ -1215,6 +1225,8 @@ impl Session {
         }
         if data {
             Poll::Ready(Event::Data)
+        } else if flushed_idle {
+            Poll::Ready(Event::Flushed)
         } else {
             Poll::Pending
         }
@@ -2797,7 +2809,7 @@ impl Session {
                 }
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
                     Event::Data => self.note_activity(),
-                    Event::Reloaded => {}
+                    Event::Reloaded | Event::Flushed => {}
                     Event::Forced => return Err(End::ForcedShutdown),
                     Event::Killed => return Err(End::Killed),
                     _ => return Err(End::ClientGone),
