@@ -1193,6 +1193,44 @@ async fn a_failed_copy_from_stdin_leaves_the_client_holding_no_backend() {
     assert_eq!(count, 0, "nothing of either COPY was stored");
 }
 
+/// A client pinned by SQL PREPARE has statements of its own on its backend: its DEALLOCATE
+/// ALL drops them there (and its protocol-level ones), as in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_clients_deallocate_all_drops_its_sql_prepared_statements() {
+    let proxy = proxy("tx_pin_dealloc", "max_size = 2").await;
+    let conn = proxy.connect("tx_pin_dealloc", "pw").await.expect("login");
+    let c = &conn.client;
+    let named = c
+        .prepare("SELECT 41")
+        .await
+        .expect("a protocol-level statement");
+    c.batch_execute("PREPARE p AS SELECT 1")
+        .await
+        .expect("PREPARE pins");
+    c.batch_execute("DEALLOCATE ALL")
+        .await
+        .expect("DEALLOCATE ALL");
+    let e = c
+        .batch_execute("EXECUTE p")
+        .await
+        .expect_err("p is gone, as in PostgreSQL");
+    assert_eq!(sqlstate(&e), Some("26000"));
+    let e = c
+        .query(&named, &[])
+        .await
+        .expect_err("so is the protocol-level one");
+    assert_eq!(sqlstate(&e), Some("26000"));
+    c.batch_execute("PREPARE p AS SELECT 2")
+        .await
+        .expect("p can be prepared again");
+    let rows = c.simple_query("EXECUTE p").await.expect("EXECUTE p");
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("2"));
+}
+
 /// A simple-Query COPY FROM STDIN that fails on its first row while the client streams on
 /// (psql and libpq read the error only after their CopyDone): PostgreSQL answers the error
 /// and ReadyForQuery at once and drops the rest of the data. The client, idle once it has

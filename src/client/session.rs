@@ -1664,6 +1664,9 @@ impl Session {
             }
         };
         let tag = match target {
+            // A pinned client may have statements of its own on the server (SQL PREPARE
+            // pins): DEALLOCATE ALL drops those too, there.
+            None if self.pinned.is_some() => return Ok(false),
             None => {
                 self.statements.clear();
                 "DEALLOCATE ALL"
