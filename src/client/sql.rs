@@ -858,12 +858,26 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
             match rest.first() {
                 Some(tok) if is(Some(tok), "all") => e.deallocate = Some(None),
                 // (A DEALLOCATE ALL earlier in the same Query stands: it drops them all.)
-                // (Nor does a later one hide a DEALLOCATE of one of pgshield's own names.)
-                Some(Token::Word(_) | Token::Quoted(_))
+                // (Nor does a later one hide a DEALLOCATE of one of pgshield's own names.
+                // A second of pgshield's names counts as ALL: which of the backend's
+                // statements are gone is not kept track of then, so all are taken for
+                // gone, and the client's names with them, which it may find gone (26000)
+                // where PostgreSQL keeps them, but never run as something else.)
+                Some(tok @ (Token::Word(_) | Token::Quoted(_)))
                     if e.deallocate.as_ref().is_some_and(|d| {
                         d.as_ref()
                             .is_none_or(|n| n.starts_with(crate::prepared::NAME_PREFIX))
-                    }) => {}
+                    }) =>
+                {
+                    let name = match tok {
+                        Token::Word(w) => w.to_ascii_lowercase(),
+                        Token::Quoted(q) => q.to_string(),
+                        _ => String::new(),
+                    };
+                    if name.starts_with(crate::prepared::NAME_PREFIX) {
+                        e.deallocate = Some(None);
+                    }
+                }
                 Some(Token::Word(name)) => e.deallocate = Some(Some(name.to_ascii_lowercase())),
                 Some(Token::Quoted(name)) => e.deallocate = Some(Some(name.to_string())),
                 _ => e.pin(PinReason::Unclassified),
@@ -1649,6 +1663,9 @@ mod tests {
         assert_eq!(both.deallocate, Some(None));
         let ours = classify("DEALLOCATE pgshield_7; DEALLOCATE p1");
         assert_eq!(ours.deallocate, Some(Some("pgshield_7".into())));
+        // Two of pgshield's own: all of the backend's are taken for gone.
+        let two = classify("DEALLOCATE pgshield_5; DEALLOCATE \"pgshield_6\"");
+        assert_eq!(two.deallocate, Some(None));
         assert_eq!(
             classify("DEALLOCATE PREPARE p1").deallocate,
             Some(Some("p1".into()))
