@@ -1275,11 +1275,12 @@ async fn a_copy_that_fails_while_the_client_streams_on_leaves_it_holding_no_back
         assert!(started.elapsed() < Duration::from_secs(2), "round {round}");
     }
     raw::send(&mut s, &raw::query("SELECT count(*) FROM tx_copystream_t")).await;
-    let (tag, body) = raw::read_message(&mut s).await.expect("reply");
+    let (tag, _) = raw::read_message(&mut s).await.expect("reply");
     assert_eq!(tag, b'T');
-    let (tag, body2) = raw::read_message(&mut s).await.expect("row");
-    assert_eq!(tag, b'D', "{body:?}");
-    assert!(body2.ends_with(b"0"), "nothing was stored: {body2:?}");
+    let (tag, row) = raw::read_message(&mut s).await.expect("row");
+    assert_eq!(tag, b'D');
+    // One column, one byte long: "0", nothing was stored.
+    assert_eq!(row, [0, 1, 0, 0, 0, 1, b'0']);
     assert_eq!(raw::until_ready(&mut s).await.1, Vec::<String>::new());
 }
 

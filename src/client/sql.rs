@@ -855,33 +855,36 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
             } else {
                 &t[1..]
             };
-            match rest.first() {
-                Some(tok) if is(Some(tok), "all") => e.deallocate = Some(None),
-                // (A DEALLOCATE ALL earlier in the same Query stands: it drops them all.)
-                // (Nor does a later one hide a DEALLOCATE of one of pgshield's own names.
-                // A second of pgshield's names counts as ALL: which of the backend's
-                // statements are gone is not kept track of then, so all are taken for
-                // gone, and the client's names with them, which it may find gone (26000)
-                // where PostgreSQL keeps them, but never run as something else.)
-                Some(tok @ (Token::Word(_) | Token::Quoted(_)))
-                    if e.deallocate.as_ref().is_some_and(|d| {
-                        d.as_ref()
-                            .is_none_or(|n| n.starts_with(crate::prepared::NAME_PREFIX))
-                    }) =>
-                {
-                    let name = match tok {
-                        Token::Word(w) => w.to_ascii_lowercase(),
-                        Token::Quoted(q) => q.to_string(),
-                        _ => String::new(),
-                    };
-                    if name.starts_with(crate::prepared::NAME_PREFIX) {
-                        e.deallocate = Some(None);
+            let name = match rest.first() {
+                Some(tok) if is(Some(tok), "all") => None,
+                Some(Token::Word(name)) => Some(name.to_ascii_lowercase()),
+                Some(Token::Quoted(name)) => Some(name.to_string()),
+                _ => {
+                    e.pin(PinReason::Unclassified);
+                    return;
+                }
+            };
+            // ALL, or one of pgshield's own names.
+            let ours = |n: &Option<String>| {
+                n.as_ref()
+                    .is_none_or(|n| n.starts_with(crate::prepared::NAME_PREFIX))
+            };
+            e.deallocate = Some(match e.deallocate.take() {
+                // A DEALLOCATE ALL, or of one of pgshield's names, earlier in the same Query
+                // stands: a later one of the client's does not hide it. A second of
+                // pgshield's names counts as ALL: which of the backend's statements are
+                // gone is not kept track of then, so all are taken for gone, and the
+                // client's names with them, which it may find gone (26000) where
+                // PostgreSQL keeps them, but never run as something else.
+                Some(earlier) if ours(&earlier) => {
+                    if ours(&name) {
+                        None
+                    } else {
+                        earlier
                     }
                 }
-                Some(Token::Word(name)) => e.deallocate = Some(Some(name.to_ascii_lowercase())),
-                Some(Token::Quoted(name)) => e.deallocate = Some(Some(name.to_string())),
-                _ => e.pin(PinReason::Unclassified),
-            }
+                _ => name,
+            });
         }
         _ => {}
     }
