@@ -942,9 +942,9 @@ pub struct Situation {
     pub can_hold: bool,
     /// The client's parse environment ([`crate::server::ClientView::parse_env`]).
     pub parse_env: u64,
-    /// The server will read it in a failed transaction (nothing is owed, and the last
-    /// ReadyForQuery said `E`), where it refuses a Parse of anything but a statement that
-    /// ends the transaction.
+    /// The server will read it in a failed transaction (see
+    /// [`crate::server::state::ReplyTracker::reads_in_failed_transaction`]), where it
+    /// refuses a Parse of anything but a statement that ends the transaction.
     pub failed_transaction: bool,
 }
 

@@ -387,9 +387,20 @@ async fn a_parse_in_a_failed_transaction_is_refused_as_postgresql_refuses_it() {
     // Another client has the backend prepare both texts (and keeps them there).
     assert_eq!(parse_named(&mut b, "b_user", sql).await, "1Z");
     assert_eq!(parse_named(&mut b, "b_end", "ROLLBACK").await, "1Z");
+    assert_eq!(parse_named(&mut a, "mine", "SELECT 'mine'").await, "1Z");
     raw::send(&mut a, &raw::query("BEGIN; SELECT 1/0")).await;
     assert_eq!(raw::until_ready(&mut a).await.1, ["22012"]);
     assert_eq!(parse_named(&mut a, "get_user", sql).await, "25P02");
+    // Also behind a Close in the same batch: the Close is done, the Parse refused.
+    let mut batch = raw::message(b'C', b"Smine\0");
+    batch.extend(raw::message(b'P', b"get_user\0SELECT 'prepared'\0\0\0"));
+    batch.extend(raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    assert_eq!(
+        raw::until_ready(&mut a).await,
+        ("3EZ".to_owned(), vec!["25P02".to_owned()])
+    );
+    assert_eq!(run_named(&mut a, "mine").await, Err("26000".into()));
     // What ends the transaction is still prepared there, as PostgreSQL does.
     assert_eq!(parse_named(&mut a, "end_it", "ROLLBACK").await, "1Z");
     assert_eq!(run_named(&mut a, "end_it").await, Err("no row".into()));
@@ -398,6 +409,16 @@ async fn a_parse_in_a_failed_transaction_is_refused_as_postgresql_refuses_it() {
         run_named(&mut a, "get_user").await.as_deref(),
         Ok("prepared")
     );
+    assert_eq!(run_named(&mut a, "mine").await, Err("26000".into()));
+    // Behind a ROLLBACK run in the same batch, it is read outside any transaction.
+    raw::send(&mut a, &raw::query("BEGIN; SELECT 1/0")).await;
+    assert_eq!(raw::until_ready(&mut a).await.1, ["22012"]);
+    let mut batch = raw::parse_bind_execute("ROLLBACK");
+    batch.extend(raw::message(b'P', b"again\0SELECT 'prepared'\0\0\0"));
+    batch.extend(raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    assert_eq!(raw::until_ready(&mut a).await, ("12C1Z".to_owned(), vec![]));
+    assert_eq!(run_named(&mut a, "again").await.as_deref(), Ok("prepared"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

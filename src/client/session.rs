@@ -2205,7 +2205,7 @@ impl Session {
             batch: replies.batch(),
             can_hold: replies.answers_what_is_sent(),
             parse_env,
-            failed_transaction: replies.at_boundary() && replies.tx_status() == TxStatus::Failed,
+            failed_transaction: replies.reads_in_failed_transaction(),
         }
     }
 

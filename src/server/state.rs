@@ -911,6 +911,21 @@ impl ReplyTracker {
         self.tx
     }
 
+    /// Whether the server reads a message sent now inside a failed transaction block
+    /// (where it refuses a Parse of anything but a statement that ends the transaction,
+    /// 25P02): the last ReadyForQuery said `E`, and nothing sent since can end that
+    /// transaction, as a Sync, a Query or an Execute (of a ROLLBACK, say) could. What
+    /// else is under way in this batch (a Close, a Describe) leaves it failed, or itself
+    /// fails, and the server then skips the message anyway.
+    pub fn reads_in_failed_transaction(&self) -> bool {
+        self.tx == TxStatus::Failed
+            && !self.unsure
+            && !self.client_copying
+            && !self.owed.iter().any(|e| {
+                e.owed.ends_with_ready() || matches!(e.owed, Owed::Execute | Owed::CopyEnd)
+            })
+    }
+
     /// Whether `max` replies are owed (so the client is not read, and no Sync may come to
     /// make the server send what it holds back: it is to be sent a Flush, unless
     /// [`ReplyTracker::flush_sent_already`]).
