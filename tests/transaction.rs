@@ -1934,6 +1934,44 @@ async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     raw::until_ready(&mut s).await;
     assert_eq!(run_named(&mut s, "b1").await.as_deref(), Ok("b"));
     assert_eq!(run_named(&mut other, "mine").await.as_deref(), Ok("other"));
+    // Through the extended protocol (as pgjdbc sends them) likewise: one that fails
+    // inside a transaction, one refused in a failed transaction, and one bound but never
+    // executed drop nothing; one that runs drops the client's names.
+    let with_sync = |sql: &str| {
+        let mut bytes = raw::parse_bind_execute(sql);
+        bytes.extend_from_slice(&raw::SYNC);
+        bytes
+    };
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &with_sync("DISCARD ALL")).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("12EZ".to_owned(), vec!["25001".to_owned()])
+    );
+    raw::send(&mut s, &raw::query("ROLLBACK")).await;
+    raw::until_ready(&mut s).await;
+    assert_eq!(run_named(&mut s, "b1").await.as_deref(), Ok("b"));
+    raw::send(&mut s, &raw::query("BEGIN; SELECT 1/0")).await;
+    raw::until_ready(&mut s).await;
+    raw::send(&mut s, &with_sync("DEALLOCATE ALL")).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("EZ".to_owned(), vec!["25P02".to_owned()])
+    );
+    raw::send(&mut s, &raw::query("ROLLBACK")).await;
+    raw::until_ready(&mut s).await;
+    assert_eq!(run_named(&mut s, "b1").await.as_deref(), Ok("b"));
+    let mut unexecuted = raw::message(b'P', b"\0DISCARD ALL\0\0\0");
+    unexecuted.extend(raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    unexecuted.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &unexecuted).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("12Z".to_owned(), vec![]));
+    assert_eq!(run_named(&mut s, "b1").await.as_deref(), Ok("b"));
+    raw::send(&mut s, &with_sync("DISCARD ALL")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("12CZ".to_owned(), vec![]));
+    assert_eq!(run_named(&mut s, "b1").await, Err("26000".into()));
+    assert_eq!(run_named(&mut other, "mine").await.as_deref(), Ok("other"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1476,7 +1476,8 @@ impl Session {
             return Short::General; // (Never: held, or just lent and held.)
         };
         let server = backend.server();
-        if server.replies.has_takebacks() {
+        // (A Bind replacing a portal that drops statements is noted there.)
+        if server.replies.has_takebacks() || server.replies.has_dropping_portal() {
             return Short::General;
         }
         // (Room for the Bind renamed, at once: the backend's names are short.)
@@ -1738,7 +1739,16 @@ impl Session {
     fn start_passing(&mut self, header: Header) -> Result<bool, End> {
         let translated = self.mode == PoolMode::Transaction
             && matches!(header.tag, b'P' | b'B' | b'D' | b'C' | b'Q');
-        if translated && header.tag != b'B' && !self.whole_message_arrived(header)? {
+        // (An Execute is read whole while a portal that drops statements is bound: which
+        // portal it runs tells whether the drop happens.)
+        let execute_read = header.tag == b'E'
+            && self
+                .backend
+                .as_ref()
+                .is_some_and(|b| b.server_ref().replies.has_dropping_portal());
+        if ((translated && header.tag != b'B') || execute_read)
+            && !self.whole_message_arrived(header)?
+        {
             return Ok(false);
         }
         if self.mode == PoolMode::Transaction && header.tag == b'F' {
@@ -1794,7 +1804,15 @@ impl Session {
         }
         let server = backend.server();
         if !translated {
-            server.replies.sent(header.tag);
+            if execute_read {
+                let mut body = &self.client_in[HEADER_LEN..header.len];
+                let portal = crate::protocol::frame::take_cstr_bytes(&mut body)
+                    .ok_or_else(|| End::ClientProtocol("malformed Execute message".into()))?;
+                let mark = crate::prepared::Named::mark();
+                server.replies.sent_execute(portal, mark);
+            } else {
+                server.replies.sent(header.tag);
+            }
             self.client_msg = Passing {
                 left: header.len,
                 forward: true,
@@ -1928,21 +1946,21 @@ impl Session {
             );
         }
         let mut drops = None;
+        // (Through the extended protocol: made by a Bind, done by its portal's Execute.)
+        let mut portal_drop = None;
         let mut restore_behind = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
             self.schema_changed |= effects.schema_change;
             match header.tag {
                 b'Q' => drops = statement_drop(&effects),
-                // Through the extended protocol: the statements go, and so does the
-                // backend once this transaction is over (its state is no longer known).
+                // Through the extended protocol: the backend's statements are taken for
+                // gone, and the backend goes once this transaction is over (its state is
+                // no longer known); the client's names go if the portal's Execute runs.
                 _ => {
                     if let Some(drop) = statement_drop(&effects) {
                         server.statements.dropping(&drop);
-                        // (The client's unnamed statement stays, as in PostgreSQL.)
-                        if let StatementDrop::All(mark) = drop {
-                            self.statements.drop_made_before(mark);
-                        }
                         server.mark_broken();
+                        portal_drop = Some(drop);
                     }
                 }
             }
@@ -2031,6 +2049,10 @@ impl Session {
                 let follow_up = self.follow_up.get_or_insert_with(Default::default);
                 follow_up.restore.note_resets(&effects);
             }
+        }
+        if header.tag == b'B' && (portal_drop.is_some() || server.replies.has_dropping_portal()) {
+            let portal = translated.portal.as_deref().unwrap_or_default();
+            server.replies.bound(portal.as_bytes(), portal_drop);
         }
         match translation {
             Translation::PassOn => {
@@ -2402,8 +2424,9 @@ impl Session {
                                 self.statements.drop_made_before(mark);
                             }
                         }
-                        // It may or may not have happened: that backend's statements are
-                        // unknown now; it is closed once this client lets go of it.
+                        // A Query's may or may not have happened (an Execute's did not):
+                        // that backend's statements are unknown now; it is closed once
+                        // this client lets go of it.
                         (_, false) => server.mark_broken(),
                     }
                 }

@@ -133,7 +133,8 @@ struct Entry {
     owed: Owed,
     /// An ErrorResponse came inside it (simple Query or FunctionCall).
     failed: bool,
-    /// A Query that drops prepared statements: what the session forgets once it succeeded.
+    /// A Query, or an Execute, that drops prepared statements: what the session forgets
+    /// once it has run.
     drops: Option<StatementDrop>,
     hide: Hide,
     /// What to take back if the server never acts on this message.
@@ -192,8 +193,12 @@ pub struct ReplyTracker {
     owed: VecDeque<Entry>,
     /// Messages the server will never act on (skipped after an error), to be taken back.
     undone: Vec<Undo>,
-    /// Statement drops whose Query has finished (see `sent_dropping`).
+    /// Statement drops whose Query or Execute has finished (see `sent_dropping`,
+    /// `sent_execute`).
     drops: Vec<(StatementDrop, bool)>,
+    /// A portal bound from a statement that drops prepared statements, and the drop: it
+    /// happens when an Execute of that portal runs (see [`ReplyTracker::bound`]).
+    dropping_portal: Option<(Box<[u8]>, StatementDrop)>,
     /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
     /// Syncs sent: the number of the batch now being sent.
@@ -225,6 +230,7 @@ impl Default for ReplyTracker {
             owed: VecDeque::new(),
             undone: Vec::new(),
             drops: Vec::new(),
+            dropping_portal: None,
             extended_open: false,
             syncs: 0,
             skipping_to_sync: false,
@@ -300,6 +306,56 @@ impl ReplyTracker {
         if let Some(entry) = self.owed.back_mut().filter(|e| e.owed == Owed::Query) {
             entry.drops = Some(drops);
         }
+    }
+
+    /// Notes a Bind of `portal` sent: from a statement that drops prepared statements
+    /// (`drop`: DISCARD ALL, DEALLOCATE ALL or of one of pgshield's names, through the
+    /// extended protocol), or of another (None), which replaces a portal of that name.
+    /// The drop is the session's to act on only once an Execute of that portal has run
+    /// ([`ReplyTracker::sent_execute`]): a Bind that is never executed, or whose Execute
+    /// fails (DISCARD ALL in a transaction block), drops nothing.
+    pub fn bound(&mut self, portal: &[u8], drop: Option<StatementDrop>) {
+        match drop {
+            Some(drop) => self.dropping_portal = Some((portal.into(), drop)),
+            None => {
+                if self
+                    .dropping_portal
+                    .as_ref()
+                    .is_some_and(|(p, _)| **p == *portal)
+                {
+                    self.dropping_portal = None;
+                }
+            }
+        }
+    }
+
+    /// Whether a portal that drops prepared statements is bound ([`ReplyTracker::bound`]):
+    /// each Bind and Execute is to be noted with its portal's name.
+    pub fn has_dropping_portal(&self) -> bool {
+        self.dropping_portal.is_some()
+    }
+
+    /// Notes an Execute of `portal` sent. Of the portal that drops prepared statements,
+    /// the drop (of the names made before `mark`, for all of them: those the Execute
+    /// finds) is handed back by [`ReplyTracker::take_drops`] once it has run, or, never
+    /// run, as one that did not happen.
+    pub fn sent_execute(&mut self, portal: &[u8], mark: u64) {
+        self.sent(b'E');
+        let ours = self
+            .dropping_portal
+            .as_ref()
+            .is_some_and(|(p, _)| **p == *portal);
+        let Some(entry) = self
+            .owed
+            .back_mut()
+            .filter(|e| ours && e.owed == Owed::Execute)
+        else {
+            return;
+        };
+        entry.drops = self.dropping_portal.take().map(|(_, drop)| match drop {
+            StatementDrop::All(_) => StatementDrop::All(mark),
+            one => one,
+        });
     }
 
     /// Notes the named statement the Bind or Describe just sent uses: should the server
@@ -676,6 +732,9 @@ impl ReplyTracker {
         if let Some(undo) = &entry.undo {
             undo.succeeded();
         }
+        if let Some(drops) = entry.drops {
+            self.drops.push((drops, true));
+        }
         Ok(if entry.hide == Hide::No {
             Disposition::Forward
         } else {
@@ -694,6 +753,10 @@ impl ReplyTracker {
     fn abandon(&mut self, range: std::ops::Range<usize>) {
         for entry in self.owed.drain(range) {
             self.undone.extend(entry.undo);
+            // (An Execute that drops statements, never run.)
+            if let Some(drops) = entry.drops {
+                self.drops.push((drops, false));
+            }
         }
     }
 
@@ -785,6 +848,10 @@ impl ReplyTracker {
 
     fn ready(&mut self, status: TxStatus) -> Result<(), OutOfStep> {
         self.tx = status;
+        if status == TxStatus::Idle {
+            // (Portals last until their transaction ends.)
+            self.dropping_portal = None;
+        }
         self.failed_statement = None;
         self.failed_reprepare = None;
         self.client_copying = false;
@@ -970,6 +1037,40 @@ mod tests {
             t.received(tag, Some(b'I'))?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_portals_drop_happens_when_its_execute_runs_and_only_then() {
+        let mut t = ReplyTracker::default();
+        // Run: the drop is of the names made before the Execute, not the Bind.
+        t.bound(b"", Some(StatementDrop::All(1)));
+        t.sent(b'B');
+        t.sent_execute(b"", 5);
+        t.sent(b'S');
+        server(&mut t, "2CZ").expect("in step");
+        assert_eq!(t.take_drops(), [(StatementDrop::All(5), true)]);
+        assert!(!t.has_dropping_portal());
+        // Failed: it did not happen.
+        t.bound(b"p", Some(StatementDrop::All(1)));
+        client(&mut t, "B");
+        t.sent_execute(b"p", 6);
+        t.sent(b'S');
+        server(&mut t, "2EZ").expect("in step");
+        assert_eq!(t.take_drops(), [(StatementDrop::All(6), false)]);
+        // Another portal's Execute does nothing; a Bind replacing the portal undoes it.
+        t.bound(b"p", Some(StatementDrop::All(1)));
+        t.sent_execute(b"q", 7);
+        assert!(t.has_dropping_portal());
+        t.bound(b"q", None);
+        assert!(t.has_dropping_portal());
+        t.bound(b"p", None);
+        assert!(!t.has_dropping_portal());
+        // Bound and never executed: gone with its transaction.
+        t.bound(b"", Some(StatementDrop::All(1)));
+        t.sent(b'S');
+        server(&mut t, "CZ").expect("in step");
+        assert!(!t.has_dropping_portal());
+        assert!(t.take_drops().is_empty());
     }
 
     #[test]
