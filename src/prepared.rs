@@ -196,7 +196,11 @@ impl Statement {
         put_message(out, b'P', |b| {
             b.put_slice(name.as_bytes());
             b.put_u8(0);
+            let text = b.len();
             b.put_slice(&self.query);
+            if self.effects.runs_proxy_statement {
+                sql::hide_proxy_statements(&mut b[text..], self.parse_env);
+            }
             b.put_u8(0);
             b.put_i16(self.param_types.len() as i16);
             for oid in &self.param_types {
@@ -1319,10 +1323,11 @@ impl ClientStatements {
         if name.is_empty() {
             // Passed on as it is; it replaces the backend's unnamed statement.
             let mut statement = self.intern_unnamed(registry, situation.parse_env, query, types);
-            if let Some(stand_in) =
-                self.deallocate_stand_in(registry, &statement, (situation, types), out, t)
-            {
-                statement = stand_in;
+            let stand_in =
+                self.deallocate_stand_in(registry, &statement, (situation, types), out, t);
+            // (Written out, not passed on: pgshield's own names hidden in it.)
+            if stand_in.is_some() || statement.effects.runs_proxy_statement {
+                statement = stand_in.unwrap_or(statement);
                 let mut head = BytesMut::new();
                 statement.write_parse("", &mut head);
                 t.translation = Translation::Rewrite {

@@ -1900,6 +1900,52 @@ async fn a_description_awaited_outlives_an_error_in_an_earlier_pipelined_batch()
         .expect("drop");
 }
 
+/// pgshield's own statements (`pgshield_…`, which `pg_prepared_statements` shows) are not
+/// a client's to run by SQL `EXECUTE`: PostgreSQL would answer `26000`, the client having
+/// prepared no such statement, and so does pgshield, in a simple Query or a Parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_of_pgshields_own_statement_names_fails_as_in_postgres() {
+    let proxy = trusted_proxy("tx_exec_ours", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_exec_ours").await;
+    let mut b = raw::login_trusted(proxy.addr, "tx_exec_ours").await;
+    assert_eq!(parse_named(&mut a, "s", "SELECT 'secret'").await, "1Z");
+    assert_eq!(run_named(&mut a, "s").await.as_deref(), Ok("secret"));
+    let find = b"SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT ''secret'''";
+    let name = query_bytes(&mut b, find)
+        .await
+        .expect("a's statement on the backend");
+    let name = String::from_utf8(name).expect("UTF-8");
+    assert!(name.starts_with("pgshield_"), "{name}");
+    let upper = name.to_uppercase();
+    for sql in [
+        format!("EXECUTE {name}"),
+        format!("EXECUTE {upper}"),
+        format!("explain execute \"{name}\""),
+    ] {
+        assert_eq!(
+            query_bytes(&mut b, sql.as_bytes()).await,
+            Err("26000".into())
+        );
+        // (Prepared by the client, through the extended protocol.)
+        assert_eq!(parse_named(&mut b, "", &sql).await, "1Z", "{sql}");
+        assert_eq!(run_named(&mut b, "").await, Err("26000".into()), "{sql}");
+    }
+    // In its place among the Query's statements, as PostgreSQL fails it.
+    let sql = format!("SELECT 1; EXECUTE {name}; SELECT 2");
+    raw::send(&mut b, &raw::query(&sql)).await;
+    assert_eq!(
+        raw::until_ready(&mut b).await,
+        ("TDCEZ".to_owned(), vec!["26000".to_owned()])
+    );
+    // Text that only reads alike runs as written; a's statement still runs.
+    let sql = "SELECT 'EXECUTE pgshield_1' AS \"EXECUTE pgshield_1\"";
+    assert_eq!(
+        query_bytes(&mut b, sql.as_bytes()).await.as_deref(),
+        Ok(&b"EXECUTE pgshield_1"[..])
+    );
+    assert_eq!(run_named(&mut a, "s").await.as_deref(), Ok("secret"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     let proxy = trusted_proxy("tx_dealloc", "max_size = 1").await;

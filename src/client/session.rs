@@ -1837,6 +1837,11 @@ impl Session {
             let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                 .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
             let effects = sql::classify_in(query, parse_env);
+            if effects.runs_proxy_statement {
+                // (Without its terminating zero.)
+                let text = HEADER_LEN..header.len - 1;
+                sql::hide_proxy_statements(&mut self.client_in[text], parse_env);
+            }
             if effects.is_empty() {
                 // Nearly every Query changes nothing of the session: it is passed on here,
                 // as the general path below would pass it, without that path's work.

@@ -107,6 +107,9 @@ pub struct Effects {
     /// It resets, and also controls the transaction or copies (BEGIN, COMMIT, COPY, …):
     /// what runs right behind it may be inside a transaction or a COPY.
     pub control: bool,
+    /// It runs one of pgshield's own prepared statements by name (`EXECUTE pgshield_7`):
+    /// not the client's to run, hidden from it by [`hide_proxy_statements`].
+    pub runs_proxy_statement: bool,
 }
 
 impl Effects {
@@ -123,6 +126,7 @@ impl Effects {
             && !self.local_encoding
             && !self.local_quotes
             && !self.resets
+            && !self.runs_proxy_statement
     }
 
     fn pin(&mut self, reason: PinReason) {
@@ -559,6 +563,7 @@ fn looked_for_word(rest: &[u8]) -> bool {
         k if k == key(b"pg_a") => &[b"pg_advisory"],
         k if k == key(b"set_") => &[b"set_config"],
         k if k == key(b"sets") => &[b"setseed"],
+        k if k == key(b"pgsh") => &[crate::prepared::NAME_PREFIX.as_bytes()],
         _ => return false,
     };
     words.iter().any(|w| {
@@ -756,7 +761,71 @@ fn classify_tokens(sql: &str, backslashes: bool) -> Effects {
     }
     // (Only of use with a reset; the byte screen, which sees none, never says it.)
     effects.control &= effects.resets;
+    effects.runs_proxy_statement = proxy_statements_run(&tokens).next().is_some();
     effects
+}
+
+/// The names of pgshield's own prepared statements (`pgshield_` and a number) that `t`
+/// runs, as written (a quoted one's inside its quotes): each word after an `EXECUTE`
+/// (`EXECUTE pgshield_7`, `EXPLAIN EXECUTE "pgshield_7"(1)`, `CREATE TABLE … AS EXECUTE
+/// …`). PL/pgSQL's dynamic `EXECUTE` takes a string, never a word of these.
+fn proxy_statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = &'a str> + 'b {
+    use crate::prepared::NAME_PREFIX;
+    t.windows(2).filter_map(|pair| {
+        let (name, folded) = match &pair[1] {
+            Token::Word(name) => (*name, true),
+            Token::Quoted(Cow::Borrowed(name)) => (*name, false),
+            _ => return None,
+        };
+        let prefix = name.get(..NAME_PREFIX.len())?;
+        let ours = if folded {
+            prefix.eq_ignore_ascii_case(NAME_PREFIX)
+        } else {
+            prefix == NAME_PREFIX
+        };
+        let number = &name[NAME_PREFIX.len()..];
+        let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+        (is(pair.first(), "execute") && ours && numbered).then_some(name)
+    })
+}
+
+/// Makes `sql` (text read under the parse environment `env`, see [`classify_in`]) run
+/// none of pgshield's own prepared statements: the `_` of each such name it runs
+/// ([`Effects::runs_proxy_statement`]) becomes a `$`, a name no statement has, so that
+/// the server answers `26000` (it does not exist) as PostgreSQL answers a client that
+/// prepared no such statement, in the same place among its statements. Same length: the
+/// message is changed where it lies.
+pub fn hide_proxy_statements(sql: &mut [u8], env: u64) {
+    let backslashes = env & crate::server::BACKSLASH_QUOTES != 0;
+    let underscores: Vec<usize> = {
+        let text = String::from_utf8_lossy(sql);
+        let Some(t) = tokens(&text, backslashes) else {
+            return;
+        };
+        // Where each name's `_` is in `text`, then in `sql`: text not UTF-8 was read
+        // with each byte sequence UTF-8 lacks as one character, every ASCII byte kept in
+        // its order, so the n-th ASCII byte of one is the n-th of the other.
+        let base = text.as_ptr() as usize;
+        proxy_statements_run(&t)
+            .filter_map(|name| {
+                let at = name.as_ptr() as usize - base + crate::prepared::NAME_PREFIX.len() - 1;
+                let nth = text.as_bytes()[..at]
+                    .iter()
+                    .filter(|b| b.is_ascii())
+                    .count();
+                sql.iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.is_ascii())
+                    .nth(nth)
+                    .map(|(i, _)| i)
+            })
+            .collect()
+    };
+    for at in underscores {
+        if sql[at] == b'_' {
+            sql[at] = b'$';
+        }
+    }
 }
 
 /// The token as an unquoted word, as written.
@@ -2064,6 +2133,48 @@ mod tests {
     /// The byte screen never answers differently from the lexer: over every statement in
     /// these tests and random strings built from the pieces that matter to either.
     #[test]
+    fn sql_execute_of_pgshields_own_names_is_seen_and_hidden() {
+        for (sql, runs) in [
+            ("EXECUTE pgshield_7", true),
+            ("execute PGSHIELD_7(1, 'x')", true),
+            ("EXPLAIN ANALYZE EXECUTE \"pgshield_7\"", true),
+            ("CREATE TABLE t AS EXECUTE pgshield_7", true),
+            ("SELECT 1; EXECUTE pgshield_7", true),
+            ("EXECUTE \"PGSHIELD_7\"", false),
+            ("EXECUTE pgshield_x", false),
+            ("EXECUTE pgshield_", false),
+            ("EXECUTE p", false),
+            ("SELECT 'EXECUTE pgshield_7' -- EXECUTE pgshield_7", false),
+            ("SELECT pgshield_7 FROM t", false),
+        ] {
+            assert_eq!(classify(sql).runs_proxy_statement, runs, "{sql}");
+            assert_eq!(changes_nothing_in(sql.as_bytes(), 0), !runs, "{sql}");
+        }
+        let hidden = |sql: &[u8], env: u64| {
+            let mut sql = sql.to_vec();
+            hide_proxy_statements(&mut sql, env);
+            sql
+        };
+        assert_eq!(
+            hidden(
+                b"SELECT 'pgshield_1'; EXECUTE pgshield_7; EXECUTE \"pgshield_12\"(1)",
+                0
+            ),
+            b"SELECT 'pgshield_1'; EXECUTE pgshield$7; EXECUTE \"pgshield$12\"(1)"
+        );
+        // Text that is not UTF-8 (LATIN1 here) keeps its bytes.
+        assert_eq!(
+            hidden(b"SELECT '\xe9\xe8'; EXECUTE PGSHIELD_7", 0),
+            b"SELECT '\xe9\xe8'; EXECUTE PGSHIELD$7"
+        );
+        // Read as the server reads it: with standard_conforming_strings off, all but
+        // `SELECT` is a string.
+        let sql = b"SELECT 'a\\'; EXECUTE pgshield_7; --'";
+        assert_eq!(hidden(sql, 0), b"SELECT 'a\\'; EXECUTE pgshield$7; --'");
+        assert_eq!(hidden(sql, crate::server::BACKSLASH_QUOTES), sql);
+    }
+
+    #[test]
     fn the_byte_screen_agrees_with_the_lexer() {
         use crate::server::{ASCII_TRAILS, BACKSLASH_QUOTES, QUOTES_UNSURE};
         use rand::{Rng, SeedableRng};
@@ -2095,6 +2206,11 @@ mod tests {
             "TEMPORARY",
             "pg_temp",
             "pg_temp_3",
+            "execute",
+            "pgshield_1",
+            "PGSHIELD_12",
+            "pgshield_",
+            "pgshield",
             "pg_advisory_lock",
             "set_config",
             "setseed",
