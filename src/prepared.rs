@@ -439,6 +439,10 @@ pub enum Undo {
         /// The shared name the Parse went under (which the server's error names).
         shared_name: Arc<str>,
     },
+    /// An Execute of a portal dropping the client's statements (DISCARD ALL, DEALLOCATE
+    /// ALL, through the extended protocol) did not run: the names it took are the
+    /// client's again (those it has not made again since).
+    Dropped { names: Vec<(Arc<str>, Named)> },
     /// pgshield's Close of a statement evicted from a full backend did not happen: the
     /// backend may still have it.
     Evicted {
@@ -1370,8 +1374,10 @@ impl ClientStatements {
         let presence = server.presence(statement.name(), situation.batch, situation.parse_env);
         // In a failed transaction the server refuses it (25P02) and skips to the Sync, as
         // it refuses any Parse there but one that ends the transaction: not answered here.
-        let refused_there =
-            situation.failed_transaction && !crate::client::sql::ends_transaction(query);
+        // (Not an empty text: PostgreSQL looks at no transaction for what runs nothing.)
+        let refused_there = situation.failed_transaction
+            && statement.effects().statements > 0
+            && !crate::client::sql::ends_transaction(query);
         if presence == Presence::Present && !refused_there {
             t.translation = Translation::Answered;
             t.fake = Some(crate::server::state::Fake::ParseComplete);
@@ -1715,6 +1721,13 @@ impl ClientStatements {
                 server.unnamed_doubt = None;
             }
             Undo::Evicted { name, doubt } => server.close_skipped(name, doubt.as_ref()),
+            Undo::Dropped { names } => {
+                for (client_name, named) in names {
+                    if !self.named.contains_key(&*client_name) {
+                        self.named.insert(client_name, named);
+                    }
+                }
+            }
             Undo::Reprepare { .. } => {}
         }
     }
@@ -1729,6 +1742,14 @@ impl ClientStatements {
     /// stay; its unnamed statement went when the Query was sent).
     pub fn drop_made_before(&mut self, mark: u64) {
         self.named.retain(|_, named| named.made_by >= mark);
+    }
+
+    /// Takes every one of the client's names (an extended-protocol DISCARD ALL or
+    /// DEALLOCATE ALL about to run), to be given back by [`Undo::Dropped`] if it does
+    /// not. Its unnamed statement stays, as in PostgreSQL.
+    pub fn take_named(&mut self) -> Vec<(Arc<str>, Named)> {
+        let named = std::mem::take(&mut self.named).0;
+        named.map(|m| m.into_iter().collect()).unwrap_or_default()
     }
 
     /// The client's statements are all gone (DEALLOCATE ALL, DISCARD ALL).

@@ -387,10 +387,13 @@ async fn a_parse_in_a_failed_transaction_is_refused_as_postgresql_refuses_it() {
     // Another client has the backend prepare both texts (and keeps them there).
     assert_eq!(parse_named(&mut b, "b_user", sql).await, "1Z");
     assert_eq!(parse_named(&mut b, "b_end", "ROLLBACK").await, "1Z");
+    assert_eq!(parse_named(&mut b, "b_empty", "").await, "1Z");
     assert_eq!(parse_named(&mut a, "mine", "SELECT 'mine'").await, "1Z");
     raw::send(&mut a, &raw::query("BEGIN; SELECT 1/0")).await;
     assert_eq!(raw::until_ready(&mut a).await.1, ["22012"]);
     assert_eq!(parse_named(&mut a, "get_user", sql).await, "25P02");
+    // An empty statement, which runs nothing, PostgreSQL prepares there all the same.
+    assert_eq!(parse_named(&mut a, "empty", "").await, "1Z");
     // Also behind a Close in the same batch: the Close is done, the Parse refused.
     let mut batch = raw::message(b'C', b"Smine\0");
     batch.extend(raw::message(b'P', b"get_user\0SELECT 'prepared'\0\0\0"));
@@ -419,6 +422,27 @@ async fn a_parse_in_a_failed_transaction_is_refused_as_postgresql_refuses_it() {
     raw::send(&mut a, &batch).await;
     assert_eq!(raw::until_ready(&mut a).await, ("12C1Z".to_owned(), vec![]));
     assert_eq!(run_named(&mut a, "again").await.as_deref(), Ok("prepared"));
+    // Also once that ROLLBACK has been answered (the client flushed), before its
+    // ReadyForQuery has come.
+    raw::send(&mut a, &raw::query("BEGIN; SELECT 1/0")).await;
+    assert_eq!(raw::until_ready(&mut a).await.1, ["22012"]);
+    let mut rollback = raw::parse_bind_execute("ROLLBACK");
+    rollback.extend(raw::message(b'H', b""));
+    raw::send(&mut a, &rollback).await;
+    let mut tags = String::new();
+    while tags.len() < 3 {
+        let (tag, _) = raw::read_message(&mut a).await.expect("reply");
+        tags.push(char::from(tag));
+    }
+    assert_eq!(tags, "12C");
+    let mut parse = raw::message(b'P', b"once_more\0SELECT 'prepared'\0\0\0");
+    parse.extend(raw::SYNC);
+    raw::send(&mut a, &parse).await;
+    assert_eq!(raw::until_ready(&mut a).await, ("1Z".to_owned(), vec![]));
+    assert_eq!(
+        run_named(&mut a, "once_more").await.as_deref(),
+        Ok("prepared")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1917,18 +1941,24 @@ async fn sql_execute_of_pgshields_own_statement_names_fails_as_in_postgres() {
     let name = String::from_utf8(name).expect("UTF-8");
     assert!(name.starts_with("pgshield_"), "{name}");
     let upper = name.to_uppercase();
-    for sql in [
+    for (i, sql) in [
         format!("EXECUTE {name}"),
         format!("EXECUTE {upper}"),
         format!("explain execute \"{name}\""),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         assert_eq!(
             query_bytes(&mut b, sql.as_bytes()).await,
             Err("26000".into())
         );
         // (Prepared by the client, through the extended protocol.)
-        assert_eq!(parse_named(&mut b, "", &sql).await, "1Z", "{sql}");
-        assert_eq!(run_named(&mut b, "").await, Err("26000".into()), "{sql}");
+        for client_name in ["", &format!("x{i}")] {
+            assert_eq!(parse_named(&mut b, client_name, &sql).await, "1Z", "{sql}");
+            let run = run_named(&mut b, client_name).await;
+            assert_eq!(run, Err("26000".into()), "{sql}");
+        }
     }
     // In its place among the Query's statements, as PostgreSQL fails it.
     let sql = format!("SELECT 1; EXECUTE {name}; SELECT 2");
@@ -2018,6 +2048,40 @@ async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     assert_eq!(raw::until_ready(&mut s).await, ("12CZ".to_owned(), vec![]));
     assert_eq!(run_named(&mut s, "b1").await, Err("26000".into()));
     assert_eq!(run_named(&mut other, "mine").await.as_deref(), Ok("other"));
+    // The names go as the Execute is sent, for what follows it in the pipeline: a name
+    // made again right behind it, or used there.
+    assert_eq!(parse_named(&mut s, "c1", "SELECT 'c'").await, "1Z");
+    let mut bytes = raw::parse_bind_execute("DEALLOCATE ALL");
+    bytes.extend(raw::message(b'P', b"c1\0SELECT 'c again'\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("12C1Z".to_owned(), vec![]));
+    assert_eq!(run_named(&mut s, "c1").await.as_deref(), Ok("c again"));
+    let mut bytes = raw::parse_bind_execute("DISCARD ALL");
+    bytes.extend(raw::message(b'B', b"\0c1\0\0\0\0\0\0\0"));
+    bytes.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("12CEZ".to_owned(), vec!["26000".to_owned()])
+    );
+    // Of two portals, the one executed drops them, a name made between its Bind and
+    // its Execute too.
+    assert_eq!(parse_named(&mut s, "c2", "SELECT 'c2'").await, "1Z");
+    let mut bytes = raw::message(b'P', b"\0DEALLOCATE ALL\0\0\0");
+    bytes.extend(raw::message(b'B', b"a\0\0\0\0\0\0\0\0"));
+    bytes.extend(raw::message(b'B', b"b\0\0\0\0\0\0\0\0"));
+    bytes.extend(raw::message(b'P', b"c3\0SELECT 'c3'\0\0\0"));
+    bytes.extend(raw::message(b'E', b"a\0\0\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("1221CZ".to_owned(), vec![])
+    );
+    assert_eq!(run_named(&mut s, "c2").await, Err("26000".into()));
+    assert_eq!(run_named(&mut s, "c3").await, Err("26000".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1739,8 +1739,8 @@ impl Session {
     fn start_passing(&mut self, header: Header) -> Result<bool, End> {
         let translated = self.mode == PoolMode::Transaction
             && matches!(header.tag, b'P' | b'B' | b'D' | b'C' | b'Q');
-        // (An Execute is read whole while a portal that drops statements is bound: which
-        // portal it runs tells whether the drop happens.)
+        // (An Execute is read whole while a portal that drops the client's statements is
+        // bound: which portal it runs tells whether they go.)
         let execute_read = header.tag == b'E'
             && self
                 .backend
@@ -1808,8 +1808,14 @@ impl Session {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
                 let portal = crate::protocol::frame::take_cstr_bytes(&mut body)
                     .ok_or_else(|| End::ClientProtocol("malformed Execute message".into()))?;
-                let mark = crate::prepared::Named::mark();
-                server.replies.sent_execute(portal, mark);
+                // (Taken now, for what follows it in the pipeline; given back if it does
+                // not run.)
+                let undo = server.replies.take_dropping_portal(portal).then(|| {
+                    crate::prepared::Undo::Dropped {
+                        names: self.statements.take_named(),
+                    }
+                });
+                server.replies.sent_with(b'E', Hide::No, undo);
             } else {
                 server.replies.sent(header.tag);
             }
@@ -1951,8 +1957,8 @@ impl Session {
             );
         }
         let mut drops = None;
-        // (Through the extended protocol: made by a Bind, done by its portal's Execute.)
-        let mut portal_drop = None;
+        // (Through the extended protocol: a Bind's, done by its portal's Execute.)
+        let mut drops_names = false;
         let mut restore_behind = None;
         if let Some(effects) = effects.filter(|e| !e.is_empty()) {
             self.schema_changed |= effects.schema_change;
@@ -1960,12 +1966,12 @@ impl Session {
                 b'Q' => drops = statement_drop(&effects),
                 // Through the extended protocol: the backend's statements are taken for
                 // gone, and the backend goes once this transaction is over (its state is
-                // no longer known); the client's names go if the portal's Execute runs.
+                // no longer known); the client's names go with an Execute of the portal.
                 _ => {
                     if let Some(drop) = statement_drop(&effects) {
                         server.statements.dropping(&drop);
                         server.mark_broken();
-                        portal_drop = Some(drop);
+                        drops_names = matches!(drop, StatementDrop::All(_));
                     }
                 }
             }
@@ -2055,9 +2061,9 @@ impl Session {
                 follow_up.restore.note_resets(&effects);
             }
         }
-        if header.tag == b'B' && (portal_drop.is_some() || server.replies.has_dropping_portal()) {
+        if header.tag == b'B' && (drops_names || server.replies.has_dropping_portal()) {
             let portal = translated.portal.as_deref().unwrap_or_default();
-            server.replies.bound(portal.as_bytes(), portal_drop);
+            server.replies.bound(portal.as_bytes(), drops_names);
         }
         match translation {
             Translation::PassOn => {
@@ -2429,9 +2435,8 @@ impl Session {
                                 self.statements.drop_made_before(mark);
                             }
                         }
-                        // A Query's may or may not have happened (an Execute's did not):
-                        // that backend's statements are unknown now; it is closed once
-                        // this client lets go of it.
+                        // It may or may not have happened: that backend's statements are
+                        // unknown now; it is closed once this client lets go of it.
                         (_, false) => server.mark_broken(),
                     }
                 }

@@ -133,8 +133,7 @@ struct Entry {
     owed: Owed,
     /// An ErrorResponse came inside it (simple Query or FunctionCall).
     failed: bool,
-    /// A Query, or an Execute, that drops prepared statements: what the session forgets
-    /// once it has run.
+    /// A Query that drops prepared statements: what the session forgets once it succeeded.
     drops: Option<StatementDrop>,
     hide: Hide,
     /// What to take back if the server never acts on this message.
@@ -193,12 +192,14 @@ pub struct ReplyTracker {
     owed: VecDeque<Entry>,
     /// Messages the server will never act on (skipped after an error), to be taken back.
     undone: Vec<Undo>,
-    /// Statement drops whose Query or Execute has finished (see `sent_dropping`,
-    /// `sent_execute`).
+    /// Statement drops whose Query has finished (see `sent_dropping`).
     drops: Vec<(StatementDrop, bool)>,
-    /// A portal bound from a statement that drops prepared statements, and the drop: it
-    /// happens when an Execute of that portal runs (see [`ReplyTracker::bound`]).
-    dropping_portal: Option<(Box<[u8]>, StatementDrop)>,
+    /// Portals bound from a statement that drops the client's prepared statements (see
+    /// [`ReplyTracker::bound`]); mostly none.
+    dropping_portals: Vec<Box<[u8]>>,
+    /// Since the last ReadyForQuery, a message went to the server that may end a
+    /// transaction (an Execute, a Sync, a Query, a FunctionCall).
+    may_have_ended: bool,
     /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
     /// Syncs sent: the number of the batch now being sent.
@@ -230,7 +231,8 @@ impl Default for ReplyTracker {
             owed: VecDeque::new(),
             undone: Vec::new(),
             drops: Vec::new(),
-            dropping_portal: None,
+            dropping_portals: Vec::new(),
+            may_have_ended: false,
             extended_open: false,
             syncs: 0,
             skipping_to_sync: false,
@@ -257,6 +259,7 @@ impl ReplyTracker {
         // (Counted even where the server ignores it, in COPY: a batch counted too many
         // only makes pgshield prepare a statement again, to be sure.)
         self.syncs += u64::from(tag == b'S');
+        self.may_have_ended |= matches!(tag, b'E' | b'S' | b'Q' | b'F');
         if self.client_copying {
             match tag {
                 b'c' | b'f' => self.client_copying = false,
@@ -308,54 +311,30 @@ impl ReplyTracker {
         }
     }
 
-    /// Notes a Bind of `portal` sent: from a statement that drops prepared statements
-    /// (`drop`: DISCARD ALL, DEALLOCATE ALL or of one of pgshield's names, through the
-    /// extended protocol), or of another (None), which replaces a portal of that name.
-    /// The drop is the session's to act on only once an Execute of that portal has run
-    /// ([`ReplyTracker::sent_execute`]): a Bind that is never executed, or whose Execute
-    /// fails (DISCARD ALL in a transaction block), drops nothing.
-    pub fn bound(&mut self, portal: &[u8], drop: Option<StatementDrop>) {
-        match drop {
-            Some(drop) => self.dropping_portal = Some((portal.into(), drop)),
-            None => {
-                if self
-                    .dropping_portal
-                    .as_ref()
-                    .is_some_and(|(p, _)| **p == *portal)
-                {
-                    self.dropping_portal = None;
-                }
-            }
+    /// Notes a Bind of `portal` sent: of a statement that drops the client's prepared
+    /// statements (`drops`: DISCARD ALL or DEALLOCATE ALL, through the extended protocol),
+    /// or of another, which replaces a portal of that name. The client's names go when an
+    /// Execute of such a portal is sent ([`ReplyTracker::take_dropping_portal`]), and come
+    /// back if it does not run: a Bind never executed, or one whose Execute fails
+    /// (DISCARD ALL in a transaction block), drops nothing, as in PostgreSQL.
+    pub fn bound(&mut self, portal: &[u8], drops: bool) {
+        self.dropping_portals.retain(|p| **p != *portal);
+        if drops {
+            self.dropping_portals.push(portal.into());
         }
     }
 
-    /// Whether a portal that drops prepared statements is bound ([`ReplyTracker::bound`]):
-    /// each Bind and Execute is to be noted with its portal's name.
+    /// Whether a portal that drops the client's statements is bound
+    /// ([`ReplyTracker::bound`]): each Bind and Execute is to be noted with its portal.
     pub fn has_dropping_portal(&self) -> bool {
-        self.dropping_portal.is_some()
+        !self.dropping_portals.is_empty()
     }
 
-    /// Notes an Execute of `portal` sent. Of the portal that drops prepared statements,
-    /// the drop (of the names made before `mark`, for all of them: those the Execute
-    /// finds) is handed back by [`ReplyTracker::take_drops`] once it has run, or, never
-    /// run, as one that did not happen.
-    pub fn sent_execute(&mut self, portal: &[u8], mark: u64) {
-        self.sent(b'E');
-        let ours = self
-            .dropping_portal
-            .as_ref()
-            .is_some_and(|(p, _)| **p == *portal);
-        let Some(entry) = self
-            .owed
-            .back_mut()
-            .filter(|e| ours && e.owed == Owed::Execute)
-        else {
-            return;
-        };
-        entry.drops = self.dropping_portal.take().map(|(_, drop)| match drop {
-            StatementDrop::All(_) => StatementDrop::All(mark),
-            one => one,
-        });
+    /// Whether `portal` drops the client's statements, which an Execute of it, about to
+    /// be sent, does (once: a portal runs to its end).
+    pub fn take_dropping_portal(&mut self, portal: &[u8]) -> bool {
+        let at = self.dropping_portals.iter().position(|p| **p == *portal);
+        at.map(|at| self.dropping_portals.swap_remove(at)).is_some()
     }
 
     /// Notes the named statement the Bind or Describe just sent uses: should the server
@@ -732,9 +711,6 @@ impl ReplyTracker {
         if let Some(undo) = &entry.undo {
             undo.succeeded();
         }
-        if let Some(drops) = entry.drops {
-            self.drops.push((drops, true));
-        }
         Ok(if entry.hide == Hide::No {
             Disposition::Forward
         } else {
@@ -753,10 +729,6 @@ impl ReplyTracker {
     fn abandon(&mut self, range: std::ops::Range<usize>) {
         for entry in self.owed.drain(range) {
             self.undone.extend(entry.undo);
-            // (An Execute that drops statements, never run.)
-            if let Some(drops) = entry.drops {
-                self.drops.push((drops, false));
-            }
         }
     }
 
@@ -850,7 +822,7 @@ impl ReplyTracker {
         self.tx = status;
         if status == TxStatus::Idle {
             // (Portals last until their transaction ends.)
-            self.dropping_portal = None;
+            self.dropping_portals.clear();
         }
         self.failed_statement = None;
         self.failed_reprepare = None;
@@ -886,6 +858,13 @@ impl ReplyTracker {
         if self.owed.is_empty() {
             self.flushed = false;
         }
+        // (What was sent after what this answers may end the transaction it reports.)
+        self.may_have_ended = self.owed.iter().any(|e| {
+            matches!(
+                e.owed,
+                Owed::Execute | Owed::Sync | Owed::Query | Owed::FunctionCall
+            )
+        });
         Ok(())
     }
 
@@ -980,17 +959,12 @@ impl ReplyTracker {
 
     /// Whether the server reads a message sent now inside a failed transaction block
     /// (where it refuses a Parse of anything but a statement that ends the transaction,
-    /// 25P02): the last ReadyForQuery said `E`, and nothing sent since can end that
-    /// transaction, as a Sync, a Query or an Execute (of a ROLLBACK, say) could. What
-    /// else is under way in this batch (a Close, a Describe) leaves it failed, or itself
-    /// fails, and the server then skips the message anyway.
+    /// 25P02): the last ReadyForQuery said `E`, and nothing sent since can have ended
+    /// that transaction, as a Sync, a Query or an Execute (of a ROLLBACK, say, answered
+    /// or not) could. What else went in this batch (a Close, a Describe) leaves it
+    /// failed, or itself fails, and the server then skips the message anyway.
     pub fn reads_in_failed_transaction(&self) -> bool {
-        self.tx == TxStatus::Failed
-            && !self.unsure
-            && !self.client_copying
-            && !self.owed.iter().any(|e| {
-                e.owed.ends_with_ready() || matches!(e.owed, Owed::Execute | Owed::CopyEnd)
-            })
+        self.tx == TxStatus::Failed && !self.unsure && !self.client_copying && !self.may_have_ended
     }
 
     /// Whether `max` replies are owed (so the client is not read, and no Sync may come to
@@ -1040,37 +1014,50 @@ mod tests {
     }
 
     #[test]
-    fn a_portals_drop_happens_when_its_execute_runs_and_only_then() {
+    fn dropping_portals_are_known_until_executed_replaced_or_their_transaction_ends() {
         let mut t = ReplyTracker::default();
-        // Run: the drop is of the names made before the Execute, not the Bind.
-        t.bound(b"", Some(StatementDrop::All(1)));
-        t.sent(b'B');
-        t.sent_execute(b"", 5);
-        t.sent(b'S');
-        server(&mut t, "2CZ").expect("in step");
-        assert_eq!(t.take_drops(), [(StatementDrop::All(5), true)]);
+        t.bound(b"a", true);
+        t.bound(b"b", true);
+        assert!(!t.take_dropping_portal(b"c"));
+        assert!(t.take_dropping_portal(b"a"));
+        assert!(!t.take_dropping_portal(b"a"), "once");
+        // Bound again from another statement: no longer one.
+        t.bound(b"b", false);
         assert!(!t.has_dropping_portal());
-        // Failed: it did not happen.
-        t.bound(b"p", Some(StatementDrop::All(1)));
-        client(&mut t, "B");
-        t.sent_execute(b"p", 6);
-        t.sent(b'S');
-        server(&mut t, "2EZ").expect("in step");
-        assert_eq!(t.take_drops(), [(StatementDrop::All(6), false)]);
-        // Another portal's Execute does nothing; a Bind replacing the portal undoes it.
-        t.bound(b"p", Some(StatementDrop::All(1)));
-        t.sent_execute(b"q", 7);
-        assert!(t.has_dropping_portal());
-        t.bound(b"q", None);
-        assert!(t.has_dropping_portal());
-        t.bound(b"p", None);
+        // Gone with their transaction.
+        t.bound(b"", true);
+        client(&mut t, "BS");
+        server(&mut t, "2Z").expect("in step");
         assert!(!t.has_dropping_portal());
-        // Bound and never executed: gone with its transaction.
-        t.bound(b"", Some(StatementDrop::All(1)));
-        t.sent(b'S');
-        server(&mut t, "CZ").expect("in step");
-        assert!(!t.has_dropping_portal());
-        assert!(t.take_drops().is_empty());
+    }
+
+    #[test]
+    fn a_failed_transaction_is_known_until_something_that_may_end_it_is_sent() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Q");
+        t.received(b'E', None).expect("in step");
+        t.received(b'Z', Some(b'E')).expect("in step");
+        assert!(t.reads_in_failed_transaction());
+        client(&mut t, "CD");
+        assert!(
+            t.reads_in_failed_transaction(),
+            "a Close or Describe leaves it"
+        );
+        server(&mut t, "3n").expect("in step");
+        // An Execute (of ROLLBACK, say) may end it, even once it has been answered.
+        client(&mut t, "PBEH");
+        server(&mut t, "12C").expect("in step");
+        assert!(!t.reads_in_failed_transaction());
+        client(&mut t, "S");
+        t.received(b'E', None).expect("in step");
+        t.received(b'Z', Some(b'E')).expect("in step");
+        assert!(t.reads_in_failed_transaction());
+        // A Sync sent behind one answered now: not known.
+        client(&mut t, "SS");
+        t.received(b'Z', Some(b'E')).expect("in step");
+        assert!(!t.reads_in_failed_transaction());
+        t.received(b'Z', Some(b'E')).expect("in step");
+        assert!(t.reads_in_failed_transaction());
     }
 
     #[test]
