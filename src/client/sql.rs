@@ -766,12 +766,23 @@ fn classify_tokens(sql: &str, backslashes: bool) -> Effects {
 }
 
 /// The names of pgshield's own prepared statements (`pgshield_` and a number) that `t`
-/// runs, as written (a quoted one's inside its quotes): each word after an `EXECUTE`
-/// (`EXECUTE pgshield_7`, `EXPLAIN EXECUTE "pgshield_7"(1)`, `CREATE TABLE … AS EXECUTE
-/// …`). PL/pgSQL's dynamic `EXECUTE` takes a string, never a word of these.
+/// runs, as written (a quoted one's inside its quotes): the word after an `EXECUTE` that
+/// starts a statement or follows `EXPLAIN` and its options or an `AS` (`EXECUTE
+/// pgshield_7`, `EXPLAIN (ANALYZE) EXECUTE "pgshield_7"(1)`, `CREATE TABLE … AS EXECUTE
+/// …`), not a column named `execute` with an alias. PL/pgSQL's dynamic `EXECUTE` takes a
+/// string, never a word of these.
 fn proxy_statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = &'a str> + 'b {
     use crate::prepared::NAME_PREFIX;
-    t.windows(2).filter_map(|pair| {
+    const BEFORE: &[&str] = &["explain", "analyze", "analyse", "verbose", "as"];
+    t.windows(2).enumerate().filter_map(move |(at, pair)| {
+        let before = at.checked_sub(1).map(|b| &t[b]);
+        let starts = match before {
+            None | Some(Token::Semicolon | Token::Punct(')')) => true,
+            Some(tok) => BEFORE.iter().any(|w| is(Some(tok), w)),
+        };
+        if !starts {
+            return None;
+        }
         let (name, folded) = match &pair[1] {
             Token::Word(name) => (*name, true),
             Token::Quoted(Cow::Borrowed(name)) => (*name, false),
@@ -795,8 +806,18 @@ fn proxy_statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = &'a 
 /// the server answers `26000` (it does not exist) as PostgreSQL answers a client that
 /// prepared no such statement, in the same place among its statements. Same length: the
 /// message is changed where it lies.
+///
+/// Text the classifier cannot be sure of reading as the server does is left as it is
+/// (the client is pinned then, see [`classify_in`]): a backslash while
+/// `standard_conforming_strings` may have changed unseen, or bytes beyond ASCII in an
+/// encoding whose characters may end in ASCII bytes.
 pub fn hide_proxy_statements(sql: &mut [u8], env: u64) {
-    let backslashes = env & crate::server::BACKSLASH_QUOTES != 0;
+    use crate::server::{ASCII_TRAILS, BACKSLASH_QUOTES, QUOTES_UNSURE};
+    let unsure_quotes = env & QUOTES_UNSURE != 0 && memchr::memchr(b'\\', sql).is_some();
+    if unsure_quotes || (env & ASCII_TRAILS != 0 && !sql.is_ascii()) {
+        return;
+    }
+    let backslashes = env & BACKSLASH_QUOTES != 0;
     let underscores: Vec<usize> = {
         let text = String::from_utf8_lossy(sql);
         let Some(t) = tokens(&text, backslashes) else {
@@ -2146,6 +2167,9 @@ mod tests {
             ("EXECUTE p", false),
             ("SELECT 'EXECUTE pgshield_7' -- EXECUTE pgshield_7", false),
             ("SELECT pgshield_7 FROM t", false),
+            ("SELECT execute pgshield_7 FROM t", false),
+            ("EXPLAIN (ANALYZE, BUFFERS) EXECUTE pgshield_7", true),
+            ("explain verbose execute pgshield_7", true),
         ] {
             assert_eq!(classify(sql).runs_proxy_statement, runs, "{sql}");
             assert_eq!(changes_nothing_in(sql.as_bytes(), 0), !runs, "{sql}");
@@ -2172,6 +2196,14 @@ mod tests {
         let sql = b"SELECT 'a\\'; EXECUTE pgshield_7; --'";
         assert_eq!(hidden(sql, 0), b"SELECT 'a\\'; EXECUTE pgshield$7; --'");
         assert_eq!(hidden(sql, crate::server::BACKSLASH_QUOTES), sql);
+        // Not when unsure how the server reads it (the client is pinned then).
+        assert_eq!(hidden(sql, crate::server::QUOTES_UNSURE), sql);
+        let sjis = b"SELECT '\x95\x5c'; EXECUTE pgshield_7";
+        assert_eq!(hidden(sjis, crate::server::ASCII_TRAILS), sjis);
+        assert_eq!(
+            hidden(b"EXECUTE pgshield_7", crate::server::ASCII_TRAILS),
+            b"EXECUTE pgshield$7"
+        );
     }
 
     #[test]
