@@ -1166,6 +1166,57 @@ async fn idle_transaction_timeout_ends_the_client_and_frees_its_backend() {
     assert!(!exists, "the abandoned transaction was rolled back");
 }
 
+/// A statement sent with a Flush and no Sync (psycopg's pipeline mode) is the server's to
+/// finish: `idle_transaction_timeout` does not end the client while it runs, and
+/// `query_timeout` cancels it. An extended batch left open holds its backend as a
+/// transaction does: `idle_transaction_timeout` ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_sent_with_a_flush_is_timed_as_a_running_one() {
+    let limits = "max_size = 1\nidle_transaction_timeout = \"1s\"\nquery_timeout = \"3s\"";
+    let proxy = trusted_proxy("tx_flushed", limits).await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_flushed").await;
+    // The tags up to and including the first CommandComplete or ErrorResponse.
+    async fn until_done(s: &mut tokio::net::TcpStream) -> (String, Vec<String>) {
+        let mut tags = String::new();
+        let mut codes = Vec::new();
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(8), raw::read_message(s));
+            let (tag, body) = read.await.expect("a reply in time").expect("a reply");
+            tags.push(char::from(tag));
+            if tag == b'E' {
+                codes.push(raw::error_code(&body));
+            }
+            if matches!(tag, b'C' | b'E') {
+                return (tags, codes);
+            }
+        }
+    }
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "CZ");
+    let mut run = raw::parse_bind_execute("SELECT pg_sleep(1.5)");
+    run.extend(raw::message(b'H', b""));
+    raw::send(&mut s, &run).await;
+    assert_eq!(until_done(&mut s).await, ("12DC".to_owned(), vec![]));
+    let mut run = raw::parse_bind_execute("SELECT pg_sleep(10)");
+    run.extend(raw::message(b'H', b""));
+    let started = Instant::now();
+    raw::send(&mut s, &run).await;
+    assert_eq!(
+        until_done(&mut s).await,
+        ("12E".to_owned(), vec!["57014".to_owned()])
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    raw::send(&mut s, &raw::SYNC).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "Z");
+    raw::send(&mut s, &raw::query("ROLLBACK")).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "CZ");
+    raw::send(&mut s, &raw::parse_bind_execute("SELECT 1")).await;
+    assert_eq!(
+        until_done(&mut s).await,
+        ("E".to_owned(), vec!["25P03".to_owned()])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_cancels_a_statement_that_runs_too_long() {
     let proxy = proxy("tx_qt", "max_size = 1\nquery_timeout = \"1s\"").await;

@@ -1011,7 +1011,7 @@ impl Session {
         // the server describes a statement waits for the server, as a running one does.)
         self.client_msg.left == 0
             && (self.server_msg.left > 0
-                || server.replies.awaiting_ready()
+                || server.replies.awaiting_reply()
                 || self.checking.is_some()
                 || self.role_restore_owed())
     }
@@ -1088,11 +1088,13 @@ impl Session {
         Ok(())
     }
 
-    /// The client is not inside a transaction block.
+    /// The client is not inside a transaction: no transaction block, and no extended
+    /// batch (its implicit transaction runs to its Sync) or COPY under way.
     fn outside_transaction(&self) -> bool {
-        self.backend
-            .as_ref()
-            .is_none_or(|b| b.server_ref().replies.tx_status() == TxStatus::Idle)
+        self.backend.as_ref().is_none_or(|b| {
+            let replies = &b.server_ref().replies;
+            replies.tx_status() == TxStatus::Idle && !replies.batch_open()
+        })
     }
 
     /// New limits from a reload. If the old ones did not watch activity, the clock

@@ -140,6 +140,9 @@ struct Entry {
     undo: Option<Undo>,
     /// The named statement a Bind runs or a Describe describes.
     statement: Option<Arc<Statement>>,
+    /// A Flush was sent after it: the server sends its reply without more from the
+    /// client (see [`ReplyTracker::awaiting_reply`]).
+    flushed: bool,
 }
 
 /// What a client whose backend was lost is still owed (see [`ReplyTracker::lost`]).
@@ -260,6 +263,9 @@ impl ReplyTracker {
         // only makes pgshield prepare a statement again, to be sure.)
         self.syncs += u64::from(tag == b'S');
         self.may_have_ended |= matches!(tag, b'E' | b'S' | b'Q' | b'F');
+        if tag == b'H' {
+            self.flush_covers_owed();
+        }
         if self.client_copying {
             match tag {
                 b'c' | b'f' => self.client_copying = false,
@@ -296,6 +302,7 @@ impl ReplyTracker {
                 hide,
                 undo,
                 statement: None,
+                flushed: false,
             }),
             None => self.undone.extend(undo),
         }
@@ -387,6 +394,7 @@ impl ReplyTracker {
             hide: Hide::No,
             undo,
             statement: None,
+            flushed: false,
         });
     }
 
@@ -930,10 +938,26 @@ impl ReplyTracker {
             && !self.skipping_to_sync
     }
 
-    /// The client is owed a ReadyForQuery for something the server can finish without
-    /// more input from the client (not during the client's COPY data).
-    pub fn awaiting_ready(&self) -> bool {
-        !self.unsure && !self.client_copying && self.owed.iter().any(|e| e.owed.ends_with_ready())
+    /// The client is owed a reply the server sends without more input from the client:
+    /// to a Query or Sync (a ReadyForQuery ends it), or to a message a Flush followed
+    /// (psycopg's pipeline mode runs statements so). Not during the client's COPY data.
+    pub fn awaiting_reply(&self) -> bool {
+        !self.unsure
+            && !self.client_copying
+            && self.owed.iter().any(|e| {
+                e.owed.ends_with_ready() || (e.flushed && !matches!(e.owed, Owed::Fake(_)))
+            })
+    }
+
+    /// Notes a Flush sent (the client's, or pgshield's): everything owed now is to be
+    /// answered without more from the client.
+    fn flush_covers_owed(&mut self) {
+        for entry in self.owed.iter_mut().rev() {
+            if entry.flushed {
+                break;
+            }
+            entry.flushed = true;
+        }
     }
 
     /// At a boundary and outside any transaction block.
@@ -986,6 +1010,7 @@ impl ReplyTracker {
     /// The Flush [`ReplyTracker::flush_due`] asked for is on its way.
     pub fn flush_sent(&mut self) {
         self.flushed = true;
+        self.flush_covers_owed();
     }
 }
 
@@ -1428,20 +1453,30 @@ mod tests {
         let mut t = ReplyTracker::default();
         client(&mut t, "PBE");
         assert!(
-            !t.awaiting_ready(),
+            !t.awaiting_reply(),
             "an unsynced batch waits for the client"
         );
         client(&mut t, "S");
-        assert!(t.awaiting_ready());
+        assert!(t.awaiting_reply());
         let mut t = ReplyTracker::default();
         client(&mut t, "Q");
         server(&mut t, "G").unwrap();
         assert!(
-            !t.awaiting_ready(),
+            !t.awaiting_reply(),
             "COPY FROM STDIN waits for the client's data"
         );
         client(&mut t, "c");
-        assert!(t.awaiting_ready());
+        assert!(t.awaiting_reply());
+        // A Flush makes the server answer what came before it, not what comes after.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PBEH");
+        assert!(t.awaiting_reply());
+        server(&mut t, "12C").unwrap();
+        assert!(!t.awaiting_reply());
+        client(&mut t, "BEH");
+        client(&mut t, "BE");
+        server(&mut t, "2C").unwrap();
+        assert!(!t.awaiting_reply(), "sent after the Flush");
     }
 
     fn parse_undo() -> Option<Undo> {
