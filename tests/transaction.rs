@@ -299,6 +299,37 @@ async fn a_departed_clients_statement_keeps_its_place_until_it_ends() {
     assert_eq!(row_until_ready(&mut b).await.as_deref(), Ok("0"));
 }
 
+/// One whose statement runs past the time pgshield waits for it (10 s) is cancelled as
+/// its backend is closed: the server must not go on running it outside the pool's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_clients_statement_that_runs_on_is_cancelled_with_its_backend() {
+    let proxy = trusted_proxy("tx_departed_long", "max_size = 1").await;
+    let admin = common::admin().await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_departed_long").await;
+    raw::send(&mut a, &raw::query("SELECT pg_sleep(120) AS departed_long")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(a);
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE query LIKE '%AS departed_long' AND state = 'active' AND pid <> pg_backend_pid()";
+    let started = Instant::now();
+    loop {
+        let count: i64 = admin.query_one(running, &[]).await.expect("count").get(0);
+        if count == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still running after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "waited for first"
+    );
+}
+
 /// A pinned client's settings are not read back: once it changes its search_path, its
 /// statements are its own, not those of clients that resolve the same names elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

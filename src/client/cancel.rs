@@ -61,6 +61,27 @@ impl CancelTarget {
     pub fn was_sent(&self) -> bool {
         self.sent.load(Ordering::Acquire)
     }
+
+    /// Sends PostgreSQL's CancelRequest for this backend, over a fresh connection to its
+    /// server. Nobody is told how it went (as in PostgreSQL): it is logged.
+    pub async fn send(&self) {
+        let mut packet = BytesMut::with_capacity(16);
+        postgres_protocol::message::frontend::cancel_request(
+            self.process_id,
+            self.secret_key,
+            &mut packet,
+        );
+        let send = async {
+            let mut stream = crate::net::connect_server(&self.host, self.port).await?;
+            stream.write_all(&packet).await?;
+            stream.shutdown().await
+        };
+        match tokio::time::timeout(CANCEL_TIMEOUT, send).await {
+            Ok(Ok(())) => tracing::debug!(server_pid = self.process_id, "cancel forwarded"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot forward a cancel request"),
+            Err(_) => tracing::warn!("forwarding a cancel request timed out"),
+        }
+    }
 }
 
 type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;
@@ -120,22 +141,7 @@ impl Cancels {
             );
             return;
         };
-        let mut packet = BytesMut::with_capacity(16);
-        postgres_protocol::message::frontend::cancel_request(
-            target.process_id,
-            target.secret_key,
-            &mut packet,
-        );
-        let send = async {
-            let mut stream = crate::net::connect_server(&target.host, target.port).await?;
-            stream.write_all(&packet).await?;
-            stream.shutdown().await
-        };
-        match tokio::time::timeout(CANCEL_TIMEOUT, send).await {
-            Ok(Ok(())) => tracing::debug!(server_pid = target.process_id, "cancel forwarded"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot forward a cancel request"),
-            Err(_) => tracing::warn!("forwarding a cancel request timed out"),
-        }
+        target.send().await;
     }
 
     /// Finds the backend a cancel is for and marks it, under the client's lock.
@@ -163,6 +169,16 @@ impl Registration {
     /// From now on, cancels for this client go to `server`.
     pub fn attach(&self, server: &Server) {
         *lock(&self.slot) = Some(server.cancel_target());
+    }
+
+    /// The backend this client holds, marked as a client's cancel marks it (under the
+    /// same lock), for pgshield to cancel its statement (`query_timeout`); None if it
+    /// holds none.
+    pub fn attribute(&self) -> Option<Arc<CancelTarget>> {
+        let slot = lock(&self.slot);
+        let target = slot.as_ref()?;
+        target.sent.store(true, Ordering::Release);
+        Some(Arc::clone(target))
     }
 
     /// This client no longer holds a backend. Call before the backend is released: a

@@ -1068,13 +1068,10 @@ impl Session {
                 if running >= limit && !self.statement_cancelled {
                     self.statement_cancelled = true;
                     tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");
-                    let (shared, key) = (Arc::clone(&self.shared), self.cancel.key());
-                    tokio::spawn(async move {
-                        shared
-                            .cancels
-                            .cancel(key.process_id, &key.secret_key.to_be_bytes())
-                            .await;
-                    });
+                    // (Attributed now, to the backend running it; only the sending waits.)
+                    if let Some(target) = self.cancel.attribute() {
+                        tokio::spawn(async move { target.send().await });
+                    }
                 }
             }
             return Ok(());
@@ -2403,7 +2400,7 @@ impl Session {
                 .flatten();
             let whole = matches!(header.tag, b'Z' | b'S' | b'E')
                 || (readback && header.tag == b'D')
-                || (described.is_some() && header.tag == b'T');
+                || described.is_some();
             if whole {
                 if let Err(e) = header.check_size(DEFAULT_MAX_MESSAGE_SIZE) {
                     server.mark_broken();
@@ -3157,6 +3154,10 @@ impl Session {
                     Ok(Ok(())) => return_backend(backend, self.whole_cleanup()).await,
                     Ok(Err(_)) => backend.discard(),
                     Err(_) => {
+                        // Still running: cancelled first, so that the server does not go on
+                        // with it past the place given back (it would notice the closed
+                        // connection only when it next writes).
+                        backend.server_ref().cancel_target().send().await;
                         // Perhaps cut mid-message: a Terminate would be read as its rest.
                         backend.server().skip_terminate();
                         backend.discard();
