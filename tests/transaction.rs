@@ -3474,3 +3474,32 @@ async fn a_statement_right_behind_a_role_reset_runs_as_the_startup_role() {
         .get::<_, i64>(0);
     assert_eq!(rows, 0, "the INSERT behind the reset did not run");
 }
+
+/// A reset sent through the extended protocol returns to the client's startup value, as
+/// in PostgreSQL, for what the client sends right after it, while pgshield still reads
+/// back what the batch set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_in_an_extended_batch_returns_to_the_startup_value_at_once() {
+    let proxy = trusted_proxy("tx_ext_reset", "max_size = 1").await;
+    let mut s = raw::connect(proxy.addr).await;
+    let options = "-c statement_timeout=5s";
+    let startup = [
+        ("user", "tx_ext_reset"),
+        ("database", "app"),
+        ("options", options),
+    ];
+    raw::send(&mut s, &raw::startup(&startup)).await;
+    raw::until_ready(&mut s).await;
+    for round in 0..5 {
+        let mut reset = raw::parse_bind_execute("RESET statement_timeout");
+        reset.extend_from_slice(&raw::SYNC);
+        // (The next Query in the same write: it arrives before the read-back's reply.)
+        reset.extend(raw::query("SHOW statement_timeout"));
+        raw::send(&mut s, &reset).await;
+        assert_eq!(raw::until_ready(&mut s).await.0, "12CZ");
+        let shown = row_until_ready(&mut s).await;
+        assert_eq!(shown.as_deref(), Ok("5s"), "round {round}");
+        raw::send(&mut s, &raw::query("SET statement_timeout = '1min'")).await;
+        raw::until_ready(&mut s).await;
+    }
+}

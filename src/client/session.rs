@@ -737,13 +737,13 @@ impl Session {
                     }
                 }
             }
-            let held = self.checking.is_some() || self.role_restore_owed();
+            let held = self.client_held();
             if let Err(end) = self.process_server_input() {
                 return end;
             }
-            if held && self.checking.is_none() && !self.role_restore_owed() {
-                // The description came (or the role was given back): the client's
-                // messages held for it go on now.
+            if held && !self.client_held() {
+                // The description came (or the role was given back, or the reset's batch
+                // answered): the client's messages held for it go on now.
                 continue;
             }
             if self.server_msg.left == 0 {
@@ -1016,6 +1016,32 @@ impl Session {
                 || self.role_restore_owed())
     }
 
+    /// Whether the client's next message waits, unread past what has arrived: for a
+    /// statement being described, the role being given back, or a reset's answer (see
+    /// [`Self::reset_answer_owed`]).
+    fn client_held(&self) -> bool {
+        self.checking.is_some() || self.role_restore_owed() || self.reset_answer_owed()
+    }
+
+    /// Whether the client reset settings (not right behind which their startup values
+    /// could be given back, `restore_after`: in an extended batch, or a Query that also
+    /// begins, ends or copies), outside a transaction block, and the ReadyForQuery ending
+    /// that is owed. Whether they can be given back before what it sent next is known
+    /// only then (if that still is outside a transaction block, see
+    /// [`Self::restore_startup_settings`]): what follows waits. Not a message of the
+    /// batch still open, nor COPY data: the server waits for those.
+    fn reset_answer_owed(&self) -> bool {
+        self.follow_up
+            .as_ref()
+            .is_some_and(|f| !f.restore.is_empty())
+            && self.backend.as_ref().is_some_and(|b| {
+                let replies = &b.server_ref().replies;
+                replies.tx_status() == TxStatus::Idle
+                    && !replies.batch_open()
+                    && replies.owes_ready()
+            })
+    }
+
     /// Whether the statement giving back the role the client started as is owed: until
     /// it is answered, nothing more of the client's goes to the server (had it failed,
     /// that would run as the login's role).
@@ -1178,8 +1204,7 @@ impl Session {
         let mut data = false;
         // (While a statement is being described, the client's messages wait unread in
         // `client_in`: up to the same bound.)
-        let held = (self.checking.is_some() || self.role_restore_owed())
-            && self.client_in.len() >= HIGH_WATER;
+        let held = self.client_held() && self.client_in.len() >= HIGH_WATER;
         // Nor while what pgshield answers itself piles up for a client that does not
         // read it (a flood of Syncs between transactions, of Closes behind a long
         // statement): PostgreSQL stops reading a client it cannot write to, and so does
@@ -1258,9 +1283,10 @@ impl Session {
                 }
                 continue;
             }
-            if self.checking.is_some() || self.role_restore_owed() {
-                // Held until the backend has described a statement (`start_passing`), or
-                // runs as the role the client started as again (`push_restore`).
+            if self.client_held() {
+                // Held until the backend has described a statement (`start_passing`), runs
+                // as the role the client started as again (`push_restore`), or has
+                // answered a reset's batch.
                 return Ok(());
             }
             // Messages stream through (only some are read whole), but none may claim more
@@ -1698,7 +1724,9 @@ impl Session {
         let unnamed_parse = name == Some(&0);
         let keeps = match self.mode {
             PoolMode::Session => tag == b'Q' || unnamed_parse || !follow_up.unnamed_parsed,
-            PoolMode::Transaction => self.pinned.is_some(),
+            // (Also one not pinned, still holding its backend while pgshield reads back
+            // what its transaction set: what it sends meanwhile runs there.)
+            PoolMode::Transaction => true,
         };
         let backend = self.backend.as_mut().filter(|_| keeps);
         let Some(server) = backend

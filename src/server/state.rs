@@ -949,6 +949,12 @@ impl ReplyTracker {
             })
     }
 
+    /// A ReadyForQuery is owed for something the server can finish without more input
+    /// from the client (a Query, a Sync; not during the client's COPY data).
+    pub fn owes_ready(&self) -> bool {
+        !self.unsure && !self.client_copying && self.owed.iter().any(|e| e.owed.ends_with_ready())
+    }
+
     /// Notes a Flush sent (the client's, or pgshield's): everything owed now is to be
     /// answered without more from the client.
     fn flush_covers_owed(&mut self) {
