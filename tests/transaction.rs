@@ -3503,3 +3503,28 @@ async fn a_reset_in_an_extended_batch_returns_to_the_startup_value_at_once() {
         raw::until_ready(&mut s).await;
     }
 }
+
+/// A DateStyle given in part (`ISO`, as pgjdbc sends it) is merged by PostgreSQL with the
+/// session's: on a backend another client left in `SQL, DMY`, the client gets the date
+/// order it would get at a login to the server, not that client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_datestyle_does_not_take_another_clients_date_order() {
+    let proxy = trusted_proxy("tx_datestyle", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_datestyle").await;
+    raw::send(&mut a, &raw::query("SET DateStyle = 'SQL, DMY'")).await;
+    raw::until_ready(&mut a).await;
+    raw::send(&mut a, &raw::query("SHOW DateStyle")).await;
+    assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("SQL, DMY"));
+    let mut b = raw::connect(proxy.addr).await;
+    let startup = [
+        ("user", "tx_datestyle"),
+        ("database", "app"),
+        ("DateStyle", "ISO"),
+    ];
+    raw::send(&mut b, &raw::startup(&startup)).await;
+    raw::until_ready(&mut b).await;
+    raw::send(&mut b, &raw::query("SHOW DateStyle")).await;
+    assert_eq!(row_until_ready(&mut b).await.as_deref(), Ok("ISO, MDY"));
+    raw::send(&mut a, &raw::query("SHOW DateStyle")).await;
+    assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("SQL, DMY"));
+}

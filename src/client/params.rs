@@ -50,10 +50,7 @@ impl ClientSettings {
                 continue;
             }
             if name == "replication" {
-                if matches!(
-                    value.to_ascii_lowercase().as_str(),
-                    "false" | "off" | "no" | "0"
-                ) {
+                if crate::server::pg_bool(value) == Some(false) {
                     continue;
                 }
                 return Err(ErrorResponse::fatal(
@@ -223,16 +220,24 @@ pub const SETTABLE_REPORTED: [&str; 8] = [
     "search_path",
 ];
 
-/// One statement that applies `settings` and resets `resets` (none if both are empty).
+/// One statement that resets `resets` and applies `settings` (none if both are empty).
 /// Each value comes with the encoding it is in (see [`ClientSettings::as_given`]); the
 /// statement is ASCII, so that it reads the same whatever encoding the backend is in when
-/// it arrives (the previous client's, perhaps).
+/// it arrives (the previous client's, perhaps). The resets go first: the previous
+/// client's role, reset, is not the one a setting the client applies is checked against.
+/// `DateStyle` is reset before it is applied: PostgreSQL merges a value that names only
+/// the style or only the order (`ISO`, as pgjdbc sends it) with the session's, which
+/// would be the previous client's; at a login it is merged with the server's default.
 pub fn apply_statement<'a>(
     settings: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
     resets: impl Iterator<Item = &'a str>,
 ) -> Option<String> {
+    let mut merged = Vec::new();
     let calls: Vec<String> = settings
         .map(|(name, value, encoding)| {
+            if name.eq_ignore_ascii_case("DateStyle") {
+                merged.push(name);
+            }
             format!(
                 "pg_catalog.set_config({}, {}, false)",
                 escape_literal(name),
@@ -240,17 +245,17 @@ pub fn apply_statement<'a>(
             )
         })
         .collect();
-    let mut sql = if calls.is_empty() {
-        String::new()
-    } else {
-        format!("SELECT {}", calls.join(", "))
-    };
-    for name in resets {
-        if !sql.is_empty() {
-            sql.push_str("; ");
-        }
+    let mut sql = String::new();
+    for name in resets.chain(merged) {
         sql.push_str("RESET ");
         sql.push_str(&escape_identifier(name));
+        sql.push_str("; ");
+    }
+    if calls.is_empty() {
+        sql.truncate(sql.len().saturating_sub(2));
+    } else {
+        sql.push_str("SELECT ");
+        sql.push_str(&calls.join(", "));
     }
     (!sql.is_empty()).then_some(sql)
 }
@@ -530,6 +535,16 @@ mod tests {
         assert_eq!(
             apply_statement(std::iter::empty(), ["work_mem", "my.\"odd"].into_iter()).unwrap(),
             "RESET \"work_mem\"; RESET \"my.\"\"odd\""
+        );
+        // Resets first; DateStyle reset before it is applied.
+        assert_eq!(
+            apply_statement(
+                [("DateStyle", "ISO", "UTF8")].into_iter(),
+                ["role"].into_iter()
+            )
+            .unwrap(),
+            "RESET \"role\"; RESET \"DateStyle\"; \
+             SELECT pg_catalog.set_config('DateStyle', 'ISO', false)"
         );
     }
 
