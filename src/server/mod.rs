@@ -233,11 +233,26 @@ fn fingerprint<'a>(get: impl Fn(&str) -> Option<&'a str>) -> u64 {
         get(name).hash(&mut hasher);
     }
     let trails = get("client_encoding").is_some_and(has_ascii_trails);
-    let backslashes =
-        get("standard_conforming_strings").is_some_and(|v| v.eq_ignore_ascii_case("off"));
+    // (As the client gave it, until the server reports it: `false`, `0` and `no` too.)
+    let backslashes = get("standard_conforming_strings").and_then(pg_bool) == Some(false);
     (hasher.finish() & !PARSE_FLAGS)
         | if trails { ASCII_TRAILS } else { 0 }
         | if backslashes { BACKSLASH_QUOTES } else { 0 }
+}
+
+/// How PostgreSQL reads `value` as a boolean setting (`parse_bool`): in any case, a
+/// prefix of `true`, `yes`, `false` or `no`, `on`, `off` (`of` at least), `1` or `0`.
+/// None: not a boolean.
+pub fn pg_bool(value: &str) -> Option<bool> {
+    let v = value.to_ascii_lowercase();
+    let prefix_of = |word: &str| !v.is_empty() && word.starts_with(v.as_str());
+    if prefix_of("true") || prefix_of("yes") || v == "on" || v == "1" {
+        Some(true)
+    } else if prefix_of("false") || prefix_of("no") || v == "of" || v == "off" || v == "0" {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// Parses a ParameterStatus body into (name, value).
@@ -802,6 +817,25 @@ mod tests {
         assert!(server.outlived(Duration::from_millis(10)), "±20 % of 10 ms");
         assert!(!server.outlived(hour));
         assert!(!server.outlived(Duration::MAX), "beyond the clock: never");
+    }
+
+    #[test]
+    fn booleans_read_as_postgresql_reads_them() {
+        for off in ["off", "OFF", "of", "false", "f", "FAL", "no", "n", "0"] {
+            assert_eq!(pg_bool(off), Some(false), "{off}");
+        }
+        for on in ["on", "true", "T", "yes", "y", "1"] {
+            assert_eq!(pg_bool(on), Some(true), "{on}");
+        }
+        for neither in ["", "o", "offf", "truex", "2", "00", " off"] {
+            assert_eq!(pg_bool(neither), None, "{neither:?}");
+        }
+        let quotes = |value: &'static str| {
+            fingerprint(|name| (name == "standard_conforming_strings").then_some(value))
+                & BACKSLASH_QUOTES
+        };
+        assert_ne!(quotes("false"), 0);
+        assert_eq!(quotes("on"), 0);
     }
 
     #[test]
