@@ -145,6 +145,9 @@ async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<
     match words.as_slice() {
         ["SHOW", what] => show(shared, what, out),
         ["PAUSE"] | ["PAUSE", _] => {
+            pools_of(shared, arg(1).as_deref())?;
+            // (Noted first: a pool made from now on starts paused.)
+            shared.pools.note_paused(arg(1).as_deref());
             let pools = pools_of(shared, arg(1).as_deref())?;
             // All held at once, then waited on.
             for pool in &pools {
@@ -157,7 +160,9 @@ async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<
             Ok(())
         }
         ["RESUME"] | ["RESUME", _] => {
-            for pool in pools_of(shared, arg(1).as_deref())? {
+            let pools = pools_of(shared, arg(1).as_deref())?;
+            shared.pools.note_resumed(arg(1).as_deref());
+            for pool in pools {
                 pool.resume();
             }
             messages::command_complete(out, "RESUME");
@@ -214,8 +219,10 @@ async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<
                     "KILL needs a database",
                 ));
             };
-            let pools = pools_of(shared, Some(&db))?;
+            pools_of(shared, Some(&db))?;
             // As PgBouncer: the database is also paused; new work waits for RESUME.
+            shared.pools.note_paused(Some(&db));
+            let pools = pools_of(shared, Some(&db))?;
             for pool in &pools {
                 pool.hold();
             }
@@ -256,22 +263,27 @@ async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<
             "SET",
             "settings are changed in the configuration file",
         )),
-        _ => Err(ErrorResponse::error(
-            sqlstate::SYNTAX_ERROR,
-            format!(
-                "invalid command \"{}\": SHOW HELP lists the commands",
-                sql.trim()
-            ),
-        )),
+        _ => Err(invalid_command(sql.trim())),
     }
 }
 
-/// The pools of `database` (all pools without one); an unknown database is an error.
+/// A command the console does not know, refused as PgBouncer refuses it: 08P01 (tools
+/// tell its console from a server by that, as pgcli does), its message naming SHOW HELP.
+fn invalid_command(command: &str) -> ErrorResponse {
+    ErrorResponse::error(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("invalid command '{command}', use SHOW HELP;"),
+    )
+}
+
+/// The pools of `database` (all pools without one): a configured database, or the
+/// read-only one of a database with replicas (`<db>_ro`, as SHOW POOLS lists it); an
+/// unknown database is an error.
 fn pools_of(shared: &Shared, database: Option<&str>) -> Result<Vec<Arc<Pool>>, ErrorResponse> {
     let all = shared.pools.all();
     match database {
         None => Ok(all),
-        Some(db) if shared.live().config.databases.contains_key(db) => {
+        Some(db) if shared.live().config.resolve_database(db).is_some() => {
             Ok(all.into_iter().filter(|p| p.database() == db).collect())
         }
         Some(db) => Err(ErrorResponse::error(
@@ -378,12 +390,7 @@ fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorResp
                 "SHOW POOLS, SHOW STATS and /metrics cover the pools",
             ))
         }
-        other => {
-            return Err(ErrorResponse::error(
-                sqlstate::SYNTAX_ERROR,
-                format!("invalid command \"SHOW {other}\": SHOW HELP lists the commands"),
-            ))
-        }
+        other => return Err(invalid_command(&format!("SHOW {other}"))),
     };
     table.write(out, "SHOW");
     Ok(())
@@ -429,9 +436,11 @@ fn show_clients(shared: &Shared) -> Table {
             Peer::Tcp(addr) => (addr.ip().to_string(), addr.port()),
             Peer::Unix { port } => ("unix".to_owned(), port),
         };
+        // (Never NULL, as in PgBouncer: tools scan these columns into strings.)
         let local = match c.local {
-            Some(local) => Some((local.ip().to_string(), local.port())),
-            None => matches!(c.addr, Peer::Unix { .. }).then(|| peer.clone()),
+            Some(local) => (local.ip().to_string(), local.port()),
+            None if matches!(c.addr, Peer::Unix { .. }) => peer.clone(),
+            None => (String::new(), 0),
         };
         let wait = c.waiting_for().unwrap_or_default();
         t.row(vec![
@@ -441,15 +450,18 @@ fn show_clients(shared: &Shared) -> Table {
             v(if waiting { "waiting" } else { "active" }),
             v(peer.0),
             v(peer.1),
-            local.as_ref().map(|l| l.0.clone()),
-            local.map(|l| l.1.to_string()),
+            v(local.0),
+            v(local.1),
             v(time(c.connected_at)),
-            c.request_at().map(time),
+            // (Before its first request: since it logged in.)
+            v(time(c.request_at().unwrap_or(c.connected_at))),
             v(wait.as_secs()),
             v(wait.subsec_micros()),
             v(0),
             v(format!("c{}", c.id)),
-            c.server().map(|(id, _)| format!("s{id}")),
+            v(c.server()
+                .map(|(id, _)| format!("s{id}"))
+                .unwrap_or_default()),
             v(0),
             v(if c.tls { "TLS" } else { "" }),
             v(&c.application_name),
@@ -465,25 +477,27 @@ fn show_servers(shared: &Shared) -> Table {
         let Some((id, pid)) = c.server() else {
             continue;
         };
-        let host = backend_host(shared, c.database(), c.server_host());
+        let host = backend_host(shared, c.database(), c.server_host()).unwrap_or_default();
+        let (opened_at, tls) = c.server_opened();
         t.row(vec![
             v("S"),
             v(c.user()),
             v(c.database()),
             v("active"),
-            host.as_ref().map(|h| h.0.clone()),
-            host.as_ref().map(|h| h.1.to_string()),
-            None,
-            None,
-            None,
-            c.request_at().map(time),
+            v(host.0),
+            v(host.1),
+            // (Its own end of the connection is not kept for a lent backend.)
+            v(""),
+            v(0),
+            v(time(opened_at)),
+            v(time(c.request_at().unwrap_or(opened_at))),
             v(0),
             v(0),
             v(0),
             v(format!("s{id}")),
             v(format!("c{}", c.id)),
             v(pid),
-            None,
+            v(if tls { "TLS" } else { "" }),
             v(&c.application_name),
         ]);
     }
@@ -499,15 +513,16 @@ fn show_servers(shared: &Shared) -> Table {
                 v("idle"),
                 v(&s.peer.0),
                 v(s.peer.1),
-                s.local.map(|l| l.ip().to_string()),
-                s.local.map(|l| l.port().to_string()),
+                v(s.local.map(|l| l.ip().to_string()).unwrap_or_default()),
+                v(s.local.map_or(0, |l| l.port())),
                 v(time(s.opened_at)),
-                None,
+                // (Its last request ended when it was given back.)
+                v(time(s.idle_since)),
                 v(0),
                 v(0),
                 v(0),
                 v(format!("s{}", s.id)),
-                None,
+                v(""),
                 v(s.pid),
                 v(if s.tls { "TLS" } else { "" }),
                 v(""),

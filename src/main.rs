@@ -518,6 +518,8 @@ async fn pause_on_signals(shared: Arc<Shared>, mut usr1: Signal, mut usr2: Signa
         tokio::select! {
             Some(()) = usr1.recv() => {
                 tracing::info!("SIGUSR1: pausing every pool");
+                // (Pools made until SIGUSR2 too.)
+                shared.pools.note_paused(None);
                 let pools = shared.pools.all();
                 for pool in &pools {
                     pool.hold();
@@ -531,6 +533,7 @@ async fn pause_on_signals(shared: Arc<Shared>, mut usr1: Signal, mut usr2: Signa
             }
             Some(()) = usr2.recv() => {
                 tracing::info!("SIGUSR2: resuming every pool");
+                shared.pools.note_resumed(None);
                 for pool in shared.pools.all() {
                     pool.resume();
                 }

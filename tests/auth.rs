@@ -678,3 +678,38 @@ async fn a_listed_user_with_a_password_runs_the_health_checks() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The console's PAUSE holds pools made while it lasts too: a user of `auth.file` whose
+/// first login comes during the PAUSE waits for the RESUME like everyone else, as in
+/// PgBouncer (which pauses by database, not by pool).
+#[tokio::test]
+async fn a_pool_made_during_a_pause_is_paused_until_resume() {
+    common::create_role("ap_ops", "pw-ops").await;
+    common::create_role("ap_late", "pw-late").await;
+    let dir = common::unique_temp_dir("auth-pause");
+    let file = dir.join("userlist.txt");
+    std::fs::write(&file, "\"ap_ops\" \"pw-ops\"\n\"ap_late\" \"pw-late\"\n").expect("write");
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 2\n[auth]\nfile = \"{}\"\n\
+         [admin]\nhttp_listen = \"\"\nusers = [\"ap_ops\"]\n",
+        file.display()
+    ))
+    .await;
+    let mut console = proxy.config("ap_ops", "pw-ops");
+    console.dbname("pgshield");
+    let console = common::connect(&console).await.expect("admin login");
+    console.client.simple_query("PAUSE").await.expect("PAUSE");
+    assert!(proxy.shared.pools.get("app", "ap_late").is_none());
+    let late = proxy.connect("ap_late", "pw-late").await.expect("login");
+    let query =
+        tokio::spawn(async move { late.client.simple_query("SELECT 1").await.map(|_| late) });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!query.is_finished(), "ran during the PAUSE");
+    console.client.simple_query("RESUME").await.expect("RESUME");
+    let late = tokio::time::timeout(std::time::Duration::from_secs(10), query)
+        .await
+        .expect("runs after the RESUME")
+        .expect("task")
+        .expect("query");
+    late.client.simple_query("SELECT 2").await.expect("and on");
+}

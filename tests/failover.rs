@@ -323,6 +323,24 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
         .unwrap_or_else(|| panic!("a lent app_ro backend in SHOW SERVERS: {servers:?}"));
     assert_eq!(lent[5], primary.port().to_string(), "{lent:?}");
     reader.client.batch_execute("ROLLBACK").await.unwrap();
+    // The console's commands take the read-only database SHOW POOLS lists.
+    for command in ["RECONNECT app_ro", "PAUSE app_ro", "RESUME app_ro"] {
+        let done = console.client.simple_query(command);
+        tokio::time::timeout(Duration::from_secs(10), done)
+            .await
+            .unwrap_or_else(|_| panic!("{command} in time"))
+            .unwrap_or_else(|e| panic!("{command}: {e:?}"));
+    }
+    let err = console.client.simple_query("PAUSE nope_ro").await.err();
+    assert_eq!(
+        err.as_ref().and_then(|e| e.code()).map(|c| c.code()),
+        Some("3D000")
+    );
+    reader
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("after RESUME");
     let metrics = http_get(falls_back.http.expect("http listener"), "/metrics").await;
     for (series, want) in [
         (

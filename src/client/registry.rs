@@ -20,6 +20,18 @@ pub enum ClientState {
     Waiting = 1,
 }
 
+/// The backend a client holds, as SHOW SERVERS shows it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LentServer {
+    pub id: u64,
+    pub pid: i32,
+    /// The index of its host among its database's.
+    pub host: Option<usize>,
+    /// When it was opened, in seconds since the Unix epoch.
+    pub opened_secs: u64,
+    pub tls: bool,
+}
+
 /// One client, as the console sees it.
 pub struct ClientInfo {
     pub id: u64,
@@ -42,6 +54,9 @@ pub struct ClientInfo {
     server_pid: AtomicI32,
     /// The index of the lent backend's host among its database's, plus one (0: none).
     server_host: std::sync::atomic::AtomicU16,
+    /// When the lent backend was opened (seconds since the Unix epoch), shifted left
+    /// by one, with whether it is over TLS in the lowest bit.
+    server_opened: AtomicU64,
     /// KILL / KILL_CLIENT: the session ends at its next turn.
     kill: AtomicBool,
     /// Wakes the session (the same waker its shutdown watch registers).
@@ -101,14 +116,22 @@ impl ClientInfo {
             .map(|since| self.connected_at + since)
     }
 
-    /// The backend it now holds (`None`: none).
-    /// The backend lent to the client now: (id, pid, index of its host), or none.
-    pub fn set_server(&self, server: Option<(u64, i32, Option<usize>)>) {
-        let (id, pid, host) = server.unwrap_or((0, 0, None));
-        let host = host.map_or(0, |i| u16::try_from(i + 1).unwrap_or(0));
+    /// The backend lent to the client now, or none.
+    pub fn set_server(&self, server: Option<LentServer>) {
+        let s = server.unwrap_or_default();
+        let host = s.host.map_or(0, |i| u16::try_from(i + 1).unwrap_or(0));
         self.server_host.store(host, Ordering::Relaxed);
-        self.server_id.store(id, Ordering::Relaxed);
-        self.server_pid.store(pid, Ordering::Relaxed);
+        self.server_opened
+            .store(s.opened_secs << 1 | u64::from(s.tls), Ordering::Relaxed);
+        self.server_id.store(s.id, Ordering::Relaxed);
+        self.server_pid.store(s.pid, Ordering::Relaxed);
+    }
+
+    /// When the lent backend was opened, and whether it is over TLS.
+    pub fn server_opened(&self) -> (SystemTime, bool) {
+        let packed = self.server_opened.load(Ordering::Relaxed);
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(packed >> 1);
+        (at, packed & 1 == 1)
     }
 
     /// The index of the lent backend's host among its database's, if known.
@@ -186,6 +209,7 @@ impl ClientRegistry {
             server_id: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
             server_host: std::sync::atomic::AtomicU16::new(0),
+            server_opened: AtomicU64::new(0),
             kill: AtomicBool::new(false),
             waker,
         });

@@ -3007,11 +3007,15 @@ impl Session {
     /// Holds a lent backend whose settings are the client's.
     fn hold(&mut self, mut backend: Backend) {
         let s = backend.server_ref();
-        self.registered.info.set_server(Some((
-            s.id().0,
-            s.process_id(),
-            s.host.as_ref().map(|h| h.index),
-        )));
+        self.registered
+            .info
+            .set_server(Some(crate::client::registry::LentServer {
+                id: s.id().0,
+                pid: s.process_id(),
+                host: s.host.as_ref().map(|h| h.index),
+                opened_secs: s.opened_secs(),
+                tls: s.stream.is_tls(),
+            }));
         self.cancel.attach(backend.server_ref());
         // Whatever this session noted of the socket while it last held this backend no
         // longer holds: another task may have read it since.

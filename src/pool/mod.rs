@@ -630,6 +630,8 @@ pub struct IdleServer {
     pub peer: (String, u16),
     pub local: Option<std::net::SocketAddr>,
     pub opened_at: std::time::SystemTime,
+    /// When it was last given back (or opened).
+    pub idle_since: std::time::SystemTime,
     pub tls: bool,
 }
 
@@ -1003,8 +1005,9 @@ impl Pool {
                     (peer.ip().to_string(), peer.port())
                 },
                 local: server.stream.local_addr(),
-                opened_at: std::time::SystemTime::now()
-                    .checked_sub(server.age())
+                opened_at: server.opened_at(),
+                idle_since: std::time::SystemTime::now()
+                    .checked_sub(server.idle_for())
                     .unwrap_or(std::time::UNIX_EPOCH),
                 tls: server.stream.is_tls(),
             });
@@ -1745,6 +1748,9 @@ pub struct Pools {
     /// Stops the janitors of all pools, those made later too.
     janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
     metrics: Arc<Numbers>,
+    /// What the console's PAUSE covers until RESUME, pools made meanwhile too (a user
+    /// `[auth]` finds, a reload's): every database, and these.
+    paused: Mutex<(bool, std::collections::HashSet<String>)>,
 }
 
 /// What a reload replaces.
@@ -1824,6 +1830,7 @@ impl Pools {
             }),
             janitor_stop: std::sync::OnceLock::new(),
             metrics: Arc::clone(metrics),
+            paused: Mutex::default(),
         };
         pools.apply(config, tls);
         pools
@@ -2095,12 +2102,41 @@ impl Pools {
             .collect()
     }
 
-    /// Starts the pool's janitor if the pools are running already.
+    /// Starts a new pool's janitor if the pools are running already; paused if a PAUSE
+    /// covers its database.
     fn spawn_janitor(&self, pool: Arc<Pool>) -> Arc<Pool> {
+        let paused = lock(&self.paused);
+        if paused.0 || paused.1.contains(pool.database()) {
+            pool.hold();
+        }
+        drop(paused);
         if let Some(stop) = self.janitor_stop.get() {
             tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));
         }
         pool
+    }
+
+    /// The console's PAUSE of `database` (every one with None), for pools made until the
+    /// RESUME too (those there now are held by the console).
+    pub fn note_paused(&self, database: Option<&str>) {
+        let mut paused = lock(&self.paused);
+        match database {
+            None => paused.0 = true,
+            Some(db) => {
+                paused.1.insert(db.to_owned());
+            }
+        }
+    }
+
+    /// The console's RESUME of `database` (every one with None).
+    pub fn note_resumed(&self, database: Option<&str>) {
+        let mut paused = lock(&self.paused);
+        match database {
+            None => *paused = Default::default(),
+            Some(db) => {
+                paused.1.remove(db);
+            }
+        }
     }
 
     /// The pool of a configured user, or of a user `[auth]` found that has logged in.

@@ -307,6 +307,8 @@ pub struct Server {
     /// Closing sends no Terminate (the server's input may be mid-message, or it has one).
     no_terminate: bool,
     created: Instant,
+    /// When it was opened, in seconds since the Unix epoch (SHOW SERVERS' connect_time).
+    opened_secs: u64,
     /// When it has lived the `server_lifetime` last asked about (see [`Server::outlived`]),
     /// with that lifetime: worked out once, not from its age at each borrow and return.
     retire_at: std::cell::Cell<Option<(Duration, Option<Instant>)>>,
@@ -350,6 +352,9 @@ impl Server {
             check_due: false,
             no_terminate: false,
             created: now,
+            opened_secs: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             retire_at: std::cell::Cell::new(None),
             idle_since: now,
             db_permit: None,
@@ -439,6 +444,16 @@ impl Server {
     pub fn skip_terminate(&mut self) {
         self.broken = true;
         self.no_terminate = true;
+    }
+
+    /// When it was opened (SHOW SERVERS' connect_time).
+    pub fn opened_at(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(self.opened_secs)
+    }
+
+    /// When it was opened, in seconds since the Unix epoch.
+    pub fn opened_secs(&self) -> u64 {
+        self.opened_secs
     }
 
     pub fn age(&self) -> Duration {
