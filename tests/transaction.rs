@@ -425,6 +425,16 @@ async fn a_parse_in_a_failed_transaction_is_refused_as_postgresql_refuses_it() {
     assert_eq!(parse_named(&mut a, "get_user", sql).await, "25P02");
     // An empty statement, which runs nothing, PostgreSQL prepares there all the same.
     assert_eq!(parse_named(&mut a, "empty", "").await, "1Z");
+    // Behind a Sync still unanswered, which does not end the transaction block.
+    let mut batch = raw::SYNC.to_vec();
+    batch.extend(raw::message(b'P', b"get_user\0SELECT 'prepared'\0\0\0"));
+    batch.extend(raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    assert_eq!(raw::until_ready(&mut a).await, ("Z".to_owned(), vec![]));
+    assert_eq!(
+        raw::until_ready(&mut a).await,
+        ("EZ".to_owned(), vec!["25P02".to_owned()])
+    );
     // Also behind a Close in the same batch: the Close is done, the Parse refused.
     let mut batch = raw::message(b'C', b"Smine\0");
     batch.extend(raw::message(b'P', b"get_user\0SELECT 'prepared'\0\0\0"));

@@ -200,8 +200,9 @@ pub struct ReplyTracker {
     /// Portals bound from a statement that drops the client's prepared statements (see
     /// [`ReplyTracker::bound`]); mostly none.
     dropping_portals: Vec<Box<[u8]>>,
-    /// Since the last ReadyForQuery, a message went to the server that may end a
-    /// transaction (an Execute, a Sync, a Query, a FunctionCall).
+    /// Since the last ReadyForQuery, a message went to the server that may end a failed
+    /// transaction block: an Execute or a Query (of a ROLLBACK). A Sync does not (it ends
+    /// only an implicit transaction), nor a FunctionCall (refused there).
     may_have_ended: bool,
     /// Extended-protocol messages sent since the last Sync.
     extended_open: bool,
@@ -262,7 +263,7 @@ impl ReplyTracker {
         // (Counted even where the server ignores it, in COPY: a batch counted too many
         // only makes pgshield prepare a statement again, to be sure.)
         self.syncs += u64::from(tag == b'S');
-        self.may_have_ended |= matches!(tag, b'E' | b'S' | b'Q' | b'F');
+        self.may_have_ended |= matches!(tag, b'E' | b'Q');
         if tag == b'H' {
             self.flush_covers_owed();
         }
@@ -867,12 +868,10 @@ impl ReplyTracker {
             self.flushed = false;
         }
         // (What was sent after what this answers may end the transaction it reports.)
-        self.may_have_ended = self.owed.iter().any(|e| {
-            matches!(
-                e.owed,
-                Owed::Execute | Owed::Sync | Owed::Query | Owed::FunctionCall
-            )
-        });
+        self.may_have_ended = self
+            .owed
+            .iter()
+            .any(|e| matches!(e.owed, Owed::Execute | Owed::Query));
         Ok(())
     }
 
@@ -990,9 +989,9 @@ impl ReplyTracker {
     /// Whether the server reads a message sent now inside a failed transaction block
     /// (where it refuses a Parse of anything but a statement that ends the transaction,
     /// 25P02): the last ReadyForQuery said `E`, and nothing sent since can have ended
-    /// that transaction, as a Sync, a Query or an Execute (of a ROLLBACK, say, answered
-    /// or not) could. What else went in this batch (a Close, a Describe) leaves it
-    /// failed, or itself fails, and the server then skips the message anyway.
+    /// that transaction, as a Query or an Execute (of a ROLLBACK, say, answered or not)
+    /// could. What else went (a Close, a Describe, a Sync) leaves it failed, or itself
+    /// fails, and the server then skips the message anyway.
     pub fn reads_in_failed_transaction(&self) -> bool {
         self.tx == TxStatus::Failed && !self.unsure && !self.client_copying && !self.may_have_ended
     }
@@ -1083,8 +1082,10 @@ mod tests {
         t.received(b'E', None).expect("in step");
         t.received(b'Z', Some(b'E')).expect("in step");
         assert!(t.reads_in_failed_transaction());
-        // A Sync sent behind one answered now: not known.
-        client(&mut t, "SS");
+        // A Sync alone leaves it failed; a Query behind one answered now may end it.
+        client(&mut t, "S");
+        assert!(t.reads_in_failed_transaction());
+        client(&mut t, "Q");
         t.received(b'Z', Some(b'E')).expect("in step");
         assert!(!t.reads_in_failed_transaction());
         t.received(b'Z', Some(b'E')).expect("in step");
