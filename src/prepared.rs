@@ -421,6 +421,9 @@ pub enum Undo {
         /// undo exists (see `ClientStatements::closing`).
         _pending: Option<Arc<()>>,
     },
+    /// A client's Close of its unnamed statement did not happen: it still has it (unless
+    /// it prepared another since, in a batch that ran).
+    CloseUnnamed { named: Named },
     /// A Parse of the unnamed statement did not happen (or failed): the client's own (it
     /// loses that unnamed statement), or pgshield's.
     UnnamedParse {
@@ -1654,7 +1657,10 @@ impl ClientStatements {
         t.translation = Translation::Answered;
         t.fake = Some(crate::server::state::Fake::CloseComplete);
         if name.is_empty() {
-            self.unnamed = None;
+            t.undo = self
+                .unnamed
+                .take()
+                .map(|named| Undo::CloseUnnamed { named });
             return;
         }
         if let Some((client_name, named)) = self.named.remove_entry(name) {
@@ -1721,6 +1727,11 @@ impl ClientStatements {
                 server.unnamed_doubt = None;
             }
             Undo::Evicted { name, doubt } => server.close_skipped(name, doubt.as_ref()),
+            Undo::CloseUnnamed { named } => {
+                if self.unnamed.is_none() {
+                    self.unnamed = Some(named);
+                }
+            }
             Undo::Dropped { names } => {
                 for (client_name, named) in names {
                     if !self.named.contains_key(&*client_name) {

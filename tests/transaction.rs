@@ -2550,6 +2550,17 @@ async fn statements_dropped_on_the_server_harm_no_one_and_nothing_behind_them_as
     bytes.extend_from_slice(&raw::SYNC);
     raw::send(&mut a, &bytes).await;
     assert_eq!(row_until_ready(&mut a).await, Err("26000".into()));
+    // A Close of it that the server skips (behind a failure in its batch) closes nothing.
+    assert_eq!(parse_named(&mut a, "", "SELECT 'kept'").await, "1Z");
+    let mut bytes = bind_execute("no_such_statement");
+    bytes.extend(raw::message(b'C', b"S\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &bytes).await;
+    assert_eq!(
+        raw::until_ready(&mut a).await,
+        ("EZ".to_owned(), vec!["26000".to_owned()])
+    );
+    assert_eq!(run_named(&mut a, "").await.as_deref(), Ok("kept"));
 }
 
 /// Sends a simple Query of raw bytes; the first column of its last row, as sent, or the
