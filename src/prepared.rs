@@ -1769,6 +1769,11 @@ impl ClientStatements {
         self.unnamed = None;
     }
 
+    /// Whether the client has a statement of this name.
+    pub fn has(&self, name: &str) -> bool {
+        self.named.contains_key(name)
+    }
+
     /// Forgets one of the client's statements (its DEALLOCATE); false if it had none.
     pub fn forget(&mut self, name: &str) -> bool {
         self.named.remove(name).is_some()

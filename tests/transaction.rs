@@ -3414,6 +3414,15 @@ async fn an_extended_protocol_deallocate_of_the_clients_own_statement_works() {
         first_value_until_ready(&mut s).await.as_deref(),
         Ok(&b"3"[..])
     );
+    // Pipelined behind a statement still running (tokio-postgres runs calls side by
+    // side): answered after it, in order.
+    assert_eq!(parse_named(&mut s, "s4", "SELECT 4").await, "1Z");
+    let mut both = raw::query("SELECT pg_sleep(0.2)");
+    both.extend(raw::query("DEALLOCATE s4"));
+    raw::send(&mut s, &both).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "TDCZ");
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".to_owned(), vec![]));
+    assert_eq!(run_named(&mut s, "s4").await, Err("26000".into()));
     // A name the client does not have fails as in PostgreSQL.
     let mut deallocate = raw::parse_bind_execute("DEALLOCATE nope");
     deallocate.extend(raw::SYNC);

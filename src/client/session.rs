@@ -126,6 +126,16 @@ enum Taken {
 type BorrowLeft<'a> =
     dyn std::future::Future<Output = Result<Result<(), ErrorResponse>, End>> + Send + 'a;
 
+/// What [`Session::answer_deallocate`] did with a Query.
+enum Deallocation {
+    /// Answered from the client's names.
+    Answered,
+    /// It waits for the replies owed before it.
+    Wait,
+    /// The server is to answer it.
+    PassOn,
+}
+
 /// What [`Session::pass_at_once`] did with what the client sent.
 #[derive(PartialEq)]
 enum Short {
@@ -532,6 +542,9 @@ pub struct Session {
     /// transaction failed, and the next backend it gets starts in a failed transaction
     /// until the client ends it.
     lost_transaction: bool,
+    /// A `DEALLOCATE` of the client's own waits for the replies owed before it (see
+    /// [`Session::answer_deallocate`]).
+    deallocate_waits: bool,
     /// The server reported a change of a setting that follows the client since it
     /// borrowed its backend (cleared on release): if the backend is lost before the
     /// transaction ends, whether the change stands is unknown.
@@ -639,6 +652,7 @@ impl Session {
             server_sent_fatal: false,
             server_fatal: None,
             lost_transaction: false,
+            deallocate_waits: false,
             reported_since_borrow: false,
             schema_changed: false,
             checking: None,
@@ -1020,7 +1034,14 @@ impl Session {
     /// statement being described, the role being given back, or a reset's answer (see
     /// [`Self::reset_answer_owed`]).
     fn client_held(&self) -> bool {
-        self.checking.is_some() || self.role_restore_owed() || self.reset_answer_owed()
+        self.checking.is_some()
+            || self.role_restore_owed()
+            || self.reset_answer_owed()
+            || (self.deallocate_waits
+                && self
+                    .backend
+                    .as_ref()
+                    .is_some_and(|b| b.server_ref().replies.owes_ready()))
     }
 
     /// Whether the client reset settings (not right behind which their startup values
@@ -1333,8 +1354,11 @@ impl Session {
                 if !self.whole_message_arrived(header)? {
                     return Ok(());
                 }
-                if self.answer_deallocate(header)? {
-                    continue;
+                match self.answer_deallocate(header)? {
+                    Deallocation::Answered => continue,
+                    // (Until what is owed has come: see `client_held`.)
+                    Deallocation::Wait => return Ok(()),
+                    Deallocation::PassOn => {}
                 }
             }
             if self.backend.is_none() {
@@ -1650,8 +1674,11 @@ impl Session {
     /// Answers a client's `DEALLOCATE name` of one of its own prepared statements, or
     /// `DEALLOCATE ALL`, from its names alone (transaction mode): on the server the name
     /// does not exist (or would drop every client's statements). Only when nothing is
-    /// pending, so the ReadyForQuery's status is known. Returns false to pass it on.
-    fn answer_deallocate(&mut self, header: Header) -> Result<bool, End> {
+    /// pending, so the ReadyForQuery's status is known: behind replies the server sends
+    /// without more from the client (tokio-postgres runs calls side by side), it waits
+    /// for them, as the server would answer it after them.
+    fn answer_deallocate(&mut self, header: Header) -> Result<Deallocation, End> {
+        self.deallocate_waits = false;
         let mut body = &self.client_in[HEADER_LEN..header.len];
         // (The bytes first: most queries are not DEALLOCATE.)
         let starts_with_deallocate = body
@@ -1660,7 +1687,7 @@ impl Session {
             .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"));
         // (In a transaction lost with its backend, the server refuses it: 25P02.)
         if !starts_with_deallocate || self.lost_transaction {
-            return Ok(false);
+            return Ok(Deallocation::PassOn);
         }
         let query = crate::protocol::frame::take_cstr_bytes(&mut body)
             .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
@@ -1670,8 +1697,18 @@ impl Session {
             .clone()
             .filter(|_| effects.statements == 1)
         else {
-            return Ok(false);
+            return Ok(Deallocation::PassOn);
         };
+        // A pinned client may have statements of its own on the server (SQL PREPARE
+        // pins): DEALLOCATE ALL drops those too, there. A name not the client's is one
+        // the server answers for (26000).
+        let answerable = match &target {
+            None => self.pinned.is_none(),
+            Some(name) => self.statements.has(name),
+        };
+        if !answerable {
+            return Ok(Deallocation::PassOn);
+        }
         let status = match self.backend.as_ref() {
             None => b'I',
             Some(backend) => {
@@ -1685,27 +1722,32 @@ impl Session {
                 match replies.tx_status() {
                     TxStatus::Idle if nothing_pending => b'I',
                     TxStatus::InTransaction if nothing_pending => b'T',
-                    _ => return Ok(false),
+                    _ if !nothing_pending && replies.owes_ready() && !replies.batch_open() => {
+                        self.deallocate_waits = true;
+                        return Ok(Deallocation::Wait);
+                    }
+                    // (In a failed transaction the server refuses it, 25P02, as
+                    // PostgreSQL would.)
+                    _ => return Ok(Deallocation::PassOn),
                 }
             }
         };
         let tag = match target {
-            // A pinned client may have statements of its own on the server (SQL PREPARE
-            // pins): DEALLOCATE ALL drops those too, there.
-            None if self.pinned.is_some() => return Ok(false),
             None => {
                 self.statements.clear();
                 "DEALLOCATE ALL"
             }
-            Some(name) if self.statements.forget(&name) => "DEALLOCATE",
-            Some(_) => return Ok(false),
+            Some(name) => {
+                self.statements.forget(&name);
+                "DEALLOCATE"
+            }
         };
         // A simple Query, even one answered here, destroys the unnamed statement.
         self.statements.query_sent();
         messages::command_complete(&mut self.client_out, tag);
         self.local_ready(status);
         self.client_in.advance(header.len);
-        Ok(true)
+        Ok(Deallocation::Answered)
     }
 
     /// Gives back the startup settings a reset took (see [`params::restore_statement`]),
