@@ -62,6 +62,17 @@ pub fn refusal_statement(reason: PinReason) -> String {
     )
 }
 
+/// An Execute of all of `portal`'s rows.
+fn put_execute(portal: &str) -> BytesMut {
+    let mut execute = BytesMut::new();
+    put_message(&mut execute, b'E', |b| {
+        b.put_slice(portal.as_bytes());
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    execute
+}
+
 /// The portal a refused Parse's stand-in runs in.
 const REFUSAL_PORTAL: &str = "pgshield_refusal";
 
@@ -1482,12 +1493,7 @@ impl ClientStatements {
             tag: b'B',
             undo: None,
         });
-        let mut head = BytesMut::new();
-        put_message(&mut head, b'E', |b| {
-            b.put_slice(REFUSAL_PORTAL.as_bytes());
-            b.put_u8(0);
-            b.put_i32(0);
-        });
+        let head = put_execute(REFUSAL_PORTAL);
         t.translation = Translation::Replace { head, tag: b'E' };
     }
 
@@ -1674,8 +1680,10 @@ impl ClientStatements {
         }
     }
 
-    /// A Bind that runs `refusal` (a statement that fails the way pgshield refuses state
-    /// that would pin) in `portal`, in place of the client's; injects its Parse if needed.
+    /// A Bind of `refusal` (a statement that fails the way pgshield refuses a stale
+    /// statement, or state that would pin) in `portal`, in place of the client's, written
+    /// to `out` after its Parse if needed (both returned as injected): returns the
+    /// Execute of it whose error the client gets in place of its BindComplete.
     pub fn refusal_bind(
         &mut self,
         server: &mut ServerStatements,
@@ -1685,9 +1693,12 @@ impl ClientStatements {
     ) -> (BytesMut, Vec<Injected>) {
         let mut t = Translated::pass_on();
         self.ensure_prepared(server, refusal, (situation, false), out, &mut t);
-        let mut head = BytesMut::new();
-        put_bind(&mut head, portal, refusal.name());
-        (head, t.injected)
+        put_bind(out, portal, refusal.name());
+        t.injected.push(Injected {
+            tag: b'B',
+            undo: None,
+        });
+        (put_execute(portal), t.injected)
     }
 
     /// Takes back what the server never acted on.

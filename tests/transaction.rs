@@ -2000,7 +2000,13 @@ async fn a_description_awaited_outlives_an_error_in_an_earlier_pipelined_batch()
     assert_eq!(raw::until_ready(&mut s).await.1, vec!["22012".to_owned()]);
     // Refused as PostgreSQL refuses it, not run on the new columns.
     let (tags, codes) = raw::until_ready(&mut s).await;
-    assert_eq!((tags.as_str(), codes), ("2EZ", vec!["0A000".to_owned()]));
+    assert_eq!((tags.as_str(), codes), ("EZ", vec!["0A000".to_owned()]));
+    // The Bind fails, as in PostgreSQL, with no Execute behind it too.
+    let mut bind = raw::message(b'B', b"\0x1\0\0\0\0\0\0\0");
+    bind.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bind).await;
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert_eq!((tags.as_str(), codes), ("EZ", vec!["0A000".to_owned()]));
     assert_eq!(
         parse_named(&mut s, "x2", "SELECT * FROM tx_check_t").await,
         "1Z"

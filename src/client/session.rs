@@ -274,6 +274,9 @@ struct FollowUp {
     restore: Dirty,
     /// Session mode, restore due: the client parsed an unnamed statement since its reset.
     unnamed_parsed: bool,
+    /// A `DEALLOCATE` of the client's own waits for the replies owed before it (see
+    /// [`Session::answer_deallocate`]): here, as few clients ever pipeline one.
+    deallocate_waits: bool,
     /// A fingerprint of the client's own `search_path` (0: none), part of its parse
     /// environment ([`Session::parse_env`]): kept here when its settings change, not looked
     /// up for every message; here, not in the session, as few clients have one (an idle
@@ -542,9 +545,6 @@ pub struct Session {
     /// transaction failed, and the next backend it gets starts in a failed transaction
     /// until the client ends it.
     lost_transaction: bool,
-    /// A `DEALLOCATE` of the client's own waits for the replies owed before it (see
-    /// [`Session::answer_deallocate`]).
-    deallocate_waits: bool,
     /// The server reported a change of a setting that follows the client since it
     /// borrowed its backend (cleared on release): if the backend is lost before the
     /// transaction ends, whether the change stands is unknown.
@@ -652,7 +652,6 @@ impl Session {
             server_sent_fatal: false,
             server_fatal: None,
             lost_transaction: false,
-            deallocate_waits: false,
             reported_since_borrow: false,
             schema_changed: false,
             checking: None,
@@ -815,6 +814,7 @@ impl Session {
                         && f.readbacks.is_empty()
                         && f.restore.is_empty()
                         && f.search_path_env == 0
+                        && !f.deallocate_waits
                 }) {
                     self.follow_up = None;
                 }
@@ -1037,7 +1037,7 @@ impl Session {
         self.checking.is_some()
             || self.role_restore_owed()
             || self.reset_answer_owed()
-            || (self.deallocate_waits
+            || (self.follow_up.as_ref().is_some_and(|f| f.deallocate_waits)
                 && self
                     .backend
                     .as_ref()
@@ -1678,7 +1678,9 @@ impl Session {
     /// without more from the client (tokio-postgres runs calls side by side), it waits
     /// for them, as the server would answer it after them.
     fn answer_deallocate(&mut self, header: Header) -> Result<Deallocation, End> {
-        self.deallocate_waits = false;
+        if let Some(follow_up) = self.follow_up.as_mut() {
+            follow_up.deallocate_waits = false;
+        }
         let mut body = &self.client_in[HEADER_LEN..header.len];
         // (The bytes first: most queries are not DEALLOCATE.)
         let starts_with_deallocate = body
@@ -1723,7 +1725,9 @@ impl Session {
                     TxStatus::Idle if nothing_pending => b'I',
                     TxStatus::InTransaction if nothing_pending => b'T',
                     _ if !nothing_pending && replies.owes_ready() && !replies.batch_open() => {
-                        self.deallocate_waits = true;
+                        self.follow_up
+                            .get_or_insert_with(Default::default)
+                            .deallocate_waits = true;
                         return Ok(Deallocation::Wait);
                     }
                     // (In a failed transaction the server refuses it, 25P02, as
@@ -2230,9 +2234,10 @@ impl Session {
         }
     }
 
-    /// Replaces the client's Bind (`translation`, perhaps already written) by one that
-    /// runs `refusal`, a statement that fails, in the same portal: the client's Execute
-    /// then gets its error, and the server skips to the Sync.
+    /// Replaces the client's Bind (`translation`, perhaps already written) by one, hidden,
+    /// of `refusal`, a statement that fails, in the same portal, and an Execute of it: the
+    /// client gets the error in place of its BindComplete, as PostgreSQL fails a Bind, and
+    /// the server skips the rest of the batch (a Describe of the portal, its Execute).
     fn refuse_bind(
         (statements, registry, limits): (&mut ClientStatements, &Registry, &Limits),
         server: &mut Server,
@@ -2246,7 +2251,7 @@ impl Session {
         // (Its portal runs the refusal: a Describe of it is not the statement's.)
         server.statements.batch_ended();
         let refusal = registry.own(refusal);
-        let (head, injected) = statements.refusal_bind(
+        let (execute, injected) = statements.refusal_bind(
             &mut server.statements,
             &refusal,
             (
@@ -2261,7 +2266,10 @@ impl Session {
                 .replies
                 .sent_with(injected.tag, Hide::KeepErrors, injected.undo);
         }
-        Translation::Replace { head, tag: b'B' }
+        Translation::Replace {
+            head: execute,
+            tag: b'E',
+        }
     }
 
     /// The client's parse environment (`ClientView::parse_env`), or while a setting it
