@@ -553,3 +553,35 @@ async fn a_place_kept_with_a_warm_backend_goes_to_a_borrower_that_waits() {
     let status = pool.status();
     assert_eq!((status.open, status.idle, status.waiting), (1, 1, 0));
 }
+
+/// `borrow_timeout` bounds the whole borrow, opening a backend included: a server that
+/// takes connections and never answers (a host hung mid-failover) costs a client
+/// `borrow_timeout`, not `server_connect_timeout`.
+#[tokio::test]
+async fn borrow_timeout_bounds_opening_a_backend_too() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let proxy = TestProxy::start_with_databases(
+        &format!("[databases.app]\nhost = \"127.0.0.1\"\nport = {port}\n"),
+        "[pool]\nborrow_timeout = \"1s\"\nserver_connect_timeout = \"30s\"\n\
+         [users.pool_silent]\npassword = \"pw\"\n",
+    )
+    .await;
+    let started = Instant::now();
+    let login = proxy.connect("pool_silent", "pw");
+    let refused = tokio::time::timeout(Duration::from_secs(20), login)
+        .await
+        .expect("an answer before server_connect_timeout");
+    assert!(refused.is_err(), "no backend to be had");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    held.abort();
+}

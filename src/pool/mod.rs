@@ -242,6 +242,24 @@ async fn answers(server: &mut Server, within: Duration) -> bool {
     false
 }
 
+/// `get`, failing as a wait that timed out once `deadline` passes (a backend being opened
+/// meanwhile is dropped, its place and any `max_db_connections` place with it).
+async fn within<T, E>(
+    deadline: Option<tokio::time::Instant>,
+    get: impl std::future::Future<Output = Result<T, PoolError<E>>>,
+) -> Result<T, PoolError<E>> {
+    match deadline {
+        Some(deadline) => {
+            tokio::time::timeout_at(deadline, get)
+                .await
+                .unwrap_or(Err(PoolError::Timeout(
+                    deadpool::managed::TimeoutType::Wait,
+                )))
+        }
+        None => get.await,
+    }
+}
+
 impl ServerManager {
     /// Opens a backend for the pool: under `max_db_connections`, with the target and
     /// settings in force now.
@@ -1156,10 +1174,17 @@ impl Pool {
             create: None,
             recycle: None,
         };
-        let got = match self
-            .inner
-            .timeout_get(&timeouts(Some(Duration::ZERO)))
-            .await
+        // From here on a backend may be opened (a host tried after another, a wait for
+        // max_db_connections, a failover): all of it within what is left of
+        // `borrow_timeout`, whose error then comes on time.
+        let deadline = settings
+            .borrow_timeout
+            .map(|limit| started.unwrap_or_else(tokio::time::Instant::now) + limit);
+        let got = match within(
+            deadline,
+            self.inner.timeout_get(&timeouts(Some(Duration::ZERO))),
+        )
+        .await
         {
             Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => {
                 // Deadpool is full because of warm backends given back meanwhile: one
@@ -1169,10 +1194,9 @@ impl Pool {
                 if let Some(obj) = self.take_warm(&settings) {
                     return Ok(self.lent(obj, place, &settings));
                 }
-                let left = settings.borrow_timeout.map(|limit| {
-                    started.map_or(limit, |started| limit.saturating_sub(started.elapsed()))
-                });
-                self.inner.timeout_get(&timeouts(left)).await
+                let left =
+                    deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+                within(deadline, self.inner.timeout_get(&timeouts(left))).await
             }
             got => got,
         };
