@@ -22,7 +22,7 @@ async fn a_user_outside_its_allowed_cidrs_is_refused_with_28000() {
     common::create_role("acc_cidr_no", "pw").await;
     common::create_role("acc_cidr_yes", "pw").await;
     let proxy = TestProxy::start(&format!(
-        "{}{}",
+        "{}{}[admin]\nusers = [\"acc_cidr_no\", \"acc_cidr_yes\"]\n",
         role_config(
             "acc_cidr_no",
             "allowed_cidrs = [\"10.0.0.0/8\", \"::1/128\"]\n"
@@ -30,6 +30,14 @@ async fn a_user_outside_its_allowed_cidrs_is_refused_with_28000() {
         role_config("acc_cidr_yes", "allowed_cidrs = [\"127.0.0.0/8\"]\n"),
     ))
     .await;
+    // The admin console too.
+    let mut console = proxy.config("acc_cidr_no", "pw");
+    console.dbname("pgshield");
+    let err = common::connect(&console).await.err().expect("refused");
+    assert_eq!(sqlstate(&err), Some("28000"), "{err}");
+    let mut console = proxy.config("acc_cidr_yes", "pw");
+    console.dbname("pgshield");
+    common::connect(&console).await.expect("allowed");
     let err = proxy
         .connect("acc_cidr_no", "pw")
         .await

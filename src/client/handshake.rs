@@ -119,6 +119,9 @@ pub async fn login(
     negotiate_version(stream, &startup).await?;
 
     if database == ADMIN_DATABASE {
+        // (A user's address and TLS rules hold for the console too.)
+        live.access
+            .check_peer(&user, &database, peer, stream.is_tls())?;
         return admin_login(shared, stream, buf, peer, user, tls).await;
     }
     // Through listen.read_only_addr, every database is its read-only alias. One without
