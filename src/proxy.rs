@@ -320,13 +320,25 @@ async fn accept(
     match accepted {
         Ok((stream, peer, local)) => {
             let slot = shared.clients.try_take();
-            sessions.spawn(client::serve(
-                Arc::clone(shared),
-                stream,
-                (peer, local),
-                slot,
-                read_only,
-            ));
+            let serve = |slot| {
+                let shared = Arc::clone(shared);
+                client::serve(shared, stream, (peer, local), slot, read_only)
+            };
+            if slot.is_some() {
+                sessions.spawn(serve(slot));
+                return;
+            }
+            // Over the client limit: told so, as many at a time as the limit; beyond
+            // that, closed unread.
+            let Some(refusing) = shared.clients.try_refuse() else {
+                tracing::debug!(%peer, "over the client limit, and as many being refused: closed");
+                return;
+            };
+            let refusal = serve(None);
+            sessions.spawn(async move {
+                let _refusing = refusing;
+                refusal.await;
+            });
         }
         Err(e) => {
             // Out of file descriptors and the like: back off instead of spinning.

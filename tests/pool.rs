@@ -276,6 +276,35 @@ async fn max_client_connections_refuses_the_next_client_with_53300() {
     drop(b);
 }
 
+/// Connections over the client limit hold nothing for long, however many come: as many
+/// as the limit (at least 16) are read for their startup packet, for a few seconds, to
+/// be told 53300; any more are closed unread.
+#[tokio::test]
+async fn a_flood_of_connections_over_the_client_limit_is_bounded() {
+    common::create_role("pool_flood", "pw").await;
+    let proxy = TestProxy::start(
+        "[listen]\nmax_client_connections = 1\n[users.pool_flood]\npassword = \"pw\"\n",
+    )
+    .await;
+    let _in = proxy.connect("pool_flood", "pw").await.expect("first");
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(raw::connect(proxy.addr).await);
+    }
+    // (The accept loop has taken them all once a 17th is answered.)
+    let mut over = raw::connect(proxy.addr).await;
+    let started = Instant::now();
+    assert!(raw::closed(&mut over).await, "the 17th is closed");
+    assert!(started.elapsed() < Duration::from_secs(2), "at once");
+    // The 16 are closed within REFUSAL_TIMEOUT (5 s), not client_login_timeout (60 s).
+    for s in &mut silent {
+        assert!(raw::closed(s).await, "closed in time");
+    }
+    assert!(started.elapsed() < Duration::from_secs(9));
+    let err = proxy.connect("pool_flood", "pw").await.err().expect("over");
+    assert_eq!(sqlstate(&err), Some("53300"), "{err}");
+}
+
 #[tokio::test]
 async fn a_client_idle_past_idle_client_timeout_is_closed_with_57p05() {
     let proxy = proxy(

@@ -49,16 +49,27 @@ pub struct ClientSlots {
     open: AtomicUsize,
     /// A reload may change it; clients over a lowered limit stay.
     max: AtomicUsize,
+    /// Connections over the limit whose startup packet is being read, to refuse them
+    /// with 53300 (see [`ClientSlots::try_refuse`]).
+    refusing: AtomicUsize,
 }
 
 /// One taken slot; dropping it frees the slot.
 pub struct ClientSlot(Arc<ClientSlots>);
+
+/// A connection over the limit being refused; dropping it ends the count of it.
+pub struct Refusing(Arc<ClientSlots>);
+
+/// How long a connection over the client limit has to send its startup packet (it
+/// only waits for its 53300): at most `listen.client_login_timeout`.
+pub const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ClientSlots {
     pub fn new(max: usize) -> Arc<ClientSlots> {
         Arc::new(ClientSlots {
             open: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
+            refusing: AtomicUsize::new(0),
         })
     }
 
@@ -79,11 +90,31 @@ impl ClientSlots {
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
+
+    /// A connection over the limit, to be told so (53300, as PostgreSQL tells it) once
+    /// its startup packet is read, within [`REFUSAL_TIMEOUT`]: as many at once as the
+    /// limit itself (at least 16). Beyond that, None: it is closed unread, so that a
+    /// flood of connections over the limit holds no more than that many sockets.
+    pub fn try_refuse(self: &Arc<Self>) -> Option<Refusing> {
+        let cap = self.max.load(Ordering::Acquire).max(16);
+        self.refusing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Refusing(Arc::clone(self)))
+    }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Refusing {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -143,7 +174,10 @@ async fn log_in(
     clients.received.increment(1);
     let closed = ClosedOnDrop(clients.closed.clone());
     let mut buf = BytesMut::new();
-    let login_timeout = shared.live().config.listen.client_login_timeout;
+    let mut login_timeout = shared.live().config.listen.client_login_timeout;
+    if slot.is_none() {
+        login_timeout = login_timeout.min(REFUSAL_TIMEOUT);
+    }
     let shutdown = shared.shutdown.clone();
     let login = handshake::login(
         &shared,
