@@ -674,3 +674,47 @@ async fn a_backend_is_reused_after_a_client_resets_and_leaves() {
     let next = common::connect(&config).await.expect("login");
     assert_eq!(pid(next).await, first_pid, "the one backend was reused");
 }
+
+/// In session mode the client keeps a backend whose replies a failed COPY FROM STDIN left
+/// unsure how to count (one ReadyForQuery more may come): pgshield finds its place among
+/// them again, and the session's limits go on as for any other (a statement running
+/// past query_timeout is cancelled).
+#[tokio::test]
+async fn a_session_kept_after_a_failed_copy_is_timed_again() {
+    common::create_role("sess_copyresync", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmode = \"session\"\nmax_size = 1\nquery_timeout = \"2s\"\n\
+         [users.sess_copyresync]\nauth = \"trust\"\nserver_password = \"pw\"\n",
+    )
+    .await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE copy_resync (x int); CREATE VIEW copy_resync_v AS SELECT * FROM copy_resync; \
+             GRANT ALL ON copy_resync, copy_resync_v TO sess_copyresync",
+        )
+        .await
+        .unwrap();
+    let mut s = raw::login_trusted(proxy.addr, "sess_copyresync").await;
+    // A COPY into a view fails before reading its data: PostgreSQL answers the Sync sent
+    // ahead of the data and the one after it.
+    let mut bytes = raw::parse_bind_execute("COPY copy_resync_v FROM STDIN");
+    bytes.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &bytes).await;
+    let (tags, codes) = raw::until_ready(&mut s).await;
+    assert_eq!((tags.as_str(), codes), ("12GEZ", vec!["42809".to_owned()]));
+    let mut rest = raw::message(b'd', b"1\n");
+    rest.extend_from_slice(&raw::COPY_DONE);
+    rest.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &rest).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "Z");
+    raw::send(&mut s, &raw::query("SELECT 1")).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "TDCZ");
+    let started = std::time::Instant::now();
+    raw::send(&mut s, &raw::query("SELECT pg_sleep(10)")).await;
+    let (_, codes) = raw::until_ready(&mut s).await;
+    assert_eq!(codes, vec!["57014".to_owned()]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(7));
+    raw::send(&mut s, &raw::query("SELECT 2")).await;
+    assert_eq!(raw::until_ready(&mut s).await.0, "TDCZ");
+}

@@ -770,6 +770,7 @@ impl Session {
             if self.mode == PoolMode::Transaction {
                 self.release_if_done();
             }
+            self.resync_if_unsure();
             // The limits run on one timer, re-aimed when the session changes state. (The
             // idle limit alone, the default, is aimed once: it is looked at when the timer
             // fires, and the state need not be worked out each turn.)
@@ -1648,6 +1649,30 @@ impl Session {
             self.request_received = Some(now);
             self.xact_started.get_or_insert(now);
             self.registered.info.note_request(now);
+        }
+    }
+
+    /// A backend this client keeps (session mode, or pinned) whose replies can no longer
+    /// be matched for sure (a failed COPY FROM STDIN may leave one ReadyForQuery more to
+    /// come): once nothing known is owed, an empty Query of pgshield's finds their place
+    /// again ([`crate::server::state::ReplyTracker::resync_sent`]), so that its timeouts,
+    /// resets and shutdown go on as for any other. (In transaction mode a client that
+    /// lets go of such a backend has it closed.)
+    fn resync_if_unsure(&mut self) {
+        let keeps = self.mode == PoolMode::Session || self.pinned.is_some();
+        let Some(backend) = self.backend.as_mut().filter(|_| keeps) else {
+            return;
+        };
+        let server = backend.server();
+        if !server.replies.needs_resync()
+            || !self.server_out.is_empty()
+            || self.client_msg.left > 0
+            || self.server_msg.left > 0
+        {
+            return;
+        }
+        if postgres_protocol::message::frontend::query("", &mut self.server_out).is_ok() {
+            server.replies.resync_sent();
         }
     }
 

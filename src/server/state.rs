@@ -224,6 +224,10 @@ pub struct ReplyTracker {
     copy_swallowed_messages: bool,
     /// The replies can no longer be matched with certainty (see the module doc).
     unsure: bool,
+    /// pgshield's empty Query, sent to find its place again among an unsure backend's
+    /// replies (see [`ReplyTracker::resync_sent`]): sent, and whether its
+    /// EmptyQueryResponse has come.
+    resync: Option<bool>,
     /// A Flush was sent since `max` replies came to be owed (see `flush_due`).
     flushed: bool,
     tx: TxStatus,
@@ -245,6 +249,7 @@ impl Default for ReplyTracker {
             client_copying: false,
             copy_swallowed_messages: false,
             unsure: false,
+            resync: None,
             flushed: false,
             tx: TxStatus::Idle,
         }
@@ -623,6 +628,24 @@ impl ReplyTracker {
     /// replies must have been written first ([`ReplyTracker::write_due_fakes`]).
     pub fn received(&mut self, tag: u8, status: Option<u8>) -> Result<Disposition, OutOfStep> {
         use Disposition::Forward;
+        if let Some(answered) = self.resync {
+            // Until its EmptyQueryResponse, a ReadyForQuery is the client's (the one more
+            // than counted); then the next ends the resync, and the replies can be matched
+            // again.
+            return Ok(match (tag, answered) {
+                (b'I', false) => {
+                    self.resync = Some(true);
+                    Disposition::Swallow
+                }
+                (b'Z', true) => {
+                    self.resync = None;
+                    self.unsure = false;
+                    self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
+                    Disposition::Swallow
+                }
+                _ => Forward,
+            });
+        }
         if self.answering_hidden_query() {
             if tag == b'Z' {
                 self.ready(status.and_then(TxStatus::from_byte).ok_or(OutOfStep)?)?;
@@ -922,6 +945,26 @@ impl ReplyTracker {
     /// The replies can no longer be matched with certainty: the backend must not be reused.
     pub fn is_unsure(&self) -> bool {
         self.unsure
+    }
+
+    /// Unsure (see [`ReplyTracker::is_unsure`]), with nothing known to be owed and no COPY
+    /// or batch under way: an empty Query of pgshield's would find its place again
+    /// ([`ReplyTracker::resync_sent`]).
+    pub fn needs_resync(&self) -> bool {
+        self.unsure
+            && self.resync.is_none()
+            && self.owed.is_empty()
+            && !self.client_copying
+            && !self.extended_open
+            && !self.skipping_to_sync
+    }
+
+    /// pgshield's empty Query is on its way: whatever ReadyForQuery comes before its
+    /// EmptyQueryResponse (the one more than counted, if any) is passed to the client,
+    /// and the one after it, swallowed, ends the doubt. (An empty Query runs in any
+    /// transaction state, a failed one too.)
+    pub fn resync_sent(&mut self) {
+        self.resync = Some(false);
     }
 
     /// Unsure, yet its last reply was a ReadyForQuery outside a transaction block, with
