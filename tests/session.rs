@@ -718,3 +718,34 @@ async fn a_session_kept_after_a_failed_copy_is_timed_again() {
     raw::send(&mut s, &raw::query("SELECT 2")).await;
     assert_eq!(raw::until_ready(&mut s).await.0, "TDCZ");
 }
+
+/// What LOAD brings into a server process (a library's hooks) outlives DISCARD ALL: a
+/// session-mode client that ran it leaves its backend closed, not lent to the next, as in
+/// transaction mode.
+#[tokio::test]
+async fn a_backend_that_loaded_a_library_is_closed_when_its_client_leaves() {
+    common::create_role("sess_load", "pw").await;
+    let proxy = TestProxy::start(
+        "[pool]\nmode = \"session\"\nmax_size = 1\n\n[users.sess_load]\npassword = \"pw\"\n",
+    )
+    .await;
+    async fn pid(conn: &Conn) -> i32 {
+        let row = conn.client.query_one("SELECT pg_backend_pid()", &[]).await;
+        row.expect("pid").get::<_, i32>(0)
+    }
+    let first = proxy.connect("sess_load", "pw").await.expect("login");
+    let first_pid = pid(&first).await;
+    drop(first);
+    let second = proxy.connect("sess_load", "pw").await.expect("login");
+    assert_eq!(
+        pid(&second).await,
+        first_pid,
+        "reused after a plain session"
+    );
+    // (Refused to a non-superuser for a library outside plugins/: closed all the same, as
+    // pgshield goes by what a statement may do.)
+    let _ = second.client.batch_execute("LOAD 'auto_explain'").await;
+    drop(second);
+    let third = proxy.connect("sess_load", "pw").await.expect("login");
+    assert_ne!(pid(&third).await, first_pid, "closed after LOAD");
+}

@@ -1869,8 +1869,8 @@ impl Session {
             self.restore_startup_settings(header.tag);
         }
         let parse_env = self.parse_env();
-        // Session mode: only a reset of settings is looked for (see `restore_after`), in a
-        // Query short enough to hold whole.
+        // Session mode: only a reset of settings is looked for (see `restore_after`), and a
+        // LOAD, in a Query short enough to hold whole.
         let mut session_restore_behind = None;
         if self.mode == PoolMode::Session && header.tag == b'Q' && header.len <= RESET_SCAN_LIMIT {
             if !self.whole_message_arrived(header)? {
@@ -1880,6 +1880,13 @@ impl Session {
             let query = crate::protocol::frame::take_cstr_bytes(&mut body)
                 .ok_or_else(|| End::ClientProtocol("malformed Query message".into()))?;
             let effects = sql::classify_in(query, parse_env);
+            if effects.pin == Some(PinReason::Load) {
+                // What a library loads stays in the server process after DISCARD ALL (its
+                // hooks): that backend is closed when the client leaves (`cleanup`), as in
+                // transaction mode. (Nothing else reads `pinned` in session mode, where a
+                // client keeps its backend anyway.)
+                self.pinned = Some(PinReason::Load);
+            }
             if effects.resets {
                 let idle = self
                     .backend
