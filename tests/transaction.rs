@@ -1280,6 +1280,40 @@ async fn query_timeout_cancels_a_statement_that_runs_too_long() {
         .expect("short statements run");
 }
 
+/// A client that pipelines a Query behind a COPY FROM STDIN that fails (data sent ahead
+/// of the CopyInResponse): which ReadyForQuery answers what cannot be told from outside,
+/// so pgshield finds its place among the replies again before letting go of the backend,
+/// and the Query's answer still reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_pipelined_behind_a_failed_copy_is_answered() {
+    let proxy = trusted_proxy("tx_copy_pipe", "max_size = 1").await;
+    common::admin()
+        .await
+        .batch_execute(
+            "CREATE TABLE tx_copy_pipe_t (x int); \
+             CREATE VIEW tx_copy_pipe_v AS SELECT * FROM tx_copy_pipe_t; \
+             GRANT ALL ON tx_copy_pipe_t, tx_copy_pipe_v TO tx_copy_pipe",
+        )
+        .await
+        .expect("setup");
+    let mut s = raw::login_trusted(proxy.addr, "tx_copy_pipe").await;
+    let mut all = raw::parse_bind_execute("COPY tx_copy_pipe_v FROM STDIN");
+    all.extend_from_slice(&raw::SYNC);
+    all.extend(raw::message(b'd', b"1\n"));
+    all.extend_from_slice(&raw::COPY_DONE);
+    all.extend_from_slice(&raw::SYNC);
+    all.extend(raw::query("SELECT 'after'"));
+    raw::send(&mut s, &all).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("12GEZ".to_owned(), vec!["42809".to_owned()])
+    );
+    assert_eq!(raw::until_ready(&mut s).await.0, "Z");
+    assert_eq!(row_until_ready(&mut s).await.as_deref(), Ok("after"));
+    raw::send(&mut s, &raw::query("SELECT 'and on'")).await;
+    assert_eq!(row_until_ready(&mut s).await.as_deref(), Ok("and on"));
+}
+
 /// A COPY FROM STDIN in the extended protocol that fails (a bad row, or a sink dropped
 /// unfinished: CopyFail) leaves replies pgshield cannot match for sure; the client still
 /// holds nothing once it ended outside a transaction (its backend is closed), and goes on.

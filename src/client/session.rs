@@ -1652,15 +1652,15 @@ impl Session {
         }
     }
 
-    /// A backend this client keeps (session mode, or pinned) whose replies can no longer
-    /// be matched for sure (a failed COPY FROM STDIN may leave one ReadyForQuery more to
-    /// come): once nothing known is owed, an empty Query of pgshield's finds their place
-    /// again ([`crate::server::state::ReplyTracker::resync_sent`]), so that its timeouts,
-    /// resets and shutdown go on as for any other. (In transaction mode a client that
-    /// lets go of such a backend has it closed.)
+    /// A backend whose replies can no longer be matched for sure (a failed COPY FROM
+    /// STDIN may leave one ReadyForQuery more to come): once nothing known is owed, an
+    /// empty Query of pgshield's finds their place again
+    /// ([`crate::server::state::ReplyTracker::resync_sent`]). A client that keeps it
+    /// (session mode, pinned) goes on with its timeouts, resets and shutdown as any
+    /// other; in transaction mode the client lets go of it then (closed), having had the
+    /// replies to whatever it pipelined behind the COPY.
     fn resync_if_unsure(&mut self) {
-        let keeps = self.mode == PoolMode::Session || self.pinned.is_some();
-        let Some(backend) = self.backend.as_mut().filter(|_| keeps) else {
+        let Some(backend) = self.backend.as_mut() else {
             return;
         };
         let server = backend.server();
@@ -1670,6 +1670,11 @@ impl Session {
             || self.server_msg.left > 0
         {
             return;
+        }
+        if self.mode == PoolMode::Transaction {
+            // (What it has prepared may be other than recorded, had the COPY swallowed
+            // a Parse: never lent again, whoever lets go of it.)
+            server.mark_broken();
         }
         if postgres_protocol::message::frontend::query("", &mut self.server_out).is_ok() {
             server.replies.resync_sent();
@@ -2785,10 +2790,13 @@ impl Session {
             && self.client_msg.left == 0
             && self.server_msg.left == 0;
         if quiet && server.replies.unsure_but_over() {
-            // Its replies cannot be matched any more (a failed COPY FROM STDIN), but the
-            // client waits for nothing: it is closed, not kept by this client for good.
+            // Its replies cannot be matched any more (a failed COPY FROM STDIN): it is
+            // to be closed, not kept by this client for good. But what the client
+            // pipelined behind the COPY may still be answered: pgshield first finds its
+            // place among the replies again (`resync_if_unsure`), then lets go of it.
             // (Settings it may have changed are read back after its next transaction.)
             server.mark_broken();
+            return;
         } else if !quiet || !server.replies.is_idle() {
             return;
         } else if let Some(follow_up) = self.follow_up.as_mut().filter(|f| !f.dirty.is_empty()) {
