@@ -143,6 +143,13 @@ pub async fn login(
         .map_or_else(|| database.clone(), |(base, _)| base.to_owned());
     live.access
         .check_peer(&user, &rules_db, peer, stream.is_tls())?;
+    // An address that has failed repeatedly waits before every attempt, right or wrong
+    // (before an auth.query lookup too, which costs the server a login and a query).
+    let delay = shared.login_throttle.delay(peer);
+    if !delay.is_zero() {
+        tracing::info!(%peer, user, delay_ms = delay.as_millis() as u64, "slowing down logins from an address that failed repeatedly");
+        tokio::time::sleep(delay).await;
+    }
     // Configured users first; then, with [auth], the database's own roles.
     let configured = live.users.lookup(&user).cloned();
     let found = match (&configured, &live.auth_query) {
@@ -159,16 +166,16 @@ pub async fn login(
         },
         _ => None,
     };
+    // A name auth.query did not find can only fail: counted now, so that a client
+    // trying names and hanging up at once (each name a lookup) is slowed down too.
+    let unknown = configured.is_none() && found.is_none();
+    if unknown && live.auth_query.is_some() {
+        shared.login_throttle.failed(peer);
+    }
     let auth = configured
         .clone()
         .or_else(|| found.clone())
         .unwrap_or_else(|| live.users.mock(&user));
-    // An address that has failed repeatedly waits before every attempt, right or wrong.
-    let delay = shared.login_throttle.delay(peer);
-    if !delay.is_zero() {
-        tracing::info!(%peer, user, delay_ms = delay.as_millis() as u64, "slowing down logins from an address that failed repeatedly");
-        tokio::time::sleep(delay).await;
-    }
     let end_point = tls.as_ref().and_then(|m| m.end_point.as_deref());
     let mut out = BytesMut::with_capacity(512);
     let proof = match auth::authenticate(stream, buf, &user, &auth, end_point, &mut out).await {
@@ -176,7 +183,10 @@ pub async fn login(
         Err(e) => {
             match &e {
                 AuthError::Failed(_) => {
-                    shared.login_throttle.failed(peer);
+                    // (Counted already if auth.query did not find the name.)
+                    if !(unknown && live.auth_query.is_some()) {
+                        shared.login_throttle.failed(peer);
+                    }
                     tracing::info!(%peer, user, database, "authentication failed");
                 }
                 AuthError::Closed => {
