@@ -40,7 +40,7 @@ pub async fn run(shared: Arc<Shared>, mut stream: Stream, mut buf: BytesMut, use
                 let mut text = &body[..];
                 let sql = take_cstr(&mut text).unwrap_or_default();
                 tracing::info!(user, command = sql, "admin console");
-                if let Err(e) = execute(&shared, sql, &mut out).await {
+                if let Err(e) = execute(&shared, &user, sql, &mut out).await {
                     e.encode(&mut out);
                 }
                 messages::ready_for_query(&mut out, b'I');
@@ -127,13 +127,27 @@ fn not_supported(command: &str, why: &str) -> ErrorResponse {
     )
 }
 
-async fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Result<(), ErrorResponse> {
+async fn execute(
+    shared: &Arc<Shared>,
+    user: &str,
+    sql: &str,
+    out: &mut BytesMut,
+) -> Result<(), ErrorResponse> {
     let words: Vec<String> = sql
         .trim()
         .trim_end_matches(';')
         .split_whitespace()
         .map(str::to_ascii_uppercase)
         .collect();
+    // A user of admin.stats_users (and not admin.users) may look, not act: as PgBouncer's
+    // stats_users. (Read at each command: a reload may have changed the lists.)
+    let acts = words.first().is_some_and(|w| w != "SHOW");
+    if acts && !shared.live().config.admin.users.iter().any(|u| u == user) {
+        return Err(ErrorResponse::error(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("user \"{user}\" may run SHOW commands only (admin.stats_users)"),
+        ));
+    }
     let arg = |i: usize| {
         sql.trim()
             .trim_end_matches(';')

@@ -92,6 +92,9 @@ pub struct AdminConfig {
     pub http_listen: String,
     /// Users (from `[users]`) allowed into the admin console, database `pgshield`.
     pub users: Vec<String>,
+    /// Users allowed into the admin console for its SHOW commands only (PgBouncer's
+    /// stats_users): what a metrics exporter logs in as.
+    pub stats_users: Vec<String>,
     /// Let admin users connect from other hosts than this one (loopback only by default).
     pub allow_remote: bool,
     /// The period SHOW STATS averages are computed over (PgBouncer's stats_period).
@@ -104,6 +107,7 @@ impl Default for AdminConfig {
         AdminConfig {
             http_listen: "127.0.0.1:9930".into(),
             users: Vec::new(),
+            stats_users: Vec::new(),
             allow_remote: false,
             stats_period: Duration::from_secs(60),
         }
@@ -1150,10 +1154,16 @@ impl Config {
         if self.admin.stats_period.is_zero() {
             return Err(invalid("admin.stats_period", "must be more than 0s"));
         }
-        for user in &self.admin.users {
+        let console_users = self.admin.users.iter().map(|u| ("admin.users", u));
+        let stats_users = self
+            .admin
+            .stats_users
+            .iter()
+            .map(|u| ("admin.stats_users", u));
+        for (key, user) in console_users.chain(stats_users) {
             if !self.users.contains_key(user) && !self.auth.listed.contains_key(user) {
                 return Err(invalid(
-                    "admin.users",
+                    key,
                     format!(
                         "`{user}` is not in [users] nor listed in auth.file (admin users log \
                          in like any other)"

@@ -284,6 +284,43 @@ async fn only_admin_users_get_in_and_unknown_commands_are_clear_errors() {
     assert!(!show(&admin.client, "SHOW VERSION").await.is_empty());
 }
 
+/// A user of `admin.stats_users` (PgBouncer's stats_users: what an exporter logs in as)
+/// may look, not act.
+#[tokio::test]
+async fn stats_users_may_show_but_not_act() {
+    common::create_role("adm_stats", "pw").await;
+    common::create_role("adm_stats_ops", "pw").await;
+    common::create_role("adm_stats_look", "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[users.adm_stats_look]\npassword = \"pw\"\n{}stats_users = [\"adm_stats_look\"]\n",
+        sections("adm_stats", "")
+    ))
+    .await;
+    let look = console(&proxy, "adm_stats_look").await;
+    assert!(!show(&look.client, "SHOW POOLS").await.is_empty());
+    assert!(!show(&look.client, "show stats;").await.is_empty());
+    for command in [
+        "PAUSE",
+        "RESUME",
+        "RECONNECT",
+        "SHUTDOWN",
+        "KILL app",
+        "RELOAD",
+    ] {
+        assert_eq!(refused(&look.client, command).await, "42501", "{command}");
+    }
+    let ops = console(&proxy, "adm_stats_ops").await;
+    ops.client
+        .simple_query("RECONNECT")
+        .await
+        .expect("an admin acts");
+    // Nobody else gets in.
+    let mut c = proxy.config("adm_stats", "pw");
+    c.dbname("pgshield");
+    let err = common::connect(&c).await.err().expect("not an admin");
+    assert_eq!(sqlstate(&err), Some("28000"));
+}
+
 #[tokio::test]
 async fn show_pins_and_show_prepared_list_what_pgbouncer_cannot() {
     let proxy = proxy("adm_pins", "").await;

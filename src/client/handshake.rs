@@ -299,12 +299,12 @@ async fn admin_login(
 ) -> Result<Outcome, Refusal> {
     let live = shared.live();
     let admin = &live.config.admin;
-    if !admin.users.contains(&user) {
+    if !admin.users.contains(&user) && !admin.stats_users.contains(&user) {
         return Err(ErrorResponse::fatal(
             sqlstate::INVALID_AUTHORIZATION,
             format!("user \"{user}\" may not use the pgshield admin console"),
         )
-        .with_hint("admin users are listed in admin.users")
+        .with_hint("admin users are listed in admin.users (admin.stats_users: SHOW only)")
         .into());
     }
     if !admin.allow_remote && !peer.is_local() {
