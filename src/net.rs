@@ -111,18 +111,25 @@ pub async fn connect_server(host: &str, port: u16) -> io::Result<Stream> {
 /// Idle time before the first keepalive probe, and between probes.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long data sent may go unacknowledged (and keepalive probes unanswered) before the
+/// connection is given up as dead: without it a peer gone silent with data in flight (a
+/// host cut off mid-statement) is noticed only after the kernel's retransmissions, some
+/// 15 minutes.
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The TCP options of every connection, on both sides: no Nagle delay (the protocol is
-/// request/response, and pgshield batches its own writes) and keepalive to notice dead
-/// peers. Set on the client listeners too, whose accepted connections inherit them.
+/// request/response, and pgshield batches its own writes), keepalive and a user timeout
+/// to notice dead peers. Set on the client listeners too, whose accepted connections
+/// inherit them.
 pub fn set_tcp_options(sock: socket2::SockRef<'_>) -> io::Result<()> {
-    // (Each tried, whatever the other did.)
+    // (Each tried, whatever the others did.)
     let nodelay = sock.set_tcp_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_TIME)
         .with_interval(KEEPALIVE_INTERVAL);
     let keepalive = sock.set_tcp_keepalive(&keepalive);
-    nodelay.and(keepalive)
+    let user_timeout = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+    nodelay.and(keepalive).and(user_timeout)
 }
 
 /// Whether accepted connections carry the options set on their listener (Linux copies
@@ -137,7 +144,8 @@ fn options_inherited(sock: &socket2::SockRef<'_>) -> bool {
         Ok(sock.tcp_nodelay()?
             && sock.keepalive()?
             && sock.tcp_keepalive_time()? == KEEPALIVE_TIME
-            && sock.tcp_keepalive_interval()? == KEEPALIVE_INTERVAL)
+            && sock.tcp_keepalive_interval()? == KEEPALIVE_INTERVAL
+            && sock.tcp_user_timeout()? == Some(USER_TIMEOUT))
     };
     match read() {
         Ok(inherited) => *INHERITED.get_or_init(|| inherited),
@@ -354,5 +362,25 @@ mod tests {
         );
         assert_eq!(server_addr("/", 5432), "/.s.PGSQL.5432");
         assert!(is_socket_dir("/tmp") && !is_socket_dir("tmp") && !is_socket_dir("@pg"));
+    }
+
+    #[tokio::test]
+    async fn connections_both_ways_give_up_on_a_peer_gone_silent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let out = connect_server("127.0.0.1", addr.port())
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        for stream in [out, Stream::from_accepted(accepted)] {
+            let Stream::Tcp(tcp) = &stream else {
+                panic!("a TCP stream");
+            };
+            let sock = socket2::SockRef::from(tcp);
+            assert_eq!(sock.tcp_user_timeout().expect("read"), Some(USER_TIMEOUT));
+            assert!(sock.keepalive().expect("read") && sock.tcp_nodelay().expect("read"));
+        }
     }
 }

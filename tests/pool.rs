@@ -614,3 +614,91 @@ async fn borrow_timeout_bounds_opening_a_backend_too() {
     assert!(took < Duration::from_secs(6), "took {took:?}");
     held.abort();
 }
+
+/// A health check whose own connection an administrator ends (pg_terminate_backend on
+/// "pgshield health check") is tried again on a fresh one before the host is taken for
+/// down: the backends clients use there are not all closed for it.
+#[tokio::test]
+async fn a_health_check_ended_by_an_administrator_does_not_take_its_host_down() {
+    common::create_role("pool_hc_term", "pw").await;
+    let port = common::cluster().port();
+    let proxy = TestProxy::start_with_databases(
+        &format!("[databases.app]\nhosts = [\"127.0.0.1:{port}\"]\nrole = \"auto\"\ndbname = \"postgres\"\n"),
+        "[pool]\nmax_size = 1\nhealth_check_interval = \"100ms\"\n\
+         [users.pool_hc_term]\npassword = \"pw\"\n",
+    )
+    .await;
+    let conn = proxy.connect("pool_hc_term", "pw").await.expect("login");
+    let pid = || async {
+        let row = conn.client.query_one("SELECT pg_backend_pid()", &[]).await;
+        row.expect("pid").get::<_, i32>(0)
+    };
+    let before = pid().await;
+    let admin = common::admin().await;
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = 'pgshield health check' AND usename = 'pool_hc_term'";
+    let mut ended = 0;
+    for _ in 0..50 {
+        ended = admin
+            .query_one(terminate, &[])
+            .await
+            .expect("terminate")
+            .get::<_, i64>(0);
+        if ended > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ended > 0, "the health check's session was found");
+    // Several probes later.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(pid().await, before, "the backend in use was kept");
+}
+
+/// The hosts of a database are checked all at once: one that takes connections and never
+/// answers (cut off mid-failover) does not hold up learning which other is the primary.
+#[tokio::test]
+async fn a_silent_host_does_not_hold_up_the_health_checks_of_the_others() {
+    common::create_role("pool_hc_silent", "pw").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let port = common::cluster().port();
+    let started = Instant::now();
+    let proxy = TestProxy::start_with_databases(
+        &format!(
+            "[databases.app]\nhosts = [\"127.0.0.1:{silent_port}\", \"127.0.0.1:{port}\"]\n\
+             role = \"auto\"\ndbname = \"postgres\"\n"
+        ),
+        "[pool]\nhealth_check_interval = \"100ms\"\nhealth_check_timeout = \"5s\"\n\
+         [users.pool_hc_silent]\npassword = \"pw\"\n",
+    )
+    .await;
+    let primary_known = || {
+        proxy.shared.pools.clusters().iter().any(|c| {
+            c.status()
+                .iter()
+                .any(|h| h.port == port && h.role == pgshield::pool::cluster::Role::Primary)
+        })
+    };
+    while !primary_known() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the primary is never learnt"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "learnt after {:?}: behind the silent host's timeout",
+        started.elapsed()
+    );
+    held.abort();
+}

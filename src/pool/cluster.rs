@@ -761,9 +761,13 @@ pub async fn monitor(
         let target = lock(&cluster.monitor_target).clone();
         match target {
             Some(target) => {
-                for (i, conn) in conns.iter_mut().enumerate() {
-                    probe(&cluster, i, conn, &target).await;
-                }
+                // All at once: a host that does not answer must not hold up finding the
+                // others (a replica promoted while the old primary is cut off).
+                let probes = conns
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, conn)| probe(&cluster, i, conn, &target));
+                futures_util::future::join_all(probes).await;
             }
             None if !warned_no_target => {
                 warned_no_target = true;
@@ -792,6 +796,31 @@ pub async fn monitor(
     cluster.monitored.store(false, Ordering::Release);
 }
 
+/// One health check of `host` over `conn` (opened if needed), within `timeout`.
+async fn probe_once(
+    host: &Host,
+    conn: &mut Option<Server>,
+    target: &ServerTarget,
+    timeout: Duration,
+) -> Result<Result<Vec<Vec<Option<String>>>, ServerError>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(timeout, async {
+        if conn.is_none() {
+            let mut t = target.clone();
+            t.host = host.spec.host.clone();
+            t.port = host.spec.port;
+            t.application_name = Some("pgshield health check");
+            *conn = Some(connect(&t, timeout).await?);
+        }
+        let server = conn.as_mut().ok_or(ServerError::Closed)?;
+        let reply = server.run_internal(PROBE_SQL).await?;
+        match reply.error {
+            Some(e) => Err(ServerError::Query(e)),
+            None => Ok(reply.rows),
+        }
+    })
+    .await
+}
+
 /// Probes host `index` over its monitor connection (opened if needed).
 async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, target: &ServerTarget) {
     let host = &cluster.hosts[index];
@@ -805,22 +834,15 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
         }
     }
     let settings = cluster.settings.load_full();
-    let result = tokio::time::timeout(settings.timeout, async {
-        if conn.is_none() {
-            let mut t = target.clone();
-            t.host = host.spec.host.clone();
-            t.port = host.spec.port;
-            t.application_name = Some("pgshield health check");
-            *conn = Some(connect(&t, settings.timeout).await?);
-        }
-        let server = conn.as_mut().ok_or(ServerError::Closed)?;
-        let reply = server.run_internal(PROBE_SQL).await?;
-        match reply.error {
-            Some(e) => Err(ServerError::Query(e)),
-            None => Ok(reply.rows),
-        }
-    })
-    .await;
+    let reused = conn.is_some();
+    let mut result = probe_once(host, conn, target, settings.timeout).await;
+    if reused && !matches!(result, Ok(Ok(_))) {
+        // The check's own connection failed (ended by an administrator's
+        // pg_terminate_backend, say): once more on a fresh one before the host is taken
+        // for down, and every backend on it closed.
+        *conn = None;
+        result = probe_once(host, conn, target, settings.timeout).await;
+    }
     let rows = match result {
         Ok(Ok(rows)) => rows,
         Ok(Err(e)) => {
