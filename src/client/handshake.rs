@@ -166,12 +166,6 @@ pub async fn login(
         },
         _ => None,
     };
-    // A name auth.query did not find can only fail: counted now, so that a client
-    // trying names and hanging up at once (each name a lookup) is slowed down too.
-    let unknown = configured.is_none() && found.is_none();
-    if unknown && live.auth_query.is_some() {
-        shared.login_throttle.failed(peer);
-    }
     let auth = configured
         .clone()
         .or_else(|| found.clone())
@@ -183,13 +177,15 @@ pub async fn login(
         Err(e) => {
             match &e {
                 AuthError::Failed(_) => {
-                    // (Counted already if auth.query did not find the name.)
-                    if !(unknown && live.auth_query.is_some()) {
-                        shared.login_throttle.failed(peer);
-                    }
+                    shared.login_throttle.failed(peer);
                     tracing::info!(%peer, user, database, "authentication failed");
                 }
                 AuthError::Closed => {
+                    // Counted as a failure too, whatever the name: a client trying names
+                    // and hanging up at once (with auth.query each name costs the server
+                    // a login and a lookup) is slowed down, and a name that exists is
+                    // counted as one that does not (nothing to tell them apart by).
+                    shared.login_throttle.failed(peer);
                     tracing::debug!(%peer, user, "client left during authentication")
                 }
                 other => tracing::info!(%peer, user, error = %other, "authentication aborted"),
