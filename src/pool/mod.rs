@@ -242,8 +242,9 @@ async fn answers(server: &mut Server, within: Duration) -> bool {
     false
 }
 
-/// `get`, failing as a wait that timed out once `deadline` passes (a backend being opened
-/// meanwhile is dropped, its place and any `max_db_connections` place with it).
+/// `get`, failing once `deadline` passes (a backend being opened meanwhile is dropped,
+/// its place and any `max_db_connections` place with it) as a timeout of `Create`: told
+/// apart from deadpool's own timeouts, of `Wait` (see [`Pool::borrow_error`]).
 async fn within<T, E>(
     deadline: Option<tokio::time::Instant>,
     get: impl std::future::Future<Output = Result<T, PoolError<E>>>,
@@ -253,7 +254,7 @@ async fn within<T, E>(
             tokio::time::timeout_at(deadline, get)
                 .await
                 .unwrap_or(Err(PoolError::Timeout(
-                    deadpool::managed::TimeoutType::Wait,
+                    deadpool::managed::TimeoutType::Create,
                 )))
         }
         None => get.await,
@@ -1233,6 +1234,31 @@ impl Pool {
             // (Only a borrow that may not open one, which says nothing of it.)
             PoolError::Backend(ServerError::NotOpened) => {
                 BorrowError::Server(self.name.clone(), ServerError::NotOpened)
+            }
+            // borrow_timeout ran out while a backend was being opened: with no host to
+            // open it on (a failover under way), the failover's error, as
+            // `open_on_a_host` gives it; otherwise a timeout like any other.
+            PoolError::Timeout(deadpool::managed::TimeoutType::Create)
+                if self
+                    .inner
+                    .manager()
+                    .cluster
+                    .load()
+                    .pick(self.inner.manager().route(settings))
+                    .is_none() =>
+            {
+                BorrowError::Server(
+                    self.name.clone(),
+                    ServerError::NoHost {
+                        database: self.database.clone(),
+                        want: if self.inner.manager().read_only {
+                            "replica"
+                        } else {
+                            "primary"
+                        },
+                        waited: settings.borrow_timeout.unwrap_or_default(),
+                    },
+                )
             }
             PoolError::Timeout(_) => {
                 self.metrics().borrow_timeouts.increment(1);
