@@ -1799,8 +1799,52 @@ pub struct Pools {
     janitor_stop: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
     metrics: Arc<Numbers>,
     /// What the console's PAUSE covers until RESUME, pools made meanwhile too (a user
-    /// `[auth]` finds, a reload's): every database, and these.
-    paused: Mutex<(bool, std::collections::HashSet<String>)>,
+    /// `[auth]` finds, a reload's).
+    paused: Mutex<PauseScope>,
+}
+
+/// What the console's PAUSE covers (see [`Pools::note_paused`]).
+#[derive(Default)]
+struct PauseScope {
+    /// Every database (PAUSE alone, SIGUSR1)…
+    all: bool,
+    /// …but these, resumed since (RESUME db).
+    resumed: std::collections::HashSet<String>,
+    /// Databases paused by name (PAUSE db, KILL db).
+    databases: std::collections::HashSet<String>,
+}
+
+impl PauseScope {
+    fn covers(&self, database: &str) -> bool {
+        (self.all && !self.resumed.contains(database)) || self.databases.contains(database)
+    }
+
+    fn pause(&mut self, database: Option<&str>) {
+        match database {
+            None => {
+                *self = PauseScope {
+                    all: true,
+                    ..Default::default()
+                }
+            }
+            Some(db) => {
+                self.resumed.remove(db);
+                self.databases.insert(db.to_owned());
+            }
+        }
+    }
+
+    fn resume(&mut self, database: Option<&str>) {
+        match database {
+            None => *self = PauseScope::default(),
+            Some(db) => {
+                self.databases.remove(db);
+                if self.all {
+                    self.resumed.insert(db.to_owned());
+                }
+            }
+        }
+    }
 }
 
 /// What a reload replaces.
@@ -2155,11 +2199,9 @@ impl Pools {
     /// Starts a new pool's janitor if the pools are running already; paused if a PAUSE
     /// covers its database.
     fn spawn_janitor(&self, pool: Arc<Pool>) -> Arc<Pool> {
-        let paused = lock(&self.paused);
-        if paused.0 || paused.1.contains(pool.database()) {
+        if lock(&self.paused).covers(pool.database()) {
             pool.hold();
         }
-        drop(paused);
         if let Some(stop) = self.janitor_stop.get() {
             tokio::spawn(janitor::run(Arc::clone(&pool), stop.clone()));
         }
@@ -2169,24 +2211,12 @@ impl Pools {
     /// The console's PAUSE of `database` (every one with None), for pools made until the
     /// RESUME too (those there now are held by the console).
     pub fn note_paused(&self, database: Option<&str>) {
-        let mut paused = lock(&self.paused);
-        match database {
-            None => paused.0 = true,
-            Some(db) => {
-                paused.1.insert(db.to_owned());
-            }
-        }
+        lock(&self.paused).pause(database);
     }
 
     /// The console's RESUME of `database` (every one with None).
     pub fn note_resumed(&self, database: Option<&str>) {
-        let mut paused = lock(&self.paused);
-        match database {
-            None => *paused = Default::default(),
-            Some(db) => {
-                paused.1.remove(db);
-            }
-        }
+        lock(&self.paused).resume(database);
     }
 
     /// The pool of a configured user, or of a user `[auth]` found that has logged in.
@@ -2320,6 +2350,25 @@ pub fn server_password_in(secret: &crate::config::Secret) -> Option<BackendPassw
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_covers_new_pools_of_what_it_named_until_resumed() {
+        let mut p = PauseScope::default();
+        assert!(!p.covers("a"));
+        p.pause(Some("a"));
+        assert!(p.covers("a") && !p.covers("b"));
+        p.resume(Some("a"));
+        assert!(!p.covers("a"));
+        // Everything, then one database resumed: the others stay paused.
+        p.pause(None);
+        assert!(p.covers("a") && p.covers("b"));
+        p.resume(Some("a"));
+        assert!(!p.covers("a") && p.covers("b"));
+        p.pause(Some("a"));
+        assert!(p.covers("a"));
+        p.resume(None);
+        assert!(!p.covers("a") && !p.covers("b"));
+    }
 
     #[test]
     fn jitter_spreads_backends_over_plus_or_minus_twenty_percent() {
