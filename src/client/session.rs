@@ -755,8 +755,8 @@ impl Session {
                 return end;
             }
             if held && !self.client_held() {
-                // The description came (or the role was given back, or the reset's batch
-                // answered): the client's messages held for it go on now.
+                // What they waited for came (see `client_held`): the client's messages
+                // held for it go on now.
                 continue;
             }
             if self.server_msg.left == 0 {
@@ -1032,8 +1032,9 @@ impl Session {
     }
 
     /// Whether the client's next message waits, unread past what has arrived: for a
-    /// statement being described, the role being given back, or a reset's answer (see
-    /// [`Self::reset_answer_owed`]).
+    /// statement being described, the role being given back, a reset's answer (see
+    /// [`Self::reset_answer_owed`]), or the replies owed before a DEALLOCATE pgshield
+    /// answers (see [`Self::answer_deallocate`]).
     fn client_held(&self) -> bool {
         self.checking.is_some()
             || self.role_restore_owed()
@@ -1053,9 +1054,13 @@ impl Session {
     /// [`Self::restore_startup_settings`]): what follows waits. Not a message of the
     /// batch still open, nor COPY data: the server waits for those.
     fn reset_answer_owed(&self) -> bool {
-        self.follow_up
-            .as_ref()
-            .is_some_and(|f| !f.restore.is_empty())
+        // (Session mode gives them back before a Query or an unnamed Parse only: see
+        // `restore_startup_settings`.)
+        self.mode == PoolMode::Transaction
+            && self
+                .follow_up
+                .as_ref()
+                .is_some_and(|f| !f.restore.is_empty())
             && self.backend.as_ref().is_some_and(|b| {
                 let replies = &b.server_ref().replies;
                 replies.tx_status() == TxStatus::Idle
@@ -1308,7 +1313,8 @@ impl Session {
             if self.client_held() {
                 // Held until the backend has described a statement (`start_passing`), runs
                 // as the role the client started as again (`push_restore`), or has
-                // answered a reset's batch.
+                // answered what came before (a reset's batch, what a DEALLOCATE waits
+                // for): see `client_held`.
                 return Ok(());
             }
             // Messages stream through (only some are read whole), but none may claim more
@@ -1926,6 +1932,9 @@ impl Session {
                     }
                 });
                 server.replies.sent_with(b'E', Hide::No, undo);
+                // (Skipped at once, behind an error already reported: the names are the
+                // client's again before its next message is translated.)
+                take_back_undone(&mut self.statements, server);
             } else {
                 server.replies.sent(header.tag);
             }

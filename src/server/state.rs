@@ -198,8 +198,10 @@ pub struct ReplyTracker {
     /// Statement drops whose Query has finished (see `sent_dropping`).
     drops: Vec<(StatementDrop, bool)>,
     /// Portals bound from a statement that drops the client's prepared statements (see
-    /// [`ReplyTracker::bound`]); mostly none.
-    dropping_portals: Vec<Box<[u8]>>,
+    /// [`ReplyTracker::bound`]), each with the Syncs sent before its Bind; mostly none.
+    dropping_portals: Vec<(Box<[u8]>, u64)>,
+    /// Syncs the server has answered (a ReadyForQuery ending one): the batches over.
+    synced: u64,
     /// Since the last ReadyForQuery, a message went to the server that may end a failed
     /// transaction block: an Execute or a Query (of a ROLLBACK). A Sync does not (it ends
     /// only an implicit transaction), nor a FunctionCall (refused there).
@@ -240,6 +242,7 @@ impl Default for ReplyTracker {
             undone: Vec::new(),
             drops: Vec::new(),
             dropping_portals: Vec::new(),
+            synced: 0,
             may_have_ended: false,
             extended_open: false,
             syncs: 0,
@@ -331,9 +334,9 @@ impl ReplyTracker {
     /// back if it does not run: a Bind never executed, or one whose Execute fails
     /// (DISCARD ALL in a transaction block), drops nothing, as in PostgreSQL.
     pub fn bound(&mut self, portal: &[u8], drops: bool) {
-        self.dropping_portals.retain(|p| **p != *portal);
+        self.dropping_portals.retain(|(p, _)| **p != *portal);
         if drops {
-            self.dropping_portals.push(portal.into());
+            self.dropping_portals.push((portal.into(), self.syncs));
         }
     }
 
@@ -346,7 +349,10 @@ impl ReplyTracker {
     /// Whether `portal` drops the client's statements, which an Execute of it, about to
     /// be sent, does (once: a portal runs to its end).
     pub fn take_dropping_portal(&mut self, portal: &[u8]) -> bool {
-        let at = self.dropping_portals.iter().position(|p| **p == *portal);
+        let at = self
+            .dropping_portals
+            .iter()
+            .position(|(p, _)| **p == *portal);
         at.map(|at| self.dropping_portals.swap_remove(at)).is_some()
     }
 
@@ -641,6 +647,8 @@ impl ReplyTracker {
                     self.resync = None;
                     self.unsure = false;
                     self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
+                    // (Its own entry, first: what the client sent since queued behind.)
+                    self.owed.pop_front();
                     Disposition::Swallow
                 }
                 _ => Forward,
@@ -852,10 +860,6 @@ impl ReplyTracker {
 
     fn ready(&mut self, status: TxStatus) -> Result<(), OutOfStep> {
         self.tx = status;
-        if status == TxStatus::Idle {
-            // (Portals last until their transaction ends.)
-            self.dropping_portals.clear();
-        }
         self.failed_statement = None;
         self.failed_reprepare = None;
         self.client_copying = false;
@@ -870,6 +874,15 @@ impl ReplyTracker {
                 self.drops.push((drops, !entry.failed));
             }
         };
+        let sync = self.owed.get(at).is_some_and(|e| e.owed == Owed::Sync);
+        self.synced += u64::from(sync);
+        if status == TxStatus::Idle && !self.dropping_portals.is_empty() {
+            // (Portals last until their transaction ends: those of the batches this
+            // ends go, not those of batches pipelined behind it.)
+            let synced = self.synced;
+            self.dropping_portals
+                .retain(|(_, before)| *before >= synced);
+        }
         if at == 0 {
             if let Some(entry) = self.owed.pop_front() {
                 done(entry);
@@ -890,11 +903,13 @@ impl ReplyTracker {
         if self.owed.is_empty() {
             self.flushed = false;
         }
-        // (What was sent after what this answers may end the transaction it reports.)
-        self.may_have_ended = self
-            .owed
-            .iter()
-            .any(|e| matches!(e.owed, Owed::Execute | Owed::Query));
+        // (What was sent after what this answers may end the transaction it reports; only
+        // of use in a failed one.)
+        self.may_have_ended = status == TxStatus::Failed
+            && self
+                .owed
+                .iter()
+                .any(|e| matches!(e.owed, Owed::Execute | Owed::Query));
         Ok(())
     }
 
@@ -965,6 +980,17 @@ impl ReplyTracker {
     /// transaction state, a failed one too.)
     pub fn resync_sent(&mut self) {
         self.resync = Some(false);
+        // (Owed, hidden: replies pgshield gives the client itself for what it sends
+        // meanwhile, a Parse answered here, wait behind it.)
+        self.owed.push_back(Entry {
+            owed: Owed::Query,
+            failed: false,
+            drops: None,
+            hide: Hide::All,
+            undo: None,
+            statement: None,
+            flushed: false,
+        });
     }
 
     /// Unsure, yet its last reply was a ReadyForQuery outside a transaction block, with
@@ -1100,6 +1126,15 @@ mod tests {
         // Gone with their transaction.
         t.bound(b"", true);
         client(&mut t, "BS");
+        server(&mut t, "2Z").expect("in step");
+        assert!(!t.has_dropping_portal());
+        // Not with an earlier batch's: one bound in a batch pipelined behind it stays.
+        client(&mut t, "BES");
+        t.bound(b"later", true);
+        client(&mut t, "B");
+        server(&mut t, "2CZ").expect("in step");
+        assert!(t.has_dropping_portal());
+        client(&mut t, "S");
         server(&mut t, "2Z").expect("in step");
         assert!(!t.has_dropping_portal());
     }
