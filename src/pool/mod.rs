@@ -95,7 +95,7 @@ impl PoolSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum BorrowError {
     #[error(
-        "no server connection became free in pool {pool} within borrow_timeout ({}); all {max_size} are in use",
+        "no server connection could be had in pool {pool} within borrow_timeout ({}): all {max_size} in use, or one being opened did not open in time",
         humantime::format_duration(*.timeout)
     )]
     Timeout {
