@@ -181,11 +181,9 @@ pub async fn login(
                     tracing::info!(%peer, user, database, "authentication failed");
                 }
                 AuthError::Closed => {
-                    // Counted as a failure too, whatever the name: a client trying names
-                    // and hanging up at once (with auth.query each name costs the server
-                    // a login and a lookup) is slowed down, and a name that exists is
-                    // counted as one that does not (nothing to tell them apart by).
-                    shared.login_throttle.failed(peer);
+                    // Not counted, whatever the name (nothing to tell names apart by):
+                    // many clients behind one address (serverless functions behind a
+                    // NAT gateway) are cut off mid-login, and must not slow the others.
                     tracing::debug!(%peer, user, "client left during authentication")
                 }
                 other => tracing::info!(%peer, user, error = %other, "authentication aborted"),
