@@ -415,6 +415,52 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
         || async { in_recovery(&reader.client).await.unwrap_or(false) },
     )
     .await;
+    // One whose WAL receiver has stopped (its primary gone, or cut off from it) keeps the
+    // position it last received, replayed long since: how old its last replayed
+    // transaction is counts then, and it is skipped once that passes max_replica_lag;
+    // streaming again, it serves again.
+    let conninfo: String = replica_admin
+        .client
+        .query_one("SHOW primary_conninfo", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for sql in [
+        "ALTER SYSTEM SET primary_conninfo = ''",
+        "SELECT pg_reload_conf()",
+    ] {
+        replica_admin.client.batch_execute(sql).await.unwrap();
+    }
+    eventually(
+        "a replica no longer streaming is skipped",
+        Duration::from_secs(30),
+        || {
+            seq += 1;
+            let (primary_admin, reader) = (&primary_admin, &reader);
+            async move {
+                primary_admin
+                    .client
+                    .batch_execute(&format!("INSERT INTO fo_writes VALUES (-1, {seq})"))
+                    .await
+                    .unwrap();
+                in_recovery(&reader.client).await.is_ok_and(|r| !r)
+            }
+        },
+    )
+    .await;
+    let restore = format!(
+        "ALTER SYSTEM SET primary_conninfo = '{}'",
+        conninfo.replace('\'', "''")
+    );
+    for sql in [restore.as_str(), "SELECT pg_reload_conf()"] {
+        replica_admin.client.batch_execute(sql).await.unwrap();
+    }
+    eventually(
+        "a replica streaming again serves again",
+        Duration::from_secs(30),
+        || async { in_recovery(&reader.client).await.unwrap_or(false) },
+    )
+    .await;
     falls_back.stop().await;
     strict.stop().await;
 }

@@ -710,7 +710,8 @@ const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
      pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_last_wal_replay_lsn(), '0/0')::int8, \
      pg_catalog.current_setting('max_connections'), \
      pg_catalog.current_setting('superuser_reserved_connections'), \
-     EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp())";
+     EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()), \
+     EXISTS (SELECT FROM pg_catalog.pg_stat_wal_receiver WHERE pid IS NOT NULL)";
 
 /// The lag of a replica that replays without streaming (restarted and not reconnected
 /// to its primary, or restoring from an archive) that has replayed nothing since: as
@@ -890,10 +891,13 @@ async fn probe(cluster: &Cluster, index: usize, conn: &mut Option<Server>, targe
         s.lag = if !in_recovery {
             s.received = Received::default();
             None
-        } else if lsn(1).is_some() {
+        } else if lsn(1).is_some() && text(6) != Some("f") {
             Some(s.received.lag(Instant::now(), lsn(1), lsn(2)))
         } else {
-            // Not streaming: how old the last replayed transaction is, if any was.
+            // Not streaming (never started, or its WAL receiver has stopped: the position
+            // received then stays, replayed long since, and says nothing of what the
+            // primary has written since): how old the last replayed transaction is, if
+            // any was.
             s.received = Received::default();
             let age = text(5)
                 .and_then(|v| v.parse::<f64>().ok())
