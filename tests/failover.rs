@@ -386,24 +386,23 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
         .batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
-    let mut seq = 0;
-    eventually(
-        "a lagging replica is skipped",
-        Duration::from_secs(20),
-        || {
-            seq += 1;
-            let (primary_admin, reader) = (&primary_admin, &reader);
+    // Reads leave the replica while the primary goes on writing.
+    let seq = std::cell::Cell::new(0);
+    let skipped = |what: &'static str, within: u64| {
+        eventually(what, Duration::from_secs(within), || {
+            seq.set(seq.get() + 1);
+            let (primary_admin, reader, n) = (&primary_admin, &reader, seq.get());
             async move {
                 primary_admin
                     .client
-                    .batch_execute(&format!("INSERT INTO fo_writes VALUES (-1, {seq})"))
+                    .batch_execute(&format!("INSERT INTO fo_writes VALUES (-1, {n})"))
                     .await
                     .unwrap();
                 in_recovery(&reader.client).await.is_ok_and(|r| !r)
             }
-        },
-    )
-    .await;
+        })
+    };
+    skipped("a lagging replica is skipped", 20).await;
     replica_admin
         .client
         .batch_execute("SELECT pg_wal_replay_resume()")
@@ -431,23 +430,7 @@ async fn read_only_routing_and_a_host_that_comes_back(primary: &DevDb, replica: 
     ] {
         replica_admin.client.batch_execute(sql).await.unwrap();
     }
-    eventually(
-        "a replica no longer streaming is skipped",
-        Duration::from_secs(30),
-        || {
-            seq += 1;
-            let (primary_admin, reader) = (&primary_admin, &reader);
-            async move {
-                primary_admin
-                    .client
-                    .batch_execute(&format!("INSERT INTO fo_writes VALUES (-1, {seq})"))
-                    .await
-                    .unwrap();
-                in_recovery(&reader.client).await.is_ok_and(|r| !r)
-            }
-        },
-    )
-    .await;
+    skipped("a replica no longer streaming is skipped", 30).await;
     let restore = format!(
         "ALTER SYSTEM SET primary_conninfo = '{}'",
         conninfo.replace('\'', "''")
