@@ -363,6 +363,43 @@ async fn show_pins_and_show_prepared_list_what_pgbouncer_cannot() {
     panic!("a departed client is still listed as pinned");
 }
 
+/// Ctrl-C in the console (a CancelRequest with its key) resumes every pool, as in
+/// PgBouncer: a PAUSE waiting on a transaction that does not end can be given up.
+#[tokio::test]
+async fn a_cancel_from_the_console_resumes_every_pool() {
+    let proxy = proxy(
+        "adm_cancel",
+        "[pool]\nmax_size = 2\nborrow_timeout = \"30s\"\n",
+    )
+    .await;
+    let admin = console(&proxy, "adm_cancel_ops").await;
+    let cancel = admin.client.cancel_token();
+    let a = proxy.connect("adm_cancel", "pw").await.expect("a");
+    a.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("a begins");
+    let pausing = tokio::spawn(async move {
+        admin.client.simple_query("PAUSE").await.expect("pause");
+        admin
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!pausing.is_finished(), "PAUSE waits for A's transaction");
+    cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let _admin = tokio::time::timeout(Duration::from_secs(10), pausing)
+        .await
+        .expect("PAUSE gives up once resumed")
+        .expect("no panic");
+    // Resumed: a new client's work runs at once.
+    let b = proxy.connect("adm_cancel", "pw").await.expect("b");
+    let ran = tokio::time::timeout(Duration::from_secs(5), b.client.simple_query("SELECT 1"));
+    ran.await.expect("not paused").expect("query");
+    a.client.batch_execute("COMMIT").await.expect("a ends");
+}
+
 #[tokio::test]
 async fn pause_lets_transactions_finish_holds_new_ones_and_resume_releases_them() {
     let proxy = proxy(

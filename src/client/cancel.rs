@@ -90,6 +90,9 @@ type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;
 #[derive(Default)]
 pub struct Cancels {
     clients: Mutex<FastMap<i32, (i32, Slot)>>,
+    /// The keys of admin console sessions among them: a cancel with one resumes every
+    /// pool (see [`Cancels::is_console`]).
+    consoles: Mutex<std::collections::HashSet<i32>>,
 }
 
 /// A client's registration; dropping it forgets the key.
@@ -129,6 +132,25 @@ impl Cancels {
             key,
             slot,
         }
+    }
+
+    /// Issues a key for an admin console session (see [`Cancels::is_console`]).
+    pub fn register_console(self: &Arc<Self>) -> Registration {
+        let registration = self.register();
+        lock(&self.consoles).insert(registration.key.process_id);
+        registration
+    }
+
+    /// Whether a CancelRequest carries an admin console session's key: as PgBouncer,
+    /// pgshield then resumes every pool (Ctrl-C in psql ends a PAUSE that waits).
+    pub fn is_console(&self, process_id: i32, secret_key: &[u8]) -> bool {
+        if !lock(&self.consoles).contains(&process_id) {
+            return false;
+        }
+        let clients = lock(&self.clients);
+        clients.get(&process_id).is_some_and(|(expected, _)| {
+            bool::from(expected.to_be_bytes().as_slice().ct_eq(secret_key))
+        })
     }
 
     /// Handles a CancelRequest: forwards it to the backend the keyed client holds, if the
@@ -191,6 +213,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.cancels.clients).remove(&self.key.process_id);
+        lock(&self.cancels.consoles).remove(&self.key.process_id);
     }
 }
 
@@ -200,6 +223,20 @@ mod tests {
 
     fn target() -> Arc<CancelTarget> {
         Arc::new(CancelTarget::new("127.0.0.1", 1, 42, 7))
+    }
+
+    #[test]
+    fn only_a_console_sessions_right_key_is_a_consoles() {
+        let cancels = Cancels::new();
+        let console = cancels.register_console();
+        let client = cancels.register();
+        let (c, k) = (console.key(), client.key());
+        assert!(cancels.is_console(c.process_id, &c.secret_key.to_be_bytes()));
+        let wrong = c.secret_key.wrapping_add(1).to_be_bytes();
+        assert!(!cancels.is_console(c.process_id, &wrong));
+        assert!(!cancels.is_console(k.process_id, &k.secret_key.to_be_bytes()));
+        drop(console);
+        assert!(!cancels.is_console(c.process_id, &c.secret_key.to_be_bytes()));
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub enum Outcome {
     /// A session relayed to the pool's backends.
     Session(Login),
     /// The admin console (database `pgshield`), as this admin user.
-    Admin(String),
+    /// The admin console's user, and its cancel key (a cancel resumes every pool).
+    Admin(String, crate::client::cancel::Registration),
 }
 
 /// Why a login did not complete; `error` (if any) is sent to the client before closing,
@@ -339,11 +340,13 @@ async fn admin_login(
     ] {
         messages::parameter_status(&mut out, name, value);
     }
-    messages::backend_key_data(&mut out, 0, 0);
+    let registration = shared.cancels.register_console();
+    let key = registration.key();
+    messages::backend_key_data(&mut out, key.process_id, key.secret_key);
     messages::ready_for_query(&mut out, b'I');
     stream.send(&out).await.map_err(|_| Refusal::silent())?;
     tracing::info!(%peer, user, "admin console login");
-    Ok(Outcome::Admin(user))
+    Ok(Outcome::Admin(user, registration))
 }
 
 /// Reads startup packets until a StartupMessage: SSLRequest starts TLS when client TLS
@@ -391,7 +394,17 @@ async fn read_startup(
                 secret_key,
             } => {
                 shared.metrics.cancel_requests.increment(1);
-                shared.cancels.cancel(process_id, &secret_key).await;
+                if shared.cancels.is_console(process_id, &secret_key) {
+                    // As PgBouncer: Ctrl-C in the console ends a PAUSE (or KILL) that
+                    // holds every database, by resuming every pool.
+                    tracing::warn!("cancel request from the admin console: resuming every pool");
+                    shared.pools.note_resumed(None);
+                    for pool in shared.pools.all() {
+                        pool.resume();
+                    }
+                } else {
+                    shared.cancels.cancel(process_id, &secret_key).await;
+                }
                 return Err(Refusal::silent());
             }
             StartupPacket::UnsupportedVersion { major, minor } => {

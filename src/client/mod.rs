@@ -205,9 +205,11 @@ async fn log_in(
                 held,
             ));
         }
-        Ok(Ok(handshake::Outcome::Admin(user))) => {
+        Ok(Ok(handshake::Outcome::Admin(user, registration))) => {
             clients.setup_succeeded.increment(1);
             crate::admin::run(Arc::clone(&shared), stream, buf, user).await;
+            // (Its cancel key is good for as long as the console session lasts.)
+            drop(registration);
             return None;
         }
         Ok(Err(refusal)) => refusal,
