@@ -363,6 +363,30 @@ async fn show_pins_and_show_prepared_list_what_pgbouncer_cannot() {
     panic!("a departed client is still listed as pinned");
 }
 
+/// Client A of `role` begins a transaction, then the console `admin` sends PAUSE, which
+/// waits for it: A, and the PAUSE under way (its task gives the console back).
+async fn pause_behind_a_transaction(
+    proxy: &TestProxy,
+    role: &str,
+    admin: common::Conn,
+) -> (common::Conn, tokio::task::JoinHandle<common::Conn>) {
+    let a = proxy.connect(role, "pw").await.expect("a");
+    a.client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("a begins");
+    let pausing = tokio::spawn(async move {
+        admin.client.simple_query("PAUSE").await.expect("pause");
+        admin
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !pausing.is_finished(),
+        "PAUSE returned with a transaction in flight"
+    );
+    (a, pausing)
+}
+
 /// Ctrl-C in the console (a CancelRequest with its key) resumes every pool, as in
 /// PgBouncer: a PAUSE waiting on a transaction that does not end can be given up.
 #[tokio::test]
@@ -374,17 +398,7 @@ async fn a_cancel_from_the_console_resumes_every_pool() {
     .await;
     let admin = console(&proxy, "adm_cancel_ops").await;
     let cancel = admin.client.cancel_token();
-    let a = proxy.connect("adm_cancel", "pw").await.expect("a");
-    a.client
-        .batch_execute("BEGIN; SELECT 1")
-        .await
-        .expect("a begins");
-    let pausing = tokio::spawn(async move {
-        admin.client.simple_query("PAUSE").await.expect("pause");
-        admin
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!pausing.is_finished(), "PAUSE waits for A's transaction");
+    let (a, pausing) = pause_behind_a_transaction(&proxy, "adm_cancel", admin).await;
     cancel
         .cancel_query(tokio_postgres::NoTls)
         .await
@@ -409,22 +423,8 @@ async fn pause_lets_transactions_finish_holds_new_ones_and_resume_releases_them(
     .await;
     let admin = console(&proxy, "adm_pause_ops").await;
     let watcher = common::admin().await;
-    let a = proxy.connect("adm_pause", "pw").await.expect("a");
     let b = proxy.connect("adm_pause", "pw").await.expect("b");
-    a.client
-        .batch_execute("BEGIN; SELECT 1")
-        .await
-        .expect("a begins");
-    // PAUSE waits for A's transaction.
-    let pausing = tokio::spawn(async move {
-        admin.client.simple_query("PAUSE").await.expect("pause");
-        admin
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !pausing.is_finished(),
-        "PAUSE returned with a transaction in flight"
-    );
+    let (a, pausing) = pause_behind_a_transaction(&proxy, "adm_pause", admin).await;
     a.client
         .batch_execute("SELECT 2; COMMIT")
         .await
