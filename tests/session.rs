@@ -493,6 +493,19 @@ async fn a_value_larger_than_256_mib_streams_through() {
     assert_eq!(row.get::<_, &str>(0).len() as i64, len);
 }
 
+/// A table `table` (one int column) and a view `{table}_v` of it, for `role`: a COPY
+/// into the view fails before reading its data, one into the table on a bad row.
+async fn copy_table_and_view(table: &str, role: &str) {
+    common::admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (x int); CREATE VIEW {table}_v AS SELECT * FROM {table}; \
+             GRANT ALL ON {table}, {table}_v TO {role}"
+        ))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_copy_that_fails_before_or_while_reading_its_data_leaves_the_session_usable() {
     // libpq and tokio-postgres send Parse, Bind, Execute, Sync before the COPY data. If the
@@ -504,14 +517,7 @@ async fn a_copy_that_fails_before_or_while_reading_its_data_leaves_the_session_u
         "[pool]\nmax_size = 1\n[users.sess_copyfail]\nauth = \"trust\"\nserver_password = \"pw\"\n",
     )
     .await;
-    let admin = common::admin().await;
-    admin
-        .batch_execute(
-            "CREATE TABLE copy_fail (x int); CREATE VIEW copy_fail_v AS SELECT * FROM copy_fail; \
-             GRANT ALL ON copy_fail, copy_fail_v TO sess_copyfail",
-        )
-        .await
-        .unwrap();
+    copy_table_and_view("copy_fail", "sess_copyfail").await;
     let mut s = raw::login_trusted(proxy.addr, "sess_copyfail").await;
     let data = raw::message(b'd', b"not-a-number\n");
     let cases = [
@@ -687,14 +693,7 @@ async fn a_session_kept_after_a_failed_copy_is_timed_again() {
          [users.sess_copyresync]\nauth = \"trust\"\nserver_password = \"pw\"\n",
     )
     .await;
-    let admin = common::admin().await;
-    admin
-        .batch_execute(
-            "CREATE TABLE copy_resync (x int); CREATE VIEW copy_resync_v AS SELECT * FROM copy_resync; \
-             GRANT ALL ON copy_resync, copy_resync_v TO sess_copyresync",
-        )
-        .await
-        .unwrap();
+    copy_table_and_view("copy_resync", "sess_copyresync").await;
     let mut s = raw::login_trusted(proxy.addr, "sess_copyresync").await;
     // A COPY into a view fails before reading its data: PostgreSQL answers the Sync sent
     // ahead of the data and the one after it.

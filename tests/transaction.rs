@@ -2214,15 +2214,17 @@ async fn deallocate_works_on_protocol_level_statements_as_in_postgres() {
     );
     assert_eq!(run_named(&mut s, "c2").await, Err("26000".into()));
     assert_eq!(run_named(&mut s, "c3").await, Err("26000".into()));
-    // One sent after its batch already failed is skipped: the names are the client's
-    // for what it pipelines right behind.
+    // Its Execute sent once its batch is known to have failed is skipped: the names are
+    // the client's for what it pipelines right behind.
     assert_eq!(parse_named(&mut s, "d1", "SELECT 'd'").await, "1Z");
     let mut failing = raw::message(b'B', b"\0nope\0\0\0\0\0\0\0");
+    failing.extend(raw::message(b'P', b"\0DISCARD ALL\0\0\0"));
+    failing.extend(raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
     failing.extend(raw::message(b'H', b""));
     raw::send(&mut s, &failing).await;
     let (tag, body) = raw::read_message(&mut s).await.expect("the error");
     assert_eq!((tag, raw::error_code(&body)), (b'E', "26000".to_owned()));
-    let mut bytes = raw::parse_bind_execute("DISCARD ALL");
+    let mut bytes = raw::message(b'E', b"\0\0\0\0\0");
     bytes.extend_from_slice(&raw::SYNC);
     bytes.extend(raw::message(b'B', b"\0d1\0\0\0\0\0\0\0"));
     bytes.extend(raw::message(b'E', b"\0\0\0\0\0"));
