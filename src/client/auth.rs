@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 
 use bytes::{Buf, BytesMut};
+use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use rand::RngCore;
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthMethod, Config, Secret, StoredPassword};
@@ -35,15 +37,27 @@ pub struct UserDirectory {
     /// What each user's verifier was derived from, so that a reload keeps the verifiers
     /// (and their salts) of users whose password did not change.
     derived_from: HashMap<String, (AuthMethod, Option<Secret>)>,
-    mock_secret: [u8; 32],
+    /// Keys the salt of each name that has no stored verifier: an unknown user's, and a
+    /// user's whose plaintext password pgshield derives a verifier from. Derived from the
+    /// configuration's secrets, so that a restart gives every name the salt it had, as a
+    /// stored verifier keeps its salt: salts that changed for some names and not others
+    /// would tell which names exist.
+    salt_key: [u8; 32],
+    /// The iteration count most of the SCRAM verifiers have, which an unknown user's is
+    /// given too (PostgreSQL gives its own: `scram_iterations`).
+    mock_iterations: u32,
 }
 
 impl UserDirectory {
     /// The users `config` has, configured or listed in `auth.file`. After a reload,
-    /// `previous` (the directory replaced) hands on its made-up verifiers' secret and the
-    /// verifiers of unchanged users: salts that changed for some names and not others
-    /// would tell which names exist.
+    /// `previous` (the directory replaced) hands on its salt key and the verifiers of
+    /// unchanged users: salts that changed for some names and not others would tell which
+    /// names exist.
     pub fn from_config(config: &Config, previous: Option<&UserDirectory>) -> UserDirectory {
+        let salt_key = match previous {
+            Some(p) => p.salt_key,
+            None => salt_key(config),
+        };
         let derived_from: HashMap<String, (AuthMethod, Option<Secret>)> = config
             .users
             .iter()
@@ -53,7 +67,7 @@ impl UserDirectory {
                 (name.clone(), (auth, Some(password.clone())))
             }))
             .collect();
-        let users = derived_from
+        let users: HashMap<String, ClientAuth> = derived_from
             .iter()
             .map(|(name, (auth, password))| {
                 let unchanged = previous.and_then(|p| {
@@ -73,7 +87,11 @@ impl UserDirectory {
                     // logs in with SCRAM.
                     (_, Some(StoredPassword::Scram(v))) => ClientAuth::Scram(v),
                     (AuthMethod::ScramSha256, Some(StoredPassword::Plain(p))) => {
-                        ClientAuth::Scram(ScramVerifier::from_password(p.expose()))
+                        ClientAuth::Scram(ScramVerifier::from_password_salted(
+                            p.expose(),
+                            &salt_for(&salt_key, name),
+                            DEFAULT_ITERATIONS,
+                        ))
                     }
                     (AuthMethod::Md5, Some(StoredPassword::Plain(p))) => ClientAuth::Md5(
                         postgres_protocol::password::md5(p.expose().as_bytes(), name)[3..]
@@ -86,18 +104,12 @@ impl UserDirectory {
                 (name.clone(), auth)
             })
             .collect();
-        let mock_secret = match previous {
-            Some(p) => p.mock_secret,
-            None => {
-                let mut secret = [0u8; 32];
-                rand::rng().fill_bytes(&mut secret);
-                secret
-            }
-        };
+        let mock_iterations = most_common_iterations(users.values());
         UserDirectory {
             users,
             derived_from,
-            mock_secret,
+            salt_key,
+            mock_iterations,
         }
     }
 
@@ -107,8 +119,71 @@ impl UserDirectory {
 
     /// Makes the made-up verifier unknown users are walked through.
     pub fn mock(&self, user: &str) -> ClientAuth {
-        ClientAuth::Scram(ScramVerifier::mock(user, &self.mock_secret))
+        ClientAuth::Scram(ScramVerifier::mock(
+            salt_for(&self.salt_key, user),
+            self.mock_iterations,
+        ))
     }
+}
+
+/// PostgreSQL's `scram_iterations` default, and the count of the verifiers pgshield derives.
+const DEFAULT_ITERATIONS: u32 = 4096;
+
+/// The salt of `name` when no stored verifier gives it one.
+fn salt_for(key: &[u8; 32], name: &str) -> [u8; 16] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(name.as_bytes());
+    let mut salt = [0u8; 16];
+    salt.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+    salt
+}
+
+/// A key only whoever knows the configuration's secrets can make, the same at every start
+/// while they stay the same (a password changed changes every salt derived from it, as
+/// PostgreSQL's would change that user's). A configuration without secrets (no password
+/// at all) has no SCRAM user to hide, and gets a random key.
+fn salt_key(config: &Config) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(b"pgshield SCRAM salts").expect("any key");
+    let mut secrets = 0;
+    let mut add = |name: &str, secret: Option<&Secret>| {
+        if let Some(secret) = secret {
+            for part in [name.as_bytes(), secret.expose().as_bytes()] {
+                mac.update(&(part.len() as u64).to_be_bytes());
+                mac.update(part);
+            }
+            secrets += 1;
+        }
+    };
+    for (name, user) in &config.users {
+        add(name, user.password.as_ref());
+        add(name, user.server_password.as_ref());
+        add(name, user.server_password_command.as_ref());
+    }
+    for (name, password) in &config.auth.listed {
+        add(name, Some(password));
+    }
+    add("[auth]", config.auth.password.as_ref());
+    if secrets == 0 {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        return key;
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// The iteration count of most SCRAM verifiers among `users` (the smaller on a tie), or
+/// PostgreSQL's default when there are none.
+fn most_common_iterations<'a>(users: impl Iterator<Item = &'a ClientAuth>) -> u32 {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for user in users {
+        if let ClientAuth::Scram(v) = user {
+            *counts.entry(v.iterations).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(iterations, n)| (n, std::cmp::Reverse(iterations)))
+        .map_or(DEFAULT_ITERATIONS, |(iterations, _)| iterations)
 }
 
 /// What a successful login proved.
@@ -293,6 +368,8 @@ fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, &[u8]), AuthError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
 
     #[test]
     fn sasl_initial_response_layout() {
@@ -358,9 +435,52 @@ mod tests {
             _ => panic!("a SCRAM verifier"),
         };
         assert_eq!(salt(first.mock("x")), salt(reloaded.mock("x")));
-        // A fresh start salts afresh.
+        // A restart gives every name the salt it had (a stored verifier keeps its own), so
+        // that the names whose salts stay cannot be told from the others.
         let restarted = UserDirectory::from_config(&config("pb"), None);
-        assert_ne!(first.lookup("a"), restarted.lookup("a"));
-        assert_ne!(salt(first.mock("x")), salt(restarted.mock("x")));
+        assert_eq!(first.lookup("a"), restarted.lookup("a"));
+        assert_eq!(salt(first.mock("x")), salt(restarted.mock("x")));
+        assert_ne!(salt(first.mock("x")), salt(first.mock("y")));
+        // Only whoever knows the secrets can work the salts out: other secrets, other salts.
+        let elsewhere = UserDirectory::from_config(&config("other"), None);
+        assert_ne!(salt(first.mock("x")), salt(elsewhere.mock("x")));
+        assert_ne!(
+            salt(first.lookup("a").cloned().unwrap()),
+            salt(elsewhere.lookup("a").cloned().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_unknown_user_is_given_the_iteration_count_most_verifiers_have() {
+        let verifier = |pw: &str, salt: u8| {
+            let v = ScramVerifier::from_password_salted(pw, &[salt; 16], 10_000);
+            format!(
+                "SCRAM-SHA-256${}:{}${}:{}",
+                v.iterations,
+                B64.encode(&v.salt),
+                B64.encode(v.stored_key),
+                B64.encode(v.server_key)
+            )
+        };
+        let config = Config::from_toml(&format!(
+            "[databases.app]\nhost = \"127.0.0.1\"\n[users.a]\npassword = \"{}\"\n\
+             [users.b]\npassword = \"{}\"\n[users.c]\npassword = \"plain\"\n",
+            verifier("pa", 1),
+            verifier("pb", 2)
+        ))
+        .unwrap();
+        let dir = UserDirectory::from_config(&config, None);
+        let iterations = |auth: Option<ClientAuth>| match auth {
+            Some(ClientAuth::Scram(v)) => v.iterations,
+            _ => panic!("a SCRAM verifier"),
+        };
+        assert_eq!(iterations(dir.lookup("c").cloned()), 4096);
+        assert_eq!(iterations(Some(dir.mock("nobody"))), 10_000);
+        let plain = Config::from_toml(
+            "[databases.app]\nhost = \"127.0.0.1\"\n[users.c]\npassword = \"plain\"\n",
+        )
+        .unwrap();
+        let dir = UserDirectory::from_config(&plain, None);
+        assert_eq!(iterations(Some(dir.mock("nobody"))), 4096);
     }
 }

@@ -64,27 +64,59 @@ impl ScramVerifier {
         })
     }
 
-    /// Derives a verifier from a plaintext password (PBKDF2: run once, at load).
+    /// Derives a verifier from a plaintext password (PBKDF2: run once, at load) with a
+    /// random salt.
     pub fn from_password(password: &str) -> Self {
         let text = postgres_protocol::password::scram_sha_256(password.as_bytes());
         Self::parse(&text).expect("postgres-protocol produces valid verifiers")
     }
 
-    /// A stand-in for a user that does not exist: a salt that is stable per name (as
-    /// PostgreSQL's mock authentication) and keys nobody can match.
-    pub fn mock(user: &str, mock_secret: &[u8; 32]) -> Self {
-        let mut mac = Hmac::<Sha256>::new_from_slice(mock_secret).expect("any key length");
-        mac.update(user.as_bytes());
-        let salt = mac.finalize().into_bytes()[..16].to_vec();
+    /// The verifier PostgreSQL would store for `password` with this salt and iteration
+    /// count: the password SASLprep'd (its bytes as they are when SASLprep refuses it, as
+    /// PostgreSQL does), then PBKDF2-HMAC-SHA-256.
+    pub fn from_password_salted(password: &str, salt: &[u8], iterations: u32) -> Self {
+        let prepared = stringprep::saslprep(password)
+            .map(|p| p.into_owned().into_bytes())
+            .unwrap_or_else(|_| password.as_bytes().to_vec());
+        let salted = pbkdf2_sha256(&prepared, salt, iterations.max(1));
+        let client_key = hmac(&salted, b"Client Key");
+        ScramVerifier {
+            iterations: iterations.max(1),
+            salt: salt.to_vec(),
+            stored_key: Sha256::digest(client_key).into(),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+
+    /// A stand-in for a user that does not exist: `salt` (stable per name, as PostgreSQL's
+    /// mock authentication's) and keys nobody can match.
+    pub fn mock(salt: [u8; 16], iterations: u32) -> Self {
         let mut stored_key = [0u8; 32];
         rand::rng().fill_bytes(&mut stored_key);
         ScramVerifier {
-            iterations: 4096,
-            salt,
+            iterations,
+            salt: salt.to_vec(),
             stored_key,
             server_key: [0u8; 32],
         }
     }
+}
+
+/// PBKDF2 with HMAC-SHA-256 and a 32-byte output: SCRAM's `Hi()`.
+fn pbkdf2_sha256(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let keyed = Hmac::<Sha256>::new_from_slice(password).expect("any key length");
+    let mut mac = keyed.clone();
+    mac.update(salt);
+    mac.update(&1u32.to_be_bytes());
+    let mut block: [u8; 32] = mac.finalize().into_bytes().into();
+    let mut sum = block;
+    for _ in 1..iterations {
+        let mut mac = keyed.clone();
+        mac.update(&block);
+        block = mac.finalize().into_bytes().into();
+        sum.iter_mut().zip(block).for_each(|(s, b)| *s ^= b);
+    }
+    sum
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -418,13 +450,25 @@ mod tests {
     }
 
     #[test]
-    fn a_mock_verifier_refuses_every_password_with_a_stable_salt() {
-        let secret = [7u8; 32];
-        let a = ScramVerifier::mock("nobody", &secret);
-        let b = ScramVerifier::mock("nobody", &secret);
-        assert_eq!(a.salt, b.salt);
-        assert_ne!(a.salt, ScramVerifier::mock("other", &secret).salt);
+    fn a_mock_verifier_refuses_every_password() {
+        let a = ScramVerifier::mock([7u8; 16], 4096);
+        assert_eq!(a.salt, [7u8; 16]);
         assert_eq!(login(&a, ""), Err(ScramError::WrongProof));
+    }
+
+    #[test]
+    fn a_salted_verifier_is_the_one_postgres_makes() {
+        // SASLprep maps the non-breaking space to a space and drops the soft hyphen; a
+        // prohibited character leaves the bytes as they are.
+        for password in ["pw", "p\u{a0}w\u{ad}ord", "bad\u{7}char", ""] {
+            let theirs = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(
+                password.as_bytes(),
+            ))
+            .unwrap();
+            let ours = ScramVerifier::from_password_salted(password, &theirs.salt, 4096);
+            assert!(ours == theirs, "{password:?}");
+            assert_eq!(login(&ours, password), Ok(()));
+        }
     }
 
     #[test]
