@@ -233,6 +233,25 @@ pub struct ServerTlsConfig {
     /// PEM CA bundle trusted for `verify-ca` / `verify-full` (an RDS bundle works);
     /// the system's roots when unset.
     pub ca: Option<PathBuf>,
+    /// SCRAM channel binding with the servers, as libpq's `channel_binding`.
+    pub channel_binding: ChannelBindingMode,
+}
+
+/// Whether pgshield binds its SCRAM logins to the server's TLS certificate, as libpq's
+/// `channel_binding`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelBindingMode {
+    /// Never (SCRAM-SHA-256 without `-PLUS`).
+    Disable,
+    /// When the connection is TLS and the server offers SCRAM-SHA-256-PLUS.
+    #[default]
+    Prefer,
+    /// Always: a server that asks for anything else (a password in clear or md5, plain
+    /// SCRAM-SHA-256, or no authentication at all) is refused before any secret is sent,
+    /// so a man in the middle that `prefer` or `require` TLS would not notice learns
+    /// nothing.
+    Require,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -1150,6 +1169,15 @@ impl Config {
                 }
             }
         }
+        if self.tls.server.channel_binding == ChannelBindingMode::Require
+            && self.tls.server.mode == ServerTlsMode::Disable
+        {
+            return Err(invalid(
+                "tls.server.channel_binding",
+                "`require` binds logins to the server's TLS certificate: it needs \
+                 tls.server.mode other than `disable`",
+            ));
+        }
         self.admin_http_addr()?;
         if self.admin.stats_period.is_zero() {
             return Err(invalid("admin.stats_period", "must be more than 0s"));
@@ -1845,6 +1873,10 @@ mod tests {
             ),
             ("[listen]\nmax_message_size = 10\n", "listen.max_message_size"),
             ("[tls.client]\nmode = \"require\"\n", "tls.client"),
+            (
+                "[tls.server]\nmode = \"disable\"\nchannel_binding = \"require\"\n",
+                "tls.server.channel_binding",
+            ),
         ];
         for (extra, key) in cases {
             let err = Config::from_toml(&format!("{extra}{MINIMAL}")).expect_err(extra);

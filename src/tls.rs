@@ -27,7 +27,9 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use sha2::Digest;
 use tokio::net::TcpStream;
 
-use crate::config::{ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode};
+use crate::config::{
+    ChannelBindingMode, ClientTlsConfig, ClientTlsMode, ServerTlsConfig, ServerTlsMode,
+};
 
 /// The ALPN protocol name PostgreSQL uses (required for direct TLS).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -326,6 +328,10 @@ impl ServerTls {
 
     pub fn mode(&self) -> ServerTlsMode {
         self.mode
+    }
+
+    pub fn channel_binding(&self) -> ChannelBindingMode {
+        self.settings.channel_binding
     }
 
     /// The rustls client configuration (None when disabled), for other clients of

@@ -442,6 +442,65 @@ async fn backends_checked_against_the_right_ca_use_tls_and_disable_stays_plainte
 }
 
 #[tokio::test]
+async fn channel_binding_require_logs_in_to_servers_only_with_scram_plus() {
+    common::create_role("tls_cb_srv", "pw").await;
+    // The harness cluster checks these roles with md5 (for a password stored as md5; it
+    // would use SCRAM for a SCRAM verifier), a cleartext password, and not at all.
+    common::create_md5_role("be_md5", "pw").await;
+    common::create_role("be_password", "pw").await;
+    common::create_role("be_trust", "pw").await;
+    let users = "[users.tls_cb_srv]\npassword = \"pw\"\n[users.be_md5]\npassword = \"pw\"\n\
+                 [users.be_password]\npassword = \"pw\"\n[users.be_trust]\npassword = \"pw\"\n";
+    let config = |mode: &str, binding: &str| {
+        format!("[tls.server]\nmode = \"{mode}\"\nchannel_binding = \"{binding}\"\n{users}")
+    };
+    let message = |err: tokio_postgres::Error| {
+        err.as_db_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_else(|| err.to_string())
+    };
+    let proxy = TestProxy::start(&config("require", "require")).await;
+    let conn = proxy.connect("tls_cb_srv", "pw").await.expect("SCRAM-PLUS");
+    assert!(backend_uses_tls(&conn).await);
+    drop(conn);
+    for (role, asks) in [
+        ("be_md5", "asks for md5"),
+        ("be_password", "asks for a cleartext password"),
+        ("be_trust", "accepted the login without authenticating it"),
+    ] {
+        // The login may need no backend (the pool knows the server's parameters); the
+        // first statement does.
+        let err = match proxy.connect(role, "pw").await {
+            Ok(conn) => match conn.client.simple_query("SELECT 1").await {
+                Ok(_) => panic!("{role}: logged in to the server without channel binding"),
+                Err(e) => message(e),
+            },
+            Err(e) => message(e),
+        };
+        assert!(
+            err.contains("tls.server.channel_binding = require") && err.contains(asks),
+            "{role}: {err}"
+        );
+    }
+    proxy.stop().await;
+    // `prefer` (the default) and `disable` log in whichever way the server asks.
+    for binding in ["prefer", "disable"] {
+        let proxy = TestProxy::start(&config("require", binding)).await;
+        for role in ["tls_cb_srv", "be_md5", "be_password", "be_trust"] {
+            let conn = proxy
+                .connect(role, "pw")
+                .await
+                .unwrap_or_else(|e| panic!("{binding}, {role}: {}", message(e)));
+            conn.client
+                .simple_query("SELECT 1")
+                .await
+                .unwrap_or_else(|e| panic!("{binding}, {role}: {}", message(e)));
+        }
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn a_backend_that_fails_verification_is_never_used_and_the_error_says_why() {
     common::create_role("tls_wrong_ca", "pw").await;
     let files = Files::new("tls-wrong-ca");

@@ -24,6 +24,7 @@ impl RequireTls {
         let tls = ServerTls::new(&ServerTlsConfig {
             mode: ServerTlsMode::Require,
             ca: None,
+            ..Default::default()
         })?;
         tls.client_config()
             .map(RequireTls)

@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 
 use super::password::PasswordCommand;
 use super::{parse_parameter_status, Server, ServerError as Error};
-use crate::config::{Secret, ServerTlsMode};
+use crate::config::{ChannelBindingMode, Secret, ServerTlsMode};
 use crate::net::Stream;
 use crate::protocol::frame::read_message;
 use crate::protocol::scram::{ScramKeyClient, MECHANISM, MECHANISM_PLUS};
@@ -103,6 +103,11 @@ pub enum ServerError {
     },
     #[error("the server asks for an authentication method pgshield does not support ({0})")]
     UnsupportedAuth(String),
+    #[error(
+        "tls.server.channel_binding = require, but {0}: pgshield logs in to servers only with \
+         SCRAM-SHA-256-PLUS over TLS, and sent nothing"
+    )]
+    Unbound(String),
     #[error("protocol error from the server: {0}")]
     Protocol(String),
     /// A borrow that may only lend an idle backend would have opened one (see
@@ -318,6 +323,10 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
     let mut scram: Option<Sasl> = None;
     // Once SCRAM has started, the server must prove itself (SASLFinal) before AuthOk.
     let mut server_proved = false;
+    let binding_mode = target.tls.channel_binding();
+    let required = binding_mode == ChannelBindingMode::Require;
+    // Whether the exchange under way is bound to the server's certificate.
+    let mut bound = false;
     loop {
         let (tag, body) = next_message(server).await?;
         match tag {
@@ -334,7 +343,20 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                         .into(),
                 ))
             }
+            0 if required && !(bound && server_proved) => {
+                return Err(unbound(
+                    "the server accepted the login without authenticating it",
+                ))
+            }
             0 => return Ok(()),
+            3 | 5 if required => {
+                let method = if code == 3 {
+                    "a cleartext password"
+                } else {
+                    "md5"
+                };
+                return Err(unbound(&format!("the server asks for {method}")));
+            }
             3 => {
                 let Some(BackendPassword::Plain(pw)) = &target.password else {
                     return Err(no_password(
@@ -374,19 +396,29 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
                 let end_point = server
                     .stream
                     .peer_server_certificate()
-                    .and_then(crate::tls::server_end_point);
-                let (mechanism, binding) = match end_point {
-                    Some(data) if offers(MECHANISM_PLUS) => (MECHANISM_PLUS, Binding::Bound(data)),
-                    _ if !offers(MECHANISM) => {
-                        return Err(Error::UnsupportedAuth(
+                    .and_then(crate::tls::server_end_point)
+                    .filter(|_| binding_mode != ChannelBindingMode::Disable);
+                if required && !(end_point.is_some() && offers(MECHANISM_PLUS)) {
+                    return Err(unbound(if end_point.is_none() {
+                        "the connection is not TLS"
+                    } else {
+                        "the server does not offer SCRAM-SHA-256-PLUS"
+                    }));
+                }
+                let (mechanism, binding) =
+                    match end_point {
+                        Some(data) if offers(MECHANISM_PLUS) => {
+                            bound = true;
+                            (MECHANISM_PLUS, Binding::Bound(data))
+                        }
+                        _ if !offers(MECHANISM) => return Err(Error::UnsupportedAuth(
                             "SASL without SCRAM-SHA-256, and no channel binding pgshield can use"
                                 .into(),
-                        ))
-                    }
-                    // "y": pgshield could bind, the server did not offer it.
-                    Some(_) => (MECHANISM, Binding::Unrequested),
-                    None => (MECHANISM, Binding::Unsupported),
-                };
+                        )),
+                        // "y": pgshield could bind, the server did not offer it.
+                        Some(_) => (MECHANISM, Binding::Unrequested),
+                        None => (MECHANISM, Binding::Unsupported),
+                    };
                 let client = match &target.password {
                     Some(BackendPassword::Plain(pw)) => Sasl::Password(ScramSha256::new(
                         pw.expose().as_bytes(),
@@ -530,6 +562,12 @@ fn unexpected(tag: u8, when: &str) -> Error {
         "unexpected message type '{}' {when}",
         char::from(tag)
     ))
+}
+
+/// A server that would have pgshield log in without channel binding, which
+/// `tls.server.channel_binding = "require"` forbids.
+fn unbound(what: &str) -> Error {
+    Error::Unbound(what.to_owned())
 }
 
 fn no_password(method: &'static str, need: &'static str, target: &ServerTarget) -> Error {
