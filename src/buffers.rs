@@ -15,6 +15,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// The most one read takes.
 pub const CHUNK: usize = 16 * 1024;
 
+/// The most room made at once for the rest of a message whose header came: its length is
+/// the peer's word, and a client announcing 256 MiB and sending nothing more should not
+/// be given them. Larger messages grow the buffer as their bytes arrive.
+pub const RESERVE_AHEAD: usize = 1 << 20;
+
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
     /// Small empty buffers that sessions on this thread gave up as they went idle, for the

@@ -156,6 +156,15 @@ impl Shape {
 }
 
 impl Statement {
+    /// Whether this (not retired) statement is what a Parse of `query` with these types,
+    /// under `parse_env`, makes.
+    fn is_for(&self, parse_env: u64, query: &[u8], types: &[u32]) -> bool {
+        !self.retired.load(Ordering::Acquire)
+            && self.parse_env == parse_env
+            && self.query == query
+            && self.param_types == types
+    }
+
     /// A server accepted it: later Parses of it can be answered without a backend.
     pub fn mark_valid(&self) {
         self.valid.store(true, Ordering::Release);
@@ -252,6 +261,16 @@ struct RegistryInner {
     purge_at: usize,
 }
 
+impl RegistryInner {
+    fn find(&self, parse_env: u64, query: &[u8], param_types: &[u32]) -> Option<Arc<Statement>> {
+        let variants = self.by_text.get(query)?;
+        let (_, _, weak) = variants
+            .iter()
+            .find(|(types, env, _)| types == param_types && *env == parse_env)?;
+        weak.upgrade()
+    }
+}
+
 impl Registry {
     /// The statement for this text and these types, shared with every client using it,
     /// read under the server's default settings (pgshield's own statements; tests).
@@ -271,17 +290,16 @@ impl Registry {
         query: &[u8],
         param_types: &[u32],
     ) -> Arc<Statement> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let variants = inner
-            .by_text
-            .get(query)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let known = variants
-            .iter()
-            .find(|(types, env, _)| types == param_types && *env == parse_env);
-        if let Some(statement) = known.and_then(|(_, _, weak)| weak.upgrade()) {
+        if let Some(statement) = self.find(parse_env, query, param_types) {
             return statement;
+        }
+        // Read outside the lock: a long text costs its own client the time, not every
+        // client of the pool preparing a statement meanwhile.
+        let effects = sql::classify_in(query, parse_env);
+        let fixed_result = sql::fixed_result(query);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(statement) = inner.find(parse_env, query, param_types) {
+            return statement; // made by another client meanwhile
         }
         inner.next_id += 1;
         let id = inner.next_id;
@@ -291,11 +309,11 @@ impl Registry {
             param_types: param_types.to_vec(),
             parse_env,
             retired: AtomicBool::new(false),
-            effects: sql::classify_in(query, parse_env),
+            effects,
             valid: AtomicBool::new(false),
             shape: AtomicU64::new(0),
             stale: AtomicBool::new(false),
-            fixed_result: sql::fixed_result(query),
+            fixed_result,
         });
         let weak = Arc::downgrade(&statement);
         let variants = inner.by_text.entry(query.to_owned()).or_default();
@@ -315,6 +333,18 @@ impl Registry {
             inner.purge_at = (inner.by_text.len() * 2).max(1024);
         }
         statement
+    }
+
+    /// The statement already made for this text, these types and `parse_env`, if a client
+    /// still holds it.
+    pub fn find(
+        &self,
+        parse_env: u64,
+        query: &[u8],
+        param_types: &[u32],
+    ) -> Option<Arc<Statement>> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.find(parse_env, query, param_types)
     }
 
     /// The statement's result type has changed since clients were told it (a column added
@@ -1109,10 +1139,18 @@ impl ClientStatements {
                 if self.named.contains_key(name) || self.full(name, max_named) {
                     return Ok(None); // the server is to refuse it
                 }
-                let statement = if name.is_empty() {
-                    self.intern_unnamed(registry, parse_env, query, &types)
-                } else {
-                    registry.intern_under(parse_env, query, &types)
+                // (Only a statement a server accepted will do: a text not known yet is
+                // left to `translate`, which makes its statement, on a backend.)
+                let known = match &self.unnamed {
+                    Some(Named { statement, .. })
+                        if name.is_empty() && statement.is_for(parse_env, query, &types) =>
+                    {
+                        Some(Arc::clone(statement))
+                    }
+                    _ => registry.find(parse_env, query, &types),
+                };
+                let Some(statement) = known else {
+                    return Ok(None);
                 };
                 // (A DEALLOCATE of a client's name goes to a backend: see
                 // `deallocate_stand_in`.)
@@ -1318,11 +1356,7 @@ impl ClientStatements {
         types: &[u32],
     ) -> Arc<Statement> {
         if let Some(Named { statement, .. }) = &self.unnamed {
-            if !statement.retired.load(Ordering::Acquire)
-                && statement.parse_env == parse_env
-                && statement.query == query
-                && statement.param_types == types
-            {
+            if statement.is_for(parse_env, query, types) {
                 return Arc::clone(statement);
             }
         }

@@ -237,6 +237,9 @@ struct Dirty {
     names: Vec<String>,
     /// RESET ALL, DISCARD ALL: every setting pgshield knows of.
     all: bool,
+    /// When `names` is next rid of repeats (a transaction of endless `SET`s would grow it
+    /// without bound).
+    dedup_at: usize,
 }
 
 impl Dirty {
@@ -246,14 +249,21 @@ impl Dirty {
 
     /// Adds what a statement may change.
     fn note(&mut self, effects: &Effects) {
-        self.all |= effects.all_settings;
-        self.names.extend(effects.settings.iter().cloned());
+        self.add(effects.all_settings, &effects.settings);
     }
 
     /// Adds what a statement resets.
     fn note_resets(&mut self, effects: &Effects) {
-        self.all |= effects.all_settings;
-        self.names.extend(effects.reset_settings.iter().cloned());
+        self.add(effects.all_settings, &effects.reset_settings);
+    }
+
+    fn add(&mut self, all: bool, names: &[String]) {
+        self.all |= all;
+        self.names.extend(names.iter().cloned());
+        if self.names.len() > self.dedup_at.max(64) {
+            crate::client::sql::dedup_names(&mut self.names);
+            self.dedup_at = 2 * self.names.len();
+        }
     }
 
     /// Whether `name` is among them.
@@ -1838,7 +1848,8 @@ impl Session {
             return Ok(true);
         }
         let missing = header.len - self.client_in.len();
-        self.client_in.reserve(missing);
+        self.client_in
+            .reserve(missing.min(crate::buffers::RESERVE_AHEAD));
         Ok(false)
     }
 
@@ -2532,7 +2543,9 @@ impl Session {
                 }
                 if server.read_buf.len() < header.len {
                     let missing = header.len - server.read_buf.len();
-                    server.read_buf.reserve(missing);
+                    server
+                        .read_buf
+                        .reserve(missing.min(crate::buffers::RESERVE_AHEAD));
                     return Ok(None);
                 }
             }
@@ -3629,6 +3642,19 @@ impl Drop for ActiveOnDrop {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_transaction_of_endless_sets_keeps_its_list_of_names_short() {
+        let mut dirty = super::Dirty::default();
+        let set = crate::client::sql::classify("SET work_mem = '1MB'");
+        let reset = crate::client::sql::classify("RESET search_path");
+        for _ in 0..10_000 {
+            dirty.note(&set);
+            dirty.note_resets(&reset);
+        }
+        assert!(dirty.names.len() <= 64, "{}", dirty.names.len());
+        assert!(dirty.has("work_mem") && dirty.has("search_path") && !dirty.has("datestyle"));
+    }
+
     /// An idle client's memory is mostly its task, and the task mostly this session: a
     /// few bytes more can move the task into the allocator's next size class, 256 bytes
     /// more per idle client (issue 7's bound is 2 KiB; 10,000 idle clients measured 1,820

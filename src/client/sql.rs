@@ -150,14 +150,22 @@ enum Token<'a> {
     Semicolon,
 }
 
+/// Texts of more tokens than this are not read (they pin): each token takes some 32
+/// bytes, so a text of commas would take 32 times its own size.
+const MAX_TOKENS: usize = 2 << 20;
+
 /// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
-/// quote (PostgreSQL would reject it anyway; pgshield will not guess). `backslashes`: a
+/// quote (PostgreSQL would reject it anyway; pgshield will not guess), or has more than
+/// [`MAX_TOKENS`]. `backslashes`: a
 /// backslash in a `'…'` string escapes, as with `standard_conforming_strings` off.
 fn tokens(sql: &str, backslashes: bool) -> Option<Vec<Token<'_>>> {
     let b = sql.as_bytes();
     let mut out = Vec::with_capacity(16);
     let mut i = 0;
     while i < b.len() {
+        if out.len() > MAX_TOKENS {
+            return None;
+        }
         let c = b[i];
         match c {
             b' ' | b'\t' | b'\n' | b'\r' | 0x0c => i += 1,
@@ -753,16 +761,34 @@ fn classify_tokens(sql: &str, backslashes: bool) -> Effects {
         effects.pin(PinReason::Unclassified);
         return effects;
     };
+    // (Lists of names kept short: a statement may scan the names before it, and a text
+    // of thousands of statements would take time growing as its square.)
+    let mut dedup_at = 64;
     for statement in tokens.split(|t| *t == Token::Semicolon) {
         if !statement.is_empty() {
             effects.statements += 1;
             classify_statement(statement, &mut effects, backslashes);
+            if effects.settings.len().max(effects.reset_settings.len()) > dedup_at {
+                dedup_names(&mut effects.settings);
+                dedup_names(&mut effects.reset_settings);
+                dedup_at = 2 * effects
+                    .settings
+                    .len()
+                    .max(effects.reset_settings.len())
+                    .max(32);
+            }
         }
     }
     // (Only of use with a reset; the byte screen, which sees none, never says it.)
     effects.control &= effects.resets;
     effects.runs_proxy_statement = proxy_statements_run(&tokens).next().is_some();
     effects
+}
+
+/// Drops names met before, keeping the order of their first appearance.
+pub(crate) fn dedup_names(names: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    names.retain(|name| seen.insert(name.clone()));
 }
 
 /// The names of pgshield's own prepared statements (`pgshield_` and a number) that `t`
@@ -823,24 +849,38 @@ pub fn hide_proxy_statements(sql: &mut [u8], env: u64) {
         let Some(t) = tokens(&text, backslashes) else {
             return;
         };
-        // Where each name's `_` is in `text`, then in `sql`: text not UTF-8 was read
-        // with each byte sequence UTF-8 lacks as one character, every ASCII byte kept in
-        // its order, so the n-th ASCII byte of one is the n-th of the other.
+        // Where each name's `_` is in `text` (in order), then in `sql`.
         let base = text.as_ptr() as usize;
-        proxy_statements_run(&t)
-            .filter_map(|name| {
-                let at = name.as_ptr() as usize - base + crate::prepared::NAME_PREFIX.len() - 1;
-                let nth = text.as_bytes()[..at]
+        let in_text = proxy_statements_run(&t)
+            .map(|name| name.as_ptr() as usize - base + crate::prepared::NAME_PREFIX.len() - 1);
+        if matches!(text, Cow::Borrowed(_)) {
+            in_text.collect()
+        } else {
+            // Text not UTF-8 was read with each byte sequence UTF-8 lacks as one
+            // character, every ASCII byte kept in its order, so the n-th ASCII byte of one
+            // is the n-th of the other: both walked once, side by side.
+            let (mut text_at, mut nth) = (0, 0);
+            let (mut sql_at, mut sql_nth) = (0, 0);
+            let mut found = Vec::new();
+            for at in in_text {
+                nth += text.as_bytes()[text_at..at]
                     .iter()
                     .filter(|b| b.is_ascii())
                     .count();
-                sql.iter()
-                    .enumerate()
-                    .filter(|(_, b)| b.is_ascii())
-                    .nth(nth)
-                    .map(|(i, _)| i)
-            })
-            .collect()
+                text_at = at;
+                while sql_at < sql.len() {
+                    if sql[sql_at].is_ascii() {
+                        if sql_nth == nth {
+                            found.push(sql_at);
+                            break;
+                        }
+                        sql_nth += 1;
+                    }
+                    sql_at += 1;
+                }
+            }
+            found
+        }
     };
     for at in underscores {
         if sql[at] == b'_' {
@@ -987,6 +1027,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
 /// COPY-then-merge upsert pattern).
 fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
     let mut temporary = false;
+    let mut set_configs = 0;
     let ends_with_transaction = t
         .windows(3)
         .any(|w| is(w.first(), "on") && is(w.get(1), "commit") && is(w.get(2), "drop"))
@@ -1018,7 +1059,14 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
             e.pin(PinReason::AdvisoryLock);
         }
         if names(tok, "set_config") {
-            set_config_call(&t[i + 2..], e);
+            // (Each call's arguments are read to their end: a text of thousands of calls
+            // nested would take time growing as its square.)
+            set_configs += 1;
+            if set_configs > MAX_SET_CONFIG_CALLS {
+                e.pin(PinReason::Unclassified);
+            } else {
+                set_config_call(&t[i + 2..], e);
+            }
         }
         if names(tok, "setseed") {
             // (The backend's random generator, as `SET seed`.)
@@ -1406,6 +1454,9 @@ fn session_setting(name: String, e: &mut Effects) {
     }
 }
 
+/// More `set_config` calls than this in one statement are not read: it pins.
+const MAX_SET_CONFIG_CALLS: usize = 64;
+
 /// set_config('name', value, is_local): with a literal name and a literal `false` it sets
 /// that setting for the session (a `NULL` value resets it, as `RESET name` does); a
 /// literal `true` only for the transaction; anything else cannot be vouched for.
@@ -1429,6 +1480,7 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
                 if commas == 2 {
                     third = args.get(i + 1);
                     second_comma = Some(i);
+                    break; // (what follows is looked at below)
                 }
             }
             _ => {}
@@ -2151,6 +2203,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn texts_too_long_to_read_cheaply_pin_and_name_lists_stay_short() {
+        // More than 64 `set_config` calls in one statement are not read.
+        let calls = |n: usize| {
+            let call = "set_config('a.b', 'x', false)";
+            format!("SELECT {}", vec![call; n].join(", "))
+        };
+        assert_eq!(classify(&calls(64)).pin, None);
+        assert_eq!(classify(&calls(65)).pin, Some(PinReason::Unclassified));
+        // Nor a text of more than MAX_TOKENS tokens (a comment takes it past the screen).
+        let commas = format!("/**/ SELECT 1{}", ",1".repeat(MAX_TOKENS / 2 + 1));
+        assert_eq!(classify(&commas).pin, Some(PinReason::Unclassified));
+        let fewer = format!("/**/ SELECT 1{}", ",1".repeat(1000));
+        assert_eq!(classify(&fewer).pin, None);
+        // A name reset or set over and over is listed once, or a few times.
+        let resets = classify(&"RESET a.b; SET ROLE NONE; ".repeat(10_000));
+        assert_eq!(resets.statements, 20_000);
+        assert!(
+            resets.reset_settings.len() <= 64,
+            "{}",
+            resets.reset_settings.len()
+        );
+        assert!(resets.settings.len() <= 64, "{}", resets.settings.len());
+        assert!(resets.reset_settings.contains(&"a.b".to_owned()));
+        assert!(resets.settings.contains(&"role".to_owned()));
+    }
+
     /// The byte screen never answers differently from the lexer: over every statement in
     /// these tests and random strings built from the pieces that matter to either.
     #[test]
@@ -2190,6 +2269,11 @@ mod tests {
         assert_eq!(
             hidden(b"SELECT '\xe9\xe8'; EXECUTE PGSHIELD_7", 0),
             b"SELECT '\xe9\xe8'; EXECUTE PGSHIELD$7"
+        );
+        let latin1 = b"SELECT '\xe9'; EXECUTE pgshield_1; SELECT '\xe8\xe8'; EXECUTE pgshield_2";
+        assert_eq!(
+            hidden(latin1, 0),
+            b"SELECT '\xe9'; EXECUTE pgshield$1; SELECT '\xe8\xe8'; EXECUTE pgshield$2"
         );
         // Read as the server reads it: with standard_conforming_strings off, all but
         // `SELECT` is a string.
