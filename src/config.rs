@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::protocol::scram::ScramVerifier;
 
+/// The keys whose values are lists: set from the environment as comma-separated items
+/// (`PGSHIELD__DATABASES__APP__HOSTS=db1,db2:5433`).
+const ENV_LIST_KEYS: &[&str] = &["hosts", "replicas", "allowed_cidrs", "users", "stats_users"];
+
 /// Prefix of environment overrides: `PGSHIELD__POOL__MAX_SIZE=50` sets `pool.max_size`.
 pub const ENV_PREFIX: &str = "PGSHIELD";
 /// Separator between the prefix, sections and keys of an environment override.
@@ -994,12 +998,36 @@ impl Config {
                     .required(true),
             );
         }
-        let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
+        // Values are taken as the strings they are (a password `0123` stays `0123`;
+        // numbers and booleans are read from them by the keys that want them), except
+        // the keys that take lists, whose values are split at commas.
+        let vars: Vec<(String, String)> = match env {
+            Some(env) => env.into_iter().collect(),
+            None => std::env::vars().collect(),
+        };
+        let env_source = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator(ENV_SEPARATOR)
             .separator(ENV_SEPARATOR)
-            .try_parsing(true);
-        if let Some(env) = env {
-            env_source = env_source.source(Some(env.into_iter().collect()));
+            .source(Some(vars.iter().cloned().collect()));
+        let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
+        for (name, value) in &vars {
+            let Some(key) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let key = key.to_lowercase().replace(ENV_SEPARATOR, ".");
+            if key
+                .rsplit('.')
+                .next()
+                .is_some_and(|leaf| ENV_LIST_KEYS.contains(&leaf))
+            {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                builder = builder.set_override(key, items)?;
+            }
         }
         let raw = builder
             .add_source(env_source)
@@ -1727,6 +1755,40 @@ mod tests {
         assert_eq!(c.pool.max_size, 50);
         assert_eq!(c.users["app"].password.as_ref().unwrap().expose(), "12345");
         assert_eq!(c.databases["other"].host, "db.internal");
+    }
+
+    #[test]
+    fn environment_values_are_the_strings_given_and_lists_split_at_commas() {
+        let env = BTreeMap::from(
+            [
+                ("PGSHIELD__USERS__APP__PASSWORD", "0123"),
+                ("PGSHIELD__USERS__APP__SERVER_USER", "007"),
+                ("PGSHIELD__USERS__APP__SERVER_PASSWORD", "True"),
+                (
+                    "PGSHIELD__USERS__APP__ALLOWED_CIDRS",
+                    "10.0.0.0/8, 192.168.1.0/24",
+                ),
+                ("PGSHIELD__DATABASES__APP__DBNAME", "1e3"),
+                ("PGSHIELD__DATABASES__APP__HOSTS", "db1,db2:5433"),
+                ("PGSHIELD__POOL__MAX_SIZE", "7"),
+                ("PGSHIELD__POOL__BORROW_TIMEOUT", "3s"),
+                ("PGSHIELD__LISTEN__REUSE_PORT", "true"),
+                ("PGSHIELD__ADMIN__USERS", "app"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let c = Config::load_with_env(None, Some(env)).expect("valid");
+        let app = &c.users["app"];
+        assert_eq!(app.password.as_ref().unwrap().expose(), "0123");
+        assert_eq!(app.server_user.as_deref(), Some("007"));
+        assert_eq!(app.server_password.as_ref().unwrap().expose(), "True");
+        assert_eq!(app.allowed_cidrs.len(), 2);
+        assert_eq!(c.databases["app"].dbname.as_deref(), Some("1e3"));
+        assert_eq!(c.databases["app"].hosts, ["db1", "db2:5433"]);
+        assert_eq!(c.pool.max_size, 7);
+        assert_eq!(c.pool.borrow_timeout, Duration::from_secs(3));
+        assert!(c.listen.reuse_port);
+        assert_eq!(c.admin.users, ["app"]);
     }
 
     #[test]
