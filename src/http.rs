@@ -127,8 +127,15 @@ async fn not_ready(shared: &Shared) -> Option<String> {
     if shared.shutdown.is_draining() {
         return Some("not ready: shutting down".into());
     }
+    if shared.shutdown.is_listener_closed() {
+        return Some("not ready: no longer accepting clients".into());
+    }
     let pools = shared.pools.all();
     let live = shared.live();
+    // Every host of every database without an open backend, probed at once (a probe has
+    // a second or so: a silent host must not make the next one's answer late).
+    let mut probes = tokio::task::JoinSet::new();
+    let mut unknown: Vec<&String> = Vec::new();
     for (name, db) in &live.config.databases {
         let has_backend = pools
             .iter()
@@ -136,28 +143,42 @@ async fn not_ready(shared: &Shared) -> Option<String> {
         if has_backend {
             continue;
         }
-        // Ready when any of its hosts answers (a failover may be under way).
-        let mut last = String::new();
-        let mut reached = false;
+        unknown.push(name);
         for host in db.servers().unwrap_or_default() {
-            let connect = crate::net::connect_server(&host.host, host.port);
-            match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
-                Ok(Ok(_)) => {
-                    reached = true;
-                    break;
-                }
-                Ok(Err(e)) => last = format!("{} cannot be reached: {e}", host.addr()),
-                Err(_) => {
-                    last = format!(
+            let name = name.clone();
+            probes.spawn(async move {
+                let connect = crate::net::connect_server(&host.host, host.port);
+                let outcome = match tokio::time::timeout(READY_CONNECT_TIMEOUT, connect).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("{} cannot be reached: {e}", host.addr())),
+                    Err(_) => Err(format!(
                         "{} did not answer within {READY_CONNECT_TIMEOUT:?}",
                         host.addr()
-                    )
-                }
-            }
-        }
-        if !reached {
-            return Some(format!("not ready: database {name}: {last}"));
+                    )),
+                };
+                (name, outcome)
+            });
         }
     }
-    None
+    // Ready when any host of each answers (a failover may be under way).
+    let mut why: std::collections::HashMap<String, String> = Default::default();
+    while let Some(probe) = probes.join_next().await {
+        let Ok((name, outcome)) = probe else { continue };
+        match outcome {
+            Ok(()) => {
+                unknown.retain(|n| **n != name);
+                why.remove(&name);
+            }
+            Err(e) if unknown.contains(&&name) => {
+                why.insert(name, e);
+            }
+            Err(_) => {}
+        }
+        if unknown.is_empty() {
+            return None;
+        }
+    }
+    let name = unknown.first()?;
+    let last = why.get(name.as_str()).cloned().unwrap_or_default();
+    Some(format!("not ready: database {name}: {last}"))
 }

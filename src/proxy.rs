@@ -393,8 +393,11 @@ impl Proxy {
             ),
             None => None,
         };
+        // (Shared with the new process of a rolling restart too, which takes it over.)
         let http = match config.admin_http_addr()? {
-            Some(addr) => Some(bound(TcpListener::bind(addr).await).map_err(bind_error(addr))?),
+            Some(addr) => {
+                Some(bound(listen(addr, config.listen.reuse_port)).map_err(bind_error(addr))?)
+            }
             None => None,
         };
         // Last, once nothing else can fail.
@@ -473,11 +476,18 @@ impl Proxy {
         let janitors = CancellationToken::new();
         shared.pools.spawn_janitors(janitors.clone());
         if let Some((listener, _)) = http {
-            tokio::spawn(crate::http::serve(
-                listener,
-                Arc::clone(&shared),
-                janitors.clone(),
-            ));
+            // A rolling restart's new process, listening on the same ports, answers the
+            // probes and scrapes once this one hands over: this one's would say it is
+            // not ready, and a probe would get either answer.
+            let stop = janitors.child_token();
+            if shared.live().config.listen.reuse_port {
+                let (shutdown, stop) = (shared.shutdown.clone(), stop.clone());
+                tokio::spawn(async move {
+                    shutdown.listener_closed().await;
+                    stop.cancel();
+                });
+            }
+            tokio::spawn(crate::http::serve(listener, Arc::clone(&shared), stop));
         }
         tokio::spawn(crate::admin::average_stats(
             Arc::clone(&shared),

@@ -97,6 +97,10 @@ impl Shutdown {
         self.closing.cancel();
     }
 
+    pub fn is_listener_closed(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
     pub async fn listener_closed(&self) {
         self.closing.cancelled().await
     }

@@ -6,28 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{sqlstate, TestProxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// GETs `path`; returns the status line's code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: pgshield\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
-        .await
-        .expect("an answer within 10 s")
-        .expect("read");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (code, body.to_owned())
-}
+use common::{http_get as get, sqlstate, TestProxy};
 
 /// The value of one sample line, e.g. `pgshield_queries_total{pool="app/x"}`.
 fn value(metrics: &str, series: &str) -> f64 {
@@ -198,8 +177,16 @@ async fn health_and_ready_say_what_they_mean() {
     assert_eq!(get(http, "/health").await, (200, "ok\n".into()));
     assert_eq!(get(http, "/ready").await, (200, "ready\n".into()));
     assert_eq!(get(http, "/nope").await.0, 404);
-    // Draining (a client in a transaction keeps it from finishing): not ready any more.
+    // No longer accepting clients (SHUTDOWN WAIT_FOR_CLIENTS, a rolling restart; a
+    // client still connected keeps pgshield up): not ready.
     let conn = proxy.connect("met_ready", "pw").await.expect("login");
+    proxy.shutdown.close_listener();
+    let (code, body) = get(http, "/ready").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "not ready: no longer accepting clients\n")
+    );
+    // Draining (a client in a transaction keeps it from finishing): not ready any more.
     conn.client.batch_execute("BEGIN").await.expect("begin");
     proxy.shutdown.begin();
     let (code, body) = get(http, "/ready").await;

@@ -41,6 +41,17 @@ impl Pgshield {
         port: Option<u16>,
         listen_extra: &str,
     ) -> Pgshield {
+        Self::start_with_http(role, password, port, listen_extra, 0).await
+    }
+
+    /// As `start_on`, with the HTTP listener on `http_port` (0: any free one).
+    async fn start_with_http(
+        role: &str,
+        password: &str,
+        port: Option<u16>,
+        listen_extra: &str,
+        http_port: u16,
+    ) -> Pgshield {
         let dir = common::unique_temp_dir(role);
         let mut last_log = String::new();
         // A free port can be taken by someone else before the child binds it: retry.
@@ -51,7 +62,7 @@ impl Pgshield {
                  [pool]\nmode = \"session\"\nmax_size = 2\nshutdown_timeout = \"20s\"\n\n\
                  [databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\n\
                  [users.{role}]\npassword = \"{password}\"\n\
-                 [admin]\nhttp_listen = \"127.0.0.1:0\"\n",
+                 [admin]\nhttp_listen = \"127.0.0.1:{http_port}\"\n",
                 common::cluster().port()
             );
             let config_path = dir.join("pgshield.toml");
@@ -389,7 +400,19 @@ async fn a_connection_that_never_logs_in_does_not_hold_up_shutdown() {
 async fn a_rolling_restart_on_one_port_drops_no_client() {
     common::create_role("sd_roll", "pw").await;
     let port = common::free_port();
-    let mut old = Pgshield::start_on("sd_roll", "pw", Some(port), "reuse_port = true\n").await;
+    // Both processes on the same ports, the operator's HTTP listener's too.
+    let http_port = common::free_port();
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+    let start = || {
+        Pgshield::start_with_http(
+            "sd_roll",
+            "pw",
+            Some(port),
+            "reuse_port = true\n",
+            http_port,
+        )
+    };
+    let mut old = start().await;
     // A client of the old process keeps running transactions throughout.
     let conn = common::connect(&old.config("sd_roll", "pw"))
         .await
@@ -411,9 +434,14 @@ async fn a_rolling_restart_on_one_port_drops_no_client() {
         }
     });
     // The new process binds the same port; the old one is told to hand over.
-    let new = Pgshield::start_on("sd_roll", "pw", Some(port), "reuse_port = true\n").await;
+    let new = start().await;
     old.signal(Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The old process has let the HTTP port go too: every probe is the new one's, ready.
+    for i in 0..10 {
+        let (code, body) = common::http_get(http, "/ready").await;
+        assert_eq!(code, 200, "probe {i}: {body}");
+    }
     // New clients are served (by the new process) while the old one still serves its own.
     for i in 0..20 {
         let c = common::connect(&new.config("sd_roll", "pw"))
