@@ -354,6 +354,23 @@ impl DevDb {
         &self.dir
     }
 
+    /// A private directory inside the server's (`name` in it), removed with it: by the
+    /// supervisor too, when this process is killed (so it belongs to the server's owner,
+    /// who may then remove what is in it, whoever wrote it).
+    pub fn subdir(&self, name: &str) -> Result<PathBuf, DevDbError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = self.dir.join(name);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(io_err(format!("create {}", path.display())))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(io_err(format!("chown {} to postgres", path.display())))?;
+        }
+        Ok(path)
+    }
+
     pub fn host(&self) -> &str {
         "127.0.0.1"
     }

@@ -242,6 +242,7 @@ fn bench(args: BenchArgs) -> ExitCode {
             "starting a throwaway PostgreSQL (max_connections {}) and pgshield (pool of {}) in front of it…",
             args.max_connections, args.pool_size
         );
+        defer_interrupts();
         match embedded::Embedded::start(&embedded::EmbeddedOptions {
             pgshield,
             max_connections: args.max_connections,
@@ -258,8 +259,17 @@ fn bench(args: BenchArgs) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("pgshield bench --embedded: {e}");
-                return ExitCode::FAILURE;
+                return if interrupted() {
+                    ExitCode::from(130)
+                } else {
+                    ExitCode::FAILURE
+                };
             }
+        }
+        if interrupted() {
+            eprintln!("pgshield bench: interrupted");
+            drop(embedded);
+            return ExitCode::from(130);
         }
     } else {
         match args.target.as_deref() {
@@ -306,11 +316,24 @@ fn bench(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Ctrl-C stops the run and still cleans up what --embedded started.
+    // Ctrl-C (or SIGTERM, or the terminal closing) stops the run and still cleans up
+    // what --embedded started.
     let report = runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return None;
+        };
+        if interrupted() {
+            return None;
+        }
         tokio::select! {
             report = bench::run(&scenario, &targets, &options) => Some(report),
             _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+            _ = hup.recv() => None,
         }
     });
     let Some(report) = report else {
@@ -344,11 +367,16 @@ fn bench(args: BenchArgs) -> ExitCode {
 
 fn dev(args: DevArgs) -> ExitCode {
     init_logging(&LogConfig::default());
+    defer_interrupts();
     let db = match DevDb::start(&DevDbOptions {
         max_connections: args.max_connections,
         ..DevDbOptions::default()
     }) {
         Ok(db) => db,
+        Err(e) if interrupted() => {
+            eprintln!("pgshield dev: interrupted ({e})");
+            return ExitCode::from(130);
+        }
         Err(e) => {
             eprintln!("pgshield dev: {e}");
             return ExitCode::FAILURE;
@@ -475,17 +503,26 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
-        if let Some(source) = reload_from {
+        if let Some(source) = reload_from.clone() {
             proxy.shared().reload_from(source);
         }
         on_ready(proxy.local_addr(), proxy.http_addr());
+        let reloads = reload_from.is_some();
         tokio::spawn(watch_signals(
             proxy.shutdown_handle(),
             term,
             int,
             reuse_port,
         ));
-        tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
+        if reloads {
+            tokio::spawn(reload_on_hangup(Arc::clone(proxy.shared()), hup));
+        } else {
+            // `dev`: nothing to read again, and a hang-up is its terminal closing.
+            tokio::spawn(stop_on_hangup(proxy.shutdown_handle(), hup));
+        }
+        if interrupted() {
+            proxy.shutdown_handle().begin();
+        }
         tokio::spawn(pause_on_signals(Arc::clone(proxy.shared()), usr1, usr2));
         // On a worker, not on this thread: `block_on`'s own future runs outside the
         // worker pool, so each connection it accepted had to be handed to a worker and
@@ -509,6 +546,14 @@ async fn reload_on_hangup(shared: Arc<Shared>, mut hup: Signal) {
         let shared = Arc::clone(&shared);
         // Reading files and deriving verifiers is blocking work.
         let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+    }
+}
+
+/// SIGHUP, where there is no configuration to read again (`dev`), shuts down as SIGTERM.
+async fn stop_on_hangup(shutdown: Shutdown, mut hup: Signal) {
+    if hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: shutting down");
+        shutdown.begin();
     }
 }
 
@@ -566,6 +611,35 @@ async fn watch_signals(shutdown: Shutdown, mut term: Signal, mut int: Signal, ha
     }
     tracing::warn!("second signal: closing every client now");
     shutdown.force();
+}
+
+/// Set by a SIGINT, SIGTERM or SIGHUP that came while `dev` or `bench --embedded` started
+/// its throwaway server (and before the handlers of the run were in place), so that what
+/// was started is stopped and removed, not left behind by a process killed mid-way.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn note_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP set [`INTERRUPTED`] rather than end the process.
+fn defer_interrupts() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(note_interrupt),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { sigaction(signal, &action) } {
+            eprintln!("pgshield: cannot handle {signal}: {e}");
+        }
+    }
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 fn init_logging(log: &LogConfig) {

@@ -712,4 +712,5 @@ async fn a_pool_made_during_a_pause_is_paused_until_resume() {
         .expect("task")
         .expect("query");
     late.client.simple_query("SELECT 2").await.expect("and on");
+    std::fs::remove_dir_all(&dir).ok();
 }

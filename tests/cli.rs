@@ -197,6 +197,102 @@ impl Drop for Dev {
     }
 }
 
+/// The server's directory `dev`'s banner names.
+fn throwaway_dir(banner: &[String]) -> PathBuf {
+    banner
+        .iter()
+        .find_map(|l| {
+            let start = l.find("(throwaway, in ")? + "(throwaway, in ".len();
+            let len = l[start..].find(')')?;
+            Some(PathBuf::from(&l[start..start + len]))
+        })
+        .unwrap_or_else(|| panic!("no `(throwaway, in DIR)` in:\n{}", banner.join("\n")))
+}
+
+/// The directories process `pid` made for a throwaway server (`pgshield-pg-PID-…`, where
+/// a bench's pgshield has its own).
+fn dirs_of(pid: u32) -> Vec<PathBuf> {
+    let prefixes = [format!("pgshield-pg-{pid}-")];
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("read the temporary directory")
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            prefixes
+                .iter()
+                .any(|p| name.to_string_lossy().starts_with(p.as_str()))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_ends_when_its_terminal_closes_or_when_interrupted_while_starting() {
+    // A hang-up (the terminal closed) ends it as Ctrl-C does: there is no file to reload.
+    let mut child = pgshield()
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pgshield dev");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut dev = Dev {
+        child,
+        exited: false,
+    };
+    let pid = dev.child.id().expect("running");
+    let mut banner = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read dev's stdout") {
+            let last = line.contains("Through pgshield:");
+            banner.push(line);
+            if last {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the banner within 60 s");
+    let dir = throwaway_dir(&banner);
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).expect("send SIGHUP");
+    let status = tokio::time::timeout(Duration::from_secs(20), dev.child.wait())
+        .await
+        .expect("pgshield dev exits within 20 s of SIGHUP")
+        .expect("wait");
+    dev.exited = true;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+
+    // Ctrl-C while the server is being made (initdb takes a second or so): nothing left.
+    for delay in [150, 400] {
+        let child = pgshield()
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgshield dev");
+        let mut dev = Dev {
+            child,
+            exited: false,
+        };
+        let pid = dev.child.id().expect("running");
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        kill(Pid::from_raw(pid as i32), Signal::SIGINT).expect("send SIGINT");
+        let status = tokio::time::timeout(Duration::from_secs(30), dev.child.wait())
+            .await
+            .expect("pgshield dev exits within 30 s of SIGINT")
+            .expect("wait");
+        dev.exited = true;
+        assert!(status.code().is_some(), "{delay} ms: killed, {status:?}");
+        assert_eq!(
+            dirs_of(pid),
+            Vec::<PathBuf>::new(),
+            "{delay} ms: left behind"
+        );
+    }
+}
+
 /// The text between the first pair of double quotes in `line`.
 fn quoted(line: &str) -> Option<&str> {
     let start = line.find('"')? + 1;
@@ -266,14 +362,7 @@ async fn dev_starts_postgres_fronts_it_and_cleans_up() {
         banner_text.contains(&format!("listening on 127.0.0.1:{port}")),
         "{banner_text}"
     );
-    let dir = banner
-        .iter()
-        .find_map(|l| {
-            let start = l.find("(throwaway, in ")? + "(throwaway, in ".len();
-            let len = l[start..].find(')')?;
-            Some(PathBuf::from(&l[start..start + len]))
-        })
-        .unwrap_or_else(|| panic!("no `(throwaway, in DIR)` in:\n{banner_text}"));
+    let dir = throwaway_dir(&banner);
     assert!(
         dir.is_dir(),
         "{} should exist while dev runs",
@@ -610,6 +699,92 @@ fn the_examples_configure_pgshield_by_environment_alone() {
         "name: PGSHIELD__USERS__APP__PASSWORD",
     ] {
         assert!(k8s.contains(probe), "{probe}");
+    }
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // (After the name, which is in parentheses and may hold spaces.)
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // (A zombie has exited; it waits only for its parent to read its status.)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .is_some_and(|at| !stat[at..].starts_with(") Z"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_embedded_leaves_nothing_running_when_stopped_or_killed() {
+    for signal in [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGKILL] {
+        let mut bench = pgshield()
+            .args([
+                "bench",
+                "--embedded",
+                "--scenario",
+                "steady",
+                "--clients",
+                "2",
+            ])
+            .args(["--duration", "120s", "--json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgshield bench");
+        let pid = bench.id().expect("running");
+        // Its pgshield: the child that is not the server's supervisor (both run
+        // pgshield's binary; the supervisor's parent is the bench too).
+        let mut proxy = None;
+        for _ in 0..300 {
+            proxy = children_of(pid).into_iter().find(|c| {
+                std::fs::read(format!("/proc/{c}/cmdline"))
+                    .is_ok_and(|cmd| cmd.windows(5).any(|w| w == b"\0run\0"))
+            });
+            if proxy.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let proxy = proxy.unwrap_or_else(|| panic!("{signal}: no `pgshield run` child"));
+        // Once it listens the run is under way (give it a moment to get there).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        kill(Pid::from_raw(pid as i32), signal).expect("signal the bench");
+        tokio::time::timeout(Duration::from_secs(30), bench.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{signal}: the bench did not end"))
+            .expect("wait");
+        let mut gone = false;
+        for _ in 0..100 {
+            if !alive(proxy) {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(gone, "{signal}: its pgshield ({proxy}) still runs");
+        // (Killed, the bench leaves it to the server's supervisor.)
+        for _ in 0..100 {
+            if dirs_of(pid).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(dirs_of(pid), Vec::<PathBuf>::new(), "{signal}");
     }
 }
 

@@ -50,7 +50,9 @@ fn command(driver: &str) -> Vec<String> {
         "pgjdbc" => {
             let jar = PathBuf::from("/usr/share/java/postgresql.jar");
             missing(&jar);
-            let classes = common::unique_temp_dir("jdbc");
+            // (Beside the drivers, compiled afresh each run: not one more directory in
+            // /tmp per run.)
+            let classes = dir.join("jdbc-classes");
             let built = std::process::Command::new("javac")
                 .args([
                     "-d",

@@ -85,11 +85,9 @@ impl Embedded {
             ];
         }
         let db = DevDb::start(&db_options).map_err(|e| e.to_string())?;
-        let dir = PrivateDir::new(std::env::temp_dir().join(format!(
-            "pgshield-bench-{}-{}",
-            std::process::id(),
-            db.port()
-        )))?;
+        // Inside the server's directory, which its supervisor removes even when the
+        // bench is killed: the configuration holds the server's password.
+        let dir = PrivateDir(db.subdir("bench").map_err(|e| e.to_string())?);
         let port = crate::devdb::free_port().map_err(|e| format!("find a free port: {e}"))?;
         let mut config = format!(
             "[listen]\naddr = \"127.0.0.1:{port}\"\nmax_client_connections = 100000\n\
@@ -124,6 +122,22 @@ impl Embedded {
             if name.to_string_lossy().starts_with("PGSHIELD") {
                 command.env_remove(name);
             }
+        }
+        // Ends with the bench, however the bench ends (killed, or a signal its run did
+        // not handle): a pgshield left running would hold the port and the directory
+        // with the server's password. (Spawned from the thread that lives as long as the
+        // process: the signal comes when the thread that forked exits.)
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only system calls run, no allocation.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+                }
+                Ok(())
+            });
         }
         let proxy = command
             .args(["run", "--config"])
