@@ -322,6 +322,68 @@ async fn a_backend_making_way_gives_its_place_back_once_its_server_has_exited() 
     drop(frozen);
 }
 
+/// Keeping `min_idle` open never closes another pool's backend for a place under
+/// `max_db_connections` (as PgBouncer fills `min_pool_size`): only a client's borrow
+/// makes way so. Otherwise two pools would take the places from each other every second.
+#[tokio::test]
+async fn min_idle_takes_only_a_free_place_under_max_db_connections() {
+    common::create_role("acc_fill_a", "pw").await;
+    common::create_role("acc_fill_b", "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmin_idle = 1\nborrow_timeout = \"10s\"\n\
+         [databases.capped]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         max_db_connections = 2\n{}{}",
+        common::cluster().port(),
+        role_config("acc_fill_a", ""),
+        role_config("acc_fill_b", ""),
+    ))
+    .await;
+    let pool = |name: &str| {
+        proxy
+            .shared
+            .pools
+            .all()
+            .into_iter()
+            .find(|p| p.name() == format!("capped/{name}"))
+            .expect("a pool")
+    };
+    let (pool_a, pool_b) = (pool("acc_fill_a"), pool("acc_fill_b"));
+    // A's clients take both places (two transactions at once: B's min_idle backend, if
+    // it has opened one, makes way), then leave them idle in A's pool.
+    let capped = |role: &str| {
+        let mut c = proxy.config(role, "pw");
+        c.dbname("capped");
+        c
+    };
+    let (a1, a2) = (
+        common::connect(&capped("acc_fill_a")).await.expect("a1"),
+        common::connect(&capped("acc_fill_a")).await.expect("a2"),
+    );
+    for a in [&a1, &a2] {
+        a.client
+            .batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("begin");
+    }
+    for a in [&a1, &a2] {
+        a.client.batch_execute("COMMIT").await.expect("commit");
+    }
+    assert_eq!(pool_a.status().open, 2);
+    // B's janitor wants one open and finds no free place: it leaves A's alone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (pool_a.status().open, pool_b.status().open),
+        (2, 0),
+        "B's min_idle took a place from A's idle backends"
+    );
+    // A client of B still gets a backend (an idle one of A's makes way for it).
+    let b = common::connect(&capped("acc_fill_b")).await.expect("b");
+    b.client
+        .batch_execute("SELECT 1")
+        .await
+        .expect("b is served");
+}
+
 /// Backends of the two roles of the max_db_connections test.
 async fn backends(admin: &tokio_postgres::Client) -> i64 {
     common::backends_of(admin, "acc_dbmax_a").await

@@ -681,7 +681,8 @@ async fn a_listed_user_with_a_password_runs_the_health_checks() {
 
 /// The console's PAUSE holds pools made while it lasts too: a user of `auth.file` whose
 /// first login comes during the PAUSE waits for the RESUME like everyone else, as in
-/// PgBouncer (which pauses by database, not by pool).
+/// PgBouncer (which pauses by database, not by pool): its login too, which needs a
+/// backend to learn the server's parameters, and PAUSE keeps none open.
 #[tokio::test]
 async fn a_pool_made_during_a_pause_is_paused_until_resume() {
     common::create_role("ap_ops", "pw-ops").await;
@@ -700,11 +701,15 @@ async fn a_pool_made_during_a_pause_is_paused_until_resume() {
     let console = common::connect(&console).await.expect("admin login");
     console.client.simple_query("PAUSE").await.expect("PAUSE");
     assert!(proxy.shared.pools.get("app", "ap_late").is_none());
-    let late = proxy.connect("ap_late", "pw-late").await.expect("login");
-    let query =
-        tokio::spawn(async move { late.client.simple_query("SELECT 1").await.map(|_| late) });
+    let late = proxy.config("ap_late", "pw-late");
+    let query = tokio::spawn(async move {
+        let late = common::connect(&late).await.expect("login");
+        late.client.simple_query("SELECT 1").await.map(|_| late)
+    });
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(!query.is_finished(), "ran during the PAUSE");
+    let admin = common::admin().await;
+    assert_eq!(common::backends_of(&admin, "ap_late").await, 0);
     console.client.simple_query("RESUME").await.expect("RESUME");
     let late = tokio::time::timeout(std::time::Duration::from_secs(10), query)
         .await

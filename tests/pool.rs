@@ -146,6 +146,23 @@ async fn min_idle_backends_are_opened_at_start_and_kept() {
     // Idle timeouts never take the pool below min_idle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(backends_of(&admin, "pool_min").await, 2);
+    // PAUSE keeps none open, min_idle's included, until RESUME.
+    let pool = proxy.shared.pools.get("app", "pool_min").expect("the pool");
+    pool.pause().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        backends_of(&admin, "pool_min").await,
+        0,
+        "opened while paused"
+    );
+    pool.resume();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backends_of(&admin, "pool_min").await == 2
+        })
+        .await,
+        "min_idle again after RESUME"
+    );
     drop(proxy);
 }
 

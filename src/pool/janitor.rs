@@ -28,8 +28,13 @@ pub(super) async fn run(pool: Arc<Pool>, stop: CancellationToken) {
         }
         // Deadpool sees every idle backend, the warm ones too.
         pool.cool();
+        if pool.is_paused() {
+            // PAUSE keeps none open: not even min_idle's.
+            pool.inner.retain(|_, _| false);
+            continue;
+        }
         evict(&pool);
-        if let Err(e) = fill_to_min_idle(&pool).await {
+        if let Err(e) = super::FILLING.scope((), fill_to_min_idle(&pool)).await {
             if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 tracing::warn!(pool = %pool.name, error = %e, "cannot open min_idle backends");
                 last_warning = Some(Instant::now());
@@ -69,8 +74,9 @@ fn evict(pool: &Pool) {
     }
 }
 
-/// Opens backends until the pool has `min_idle` open. Borrows without waiting, so it
-/// never takes a place in the queue from a client.
+/// Opens backends until the pool has `min_idle` open (those lent count). Borrows without
+/// waiting, so it never takes a place in the queue from a client, and (under
+/// [`super::FILLING`]) opens only where `max_db_connections` has a free place.
 async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::ServerError>> {
     let want = if pool.is_retired() {
         0
@@ -85,9 +91,10 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
         create: None,
         recycle: None,
     };
+    // (Deadpool lends the idle ones first: they are held, briefly, until it opens.)
     let mut held = Vec::with_capacity(want);
     let mut result = Ok(());
-    while held.len() < want {
+    while pool.inner.status().size < want && held.len() < want {
         // A place under max_size first, as any borrower.
         let Some(place) = pool.gate.try_take() else {
             break;

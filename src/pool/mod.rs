@@ -261,6 +261,17 @@ async fn within<T, E>(
     }
 }
 
+tokio::task_local! {
+    /// Set while the janitor opens backends up to `min_idle`: an open then takes a free
+    /// place under `max_db_connections` or fails, never waiting for one nor closing
+    /// another pool's idle backend for it (as PgBouncer fills `min_pool_size`), and waits
+    /// for a host for a second at most.
+    static FILLING: ();
+}
+
+/// How long an open to fill `min_idle` waits for a host to serve.
+const FILL_HOST_WAIT: Duration = Duration::from_secs(1);
+
 impl ServerManager {
     /// Opens a backend for the pool: under `max_db_connections`, with the target and
     /// settings in force now.
@@ -268,9 +279,18 @@ impl ServerManager {
         // The generation first: a reload that changes the target or the limit after this
         // read bumps it, so a backend opened with what is read below is never reused.
         let generation = self.generation.load(Ordering::Acquire);
-        let settings = self.settings.load_full();
+        let mut settings = self.settings.load_full();
+        let filling = FILLING.try_with(|_| ()).is_ok();
+        if filling {
+            let mut quick = (*settings).clone();
+            quick.borrow_timeout = Some(FILL_HOST_WAIT);
+            settings = Arc::new(quick);
+        }
         let db_limit = lock(&self.db_limit).clone();
         let permit = match db_limit {
+            Some(limit) if filling => {
+                Some(limit.capacity.try_take().ok_or_else(|| limit.reached())?)
+            }
             Some(limit) => Some(
                 limit
                     .acquire(settings.borrow_timeout, &self.db_waiting)
@@ -1280,12 +1300,22 @@ impl Pool {
         }
     }
 
-    /// The parameters a new client is told at login. Opens a backend the first time.
+    /// The parameters a new client is told at login. Opens a backend the first time,
+    /// once the pool is not paused (PAUSE keeps none open; the login waits, as in
+    /// PgBouncer, up to its own timeout).
     pub async fn welcome_params(&self) -> Result<Arc<ServerParams>, BorrowError> {
-        if let Some(params) = lock(&self.inner.manager().welcome).clone() {
-            return Ok(params);
+        loop {
+            if let Some(params) = lock(&self.inner.manager().welcome).clone() {
+                return Ok(params);
+            }
+            self.until_resumed().await;
+            let backend = self.borrow().await?;
+            if !self.is_paused() {
+                backend.release();
+                break;
+            }
+            backend.discard();
         }
-        self.borrow().await?.release();
         lock(&self.inner.manager().welcome)
             .clone()
             .ok_or_else(|| BorrowError::Closed(self.name.clone()))
