@@ -486,7 +486,7 @@ pub enum Undo {
     /// An Execute of a portal dropping the client's statements (DISCARD ALL, DEALLOCATE
     /// ALL, through the extended protocol) did not run: the names it took are the
     /// client's again (those it has not made again since).
-    Dropped { names: Vec<(Arc<str>, Named)> },
+    Dropped { names: TakenNames },
     /// pgshield's Close of a statement evicted from a full backend did not happen: the
     /// backend may still have it.
     Evicted {
@@ -494,6 +494,18 @@ pub enum Undo {
         /// The other clone of its `Doubt`'s token, if it may be skipped.
         doubt: Option<Arc<()>>,
     },
+}
+
+/// The names a dropping Execute took ([`ClientStatements::take_named`]), which come back
+/// if it does not run: until its outcome is known they still count toward the client's
+/// limit, or a client could have them taken by an Execute doomed to fail, prepare as
+/// many new ones meanwhile, and have both, again and again.
+/// (They count as Closes whose outcome is unknown do: a clone of
+/// [`ClientStatements::closing`]'s token each.)
+#[derive(Debug)]
+pub struct TakenNames {
+    names: Vec<(Arc<str>, Named)>,
+    _pending: Vec<Arc<()>>,
 }
 
 /// What one of a client's names stands for: a statement, and which Parse gave the name
@@ -531,7 +543,8 @@ pub struct ClientStatements {
     /// of them fails, the name comes back) holds a clone while its outcome is unknown:
     /// such names still count toward the client's limit, or a client could close names in
     /// a batch doomed to fail and prepare new ones meanwhile, without end. (A Close first
-    /// in its batch cannot be skipped: a driver's Close-then-Parse is not held back.)
+    /// in its batch cannot be skipped: a driver's Close-then-Parse is not held back.) So
+    /// does each name a dropping Execute took ([`TakenNames`]).
     closing: Option<Arc<()>>,
 }
 
@@ -1777,8 +1790,8 @@ impl ClientStatements {
                     self.unnamed = Some(named);
                 }
             }
-            Undo::Dropped { names } => {
-                for (client_name, named) in names {
+            Undo::Dropped { mut names } => {
+                for (client_name, named) in std::mem::take(&mut names.names) {
                     if !self.named.contains_key(&*client_name) {
                         self.named.insert(client_name, named);
                     }
@@ -1803,9 +1816,14 @@ impl ClientStatements {
     /// Takes every one of the client's names (an extended-protocol DISCARD ALL or
     /// DEALLOCATE ALL about to run), to be given back by [`Undo::Dropped`] if it does
     /// not. Its unnamed statement stays, as in PostgreSQL.
-    pub fn take_named(&mut self) -> Vec<(Arc<str>, Named)> {
+    pub fn take_named(&mut self) -> TakenNames {
         let named = std::mem::take(&mut self.named).0;
-        named.map(|m| m.into_iter().collect()).unwrap_or_default()
+        let names: Vec<_> = named.map(|m| m.into_iter().collect()).unwrap_or_default();
+        let token = self.closing.get_or_insert_with(Arc::default);
+        TakenNames {
+            _pending: names.iter().map(|_| Arc::clone(token)).collect(),
+            names,
+        }
     }
 
     /// The client's statements are all gone (DEALLOCATE ALL, DISCARD ALL).

@@ -2278,6 +2278,41 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// The names an extended DEALLOCATE ALL takes as its Execute is sent come back if it
+/// does not run; until that is known they still count toward the client's limit, or a
+/// client could pipeline new names behind an Execute doomed to fail and end with both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_a_failing_deallocate_all_took_still_count_toward_the_limit() {
+    let proxy = trusted_proxy(
+        "tx_taken_limit",
+        "max_size = 1\nmax_client_prepared_statements = 2",
+    )
+    .await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_taken_limit").await;
+    assert_eq!(parse_named(&mut s, "d", "DEALLOCATE ALL").await, "1Z");
+    assert_eq!(parse_named(&mut s, "s1", "SELECT 'one'").await, "1Z");
+    // A batch that fails before its Execute of `d` runs, and behind it, before that is
+    // known, a Parse of a new name.
+    let mut batches = raw::message(b'P', b"\0SELEKT\0\0\0");
+    batches.extend(raw::message(b'B', b"\0d\0\0\0\0\0\0\0"));
+    batches.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    batches.extend_from_slice(&raw::SYNC);
+    batches.extend(raw::message(b'P', b"n1\0SELECT 'new'\0\0\0"));
+    batches.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &batches).await;
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("EZ".to_owned(), vec!["42601".to_owned()])
+    );
+    assert_eq!(
+        raw::until_ready(&mut s).await,
+        ("EZ".to_owned(), vec!["53400".to_owned()]),
+        "a third name"
+    );
+    assert_eq!(run_named(&mut s, "s1").await.as_deref(), Ok("one"));
+    assert_eq!(run_named(&mut s, "n1").await, Err("26000".into()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parse_beyond_the_clients_statement_limit_fails_as_a_refused_parse_does() {
     // (The role first: the table is granted to it.)
