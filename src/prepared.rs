@@ -508,6 +508,24 @@ pub struct TakenNames {
     _pending: Vec<Arc<()>>,
 }
 
+/// The longest statement name PostgreSQL tells apart (`NAMEDATALEN` - 1 bytes).
+const MAX_NAME: usize = 63;
+
+/// The part of a client's statement name PostgreSQL tells statements apart by: its first
+/// [`MAX_NAME`] bytes, as its table of prepared statements keys them (here cut at the end
+/// of a character). So two names alike that far are one statement, as there, and a name
+/// costs pgshield no more than that however long it is sent.
+fn key(name: &str) -> &str {
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    let mut end = MAX_NAME;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// What one of a client's names stands for: a statement, and which Parse gave the name
 /// to it (a Parse the server skipped is taken back only if the name still holds what it
 /// made: the client may have closed and prepared it again since, in a batch that ran).
@@ -1146,7 +1164,7 @@ impl ClientStatements {
         let mut body = &msg[5..];
         match msg[0] {
             b'P' => {
-                let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let name = key(take_cstr(&mut body).ok_or(Malformed("Parse"))?);
                 let query = take_cstr_bytes(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.named.contains_key(name) || self.full(name, max_named) {
@@ -1179,7 +1197,7 @@ impl ClientStatements {
             }
             b'C' if body.first() == Some(&b'S') => {
                 let mut rest = &body[1..];
-                let name = take_cstr(&mut rest).ok_or(Malformed("Close"))?;
+                let name = key(take_cstr(&mut rest).ok_or(Malformed("Close"))?);
                 let mut ignored = Translated::pass_on();
                 self.close(name, false, &mut ignored);
                 Ok(Some(Fake::CloseComplete))
@@ -1214,7 +1232,7 @@ impl ClientStatements {
         let mut body = &msg[5..];
         match tag {
             b'P' => {
-                let name = take_cstr(&mut body).ok_or(Malformed("Parse"))?;
+                let name = key(take_cstr(&mut body).ok_or(Malformed("Parse"))?);
                 let query = take_cstr_bytes(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.full(name, max_named) {
@@ -1229,6 +1247,7 @@ impl ClientStatements {
                     t.translation = Translation::NeedMore;
                     return Ok(t);
                 };
+                let statement = key(statement);
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
                 server.portals.retain(|(p, _)| **p != *portal);
@@ -1268,6 +1287,7 @@ impl ClientStatements {
                 if !rest.is_empty() || !matches!(kind, b'S' | b'P') {
                     return Err(Malformed("Describe/Close"));
                 }
+                let name = if kind == b'S' { key(name) } else { name };
                 if kind == b'S' && tag == b'D' {
                     let found = self.lookup(name);
                     t.bound.clone_from(&found);
@@ -1341,7 +1361,7 @@ impl ClientStatements {
     ) -> Option<(&'a str, &'a Arc<Statement>, usize)> {
         let (portal, name, consumed) = bind_names(bind, bind.len()).ok()??;
         // (Not the unnamed statement: it is not among the named.)
-        let statement = &self.named.get(name)?.statement;
+        let statement = &self.named.get(key(name))?.statement;
         let as_is = statement.parse_env == parse_env
             && !statement.is_stale()
             && statement.effects().is_empty();
@@ -1492,7 +1512,7 @@ impl ClientStatements {
         if target.starts_with(NAME_PREFIX) {
             return None;
         }
-        let (client_name, named) = self.named.remove_entry(target.as_str())?;
+        let (client_name, named) = self.named.remove_entry(key(target.as_str()))?;
         // The name comes back if what stands in for it is skipped or fails (as in
         // PostgreSQL, where the Parse that failed dropped nothing).
         // (Counted as pending even first in its batch: unlike a Close, its Parse may fail.)
@@ -1834,12 +1854,12 @@ impl ClientStatements {
 
     /// Whether the client has a statement of this name.
     pub fn has(&self, name: &str) -> bool {
-        self.named.contains_key(name)
+        self.named.contains_key(key(name))
     }
 
     /// Forgets one of the client's statements (its DEALLOCATE); false if it had none.
     pub fn forget(&mut self, name: &str) -> bool {
-        self.named.remove(name).is_some()
+        self.named.remove(key(name)).is_some()
     }
 
     /// How many named statements the client has.

@@ -2278,6 +2278,32 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// PostgreSQL tells statement names apart by their first 63 bytes: names alike that far
+/// are one statement (a second Parse is 42P05, a Bind by either runs it; PostgreSQL 15
+/// answers so, checked with libpq's PQprepare), as through pgshield, which keeps no more
+/// of a name than that however long it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_names_are_told_apart_by_their_first_63_bytes_as_in_postgres() {
+    let proxy = trusted_proxy("tx_long_names", "max_size = 1").await;
+    let long = "n".repeat(63);
+    let (first, second) = (format!("{long}_first"), format!("{long}_second"));
+    let mut s = raw::login_trusted(proxy.addr, "tx_long_names").await;
+    assert_eq!(parse_named(&mut s, &first, "SELECT 'first'").await, "1Z");
+    assert_eq!(
+        parse_named(&mut s, &second, "SELECT 'second'").await,
+        "42P05"
+    );
+    assert_eq!(run_named(&mut s, &second).await.as_deref(), Ok("first"));
+    assert_eq!(run_named(&mut s, &long).await.as_deref(), Ok("first"));
+    // A name of a megabyte is kept as its first 63 bytes.
+    let huge = "h".repeat(1 << 20);
+    assert_eq!(parse_named(&mut s, &huge, "SELECT 'huge'").await, "1Z");
+    assert_eq!(
+        run_named(&mut s, &"h".repeat(63)).await.as_deref(),
+        Ok("huge")
+    );
+}
+
 /// The names an extended DEALLOCATE ALL takes as its Execute is sent come back if it
 /// does not run; until that is known they still count toward the client's limit, or a
 /// client could pipeline new names behind an Execute doomed to fail and end with both.
