@@ -962,10 +962,18 @@ impl ServerStatements {
         self.portals.clear();
     }
 
-    /// A simple Query destroys the unnamed statement (and the unnamed portal).
+    /// A simple Query destroys the unnamed statement (and the unnamed portal; and it may
+    /// declare a cursor, a portal, of any name: no portal is known to be a statement's).
     pub fn forget_unnamed(&mut self) {
         self.unnamed = None;
-        self.portals.retain(|(portal, _)| !portal.is_empty());
+        self.portals.clear();
+    }
+
+    /// An Execute was sent: it may declare a cursor, which is a portal, of any name
+    /// (`DECLARE c CURSOR FOR …`), so no portal is known to be a statement's any more (a
+    /// driver describes its portal between its Bind and its Execute).
+    pub fn portal_ran(&mut self) {
+        self.portals.clear();
     }
 
     /// Whether the backend has `name` prepared, its Parse's outcome known, and reading
@@ -1311,6 +1319,9 @@ impl ClientStatements {
                     }
                 } else if kind == b'S' {
                     self.close(name, situation.batch_open, &mut t);
+                } else if tag == b'C' {
+                    // (A portal made again under that name is not the statement's.)
+                    server.portals.retain(|(portal, _)| **portal != *name);
                 } else if tag == b'D' {
                     t.portal_of = server
                         .portals
@@ -1669,8 +1680,7 @@ impl ClientStatements {
         let Some(statement) = found else {
             // Not the client's: the server answers "does not exist", unless the name is
             // one of pgshield's own, which a client must never reach.
-            return name
-                .starts_with(NAME_PREFIX)
+            return (name.starts_with(NAME_PREFIX) || name == DEALLOCATE_STAND_IN)
                 .then(|| format!("{NAME_PREFIX}!{name}").into());
         };
         self.ensure_prepared(server, &statement, (situation, true), out, t);

@@ -2278,6 +2278,48 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// A Describe of a portal describes the statement it was bound from, which pgshield
+/// checks against what clients were told of that statement; but a portal of that name
+/// made since by other means (a cursor DECLAREd after the portal was closed) is not the
+/// statement's, and its columns must not mark another client's statement stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_named_as_a_closed_portal_does_not_make_a_statement_stale() {
+    let proxy = trusted_proxy("tx_portal_name", "max_size = 1").await;
+    let text = "SELECT 1::int AS a";
+    let mut victim = raw::login_trusted(proxy.addr, "tx_portal_name").await;
+    let mut parse = raw::message(b'P', format!("v\0{text}\0\0\0").as_bytes());
+    parse.extend(raw::message(b'D', b"Sv\0"));
+    parse.extend_from_slice(&raw::SYNC);
+    raw::send(&mut victim, &parse).await;
+    assert_eq!(raw::until_ready(&mut victim).await.0, "1tTZ");
+    assert_eq!(run_named(&mut victim, "v").await.as_deref(), Ok("1"));
+
+    let mut other = raw::login_trusted(proxy.addr, "tx_portal_name").await;
+    raw::send(&mut other, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut other).await;
+    assert_eq!(parse_named(&mut other, "x", text).await, "1Z");
+    let mut batch = raw::message(b'B', b"c\0x\0\0\0\0\0\0\0");
+    batch.extend(raw::message(b'C', b"Pc\0"));
+    batch.extend(raw::message(
+        b'P',
+        b"\0DECLARE c CURSOR FOR SELECT 'z'::text AS z, 2 AS w\0\0\0",
+    ));
+    batch.extend(raw::message(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    batch.extend(raw::message(b'D', b"Pc\0"));
+    batch.extend_from_slice(&raw::SYNC);
+    raw::send(&mut other, &batch).await;
+    assert_eq!(
+        raw::until_ready(&mut other).await,
+        ("2312CTZ".into(), vec![])
+    );
+    raw::send(&mut other, &raw::query("ROLLBACK")).await;
+    raw::until_ready(&mut other).await;
+
+    // The victim's statement still runs.
+    assert_eq!(run_named(&mut victim, "v").await.as_deref(), Ok("1"));
+}
+
 /// PostgreSQL tells statement names apart by their first 63 bytes: names alike that far
 /// are one statement (a second Parse is 42P05, a Bind by either runs it; PostgreSQL 15
 /// answers so, checked with libpq's PQprepare), as through pgshield, which keeps no more

@@ -1694,6 +1694,8 @@ impl Session {
         }
         if postgres_protocol::message::frontend::query("", &mut self.server_out).is_ok() {
             server.replies.resync_sent();
+            // (A Query, however empty, drops the unnamed statement.)
+            server.statements.forget_unnamed();
         }
     }
 
@@ -1930,6 +1932,9 @@ impl Session {
             self.request_sent = Some(crate::epoch::instant());
         }
         let server = backend.server();
+        if header.tag == b'E' {
+            server.statements.portal_ran();
+        }
         if !translated {
             if execute_read {
                 let mut body = &self.client_in[HEADER_LEN..header.len];
