@@ -94,7 +94,7 @@ fn too_many_statements(limit: usize) -> String {
 pub struct Statement {
     name: Arc<str>,
     /// In the client's encoding, which need not be UTF-8.
-    query: Vec<u8>,
+    query: Arc<[u8]>,
     param_types: Vec<u32>,
     /// The fingerprint of the settings it is read under ([`crate::server::PARSE_SETTINGS`]).
     parse_env: u64,
@@ -161,7 +161,7 @@ impl Statement {
     fn is_for(&self, parse_env: u64, query: &[u8], types: &[u32]) -> bool {
         !self.retired.load(Ordering::Acquire)
             && self.parse_env == parse_env
-            && self.query == query
+            && *self.query == *query
             && self.param_types == types
     }
 
@@ -251,17 +251,39 @@ struct RegistryInner {
     /// By text, then by parameter types (nearly always one: a text is seldom prepared with
     /// other types). Looked up by the borrowed text, so that a Parse of a statement already
     /// known (every transaction of an unnamed-statement driver) allocates nothing.
-    by_text: HashMap<Vec<u8>, Vec<Variant>>,
+    /// (The text is the statement's own, shared.)
+    by_text: HashMap<Arc<[u8]>, Vec<Variant>>,
+    /// The bytes of the texts in `by_text`, dead ones' too.
+    text_bytes: usize,
     /// Numbers the names (a pool's own: its backends are only ever lent to its clients).
     next_id: u64,
     /// pgshield's own statements (refusals), kept alive so that each is prepared once
     /// per backend, not once per use under a new name (a handful: one per refusal text).
     own: Vec<Arc<Statement>>,
-    /// Purge dead entries when the map grows past this.
+    /// Purge dead entries when the map grows past this many texts, or bytes of them
+    /// (a client parsing large texts once each, as unnamed statements, would otherwise
+    /// leave a thousand of them behind).
     purge_at: usize,
+    purge_bytes_at: usize,
 }
 
+/// The fewest bytes of texts the registry purges at.
+const PURGE_BYTES_LEAST: usize = 16 << 20;
+
 impl RegistryInner {
+    /// `by_text.retain`, keeping `text_bytes` true.
+    fn retain(&mut self, mut keep: impl FnMut(&Arc<[u8]>, &mut Vec<Variant>) -> bool) {
+        let mut dropped = 0;
+        self.by_text.retain(|text, variants| {
+            let kept = keep(text, variants);
+            if !kept {
+                dropped += text.len();
+            }
+            kept
+        });
+        self.text_bytes -= dropped;
+    }
+
     fn find(&self, parse_env: u64, query: &[u8], param_types: &[u32]) -> Option<Arc<Statement>> {
         let variants = self.by_text.get(query)?;
         let (_, _, weak) = variants
@@ -303,9 +325,10 @@ impl Registry {
         }
         inner.next_id += 1;
         let id = inner.next_id;
+        let text: Arc<[u8]> = Arc::from(query);
         let statement = Arc::new(Statement {
             name: format!("{NAME_PREFIX}{id}").into(),
-            query: query.to_owned(),
+            query: Arc::clone(&text),
             param_types: param_types.to_vec(),
             parse_env,
             retired: AtomicBool::new(false),
@@ -316,7 +339,11 @@ impl Registry {
             fixed_result,
         });
         let weak = Arc::downgrade(&statement);
-        let variants = inner.by_text.entry(query.to_owned()).or_default();
+        let inner = &mut *inner;
+        let variants = inner.by_text.entry(text).or_insert_with(|| {
+            inner.text_bytes += query.len();
+            Vec::new()
+        });
         // (Dead variants go first: a client could otherwise pile up variants of one text,
         // each with other parameter types, that no purge of the map would find.)
         variants.retain(|(_, _, weak)| weak.strong_count() > 0);
@@ -325,12 +352,15 @@ impl Registry {
             Some((_, _, dead)) => *dead = weak,
             None => variants.push((param_types.to_vec(), parse_env, weak)),
         }
-        if inner.by_text.len() > inner.purge_at {
-            inner.by_text.retain(|_, variants| {
+        if inner.by_text.len() > inner.purge_at
+            || inner.text_bytes > inner.purge_bytes_at.max(PURGE_BYTES_LEAST)
+        {
+            inner.retain(|_, variants| {
                 variants.retain(|(_, _, weak)| weak.strong_count() > 0);
                 !variants.is_empty()
             });
             inner.purge_at = (inner.by_text.len() * 2).max(1024);
+            inner.purge_bytes_at = inner.text_bytes * 2;
         }
         statement
     }
@@ -374,6 +404,7 @@ impl Registry {
         variants.retain(|(_, _, weak)| weak.as_ptr() != Arc::as_ptr(statement));
         if variants.is_empty() {
             inner.by_text.remove(&statement.query[..]);
+            inner.text_bytes -= statement.query.len();
         }
         statement.retired.store(true, Ordering::Release);
     }
@@ -384,8 +415,8 @@ impl Registry {
     pub fn retire_all(&self) {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
-        let own = &inner.own;
-        inner.by_text.retain(|_, variants| {
+        let own = inner.own.clone();
+        inner.retain(|_, variants| {
             variants.retain(|(_, _, weak)| {
                 let keep = own.iter().any(|s| weak.as_ptr() == Arc::as_ptr(s));
                 if let Some(statement) = weak.upgrade().filter(|_| !keep) {
@@ -2094,6 +2125,17 @@ mod tests {
         }
         let inner = r.inner.lock().unwrap();
         assert!(inner.by_text[&b"SELECT * FROM t"[..]].len() <= 3);
+        drop(inner);
+        // Nor texts: a hundred of a megabyte each, each dropped at once, leave at most
+        // some 16 MiB of them (the texts clients hold, and twice as many dead, beyond).
+        for n in 0..100 {
+            let text = format!("SELECT {n} -- {}", "x".repeat(1 << 20));
+            drop(r.intern(text.as_str(), &[]));
+        }
+        let inner = r.inner.lock().unwrap();
+        let bytes: usize = inner.by_text.keys().map(|k| k.len()).sum();
+        assert_eq!(bytes, inner.text_bytes);
+        assert!(bytes <= PURGE_BYTES_LEAST + (1 << 21), "{bytes}");
         drop(inner);
         // Read under other settings (another TimeZone, say): another statement.
         let elsewhere = c.intern_unnamed(&r, 7, b"SELECT * FROM t", &[23]);
