@@ -291,13 +291,17 @@ fn invalid_command(command: &str) -> ErrorResponse {
 }
 
 /// The pools of `database` (all pools without one): a configured database, or the
-/// read-only one of a database with replicas (`<db>_ro`, as SHOW POOLS lists it); an
+/// read-only one of a database with replicas (`<db>_ro`, as SHOW POOLS lists it), or one
+/// a reload removed whose pools still have clients (paused, they wait for a RESUME); an
 /// unknown database is an error.
 fn pools_of(shared: &Shared, database: Option<&str>) -> Result<Vec<Arc<Pool>>, ErrorResponse> {
     let all = shared.pools.all();
     match database {
         None => Ok(all),
-        Some(db) if shared.live().config.resolve_database(db).is_some() => {
+        Some(db)
+            if shared.live().config.resolve_database(db).is_some()
+                || all.iter().any(|p| p.database() == db) =>
+        {
             Ok(all.into_iter().filter(|p| p.database() == db).collect())
         }
         Some(db) => Err(ErrorResponse::error(

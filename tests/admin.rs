@@ -891,6 +891,76 @@ async fn reload_changes_max_db_connections_under_load() {
     assert_eq!(common::backends_of(&watcher, role).await, 2);
 }
 
+/// A reload that removes a database, or its max_db_connections, lets go of the clients
+/// waiting on it: RESUME reaches a removed database's paused pools (whose clients stay
+/// until they leave), and a borrow waiting for a place under the removed limit gets one.
+#[tokio::test]
+async fn a_reload_that_removes_a_database_or_its_limit_strands_no_waiting_client() {
+    let role = "adm_gone";
+    let port = common::cluster().port();
+    let database = |name: &str, extra: &str| {
+        format!(
+            "[databases.{name}]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\n{extra}"
+        )
+    };
+    let pool = "[pool]\nborrow_timeout = \"60s\"\n";
+    let both = format!(
+        "{pool}{}{}",
+        database("gone", ""),
+        database("capped", "max_db_connections = 1\n")
+    );
+    let proxy = proxy(role, &both).await;
+    let admin = console(&proxy, "adm_gone_ops").await;
+    let client_of = |db: &str| {
+        let mut c = proxy.config(role, "pw");
+        c.dbname(db);
+        c
+    };
+    // A client of `gone`, paused; a client of `capped` waiting behind one holding its
+    // only place.
+    let paused = common::connect(&client_of("gone")).await.expect("login");
+    admin
+        .client
+        .simple_query("PAUSE gone")
+        .await
+        .expect("PAUSE");
+    let paused =
+        tokio::spawn(async move { paused.client.simple_query("SELECT 1").await.map(|_| ()) });
+    let holder = common::connect(&client_of("capped")).await.expect("login");
+    holder
+        .client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    let waiter = common::connect(&client_of("capped")).await.expect("login");
+    let waiting =
+        tokio::spawn(async move { waiter.client.simple_query("SELECT 2").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!paused.is_finished() && !waiting.is_finished());
+    // Both go from the configuration.
+    proxy.rewrite_config(&sections(
+        role,
+        &format!("{pool}{}", database("capped", "")),
+    ));
+    admin.client.simple_query("RELOAD").await.expect("RELOAD");
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once the limit is gone")
+        .expect("no panic")
+        .expect("SELECT 2");
+    admin
+        .client
+        .simple_query("RESUME gone")
+        .await
+        .expect("RESUME of a removed database whose clients wait");
+    tokio::time::timeout(Duration::from_secs(5), paused)
+        .await
+        .expect("answered once resumed")
+        .expect("no panic")
+        .ok();
+    drop(holder);
+}
+
 #[tokio::test]
 async fn reload_keeps_start_only_keys_and_says_so_and_moves_client_limits() {
     let role = "adm_limits";

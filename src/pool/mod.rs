@@ -1670,6 +1670,9 @@ impl Drop for Place {
     }
 }
 
+/// The places of a `max_db_connections` a reload removed: as good as none.
+const LIFTED: usize = 1 << 24;
+
 /// How often a pool waiting under `max_db_connections` looks for an idle backend of
 /// another pool to close.
 const DB_LIMIT_LOOK_AGAIN: Duration = Duration::from_millis(100);
@@ -2026,6 +2029,13 @@ impl Pools {
         );
         state.tls = Arc::clone(tls);
         state.databases = config.databases.clone();
+        // A limit the configuration no longer has lets its waiters go (they hold it, and
+        // would wait on for places nothing gives back now).
+        for (name, old) in &state.db_limits {
+            if !db_limits.contains_key(name) {
+                old.capacity.resize(LIFTED);
+            }
+        }
         state.db_limits = db_limits;
         let new_clusters = self.apply_clusters(&mut state, config);
         for (name, db) in &config.databases {
