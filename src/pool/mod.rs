@@ -278,14 +278,18 @@ impl ServerManager {
     async fn open(&self) -> Result<Box<Server>, ServerError> {
         // The generation first: a reload that changes the target or the limit after this
         // read bumps it, so a backend opened with what is read below is never reused.
-        let generation = self.generation.load(Ordering::Acquire);
-        let mut settings = self.settings.load_full();
+        let mut generation = self.generation.load(Ordering::Acquire);
         let filling = FILLING.try_with(|_| ()).is_ok();
-        if filling {
+        let settings_now = || {
+            let settings = self.settings.load_full();
+            if !filling {
+                return settings;
+            }
             let mut quick = (*settings).clone();
             quick.borrow_timeout = Some(FILL_HOST_WAIT);
-            settings = Arc::new(quick);
-        }
+            Arc::new(quick)
+        };
+        let mut settings = settings_now();
         let db_limit = lock(&self.db_limit).clone();
         let permit = match db_limit {
             Some(limit) if filling => {
@@ -298,15 +302,29 @@ impl ServerManager {
             ),
             None => None,
         };
-        let mut target = lock(&self.target).clone();
-        let (mut server, lease) = match self.open_on_a_host(&mut target, &settings).await {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.metrics.backend_open_failures.increment(1);
-                return Err(e);
+        let mut attempts = 0;
+        let (mut server, lease, target) = loop {
+            let mut target = lock(&self.target).clone();
+            let opened = match self.open_on_a_host(&mut target, &settings).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    self.metrics.backend_open_failures.increment(1);
+                    return Err(e);
+                }
+            };
+            self.metrics.backends_opened.increment(1);
+            // A reload (or RECONNECT) while it opened, waiting for a host perhaps: it was
+            // opened with what that replaced (the database, user, password, TLS), and
+            // would be lent once so. Opened again with what is in force now (a few times
+            // at most: reloads do not come without end).
+            let now = self.generation.load(Ordering::Acquire);
+            attempts += 1;
+            if now == generation || attempts == 3 {
+                break (opened.0, opened.1, target);
             }
+            generation = now;
+            settings = settings_now();
         };
-        self.metrics.backends_opened.increment(1);
         server.host = Some(lease);
         server.db_permit = permit;
         server.generation = generation;
