@@ -159,6 +159,14 @@ pub struct AuthConfig {
     /// PgBouncer makes them, not one per database at start.
     #[serde(skip)]
     pub listed: BTreeMap<String, Secret>,
+    /// Keys the SCRAM salts pgshield makes up: an unknown user's (whose login fails as a
+    /// wrong password does) and the verifier's it derives from a plaintext password. Set
+    /// (32 random characters, say), every name keeps its salt across restarts, as a stored
+    /// verifier keeps its own; unset, they are drawn afresh at each start, and the salts
+    /// a name is given before and after a restart tell whether it is a user with a stored
+    /// verifier. At least 16 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt_secret: Option<Secret>,
 }
 
 impl Default for AuthConfig {
@@ -173,6 +181,7 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(60),
             file: None,
             listed: BTreeMap::new(),
+            salt_secret: None,
         }
     }
 }
@@ -1003,7 +1012,18 @@ impl Config {
         // the keys that take lists, whose values are split at commas.
         let vars: Vec<(String, String)> = match env {
             Some(env) => env.into_iter().collect(),
-            None => std::env::vars().collect(),
+            // (Only pgshield's: another variable not in UTF-8 is none of its business.)
+            None => std::env::vars_os()
+                .filter_map(|(name, value)| {
+                    let name = name.into_string().ok()?;
+                    name.to_ascii_uppercase().starts_with(ENV_PREFIX).then(|| {
+                        match value.into_string() {
+                            Ok(value) => Ok((name.clone(), value)),
+                            Err(_) => Err(invalid(name.clone(), "is not valid UTF-8")),
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
         let env_source = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator(ENV_SEPARATOR)
@@ -1011,7 +1031,12 @@ impl Config {
             .source(Some(vars.iter().cloned().collect()));
         let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
         for (name, value) in &vars {
-            let Some(key) = name.strip_prefix(&prefix) else {
+            // (The prefix in any case, as the environment source takes it.)
+            let Some(key) = name
+                .get(..prefix.len())
+                .filter(|p| p.eq_ignore_ascii_case(&prefix))
+                .map(|_| &name[prefix.len()..])
+            else {
                 continue;
             };
             let key = key.to_lowercase().replace(ENV_SEPARATOR, ".");
@@ -1196,6 +1221,17 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self
+            .auth
+            .salt_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 16)
+        {
+            return Err(invalid(
+                "auth.salt_secret",
+                "must be at least 16 bytes (32 random characters, say)",
+            ));
         }
         if self.tls.server.channel_binding == ChannelBindingMode::Require
             && self.tls.server.mode == ServerTlsMode::Disable
@@ -1769,7 +1805,7 @@ mod tests {
                     "10.0.0.0/8, 192.168.1.0/24",
                 ),
                 ("PGSHIELD__DATABASES__APP__DBNAME", "1e3"),
-                ("PGSHIELD__DATABASES__APP__HOSTS", "db1,db2:5433"),
+                ("pgshield__databases__app__hosts", "db1,db2:5433"),
                 ("PGSHIELD__POOL__MAX_SIZE", "7"),
                 ("PGSHIELD__POOL__BORROW_TIMEOUT", "3s"),
                 ("PGSHIELD__LISTEN__REUSE_PORT", "true"),

@@ -38,10 +38,10 @@ pub struct UserDirectory {
     /// (and their salts) of users whose password did not change.
     derived_from: HashMap<String, (AuthMethod, Option<Secret>)>,
     /// Keys the salt of each name that has no stored verifier: an unknown user's, and a
-    /// user's whose plaintext password pgshield derives a verifier from. Derived from the
-    /// configuration's secrets, so that a restart gives every name the salt it had, as a
-    /// stored verifier keeps its salt: salts that changed for some names and not others
-    /// would tell which names exist.
+    /// user's whose plaintext password pgshield derives a verifier from (so that both
+    /// change, or stay, together). From `auth.salt_secret`, so that a restart gives every
+    /// name the salt it had, as a stored verifier keeps its own (salts that changed for
+    /// some names and not others would tell which names exist); random without it.
     salt_key: [u8; 32],
     /// The iteration count most of the SCRAM verifiers have, which an unknown user's is
     /// given too (PostgreSQL gives its own: `scram_iterations`).
@@ -138,37 +138,23 @@ fn salt_for(key: &[u8; 32], name: &str) -> [u8; 16] {
     salt
 }
 
-/// A key only whoever knows the configuration's secrets can make, the same at every start
-/// while they stay the same (a password changed changes every salt derived from it, as
-/// PostgreSQL's would change that user's). A configuration without secrets (no password
-/// at all) has no SCRAM user to hide, and gets a random key.
+/// The key of the salts pgshield makes up (`auth.salt_secret`'s, or a random one). Never
+/// derived from the passwords: the salts are shown to anyone who starts a login, and a
+/// key made from a password would let them test guesses of it offline, cheaply.
 fn salt_key(config: &Config) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(b"pgshield SCRAM salts").expect("any key");
-    let mut secrets = 0;
-    let mut add = |name: &str, secret: Option<&Secret>| {
-        if let Some(secret) = secret {
-            for part in [name.as_bytes(), secret.expose().as_bytes()] {
-                mac.update(&(part.len() as u64).to_be_bytes());
-                mac.update(part);
-            }
-            secrets += 1;
+    match &config.auth.salt_secret {
+        Some(secret) => {
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(b"pgshield SCRAM salts").expect("any key length");
+            mac.update(secret.expose().as_bytes());
+            mac.finalize().into_bytes().into()
         }
-    };
-    for (name, user) in &config.users {
-        add(name, user.password.as_ref());
-        add(name, user.server_password.as_ref());
-        add(name, user.server_password_command.as_ref());
+        None => {
+            let mut key = [0u8; 32];
+            rand::rng().fill_bytes(&mut key);
+            key
+        }
     }
-    for (name, password) in &config.auth.listed {
-        add(name, Some(password));
-    }
-    add("[auth]", config.auth.password.as_ref());
-    if secrets == 0 {
-        let mut key = [0u8; 32];
-        rand::rng().fill_bytes(&mut key);
-        return key;
-    }
-    mac.finalize().into_bytes().into()
 }
 
 /// The iteration count of most SCRAM verifiers among `users` (the smaller on a tie), or
@@ -435,19 +421,41 @@ mod tests {
             _ => panic!("a SCRAM verifier"),
         };
         assert_eq!(salt(first.mock("x")), salt(reloaded.mock("x")));
-        // A restart gives every name the salt it had (a stored verifier keeps its own), so
-        // that the names whose salts stay cannot be told from the others.
-        let restarted = UserDirectory::from_config(&config("pb"), None);
-        assert_eq!(first.lookup("a"), restarted.lookup("a"));
-        assert_eq!(salt(first.mock("x")), salt(restarted.mock("x")));
         assert_ne!(salt(first.mock("x")), salt(first.mock("y")));
-        // Only whoever knows the secrets can work the salts out: other secrets, other salts.
-        let elsewhere = UserDirectory::from_config(&config("other"), None);
-        assert_ne!(salt(first.mock("x")), salt(elsewhere.mock("x")));
-        assert_ne!(
-            salt(first.lookup("a").cloned().unwrap()),
-            salt(elsewhere.lookup("a").cloned().unwrap())
+        // Without auth.salt_secret, a restart salts afresh, made-up and derived alike.
+        let restarted = UserDirectory::from_config(&config("pb"), None);
+        assert_ne!(first.lookup("a"), restarted.lookup("a"));
+        assert_ne!(salt(first.mock("x")), salt(restarted.mock("x")));
+        // With it, a restart gives every name the salt it had (a stored verifier keeps
+        // its own), so that the names whose salts stay cannot be told from the others;
+        // and the salts owe nothing to the passwords (they are shown to anyone: a key
+        // made from a password would let guesses of it be tested offline).
+        let keyed = |b: &str, secret: &str| {
+            Config::from_toml(&format!(
+                "[databases.app]\nhost = \"127.0.0.1\"\n[users.a]\npassword = \"pa\"\n\
+                 [users.b]\npassword = \"{b}\"\n[auth]\nsalt_secret = \"{secret}\"\n"
+            ))
+            .unwrap()
+        };
+        let secret = "0123456789abcdef0123456789abcdef";
+        let one = UserDirectory::from_config(&keyed("pb", secret), None);
+        let two = UserDirectory::from_config(&keyed("pb", secret), None);
+        assert_eq!(one.lookup("a"), two.lookup("a"));
+        assert_eq!(salt(one.mock("x")), salt(two.mock("x")));
+        let other_password = UserDirectory::from_config(&keyed("other", secret), None);
+        assert_eq!(salt(one.mock("x")), salt(other_password.mock("x")));
+        assert_eq!(
+            salt(one.lookup("b").cloned().unwrap()),
+            salt(other_password.lookup("b").cloned().unwrap()),
+            "b's salt does not follow its password"
         );
+        let other_secret = UserDirectory::from_config(&keyed("pb", &"z".repeat(32)), None);
+        assert_ne!(salt(one.mock("x")), salt(other_secret.mock("x")));
+        let short = Config::from_toml(
+            "[databases.app]\nhost = \"127.0.0.1\"\n[auth]\nsalt_secret = \"short\"\n",
+        )
+        .expect_err("too short");
+        assert!(short.to_string().contains("auth.salt_secret"), "{short}");
     }
 
     #[test]
