@@ -30,6 +30,7 @@ use std::collections::HashMap;
 
 // The backends' statement maps, looked up on every Bind (the names are pgshield's own).
 use crate::FastMap;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -543,18 +544,26 @@ pub struct TakenNames {
 const MAX_NAME: usize = 63;
 
 /// The part of a client's statement name PostgreSQL tells statements apart by: its first
-/// [`MAX_NAME`] bytes, as its table of prepared statements keys them (here cut at the end
-/// of a character). So two names alike that far are one statement, as there, and a name
-/// costs pgshield no more than that however long it is sent.
-fn key(name: &str) -> &str {
+/// [`MAX_NAME`] bytes, as its table of prepared statements keys them. So two names alike
+/// that far are one statement, as there, and a name costs pgshield no more than that
+/// however long it is sent. (Cut inside a character, the bytes of it kept are written
+/// after a NUL, which no name has: the key stays text, and names differing there differ.)
+fn key(name: &str) -> Cow<'_, str> {
     if name.len() <= MAX_NAME {
-        return name;
+        return Cow::Borrowed(name);
     }
     let mut end = MAX_NAME;
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    &name[..end]
+    let mut key = name[..end].to_owned();
+    if end < MAX_NAME {
+        key.push('\0');
+        for byte in &name.as_bytes()[end..MAX_NAME] {
+            key.push_str(&format!("{byte:02x}"));
+        }
+    }
+    Cow::Owned(key)
 }
 
 /// What one of a client's names stands for: a statement, and which Parse gave the name
@@ -1204,6 +1213,7 @@ impl ClientStatements {
         match msg[0] {
             b'P' => {
                 let name = key(take_cstr(&mut body).ok_or(Malformed("Parse"))?);
+                let name = &*name;
                 let query = take_cstr_bytes(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.named.contains_key(name) || self.full(name, max_named) {
@@ -1237,6 +1247,7 @@ impl ClientStatements {
             b'C' if body.first() == Some(&b'S') => {
                 let mut rest = &body[1..];
                 let name = key(take_cstr(&mut rest).ok_or(Malformed("Close"))?);
+                let name = &*name;
                 let mut ignored = Translated::pass_on();
                 self.close(name, false, &mut ignored);
                 Ok(Some(Fake::CloseComplete))
@@ -1272,6 +1283,7 @@ impl ClientStatements {
         match tag {
             b'P' => {
                 let name = key(take_cstr(&mut body).ok_or(Malformed("Parse"))?);
+                let name = &*name;
                 let query = take_cstr_bytes(&mut body).ok_or(Malformed("Parse"))?;
                 let types = parse_types(body)?;
                 if self.full(name, max_named) {
@@ -1287,6 +1299,7 @@ impl ClientStatements {
                     return Ok(t);
                 };
                 let statement = key(statement);
+                let statement = &*statement;
                 t.portal = Some(portal.to_owned());
                 t.bound = self.lookup(statement);
                 server.portals.retain(|(p, _)| **p != *portal);
@@ -1326,7 +1339,12 @@ impl ClientStatements {
                 if !rest.is_empty() || !matches!(kind, b'S' | b'P') {
                     return Err(Malformed("Describe/Close"));
                 }
-                let name = if kind == b'S' { key(name) } else { name };
+                let name = if kind == b'S' {
+                    key(name)
+                } else {
+                    Cow::Borrowed(name)
+                };
+                let name = &*name;
                 if kind == b'S' && tag == b'D' {
                     let found = self.lookup(name);
                     t.bound.clone_from(&found);
@@ -1403,7 +1421,7 @@ impl ClientStatements {
     ) -> Option<(&'a str, &'a Arc<Statement>, usize)> {
         let (portal, name, consumed) = bind_names(bind, bind.len()).ok()??;
         // (Not the unnamed statement: it is not among the named.)
-        let statement = &self.named.get(key(name))?.statement;
+        let statement = &self.named.get(&*key(name))?.statement;
         let as_is = statement.parse_env == parse_env
             && !statement.is_stale()
             && statement.effects().is_empty();
@@ -1554,7 +1572,7 @@ impl ClientStatements {
         if target.starts_with(NAME_PREFIX) {
             return None;
         }
-        let (client_name, named) = self.named.remove_entry(key(target.as_str()))?;
+        let (client_name, named) = self.named.remove_entry(&*key(target.as_str()))?;
         // The name comes back if what stands in for it is skipped or fails (as in
         // PostgreSQL, where the Parse that failed dropped nothing).
         // (Counted as pending even first in its batch: unlike a Close, its Parse may fail.)
@@ -1895,12 +1913,12 @@ impl ClientStatements {
 
     /// Whether the client has a statement of this name.
     pub fn has(&self, name: &str) -> bool {
-        self.named.contains_key(key(name))
+        self.named.contains_key(&*key(name))
     }
 
     /// Forgets one of the client's statements (its DEALLOCATE); false if it had none.
     pub fn forget(&mut self, name: &str) -> bool {
-        self.named.remove(key(name)).is_some()
+        self.named.remove(&*key(name)).is_some()
     }
 
     /// How many named statements the client has.
@@ -2070,6 +2088,21 @@ mod tests {
     }
     use super::*;
 
+    #[test]
+    fn names_are_keyed_by_their_first_63_bytes_even_inside_a_character() {
+        let x = "x".repeat(62);
+        assert_eq!(key(&format!("{x}a")), format!("{x}a"));
+        assert_eq!(key(&format!("{x}ab")), key(&format!("{x}ac")));
+        // A two-byte character across byte 63: its first byte is what tells them apart.
+        let (e, zhe) = (format!("{x}é"), format!("{x}ж"));
+        assert_ne!(key(&e), key(&zhe));
+        assert_eq!(
+            key(&e),
+            key(&format!("{x}è")),
+            "é and è share their first byte"
+        );
+        assert!(key(&e).len() < 70);
+    }
     #[test]
     fn a_retired_statement_gives_its_text_to_a_new_one_and_only_once() {
         let r = Registry::default();

@@ -264,8 +264,9 @@ async fn dev_ends_when_its_terminal_closes_or_when_interrupted_while_starting() 
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(!dir.exists(), "{} left behind", dir.display());
 
-    // Ctrl-C while the server is being made (initdb takes a second or so): nothing left.
-    for delay in [150, 400] {
+    // Ctrl-C while the server is being made (initdb takes a second or so), once its
+    // directory is there (and so its handler): nothing left.
+    for delay in [0, 300] {
         let child = pgshield()
             .args(["dev", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
@@ -277,6 +278,12 @@ async fn dev_ends_when_its_terminal_closes_or_when_interrupted_while_starting() 
             exited: false,
         };
         let pid = dev.child.id().expect("running");
+        for _ in 0..200 {
+            if !dirs_of(pid).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         tokio::time::sleep(Duration::from_millis(delay)).await;
         kill(Pid::from_raw(pid as i32), Signal::SIGINT).expect("send SIGINT");
         let status = tokio::time::timeout(Duration::from_secs(30), dev.child.wait())
