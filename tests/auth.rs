@@ -498,6 +498,50 @@ async fn a_rotating_server_password_command_keeps_new_backends_working() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A password command slower than a health check's limit (an `aws rds
+/// generate-db-auth-token` on a small container) neither fails the check (the host would
+/// be taken for down, and with it the database's primary) nor is killed by it: its run
+/// serves every connection waiting for it, whoever gives up.
+#[tokio::test]
+async fn a_password_command_slower_than_a_health_check_is_not_a_host_down() {
+    common::create_role("auth_slowcmd", "slow-token").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nhealth_check_timeout = \"1s\"\nhealth_check_interval = \"1s\"\n\
+         borrow_timeout = \"20s\"\n\
+         [databases.slowpw]\nhosts = [\"127.0.0.1:{}\"]\ndbname = \"postgres\"\n\
+         [users.auth_slowcmd]\nauth = \"trust\"\n\
+         server_password_command = \"sleep 2; echo slow-token\"\nserver_password_ttl = \"0s\"\n",
+        common::cluster().port()
+    ))
+    .await;
+    // (Never cached: each check's connection runs the command. Let a few checks run.)
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut config = proxy.config("auth_slowcmd", "");
+    config.dbname("slowpw");
+    let started = std::time::Instant::now();
+    let conn = common::connect(&config).await.expect("login");
+    conn.client
+        .simple_query("SELECT 1")
+        .await
+        .expect("served: the host is up, the command's answer used");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let cluster = proxy
+        .shared
+        .pools
+        .clusters()
+        .into_iter()
+        .find(|c| c.database == "slowpw")
+        .expect("its hosts");
+    assert!(
+        cluster.status().iter().all(|h| h.up),
+        "no host taken for down"
+    );
+}
+
 /// The password PostgreSQL stores for `role` (its SCRAM verifier, or md5 hash).
 async fn stored_verifier(role: &str) -> String {
     common::admin()

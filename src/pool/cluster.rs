@@ -804,6 +804,38 @@ async fn probe_once(
     target: &ServerTarget,
     timeout: Duration,
 ) -> Result<Result<Vec<Vec<Option<String>>>, ServerError>, tokio::time::error::Elapsed> {
+    let mut t = target.clone();
+    if conn.is_none() {
+        // A password command runs before the check's clock starts (its own limit bounds
+        // it): a slow credential fetch is not a host that is down.
+        if let Some(crate::server::BackendPassword::Command(command)) = &target.password {
+            match command.password().await {
+                Ok(secret) => {
+                    t.password = Some(crate::server::BackendPassword::Plain(secret.clone()));
+                    let result = probe_on(host, conn, &t, timeout).await;
+                    if let Ok(Err(ServerError::Refused(e))) = &result {
+                        if e.code == crate::protocol::sqlstate::INVALID_PASSWORD
+                            || e.code == crate::protocol::sqlstate::INVALID_AUTHORIZATION
+                        {
+                            command.forget(&secret).await;
+                        }
+                    }
+                    return result;
+                }
+                Err(e) => return Ok(Err(ServerError::PasswordCommand(e))),
+            }
+        }
+    }
+    probe_on(host, conn, &t, timeout).await
+}
+
+/// [`probe_once`], its target's password resolved.
+async fn probe_on(
+    host: &Host,
+    conn: &mut Option<Server>,
+    target: &ServerTarget,
+    timeout: Duration,
+) -> Result<Result<Vec<Vec<Option<String>>>, ServerError>, tokio::time::error::Elapsed> {
     tokio::time::timeout(timeout, async {
         if conn.is_none() {
             let mut t = target.clone();

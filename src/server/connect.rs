@@ -245,7 +245,11 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
             };
             let secret = command.password().await.map_err(Error::PasswordCommand)?;
             match within(with(&secret)).await {
-                Err(Error::Refused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
+                // (28000 too: PAM refuses so, and RDS IAM tokens are checked by PAM.)
+                Err(Error::Refused(e))
+                    if e.code == sqlstate::INVALID_PASSWORD
+                        || e.code == sqlstate::INVALID_AUTHORIZATION =>
+                {
                     tracing::info!(addr = %target.addr(), "the server refused the password from server_password_command; asking it again");
                     command.forget(&secret).await;
                     let secret = command.password().await.map_err(Error::PasswordCommand)?;
