@@ -201,6 +201,11 @@ impl Stream {
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The peer's address over TCP (TLS included), if it is a TCP stream.
+    pub fn tcp_peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp().and_then(|t| t.peer_addr().ok())
+    }
+
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.tcp().and_then(|t| t.local_addr().ok())
     }

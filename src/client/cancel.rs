@@ -35,6 +35,8 @@ pub struct CancelKey {
 pub struct CancelTarget {
     host: String,
     port: u16,
+    /// The address the backend's connection went to, over TCP.
+    addr: Option<std::net::SocketAddr>,
     process_id: i32,
     secret_key: i32,
     /// Set when a cancel is attributed to this backend; the backend is then not reused.
@@ -51,10 +53,16 @@ impl CancelTarget {
         CancelTarget {
             host: host.to_owned(),
             port,
+            addr: None,
             process_id,
             secret_key,
             sent: AtomicBool::new(false),
         }
+    }
+
+    /// The address the backend's connection went to: its cancels go there.
+    pub fn connected_to(&mut self, addr: Option<std::net::SocketAddr>) {
+        self.addr = addr;
     }
 
     /// A client's cancel request was sent to this backend.
@@ -72,7 +80,12 @@ impl CancelTarget {
             &mut packet,
         );
         let send = async {
-            let mut stream = crate::net::connect_server(&self.host, self.port).await?;
+            let mut stream = match self.addr {
+                Some(addr) => {
+                    crate::net::Stream::from_tcp(tokio::net::TcpStream::connect(addr).await?)
+                }
+                None => crate::net::connect_server(&self.host, self.port).await?,
+            };
             stream.write_all(&packet).await?;
             stream.shutdown().await
         };

@@ -506,7 +506,11 @@ impl Server {
     pub(super) fn set_key(&mut self, host: &str, port: u16, process_id: i32, secret_key: i32) {
         self.process_id = process_id;
         self.secret_key = secret_key;
-        self.cancel = Arc::new(CancelTarget::new(host, port, process_id, secret_key));
+        let mut target = CancelTarget::new(host, port, process_id, secret_key);
+        // (The address connected to, not the name again: a name with several addresses,
+        // a reader endpoint, would send the cancel to whichever it gives next.)
+        target.connected_to(self.stream.tcp_peer_addr());
+        self.cancel = Arc::new(target);
     }
 
     /// Whether an idle backend has closed its end or sent something unasked (a FATAL).
