@@ -114,6 +114,11 @@ pub struct Statement {
     stale: AtomicBool,
     /// Its result columns are the query's own (see `sql::fixed_result`).
     fixed_result: bool,
+    /// The statements its text runs by their shared names (`EXECUTE pgshield_7`, which
+    /// the client wrote as `EXECUTE` of its own name for them: sqlx describes a query so,
+    /// with `EXPLAIN … EXECUTE sqlx_s_1`): prepared on a backend before it is parsed or
+    /// run there (PostgreSQL looks the name up then), and not hidden in its text.
+    runs: Vec<Arc<Statement>>,
 }
 
 /// A statement's result columns, as one number (see [`Shape::of`]).
@@ -220,7 +225,8 @@ impl Statement {
             let text = b.len();
             b.put_slice(&self.query);
             if self.effects.runs_proxy_statement {
-                sql::hide_proxy_statements(&mut b[text..], self.parse_env);
+                let keep: Vec<&str> = self.runs.iter().map(|s| &*s.name).collect();
+                sql::hide_proxy_statements(&mut b[text..], self.parse_env, &keep);
             }
             b.put_u8(0);
             b.put_i16(self.param_types.len() as i16);
@@ -313,6 +319,18 @@ impl Registry {
         query: &[u8],
         param_types: &[u32],
     ) -> Arc<Statement> {
+        self.intern_running(parse_env, query, param_types, Vec::new())
+    }
+
+    /// [`Self::intern_under`], for a text that runs `runs` by their shared names (see
+    /// [`Statement::runs`]; the names are in the text, so a text found runs the same).
+    pub fn intern_running(
+        &self,
+        parse_env: u64,
+        query: &[u8],
+        param_types: &[u32],
+        runs: Vec<Arc<Statement>>,
+    ) -> Arc<Statement> {
         if let Some(statement) = self.find(parse_env, query, param_types) {
             return statement;
         }
@@ -338,6 +356,7 @@ impl Registry {
             shape: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             fixed_result,
+            runs,
         });
         let weak = Arc::downgrade(&statement);
         let inner = &mut *inner;
@@ -1227,7 +1246,10 @@ impl ClientStatements {
                     {
                         Some(Arc::clone(statement))
                     }
-                    _ => registry.find(parse_env, query, &types),
+                    _ => match self.resolve(query, parse_env) {
+                        Some((text, _)) => registry.find(parse_env, &text, &types),
+                        None => registry.find(parse_env, query, &types),
+                    },
                 };
                 let Some(statement) = known else {
                     return Ok(None);
@@ -1423,6 +1445,7 @@ impl ClientStatements {
         // (Not the unnamed statement: it is not among the named.)
         let statement = &self.named.get(&*key(name))?.statement;
         let as_is = statement.parse_env == parse_env
+            && statement.runs.is_empty()
             && !statement.is_stale()
             && statement.effects().is_empty();
         as_is.then_some((portal, statement, consumed))
@@ -1453,7 +1476,68 @@ impl ClientStatements {
                 return Arc::clone(statement);
             }
         }
-        registry.intern_under(parse_env, query, types)
+        self.intern(registry, parse_env, query, types)
+    }
+
+    /// The registry's statement for a Parse of `query` by this client: a text that runs
+    /// the client's own statements by name (SQL `EXECUTE`) runs them by their shared
+    /// names instead (see [`Statement::runs`]).
+    fn intern(
+        &self,
+        registry: &Registry,
+        parse_env: u64,
+        query: &[u8],
+        types: &[u32],
+    ) -> Arc<Statement> {
+        match self.resolve(query, parse_env) {
+            Some((text, runs)) => registry.intern_running(parse_env, &text, types, runs),
+            None => registry.intern_under(parse_env, query, types),
+        }
+    }
+
+    /// `query` running the client's statements by their shared names, and those
+    /// statements, if it runs any of them by name; else None (the text as it is).
+    fn resolve(&self, query: &[u8], parse_env: u64) -> Option<(Vec<u8>, Vec<Arc<Statement>>)> {
+        // (Cheap first: most clients name no statement, and most texts run none.)
+        if self.named.is_empty() || !query.windows(7).any(|w| w.eq_ignore_ascii_case(b"execute")) {
+            return None;
+        }
+        let mut text = Vec::with_capacity(query.len());
+        let mut runs: Vec<Arc<Statement>> = Vec::new();
+        let mut copied = 0;
+        for (range, name) in sql::executed_names(query, parse_env) {
+            let Some(named) = self.named.get(&*key(&name)) else {
+                continue;
+            };
+            let statement = &named.statement;
+            text.extend_from_slice(&query[copied..range.start]);
+            text.extend_from_slice(statement.name().as_bytes());
+            copied = range.end;
+            if !runs.iter().any(|r| Arc::ptr_eq(r, statement)) {
+                runs.push(Arc::clone(statement));
+            }
+        }
+        if runs.is_empty() {
+            return None;
+        }
+        text.extend_from_slice(&query[copied..]);
+        Some((text, runs))
+    }
+
+    /// Prepares on the backend the statements `statement` runs by name, where it lacks
+    /// them (hidden Parses), before `statement` is parsed or run there.
+    fn ensure_runs(
+        &mut self,
+        server: &mut ServerStatements,
+        statement: &Statement,
+        situation: Situation,
+        out: &mut BytesMut,
+        t: &mut Translated,
+    ) {
+        for run in &statement.runs {
+            self.ensure_runs(server, run, situation, out, t);
+            self.ensure_prepared(server, run, (situation, false), out, t);
+        }
     }
 
     fn parse(
@@ -1470,9 +1554,11 @@ impl ClientStatements {
             let mut statement = self.intern_unnamed(registry, situation.parse_env, query, types);
             let stand_in =
                 self.deallocate_stand_in(registry, &statement, (situation, types), out, t);
-            // (Written out, not passed on: pgshield's own names hidden in it.)
+            // (Written out, not passed on: pgshield's own names hidden in it, or run
+            // by them, prepared first.)
             if stand_in.is_some() || statement.effects.runs_proxy_statement {
                 statement = stand_in.unwrap_or(statement);
+                self.ensure_runs(server, &statement, situation, out, t);
                 let mut head = BytesMut::new();
                 statement.write_parse("", &mut head);
                 t.translation = Translation::Rewrite {
@@ -1486,7 +1572,7 @@ impl ClientStatements {
             t.undo = Some(server.unnamed_parsed(statement, situation, made_by));
             return;
         }
-        let statement = registry.intern_under(situation.parse_env, query, types);
+        let statement = self.intern(registry, situation.parse_env, query, types);
         if let Some(existing) = self.named.get(name).map(|n| Arc::clone(&n.statement)) {
             // PostgreSQL refuses to re-prepare a name: let the server say so, by preparing
             // again under the name it already has there.
@@ -1531,6 +1617,9 @@ impl ClientStatements {
             return;
         }
         // (One the backend has, sent to be refused: nothing of the backend's to record.)
+        if presence != Presence::Present {
+            self.ensure_runs(server, &statement, situation, out, t);
+        }
         let sent = (presence != Presence::Present)
             .then(|| record_parse(server, statement.name(), (presence, situation), out, t));
         let mut head = BytesMut::new();
@@ -1669,7 +1758,12 @@ impl ClientStatements {
                 return statement;
             }
             let query = &statement.query;
-            let now = registry.intern_under(situation.parse_env, query, &statement.param_types);
+            let now = registry.intern_running(
+                situation.parse_env,
+                query,
+                &statement.param_types,
+                statement.runs.clone(),
+            );
             // The client's name means it from now on: it keeps what the client was told
             // of the rows (checked where it is prepared), and stays in use. One another
             // client was told other rows of (a schema change between) is refused, as
@@ -1701,6 +1795,9 @@ impl ClientStatements {
             // The Bind fails as a stale statement's does (the client prepares it again).
             t.refuse_stale = true;
             return None;
+        }
+        if let Some(statement) = &found {
+            self.ensure_runs(server, statement, situation, out, t);
         }
         if name.is_empty() {
             match &found {

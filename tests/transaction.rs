@@ -2278,6 +2278,69 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// sqlx works out which columns may be null by running `EXPLAIN (VERBOSE, FORMAT JSON)
+/// EXECUTE sqlx_s_1(NULL)`: SQL `EXECUTE` of its own protocol-level statement, which on
+/// the server has pgshield's shared name. The text runs it by that name, prepared first
+/// on whichever backend runs it (and a plain `EXECUTE` of it too, which PostgreSQL looks
+/// up already at its Parse). Another name stays the server's to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
+    let proxy = trusted_proxy("tx_sqlx_explain", "max_size = 2").await;
+    let pool = proxy
+        .shared
+        .pools
+        .get("app", "tx_sqlx_explain")
+        .expect("the pool");
+    let mut s = raw::login_trusted(proxy.addr, "tx_sqlx_explain").await;
+    let prepare = |name: &str, sql: &str, types: &[u32]| {
+        let mut body = format!("{name}\0{sql}\0").into_bytes();
+        body.extend_from_slice(&(types.len() as i16).to_be_bytes());
+        for t in types {
+            body.extend_from_slice(&t.to_be_bytes());
+        }
+        let mut bytes = raw::message(b'P', &body);
+        bytes.extend(raw::message(b'D', format!("S{name}\0").as_bytes()));
+        bytes.extend_from_slice(&raw::SYNC);
+        bytes
+    };
+    raw::send(
+        &mut s,
+        &prepare("sqlx_s_1", "SELECT $1::int + 1 AS a", &[23]),
+    )
+    .await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
+    let explain = "EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE sqlx_s_1(NULL)";
+    raw::send(&mut s, &prepare("sqlx_s_2", explain, &[])).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
+    // On a backend that has neither (the others closed).
+    pool.reconnect();
+    assert_eq!(
+        run_named(&mut s, "sqlx_s_2")
+            .await
+            .map(|plan| plan.contains("\"Plan\"")),
+        Ok(true)
+    );
+    raw::send(&mut s, &prepare("run", "EXECUTE sqlx_s_1(41)", &[])).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
+    pool.reconnect();
+    assert_eq!(run_named(&mut s, "run").await.as_deref(), Ok("42"));
+    // Not a name of the client's: the server's answer when it runs, as straight against
+    // PostgreSQL (which describes it as returning nothing); nor one of pgshield's own,
+    // written by the client.
+    for (name, sql) in [
+        ("other", "EXECUTE sqlx_s_9(1)"),
+        ("theirs", "EXECUTE pgshield_1"),
+    ] {
+        raw::send(&mut s, &prepare(name, sql, &[])).await;
+        assert_eq!(
+            raw::until_ready(&mut s).await,
+            ("1tnZ".into(), vec![]),
+            "{sql}"
+        );
+        assert_eq!(run_named(&mut s, name).await, Err("26000".into()), "{sql}");
+    }
+}
+
 /// A Describe of a portal describes the statement it was bound from, which pgshield
 /// checks against what clients were told of that statement; but a portal of that name
 /// made since by other means (a cursor DECLAREd after the portal was closed) is not the

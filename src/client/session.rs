@@ -1981,7 +1981,7 @@ impl Session {
             if effects.runs_proxy_statement {
                 // (Without its terminating zero.)
                 let text = HEADER_LEN..header.len - 1;
-                sql::hide_proxy_statements(&mut self.client_in[text], parse_env);
+                sql::hide_proxy_statements(&mut self.client_in[text], parse_env, &[]);
             }
             if effects.is_empty() {
                 // Nearly every Query changes nothing of the session: it is passed on here,

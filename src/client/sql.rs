@@ -799,21 +799,7 @@ pub(crate) fn dedup_names(names: &mut Vec<String>) {
 /// string, never a word of these.
 fn proxy_statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = &'a str> + 'b {
     use crate::prepared::NAME_PREFIX;
-    const BEFORE: &[&str] = &["explain", "analyze", "analyse", "verbose", "as"];
-    t.windows(2).enumerate().filter_map(move |(at, pair)| {
-        let before = at.checked_sub(1).map(|b| &t[b]);
-        let starts = match before {
-            None | Some(Token::Semicolon | Token::Punct(')')) => true,
-            Some(tok) => BEFORE.iter().any(|w| is(Some(tok), w)),
-        };
-        if !starts {
-            return None;
-        }
-        let (name, folded) = match &pair[1] {
-            Token::Word(name) => (*name, true),
-            Token::Quoted(Cow::Borrowed(name)) => (*name, false),
-            _ => return None,
-        };
+    statements_run(t).filter_map(|(name, folded)| {
         let prefix = name.get(..NAME_PREFIX.len())?;
         let ours = if folded {
             prefix.eq_ignore_ascii_case(NAME_PREFIX)
@@ -822,8 +808,61 @@ fn proxy_statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = &'a 
         };
         let number = &name[NAME_PREFIX.len()..];
         let numbered = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
-        (is(pair.first(), "execute") && ours && numbered).then_some(name)
+        (ours && numbered).then_some(name)
     })
+}
+
+/// The names of the prepared statements `t` runs (see [`proxy_statements_run`]), as
+/// written, and whether unquoted (folded to lower case by the server). A quoted name
+/// with a doubled quote in it is left out.
+fn statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = (&'a str, bool)> + 'b {
+    const BEFORE: &[&str] = &["explain", "analyze", "analyse", "verbose", "as"];
+    t.windows(2).enumerate().filter_map(move |(at, pair)| {
+        let before = at.checked_sub(1).map(|b| &t[b]);
+        let starts = match before {
+            None | Some(Token::Semicolon | Token::Punct(')')) => true,
+            Some(tok) => BEFORE.iter().any(|w| is(Some(tok), w)),
+        };
+        if !starts || !is(pair.first(), "execute") {
+            return None;
+        }
+        match &pair[1] {
+            Token::Word(name) => Some((*name, true)),
+            Token::Quoted(Cow::Borrowed(name)) => Some((*name, false)),
+            _ => None,
+        }
+    })
+}
+
+/// Where `sql` (UTF-8 text read under the parse environment `env`) runs prepared
+/// statements by name, as [`proxy_statements_run`] finds them: each name's byte range in
+/// `sql` (inside its quotes, for a quoted one) and the name the server looks up (an
+/// unquoted one folded to lower case). Nothing when the lexer cannot be sure of reading
+/// the text as the server does (see [`hide_proxy_statements`]), or it is not UTF-8.
+pub fn executed_names(sql: &[u8], env: u64) -> Vec<(std::ops::Range<usize>, String)> {
+    use crate::server::{ASCII_TRAILS, BACKSLASH_QUOTES, QUOTES_UNSURE};
+    let unsure_quotes = env & QUOTES_UNSURE != 0 && memchr::memchr(b'\\', sql).is_some();
+    if unsure_quotes || (env & ASCII_TRAILS != 0 && !sql.is_ascii()) {
+        return Vec::new();
+    }
+    let Ok(text) = std::str::from_utf8(sql) else {
+        return Vec::new();
+    };
+    let Some(t) = tokens(text, env & BACKSLASH_QUOTES != 0) else {
+        return Vec::new();
+    };
+    let base = text.as_ptr() as usize;
+    statements_run(&t)
+        .map(|(name, folded)| {
+            let at = name.as_ptr() as usize - base;
+            let looked_up = if folded {
+                name.to_ascii_lowercase()
+            } else {
+                name.to_owned()
+            };
+            (at..at + name.len(), looked_up)
+        })
+        .collect()
 }
 
 /// Makes `sql` (text read under the parse environment `env`, see [`classify_in`]) run
@@ -837,7 +876,7 @@ fn proxy_statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = &'a 
 /// (the client is pinned then, see [`classify_in`]): a backslash while
 /// `standard_conforming_strings` may have changed unseen, or bytes beyond ASCII in an
 /// encoding whose characters may end in ASCII bytes.
-pub fn hide_proxy_statements(sql: &mut [u8], env: u64) {
+pub fn hide_proxy_statements(sql: &mut [u8], env: u64, keep: &[&str]) {
     use crate::server::{ASCII_TRAILS, BACKSLASH_QUOTES, QUOTES_UNSURE};
     let unsure_quotes = env & QUOTES_UNSURE != 0 && memchr::memchr(b'\\', sql).is_some();
     if unsure_quotes || (env & ASCII_TRAILS != 0 && !sql.is_ascii()) {
@@ -852,6 +891,7 @@ pub fn hide_proxy_statements(sql: &mut [u8], env: u64) {
         // Where each name's `_` is in `text` (in order), then in `sql`.
         let base = text.as_ptr() as usize;
         let in_text = proxy_statements_run(&t)
+            .filter(|name| !keep.contains(name))
             .map(|name| name.as_ptr() as usize - base + crate::prepared::NAME_PREFIX.len() - 1);
         if matches!(text, Cow::Borrowed(_)) {
             in_text.collect()
@@ -2255,7 +2295,7 @@ mod tests {
         }
         let hidden = |sql: &[u8], env: u64| {
             let mut sql = sql.to_vec();
-            hide_proxy_statements(&mut sql, env);
+            hide_proxy_statements(&mut sql, env, &[]);
             sql
         };
         assert_eq!(
