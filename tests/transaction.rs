@@ -2278,6 +2278,29 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// A simple Query ends an extended batch as a Sync does (pgjdbc closes a statement, no
+/// Sync, then runs a plain Statement): once its ReadyForQuery says idle, the backend goes
+/// back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simple_query_after_extended_messages_gives_the_backend_back() {
+    let proxy = trusted_proxy(
+        "tx_close_then_query",
+        "max_size = 1\nborrow_timeout = \"2s\"",
+    )
+    .await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_close_then_query").await;
+    let mut bytes = raw::message(b'C', b"P\0");
+    bytes.extend(raw::query("SELECT 1"));
+    raw::send(&mut s, &bytes).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("3TDCZ".into(), vec![]));
+    // The only backend is free for another client.
+    let other = proxy
+        .connect("tx_close_then_query", "pw")
+        .await
+        .expect("login");
+    other.client.simple_query("SELECT 2").await.expect("served");
+}
+
 /// sqlx works out which columns may be null by running `EXPLAIN (VERBOSE, FORMAT JSON)
 /// EXECUTE sqlx_s_1(NULL)`: SQL `EXECUTE` of its own protocol-level statement, which on
 /// the server has pgshield's shared name. The text runs it by that name, prepared first

@@ -296,7 +296,10 @@ impl ReplyTracker {
         }
         match tag {
             b'P' | b'B' | b'D' | b'E' | b'C' => self.extended_open = true,
-            b'S' => self.extended_open = false,
+            // (A simple Query or a function call ends an extended batch too, as a Sync:
+            // its ReadyForQuery ends the implicit transaction. Behind an error the server
+            // skips it, which `error` handles by what is owed.)
+            b'S' | b'Q' | b'F' => self.extended_open = false,
             _ => {}
         }
         match Owed::from_tag(tag) {
@@ -1231,6 +1234,27 @@ mod tests {
         client(&mut t, "S");
         server(&mut t, "EZ").unwrap();
         assert!(t.take_failed_statement().is_none());
+    }
+
+    #[test]
+    fn a_simple_query_ends_an_extended_batch_as_a_sync_does() {
+        // pgjdbc closes a statement (a Close, no Sync), then runs a plain Statement.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "CQ");
+        server(&mut t, "3TDCZ").expect("in step");
+        assert!(t.is_idle(), "idle once the Query's ReadyForQuery came");
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PBEQ");
+        server(&mut t, "12DCTDCZ").expect("in step");
+        assert!(t.is_idle());
+        // Behind an error the server skips the Query, until a Sync.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "PBEQ");
+        server(&mut t, "12E").expect("in step");
+        assert!(!t.is_idle(), "the server waits for a Sync");
+        client(&mut t, "S");
+        server(&mut t, "Z").expect("in step");
+        assert!(t.is_idle());
     }
 
     #[test]
