@@ -406,6 +406,38 @@ async fn a_batch_of_thousands_of_closes_behind_a_parse_is_answered() {
     assert!(tags.starts_with("13") && tags.ends_with("3Z"));
 }
 
+/// The same, the last of the Closes that make 4,096 replies owed read together with the
+/// start of a large Bind: pgshield stops reading a client once that many are owed, and
+/// asks the server to flush what it holds only between messages; so it reads on until
+/// the Bind is whole, or neither side would ever go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_owed_replies_before_a_large_bind_do_not_stall_it() {
+    let proxy = trusted_proxy("tx_closes_bind", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_closes_bind").await;
+    raw::send(&mut a, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut a).await;
+    let mut batch = raw::message(b'P', b"s1\0SELECT length($1::text)\0\0\x01\0\0\0\x19");
+    let closes = 4095;
+    for _ in 0..closes {
+        batch.extend(raw::message(b'C', b"Snope\0"));
+    }
+    let value = vec![b'x'; 100_000];
+    let mut bind = b"\0s1\0\0\0\0\x01".to_vec();
+    bind.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    bind.extend_from_slice(&value);
+    bind.extend_from_slice(&[0, 0]);
+    batch.extend(raw::message(b'B', &bind));
+    batch.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    batch.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    let (tags, codes) = tokio::time::timeout(Duration::from_secs(20), raw::until_ready(&mut a))
+        .await
+        .expect("answered, not stalled");
+    assert!(codes.is_empty(), "{codes:?}");
+    assert_eq!(tags.len(), 1 + closes + 4, "{}", &tags[tags.len() - 8..]);
+    assert!(tags.ends_with("32DCZ"), "{}", &tags[tags.len() - 8..]);
+}
+
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
 /// pgshield must not answer it itself because the backend already has the statement (a
 /// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).

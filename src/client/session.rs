@@ -1246,7 +1246,10 @@ impl Session {
         // read it (a flood of Syncs between transactions, of Closes behind a long
         // statement): PostgreSQL stops reading a client it cannot write to, and so does
         // pgshield.
-        let answers_pile_up = self.client_out.len() >= HIGH_WATER || owed_full;
+        // (Except to finish a message half passed on: the server is asked to send what
+        // it holds only between messages, and waits for the rest of this one.)
+        let answers_pile_up =
+            self.client_out.len() >= HIGH_WATER || (owed_full && self.client_msg.left == 0);
         if read_client
             && self.server_out.len() < HIGH_WATER
             && !answers_pile_up
