@@ -2310,6 +2310,65 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// A client inside a transaction that sends its last statements and closes its
+/// connection without waiting (a Terminate, then the socket closed) has them run, as
+/// PostgreSQL runs what it received before the end: also when pgshield holds them while
+/// its backend, which lacked the statement, checks its description. (A client that
+/// leaves while queued for a backend leaves the queue, as in PgBouncer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_held_when_its_client_leaves_still_runs() {
+    let proxy = trusted_proxy("tx_held_leave", "max_size = 1").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS tx_held_leave_t; CREATE TABLE tx_held_leave_t (x int); \
+             GRANT ALL ON tx_held_leave_t TO tx_held_leave",
+        )
+        .await
+        .expect("table");
+    let mut s = raw::login_trusted(proxy.addr, "tx_held_leave").await;
+    let mut prepare = raw::message(
+        b'P',
+        b"ins\0INSERT INTO tx_held_leave_t VALUES ($1::int) RETURNING x\0\0\0",
+    );
+    prepare.extend(raw::message(b'D', b"Sins\0"));
+    prepare.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &prepare).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
+    // The backend that has it goes: the next one prepares and describes it first.
+    proxy
+        .shared
+        .pools
+        .get("app", "tx_held_leave")
+        .expect("pool")
+        .reconnect();
+    // In a transaction (so the client holds a backend that lacks the statement), the
+    // INSERT, its Sync, COMMIT and a Terminate, and the connection closed at once.
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".into(), vec![]));
+    let bind = b"\0ins\0\0\0\0\x01\0\0\0\x017\0\0".to_vec();
+    let mut bytes = raw::message(b'B', &bind);
+    bytes.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes.extend(raw::query("COMMIT"));
+    bytes.extend(raw::message(b'X', b""));
+    raw::send(&mut s, &bytes).await;
+    drop(s);
+    let mut rows = 0;
+    for _ in 0..100 {
+        rows = admin
+            .query_one("SELECT count(*) FROM tx_held_leave_t WHERE x = 7", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0);
+        if rows > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows, 1, "the INSERT sent before the client left ran");
+}
+
 /// A simple Query ends an extended batch as a Sync does (pgjdbc closes a statement, no
 /// Sync, then runs a plain Statement): once its ReadyForQuery says idle, the backend goes
 /// back to the pool.

@@ -287,6 +287,10 @@ struct FollowUp {
     /// A `DEALLOCATE` of the client's own waits for the replies owed before it (see
     /// [`Session::answer_deallocate`]): here, as few clients ever pipeline one.
     deallocate_waits: bool,
+    /// The client closed its connection while messages it sent before were held (see
+    /// `Session::client_held`): they go on, as PostgreSQL runs what a client sent before
+    /// it left, and what they are answered is dropped. (Here, as it is rare.)
+    client_gone: bool,
     /// A fingerprint of the client's own `search_path` (0: none), part of its parse
     /// environment ([`Session::parse_env`]): kept here when its settings change, not looked
     /// up for every message; here, not in the session, as few clients have one (an idle
@@ -769,6 +773,10 @@ impl Session {
                 // held for it go on now.
                 continue;
             }
+            if self.client_gone() && !self.client_held() {
+                // What it sent before it left is passed on: `finish` lets it run.
+                return End::ClientGone;
+            }
             if self.server_msg.left == 0 {
                 if let Some(backend) = self.backend.as_mut() {
                     backend
@@ -826,6 +834,7 @@ impl Session {
                         && f.restore.is_empty()
                         && f.search_path_env == 0
                         && !f.deallocate_waits
+                        && !f.client_gone
                 }) {
                     self.follow_up = None;
                 }
@@ -856,7 +865,7 @@ impl Session {
                     }
                     continue;
                 }
-                event = poll_fn(|cx| self.poll_io(cx, true, between_transactions)) => event,
+                event = poll_fn(|cx| self.poll_io(cx, !self.client_gone(), between_transactions)) => event,
             };
             match event {
                 Event::Data => self.note_activity(),
@@ -864,6 +873,12 @@ impl Session {
                 Event::Drain => return End::Shutdown,
                 Event::Forced => return End::ForcedShutdown,
                 Event::Killed => return End::Killed,
+                // Messages it sent before are held: they go on first.
+                Event::ClientEof if self.backend.is_some() && self.client_held() => {
+                    self.follow_up
+                        .get_or_insert_with(Default::default)
+                        .client_gone = true;
+                }
                 Event::ClientEof => return End::ClientGone,
                 Event::ClientError(e) => {
                     tracing::debug!(client = %self.id, error = %e, "client i/o error");
@@ -1045,6 +1060,11 @@ impl Session {
     /// statement being described, the role being given back, a reset's answer (see
     /// [`Self::reset_answer_owed`]), or the replies owed before a DEALLOCATE pgshield
     /// answers (see [`Self::answer_deallocate`]).
+    /// See [`FollowUp::client_gone`].
+    fn client_gone(&self) -> bool {
+        self.follow_up.as_ref().is_some_and(|f| f.client_gone)
+    }
+
     fn client_held(&self) -> bool {
         self.checking.is_some()
             || self.role_restore_owed()
@@ -1191,6 +1211,9 @@ impl Session {
         if let Some(reloaded) = self.limits.reloaded(&self.shared) {
             self.apply_limits(reloaded);
             return Poll::Ready(Event::Reloaded);
+        }
+        if self.client_gone() {
+            self.client_out.clear();
         }
         let unsent = self.client_out.len();
         let drained = poll_drain(cx, &mut self.client, &mut self.client_out);
