@@ -2310,6 +2310,39 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// PostgREST sets a role's settings for the request's transaction with
+/// `set_config($1, $2, true)`: whatever the name, it ends with the transaction, and the
+/// client is not pinned for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_local_set_config_of_any_name_does_not_pin() {
+    use pgshield::client::sql::PinReason;
+    let proxy = trusted_proxy("tx_local_any", "max_size = 2").await;
+    let conn = proxy.connect("tx_local_any", "pw").await.expect("login");
+    let before = proxy.shared.pins.get(PinReason::Unclassified);
+    let c = &conn.client;
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.query(
+        "SELECT set_config($1, $2, true)",
+        &[&"application_name", &"inside"],
+    )
+    .await
+    .expect("set_config");
+    let inside: String = c
+        .query_one("SHOW application_name", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_eq!(inside, "inside");
+    c.batch_execute("COMMIT").await.expect("commit");
+    let after: String = c
+        .query_one("SHOW application_name", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_ne!(after, "inside", "for the transaction only");
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), before);
+}
+
 /// A client inside a transaction that sends its last statements and closes its
 /// connection without waiting (a Terminate, then the socket closed) has them run, as
 /// PostgreSQL runs what it received before the end: also when pgshield holds them while

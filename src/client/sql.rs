@@ -1503,34 +1503,25 @@ const MAX_SET_CONFIG_CALLS: usize = 64;
 fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     // (The name a literal on its own: `'app.' || 'tenant'` is not `app.`.)
     let (Some(Token::Str(name)), Some(Token::Punct(','))) = (args.first(), args.get(1)) else {
+        // Another name (a parameter: PostgREST's `set_config($1, $2, true)` for a role's
+        // settings) for the transaction only: whichever it is, it ends with the
+        // transaction, which holds the backend; read as any setting statements are read
+        // under. (Were it `seed`, the random generator's state would stay on the backend
+        // after it, as `setseed()` leaves it through PgBouncer: the one trace.)
+        if lone_third_argument(args).is_some_and(|c| is(args.get(c + 1), "true")) {
+            e.local_parse_setting = true;
+            e.local_encoding = true;
+            e.local_quotes = true;
+            return;
+        }
         return e.pin(PinReason::Unclassified);
     };
-    // Find the third argument: after the second top-level comma.
-    let mut depth = 0;
-    let mut commas = 0;
-    let mut third = None;
-    let mut second_comma = None;
-    for (i, tok) in args.iter().enumerate() {
-        match tok {
-            Token::Punct('(') => depth += 1,
-            Token::Punct(')') if depth == 0 => break,
-            Token::Punct(')') => depth -= 1,
-            Token::Punct(',') if depth == 0 => {
-                commas += 1;
-                if commas == 2 {
-                    third = args.get(i + 1);
-                    second_comma = Some(i);
-                    break; // (what follows is looked at below)
-                }
-            }
-            _ => {}
-        }
-    }
-    // (Nor is `true AND false` a literal `true`.)
-    let third_alone = second_comma.is_some_and(|c| args.get(c + 2) == Some(&Token::Punct(')')));
-    if !third_alone {
+    // The third argument, after the second top-level comma. (Nor is `true AND false` a
+    // literal `true`.)
+    let Some(comma) = lone_third_argument(args) else {
         return e.pin(PinReason::Unclassified);
-    }
+    };
+    let (third, second_comma) = (args.get(comma + 1), Some(comma));
     if name.eq_ignore_ascii_case("search_path")
         && second_comma.is_some_and(|c| args[2..c].iter().any(names_temp_schema))
     {
@@ -1567,6 +1558,29 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     } else {
         e.pin(PinReason::Unclassified);
     }
+}
+
+/// Where the second top-level comma of a call whose arguments start `args` is, when a
+/// third argument of one token alone follows it (`true`, not `true AND false`). (Each
+/// call's arguments are read to their end at most; see `MAX_SET_CONFIG_CALLS`.)
+fn lone_third_argument(args: &[Token<'_>]) -> Option<usize> {
+    let mut depth = 0;
+    let mut commas = 0;
+    for (i, tok) in args.iter().enumerate() {
+        match tok {
+            Token::Punct('(') => depth += 1,
+            Token::Punct(')') if depth == 0 => return None,
+            Token::Punct(')') => depth -= 1,
+            Token::Punct(',') if depth == 0 => {
+                commas += 1;
+                if commas == 2 {
+                    return (args.get(i + 2) == Some(&Token::Punct(')'))).then_some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Whether an argument, as written, is SQL's NULL: `NULL`, cast to a one-word type
@@ -2240,6 +2254,33 @@ mod tests {
         ];
         for word in LOOKED_AT.iter().chain(&others) {
             assert!(!is_plain_first_word(word.as_bytes()), "{word}");
+        }
+    }
+
+    #[test]
+    fn set_config_of_a_name_not_written_out_for_the_transaction_does_not_pin() {
+        // PostgREST, for the settings of the role it switches to.
+        for sql in [
+            "select set_config($1, $2, true)",
+            "SELECT set_config($3, $4, TRUE), set_config('role', $5, true)",
+            "SELECT set_config(k, v, true) FROM unnest($1::text[], $2::text[]) AS s(k, v)",
+        ] {
+            let e = classify(sql);
+            assert_eq!(e.pin, None, "{sql}");
+            // Whichever it is, statements are read as under any setting until the
+            // transaction ends.
+            assert!(
+                e.local_parse_setting && e.local_encoding && e.local_quotes,
+                "{sql}"
+            );
+        }
+        for sql in [
+            "select set_config($1, $2, false)",
+            "select set_config($1, $2, $3)",
+            "select set_config($1, $2, true AND x)",
+            "select set_config($1, $2)",
+        ] {
+            assert_eq!(classify(sql).pin, Some(PinReason::Unclassified), "{sql}");
         }
     }
 
