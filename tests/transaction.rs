@@ -2310,6 +2310,37 @@ async fn a_change_of_session_user_the_server_reports_pins_the_client() {
     );
 }
 
+/// A Query of no statement (pgx's `-- ping`, Rails' `;`) between transactions is
+/// answered as PostgreSQL answers it, without waiting for a backend: here every one is
+/// held by another client. As in PostgreSQL it drops the client's unnamed statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_of_no_statement_needs_no_backend() {
+    let proxy = trusted_proxy("tx_ping", "max_size = 1\nborrow_timeout = \"1s\"").await;
+    let holder = proxy.connect("tx_ping", "pw").await.expect("login");
+    holder
+        .client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("holds the backend");
+    let mut s = raw::login_trusted(proxy.addr, "tx_ping").await;
+    for ping in ["-- ping", ";", ""] {
+        raw::send(&mut s, &raw::query(ping)).await;
+        assert_eq!(
+            raw::until_ready(&mut s).await,
+            ("IZ".into(), vec![]),
+            "{ping:?}"
+        );
+    }
+    holder.client.batch_execute("COMMIT").await.expect("commit");
+    let mut parse = raw::message(b'P', b"\0SELECT 'unnamed'\0\0\0");
+    parse.extend_from_slice(&raw::SYNC);
+    raw::send(&mut s, &parse).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("1Z".into(), vec![]));
+    raw::send(&mut s, &raw::query("-- ping")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("IZ".into(), vec![]));
+    assert_eq!(run_named(&mut s, "").await, Err("26000".into()));
+}
+
 /// PostgREST sets a role's settings for the request's transaction with
 /// `set_config($1, $2, true)`: whatever the name, it ends with the transaction, and the
 /// client is not pinned for it.

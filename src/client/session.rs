@@ -1426,6 +1426,28 @@ impl Session {
                 {
                     return Ok(());
                 }
+                // A Query of no statement (a driver's ping: pgx's `-- ping`, Rails' `;`)
+                // between transactions: PostgreSQL's answer without borrowing a backend,
+                // which a ping waiting behind busy ones would be slow to get.
+                if self.mode == PoolMode::Transaction
+                    && header.tag == b'Q'
+                    && !self.lost_transaction
+                    && sql::holds_no_statement(
+                        self.client_in[HEADER_LEN..header.len]
+                            .strip_suffix(&[0])
+                            .unwrap_or_default(),
+                    )
+                {
+                    // (As in PostgreSQL, it drops the client's unnamed statement.)
+                    self.statements.query_sent();
+                    messages::put_message(&mut self.client_out, b'I', |_| {});
+                    self.local_ready(b'I');
+                    self.client_msg = Passing {
+                        left: header.len,
+                        forward: false,
+                    };
+                    continue;
+                }
                 // A Parse of a statement a server already accepted, or a Close, changes only
                 // the client's names: answered without a backend (a client preparing
                 // synchronously must not wait on one that others are holding).
@@ -1526,9 +1548,16 @@ impl Session {
         let Some(query) = crate::protocol::frame::take_cstr_bytes(&mut body) else {
             return Short::General;
         };
-        // (A DEALLOCATE, which pgshield may answer itself, is not empty either.)
+        // (A DEALLOCATE, which pgshield may answer itself, is not empty either; nor a
+        // ping of no statement between transactions, answered without a backend.)
         let env = self.parse_env();
         if screened != Some(env) && !sql::changes_nothing_in(query, env) {
+            return Short::General;
+        }
+        if self.backend.is_none()
+            && self.mode == PoolMode::Transaction
+            && sql::holds_no_statement(query)
+        {
             return Short::General;
         }
         if let Err(short) = self.hold_for_short_path() {

@@ -1494,6 +1494,18 @@ fn session_setting(name: String, e: &mut Effects) {
     }
 }
 
+/// Whether a Query's text holds no statement at all: nothing but comments, white space
+/// and semicolons (a driver's ping: pgx's `-- ping`, Rails' `;`). Cheap for anything
+/// else: a text that starts with a letter is answered at its first byte.
+pub fn holds_no_statement(sql: &[u8]) -> bool {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace());
+    if start.is_some_and(|at| !matches!(sql[at], b'-' | b'/' | b';')) {
+        return false;
+    }
+    let text = String::from_utf8_lossy(sql);
+    tokens(&text, false).is_some_and(|t| t.iter().all(|t| *t == Token::Semicolon))
+}
+
 /// More `set_config` calls than this in one statement are not read: it pins.
 const MAX_SET_CONFIG_CALLS: usize = 64;
 
@@ -2254,6 +2266,30 @@ mod tests {
         ];
         for word in LOOKED_AT.iter().chain(&others) {
             assert!(!is_plain_first_word(word.as_bytes()), "{word}");
+        }
+    }
+
+    #[test]
+    fn texts_of_no_statement_are_known_as_such() {
+        for sql in [
+            "",
+            " ",
+            "-- ping",
+            ";",
+            " ;; ",
+            "/* a */ ; -- b\n",
+            "\n-- x\n;",
+        ] {
+            assert!(holds_no_statement(sql.as_bytes()), "{sql:?}");
+        }
+        for sql in [
+            "SELECT 1",
+            "-- x\nSELECT 1",
+            "; SELECT 1",
+            "/* unterminated",
+            "'x'",
+        ] {
+            assert!(!holds_no_statement(sql.as_bytes()), "{sql:?}");
         }
     }
 
