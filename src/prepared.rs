@@ -250,8 +250,20 @@ pub struct Registry {
     inner: Mutex<RegistryInner>,
 }
 
-/// A text's statement for one list of parameter types and one parse environment.
+/// A text's statement for one list of parameter types and one parse environment (see
+/// [`variant_env`]).
 type Variant = (Vec<u32>, u64, Weak<Statement>);
+
+/// The parse environment a text's statement is kept under in the registry: its own, or,
+/// for a text pgshield made to run a client's statements by their shared names
+/// ([`Statement::runs`]), one of its own kind.
+fn variant_env(parse_env: u64, resolved: bool) -> u64 {
+    if resolved {
+        parse_env ^ 0x5253_4f4c_5645_4421
+    } else {
+        parse_env
+    }
+}
 
 #[derive(Default)]
 struct RegistryInner {
@@ -323,7 +335,9 @@ impl Registry {
     }
 
     /// [`Self::intern_under`], for a text that runs `runs` by their shared names (see
-    /// [`Statement::runs`]; the names are in the text, so a text found runs the same).
+    /// [`Statement::runs`]). Such a text is kept apart from the same text as a client
+    /// wrote it (which names pgshield's statements, hidden from it): a client that writes
+    /// what another's text was made into gets its own, whose names the server refuses.
     pub fn intern_running(
         &self,
         parse_env: u64,
@@ -331,7 +345,8 @@ impl Registry {
         param_types: &[u32],
         runs: Vec<Arc<Statement>>,
     ) -> Arc<Statement> {
-        if let Some(statement) = self.find(parse_env, query, param_types) {
+        let key_env = variant_env(parse_env, !runs.is_empty());
+        if let Some(statement) = self.find(key_env, query, param_types) {
             return statement;
         }
         // Read outside the lock: a long text costs its own client the time, not every
@@ -339,7 +354,7 @@ impl Registry {
         let effects = sql::classify_in(query, parse_env);
         let fixed_result = sql::fixed_result(query);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(statement) = inner.find(parse_env, query, param_types) {
+        if let Some(statement) = inner.find(key_env, query, param_types) {
             return statement; // made by another client meanwhile
         }
         inner.next_id += 1;
@@ -367,10 +382,10 @@ impl Registry {
         // (Dead variants go first: a client could otherwise pile up variants of one text,
         // each with other parameter types, that no purge of the map would find.)
         variants.retain(|(_, _, weak)| weak.strong_count() > 0);
-        let same = |(types, env, _): &&mut Variant| types == param_types && *env == parse_env;
+        let same = |(types, env, _): &&mut Variant| types == param_types && *env == key_env;
         match variants.iter_mut().find(same) {
             Some((_, _, dead)) => *dead = weak,
-            None => variants.push((param_types.to_vec(), parse_env, weak)),
+            None => variants.push((param_types.to_vec(), key_env, weak)),
         }
         if inner.by_text.len() > inner.purge_at
             || inner.text_bytes > inner.purge_bytes_at.max(PURGE_BYTES_LEAST)
@@ -561,6 +576,20 @@ pub struct TakenNames {
 
 /// The longest statement name PostgreSQL tells apart (`NAMEDATALEN` - 1 bytes).
 const MAX_NAME: usize = 63;
+
+/// The most statements of the client's one text may run by name (see `resolve`).
+const MAX_RUNS: usize = 8;
+
+/// An identifier from SQL text as PostgreSQL keeps it: at most [`MAX_NAME`] bytes, cut at
+/// a character's end (`truncate_identifier`), where a protocol message's name is cut at
+/// the byte (see [`key`]).
+fn sql_identifier(name: &str) -> &str {
+    let mut end = name.len().min(MAX_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
 
 /// The part of a client's statement name PostgreSQL tells statements apart by: its first
 /// [`MAX_NAME`] bytes, as its table of prepared statements keys them. So two names alike
@@ -1247,7 +1276,9 @@ impl ClientStatements {
                         Some(Arc::clone(statement))
                     }
                     _ => match self.resolve(query, parse_env) {
-                        Some((text, _)) => registry.find(parse_env, &text, &types),
+                        Some((text, _)) => {
+                            registry.find(variant_env(parse_env, true), &text, &types)
+                        }
                         None => registry.find(parse_env, query, &types),
                     },
                 };
@@ -1506,14 +1537,26 @@ impl ClientStatements {
         let mut runs: Vec<Arc<Statement>> = Vec::new();
         let mut copied = 0;
         for (range, name) in sql::executed_names(query, parse_env) {
-            let Some(named) = self.named.get(&*key(&name)) else {
+            // (An identifier in SQL is cut at 63 bytes by characters, as PostgreSQL
+            // cuts it.)
+            let Some(named) = self.named.get(&*key(sql_identifier(&name))) else {
                 continue;
             };
             let statement = &named.statement;
+            // Only a statement a server accepted (else the server's own error, as for a
+            // name it lacks) that runs none by name itself (no chains to follow), and a
+            // few of them.
+            let new = !runs.iter().any(|r| Arc::ptr_eq(r, statement));
+            if !statement.is_valid()
+                || !statement.runs.is_empty()
+                || (new && runs.len() == MAX_RUNS)
+            {
+                continue;
+            }
             text.extend_from_slice(&query[copied..range.start]);
             text.extend_from_slice(statement.name().as_bytes());
             copied = range.end;
-            if !runs.iter().any(|r| Arc::ptr_eq(r, statement)) {
+            if new {
                 runs.push(Arc::clone(statement));
             }
         }
@@ -1534,8 +1577,8 @@ impl ClientStatements {
         out: &mut BytesMut,
         t: &mut Translated,
     ) {
+        // (They run none themselves: see `resolve`.)
         for run in &statement.runs {
-            self.ensure_runs(server, run, situation, out, t);
             self.ensure_prepared(server, run, (situation, false), out, t);
         }
     }
@@ -1661,7 +1704,7 @@ impl ClientStatements {
         if target.starts_with(NAME_PREFIX) {
             return None;
         }
-        let (client_name, named) = self.named.remove_entry(&*key(target.as_str()))?;
+        let (client_name, named) = self.named.remove_entry(&*key(sql_identifier(target)))?;
         // The name comes back if what stands in for it is skipped or fails (as in
         // PostgreSQL, where the Parse that failed dropped nothing).
         // (Counted as pending even first in its batch: unlike a Close, its Parse may fail.)
@@ -2010,12 +2053,12 @@ impl ClientStatements {
 
     /// Whether the client has a statement of this name.
     pub fn has(&self, name: &str) -> bool {
-        self.named.contains_key(&*key(name))
+        self.named.contains_key(&*key(sql_identifier(name)))
     }
 
     /// Forgets one of the client's statements (its DEALLOCATE); false if it had none.
     pub fn forget(&mut self, name: &str) -> bool {
-        self.named.remove(&*key(name)).is_some()
+        self.named.remove(&*key(sql_identifier(name))).is_some()
     }
 
     /// How many named statements the client has.
@@ -2199,6 +2242,9 @@ mod tests {
             "é and è share their first byte"
         );
         assert!(key(&e).len() < 70);
+        // From SQL, an identifier is cut at the character's start, as PostgreSQL cuts it.
+        assert_eq!(sql_identifier(&e), x);
+        assert_eq!(sql_identifier("short"), "short");
     }
     #[test]
     fn a_retired_statement_gives_its_text_to_a_new_one_and_only_once() {

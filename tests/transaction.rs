@@ -2517,6 +2517,32 @@ async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
         );
         assert_eq!(run_named(&mut s, name).await, Err("26000".into()), "{sql}");
     }
+    // Not followed through a chain (each statement runs the client's own by name at most
+    // one deep): the server's answer for the name it lacks.
+    raw::send(&mut s, &prepare("chain", "EXECUTE run", &[])).await;
+    raw::until_ready(&mut s).await;
+    assert_eq!(run_named(&mut s, "chain").await, Err("26000".into()));
+    // Nor to a statement the server refused.
+    raw::send(&mut s, &prepare("bad", "SELEKT 1", &[])).await;
+    assert_eq!(raw::until_ready(&mut s).await.1, vec!["42601".to_owned()]);
+    raw::send(&mut s, &prepare("runs_bad", "EXPLAIN EXECUTE bad", &[])).await;
+    raw::until_ready(&mut s).await;
+    assert_eq!(run_named(&mut s, "runs_bad").await, Err("26000".into()));
+    // Another client that writes the text its EXPLAIN was made into (pgshield's name for
+    // sqlx_s_1, which it has not prepared) gets a statement of its own, whose name the
+    // server refuses.
+    let made: Vec<String> = pool
+        .statements
+        .list()
+        .into_iter()
+        .map(|(_, query, _, _)| query)
+        .filter(|q| q.starts_with("EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE pgshield_"))
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let mut other = raw::login_trusted(proxy.addr, "tx_sqlx_explain").await;
+    raw::send(&mut other, &prepare("copied", &made[0], &[])).await;
+    assert_eq!(raw::until_ready(&mut other).await.0, "1tTZ");
+    assert_eq!(run_named(&mut other, "copied").await, Err("26000".into()));
 }
 
 /// A Describe of a portal describes the statement it was bound from, which pgshield

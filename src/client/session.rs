@@ -290,7 +290,7 @@ struct FollowUp {
     /// The client closed its connection while messages it sent before were held (see
     /// `Session::client_held`): they go on, as PostgreSQL runs what a client sent before
     /// it left, and what they are answered is dropped. (Here, as it is rare.)
-    client_gone: bool,
+    client_gone: Option<Instant>,
     /// A fingerprint of the client's own `search_path` (0: none), part of its parse
     /// environment ([`Session::parse_env`]): kept here when its settings change, not looked
     /// up for every message; here, not in the session, as few clients have one (an idle
@@ -792,7 +792,9 @@ impl Session {
             // The limits run on one timer, re-aimed when the session changes state. (The
             // idle limit alone, the default, is aimed once: it is looked at when the timer
             // fires, and the state need not be worked out each turn.)
-            if self.limits.any() && (reaim_on_change || timer_state.is_none()) {
+            if (self.limits.any() || self.client_gone())
+                && (reaim_on_change || timer_state.is_none())
+            {
                 let state = (self.server_busy(), self.outside_transaction());
                 // (Only query_timeout needs to know since when: a statement already running
                 // when a reload adds one counts from the next turn of this loop.)
@@ -834,7 +836,7 @@ impl Session {
                         && f.restore.is_empty()
                         && f.search_path_env == 0
                         && !f.deallocate_waits
-                        && !f.client_gone
+                        && f.client_gone.is_none()
                 }) {
                     self.follow_up = None;
                 }
@@ -877,7 +879,10 @@ impl Session {
                 Event::ClientEof if self.backend.is_some() && self.client_held() => {
                     self.follow_up
                         .get_or_insert_with(Default::default)
-                        .client_gone = true;
+                        .client_gone = Some(Instant::now());
+                    // (Re-aimed: they get as long as its statements would, see
+                    // `next_deadline`.)
+                    timer_state = None;
                 }
                 Event::ClientEof => return End::ClientGone,
                 Event::ClientError(e) => {
@@ -1056,15 +1061,24 @@ impl Session {
                 || self.role_restore_owed())
     }
 
+    /// When a departed client's held messages are given up (see `finish`, which then
+    /// treats what runs as any departed client's).
+    fn gone_by(&self) -> Option<Instant> {
+        let gone = self.follow_up.as_ref().and_then(|f| f.client_gone)?;
+        gone.checked_add(INTERNAL_QUERY_TIMEOUT)
+    }
+
+    /// See [`FollowUp::client_gone`].
+    fn client_gone(&self) -> bool {
+        self.follow_up
+            .as_ref()
+            .is_some_and(|f| f.client_gone.is_some())
+    }
+
     /// Whether the client's next message waits, unread past what has arrived: for a
     /// statement being described, the role being given back, a reset's answer (see
     /// [`Self::reset_answer_owed`]), or the replies owed before a DEALLOCATE pgshield
     /// answers (see [`Self::answer_deallocate`]).
-    /// See [`FollowUp::client_gone`].
-    fn client_gone(&self) -> bool {
-        self.follow_up.as_ref().is_some_and(|f| f.client_gone)
-    }
-
     fn client_held(&self) -> bool {
         self.checking.is_some()
             || self.role_restore_owed()
@@ -1138,12 +1152,17 @@ impl Session {
                     .and_then(|l| self.last_activity.checked_add(l)),
             );
         }
+        // A departed client's held messages get as long as its statements would.
+        consider(self.gone_by());
         // Never in the past: a deadline already passed is looked at right away.
         next.map(|at| at.max(now))
     }
 
     /// Applies the limits now: ends an idle session, or cancels an overlong statement.
     fn enforce_limits(&mut self, limits: &Limits, now: Instant) -> Result<(), End> {
+        if self.gone_by().is_some_and(|by| now >= by) {
+            return Err(End::ClientGone);
+        }
         let idle_for = now.saturating_duration_since(self.last_activity);
         if self.server_busy() {
             let running_for = self.busy_since.map(|s| now.saturating_duration_since(s));
@@ -1351,6 +1370,16 @@ impl Session {
                 // as the role the client started as again (`push_restore`), or has
                 // answered what came before (a reset's batch, what a DEALLOCATE waits
                 // for): see `client_held`.
+                return Ok(());
+            }
+            // Nor while as many replies are owed as are let pile up: the client is read
+            // only to finish a message half passed on (see `poll_io`), and what it sent
+            // behind that waits here, a read's worth at most.
+            if self
+                .backend
+                .as_ref()
+                .is_some_and(|b| b.server_ref().replies.owed_count() >= MAX_OWED)
+            {
                 return Ok(());
             }
             // Messages stream through (only some are read whole), but none may claim more
@@ -2799,7 +2828,12 @@ impl Session {
                         // one the Parse went under (in whatever language and encoding the
                         // server speaks: only the name's bytes are replaced).
                         let renamed = (messages::error_field(body, b'C') == Some(b"42P05"))
-                            .then(|| messages::renamed_error(body, &shared, &name))
+                            // (A name cut inside a character is keyed with what was
+                            // kept of it after a NUL: not shown.)
+                            .then(|| {
+                                let shown = name.split('\0').next().unwrap_or_default();
+                                messages::renamed_error(body, &shared, shown)
+                            })
                             .flatten();
                         if let Some(renamed) = renamed {
                             self.client_out.truncate(start);

@@ -834,8 +834,46 @@ fn statements_run<'a, 'b>(t: &'b [Token<'a>]) -> impl Iterator<Item = (&'a str, 
     })
 }
 
+/// The prepared statement one statement's tokens run, by name, and whether unquoted:
+/// `EXECUTE name …`, or that after `EXPLAIN` and its options. Stricter than
+/// [`statements_run`] (no `CREATE TABLE … AS EXECUTE`), as what it finds is rewritten:
+/// a column named `execute` (`SELECT count(*) execute FROM t`) is never taken for one.
+fn statement_runs<'a>(t: &[Token<'a>]) -> Option<(&'a str, bool)> {
+    let mut i = 0;
+    if is(t.first(), "explain") {
+        i = 1;
+        if t.get(1) == Some(&Token::Punct('(')) {
+            let mut depth = 0;
+            let close = t[1..].iter().position(|tok| {
+                match tok {
+                    Token::Punct('(') => depth += 1,
+                    Token::Punct(')') => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })?;
+            i = close + 2;
+        } else {
+            while ["analyze", "analyse", "verbose"]
+                .iter()
+                .any(|w| is(t.get(i), w))
+            {
+                i += 1;
+            }
+        }
+    }
+    if !is(t.get(i), "execute") {
+        return None;
+    }
+    match t.get(i + 1) {
+        Some(Token::Word(name)) => Some((name, true)),
+        Some(Token::Quoted(Cow::Borrowed(name))) => Some((name, false)),
+        _ => None,
+    }
+}
+
 /// Where `sql` (UTF-8 text read under the parse environment `env`) runs prepared
-/// statements by name, as [`proxy_statements_run`] finds them: each name's byte range in
+/// statements by name, as [`statement_runs`] finds them: each name's byte range in
 /// `sql` (inside its quotes, for a quoted one) and the name the server looks up (an
 /// unquoted one folded to lower case). Nothing when the lexer cannot be sure of reading
 /// the text as the server does (see [`hide_proxy_statements`]), or it is not UTF-8.
@@ -852,7 +890,8 @@ pub fn executed_names(sql: &[u8], env: u64) -> Vec<(std::ops::Range<usize>, Stri
         return Vec::new();
     };
     let base = text.as_ptr() as usize;
-    statements_run(&t)
+    t.split(|tok| *tok == Token::Semicolon)
+        .filter_map(statement_runs)
         .map(|(name, folded)| {
             let at = name.as_ptr() as usize - base;
             let looked_up = if folded {
@@ -1515,12 +1554,19 @@ const MAX_SET_CONFIG_CALLS: usize = 64;
 fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     // (The name a literal on its own: `'app.' || 'tenant'` is not `app.`.)
     let (Some(Token::Str(name)), Some(Token::Punct(','))) = (args.first(), args.get(1)) else {
-        // Another name (a parameter: PostgREST's `set_config($1, $2, true)` for a role's
-        // settings) for the transaction only: whichever it is, it ends with the
+        // A parameter for the name (PostgREST's `set_config($1, $2, true)` for a role's
+        // settings) and the transaction only: whichever it is, it ends with the
         // transaction, which holds the backend; read as any setting statements are read
         // under. (Were it `seed`, the random generator's state would stay on the backend
-        // after it, as `setseed()` leaves it through PgBouncer: the one trace.)
-        if lone_third_argument(args).is_some_and(|c| is(args.get(c + 1), "true")) {
+        // after it, as `setseed()` leaves it through PgBouncer: the one trace. And as for
+        // a literal `search_path` whose value is a parameter, a `pg_temp` in it is not
+        // seen.) Not an expression (`'search_path'::text`), which hides no more than a
+        // literal would, and is read as one is not.
+        let parameter = matches!(
+            (args.first(), args.get(1)),
+            (Some(Token::Param), Some(Token::Punct(',')))
+        );
+        if parameter && lone_third_argument(args).is_some_and(|c| is(args.get(c + 1), "true")) {
             e.local_parse_setting = true;
             e.local_encoding = true;
             e.local_quotes = true;
@@ -2270,6 +2316,35 @@ mod tests {
     }
 
     #[test]
+    fn names_run_by_execute_are_found_only_where_a_statement_runs_one() {
+        let names = |sql: &str| -> Vec<String> {
+            executed_names(sql.as_bytes(), 0)
+                .into_iter()
+                .map(|(range, name)| {
+                    assert!(sql[range].eq_ignore_ascii_case(&name), "{sql}");
+                    name
+                })
+                .collect()
+        };
+        assert_eq!(
+            names("EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE sqlx_s_1(NULL)"),
+            ["sqlx_s_1"]
+        );
+        assert_eq!(
+            names("execute S1(1); EXPLAIN ANALYZE EXECUTE \"Mixed\""),
+            ["s1", "Mixed"]
+        );
+        for sql in [
+            "SELECT count(*) AS execute FROM t",
+            "SELECT count(*) execute FROM t",
+            "CREATE TABLE t AS EXECUTE s1",
+            "SELECT 'EXECUTE s1'",
+        ] {
+            assert!(names(sql).is_empty(), "{sql}");
+        }
+    }
+
+    #[test]
     fn texts_of_no_statement_are_known_as_such() {
         for sql in [
             "",
@@ -2299,7 +2374,6 @@ mod tests {
         for sql in [
             "select set_config($1, $2, true)",
             "SELECT set_config($3, $4, TRUE), set_config('role', $5, true)",
-            "SELECT set_config(k, v, true) FROM unnest($1::text[], $2::text[]) AS s(k, v)",
         ] {
             let e = classify(sql);
             assert_eq!(e.pin, None, "{sql}");
@@ -2315,6 +2389,9 @@ mod tests {
             "select set_config($1, $2, $3)",
             "select set_config($1, $2, true AND x)",
             "select set_config($1, $2)",
+            "SELECT set_config('search_path'::text, 'pg_temp', true)",
+            "SELECT set_config('search_' || 'path', 'pg_temp', true)",
+            "SELECT set_config(k, v, true) FROM t",
         ] {
             assert_eq!(classify(sql).pin, Some(PinReason::Unclassified), "{sql}");
         }

@@ -814,9 +814,7 @@ async fn probe_once(
                     t.password = Some(crate::server::BackendPassword::Plain(secret.clone()));
                     let result = probe_on(host, conn, &t, timeout).await;
                     if let Ok(Err(ServerError::Refused(e))) = &result {
-                        if e.code == crate::protocol::sqlstate::INVALID_PASSWORD
-                            || e.code == crate::protocol::sqlstate::INVALID_AUTHORIZATION
-                        {
+                        if crate::server::connect::refused_the_password(e) {
                             command.forget(&secret).await;
                         }
                     }

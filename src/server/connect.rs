@@ -245,11 +245,7 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
             };
             let secret = command.password().await.map_err(Error::PasswordCommand)?;
             match within(with(&secret)).await {
-                // (28000 too: PAM refuses so, and RDS IAM tokens are checked by PAM.)
-                Err(Error::Refused(e))
-                    if e.code == sqlstate::INVALID_PASSWORD
-                        || e.code == sqlstate::INVALID_AUTHORIZATION =>
-                {
+                Err(Error::Refused(e)) if refused_the_password(&e) => {
                     tracing::info!(addr = %target.addr(), "the server refused the password from server_password_command; asking it again");
                     command.forget(&secret).await;
                     let secret = command.password().await.map_err(Error::PasswordCommand)?;
@@ -568,6 +564,16 @@ fn unexpected(tag: u8, when: &str) -> Error {
     ))
 }
 
+/// Whether a server's refusal is of the password it was given: 28P01, or 28000 with an
+/// authentication's failure (PAM's, which checks RDS IAM tokens, and LDAP's and RADIUS's
+/// refuse so), not a refusal a new password would not change (no `pg_hba.conf` entry, a
+/// role that may not log in).
+pub fn refused_the_password(e: &ErrorResponse) -> bool {
+    e.code == sqlstate::INVALID_PASSWORD
+        || (e.code == sqlstate::INVALID_AUTHORIZATION
+            && e.message.contains("authentication failed"))
+}
+
 /// A server that would have pgshield log in without channel binding, which
 /// `tls.server.channel_binding = "require"` forbids.
 fn unbound(what: &str) -> Error {
@@ -585,6 +591,27 @@ fn no_password(method: &'static str, need: &'static str, target: &ServerTarget) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_password_is_asked_for_only_when_the_password_was_refused() {
+        let refusal = |code: &str, message: &str| ErrorResponse::fatal(code, message);
+        assert!(refused_the_password(&refusal(
+            "28P01",
+            "password authentication failed for user \"app\""
+        )));
+        assert!(refused_the_password(&refusal(
+            "28000",
+            "PAM authentication failed for user \"app\""
+        )));
+        assert!(!refused_the_password(&refusal(
+            "28000",
+            "no pg_hba.conf entry for host \"10.0.0.1\", user \"app\", database \"app\""
+        )));
+        assert!(!refused_the_password(&refusal(
+            "28000",
+            "role \"app\" is not permitted to log in"
+        )));
+    }
 
     #[test]
     fn md5_from_a_stored_hash_matches_md5_from_the_password() {

@@ -1068,6 +1068,11 @@ impl ReplyTracker {
         self.tx == TxStatus::Failed && !self.unsure && !self.client_copying && !self.may_have_ended
     }
 
+    /// How many replies are owed (pgshield's own answers among them).
+    pub fn owed_count(&self) -> usize {
+        self.owed.len()
+    }
+
     /// Whether `max` replies are owed (so the client is not read, and no Sync may come to
     /// make the server send what it holds back: it is to be sent a Flush, unless
     /// [`ReplyTracker::flush_sent_already`]).
