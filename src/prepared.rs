@@ -256,13 +256,19 @@ type Variant = (Vec<u32>, u64, Weak<Statement>);
 
 /// The parse environment a text's statement is kept under in the registry: its own, or,
 /// for a text pgshield made to run a client's statements by their shared names
-/// ([`Statement::runs`]), one of its own kind.
-fn variant_env(parse_env: u64, resolved: bool) -> u64 {
-    if resolved {
-        parse_env ^ 0x5253_4f4c_5645_4421
-    } else {
-        parse_env
+/// ([`Statement::runs`]), one of its own for those statements: the same text written by
+/// a client, or made to run other statements (the rest of its names written by the
+/// client), is another statement.
+fn variant_env(parse_env: u64, runs: &[Arc<Statement>]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    if runs.is_empty() {
+        return parse_env;
     }
+    let mut hasher = foldhash::fast::FixedState::with_seed(0x5253_4f4c_5645_4421).build_hasher();
+    for run in runs {
+        run.name.hash(&mut hasher);
+    }
+    parse_env ^ hasher.finish() ^ 0x5253_4f4c_5645_4421
 }
 
 #[derive(Default)]
@@ -345,7 +351,7 @@ impl Registry {
         param_types: &[u32],
         runs: Vec<Arc<Statement>>,
     ) -> Arc<Statement> {
-        let key_env = variant_env(parse_env, !runs.is_empty());
+        let key_env = variant_env(parse_env, &runs);
         if let Some(statement) = self.find(key_env, query, param_types) {
             return statement;
         }
@@ -1271,13 +1277,14 @@ impl ClientStatements {
                 // left to `translate`, which makes its statement, on a backend.)
                 let known = match &self.unnamed {
                     Some(Named { statement, .. })
-                        if name.is_empty() && statement.is_for(parse_env, query, &types) =>
+                        if name.is_empty()
+                            && self.is_unnamed_again(statement, parse_env, query, &types) =>
                     {
                         Some(Arc::clone(statement))
                     }
                     _ => match self.resolve(query, parse_env) {
-                        Some((text, _)) => {
-                            registry.find(variant_env(parse_env, true), &text, &types)
+                        Some((text, runs)) => {
+                            registry.find(variant_env(parse_env, &runs), &text, &types)
                         }
                         None => registry.find(parse_env, query, &types),
                     },
@@ -1503,11 +1510,32 @@ impl ClientStatements {
         types: &[u32],
     ) -> Arc<Statement> {
         if let Some(Named { statement, .. }) = &self.unnamed {
-            if statement.is_for(parse_env, query, types) {
+            if self.is_unnamed_again(statement, parse_env, query, types) {
                 return Arc::clone(statement);
             }
         }
         self.intern(registry, parse_env, query, types)
+    }
+
+    /// Whether the client's unnamed statement is what a Parse of `query` makes again:
+    /// the same text as written, not one that may run the client's statements by name
+    /// (made otherwise, with what the client has by then: see `resolve`).
+    fn is_unnamed_again(
+        &self,
+        statement: &Statement,
+        parse_env: u64,
+        query: &[u8],
+        types: &[u32],
+    ) -> bool {
+        statement.runs.is_empty()
+            && statement.is_for(parse_env, query, types)
+            && !self.may_resolve(query)
+    }
+
+    /// Whether `query` may run the client's statements by name (see `resolve`): cheap,
+    /// and false for nearly every text.
+    fn may_resolve(&self, query: &[u8]) -> bool {
+        !self.named.is_empty() && query.windows(7).any(|w| w.eq_ignore_ascii_case(b"execute"))
     }
 
     /// The registry's statement for a Parse of `query` by this client: a text that runs
@@ -1530,7 +1558,7 @@ impl ClientStatements {
     /// statements, if it runs any of them by name; else None (the text as it is).
     fn resolve(&self, query: &[u8], parse_env: u64) -> Option<(Vec<u8>, Vec<Arc<Statement>>)> {
         // (Cheap first: most clients name no statement, and most texts run none.)
-        if self.named.is_empty() || !query.windows(7).any(|w| w.eq_ignore_ascii_case(b"execute")) {
+        if !self.may_resolve(query) {
             return None;
         }
         let mut text = Vec::with_capacity(query.len());

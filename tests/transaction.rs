@@ -438,6 +438,31 @@ async fn thousands_of_owed_replies_before_a_large_bind_do_not_stall_it() {
     assert!(tags.ends_with("32DCZ"), "{}", &tags[tags.len() - 8..]);
 }
 
+/// Behind a slow statement, more Closes than the replies let pile up (pgshield answers
+/// them, in their place behind its reply), then a Sync: when the slow reply comes, all
+/// that is owed is answered at once, and the messages still waiting go on without a
+/// read from either side to wake the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_on_owed_replies_go_on_when_all_are_answered_at_once() {
+    let proxy = trusted_proxy("tx_owed_wait", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_owed_wait").await;
+    raw::send(&mut a, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut a).await;
+    let mut batch = raw::query("SELECT pg_sleep(0.3)");
+    let closes = 4200;
+    for _ in 0..closes {
+        batch.extend(raw::message(b'C', b"Snope\0"));
+    }
+    batch.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    assert_eq!(raw::until_ready(&mut a).await, ("TDCZ".into(), vec![]));
+    let (tags, codes) = tokio::time::timeout(Duration::from_secs(20), raw::until_ready(&mut a))
+        .await
+        .expect("answered, not stalled");
+    assert!(codes.is_empty(), "{codes:?}");
+    assert_eq!(tags.len(), closes + 1);
+}
+
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
 /// pgshield must not answer it itself because the backend already has the statement (a
 /// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).

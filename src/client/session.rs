@@ -765,6 +765,7 @@ impl Session {
                 }
             }
             let held = self.client_held();
+            let owed_full = self.owed_full();
             if let Err(end) = self.process_server_input() {
                 return end;
             }
@@ -784,6 +785,12 @@ impl Session {
                         .replies
                         .write_due_fakes(&mut self.client_out);
                 }
+            }
+            if owed_full && !self.owed_full() && !self.client_in.is_empty() {
+                // Fewer replies owed than the most let pile up: the client's messages
+                // waiting for that go on now (the server may have answered everything,
+                // pgshield's own answers with it: no read would come to turn the loop).
+                continue;
             }
             if self.mode == PoolMode::Transaction {
                 self.release_if_done();
@@ -1066,6 +1073,14 @@ impl Session {
     fn gone_by(&self) -> Option<Instant> {
         let gone = self.follow_up.as_ref().and_then(|f| f.client_gone)?;
         gone.checked_add(INTERNAL_QUERY_TIMEOUT)
+    }
+
+    /// Whether as many replies are owed as are let pile up ([`MAX_OWED`]): the client's
+    /// messages wait (see `process_client_input`).
+    fn owed_full(&self) -> bool {
+        self.backend
+            .as_ref()
+            .is_some_and(|b| b.server_ref().replies.owed_count() >= MAX_OWED)
     }
 
     /// See [`FollowUp::client_gone`].
@@ -1375,11 +1390,7 @@ impl Session {
             // Nor while as many replies are owed as are let pile up: the client is read
             // only to finish a message half passed on (see `poll_io`), and what it sent
             // behind that waits here, a read's worth at most.
-            if self
-                .backend
-                .as_ref()
-                .is_some_and(|b| b.server_ref().replies.owed_count() >= MAX_OWED)
-            {
+            if self.owed_full() {
                 return Ok(());
             }
             // Messages stream through (only some are read whole), but none may claim more

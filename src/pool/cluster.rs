@@ -813,10 +813,8 @@ async fn probe_once(
                 Ok(secret) => {
                     t.password = Some(crate::server::BackendPassword::Plain(secret.clone()));
                     let result = probe_on(host, conn, &t, timeout).await;
-                    if let Ok(Err(ServerError::Refused(e))) = &result {
-                        if crate::server::connect::refused_the_password(e) {
-                            command.forget(&secret).await;
-                        }
+                    if let Ok(Err(ServerError::CredentialRefused(_))) = &result {
+                        command.forget(&secret).await;
                     }
                     return result;
                 }

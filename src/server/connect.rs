@@ -92,6 +92,11 @@ pub enum ServerError {
     Timeout { addr: String, timeout: Duration },
     #[error("the server refused the login: {0}")]
     Refused(ErrorResponse),
+    /// Refused once pgshield had answered its authentication request: the password (or
+    /// keys) pgshield gave, whatever code and language the server says it in (PAM's
+    /// 28000, which checks RDS IAM tokens, as much as 28P01).
+    #[error("the server refused the login: {0}")]
+    CredentialRefused(ErrorResponse),
     #[error(
         "the server asks for {method} authentication, but pgshield has no {need} for backend user \"{user}\" \
          (set server_password for that user)"
@@ -153,7 +158,7 @@ impl ServerError {
     /// The error a client sees when its pool could not give it this backend.
     pub fn to_client_error(&self, pool: &str) -> ErrorResponse {
         match self {
-            Error::Refused(e) => ErrorResponse::error(
+            Error::Refused(e) | Error::CredentialRefused(e) => ErrorResponse::error(
                 &e.code,
                 format!(
                     "pgshield could not log in to the server for pool {pool}: {}",
@@ -245,7 +250,7 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
             };
             let secret = command.password().await.map_err(Error::PasswordCommand)?;
             match within(with(&secret)).await {
-                Err(Error::Refused(e)) if refused_the_password(&e) => {
+                Err(Error::CredentialRefused(_)) => {
                     tracing::info!(addr = %target.addr(), "the server refused the password from server_password_command; asking it again");
                     command.forget(&secret).await;
                     let secret = command.password().await.map_err(Error::PasswordCommand)?;
@@ -255,7 +260,7 @@ pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<Server,
             }
         }
         Some(BackendPassword::ScramKeys { .. }) => match within(target.clone()).await {
-            Err(Error::Refused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
+            Err(Error::CredentialRefused(e)) if e.code == sqlstate::INVALID_PASSWORD => {
                 Err(Error::PassthroughRefused)
             }
             other => other,
@@ -327,10 +332,19 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
     let required = binding_mode == ChannelBindingMode::Require;
     // Whether the exchange under way is bound to the server's certificate.
     let mut bound = false;
+    // Whether pgshield has answered an authentication request: a refusal is then of
+    // what it gave (before, of the login itself: no pg_hba.conf entry, say).
+    let mut answered = false;
     loop {
         let (tag, body) = next_message(server).await?;
         match tag {
             b'R' if body.len() >= 4 => {}
+            b'E' if answered => {
+                return Err(match refused(&body) {
+                    Error::Refused(e) => Error::CredentialRefused(e),
+                    other => other,
+                })
+            }
             b'E' => return Err(refused(&body)),
             other => return Err(unexpected(other, "during authentication")),
         }
@@ -471,6 +485,7 @@ async fn authenticate(server: &mut Server, target: &ServerTarget) -> Result<(), 
             }
         }
         send(server, &mut out).await?;
+        answered = true;
     }
 }
 
@@ -564,16 +579,6 @@ fn unexpected(tag: u8, when: &str) -> Error {
     ))
 }
 
-/// Whether a server's refusal is of the password it was given: 28P01, or 28000 with an
-/// authentication's failure (PAM's, which checks RDS IAM tokens, and LDAP's and RADIUS's
-/// refuse so), not a refusal a new password would not change (no `pg_hba.conf` entry, a
-/// role that may not log in).
-pub fn refused_the_password(e: &ErrorResponse) -> bool {
-    e.code == sqlstate::INVALID_PASSWORD
-        || (e.code == sqlstate::INVALID_AUTHORIZATION
-            && e.message.contains("authentication failed"))
-}
-
 /// A server that would have pgshield log in without channel binding, which
 /// `tls.server.channel_binding = "require"` forbids.
 fn unbound(what: &str) -> Error {
@@ -591,27 +596,6 @@ fn no_password(method: &'static str, need: &'static str, target: &ServerTarget) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_new_password_is_asked_for_only_when_the_password_was_refused() {
-        let refusal = |code: &str, message: &str| ErrorResponse::fatal(code, message);
-        assert!(refused_the_password(&refusal(
-            "28P01",
-            "password authentication failed for user \"app\""
-        )));
-        assert!(refused_the_password(&refusal(
-            "28000",
-            "PAM authentication failed for user \"app\""
-        )));
-        assert!(!refused_the_password(&refusal(
-            "28000",
-            "no pg_hba.conf entry for host \"10.0.0.1\", user \"app\", database \"app\""
-        )));
-        assert!(!refused_the_password(&refusal(
-            "28000",
-            "role \"app\" is not permitted to log in"
-        )));
-    }
 
     #[test]
     fn md5_from_a_stored_hash_matches_md5_from_the_password() {
