@@ -463,6 +463,36 @@ async fn messages_waiting_on_owed_replies_go_on_when_all_are_answered_at_once() 
     assert_eq!(tags.len(), closes + 1);
 }
 
+/// The same, and behind those a statement and as many Closes again: the second pile-up
+/// gets a Flush of its own, or the server would hold the statement's replies waiting for
+/// a Sync that pgshield does not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pile_of_owed_replies_gets_a_flush_of_its_own() {
+    let proxy = trusted_proxy("tx_owed_twice", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_owed_twice").await;
+    raw::send(&mut a, &raw::query("BEGIN")).await;
+    raw::until_ready(&mut a).await;
+    let closes = |n: usize| {
+        let mut bytes = Vec::new();
+        for _ in 0..n {
+            bytes.extend(raw::message(b'C', b"Snope\0"));
+        }
+        bytes
+    };
+    let mut batch = raw::query("SELECT pg_sleep(0.3)");
+    batch.extend(closes(4200));
+    batch.extend(raw::parse_bind_execute("SELECT 1"));
+    batch.extend(closes(4200));
+    batch.extend_from_slice(&raw::SYNC);
+    raw::send(&mut a, &batch).await;
+    assert_eq!(raw::until_ready(&mut a).await, ("TDCZ".into(), vec![]));
+    let (tags, codes) = tokio::time::timeout(Duration::from_secs(20), raw::until_ready(&mut a))
+        .await
+        .expect("answered, not stalled");
+    assert!(codes.is_empty(), "{codes:?}");
+    assert_eq!(tags.len(), 8400 + 4 + 1);
+}
+
 /// In a failed transaction PostgreSQL refuses a Parse (25P02), and the name stays free:
 /// pgshield must not answer it itself because the backend already has the statement (a
 /// libpq application preparing a fixed name, retrying after ROLLBACK, got 42P05).

@@ -230,8 +230,6 @@ pub struct ReplyTracker {
     /// replies (see [`ReplyTracker::resync_sent`]): sent, and whether its
     /// EmptyQueryResponse has come.
     resync: Option<bool>,
-    /// A Flush was sent since `max` replies came to be owed (see `flush_due`).
-    flushed: bool,
     tx: TxStatus,
 }
 
@@ -253,7 +251,6 @@ impl Default for ReplyTracker {
             copy_swallowed_messages: false,
             unsure: false,
             resync: None,
-            flushed: false,
             tx: TxStatus::Idle,
         }
     }
@@ -901,11 +898,6 @@ impl ReplyTracker {
         while self.owed.front().is_some_and(|e| e.owed == Owed::CopyEnd) {
             self.owed.pop_front();
         }
-        // (Nothing owed: the next pile-up, this client's or the next one's on this
-        // backend, is to be flushed again.)
-        if self.owed.is_empty() {
-            self.flushed = false;
-        }
         // (What was sent after what this answers may end the transaction it reports; only
         // of use in a failed one.)
         self.may_have_ended = status == TxStatus::Failed
@@ -1076,22 +1068,19 @@ impl ReplyTracker {
     /// Whether `max` replies are owed (so the client is not read, and no Sync may come to
     /// make the server send what it holds back: it is to be sent a Flush, unless
     /// [`ReplyTracker::flush_sent_already`]).
-    pub fn flush_due(&mut self, max: usize) -> bool {
-        let full = self.owed.len() >= max;
-        if !full {
-            self.flushed = false;
-        }
-        full
+    pub fn flush_due(&self, max: usize) -> bool {
+        self.owed.len() >= max
     }
 
-    /// A Flush was sent since the replies owed came to be that many.
+    /// A Flush was sent after the latest of the replies owed was asked for (a message
+    /// sent after it needs another: what the server holds back is worked out from what
+    /// is owed, never from a flag a pile-up left behind).
     pub fn flush_sent_already(&self) -> bool {
-        self.flushed
+        self.owed.back().is_some_and(|e| e.flushed)
     }
 
     /// The Flush [`ReplyTracker::flush_due`] asked for is on its way.
     pub fn flush_sent(&mut self) {
-        self.flushed = true;
         self.flush_covers_owed();
     }
 }
