@@ -765,7 +765,8 @@ impl Session {
                 }
             }
             let held = self.client_held();
-            let owed_full = self.owed_full();
+            // (Only of use with messages waiting: see below.)
+            let owed_full = !self.client_in.is_empty() && self.owed_full();
             if let Err(end) = self.process_server_input() {
                 return end;
             }
@@ -786,7 +787,7 @@ impl Session {
                         .write_due_fakes(&mut self.client_out);
                 }
             }
-            if owed_full && !self.owed_full() && !self.client_in.is_empty() {
+            if owed_full && !self.client_in.is_empty() && !self.owed_full() {
                 // Fewer replies owed than the most let pile up: the client's messages
                 // waiting for that go on now (the server may have answered everything,
                 // pgshield's own answers with it: no read would come to turn the loop).
