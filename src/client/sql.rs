@@ -154,33 +154,18 @@ enum Token<'a> {
 /// bytes, so a text of commas would take 32 times its own size.
 const MAX_TOKENS: usize = 2 << 20;
 
-/// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
-/// quote (PostgreSQL would reject it anyway; pgshield will not guess), or has more than
-/// [`MAX_TOKENS`]. `backslashes`: a
-/// backslash in a `'…'` string escapes, as with `standard_conforming_strings` off.
-fn tokens(sql: &str, backslashes: bool) -> Option<Vec<Token<'_>>> {
-    let b = sql.as_bytes();
-    let mut out = Vec::with_capacity(16);
-    let mut i = 0;
+/// Where what reads as nothing from `i` on ends in `b`: white space, a `--` comment (to
+/// the end of the line: either kind, as in PostgreSQL's scanner), a `/* */` comment
+/// (nested ones too); `i` itself if nothing there is; None if the text ends inside a
+/// `/*` comment.
+fn skip_blank(b: &[u8], mut i: usize) -> Option<usize> {
     while i < b.len() {
-        if out.len() > MAX_TOKENS {
-            return None;
-        }
-        let c = b[i];
-        match c {
+        match b[i] {
             b' ' | b'\t' | b'\n' | b'\r' | 0x0c => i += 1,
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                // (To the end of the line: either kind, as in PostgreSQL's scanner.)
                 while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                     i += 1;
                 }
-            }
-            // A string or identifier with Unicode escapes (`U&'…'`, `U&"…"`, perhaps
-            // with UESCAPE): not decoded here, so not read.
-            b'u' | b'U'
-                if b.get(i + 1) == Some(&b'&') && matches!(b.get(i + 2), Some(b'\'' | b'"')) =>
-            {
-                return None;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let mut depth = 0;
@@ -201,6 +186,41 @@ fn tokens(sql: &str, backslashes: bool) -> Option<Vec<Token<'_>>> {
                         i += 1;
                     }
                 }
+            }
+            _ => break,
+        }
+    }
+    Some(i)
+}
+
+/// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
+/// quote (PostgreSQL would reject it anyway; pgshield will not guess), or has more than
+/// [`MAX_TOKENS`]. `backslashes`: a
+/// backslash in a `'…'` string escapes, as with `standard_conforming_strings` off.
+fn tokens(sql: &str, backslashes: bool) -> Option<Vec<Token<'_>>> {
+    let b = sql.as_bytes();
+    let mut out = Vec::with_capacity(16);
+    let mut i = 0;
+    while i < b.len() {
+        if out.len() > MAX_TOKENS {
+            return None;
+        }
+        match skip_blank(b, i) {
+            Some(next) if next > i => {
+                i = next;
+                continue;
+            }
+            Some(_) => {}
+            None => return None,
+        }
+        let c = b[i];
+        match c {
+            // A string or identifier with Unicode escapes (`U&'…'`, `U&"…"`, perhaps
+            // with UESCAPE): not decoded here, so not read.
+            b'u' | b'U'
+                if b.get(i + 1) == Some(&b'&') && matches!(b.get(i + 2), Some(b'\'' | b'"')) =>
+            {
+                return None;
             }
             b'\'' => {
                 let (s, end) = quoted(sql, i, b'\'', backslashes)?;
@@ -1534,15 +1554,18 @@ fn session_setting(name: String, e: &mut Effects) {
 }
 
 /// Whether a Query's text holds no statement at all: nothing but comments, white space
-/// and semicolons (a driver's ping: pgx's `-- ping`, Rails' `;`). Cheap for anything
-/// else: a text that starts with a letter is answered at its first byte.
+/// and semicolons (a driver's ping: pgx's `-- ping`, Rails' `;`). Read up to the first
+/// thing that is none of them, without tokens: a statement is told at its first word.
 pub fn holds_no_statement(sql: &[u8]) -> bool {
-    let start = sql.iter().position(|b| !b.is_ascii_whitespace());
-    if start.is_some_and(|at| !matches!(sql[at], b'-' | b'/' | b';')) {
-        return false;
+    let mut i = 0;
+    loop {
+        match skip_blank(sql, i) {
+            Some(end) if end == sql.len() => return true,
+            Some(at) if sql[at] == b';' => i = at + 1,
+            // (A statement; or a comment left open, which the server answers.)
+            _ => return false,
+        }
     }
-    let text = String::from_utf8_lossy(sql);
-    tokens(&text, false).is_some_and(|t| t.iter().all(|t| *t == Token::Semicolon))
 }
 
 /// More `set_config` calls than this in one statement are not read: it pins.
@@ -1579,10 +1602,8 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     let Some(comma) = lone_third_argument(args) else {
         return e.pin(PinReason::Unclassified);
     };
-    let (third, second_comma) = (args.get(comma + 1), Some(comma));
-    if name.eq_ignore_ascii_case("search_path")
-        && second_comma.is_some_and(|c| args[2..c].iter().any(names_temp_schema))
-    {
+    let third = args.get(comma + 1);
+    if name.eq_ignore_ascii_case("search_path") && args[2..comma].iter().any(names_temp_schema) {
         // (As `SET search_path TO 'pg_temp', …`: see `calls_and_temporary_relations`;
         // for the transaction only too, as a table it creates outlives it.)
         e.pin(PinReason::TempTable);
@@ -1599,8 +1620,7 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
     }
     if is(third, "false") {
         let name = name.to_ascii_lowercase();
-        let null = args.get(1) == Some(&Token::Punct(','))
-            && second_comma.is_some_and(|end| is_null(&args[2..end]));
+        let null = args.get(1) == Some(&Token::Punct(',')) && is_null(&args[2..comma]);
         if !null {
             return session_setting(name, e);
         }
@@ -2354,6 +2374,7 @@ mod tests {
             " ;; ",
             "/* a */ ; -- b\n",
             "\n-- x\n;",
+            "/* a /* nested */ still */",
         ] {
             assert!(holds_no_statement(sql.as_bytes()), "{sql:?}");
         }
@@ -2362,6 +2383,7 @@ mod tests {
             "-- x\nSELECT 1",
             "; SELECT 1",
             "/* unterminated",
+            "/* a /* b */ SELECT 1",
             "'x'",
         ] {
             assert!(!holds_no_statement(sql.as_bytes()), "{sql:?}");
