@@ -147,6 +147,37 @@ async fn parse_named(s: &mut tokio::net::TcpStream, name: &str, sql: &str) -> St
     codes.into_iter().next().unwrap_or(tags)
 }
 
+/// `n` Closes of a statement no one has: pgshield answers each itself.
+fn closes(n: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(n * 11);
+    for _ in 0..n {
+        bytes.extend(raw::message(b'C', b"Snope\0"));
+    }
+    bytes
+}
+
+/// A trust login of `role`, inside a transaction block (so it holds a backend).
+async fn in_transaction(proxy: &TestProxy, role: &str) -> tokio::net::TcpStream {
+    let mut s = raw::login_trusted(proxy.addr, role).await;
+    raw::send(&mut s, &raw::query("BEGIN")).await;
+    assert_eq!(raw::until_ready(&mut s).await, ("CZ".into(), vec![]));
+    s
+}
+
+/// A Parse of `sql` as `name` with these parameter types, a Describe of it and a Sync,
+/// as a driver prepares (its answer: "1tTZ", or "1tnZ" for a statement of no rows).
+fn prepare_described(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
+    let mut body = format!("{name}\0{sql}\0").into_bytes();
+    body.extend_from_slice(&(types.len() as i16).to_be_bytes());
+    for t in types {
+        body.extend_from_slice(&t.to_be_bytes());
+    }
+    let mut bytes = raw::message(b'P', &body);
+    bytes.extend(raw::message(b'D', format!("S{name}\0").as_bytes()));
+    bytes.extend_from_slice(&raw::SYNC);
+    bytes
+}
+
 /// With `standard_conforming_strings` off, a backslash in a `'…'` string escapes: a
 /// statement pgshield read as one string would hide a SET that PostgreSQL runs, which
 /// then stayed on the backend for the next client.
@@ -384,14 +415,10 @@ async fn a_pinned_client_changing_its_search_path_shares_no_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_thousands_of_closes_behind_a_parse_is_answered() {
     let proxy = trusted_proxy("tx_closes", "max_size = 1").await;
-    let mut a = raw::login_trusted(proxy.addr, "tx_closes").await;
-    raw::send(&mut a, &raw::query("BEGIN")).await;
-    raw::until_ready(&mut a).await;
+    let mut a = in_transaction(&proxy, "tx_closes").await;
     let mut batch = raw::message(b'P', b"s1\0SELECT 1\0\0\0");
-    let closes = 6000;
-    for _ in 0..closes {
-        batch.extend(raw::message(b'C', b"Snope\0"));
-    }
+    let n = 6000;
+    batch.extend(closes(n));
     batch.extend_from_slice(&raw::SYNC);
     raw::send(&mut a, &batch).await;
     let (tags, codes) = tokio::time::timeout(Duration::from_secs(20), raw::until_ready(&mut a))
@@ -400,7 +427,7 @@ async fn a_batch_of_thousands_of_closes_behind_a_parse_is_answered() {
     assert!(codes.is_empty(), "{codes:?}");
     assert_eq!(
         tags.len(),
-        1 + closes + 1,
+        1 + n + 1,
         "ParseComplete, CloseCompletes, ReadyForQuery"
     );
     assert!(tags.starts_with("13") && tags.ends_with("3Z"));
@@ -413,14 +440,10 @@ async fn a_batch_of_thousands_of_closes_behind_a_parse_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_owed_replies_before_a_large_bind_do_not_stall_it() {
     let proxy = trusted_proxy("tx_closes_bind", "max_size = 1").await;
-    let mut a = raw::login_trusted(proxy.addr, "tx_closes_bind").await;
-    raw::send(&mut a, &raw::query("BEGIN")).await;
-    raw::until_ready(&mut a).await;
+    let mut a = in_transaction(&proxy, "tx_closes_bind").await;
     let mut batch = raw::message(b'P', b"s1\0SELECT length($1::text)\0\0\x01\0\0\0\x19");
-    let closes = 4095;
-    for _ in 0..closes {
-        batch.extend(raw::message(b'C', b"Snope\0"));
-    }
+    let n = 4095;
+    batch.extend(closes(n));
     let value = vec![b'x'; 100_000];
     let mut bind = b"\0s1\0\0\0\0\x01".to_vec();
     bind.extend_from_slice(&(value.len() as i32).to_be_bytes());
@@ -434,7 +457,7 @@ async fn thousands_of_owed_replies_before_a_large_bind_do_not_stall_it() {
         .await
         .expect("answered, not stalled");
     assert!(codes.is_empty(), "{codes:?}");
-    assert_eq!(tags.len(), 1 + closes + 4, "{}", &tags[tags.len() - 8..]);
+    assert_eq!(tags.len(), 1 + n + 4, "{}", &tags[tags.len() - 8..]);
     assert!(tags.ends_with("32DCZ"), "{}", &tags[tags.len() - 8..]);
 }
 
@@ -445,14 +468,10 @@ async fn thousands_of_owed_replies_before_a_large_bind_do_not_stall_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_waiting_on_owed_replies_go_on_when_all_are_answered_at_once() {
     let proxy = trusted_proxy("tx_owed_wait", "max_size = 1").await;
-    let mut a = raw::login_trusted(proxy.addr, "tx_owed_wait").await;
-    raw::send(&mut a, &raw::query("BEGIN")).await;
-    raw::until_ready(&mut a).await;
+    let mut a = in_transaction(&proxy, "tx_owed_wait").await;
     let mut batch = raw::query("SELECT pg_sleep(0.3)");
-    let closes = 4200;
-    for _ in 0..closes {
-        batch.extend(raw::message(b'C', b"Snope\0"));
-    }
+    let n = 4200;
+    batch.extend(closes(n));
     batch.extend_from_slice(&raw::SYNC);
     raw::send(&mut a, &batch).await;
     assert_eq!(raw::until_ready(&mut a).await, ("TDCZ".into(), vec![]));
@@ -460,7 +479,7 @@ async fn messages_waiting_on_owed_replies_go_on_when_all_are_answered_at_once() 
         .await
         .expect("answered, not stalled");
     assert!(codes.is_empty(), "{codes:?}");
-    assert_eq!(tags.len(), closes + 1);
+    assert_eq!(tags.len(), n + 1);
 }
 
 /// The same, and behind those a statement and as many Closes again: the second pile-up
@@ -469,16 +488,7 @@ async fn messages_waiting_on_owed_replies_go_on_when_all_are_answered_at_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_pile_of_owed_replies_gets_a_flush_of_its_own() {
     let proxy = trusted_proxy("tx_owed_twice", "max_size = 1").await;
-    let mut a = raw::login_trusted(proxy.addr, "tx_owed_twice").await;
-    raw::send(&mut a, &raw::query("BEGIN")).await;
-    raw::until_ready(&mut a).await;
-    let closes = |n: usize| {
-        let mut bytes = Vec::new();
-        for _ in 0..n {
-            bytes.extend(raw::message(b'C', b"Snope\0"));
-        }
-        bytes
-    };
+    let mut a = in_transaction(&proxy, "tx_owed_twice").await;
     let mut batch = raw::query("SELECT pg_sleep(0.3)");
     batch.extend(closes(4200));
     batch.extend(raw::parse_bind_execute("SELECT 1"));
@@ -2446,12 +2456,11 @@ async fn a_statement_held_when_its_client_leaves_still_runs() {
         .await
         .expect("table");
     let mut s = raw::login_trusted(proxy.addr, "tx_held_leave").await;
-    let mut prepare = raw::message(
-        b'P',
-        b"ins\0INSERT INTO tx_held_leave_t VALUES ($1::int) RETURNING x\0\0\0",
+    let prepare = prepare_described(
+        "ins",
+        "INSERT INTO tx_held_leave_t VALUES ($1::int) RETURNING x",
+        &[],
     );
-    prepare.extend(raw::message(b'D', b"Sins\0"));
-    prepare.extend_from_slice(&raw::SYNC);
     raw::send(&mut s, &prepare).await;
     assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
     // The backend that has it goes: the next one prepares and describes it first.
@@ -2525,25 +2534,14 @@ async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
         .get("app", "tx_sqlx_explain")
         .expect("the pool");
     let mut s = raw::login_trusted(proxy.addr, "tx_sqlx_explain").await;
-    let prepare = |name: &str, sql: &str, types: &[u32]| {
-        let mut body = format!("{name}\0{sql}\0").into_bytes();
-        body.extend_from_slice(&(types.len() as i16).to_be_bytes());
-        for t in types {
-            body.extend_from_slice(&t.to_be_bytes());
-        }
-        let mut bytes = raw::message(b'P', &body);
-        bytes.extend(raw::message(b'D', format!("S{name}\0").as_bytes()));
-        bytes.extend_from_slice(&raw::SYNC);
-        bytes
-    };
     raw::send(
         &mut s,
-        &prepare("sqlx_s_1", "SELECT $1::int + 1 AS a", &[23]),
+        &prepare_described("sqlx_s_1", "SELECT $1::int + 1 AS a", &[23]),
     )
     .await;
     assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
     let explain = "EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE sqlx_s_1(NULL)";
-    raw::send(&mut s, &prepare("sqlx_s_2", explain, &[])).await;
+    raw::send(&mut s, &prepare_described("sqlx_s_2", explain, &[])).await;
     assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
     // On a backend that has neither (the others closed).
     pool.reconnect();
@@ -2553,7 +2551,11 @@ async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
             .map(|plan| plan.contains("\"Plan\"")),
         Ok(true)
     );
-    raw::send(&mut s, &prepare("run", "EXECUTE sqlx_s_1(41)", &[])).await;
+    raw::send(
+        &mut s,
+        &prepare_described("run", "EXECUTE sqlx_s_1(41)", &[]),
+    )
+    .await;
     assert_eq!(raw::until_ready(&mut s).await, ("1tTZ".into(), vec![]));
     pool.reconnect();
     assert_eq!(run_named(&mut s, "run").await.as_deref(), Ok("42"));
@@ -2564,7 +2566,7 @@ async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
         ("other", "EXECUTE sqlx_s_9(1)"),
         ("theirs", "EXECUTE pgshield_1"),
     ] {
-        raw::send(&mut s, &prepare(name, sql, &[])).await;
+        raw::send(&mut s, &prepare_described(name, sql, &[])).await;
         assert_eq!(
             raw::until_ready(&mut s).await,
             ("1tnZ".into(), vec![]),
@@ -2574,13 +2576,17 @@ async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
     }
     // Not followed through a chain (each statement runs the client's own by name at most
     // one deep): the server's answer for the name it lacks.
-    raw::send(&mut s, &prepare("chain", "EXECUTE run", &[])).await;
+    raw::send(&mut s, &prepare_described("chain", "EXECUTE run", &[])).await;
     raw::until_ready(&mut s).await;
     assert_eq!(run_named(&mut s, "chain").await, Err("26000".into()));
     // Nor to a statement the server refused.
-    raw::send(&mut s, &prepare("bad", "SELEKT 1", &[])).await;
+    raw::send(&mut s, &prepare_described("bad", "SELEKT 1", &[])).await;
     assert_eq!(raw::until_ready(&mut s).await.1, vec!["42601".to_owned()]);
-    raw::send(&mut s, &prepare("runs_bad", "EXPLAIN EXECUTE bad", &[])).await;
+    raw::send(
+        &mut s,
+        &prepare_described("runs_bad", "EXPLAIN EXECUTE bad", &[]),
+    )
+    .await;
     raw::until_ready(&mut s).await;
     assert_eq!(run_named(&mut s, "runs_bad").await, Err("26000".into()));
     // Another client that writes the text its EXPLAIN was made into (pgshield's name for
@@ -2595,7 +2601,7 @@ async fn sql_execute_of_the_clients_own_statement_runs_it_as_sqlx_describes() {
         .collect();
     assert_eq!(made.len(), 1, "{made:?}");
     let mut other = raw::login_trusted(proxy.addr, "tx_sqlx_explain").await;
-    raw::send(&mut other, &prepare("copied", &made[0], &[])).await;
+    raw::send(&mut other, &prepare_described("copied", &made[0], &[])).await;
     assert_eq!(raw::until_ready(&mut other).await.0, "1tTZ");
     assert_eq!(run_named(&mut other, "copied").await, Err("26000".into()));
 }
@@ -2609,10 +2615,7 @@ async fn a_cursor_named_as_a_closed_portal_does_not_make_a_statement_stale() {
     let proxy = trusted_proxy("tx_portal_name", "max_size = 1").await;
     let text = "SELECT 1::int AS a";
     let mut victim = raw::login_trusted(proxy.addr, "tx_portal_name").await;
-    let mut parse = raw::message(b'P', format!("v\0{text}\0\0\0").as_bytes());
-    parse.extend(raw::message(b'D', b"Sv\0"));
-    parse.extend_from_slice(&raw::SYNC);
-    raw::send(&mut victim, &parse).await;
+    raw::send(&mut victim, &prepare_described("v", text, &[])).await;
     assert_eq!(raw::until_ready(&mut victim).await.0, "1tTZ");
     assert_eq!(run_named(&mut victim, "v").await.as_deref(), Ok("1"));
 
