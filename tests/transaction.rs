@@ -2645,6 +2645,22 @@ async fn a_cursor_named_as_a_closed_portal_does_not_make_a_statement_stale() {
     assert_eq!(run_named(&mut victim, "v").await.as_deref(), Ok("1"));
 }
 
+/// pgshield's stand-in for a client's `DEALLOCATE` of its own name (prepared on the
+/// backend, and left there when the client's statement is parsed and never run) is not
+/// a name another client can reach: 26000, as for pgshield's shared names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deallocation_stand_in_is_hidden_from_clients() {
+    let proxy = trusted_proxy("tx_stand_in", "max_size = 1").await;
+    let mut a = raw::login_trusted(proxy.addr, "tx_stand_in").await;
+    assert_eq!(parse_named(&mut a, "s1", "SELECT 1").await, "1Z");
+    assert_eq!(parse_named(&mut a, "", "DEALLOCATE s1").await, "1Z");
+    let mut b = raw::login_trusted(proxy.addr, "tx_stand_in").await;
+    assert_eq!(
+        run_named(&mut b, "_pgshield_deallocate").await,
+        Err("26000".into())
+    );
+}
+
 /// PostgreSQL tells statement names apart by their first 63 bytes: names alike that far
 /// are one statement (a second Parse is 42P05, a Bind by either runs it; PostgreSQL 15
 /// answers so, checked with libpq's PQprepare), as through pgshield, which keeps no more
