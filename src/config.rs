@@ -525,13 +525,13 @@ impl Cidr {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
+                    .checked_shl(32u32.saturating_sub(u32::from(self.prefix)))
                     .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
+                    .checked_shl(128u32.saturating_sub(u32::from(self.prefix)))
                     .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
@@ -562,8 +562,19 @@ impl std::str::FromStr for Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
         };
+        let canonical = addr.to_canonical();
+        // An IPv4-mapped address (`::ffff:10.1.2.3`, as pgshield's own refusals print a
+        // client seen through an IPv6 socket) stands for its IPv4 range, the first 96 bits
+        // being the mapping's; a shorter prefix would also cover plain IPv6 addresses.
+        let prefix = if canonical.is_ipv4() && addr.is_ipv6() {
+            prefix.checked_sub(96).ok_or_else(|| {
+                format!("`{s}`: an IPv4-mapped range needs a prefix length of 96 to 128")
+            })?
+        } else {
+            prefix
+        };
         Ok(Cidr {
-            addr: addr.to_canonical(),
+            addr: canonical,
             prefix,
         })
     }
@@ -2013,6 +2024,14 @@ mod tests {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
         assert_eq!(c("10.1.2.3/8").to_string(), "10.1.2.3/8");
+        // IPv4-mapped: the IPv4 range it maps, never every IPv4 address.
+        assert!(c("::ffff:10.1.2.3").contains(ip("10.1.2.3")));
+        assert!(c("::ffff:10.1.2.3").contains(ip("::ffff:10.1.2.3")));
+        assert!(!c("::ffff:10.1.2.3").contains(ip("192.0.2.1")));
+        assert!(c("::ffff:10.0.0.0/104").contains(ip("10.9.9.9")));
+        assert!(!c("::ffff:10.0.0.0/104").contains(ip("11.0.0.1")));
+        assert_eq!(c("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
+        assert!("::ffff:10.0.0.0/95".parse::<Cidr>().is_err());
     }
 
     #[test]
