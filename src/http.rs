@@ -1,7 +1,9 @@
 //! The operator's HTTP listener (`admin.http_listen`): `/metrics` (Prometheus text),
 //! `/health` (the process is up) and `/ready` (listening, not draining, and every
 //! configured database reachable: a backend of it is open, or its server accepts a TCP
-//! connection). A few lines of HTTP/1.1, one request per connection.
+//! connection; probed at most once a second). A few lines of HTTP/1.1, one request per
+//! connection; connections that send nothing make way for new ones, so an idle flood
+//! cannot keep a health check out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,39 +12,76 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
 use crate::proxy::Shared;
 
-/// A request head must arrive within this time and size.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request head must arrive within this time and size (probes and scrapers send theirs
+/// at once).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// How long `/ready` waits for a database's server to accept a connection.
 const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a `/ready` answer that probed the databases stands for the next requests:
+/// probes do not follow requests one for one (each makes the server fork a process).
+const READY_KEPT: Duration = Duration::from_secs(1);
 
-/// Scrapes answered at once; more wait (a stuck scraper cannot pile up tasks).
-const MAX_REQUESTS: usize = 32;
+/// Connections still sending their request. Past this, the oldest is closed for the
+/// newcomer: idle connections cannot keep a probe out.
+const MAX_READING: usize = 128;
+/// `/metrics` renderings under way at once; more wait (a stuck scraper cannot pile up
+/// work). `/health` and `/ready` do not wait for them.
+const MAX_RENDERING: usize = 8;
 /// A whole exchange, request to last byte written, must fit in this time.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// What the listener's connections share.
+struct Server {
+    shared: Arc<Shared>,
+    /// Connections reading their request, oldest first (an id, to leave, and the task).
+    reading: std::sync::Mutex<std::collections::VecDeque<(u64, tokio::task::AbortHandle)>>,
+    rendering: tokio::sync::Semaphore,
+    /// The last answer of `/ready`'s probes and when it was made; held while probing,
+    /// so that requests meanwhile wait for its answer rather than probe again.
+    ready: tokio::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
+}
+
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
+    let server = Arc::new(Server {
+        shared,
+        reading: Default::default(),
+        rendering: tokio::sync::Semaphore::new(MAX_RENDERING),
+        ready: Default::default(),
+    });
+    let mut next_id = 0u64;
     loop {
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            slot = Arc::clone(&slots).acquire_owned() => slot,
-        };
-        let Ok(slot) = slot else { return };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, _)) => {
-                let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, shared)).await;
-                    drop(slot);
-                });
+                next_id += 1;
+                let id = next_id;
+                // (Registered before it can run to its end and leave the list.)
+                let evicted = {
+                    let mut reading = lock(&server.reading);
+                    let task = tokio::spawn({
+                        let server = Arc::clone(&server);
+                        async move {
+                            let exchange = answer(stream, &server, id);
+                            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await;
+                            server.done_reading(id);
+                        }
+                    });
+                    reading.push_back((id, task.abort_handle()));
+                    (reading.len() > MAX_READING)
+                        .then(|| reading.pop_front())
+                        .flatten()
+                };
+                if let Some((_, oldest)) = evicted {
+                    oldest.abort();
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "admin HTTP accept failed");
@@ -52,19 +91,37 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
+impl Server {
+    /// The connection `id` has its request (or gave up): it can no longer be closed for
+    /// a newcomer.
+    fn done_reading(&self, id: u64) {
+        let mut reading = lock(&self.reading);
+        if let Some(at) = reading.iter().position(|(i, _)| *i == id) {
+            reading.remove(at);
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, server: &Server, id: u64) {
     let path = match tokio::time::timeout(REQUEST_TIMEOUT, read_path(&mut stream)).await {
         Ok(Ok(Some(path))) => path,
         _ => return,
     };
+    server.done_reading(id);
+    let shared = &server.shared;
     let (status, content_type, body) = match path.as_str() {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            render_metrics(&shared),
-        ),
+        "/metrics" => {
+            let Ok(_rendering) = server.rendering.acquire().await else {
+                return;
+            };
+            (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                render_metrics(shared),
+            )
+        }
         "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/ready" => match not_ready(&shared).await {
+        "/ready" => match not_ready(server).await {
             None => ("200 OK", "text/plain", "ready\n".to_owned()),
             Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
@@ -123,13 +180,27 @@ fn render_metrics(shared: &Shared) -> String {
 }
 
 /// Why pgshield is not ready to serve, if it is not.
-async fn not_ready(shared: &Shared) -> Option<String> {
+async fn not_ready(server: &Server) -> Option<String> {
+    let shared = &server.shared;
     if shared.shutdown.is_draining() {
         return Some("not ready: shutting down".into());
     }
     if shared.shutdown.is_listener_closed() {
         return Some("not ready: no longer accepting clients".into());
     }
+    let mut kept = server.ready.lock().await;
+    if let Some((at, why)) = &*kept {
+        if at.elapsed() < READY_KEPT {
+            return why.clone();
+        }
+    }
+    let why = databases_not_ready(shared).await;
+    *kept = Some((std::time::Instant::now(), why.clone()));
+    why
+}
+
+/// Why a configured database is not reachable, if one is not.
+async fn databases_not_ready(shared: &Shared) -> Option<String> {
     let pools = shared.pools.all();
     let live = shared.live();
     // Every host of every database without an open backend, probed at once (a probe has

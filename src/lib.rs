@@ -30,3 +30,9 @@ pub use proxy::Proxy;
 pub mod devdb;
 pub mod http;
 pub mod prepared;
+
+/// Locks a mutex whose data stays consistent between statements: a panic elsewhere while
+/// it was held (a bug) must not take every later user down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

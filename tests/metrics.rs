@@ -204,6 +204,58 @@ async fn health_and_ready_say_what_they_mean() {
     assert_eq!(get(proxy.http.expect("listener"), "/health").await.0, 200);
 }
 
+/// Connections that send nothing cannot keep a probe out: past a bound, the oldest make
+/// way (before, 32 idle connections held every place for 5 s, and a kubelet's 1 s probe
+/// timed out). And `/ready` probes a database's server at most once a second, however
+/// many ask at once: each probe makes PostgreSQL fork a process.
+#[tokio::test]
+async fn idle_connections_and_a_flood_of_ready_requests_cost_little() {
+    use tokio::io::AsyncWriteExt;
+    // A "server" that counts the connections the probes make.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = server.local_addr().expect("address").port();
+    let probes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&probes);
+    let accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = server.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let proxy = TestProxy::start(&format!(
+        "[databases.probed]\nhost = \"127.0.0.1\"\nport = {port}\n[users.met_flood]\npassword = \"pw\"\n"
+    ))
+    .await;
+    let http = proxy.http.expect("an HTTP listener");
+
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
+        s.write_all(b"GET /hea").await.expect("half a request");
+        idle.push(s);
+    }
+    let health = tokio::time::timeout(Duration::from_secs(1), get(http, "/health")).await;
+    assert_eq!(
+        health.expect("/health answered within 1 s despite 200 idle connections"),
+        (200, "ok\n".into())
+    );
+
+    let asks: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { get(http, "/ready").await }))
+        .collect();
+    for ask in asks {
+        let (code, body) = ask.await.expect("a /ready request");
+        assert_eq!((code, body.as_str()), (200, "ready\n"));
+    }
+    let made = probes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=2).contains(&made), "{made} probes for 20 requests");
+    drop(idle);
+    accepting.abort();
+}
+
 /// The prepared-statement cache counts each Bind once: on a backend that lacks its
 /// statement, a miss (the statement is prepared there, its description checked first, as
 /// for any statement whose rows a client was told); on one that has it, a hit. Not a hit

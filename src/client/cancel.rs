@@ -17,6 +17,7 @@ use rand::Rng;
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 
+use crate::lock;
 use crate::server::Server;
 use crate::FastMap;
 
@@ -113,10 +114,6 @@ pub struct Registration {
     cancels: Arc<Cancels>,
     key: CancelKey,
     slot: Slot,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Cancels {

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{HostRole, HostSpec};
+use crate::lock;
 use crate::protocol::{sqlstate, ErrorResponse};
 use crate::server::{connect, Server, ServerError, ServerTarget};
 
@@ -170,10 +171,6 @@ pub struct Sizing {
     pub reserved: usize,
     /// `max_db_connections`, if also set: the lower of the two applies.
     pub cap: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A backend's claim on its host: counts it among the host's open backends, and says

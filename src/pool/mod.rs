@@ -37,6 +37,7 @@ use deadpool::Runtime;
 
 use crate::config::HostRole;
 use crate::config::{Config, StoredPassword};
+use crate::lock;
 use crate::metrics::{Metrics as Numbers, PoolMetrics};
 use crate::prepared::ServerStatements;
 use crate::protocol::{sqlstate, ErrorResponse};
@@ -489,10 +490,6 @@ pub(crate) fn jittered(d: Duration, id: u64) -> Duration {
     let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 401;
     let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     Duration::from_nanos(micros.saturating_mul(800 + spread))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One pool: backends for one (database, user).
