@@ -218,7 +218,8 @@ pub struct ClientTlsConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key for `cert`.
     pub key: Option<PathBuf>,
-    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS);
+    /// needs `mode = "require"`.
     pub ca: Option<PathBuf>,
 }
 
@@ -1296,6 +1297,14 @@ impl Config {
                 "cert and key are needed unless mode = \"disable\"",
             ));
         }
+        if tls.ca.is_some() && tls.mode != ClientTlsMode::Require {
+            // With prefer, a client without a certificate fails the handshake, and libpq
+            // (sslmode=prefer, its default) then logs in in plaintext, unchecked.
+            return Err(invalid(
+                "tls.client.ca",
+                "client certificates need mode = \"require\" (otherwise a client without one connects in plaintext)",
+            ));
+        }
         if self.listen.max_client_connections == 0 {
             return Err(invalid(
                 "listen.max_client_connections",
@@ -1982,6 +1991,10 @@ mod tests {
             ),
             ("[listen]\nmax_message_size = 10\n", "listen.max_message_size"),
             ("[tls.client]\nmode = \"require\"\n", "tls.client"),
+            (
+                "[tls.client]\nmode = \"prefer\"\ncert = \"c\"\nkey = \"k\"\nca = \"ca\"\n",
+                "tls.client.ca",
+            ),
             (
                 "[tls.server]\nmode = \"disable\"\nchannel_binding = \"require\"\n",
                 "tls.server.channel_binding",
