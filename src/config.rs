@@ -263,8 +263,9 @@ pub enum ChannelBindingMode {
     Prefer,
     /// Always: a server that asks for anything else (a password in clear or md5, plain
     /// SCRAM-SHA-256, or no authentication at all) is refused before any secret is sent,
-    /// so a man in the middle that `prefer` or `require` TLS would not notice learns
-    /// nothing.
+    /// so a man in the middle that `prefer` or `require` TLS would not notice cannot log
+    /// in through pgshield's exchange nor read the password. It can still record that
+    /// exchange and try guesses of a weak password offline: only `verify-full` stops it.
     Require,
 }
 
