@@ -38,6 +38,9 @@ pub struct CancelTarget {
     port: u16,
     /// The address the backend's connection went to, over TCP.
     addr: Option<std::net::SocketAddr>,
+    /// The backend's connection was TLS: its cancels are too (as libpq 17's), checked
+    /// as its login was (a server behind a TLS-only front would refuse plaintext).
+    tls: Option<Arc<crate::tls::ServerTls>>,
     process_id: i32,
     secret_key: i32,
     /// Set when a cancel is attributed to this backend; the backend is then not reused.
@@ -55,6 +58,7 @@ impl CancelTarget {
             host: host.to_owned(),
             port,
             addr: None,
+            tls: None,
             process_id,
             secret_key,
             sent: AtomicBool::new(false),
@@ -64,6 +68,11 @@ impl CancelTarget {
     /// The address the backend's connection went to: its cancels go there.
     pub fn connected_to(&mut self, addr: Option<std::net::SocketAddr>) {
         self.addr = addr;
+    }
+
+    /// The backend's connection is TLS with these settings: so are its cancels.
+    pub fn encrypted_with(&mut self, tls: Arc<crate::tls::ServerTls>) {
+        self.tls = Some(tls);
     }
 
     /// A client's cancel request was sent to this backend.
@@ -87,6 +96,9 @@ impl CancelTarget {
                 }
                 None => crate::net::connect_server(&self.host, self.port).await?,
             };
+            if let Some(tls) = &self.tls {
+                stream = encrypt(stream, tls, &self.host).await?;
+            }
             stream.write_all(&packet).await?;
             stream.shutdown().await
         };
@@ -96,6 +108,31 @@ impl CancelTarget {
             Err(_) => tracing::warn!("forwarding a cancel request timed out"),
         }
     }
+}
+
+/// SSLRequest, then the handshake, on a fresh connection to a server that accepted TLS
+/// for the backend's login.
+async fn encrypt(
+    mut stream: crate::net::Stream,
+    tls: &crate::tls::ServerTls,
+    host: &str,
+) -> std::io::Result<crate::net::Stream> {
+    use tokio::io::AsyncReadExt;
+    let mut request = BytesMut::with_capacity(8);
+    postgres_protocol::message::frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(std::io::Error::other(
+            "the server no longer accepts TLS (the backend's connection was TLS)",
+        ));
+    }
+    let tcp = stream
+        .take_tcp()
+        .ok_or_else(|| std::io::Error::other("not a TCP connection"))?;
+    let tls = tls.handshake(tcp, host).await?;
+    Ok(crate::net::Stream::Tls(Box::new(tls.into())))
 }
 
 type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;

@@ -310,8 +310,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Server, Error> {
                 }
             }
             b'K' if body.len() >= 8 => server.set_key(
-                &target.host,
-                target.port,
+                target,
                 i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
                 i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
             ),

@@ -503,13 +503,16 @@ impl Server {
     }
 
     /// Records the BackendKeyData the server sent at login.
-    pub(super) fn set_key(&mut self, host: &str, port: u16, process_id: i32, secret_key: i32) {
+    pub(super) fn set_key(&mut self, to: &connect::ServerTarget, process_id: i32, secret_key: i32) {
         self.process_id = process_id;
         self.secret_key = secret_key;
-        let mut target = CancelTarget::new(host, port, process_id, secret_key);
+        let mut target = CancelTarget::new(&to.host, to.port, process_id, secret_key);
         // (The address connected to, not the name again: a name with several addresses,
         // a reader endpoint, would send the cancel to whichever it gives next.)
         target.connected_to(self.stream.tcp_peer_addr());
+        if self.stream.is_tls() {
+            target.encrypted_with(Arc::clone(&to.tls));
+        }
         self.cancel = Arc::new(target);
     }
 
