@@ -359,6 +359,52 @@ async fn a_second_signal_forces_shutdown() {
     assert_eq!(sqlstate(&e), Some("57P01"), "{e}");
 }
 
+/// A forced shutdown cancels what its clients' backends are running before closing
+/// them: PostgreSQL notices a closed connection only when it next writes, and would go on
+/// with the statement, its locks and perhaps its commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_shutdown_cancels_running_statements() {
+    let (role, password) = ("shut_running", "pw-running");
+    common::create_role(role, password).await;
+    let mut proxy = Pgshield::start(role, password).await;
+    let conn = proxy.connect(role, password).await;
+    let client = conn.client;
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    let admin = common::admin().await;
+    let running = || async {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state = 'active'",
+                &[&role],
+            )
+            .await
+            .expect("pg_stat_activity");
+        row.get::<_, i64>(0)
+    };
+    let started = Instant::now();
+    while running().await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sleep never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal(Signal::SIGINT);
+    let status = proxy.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    let exited = Instant::now();
+    while running().await > 0 {
+        assert!(
+            exited.elapsed() < Duration::from_secs(5),
+            "the statement still runs on the server after pgshield exited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = sleeping.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_as_soon_as_the_port_opens_drains_instead_of_killing() {
     let (role, password) = ("shut_early", "pw-early");

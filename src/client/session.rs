@@ -3353,6 +3353,7 @@ impl Session {
     async fn finish(&mut self, end: End, farewell: Option<ErrorResponse>) {
         // Release before the last write: a slow client must not hold a backend.
         let mid_message_to_client = self.server_msg.left > 0;
+        let running = self.server_busy();
         if let Some(backend) = self.backend.take() {
             let mut backend = *backend;
             let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
@@ -3361,6 +3362,12 @@ impl Session {
                 End::ForcedShutdown | End::Killed | End::ServerLost(_) | End::ServerProtocol(_)
             );
             if server_failed || mid_message_to_server || mid_message_to_client {
+                if running && matches!(end, End::ForcedShutdown | End::Killed) {
+                    // A statement still running is cancelled first: the server would
+                    // notice the closed connection only when it next writes, going on
+                    // with it (and its locks, perhaps to its commit) meanwhile.
+                    backend.server_ref().cancel_target().send().await;
+                }
                 if mid_message_to_server || !self.server_out.is_empty() {
                     // The server may hold part of a message: a Terminate now would be read
                     // as the rest of it. Just close.
