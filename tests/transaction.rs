@@ -4060,3 +4060,50 @@ async fn a_partial_datestyle_does_not_take_another_clients_date_order() {
     raw::send(&mut a, &raw::query("SHOW DateStyle")).await;
     assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("SQL, DMY"));
 }
+
+/// A notification on the backend of a client that is not pinned (its LISTEN ran inside a
+/// function, which no statement shows) is another client's, or may be: it is not passed
+/// on, and that backend is closed once let go of rather than lent again. Before, the
+/// next client of the backend got the first client's notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_on_a_backend_no_client_listens_on_reaches_nobody() {
+    let role = "tx_notify_fn";
+    let proxy = proxy(role, "max_size = 1").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION tx_notify_subscribe() RETURNS void LANGUAGE plpgsql \
+             AS $$ BEGIN EXECUTE 'LISTEN tx_notify_jobs'; END $$",
+        )
+        .await
+        .expect("the function");
+    let a = proxy.connect(role, "pw").await.expect("login a");
+    let listening = pid(&a.client).await;
+    a.client
+        .batch_execute("SELECT tx_notify_subscribe()")
+        .await
+        .expect("a listens, through a function");
+    let mut b = proxy.connect(role, "pw").await.expect("login b");
+    b.client.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(pid(&b.client).await, listening, "b holds a's backend");
+    admin
+        .batch_execute("NOTIFY tx_notify_jobs, 'a secret of a'")
+        .await
+        .expect("notify");
+    b.client.batch_execute("COMMIT").await.expect("commit");
+    // (The server delivers it as the transaction ends, before its ReadyForQuery.)
+    b.client.batch_execute("SELECT 1").await.expect("a query");
+    let got = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        loop {
+            match b.messages.recv().await {
+                Some(tokio_postgres::AsyncMessage::Notification(n)) => return n,
+                Some(_) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(got.is_err(), "b got a's notification: {got:?}");
+    // That backend is not lent again.
+    assert_ne!(pid(&b.client).await, listening);
+}

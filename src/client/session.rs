@@ -2634,7 +2634,7 @@ impl Session {
                         .map(|(s, hidden)| (Arc::clone(s), hidden))
                 })
                 .flatten();
-            let whole = matches!(header.tag, b'Z' | b'S' | b'E')
+            let whole = matches!(header.tag, b'Z' | b'S' | b'E' | b'A')
                 || (readback && header.tag == b'D')
                 || described.is_some();
             if whole {
@@ -2879,6 +2879,17 @@ impl Session {
                             self.server_sent_fatal = true;
                         }
                     }
+                }
+                b'A' if self.mode == PoolMode::Transaction && self.pinned.is_none() => {
+                    // A notification to a client that is not pinned (LISTEN pins): the
+                    // backend listens for a client that held it before, or for this one
+                    // through a function no statement showed. Not passed on (it may be
+                    // another tenant's), and the backend is closed once let go of.
+                    self.client_out.truncate(start);
+                    if !server.is_broken() {
+                        tracing::warn!(client = %self.id, pool = %self.pool.name(), "a notification came on a backend no client listens on through pgshield (a LISTEN inside a function?): not passed on; the backend will be closed");
+                    }
+                    server.mark_broken();
                 }
                 b'Z' => {
                     // (pgshield's own hidden queries are no request of the client's.)

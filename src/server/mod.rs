@@ -589,7 +589,11 @@ impl Server {
                     }
                 }
                 // Completions and notices of our own queries are nobody's business.
-                b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => {}
+                b'T' | b'D' | b'C' | b'I' | b'N' => {}
+                // A notification: the backend listens on a channel, for a client gone or
+                // through a function no statement showed. Never lent again (another
+                // client would get the notifications).
+                b'A' => self.broken = true,
                 other => return Err(out_of_step(self, other)),
             }
         }

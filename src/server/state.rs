@@ -491,8 +491,9 @@ impl ReplyTracker {
         let mut at = 0;
         while let Some(&[tag, a, b, c, d]) = buf.get(at..at + HEADER_LEN) {
             let len = i32::from_be_bytes([a, b, c, d]);
-            let plain = matches!(tag, b'D' | b'd' | b'N' | b'A')
-                || (in_query && matches!(tag, b'T' | b'C'));
+            // (Not a notification: the session looks at each; see `Session`'s relay.)
+            let plain =
+                matches!(tag, b'D' | b'd' | b'N') || (in_query && matches!(tag, b'T' | b'C'));
             // (A bad length is the general path's to report.)
             let Some(len) = usize::try_from(len).ok().filter(|&l| l >= 4).map(|l| l + 1) else {
                 break;
@@ -552,7 +553,7 @@ impl ReplyTracker {
                 b'3' => Some(Owed::Close),
                 b'T' | b'n' => Some(Owed::Describe).filter(|_| kind == Some(Owed::Describe)),
                 b'C' | b'I' | b's' => Some(Owed::Execute).filter(|_| kind == Some(Owed::Execute)),
-                b'D' | b't' | b'N' | b'A' => None,
+                b'D' | b't' | b'N' => None,
                 b'Z' if end == buf.len() && end - at == HEADER_LEN + 1 => {
                     let status = TxStatus::from_byte(buf[at + HEADER_LEN])?;
                     let mut statement = None;
@@ -602,7 +603,7 @@ impl ReplyTracker {
         let mut at = 0;
         while let Some((tag, end)) = next_whole(buf, at) {
             match tag {
-                b'T' | b'D' | b'C' | b'I' | b'N' | b'A' => at = end,
+                b'T' | b'D' | b'C' | b'I' | b'N' => at = end,
                 b'Z' if end == buf.len() && end - at == HEADER_LEN + 1 => {
                     let status = TxStatus::from_byte(buf[at + HEADER_LEN])?;
                     self.ready(status).ok()?;
@@ -1677,13 +1678,15 @@ mod tests {
                 }
             }
         }
-        for tag in *b"TDCNAd" {
+        for tag in *b"TDCNd" {
             assert!(
                 passed[usize::from(tag)] > 0,
                 "{} never passed",
                 char::from(tag)
             );
         }
+        // Notifications are the session's to look at, one by one.
+        assert_eq!(passed[usize::from(b'A')], 0);
     }
 
     #[test]
