@@ -746,5 +746,15 @@ async fn a_backend_that_loaded_a_library_is_closed_when_its_client_leaves() {
     let _ = second.client.batch_execute("LOAD 'auto_explain'").await;
     drop(second);
     let third = proxy.connect("sess_load", "pw").await.expect("login");
-    assert_ne!(pid(&third).await, first_pid, "closed after LOAD");
+    let third_pid = pid(&third).await;
+    assert_ne!(third_pid, first_pid, "closed after LOAD");
+    // Through the extended protocol (pgjdbc runs every statement so) as well.
+    let _ = third.client.execute("LOAD 'auto_explain'", &[]).await;
+    drop(third);
+    let fourth = proxy.connect("sess_load", "pw").await.expect("login");
+    assert_ne!(
+        pid(&fourth).await,
+        third_pid,
+        "closed after an extended LOAD"
+    );
 }

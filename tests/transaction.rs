@@ -4107,3 +4107,28 @@ async fn a_notification_on_a_backend_no_client_listens_on_reaches_nobody() {
     // That backend is not lent again.
     assert_ne!(pid(&b.client).await, listening);
 }
+
+/// A LOAD by a client pinned already for another reason (or behind another reason in the
+/// same Query) still closes its backend when it leaves: DISCARD ALL leaves a library's
+/// hooks in the server process. Before, the first reason was kept, and the backend was
+/// reset and lent to the next client with the library loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_after_another_pin_still_closes_the_backend() {
+    let role = "tx_load_pinned";
+    let proxy = proxy(role, "max_size = 1").await;
+    for statements in [
+        &["CREATE TEMP TABLE tx_load_t (x int)", "LOAD 'auto_explain'"][..],
+        &["CREATE TEMP TABLE tx_load_u (x int); LOAD 'auto_explain'"][..],
+    ] {
+        let a = proxy.connect(role, "pw").await.expect("login a");
+        let loaded = pid(&a.client).await;
+        for sql in statements {
+            // (Refused to a non-superuser for a library outside plugins/: closed all the
+            // same, as pgshield goes by what a statement may do.)
+            let _ = a.client.batch_execute(sql).await;
+        }
+        drop(a);
+        let b = proxy.connect(role, "pw").await.expect("login b");
+        assert_ne!(pid(&b.client).await, loaded, "{statements:?}");
+    }
+}

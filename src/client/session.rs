@@ -1990,8 +1990,23 @@ impl Session {
         }
         let parse_env = self.parse_env();
         // Session mode: only a reset of settings is looked for (see `restore_after`), and a
-        // LOAD, in a Query short enough to hold whole.
+        // LOAD, in a Query short enough to hold whole (a LOAD in a Parse as well).
         let mut session_restore_behind = None;
+        if self.mode == PoolMode::Session && header.tag == b'P' && header.len <= RESET_SCAN_LIMIT {
+            if !self.whole_message_arrived(header)? {
+                return Ok(false);
+            }
+            let mut body = &self.client_in[HEADER_LEN..header.len];
+            let text = crate::protocol::frame::take_cstr_bytes(&mut body)
+                .and_then(|_name| crate::protocol::frame::take_cstr_bytes(&mut body))
+                .ok_or_else(|| End::ClientProtocol("malformed Parse message".into()))?;
+            // (Most texts have no "load" at all: those are not read further.)
+            if text.windows(4).any(|w| w.eq_ignore_ascii_case(b"load"))
+                && sql::classify_in(text, parse_env).pin == Some(PinReason::Load)
+            {
+                self.pinned = Some(PinReason::Load);
+            }
+        }
         if self.mode == PoolMode::Session && header.tag == b'Q' && header.len <= RESET_SCAN_LIMIT {
             if !self.whole_message_arrived(header)? {
                 return Ok(false);
@@ -2226,6 +2241,11 @@ impl Session {
                         0
                     };
                 self.parse_env_unsettled = unsettled(self.parse_env_unsettled, flags);
+            }
+            if pinned && effects.pin == Some(PinReason::Load) {
+                // Pinned already, for another reason: the backend is closed, not reset,
+                // when the client leaves (see `cleanup`).
+                self.pinned = Some(PinReason::Load);
             }
             let how = (pinned, &self.settings);
             if let Some(reason) = note_effects(&effects, &mut self.follow_up, how) {

@@ -129,8 +129,14 @@ impl Effects {
             && !self.runs_proxy_statement
     }
 
+    /// The first reason to pin is kept, but a LOAD wins: its backend must be closed, not
+    /// reset, when its client leaves (what a library loads stays after DISCARD ALL).
     fn pin(&mut self, reason: PinReason) {
-        self.pin.get_or_insert(reason);
+        if reason == PinReason::Load {
+            self.pin = Some(reason);
+        } else {
+            self.pin.get_or_insert(reason);
+        }
     }
 }
 
@@ -1984,6 +1990,8 @@ mod tests {
                 PinReason::SessionAuthorization,
             ),
             ("LOAD 'auto_explain'", PinReason::Load),
+            // (A LOAD wins over a reason before it: its backend is closed, not reset.)
+            ("LISTEN chan; LOAD 'auto_explain'", PinReason::Load),
             ("DO $$ BEGIN LISTEN chan; END $$", PinReason::Listen),
             (
                 "SELECT set_config(name, 'x', false) FROM t",
