@@ -199,3 +199,48 @@ async fn hang_ups_during_authentication_are_not_counted_but_wrong_passwords_are(
         );
     }
 }
+
+/// Lookups reuse a connection of auth.user: each name probed is one query, not a login
+/// and a server process forked for it (a client sending startup packets with made-up
+/// names could make the server fork one per packet).
+#[tokio::test]
+async fn lookups_reuse_a_connection() {
+    let admin = common::admin().await;
+    if let Err(e) = admin.batch_execute("CREATE DATABASE aq_reuse").await {
+        assert_eq!(sqlstate(&e), Some("42P04"), "{e}");
+    }
+    let proxy = proxy("dbname = \"aq_reuse\"\n").await;
+    let lookup_backends = || async {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'aq_reuse'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+    };
+    let probe = |i: usize| {
+        let proxy = &proxy;
+        async move {
+            let err = proxy
+                .connect(&format!("aq_probe_{i}"), "pw")
+                .await
+                .err()
+                .expect("no such user");
+            assert_eq!(sqlstate(&err), Some("28P01"));
+        }
+    };
+    probe(0).await;
+    let first = lookup_backends().await;
+    assert_eq!(first.len(), 1, "one connection kept: {first:?}");
+    // (Few: each failed login slows the next from the same address.)
+    for i in 1..4 {
+        probe(i).await;
+    }
+    assert_eq!(
+        lookup_backends().await,
+        first,
+        "the same connection, reused"
+    );
+}

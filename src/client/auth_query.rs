@@ -4,7 +4,8 @@
 //! secret or `expired = true` means the user cannot log in (the client gets the same
 //! 28P01 as for a wrong password). Answers, "no such user" included, are reused for
 //! `auth.cache_ttl`; concurrent logins of one user wait for one lookup, and at most
-//! [`MAX_LOOKUPS`] run at once.
+//! [`MAX_LOOKUPS`] run at once, on connections kept for the next lookups (a lookup is
+//! then one query, not a login and a server process forked for it).
 //!
 //! After a SCRAM login against a verifier found here, pgshield logs in to the server as
 //! that user with the client key the login revealed (see `ScramKeyClient`): no password
@@ -18,7 +19,7 @@ use postgres_protocol::escape::escape_literal;
 
 use super::auth::ClientAuth;
 use crate::config::{AuthConfig, Config, StoredPassword};
-use crate::server::{connect, BackendPassword, ServerTarget};
+use crate::server::{connect, BackendPassword, Server, ServerTarget};
 use crate::tls::ServerTls;
 
 /// Lookups running at once, whatever the number of clients logging in.
@@ -29,6 +30,8 @@ const MAX_CACHED: usize = 100_000;
 const MAX_ROLE_NAME: usize = 63;
 /// The longest one lookup query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection of `auth.user` is kept for the next lookup.
+const IDLE_KEEP: Duration = Duration::from_secs(60);
 
 type Slot = Arc<tokio::sync::Mutex<Option<(Option<ClientAuth>, Instant)>>>;
 
@@ -36,10 +39,18 @@ pub struct AuthQuery {
     query: String,
     ttl: Duration,
     connect_timeout: Duration,
-    /// Where the query runs for each configured database, and the lookups it allows at
-    /// once (per database, so a database that is down does not hold up the others).
-    targets: HashMap<String, (ServerTarget, tokio::sync::Semaphore)>,
+    /// Where the query runs for each configured database.
+    targets: HashMap<String, Target>,
     cache: Mutex<HashMap<(String, String), Slot>>,
+}
+
+struct Target {
+    server: ServerTarget,
+    /// The lookups it allows at once (per database, so a database that is down does not
+    /// hold up the others).
+    running: tokio::sync::Semaphore,
+    /// Connections a lookup finished with, and since when (at most [`MAX_LOOKUPS`]).
+    idle: Mutex<Vec<(Server, Instant)>>,
 }
 
 impl AuthQuery {
@@ -74,8 +85,12 @@ impl AuthQuery {
                     tls: Arc::clone(tls),
                     application_name: Some("pgshield auth_query"),
                 };
-                let running = tokio::sync::Semaphore::new(MAX_LOOKUPS);
-                (name.clone(), (target, running))
+                let target = Target {
+                    server: target,
+                    running: tokio::sync::Semaphore::new(MAX_LOOKUPS),
+                    idle: Mutex::new(Vec::new()),
+                };
+                (name.clone(), target)
             })
             .collect();
         Some(AuthQuery {
@@ -90,7 +105,7 @@ impl AuthQuery {
     /// How `user` proves who they are when connecting to `database`: `Ok(None)` if they
     /// cannot log in; `Err` if the lookup itself failed (the server is down, say).
     pub async fn lookup(&self, database: &str, user: &str) -> Result<Option<ClientAuth>, String> {
-        let Some((target, running)) = self.targets.get(database) else {
+        let Some(target) = self.targets.get(database) else {
             return Ok(None);
         };
         // PostgreSQL role names are at most 63 bytes: a longer one names nobody.
@@ -104,7 +119,8 @@ impl AuthQuery {
                 return Ok(auth.clone());
             }
         }
-        let _turn = running
+        let _turn = target
+            .running
             .acquire()
             .await
             .map_err(|_| "pgshield is shutting down".to_owned())?;
@@ -135,12 +151,20 @@ impl AuthQuery {
         Arc::clone(cache.entry(key).or_default())
     }
 
-    async fn fetch(&self, target: &ServerTarget, user: &str) -> Result<Option<ClientAuth>, String> {
-        let mut server = connect(target, self.connect_timeout)
-            .await
-            .map_err(|e| format!("as auth.user \"{}\": {e}", target.user))?;
+    async fn fetch(&self, target: &Target, user: &str) -> Result<Option<ClientAuth>, String> {
         let sql = self.query.replace("$1", &escape_literal(user));
-        let reply = match tokio::time::timeout(QUERY_TIMEOUT, server.run_internal(&sql)).await {
+        // A kept connection, if one is still good; else (or if it fails: the server may
+        // have restarted since) a new one.
+        let (mut server, kept) = match target.take_idle() {
+            Some(server) => (server, true),
+            None => (self.connect(target).await?, false),
+        };
+        let mut ran = tokio::time::timeout(QUERY_TIMEOUT, server.run_internal(&sql)).await;
+        if kept && matches!(ran, Ok(Err(_))) {
+            server = self.connect(target).await?;
+            ran = tokio::time::timeout(QUERY_TIMEOUT, server.run_internal(&sql)).await;
+        }
+        let reply = match ran {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err(format!("auth.query took more than {QUERY_TIMEOUT:?}")),
@@ -148,7 +172,34 @@ impl AuthQuery {
         if let Some(e) = reply.error {
             return Err(format!("auth.query failed: {} ({})", e.message, e.code));
         }
+        target.keep(server);
         Ok(reply.rows.first().and_then(|row| read_row(row, user)))
+    }
+
+    async fn connect(&self, target: &Target) -> Result<Server, String> {
+        connect(&target.server, self.connect_timeout)
+            .await
+            .map_err(|e| format!("as auth.user \"{}\": {e}", target.server.user))
+    }
+}
+
+impl Target {
+    /// A kept connection still fit for a query; those kept too long, or that the server
+    /// closed (or spoke on) meanwhile, are closed.
+    fn take_idle(&self) -> Option<Server> {
+        let mut idle = crate::lock(&self.idle);
+        idle.retain(|(server, since)| {
+            since.elapsed() < IDLE_KEEP && !server.is_broken() && !server.peer_closed_or_spoke()
+        });
+        idle.pop().map(|(server, _)| server)
+    }
+
+    /// Keeps a connection whose query went well for the next lookup.
+    fn keep(&self, server: Server) {
+        let mut idle = crate::lock(&self.idle);
+        if !server.is_broken() && server.replies.is_idle() && idle.len() < MAX_LOOKUPS {
+            idle.push((server, Instant::now()));
+        }
     }
 }
 
