@@ -1,10 +1,12 @@
 //! Slows down password guessing: after a few failed logins from one address, every
 //! further login attempt from it (right or wrong, so hanging up early gains nothing)
 //! waits before authentication, the wait doubling with each failure up to a cap. Other
-//! addresses are not slowed. An address with no failure for a minute starts afresh; a
-//! success does not reset it (an attacker's own account must not wipe the count).
-//! IPv6 addresses count per /64, the block one host is usually given; clients over
-//! pgshield's Unix-domain socket count as one address.
+//! addresses are not slowed. The count of failures leaks away, one every
+//! [`LEAK_EVERY`]: a steady trickle slower than that (a job retrying a stale password
+//! once a minute, on an address an application shares with it) never slows anyone,
+//! while a burst does. A success does not reset it (an attacker's own account must not
+//! wipe the count). IPv6 addresses count per /64, the block one host is usually given;
+//! clients over pgshield's Unix-domain socket count as one address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,15 +20,25 @@ const FREE_FAILURES: u32 = 3;
 /// The first wait; each further failure doubles it.
 const FIRST_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(5);
-/// An address with no failure for this long starts afresh.
-const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// One failure of an address's count leaks away this often.
+const LEAK_EVERY: Duration = Duration::from_secs(10);
 /// Addresses remembered at most (beyond it, new addresses are not tracked rather than
 /// older ones forgotten).
 const MAX_ADDRESSES: usize = 65_536;
+/// A full table is swept of forgotten addresses at most this often (a sweep reads every
+/// entry under the lock every login takes).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct LoginThrottle {
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Failures counted, and when the count last changed (or leaked).
+    failures: HashMap<IpAddr, (u32, Instant)>,
+    last_sweep: Option<Instant>,
 }
 
 impl LoginThrottle {
@@ -41,33 +53,52 @@ impl LoginThrottle {
     }
 
     fn delay_at(&self, ip: IpAddr, now: Instant) -> Duration {
-        let failures = self.lock();
-        match failures.get(&key(ip)) {
-            Some((n, last)) if now.duration_since(*last) < FORGET_AFTER => delay_after(*n),
-            _ => Duration::ZERO,
+        let state = self.lock();
+        match state.failures.get(&key(ip)) {
+            Some(&(n, since)) => delay_after(leaked(n, since, now).0),
+            None => Duration::ZERO,
         }
     }
 
     fn failed_at(&self, ip: IpAddr, now: Instant) {
         let key = key(ip);
-        let mut failures = self.lock();
-        if failures.len() >= MAX_ADDRESSES && !failures.contains_key(&key) {
-            failures.retain(|_, (_, last)| now.duration_since(*last) < FORGET_AFTER);
-            if failures.len() >= MAX_ADDRESSES {
+        let mut state = self.lock();
+        if state.failures.len() >= MAX_ADDRESSES && !state.failures.contains_key(&key) {
+            if state
+                .last_sweep
+                .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY)
+            {
+                return;
+            }
+            state.last_sweep = Some(now);
+            state
+                .failures
+                .retain(|_, &mut (n, since)| leaked(n, since, now).0 > 0);
+            if state.failures.len() >= MAX_ADDRESSES {
                 return;
             }
         }
-        let entry = failures.entry(key).or_insert((0, now));
-        if now.duration_since(entry.1) >= FORGET_AFTER {
-            entry.0 = 0;
-        }
-        entry.0 = entry.0.saturating_add(1);
-        entry.1 = now;
+        let entry = state.failures.entry(key).or_insert((0, now));
+        let (n, since) = leaked(entry.0, entry.1, now);
+        *entry = (n.saturating_add(1), since);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        crate::lock(&self.state)
     }
+}
+
+/// A count of `n` as of `since`, after what leaked away by `now`: the count, and the time
+/// the next leak is counted from (a part of [`LEAK_EVERY`] already gone is kept).
+fn leaked(n: u32, since: Instant, now: Instant) -> (u32, Instant) {
+    let gone = now.saturating_duration_since(since);
+    let leaks = gone.as_nanos() / LEAK_EVERY.as_nanos();
+    if leaks >= u128::from(n) {
+        return (0, now);
+    }
+    // (leaks < n, so it fits.)
+    let leaks = leaks as u32;
+    (n - leaks, since + LEAK_EVERY * leaks)
 }
 
 /// The address a client's failures count against: 0.0.0.0, which no TCP client comes
@@ -119,10 +150,13 @@ mod tests {
             Duration::ZERO,
             "other addresses unaffected"
         );
+        // Ten failures leak away in ten LEAK_EVERY; one of them, and the count is down
+        // by one.
+        assert_eq!(t.delay_at(a, now + LEAK_EVERY * 10), Duration::ZERO);
         assert_eq!(
-            t.delay_at(a, now + FORGET_AFTER),
-            Duration::ZERO,
-            "a quiet minute"
+            t.delay_at(a, now + LEAK_EVERY * 6),
+            delay_after(4),
+            "six of ten leaked"
         );
         // One IPv6 host rotating through its /64 is one address.
         for i in 0..5u16 {
@@ -131,5 +165,46 @@ mod tests {
         assert!(t.delay_at(ip("fd00:0:0:1::99"), now) > Duration::ZERO);
         assert_eq!(t.delay_at(ip("fd00:0:0:2::1"), now), Duration::ZERO);
         assert_eq!(delay_after(u32::MAX), MAX_DELAY);
+    }
+
+    /// A job retrying a stale password once a minute, on the address the application
+    /// shares with it (a sidecar's 127.0.0.1, a NAT), never slows the application's
+    /// logins: before, its count reset only after a minute with no failure, and grew
+    /// to the 5 s cap.
+    #[test]
+    fn a_slow_trickle_of_failures_slows_nobody() {
+        let t = LoginThrottle::default();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let start = Instant::now();
+        for minute in 0..30 {
+            let now = start + Duration::from_secs(59) * minute;
+            assert_eq!(t.delay_at(ip, now), Duration::ZERO, "minute {minute}");
+            t.failed_at(ip, now);
+        }
+    }
+
+    /// A full table is swept at most once a second; addresses it cannot take are not
+    /// tracked (not slowed), and room made by a sweep is used.
+    #[test]
+    fn a_full_table_is_swept_now_and_then() {
+        let t = LoginThrottle::default();
+        let now = Instant::now();
+        for i in 0..MAX_ADDRESSES as u32 {
+            t.failed_at(IpAddr::V4(i.into()), now);
+        }
+        let newcomer = IpAddr::V4(u32::MAX.into());
+        // Swept once (nothing leaked yet), then not again within the second.
+        for _ in 0..5 {
+            t.failed_at(newcomer, now);
+        }
+        assert_eq!(t.delay_at(newcomer, now), Duration::ZERO);
+        assert_eq!(t.lock().last_sweep, Some(now));
+        t.failed_at(newcomer, now + SWEEP_EVERY / 2);
+        assert_eq!(t.lock().last_sweep, Some(now));
+        // Once the others' failures have leaked away, the next sweep makes room.
+        let later = now + LEAK_EVERY;
+        t.failed_at(newcomer, later);
+        let state = t.lock();
+        assert_eq!((state.last_sweep, state.failures.len()), (Some(later), 1));
     }
 }
