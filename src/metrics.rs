@@ -4,7 +4,9 @@
 //! Each proxy has its own Prometheus recorder (not the process-global one), so several
 //! proxies in one process (tests) keep their numbers apart. Gauges that describe state
 //! (clients open, backends idle or lent, clients waiting) are read from the source of
-//! truth when `/metrics` is scraped rather than kept up to date on every event.
+//! truth when `/metrics` is scraped rather than kept up to date on every event; a gauge
+//! no scrape has set for [`GAUGE_IDLE`] (a host or pool a reload removed) is dropped from
+//! the output rather than shown at its last value for good.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -83,10 +85,19 @@ impl Default for Metrics {
     }
 }
 
+/// How long a gauge no scrape has set stays in the output.
+#[cfg(not(test))]
+const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+#[cfg(test)]
+const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_millis(300);
+
 impl Metrics {
     pub fn new() -> Metrics {
-        // (No histograms of its own: see `Histogram`.)
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // (No histograms of its own: see `Histogram`. Counters are never dropped: one
+        // that went away and came back would read as a reset.)
+        let recorder = PrometheusBuilder::new()
+            .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE))
+            .build_recorder();
         let handle = recorder.handle();
         let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
             recorder.describe_counter(KeyName::from_const_str(name), unit, help.into());
@@ -191,9 +202,16 @@ impl Metrics {
             f64::from(u8::from(host.role == Role::Replica)),
         );
         gauge("pgshield_host_backends", host.open as f64);
-        if let Some(lag) = host.lag.filter(|l| *l != crate::pool::cluster::UNKNOWN_LAG) {
-            gauge("pgshield_replica_lag_seconds", lag.as_secs_f64());
-        }
+        // Always set, so that it never stands at an old value: a primary (a replica
+        // promoted, say) lags by nothing; a replica whose lag is not known, or a host whose
+        // role is not, by NaN (an alert on `> x` is then neither true nor stuck false).
+        let known = host.lag.filter(|l| *l != crate::pool::cluster::UNKNOWN_LAG);
+        let lag = match (host.role, known) {
+            (Role::Primary, _) => 0.0,
+            (Role::Replica, Some(lag)) => lag.as_secs_f64(),
+            _ => f64::NAN,
+        };
+        gauge("pgshield_replica_lag_seconds", lag);
     }
 
     /// The exposition text for `/metrics`.
@@ -343,7 +361,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (
         "pgshield_replica_lag_seconds",
-        "Replay lag of a replica, as its health check saw it",
+        "Replay lag of a replica, as its health check saw it (0 for a primary, NaN when not known)",
     ),
     ("pgshield_client_connections", "Client connections open"),
     (
@@ -468,6 +486,52 @@ mod tests {
             3,
             "{copies:?}"
         );
+    }
+
+    /// The lag gauge never stands at an old value: a replica promoted reads 0, one whose
+    /// lag is no longer known NaN.
+    #[test]
+    fn replica_lag_follows_the_host() {
+        use crate::pool::cluster::{HostStatus, Role};
+        let metrics = Metrics::new();
+        let host = |role, lag| HostStatus {
+            addr: "10.0.0.2:5432".into(),
+            host: "10.0.0.2".into(),
+            port: 5432,
+            configured: crate::config::HostRole::Auto,
+            role,
+            up: true,
+            lag,
+            open: 0,
+            last_error: None,
+        };
+        let lag = |metrics: &Metrics| {
+            let text = metrics.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("pgshield_replica_lag_seconds{"))
+                .map(str::to_owned);
+            line.and_then(|l| l.rsplit(' ').next().map(str::to_owned))
+        };
+        metrics.set_host(
+            "db",
+            &host(Role::Replica, Some(std::time::Duration::from_secs(3))),
+        );
+        assert_eq!(lag(&metrics).as_deref(), Some("3"));
+        metrics.set_host("db", &host(Role::Replica, None));
+        assert_eq!(lag(&metrics).as_deref(), Some("NaN"));
+        metrics.set_host("db", &host(Role::Primary, None));
+        assert_eq!(lag(&metrics).as_deref(), Some("0"));
+        // A host no scrape sets any more (a reload removed it) leaves the output.
+        std::thread::sleep(GAUGE_IDLE * 2);
+        assert_eq!(lag(&metrics), None);
+        assert!(!metrics.render().contains("pgshield_host_up{"));
+        // (Counters stay.)
+        metrics.clients.received.increment(1);
+        std::thread::sleep(GAUGE_IDLE * 2);
+        assert!(metrics
+            .render()
+            .contains("pgshield_client_connections_received_total "));
     }
 
     #[test]
