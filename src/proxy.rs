@@ -299,6 +299,25 @@ pub enum StartError {
 type Accepted = (Stream, Peer, Option<SocketAddr>);
 
 /// A client accepted over TCP through the listener at `listening`.
+/// Closes `listener`, with the connections queued on it if `take` is false; else returns
+/// them.
+fn take_queued(listener: TcpListener, take: bool) -> Vec<(TcpStream, SocketAddr)> {
+    let mut queued = Vec::new();
+    let Some(listener) = listener.into_std().ok().filter(|_| take) else {
+        return queued;
+    };
+    // (Non-blocking, as tokio left it: stops at the first WouldBlock.)
+    while let Ok((tcp, peer)) = listener.accept() {
+        let tcp = tcp
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(tcp));
+        if let Ok(tcp) = tcp {
+            queued.push((tcp, peer));
+        }
+    }
+    queued
+}
+
 fn accepted_tcp((tcp, peer): (TcpStream, SocketAddr), listening: SocketAddr) -> Accepted {
     // The connection's own address is the listener's, unless that is a wildcard.
     let local = if listening.ip().to_canonical().is_unspecified() {
@@ -529,8 +548,33 @@ impl Proxy {
                 } => accept(&shared, &sessions, accepted, false).await,
             }
         }
-        drop(listener);
-        drop(read_only);
+        // Stopped listening for a successor (a rolling restart, or WAIT_FOR_CLIENTS):
+        // connections already queued on this process's sockets are served rather than
+        // reset as the sockets close (the kernel gives each socket of a reuse_port group
+        // its own queue). Draining, they are refused with the sockets.
+        let serve_queued = !shutdown.is_draining();
+        let mut queued = Vec::new();
+        queued.extend(
+            take_queued(listener, serve_queued)
+                .into_iter()
+                .map(|q| (q, local_addr, false)),
+        );
+        if let Some((listener, addr)) = read_only {
+            queued.extend(
+                take_queued(listener, serve_queued)
+                    .into_iter()
+                    .map(|q| (q, addr, true)),
+            );
+        }
+        for (tcp, listening, read_only) in queued {
+            accept(
+                &shared,
+                &sessions,
+                Ok(accepted_tcp(tcp, listening)),
+                read_only,
+            )
+            .await;
+        }
         drop(unix);
         sessions.close();
         if !shutdown.is_draining() {
@@ -574,6 +618,23 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener closed for a successor hands over the connections queued on it (they
+    /// would be reset as it closes); closed for a drain, it does not.
+    #[tokio::test]
+    async fn a_closing_listener_gives_up_its_queued_connections() {
+        for take in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let clients: Vec<_> = (0..3)
+                .map(|_| std::net::TcpStream::connect(addr).expect("queued"))
+                .collect();
+            let queued = take_queued(listener, take);
+            assert_eq!(queued.len(), if take { 3 } else { 0 });
+            assert!(std::net::TcpStream::connect(addr).is_err(), "closed");
+            drop(clients);
+        }
+    }
 
     #[tokio::test]
     async fn the_unix_socket_replaces_a_stale_file_and_only_a_successor_takes_a_live_one() {
