@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{raw, sqlstate, TestProxy};
@@ -201,4 +202,67 @@ async fn a_backend_that_was_sent_a_cancel_is_never_lent_again() {
         slept.is_ok(),
         "the next client's query is not cancelled: {slept:?}"
     );
+}
+
+/// A cancel for a client queued for a backend ends its wait at once with `57014`, as
+/// PostgreSQL answers a cancelled statement: the statement never runs, and the
+/// connection stays usable (PgBouncer leaves such a client queued, its statement to run
+/// later). Through the simple and the extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_ends_a_queued_clients_wait_and_its_statement_never_runs() {
+    let role = "cancel_queued";
+    common::create_role(role, "pw").await;
+    let admin = common::admin().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS cancel_queued_t; CREATE TABLE cancel_queued_t (x int); \
+             GRANT ALL ON cancel_queued_t TO {role}"
+        ))
+        .await
+        .expect("table");
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmode = \"transaction\"\nmax_size = 1\nborrow_timeout = \"30s\"\n\
+         [users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await;
+    let holder = proxy.connect(role, "pw").await.expect("login");
+    holder
+        .client
+        .batch_execute("BEGIN")
+        .await
+        .expect("hold the backend");
+    let queued = proxy.connect(role, "pw").await.expect("login");
+    let token = queued.client.cancel_token();
+    let client = Arc::new(queued.client);
+    for extended in [false, true] {
+        let c = Arc::clone(&client);
+        let waiting = tokio::spawn(async move {
+            if extended {
+                c.execute("INSERT INTO cancel_queued_t VALUES ($1)", &[&2i32])
+                    .await
+                    .map(|_| ())
+            } else {
+                c.batch_execute("INSERT INTO cancel_queued_t VALUES (1)")
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "queued behind the holder");
+        let cancelled_at = Instant::now();
+        token.cancel_query(NoTls).await.expect("cancel sent");
+        let result = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait ends")
+            .expect("task");
+        let err = result.expect_err("cancelled");
+        assert_eq!(sqlstate(&err), Some("57014"), "{err}");
+        assert!(cancelled_at.elapsed() < Duration::from_secs(1));
+    }
+    holder.client.batch_execute("COMMIT").await.expect("commit");
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM cancel_queued_t", &[])
+        .await
+        .expect("usable after the cancels")
+        .get(0);
+    assert_eq!(rows, 0, "a cancelled statement ran");
 }

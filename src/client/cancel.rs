@@ -1,7 +1,9 @@
 //! Cancel requests. Each client gets a BackendKeyData issued by pgshield (random and
 //! unguessable); a CancelRequest carrying it is sent, over a fresh connection, to the
 //! server of the backend that client holds at that moment, with that backend's real key.
-//! A client holding no backend has nothing to cancel; a wrong key does nothing.
+//! A client queued for a backend has its wait cancelled: its statement is not run, and it
+//! gets `57014` as from PostgreSQL (PgBouncer leaves it queued). Any other client holding
+//! no backend has nothing to cancel; a wrong key does nothing.
 //!
 //! The race older poolers lose: a cancel meant for client A, delivered just after A let go
 //! of its backend, would cancel whatever the next client runs there. Here the backend is
@@ -135,7 +137,50 @@ async fn encrypt(
     Ok(crate::net::Stream::Tls(Box::new(tls.into())))
 }
 
-type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;
+type Slot = Arc<Mutex<SlotState>>;
+
+/// What a cancel for one client reaches.
+#[derive(Default)]
+struct SlotState {
+    /// The backend it holds.
+    target: Option<Arc<CancelTarget>>,
+    /// Its wait for a backend, while it is queued.
+    queued: Option<Arc<QueuedCancel>>,
+}
+
+/// A queued client's wait, which a cancel ends.
+#[derive(Default)]
+pub struct QueuedCancel {
+    cancelled: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl QueuedCancel {
+    /// Resolves once a cancel for the client has arrived.
+    pub async fn cancelled(&self) {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.cancelled.load(Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// While held, a cancel for the client ends its wait (see [`Registration::queued`]).
+pub struct Queued {
+    slot: Slot,
+    pub wait: Arc<QueuedCancel>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        lock(&self.slot).queued = None;
+    }
+}
 
 /// Every logged-in client's cancel key, process-wide.
 #[derive(Default)]
@@ -213,7 +258,8 @@ impl Cancels {
         target.send().await;
     }
 
-    /// Finds the backend a cancel is for and marks it, under the client's lock.
+    /// Finds the backend a cancel is for and marks it, under the client's lock; or ends
+    /// the client's wait for one.
     fn attribute(&self, process_id: i32, secret_key: &[u8]) -> Option<Arc<CancelTarget>> {
         let slot = {
             let clients = lock(&self.clients);
@@ -224,7 +270,13 @@ impl Cancels {
             Arc::clone(slot)
         };
         let slot = lock(&slot);
-        let target = slot.as_ref()?;
+        if let (None, Some(queued)) = (&slot.target, &slot.queued) {
+            queued.cancelled.store(true, Ordering::Release);
+            queued.waker.wake();
+            tracing::debug!(process_id, "cancel request ends a queued client's wait");
+            return None;
+        }
+        let target = slot.target.as_ref()?;
         target.sent.store(true, Ordering::Release);
         Some(Arc::clone(target))
     }
@@ -237,7 +289,18 @@ impl Registration {
 
     /// From now on, cancels for this client go to `server`.
     pub fn attach(&self, server: &Server) {
-        *lock(&self.slot) = Some(server.cancel_target());
+        lock(&self.slot).target = Some(server.cancel_target());
+    }
+
+    /// The client is queued for a backend: until the guard is dropped, a cancel for it
+    /// ends the wait (`Queued::wait`).
+    pub fn queued(&self) -> Queued {
+        let wait = Arc::new(QueuedCancel::default());
+        lock(&self.slot).queued = Some(Arc::clone(&wait));
+        Queued {
+            slot: Arc::clone(&self.slot),
+            wait,
+        }
     }
 
     /// The backend this client holds, marked as a client's cancel marks it (under the
@@ -245,7 +308,7 @@ impl Registration {
     /// holds none.
     pub fn attribute(&self) -> Option<Arc<CancelTarget>> {
         let slot = lock(&self.slot);
-        let target = slot.as_ref()?;
+        let target = slot.target.as_ref()?;
         target.sent.store(true, Ordering::Release);
         Some(Arc::clone(target))
     }
@@ -253,7 +316,7 @@ impl Registration {
     /// This client no longer holds a backend. Call before the backend is released: a
     /// cancel attributed until now has marked it.
     pub fn detach(&self) {
-        *lock(&self.slot) = None;
+        lock(&self.slot).target = None;
     }
 }
 
@@ -308,7 +371,7 @@ mod tests {
             "holds nothing"
         );
         let t = target();
-        *lock(&reg.slot) = Some(Arc::clone(&t));
+        lock(&reg.slot).target = Some(Arc::clone(&t));
         let wrong = key.secret_key.wrapping_add(1).to_be_bytes();
         assert!(cancels.attribute(key.process_id, &wrong).is_none());
         assert!(cancels.attribute(key.process_id, &secret[..3]).is_none());
@@ -325,5 +388,13 @@ mod tests {
             cancels.attribute(key.process_id, &secret).is_none(),
             "let go: nothing to cancel"
         );
+        // Queued: only the right key ends the wait, and only while it lasts.
+        let queued = reg.queued();
+        assert!(cancels.attribute(key.process_id, &wrong).is_none());
+        assert!(!queued.wait.cancelled.load(Ordering::Acquire));
+        assert!(cancels.attribute(key.process_id, &secret).is_none());
+        assert!(queued.wait.cancelled.load(Ordering::Acquire));
+        drop(queued);
+        assert!(lock(&reg.slot).queued.is_none());
     }
 }

@@ -3068,9 +3068,17 @@ impl Session {
         let waiting_since = first.is_pending().then(Instant::now);
         let waiting = first.is_pending().then(|| {
             self.registered.info.set_waiting(waiting_since);
-            // Back to active however the wait ends (a borrow error, a hang-up…).
-            (pool.wait(), ActiveOnDrop(Arc::clone(&self.registered.info)))
+            // Back to active however the wait ends (a borrow error, a hang-up…); a cancel
+            // for the client ends the wait until then.
+            (
+                pool.wait(),
+                ActiveOnDrop(Arc::clone(&self.registered.info)),
+                self.cancel.queued(),
+            )
         });
+        let cancelled = waiting
+            .as_ref()
+            .map(|(_, _, queued)| Arc::clone(&queued.wait));
         let mut ready = match first {
             Poll::Ready(result) => Some(result),
             Poll::Pending => None,
@@ -3118,6 +3126,19 @@ impl Session {
                         ),
                     );
                     tracing::debug!(client = %self.id, pool = %pool.name(), "client told it is queued");
+                }
+                _ = async {
+                    match &cancelled {
+                        Some(wait) => wait.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                }, if cancelled.is_some() => {
+                    // As PostgreSQL answers a cancelled statement; nothing of it has run.
+                    tracing::info!(client = %self.id, pool = %pool.name(), "a cancel request ended the client's wait for a backend");
+                    return Ok(Err(ErrorResponse::error(
+                        sqlstate::QUERY_CANCELED,
+                        "canceling statement due to user request",
+                    )));
                 }
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
                     Event::Data => self.note_activity(),

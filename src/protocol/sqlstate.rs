@@ -21,6 +21,8 @@ pub const CRASH_SHUTDOWN: &str = "57P02";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 /// `idle_session_timeout`: the client sent nothing for `idle_client_timeout`.
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+/// A statement cancelled (a cancel request, a statement timeout).
+pub const QUERY_CANCELED: &str = "57014";
 /// `idle_in_transaction_session_timeout`: idle inside a transaction too long.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 /// `invalid_parameter_value`: e.g. an `options` string pgshield cannot apply.
