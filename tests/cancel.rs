@@ -266,3 +266,52 @@ async fn a_cancel_ends_a_queued_clients_wait_and_its_statement_never_runs() {
         .get(0);
     assert_eq!(rows, 0, "a cancelled statement ran");
 }
+
+/// `query_timeout` still ends a statement whose cancel never reaches the server (a relay
+/// here drops every CancelRequest, as a network cut would): after a grace of 5 s the
+/// client is closed with `57014` and its backend with it, as PgBouncer's query_timeout
+/// closes them. Before, the client waited for the statement however long it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_closes_a_client_whose_cancel_does_not_arrive() {
+    let role = "cancel_lost";
+    common::create_role(role, "pw").await;
+    let relay = common::Relay::start(|code| code != 80877102).await;
+    let proxy = TestProxy::start_with_databases(
+        &relay.database(),
+        &format!(
+            "[pool]\nmode = \"transaction\"\nquery_timeout = \"500ms\"\n\
+             [tls.server]\nmode = \"disable\"\n[users.{role}]\npassword = \"pw\"\n"
+        ),
+    )
+    .await;
+    let conn = proxy.connect(role, "pw").await.expect("login");
+    let pid = backend_pid(&conn.client).await;
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        conn.client.simple_query("SELECT pg_sleep(30)"),
+    )
+    .await
+    .expect("ended well before the statement would have")
+    .expect_err("closed");
+    assert_eq!(sqlstate(&err), Some("57014"), "{err}");
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_secs(5)..Duration::from_secs(10)).contains(&took),
+        "{took:?}"
+    );
+    assert!(
+        relay.openings().contains(&80877102),
+        "a cancel was tried first"
+    );
+    // Its backend was closed, not returned to the pool (the server, whose pg_sleep
+    // notices nothing, would hold it busy for the rest of its 30 s).
+    let open: usize = proxy
+        .shared
+        .pools
+        .all()
+        .iter()
+        .map(|p| p.status().open)
+        .sum();
+    assert_eq!(open, 0, "backend {pid} is still open");
+}

@@ -631,35 +631,10 @@ async fn prefer_falls_back_to_plaintext_when_the_tls_handshake_fails() {
 /// begins: SSLRequest (80877103) or a plaintext CancelRequest (80877102).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_of_a_tls_backend_go_over_tls() {
-    use tokio::io::AsyncReadExt;
     common::create_role("tls_cancel", "pw").await;
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let relay_port = relay.local_addr().expect("address").port();
-    let upstream = common::cluster().port();
-    let openings = Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
-    let seen = Arc::clone(&openings);
-    let relaying = tokio::spawn(async move {
-        while let Ok((mut client, _)) = relay.accept().await {
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut head = [0u8; 8];
-                if client.read_exact(&mut head).await.is_err() {
-                    return;
-                }
-                let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-                seen.lock().unwrap_or_else(|p| p.into_inner()).push(code);
-                let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                    return;
-                };
-                raw::send(&mut server, &head).await;
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
+    let relay = common::Relay::start(|_| true).await;
     let proxy = TestProxy::start_with_databases(
-        &format!("[databases.app]\nhost = \"127.0.0.1\"\nport = {relay_port}\ndbname = \"postgres\"\n"),
+        &relay.database(),
         "[pool]\nmode = \"session\"\n[tls.server]\nmode = \"require\"\n[users.tls_cancel]\npassword = \"pw\"\n",
     )
     .await;
@@ -680,7 +655,7 @@ async fn cancels_of_a_tls_backend_go_over_tls() {
         .expect("the task");
     let err = result.expect_err("cancelled");
     assert_eq!(common::sqlstate(&err), Some("57014"), "{err}");
-    let openings = openings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let openings = relay.openings();
     assert!(
         !openings.contains(&80877102),
         "a plaintext cancel: {openings:?}"
@@ -690,5 +665,4 @@ async fn cancels_of_a_tls_backend_go_over_tls() {
         [80877103, 80877103],
         "the login, then the cancel, over TLS"
     );
-    relaying.abort();
 }

@@ -458,6 +458,10 @@ fn search_path_env(settings: &ClientSettings) -> u64 {
     })
 }
 
+/// How long a statement cancelled for `query_timeout` has to stop before its client is
+/// closed, and its backend (the cancel may not have reached the server).
+const QUERY_CANCEL_GRACE: Duration = Duration::from_secs(5);
+
 /// Session mode: the longest Query looked at for a reset of settings (longer ones stream
 /// through unread).
 const RESET_SCAN_LIMIT: usize = 8 * 1024;
@@ -1148,9 +1152,12 @@ impl Session {
         };
         if self.server_busy() {
             if let (Some(limit), Some(since)) = (limits.query, self.busy_since) {
-                if !self.statement_cancelled {
-                    consider(since.checked_add(limit));
-                }
+                let grace = if self.statement_cancelled {
+                    QUERY_CANCEL_GRACE
+                } else {
+                    Duration::ZERO
+                };
+                consider(since.checked_add(limit + grace));
             }
             // Idle limits do not run while the server works; look again later.
             consider(limits.idle_client.and_then(|l| now.checked_add(l)));
@@ -1183,6 +1190,23 @@ impl Session {
         if self.server_busy() {
             let running_for = self.busy_since.map(|s| now.saturating_duration_since(s));
             if let (Some(limit), Some(running)) = (limits.query, running_for) {
+                if running >= limit + QUERY_CANCEL_GRACE && self.statement_cancelled {
+                    // The cancel did not stop it (it never reached the server: a network
+                    // cut, say): as PgBouncer's query_timeout, the client is closed and
+                    // its backend with it.
+                    tracing::warn!(client = %self.id, pool = %self.pool.name(), "statement still running after its query_timeout cancel: closing the client and its backend");
+                    if let Some(backend) = self.backend.as_mut() {
+                        backend.server().mark_broken();
+                    }
+                    return Err(End::Fatal(ErrorResponse::fatal(
+                        sqlstate::QUERY_CANCELED,
+                        format!(
+                            "pgshield: the statement ran past query_timeout and did not stop \
+                             within {}s of being cancelled; the connection is closed",
+                            QUERY_CANCEL_GRACE.as_secs()
+                        ),
+                    )));
+                }
                 if running >= limit && !self.statement_cancelled {
                     self.statement_cancelled = true;
                     tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");

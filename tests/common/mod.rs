@@ -24,6 +24,74 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 static CLUSTER: OnceLock<DevDb> = OnceLock::new();
 
+/// A relay in front of the harness cluster that notes how each connection opens (the
+/// request code of its first packet: 80877103 SSLRequest, 80877102 CancelRequest, 196608
+/// a startup message) and passes on only those `pass` lets through.
+pub struct Relay {
+    pub port: u16,
+    openings: Arc<std::sync::Mutex<Vec<i32>>>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(pass: fn(i32) -> bool) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let upstream = cluster().port();
+        let openings = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&openings);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut head = [0u8; 8];
+                    if client.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).push(code);
+                    if !pass(code) {
+                        return;
+                    }
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    raw::send(&mut server, &head).await;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Relay {
+            port,
+            openings,
+            task,
+        }
+    }
+
+    /// `[databases.app]` on this relay.
+    pub fn database(&self) -> String {
+        format!(
+            "[databases.app]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n",
+            self.port
+        )
+    }
+
+    pub fn openings(&self) -> Vec<i32> {
+        self.openings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The test binary's PostgreSQL, started on first use and stopped when the process ends.
 pub fn cluster() -> &'static DevDb {
     CLUSTER.get_or_init(|| {
