@@ -77,6 +77,29 @@ pub struct PoolMetrics {
     pub backends_lent: Gauge,
     pub clients_waiting: Gauge,
     pub max_backends: Gauge,
+    /// What `publish` added to `transactions`, `queries` and the byte counters so far.
+    published: [AtomicU64; 4],
+}
+
+impl PoolMetrics {
+    /// Brings `transactions`, `queries`, `bytes_from_clients` and `bytes_to_clients` to
+    /// the pool's own totals, by what they grew since the last call. (Not set to the
+    /// totals: another pool of the same name before this one, a user a reload removed and
+    /// put back, left the counter higher, and it would stand still until passed.)
+    pub fn publish(&self, totals: [u64; 4]) {
+        let counters = [
+            &self.transactions,
+            &self.queries,
+            &self.bytes_from_clients,
+            &self.bytes_to_clients,
+        ];
+        for ((counter, published), total) in counters.into_iter().zip(&self.published).zip(totals) {
+            let before = published.fetch_max(total, Ordering::Relaxed);
+            if total > before {
+                counter.increment(total - before);
+            }
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -169,7 +192,16 @@ impl Metrics {
             backends_lent: gauge("pgshield_database_connections_borrowed"),
             clients_waiting: gauge("pgshield_clients_waiting"),
             max_backends: gauge("pgshield_database_connections_max"),
+            published: Default::default(),
         }
+    }
+
+    /// Drops the histograms no pool holds any more (its pool closed and gone): they
+    /// would be rendered at every scrape for good. A pool of the same name made later
+    /// starts them afresh (a reset, to Prometheus).
+    pub fn forget_unused_histograms(&self) {
+        let mut all = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, histogram| Arc::strong_count(histogram) > 1);
     }
 
     /// A client was pinned to its backend.
@@ -532,6 +564,38 @@ mod tests {
         assert!(metrics
             .render()
             .contains("pgshield_client_connections_received_total "));
+    }
+
+    /// A pool made again under the same name (a user a reload removed and put back, a
+    /// found user's pool closed unused and made again) adds to its counters from where
+    /// they were; the closed one's histograms go once no pool holds them.
+    #[test]
+    fn a_pool_made_again_continues_its_counters() {
+        let metrics = Metrics::new();
+        let value = |metrics: &Metrics| {
+            let text = metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix("pgshield_transactions_total{pool=\"app/u\"} "))
+                .map(str::to_owned)
+        };
+        let first = metrics.pool("app/u");
+        first.publish([10, 0, 0, 0]);
+        first.publish([12, 0, 0, 0]);
+        assert_eq!(value(&metrics).as_deref(), Some("12"));
+        first.borrow_wait.record(0.1);
+        drop(first);
+        let second = metrics.pool("app/u");
+        second.publish([3, 0, 0, 0]);
+        assert_eq!(value(&metrics).as_deref(), Some("15"));
+        metrics.forget_unused_histograms();
+        assert!(metrics
+            .render()
+            .contains("pgshield_borrow_wait_seconds_count{pool=\"app/u\"} 1"));
+        drop(second);
+        metrics.forget_unused_histograms();
+        assert!(!metrics
+            .render()
+            .contains("pgshield_borrow_wait_seconds_count{pool=\"app/u\"}"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub(super) async fn run(pool: Arc<Pool>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         if pool.is_retired() && pool.clients() == 0 && pool.close_if_retired() {
-            tracing::info!(pool = %pool.name, "closed a pool the configuration no longer has: its last client left");
+            tracing::info!(pool = %pool.name, "closed a retired pool (a reload removed it, or its found user left it unused): no client left");
             return;
         }
         // Deadpool sees every idle backend, the warm ones too.

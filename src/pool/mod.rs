@@ -27,7 +27,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use deadpool::managed::{
@@ -1095,10 +1095,7 @@ impl Pool {
         m.backends_lent.set(s.open.saturating_sub(s.idle) as f64);
         m.clients_waiting.set(self.waiting() as f64);
         let [xacts, queries, received, sent, ..] = self.stats.totals();
-        m.transactions.absolute(xacts);
-        m.queries.absolute(queries);
-        m.bytes_from_clients.absolute(received);
-        m.bytes_to_clients.absolute(sent);
+        m.publish([xacts, queries, received, sent]);
         m.max_backends.set(s.max_size as f64);
     }
 
@@ -1685,6 +1682,10 @@ impl Drop for Place {
     }
 }
 
+/// How often, at most, pools of users `[auth]` found are looked at for ones nobody uses,
+/// and how long one must have gone unused.
+const FOUND_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// The places of a `max_db_connections` a reload removed: as good as none.
 const LIFTED: usize = 1 << 24;
 
@@ -1900,6 +1901,10 @@ struct PoolsState {
     configured: FastMap<PoolKey, Arc<Pool>>,
     /// Pools of users found by `[auth]` (made at their first login).
     found: FastMap<PoolKey, Arc<Pool>>,
+    /// When each of `found` was last handed to a login.
+    found_handed: FastMap<PoolKey, Instant>,
+    /// When `found` was last looked at for pools nobody uses (see `sweep_found`).
+    found_swept: Option<Instant>,
     /// Pools a reload removed that still have clients.
     retired: Vec<Arc<Pool>>,
     /// What a pool is made from.
@@ -1917,6 +1922,46 @@ struct PoolsState {
 }
 
 impl PoolsState {
+    /// Retires the pools of users `[auth]` found that nobody uses (no client, no backend,
+    /// not handed to a login for [`FOUND_SWEEP_EVERY`]), at most that often: their
+    /// janitors close them and end. A user whose role exists for a while only (Vault's
+    /// dynamic credentials) would otherwise leave a pool and its task for good. Retired
+    /// pools already closed are forgotten.
+    fn sweep_found(&mut self, now: Instant) -> bool {
+        if self
+            .found_swept
+            .is_some_and(|at| now.saturating_duration_since(at) < FOUND_SWEEP_EVERY)
+        {
+            return false;
+        }
+        self.found_swept = Some(now);
+        let handed = &self.found_handed;
+        let unused: Vec<PoolKey> = self
+            .found
+            .iter()
+            .filter(|(key, pool)| {
+                handed
+                    .get(*key)
+                    .is_none_or(|at| now.saturating_duration_since(*at) >= FOUND_SWEEP_EVERY)
+                    && pool.clients() == 0
+                    && pool.waiting() == 0
+                    && pool.status().open == 0
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in unused {
+            self.found_handed.remove(&key);
+            if let Some(pool) = self.found.remove(&key) {
+                tracing::debug!(pool = %pool.name, "closing the pool of a user [auth] found: unused");
+                pool.retired
+                    .store(Retirement::Retired as u8, Ordering::Release);
+                self.retired.push(pool);
+            }
+        }
+        self.retired.retain(|p| !p.inner.is_closed());
+        true
+    }
+
     /// A retired pool of (database, user) that has not closed yet, serving again.
     fn revive(&mut self, database: &str, user: &str) -> Option<Arc<Pool>> {
         let i = self
@@ -1961,6 +2006,8 @@ impl Pools {
             state: Mutex::new(PoolsState {
                 configured: FastMap::default(),
                 found: FastMap::default(),
+                found_handed: FastMap::default(),
+                found_swept: None,
                 retired: Vec::new(),
                 databases: Default::default(),
                 settings: PoolSettings::from_config(config),
@@ -2174,6 +2221,12 @@ impl Pools {
             state.retired.push(pool);
         }
         state.retired.retain(|p| !p.inner.is_closed());
+        let PoolsState {
+            found,
+            found_handed,
+            ..
+        } = &mut *state;
+        found_handed.retain(|key, _| found.contains_key(key));
         // Monitors start once they have whom to log in as, and sizing to apply.
         for (cluster, stop) in new_clusters {
             self.spawn_monitor(&cluster, &stop);
@@ -2314,6 +2367,12 @@ impl Pools {
         };
         let db = state.databases.get(&base)?.clone();
         let key = (database.to_owned(), user.to_owned());
+        let now = Instant::now();
+        if state.sweep_found(now) {
+            // (Those of pools closed and gone since.)
+            self.metrics.forget_unused_histograms();
+        }
+        state.found_handed.insert(key.clone(), now);
         if let Some(pool) = state.found.get(&key) {
             // Whatever it held: the password may have changed, md5 to SCRAM even.
             lock(&pool.inner.manager().target).password = Some(password);
@@ -2423,6 +2482,45 @@ mod tests {
         assert!(p.covers("a"));
         p.resume(None);
         assert!(!p.covers("a") && !p.covers("b"));
+    }
+
+    /// The pool of a user `[auth]` found is retired once nobody has used it for a
+    /// minute (no client, no backend, not handed to a login), and a login after that
+    /// gets it back while it has not closed (or a new one).
+    #[tokio::test]
+    async fn unused_pools_of_found_users_are_retired() {
+        let config = Config::from_toml(
+            "[databases.app]\nhost = \"127.0.0.1\"\nport = 1\n\
+             [auth]\nenabled = true\nuser = \"a\"\npassword = \"p\"\n",
+        )
+        .expect("config");
+        let tls = Arc::new(ServerTls::new(&config.tls.server).expect("tls"));
+        let pools = Pools::from_config(&config, &tls, &Arc::new(Numbers::new()));
+        let password = || BackendPassword::Plain(crate::config::Secret::new("pw"));
+        let pool = pools
+            .for_found_user("app", "dyn_1", password())
+            .expect("a pool");
+        let now = Instant::now();
+        let swept = |at: Instant| lock(&pools.state).sweep_found(at);
+        // (The login swept already: not again within the minute.)
+        assert!(!swept(now + FOUND_SWEEP_EVERY / 2));
+        lock(&pools.state).found_swept = None;
+        // Handed out half a minute ago: kept.
+        assert!(swept(now + FOUND_SWEEP_EVERY / 2));
+        assert!(lock(&pools.state)
+            .found
+            .contains_key(&("app".into(), "dyn_1".into())));
+        assert!(!pool.is_retired());
+        // (Not looked at again within the minute.)
+        assert!(!swept(now + FOUND_SWEEP_EVERY));
+        assert!(swept(now + FOUND_SWEEP_EVERY * 2));
+        assert!(lock(&pools.state).found.is_empty());
+        assert!(pool.is_retired());
+        // Its next login revives it (its janitor had not closed it yet).
+        let again = pools
+            .for_found_user("app", "dyn_1", password())
+            .expect("a pool");
+        assert!(Arc::ptr_eq(&pool, &again) && !again.is_retired());
     }
 
     #[test]
