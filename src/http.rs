@@ -5,6 +5,7 @@
 //! connection; connections that send nothing make way for new ones, so an idle flood
 //! cannot keep a health check out.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +26,12 @@ const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// probes do not follow requests one for one (each makes the server fork a process).
 const READY_KEPT: Duration = Duration::from_secs(1);
 
-/// Connections still sending their request. Past this, the oldest is closed for the
-/// newcomer: idle connections cannot keep a probe out.
-const MAX_READING: usize = 128;
-/// `/metrics` renderings under way at once; more wait (a stuck scraper cannot pile up
-/// work). `/health` and `/ready` do not wait for them.
+/// Connections open at once. Past this, the oldest still sending its request is closed
+/// for the newcomer (idle connections cannot keep a probe out); if none is, the newcomer
+/// is closed (file descriptors are the proxy's clients' and backends' too).
+const MAX_OPEN: usize = 256;
+/// `/metrics` renderings under way at once, each to its last byte written; more wait (a
+/// stuck scraper cannot pile up work). `/health` and `/ready` do not wait for them.
 const MAX_RENDERING: usize = 8;
 /// A whole exchange, request to last byte written, must fit in this time.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -39,6 +41,8 @@ struct Server {
     shared: Arc<Shared>,
     /// Connections reading their request, oldest first (an id, to leave, and the task).
     reading: std::sync::Mutex<std::collections::VecDeque<(u64, tokio::task::AbortHandle)>>,
+    /// Connections open (their tasks not ended).
+    open: std::sync::atomic::AtomicUsize,
     rendering: tokio::sync::Semaphore,
     /// The last answer of `/ready`'s probes and when it was made; held while probing,
     /// so that requests meanwhile wait for its answer rather than probe again.
@@ -50,6 +54,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     let server = Arc::new(Server {
         shared,
         reading: Default::default(),
+        open: Default::default(),
         rendering: tokio::sync::Semaphore::new(MAX_RENDERING),
         ready: Default::default(),
     });
@@ -61,33 +66,51 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         };
         match accepted {
             Ok((stream, _)) => {
+                if server.open.load(Ordering::Acquire) >= MAX_OPEN {
+                    let oldest = lock(&server.reading).pop_front();
+                    match oldest {
+                        Some((_, task)) => task.abort(),
+                        // (Every one is being answered: this one waits for none of them.)
+                        None => continue,
+                    }
+                }
                 next_id += 1;
                 let id = next_id;
+                let open = Open::count(&server);
                 // (Registered before it can run to its end and leave the list.)
-                let evicted = {
-                    let mut reading = lock(&server.reading);
-                    let task = tokio::spawn({
-                        let server = Arc::clone(&server);
-                        async move {
-                            let exchange = answer(stream, &server, id);
-                            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await;
-                            server.done_reading(id);
-                        }
-                    });
-                    reading.push_back((id, task.abort_handle()));
-                    (reading.len() > MAX_READING)
-                        .then(|| reading.pop_front())
-                        .flatten()
-                };
-                if let Some((_, oldest)) = evicted {
-                    oldest.abort();
-                }
+                let mut reading = lock(&server.reading);
+                let task = tokio::spawn({
+                    let server = Arc::clone(&server);
+                    async move {
+                        let _open = open;
+                        let exchange = answer(stream, &server, id);
+                        let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await;
+                        server.done_reading(id);
+                    }
+                });
+                reading.push_back((id, task.abort_handle()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "admin HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// One open connection, counted until its task ends (or is aborted).
+struct Open(Arc<Server>);
+
+impl Open {
+    fn count(server: &Arc<Server>) -> Open {
+        server.open.fetch_add(1, Ordering::AcqRel);
+        Open(Arc::clone(server))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -109,11 +132,14 @@ async fn answer(mut stream: TcpStream, server: &Server, id: u64) {
     };
     server.done_reading(id);
     let shared = &server.shared;
+    // (Held to the last byte written: a scraper that does not read holds its place.)
+    let mut _rendering = None;
     let (status, content_type, body) = match path.as_str() {
         "/metrics" => {
-            let Ok(_rendering) = server.rendering.acquire().await else {
+            let Ok(permit) = server.rendering.acquire().await else {
                 return;
             };
+            _rendering = Some(permit);
             (
                 "200 OK",
                 "text/plain; version=0.0.4",

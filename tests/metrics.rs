@@ -211,6 +211,7 @@ async fn health_and_ready_say_what_they_mean() {
 #[tokio::test]
 async fn idle_connections_and_a_flood_of_ready_requests_cost_little() {
     use tokio::io::AsyncWriteExt;
+    common::raise_fd_limit();
     // A "server" that counts the connections the probes make.
     let server = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -232,16 +233,26 @@ async fn idle_connections_and_a_flood_of_ready_requests_cost_little() {
     let http = proxy.http.expect("an HTTP listener");
 
     let mut idle = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..400 {
         let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
         s.write_all(b"GET /hea").await.expect("half a request");
         idle.push(s);
     }
     let health = tokio::time::timeout(Duration::from_secs(1), get(http, "/health")).await;
     assert_eq!(
-        health.expect("/health answered within 1 s despite 200 idle connections"),
+        health.expect("/health answered within 1 s despite 400 idle connections"),
         (200, "ok\n".into())
     );
+    // No more than 256 are kept open: the oldest made way (closed) for the rest.
+    let closed = futures_util::future::join_all(idle.iter_mut().map(|s| async move {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), s.read(&mut byte)).await;
+        matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    }))
+    .await;
+    let closed = closed.iter().filter(|&&c| c).count();
+    assert!(closed >= 400 + 1 - 256, "{closed} of 400 closed");
 
     let asks: Vec<_> = (0..20)
         .map(|_| tokio::spawn(async move { get(http, "/ready").await }))
