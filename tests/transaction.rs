@@ -4061,10 +4061,27 @@ async fn a_partial_datestyle_does_not_take_another_clients_date_order() {
     assert_eq!(row_until_ready(&mut a).await.as_deref(), Ok("SQL, DMY"));
 }
 
-/// A notification on the backend of a client that is not pinned (its LISTEN ran inside a
-/// function, which no statement shows) is another client's, or may be: it is not passed
-/// on, and that backend is closed once let go of rather than lent again. Before, the
-/// next client of the backend got the first client's notifications.
+/// The next notification on `conn`, if one comes within half a second.
+async fn notification(conn: &mut common::Conn) -> Option<tokio_postgres::Notification> {
+    let wait = async {
+        loop {
+            match conn.messages.recv().await {
+                Some(tokio_postgres::AsyncMessage::Notification(n)) => return n,
+                Some(_) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_millis(500), wait)
+        .await
+        .ok()
+}
+
+/// A notification on the backend of a client not seen to LISTEN (another's LISTEN ran
+/// inside a function, which no statement shows) is another client's, or may be: it is
+/// not passed on, whether the client is pinned (for something else) or not, and that
+/// backend is not lent again unreset. Before, the next client of the backend got the
+/// first client's notifications. A client that ran LISTEN itself gets its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_on_a_backend_no_client_listens_on_reaches_nobody() {
     let role = "tx_notify_fn";
@@ -4077,35 +4094,53 @@ async fn a_notification_on_a_backend_no_client_listens_on_reaches_nobody() {
         )
         .await
         .expect("the function");
-    let a = proxy.connect(role, "pw").await.expect("login a");
-    let listening = pid(&a.client).await;
-    a.client
-        .batch_execute("SELECT tx_notify_subscribe()")
+    for pinned in [false, true] {
+        let a = proxy.connect(role, "pw").await.expect("login a");
+        let listening = pid(&a.client).await;
+        a.client
+            .batch_execute("SELECT tx_notify_subscribe()")
+            .await
+            .expect("a listens, through a function");
+        drop(a);
+        let mut b = proxy.connect(role, "pw").await.expect("login b");
+        if pinned {
+            b.client
+                .batch_execute("CREATE TEMP TABLE tx_notify_t (x int)")
+                .await
+                .expect("b pinned, for a temp table");
+        }
+        b.client.batch_execute("BEGIN").await.expect("begin");
+        assert_eq!(pid(&b.client).await, listening, "b holds a's backend");
+        admin
+            .batch_execute("NOTIFY tx_notify_jobs, 'a secret of a'")
+            .await
+            .expect("notify");
+        b.client.batch_execute("COMMIT").await.expect("commit");
+        // (The server delivers it as the transaction ends, before its ReadyForQuery.)
+        b.client.batch_execute("SELECT 1").await.expect("a query");
+        let got = notification(&mut b).await;
+        assert!(
+            got.is_none(),
+            "pinned {pinned}: b got a's notification: {got:?}"
+        );
+        if !pinned {
+            // That backend is not lent again.
+            assert_ne!(pid(&b.client).await, listening);
+        }
+    }
+    // A client that runs LISTEN gets its notifications.
+    let mut c = proxy.connect(role, "pw").await.expect("login c");
+    c.client
+        .batch_execute("LISTEN tx_notify_own")
         .await
-        .expect("a listens, through a function");
-    let mut b = proxy.connect(role, "pw").await.expect("login b");
-    b.client.batch_execute("BEGIN").await.expect("begin");
-    assert_eq!(pid(&b.client).await, listening, "b holds a's backend");
+        .expect("listen");
     admin
-        .batch_execute("NOTIFY tx_notify_jobs, 'a secret of a'")
+        .batch_execute("NOTIFY tx_notify_own, 'for c'")
         .await
         .expect("notify");
-    b.client.batch_execute("COMMIT").await.expect("commit");
-    // (The server delivers it as the transaction ends, before its ReadyForQuery.)
-    b.client.batch_execute("SELECT 1").await.expect("a query");
-    let got = tokio::time::timeout(std::time::Duration::from_millis(500), async {
-        loop {
-            match b.messages.recv().await {
-                Some(tokio_postgres::AsyncMessage::Notification(n)) => return n,
-                Some(_) => continue,
-                None => std::future::pending().await,
-            }
-        }
-    })
-    .await;
-    assert!(got.is_err(), "b got a's notification: {got:?}");
-    // That backend is not lent again.
-    assert_ne!(pid(&b.client).await, listening);
+    c.client.batch_execute("SELECT 1").await.expect("a query");
+    let got = notification(&mut c).await.expect("c's own notification");
+    assert_eq!(got.payload(), "for c");
 }
 
 /// A LOAD by a client pinned already for another reason (or behind another reason in the

@@ -296,6 +296,9 @@ struct FollowUp {
     /// up for every message; here, not in the session, as few clients have one (an idle
     /// client's task is the session).
     search_path_env: u64,
+    /// The client ran LISTEN (transaction mode): notifications on its backend are its.
+    /// (Here, as few clients do.)
+    listens: bool,
 }
 
 /// Keeps `value` as the client's [`FollowUp::search_path_env`] (making the follow-up only
@@ -849,6 +852,7 @@ impl Session {
                         && f.search_path_env == 0
                         && !f.deallocate_waits
                         && f.client_gone.is_none()
+                        && !f.listens
                 }) {
                     self.follow_up = None;
                 }
@@ -2266,6 +2270,7 @@ impl Session {
                     };
                 self.parse_env_unsettled = unsettled(self.parse_env_unsettled, flags);
             }
+            let listens = effects.listens;
             if pinned && effects.pin == Some(PinReason::Load) {
                 // Pinned already, for another reason: the backend is closed, not reset,
                 // when the client leaves (see `cleanup`).
@@ -2307,6 +2312,11 @@ impl Session {
                         );
                     }
                 }
+            }
+            // A LISTEN that runs (the client is pinned: not refused) makes notifications
+            // on this backend the client's from now on.
+            if listens && self.pinned.is_some() {
+                self.follow_up.get_or_insert_with(Default::default).listens = true;
             }
             let sets_search_path = effects.all_settings
                 || effects
@@ -2924,16 +2934,18 @@ impl Session {
                         }
                     }
                 }
-                b'A' if self.mode == PoolMode::Transaction && self.pinned.is_none() => {
-                    // A notification to a client that is not pinned (LISTEN pins): the
+                b'A' if self.mode == PoolMode::Transaction
+                    && !self.follow_up.as_ref().is_some_and(|f| f.listens) =>
+                {
+                    // A notification to a client not seen to LISTEN (pinned or not): the
                     // backend listens for a client that held it before, or for this one
                     // through a function no statement showed. Not passed on (it may be
-                    // another tenant's), and the backend is closed once let go of.
+                    // another tenant's); the backend is not lent again unreset.
                     self.client_out.truncate(start);
-                    if !server.is_broken() {
+                    if !server.heard_notification() {
                         tracing::warn!(client = %self.id, pool = %self.pool.name(), "a notification came on a backend no client listens on through pgshield (a LISTEN inside a function?): not passed on; the backend will be closed");
                     }
-                    server.mark_broken();
+                    server.note_notification();
                 }
                 b'Z' => {
                     // (pgshield's own hidden queries are no request of the client's.)

@@ -82,6 +82,8 @@ pub struct Effects {
     pub deallocate: Option<Option<String>>,
     /// It keeps state on the backend that cannot follow the client.
     pub pin: Option<PinReason>,
+    /// It runs LISTEN (whatever `pin` says first): notifications are the client's.
+    pub listens: bool,
     /// It changes the schema under existing statements (ALTER, DROP, CREATE OR REPLACE,
     /// not of temporary objects): a prepared statement's result type may be another now.
     pub schema_change: bool,
@@ -1061,7 +1063,10 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
             let reset = e.settings[before..].to_vec();
             e.reset_settings.extend(reset);
         }
-        "listen" => e.pin(PinReason::Listen),
+        "listen" => {
+            e.listens = true;
+            e.pin(PinReason::Listen);
+        }
         "load" => e.pin(PinReason::Load),
         "prepare" if !is(t.get(1), "transaction") => e.pin(PinReason::SqlPrepare),
         "declare"
@@ -1254,6 +1259,7 @@ fn do_block(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
     if let Some(reason) = inner.pin {
         e.pin(reason);
     }
+    e.listens |= inner.listens;
     e.settings.extend(inner.settings);
     e.schema_change |= inner.schema_change;
     e.local_parse_setting |= inner.local_parse_setting;

@@ -461,6 +461,8 @@ impl ServerManager {
             Some("broken")
         } else if let Some(reason) = host {
             Some(reason)
+        } else if server.heard_notification() {
+            Some("a notification came for no client listening through pgshield")
         } else if server.generation < self.generation.load(Ordering::Acquire) {
             Some("RECONNECT or a reload that changed its server")
         } else if !server.is_reusable() {

@@ -301,6 +301,10 @@ pub struct Server {
     settled_for: String,
     settled: bool,
     broken: bool,
+    /// A notification came that no client was seen to LISTEN for (a LISTEN inside a
+    /// function, a departed client's): the backend listens on some channel, and must be
+    /// reset (DISCARD ALL unlistens) or closed before another client has it.
+    notified: bool,
     /// Lent without the health check it was due (see `pool::lend_idle_only`): its
     /// borrower runs the check before using it (`Pool::checked`).
     pub(crate) check_due: bool,
@@ -349,6 +353,7 @@ impl Server {
             settled_for: String::new(),
             settled: false,
             broken: false,
+            notified: false,
             check_due: false,
             no_terminate: false,
             created: now,
@@ -433,6 +438,16 @@ impl Server {
     /// Never lend this backend again.
     pub fn mark_broken(&mut self) {
         self.broken = true;
+    }
+
+    /// A notification came that no client holding this backend was seen to LISTEN for.
+    pub fn note_notification(&mut self) {
+        self.notified = true;
+    }
+
+    /// Whether a notification has come since the last reset (see `notified`).
+    pub fn heard_notification(&self) -> bool {
+        self.notified
     }
 
     pub fn is_broken(&self) -> bool {
@@ -590,10 +605,9 @@ impl Server {
                 }
                 // Completions and notices of our own queries are nobody's business.
                 b'T' | b'D' | b'C' | b'I' | b'N' => {}
-                // A notification: the backend listens on a channel, for a client gone or
-                // through a function no statement showed. Never lent again (another
-                // client would get the notifications).
-                b'A' => self.broken = true,
+                // A notification: the backend listens on a channel (a client's, to be
+                // reset; or one no statement showed). Not lent again unreset.
+                b'A' => self.notified = true,
                 other => return Err(out_of_step(self, other)),
             }
         }
@@ -636,6 +650,7 @@ impl Server {
                 char::from(tag)
             )));
         }
+        self.notified |= tag == b'A';
         if tag == b'S' {
             if let Some((name, value)) = parse_parameter_status(&body) {
                 self.note_param(name, value);
@@ -704,6 +719,8 @@ impl Server {
     pub async fn reset(&mut self) -> Result<(), ServerError> {
         self.rollback().await?;
         self.run_internal_ok("DISCARD ALL").await?;
+        // (DISCARD ALL includes UNLISTEN *.)
+        self.notified = false;
         self.settled = false;
         self.applied.clear();
         self.statements.clear();
