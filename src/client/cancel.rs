@@ -156,11 +156,16 @@ pub struct QueuedCancel {
 }
 
 impl QueuedCancel {
+    /// Whether a cancel for the client has arrived.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
     /// Resolves once a cancel for the client has arrived.
     pub async fn cancelled(&self) {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
-            if self.cancelled.load(Ordering::Acquire) {
+            if self.is_cancelled() {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending

@@ -465,6 +465,9 @@ fn search_path_env(settings: &ClientSettings) -> u64 {
 /// closed, and its backend (the cancel may not have reached the server).
 const QUERY_CANCEL_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a forced shutdown, or KILL, waits for the cancel of a running statement.
+const FORCED_CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Session mode: the longest Query looked at for a reset of settings (longer ones stream
 /// through unread).
 const RESET_SCAN_LIMIT: usize = 8 * 1024;
@@ -3169,12 +3172,7 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 }, if cancelled.is_some() => {
-                    // As PostgreSQL answers a cancelled statement; nothing of it has run.
-                    tracing::info!(client = %self.id, pool = %pool.name(), "a cancel request ended the client's wait for a backend");
-                    return Ok(Err(ErrorResponse::error(
-                        sqlstate::QUERY_CANCELED,
-                        "canceling statement due to user request",
-                    )));
+                    return Ok(Err(self.cancelled_while_queued()));
                 }
                 event = poll_fn(|cx| self.poll_io(cx, read_ahead, false)) => match event {
                     Event::Data => self.note_activity(),
@@ -3185,6 +3183,13 @@ impl Session {
                 },
             }
         };
+        if cancelled.is_some_and(|wait| wait.is_cancelled()) {
+            // Cancelled as the backend came (the borrow won the race): not run, as the
+            // client asked; the backend goes back unused.
+            drop(waiting);
+            backend.release();
+            return Ok(Err(self.cancelled_while_queued()));
+        }
         drop(waiting);
         let waited = waiting_since.map_or(Duration::ZERO, |since| since.elapsed());
         self.note_borrowed(waited);
@@ -3195,6 +3200,16 @@ impl Session {
         }
         self.hold(backend);
         Ok(Ok(()))
+    }
+
+    /// What a client whose wait for a backend a cancel ended gets: PostgreSQL's answer to
+    /// a cancelled statement (nothing of it has run).
+    fn cancelled_while_queued(&self) -> ErrorResponse {
+        tracing::info!(client = %self.id, pool = %self.pool.name(), "a cancel request ended the client's wait for a backend");
+        ErrorResponse::error(
+            sqlstate::QUERY_CANCELED,
+            "canceling statement due to user request",
+        )
     }
 
     /// Takes a lent backend once the client's settings are applied to it (and, after a
@@ -3453,8 +3468,11 @@ impl Session {
                 if running && matches!(end, End::ForcedShutdown | End::Killed) {
                     // A statement still running is cancelled first: the server would
                     // notice the closed connection only when it next writes, going on
-                    // with it (and its locks, perhaps to its commit) meanwhile.
-                    backend.server_ref().cancel_target().send().await;
+                    // with it (and its locks, perhaps to its commit) meanwhile. (Briefly:
+                    // a forced shutdown gives its sessions 5 s in all, and a server that
+                    // does not answer is a reason to force one.)
+                    let cancel = backend.server_ref().cancel_target();
+                    let _ = tokio::time::timeout(FORCED_CANCEL_TIMEOUT, cancel.send()).await;
                 }
                 if mid_message_to_server || !self.server_out.is_empty() {
                     // The server may hold part of a message: a Terminate now would be read
