@@ -30,8 +30,10 @@ const MAX_CACHED: usize = 100_000;
 const MAX_ROLE_NAME: usize = 63;
 /// The longest one lookup query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection of `auth.user` is kept for the next lookup.
+/// How long a connection of `auth.user` is kept for the next lookup, and how long at most
+/// it is used at all.
 const IDLE_KEEP: Duration = Duration::from_secs(60);
+const MAX_AGE: Duration = Duration::from_secs(600);
 
 type Slot = Arc<tokio::sync::Mutex<Option<(Option<ClientAuth>, Instant)>>>;
 
@@ -40,7 +42,7 @@ pub struct AuthQuery {
     ttl: Duration,
     connect_timeout: Duration,
     /// Where the query runs for each configured database.
-    targets: HashMap<String, Target>,
+    targets: HashMap<String, Arc<Target>>,
     cache: Mutex<HashMap<(String, String), Slot>>,
 }
 
@@ -51,6 +53,8 @@ struct Target {
     running: tokio::sync::Semaphore,
     /// Connections a lookup finished with, and since when (at most [`MAX_LOOKUPS`]).
     idle: Mutex<Vec<(Server, Instant)>>,
+    /// A task closes those kept too long (while there are any).
+    pruning: std::sync::atomic::AtomicBool,
 }
 
 impl AuthQuery {
@@ -85,11 +89,12 @@ impl AuthQuery {
                     tls: Arc::clone(tls),
                     application_name: Some("pgshield auth_query"),
                 };
-                let target = Target {
+                let target = Arc::new(Target {
                     server: target,
                     running: tokio::sync::Semaphore::new(MAX_LOOKUPS),
                     idle: Mutex::new(Vec::new()),
-                };
+                    pruning: Default::default(),
+                });
                 (name.clone(), target)
             })
             .collect();
@@ -151,7 +156,7 @@ impl AuthQuery {
         Arc::clone(cache.entry(key).or_default())
     }
 
-    async fn fetch(&self, target: &Target, user: &str) -> Result<Option<ClientAuth>, String> {
+    async fn fetch(&self, target: &Arc<Target>, user: &str) -> Result<Option<ClientAuth>, String> {
         let sql = self.query.replace("$1", &escape_literal(user));
         // A kept connection, if one is still good; else (or if it fails: the server may
         // have restarted since) a new one.
@@ -184,21 +189,54 @@ impl AuthQuery {
 }
 
 impl Target {
-    /// A kept connection still fit for a query; those kept too long, or that the server
-    /// closed (or spoke on) meanwhile, are closed.
+    /// A kept connection still fit for a query.
     fn take_idle(&self) -> Option<Server> {
         let mut idle = crate::lock(&self.idle);
-        idle.retain(|(server, since)| {
-            since.elapsed() < IDLE_KEEP && !server.is_broken() && !server.peer_closed_or_spoke()
-        });
+        idle.retain(fit);
         idle.pop().map(|(server, _)| server)
     }
 
-    /// Keeps a connection whose query went well for the next lookup.
-    fn keep(&self, server: Server) {
+    /// Keeps a connection whose query went well for the next lookup (and has those kept
+    /// too long closed, even if no lookup comes).
+    fn keep(self: &Arc<Self>, server: Server) {
         let mut idle = crate::lock(&self.idle);
-        if !server.is_broken() && server.replies.is_idle() && idle.len() < MAX_LOOKUPS {
+        if !server.is_broken()
+            && server.replies.is_idle()
+            && !server.outlived(MAX_AGE)
+            && idle.len() < MAX_LOOKUPS
+        {
             idle.push((server, Instant::now()));
+            if !self.pruning.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                tokio::spawn(prune(Arc::downgrade(self)));
+            }
+        }
+    }
+}
+
+/// Whether a kept connection may serve another lookup: not kept past [`IDLE_KEEP`], not
+/// older than [`MAX_AGE`], not closed by the server (or spoken on) meanwhile.
+fn fit((server, since): &(Server, Instant)) -> bool {
+    since.elapsed() < IDLE_KEEP
+        && !server.outlived(MAX_AGE)
+        && !server.is_broken()
+        && !server.peer_closed_or_spoke()
+}
+
+/// Closes kept connections once unfit, until none is kept (or the lookups are replaced,
+/// by a reload).
+async fn prune(target: std::sync::Weak<Target>) {
+    loop {
+        tokio::time::sleep(IDLE_KEEP / 4).await;
+        let Some(target) = target.upgrade() else {
+            return;
+        };
+        let mut idle = crate::lock(&target.idle);
+        idle.retain(fit);
+        if idle.is_empty() {
+            target
+                .pruning
+                .store(false, std::sync::atomic::Ordering::Release);
+            return;
         }
     }
 }
