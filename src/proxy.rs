@@ -72,6 +72,25 @@ impl UnixSocket {
     }
 }
 
+impl UnixSocket {
+    /// The connections queued on the socket (its owner then closes it).
+    fn take_queued(&self) -> Vec<tokio::net::UnixStream> {
+        let socket = socket2::SockRef::from(&self.listener);
+        let mut queued = Vec::new();
+        // (Non-blocking, as tokio left it: stops at the first WouldBlock.)
+        while let Some(accepted) = next_queued(socket.accept()) {
+            let stream = accepted.and_then(|(accepted, _)| {
+                let stream =
+                    std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(accepted));
+                stream.set_nonblocking(true)?;
+                tokio::net::UnixStream::from_std(stream)
+            });
+            queued.extend(stream.ok());
+        }
+        queued
+    }
+}
+
 impl Drop for UnixSocket {
     fn drop(&mut self) {
         let name = if self.published {
@@ -298,7 +317,6 @@ pub enum StartError {
 /// over the Unix-domain socket).
 type Accepted = (Stream, Peer, Option<SocketAddr>);
 
-/// A client accepted over TCP through the listener at `listening`.
 /// Closes `listener`, with the connections queued on it if `take` is false; else returns
 /// them.
 fn take_queued(listener: TcpListener, take: bool) -> Vec<(TcpStream, SocketAddr)> {
@@ -307,17 +325,35 @@ fn take_queued(listener: TcpListener, take: bool) -> Vec<(TcpStream, SocketAddr)
         return queued;
     };
     // (Non-blocking, as tokio left it: stops at the first WouldBlock.)
-    while let Ok((tcp, peer)) = listener.accept() {
-        let tcp = tcp
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(tcp));
-        if let Ok(tcp) = tcp {
-            queued.push((tcp, peer));
-        }
+    while let Some(accepted) = next_queued(listener.accept()) {
+        let tcp = accepted.and_then(|(tcp, peer)| {
+            tcp.set_nonblocking(true)?;
+            Ok((TcpStream::from_std(tcp)?, peer))
+        });
+        queued.extend(tcp.ok());
     }
     queued
 }
 
+/// What a non-blocking accept of what is queued gave: a connection, or a failure of that
+/// one only (it went away before it was accepted); None once the queue is empty (or the
+/// process is out of descriptors: the rest are lost).
+fn next_queued<T>(accepted: std::io::Result<T>) -> Option<std::io::Result<T>> {
+    match accepted {
+        Ok(accepted) => Some(Ok(accepted)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Some(Err(e))
+        }
+        Err(_) => None,
+    }
+}
+
+/// A client accepted over TCP through the listener at `listening`.
 fn accepted_tcp((tcp, peer): (TcpStream, SocketAddr), listening: SocketAddr) -> Accepted {
     // The connection's own address is the listener's, unless that is a wildcard.
     let local = if listening.ip().to_canonical().is_unspecified() {
@@ -575,6 +611,13 @@ impl Proxy {
             )
             .await;
         }
+        if let Some(unix) = unix.as_ref().filter(|_| serve_queued) {
+            for stream in unix.take_queued() {
+                let peer = Peer::Unix { port: unix.port };
+                let accepted = (Stream::from_accepted_unix(stream), peer, None);
+                accept(&shared, &sessions, Ok(accepted), false).await;
+            }
+        }
         drop(unix);
         sessions.close();
         if !shutdown.is_draining() {
@@ -634,6 +677,19 @@ mod tests {
             assert!(std::net::TcpStream::connect(addr).is_err(), "closed");
             drop(clients);
         }
+        // The Unix-domain socket's too.
+        let dir = std::env::temp_dir().join(format!("pgshield-queued-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(".s.PGSQL.6998");
+        let mut unix = listen_unix(&path, 6998, 0o700, false).expect("unix socket");
+        unix.publish().expect("published");
+        let clients: Vec<_> = (0..2)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).expect("queued"))
+            .collect();
+        assert_eq!(unix.take_queued().len(), 2);
+        assert!(unix.take_queued().is_empty());
+        drop((unix, clients));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
