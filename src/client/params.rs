@@ -28,12 +28,29 @@ pub struct ClientSettings {
     startup: Option<Box<String>>,
 }
 
+/// Settings a client may give at startup (`options` switches and parameters together);
+/// real drivers send a handful.
+const MAX_STARTUP_SETTINGS: usize = 256;
+
 impl ClientSettings {
     /// Collects settings from a StartupMessage. Refuses what pgshield cannot honour.
     /// As PostgreSQL (`process_startup_options`): the switches in `options` first, then
     /// the other parameters, which win over them.
     pub fn from_startup(msg: &StartupMessage) -> Result<ClientSettings, ErrorResponse> {
         let mut settings = ClientSettings::default();
+        let mut count = 0usize;
+        // (Each is looked for among those before it: bounded, a packet of short names
+        // costs no more than a real login's.)
+        let mut counted = || {
+            count += 1;
+            if count > MAX_STARTUP_SETTINGS {
+                return Err(ErrorResponse::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("more than {MAX_STARTUP_SETTINGS} settings in the startup packet"),
+                ));
+            }
+            Ok(())
+        };
         if let Some(options) = msg.get("options") {
             for (name, value) in parse_options(options).map_err(|reason| {
                 ErrorResponse::fatal(
@@ -42,6 +59,7 @@ impl ClientSettings {
                 )
                 .with_hint("pgshield accepts options of the form -c name=value or --name=value")
             })? {
+                counted()?;
                 settings.set(&name, &value);
             }
         }
@@ -58,6 +76,7 @@ impl ClientSettings {
                     "pgshield does not support replication connections; connect to the server directly",
                 ));
             }
+            counted()?;
             settings.set(name, value);
         }
         // Kept for the connection's life: no spare room.
@@ -460,6 +479,19 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
+    }
+
+    /// A startup packet of hundreds of short settings is refused: each costs a look
+    /// among those before it, and no driver sends more than a handful.
+    #[test]
+    fn too_many_startup_settings_are_refused() {
+        let names: Vec<String> = (0..=MAX_STARTUP_SETTINGS)
+            .map(|i| format!("x.s{i}"))
+            .collect();
+        let params: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+        let err = ClientSettings::from_startup(&startup(&params)).expect_err("too many");
+        assert_eq!(err.code, sqlstate::PROTOCOL_VIOLATION);
+        assert!(ClientSettings::from_startup(&startup(&params[1..])).is_ok());
     }
 
     #[test]
