@@ -1413,7 +1413,8 @@ async fn a_query_pipelined_behind_a_failed_copy_is_answered() {
 
 /// A COPY FROM STDIN in the extended protocol that fails (a bad row, or a sink dropped
 /// unfinished: CopyFail) leaves replies pgshield cannot match for sure; the client still
-/// holds nothing once it ended outside a transaction (its backend is closed), and goes on.
+/// holds nothing once it ended outside a transaction (its backend goes back once its
+/// replies are matched again), and goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_copy_from_stdin_leaves_the_client_holding_no_backend() {
     use futures_util::SinkExt;
@@ -1459,6 +1460,38 @@ async fn a_failed_copy_from_stdin_leaves_the_client_holding_no_backend() {
         .unwrap()
         .get(0);
     assert_eq!(count, 0, "nothing of either COPY was stored");
+}
+
+/// A failed extended-protocol COPY FROM STDIN (tokio-postgres sends every COPY so) whose
+/// only messages in doubt are Syncs keeps its backend: pgshield's resync ends all doubt,
+/// and nothing of the backend's prepared statements can differ from what is recorded.
+/// Before, every such failure closed the backend (a reconnect each time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_extended_copy_keeps_its_backend() {
+    use futures_util::SinkExt;
+    let proxy = proxy("tx_copykeep", "max_size = 1").await;
+    let conn = proxy.connect("tx_copykeep", "pw").await.expect("login");
+    let c = &conn.client;
+    c.batch_execute("CREATE TABLE tx_copykeep_t (x int PRIMARY KEY)")
+        .await
+        .expect("table");
+    let before = pid(c).await;
+    {
+        let sink = c
+            .copy_in("COPY tx_copykeep_t FROM STDIN")
+            .await
+            .expect("copy");
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n1\n"))
+            .await
+            .expect("data");
+        let e = sink.finish().await.expect_err("a duplicate fails the COPY");
+        assert_eq!(sqlstate(&e), Some("23505"));
+    }
+    let statement = c.prepare("SELECT $1::int + 1").await.expect("prepare");
+    let two: i32 = c.query_one(&statement, &[&1i32]).await.expect("run").get(0);
+    assert_eq!(two, 2);
+    assert_eq!(pid(c).await, before, "the backend was kept");
 }
 
 /// A client pinned by SQL PREPARE has statements of its own on its backend: its DEALLOCATE

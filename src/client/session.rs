@@ -1800,8 +1800,9 @@ impl Session {
     /// empty Query of pgshield's finds their place again
     /// ([`crate::server::state::ReplyTracker::resync_sent`]). A client that keeps it
     /// (session mode, pinned) goes on with its timeouts, resets and shutdown as any
-    /// other; in transaction mode the client lets go of it then (closed), having had the
-    /// replies to whatever it pipelined behind the COPY.
+    /// other; in transaction mode the client lets go of it then (closed if a statement
+    /// message was in doubt), having had the replies to whatever it pipelined behind the
+    /// COPY.
     fn resync_if_unsure(&mut self) {
         let Some(backend) = self.backend.as_mut() else {
             return;
@@ -1814,9 +1815,10 @@ impl Session {
         {
             return;
         }
-        if self.mode == PoolMode::Transaction {
+        if self.mode == PoolMode::Transaction && server.replies.statements_unsure() {
             // (What it has prepared may be other than recorded, had the COPY swallowed
-            // a Parse: never lent again, whoever lets go of it.)
+            // a Parse: never lent again, whoever lets go of it. Only Syncs in doubt, as
+            // after any failed extended-protocol COPY, the resync ends all doubt.)
             server.mark_broken();
         }
         if postgres_protocol::message::frontend::query("", &mut self.server_out).is_ok() {
@@ -2988,12 +2990,15 @@ impl Session {
             && self.client_msg.left == 0
             && self.server_msg.left == 0;
         if quiet && server.replies.unsure_but_over() {
-            // Its replies cannot be matched any more (a failed COPY FROM STDIN): it is
-            // to be closed, not kept by this client for good. But what the client
-            // pipelined behind the COPY may still be answered: pgshield first finds its
-            // place among the replies again (`resync_if_unsure`), then lets go of it.
-            // (Settings it may have changed are read back after its next transaction.)
-            server.mark_broken();
+            // Its replies cannot be matched any more (a failed COPY FROM STDIN): pgshield
+            // first finds its place among the replies again (`resync_if_unsure`; what
+            // the client pipelined behind the COPY is answered meanwhile), then lets go
+            // of it, closed if its prepared statements may be other than recorded (a
+            // statement message was in doubt, not only Syncs). (Settings it may have
+            // changed are read back after its next transaction.)
+            if server.replies.statements_unsure() {
+                server.mark_broken();
+            }
             return;
         } else if !quiet || !server.replies.is_idle() {
             return;

@@ -17,9 +17,12 @@
 //! One case cannot be judged from outside: when a COPY FROM STDIN whose client had already
 //! queued a Sync (or anything else) behind it fails, whether the server consumed those
 //! messages depends on when the error struck. The tracker then stops judging that backend
-//! ("unsure"): no reply is out of step any more, and it is never idle again, so it is
-//! closed rather than reused. The session (and later transaction pooling) asks only `at_boundary` and
-//! `is_idle`; everything else stays in here, unit-tested without a database.
+//! ("unsure"): no reply is out of step any more, and it is not idle again until an empty
+//! Query of pgshield's has found its place among the replies (`resync_sent`). If only
+//! Syncs were in doubt, it is then reused; if a statement message was (a Parse behind the
+//! COPY), its prepared statements may be other than recorded, and it is closed. The
+//! session asks only `at_boundary` and `is_idle`; everything else stays in here,
+//! unit-tested without a database.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -226,6 +229,10 @@ pub struct ReplyTracker {
     copy_swallowed_messages: bool,
     /// The replies can no longer be matched with certainty (see the module doc).
     unsure: bool,
+    /// Nor can what the server made of statement messages (a Parse, a Close) sent during
+    /// or behind a COPY that failed: its prepared statements may be other than recorded.
+    /// (Not so when only Syncs were in doubt: a resync ends all doubt then.)
+    statements_unsure: bool,
     /// pgshield's empty Query, sent to find its place again among an unsure backend's
     /// replies (see [`ReplyTracker::resync_sent`]): sent, and whether its
     /// EmptyQueryResponse has come.
@@ -250,6 +257,7 @@ impl Default for ReplyTracker {
             client_copying: false,
             copy_swallowed_messages: false,
             unsure: false,
+            statements_unsure: false,
             resync: None,
             tx: TxStatus::Idle,
         }
@@ -279,7 +287,10 @@ impl ReplyTracker {
                 // Ignored by the COPY if it reads that far, answered if it fails first.
                 b'S' => self.copy_swallowed_messages = true,
                 // A statement inside COPY data: the server errors, then runs what follows.
-                _ => self.unsure = true,
+                _ => {
+                    self.unsure = true;
+                    self.statements_unsure = true;
+                }
             }
             self.undone.extend(undo);
             return;
@@ -394,6 +405,7 @@ impl ReplyTracker {
             // The server would not have answered this message: neither do we.
             if self.client_copying {
                 self.unsure = true;
+                self.statements_unsure = true;
             }
             self.undone.extend(undo);
             return;
@@ -806,6 +818,7 @@ impl ReplyTracker {
             // Statements pipelined behind a COPY: the server errors on the first and runs
             // the rest; there is no telling how. Stop judging.
             self.unsure = true;
+            self.statements_unsure = true;
         }
         self.copy_swallowed_messages = !swallowed.is_empty();
     }
@@ -956,6 +969,13 @@ impl ReplyTracker {
     /// The replies can no longer be matched with certainty: the backend must not be reused.
     pub fn is_unsure(&self) -> bool {
         self.unsure
+    }
+
+    /// What the server made of statement messages is in doubt (see `statements_unsure`):
+    /// even once its replies are matched again, the backend's prepared statements may be
+    /// other than recorded.
+    pub fn statements_unsure(&self) -> bool {
+        self.statements_unsure
     }
 
     /// Unsure (see [`ReplyTracker::is_unsure`]), with nothing known to be owed and no COPY
@@ -1499,6 +1519,28 @@ mod tests {
         server(&mut t, "EZTDCZ").unwrap();
         assert!(t.is_unsure());
         assert!(!t.at_boundary());
+    }
+
+    /// Only Syncs in doubt (a failed extended-protocol COPY: tokio-postgres's): the
+    /// statements stay known, and a resync makes the backend idle again. A statement
+    /// behind the COPY: they may not be.
+    #[test]
+    fn only_syncs_in_doubt_leave_the_statements_known() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dcS");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.is_unsure() && !t.statements_unsure());
+        t.resync_sent();
+        server(&mut t, "IZ").unwrap();
+        assert!(t.is_idle(), "{t:?}");
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BESP");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dcS");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.is_unsure() && t.statements_unsure());
     }
 
     #[test]
