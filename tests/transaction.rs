@@ -1377,6 +1377,68 @@ async fn query_timeout_cancels_a_statement_that_runs_too_long() {
         .expect("short statements run");
 }
 
+/// Each of two statements pipelined in one go gets its own query_timeout: the second is
+/// cancelled half a second after it starts, not at a deadline left from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_statements_each_get_their_query_timeout() {
+    let role = "tx_qt_pipe";
+    let proxy = trusted_proxy(role, "mode = \"transaction\"\nquery_timeout = \"500ms\"").await;
+    let mut s = raw::login_trusted(proxy.addr, role).await;
+    let mut both = raw::query("SELECT pg_sleep(10)");
+    both.extend_from_slice(&raw::query("SELECT pg_sleep(10)"));
+    let started = Instant::now();
+    raw::send(&mut s, &both).await;
+    let mut cancelled = 0;
+    while cancelled < 2 {
+        let (tag, body) = raw::read_message(&mut s).await.expect("answered");
+        if tag == b'E' {
+            assert_eq!(raw::error_code(&body), "57014");
+            cancelled += 1;
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A client that stops reading a large result past query_timeout is not ended: the
+/// server, blocked writing to pgshield (which reads no more for a client that does not
+/// read), acts on the cancel only once the client reads again, and then it is the usual
+/// ERROR 57014, the connection usable. (Only a server silent for 5 s after the cancel
+/// while pgshield reads it ends the client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_spares_a_client_that_reads_slowly() {
+    let role = "tx_qt_slow";
+    let proxy = trusted_proxy(role, "mode = \"transaction\"\nquery_timeout = \"1s\"").await;
+    let mut s = raw::login_trusted(proxy.addr, role).await;
+    raw::send(
+        &mut s,
+        &raw::query("SELECT repeat('x', 1000) FROM generate_series(1, 1000000)"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut error = None;
+    loop {
+        let (tag, body) = raw::read_message(&mut s)
+            .await
+            .expect("answered, not closed");
+        match tag {
+            b'E' => {
+                let severity = body.split(|&b| b == 0).find_map(|f| f.strip_prefix(b"S"));
+                error = Some((raw::error_code(&body), severity.map(<[u8]>::to_vec)));
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        error,
+        Some(("57014".to_owned(), Some(b"ERROR".to_vec()))),
+        "cancelled as usual"
+    );
+    raw::send(&mut s, &raw::query("SELECT 'on'")).await;
+    assert_eq!(row_until_ready(&mut s).await.as_deref(), Ok("on"));
+}
+
 /// A client that pipelines a Query behind a COPY FROM STDIN that fails (data sent ahead
 /// of the CopyInResponse): which ReadyForQuery answers what cannot be told from outside,
 /// so pgshield finds its place among the replies again before letting go of the backend,

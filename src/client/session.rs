@@ -87,6 +87,19 @@ enum End {
     ForcedShutdown,
     /// KILL or KILL_CLIENT from the admin console.
     Killed,
+    /// A statement cancelled for query_timeout, with not a byte from the server for
+    /// [`QUERY_CANCEL_GRACE`] since: the cancel never reached it (a network cut, say).
+    StatementStuck,
+}
+
+/// Where a statement's query_timeout cancel stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancelled {
+    No,
+    /// Sent, and the server has said something since the last look.
+    Heard,
+    /// Sent, and not a byte from the server since the last look.
+    Silent,
 }
 
 impl End {
@@ -104,6 +117,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::ForcedShutdown => "forced shutdown",
             End::Killed => "killed from the admin console",
+            End::StatementStuck => "statement still running after its query_timeout cancel",
         }
     }
 }
@@ -461,8 +475,8 @@ fn search_path_env(settings: &ClientSettings) -> u64 {
     })
 }
 
-/// How long a statement cancelled for `query_timeout` has to stop before its client is
-/// closed, and its backend (the cancel may not have reached the server).
+/// How long the server may stay silent after a statement's `query_timeout` cancel before
+/// the client is closed, and its backend (the cancel may not have reached the server).
 const QUERY_CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a forced shutdown, or KILL, waits for the cancel of a running statement.
@@ -530,7 +544,7 @@ pub struct Session {
     /// Since when the server has been working for the client (for query_timeout).
     busy_since: Option<Instant>,
     /// query_timeout already cancelled the statement running now.
-    statement_cancelled: bool,
+    statement_cancelled: Cancelled,
     /// The client's cancel key; points at the backend it holds.
     cancel: Registration,
     /// The ParameterStatus values the client has been told.
@@ -661,7 +675,7 @@ impl Session {
             pinned: None,
             follow_up,
             busy_since: None,
-            statement_cancelled: false,
+            statement_cancelled: Cancelled::No,
             cancel: login.cancel,
             client_view: login.client_view,
             parse_env_unsettled: 0,
@@ -818,7 +832,10 @@ impl Session {
                 // when a reload adds one counts from the next turn of this loop.)
                 if state.0 && self.busy_since.is_none() && self.limits.query.is_some() {
                     self.busy_since = Some(crate::epoch::instant());
-                    self.statement_cancelled = false;
+                    self.statement_cancelled = Cancelled::No;
+                    // (A statement pipelined behind one that ended: busy all along, but
+                    // its own deadline is another.)
+                    timer_state = None;
                 } else if !state.0 {
                     self.busy_since = None;
                 }
@@ -1159,12 +1176,11 @@ impl Session {
         };
         if self.server_busy() {
             if let (Some(limit), Some(since)) = (limits.query, self.busy_since) {
-                let grace = if self.statement_cancelled {
-                    QUERY_CANCEL_GRACE
-                } else {
-                    Duration::ZERO
-                };
-                consider(since.checked_add(limit + grace));
+                match self.statement_cancelled {
+                    Cancelled::No => consider(since.checked_add(limit)),
+                    // (Whether the server has been silent since is looked at then.)
+                    _ => consider(now.checked_add(QUERY_CANCEL_GRACE)),
+                }
             }
             // Idle limits do not run while the server works; look again later.
             consider(limits.idle_client.and_then(|l| now.checked_add(l)));
@@ -1197,30 +1213,26 @@ impl Session {
         if self.server_busy() {
             let running_for = self.busy_since.map(|s| now.saturating_duration_since(s));
             if let (Some(limit), Some(running)) = (limits.query, running_for) {
-                if running >= limit + QUERY_CANCEL_GRACE && self.statement_cancelled {
-                    // The cancel did not stop it (it never reached the server: a network
-                    // cut, say): as PgBouncer's query_timeout, the client is closed and
-                    // its backend with it.
-                    tracing::warn!(client = %self.id, pool = %self.pool.name(), "statement still running after its query_timeout cancel: closing the client and its backend");
-                    if let Some(backend) = self.backend.as_mut() {
-                        backend.server().mark_broken();
+                match self.statement_cancelled {
+                    Cancelled::No if running >= limit => {
+                        self.statement_cancelled = Cancelled::Silent;
+                        tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");
+                        // (Attributed now, to the backend running it; only the sending
+                        // waits.)
+                        if let Some(target) = self.cancel.attribute() {
+                            tokio::spawn(async move { target.send().await });
+                        }
                     }
-                    return Err(End::Fatal(ErrorResponse::fatal(
-                        sqlstate::QUERY_CANCELED,
-                        format!(
-                            "pgshield: the statement ran past query_timeout and did not stop \
-                             within {}s of being cancelled; the connection is closed",
-                            QUERY_CANCEL_GRACE.as_secs()
-                        ),
-                    )));
-                }
-                if running >= limit && !self.statement_cancelled {
-                    self.statement_cancelled = true;
-                    tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");
-                    // (Attributed now, to the backend running it; only the sending waits.)
-                    if let Some(target) = self.cancel.attribute() {
-                        tokio::spawn(async move { target.send().await });
-                    }
+                    // The server has sent something since the last look, or pgshield
+                    // reads it no more for a client that does not read (the server may
+                    // be stuck writing, the cancel waiting on that): another grace.
+                    Cancelled::Heard => self.statement_cancelled = Cancelled::Silent,
+                    Cancelled::Silent if self.client_out.len() >= HIGH_WATER => {}
+                    // Not a byte from the server for a grace since the cancel (it never
+                    // reached the server: a network cut, say): as PgBouncer's
+                    // query_timeout, the client is closed and its backend with it.
+                    Cancelled::Silent => return Err(End::StatementStuck),
+                    Cancelled::No => {}
                 }
             }
             return Ok(());
@@ -1373,6 +1385,9 @@ impl Session {
                     Poll::Ready(Ok(_)) => data = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerError(e)),
                     Poll::Pending => server.read_idle_in = epoch,
+                }
+                if data && self.statement_cancelled == Cancelled::Silent {
+                    self.statement_cancelled = Cancelled::Heard;
                 }
             }
         }
@@ -3449,6 +3464,9 @@ impl Session {
                 tracing::warn!(client = %self.id, pool = %self.pool.name(), m, "server protocol error")
             }
             End::ClientProtocol(m) => tracing::info!(client = %self.id, m, "client protocol error"),
+            End::StatementStuck => {
+                tracing::warn!(client = %self.id, pool = %self.pool.name(), "statement still running after its query_timeout cancel, the server silent since: closing the client and its backend")
+            }
             other => tracing::debug!(client = %self.id, reason = ?other, "session ended"),
         }
         // From here no cancel reaches the backend; one sent before has marked it.
@@ -3467,7 +3485,11 @@ impl Session {
             let mid_message_to_server = self.client_msg.forward && self.client_msg.left > 0;
             let server_failed = matches!(
                 end,
-                End::ForcedShutdown | End::Killed | End::ServerLost(_) | End::ServerProtocol(_)
+                End::ForcedShutdown
+                    | End::Killed
+                    | End::ServerLost(_)
+                    | End::ServerProtocol(_)
+                    | End::StatementStuck
             );
             if server_failed || mid_message_to_server || mid_message_to_client {
                 if running && matches!(end, End::ForcedShutdown | End::Killed) {
@@ -3605,6 +3627,14 @@ impl Session {
             End::Killed => Some(ErrorResponse::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command (pgshield admin console)",
+            )),
+            End::StatementStuck => Some(ErrorResponse::fatal(
+                sqlstate::QUERY_CANCELED,
+                format!(
+                    "pgshield: the statement ran past query_timeout and the server sent nothing \
+                     for {}s after it was cancelled; the connection is closed",
+                    QUERY_CANCEL_GRACE.as_secs()
+                ),
             )),
         }
     }
