@@ -26,9 +26,10 @@ const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// probes do not follow requests one for one (each makes the server fork a process).
 const READY_KEPT: Duration = Duration::from_secs(1);
 
-/// Connections open at once. Past this, the oldest still sending its request is closed
-/// for the newcomer (idle connections cannot keep a probe out); if none is, the newcomer
-/// is closed (file descriptors are the proxy's clients' and backends' too).
+/// Connections open at once. Past this, the oldest still sending its request (or waiting
+/// for a place to render `/metrics`) is closed for the newcomer: idle connections cannot
+/// keep a probe out. If none is, the newcomer is closed (file descriptors are the proxy's
+/// clients' and backends' too).
 const MAX_OPEN: usize = 256;
 /// `/metrics` renderings under way at once, each to its last byte written; more wait (a
 /// stuck scraper cannot pile up work). `/health` and `/ready` do not wait for them.
@@ -130,22 +131,24 @@ async fn answer(mut stream: TcpStream, server: &Server, id: u64) {
         Ok(Ok(Some(path))) => path,
         _ => return,
     };
-    server.done_reading(id);
     let shared = &server.shared;
     // (Held to the last byte written: a scraper that does not read holds its place.)
     let mut _rendering = None;
+    if path == "/metrics" {
+        // Waiting for a place, it can still be closed for a newcomer (a flood of scrapes
+        // that do not read cannot keep a probe out either).
+        let Ok(permit) = server.rendering.acquire().await else {
+            return;
+        };
+        _rendering = Some(permit);
+    }
+    server.done_reading(id);
     let (status, content_type, body) = match path.as_str() {
-        "/metrics" => {
-            let Ok(permit) = server.rendering.acquire().await else {
-                return;
-            };
-            _rendering = Some(permit);
-            (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                render_metrics(shared),
-            )
-        }
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render_metrics(shared),
+        ),
         "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
         "/ready" => match not_ready(server).await {
             None => ("200 OK", "text/plain", "ready\n".to_owned()),
