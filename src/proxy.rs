@@ -78,7 +78,10 @@ impl UnixSocket {
         let socket = socket2::SockRef::from(&self.listener);
         let mut queued = Vec::new();
         // (Non-blocking, as tokio left it: stops at the first WouldBlock.)
-        while let Some(accepted) = next_queued(socket.accept()) {
+        for _ in 0..MAX_QUEUED {
+            let Some(accepted) = next_queued(socket.accept()) else {
+                break;
+            };
             let stream = accepted.and_then(|(accepted, _)| {
                 let stream =
                     std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(accepted));
@@ -317,6 +320,10 @@ pub enum StartError {
 /// over the Unix-domain socket).
 type Accepted = (Stream, Peer, Option<SocketAddr>);
 
+/// The most connections taken from one closing socket's queue (the kernel's own bound,
+/// `net.core.somaxconn`, is 4096 by default).
+const MAX_QUEUED: usize = 65_536;
+
 /// Closes `listener`, with the connections queued on it if `take` is false; else returns
 /// them.
 fn take_queued(listener: TcpListener, take: bool) -> Vec<(TcpStream, SocketAddr)> {
@@ -324,8 +331,12 @@ fn take_queued(listener: TcpListener, take: bool) -> Vec<(TcpStream, SocketAddr)
     let Some(listener) = listener.into_std().ok().filter(|_| take) else {
         return queued;
     };
-    // (Non-blocking, as tokio left it: stops at the first WouldBlock.)
-    while let Some(accepted) = next_queued(listener.accept()) {
+    // (Non-blocking, as tokio left it: stops at the first WouldBlock. Bounded, should an
+    // error keep coming.)
+    for _ in 0..MAX_QUEUED {
+        let Some(accepted) = next_queued(listener.accept()) else {
+            break;
+        };
         let tcp = accepted.and_then(|(tcp, peer)| {
             tcp.set_nonblocking(true)?;
             Ok((TcpStream::from_std(tcp)?, peer))
@@ -336,20 +347,23 @@ fn take_queued(listener: TcpListener, take: bool) -> Vec<(TcpStream, SocketAddr)
 }
 
 /// What a non-blocking accept of what is queued gave: a connection, or a failure of that
-/// one only (it went away before it was accepted); None once the queue is empty (or the
-/// process is out of descriptors: the rest are lost).
+/// one only (it went away before it was accepted; on Linux also network errors pending
+/// on it, which accept(2) says to treat as a retry); None once the queue is empty, or the
+/// process is out of descriptors or memory (the rest are lost).
 fn next_queued<T>(accepted: std::io::Result<T>) -> Option<std::io::Result<T>> {
+    use nix::errno::Errno;
     match accepted {
         Ok(accepted) => Some(Ok(accepted)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
         Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted
-            ) =>
+            if e.raw_os_error().is_some_and(|code| {
+                [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+                    .contains(&Errno::from_raw(code))
+            }) =>
         {
-            Some(Err(e))
+            None
         }
-        Err(_) => None,
+        Err(e) => Some(Err(e)),
     }
 }
 

@@ -2963,7 +2963,7 @@ impl Session {
                     // another tenant's); the backend is not lent again unreset.
                     self.client_out.truncate(start);
                     if !server.heard_notification() {
-                        tracing::warn!(client = %self.id, pool = %self.pool.name(), "a notification came on a backend no client listens on through pgshield (a LISTEN inside a function?): not passed on; the backend will be closed");
+                        tracing::warn!(client = %self.id, pool = %self.pool.name(), "a notification came on a backend no client listens on through pgshield (a LISTEN inside a function?): not passed on; the backend is not lent again unless reset");
                     }
                     server.note_notification();
                 }
