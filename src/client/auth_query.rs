@@ -245,10 +245,23 @@ async fn prune(target: std::sync::Weak<Target>) {
 fn read_row(row: &[Option<String>], user: &str) -> Option<ClientAuth> {
     let (secret, expired) = match row {
         [secret] => (secret.as_deref(), false),
-        [_, secret, rest @ ..] => (
-            secret.as_deref(),
-            rest.first().is_some_and(|e| e.as_deref() == Some("t")),
-        ),
+        [_, secret, rest @ ..] => {
+            let expired = match rest.first().map(Option::as_deref) {
+                None | Some(Some("f")) => false,
+                Some(Some("t")) => true,
+                // Not a boolean (a `valuntil` timestamp, say): which logins it meant to
+                // refuse is not known, so all are.
+                Some(other) => {
+                    tracing::warn!(
+                        user,
+                        value = other.unwrap_or("NULL"),
+                        "auth.query's third column must be a boolean (true: expired); the login is refused"
+                    );
+                    true
+                }
+            };
+            (secret.as_deref(), expired)
+        }
         [] => return None,
     };
     if expired {
@@ -289,6 +302,9 @@ mod tests {
             "expired"
         );
         assert!(read_row(&[s("u"), s(&verifier), s("f")], "u").is_some());
+        // Not a boolean: refused rather than taken for "not expired".
+        assert!(read_row(&[s("u"), s(&verifier), s("2030-01-01 00:00:00+00")], "u").is_none());
+        assert!(read_row(&[s("u"), s(&verifier), None], "u").is_none());
         assert!(read_row(&[s("u"), None], "u").is_none(), "no password");
         assert!(read_row(&[s("u"), s("plaintext")], "u").is_none());
         let md5 = postgres_protocol::password::md5(b"pw", "u");
