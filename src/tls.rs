@@ -86,11 +86,30 @@ fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_file("private key", path)?;
+    warn_if_readable_by_others(path);
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Invalid {
         what: "private key",
         path: path.to_owned(),
         reason: format!("no usable PEM private key: {e}"),
     })
+}
+
+/// PostgreSQL refuses a private key that others can read (unless root owns it and only
+/// its group may read it too); pgshield warns, as a mounted secret (Kubernetes mounts
+/// them 0644 by default) is often so.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    if meta.mode() & 0o777 & !allowed != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.mode() & 0o777),
+            "the TLS private key can be read by other users; PostgreSQL would refuse it (chmod 600)"
+        );
+    }
 }
 
 fn load_roots(what: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
