@@ -724,6 +724,7 @@ impl Server {
         self.settled = false;
         self.applied.clear();
         self.statements.clear();
+        self.replies.forget_statement_doubt();
         Ok(())
     }
 

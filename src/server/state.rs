@@ -34,6 +34,11 @@ use crate::protocol::frame::HEADER_LEN;
 
 pub use crate::prepared::{StatementDrop, Undo};
 
+/// Whether a client message of this tag may change the server's prepared statements.
+fn changes_statements(tag: u8) -> bool {
+    Owed::from_tag(tag).is_some_and(Owed::changes_statements)
+}
+
 /// Transaction status from the last ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxStatus {
@@ -72,6 +77,15 @@ enum Owed {
 }
 
 impl Owed {
+    /// Whether the message may change the server's prepared statements (a Parse, a Close,
+    /// a Query or function call that may run PREPARE or DEALLOCATE).
+    fn changes_statements(self) -> bool {
+        matches!(
+            self,
+            Owed::Parse | Owed::Close | Owed::Query | Owed::FunctionCall
+        )
+    }
+
     fn from_tag(tag: u8) -> Option<Owed> {
         Some(match tag {
             b'P' => Owed::Parse,
@@ -297,6 +311,9 @@ impl ReplyTracker {
         }
         if self.skipping_to_sync {
             if tag != b'S' {
+                // (Replies in doubt: the server may run this after all, had it answered a
+                // Sync thought swallowed by a failed COPY.)
+                self.statements_unsure |= self.unsure && changes_statements(tag);
                 self.undone.extend(undo);
                 return;
             }
@@ -685,7 +702,8 @@ impl ReplyTracker {
             // queued behind them are written in their place (a Close it answers, after
             // the failed COPY before it), and a ReadyForQuery still ends what it ends; one
             // that does not match is passed on, not an error: the server may answer once
-            // more or once less than counted. (Never pooled again: see `is_unsure`.)
+            // more or once less than counted. (Not pooled again until a resync ends the
+            // doubt: see `is_unsure`.)
             if tag == b'Z' {
                 self.tx = status.and_then(TxStatus::from_byte).unwrap_or(self.tx);
                 // A ReadyForQuery ends a Sync or Query only once what came before it is
@@ -829,7 +847,8 @@ impl ReplyTracker {
     fn error(&mut self) {
         // An error ends any COPY; what the client sends next is no longer COPY data.
         self.client_copying = false;
-        if std::mem::take(&mut self.copy_swallowed_messages) {
+        let in_doubt = std::mem::take(&mut self.copy_swallowed_messages);
+        if in_doubt {
             // The COPY failed, perhaps before reading the Sync queued behind it, which the
             // server would then answer after all: one ReadyForQuery more than counted.
             // (The COPY's own messages are over either way, as below.)
@@ -862,13 +881,16 @@ impl ReplyTracker {
                     entry.failed = true;
                 }
             }
-            Some(_) => match self.owed.iter().position(|e| e.owed == Owed::Sync) {
-                Some(sync) => self.abandon(0..sync),
-                None => {
-                    self.abandon(0..self.owed.len());
-                    self.skipping_to_sync = true;
-                }
-            },
+            Some(_) => {
+                let sync = self.owed.iter().position(|e| e.owed == Owed::Sync);
+                let upto = sync.unwrap_or(self.owed.len());
+                // Taken for skipped, but run after all if the server answered the Sync in
+                // doubt: what they do to prepared statements is not known then.
+                self.statements_unsure |=
+                    in_doubt && self.owed.range(..upto).any(|e| e.owed.changes_statements());
+                self.abandon(0..upto);
+                self.skipping_to_sync |= sync.is_none();
+            }
         }
     }
 
@@ -966,9 +988,16 @@ impl ReplyTracker {
             && !self.unsure
     }
 
-    /// The replies can no longer be matched with certainty: the backend must not be reused.
+    /// The replies can no longer be matched with certainty: the backend must not be reused
+    /// until a resync (`resync_sent`) has found their place again.
     pub fn is_unsure(&self) -> bool {
         self.unsure
+    }
+
+    /// The backend was reset whole (DISCARD ALL: no prepared statement left, as recorded):
+    /// no doubt about them remains.
+    pub fn forget_statement_doubt(&mut self) {
+        self.statements_unsure = false;
     }
 
     /// What the server made of statement messages is in doubt (see `statements_unsure`):
@@ -1011,8 +1040,9 @@ impl ReplyTracker {
 
     /// Unsure, yet its last reply was a ReadyForQuery outside a transaction block, with
     /// nothing known to be owed (a COPY FROM STDIN that failed, say): what may come late
-    /// answers nothing the client still waits for. The backend can go (closed, not
-    /// pooled), and the client holds nothing, as after any transaction.
+    /// answers nothing the client still waits for. Once a resync has ended the doubt, the
+    /// backend can go (closed if `statements_unsure`), and the client holds nothing, as
+    /// after any transaction.
     pub fn unsure_but_over(&self) -> bool {
         self.unsure
             && self.owed.is_empty()
@@ -1541,6 +1571,25 @@ mod tests {
         client(&mut t, "dcS");
         server(&mut t, "EZ").unwrap();
         assert!(t.is_unsure() && t.statements_unsure());
+        // A Sync in the COPY data, then a Parse behind the CopyDone: taken for skipped by
+        // the error, but run if the server answered that Sync.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dScPBES");
+        server(&mut t, "EZ").unwrap();
+        assert!(t.is_unsure() && t.statements_unsure());
+        // Likewise one sent while the server skips to a Sync.
+        let mut t = ReplyTracker::default();
+        client(&mut t, "BES");
+        server(&mut t, "2G").unwrap();
+        client(&mut t, "dSc");
+        server(&mut t, "E").unwrap();
+        assert!(t.is_unsure() && !t.statements_unsure());
+        client(&mut t, "PS");
+        assert!(t.statements_unsure());
+        t.forget_statement_doubt();
+        assert!(!t.statements_unsure());
     }
 
     #[test]
