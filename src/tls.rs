@@ -102,8 +102,9 @@ fn warn_if_readable_by_others(path: &Path) {
     let Ok(meta) = std::fs::metadata(path) else {
         return;
     };
-    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
-    if meta.mode() & 0o777 & !allowed != 0 {
+    // (As PostgreSQL looks: the group's and others' bits only.)
+    let group_may_read = if meta.uid() == 0 { 0o040 } else { 0 };
+    if meta.mode() & 0o077 & !group_may_read != 0 {
         tracing::warn!(
             path = %path.display(),
             mode = format!("{:o}", meta.mode() & 0o777),

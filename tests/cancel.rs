@@ -315,3 +315,43 @@ async fn query_timeout_closes_a_client_whose_cancel_does_not_arrive() {
         .sum();
     assert_eq!(open, 0, "backend {pid} is still open");
 }
+
+/// The silence that ends such a client is the server's: a client that keeps sending
+/// (a Sync every second, here) while its cancelled statement's server says nothing is
+/// ended all the same. (Before, its own bytes counted as the server's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_talking_client_does_not_hide_a_silent_server() {
+    let role = "cancel_lost_talk";
+    common::create_role(role, "pw").await;
+    let relay = common::Relay::start(|code| code != 80877102).await;
+    let proxy = TestProxy::start_with_databases(
+        &relay.database(),
+        &format!(
+            "[pool]\nmode = \"transaction\"\nquery_timeout = \"500ms\"\n\
+             [tls.server]\nmode = \"disable\"\n\
+             [users.{role}]\nauth = \"trust\"\nserver_password = \"pw\"\n"
+        ),
+    )
+    .await;
+    let mut s = raw::login_trusted(proxy.addr, role).await;
+    raw::send(&mut s, &raw::query("SELECT pg_sleep(30)")).await;
+    let started = Instant::now();
+    let ended = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if started.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        use tokio::io::AsyncWriteExt;
+        if s.write_all(&raw::message(b'S', &[])).await.is_err() {
+            break true;
+        }
+        let mut byte = [0u8; 1];
+        let peeked = tokio::time::timeout(Duration::from_millis(10), s.peek(&mut byte)).await;
+        if matches!(peeked, Ok(Ok(_))) {
+            break true;
+        }
+    };
+    assert!(ended, "still not ended after 20 s");
+    let (tag, body) = raw::read_message(&mut s).await.expect("the farewell");
+    assert_eq!((tag, raw::error_code(&body)), (b'E', "57014".to_owned()));
+}

@@ -247,14 +247,15 @@ fn read_row(row: &[Option<String>], user: &str) -> Option<ClientAuth> {
         [secret] => (secret.as_deref(), false),
         [_, secret, rest @ ..] => {
             let expired = match rest.first().map(Option::as_deref) {
-                None | Some(Some("f")) => false,
+                // (NULL: `rolvaliduntil < now()` of a role with no expiry.)
+                None | Some(Some("f") | None) => false,
                 Some(Some("t")) => true,
                 // Not a boolean (a `valuntil` timestamp, say): which logins it meant to
-                // refuse is not known, so all are.
-                Some(other) => {
+                // refuse is not known, so all are. (Its value is not logged: with columns
+                // in another order, it could be a verifier.)
+                Some(Some(_)) => {
                     tracing::warn!(
                         user,
-                        value = other.unwrap_or("NULL"),
                         "auth.query's third column must be a boolean (true: expired); the login is refused"
                     );
                     true
@@ -304,7 +305,10 @@ mod tests {
         assert!(read_row(&[s("u"), s(&verifier), s("f")], "u").is_some());
         // Not a boolean: refused rather than taken for "not expired".
         assert!(read_row(&[s("u"), s(&verifier), s("2030-01-01 00:00:00+00")], "u").is_none());
-        assert!(read_row(&[s("u"), s(&verifier), None], "u").is_none());
+        assert!(
+            read_row(&[s("u"), s(&verifier), None], "u").is_some(),
+            "NULL: no expiry"
+        );
         assert!(read_row(&[s("u"), None], "u").is_none(), "no password");
         assert!(read_row(&[s("u"), s("plaintext")], "u").is_none());
         let md5 = postgres_protocol::password::md5(b"pw", "u");

@@ -90,17 +90,37 @@ enum End {
     /// A statement cancelled for query_timeout, with not a byte from the server for
     /// [`QUERY_CANCEL_GRACE`] since: the cancel never reached it (a network cut, say).
     StatementStuck,
+    /// A statement cancelled for query_timeout whose client has read nothing of its
+    /// result for [`MAX_UNREAD_LOOKS`] graces.
+    ResultUnread,
 }
 
-/// Where a statement's query_timeout cancel stands.
+/// Where a statement's query_timeout cancel stands: not sent ([`Cancelled::NO`]); sent,
+/// and the server has said something since the last look ([`Cancelled::HEARD`]); or sent,
+/// and not a byte from the server since the last look, with how many looks in a row found
+/// pgshield reading no more of it for a client that does not read ([`Cancelled::silent`]).
+/// (One byte: the session's size counts.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cancelled {
-    No,
-    /// Sent, and the server has said something since the last look.
-    Heard,
-    /// Sent, and not a byte from the server since the last look.
-    Silent,
+struct Cancelled(u8);
+
+impl Cancelled {
+    const NO: Cancelled = Cancelled(0);
+    const HEARD: Cancelled = Cancelled(1);
+
+    fn silent(unread_looks: u8) -> Cancelled {
+        Cancelled(unread_looks.saturating_add(2))
+    }
+
+    /// Silent, and how many looks found the result unread.
+    fn unread_looks(self) -> Option<u8> {
+        self.0.checked_sub(2)
+    }
 }
+
+/// Looks ([`QUERY_CANCEL_GRACE`] apart) in a row that find a cancelled statement's
+/// client reading none of its result before the client is ended: the server, blocked
+/// writing it, cannot act on the cancel meanwhile, and holds its backend.
+const MAX_UNREAD_LOOKS: u8 = 12;
 
 impl End {
     /// A few words for the log line that says how the session ended.
@@ -118,6 +138,7 @@ impl End {
             End::ForcedShutdown => "forced shutdown",
             End::Killed => "killed from the admin console",
             End::StatementStuck => "statement still running after its query_timeout cancel",
+            End::ResultUnread => "client reads nothing of a statement cancelled for query_timeout",
         }
     }
 }
@@ -675,7 +696,7 @@ impl Session {
             pinned: None,
             follow_up,
             busy_since: None,
-            statement_cancelled: Cancelled::No,
+            statement_cancelled: Cancelled::NO,
             cancel: login.cancel,
             client_view: login.client_view,
             parse_env_unsettled: 0,
@@ -832,7 +853,7 @@ impl Session {
                 // when a reload adds one counts from the next turn of this loop.)
                 if state.0 && self.busy_since.is_none() && self.limits.query.is_some() {
                     self.busy_since = Some(crate::epoch::instant());
-                    self.statement_cancelled = Cancelled::No;
+                    self.statement_cancelled = Cancelled::NO;
                     // (A statement pipelined behind one that ended: busy all along, but
                     // its own deadline is another.)
                     timer_state = None;
@@ -1176,10 +1197,11 @@ impl Session {
         };
         if self.server_busy() {
             if let (Some(limit), Some(since)) = (limits.query, self.busy_since) {
-                match self.statement_cancelled {
-                    Cancelled::No => consider(since.checked_add(limit)),
+                if self.statement_cancelled == Cancelled::NO {
+                    consider(since.checked_add(limit));
+                } else {
                     // (Whether the server has been silent since is looked at then.)
-                    _ => consider(now.checked_add(QUERY_CANCEL_GRACE)),
+                    consider(now.checked_add(QUERY_CANCEL_GRACE));
                 }
             }
             // Idle limits do not run while the server works; look again later.
@@ -1213,26 +1235,31 @@ impl Session {
         if self.server_busy() {
             let running_for = self.busy_since.map(|s| now.saturating_duration_since(s));
             if let (Some(limit), Some(running)) = (limits.query, running_for) {
-                match self.statement_cancelled {
-                    Cancelled::No if running >= limit => {
-                        self.statement_cancelled = Cancelled::Silent;
-                        tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");
-                        // (Attributed now, to the backend running it; only the sending
-                        // waits.)
-                        if let Some(target) = self.cancel.attribute() {
-                            tokio::spawn(async move { target.send().await });
-                        }
+                let cancelled = self.statement_cancelled;
+                if cancelled == Cancelled::NO && running >= limit {
+                    self.statement_cancelled = Cancelled::silent(0);
+                    tracing::info!(client = %self.id, pool = %self.pool.name(), "statement ran past query_timeout: cancelling it");
+                    // (Attributed now, to the backend running it; only the sending waits.)
+                    if let Some(target) = self.cancel.attribute() {
+                        tokio::spawn(async move { target.send().await });
                     }
-                    // The server has sent something since the last look, or pgshield
-                    // reads it no more for a client that does not read (the server may
-                    // be stuck writing, the cancel waiting on that): another grace.
-                    Cancelled::Heard => self.statement_cancelled = Cancelled::Silent,
-                    Cancelled::Silent if self.client_out.len() >= HIGH_WATER => {}
-                    // Not a byte from the server for a grace since the cancel (it never
-                    // reached the server: a network cut, say): as PgBouncer's
-                    // query_timeout, the client is closed and its backend with it.
-                    Cancelled::Silent => return Err(End::StatementStuck),
-                    Cancelled::No => {}
+                } else if cancelled == Cancelled::HEARD {
+                    // The server has sent something since the last look: another grace.
+                    self.statement_cancelled = Cancelled::silent(0);
+                } else if let Some(unread) = cancelled.unread_looks() {
+                    if self.client_out.len() < HIGH_WATER {
+                        // Not a byte from the server for a grace since the cancel (it
+                        // never reached the server: a network cut, say): as PgBouncer's
+                        // query_timeout, the client is closed and its backend with it.
+                        return Err(End::StatementStuck);
+                    }
+                    // pgshield reads no more of the server for a client that does not
+                    // read (the server may be stuck writing, the cancel waiting on that):
+                    // for a while, as such a client holds the backend.
+                    if unread + 1 >= MAX_UNREAD_LOOKS {
+                        return Err(End::ResultUnread);
+                    }
+                    self.statement_cancelled = Cancelled::silent(unread + 1);
                 }
             }
             return Ok(());
@@ -1382,12 +1409,14 @@ impl Session {
                 reserve_for_read(&mut server.read_buf);
                 match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.read_buf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerEof),
-                    Poll::Ready(Ok(_)) => data = true,
+                    Poll::Ready(Ok(_)) => {
+                        data = true;
+                        if self.statement_cancelled.unread_looks().is_some() {
+                            self.statement_cancelled = Cancelled::HEARD;
+                        }
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerError(e)),
                     Poll::Pending => server.read_idle_in = epoch,
-                }
-                if data && self.statement_cancelled == Cancelled::Silent {
-                    self.statement_cancelled = Cancelled::Heard;
                 }
             }
         }
@@ -3467,6 +3496,9 @@ impl Session {
             End::StatementStuck => {
                 tracing::warn!(client = %self.id, pool = %self.pool.name(), "statement still running after its query_timeout cancel, the server silent since: closing the client and its backend")
             }
+            End::ResultUnread => {
+                tracing::warn!(client = %self.id, pool = %self.pool.name(), "the client reads nothing of a statement cancelled for query_timeout: closing it and its backend")
+            }
             other => tracing::debug!(client = %self.id, reason = ?other, "session ended"),
         }
         // From here no cancel reaches the backend; one sent before has marked it.
@@ -3490,6 +3522,7 @@ impl Session {
                     | End::ServerLost(_)
                     | End::ServerProtocol(_)
                     | End::StatementStuck
+                    | End::ResultUnread
             );
             if server_failed || mid_message_to_server || mid_message_to_client {
                 if running && matches!(end, End::ForcedShutdown | End::Killed) {
@@ -3634,6 +3667,14 @@ impl Session {
                     "pgshield: the statement ran past query_timeout and the server sent nothing \
                      for {}s after it was cancelled; the connection is closed",
                     QUERY_CANCEL_GRACE.as_secs()
+                ),
+            )),
+            End::ResultUnread => Some(ErrorResponse::fatal(
+                sqlstate::QUERY_CANCELED,
+                format!(
+                    "pgshield: the statement ran past query_timeout, and its result was not \
+                     read for {}s after it was cancelled; the connection is closed",
+                    QUERY_CANCEL_GRACE.as_secs() * u64::from(MAX_UNREAD_LOOKS)
                 ),
             )),
         }
