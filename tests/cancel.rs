@@ -267,6 +267,23 @@ async fn a_cancel_ends_a_queued_clients_wait_and_its_statement_never_runs() {
     assert_eq!(rows, 0, "a cancelled statement ran");
 }
 
+/// A proxy (transaction mode, query_timeout 500 ms) whose server is reached through a
+/// relay that drops every CancelRequest, as a network cut would; `user` is the role's
+/// `[users.ROLE]` table.
+async fn losing_cancels(role: &str, user: &str) -> (common::Relay, TestProxy) {
+    common::create_role(role, "pw").await;
+    let relay = common::Relay::start(|code| code != 80877102).await;
+    let proxy = TestProxy::start_with_databases(
+        &relay.database(),
+        &format!(
+            "[pool]\nmode = \"transaction\"\nquery_timeout = \"500ms\"\n\
+             [tls.server]\nmode = \"disable\"\n[users.{role}]\n{user}\n"
+        ),
+    )
+    .await;
+    (relay, proxy)
+}
+
 /// `query_timeout` still ends a statement whose cancel never reaches the server (a relay
 /// here drops every CancelRequest, as a network cut would): after a grace of 5 s the
 /// client is closed with `57014` and its backend with it, as PgBouncer's query_timeout
@@ -274,16 +291,7 @@ async fn a_cancel_ends_a_queued_clients_wait_and_its_statement_never_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_closes_a_client_whose_cancel_does_not_arrive() {
     let role = "cancel_lost";
-    common::create_role(role, "pw").await;
-    let relay = common::Relay::start(|code| code != 80877102).await;
-    let proxy = TestProxy::start_with_databases(
-        &relay.database(),
-        &format!(
-            "[pool]\nmode = \"transaction\"\nquery_timeout = \"500ms\"\n\
-             [tls.server]\nmode = \"disable\"\n[users.{role}]\npassword = \"pw\"\n"
-        ),
-    )
-    .await;
+    let (relay, proxy) = losing_cancels(role, "password = \"pw\"").await;
     let conn = proxy.connect(role, "pw").await.expect("login");
     let pid = backend_pid(&conn.client).await;
     let started = Instant::now();
@@ -322,17 +330,7 @@ async fn query_timeout_closes_a_client_whose_cancel_does_not_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_talking_client_does_not_hide_a_silent_server() {
     let role = "cancel_lost_talk";
-    common::create_role(role, "pw").await;
-    let relay = common::Relay::start(|code| code != 80877102).await;
-    let proxy = TestProxy::start_with_databases(
-        &relay.database(),
-        &format!(
-            "[pool]\nmode = \"transaction\"\nquery_timeout = \"500ms\"\n\
-             [tls.server]\nmode = \"disable\"\n\
-             [users.{role}]\nauth = \"trust\"\nserver_password = \"pw\"\n"
-        ),
-    )
-    .await;
+    let (_relay, proxy) = losing_cancels(role, "auth = \"trust\"\nserver_password = \"pw\"").await;
     let mut s = raw::login_trusted(proxy.addr, role).await;
     raw::send(&mut s, &raw::query("SELECT pg_sleep(30)")).await;
     let started = Instant::now();
