@@ -303,7 +303,7 @@ impl ReplyTracker {
                 // A statement inside COPY data: the server errors, then runs what follows.
                 _ => {
                     self.unsure = true;
-                    self.statements_unsure = true;
+                    self.statements_unsure |= changes_statements(tag);
                 }
             }
             self.undone.extend(undo);
@@ -836,7 +836,7 @@ impl ReplyTracker {
             // Statements pipelined behind a COPY: the server errors on the first and runs
             // the rest; there is no telling how. Stop judging.
             self.unsure = true;
-            self.statements_unsure = true;
+            self.statements_unsure |= swallowed.iter().any(|o| o.changes_statements());
         }
         self.copy_swallowed_messages = !swallowed.is_empty();
     }
