@@ -2229,6 +2229,8 @@ impl Pools {
             ..
         } = &mut *state;
         found_handed.retain(|key, _| found.contains_key(key));
+        // (Those of pools removed by earlier reloads, closed and gone since.)
+        self.metrics.forget_unused_histograms();
         // Monitors start once they have whom to log in as, and sizing to apply.
         for (cluster, stop) in new_clusters {
             self.spawn_monitor(&cluster, &stop);
@@ -2374,6 +2376,7 @@ impl Pools {
             // (Those of pools closed and gone since.)
             self.metrics.forget_unused_histograms();
         }
+        let cluster = Arc::clone(&state.clusters.get(&base)?.0);
         state.found_handed.insert(key.clone(), now);
         if let Some(pool) = state.found.get(&key) {
             // Whatever it held: the password may have changed, md5 to SCRAM even.
@@ -2383,7 +2386,6 @@ impl Pools {
         let target = state.target(&base, &db, user, Some(password));
         // Read-only pools are outside max_db_connections (their backends are on replicas).
         let limit = state.db_limits.get(&base).cloned().filter(|_| !read_only);
-        let cluster = Arc::clone(&state.clusters.get(&base)?.0);
         if let Some(pool) = state.revive(database, user) {
             pool.update(state.settings.clone(), target, limit, cluster);
             state.found.insert(key, Arc::clone(&pool));
