@@ -2069,7 +2069,11 @@ impl Session {
         // Session mode: only a reset of settings is looked for (see `restore_after`), and a
         // LOAD, in a Query short enough to hold whole (a LOAD in a Parse as well).
         let mut session_restore_behind = None;
-        if self.mode == PoolMode::Session && header.tag == b'P' && header.len <= RESET_SCAN_LIMIT {
+        if self.mode == PoolMode::Session
+            && header.tag == b'P'
+            && header.len <= RESET_SCAN_LIMIT
+            && self.pinned != Some(PinReason::Load)
+        {
             if !self.whole_message_arrived(header)? {
                 return Ok(false);
             }
@@ -2078,7 +2082,8 @@ impl Session {
                 .and_then(|_name| crate::protocol::frame::take_cstr_bytes(&mut body))
                 .ok_or_else(|| End::ClientProtocol("malformed Parse message".into()))?;
             // (Most texts have no "load" at all: those are not read further.)
-            if text.windows(4).any(|w| w.eq_ignore_ascii_case(b"load"))
+            if memchr::memchr2(b'l', b'L', text).is_some()
+                && text.windows(4).any(|w| w.eq_ignore_ascii_case(b"load"))
                 && sql::classify_in(text, parse_env).pin == Some(PinReason::Load)
             {
                 self.pinned = Some(PinReason::Load);
@@ -3156,17 +3161,13 @@ impl Session {
         let waiting_since = first.is_pending().then(Instant::now);
         let waiting = first.is_pending().then(|| {
             self.registered.info.set_waiting(waiting_since);
-            // Back to active however the wait ends (a borrow error, a hang-up…); a cancel
-            // for the client ends the wait until then.
-            (
-                pool.wait(),
-                ActiveOnDrop(Arc::clone(&self.registered.info)),
-                self.cancel.queued(),
-            )
+            // Back to active however the wait ends (a borrow error, a hang-up…).
+            (pool.wait(), ActiveOnDrop(Arc::clone(&self.registered.info)))
         });
-        let cancelled = waiting
-            .as_ref()
-            .map(|(_, _, queued)| Arc::clone(&queued.wait));
+        // A cancel for the client ends the wait, until it holds the backend (settling it
+        // included).
+        let queued = first.is_pending().then(|| self.cancel.queued());
+        let cancelled = queued.as_ref().map(|queued| Arc::clone(&queued.wait));
         let mut ready = match first {
             Poll::Ready(result) => Some(result),
             Poll::Pending => None,
@@ -3245,7 +3246,7 @@ impl Session {
         // Usually the backend needs nothing applied. (Boxed when it does: this future is
         // itself boxed per borrow that waits, and copied whole into its box.)
         if self.needs_settling(&backend) {
-            return Box::pin(self.settle_backend(backend)).await;
+            return Box::pin(self.settle_backend(backend, queued)).await;
         }
         self.hold(backend);
         Ok(Ok(()))
@@ -3263,10 +3264,14 @@ impl Session {
 
     /// Takes a lent backend once the client's settings are applied to it (and, after a
     /// lost transaction, a failed one recreated); a backend that refused them is closed.
+    /// (`queued`: the client's wait for it, which a cancel ends until it is held.)
     async fn settle_backend(
         &mut self,
         mut backend: Backend,
+        queued: Option<crate::client::cancel::Queued>,
     ) -> Result<Result<(), ErrorResponse>, End> {
+        // (The client holds nothing yet: a cancel meanwhile would find nothing to cancel.)
+        let queued = queued.unwrap_or_else(|| self.cancel.queued());
         let mut settled = self.apply_settings(&mut backend).await;
         if settled.is_ok() && self.lost_transaction {
             settled = self
@@ -3275,8 +3280,15 @@ impl Session {
                 .map_err(SettingsError::Server);
         }
         match settled {
+            Ok(()) if queued.wait.is_cancelled() => {
+                // (Given back, closed if the recreated failed transaction is open on it.)
+                backend.release();
+                Ok(Err(self.cancelled_while_queued()))
+            }
             Ok(()) => {
+                // (Attached first: a cancel from then on reaches the backend.)
                 self.hold(backend);
+                drop(queued);
                 Ok(Ok(()))
             }
             Err(SettingsError::Refused(error)) => {
@@ -3297,7 +3309,7 @@ impl Session {
     fn finish_taking(&mut self, taken: Taken) -> Option<Pin<Box<BorrowLeft<'_>>>> {
         Some(match taken {
             Taken::Held => return None,
-            Taken::Settle(backend) => Box::pin(self.settle_backend(*backend)),
+            Taken::Settle(backend) => Box::pin(self.settle_backend(*backend, None)),
             Taken::Check(backend) => Box::pin(self.acquire_backend(Some(*backend))),
             Taken::Borrow => Box::pin(self.acquire_backend(None)),
         })
