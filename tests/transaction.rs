@@ -1403,8 +1403,8 @@ async fn pipelined_statements_each_get_their_query_timeout() {
 /// A client that stops reading a large result past query_timeout is not ended: the
 /// server, blocked writing to pgshield (which reads no more for a client that does not
 /// read), acts on the cancel only once the client reads again, and then it is the usual
-/// ERROR 57014, the connection usable. (Only a server silent for 5 s after the cancel
-/// while pgshield reads it ends the client.)
+/// ERROR 57014, the connection usable. (A server silent for 5 s after the cancel while
+/// pgshield reads it ends the client; so does a result left unread for a minute.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_spares_a_client_that_reads_slowly() {
     let role = "tx_qt_slow";
