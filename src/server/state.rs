@@ -332,6 +332,12 @@ impl ReplyTracker {
             // ReadyForQuery came, before this was passed on): the server ignores it, and
             // it marks the end of no COPY still to come.
             Some(Owed::CopyEnd) if self.owed.is_empty() => self.undone.extend(undo),
+            // Right behind another: the first ends whatever COPY is to come, and the
+            // server ignores this one outside COPY. (Not queued: thousands of them would
+            // otherwise fill the owed replies' bound, with nothing to answer them.)
+            Some(Owed::CopyEnd) if self.owed.back().is_some_and(|e| e.owed == Owed::CopyEnd) => {
+                self.undone.extend(undo)
+            }
             Some(owed) => self.owed.push_back(Entry {
                 owed,
                 failed: false,
@@ -1590,6 +1596,21 @@ mod tests {
         assert!(t.statements_unsure());
         t.forget_statement_doubt();
         assert!(!t.statements_unsure());
+    }
+
+    /// CopyDone after CopyDone marks nothing more: however many a client sends (PostgreSQL
+    /// ignores them outside COPY), they do not pile up in what is owed.
+    #[test]
+    fn copy_ends_in_a_row_are_one_marker() {
+        let mut t = ReplyTracker::default();
+        client(&mut t, "P");
+        for _ in 0..5000 {
+            client(&mut t, "c");
+        }
+        client(&mut t, "S");
+        assert_eq!(t.owed.len(), 3, "{t:?}");
+        server(&mut t, "1Z").unwrap();
+        assert!(t.is_idle(), "{t:?}");
     }
 
     #[test]
