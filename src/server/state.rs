@@ -34,6 +34,9 @@ use crate::protocol::frame::HEADER_LEN;
 
 pub use crate::prepared::{StatementDrop, Undo};
 
+/// CopyDone/CopyFail markers kept in a row with nothing owed between (see `sent_with`).
+const MAX_COPY_ENDS_IN_A_ROW: usize = 16;
+
 /// Whether a client message of this tag may change the server's prepared statements.
 fn changes_statements(tag: u8) -> bool {
     Owed::from_tag(tag).is_some_and(Owed::changes_statements)
@@ -332,10 +335,21 @@ impl ReplyTracker {
             // ReadyForQuery came, before this was passed on): the server ignores it, and
             // it marks the end of no COPY still to come.
             Some(Owed::CopyEnd) if self.owed.is_empty() => self.undone.extend(undo),
-            // Right behind another: the first ends whatever COPY is to come, and the
-            // server ignores this one outside COPY. (Not queued: thousands of them would
-            // otherwise fill the owed replies' bound, with nothing to answer them.)
-            Some(Owed::CopyEnd) if self.owed.back().is_some_and(|e| e.owed == Owed::CopyEnd) => {
+            // Behind many others with nothing owed between: each may end one COPY of a
+            // Query that holds several (its data sent ahead of each CopyInResponse), but
+            // not this many; thousands would fill the owed replies' bound with nothing to
+            // answer them. (Past it, a COPY that does come finds no marker: the replies
+            // are then taken as unsure, still passed on right.)
+            Some(Owed::CopyEnd)
+                if self
+                    .owed
+                    .iter()
+                    .rev()
+                    .take(MAX_COPY_ENDS_IN_A_ROW)
+                    .filter(|e| e.owed == Owed::CopyEnd)
+                    .count()
+                    == MAX_COPY_ENDS_IN_A_ROW =>
+            {
                 self.undone.extend(undo)
             }
             Some(owed) => self.owed.push_back(Entry {
@@ -1598,19 +1612,27 @@ mod tests {
         assert!(!t.statements_unsure());
     }
 
-    /// CopyDone after CopyDone marks nothing more: however many a client sends (PostgreSQL
-    /// ignores them outside COPY), they do not pile up in what is owed.
+    /// However many CopyDone messages a client sends (PostgreSQL ignores them outside
+    /// COPY), they do not pile up in what is owed; a Query of two COPYs whose data came
+    /// ahead keeps a marker for each.
     #[test]
-    fn copy_ends_in_a_row_are_one_marker() {
+    fn copy_ends_in_a_row_are_bounded() {
         let mut t = ReplyTracker::default();
         client(&mut t, "P");
         for _ in 0..5000 {
-            client(&mut t, "c");
+            client(&mut t, "dc");
         }
         client(&mut t, "S");
-        assert_eq!(t.owed.len(), 3, "{t:?}");
+        assert_eq!(t.owed.len(), 2 + MAX_COPY_ENDS_IN_A_ROW, "{t:?}");
         server(&mut t, "1Z").unwrap();
         assert!(t.is_idle(), "{t:?}");
+        let mut t = ReplyTracker::default();
+        client(&mut t, "Qdcdc");
+        server(&mut t, "G").unwrap();
+        server(&mut t, "C").unwrap();
+        server(&mut t, "G").unwrap();
+        server(&mut t, "CZ").unwrap();
+        assert!(t.is_idle() && !t.is_unsure(), "{t:?}");
     }
 
     #[test]
