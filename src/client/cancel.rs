@@ -297,6 +297,18 @@ impl Registration {
         lock(&self.slot).target = Some(server.cancel_target());
     }
 
+    /// As [`Registration::attach`], unless a cancel ended the client's wait `queued`
+    /// first (false): looked at under the lock a cancel takes, so that one comes either
+    /// before (the wait ends) or after (it reaches the backend).
+    pub fn attach_unless_cancelled(&self, server: &Server, queued: &Queued) -> bool {
+        let mut slot = lock(&self.slot);
+        if queued.wait.is_cancelled() {
+            return false;
+        }
+        slot.target = Some(server.cancel_target());
+        true
+    }
+
     /// The client is queued for a backend: until the guard is dropped, a cancel for it
     /// ends the wait (`Queued::wait`).
     pub fn queued(&self) -> Queued {

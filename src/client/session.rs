@@ -3233,13 +3233,6 @@ impl Session {
                 },
             }
         };
-        if cancelled.is_some_and(|wait| wait.is_cancelled()) {
-            // Cancelled as the backend came (the borrow won the race): not run, as the
-            // client asked; the backend goes back unused.
-            drop(waiting);
-            backend.release();
-            return Ok(Err(self.cancelled_while_queued()));
-        }
         drop(waiting);
         let waited = waiting_since.map_or(Duration::ZERO, |since| since.elapsed());
         self.note_borrowed(waited);
@@ -3248,8 +3241,15 @@ impl Session {
         if self.needs_settling(&backend) {
             return Box::pin(self.settle_backend(backend, queued)).await;
         }
-        self.hold(backend);
-        Ok(Ok(()))
+        // (A cancel as the backend came, the borrow having won the race, ends the wait
+        // all the same: not run, as the client asked; the backend goes back unused.)
+        match &queued {
+            Some(queued) => Ok(self.hold_unless_cancelled(backend, queued)),
+            None => {
+                self.hold(backend);
+                Ok(Ok(()))
+            }
+        }
     }
 
     /// What a client whose wait for a backend a cancel ended gets: PostgreSQL's answer to
@@ -3272,6 +3272,7 @@ impl Session {
     ) -> Result<Result<(), ErrorResponse>, End> {
         // (The client holds nothing yet: a cancel meanwhile would find nothing to cancel.)
         let queued = queued.unwrap_or_else(|| self.cancel.queued());
+        let lost_transaction = self.lost_transaction;
         let mut settled = self.apply_settings(&mut backend).await;
         if settled.is_ok() && self.lost_transaction {
             settled = self
@@ -3280,16 +3281,14 @@ impl Session {
                 .map_err(SettingsError::Server);
         }
         match settled {
-            Ok(()) if queued.wait.is_cancelled() => {
-                // (Given back, closed if the recreated failed transaction is open on it.)
-                backend.release();
-                Ok(Err(self.cancelled_while_queued()))
-            }
             Ok(()) => {
-                // (Attached first: a cancel from then on reaches the backend.)
-                self.hold(backend);
-                drop(queued);
-                Ok(Ok(()))
+                let held = self.hold_unless_cancelled(backend, &queued);
+                if held.is_err() {
+                    // Its failed transaction, recreated on the backend given back, is
+                    // still to be recreated on the next.
+                    self.lost_transaction = lost_transaction;
+                }
+                Ok(held)
             }
             Err(SettingsError::Refused(error)) => {
                 // Whatever made the server refuse may be the backend's: do not lend it again.
@@ -3387,7 +3386,32 @@ impl Session {
     }
 
     /// Holds a lent backend whose settings are the client's.
-    fn hold(&mut self, mut backend: Backend) {
+    fn hold(&mut self, backend: Backend) {
+        self.cancel.attach(backend.server_ref());
+        self.hold_attached(backend);
+    }
+
+    /// Holds the backend, unless a cancel ended the client's wait (`queued`) first: then
+    /// the backend is given back.
+    fn hold_unless_cancelled(
+        &mut self,
+        backend: Backend,
+        queued: &crate::client::cancel::Queued,
+    ) -> Result<(), ErrorResponse> {
+        if !self
+            .cancel
+            .attach_unless_cancelled(backend.server_ref(), queued)
+        {
+            // (Closed if a failed transaction recreated for the client is open on it.)
+            backend.release();
+            return Err(self.cancelled_while_queued());
+        }
+        self.hold_attached(backend);
+        Ok(())
+    }
+
+    /// [`Self::hold`], its cancel target set already.
+    fn hold_attached(&mut self, mut backend: Backend) {
         let s = backend.server_ref();
         self.registered
             .info
@@ -3398,7 +3422,6 @@ impl Session {
                 opened_secs: s.opened_secs(),
                 tls: s.stream.is_tls(),
             }));
-        self.cancel.attach(backend.server_ref());
         // Whatever this session noted of the socket while it last held this backend no
         // longer holds: another task may have read it since.
         backend.server().read_idle_in = 0;
