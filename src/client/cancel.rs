@@ -99,7 +99,8 @@ impl CancelTarget {
                 None => crate::net::connect_server(&self.host, self.port).await?,
             };
             if let Some(tls) = &self.tls {
-                stream = encrypt(stream, tls, &self.host).await?;
+                // (Declined, it goes unsent: the backend's connection was TLS.)
+                stream = crate::server::start_tls(stream, tls, &self.host).await?;
             }
             stream.write_all(&packet).await?;
             stream.shutdown().await
@@ -110,31 +111,6 @@ impl CancelTarget {
             Err(_) => tracing::warn!("forwarding a cancel request timed out"),
         }
     }
-}
-
-/// SSLRequest, then the handshake, on a fresh connection to a server that accepted TLS
-/// for the backend's login.
-async fn encrypt(
-    mut stream: crate::net::Stream,
-    tls: &crate::tls::ServerTls,
-    host: &str,
-) -> std::io::Result<crate::net::Stream> {
-    use tokio::io::AsyncReadExt;
-    let mut request = BytesMut::with_capacity(8);
-    postgres_protocol::message::frontend::ssl_request(&mut request);
-    stream.write_all(&request).await?;
-    let mut answer = [0u8; 1];
-    stream.read_exact(&mut answer).await?;
-    if answer[0] != b'S' {
-        return Err(std::io::Error::other(
-            "the server no longer accepts TLS (the backend's connection was TLS)",
-        ));
-    }
-    let tcp = stream
-        .take_tcp()
-        .ok_or_else(|| std::io::Error::other("not a TCP connection"))?;
-    let tls = tls.handshake(tcp, host).await?;
-    Ok(crate::net::Stream::Tls(Box::new(tls.into())))
 }
 
 type Slot = Arc<Mutex<SlotState>>;

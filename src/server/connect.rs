@@ -180,7 +180,7 @@ impl ServerError {
 
 /// Asks the server for TLS (SSLRequest) unless `tls.server.mode` is `disable`, and runs
 /// the handshake and the certificate checks the mode asks for.
-async fn negotiate_tls(target: &ServerTarget, mut stream: Stream) -> Result<Stream, Error> {
+async fn negotiate_tls(target: &ServerTarget, stream: Stream) -> Result<Stream, Error> {
     let mode = target.tls.mode();
     // (Over a Unix-domain socket no TLS is asked for, as libpq asks for none.)
     if mode == ServerTlsMode::Disable || stream.is_unix() {
@@ -191,29 +191,70 @@ async fn negotiate_tls(target: &ServerTarget, mut stream: Stream) -> Result<Stre
         mode: mode_name(mode),
         reason,
     };
-    let mut request = BytesMut::with_capacity(8);
-    frontend::ssl_request(&mut request);
-    stream.send(&request).await.map_err(Error::Io)?;
-    let mut answer = [0u8; 1];
-    stream.read_exact(&mut answer).await.map_err(Error::Io)?;
-    match answer[0] {
-        b'S' => {}
-        b'N' if mode == ServerTlsMode::Prefer => return Ok(stream),
-        b'N' => return Err(failed("the server does not accept TLS connections".into())),
+    match start_tls(stream, &target.tls, &target.host).await {
+        Ok(tls) => Ok(tls),
+        Err(StartTls::Declined(stream)) if mode == ServerTlsMode::Prefer => Ok(stream),
+        Err(StartTls::Declined(_)) => {
+            Err(failed("the server does not accept TLS connections".into()))
+        }
+        Err(StartTls::Io(e)) => Err(Error::Io(e)),
         // An old server may answer with an ErrorResponse.
-        other => {
-            return Err(Error::Protocol(format!(
+        Err(StartTls::Answer(other)) => Err(Error::Protocol(format!(
+            "unexpected answer '{}' to SSLRequest",
+            char::from(other)
+        ))),
+        Err(StartTls::NotTcp) => Err(Error::Protocol("TLS requested twice".into())),
+        Err(StartTls::Handshake(e)) => Err(failed(e.to_string())),
+    }
+}
+
+/// Why [`start_tls`] gave no TLS stream.
+pub(crate) enum StartTls {
+    /// The server answered `N`: here is the connection, plaintext.
+    Declined(Stream),
+    Io(std::io::Error),
+    /// Neither `S` nor `N`.
+    Answer(u8),
+    /// The connection is not plain TCP (TLS already, or a Unix-domain socket).
+    NotTcp,
+    Handshake(std::io::Error),
+}
+
+impl From<StartTls> for std::io::Error {
+    fn from(e: StartTls) -> std::io::Error {
+        match e {
+            StartTls::Io(e) | StartTls::Handshake(e) => e,
+            StartTls::Declined(_) => std::io::Error::other("the server declined TLS"),
+            StartTls::Answer(a) => std::io::Error::other(format!(
                 "unexpected answer '{}' to SSLRequest",
-                char::from(other)
-            )))
+                char::from(a)
+            )),
+            StartTls::NotTcp => std::io::Error::other("not a plain TCP connection"),
         }
     }
-    let Some(tcp) = stream.take_tcp() else {
-        return Err(Error::Protocol("TLS requested twice".into()));
-    };
-    match target.tls.handshake(tcp, &target.host).await {
+}
+
+/// SSLRequest on `stream`, then, if the server accepts, the handshake with `tls`'s
+/// checks for `host` (logins, and the cancels of a backend logged in over TLS).
+pub(crate) async fn start_tls(
+    mut stream: Stream,
+    tls: &ServerTls,
+    host: &str,
+) -> Result<Stream, StartTls> {
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    stream.send(&request).await.map_err(StartTls::Io)?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.map_err(StartTls::Io)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' => return Err(StartTls::Declined(stream)),
+        other => return Err(StartTls::Answer(other)),
+    }
+    let tcp = stream.take_tcp().ok_or(StartTls::NotTcp)?;
+    match tls.handshake(tcp, host).await {
         Ok(tls) => Ok(Stream::Tls(Box::new(tls.into()))),
-        Err(e) => Err(failed(e.to_string())),
+        Err(e) => Err(StartTls::Handshake(e)),
     }
 }
 

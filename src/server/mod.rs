@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 
+pub(crate) use connect::start_tls;
 pub use connect::{connect, BackendPassword, ServerError, ServerTarget};
 use state::{ReplyTracker, TxStatus};
 
