@@ -1,9 +1,10 @@
 //! Real drivers through transaction pooling: asyncpg, psycopg 3, node-postgres and pgjdbc
-//! (tests/drivers/, installed by scripts/drivers.sh, which scripts/test.sh runs). Each
-//! driver's own script runs ten clients at once through two backends (named and unnamed
-//! statements, per-client settings, transactions, cursors, pipelines, COPY, errors), and
-//! then a schema change under a prepared `SELECT *` both straight against PostgreSQL and
-//! through pgshield: what the driver sees must be the same.
+//! (tests/drivers/, installed by scripts/drivers.sh, which scripts/test.sh runs), and sqlx
+//! (a dev-dependency, `sqlx_client` below). Each driver's client runs ten clients at once
+//! through two backends (named and unnamed statements, per-client settings, transactions,
+//! cursors, pipelines, COPY, errors), and then a schema change under a prepared
+//! `SELECT *` both straight against PostgreSQL and through pgshield: what the driver sees
+//! must be the same.
 
 mod common;
 
@@ -100,6 +101,22 @@ async fn run(cmd: &[String], mode: &str, port: u16, role: &str, db: &str) -> Str
     stdout
 }
 
+/// A driver's client: a script run with `command`'s command line, or sqlx in this process.
+enum Driver {
+    Script(Vec<String>),
+    Sqlx,
+}
+
+impl Driver {
+    /// Runs `mode` (load or ddl) against `port`/`db`; what it printed.
+    async fn run(&self, mode: &str, port: u16, role: &str, db: &str) -> String {
+        match self {
+            Driver::Script(cmd) => run(cmd, mode, port, role, db).await,
+            Driver::Sqlx => sqlx_client::run(mode, port, role, db).await,
+        }
+    }
+}
+
 async fn driver_works_through_transaction_pooling(driver: &str, role: &str) {
     common::create_role(role, "pw").await;
     let users = format!("[users.{role}]\npassword = \"pw\"\n");
@@ -107,8 +124,11 @@ async fn driver_works_through_transaction_pooling(driver: &str, role: &str) {
         "[pool]\nmode = \"transaction\"\nmax_size = 2\n{users}"
     ))
     .await;
-    let cmd = command(driver);
-    let load = run(&cmd, "load", two.addr.port(), role, "app").await;
+    let cmd = match driver {
+        "sqlx" => Driver::Sqlx,
+        _ => Driver::Script(command(driver)),
+    };
+    let load = cmd.run("load", two.addr.port(), role, "app").await;
     let most: usize = load
         .trim()
         .strip_prefix("most backends one client saw: ")
@@ -134,8 +154,8 @@ async fn driver_works_through_transaction_pooling(driver: &str, role: &str) {
     ))
     .await;
     let port = common::cluster().port();
-    let direct = run(&cmd, "ddl", port, role, "postgres").await;
-    let proxied = run(&cmd, "ddl", one.addr.port(), role, "app").await;
+    let direct = cmd.run("ddl", port, role, "postgres").await;
+    let proxied = cmd.run("ddl", one.addr.port(), role, "app").await;
     assert!(direct.starts_with("ddl: 1 1 "), "{driver}: {direct}");
     assert_eq!(proxied, direct, "{driver}: through pgshield, then straight");
     one.stop().await;
@@ -159,4 +179,258 @@ async fn node_postgres_works_through_transaction_pooling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_works_through_transaction_pooling() {
     driver_works_through_transaction_pooling("pgjdbc", "drv_jdbc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_works_through_transaction_pooling() {
+    driver_works_through_transaction_pooling("sqlx", "drv_sqlx").await;
+}
+
+/// sqlx's `PgListener` (LISTEN on a connection of its own) through transaction pooling:
+/// the listening client is pinned, and gets what another client's `pg_notify` sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_listener_is_pinned_and_notified() {
+    let role = "drv_sqlx_listen";
+    common::create_role(role, "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmode = \"transaction\"\nmax_size = 2\n[users.{role}]\npassword = \"pw\"\n"
+    ))
+    .await;
+    sqlx_client::listen(proxy.addr.port(), role, "app").await;
+    assert_eq!(proxy.shared.pins.get(PinReason::Listen), 1);
+    proxy.stop().await;
+}
+
+/// The sqlx client, as the scripts in tests/drivers/ are for the other drivers: `load`
+/// prints the most backends one client saw, `ddl` how a prepared `SELECT *` fared across
+/// an added column.
+mod sqlx_client {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::Barrier;
+
+    use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
+    use sqlx::{Connection, Executor, Row};
+
+    fn options(port: u16, role: &str, db: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(port)
+            .username(role)
+            .password("pw")
+            .database(db)
+    }
+
+    /// The SQLSTATE of a failed query.
+    fn code(e: &sqlx::Error) -> String {
+        e.as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned())
+            .unwrap_or_else(|| panic!("not a server error: {e}"))
+    }
+
+    pub async fn run(mode: &str, port: u16, role: &str, db: &str) -> String {
+        let options = options(port, role, db);
+        match mode {
+            "load" => {
+                // (Logged in before any starts, so that they overlap: a client's work
+                // takes less time than a login.)
+                let start = Arc::new(Barrier::new(10));
+                let clients: Vec<_> = (0..10)
+                    .map(|i| tokio::spawn(client(options.clone(), i, start.clone())))
+                    .collect();
+                let mut most = 0;
+                for c in clients {
+                    most = most.max(c.await.expect("an sqlx client"));
+                }
+                pooled(options).await;
+                format!("most backends one client saw: {most}\n")
+            }
+            _ => ddl(options, role).await,
+        }
+    }
+
+    /// One client: its own statement_timeout, parameters, more distinct statements than
+    /// its statement cache holds (so sqlx closes the oldest), committed and dropped
+    /// (rolled back) transactions, an error, a ping (a lone Sync) and a simple Query of
+    /// two statements, fifteen times.
+    async fn client(options: PgConnectOptions, i: i32, start: Arc<Barrier>) -> usize {
+        let mut c = PgConnection::connect_with(&options.statement_cache_capacity(4))
+            .await
+            .expect("sqlx connects");
+        start.wait().await;
+        let timeout = format!("{}s", i + 1);
+        sqlx::query(&format!("SET statement_timeout = '{timeout}'"))
+            .execute(&mut c)
+            .await
+            .expect("SET");
+        let mut pids = HashSet::new();
+        for k in 0..15 {
+            let sum: i32 = sqlx::query_scalar("SELECT $1::int + $2::int")
+                .bind(i)
+                .bind(k)
+                .fetch_one(&mut c)
+                .await
+                .expect("a sum");
+            assert_eq!(sum, i + k);
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut c)
+                .await
+                .expect("a pid");
+            pids.insert(pid);
+            let shown: String = sqlx::query_scalar("SHOW statement_timeout")
+                .fetch_one(&mut c)
+                .await
+                .expect("SHOW");
+            assert_eq!(shown, timeout);
+            let joined: String = sqlx::query_scalar(&format!("SELECT $1::text || '-{}'", k % 6))
+                .bind(i.to_string())
+                .fetch_one(&mut c)
+                .await
+                .expect("a text");
+            assert_eq!(joined, format!("{i}-{}", k % 6));
+
+            let mut tx = c.begin().await.expect("BEGIN");
+            let rows: Vec<i32> = sqlx::query_scalar("SELECT g FROM generate_series(1, $1::int) g")
+                .bind(k + 1)
+                .fetch_all(&mut *tx)
+                .await
+                .expect("rows");
+            assert_eq!(rows, (1..=k + 1).collect::<Vec<_>>());
+            tx.commit().await.expect("COMMIT");
+            {
+                // Dropped without a commit: sqlx sends the ROLLBACK ahead of its next query.
+                let mut tx = c.begin().await.expect("BEGIN");
+                sqlx::query("SET LOCAL statement_timeout = '9s'")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("SET LOCAL");
+            }
+            let failed = sqlx::query_scalar::<_, i32>("SELECT 1 / $1::int")
+                .bind(0)
+                .fetch_one(&mut c)
+                .await
+                .expect_err("a division by zero");
+            assert_eq!(code(&failed), "22012");
+            c.ping().await.expect("ping");
+            c.execute("SELECT 1; SELECT 2")
+                .await
+                .expect("a simple Query");
+        }
+        let shown: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(&mut c)
+            .await
+            .expect("SHOW");
+        assert_eq!(shown, timeout);
+        c.close().await.expect("Terminate");
+        pids.len()
+    }
+
+    /// A pool of two connections shared by six tasks, each checked with a ping before use.
+    async fn pooled(options: PgConnectOptions) {
+        let pool = PgPoolOptions::new()
+            .min_connections(2)
+            .max_connections(2)
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .expect("a pool");
+        let tasks: Vec<_> = (0..6)
+            .map(|k: i32| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    for n in 0..10 {
+                        let product: i32 = sqlx::query_scalar("SELECT $1::int * $2::int")
+                            .bind(k)
+                            .bind(n)
+                            .fetch_one(&pool)
+                            .await
+                            .expect("a product");
+                        assert_eq!(product, k * n);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("a pooled task");
+        }
+        pool.close().await;
+    }
+
+    async fn ddl(options: PgConnectOptions, role: &str) -> String {
+        let mut c = PgConnection::connect_with(&options).await.expect("sqlx");
+        let table = format!("drv_ddl_{role}");
+        c.execute(
+            format!(
+                "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int); \
+                 INSERT INTO {table} VALUES (1)"
+            )
+            .as_str(),
+        )
+        .await
+        .expect("the table");
+        let select = format!("SELECT * FROM {table}");
+        // Another client holds the same statement (through pgshield, the same server
+        // statement).
+        let mut other = PgConnection::connect_with(&options).await.expect("sqlx");
+        sqlx::query(&select)
+            .fetch_one(&mut other)
+            .await
+            .expect("a row");
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            out.push(fetch_len(&mut c, &select).await);
+        }
+        c.execute(format!("ALTER TABLE {table} ADD COLUMN b int DEFAULT 2").as_str())
+            .await
+            .expect("ALTER");
+        for _ in 0..3 {
+            out.push(fetch_len(&mut c, &select).await);
+        }
+        c.execute(format!("DROP TABLE {table}").as_str())
+            .await
+            .expect("DROP");
+        other.close().await.expect("Terminate");
+        c.close().await.expect("Terminate");
+        format!("ddl: {}\n", out.join(" "))
+    }
+
+    /// How many columns `select`'s row had, or the SQLSTATE it failed with.
+    async fn fetch_len(c: &mut PgConnection, select: &str) -> String {
+        match sqlx::query(select).fetch_one(c).await {
+            Ok(row) => row.len().to_string(),
+            Err(e) => format!("ERR {}", code(&e)),
+        }
+    }
+
+    /// A `PgListener` listens; another connection of the same pool notifies it.
+    pub async fn listen(port: u16, role: &str, db: &str) {
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(options(port, role, db))
+            .await
+            .expect("a pool");
+        let mut listener = PgListener::connect_with(&pool).await.expect("a listener");
+        listener.listen("drv_sqlx_chan").await.expect("LISTEN");
+        for n in 0..3 {
+            let payload = format!("hello {n}");
+            sqlx::query("SELECT pg_notify('drv_sqlx_chan', $1)")
+                .bind(&payload)
+                .execute(&pool)
+                .await
+                .expect("pg_notify");
+            let got = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+                .await
+                .expect("a notification within 10 s")
+                .expect("a notification");
+            assert_eq!(
+                (got.channel(), got.payload()),
+                ("drv_sqlx_chan", payload.as_str())
+            );
+        }
+        drop(listener);
+        pool.close().await;
+    }
 }
