@@ -162,14 +162,15 @@ enum Token<'a> {
 /// bytes, so a text of commas would take 32 times its own size.
 const MAX_TOKENS: usize = 2 << 20;
 
-/// Where what reads as nothing from `i` on ends in `b`: white space, a `--` comment (to
+/// Where what reads as nothing from `i` on ends in `b`: white space (with the vertical
+/// tab, as PostgreSQL 18 reads it; older servers refuse the statement), a `--` comment (to
 /// the end of the line: either kind, as in PostgreSQL's scanner), a `/* */` comment
 /// (nested ones too); `i` itself if nothing there is; None if the text ends inside a
 /// `/*` comment.
 fn skip_blank(b: &[u8], mut i: usize) -> Option<usize> {
     while i < b.len() {
         match b[i] {
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0c => i += 1,
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => i += 1,
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                     i += 1;
@@ -297,6 +298,16 @@ fn tokens(sql: &str, backslashes: bool) -> Option<Vec<Token<'_>>> {
                     i += 1;
                 }
                 out.push(Token::Word(&sql[start..i]));
+                // A bit string, `B'…'` or `X'…'`: a backslash there is itself, even with
+                // `standard_conforming_strings` off.
+                if i == start + 1
+                    && matches!(c, b'b' | b'B' | b'x' | b'X')
+                    && b.get(i) == Some(&b'\'')
+                {
+                    let (s, end) = quoted(sql, i, b'\'', false)?;
+                    out.push(Token::Str(s));
+                    i = end;
+                }
             }
             _ => {
                 // Multi-byte punctuation is irrelevant here; step over one character.
@@ -337,7 +348,9 @@ fn number_end(b: &[u8], mut i: usize) -> usize {
 }
 
 /// Reads a quoted run starting at `start` (the opening quote); doubled quotes stand for
-/// one, and with `backslashes` a backslash escapes the next byte. Borrows when it can.
+/// one, and with `backslashes` a backslash escapes the next byte. A string (`'`) goes on
+/// past its closing quote where [`continuation`] says, read the same way. Borrows when it
+/// can.
 fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<'_, str>, usize)> {
     let b = sql.as_bytes();
     let mut i = start + 1;
@@ -360,6 +373,11 @@ fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<
             }
             i += width;
         } else if c == quote {
+            if let Some(next) = continuation(b, i + 1).filter(|_| quote == b'\'') {
+                owned.get_or_insert_with(|| b[start + 1..i].to_vec());
+                i = next + 1;
+                continue;
+            }
             let text = match owned {
                 Some(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
                 None => Cow::Borrowed(&sql[start + 1..i]),
@@ -370,6 +388,30 @@ fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<
                 bytes.push(c);
             }
             i += 1;
+        }
+    }
+}
+
+/// Where a string closed right before `b[i]` goes on, as PostgreSQL's scanner reads
+/// `'a'`, a newline, `'b'` as the one string `'ab'` (in the same kind: an `E'…'` string's
+/// second part has escapes too): blanks and `--` comments holding at least one line end,
+/// then a quote, whose index this is.
+fn continuation(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut line_ended = false;
+    loop {
+        match *b.get(i)? {
+            b' ' | b'\t' | 0x0b | 0x0c => i += 1,
+            b'\n' | b'\r' => {
+                line_ended = true;
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
+                    i += 1;
+                }
+            }
+            b'\'' if line_ended => return Some(i),
+            _ => return None,
         }
     }
 }
@@ -681,7 +723,7 @@ fn plain(b: &[u8]) -> Option<Effects> {
 /// [`plain`]'s answer without its [`Effects`]: whether the one statement changes the
 /// schema (the only thing a plain statement can note), or None for the lexer to decide.
 fn plain_schema_change(b: &[u8]) -> Option<bool> {
-    let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c);
+    let space = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
     let letter = |c: u8| CLASS[usize::from(c)] & LETTER != 0;
     let (mut single, mut double) = (0usize, 0usize);
     // (One pass that stops only at the bytes that need a look and at letters that may
@@ -2805,5 +2847,53 @@ mod tests {
         );
         assert!(classify_in(b"SELECT 'a\\_b' LIKE x", QUOTES_UNSURE).is_empty());
         assert!(classify_in(b"SELECT 1", QUOTES_UNSURE | BACKSLASH_QUOTES).is_empty());
+    }
+
+    #[test]
+    fn strings_go_on_across_lines_and_vertical_tabs_are_blanks_as_postgresql_reads_them() {
+        use crate::server::BACKSLASH_QUOTES;
+        // An `E'…'` string continued on the next line keeps its escapes: `\'` is a quote
+        // there, so the lock runs.
+        let continued = "SELECT E'a'\n'\\' ' ; SELECT pg_advisory_lock(42); -- '";
+        assert_eq!(pin(continued), Some(PinReason::AdvisoryLock));
+        for gap in ["\n", " -- note\r\n  ", "\t\n\n-- x\n", "\x0b\n"] {
+            let sql = format!("SELECT E'a'{gap}'\\' ' ; SET ROLE x; -- '");
+            assert_eq!(pin(&sql), Some(PinReason::SetRole), "{sql:?}");
+        }
+        let text = |sql: &str| match tokens(sql, false).as_deref() {
+            Some([Token::Str(s)]) => Some(s.to_string()),
+            _ => None,
+        };
+        assert_eq!(text("'a'\n'b' -- c\n'c'").as_deref(), Some("abc"));
+        assert_eq!(text("E'a'\n'\\n'").as_deref(), Some("a\n"));
+        // No line end, or a `/* */` comment: two strings (PostgreSQL refuses them).
+        for two in ["'a' 'b'", "'a' /*\n*/ 'b'", "\"a\"\n\"b\""] {
+            assert_eq!(tokens(two, false).map(|t| t.len()), Some(2), "{two:?}");
+        }
+        // A `search_path` split over lines still names pg_temp.
+        assert_eq!(
+            pin("SET search_path = 'pg_'\n'temp'"),
+            Some(PinReason::TempTable)
+        );
+
+        // The vertical tab is white space to PostgreSQL 18.
+        for sql in [
+            "SELECT pg_advisory_lock\x0b(1)",
+            "CREATE\x0bTEMP TABLE users (a int)",
+            "DECLARE c CURSOR WITH\x0bHOLD FOR SELECT 1",
+        ] {
+            assert!(pin(sql).is_some(), "{sql:?}");
+        }
+        assert_eq!(
+            settings("SELECT set_config\x0b('app.tenant', '42', false)"),
+            ["app.tenant"]
+        );
+
+        // A bit string's backslash is itself, whatever `standard_conforming_strings` says.
+        let bits = b"SELECT B'\\', X'\\'; SELECT pg_advisory_lock(1); -- '";
+        assert_eq!(
+            classify_in(bits, BACKSLASH_QUOTES).pin,
+            Some(PinReason::AdvisoryLock)
+        );
     }
 }
