@@ -106,6 +106,11 @@ pub struct Effects {
     pub resets: bool,
     /// Those `settings` (all of them with `all_settings`).
     pub reset_settings: Vec<String>,
+    /// (While the lexer reads a text: the role was last reset, not set, in it; `role`
+    /// joins `reset_settings` at the end. A flag, not a name taken out of the list again
+    /// at each `SET ROLE`, which on a list of thousands of names took time growing as the
+    /// square of the text.)
+    role_reset: bool,
     /// It resets, and also controls the transaction or copies (BEGIN, COMMIT, COPY, …):
     /// what runs right behind it may be inside a transaction or a COPY.
     pub control: bool,
@@ -475,6 +480,16 @@ const ADVISORY_LOCKS: [&str; 4] = [
     "pg_try_advisory_lock_shared",
 ];
 
+/// Functions that run a query given as text (`query_to_xml('SELECT pg_advisory_lock(1)',
+/// …)`): what it does is not read, so a call pins.
+const QUERY_RUNNERS: [&str; 5] = [
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+];
+
 /// First words of statements that control the transaction or copy (see `Effects::control`).
 const CONTROL: &[&str] = &[
     "begin",
@@ -625,7 +640,8 @@ pub fn changes_nothing_in(sql: &[u8], env: u64) -> bool {
 }
 
 /// Whether `rest` starts, in any case, with `temp`, `pg_temp`, `pg_advisory`,
-/// `pg_try_advisory`, `set_config` or `setseed` (see [`plain`]). Its first four bytes as
+/// `pg_try_advisory`, `set_config`, `setseed`, `pg_settings` or the name of one of
+/// [`QUERY_RUNNERS`] (see [`plain`]). Its first four bytes as
 /// one number, with bit 5 of each set (lower case for letters; `_` becomes 0x7F, as in
 /// the keys), rule out nearly every word at once; the rest are spelled out.
 fn looked_for_word(rest: &[u8]) -> bool {
@@ -642,6 +658,10 @@ fn looked_for_word(rest: &[u8]) -> bool {
         k if k == key(b"set_") => &[b"set_config"],
         k if k == key(b"sets") => &[b"setseed"],
         k if k == key(b"pgsh") => &[crate::prepared::NAME_PREFIX.as_bytes()],
+        k if k == key(b"pg_s") => &[b"pg_settings"],
+        k if k == key(b"quer") => &[b"query_to_xml"],
+        k if k == key(b"ts_s") => &[b"ts_stat"],
+        k if k == key(b"ts_r") => &[b"ts_rewrite"],
         _ => return false,
     };
     words.iter().any(|w| {
@@ -692,7 +712,7 @@ static CLASS: [u8; 256] = {
     let mut i = 0;
     while i < 256 {
         let c = i as u8;
-        table[i] = if matches!(c.to_ascii_lowercase(), b't' | b'p' | b's') {
+        table[i] = if matches!(c.to_ascii_lowercase(), b't' | b'p' | b's' | b'q') {
             HEAD
         } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
             LETTER
@@ -710,8 +730,8 @@ static CLASS: [u8; 256] = {
 /// nothing. None whenever that is not certain from a single pass over the bytes (then the
 /// lexer decides): a comment, a dollar quote, a backslash, both kinds of quote, an odd
 /// number of either (unterminated), a semicolon before the end, a word (even inside a
-/// string) starting `temp`, `pg_temp`, `pg_advisory`, `pg_try_advisory`, `set_config` or
-/// `setseed`, `U&` before a quote, or a first word that needs a look.
+/// string) starting `temp`, `pg_temp`, `pg_advisory`, `pg_try_advisory`, `set_config`,
+/// `setseed`, `pg_settings` or a [`QUERY_RUNNERS`] name, `U&` before a quote, or a first word that needs a look.
 fn plain(b: &[u8]) -> Option<Effects> {
     plain_schema_change(b).map(|schema_change| Effects {
         statements: 1,
@@ -848,6 +868,9 @@ fn classify_tokens(sql: &str, backslashes: bool) -> Effects {
                     .max(32);
             }
         }
+    }
+    if std::mem::take(&mut effects.role_reset) {
+        effects.reset_settings.push("role".into());
     }
     // (Only of use with a reset; the byte screen, which sees none, never says it.)
     effects.control &= effects.resets;
@@ -1102,8 +1125,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
             } else {
                 setting_name(&t[1..], e);
             }
-            let reset = e.settings[before..].to_vec();
-            e.reset_settings.extend(reset);
+            resets_since(e, before);
         }
         "listen" => {
             e.listens = true;
@@ -1123,7 +1145,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
                 e.drops_all_statements = true;
                 e.resets = true;
                 // (RESET ALL leaves the role; DISCARD ALL resets it too.)
-                e.reset_settings.push("role".into());
+                e.role_reset = true;
             } else if !["plans", "sequences", "temp", "temporary"]
                 .iter()
                 .any(|k| is(t.get(1), k))
@@ -1220,10 +1242,15 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
                 set_config_call(&t[i + 2..], e);
             }
         }
-        if names(tok, "setseed") {
-            // (The backend's random generator, as `SET seed`.)
+        if names(tok, "setseed") || QUERY_RUNNERS.iter().any(|f| names(tok, f)) {
+            // (The backend's random generator, as `SET seed`; a query not read.)
             e.pin(PinReason::Unclassified);
         }
+    }
+    // `UPDATE pg_settings SET setting = …`: PostgreSQL's rule on the view runs
+    // set_config(name, setting, false) for each row.
+    if t.iter().any(|x| names(x, "pg_settings")) && t.iter().any(|x| names(x, "update")) {
+        e.pin(PinReason::Unclassified);
     }
     // A search path that puts the temporary schema first, written as a string (`SET
     // search_path TO 'pg_temp', public`; the unquoted name is seen above): an unqualified
@@ -1306,6 +1333,7 @@ fn do_block(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
     e.schema_change |= inner.schema_change;
     e.local_parse_setting |= inner.local_parse_setting;
     e.local_encoding |= inner.local_encoding;
+    e.local_quotes |= inner.local_quotes;
 }
 
 /// PL/pgSQL statements that run no SQL of their own but the expressions in them (read
@@ -1437,13 +1465,24 @@ fn back(e: &mut Effects, to: Back) {
         Back::ToLogin => {
             e.to_login_role = true;
             // (A reset of the role before it in the same text is undone by it.)
-            e.reset_settings.retain(|n| n != "role");
+            e.role_reset = false;
         }
         Back::Reset => {
             e.resets = true;
-            e.reset_settings.push("role".into());
+            e.role_reset = true;
         }
     }
+}
+
+/// The settings noted from `before` on are reset (the role's reset is told by
+/// [`Effects::role_reset`]).
+fn resets_since(e: &mut Effects, before: usize) {
+    let reset: Vec<String> = e.settings[before..]
+        .iter()
+        .filter(|n| *n != "role")
+        .cloned()
+        .collect();
+    e.reset_settings.extend(reset);
 }
 
 /// SET [SESSION | LOCAL] …
@@ -1490,7 +1529,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         if let Some(to) = back_to_default(&t[1..], "none") {
             return back(e, to);
         }
-        e.reset_settings.retain(|n| n != "role");
+        e.role_reset = false;
         return e.pin(PinReason::SetRole);
     }
     let authorization = match (t.first(), t.get(1)) {
@@ -1504,7 +1543,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
         if back_to_default(value, "default").is_some() {
             return back(e, Back::Reset);
         }
-        e.reset_settings.retain(|n| n != "role");
+        e.role_reset = false;
         return e.pin(PinReason::SessionAuthorization);
     }
     // `SET name TO DEFAULT` (or `= DEFAULT`) resets, whatever the name's form; so do
@@ -1522,8 +1561,7 @@ fn set_statement(t: &[Token<'_>], e: &mut Effects) {
     set_names(t, e);
     if to_default || time_zone || names {
         e.resets = true;
-        let reset = e.settings[before..].to_vec();
-        e.reset_settings.extend(reset);
+        resets_since(e, before);
     }
 }
 
@@ -1685,8 +1723,7 @@ fn set_config_call(args: &[Token<'_>], e: &mut Effects) {
         let before = e.settings.len();
         session_setting(name, e);
         e.resets = true;
-        let reset = e.settings[before..].to_vec();
-        e.reset_settings.extend(reset);
+        resets_since(e, before);
     } else {
         e.pin(PinReason::Unclassified);
     }
@@ -2894,6 +2931,32 @@ mod tests {
         assert_eq!(
             classify_in(bits, BACKSLASH_QUOTES).pin,
             Some(PinReason::AdvisoryLock)
+        );
+    }
+
+    #[test]
+    fn functions_that_run_sql_text_and_updates_of_pg_settings_pin() {
+        for sql in [
+            "SELECT query_to_xml('select pg_advisory_lock(1)', true, true, '')",
+            "select * from pg_catalog.QUERY_TO_XML_AND_XMLSCHEMA('select 1', true, true, '')",
+            "SELECT ts_stat('SELECT to_tsvector(set_config(''a.b'', ''1'', false))')",
+            "SELECT ts_rewrite('a'::tsquery, 'SELECT 1')",
+            "UPDATE pg_settings SET setting = 'evil' WHERE name = 'search_path'",
+            "with s as (update pg_catalog.\"pg_settings\" set setting = '1s' where name = 'statement_timeout' returning 1) select 1",
+        ] {
+            assert_eq!(pin(sql), Some(PinReason::Unclassified), "{sql}");
+        }
+        assert_eq!(pin("SELECT name, setting FROM pg_settings"), None);
+        assert_eq!(pin("SELECT query_to_xml_col FROM t"), None);
+    }
+
+    #[test]
+    fn a_do_block_that_sets_standard_conforming_strings_locally_says_so() {
+        let sql =
+            "DO $$BEGIN PERFORM set_config('standard_conforming_strings', 'off', true); END$$";
+        assert!(classify(sql).local_quotes);
+        assert!(
+            classify("DO $$BEGIN SET LOCAL standard_conforming_strings = off; END$$").local_quotes
         );
     }
 }
