@@ -841,6 +841,29 @@ async fn settings_reverted_by_a_departed_clients_rollback_are_what_the_backend_c
     assert_eq!(setting(&paris.client, "TimeZone").await, "Europe/Paris");
 }
 
+/// A `SET` committed by `COMMIT AND CHAIN` is read back only once the backend is idle;
+/// a client that leaves before that (inside the chained transaction) must not leave it,
+/// one the server does not report, to the next client of the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_committed_but_not_read_back_when_the_client_leaves_stay_its_own() {
+    let proxy = proxy("tx_chain_set", "max_size = 1").await;
+    let a = proxy.connect("tx_chain_set", "pw").await.expect("login");
+    a.client
+        .batch_execute("BEGIN; SET work_mem = '77MB'; SET app.tenant = '42'; COMMIT AND CHAIN")
+        .await
+        .expect("set and chain");
+    drop(a);
+    let b = proxy.connect("tx_chain_set", "pw").await.expect("login");
+    assert_eq!(setting(&b.client, "work_mem").await, "4MB");
+    let tenant: Option<String> = b
+        .client
+        .query_one("SELECT current_setting('app.tenant', true)", &[])
+        .await
+        .expect("tenant")
+        .get(0);
+    assert_ne!(tenant.as_deref(), Some("42"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_settings_hold_in_every_transaction_on_every_backend() {
     let proxy = proxy("tx_startup", "max_size = 2").await;

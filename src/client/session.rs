@@ -3576,7 +3576,7 @@ impl Session {
                 }
                 backend.discard();
             } else if self.server_out.is_empty() && backend.server_ref().replies.at_boundary() {
-                return_backend(backend, self.cleanup()).await;
+                return_backend(backend, self.departing_cleanup()).await;
             } else if backend.server_ref().replies.is_idle_but_hidden()
                 && !backend.server_ref().is_broken()
             {
@@ -3636,6 +3636,23 @@ impl Session {
                 let _ = self.client.shutdown().await;
             })
             .await;
+        }
+    }
+
+    /// [`Self::cleanup`] for a client leaving with its backend at a boundary: the whole
+    /// session is reset if settings its statements may have changed were not read back
+    /// yet (a `SET` committed by `COMMIT AND CHAIN`, or with a `BEGIN` pipelined behind
+    /// it, is read back only once the backend is idle: a rollback would leave it, one the
+    /// server does not report, such as `work_mem` or `app.tenant`, for the next client).
+    fn departing_cleanup(&self) -> Cleanup {
+        let unread = self
+            .follow_up
+            .as_ref()
+            .is_some_and(|f| !f.dirty.is_empty() || !f.readbacks.is_empty());
+        if unread {
+            self.whole_cleanup()
+        } else {
+            self.cleanup()
         }
     }
 
