@@ -841,6 +841,54 @@ async fn settings_reverted_by_a_departed_clients_rollback_are_what_the_backend_c
     assert_eq!(setting(&paris.client, "TimeZone").await, "Europe/Paris");
 }
 
+/// `transaction_isolation`, `transaction_read_only` and `transaction_deferrable` are the
+/// transaction's own: a `SET` of one is not a session setting to follow (applied to
+/// another backend, `transaction_isolation` failed the client: "must be called before
+/// any query"), and at login PostgreSQL refuses the first and last and ignores the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_settings_are_not_session_settings() {
+    let proxy = proxy("tx_xact_only", "max_size = 2").await;
+    let mut config = proxy.config("tx_xact_only", "pw");
+    config.options("-c default_transaction_isolation=serializable");
+    let conn = common::connect(&config).await.expect("login");
+    let other = proxy.connect("tx_xact_only", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let c = &conn.client;
+    c.batch_execute("SET transaction_isolation = 'serializable'")
+        .await
+        .expect("a SET of this transaction's isolation");
+    c.batch_execute("SET transaction_read_only = on; SET transaction_deferrable = on")
+        .await
+        .expect("a SET of this transaction's others");
+    let mut pids = HashSet::new();
+    for _ in 0..6 {
+        hopper.hop().await;
+        pids.insert(pid(c).await);
+        assert_eq!(setting(c, "transaction_isolation").await, "serializable");
+        assert_eq!(setting(c, "transaction_read_only").await, "off");
+    }
+    assert_eq!(pids.len(), 2, "the client went to both backends");
+
+    let mut refused = proxy.config("tx_xact_only", "pw");
+    refused.options("-c transaction_isolation=serializable");
+    let err = common::connect(&refused)
+        .await
+        .err()
+        .expect("refused at login");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("25001"),
+        "{err}"
+    );
+    let mut ignored = proxy.config("tx_xact_only", "pw");
+    ignored.options("-c transaction_read_only=on");
+    let conn = common::connect(&ignored).await.expect("login");
+    assert_eq!(setting(&conn.client, "transaction_read_only").await, "off");
+}
+
 /// A `SET` committed by `COMMIT AND CHAIN` is read back only once the backend is idle;
 /// a client that leaves before that (inside the chained transaction) must not leave it,
 /// one the server does not report, to the next client of the backend.

@@ -60,7 +60,7 @@ impl ClientSettings {
                 .with_hint("pgshield accepts options of the form -c name=value or --name=value")
             })? {
                 counted()?;
-                settings.set(&name, &value);
+                settings.set_at_startup(&name, &value)?;
             }
         }
         for (name, value) in &msg.params {
@@ -77,11 +77,34 @@ impl ClientSettings {
                 ));
             }
             counted()?;
-            settings.set(name, value);
+            settings.set_at_startup(name, value)?;
         }
         // Kept for the connection's life: no spare room.
         settings.now.shrink_to_fit();
         Ok(settings)
+    }
+
+    /// A startup setting. A transaction's own means nothing there: PostgreSQL refuses
+    /// `transaction_isolation` and `transaction_deferrable` at login (where they differ
+    /// from the default: pgshield, which cannot tell, refuses them all, naming what to
+    /// use), and starts every transaction from the default `transaction_read_only`.
+    fn set_at_startup(&mut self, name: &str, value: &str) -> Result<(), ErrorResponse> {
+        if !transaction_only(name) {
+            self.set(name, value);
+        } else if !name.eq_ignore_ascii_case("transaction_read_only") {
+            return Err(ErrorResponse::fatal(
+                sqlstate::ACTIVE_SQL_TRANSACTION,
+                format!(
+                    "{} cannot be set at login; it is a setting of one transaction",
+                    name.to_ascii_lowercase()
+                ),
+            )
+            .with_hint(format!(
+                "set default_{0} (in options, -c default_{0}=…) for every transaction",
+                name.to_ascii_lowercase()
+            )));
+        }
+        Ok(())
     }
 
     fn set(&mut self, name: &str, value: &str) {
@@ -279,15 +302,24 @@ pub fn apply_statement<'a>(
     (!sql.is_empty()).then_some(sql)
 }
 
-/// Startup settings a reset never gives back with the others: the session's authorization,
-/// what only a transaction's start may set, and the role (see [`restore_role_statement`]).
-const NOT_RESTORED: [&str; 5] = [
-    "role",
-    "session_authorization",
-    "transaction_isolation",
-    "transaction_read_only",
-    "transaction_deferrable",
-];
+/// Settings of the transaction under way only (`SET transaction_read_only = on` is `SET
+/// TRANSACTION READ ONLY`): each transaction starts from the `default_transaction_…`
+/// ones, so there is nothing of the session to follow, and a value applied to a backend
+/// fails (`transaction_isolation` once a query has run) or, on PostgreSQL 16 and later,
+/// cannot be reset. Never tracked: not from the startup packet, a statement or a read-back.
+pub fn transaction_only(name: &str) -> bool {
+    [
+        "transaction_isolation",
+        "transaction_read_only",
+        "transaction_deferrable",
+    ]
+    .iter()
+    .any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Startup settings a reset never gives back with the others: the session's authorization
+/// and the role (see [`restore_role_statement`]).
+const NOT_RESTORED: [&str; 2] = ["role", "session_authorization"];
 
 /// One statement that gives back `startup` values (`name`, `value`, in `encoding`: the
 /// server's, see [`ClientSettings::as_given`]; those of the settings a reset touched) that
@@ -304,7 +336,9 @@ pub fn restore_statement<'a>(
     encoding: &str,
 ) -> Option<String> {
     let rows: Vec<String> = startup
-        .filter(|(name, _)| !NOT_RESTORED.iter().any(|n| n.eq_ignore_ascii_case(name)))
+        .filter(|(name, _)| {
+            !NOT_RESTORED.iter().any(|n| n.eq_ignore_ascii_case(name)) && !transaction_only(name)
+        })
         .map(|(name, value)| {
             format!(
                 "({}, {})",

@@ -3067,7 +3067,7 @@ impl Session {
             names.sort();
             names.dedup();
             // (Who the session is changes only by what pins, or the server reports.)
-            names.retain(|n| n != "session_authorization");
+            names.retain(|n| n != "session_authorization" && !params::transaction_only(n));
             if !names.is_empty() {
                 // Only what this session set counts (a SET the server refused, or of a
                 // setting a session cannot change, leaves the default: nothing to follow).

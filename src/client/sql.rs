@@ -1637,6 +1637,8 @@ fn session_setting(name: String, e: &mut Effects) {
         // The random generator's state: `pg_settings` does not show it, and no value
         // read back could give it to another backend.
         "seed" => e.pin(PinReason::Unclassified),
+        // (The transaction's own, as SET TRANSACTION.)
+        n if crate::client::params::transaction_only(n) => {}
         // The names PostgreSQL still takes for these (guc.c, `map_old_guc_names`), which
         // `pg_settings` knows only by their own.
         "sort_mem" => e.settings.push("work_mem".into()),

@@ -25,6 +25,8 @@ pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 pub const QUERY_CANCELED: &str = "57014";
 /// `idle_in_transaction_session_timeout`: idle inside a transaction too long.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+/// `SET TRANSACTION ISOLATION LEVEL must be called before any query`.
+pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
 /// `invalid_parameter_value`: e.g. an `options` string pgshield cannot apply.
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 /// `syntax_error`: an admin console command pgshield does not know.
