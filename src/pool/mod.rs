@@ -1743,10 +1743,10 @@ impl DbLimit {
     }
 
     fn pools(&self) -> Vec<Arc<Pool>> {
-        lock(&self.pools)
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect()
+        let mut pools = lock(&self.pools);
+        // (Those gone are dropped here: found users' pools come and go for good.)
+        pools.retain(|p| p.strong_count() > 0);
+        pools.iter().filter_map(std::sync::Weak::upgrade).collect()
     }
 
     /// Whether the pool of `manager`, with `open` backends, holds more than its share
