@@ -212,6 +212,62 @@ async fn counting_relay() -> (u16, Arc<AtomicUsize>) {
     (port, accepted)
 }
 
+/// While the janitor opens backends up to `min_idle`, those open already are lent: it
+/// used to hold each until the last had opened, so a slow connection (a server forking
+/// under load, a TLS handshake far away) kept every client waiting although a backend
+/// sat idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_open_already_are_lent_while_the_janitor_opens_more() {
+    common::create_role("pool_fill", "pw").await;
+    // A relay that passes the first connection and holds the later ones, unanswered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    let to = common::cluster().port();
+    let relay = tokio::spawn(async move {
+        let mut stalled = Vec::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                stalled.push(inbound);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    let proxy = TestProxy::start_with_databases(
+        &format!("[databases.app]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"postgres\"\n"),
+        "[pool]\nmax_size = 2\nmin_idle = 2\nserver_connect_timeout = \"60s\"\n\
+         [tls.server]\nmode = \"disable\"\n[users.pool_fill]\npassword = \"pw\"\n",
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            accepted.load(Ordering::SeqCst) >= 2
+        })
+        .await,
+        "the janitor opens the first backend and waits on the second"
+    );
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        let conn = proxy.connect("pool_fill", "pw").await.expect("login");
+        conn.client
+            .simple_query("SELECT 1")
+            .await
+            .expect("SELECT 1");
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "the open backend was held while the janitor waited on the other"
+    );
+    relay.abort();
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_an_expired_idle_backend_opens_one_connection() {
     common::create_role("pool_reopen", "pw").await;

@@ -91,16 +91,26 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
         create: None,
         recycle: None,
     };
-    // (Deadpool lends the idle ones first: they are held, briefly, until it opens.)
-    let mut held = Vec::with_capacity(want);
+    // Deadpool lends the idle ones first. Each backend, idle or new, is kept warm at once
+    // (deadpool counts it lent, so the next get opens one rather than lend it again), for
+    // clients to take while the rest open; one that cannot be (the pool pausing, a
+    // borrower in deadpool's queue) is held until the end.
+    let mut held = Vec::new();
+    let mut taken = 0;
     let mut result = Ok(());
-    while pool.inner.status().size < want && held.len() < want {
+    while pool.inner.status().size < want && taken < want {
         // A place under max_size first, as any borrower.
         let Some(place) = pool.gate.try_take() else {
             break;
         };
         match pool.inner.timeout_get(&no_wait).await {
-            Ok(obj) => held.push((obj, place)),
+            Ok(mut obj) => {
+                taken += 1;
+                obj.mark_idle_now();
+                if let Err(kept) = pool.warm.put(obj, Some(place)) {
+                    held.push(kept);
+                }
+            }
             Err(PoolError::Timeout(_)) => break,
             Err(e) => {
                 result = Err(e);
@@ -109,8 +119,7 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
         }
     }
     // Each backend goes back before its place.
-    for (mut obj, place) in held {
-        obj.mark_idle_now();
+    for (obj, place) in held {
         drop(obj);
         drop(place);
     }
