@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{pki, raw, sqlstate, TestProxy};
@@ -243,6 +244,66 @@ async fn max_db_connections_caps_backends_across_pools_and_idle_ones_make_way() 
         .expect("no panic");
     assert_eq!(answer, 42);
     assert!(backends(&admin).await <= 2);
+}
+
+/// Pools waiting for a place under `max_db_connections` are served in the order they
+/// came (each used to step out of line and back in every 100 ms, so a later one could
+/// go first, and an unlucky one wait out its borrow_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_waiting_under_max_db_connections_are_served_in_turn() {
+    let roles = ["acc_fifo_a", "acc_fifo_b", "acc_fifo_c"];
+    for role in roles {
+        common::create_role(role, "pw").await;
+    }
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nborrow_timeout = \"20s\"\n\
+         [databases.capped]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         max_db_connections = 1\n{}{}{}",
+        common::cluster().port(),
+        role_config(roles[0], ""),
+        role_config(roles[1], ""),
+        role_config(roles[2], ""),
+    ))
+    .await;
+    let connect = |role: &str| {
+        let mut c = proxy.config(role, "pw");
+        c.dbname("capped");
+        async move { common::connect(&c).await.expect("login") }
+    };
+    let holder = connect(roles[0]).await;
+    let b = Arc::new(connect(roles[1]).await);
+    let c = Arc::new(connect(roles[2]).await);
+    for round in 0..4 {
+        holder
+            .client
+            .batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("the holder takes the one place");
+        // Alternately b then c, and c then b, join the line.
+        let (first, second) = if round % 2 == 0 { (&b, &c) } else { (&c, &b) };
+        let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (who, conn) in [(0, first), (1, second)] {
+            let (conn, done) = (Arc::clone(conn), Arc::clone(&done));
+            tasks.push(tokio::spawn(async move {
+                conn.client.batch_execute("SELECT 1").await.expect("served");
+                done.lock().unwrap().push(who);
+            }));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        holder.client.batch_execute("COMMIT").await.expect("commit");
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("served in time")
+                .expect("no panic");
+        }
+        assert_eq!(
+            *done.lock().unwrap(),
+            [0, 1],
+            "round {round}: served out of turn"
+        );
+    }
 }
 
 /// An idle backend closed to make way gives its place back only once its server process

@@ -274,6 +274,27 @@ tokio::task_local! {
 const FILL_HOST_WAIT: Duration = Duration::from_secs(1);
 
 impl ServerManager {
+    /// A place under the database's `max_db_connections`, if it has one: at once when
+    /// filling to `min_idle` (which never waits), otherwise in line up to `borrow_timeout`.
+    async fn db_place(
+        &self,
+        limit: Option<&DbLimit>,
+        filling: bool,
+        settings: &PoolSettings,
+    ) -> Result<Option<Place>, ServerError> {
+        Ok(match limit {
+            Some(limit) if filling => {
+                Some(limit.capacity.try_take().ok_or_else(|| limit.reached())?)
+            }
+            Some(limit) => Some(
+                limit
+                    .acquire(settings.borrow_timeout, &self.db_waiting)
+                    .await?,
+            ),
+            None => None,
+        })
+    }
+
     /// Opens a backend for the pool: under `max_db_connections`, with the target and
     /// settings in force now.
     async fn open(&self) -> Result<Box<Server>, ServerError> {
@@ -291,18 +312,10 @@ impl ServerManager {
             Arc::new(quick)
         };
         let mut settings = settings_now();
-        let db_limit = lock(&self.db_limit).clone();
-        let permit = match db_limit {
-            Some(limit) if filling => {
-                Some(limit.capacity.try_take().ok_or_else(|| limit.reached())?)
-            }
-            Some(limit) => Some(
-                limit
-                    .acquire(settings.borrow_timeout, &self.db_waiting)
-                    .await?,
-            ),
-            None => None,
-        };
+        let mut db_limit = lock(&self.db_limit).clone();
+        let mut permit = self
+            .db_place(db_limit.as_deref(), filling, &settings)
+            .await?;
         let mut attempts = 0;
         let (mut server, lease, target) = loop {
             let mut target = lock(&self.target).clone();
@@ -325,6 +338,19 @@ impl ServerManager {
             }
             generation = now;
             settings = settings_now();
+            // A `max_db_connections` the reload set (or changed) counts this one too.
+            let limit_now = lock(&self.db_limit).clone();
+            let same = match (&db_limit, &limit_now) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            if !same {
+                drop(permit.take());
+                db_limit = limit_now;
+                permit = self
+                    .db_place(db_limit.as_deref(), filling, &settings)
+                    .await?;
+            }
         };
         server.host = Some(lease);
         server.db_permit = permit;
@@ -1779,25 +1805,28 @@ impl DbLimit {
         idle.saturating_sub(max)
     }
 
-    /// A place, waiting up to `wait`; `waiting` (the pool's) counts the wait.
+    /// A place, waiting up to `wait`; `waiting` (the pool's) counts the wait. In line
+    /// from the first look: waiters are served in the order they came.
     async fn acquire(
         &self,
         wait: Option<Duration>,
         waiting: &AtomicUsize,
     ) -> Result<Place, ServerError> {
+        if let Some(permit) = self.capacity.try_take() {
+            return Ok(permit);
+        }
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
+        let take = self.capacity.take();
+        tokio::pin!(take);
         loop {
-            if let Some(permit) = self.capacity.try_take() {
-                return Ok(permit);
-            }
             // A backend that went idle in another pool since the last look makes way
             // (unless closed ones, their places on their way back, are enough for the
             // waiters, this one included).
-            let in_line = self.capacity.waiters.load(Ordering::Acquire) + 1;
+            let in_line = self.capacity.waiters.load(Ordering::Acquire);
             if self.capacity.returning.load(Ordering::Acquire) < in_line {
                 self.close_one_idle();
             }
-            let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
             let mut next_look = tokio::time::Instant::now() + DB_LIMIT_LOOK_AGAIN;
             if let Some(deadline) = deadline {
                 if tokio::time::Instant::now() >= deadline {
@@ -1805,8 +1834,9 @@ impl DbLimit {
                 }
                 next_look = next_look.min(deadline);
             }
-            if let Ok(permit) = tokio::time::timeout_at(next_look, self.capacity.take()).await {
-                return permit.ok_or_else(|| self.reached());
+            tokio::select! {
+                permit = &mut take => return permit.ok_or_else(|| self.reached()),
+                () = tokio::time::sleep_until(next_look) => {}
             }
         }
     }
