@@ -841,6 +841,59 @@ async fn settings_reverted_by_a_departed_clients_rollback_are_what_the_backend_c
     assert_eq!(setting(&paris.client, "TimeZone").await, "Europe/Paris");
 }
 
+/// A `search_path` naming `pg_temp` makes an unqualified `CREATE TABLE` temporary: a
+/// client whose path names it, from its startup packet or set where the screen cannot
+/// read the value (`set_config('search_path', $1, false)`), keeps its backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_path_naming_pg_temp_pins_from_startup_or_read_back() {
+    let proxy = proxy("tx_temp_path", "max_size = 2").await;
+    let other = proxy.connect("tx_temp_path", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let mut config = proxy.config("tx_temp_path", "pw");
+    config.options("-c search_path=pg_temp,public");
+    for from_startup in [true, false] {
+        let conn = if from_startup {
+            common::connect(&config).await.expect("login")
+        } else {
+            let conn = proxy.connect("tx_temp_path", "pw").await.expect("login");
+            conn.client
+                .query(
+                    "SELECT set_config('search_path', $1, false)",
+                    &[&"pg_temp, public"],
+                )
+                .await
+                .expect("set_config");
+            conn
+        };
+        let c = &conn.client;
+        c.batch_execute("CREATE TABLE tx_temp_path_t (a int)")
+            .await
+            .expect("a temporary table, by the path");
+        let mut pids = HashSet::new();
+        for _ in 0..4 {
+            hopper.hop().await;
+            pids.insert(pid(c).await);
+            c.batch_execute("SELECT * FROM tx_temp_path_t")
+                .await
+                .expect("its table, on its backend");
+        }
+        assert_eq!(pids.len(), 1, "the client kept its backend");
+        if hopper.holding {
+            hopper.hop().await;
+        }
+    }
+    assert_eq!(
+        proxy
+            .shared
+            .pins
+            .get(pgshield::client::sql::PinReason::TempTable),
+        2
+    );
+}
+
 /// `transaction_isolation`, `transaction_read_only` and `transaction_deferrable` are the
 /// transaction's own: a `SET` of one is not a session setting to follow (applied to
 /// another backend, `transaction_isolation` failed the client: "must be called before

@@ -734,6 +734,22 @@ impl Session {
     pub(super) fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
         async move {
             self.log_login();
+            if self.mode == PoolMode::Transaction
+                && self
+                    .settings
+                    .get("search_path")
+                    .is_some_and(sql::path_names_temp_schema)
+            {
+                // Started with the temporary schema in its path: its tables may be
+                // temporary, so it keeps the backend it first gets.
+                pin(
+                    &mut self.pinned,
+                    &self.shared,
+                    self.id,
+                    self.pool.name(),
+                    PinReason::TempTable,
+                );
+            }
             let end = self.relay().await;
             let farewell = self.ending(&end);
             // Most sessions end holding no backend, with nothing to write: nothing to wait
@@ -3878,6 +3894,7 @@ fn apply_readback(
         return Some(PinReason::Unclassified);
     };
     let mut not_utf8 = None;
+    let mut temp_schema = None;
     for (name, value) in readback.names.iter().zip(values) {
         if name == "role" {
             // What the backend runs as now, exactly (`none`: none set), so that a client
@@ -3910,6 +3927,11 @@ fn apply_readback(
         }
         match value.map(String::from_utf8) {
             Some(Ok(value)) => {
+                // (Set by what the screen cannot read: `set_config('search_path', $1,
+                // false)`.)
+                if name == "search_path" && sql::path_names_temp_schema(&value) {
+                    temp_schema = Some(PinReason::TempTable);
+                }
                 settings.record(name, &value);
                 server.note_applied(name, &value);
             }
@@ -3924,7 +3946,7 @@ fn apply_readback(
             }
         }
     }
-    not_utf8
+    not_utf8.or(temp_schema)
 }
 
 fn out_of_step(tag: u8) -> String {

@@ -1276,11 +1276,20 @@ fn sets_search_path(t: &[Token<'_>]) -> bool {
 
 /// A string that names the temporary schema among others (`'pg_temp, public'`).
 fn names_temp_schema(tok: &Token<'_>) -> bool {
-    matches!(tok, Token::Str(s) if s.split(',').any(|part| {
+    matches!(tok, Token::Str(s) if path_names_temp_schema(s))
+}
+
+/// Whether a `search_path` value (`pg_temp, public`) names the temporary schema: a
+/// `CREATE TABLE` may then make a temporary table, kept by the backend, unseen. (Told of
+/// a value read back from the server, or given at startup, as of one written in a SET.)
+pub fn path_names_temp_schema(path: &str) -> bool {
+    path.split(',').any(|part| {
         let part = part.trim().trim_matches('"');
         part.eq_ignore_ascii_case("pg_temp")
-            || part.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_"))
-    }))
+            || part
+                .get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_"))
+    })
 }
 
 /// `DO [LANGUAGE plpgsql] 'code'` (the language before or after the code): the block's
