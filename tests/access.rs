@@ -306,6 +306,80 @@ async fn pools_waiting_under_max_db_connections_are_served_in_turn() {
     }
 }
 
+/// A client whose pool must open a backend under `max_db_connections` is not passed
+/// over by the pool's busy clients: a backend of its pool given back is lent to it (it
+/// used to go to the pool's next transaction, over and over, while the open waited out
+/// its borrow_timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_waiting_under_max_db_connections_takes_a_backend_its_pool_gives_back() {
+    let (a, b) = ("acc_given_a", "acc_given_b");
+    common::create_role(a, "pw").await;
+    common::create_role(b, "pw").await;
+    let proxy = TestProxy::start(&format!(
+        "[pool]\nmax_size = 2\nborrow_timeout = \"20s\"\n\
+         [databases.capped]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\n\
+         max_db_connections = 2\n{}{}",
+        common::cluster().port(),
+        role_config(a, ""),
+        role_config(b, ""),
+    ))
+    .await;
+    let connect = |role: &str| {
+        let mut c = proxy.config(role, "pw");
+        c.dbname("capped");
+        async move { common::connect(&c).await.expect("login") }
+    };
+    // B holds one of the two places; A's one backend is busy with a client that runs
+    // transaction after transaction.
+    let holder = connect(b).await;
+    holder
+        .client
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("b holds a place");
+    // A's one backend is busy with a client running transaction after transaction;
+    // `waiting` then needs a second backend and waits for a place under the database's
+    // limit; then two more clients of A join the first, so that one of them always
+    // waits for A's backend: it is never idle.
+    let mut waiting = Some(connect(a).await);
+    let busy: Vec<_> = futures_util::future::join_all((0..3).map(|_| connect(a))).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loops = Vec::new();
+    let mut served = None;
+    for (i, busy) in busy.into_iter().enumerate() {
+        let stop = Arc::clone(&stop);
+        loops.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                busy.client.batch_execute("SELECT 1").await.expect("busy");
+                n += 1;
+            }
+            n
+        }));
+        if let Some(waiting) = waiting.take().filter(|_| i == 0) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            served = Some(tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    waiting.client.batch_execute("SELECT 2"),
+                )
+                .await
+            }));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let served = served.expect("spawned").await.expect("no panic");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut transactions = 0;
+    for l in loops {
+        transactions += l.await.expect("no panic");
+    }
+    assert!(transactions > 10, "the busy clients ran ({transactions})");
+    served
+        .expect("served while its pool's backend kept being given back")
+        .expect("SELECT 2");
+}
+
 /// An idle backend closed to make way gives its place back only once its server process
 /// has gone: PostgreSQL counts it against max_connections until then. Here it cannot go
 /// (stopped), so the other pool waits for the place, up to the bound on that wait (2 s),

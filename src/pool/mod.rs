@@ -146,6 +146,11 @@ pub struct ServerManager {
     read_only: bool,
     /// Opens of this pool waiting for a place under the database's limit.
     db_waiting: AtomicUsize,
+    /// Told when a backend of this pool is given back while some of its opens wait for a
+    /// place under the database's limit: they step back and take it (a busy pool's own
+    /// clients would otherwise take it, transaction after transaction, while the open
+    /// waits out its borrow_timeout).
+    given_back: tokio::sync::Notify,
     /// Replaced whole by a reload.
     settings: ArcSwap<PoolSettings>,
     /// The database's `max_db_connections`, shared with its other pools (a reload may
@@ -288,7 +293,7 @@ impl ServerManager {
             }
             Some(limit) => Some(
                 limit
-                    .acquire(settings.borrow_timeout, &self.db_waiting)
+                    .acquire(settings.borrow_timeout, &self.db_waiting, &self.given_back)
                     .await?,
             ),
             None => None,
@@ -757,6 +762,7 @@ impl Pool {
         let name = format!("{database}/{user}");
         let manager = ServerManager {
             db_waiting: AtomicUsize::new(0),
+            given_back: tokio::sync::Notify::new(),
             // Read-only pools are the only ones named otherwise than their database.
             read_only: cluster.database != database,
             cluster: ArcSwap::new(cluster),
@@ -1241,7 +1247,33 @@ impl Pool {
         let deadline = settings
             .borrow_timeout
             .map(|limit| started.unwrap_or_else(tokio::time::Instant::now) + limit);
-        let got = match within(
+        let got = loop {
+            match self.get_within(deadline, &timeouts).await {
+                // A backend of the pool given back while this borrow's open waited under
+                // max_db_connections: lent, if still there (else it waits again).
+                Err(PoolError::Backend(ServerError::GivenBack)) => {
+                    if let Some(obj) = self.take_warm(&settings) {
+                        return Ok(self.lent(obj, place, &settings));
+                    }
+                }
+                got => break got,
+            }
+        };
+        match got {
+            Ok(obj) => Ok(self.lent(obj, place, &settings)),
+            Err(e) => Err(self.borrow_error(e, &settings)),
+        }
+    }
+
+    /// Deadpool's part of [`Self::borrow_holding`]: an idle backend or a new one, within
+    /// `deadline`.
+    async fn get_within(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+        timeouts: &impl Fn(Option<Duration>) -> Timeouts,
+    ) -> Result<Object<ServerManager>, PoolError<ServerError>> {
+        let settings = self.inner.manager().settings.load_full();
+        match within(
             deadline,
             self.inner.timeout_get(&timeouts(Some(Duration::ZERO))),
         )
@@ -1253,17 +1285,13 @@ impl Pool {
                 // backends given back go there.
                 let _queued = Queued::join(&self.warm.in_deadpool_queue);
                 if let Some(obj) = self.take_warm(&settings) {
-                    return Ok(self.lent(obj, place, &settings));
+                    return Ok(obj);
                 }
                 let left =
                     deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
                 within(deadline, self.inner.timeout_get(&timeouts(left))).await
             }
             got => got,
-        };
-        match got {
-            Ok(obj) => Ok(self.lent(obj, place, &settings)),
-            Err(e) => Err(self.borrow_error(e, &settings)),
         }
     }
 
@@ -1435,6 +1463,7 @@ impl Pool {
     /// finds a place free after all.
     fn others_queued(&self) -> bool {
         self.warm.queued.load(Ordering::Relaxed) > 0
+            || self.inner.manager().db_waiting.load(Ordering::Relaxed) > 0
     }
 
     fn lent(&self, obj: Object<ServerManager>, place: Place, settings: &PoolSettings) -> Backend {
@@ -1524,11 +1553,20 @@ impl Backend {
             // which closes those beyond its size.)
             // Given back to deadpool (dropped) unless kept warm.
             let in_debt = self._place.as_ref().is_some_and(|p| p.capacity.in_debt());
+            // An open of this pool waiting for a place under the database's limit is
+            // told, once the backend is back, to take it instead.
+            let given_back = contended
+                .then(|| Object::pool(&obj))
+                .flatten()
+                .filter(|p| p.manager().db_waiting.load(Ordering::Acquire) > 0);
             if in_debt {
                 drop(obj);
             } else if let Err((obj, place)) = self.warm.put(obj, self._place.take()) {
                 drop(obj);
                 drop(place);
+            }
+            if let Some(pool) = given_back {
+                pool.manager().given_back.notify_waiters();
             }
         } else {
             let loud =
@@ -1806,16 +1844,23 @@ impl DbLimit {
     }
 
     /// A place, waiting up to `wait`; `waiting` (the pool's) counts the wait. In line
-    /// from the first look: waiters are served in the order they came.
+    /// from the first look: waiters are served in the order they came. `ServerError::
+    /// GivenBack` when `given_back` (the pool's) is told: a backend of the pool is there
+    /// to be lent instead.
     async fn acquire(
         &self,
         wait: Option<Duration>,
         waiting: &AtomicUsize,
+        given_back: &tokio::sync::Notify,
     ) -> Result<Place, ServerError> {
         if let Some(permit) = self.capacity.try_take() {
             return Ok(permit);
         }
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        // (Told from the moment it is counted as waiting: see `Backend::release`.)
+        let returned = given_back.notified();
+        tokio::pin!(returned);
+        returned.as_mut().enable();
         let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
         let take = self.capacity.take();
         tokio::pin!(take);
@@ -1836,6 +1881,7 @@ impl DbLimit {
             }
             tokio::select! {
                 permit = &mut take => return permit.ok_or_else(|| self.reached()),
+                () = &mut returned => return Err(ServerError::GivenBack),
                 () = tokio::time::sleep_until(next_look) => {}
             }
         }

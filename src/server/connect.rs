@@ -119,6 +119,11 @@ pub enum ServerError {
     /// `pool::lend_idle_only`); never reaches a client.
     #[error("no idle backend to lend without opening one")]
     NotOpened,
+    /// An open waiting for a place under `max_db_connections` stepped back: a backend of
+    /// its pool was given back, to be lent instead (see `pool::DbLimit::acquire`); never
+    /// reaches a client.
+    #[error("a backend of the pool was given back while one waited to open")]
+    GivenBack,
     #[error("the server reported an error: {0}")]
     Query(ErrorResponse),
     #[error("the server closed the connection")]
