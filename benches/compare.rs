@@ -134,6 +134,9 @@ fn main() {
         for scenario in &scenarios {
             for endpoint in &endpoints {
                 eprintln!("round {round}/{rounds}: {scenario} → {}", endpoint.label);
+                // Each run has the server's max_connections to itself: the poolers' idle
+                // backends from the run before (closed after a second idle) are gone.
+                runtime.block_on(bench::settle(&embedded.direct().config));
                 let figures = if scenario == "lambda-burst" {
                     lambda(&runtime, db, endpoint)
                 } else {
@@ -440,15 +443,15 @@ impl PgBouncer {
             .find(|p| p.exists())
             .ok_or("pgbouncer is not installed (apt-get install -y pgbouncer)")?;
         let port = pgshield::devdb::free_port().map_err(|e| e.to_string())?;
-        // Removed on every way out, the error returns below included.
-        let guard = PrivateDir::new(
-            std::env::temp_dir().join(format!("pgshield-bench-pgbouncer-{}", std::process::id())),
-        )?;
+        // Removed on every way out, the error returns below included; inside the server's
+        // directory, which its supervisor removes even when the bench is killed.
+        let guard = PrivateDir::new(db.subdir("pgbouncer").map_err(|e| e.to_string())?)?;
         let dir = guard.path();
         let ini = format!(
             "[databases]\npostgres = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
              listen_port = {port}\nauth_type = scram-sha-256\nauth_file = {}/userlist.txt\n\
              pool_mode = transaction\ndefault_pool_size = {POOL}\nmax_client_conn = 2000\n\
+             server_idle_timeout = 1\n\
              unix_socket_dir =\nlogfile = {}/pgbouncer.log\n",
             db.port(),
             dir.display(),
@@ -461,6 +464,7 @@ impl PgBouncer {
         )
         .map_err(|e| e.to_string())?;
         let mut command = Command::new(binary);
+        pgshield::bench::embedded::ends_with_this_process(&mut command);
         command
             .arg(dir.join("pgbouncer.ini"))
             .stdin(Stdio::null())

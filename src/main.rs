@@ -67,7 +67,7 @@ struct BenchArgs {
     #[arg(long)]
     compare: Option<String>,
     /// Start a throwaway PostgreSQL and a pgshield in front of it, and compare the two.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["target", "pid"])]
     embedded: bool,
     /// lambda-burst: invocations in all.
     #[arg(long, default_value_t = 2000)]
@@ -97,6 +97,10 @@ struct BenchArgs {
     /// Connect with TLS (the certificate is not checked).
     #[arg(long)]
     tls: bool,
+    /// How long a connect (with its login) or a query may go unanswered before it counts
+    /// as an error.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
     /// Print the result as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -220,13 +224,25 @@ fn bench(args: BenchArgs) -> ExitCode {
         }
     };
     let parse = |label: &str, url: &str, pid: Option<u32>| {
-        url.parse::<tokio_postgres::Config>()
-            .map(|config| Target {
-                label: label.to_owned(),
-                config,
-                pid,
-            })
-            .map_err(|e| format!("--{label}: {e}"))
+        let config = url.parse::<tokio_postgres::Config>().map_err(|e| {
+            // (tokio-postgres says only "invalid connection string"; the cause, an
+            // option it does not know or a value it does not take, is its source.)
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            format!("--{label}: {e}{cause}")
+        })?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require && !args.tls {
+            return Err(format!(
+                "--{label} asks for sslmode=require: add --tls (the bench connects with TLS \
+                 only when told, and does not check certificates)"
+            ));
+        }
+        Ok(Target {
+            label: label.to_owned(),
+            config,
+            pid,
+        })
     };
     let mut embedded = None;
     let mut targets = Vec::new();
@@ -305,6 +321,8 @@ fn bench(args: BenchArgs) -> ExitCode {
     let options = bench::Options {
         tls,
         progress: !args.json,
+        settle: embedded.as_ref().map(|e| e.direct().config),
+        no_answer: Some(args.timeout),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -362,12 +380,36 @@ fn bench(args: BenchArgs) -> ExitCode {
         }
     }
     drop(embedded);
+    // A run that completed nothing (a wrong password, a target down) fails the command,
+    // as a check in CI would want.
+    let empty: Vec<&str> = report
+        .runs
+        .iter()
+        .filter(|r| r.completed == 0)
+        .map(|r| r.label.as_str())
+        .collect();
+    if !empty.is_empty() {
+        eprintln!(
+            "pgshield bench: nothing completed against {} (see the errors)",
+            empty.join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
 }
 
 fn dev(args: DevArgs) -> ExitCode {
     init_logging(&LogConfig::default());
     defer_interrupts();
+    // Before the server starts (seconds of initdb): an address taken (a PgBouncer on its
+    // default port 6432) is said at once.
+    if let Err(e) = std::net::TcpListener::bind(args.listen.as_str()) {
+        eprintln!(
+            "pgshield dev: cannot listen on {}: {e} (another pooler there? give --listen 127.0.0.1:PORT)",
+            args.listen
+        );
+        return ExitCode::FAILURE;
+    }
     let db = match DevDb::start(&DevDbOptions {
         max_connections: args.max_connections,
         ..DevDbOptions::default()

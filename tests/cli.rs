@@ -795,6 +795,95 @@ async fn bench_embedded_leaves_nothing_running_when_stopped_or_killed() {
     }
 }
 
+/// A target that takes connections and never answers does not hold the bench: each
+/// connect counts as an error after `--timeout`, and a run that completed nothing fails
+/// the command. Connection strings it cannot use say why.
+#[tokio::test]
+async fn bench_gives_up_on_a_silent_target_and_says_what_is_wrong_with_a_url() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let target = format!("postgresql://u:p@127.0.0.1:{port}/x");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        pgshield()
+            .args(["bench", "--json", "--target", &target])
+            .args([
+                "--invocations",
+                "3",
+                "--concurrency",
+                "3",
+                "--timeout",
+                "1s",
+            ])
+            .output(),
+    )
+    .await
+    .expect("the bench ends")
+    .expect("run pgshield bench");
+    holder.abort();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nothing completed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let run = &report["runs"][0];
+    assert_eq!(run["failed"], 3, "{report}");
+    assert!(
+        report.to_string().contains("no answer to a connect"),
+        "{report}"
+    );
+
+    for (url, says) in [
+        ("postgresql://u@127.0.0.1:1/x?sslmode=require", "--tls"),
+        ("postgresql://u@127.0.0.1:1/x?sslmode=bogus", "sslmode"),
+    ] {
+        let out = pgshield()
+            .args(["bench", "--target", url])
+            .output()
+            .await
+            .expect("run pgshield bench");
+        assert_eq!(out.status.code(), Some(2), "{url}");
+        assert!(
+            text(&out.stderr).contains(says),
+            "{url}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn dev_says_at_once_when_its_address_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        pgshield()
+            .args(["dev", "--listen", &addr])
+            // (Told before any server would start: it cannot start here.)
+            .env("PGSHIELD_PG_BINDIR", "/nonexistent/pgshield-test")
+            .output(),
+    )
+    .await
+    .expect("dev gives up within 30 s")
+    .expect("run pgshield dev");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains("--listen"),
+        "{stderr}"
+    );
+}
+
 /// Runs `pgshield bench --embedded --json` with `args`; returns the report.
 async fn bench_embedded(args: &[&str]) -> serde_json::Value {
     let out = pgshield()
@@ -850,11 +939,13 @@ async fn bench_embedded_runs_each_scenario_against_pgshield_and_direct() {
         assert_eq!(run["completed"], 40, "{run}");
     }
 
+    // 30 clients, through a pool of 20 then straight to a server of 40 connections: the
+    // direct run waits for the pool's idle backends to close, and has room for all.
     let steady = bench_embedded(&[
         "--scenario",
         "steady",
         "--clients",
-        "4",
+        "30",
         "--duration",
         "1s",
         "--protocol",

@@ -61,6 +61,25 @@ impl Drop for PrivateDir {
     }
 }
 
+/// Makes the process `command` starts get SIGKILL when this one ends, however it ends
+/// (killed, or a signal its run does not handle): a child left running would hold its
+/// port and a directory with the server's password. (The signal comes when the thread
+/// that forked exits: spawn from the thread that lives as long as the process.)
+pub fn ends_with_this_process(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: between fork and exec only system calls run, no allocation.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// How long pgshield has to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -91,7 +110,7 @@ impl Embedded {
         let port = crate::devdb::free_port().map_err(|e| format!("find a free port: {e}"))?;
         let mut config = format!(
             "[listen]\naddr = \"127.0.0.1:{port}\"\nmax_client_connections = 100000\n\
-             [pool]\nmax_size = {}\nmode = \"{}\"\n\
+             [pool]\nmax_size = {}\nmode = \"{}\"\nserver_idle_timeout = \"1s\"\n\
              [databases.postgres]\nhost = \"{}\"\nport = {}\n\
              [users.{}]\npassword = \"{}\"\n\
              [admin]\nhttp_listen = \"\"\n\
@@ -127,18 +146,7 @@ impl Embedded {
         // not handle): a pgshield left running would hold the port and the directory
         // with the server's password. (Spawned from the thread that lives as long as the
         // process: the signal comes when the thread that forked exits.)
-        let parent = std::process::id();
-        // SAFETY: between fork and exec only system calls run, no allocation.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                if nix::unistd::getppid().as_raw() as u32 != parent {
-                    return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        ends_with_this_process(&mut command);
         let proxy = command
             .args(["run", "--config"])
             .arg(&config_path)

@@ -160,6 +160,19 @@ pub struct Options {
     /// Connect with TLS (certificates not checked).
     pub tls: Option<tls::RequireTls>,
     pub progress: bool,
+    /// A superuser connection to the server behind every target (`--embedded`): before
+    /// each run, [`settle`] waits for the backends an earlier run left (a pooler's idle
+    /// ones) to close, so that every run has the server's `max_connections` to itself.
+    pub settle: Option<tokio_postgres::Config>,
+    /// How long a connect or a query may go unanswered before it counts as an error
+    /// (None: [`NO_ANSWER`]).
+    pub no_answer: Option<Duration>,
+}
+
+impl Options {
+    fn no_answer(&self) -> Duration {
+        self.no_answer.unwrap_or(NO_ANSWER)
+    }
 }
 
 /// What one scenario did against one target.
@@ -195,6 +208,9 @@ pub struct Report {
 pub async fn run(scenario: &Scenario, targets: &[Target], options: &Options) -> Report {
     let mut runs = Vec::new();
     for target in targets {
+        if let Some(admin) = &options.settle {
+            settle(admin).await;
+        }
         runs.push(run_one(scenario, target, options).await);
     }
     Report {
@@ -202,6 +218,44 @@ pub async fn run(scenario: &Scenario, targets: &[Target], options: &Options) -> 
         settings: scenario.describe(),
         runs,
     }
+}
+
+/// How long [`settle`] waits at most.
+const SETTLE_WITHIN: Duration = Duration::from_secs(15);
+
+/// Waits (up to [`SETTLE_WITHIN`]) until the server `admin` (a superuser) reaches has no
+/// client connection but its own: a pooler's idle backends from an earlier run take
+/// slots under `max_connections` that the next run (direct PostgreSQL above all) would
+/// otherwise be refused (`53300`), a failure the earlier run made. (The poolers the
+/// benchmarks start close idle backends after a second.)
+pub async fn settle(admin: &tokio_postgres::Config) {
+    let Ok(Ok((client, connection))) = tokio::time::timeout(NO_ANSWER, admin.connect(NoTls)).await
+    else {
+        return;
+    };
+    let connection = tokio::spawn(connection);
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    let others = "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+                  WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()";
+    loop {
+        let left = match bounded(NO_ANSWER, "query", client.query_one(others, &[])).await {
+            Ok(row) => row.get::<_, i64>(0),
+            Err(_) => break,
+        };
+        if left == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "pgshield bench: {left} other connections to the server still open after {} s; running anyway",
+                SETTLE_WITHIN.as_secs()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(client);
+    let _ = connection.await;
 }
 
 /// Runs `scenario` against one target.
@@ -222,8 +276,56 @@ pub async fn run_one(scenario: &Scenario, target: &Target, options: &Options) ->
     }
 }
 
-/// Connects a client (its connection runs in its own task, ending when it is dropped).
-async fn connect(target: &Target, options: &Options) -> Result<Client, tokio_postgres::Error> {
+/// How long a connect (through its login) or a query may take, by default, before it
+/// counts as an error (`--timeout`): a target that takes connections and never answers (a load balancer whose far
+/// side is gone) would otherwise hold the run for good. (tokio-postgres's
+/// `connect_timeout` bounds the TCP connect only.)
+const NO_ANSWER: Duration = Duration::from_secs(30);
+
+/// A connect or query that failed, as the error table shows it.
+struct Failed {
+    text: String,
+    /// No answer within [`NO_ANSWER`]: the connection is of no further use.
+    timed_out: bool,
+}
+
+/// `work` (a connect or a query, `what`) within `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Failed> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Failed {
+            text: stats::describe(&e),
+            timed_out: false,
+        }),
+        Err(_) => Err(Failed {
+            text: format!(
+                "no answer to a {what} within {}",
+                humantime::format_duration(limit)
+            ),
+            timed_out: true,
+        }),
+    }
+}
+
+/// Connects a client (its connection runs in its own task, ending when it is dropped),
+/// within [`NO_ANSWER`].
+async fn connect(target: &Target, options: &Options) -> Result<Client, Failed> {
+    bounded(
+        options.no_answer(),
+        "connect",
+        connect_unbounded(target, options),
+    )
+    .await
+}
+
+async fn connect_unbounded(
+    target: &Target,
+    options: &Options,
+) -> Result<Client, tokio_postgres::Error> {
     match &options.tls {
         None => {
             let (client, connection) = target.config.connect(NoTls).await?;
@@ -356,7 +458,9 @@ async fn lambda_burst(
                     Ok(client) => {
                         let t1 = Instant::now();
                         tally.connect.record(t1 - t0);
-                        let result = client.simple_query(&query).await;
+                        let result =
+                            bounded(options.no_answer(), "query", client.simple_query(&query))
+                                .await;
                         if result.is_ok() {
                             tally.query.record(t1.elapsed());
                         }
@@ -372,7 +476,7 @@ async fn lambda_burst(
                         tally.completed += 1;
                         tally.end_to_end.record(t0.elapsed());
                     }
-                    Err(e) => tally.errors.record(&e),
+                    Err(e) => tally.errors.record_other(&e.text),
                 }
                 bar.inc(1);
             }
@@ -419,7 +523,7 @@ async fn steady(
                         Some(client)
                     }
                     Err(e) => {
-                        tally.errors.record(&e);
+                        tally.errors.record_other(&e.text);
                         None
                     }
                 };
@@ -429,13 +533,16 @@ async fn steady(
                     return tally;
                 };
                 let prepared = match protocol {
-                    Protocol::Prepared | Protocol::Mix => match client.prepare(&query).await {
-                        Ok(statement) => Some(statement),
-                        Err(e) => {
-                            tally.errors.record(&e);
-                            return tally;
+                    Protocol::Prepared | Protocol::Mix => {
+                        match bounded(options.no_answer(), "prepare", client.prepare(&query)).await
+                        {
+                            Ok(statement) => Some(statement),
+                            Err(e) => {
+                                tally.errors.record_other(&e.text);
+                                return tally;
+                            }
                         }
-                    },
+                    }
                     _ => None,
                 };
                 let mut turn = 0usize;
@@ -449,11 +556,23 @@ async fn steady(
                     turn += 1;
                     let t = Instant::now();
                     let result = match (this, &prepared) {
-                        (Protocol::Simple, _) => client.simple_query(&query).await.map(|_| ()),
-                        (Protocol::Prepared, Some(statement)) => {
-                            client.query(statement, &[]).await.map(|_| ())
+                        (Protocol::Simple, _) => {
+                            bounded(options.no_answer(), "query", client.simple_query(&query))
+                                .await
+                                .map(|_| ())
                         }
-                        _ => client.query_typed(&query, &[]).await.map(|_| ()),
+                        (Protocol::Prepared, Some(statement)) => {
+                            bounded(options.no_answer(), "query", client.query(statement, &[]))
+                                .await
+                                .map(|_| ())
+                        }
+                        _ => bounded(
+                            options.no_answer(),
+                            "query",
+                            client.query_typed(&query, &[]),
+                        )
+                        .await
+                        .map(|_| ()),
                     };
                     // A query that ends after the stop is not counted: throughput is over
                     // the measured interval only.
@@ -466,8 +585,8 @@ async fn steady(
                             tally.completed += 1;
                         }
                         Err(e) => {
-                            tally.errors.record(&e);
-                            if client.is_closed() {
+                            tally.errors.record_other(&e.text);
+                            if e.timed_out || client.is_closed() {
                                 return tally;
                             }
                         }
@@ -483,6 +602,10 @@ async fn steady(
     for _ in 0..secs {
         tokio::time::sleep(Duration::from_secs(1)).await;
         bar.inc(1);
+        // (Every client gone: none connected, or each connection failed.)
+        if handles.iter().all(tokio::task::JoinHandle::is_finished) {
+            break;
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
@@ -519,7 +642,7 @@ async fn idle_swarm(target: &Target, options: &Options, clients: usize, hold: Du
                         tally.completed += 1;
                         held.lock().unwrap_or_else(|p| p.into_inner()).push(client);
                     }
-                    Err(e) => tally.errors.record(&e),
+                    Err(e) => tally.errors.record_other(&e.text),
                 }
                 bar.inc(1);
             }

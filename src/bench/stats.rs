@@ -80,7 +80,7 @@ impl Errors {
 
 /// `53300 sorry, too many clients already`, or the error's own words when it carries
 /// no SQLSTATE (a refused or reset connection), shortened.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     let text = match e.as_db_error() {
         Some(db) => format!("{} {}", db.code().code(), db.message()),
         None => {
