@@ -885,6 +885,29 @@ async fn a_search_path_naming_pg_temp_pins_from_startup_or_read_back() {
             hopper.hop().await;
         }
     }
+    // Strict mode pins nothing: such a client is refused.
+    let strict = self::proxy(
+        "tx_temp_path_strict",
+        "max_size = 2\non_session_state = \"reject\"",
+    )
+    .await;
+    let mut config = strict.config("tx_temp_path_strict", "pw");
+    config.options("-c search_path=pg_temp,public");
+    // (Ended right after its login: the error comes as the connection's end.)
+    let refused = match common::connect(&config).await {
+        Ok(conn) => tokio::time::timeout(Duration::from_secs(10), conn.done)
+            .await
+            .expect("ended")
+            .expect("no panic")
+            .err(),
+        Err(e) => Some(e),
+    }
+    .expect("refused");
+    assert_eq!(
+        refused.as_db_error().map(|e| e.code().code()),
+        Some("0A000"),
+        "{refused}"
+    );
     assert_eq!(
         proxy
             .shared
@@ -937,7 +960,7 @@ async fn transaction_settings_are_not_session_settings() {
         "{err}"
     );
     let mut ignored = proxy.config("tx_xact_only", "pw");
-    ignored.options("-c transaction_read_only=on");
+    ignored.options("-c transaction_read_only=on -c transaction_isolation=read\\ committed");
     let conn = common::connect(&ignored).await.expect("login");
     assert_eq!(setting(&conn.client, "transaction_read_only").await, "off");
 }

@@ -85,13 +85,17 @@ impl ClientSettings {
     }
 
     /// A startup setting. A transaction's own means nothing there: PostgreSQL refuses
-    /// `transaction_isolation` and `transaction_deferrable` at login (where they differ
-    /// from the default: pgshield, which cannot tell, refuses them all, naming what to
-    /// use), and starts every transaction from the default `transaction_read_only`.
+    /// `transaction_deferrable` at login, and `transaction_isolation` but `read
+    /// committed` (the isolation of the login's own transaction), as pgshield does, naming
+    /// what to use; it starts every transaction from the default `transaction_read_only`,
+    /// which pgshield ignores.
     fn set_at_startup(&mut self, name: &str, value: &str) -> Result<(), ErrorResponse> {
+        let ignored = name.eq_ignore_ascii_case("transaction_read_only")
+            || (name.eq_ignore_ascii_case("transaction_isolation")
+                && value.trim().eq_ignore_ascii_case("read committed"));
         if !transaction_only(name) {
             self.set(name, value);
-        } else if !name.eq_ignore_ascii_case("transaction_read_only") {
+        } else if !ignored {
             return Err(ErrorResponse::fatal(
                 sqlstate::ACTIVE_SQL_TRANSACTION,
                 format!(

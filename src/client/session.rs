@@ -725,6 +725,44 @@ impl Session {
         }
     }
 
+    /// A client started with the temporary schema in its `search_path` (transaction
+    /// mode): its tables may be temporary, so it keeps the backend it first gets; with
+    /// `on_session_state = "reject"`, the error that ends it instead.
+    fn pin_at_login(&mut self) -> Option<ErrorResponse> {
+        let temp_path = self
+            .settings
+            .get("search_path")
+            .is_some_and(sql::path_names_temp_schema);
+        if self.mode != PoolMode::Transaction || !temp_path {
+            return None;
+        }
+        let reason = PinReason::TempTable;
+        if self.pool.on_session_state() == OnSessionState::Reject {
+            return Some(
+                ErrorResponse::fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "pgshield: a search_path naming pg_temp ({}) would tie this client to one \
+                         server connection, which pool.on_session_state = \"reject\" does not allow",
+                        reason.feature()
+                    ),
+                )
+                .with_hint("Use session mode, or pool.on_session_state = \"pin\"."),
+            );
+        }
+        pin(
+            &mut self.pinned,
+            &self.shared,
+            self.id,
+            self.pool.name(),
+            reason,
+        );
+        // (Its statements are its own, as any pinned client's: its temporary tables may
+        // be named as other clients' tables are.)
+        keep_search_path_env(&mut self.follow_up, private_env());
+        None
+    }
+
     /// Relays until the session ends, then finishes it. Its task must be
     /// [`crate::epoch::Counted`]: `poll_io` skips sockets already found empty in the
     /// same poll. (Not an `async fn`: that would store the session twice in the future,
@@ -734,23 +772,10 @@ impl Session {
     pub(super) fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
         async move {
             self.log_login();
-            if self.mode == PoolMode::Transaction
-                && self
-                    .settings
-                    .get("search_path")
-                    .is_some_and(sql::path_names_temp_schema)
-            {
-                // Started with the temporary schema in its path: its tables may be
-                // temporary, so it keeps the backend it first gets.
-                pin(
-                    &mut self.pinned,
-                    &self.shared,
-                    self.id,
-                    self.pool.name(),
-                    PinReason::TempTable,
-                );
-            }
-            let end = self.relay().await;
+            let end = match self.pin_at_login() {
+                Some(refused) => End::Fatal(refused),
+                None => self.relay().await,
+            };
             let farewell = self.ending(&end);
             // Most sessions end holding no backend, with nothing to write: nothing to wait
             // for. Otherwise boxed, as is each borrow: an idle session's task holds only
@@ -2942,7 +2967,26 @@ impl Session {
                         {
                             // The client changed it (SET, RESET, a function): it follows.
                             self.settings.record(name, value);
-                            let own = search_path_env(&self.settings);
+                            // (PostgreSQL 18 reports search_path: one naming pg_temp makes
+                            // tables temporary, as at login.)
+                            if name.eq_ignore_ascii_case("search_path")
+                                && self.mode == PoolMode::Transaction
+                                && sql::path_names_temp_schema(value)
+                            {
+                                pin(
+                                    &mut self.pinned,
+                                    &self.shared,
+                                    self.id,
+                                    self.pool.name(),
+                                    PinReason::TempTable,
+                                );
+                            }
+                            // (A pinned client's statements stay its own.)
+                            let own = if self.pinned.is_some() {
+                                private_env()
+                            } else {
+                                search_path_env(&self.settings)
+                            };
                             keep_search_path_env(&mut self.follow_up, own);
                             self.reported_since_borrow = true;
                             server.note_applied(name, value);

@@ -378,7 +378,7 @@ fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> Option<(Cow<
             }
             i += width;
         } else if c == quote {
-            if let Some(next) = continuation(b, i + 1).filter(|_| quote == b'\'') {
+            if let Some(next) = (quote == b'\'').then(|| continuation(b, i + 1)).flatten() {
                 owned.get_or_insert_with(|| b[start + 1..i].to_vec());
                 i = next + 1;
                 continue;
@@ -481,7 +481,8 @@ const ADVISORY_LOCKS: [&str; 4] = [
 ];
 
 /// Functions that run a query given as text (`query_to_xml('SELECT pg_advisory_lock(1)',
-/// …)`): what it does is not read, so a call pins.
+/// …)`): what it does is not read, so a call pins. (`ts_rewrite` runs one only in its
+/// two-argument form; see [`calls_and_temporary_relations`].)
 const QUERY_RUNNERS: [&str; 5] = [
     "query_to_xml",
     "query_to_xmlschema",
@@ -1242,14 +1243,26 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
                 set_config_call(&t[i + 2..], e);
             }
         }
-        if names(tok, "setseed") || QUERY_RUNNERS.iter().any(|f| names(tok, f)) {
-            // (The backend's random generator, as `SET seed`; a query not read.)
+        if names(tok, "setseed") {
+            // (The backend's random generator, as `SET seed`.)
             e.pin(PinReason::Unclassified);
+        }
+        if QUERY_RUNNERS.iter().any(|f| names(tok, f)) {
+            // A query not read; but `ts_rewrite(query, target, substitute)`, of three
+            // tsquery arguments, runs none. (Each call's arguments are read to their end,
+            // so few calls are: see `set_configs`.)
+            set_configs += 1;
+            let three = names(tok, "ts_rewrite")
+                && set_configs <= MAX_SET_CONFIG_CALLS
+                && argument_count(&t[i + 2..]) == Some(3);
+            if !three {
+                e.pin(PinReason::Unclassified);
+            }
         }
     }
     // `UPDATE pg_settings SET setting = …`: PostgreSQL's rule on the view runs
     // set_config(name, setting, false) for each row.
-    if t.iter().any(|x| names(x, "pg_settings")) && t.iter().any(|x| names(x, "update")) {
+    if updates_pg_settings(t) {
         e.pin(PinReason::Unclassified);
     }
     // A search path that puts the temporary schema first, written as a string (`SET
@@ -1259,6 +1272,26 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
         temp(e);
     }
     temporary
+}
+
+/// `UPDATE [ONLY] [pg_catalog.]pg_settings` anywhere in a statement (a WITH clause's
+/// too).
+fn updates_pg_settings(t: &[Token<'_>]) -> bool {
+    t.iter().enumerate().any(|(i, tok)| {
+        if !names(tok, "update") {
+            return false;
+        }
+        let mut rest = &t[i + 1..];
+        if rest.first().is_some_and(|x| names(x, "only")) {
+            rest = &rest[1..];
+        }
+        if let [schema, Token::Punct('.'), ..] = rest {
+            if names(schema, "pg_catalog") {
+                rest = &rest[2..];
+            }
+        }
+        rest.first().is_some_and(|x| names(x, "pg_settings"))
+    })
 }
 
 /// `SET [LOCAL | SESSION] search_path …` or `SET SCHEMA …`.
@@ -1757,6 +1790,23 @@ fn lone_third_argument(args: &[Token<'_>]) -> Option<usize> {
                     return (args.get(i + 2) == Some(&Token::Punct(')'))).then_some(i);
                 }
             }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// How many arguments a call whose arguments start `args` has (None if its closing
+/// parenthesis is not there).
+fn argument_count(args: &[Token<'_>]) -> Option<usize> {
+    let mut depth = 0;
+    let mut commas = 0;
+    for tok in args {
+        match tok {
+            Token::Punct('(') => depth += 1,
+            Token::Punct(')') if depth == 0 => return Some(commas + 1),
+            Token::Punct(')') => depth -= 1,
+            Token::Punct(',') if depth == 0 => commas += 1,
             _ => {}
         }
     }
@@ -2952,12 +3002,28 @@ mod tests {
             "select * from pg_catalog.QUERY_TO_XML_AND_XMLSCHEMA('select 1', true, true, '')",
             "SELECT ts_stat('SELECT to_tsvector(set_config(''a.b'', ''1'', false))')",
             "SELECT ts_rewrite('a'::tsquery, 'SELECT 1')",
+            "SELECT ts_rewrite(q, (SELECT 'x'))",
             "UPDATE pg_settings SET setting = 'evil' WHERE name = 'search_path'",
             "with s as (update pg_catalog.\"pg_settings\" set setting = '1s' where name = 'statement_timeout' returning 1) select 1",
         ] {
             assert_eq!(pin(sql), Some(PinReason::Unclassified), "{sql}");
         }
         assert_eq!(pin("SELECT name, setting FROM pg_settings"), None);
+        assert_eq!(
+            pin("SELECT ts_rewrite('a & b'::tsquery, 'a'::tsquery, 'c'::tsquery)"),
+            None,
+            "three tsquery arguments run no query"
+        );
+        for sql in [
+            "UPDATE cfg SET v = (SELECT setting FROM pg_settings WHERE name = 'x')",
+            "INSERT INTO cfg SELECT name FROM pg_settings ON CONFLICT (k) DO UPDATE SET v = 1",
+        ] {
+            assert_eq!(pin(sql), None, "{sql}");
+        }
+        assert_eq!(
+            pin("update only pg_settings set setting = 'x' where name = 'work_mem'"),
+            Some(PinReason::Unclassified)
+        );
         assert_eq!(pin("SELECT query_to_xml_col FROM t"), None);
     }
 

@@ -349,6 +349,9 @@ impl ServerManager {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (a, b) => a.is_none() && b.is_none(),
             };
+            // (The stale connection closes first: not open, uncounted, while the wait
+            // for a place under the new limit lasts.)
+            drop(opened);
             if !same {
                 drop(permit.take());
                 db_limit = limit_now;
@@ -1880,6 +1883,8 @@ impl DbLimit {
                 next_look = next_look.min(deadline);
             }
             tokio::select! {
+                // (A place granted as the deadline comes is taken.)
+                biased;
                 permit = &mut take => return permit.ok_or_else(|| self.reached()),
                 () = &mut returned => return Err(ServerError::GivenBack),
                 () = tokio::time::sleep_until(next_look) => {}
