@@ -965,6 +965,50 @@ async fn transaction_settings_are_not_session_settings() {
     assert_eq!(setting(&conn.client, "transaction_read_only").await, "off");
 }
 
+/// Npgsql's pool reset: `DISCARD ALL` in one write with the next command (a Parse, Bind,
+/// Execute, Sync), or asyncpg's `RESET ALL` with a Query. The reset returns to settings
+/// known (the startup values are given back right behind it), so the command's text is
+/// read as before: one with a character beyond ASCII was taken for text of an unknown
+/// encoding and pinned its client, each time a pooled connection was reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_pipelined_with_the_next_command_leaves_it_read_as_before() {
+    use pgshield::client::sql::PinReason;
+    let proxy = trusted_proxy("tx_discard_then_cmd", "mode = \"transaction\"\nmax_size = 2").await;
+    let mut s = raw::login_trusted(proxy.addr, "tx_discard_then_cmd").await;
+    for round in 0..3 {
+        let mut batch = raw::query("DISCARD ALL");
+        batch.extend(raw::parse_bind_execute("SELECT 'Zürich' AS city"));
+        batch.extend(raw::SYNC);
+        batch.extend(raw::query("RESET ALL"));
+        batch.extend(raw::query("SELECT 'Genève'"));
+        raw::send(&mut s, &batch).await;
+        for _ in 0..4 {
+            let (_, errors) = raw::until_ready(&mut s).await;
+            assert!(errors.is_empty(), "round {round}: {errors:?}");
+        }
+    }
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), 0);
+    // A client started with settings of its own still reads under them after a reset.
+    let mut latin = raw::connect(proxy.addr).await;
+    raw::send(
+        &mut latin,
+        &raw::startup(&[
+            ("user", "tx_discard_then_cmd"),
+            ("database", "app"),
+            ("client_encoding", "LATIN1"),
+        ]),
+    )
+    .await;
+    raw::until_ready(&mut latin).await;
+    let mut batch = raw::query("DISCARD ALL");
+    batch.extend(raw::query_bytes(b"SELECT length('Z\xfcrich')"));
+    raw::send(&mut latin, &batch).await;
+    raw::until_ready(&mut latin).await;
+    let (tags, errors) = raw::until_ready(&mut latin).await;
+    assert!(errors.is_empty() && tags.contains('D'), "{tags} {errors:?}");
+    assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), 0);
+}
+
 /// A `SET` committed by `COMMIT AND CHAIN` is read back only once the backend is idle;
 /// a client that leaves before that (inside the chained transaction) must not leave it,
 /// one the server does not report, to the next client of the backend.

@@ -485,6 +485,48 @@ fn unsettled_flags(all: bool, names: impl Iterator<Item = impl AsRef<str>>) -> u
     })
 }
 
+/// Whether `effects`, a reset, leaves the settings statements are read under as they
+/// are now (see [`crate::server::shapes_statements`]): it sets none of them itself, and
+/// the client's value of each (`settings`) is the one it started with (none given: the
+/// server's, which it never changed), to which a reset returns; unless the startup values
+/// are given back right behind it (`restored`), only the server's defaults, so none of
+/// those may have been given at startup.
+fn reset_keeps_parse_env(settings: &ClientSettings, effects: &Effects, restored: bool) -> bool {
+    if effects.local_parse_setting || effects.local_encoding || effects.local_quotes {
+        return false;
+    }
+    let count = |names: &[String], name: &str| {
+        names
+            .iter()
+            .filter(|n| n.eq_ignore_ascii_case(name))
+            .count()
+    };
+    // (A name set more often than reset may be set last.)
+    let sets_one = effects.settings.iter().any(|name| {
+        crate::server::shapes_statements(name)
+            && count(&effects.settings, name) > count(&effects.reset_settings, name)
+    });
+    if sets_one {
+        return false;
+    }
+    let started = |name: &str| {
+        settings
+            .startup()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    };
+    let now = |name: &str| {
+        settings
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    };
+    crate::server::PARSE_SETTINGS
+        .iter()
+        .chain(std::iter::once(&"search_path"))
+        .all(|name| now(name) == started(name) && (restored || started(name).is_none()))
+}
+
 /// [`FollowUp::search_path_env`] for these settings.
 fn search_path_env(settings: &ClientSettings) -> u64 {
     settings.get("search_path").map_or(0, |path| {
@@ -2351,8 +2393,8 @@ impl Session {
                     .settings
                     .iter()
                     .any(|name| crate::server::shapes_statements(name));
-            if parse_setting {
-                let flags = unsettled_flags(effects.all_settings, effects.settings.iter())
+            let parse_flags = parse_setting.then(|| {
+                unsettled_flags(effects.all_settings, effects.settings.iter())
                     | if effects.local_encoding {
                         ENCODING_UNSETTLED
                     } else {
@@ -2362,9 +2404,8 @@ impl Session {
                         QUOTES_UNSETTLED
                     } else {
                         0
-                    };
-                self.parse_env_unsettled = unsettled(self.parse_env_unsettled, flags);
-            }
+                    }
+            });
             let listens = effects.listens;
             if pinned && effects.pin == Some(PinReason::Load) {
                 // Pinned already, for another reason: the backend is closed, not reset,
@@ -2434,6 +2475,17 @@ impl Session {
             }
             let passed_on = header.tag == b'Q' && translation == Translation::PassOn;
             restore_behind = restore_after(&effects, idle_before).filter(|_| passed_on);
+            if let Some(flags) = parse_flags {
+                // A reset (Npgsql's and asyncpg's pool resets, pipelined with the next
+                // command) returns to settings known now: the startup values given back
+                // right behind it, or the server's defaults until they are. What follows
+                // is read as before when those are the ones the client reads under now.
+                let known = effects.resets
+                    && reset_keeps_parse_env(&self.settings, &effects, restore_behind.is_some());
+                if !known {
+                    self.parse_env_unsettled = unsettled(self.parse_env_unsettled, flags);
+                }
+            }
             if restore_behind.is_none() && effects.resets {
                 // Acted on if the client keeps this backend (pinned, now or later in this
                 // transaction); forgotten when it lets go (read back then).
