@@ -973,7 +973,11 @@ async fn transaction_settings_are_not_session_settings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_pipelined_with_the_next_command_leaves_it_read_as_before() {
     use pgshield::client::sql::PinReason;
-    let proxy = trusted_proxy("tx_discard_then_cmd", "mode = \"transaction\"\nmax_size = 2").await;
+    let proxy = trusted_proxy(
+        "tx_discard_then_cmd",
+        "mode = \"transaction\"\nmax_size = 2",
+    )
+    .await;
     let mut s = raw::login_trusted(proxy.addr, "tx_discard_then_cmd").await;
     for round in 0..3 {
         let mut batch = raw::query("DISCARD ALL");

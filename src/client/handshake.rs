@@ -237,6 +237,9 @@ pub async fn login(
             .with_hint("pgshield serves only the databases in its [databases] configuration")
             .into());
         };
+        if let Some(refused) = super::session::refuses_at_login(&pool, &settings) {
+            return Err(refused.into());
+        }
         let in_pool = pool.join();
         let welcome = pool
             .welcome_params()

@@ -92,7 +92,7 @@ impl ClientSettings {
     fn set_at_startup(&mut self, name: &str, value: &str) -> Result<(), ErrorResponse> {
         let ignored = name.eq_ignore_ascii_case("transaction_read_only")
             || (name.eq_ignore_ascii_case("transaction_isolation")
-                && value.trim().eq_ignore_ascii_case("read committed"));
+                && value.eq_ignore_ascii_case("read committed"));
         if !transaction_only(name) {
             self.set(name, value);
         } else if !ignored {

@@ -492,7 +492,14 @@ fn unsettled_flags(all: bool, names: impl Iterator<Item = impl AsRef<str>>) -> u
 /// are given back right behind it (`restored`), only the server's defaults, so none of
 /// those may have been given at startup.
 fn reset_keeps_parse_env(settings: &ClientSettings, effects: &Effects, restored: bool) -> bool {
-    if effects.local_parse_setting || effects.local_encoding || effects.local_quotes {
+    // (Not vouched for: a setter the screen could not read, or lists of names so long
+    // that their repeats were dropped, and with them the counts below.)
+    if effects.local_parse_setting
+        || effects.local_encoding
+        || effects.local_quotes
+        || effects.pin.is_some()
+        || effects.settings.len() > 64
+    {
         return false;
     }
     let count = |names: &[String], name: &str| {
@@ -525,6 +532,36 @@ fn reset_keeps_parse_env(settings: &ClientSettings, effects: &Effects, restored:
         .iter()
         .chain(std::iter::once(&"search_path"))
         .all(|name| now(name) == started(name) && (restored || started(name).is_none()))
+}
+
+/// Whether a client's startup `search_path` names the temporary schema (see
+/// [`Session::pin_at_login`]).
+fn starts_in_temp_schema(settings: &ClientSettings) -> bool {
+    settings
+        .get("search_path")
+        .is_some_and(sql::path_names_temp_schema)
+}
+
+/// The refusal of a login that would pin at once in a pool that refuses to pin
+/// (`on_session_state = "reject"`): a startup `search_path` naming `pg_temp`.
+pub(super) fn refuses_at_login(pool: &Pool, settings: &ClientSettings) -> Option<ErrorResponse> {
+    if pool.mode() != PoolMode::Transaction
+        || pool.on_session_state() != OnSessionState::Reject
+        || !starts_in_temp_schema(settings)
+    {
+        return None;
+    }
+    Some(
+        ErrorResponse::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!(
+                "pgshield: a search_path naming pg_temp ({}) would tie this client to one \
+                 server connection, which pool.on_session_state = \"reject\" does not allow",
+                PinReason::TempTable.feature()
+            ),
+        )
+        .with_hint("Use session mode, or pool.on_session_state = \"pin\"."),
+    )
 }
 
 /// [`FollowUp::search_path_env`] for these settings.
@@ -768,41 +805,22 @@ impl Session {
     }
 
     /// A client started with the temporary schema in its `search_path` (transaction
-    /// mode): its tables may be temporary, so it keeps the backend it first gets; with
-    /// `on_session_state = "reject"`, the error that ends it instead.
-    fn pin_at_login(&mut self) -> Option<ErrorResponse> {
-        let temp_path = self
-            .settings
-            .get("search_path")
-            .is_some_and(sql::path_names_temp_schema);
-        if self.mode != PoolMode::Transaction || !temp_path {
-            return None;
-        }
-        let reason = PinReason::TempTable;
-        if self.pool.on_session_state() == OnSessionState::Reject {
-            return Some(
-                ErrorResponse::fatal(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!(
-                        "pgshield: a search_path naming pg_temp ({}) would tie this client to one \
-                         server connection, which pool.on_session_state = \"reject\" does not allow",
-                        reason.feature()
-                    ),
-                )
-                .with_hint("Use session mode, or pool.on_session_state = \"pin\"."),
-            );
+    /// mode): its tables may be temporary, so it keeps the backend it first gets (with
+    /// `on_session_state = "reject"` it was refused at login: [`refuses_at_login`]).
+    fn pin_at_login(&mut self) {
+        if self.mode != PoolMode::Transaction || !starts_in_temp_schema(&self.settings) {
+            return;
         }
         pin(
             &mut self.pinned,
             &self.shared,
             self.id,
             self.pool.name(),
-            reason,
+            PinReason::TempTable,
         );
         // (Its statements are its own, as any pinned client's: its temporary tables may
         // be named as other clients' tables are.)
         keep_search_path_env(&mut self.follow_up, private_env());
-        None
     }
 
     /// Relays until the session ends, then finishes it. Its task must be
@@ -814,10 +832,8 @@ impl Session {
     pub(super) fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
         async move {
             self.log_login();
-            let end = match self.pin_at_login() {
-                Some(refused) => End::Fatal(refused),
-                None => self.relay().await,
-            };
+            self.pin_at_login();
+            let end = self.relay().await;
             let farewell = self.ending(&end);
             // Most sessions end holding no backend, with nothing to write: nothing to wait
             // for. Otherwise boxed, as is each borrow: an idle session's task holds only
@@ -3033,13 +3049,14 @@ impl Session {
                                     PinReason::TempTable,
                                 );
                             }
-                            // (A pinned client's statements stay its own.)
-                            let own = if self.pinned.is_some() {
-                                private_env()
-                            } else {
-                                search_path_env(&self.settings)
-                            };
-                            keep_search_path_env(&mut self.follow_up, own);
+                            // (A pinned client's statements stay its own: a new search_path
+                            // of its own, a new environment.)
+                            if self.pinned.is_none() {
+                                let own = search_path_env(&self.settings);
+                                keep_search_path_env(&mut self.follow_up, own);
+                            } else if name.eq_ignore_ascii_case("search_path") {
+                                keep_search_path_env(&mut self.follow_up, private_env());
+                            }
                             self.reported_since_borrow = true;
                             server.note_applied(name, value);
                         }

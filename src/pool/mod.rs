@@ -582,6 +582,10 @@ struct Warm {
     in_deadpool_queue: AtomicUsize,
     /// Borrowers waiting for a place: backends given back keep none meanwhile.
     queued: AtomicUsize,
+    /// Of the backends in `stack`, those set aside for the pool's opens waiting under
+    /// `max_db_connections` (see `ServerManager::given_back`): other borrowers take only
+    /// those beyond. (Changed under the stack's lock; none once the stack is emptied.)
+    reserved: AtomicUsize,
 }
 
 /// A backend kept warm, with the place it was lent under if it keeps one (see [`Warm`]).
@@ -618,6 +622,15 @@ impl Warm {
         // (Once the backend is there for the borrower it wakes.)
         drop(freed);
         Ok(())
+    }
+
+    /// Sets one backend of the stack aside for an open waiting under
+    /// `max_db_connections`, if one is there that is not already.
+    fn reserve(&self) {
+        let stack = lock(&self.stack);
+        if stack.len() > self.reserved.load(Ordering::Acquire) {
+            self.reserved.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Frees the places kept with warm backends, for a borrower about to wait for one.
@@ -796,6 +809,7 @@ impl Pool {
                 open: AtomicBool::new(true),
                 in_deadpool_queue: AtomicUsize::new(0),
                 queued: AtomicUsize::new(0),
+                reserved: AtomicUsize::new(0),
             }),
             gate: Capacity::new(settings.max_size),
             retired: std::sync::atomic::AtomicU8::new(Retirement::Serving as u8),
@@ -1255,8 +1269,8 @@ impl Pool {
                 // A backend of the pool given back while this borrow's open waited under
                 // max_db_connections: lent, if still there (else it waits again).
                 Err(PoolError::Backend(ServerError::GivenBack)) => {
-                    if let Some(obj) = self.take_warm(&settings) {
-                        return Ok(self.lent(obj, place, &settings));
+                    if let Some(warm) = self.take_warm_if(&settings, |_| true, true) {
+                        return Ok(self.lent(warm.obj, place, &settings));
                     }
                 }
                 got => break got,
@@ -1415,7 +1429,11 @@ impl Pool {
     /// Gives the warm backends back to deadpool (see [`Warm`]), the most recently used
     /// last, so that it is the first deadpool lends.
     pub(crate) fn cool(&self) {
-        let warm = std::mem::take(&mut *lock(&self.warm.stack));
+        let warm = {
+            let mut stack = lock(&self.warm.stack);
+            self.warm.reserved.store(0, Ordering::Release);
+            std::mem::take(&mut *stack)
+        };
         drop(warm);
     }
 
@@ -1423,22 +1441,31 @@ impl Pool {
     /// and one due for a health check goes to deadpool, whose recycle step runs it. (A
     /// place it kept is freed: the borrower has one.)
     fn take_warm(&self, settings: &PoolSettings) -> Option<Object<ServerManager>> {
-        Some(self.take_warm_if(settings, |_| true)?.obj)
+        Some(self.take_warm_if(settings, |_| true, false)?.obj)
     }
 
     /// As [`Self::take_warm`], but only while the warm backend next in line is `wanted`,
     /// and with the place it kept, if any.
+    /// `for_waiter`: for an open waiting under `max_db_connections`, which may take one
+    /// set aside for it (see [`Warm::reserved`]); others take only those beyond.
     fn take_warm_if(
         &self,
         settings: &PoolSettings,
         wanted: impl Fn(&Server) -> bool,
+        mut for_waiter: bool,
     ) -> Option<WarmBackend> {
         let manager = self.inner.manager();
         loop {
             let warm = {
                 let mut stack = lock(&self.warm.stack);
-                if !wanted(&stack.last()?.obj) {
+                let reserved = self.warm.reserved.load(Ordering::Acquire);
+                if (!for_waiter && stack.len() <= reserved) || !wanted(&stack.last()?.obj) {
                     return None;
+                }
+                if for_waiter && reserved > 0 {
+                    // (Its one: an unfit one closed below leaves it none to take next.)
+                    self.warm.reserved.store(reserved - 1, Ordering::Release);
+                    for_waiter = false;
                 }
                 stack.pop()?
             };
@@ -1466,7 +1493,6 @@ impl Pool {
     /// finds a place free after all.
     fn others_queued(&self) -> bool {
         self.warm.queued.load(Ordering::Relaxed) > 0
-            || self.inner.manager().db_waiting.load(Ordering::Relaxed) > 0
     }
 
     fn lent(&self, obj: Object<ServerManager>, place: Place, settings: &PoolSettings) -> Backend {
@@ -1490,7 +1516,7 @@ impl Pool {
             return None;
         }
         let settings = self.inner.manager().settings.load();
-        let WarmBackend { obj, place } = self.take_warm_if(&settings, wanted)?;
+        let WarmBackend { obj, place } = self.take_warm_if(&settings, wanted, false)?;
         // The place it kept (unless `max_size` was lowered since: that place pays the
         // debt), or a free one.
         let place = place.filter(|p| !p.capacity.in_debt());
@@ -1569,7 +1595,10 @@ impl Backend {
                 drop(place);
             }
             if let Some(pool) = given_back {
-                pool.manager().given_back.notify_waiters();
+                // Set aside for the first of them (others take only backends beyond it),
+                // which is woken to take it.
+                self.warm.reserve();
+                pool.manager().given_back.notify_one();
             }
         } else {
             let loud =
