@@ -255,8 +255,15 @@ pub async fn settle(admin: &tokio_postgres::Config) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(client);
-    // (Not awaited: a server that stopped answering would hold it for good.)
-    connection.abort();
+    // (Its Terminate sent and its backend gone before the run, unless the server stopped
+    // answering.)
+    let abort = connection.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
 
 /// Runs `scenario` against one target.

@@ -492,13 +492,13 @@ fn unsettled_flags(all: bool, names: impl Iterator<Item = impl AsRef<str>>) -> u
 /// are given back right behind it (`restored`), only the server's defaults, so none of
 /// those may have been given at startup.
 fn reset_keeps_parse_env(settings: &ClientSettings, effects: &Effects, restored: bool) -> bool {
-    // (Not vouched for: a setter the screen could not read, or lists of names so long
-    // that their repeats were dropped, and with them the counts below.)
+    // (Not vouched for: a setter the screen could not read, or lists of names rid of
+    // their repeats, and with them of the counts below.)
     if effects.local_parse_setting
         || effects.local_encoding
         || effects.local_quotes
         || effects.pin.is_some()
-        || effects.settings.len() > 64
+        || effects.names_deduped
     {
         return false;
     }
@@ -4124,6 +4124,38 @@ impl Drop for ActiveOnDrop {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reset_is_vouched_for_only_when_nothing_after_it_may_set_what_statements_read_under() {
+        use crate::client::sql::classify;
+        let settings = super::ClientSettings::default();
+        assert!(super::reset_keeps_parse_env(
+            &settings,
+            &classify("RESET ALL"),
+            true
+        ));
+        assert!(super::reset_keeps_parse_env(
+            &settings,
+            &classify("DISCARD ALL"),
+            false
+        ));
+        for sql in [
+            "RESET ALL; SET client_encoding = 'SJIS'".to_owned(),
+            "RESET search_path; SET search_path = other".to_owned(),
+            "RESET ALL; SELECT set_config(current_user, 'x', false)".to_owned(),
+            // Repeats dropped from long lists: the SET after the RESET no longer counts.
+            format!(
+                "RESET search_path; {}",
+                "SET search_path = other; ".repeat(64)
+            ),
+        ] {
+            let effects = classify(&sql);
+            assert!(
+                !super::reset_keeps_parse_env(&settings, &effects, true),
+                "{sql}"
+            );
+        }
+    }
+
     #[test]
     fn a_transaction_of_endless_sets_keeps_its_list_of_names_short() {
         let mut dirty = super::Dirty::default();

@@ -106,6 +106,9 @@ pub struct Effects {
     pub resets: bool,
     /// Those `settings` (all of them with `all_settings`).
     pub reset_settings: Vec<String>,
+    /// The lists of names were rid of repeats (a text of many settings): how often a name
+    /// was set or reset, and in which order, is not known from them.
+    pub names_deduped: bool,
     /// (While the lexer reads a text: the role was last reset, not set, in it; `role`
     /// joins `reset_settings` at the end. A flag, not a name taken out of the list again
     /// at each `SET ROLE`, which on a list of thousands of names took time growing as the
@@ -860,6 +863,7 @@ fn classify_tokens(sql: &str, backslashes: bool) -> Effects {
             effects.statements += 1;
             classify_statement(statement, &mut effects, backslashes);
             if effects.settings.len().max(effects.reset_settings.len()) > dedup_at {
+                effects.names_deduped = true;
                 dedup_names(&mut effects.settings);
                 dedup_names(&mut effects.reset_settings);
                 dedup_at = 2 * effects

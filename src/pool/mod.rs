@@ -603,6 +603,17 @@ impl Warm {
         obj: Object<ServerManager>,
         place: Option<Place>,
     ) -> Result<(), (Object<ServerManager>, Option<Place>)> {
+        self.put_reserving(obj, place, false).map(|_| ())
+    }
+
+    /// [`Self::put`], and with `reserve` it is set aside for an open waiting under
+    /// `max_db_connections` (see [`Warm::reserved`]): true if it was.
+    fn put_reserving(
+        &self,
+        obj: Object<ServerManager>,
+        place: Option<Place>,
+        reserve: bool,
+    ) -> Result<bool, (Object<ServerManager>, Option<Place>)> {
         let mut stack = lock(&self.stack);
         // (All looked at under the lock: `Pool::cool` empties the stack after closing
         // it, a borrower joins deadpool's queue before its last look at the stack, and
@@ -618,19 +629,13 @@ impl Warm {
             other => (None, other),
         };
         stack.push(WarmBackend { obj, place: kept });
+        if reserve {
+            self.reserved.fetch_add(1, Ordering::AcqRel);
+        }
         drop(stack);
         // (Once the backend is there for the borrower it wakes.)
         drop(freed);
-        Ok(())
-    }
-
-    /// Sets one backend of the stack aside for an open waiting under
-    /// `max_db_connections`, if one is there that is not already.
-    fn reserve(&self) {
-        let stack = lock(&self.stack);
-        if stack.len() > self.reserved.load(Ordering::Acquire) {
-            self.reserved.fetch_add(1, Ordering::AcqRel);
-        }
+        Ok(reserve)
     }
 
     /// Frees the places kept with warm backends, for a borrower about to wait for one.
@@ -1207,7 +1212,11 @@ impl Pool {
             return None;
         }
         let place = self.gate.try_take()?;
-        if self.inner.status().available == 0 && lock(&self.warm.stack).is_empty() {
+        let lendable = {
+            let stack = lock(&self.warm.stack);
+            stack.len() > self.warm.reserved.load(Ordering::Acquire)
+        };
+        if self.inner.status().available == 0 && !lendable {
             return None;
         }
         Some(self.borrow_holding(Some(place)))
@@ -1459,7 +1468,14 @@ impl Pool {
             let warm = {
                 let mut stack = lock(&self.warm.stack);
                 let reserved = self.warm.reserved.load(Ordering::Acquire);
-                if (!for_waiter && stack.len() <= reserved) || !wanted(&stack.last()?.obj) {
+                // (Set aside only while opens wait: one that got its place otherwise, or
+                // went away, leaves its backend to the others.)
+                let held_back = if reserved > 0 {
+                    reserved.min(manager.db_waiting.load(Ordering::Acquire))
+                } else {
+                    0
+                };
+                if (!for_waiter && stack.len() <= held_back) || !wanted(&stack.last()?.obj) {
                     return None;
                 }
                 if for_waiter && reserved > 0 {
@@ -1590,15 +1606,24 @@ impl Backend {
                 .filter(|p| p.manager().db_waiting.load(Ordering::Acquire) > 0);
             if in_debt {
                 drop(obj);
-            } else if let Err((obj, place)) = self.warm.put(obj, self._place.take()) {
-                drop(obj);
-                drop(place);
-            }
-            if let Some(pool) = given_back {
+            } else {
                 // Set aside for the first of them (others take only backends beyond it),
                 // which is woken to take it.
-                self.warm.reserve();
-                pool.manager().given_back.notify_one();
+                match self
+                    .warm
+                    .put_reserving(obj, self._place.take(), given_back.is_some())
+                {
+                    Ok(true) => {
+                        if let Some(pool) = given_back {
+                            pool.manager().given_back.notify_one();
+                        }
+                    }
+                    Ok(false) => {}
+                    Err((obj, place)) => {
+                        drop(obj);
+                        drop(place);
+                    }
+                }
             }
         } else {
             let loud =
@@ -1892,7 +1917,10 @@ impl DbLimit {
         // (Told from the moment it is counted as waiting: see `Backend::release`.)
         let returned = given_back.notified();
         tokio::pin!(returned);
-        returned.as_mut().enable();
+        if returned.as_mut().enable() {
+            // (Told already: a backend is there.)
+            return Err(ServerError::GivenBack);
+        }
         let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
         let take = self.capacity.take();
         tokio::pin!(take);
