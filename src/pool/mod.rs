@@ -151,6 +151,9 @@ pub struct ServerManager {
     /// clients would otherwise take it, transaction after transaction, while the open
     /// waits out its borrow_timeout).
     given_back: tokio::sync::Notify,
+    /// Opens told a backend was given back, on their way to take it (no longer counted in
+    /// `db_waiting`; see `Pool::borrow_holding`).
+    handing_off: AtomicUsize,
     /// Replaced whole by a reload.
     settings: ArcSwap<PoolSettings>,
     /// The database's `max_db_connections`, shared with its other pools (a reload may
@@ -293,7 +296,11 @@ impl ServerManager {
             }
             Some(limit) => Some(
                 limit
-                    .acquire(settings.borrow_timeout, &self.db_waiting, &self.given_back)
+                    .acquire(
+                        settings.borrow_timeout,
+                        &self.db_waiting,
+                        (&self.given_back, &self.handing_off),
+                    )
                     .await?,
             ),
             None => None,
@@ -603,16 +610,16 @@ impl Warm {
         obj: Object<ServerManager>,
         place: Option<Place>,
     ) -> Result<(), (Object<ServerManager>, Option<Place>)> {
-        self.put_reserving(obj, place, false).map(|_| ())
+        self.put_reserving(obj, place, 0).map(|_| ())
     }
 
-    /// [`Self::put`], and with `reserve` it is set aside for an open waiting under
-    /// `max_db_connections` (see [`Warm::reserved`]): true if it was.
+    /// [`Self::put`], and set aside for an open waiting under `max_db_connections` (see
+    /// [`Warm::reserved`]) while fewer are than the `waiting` opens: true if it was.
     fn put_reserving(
         &self,
         obj: Object<ServerManager>,
         place: Option<Place>,
-        reserve: bool,
+        waiting: usize,
     ) -> Result<bool, (Object<ServerManager>, Option<Place>)> {
         let mut stack = lock(&self.stack);
         // (All looked at under the lock: `Pool::cool` empties the stack after closing
@@ -629,6 +636,7 @@ impl Warm {
             other => (None, other),
         };
         stack.push(WarmBackend { obj, place: kept });
+        let reserve = self.reserved.load(Ordering::Acquire) < waiting;
         if reserve {
             self.reserved.fetch_add(1, Ordering::AcqRel);
         }
@@ -784,6 +792,7 @@ impl Pool {
         let manager = ServerManager {
             db_waiting: AtomicUsize::new(0),
             given_back: tokio::sync::Notify::new(),
+            handing_off: AtomicUsize::new(0),
             // Read-only pools are the only ones named otherwise than their database.
             read_only: cluster.database != database,
             cluster: ArcSwap::new(cluster),
@@ -1214,7 +1223,7 @@ impl Pool {
         let place = self.gate.try_take()?;
         let lendable = {
             let stack = lock(&self.warm.stack);
-            stack.len() > self.warm.reserved.load(Ordering::Acquire)
+            stack.len() > self.held_back(self.warm.reserved.load(Ordering::Acquire))
         };
         if self.inner.status().available == 0 && !lendable {
             return None;
@@ -1278,7 +1287,14 @@ impl Pool {
                 // A backend of the pool given back while this borrow's open waited under
                 // max_db_connections: lent, if still there (else it waits again).
                 Err(PoolError::Backend(ServerError::GivenBack)) => {
-                    if let Some(warm) = self.take_warm_if(&settings, |_| true, true) {
+                    let taken = self.take_warm_if(&settings, |_| true, true);
+                    // (Counted from its wake-up to here, all in one poll: none drops
+                    // this future in between.)
+                    self.inner
+                        .manager()
+                        .handing_off
+                        .fetch_sub(1, Ordering::AcqRel);
+                    if let Some(warm) = taken {
                         return Ok(self.lent(warm.obj, place, &settings));
                     }
                 }
@@ -1468,13 +1484,7 @@ impl Pool {
             let warm = {
                 let mut stack = lock(&self.warm.stack);
                 let reserved = self.warm.reserved.load(Ordering::Acquire);
-                // (Set aside only while opens wait: one that got its place otherwise, or
-                // went away, leaves its backend to the others.)
-                let held_back = if reserved > 0 {
-                    reserved.min(manager.db_waiting.load(Ordering::Acquire))
-                } else {
-                    0
-                };
+                let held_back = self.held_back(reserved);
                 if (!for_waiter && stack.len() <= held_back) || !wanted(&stack.last()?.obj) {
                     return None;
                 }
@@ -1482,6 +1492,9 @@ impl Pool {
                     // (Its one: an unfit one closed below leaves it none to take next.)
                     self.warm.reserved.store(reserved - 1, Ordering::Release);
                     for_waiter = false;
+                } else if reserved > held_back {
+                    // (Set aside for opens no longer waiting.)
+                    self.warm.reserved.store(held_back, Ordering::Release);
                 }
                 stack.pop()?
             };
@@ -1498,6 +1511,19 @@ impl Pool {
                 return Some(WarmBackend { obj, place });
             }
         }
+    }
+
+    /// Of `reserved` warm backends, those still set aside: only while opens wait for
+    /// them, or are on their way to take them (one that got its place otherwise, or went
+    /// away, leaves its backend to the others).
+    fn held_back(&self, reserved: usize) -> usize {
+        if reserved == 0 {
+            return 0;
+        }
+        let manager = self.inner.manager();
+        let waiting = manager.db_waiting.load(Ordering::Acquire)
+            + manager.handing_off.load(Ordering::Acquire);
+        reserved.min(waiting)
     }
 
     /// Whether borrowers wait for a place under `max_size`. A borrow then joins them
@@ -1604,15 +1630,17 @@ impl Backend {
                 .then(|| Object::pool(&obj))
                 .flatten()
                 .filter(|p| p.manager().db_waiting.load(Ordering::Acquire) > 0);
+            let waiting = given_back.as_ref().map_or(0, |p| {
+                let manager = p.manager();
+                manager.db_waiting.load(Ordering::Acquire)
+                    + manager.handing_off.load(Ordering::Acquire)
+            });
             if in_debt {
                 drop(obj);
             } else {
                 // Set aside for the first of them (others take only backends beyond it),
                 // which is woken to take it.
-                match self
-                    .warm
-                    .put_reserving(obj, self._place.take(), given_back.is_some())
-                {
+                match self.warm.put_reserving(obj, self._place.take(), waiting) {
                     Ok(true) => {
                         if let Some(pool) = given_back {
                             pool.manager().given_back.notify_one();
@@ -1908,7 +1936,7 @@ impl DbLimit {
         &self,
         wait: Option<Duration>,
         waiting: &AtomicUsize,
-        given_back: &tokio::sync::Notify,
+        (given_back, handing_off): (&tokio::sync::Notify, &AtomicUsize),
     ) -> Result<Place, ServerError> {
         if let Some(permit) = self.capacity.try_take() {
             return Ok(permit);
@@ -1919,6 +1947,7 @@ impl DbLimit {
         tokio::pin!(returned);
         if returned.as_mut().enable() {
             // (Told already: a backend is there.)
+            handing_off.fetch_add(1, Ordering::AcqRel);
             return Err(ServerError::GivenBack);
         }
         let _waiting = (Queued::join(waiting), Queued::join(&self.capacity.waiters));
@@ -1943,7 +1972,12 @@ impl DbLimit {
                 // (A place granted as the deadline comes is taken.)
                 biased;
                 permit = &mut take => return permit.ok_or_else(|| self.reached()),
-                () = &mut returned => return Err(ServerError::GivenBack),
+                () = &mut returned => {
+                    // (Counted until it has taken the backend, in the same poll: see
+                    // `Pool::borrow_holding`.)
+                    handing_off.fetch_add(1, Ordering::AcqRel);
+                    return Err(ServerError::GivenBack);
+                }
                 () = tokio::time::sleep_until(next_look) => {}
             }
         }
