@@ -174,10 +174,10 @@ async fn execute(
             Ok(())
         }
         ["RESUME"] | ["RESUME", _] => {
-            pools_of(shared, arg(1).as_deref())?; // (a known database)
-                                                  // Noted first, then the pools taken: a pool made in between (a found user's
-                                                  // first login) would otherwise be held, as the pause still covered it, and
-                                                  // never resumed.
+            // A known database. Noted first, then the pools taken: a pool made in between
+            // (a found user's first login) would otherwise be held, as the pause still
+            // covered it, and never resumed.
+            pools_of(shared, arg(1).as_deref())?;
             shared.pools.note_resumed(arg(1).as_deref());
             for pool in pools_of(shared, arg(1).as_deref())? {
                 pool.resume();

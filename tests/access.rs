@@ -289,7 +289,8 @@ async fn pools_waiting_under_max_db_connections_are_served_in_turn() {
                 conn.client.batch_execute("SELECT 1").await.expect("served");
                 done.lock().unwrap().push(who);
             }));
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            // (Time for the first to join the line on a loaded machine.)
+            tokio::time::sleep(Duration::from_millis(400)).await;
         }
         holder.client.batch_execute("COMMIT").await.expect("commit");
         for t in tasks {

@@ -885,6 +885,18 @@ async fn a_search_path_naming_pg_temp_pins_from_startup_or_read_back() {
             hopper.hop().await;
         }
     }
+    // The hardened path, pg_temp last, makes no table temporary: no pin.
+    let mut last = proxy.config("tx_temp_path", "pw");
+    last.options("-c search_path=public,pg_temp");
+    let conn = common::connect(&last).await.expect("login");
+    conn.client.batch_execute("SELECT 1").await.expect("runs");
+    assert_eq!(
+        proxy
+            .shared
+            .pins
+            .get(pgshield::client::sql::PinReason::TempTable),
+        2
+    );
     // Strict mode pins nothing: such a client is refused.
     let strict = self::proxy(
         "tx_temp_path_strict",

@@ -229,12 +229,22 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(15);
 /// otherwise be refused (`53300`), a failure the earlier run made. (The poolers the
 /// benchmarks start close idle backends after a second.)
 pub async fn settle(admin: &tokio_postgres::Config) {
-    let Ok(Ok((client, connection))) = tokio::time::timeout(NO_ANSWER, admin.connect(NoTls)).await
-    else {
-        return;
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    // (Perhaps refused at first: the idle backends it waits for may hold every slot.)
+    let (client, connection) = loop {
+        match bounded(NO_ANSWER, "connect", admin.connect(NoTls)).await {
+            Ok(connected) => break connected,
+            Err(e) if Instant::now() >= deadline || e.timed_out => {
+                eprintln!(
+                    "pgshield bench: cannot see the server's other connections ({}); running anyway",
+                    e.text
+                );
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     };
     let connection = tokio::spawn(connection);
-    let deadline = Instant::now() + SETTLE_WITHIN;
     let others = "SELECT count(*) FROM pg_catalog.pg_stat_activity \
                   WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()";
     loop {
@@ -285,9 +295,9 @@ pub async fn run_one(scenario: &Scenario, target: &Target, options: &Options) ->
 }
 
 /// How long a connect (through its login) or a query may take, by default, before it
-/// counts as an error (`--timeout`): a target that takes connections and never answers (a load balancer whose far
-/// side is gone) would otherwise hold the run for good. (tokio-postgres's
-/// `connect_timeout` bounds the TCP connect only.)
+/// counts as an error (`--timeout`): a target that takes connections and never answers
+/// (a load balancer whose far side is gone) would otherwise hold the run for good.
+/// (tokio-postgres's `connect_timeout` bounds the TCP connect only.)
 const NO_ANSWER: Duration = Duration::from_secs(30);
 
 /// A connect or query that failed, as the error table shows it.

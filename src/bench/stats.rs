@@ -59,10 +59,6 @@ pub struct Latency {
 pub struct Errors(pub BTreeMap<String, u64>);
 
 impl Errors {
-    pub fn record(&mut self, e: &tokio_postgres::Error) {
-        *self.0.entry(describe(e)).or_default() += 1;
-    }
-
     pub fn record_other(&mut self, what: &str) {
         *self.0.entry(what.to_owned()).or_default() += 1;
     }

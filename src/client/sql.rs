@@ -1313,20 +1313,30 @@ fn sets_search_path(t: &[Token<'_>]) -> bool {
 
 /// A string that names the temporary schema among others (`'pg_temp, public'`).
 fn names_temp_schema(tok: &Token<'_>) -> bool {
-    matches!(tok, Token::Str(s) if path_names_temp_schema(s))
+    matches!(tok, Token::Str(s) if s.split(',').any(names_the_temp_schema))
 }
 
-/// Whether a `search_path` value (`pg_temp, public`) names the temporary schema: a
-/// `CREATE TABLE` may then make a temporary table, kept by the backend, unseen. (Told of
-/// a value read back from the server, or given at startup, as of one written in a SET.)
+/// Whether a `search_path` value (`pg_temp, public`) puts the temporary schema first:
+/// an unqualified `CREATE TABLE` then makes a temporary table, kept by the backend,
+/// unseen. PostgreSQL creates in the first schema of the path that exists: `"$user"`
+/// may not, so the temporary schema behind it counts too; behind any other schema (the
+/// hardened `public, pg_temp`) it does not. (Told of a value read back from the server,
+/// or given at startup; a SET naming pg_temp anywhere pins, see
+/// [`calls_and_temporary_relations`].)
 pub fn path_names_temp_schema(path: &str) -> bool {
-    path.split(',').any(|part| {
-        let part = part.trim().trim_matches('"');
-        part.eq_ignore_ascii_case("pg_temp")
-            || part
-                .get(..8)
-                .is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_"))
-    })
+    path.split(',')
+        .map(str::trim)
+        .find(|part| !part.eq_ignore_ascii_case("\"$user\"") && !part.eq_ignore_ascii_case("$user"))
+        .is_some_and(names_the_temp_schema)
+}
+
+/// Whether one schema name of a path (perhaps quoted) is the temporary schema.
+fn names_the_temp_schema(part: &str) -> bool {
+    let part = part.trim().trim_matches('"');
+    part.eq_ignore_ascii_case("pg_temp")
+        || part
+            .get(..8)
+            .is_some_and(|p| p.eq_ignore_ascii_case("pg_temp_"))
 }
 
 /// `DO [LANGUAGE plpgsql] 'code'` (the language before or after the code): the block's
@@ -3039,5 +3049,20 @@ mod tests {
         assert!(
             classify("DO $$BEGIN SET LOCAL standard_conforming_strings = off; END$$").local_quotes
         );
+    }
+
+    #[test]
+    fn a_path_makes_tables_temporary_only_with_the_temporary_schema_first() {
+        for path in [
+            "pg_temp, public",
+            "\"$user\", pg_temp",
+            "pg_temp_3,public",
+            "\"pg_temp\"",
+        ] {
+            assert!(path_names_temp_schema(path), "{path}");
+        }
+        for path in ["public, pg_temp", "\"$user\", public, pg_temp", "", "app"] {
+            assert!(!path_names_temp_schema(path), "{path}");
+        }
     }
 }

@@ -93,9 +93,8 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
     };
     // Deadpool lends the idle ones first. Each backend, idle or new, is kept warm at once
     // (deadpool counts it lent, so the next get opens one rather than lend it again), for
-    // clients to take while the rest open; one that cannot be (the pool pausing, a
-    // borrower in deadpool's queue) is held until the end.
-    let mut held = Vec::new();
+    // clients to take while the rest open; one that cannot be goes back to deadpool at
+    // once: a borrower waits in its queue (it is lent there), or the pool is pausing.
     let mut taken = 0;
     let mut result = Ok(());
     while pool.inner.status().size < want && taken < want {
@@ -107,8 +106,10 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
             Ok(mut obj) => {
                 taken += 1;
                 obj.mark_idle_now();
-                if let Err(kept) = pool.warm.put(obj, Some(place)) {
-                    held.push(kept);
+                if let Err((obj, place)) = pool.warm.put(obj, Some(place)) {
+                    // (The backend before its place.)
+                    drop(obj);
+                    drop(place);
                 }
             }
             Err(PoolError::Timeout(_)) => break,
@@ -117,11 +118,6 @@ async fn fill_to_min_idle(pool: &Pool) -> Result<(), PoolError<crate::server::Se
                 break;
             }
         }
-    }
-    // Each backend goes back before its place.
-    for (obj, place) in held {
-        drop(obj);
-        drop(place);
     }
     result
 }
