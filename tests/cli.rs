@@ -419,22 +419,28 @@ async fn dev_starts_postgres_fronts_it_and_cleans_up() {
 
 #[tokio::test]
 async fn dev_without_server_binaries_says_how_to_get_them() {
-    let mut command = pgshield();
-    command
-        .arg("dev")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .env("PGSHIELD_PG_BINDIR", "/nonexistent/pgshield-test");
-    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("dev gives up within 30 s")
-        .expect("run pgshield dev");
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    let stderr = dev_failing_without_binaries("127.0.0.1:0").await;
     assert!(
         stderr.contains("server binaries") && stderr.contains("apt-get install -y postgresql"),
         "{stderr}"
     );
+}
+
+/// Runs `pgshield dev --listen ADDR` where it can find no server binaries; checks that it
+/// fails (exit 1) within 30 s, and returns what it said.
+async fn dev_failing_without_binaries(listen: &str) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        pgshield()
+            .args(["dev", "--listen", listen])
+            .env("PGSHIELD_PG_BINDIR", "/nonexistent/pgshield-test")
+            .output(),
+    )
+    .await
+    .expect("dev gives up within 30 s")
+    .expect("run pgshield dev");
+    assert_eq!(out.status.code(), Some(1));
+    text(&out.stderr)
 }
 
 /// Collects everything a child writes to one pipe.
@@ -865,19 +871,8 @@ async fn bench_gives_up_on_a_silent_target_and_says_what_is_wrong_with_a_url() {
 async fn dev_says_at_once_when_its_address_is_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("address").to_string();
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        pgshield()
-            .args(["dev", "--listen", &addr])
-            // (Told before any server would start: it cannot start here.)
-            .env("PGSHIELD_PG_BINDIR", "/nonexistent/pgshield-test")
-            .output(),
-    )
-    .await
-    .expect("dev gives up within 30 s")
-    .expect("run pgshield dev");
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    // (Told before any server would start: none can start here.)
+    let stderr = dev_failing_without_binaries(&addr).await;
     assert!(
         stderr.contains("cannot listen on") && stderr.contains("--listen"),
         "{stderr}"
