@@ -193,7 +193,7 @@ async fn health_and_ready_say_what_they_mean() {
     drop(conn);
 
     // A database whose server is down: not ready, and says which.
-    let down = common::free_port();
+    let (_kept, down) = common::refusing_port();
     let proxy = TestProxy::start(&format!(
         "[databases.gone]\nhost = \"127.0.0.1\"\nport = {down}\n[users.met_ready]\npassword = \"pw\"\n"
     ))

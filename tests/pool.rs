@@ -406,7 +406,7 @@ async fn a_client_idle_past_idle_client_timeout_is_closed_with_57p05() {
 #[tokio::test]
 async fn an_unreachable_server_refuses_the_first_login_with_08006() {
     common::create_role("pool_down", "pw").await;
-    let port = common::free_port(); // nothing listens there
+    let (_kept, port) = common::refusing_port(); // nothing listens there
     let config = pgshield::Config::from_toml(&format!(
         "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\nhttp_listen = \"\"\n\
          [pool]\nserver_connect_timeout = \"2s\"\n\

@@ -181,6 +181,23 @@ pub fn raise_fd_limit() {
 /// Never the same port twice in one test binary: the system may hand a port just freed to
 /// the next `bind(0)`, and two tests running side by side would then start their servers
 /// on one port (one of them, with `listen.reuse_port`, sharing it with the other).
+/// A port nothing listens on, kept so while the returned socket lives: bound, never
+/// listening, so connections to it are refused, and no other test's listener (which the
+/// system may give any port it has just freed) can take it meanwhile.
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("an address");
+    socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("a bound address")
+        .port();
+    (socket, port)
+}
+
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
