@@ -514,8 +514,9 @@ async fn steady(
     protocol: Protocol,
     query: &str,
 ) -> Run {
-    let secs = duration.as_secs().max(1);
-    let bar = progress(options, secs, &target.label, "s");
+    // (Whole seconds on the bar, then what is left of `duration`.)
+    let secs = duration.as_secs();
+    let bar = progress(options, secs.max(1), &target.label, "s");
     // All clients connect first; the clock starts when the last is in.
     let connected = Arc::new(tokio::sync::Barrier::new(clients.max(1) + 1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -617,8 +618,12 @@ async fn steady(
     let handles = spawn_workers(clients, work);
     connected.wait().await;
     let started = Instant::now();
-    for _ in 0..secs {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    let rest = duration.saturating_sub(Duration::from_secs(secs));
+    for tick in (0..secs)
+        .map(|_| Duration::from_secs(1))
+        .chain((!rest.is_zero()).then_some(rest))
+    {
+        tokio::time::sleep(tick).await;
         bar.inc(1);
         // (Every client gone: none connected, or each connection failed.)
         if handles.iter().all(tokio::task::JoinHandle::is_finished) {
@@ -745,7 +750,9 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "{}: {n} × {error}", run.label);
         }
     }
-    if let [first, second] = report.runs.as_slice() {
+    // (Of idle connections held, throughput means nothing: memory per client compares.)
+    let compared = (report.scenario != "idle-swarm").then_some(report.runs.as_slice());
+    if let Some([first, second]) = compared {
         if second.throughput_per_s > 0.0 && first.throughput_per_s > 0.0 {
             let _ = writeln!(
                 out,
