@@ -534,8 +534,8 @@ fn reset_keeps_parse_env(settings: &ClientSettings, effects: &Effects, restored:
         .all(|name| now(name) == started(name) && (restored || started(name).is_none()))
 }
 
-/// Whether a client's startup `search_path` names the temporary schema (see
-/// [`Session::pin_at_login`]).
+/// Whether a client's startup `search_path` puts the temporary schema first (see
+/// [`Session::pin_at_login`], [`sql::path_names_temp_schema`]).
 fn starts_in_temp_schema(settings: &ClientSettings) -> bool {
     settings
         .get("search_path")
@@ -543,7 +543,7 @@ fn starts_in_temp_schema(settings: &ClientSettings) -> bool {
 }
 
 /// The refusal of a login that would pin at once in a pool that refuses to pin
-/// (`on_session_state = "reject"`): a startup `search_path` naming `pg_temp`.
+/// (`on_session_state = "reject"`): a startup `search_path` putting `pg_temp` first.
 pub(super) fn refuses_at_login(pool: &Pool, settings: &ClientSettings) -> Option<ErrorResponse> {
     if pool.mode() != PoolMode::Transaction
         || pool.on_session_state() != OnSessionState::Reject
@@ -555,7 +555,7 @@ pub(super) fn refuses_at_login(pool: &Pool, settings: &ClientSettings) -> Option
         ErrorResponse::fatal(
             sqlstate::FEATURE_NOT_SUPPORTED,
             format!(
-                "pgshield: a search_path naming pg_temp ({}) would tie this client to one \
+                "pgshield: a search_path putting pg_temp first ({}) would tie this client to one \
                  server connection, which pool.on_session_state = \"reject\" does not allow",
                 PinReason::TempTable.feature()
             ),
@@ -804,7 +804,7 @@ impl Session {
         }
     }
 
-    /// A client started with the temporary schema in its `search_path` (transaction
+    /// A client started with the temporary schema first in its `search_path` (transaction
     /// mode): its tables may be temporary, so it keeps the backend it first gets (with
     /// `on_session_state = "reject"` it was refused at login: [`refuses_at_login`]).
     fn pin_at_login(&mut self) {
@@ -3035,8 +3035,8 @@ impl Session {
                         {
                             // The client changed it (SET, RESET, a function): it follows.
                             self.settings.record(name, value);
-                            // (PostgreSQL 18 reports search_path: one naming pg_temp makes
-                            // tables temporary, as at login.)
+                            // (PostgreSQL 18 reports search_path: one putting pg_temp first
+                            // makes tables temporary, as at login.)
                             if name.eq_ignore_ascii_case("search_path")
                                 && self.mode == PoolMode::Transaction
                                 && sql::path_names_temp_schema(value)
