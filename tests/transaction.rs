@@ -1025,6 +1025,41 @@ async fn a_reset_pipelined_with_the_next_command_leaves_it_read_as_before() {
     assert_eq!(proxy.shared.pins.get(PinReason::Unclassified), 0);
 }
 
+/// A custom setting given at startup and then set to `''` stays `''` on every backend, as
+/// in PostgreSQL (it came back as its startup value: an empty custom setting read back
+/// was taken for a reset of it); a RESET of it returns to the startup value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_setting_emptied_stays_empty_and_a_reset_returns_to_its_startup_value() {
+    let proxy = proxy("tx_tenant_empty", "max_size = 2").await;
+    let other = proxy.connect("tx_tenant_empty", "pw").await.expect("login");
+    let mut hopper = Hopper {
+        other: other.client,
+        holding: false,
+    };
+    let mut config = proxy.config("tx_tenant_empty", "pw");
+    config.options("-c app.tenant=42");
+    let conn = common::connect(&config).await.expect("login");
+    let c = &conn.client;
+    assert_eq!(setting(c, "app.tenant").await, "42");
+    c.batch_execute("SET app.tenant = ''").await.expect("SET");
+    let mut pids = HashSet::new();
+    for _ in 0..4 {
+        hopper.hop().await;
+        pids.insert(pid(c).await);
+        assert_eq!(setting(c, "app.tenant").await, "", "emptied");
+    }
+    assert_eq!(pids.len(), 2, "on both backends");
+    c.batch_execute("RESET app.tenant").await.expect("RESET");
+    for _ in 0..4 {
+        hopper.hop().await;
+        assert_eq!(
+            setting(c, "app.tenant").await,
+            "42",
+            "reset to its startup value"
+        );
+    }
+}
+
 /// A `SET` committed by `COMMIT AND CHAIN` is read back only once the backend is idle;
 /// a client that leaves before that (inside the chained transaction) must not leave it,
 /// one the server does not report, to the next client of the backend.

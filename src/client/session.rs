@@ -275,6 +275,10 @@ struct Dirty {
     /// When `names` is next rid of repeats (a transaction of endless `SET`s would grow it
     /// without bound).
     dedup_at: usize,
+    /// Of `names`, those a statement reset (RESET, `SET … TO DEFAULT`; with `all`, every
+    /// one): an empty custom setting read back is a reset of it only then, not a value of
+    /// `''` the client set.
+    reset: Vec<String>,
 }
 
 impl Dirty {
@@ -285,6 +289,12 @@ impl Dirty {
     /// Adds what a statement may change.
     fn note(&mut self, effects: &Effects) {
         self.add(effects.all_settings, &effects.settings);
+        if effects.resets && !effects.reset_settings.is_empty() {
+            self.reset.extend(effects.reset_settings.iter().cloned());
+            if self.reset.len() > 64 {
+                crate::client::sql::dedup_names(&mut self.reset);
+            }
+        }
     }
 
     /// Adds what a statement resets.
@@ -3189,6 +3199,8 @@ impl Session {
                 self.parse_env_unsettled = 0;
             }
             let mut names = std::mem::take(&mut follow_up.dirty.names);
+            let reset = std::mem::take(&mut follow_up.dirty.reset);
+            let all_reset = follow_up.dirty.all;
             if std::mem::take(&mut follow_up.dirty.all) {
                 names.extend(self.settings.iter().map(|(k, _)| k.to_ascii_lowercase()));
                 names.extend(server.applied().iter().map(|(k, _)| k.to_ascii_lowercase()));
@@ -3209,7 +3221,16 @@ impl Session {
                             .to_owned(),
                         // A custom setting no extension defines (`myapp.tenant`) is a
                         // placeholder, which `pg_settings` does not show: its value is
-                        // the session's (empty: none set, or reset).
+                        // the session's; empty after a reset of it, which returns to the
+                        // client's startup value (or none), as in PostgreSQL.
+                        n if n.contains('.') && !all_reset && !reset.iter().any(|r| r.eq_ignore_ascii_case(n)) => format!(
+                            "COALESCE((SELECT pg_catalog.current_setting(s.name) \
+                             FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = {0} \
+                             AND s.source = 'session'), CASE WHEN NOT EXISTS (SELECT FROM \
+                             pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = {0}) \
+                             THEN pg_catalog.current_setting({0}, true) END)",
+                            escape_literal(n)
+                        ),
                         n if n.contains('.') => format!(
                             "COALESCE((SELECT pg_catalog.current_setting(s.name) \
                              FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = {0} \
