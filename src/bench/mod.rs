@@ -303,7 +303,7 @@ const NO_ANSWER: Duration = Duration::from_secs(30);
 /// A connect or query that failed, as the error table shows it.
 struct Failed {
     text: String,
-    /// No answer within [`NO_ANSWER`]: the connection is of no further use.
+    /// No answer within the time allowed: the connection is of no further use.
     timed_out: bool,
 }
 
@@ -330,7 +330,7 @@ async fn bounded<T>(
 }
 
 /// Connects a client (its connection runs in its own task, ending when it is dropped),
-/// within [`NO_ANSWER`].
+/// within `--timeout`.
 async fn connect(target: &Target, options: &Options) -> Result<Client, Failed> {
     bounded(
         options.no_answer(),

@@ -206,7 +206,12 @@ impl ClientSettings {
     /// a value in the server's encoding (it converts nothing before `client_encoding` is
     /// set), one read back since in the client's.
     pub fn as_given(&self, name: &str, value: &str) -> bool {
-        find(self.startup.as_deref().unwrap_or(&self.now), name) == Some(value)
+        self.given(name) == Some(value)
+    }
+
+    /// `name`'s value as the client gave it at startup, if it did.
+    pub fn given(&self, name: &str) -> Option<&str> {
+        find(self.startup.as_deref().unwrap_or(&self.now), name)
     }
 
     /// Records a setting the client changed during its session.

@@ -420,9 +420,8 @@ fn push_restore(
     // (Startup values are in the server's encoding: see `ClientSettings::as_given`.)
     let encoding = client_view.get("server_encoding").unwrap_or("UTF8");
     let startup_role = settings
-        .startup()
-        .find(|(name, _)| name.eq_ignore_ascii_case("role"))
-        .map(|(_, role)| params::restore_role_statement(role, encoding))
+        .given("role")
+        .map(|role| params::restore_role_statement(role, encoding))
         .filter(|_| role);
     let touched = settings.startup().filter(|(name, _)| reset.has(name));
     let restored = Restored {
@@ -526,30 +525,21 @@ fn reset_keeps_parse_env(settings: &ClientSettings, effects: &Effects, restored:
     if sets_one {
         return false;
     }
-    let started = |name: &str| {
-        settings
-            .startup()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    };
-    let now = |name: &str| {
-        settings
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    };
     crate::server::PARSE_SETTINGS
         .iter()
         .chain(std::iter::once(&"search_path"))
-        .all(|name| now(name) == started(name) && (restored || started(name).is_none()))
+        .all(|name| {
+            let given = settings.given(name);
+            settings.get(name) == given && (restored || given.is_none())
+        })
 }
 
 /// Whether a client's startup `search_path` puts the temporary schema first (see
-/// [`Session::pin_at_login`], [`sql::path_names_temp_schema`]).
+/// [`Session::pin_at_login`], [`sql::path_puts_temp_schema_first`]).
 fn starts_in_temp_schema(settings: &ClientSettings) -> bool {
     settings
         .get("search_path")
-        .is_some_and(sql::path_names_temp_schema)
+        .is_some_and(sql::path_puts_temp_schema_first)
 }
 
 /// The refusal of a login that would pin at once in a pool that refuses to pin
@@ -3049,7 +3039,7 @@ impl Session {
                             // makes tables temporary, as at login.)
                             if name.eq_ignore_ascii_case("search_path")
                                 && self.mode == PoolMode::Transaction
-                                && sql::path_names_temp_schema(value)
+                                && sql::path_puts_temp_schema_first(value)
                             {
                                 pin(
                                     &mut self.pinned,
@@ -4063,7 +4053,7 @@ fn apply_readback(
             Some(Ok(value)) => {
                 // (Set by what the screen cannot read: `set_config('search_path', $1,
                 // false)`.)
-                if name == "search_path" && sql::path_names_temp_schema(&value) {
+                if name == "search_path" && sql::path_puts_temp_schema_first(&value) {
                     temp_schema = Some(PinReason::TempTable);
                 }
                 settings.record(name, &value);

@@ -179,11 +179,7 @@ fn skip_blank(b: &[u8], mut i: usize) -> Option<usize> {
     while i < b.len() {
         match b[i] {
             b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => i += 1,
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
-                    i += 1;
-                }
-            }
+            b'-' if b.get(i + 1) == Some(&b'-') => i = line_end(b, i),
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let mut depth = 0;
                 loop {
@@ -208,6 +204,12 @@ fn skip_blank(b: &[u8], mut i: usize) -> Option<usize> {
         }
     }
     Some(i)
+}
+
+/// Where the line holding `b[i]` ends (a `--` comment's end: either kind of line end,
+/// as in PostgreSQL's scanner), or the text's end.
+fn line_end(b: &[u8], i: usize) -> usize {
+    memchr::memchr2(b'\n', b'\r', &b[i..]).map_or(b.len(), |at| i + at)
 }
 
 /// Splits SQL into tokens. Returns None if the text ends inside a string, comment or
@@ -413,11 +415,7 @@ fn continuation(b: &[u8], mut i: usize) -> Option<usize> {
                 line_ended = true;
                 i += 1;
             }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
-                    i += 1;
-                }
-            }
+            b'-' if b.get(i + 1) == Some(&b'-') => i = line_end(b, i),
             b'\'' if line_ended => return Some(i),
             _ => return None,
         }
@@ -1206,7 +1204,7 @@ fn classify_statement(t: &[Token<'_>], e: &mut Effects, backslashes: bool) {
 /// COPY-then-merge upsert pattern).
 fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
     let mut temporary = false;
-    let mut set_configs = 0;
+    let mut calls_read = 0;
     let ends_with_transaction = t
         .windows(3)
         .any(|w| is(w.first(), "on") && is(w.get(1), "commit") && is(w.get(2), "drop"))
@@ -1240,8 +1238,8 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
         if names(tok, "set_config") {
             // (Each call's arguments are read to their end: a text of thousands of calls
             // nested would take time growing as its square.)
-            set_configs += 1;
-            if set_configs > MAX_SET_CONFIG_CALLS {
+            calls_read += 1;
+            if calls_read > MAX_SET_CONFIG_CALLS {
                 e.pin(PinReason::Unclassified);
             } else {
                 set_config_call(&t[i + 2..], e);
@@ -1254,10 +1252,10 @@ fn calls_and_temporary_relations(t: &[Token<'_>], e: &mut Effects) -> bool {
         if QUERY_RUNNERS.iter().any(|f| names(tok, f)) {
             // A query not read; but `ts_rewrite(query, target, substitute)`, of three
             // tsquery arguments, runs none. (Each call's arguments are read to their end,
-            // so few calls are: see `set_configs`.)
-            set_configs += 1;
+            // so few calls are: see `calls_read`.)
+            calls_read += 1;
             let three = names(tok, "ts_rewrite")
-                && set_configs <= MAX_SET_CONFIG_CALLS
+                && calls_read <= MAX_SET_CONFIG_CALLS
                 && argument_count(&t[i + 2..]) == Some(3);
             if !three {
                 e.pin(PinReason::Unclassified);
@@ -1323,7 +1321,7 @@ fn names_temp_schema(tok: &Token<'_>) -> bool {
 /// hardened `public, pg_temp`) it does not. (Told of a value read back from the server,
 /// or given at startup; a SET naming pg_temp anywhere pins, see
 /// [`calls_and_temporary_relations`].)
-pub fn path_names_temp_schema(path: &str) -> bool {
+pub fn path_puts_temp_schema_first(path: &str) -> bool {
     path.split(',')
         .map(str::trim)
         .find(|part| !part.eq_ignore_ascii_case("\"$user\"") && !part.eq_ignore_ascii_case("$user"))
@@ -1718,7 +1716,8 @@ pub fn holds_no_statement(sql: &[u8]) -> bool {
     }
 }
 
-/// More `set_config` calls than this in one statement are not read: it pins.
+/// More `set_config` calls (with those of [`QUERY_RUNNERS`]) than this in one statement
+/// are not read: it pins.
 const MAX_SET_CONFIG_CALLS: usize = 64;
 
 /// set_config('name', value, is_local): with a literal name and a literal `false` it sets
@@ -3059,10 +3058,10 @@ mod tests {
             "pg_temp_3,public",
             "\"pg_temp\"",
         ] {
-            assert!(path_names_temp_schema(path), "{path}");
+            assert!(path_puts_temp_schema_first(path), "{path}");
         }
         for path in ["public, pg_temp", "\"$user\", public, pg_temp", "", "app"] {
-            assert!(!path_names_temp_schema(path), "{path}");
+            assert!(!path_puts_temp_schema_first(path), "{path}");
         }
     }
 }
